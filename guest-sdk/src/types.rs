@@ -1,0 +1,99 @@
+//! What the host tells a policy. These mirror `cachet:policy/types` in
+//! `wit/policy/policy.wit`; the WIT documents each item in full.
+
+/// A host-assigned entry id: low 32 bits a dense slot number (reused once
+/// the entry leaves), high 32 bits a generation telling reuses apart.
+pub type EntryId = u64;
+
+/// What a policy knows of one resident entry (never the key bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Entry {
+    /// Host-assigned id.
+    pub id: EntryId,
+    /// Stable 64-bit hash of the key, for ghosts and sketches.
+    pub key_hash: u64,
+    /// Bytes charged against the byte budget (key plus value).
+    pub size: u64,
+    /// Absolute expiry time in milliseconds, if any.
+    pub expires_at: Option<u64>,
+    /// Application hint (cost or priority), 0 when unset.
+    pub hint: u32,
+}
+
+/// Why an entry left for a reason the policy did not choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RemovalCause {
+    /// A client deleted the key.
+    Deleted,
+    /// Its TTL passed.
+    Expired,
+    /// The host dropped it for its own reasons.
+    Dropped,
+}
+
+/// One thing that happened in the shard; delivered in order, in batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// A new entry became resident.
+    Inserted(Entry),
+    /// A resident entry was read.
+    Accessed(EntryId),
+    /// A resident entry changed in place (counts as an access).
+    Updated(Entry),
+    /// A resident entry left for a reason other than this policy's choice.
+    Removed(EntryId, RemovalCause),
+    /// A lookup missed; carries the key hash.
+    Missed(u64),
+}
+
+/// How much one `pick_victims` call must free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Need {
+    /// Entries to free.
+    pub entries: u32,
+    /// Bytes to free.
+    pub bytes: u64,
+}
+
+impl Need {
+    /// True once `entries` entries totalling `bytes` bytes cover the need.
+    pub fn is_met(&self, entries: u32, bytes: u64) -> bool {
+        entries >= self.entries && bytes >= self.bytes
+    }
+}
+
+/// The bounds of the shard a policy serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Capacity {
+    /// Maximum resident entries.
+    pub max_entries: u64,
+    /// Maximum resident bytes.
+    pub max_bytes: u64,
+}
+
+impl Capacity {
+    /// How many entries a policy should reserve room for when it is created.
+    ///
+    /// Every call runs on a budget of about a millisecond, and growing a
+    /// hash table of tens of thousands of entries inside one call can take
+    /// longer, so policies size their tables up front. Capped so a shard
+    /// bounded only by bytes does not reserve absurd amounts.
+    pub fn presize(&self) -> usize {
+        self.max_entries.min(1 << 20) as usize
+    }
+}
+
+/// Describes a policy module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyInfo {
+    /// Short name, e.g. `lru`.
+    pub name: String,
+    /// The module's own version.
+    pub version: String,
+    /// Send `Accessed` events (policies that ignore reads say no).
+    pub wants_access_events: bool,
+    /// Send `Missed` events.
+    pub wants_miss_events: bool,
+    /// Call `admit` before each insert.
+    pub uses_admission: bool,
+}

@@ -1,0 +1,12 @@
+//! The sans-IO heart of a node: the shard, its TTL index and the policy
+//! contract. Nothing here reads a clock, touches a socket or knows about
+//! Wasm; callers pass `now` in milliseconds.
+
+pub mod policy;
+pub mod shard;
+pub mod ttl;
+
+pub use policy::{
+    EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault,
+};
+pub use shard::{PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError, ShardStats};

@@ -1,0 +1,833 @@
+//! One shard: a byte- and entry-bounded key-value store with per-key TTL
+//! whose eviction decisions come from a policy.
+//!
+//! The shard owns the truth (what is resident, how many bytes) and keeps the
+//! policy advisory: it validates every id the policy returns, never lets the
+//! budget be exceeded, and on any policy fault switches at once to a native
+//! LRU rebuilt from its own records, then retries a fresh instance of the
+//! configured policy later (backing off, and giving up after repeated
+//! faults).
+//!
+//! Reads and writes are buffered as events and handed to the policy in
+//! batches (flushed at `batch_size` and before any other policy call), which
+//! is what makes a sandboxed policy cheap: a Wasm call costs a few hundred
+//! nanoseconds, an event in a batch about sixteen.
+
+use crate::core::policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyFactory, PolicyFault};
+use crate::core::ttl::TtlIndex;
+use bytes::Bytes;
+use cachet_policy_lru::Lru;
+use cachet_policy_sdk::{Capacity, Config, Entry, EntryId, Event, Need, PolicyInfo, RemovalCause};
+use hashbrown::HashTable;
+use std::sync::Arc;
+
+/// Limits and tuning of one shard.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// At most this many resident entries.
+    pub max_entries: u64,
+    /// At most this many resident bytes (keys plus values).
+    pub max_bytes: u64,
+    /// Largest accepted key.
+    pub max_key_size: usize,
+    /// Largest accepted value.
+    pub max_value_size: usize,
+    /// Events buffered before a flush to the policy.
+    pub batch_size: usize,
+    /// Seed handed to the policy (its only randomness).
+    pub seed: u64,
+    /// Most expired entries removed by one [`Shard::tick`], bounding its pause.
+    pub expire_per_tick: usize,
+    /// First delay before retrying the configured policy after a fault;
+    /// doubles with each fault in a row.
+    pub retry_after_ms: u64,
+    /// Faults in a row after which the configured policy is given up on and
+    /// the shard stays on its fallback.
+    pub max_faults_in_a_row: u32,
+    /// A fault this long after the previous one starts a new count.
+    pub fault_window_ms: u64,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: 1_000_000,
+            max_bytes: 256 << 20,
+            max_key_size: 64 << 10,
+            max_value_size: 1 << 20,
+            batch_size: 64,
+            seed: 0,
+            expire_per_tick: 1_000,
+            retry_after_ms: 1_000,
+            max_faults_in_a_row: 5,
+            fault_window_ms: 60_000,
+        }
+    }
+}
+
+/// A request the shard refuses; nothing is changed when one is returned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    /// The key is longer than `max_key_size`.
+    #[error("key of {size} bytes exceeds the limit of {limit} bytes")]
+    KeyTooLarge {
+        /// The key's length.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The value is longer than `max_value_size`.
+    #[error("value of {size} bytes exceeds the limit of {limit} bytes")]
+    ValueTooLarge {
+        /// The value's length.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Key plus value would not fit even in an empty shard.
+    #[error("entry of {size} bytes exceeds the shard's byte budget of {limit} bytes")]
+    EntryTooLarge {
+        /// Key plus value.
+        size: u64,
+        /// The shard's byte budget.
+        limit: u64,
+    },
+}
+
+/// How a write should be stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetOptions {
+    /// Time to live in milliseconds; `None` keeps the entry until evicted.
+    pub ttl_ms: Option<u64>,
+    /// Application hint passed to the policy (cost or priority).
+    pub hint: u32,
+}
+
+/// What a successful write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// A new entry was stored.
+    Inserted,
+    /// An existing entry was replaced in place.
+    Updated,
+    /// The policy's admission check declined to cache the new entry.
+    NotAdmitted,
+}
+
+/// Which policy is choosing victims right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyMode {
+    /// The configured policy.
+    Configured,
+    /// The native fallback, with a retry of the configured policy due at
+    /// `retry_at` (if it has not been given up on).
+    Fallback {
+        /// When the configured policy is tried again; `None` once given up.
+        retry_at: Option<u64>,
+    },
+}
+
+/// Counters of one shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Reads that found a live entry.
+    pub hits: u64,
+    /// Reads that found nothing (or an expired entry).
+    pub misses: u64,
+    /// New entries stored.
+    pub inserts: u64,
+    /// Entries replaced in place.
+    pub updates: u64,
+    /// Entries removed by a client.
+    pub deletes: u64,
+    /// Entries evicted on the policy's advice.
+    pub evictions: u64,
+    /// Entries removed because their TTL passed.
+    pub expired: u64,
+    /// Entries removed at the policy's own deadlines.
+    pub policy_expired: u64,
+    /// New entries the policy's admission check declined.
+    pub not_admitted: u64,
+    /// Policy faults, by [`FaultKind::index`].
+    pub faults: [u64; FaultKind::ALL.len()],
+    /// Times the shard switched to its fallback policy.
+    pub fallbacks: u64,
+    /// Times a fresh instance of the configured policy was put back.
+    pub recoveries: u64,
+}
+
+impl ShardStats {
+    /// Faults of every kind.
+    pub fn policy_faults(&self) -> u64 {
+        self.faults.iter().sum()
+    }
+
+    /// Hits over reads, 0 when there were none.
+    pub fn hit_ratio(&self) -> f64 {
+        let reads = self.hits + self.misses;
+        if reads == 0 {
+            0.0
+        } else {
+            self.hits as f64 / reads as f64
+        }
+    }
+}
+
+/// One resident entry.
+struct Slot {
+    key: Box<[u8]>,
+    value: Bytes,
+    key_hash: u64,
+    expires_at: Option<u64>,
+    hint: u32,
+    /// Logical time of the last read or write, so a fallback can be rebuilt
+    /// in recency order without trusting a faulted policy's export.
+    touched: u64,
+}
+
+impl Slot {
+    fn size(&self) -> u64 {
+        (self.key.len() + self.value.len()) as u64
+    }
+}
+
+/// Slot storage with generation-tagged ids: the low 32 bits index `slots`,
+/// the high 32 bits are the slot's generation, bumped on every reuse, so a
+/// stale id never matches a newer entry.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<Option<Slot>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn id(&self, index: u32) -> EntryId {
+        (u64::from(self.generations[index as usize]) << 32) | u64::from(index)
+    }
+
+    fn insert(&mut self, slot: Slot) -> u32 {
+        match self.free.pop() {
+            Some(index) => {
+                self.slots[index as usize] = Some(slot);
+                index
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.generations.push(0);
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The live slot index behind `id`, if `id` is current.
+    fn resolve(&self, id: EntryId) -> Option<u32> {
+        let index = (id & u64::from(u32::MAX)) as u32;
+        let generation = (id >> 32) as u32;
+        let live = self.slots.get(index as usize)?.is_some()
+            && self.generations[index as usize] == generation;
+        live.then_some(index)
+    }
+
+    fn get(&self, index: u32) -> &Slot {
+        match &self.slots[index as usize] {
+            Some(slot) => slot,
+            None => unreachable!("slot index {index} is not live"),
+        }
+    }
+
+    fn get_mut(&mut self, index: u32) -> &mut Slot {
+        match &mut self.slots[index as usize] {
+            Some(slot) => slot,
+            None => unreachable!("slot index {index} is not live"),
+        }
+    }
+
+    fn remove(&mut self, index: u32) -> Option<Slot> {
+        let slot = self.slots[index as usize].take()?;
+        self.generations[index as usize] = self.generations[index as usize].wrapping_add(1);
+        self.free.push(index);
+        Some(slot)
+    }
+
+    fn live(&self) -> impl Iterator<Item = (u32, &Slot)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+    }
+}
+
+/// The policy serving a shard, with what is needed to replace it.
+struct PolicySlot {
+    configured: Arc<dyn PolicyFactory>,
+    active: Box<dyn EvictionPolicy>,
+    /// Info of the active policy (the fallback's while in fallback).
+    info: PolicyInfo,
+    mode: PolicyMode,
+    faults_in_a_row: u32,
+    last_fault_at: Option<u64>,
+}
+
+/// A byte- and entry-bounded cache shard. See the module docs.
+pub struct Shard {
+    config: ShardConfig,
+    slab: Slab,
+    table: HashTable<u32>,
+    ttl: TtlIndex,
+    bytes: u64,
+    clock: u64,
+    events: Vec<Event>,
+    victims: Vec<EntryId>,
+    policy: PolicySlot,
+    stats: ShardStats,
+}
+
+impl Shard {
+    /// A shard whose victims come from instances made by `policy`.
+    pub fn new(
+        config: ShardConfig,
+        policy: Arc<dyn PolicyFactory>,
+    ) -> Result<Self, crate::core::PolicyError> {
+        let active = policy.create(capacity(&config), config.seed)?;
+        Ok(Self {
+            slab: Slab::default(),
+            table: HashTable::new(),
+            ttl: TtlIndex::default(),
+            bytes: 0,
+            clock: 0,
+            events: Vec::with_capacity(config.batch_size),
+            victims: Vec::new(),
+            policy: PolicySlot {
+                info: policy.info().clone(),
+                configured: policy,
+                active,
+                mode: PolicyMode::Configured,
+                faults_in_a_row: 0,
+                last_fault_at: None,
+            },
+            stats: ShardStats::default(),
+            config,
+        })
+    }
+
+    /// The shard's limits.
+    pub fn config(&self) -> &ShardConfig {
+        &self.config
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ShardStats {
+        &self.stats
+    }
+
+    /// Resident entries.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// True when nothing is resident.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Resident bytes (keys plus values).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Which policy is choosing victims.
+    pub fn policy_mode(&self) -> &PolicyMode {
+        &self.policy.mode
+    }
+
+    /// Info of the policy choosing victims now.
+    pub fn active_policy(&self) -> &PolicyInfo {
+        &self.policy.info
+    }
+
+    /// Info of the configured policy (which may be sidelined by a fault).
+    pub fn configured_policy(&self) -> &PolicyInfo {
+        self.policy.configured.info()
+    }
+
+    /// Reads `key`. A hit is reported to the policy; an expired entry is
+    /// removed and reads as a miss.
+    pub fn get(&mut self, now: u64, key: &[u8]) -> Option<Bytes> {
+        let hash = cachet_proto::key_hash(key);
+        let Some(index) = self.find(hash, key) else {
+            self.miss(now, hash);
+            return None;
+        };
+        if self.is_expired(index, now) {
+            self.remove(now, index, RemovalCause::Expired);
+            self.stats.expired += 1;
+            self.miss(now, hash);
+            return None;
+        }
+        self.stats.hits += 1;
+        self.clock += 1;
+        let slot = self.slab.get_mut(index);
+        slot.touched = self.clock;
+        let value = slot.value.clone();
+        if self.policy.info.wants_access_events {
+            let id = self.slab.id(index);
+            self.push_event(now, Event::Accessed(id));
+        }
+        Some(value)
+    }
+
+    /// Whether `key` is resident and live; not reported as an access.
+    pub fn contains(&self, now: u64, key: &[u8]) -> bool {
+        let hash = cachet_proto::key_hash(key);
+        self.find(hash, key)
+            .is_some_and(|index| !self.is_expired(index, now))
+    }
+
+    /// Stores `value` under `key`, evicting on the policy's advice to stay
+    /// within budget. Refused writes change nothing.
+    pub fn set(
+        &mut self,
+        now: u64,
+        key: &[u8],
+        value: Bytes,
+        options: SetOptions,
+    ) -> Result<SetOutcome, ShardError> {
+        if key.len() > self.config.max_key_size {
+            return Err(ShardError::KeyTooLarge {
+                size: key.len(),
+                limit: self.config.max_key_size,
+            });
+        }
+        if value.len() > self.config.max_value_size {
+            return Err(ShardError::ValueTooLarge {
+                size: value.len(),
+                limit: self.config.max_value_size,
+            });
+        }
+        let size = (key.len() + value.len()) as u64;
+        if size > self.config.max_bytes {
+            return Err(ShardError::EntryTooLarge {
+                size,
+                limit: self.config.max_bytes,
+            });
+        }
+        let hash = cachet_proto::key_hash(key);
+        let expires_at = options.ttl_ms.map(|ttl| now.saturating_add(ttl));
+        self.clock += 1;
+        if let Some(index) = self.find(hash, key) {
+            self.update(now, index, value, expires_at, options.hint);
+            return Ok(SetOutcome::Updated);
+        }
+        let id_hint = Entry {
+            id: 0,
+            key_hash: hash,
+            size,
+            expires_at,
+            hint: options.hint,
+        };
+        if self.policy.info.uses_admission && !self.admit(now, &id_hint) {
+            self.stats.not_admitted += 1;
+            return Ok(SetOutcome::NotAdmitted);
+        }
+        let need = self.need(1, size);
+        self.make_room(now, need);
+        let index = self.slab.insert(Slot {
+            key: key.into(),
+            value,
+            key_hash: hash,
+            expires_at,
+            hint: options.hint,
+            touched: self.clock,
+        });
+        let Self { table, slab, .. } = self;
+        table.insert_unique(hash, index, |&i| slab.get(i).key_hash);
+        let id = self.slab.id(index);
+        if let Some(at) = expires_at {
+            self.ttl.insert(at, id);
+        }
+        self.bytes += size;
+        self.stats.inserts += 1;
+        self.push_event(now, Event::Inserted(Entry { id, ..id_hint }));
+        Ok(SetOutcome::Inserted)
+    }
+
+    /// Removes `key`; true if it was resident and live.
+    pub fn delete(&mut self, now: u64, key: &[u8]) -> bool {
+        let hash = cachet_proto::key_hash(key);
+        let Some(index) = self.find(hash, key) else {
+            return false;
+        };
+        if self.is_expired(index, now) {
+            self.remove(now, index, RemovalCause::Expired);
+            self.stats.expired += 1;
+            return false;
+        }
+        self.remove(now, index, RemovalCause::Deleted);
+        self.stats.deletes += 1;
+        true
+    }
+
+    /// Periodic work driven by the caller's clock: removes up to
+    /// `expire_per_tick` expired entries, runs the policy's own deadlines,
+    /// and retries the configured policy when a retry is due. Returns the
+    /// number of entries removed.
+    pub fn tick(&mut self, now: u64) -> usize {
+        let mut removed = 0;
+        while removed < self.config.expire_per_tick {
+            let Some(id) = self.ttl.pop_due(now) else {
+                break;
+            };
+            if let Some(index) = self.slab.resolve(id) {
+                // Already out of the TTL index; remove the rest.
+                self.slab.get_mut(index).expires_at = None;
+                self.remove(now, index, RemovalCause::Expired);
+                self.stats.expired += 1;
+                removed += 1;
+            }
+        }
+        removed += self.run_policy_deadlines(now);
+        if let PolicyMode::Fallback { retry_at: Some(at) } = self.policy.mode
+            && now >= at
+        {
+            self.try_recover(now);
+        }
+        removed
+    }
+
+    /// Hands buffered events to the policy now.
+    pub fn flush(&mut self, now: u64) {
+        if self.events.is_empty() {
+            return;
+        }
+        let result = self.policy.active.on_events(now, &self.events);
+        self.events.clear();
+        if let Err(fault) = result {
+            self.fault(now, fault);
+        }
+    }
+
+    /// Resident entries in the active policy's eviction order (first to go
+    /// first), for hand-off and inspection. A faulting policy is replaced by
+    /// the fallback first.
+    pub fn export_order(&mut self, now: u64) -> Vec<EntryId> {
+        self.flush(now);
+        let mut out = Vec::with_capacity(self.len());
+        if let Err(fault) = self.policy.active.export_order(&mut out) {
+            self.fault(now, fault);
+            out.clear();
+            // The fallback is native and cannot fault.
+            let _ = self.policy.active.export_order(&mut out);
+        }
+        out
+    }
+
+    /// The key of a resident entry, for tools and tests.
+    pub fn key_of(&self, id: EntryId) -> Option<&[u8]> {
+        self.slab.resolve(id).map(|i| &*self.slab.get(i).key)
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        self.table
+            .find(hash, |&i| *self.slab.get(i).key == *key)
+            .copied()
+    }
+
+    fn is_expired(&self, index: u32, now: u64) -> bool {
+        self.slab.get(index).expires_at.is_some_and(|at| at <= now)
+    }
+
+    fn miss(&mut self, now: u64, hash: u64) {
+        self.stats.misses += 1;
+        if self.policy.info.wants_miss_events {
+            self.push_event(now, Event::Missed(hash));
+        }
+    }
+
+    fn push_event(&mut self, now: u64, event: Event) {
+        self.events.push(event);
+        if self.events.len() >= self.config.batch_size {
+            self.flush(now);
+        }
+    }
+
+    fn entry(&self, index: u32) -> Entry {
+        let slot = self.slab.get(index);
+        Entry {
+            id: self.slab.id(index),
+            key_hash: slot.key_hash,
+            size: slot.size(),
+            expires_at: slot.expires_at,
+            hint: slot.hint,
+        }
+    }
+
+    fn update(&mut self, now: u64, index: u32, value: Bytes, expires_at: Option<u64>, hint: u32) {
+        let id = self.slab.id(index);
+        let clock = self.clock;
+        let slot = self.slab.get_mut(index);
+        if let Some(at) = slot.expires_at {
+            self.ttl.remove(at, id);
+        }
+        let old = slot.size();
+        slot.value = value;
+        slot.expires_at = expires_at;
+        slot.hint = hint;
+        slot.touched = clock;
+        let new = slot.size();
+        if let Some(at) = expires_at {
+            self.ttl.insert(at, id);
+        }
+        self.bytes = self.bytes - old + new;
+        self.stats.updates += 1;
+        let entry = self.entry(index);
+        self.push_event(now, Event::Updated(entry));
+        if self.bytes > self.config.max_bytes {
+            let need = self.need(0, 0);
+            self.make_room(now, need);
+        }
+    }
+
+    /// What must be freed so `entries` more entries of `bytes` more bytes fit.
+    fn need(&self, entries: u64, bytes: u64) -> Need {
+        let over_entries = (self.len() as u64 + entries).saturating_sub(self.config.max_entries);
+        Need {
+            entries: u32::try_from(over_entries).unwrap_or(u32::MAX),
+            bytes: (self.bytes + bytes).saturating_sub(self.config.max_bytes),
+        }
+    }
+
+    /// Evicts on the policy's advice until `need` is met. A policy that
+    /// returns ids that are not resident is faulted for each; one that
+    /// cannot free enough is replaced by the fallback, which always can.
+    fn make_room(&mut self, now: u64, need: Need) {
+        if need == Need::default() {
+            return;
+        }
+        self.flush(now);
+        let (mut entries, mut bytes) = (0u32, 0u64);
+        // The configured policy gets one call; the fallback (native LRU over
+        // everything resident) finishes the job if it falls short.
+        for _attempt in 0..2 {
+            let rest = Need {
+                entries: need.entries.saturating_sub(entries),
+                bytes: need.bytes.saturating_sub(bytes),
+            };
+            let mut victims = std::mem::take(&mut self.victims);
+            victims.clear();
+            let result = self.policy.active.pick_victims(now, rest, &mut victims);
+            let mut invalid = 0u64;
+            for &id in &victims {
+                match self.slab.resolve(id) {
+                    Some(index) => {
+                        bytes += self.slab.get(index).size();
+                        entries = entries.saturating_add(1);
+                        self.unlink(index);
+                        self.stats.evictions += 1;
+                    }
+                    None => invalid += 1,
+                }
+            }
+            self.victims = victims;
+            if let Err(fault) = result {
+                self.fault(now, fault);
+            } else if invalid > 0 {
+                self.stats.faults[FaultKind::InvalidVictim.index()] += invalid;
+                tracing::warn!(policy = %self.policy.info.name, invalid, "policy returned ids that are not resident");
+            }
+            if need.is_met(entries, bytes) || self.is_empty() {
+                return;
+            }
+            if matches!(self.policy.mode, PolicyMode::Configured) {
+                self.fault(
+                    now,
+                    PolicyFault {
+                        kind: FaultKind::InsufficientVictims,
+                        detail: format!("freed {entries} entries / {bytes} bytes of {need:?}"),
+                    },
+                );
+            }
+        }
+    }
+
+    fn admit(&mut self, now: u64, candidate: &Entry) -> bool {
+        self.flush(now);
+        match self.policy.active.admit(now, candidate) {
+            Ok(admit) => admit,
+            Err(fault) => {
+                self.fault(now, fault);
+                true
+            }
+        }
+    }
+
+    /// Removes a resident entry for a reason other than eviction and tells
+    /// the policy.
+    fn remove(&mut self, now: u64, index: u32, cause: RemovalCause) {
+        let id = self.slab.id(index);
+        self.unlink(index);
+        self.push_event(now, Event::Removed(id, cause));
+    }
+
+    /// Drops an entry from every index; the policy is not told.
+    fn unlink(&mut self, index: u32) {
+        let id = self.slab.id(index);
+        let hash = self.slab.get(index).key_hash;
+        if let Ok(found) = self.table.find_entry(hash, |&i| i == index) {
+            found.remove();
+        }
+        if let Some(slot) = self.slab.remove(index) {
+            if let Some(at) = slot.expires_at {
+                self.ttl.remove(at, id);
+            }
+            self.bytes -= slot.size();
+        }
+    }
+
+    fn run_policy_deadlines(&mut self, now: u64) -> usize {
+        self.flush(now);
+        match self.policy.active.next_deadline() {
+            Ok(Some(at)) if at <= now => {}
+            Ok(_) => return 0,
+            Err(fault) => {
+                self.fault(now, fault);
+                return 0;
+            }
+        }
+        let mut due = Vec::new();
+        if let Err(fault) = self.policy.active.expired(now, &mut due) {
+            self.fault(now, fault);
+            return 0;
+        }
+        let mut removed = 0;
+        for id in due {
+            match self.slab.resolve(id) {
+                Some(index) => {
+                    self.unlink(index);
+                    self.stats.policy_expired += 1;
+                    removed += 1;
+                }
+                None => self.stats.faults[FaultKind::InvalidVictim.index()] += 1,
+            }
+        }
+        removed
+    }
+
+    /// Counts `fault` and switches to the native fallback, rebuilt from the
+    /// shard's own records in recency order. Pending events are dropped: the
+    /// rebuild already reflects them.
+    fn fault(&mut self, now: u64, fault: PolicyFault) {
+        self.stats.faults[fault.kind.index()] += 1;
+        self.events.clear();
+        tracing::warn!(policy = %self.policy.info.name, %fault, "policy fault");
+        if matches!(self.policy.mode, PolicyMode::Fallback { .. }) {
+            // The fallback is native: a fault here is an invalid id at most.
+            return;
+        }
+        self.schedule_retry(now);
+        let factory = NativeFactory::<Lru>::new(Config::default());
+        let mut order: Vec<(u64, u32)> = self.slab.live().map(|(i, s)| (s.touched, i)).collect();
+        order.sort_unstable();
+        let ids: Vec<EntryId> = order.into_iter().map(|(_, i)| self.slab.id(i)).collect();
+        let fallback = factory
+            .create(capacity(&self.config), self.config.seed)
+            .ok()
+            .and_then(|mut p| self.replay(now, p.as_mut(), &ids).is_ok().then_some(p));
+        match fallback {
+            Some(fallback) => {
+                self.policy.active = fallback;
+                self.policy.info = factory.info().clone();
+                self.stats.fallbacks += 1;
+            }
+            None => tracing::error!("native fallback failed to start; keeping the faulted policy"),
+        }
+    }
+
+    /// Counts one more fault in a row (a quiet `fault_window_ms` resets the
+    /// count) and schedules the next retry of the configured policy with
+    /// exponential back-off, or gives up after `max_faults_in_a_row`.
+    fn schedule_retry(&mut self, now: u64) {
+        let quiet = self
+            .policy
+            .last_fault_at
+            .is_none_or(|at| now.saturating_sub(at) > self.config.fault_window_ms);
+        if quiet {
+            self.policy.faults_in_a_row = 0;
+        }
+        self.policy.last_fault_at = Some(now);
+        self.policy.faults_in_a_row += 1;
+        let faults = self.policy.faults_in_a_row;
+        let retry_at = (faults < self.config.max_faults_in_a_row).then(|| {
+            let backoff = self
+                .config
+                .retry_after_ms
+                .saturating_mul(1 << (faults - 1).min(16));
+            now.saturating_add(backoff)
+        });
+        if retry_at.is_none() {
+            tracing::error!(
+                policy = %self.policy.configured.info().name,
+                faults,
+                "policy faulted too often; staying on the native fallback"
+            );
+        }
+        self.policy.mode = PolicyMode::Fallback { retry_at };
+    }
+
+    /// Puts a fresh instance of the configured policy back, fed the resident
+    /// entries in the fallback's order. A failure counts as another fault.
+    fn try_recover(&mut self, now: u64) {
+        let order = self.export_order(now);
+        let result = self
+            .policy
+            .configured
+            .create(capacity(&self.config), self.config.seed)
+            .map_err(|err| PolicyFault {
+                kind: FaultKind::Trap,
+                detail: err.to_string(),
+            })
+            .and_then(|mut fresh| self.replay(now, fresh.as_mut(), &order).map(|()| fresh));
+        match result {
+            Ok(fresh) => {
+                tracing::info!(policy = %self.policy.configured.info().name, "configured policy restored");
+                self.policy.active = fresh;
+                self.policy.info = self.policy.configured.info().clone();
+                self.policy.mode = PolicyMode::Configured;
+                self.stats.recoveries += 1;
+            }
+            Err(fault) => {
+                self.stats.faults[fault.kind.index()] += 1;
+                tracing::warn!(%fault, "policy rebuild failed");
+                self.schedule_retry(now);
+            }
+        }
+    }
+
+    /// Feeds resident entries `ids` to `policy` as inserts, in batches.
+    fn replay(
+        &self,
+        now: u64,
+        policy: &mut dyn EvictionPolicy,
+        ids: &[EntryId],
+    ) -> Result<(), PolicyFault> {
+        let mut batch = Vec::with_capacity(self.config.batch_size);
+        for chunk in ids.chunks(self.config.batch_size.max(1)) {
+            batch.clear();
+            batch.extend(
+                chunk
+                    .iter()
+                    .filter_map(|&id| self.slab.resolve(id))
+                    .map(|i| Event::Inserted(self.entry(i))),
+            );
+            policy.on_events(now, &batch)?;
+        }
+        Ok(())
+    }
+}
+
+fn capacity(config: &ShardConfig) -> Capacity {
+    Capacity {
+        max_entries: config.max_entries,
+        max_bytes: config.max_bytes,
+    }
+}

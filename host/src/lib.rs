@@ -1,0 +1,18 @@
+//! Cachet: a cache node whose eviction behaviour is a sandboxed WebAssembly
+//! component.
+//!
+//! # Layout
+//! - [`core`]: sans-IO shard, TTL index and the policy contract (time is an
+//!   argument; nothing here reads a clock or touches a socket).
+//! - [`wasm`]: the wasmtime engine, module validation, sandboxed instances.
+//! - [`policies`]: bundled policies by name, native twins, modules on disk.
+//! - [`trace`]: streaming reader of request traces.
+//! - [`sim`]: trace replay through the real shard (`cachet sim`).
+
+#![warn(missing_docs)]
+
+pub mod core;
+pub mod policies;
+pub mod sim;
+pub mod trace;
+pub mod wasm;

@@ -1,0 +1,219 @@
+use super::bindings::cachet::policy::types as wt;
+use super::bindings::{Eviction, EvictionPre};
+use super::module::{Limits, PolicyEngine};
+use crate::core::{EvictionPolicy, FaultKind, PolicyError, PolicyFault};
+use cachet_policy_sdk::{Capacity, Entry, EntryId, Event, Need, RemovalCause};
+use wasmtime::component::ResourceAny;
+use wasmtime::{ResourceLimiter, Store, Trap};
+
+/// What each policy store carries: its memory cap, and whether the cap was
+/// hit (so a trap that follows can be named a memory fault).
+pub(crate) struct StoreState {
+    max_memory_bytes: usize,
+    memory_denied: bool,
+}
+
+impl ResourceLimiter for StoreState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max_memory_bytes;
+        self.memory_denied |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Names the fault behind a failed call.
+pub(crate) fn classify(store: &Store<StoreState>, err: wasmtime::Error) -> PolicyFault {
+    let kind = if store.data().memory_denied {
+        FaultKind::Memory
+    } else if matches!(err.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
+        FaultKind::Budget
+    } else {
+        FaultKind::Trap
+    };
+    PolicyFault {
+        kind,
+        detail: format!("{err:#}"),
+    }
+}
+
+/// One policy instance in its own store. After any fault the instance is
+/// unusable (a trapped component cannot be re-entered); the shard drops it.
+pub(crate) struct WasmPolicy {
+    store: Store<StoreState>,
+    bindings: Eviction,
+    handle: ResourceAny,
+    limits: Limits,
+    /// Reused conversion buffer for event batches.
+    batch: Vec<wt::Event>,
+}
+
+impl WasmPolicy {
+    pub(crate) fn store(engine: &PolicyEngine, max_memory_bytes: usize) -> Store<StoreState> {
+        let mut store = Store::new(
+            engine.engine(),
+            StoreState {
+                max_memory_bytes,
+                memory_denied: false,
+            },
+        );
+        store.limiter(|state| state);
+        store
+    }
+
+    pub(crate) fn new(
+        engine: &PolicyEngine,
+        pre: &EvictionPre<StoreState>,
+        limits: Limits,
+        capacity: Capacity,
+        seed: u64,
+        config: &[(String, String)],
+    ) -> Result<Self, PolicyError> {
+        let mut store = Self::store(engine, limits.memory_cap(capacity));
+        store
+            .set_fuel(limits.fuel_per_call)
+            .map_err(|e| PolicyError::Create(e.to_string()))?;
+        let bindings = pre
+            .instantiate(&mut store)
+            .map_err(|e| PolicyError::Fault(classify(&store, e)))?;
+        let capacity = wt::Capacity {
+            max_entries: capacity.max_entries,
+            max_bytes: capacity.max_bytes,
+        };
+        let handle = bindings
+            .cachet_policy_policy()
+            .eviction_policy()
+            .call_create(&mut store, capacity, seed, config)
+            .map_err(|e| PolicyError::Fault(classify(&store, e)))?
+            .map_err(PolicyError::Create)?;
+        Ok(Self {
+            store,
+            bindings,
+            handle,
+            limits,
+            batch: Vec::new(),
+        })
+    }
+
+    /// Refuels for a call carrying `items` events or entries.
+    fn refuel(&mut self, items: usize) -> Result<(), PolicyFault> {
+        let fuel =
+            self.limits.fuel_per_call + self.limits.fuel_per_item.saturating_mul(items as u64);
+        self.store.set_fuel(fuel).map_err(|e| PolicyFault {
+            kind: FaultKind::Trap,
+            detail: e.to_string(),
+        })
+    }
+
+    fn fault(&self, err: wasmtime::Error) -> PolicyFault {
+        classify(&self.store, err)
+    }
+}
+
+fn wit_entry(e: &Entry) -> wt::Entry {
+    wt::Entry {
+        id: e.id,
+        key_hash: e.key_hash,
+        size: e.size,
+        expires_at: e.expires_at,
+        hint: e.hint,
+    }
+}
+
+fn wit_event(event: &Event) -> wt::Event {
+    match event {
+        Event::Inserted(e) => wt::Event::Inserted(wit_entry(e)),
+        Event::Accessed(id) => wt::Event::Accessed(*id),
+        Event::Updated(e) => wt::Event::Updated(wit_entry(e)),
+        Event::Removed(id, cause) => wt::Event::Removed((
+            *id,
+            match cause {
+                RemovalCause::Deleted => wt::RemovalCause::Deleted,
+                RemovalCause::Expired => wt::RemovalCause::Expired,
+                RemovalCause::Dropped => wt::RemovalCause::Dropped,
+            },
+        )),
+        Event::Missed(hash) => wt::Event::Missed(*hash),
+    }
+}
+
+impl EvictionPolicy for WasmPolicy {
+    fn on_events(&mut self, now: u64, events: &[Event]) -> Result<(), PolicyFault> {
+        self.refuel(events.len())?;
+        self.batch.clear();
+        self.batch.extend(events.iter().map(wit_event));
+        let guest = self.bindings.cachet_policy_policy().eviction_policy();
+        guest
+            .call_on_events(&mut self.store, self.handle, now, &self.batch)
+            .map_err(|e| self.fault(e))
+    }
+
+    fn admit(&mut self, now: u64, candidate: &Entry) -> Result<bool, PolicyFault> {
+        self.refuel(0)?;
+        let guest = self.bindings.cachet_policy_policy().eviction_policy();
+        guest
+            .call_admit(&mut self.store, self.handle, now, wit_entry(candidate))
+            .map_err(|e| self.fault(e))
+    }
+
+    fn pick_victims(
+        &mut self,
+        now: u64,
+        need: Need,
+        out: &mut Vec<EntryId>,
+    ) -> Result<(), PolicyFault> {
+        self.refuel(need.entries as usize)?;
+        let need = wt::Need {
+            entries: need.entries,
+            bytes: need.bytes,
+        };
+        let guest = self.bindings.cachet_policy_policy().eviction_policy();
+        let ids = guest
+            .call_pick_victims(&mut self.store, self.handle, now, need)
+            .map_err(|e| self.fault(e))?;
+        out.extend(ids);
+        Ok(())
+    }
+
+    fn expired(&mut self, now: u64, out: &mut Vec<EntryId>) -> Result<(), PolicyFault> {
+        self.refuel(0)?;
+        let guest = self.bindings.cachet_policy_policy().eviction_policy();
+        let ids = guest
+            .call_expired(&mut self.store, self.handle, now)
+            .map_err(|e| self.fault(e))?;
+        out.extend(ids);
+        Ok(())
+    }
+
+    fn next_deadline(&mut self) -> Result<Option<u64>, PolicyFault> {
+        self.refuel(0)?;
+        let guest = self.bindings.cachet_policy_policy().eviction_policy();
+        guest
+            .call_next_deadline(&mut self.store, self.handle)
+            .map_err(|e| self.fault(e))
+    }
+
+    fn export_order(&mut self, out: &mut Vec<EntryId>) -> Result<(), PolicyFault> {
+        // Sized by what the shard holds: the export lists every entry.
+        self.refuel(out.capacity().max(1024))?;
+        let guest = self.bindings.cachet_policy_policy().eviction_policy();
+        let ids = guest
+            .call_export_order(&mut self.store, self.handle)
+            .map_err(|e| self.fault(e))?;
+        out.extend(ids);
+        Ok(())
+    }
+}

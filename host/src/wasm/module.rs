@@ -1,0 +1,231 @@
+use super::bindings::EvictionPre;
+use super::instance::WasmPolicy;
+use crate::core::{EvictionPolicy, PolicyError, PolicyFactory};
+use cachet_policy_sdk::{Capacity, PolicyInfo};
+use std::sync::Arc;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine};
+
+/// The interface a policy must export, and the one import it may have
+/// (the types-only interface its exports use).
+const EXPORT: &str = "cachet:policy/policy@0.1.0";
+const INTERFACE_PACKAGE: &str = "cachet:policy/";
+const SUPPORTED: &str = "0.1.";
+
+/// Per-instance sandbox limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel (roughly, Wasm instructions) one call may use; a call that runs
+    /// out is a `budget` fault. About 1 ms of work on this machine at the
+    /// default.
+    pub fuel_per_call: u64,
+    /// Extra fuel per event or entry for calls that carry many (batches,
+    /// hand-off replays, exports).
+    pub fuel_per_item: u64,
+    /// Base cap on the instance's linear memory; growing past the cap is a
+    /// `memory` fault.
+    pub max_memory_bytes: usize,
+    /// Added to the cap per entry the shard may hold (up to the
+    /// [`Capacity::presize`] bound), since a policy's state grows with it.
+    pub memory_per_entry: usize,
+}
+
+impl Limits {
+    /// The memory cap of an instance serving a shard of `capacity`.
+    pub fn memory_cap(&self, capacity: Capacity) -> usize {
+        self.max_memory_bytes
+            .saturating_add(self.memory_per_entry.saturating_mul(capacity.presize()))
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            fuel_per_call: 2_000_000,
+            fuel_per_item: 5_000,
+            max_memory_bytes: 16 << 20,
+            memory_per_entry: 128,
+        }
+    }
+}
+
+/// The process's one wasmtime engine for policies.
+#[derive(Clone)]
+pub struct PolicyEngine {
+    engine: Engine,
+}
+
+impl PolicyEngine {
+    /// An engine with fuel metering, compiling with Cranelift.
+    pub fn new() -> Result<Self, PolicyError> {
+        let mut config = Config::new();
+        config.consume_fuel(true);
+        config.wasm_component_model(true);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config).map_err(|e| PolicyError::NotAComponent(e.to_string()))?;
+        Ok(Self { engine })
+    }
+
+    /// Compiles and validates `bytes` as a policy component; see
+    /// [`WasmPolicyModule`].
+    pub fn load(
+        &self,
+        bytes: &[u8],
+        limits: Limits,
+        config: Vec<(String, String)>,
+    ) -> Result<WasmPolicyModule, PolicyError> {
+        WasmPolicyModule::new(self, bytes, limits, config)
+    }
+
+    pub(super) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// One validated policy component, ready to instantiate per shard.
+pub struct WasmPolicyModule {
+    engine: PolicyEngine,
+    pre: EvictionPre<super::instance::StoreState>,
+    info: PolicyInfo,
+    limits: Limits,
+    config: Arc<Vec<(String, String)>>,
+}
+
+impl WasmPolicyModule {
+    /// Compiles `bytes`, checks its imports against the allow-list and its
+    /// exports against the supported interface, and reads its info.
+    pub fn new(
+        engine: &PolicyEngine,
+        bytes: &[u8],
+        limits: Limits,
+        config: Vec<(String, String)>,
+    ) -> Result<Self, PolicyError> {
+        check_is_component(bytes)?;
+        let component = Component::new(engine.engine(), bytes)
+            .map_err(|e| PolicyError::NotAComponent(format!("{e:#}")))?;
+        let ty = component.component_type();
+        for (name, _) in ty.imports(engine.engine()) {
+            match name
+                .strip_prefix(INTERFACE_PACKAGE)
+                .and_then(|rest| rest.split_once('@'))
+            {
+                Some(("types", version)) if version.starts_with(SUPPORTED) => {}
+                Some((_, version)) if !version.starts_with(SUPPORTED) => {
+                    return Err(PolicyError::WrongInterface(format!(
+                        "the component is built for `{name}`; this node supports `{EXPORT}` (0.1.x)"
+                    )));
+                }
+                _ => {
+                    return Err(PolicyError::ForbiddenImport {
+                        name: name.to_string(),
+                    });
+                }
+            }
+        }
+        let exports: Vec<String> = ty
+            .exports(engine.engine())
+            .map(|(n, _)| n.to_string())
+            .collect();
+        if !exports.iter().any(|n| n == EXPORT) {
+            let found = if exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                exports.join(", ")
+            };
+            return Err(PolicyError::WrongInterface(format!(
+                "the component does not export `{EXPORT}`; it exports {found}"
+            )));
+        }
+        let linker = Linker::new(engine.engine());
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(EvictionPre::new)
+            .map_err(|e| PolicyError::WrongInterface(format!("{e:#}")))?;
+        let mut probe = WasmPolicy::store(engine, limits.max_memory_bytes);
+        probe
+            .set_fuel(limits.fuel_per_call)
+            .map_err(|e| PolicyError::Create(e.to_string()))?;
+        let bindings = pre
+            .instantiate(&mut probe)
+            .map_err(|e| PolicyError::WrongInterface(format!("cannot instantiate: {e:#}")))?;
+        let info = bindings
+            .cachet_policy_policy()
+            .call_info(&mut probe)
+            .map_err(|e| PolicyError::Fault(super::instance::classify(&probe, e)))?;
+        let info = PolicyInfo {
+            name: info.name,
+            version: info.version,
+            wants_access_events: info.wants_access_events,
+            wants_miss_events: info.wants_miss_events,
+            uses_admission: info.uses_admission,
+        };
+        let module = Self {
+            engine: engine.clone(),
+            pre,
+            info,
+            limits,
+            config: Arc::new(config),
+        };
+        // A throw-away instance proves `create` works with this config now,
+        // not at the first shard.
+        module.create(
+            Capacity {
+                max_entries: 16,
+                max_bytes: 1 << 20,
+            },
+            0,
+        )?;
+        Ok(module)
+    }
+
+    /// The limits each instance runs under.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+}
+
+impl PolicyFactory for WasmPolicyModule {
+    fn info(&self) -> &PolicyInfo {
+        &self.info
+    }
+
+    fn is_native(&self) -> bool {
+        false
+    }
+
+    fn create(
+        &self,
+        capacity: Capacity,
+        seed: u64,
+    ) -> Result<Box<dyn EvictionPolicy>, PolicyError> {
+        let policy = WasmPolicy::new(
+            &self.engine,
+            &self.pre,
+            self.limits,
+            capacity,
+            seed,
+            &self.config,
+        )?;
+        Ok(Box::new(policy))
+    }
+}
+
+/// Tells a core module (or random bytes) from a component before wasmtime
+/// does, so the error says which it is.
+fn check_is_component(bytes: &[u8]) -> Result<(), PolicyError> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err(PolicyError::NotAComponent(
+            "the file is not WebAssembly (bad magic number)".into(),
+        ));
+    }
+    // Core modules have layer 0 in bytes 6..8; components have layer 1.
+    if bytes[6..8] == [0, 0] {
+        return Err(PolicyError::NotAComponent(
+            "this is a core module; turn it into a component with `cargo xtask build-policies` \
+             (wit-component) first"
+                .into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Cachet's integration tests, one binary with a module per area.
+
+mod conformance;
+mod differential;
+mod sandbox;
+mod seed;
+mod traces;

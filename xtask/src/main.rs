@@ -1,0 +1,212 @@
+//! Project automation: `cargo xtask demo | test | build-policies`.
+
+// `build_script` serves the build scripts that share this module.
+#[allow(dead_code)]
+mod guests;
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const USAGE: &str = "usage: cargo xtask <demo | test | build-policies>
+
+  demo            build the policies, replay a trace through each one as Wasm,
+                  print a miss-ratio table
+  test            formatting, clippy (-D warnings) and every test
+  build-policies  build policies/* to components in target/policies/NAME.wasm";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo(),
+        Some("test") => test(),
+        Some("build-policies") => build_policies().map(|_| ()),
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Runs `cargo ARGS` in the workspace, failing on a non-zero exit.
+fn run_cargo(args: &[&str]) -> Result<()> {
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(cargo())
+        .current_dir(workspace())
+        .args(args)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn build_policies() -> Result<Vec<PathBuf>> {
+    guests::ensure_wasm_target("rustc").map_err(anyhow::Error::msg)?;
+    let target = target_dir();
+    let guests = guests::policy_guests(&workspace()).map_err(anyhow::Error::msg)?;
+    let written = guests::build_components(
+        &cargo(),
+        &workspace(),
+        &target.join("wasm-guests"),
+        &target.join("policies"),
+        &guests,
+    )
+    .map_err(anyhow::Error::msg)?;
+    for path in &written {
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        eprintln!("xtask: wrote {} ({size} bytes)", path.display());
+    }
+    Ok(written)
+}
+
+fn test() -> Result<()> {
+    build_policies()?;
+    run_cargo(&["fmt", "--all", "--check"])?;
+    run_cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    run_cargo(&["test", "--workspace", "--locked"])?;
+    Ok(())
+}
+
+/// The shared traces (`../shared/traces` beside the checkout, or
+/// `$CACHET_TRACES`), if present.
+fn traces_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("CACHET_TRACES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/traces"));
+    dir.join("csv").is_dir().then_some(dir)
+}
+
+/// A synthetic Zipf(0.9) trace over 20,000 keys, for machines without the
+/// shared traces. Deterministic: SplitMix64 with a fixed seed.
+fn synthetic_trace(path: &Path) -> Result<()> {
+    const KEYS: usize = 20_000;
+    const REQUESTS: usize = 200_000;
+    let weights: Vec<f64> = (1..=KEYS)
+        .map(|rank| 1.0 / (rank as f64).powf(0.9))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut cdf = Vec::with_capacity(KEYS);
+    let mut acc = 0.0;
+    for w in weights {
+        acc += w / total;
+        cdf.push(acc);
+    }
+    let mut state = 0x5eed_u64;
+    let mut out = String::from("timestamp,key,size\n");
+    for i in 0..REQUESTS {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let u = (z ^ (z >> 31)) as f64 / u64::MAX as f64;
+        let rank = cdf.partition_point(|&c| c < u).min(KEYS - 1);
+        // Scatter ranks so key order says nothing about popularity.
+        let key = (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16;
+        out.push_str(&format!("{i},{key},1\n"));
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+fn demo() -> Result<()> {
+    build_policies()?;
+    run_cargo(&["build", "--locked", "-p", "cachet"])?;
+    let cachet = target_dir().join("debug").join("cachet");
+    let mut traces: Vec<(String, PathBuf, u64)> = Vec::new();
+    match traces_dir() {
+        Some(dir) => {
+            traces.push(("web12".into(), dir.join("csv/web12.csv.gz"), 1_375));
+            traces.push((
+                "cloudPhysicsIO".into(),
+                dir.join("csv/cloudPhysicsIO.csv.gz"),
+                4_897,
+            ));
+        }
+        None => {
+            let path = target_dir().join("demo-zipf.csv");
+            synthetic_trace(&path)?;
+            eprintln!("xtask: shared traces not found; using a synthetic Zipf trace");
+            traces.push(("zipf-0.9".into(), path, 2_000));
+        }
+    }
+    let names = guests::policy_names(&workspace()).map_err(anyhow::Error::msg)?;
+    println!(
+        "\nMiss ratio at 10% of distinct keys, every policy running as a sandboxed Wasm component:\n"
+    );
+    print!("| {:<16} | {:>8} |", "trace", "capacity");
+    for name in &names {
+        print!(" {name:>7} |");
+    }
+    println!(" {:>12} |", "LRU req/s");
+    print!("|{}|{}|", "-".repeat(18), "-".repeat(10));
+    for _ in &names {
+        print!("{}|", "-".repeat(9));
+    }
+    println!("{}|", "-".repeat(14));
+    for (label, path, capacity) in &traces {
+        print!("| {label:<16} | {capacity:>8} |");
+        let mut lru_rate = 0.0;
+        for name in &names {
+            let output = Command::new(&cachet)
+                .args([
+                    "sim",
+                    "--json",
+                    "--policy",
+                    name,
+                    "--capacity",
+                    &capacity.to_string(),
+                    "--trace",
+                ])
+                .arg(path)
+                .output()
+                .context("cannot run cachet sim")?;
+            if !output.status.success() {
+                bail!(
+                    "cachet sim --policy {name} failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let last = stdout.lines().last().unwrap_or_default();
+            let report: serde_json::Value =
+                serde_json::from_str(last).context("parsing cachet sim --json")?;
+            let ratio = report["miss_ratio"].as_f64().unwrap_or(f64::NAN);
+            if name == "lru" {
+                lru_rate = report["requests_per_sec"].as_f64().unwrap_or(0.0);
+            }
+            print!(" {ratio:>7.4} |");
+        }
+        println!(" {lru_rate:>12.0} |");
+    }
+    println!(
+        "\n(debug build; `cachet sim` in a release build is several times faster: see docs/benchmarks.md)"
+    );
+    Ok(())
+}
