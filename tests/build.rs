@@ -6,12 +6,7 @@
 mod guests;
 
 fn main() {
-    let hostile = || {
-        Ok(vec![guests::Guest {
-            package: "cachet-test-hostile".into(),
-            name: "hostile".into(),
-        }])
-    };
+    let hostile = || Ok(vec![guests::Guest { package: "cachet-test-hostile".into(), name: "hostile".into() }]);
     if let Err(err) = guests::build_script(|_| hostile()) {
         eprintln!("error: {err}");
         std::process::exit(1);

@@ -17,9 +17,8 @@ pub fn workspace() -> PathBuf {
 /// `$CACHET_TRACES`). Panics with a clear message when it is missing: the
 /// trace tests must fail, not pass silently, without their data.
 pub fn traces_dir() -> PathBuf {
-    let dir = std::env::var_os("CACHET_TRACES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("../shared/traces"));
+    let dir =
+        std::env::var_os("CACHET_TRACES").map(PathBuf::from).unwrap_or_else(|| workspace().join("../shared/traces"));
     assert!(
         dir.join("README.md").is_file(),
         "trace directory {} not found; set CACHET_TRACES to shared/traces",

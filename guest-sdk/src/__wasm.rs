@@ -40,13 +40,7 @@ pub fn info<P: Policy>() -> wit::PolicyInfo {
 }
 
 fn entry(e: wt::Entry) -> types::Entry {
-    types::Entry {
-        id: e.id,
-        key_hash: e.key_hash,
-        size: e.size,
-        expires_at: e.expires_at,
-        hint: e.hint,
-    }
+    types::Entry { id: e.id, key_hash: e.key_hash, size: e.size, expires_at: e.expires_at, hint: e.hint }
 }
 
 fn cause(c: wt::RemovalCause) -> types::RemovalCause {
@@ -57,24 +51,8 @@ fn cause(c: wt::RemovalCause) -> types::RemovalCause {
     }
 }
 
-impl<P: Policy> wit::GuestEvictionPolicy for Instance<P> {
-    fn create(
-        capacity: wt::Capacity,
-        seed: u64,
-        config: Vec<(String, String)>,
-    ) -> Result<wit::EvictionPolicy, String> {
-        let capacity = types::Capacity {
-            max_entries: capacity.max_entries,
-            max_bytes: capacity.max_bytes,
-        };
-        let policy = P::create(capacity, seed, &Config::new(config)).map_err(|e| e.0)?;
-        Ok(wit::EvictionPolicy::new(Self {
-            policy: RefCell::new(policy),
-            scratch: RefCell::new(Vec::new()),
-        }))
-    }
-
-    fn on_events(&self, now: u64, events: Vec<wt::Event>) {
+impl<P: Policy> Instance<P> {
+    fn apply(&self, now: u64, events: Vec<wt::Event>) {
         let mut batch = self.scratch.borrow_mut();
         batch.clear();
         batch.extend(events.into_iter().map(|e| match e {
@@ -86,17 +64,29 @@ impl<P: Policy> wit::GuestEvictionPolicy for Instance<P> {
         }));
         self.policy.borrow_mut().on_events(now, &batch);
     }
+}
+
+impl<P: Policy> wit::GuestEvictionPolicy for Instance<P> {
+    fn create(capacity: wt::Capacity, seed: u64, config: Vec<(String, String)>) -> Result<wit::EvictionPolicy, String> {
+        let capacity = types::Capacity { max_entries: capacity.max_entries, max_bytes: capacity.max_bytes };
+        let policy = P::create(capacity, seed, &Config::new(config)).map_err(|e| e.0)?;
+        Ok(wit::EvictionPolicy::new(Self { policy: RefCell::new(policy), scratch: RefCell::new(Vec::new()) }))
+    }
+
+    fn on_events(&self, now: u64, events: Vec<wt::Event>) {
+        self.apply(now, events);
+    }
 
     fn admit(&self, now: u64, candidate: wt::Entry) -> bool {
         self.policy.borrow_mut().admit(now, &entry(candidate))
     }
 
-    fn pick_victims(&self, now: u64, need: wt::Need) -> Vec<u64> {
+    fn pick_victims(&self, now: u64, events: Vec<wt::Event>, need: wt::Need) -> Vec<u64> {
+        if !events.is_empty() {
+            self.apply(now, events);
+        }
         let mut out = Vec::new();
-        let need = types::Need {
-            entries: need.entries,
-            bytes: need.bytes,
-        };
+        let need = types::Need { entries: need.entries, bytes: need.bytes };
         self.policy.borrow_mut().pick_victims(now, need, &mut out);
         out
     }

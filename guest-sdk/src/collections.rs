@@ -22,20 +22,14 @@ pub struct IdMap<V> {
 
 impl<V> Default for IdMap<V> {
     fn default() -> Self {
-        Self {
-            slots: Vec::new(),
-            len: 0,
-        }
+        Self { slots: Vec::new(), len: 0 }
     }
 }
 
 impl<V> IdMap<V> {
     /// A map with room for slots below `n` without growing.
     pub fn with_capacity(n: usize) -> Self {
-        Self {
-            slots: Vec::with_capacity(n),
-            len: 0,
-        }
+        Self { slots: Vec::with_capacity(n), len: 0 }
     }
 
     /// Number of ids held.
@@ -145,13 +139,7 @@ impl<T: Copy> IdList<T> {
 
     /// An empty list with room for `n` ids without growing.
     pub fn with_capacity(n: usize) -> Self {
-        Self {
-            nodes: Vec::with_capacity(n),
-            free: Vec::new(),
-            index: id_map_for(n),
-            head: NIL,
-            tail: NIL,
-        }
+        Self { nodes: Vec::with_capacity(n), free: Vec::new(), index: id_map_for(n), head: NIL, tail: NIL }
     }
 
     /// Number of ids in the list.
@@ -189,12 +177,7 @@ impl<T: Copy> IdList<T> {
             self.link_back(i);
             return;
         }
-        let node = Node {
-            id,
-            value,
-            prev: NIL,
-            next: NIL,
-        };
+        let node = Node { id, value, prev: NIL, next: NIL };
         let i = match self.free.pop() {
             Some(i) => {
                 self.nodes[i as usize] = node;

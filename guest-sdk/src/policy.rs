@@ -78,11 +78,7 @@ pub trait Policy: Sized + 'static {
 
 /// Pops victims from `next` (which yields `(id, size)` and forgets the entry)
 /// until `need` is met or `next` runs dry. The loop every policy shares.
-pub fn collect_victims(
-    need: Need,
-    out: &mut Vec<EntryId>,
-    mut next: impl FnMut() -> Option<(EntryId, u64)>,
-) {
+pub fn collect_victims(need: Need, out: &mut Vec<EntryId>, mut next: impl FnMut() -> Option<(EntryId, u64)>) {
     let (mut entries, mut bytes) = (0u32, 0u64);
     while !need.is_met(entries, bytes) {
         let Some((id, size)) = next() else { break };
@@ -123,11 +119,7 @@ impl Config {
 
     /// The last value given for `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// Parses `key` as `T`, or returns `default` when absent; names the key
@@ -135,27 +127,18 @@ impl Config {
     pub fn parse_or<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, ConfigError> {
         match self.get(key) {
             None => Ok(default),
-            Some(raw) => raw
-                .parse()
-                .map_err(|_| ConfigError(format!("config `{key}`: cannot parse `{raw}`"))),
+            Some(raw) => raw.parse().map_err(|_| ConfigError(format!("config `{key}`: cannot parse `{raw}`"))),
         }
     }
 
     /// Rejects any key not in `known`, naming it and the accepted keys.
     pub fn reject_unknown(&self, known: &[&str]) -> Result<(), ConfigError> {
-        match self
-            .pairs
-            .iter()
-            .find(|(k, _)| !known.contains(&k.as_str()))
-        {
+        match self.pairs.iter().find(|(k, _)| !known.contains(&k.as_str())) {
             None => Ok(()),
-            Some((k, _)) if known.is_empty() => Err(ConfigError(format!(
-                "unknown config key `{k}`: this policy takes none"
-            ))),
-            Some((k, _)) => Err(ConfigError(format!(
-                "unknown config key `{k}`; known keys: {}",
-                known.join(", ")
-            ))),
+            Some((k, _)) if known.is_empty() => {
+                Err(ConfigError(format!("unknown config key `{k}`: this policy takes none")))
+            }
+            Some((k, _)) => Err(ConfigError(format!("unknown config key `{k}`; known keys: {}", known.join(", ")))),
         }
     }
 }

@@ -30,11 +30,7 @@ impl<P: Policy> Harness<P> {
     }
 
     /// A harness around a policy created with `seed` and `config`.
-    pub fn with_config(
-        capacity: Capacity,
-        seed: u64,
-        config: &Config,
-    ) -> Result<Self, ConfigError> {
+    pub fn with_config(capacity: Capacity, seed: u64, config: &Config) -> Result<Self, ConfigError> {
         Ok(Self {
             policy: P::create(capacity, seed, config)?,
             capacity,
@@ -86,13 +82,7 @@ impl<P: Policy> Harness<P> {
     }
 
     /// [`Harness::request`] with an expiry and a hint for inserts.
-    pub fn request_with(
-        &mut self,
-        key: u64,
-        size: u64,
-        expires_at: Option<u64>,
-        hint: u32,
-    ) -> bool {
+    pub fn request_with(&mut self, key: u64, size: u64, expires_at: Option<u64>, hint: u32) -> bool {
         let info = P::info();
         if let Some(&id) = self.by_key.get(&key) {
             if info.wants_access_events {
@@ -103,21 +93,13 @@ impl<P: Policy> Harness<P> {
         if info.wants_miss_events {
             self.policy.on_events(self.now, &[Event::Missed(key)]);
         }
-        let entry = Entry {
-            id: self.fresh_id(),
-            key_hash: key,
-            size,
-            expires_at,
-            hint,
-        };
+        let entry = Entry { id: self.fresh_id(), key_hash: key, size, expires_at, hint };
         if info.uses_admission && !self.policy.admit(self.now, &entry) {
             return false;
         }
         let need = Need {
-            entries: u32::try_from(
-                (self.resident.len() as u64 + 1).saturating_sub(self.capacity.max_entries),
-            )
-            .unwrap_or(u32::MAX),
+            entries: u32::try_from((self.resident.len() as u64 + 1).saturating_sub(self.capacity.max_entries))
+                .unwrap_or(u32::MAX),
             bytes: (self.bytes + size).saturating_sub(self.capacity.max_bytes),
         };
         if need != Need::default() {
@@ -135,13 +117,7 @@ impl<P: Policy> Harness<P> {
 
     /// Inserts a new entry with a fresh id (no eviction) and returns the id.
     pub fn insert(&mut self, key: u64, size: u64) -> EntryId {
-        let entry = Entry {
-            id: self.fresh_id(),
-            key_hash: key,
-            size,
-            expires_at: None,
-            hint: 0,
-        };
+        let entry = Entry { id: self.fresh_id(), key_hash: key, size, expires_at: None, hint: 0 };
         self.insert_entry(entry);
         entry.id
     }
@@ -169,8 +145,7 @@ impl<P: Policy> Harness<P> {
             return false;
         };
         self.forget(id);
-        self.policy
-            .on_events(self.now, &[Event::Removed(id, cause)]);
+        self.policy.on_events(self.now, &[Event::Removed(id, cause)]);
         true
     }
 
@@ -203,11 +178,7 @@ impl<P: Policy> Harness<P> {
                 }
             })
             .collect();
-        assert_eq!(
-            keys.len(),
-            self.resident.len(),
-            "export order misses entries"
-        );
+        assert_eq!(keys.len(), self.resident.len(), "export order misses entries");
         keys
     }
 
@@ -222,8 +193,5 @@ impl<P: Policy> Harness<P> {
 
 /// Capacity bounded by entries only.
 pub fn entries(max_entries: u64) -> Capacity {
-    Capacity {
-        max_entries,
-        max_bytes: u64::MAX,
-    }
+    Capacity { max_entries, max_bytes: u64::MAX }
 }

@@ -10,11 +10,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "cachet",
-    version,
-    about = "A programmable cache: eviction policies as sandboxed Wasm"
-)]
+#[command(name = "cachet", version, about = "A programmable cache: eviction policies as sandboxed Wasm")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -155,10 +151,7 @@ fn print_report(r: &SimReport) {
         (Some(n), Some(b)) => format!("{n} objects / {b} bytes"),
         (None, None) => "unbounded".into(),
     };
-    println!(
-        "policy          {} {} ({})",
-        r.policy, r.policy_version, r.runtime
-    );
+    println!("policy          {} {} ({})", r.policy, r.policy_version, r.runtime);
     println!("capacity        {capacity}");
     println!("requests        {}", r.requests);
     println!("hits / misses   {} / {}", r.hits, r.misses);

@@ -19,10 +19,7 @@ pub fn bundled_names() -> Vec<&'static str> {
 
 /// The component bytes of bundled policy `name`.
 pub fn bundled_component(name: &str) -> Option<&'static [u8]> {
-    BUNDLED
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, bytes)| *bytes)
+    BUNDLED.iter().find(|(n, _)| *n == name).map(|(_, bytes)| *bytes)
 }
 
 /// How to run the policy a user named.
@@ -44,29 +41,19 @@ fn is_path(spec: &str) -> bool {
 }
 
 /// Resolves `spec` to a factory, validating Wasm modules on the way.
-pub fn resolve(
-    engine: &PolicyEngine,
-    spec: &PolicySpec,
-) -> Result<Arc<dyn PolicyFactory>, PolicyError> {
+pub fn resolve(engine: &PolicyEngine, spec: &PolicySpec) -> Result<Arc<dyn PolicyFactory>, PolicyError> {
     let name = spec.name_or_path.as_str();
     if spec.native {
         return native(name, Config::new(spec.config.clone()));
     }
     let owned;
     let bytes: &[u8] = if is_path(name) {
-        owned = std::fs::read(Path::new(name)).map_err(|source| PolicyError::Io {
-            path: name.to_string(),
-            source,
-        })?;
+        owned = std::fs::read(Path::new(name)).map_err(|source| PolicyError::Io { path: name.to_string(), source })?;
         &owned
     } else {
         bundled_component(name).ok_or_else(|| unknown(name))?
     };
-    Ok(Arc::new(engine.load(
-        bytes,
-        spec.limits,
-        spec.config.clone(),
-    )?))
+    Ok(Arc::new(engine.load(bytes, spec.limits, spec.config.clone())?))
 }
 
 /// The native build of bundled policy `name`.
@@ -79,25 +66,17 @@ pub fn native(name: &str, config: Config) -> Result<Arc<dyn PolicyFactory>, Poli
         "random" => Arc::new(NativeFactory::<cachet_policy_random::Random>::new(config)),
         "ttl" => Arc::new(NativeFactory::<cachet_policy_ttl::Ttl>::new(config)),
         _ if is_path(name) => {
-            return Err(PolicyError::Create(format!(
-                "`{name}` is a file; --native runs bundled policies only"
-            )));
+            return Err(PolicyError::Create(format!("`{name}` is a file; --native runs bundled policies only")));
         }
         _ => return Err(unknown(name)),
     };
-    let probe = cachet_policy_sdk::Capacity {
-        max_entries: 16,
-        max_bytes: 1 << 20,
-    };
+    let probe = cachet_policy_sdk::Capacity { max_entries: 16, max_bytes: 1 << 20 };
     factory.create(probe, 0)?;
     Ok(factory)
 }
 
 fn unknown(name: &str) -> PolicyError {
-    PolicyError::Unknown {
-        name: name.to_string(),
-        known: bundled_names().iter().map(|s| s.to_string()).collect(),
-    }
+    PolicyError::Unknown { name: name.to_string(), known: bundled_names().iter().map(|s| s.to_string()).collect() }
 }
 
 #[cfg(test)]
@@ -117,9 +96,6 @@ mod tests {
     fn unknown_names_list_the_known_ones() {
         let err = native("lru2", Config::default()).err().expect("unknown");
         let msg = err.to_string();
-        assert!(
-            msg.contains("lru2") && msg.contains("fifo, lfu, lru, random, ttl"),
-            "{msg}"
-        );
+        assert!(msg.contains("lru2") && msg.contains("fifo, lfu, lru, random, ttl"), "{msg}");
     }
 }

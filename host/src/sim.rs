@@ -84,10 +84,7 @@ static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
 /// Reads the whole trace first so the replay rate measures the cache, not
 /// the decompressor. `progress` is called with (requests read so far).
-pub fn load_trace(
-    path: &std::path::Path,
-    mut progress: impl FnMut(u64),
-) -> Result<Vec<Request>, TraceError> {
+pub fn load_trace(path: &std::path::Path, mut progress: impl FnMut(u64)) -> Result<Vec<Request>, TraceError> {
     let mut requests = Vec::new();
     for request in TraceReader::open(path)? {
         requests.push(request?);
@@ -126,11 +123,7 @@ pub fn replay(
         let key = request.key.to_le_bytes();
         if shard.get(now, &key).is_none() {
             // Entry size = key + value; make it the trace's object size.
-            let len = if by_bytes {
-                (request.size as usize).saturating_sub(key.len())
-            } else {
-                0
-            };
+            let len = if by_bytes { (request.size as usize).saturating_sub(key.len()) } else { 0 };
             let value = Bytes::from_static(&ZEROS[..len.min(ZEROS.len())]);
             if shard.set(now, &key, value, SetOptions::default()).is_err() {
                 too_large += 1;
@@ -149,21 +142,13 @@ pub fn replay(
     Ok(SimReport {
         policy: factory.info().name.clone(),
         policy_version: factory.info().version.clone(),
-        runtime: if factory.is_native() {
-            "native"
-        } else {
-            "wasm"
-        },
+        runtime: if factory.is_native() { "native" } else { "wasm" },
         capacity: options.capacity,
         capacity_bytes: options.capacity_bytes,
         requests: total,
         hits: stats.hits,
         misses: stats.misses,
-        miss_ratio: if total == 0 {
-            0.0
-        } else {
-            stats.misses as f64 / total as f64
-        },
+        miss_ratio: if total == 0 { 0.0 } else { stats.misses as f64 / total as f64 },
         evictions: stats.evictions,
         too_large,
         requests_per_sec: if secs > 0.0 { total as f64 / secs } else { 0.0 },

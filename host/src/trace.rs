@@ -62,10 +62,7 @@ impl TraceReader {
     /// Opens `path`, decompressing by extension (`.gz`, `.xz`), and checks
     /// the header.
     pub fn open(path: &Path) -> Result<Self, TraceError> {
-        let io = |source| TraceError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |source| TraceError::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
         let raw: Box<dyn Read> = match path.extension().and_then(|e| e.to_str()) {
             Some("gz") => Box::new(flate2::read::MultiGzDecoder::new(file)),
@@ -77,18 +74,10 @@ impl TraceReader {
 
     /// Reads a trace from any buffered reader; `path` names it in errors.
     pub fn from_reader(path: &Path, reader: Box<dyn BufRead>) -> Result<Self, TraceError> {
-        let mut trace = Self {
-            path: path.to_path_buf(),
-            reader,
-            line: 0,
-            buf: String::new(),
-        };
+        let mut trace = Self { path: path.to_path_buf(), reader, line: 0, buf: String::new() };
         match trace.next_line()? {
             Some(header) if header.trim_end() == "timestamp,key,size" => Ok(trace),
-            other => Err(TraceError::Header {
-                path: trace.path,
-                found: other.unwrap_or_default(),
-            }),
+            other => Err(TraceError::Header { path: trace.path, found: other.unwrap_or_default() }),
         }
     }
 
@@ -97,10 +86,7 @@ impl TraceReader {
         let n = self
             .reader
             .read_line(&mut self.buf)
-            .map_err(|source| TraceError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(|source| TraceError::Io { path: self.path.clone(), source })?;
         if n == 0 {
             return Ok(None);
         }
@@ -109,31 +95,17 @@ impl TraceReader {
     }
 
     fn parse(&self, text: &str) -> Result<Request, TraceError> {
-        let bad = |problem| TraceError::Line {
-            path: self.path.clone(),
-            line: self.line,
-            problem,
-            text: text.to_string(),
-        };
+        let bad =
+            |problem| TraceError::Line { path: self.path.clone(), line: self.line, problem, text: text.to_string() };
         let mut fields = text.split(',');
-        let mut field = |what| fields.next().ok_or(bad(what));
-        let timestamp = field("missing timestamp")?
-            .parse()
-            .map_err(|_| bad("timestamp is not an unsigned integer"))?;
-        let key = field("missing key")?
-            .parse()
-            .map_err(|_| bad("key is not an unsigned 64-bit integer"))?;
-        let size = field("missing size")?
-            .parse()
-            .map_err(|_| bad("size is not an unsigned integer"))?;
+        let mut field = |what| fields.next().ok_or_else(|| bad(what));
+        let timestamp = field("missing timestamp")?.parse().map_err(|_| bad("timestamp is not an unsigned integer"))?;
+        let key = field("missing key")?.parse().map_err(|_| bad("key is not an unsigned 64-bit integer"))?;
+        let size = field("missing size")?.parse().map_err(|_| bad("size is not an unsigned integer"))?;
         if fields.next().is_some() {
             return Err(bad("more than three fields"));
         }
-        Ok(Request {
-            timestamp,
-            key,
-            size,
-        })
+        Ok(Request { timestamp, key, size })
     }
 }
 
@@ -149,10 +121,7 @@ impl Iterator for TraceReader {
                 let text = self.buf.trim_end_matches(['\n', '\r']);
                 Some(self.parse(text))
             }
-            Err(source) => Some(Err(TraceError::Io {
-                path: self.path.clone(),
-                source,
-            })),
+            Err(source) => Some(Err(TraceError::Io { path: self.path.clone(), source })),
         }
     }
 }
@@ -168,30 +137,13 @@ mod tests {
     #[test]
     fn parses_requests() {
         let got = read("timestamp,key,size\n0,42,1\n1,7,4096\n").expect("valid");
-        assert_eq!(
-            got,
-            vec![
-                Request {
-                    timestamp: 0,
-                    key: 42,
-                    size: 1
-                },
-                Request {
-                    timestamp: 1,
-                    key: 7,
-                    size: 4096
-                }
-            ]
-        );
+        assert_eq!(got, vec![Request { timestamp: 0, key: 42, size: 1 }, Request { timestamp: 1, key: 7, size: 4096 }]);
     }
 
     #[test]
     fn bad_lines_name_their_number() {
         let err = read("timestamp,key,size\n0,42,1\n1,x,1\n").expect_err("bad key");
-        assert_eq!(
-            err.to_string(),
-            "t.csv: line 3: key is not an unsigned 64-bit integer: `1,x,1`"
-        );
+        assert_eq!(err.to_string(), "t.csv: line 3: key is not an unsigned 64-bit integer: `1,x,1`");
         let err = read("timestamp,key,size\n0,42\n").expect_err("short");
         assert!(err.to_string().contains("line 2: missing size"), "{err}");
         let err = read("ts,key\n").expect_err("header");

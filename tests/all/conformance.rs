@@ -10,11 +10,7 @@ use cachet_policy_sdk::rng::SplitMix64;
 use std::collections::{HashMap, HashSet};
 
 fn shard(engine: &PolicyEngine, name: &str, native: bool, config: ShardConfig) -> Shard {
-    let spec = PolicySpec {
-        name_or_path: name.into(),
-        native,
-        ..PolicySpec::default()
-    };
+    let spec = PolicySpec { name_or_path: name.into(), native, ..PolicySpec::default() };
     let factory = policies::resolve(engine, &spec).expect("policy resolves");
     assert_eq!(factory.is_native(), native);
     Shard::new(config, factory).expect("shard")
@@ -23,30 +19,13 @@ fn shard(engine: &PolicyEngine, name: &str, native: bool, config: ShardConfig) -
 /// Checks what must hold after any operation.
 fn check_invariants(shard: &mut Shard, now: u64, what: &str) {
     let config = shard.config().clone();
-    assert!(
-        shard.len() as u64 <= config.max_entries,
-        "{what}: entry bound exceeded"
-    );
-    assert!(
-        shard.bytes() <= config.max_bytes,
-        "{what}: byte budget exceeded"
-    );
+    assert!(shard.len() as u64 <= config.max_entries, "{what}: entry bound exceeded");
+    assert!(shard.bytes() <= config.max_bytes, "{what}: byte budget exceeded");
     let order = shard.export_order(now);
-    assert_eq!(
-        order.len(),
-        shard.len(),
-        "{what}: export order must list every entry"
-    );
+    assert_eq!(order.len(), shard.len(), "{what}: export order must list every entry");
     let unique: HashSet<_> = order.iter().collect();
-    assert_eq!(
-        unique.len(),
-        order.len(),
-        "{what}: export order repeats an entry"
-    );
-    assert!(
-        order.iter().all(|&id| shard.key_of(id).is_some()),
-        "{what}: export order names a stale id"
-    );
+    assert_eq!(unique.len(), order.len(), "{what}: export order repeats an entry");
+    assert!(order.iter().all(|&id| shard.key_of(id).is_some()), "{what}: export order names a stale id");
     assert_eq!(shard.stats().policy_faults(), 0, "{what}: policy faulted");
 }
 
@@ -66,29 +45,21 @@ fn run_workload(engine: &PolicyEngine, name: &str, native: bool, config: ShardCo
                 let value = Bytes::from(vec![step as u8; rng.below(48) as usize]);
                 let ttl_ms = (rng.below(4) == 0).then(|| 1 + rng.below(50));
                 let hint = rng.below(4) as u32;
-                shard
-                    .set(now, &key, value.clone(), SetOptions { ttl_ms, hint })
-                    .expect("set");
+                shard.set(now, &key, value.clone(), SetOptions { ttl_ms, hint }).expect("set");
                 model.insert(key, (value, ttl_ms.map(|t| now + t)));
             }
             4..=7 => {
                 if let Some(got) = shard.get(now, &key) {
                     let (want, expires) = model.get(&key).expect("a hit on a key never written");
                     assert_eq!(&got, want, "{what}: wrong value for a key");
-                    assert!(
-                        expires.is_none_or(|at| at > now),
-                        "{what}: an expired entry was served"
-                    );
+                    assert!(expires.is_none_or(|at| at > now), "{what}: an expired entry was served");
                 }
             }
             8 => {
                 if shard.delete(now, &key) {
                     assert!(model.remove(&key).is_some());
                 }
-                assert!(
-                    shard.get(now, &key).is_none(),
-                    "{what}: deleted key still served"
-                );
+                assert!(shard.get(now, &key).is_none(), "{what}: deleted key still served");
             }
             _ => {
                 shard.tick(now);
@@ -100,14 +71,8 @@ fn run_workload(engine: &PolicyEngine, name: &str, native: bool, config: ShardCo
     }
     check_invariants(&mut shard, now, &what);
     let stats = shard.stats();
-    assert!(
-        stats.evictions > 0,
-        "{what}: the workload must exercise eviction"
-    );
-    assert!(
-        stats.hits > 0 && stats.expired > 0,
-        "{what}: the workload must hit and expire"
-    );
+    assert!(stats.evictions > 0, "{what}: the workload must exercise eviction");
+    assert!(stats.hits > 0 && stats.expired > 0, "{what}: the workload must hit and expire");
 }
 
 #[test]
@@ -115,10 +80,7 @@ fn every_policy_keeps_the_shard_contract_by_entries() {
     let engine = PolicyEngine::new().expect("engine");
     for name in policies::bundled_names() {
         for native in [true, false] {
-            let config = ShardConfig {
-                max_entries: 64,
-                ..ShardConfig::default()
-            };
+            let config = ShardConfig { max_entries: 64, ..ShardConfig::default() };
             run_workload(&engine, name, native, config, 7);
         }
     }
@@ -129,11 +91,7 @@ fn every_policy_keeps_the_shard_contract_by_bytes() {
     let engine = PolicyEngine::new().expect("engine");
     for name in policies::bundled_names() {
         for native in [true, false] {
-            let config = ShardConfig {
-                max_bytes: 2_000,
-                max_value_size: 64,
-                ..ShardConfig::default()
-            };
+            let config = ShardConfig { max_bytes: 2_000, max_value_size: 64, ..ShardConfig::default() };
             run_workload(&engine, name, native, config, 11);
         }
     }

@@ -8,17 +8,8 @@ use cachet::wasm::PolicyEngine;
 use cachet_policy_sdk::rng::SplitMix64;
 use cachet_policy_sdk::{Capacity, Entry, Event, Need, RemovalCause};
 
-fn instance(
-    engine: &PolicyEngine,
-    name: &str,
-    native: bool,
-    capacity: Capacity,
-) -> Box<dyn EvictionPolicy> {
-    let spec = PolicySpec {
-        name_or_path: name.into(),
-        native,
-        ..PolicySpec::default()
-    };
+fn instance(engine: &PolicyEngine, name: &str, native: bool, capacity: Capacity) -> Box<dyn EvictionPolicy> {
+    let spec = PolicySpec { name_or_path: name.into(), native, ..PolicySpec::default() };
     let factory = policies::resolve(engine, &spec).expect("policy resolves");
     factory.create(capacity, 42).expect("instance")
 }
@@ -26,10 +17,7 @@ fn instance(
 #[test]
 fn native_and_wasm_pick_identical_victims() {
     let engine = PolicyEngine::new().expect("engine");
-    let capacity = Capacity {
-        max_entries: 50,
-        max_bytes: 4_000,
-    };
+    let capacity = Capacity { max_entries: 50, max_bytes: 4_000 };
     for name in policies::bundled_names() {
         let mut native = instance(&engine, name, true, capacity);
         let mut wasm = instance(&engine, name, false, capacity);
@@ -71,17 +59,16 @@ fn native_and_wasm_pick_identical_victims() {
                 entries: (resident.len() as u64).saturating_sub(capacity.max_entries) as u32,
                 bytes: bytes.saturating_sub(capacity.max_bytes),
             };
-            if batch.len() >= 64 || need != Need::default() {
+            if batch.len() >= 64 {
                 native.on_events(now, &batch).expect("native events");
                 wasm.on_events(now, &batch).expect("wasm events");
                 batch.clear();
             }
             if need != Need::default() {
                 let (mut a, mut b) = (Vec::new(), Vec::new());
-                native
-                    .pick_victims(now, need, &mut a)
-                    .expect("native victims");
-                wasm.pick_victims(now, need, &mut b).expect("wasm victims");
+                native.pick_victims(now, &batch, need, &mut a).expect("native victims");
+                wasm.pick_victims(now, &batch, need, &mut b).expect("wasm victims");
+                batch.clear();
                 assert_eq!(a, b, "{name}: victims differ at t={now}");
                 assert!(!a.is_empty(), "{name}: no victims for {need:?}");
                 resident.retain(|e| !a.contains(&e.id));
@@ -94,11 +81,7 @@ fn native_and_wasm_pick_identical_victims() {
         native.export_order(&mut a).expect("native export");
         wasm.export_order(&mut b).expect("wasm export");
         assert_eq!(a, b, "{name}: export orders differ");
-        assert_eq!(
-            a.len(),
-            resident.len(),
-            "{name}: export order must list every entry"
-        );
+        assert_eq!(a.len(), resident.len(), "{name}: export order must list every entry");
         assert!(compared > 500, "{name}: only {compared} victims compared");
     }
 }

@@ -28,23 +28,12 @@ fn reference(readme: &str, trace: &str, policy: &str) -> Vec<(u64, f64)> {
     let row = lines
         .find(|l| l.split('|').nth(1).map(str::trim) == Some(policy))
         .unwrap_or_else(|| panic!("no {policy} row for {trace}"));
-    let ratios: Vec<f64> = row
-        .split('|')
-        .skip(2)
-        .filter_map(|c| c.trim().trim_matches('*').parse().ok())
-        .collect();
+    let ratios: Vec<f64> = row.split('|').skip(2).filter_map(|c| c.trim().trim_matches('*').parse().ok()).collect();
     assert_eq!(sizes.len(), ratios.len(), "{trace}/{policy}: table shape");
     sizes.into_iter().zip(ratios).collect()
 }
 
-fn check(
-    engine: &PolicyEngine,
-    trace: &str,
-    file: &str,
-    policy: &str,
-    row: &str,
-    only_size: Option<u64>,
-) {
+fn check(engine: &PolicyEngine, trace: &str, file: &str, policy: &str, row: &str, only_size: Option<u64>) {
     let readme = std::fs::read_to_string(traces_dir().join("README.md")).expect("README");
     let path = traces_dir().join("csv").join(file);
     let requests: Vec<Request> = sim::load_trace(&path, |_| {}).expect("trace loads");
@@ -55,10 +44,7 @@ fn check(
         }
         let options = SimOptions {
             trace: path.clone(),
-            policy: PolicySpec {
-                name_or_path: policy.into(),
-                ..PolicySpec::default()
-            },
+            policy: PolicySpec { name_or_path: policy.into(), ..PolicySpec::default() },
             capacity: Some(size),
             capacity_bytes: None,
             seed: 0,
@@ -67,11 +53,7 @@ fn check(
         assert_eq!(report.runtime, "wasm");
         assert_eq!(report.policy_faults, 0);
         let got = (report.miss_ratio * 10_000.0).round() / 10_000.0;
-        assert_eq!(
-            got, want,
-            "{policy} on {trace} at {size}: got {:.6}, table says {want}",
-            report.miss_ratio
-        );
+        assert_eq!(got, want, "{policy} on {trace} at {size}: got {:.6}, table says {want}", report.miss_ratio);
         checked += 1;
     }
     assert!(checked > 0, "{trace}/{row}: no size checked");
@@ -80,10 +62,7 @@ fn check(
 #[test]
 fn lru_fifo_lfu_match_the_tables_on_cloudphysics_and_web12() {
     let engine = PolicyEngine::new().expect("engine");
-    for (trace, file) in [
-        ("cloudPhysicsIO", "cloudPhysicsIO.csv.gz"),
-        ("web12", "web12.csv.gz"),
-    ] {
+    for (trace, file) in [("cloudPhysicsIO", "cloudPhysicsIO.csv.gz"), ("web12", "web12.csv.gz")] {
         for (policy, row) in [("lru", "LRU"), ("fifo", "FIFO"), ("lfu", "LFU")] {
             check(&engine, trace, file, policy, row, None);
         }
@@ -102,13 +81,6 @@ fn lru_and_fifo_match_the_tables_on_w106_at_10_percent() {
 fn lru_and_fifo_match_the_tables_on_orm_busy_at_10_percent() {
     let engine = PolicyEngine::new().expect("engine");
     for (policy, row) in [("lru", "LRU"), ("fifo", "FIFO")] {
-        check(
-            &engine,
-            "orm-busy",
-            "orm-busy.csv.xz",
-            policy,
-            row,
-            Some(7_634),
-        );
+        check(&engine, "orm-busy", "orm-busy.csv.xz", policy, row, Some(7_634));
     }
 }

@@ -15,8 +15,7 @@ pub(crate) const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// Names of the policy crates (`policies/NAME`), sorted.
 pub(crate) fn policy_names(workspace: &Path) -> Result<Vec<String>, String> {
     let dir = workspace.join("policies");
-    let entries =
-        std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
         .filter(|e| e.path().join("Cargo.toml").is_file())
@@ -28,29 +27,17 @@ pub(crate) fn policy_names(workspace: &Path) -> Result<Vec<String>, String> {
 
 /// Installs the Wasm target with rustup when the toolchain lacks it.
 pub(crate) fn ensure_wasm_target(rustc: &str) -> Result<(), String> {
-    let sysroot = Command::new(rustc)
-        .args(["--print", "sysroot"])
-        .output()
-        .map_err(|e| format!("cannot run {rustc}: {e}"))?;
+    let sysroot =
+        Command::new(rustc).args(["--print", "sysroot"]).output().map_err(|e| format!("cannot run {rustc}: {e}"))?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
-    if Path::new(&sysroot)
-        .join("lib/rustlib")
-        .join(WASM_TARGET)
-        .is_dir()
-    {
+    if Path::new(&sysroot).join("lib/rustlib").join(WASM_TARGET).is_dir() {
         return Ok(());
     }
     let status = Command::new("rustup")
         .args(["target", "add", WASM_TARGET])
         .status()
         .map_err(|e| format!("the {WASM_TARGET} target is missing and rustup cannot run: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`rustup target add {WASM_TARGET}` failed ({status})"
-        ))
-    }
+    if status.success() { Ok(()) } else { Err(format!("`rustup target add {WASM_TARGET}` failed ({status})")) }
 }
 
 /// A guest crate to build: its package name and the component's file stem.
@@ -65,10 +52,7 @@ pub(crate) struct Guest {
 pub(crate) fn policy_guests(workspace: &Path) -> Result<Vec<Guest>, String> {
     Ok(policy_names(workspace)?
         .into_iter()
-        .map(|name| Guest {
-            package: format!("cachet-policy-{name}"),
-            name,
-        })
+        .map(|name| Guest { package: format!("cachet-policy-{name}"), name })
         .collect())
 }
 
@@ -93,41 +77,27 @@ pub(crate) fn build_components(
         .env("CARGO_PROFILE_RELEASE_PANIC", "abort");
     // Flags and wrappers meant for the host build must not leak into the
     // guest build (a build script inherits them from the outer cargo).
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_BUILD_TARGET",
-    ] {
+    for var in
+        ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_BUILD_TARGET"]
+    {
         cmd.env_remove(var);
     }
     for guest in guests {
         cmd.args(["-p", &guest.package]);
     }
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    let status = cmd.status().map_err(|e| format!("cannot run {cargo}: {e}"))?;
     if !status.success() {
-        return Err(format!(
-            "building the guests for {WASM_TARGET} failed ({status})"
-        ));
+        return Err(format!("building the guests for {WASM_TARGET} failed ({status})"));
     }
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
     let mut written = Vec::new();
     for guest in guests {
-        let core_path = target_dir
-            .join(WASM_TARGET)
-            .join("release")
-            .join(format!("{}.wasm", guest.package.replace('-', "_")));
-        let core = std::fs::read(&core_path)
-            .map_err(|e| format!("cannot read {}: {e}", core_path.display()))?;
-        let component =
-            componentize(&core).map_err(|e| format!("componentizing {}: {e}", guest.name))?;
+        let core_path =
+            target_dir.join(WASM_TARGET).join("release").join(format!("{}.wasm", guest.package.replace('-', "_")));
+        let core = std::fs::read(&core_path).map_err(|e| format!("cannot read {}: {e}", core_path.display()))?;
+        let component = componentize(&core).map_err(|e| format!("componentizing {}: {e}", guest.name))?;
         let out = out_dir.join(format!("{}.wasm", guest.name));
-        std::fs::write(&out, component)
-            .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+        std::fs::write(&out, component).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         written.push(out);
     }
     Ok(written)
@@ -145,9 +115,7 @@ pub(crate) fn componentize(core: &[u8]) -> Result<Vec<u8>, String> {
 /// guest sources, installs the target if missing, builds `select(workspace)`
 /// into `<target>/wasm-guests` (a directory of its own: the outer build
 /// holds the lock on ours) and writes the components to `OUT_DIR/guests`.
-pub(crate) fn build_script(
-    select: impl FnOnce(&Path) -> Result<Vec<Guest>, String>,
-) -> Result<Vec<PathBuf>, String> {
+pub(crate) fn build_script(select: impl FnOnce(&Path) -> Result<Vec<Guest>, String>) -> Result<Vec<PathBuf>, String> {
     let env = |name: &str| std::env::var(name).map_err(|e| format!("{name}: {e}"));
     let manifest = PathBuf::from(env("CARGO_MANIFEST_DIR")?);
     let workspace = manifest
@@ -156,17 +124,8 @@ pub(crate) fn build_script(
         .ok_or("cannot find the workspace root")?
         .to_path_buf();
     let out_dir = PathBuf::from(env("OUT_DIR")?);
-    for watched in [
-        "wit",
-        "guest-sdk",
-        "policies",
-        "tests/guests",
-        "xtask/src/guests.rs",
-    ] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            workspace.join(watched).display()
-        );
+    for watched in ["wit", "guest-sdk", "policies", "tests/guests", "xtask/src/guests.rs"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
     let cargo = env("CARGO").unwrap_or_else(|_| "cargo".into());
     let rustc = env("RUSTC").unwrap_or_else(|_| "rustc".into());
@@ -178,11 +137,5 @@ pub(crate) fn build_script(
         .map(|target| target.join("wasm-guests"))
         .unwrap_or_else(|| out_dir.join("wasm-guests"));
     let guests = select(&workspace)?;
-    build_components(
-        &cargo,
-        &workspace,
-        &target_dir,
-        &out_dir.join("guests"),
-        &guests,
-    )
+    build_components(&cargo, &workspace, &target_dir, &out_dir.join("guests"), &guests)
 }

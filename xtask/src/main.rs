@@ -8,12 +8,15 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const USAGE: &str = "usage: cargo xtask <demo | test | build-policies>
+const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-sim [TRACE CAPACITY POLICY...]>
 
   demo            build the policies, replay a trace through each one as Wasm,
                   print a miss-ratio table
   test            formatting, clippy (-D warnings) and every test
-  build-policies  build policies/* to components in target/policies/NAME.wasm";
+  build-policies  build policies/* to components in target/policies/NAME.wasm
+  bench-sim       release build; replay a trace (default: w106 at 10%) through each
+                  policy as Wasm and natively, 5 interleaved rounds; print medians
+                  and the Wasm/native ratio";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,6 +24,7 @@ fn main() {
         Some("demo") => demo(),
         Some("test") => test(),
         Some("build-policies") => build_policies().map(|_| ()),
+        Some("bench-sim") => bench_sim(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -37,9 +41,7 @@ fn workspace() -> PathBuf {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
 }
 
 fn cargo() -> String {
@@ -49,11 +51,7 @@ fn cargo() -> String {
 /// Runs `cargo ARGS` in the workspace, failing on a non-zero exit.
 fn run_cargo(args: &[&str]) -> Result<()> {
     eprintln!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(cargo())
-        .current_dir(workspace())
-        .args(args)
-        .status()
-        .context("cannot run cargo")?;
+    let status = Command::new(cargo()).current_dir(workspace()).args(args).status().context("cannot run cargo")?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
@@ -82,15 +80,7 @@ fn build_policies() -> Result<Vec<PathBuf>> {
 fn test() -> Result<()> {
     build_policies()?;
     run_cargo(&["fmt", "--all", "--check"])?;
-    run_cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--locked",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
+    run_cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
     run_cargo(&["test", "--workspace", "--locked"])?;
     Ok(())
 }
@@ -98,9 +88,8 @@ fn test() -> Result<()> {
 /// The shared traces (`../shared/traces` beside the checkout, or
 /// `$CACHET_TRACES`), if present.
 fn traces_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("CACHET_TRACES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("../shared/traces"));
+    let dir =
+        std::env::var_os("CACHET_TRACES").map(PathBuf::from).unwrap_or_else(|| workspace().join("../shared/traces"));
     dir.join("csv").is_dir().then_some(dir)
 }
 
@@ -109,9 +98,7 @@ fn traces_dir() -> Option<PathBuf> {
 fn synthetic_trace(path: &Path) -> Result<()> {
     const KEYS: usize = 20_000;
     const REQUESTS: usize = 200_000;
-    let weights: Vec<f64> = (1..=KEYS)
-        .map(|rank| 1.0 / (rank as f64).powf(0.9))
-        .collect();
+    let weights: Vec<f64> = (1..=KEYS).map(|rank| 1.0 / (rank as f64).powf(0.9)).collect();
     let total: f64 = weights.iter().sum();
     let mut cdf = Vec::with_capacity(KEYS);
     let mut acc = 0.0;
@@ -135,6 +122,61 @@ fn synthetic_trace(path: &Path) -> Result<()> {
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Runs `cachet sim --json` and returns the parsed last line.
+fn sim_json(cachet: &Path, trace: &Path, capacity: &str, policy: &str, extra: &[&str]) -> Result<serde_json::Value> {
+    let output = Command::new(cachet)
+        .args(["sim", "--json", "--policy", policy, "--capacity", capacity])
+        .args(extra)
+        .arg("--trace")
+        .arg(trace)
+        .output()
+        .context("cannot run cachet sim")?;
+    if !output.status.success() {
+        bail!("cachet sim --policy {policy} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).context("parsing cachet sim --json")
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Wasm against native `cachet sim` throughput, interleaved so machine
+/// noise hits both alike.
+fn bench_sim(args: &[String]) -> Result<()> {
+    const ROUNDS: usize = 5;
+    build_policies()?;
+    run_cargo(&["build", "--release", "--locked", "-p", "cachet"])?;
+    let cachet = target_dir().join("release").join("cachet");
+    let default_trace = traces_dir().map(|d| d.join("csv/w106.csv.xz"));
+    let trace = match args.first() {
+        Some(path) => PathBuf::from(path),
+        None => default_trace.context("shared traces not found; pass TRACE CAPACITY POLICY...")?,
+    };
+    let capacity = args.get(1).map(String::as_str).unwrap_or("27517");
+    let policies: Vec<&str> = if args.len() > 2 { args[2..].iter().map(String::as_str).collect() } else { vec!["lru"] };
+    println!(
+        "| policy | miss ratio | Wasm req/s (median of {ROUNDS}) | native req/s (median of {ROUNDS}) | Wasm/native |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for policy in policies {
+        let (mut wasm, mut native, mut ratio) = (Vec::new(), Vec::new(), 0.0);
+        for _ in 0..ROUNDS {
+            let w = sim_json(&cachet, &trace, capacity, policy, &[])?;
+            let n = sim_json(&cachet, &trace, capacity, policy, &["--native"])?;
+            wasm.push(w["requests_per_sec"].as_f64().unwrap_or(0.0));
+            native.push(n["requests_per_sec"].as_f64().unwrap_or(0.0));
+            ratio = w["miss_ratio"].as_f64().unwrap_or(f64::NAN);
+        }
+        let (w, n) = (median(wasm), median(native));
+        println!("| {policy} | {ratio:.4} | {w:.0} | {n:.0} | {:.2} |", w / n);
+    }
+    Ok(())
+}
+
 fn demo() -> Result<()> {
     build_policies()?;
     run_cargo(&["build", "--locked", "-p", "cachet"])?;
@@ -143,11 +185,7 @@ fn demo() -> Result<()> {
     match traces_dir() {
         Some(dir) => {
             traces.push(("web12".into(), dir.join("csv/web12.csv.gz"), 1_375));
-            traces.push((
-                "cloudPhysicsIO".into(),
-                dir.join("csv/cloudPhysicsIO.csv.gz"),
-                4_897,
-            ));
+            traces.push(("cloudPhysicsIO".into(), dir.join("csv/cloudPhysicsIO.csv.gz"), 4_897));
         }
         None => {
             let path = target_dir().join("demo-zipf.csv");
@@ -157,9 +195,7 @@ fn demo() -> Result<()> {
         }
     }
     let names = guests::policy_names(&workspace()).map_err(anyhow::Error::msg)?;
-    println!(
-        "\nMiss ratio at 10% of distinct keys, every policy running as a sandboxed Wasm component:\n"
-    );
+    println!("\nMiss ratio at 10% of distinct keys, every policy running as a sandboxed Wasm component:\n");
     print!("| {:<16} | {:>8} |", "trace", "capacity");
     for name in &names {
         print!(" {name:>7} |");
@@ -174,29 +210,7 @@ fn demo() -> Result<()> {
         print!("| {label:<16} | {capacity:>8} |");
         let mut lru_rate = 0.0;
         for name in &names {
-            let output = Command::new(&cachet)
-                .args([
-                    "sim",
-                    "--json",
-                    "--policy",
-                    name,
-                    "--capacity",
-                    &capacity.to_string(),
-                    "--trace",
-                ])
-                .arg(path)
-                .output()
-                .context("cannot run cachet sim")?;
-            if !output.status.success() {
-                bail!(
-                    "cachet sim --policy {name} failed: {}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let last = stdout.lines().last().unwrap_or_default();
-            let report: serde_json::Value =
-                serde_json::from_str(last).context("parsing cachet sim --json")?;
+            let report = sim_json(&cachet, path, &capacity.to_string(), name, &[])?;
             let ratio = report["miss_ratio"].as_f64().unwrap_or(f64::NAN);
             if name == "lru" {
                 lru_rate = report["requests_per_sec"].as_f64().unwrap_or(0.0);
@@ -205,8 +219,6 @@ fn demo() -> Result<()> {
         }
         println!(" {lru_rate:>12.0} |");
     }
-    println!(
-        "\n(debug build; `cachet sim` in a release build is several times faster: see docs/benchmarks.md)"
-    );
+    println!("\n(debug build; `cachet sim` in a release build is several times faster: see docs/benchmarks.md)");
     Ok(())
 }

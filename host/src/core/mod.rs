@@ -6,7 +6,5 @@ pub mod policy;
 pub mod shard;
 pub mod ttl;
 
-pub use policy::{
-    EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault,
-};
+pub use policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault};
 pub use shard::{PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError, ShardStats};

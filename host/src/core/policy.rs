@@ -24,13 +24,7 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Every kind, in the order [`FaultKind::index`] numbers them.
-    pub const ALL: [Self; 5] = [
-        Self::Trap,
-        Self::Budget,
-        Self::Memory,
-        Self::InvalidVictim,
-        Self::InsufficientVictims,
-    ];
+    pub const ALL: [Self; 5] = [Self::Trap, Self::Budget, Self::Memory, Self::InvalidVictim, Self::InsufficientVictims];
 
     /// A dense index for per-kind counters.
     pub fn index(self) -> usize {
@@ -109,10 +103,13 @@ pub trait EvictionPolicy: Send {
     fn on_events(&mut self, now: u64, events: &[Event]) -> Result<(), PolicyFault>;
     /// Whether to cache `candidate`; only called if the info asks for it.
     fn admit(&mut self, now: u64, candidate: &Entry) -> Result<bool, PolicyFault>;
-    /// Pushes victims until `need` is met.
+    /// Applies `events` (as [`EvictionPolicy::on_events`] would), then
+    /// pushes victims until `need` is met. One call where a flush and a pick
+    /// would be two: this is the path of every eviction.
     fn pick_victims(
         &mut self,
         now: u64,
+        events: &[Event],
         need: Need,
         out: &mut Vec<EntryId>,
     ) -> Result<(), PolicyFault>;
@@ -131,8 +128,7 @@ pub trait PolicyFactory: Send + Sync {
     /// Whether instances run natively (`false`: sandboxed Wasm).
     fn is_native(&self) -> bool;
     /// A fresh instance for a shard of `capacity`.
-    fn create(&self, capacity: Capacity, seed: u64)
-    -> Result<Box<dyn EvictionPolicy>, PolicyError>;
+    fn create(&self, capacity: Capacity, seed: u64) -> Result<Box<dyn EvictionPolicy>, PolicyError>;
 }
 
 /// A policy crate linked into the host and run natively: the built-in
@@ -146,19 +142,13 @@ pub struct NativeFactory<P: Policy> {
 impl<P: Policy> NativeFactory<P> {
     /// A factory passing `config` to every instance.
     pub fn new(config: Config) -> Self {
-        Self {
-            info: P::info(),
-            config,
-            _policy: PhantomData,
-        }
+        Self { info: P::info(), config, _policy: PhantomData }
     }
 }
 
 impl<P: Policy> fmt::Debug for NativeFactory<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NativeFactory")
-            .field("policy", &self.info.name)
-            .finish()
+        f.debug_struct("NativeFactory").field("policy", &self.info.name).finish()
     }
 }
 
@@ -171,13 +161,8 @@ impl<P: Policy + Send> PolicyFactory for NativeFactory<P> {
         true
     }
 
-    fn create(
-        &self,
-        capacity: Capacity,
-        seed: u64,
-    ) -> Result<Box<dyn EvictionPolicy>, PolicyError> {
-        let policy =
-            P::create(capacity, seed, &self.config).map_err(|e| PolicyError::Create(e.0))?;
+    fn create(&self, capacity: Capacity, seed: u64) -> Result<Box<dyn EvictionPolicy>, PolicyError> {
+        let policy = P::create(capacity, seed, &self.config).map_err(|e| PolicyError::Create(e.0))?;
         Ok(Box::new(Native(policy)))
     }
 }
@@ -198,9 +183,11 @@ impl<P: Policy + Send> EvictionPolicy for Native<P> {
     fn pick_victims(
         &mut self,
         now: u64,
+        events: &[Event],
         need: Need,
         out: &mut Vec<EntryId>,
     ) -> Result<(), PolicyFault> {
+        self.0.on_events(now, events);
         self.0.pick_victims(now, need, out);
         Ok(())
     }

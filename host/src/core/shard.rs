@@ -165,11 +165,7 @@ impl ShardStats {
     /// Hits over reads, 0 when there were none.
     pub fn hit_ratio(&self) -> f64 {
         let reads = self.hits + self.misses;
-        if reads == 0 {
-            0.0
-        } else {
-            self.hits as f64 / reads as f64
-        }
+        if reads == 0 { 0.0 } else { self.hits as f64 / reads as f64 }
     }
 }
 
@@ -224,8 +220,7 @@ impl Slab {
     fn resolve(&self, id: EntryId) -> Option<u32> {
         let index = (id & u64::from(u32::MAX)) as u32;
         let generation = (id >> 32) as u32;
-        let live = self.slots.get(index as usize)?.is_some()
-            && self.generations[index as usize] == generation;
+        let live = self.slots.get(index as usize)?.is_some() && self.generations[index as usize] == generation;
         live.then_some(index)
     }
 
@@ -251,10 +246,7 @@ impl Slab {
     }
 
     fn live(&self) -> impl Iterator<Item = (u32, &Slot)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
     }
 }
 
@@ -285,10 +277,7 @@ pub struct Shard {
 
 impl Shard {
     /// A shard whose victims come from instances made by `policy`.
-    pub fn new(
-        config: ShardConfig,
-        policy: Arc<dyn PolicyFactory>,
-    ) -> Result<Self, crate::core::PolicyError> {
+    pub fn new(config: ShardConfig, policy: Arc<dyn PolicyFactory>) -> Result<Self, crate::core::PolicyError> {
         let active = policy.create(capacity(&config), config.seed)?;
         Ok(Self {
             slab: Slab::default(),
@@ -380,37 +369,21 @@ impl Shard {
     /// Whether `key` is resident and live; not reported as an access.
     pub fn contains(&self, now: u64, key: &[u8]) -> bool {
         let hash = cachet_proto::key_hash(key);
-        self.find(hash, key)
-            .is_some_and(|index| !self.is_expired(index, now))
+        self.find(hash, key).is_some_and(|index| !self.is_expired(index, now))
     }
 
     /// Stores `value` under `key`, evicting on the policy's advice to stay
     /// within budget. Refused writes change nothing.
-    pub fn set(
-        &mut self,
-        now: u64,
-        key: &[u8],
-        value: Bytes,
-        options: SetOptions,
-    ) -> Result<SetOutcome, ShardError> {
+    pub fn set(&mut self, now: u64, key: &[u8], value: Bytes, options: SetOptions) -> Result<SetOutcome, ShardError> {
         if key.len() > self.config.max_key_size {
-            return Err(ShardError::KeyTooLarge {
-                size: key.len(),
-                limit: self.config.max_key_size,
-            });
+            return Err(ShardError::KeyTooLarge { size: key.len(), limit: self.config.max_key_size });
         }
         if value.len() > self.config.max_value_size {
-            return Err(ShardError::ValueTooLarge {
-                size: value.len(),
-                limit: self.config.max_value_size,
-            });
+            return Err(ShardError::ValueTooLarge { size: value.len(), limit: self.config.max_value_size });
         }
         let size = (key.len() + value.len()) as u64;
         if size > self.config.max_bytes {
-            return Err(ShardError::EntryTooLarge {
-                size,
-                limit: self.config.max_bytes,
-            });
+            return Err(ShardError::EntryTooLarge { size, limit: self.config.max_bytes });
         }
         let hash = cachet_proto::key_hash(key);
         let expires_at = options.ttl_ms.map(|ttl| now.saturating_add(ttl));
@@ -419,13 +392,7 @@ impl Shard {
             self.update(now, index, value, expires_at, options.hint);
             return Ok(SetOutcome::Updated);
         }
-        let id_hint = Entry {
-            id: 0,
-            key_hash: hash,
-            size,
-            expires_at,
-            hint: options.hint,
-        };
+        let id_hint = Entry { id: 0, key_hash: hash, size, expires_at, hint: options.hint };
         if self.policy.info.uses_admission && !self.admit(now, &id_hint) {
             self.stats.not_admitted += 1;
             return Ok(SetOutcome::NotAdmitted);
@@ -528,9 +495,7 @@ impl Shard {
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
-        self.table
-            .find(hash, |&i| *self.slab.get(i).key == *key)
-            .copied()
+        self.table.find(hash, |&i| *self.slab.get(i).key == *key).copied()
     }
 
     fn is_expired(&self, index: u32, now: u64) -> bool {
@@ -604,18 +569,16 @@ impl Shard {
         if need == Need::default() {
             return;
         }
-        self.flush(now);
         let (mut entries, mut bytes) = (0u32, 0u64);
         // The configured policy gets one call; the fallback (native LRU over
         // everything resident) finishes the job if it falls short.
         for _attempt in 0..2 {
-            let rest = Need {
-                entries: need.entries.saturating_sub(entries),
-                bytes: need.bytes.saturating_sub(bytes),
-            };
+            let rest = Need { entries: need.entries.saturating_sub(entries), bytes: need.bytes.saturating_sub(bytes) };
             let mut victims = std::mem::take(&mut self.victims);
             victims.clear();
-            let result = self.policy.active.pick_victims(now, rest, &mut victims);
+            // Buffered events ride along with the pick: one call, not two.
+            let result = self.policy.active.pick_victims(now, &self.events, rest, &mut victims);
+            self.events.clear();
             let mut invalid = 0u64;
             for &id in &victims {
                 match self.slab.resolve(id) {
@@ -747,10 +710,7 @@ impl Shard {
     /// count) and schedules the next retry of the configured policy with
     /// exponential back-off, or gives up after `max_faults_in_a_row`.
     fn schedule_retry(&mut self, now: u64) {
-        let quiet = self
-            .policy
-            .last_fault_at
-            .is_none_or(|at| now.saturating_sub(at) > self.config.fault_window_ms);
+        let quiet = self.policy.last_fault_at.is_none_or(|at| now.saturating_sub(at) > self.config.fault_window_ms);
         if quiet {
             self.policy.faults_in_a_row = 0;
         }
@@ -758,10 +718,7 @@ impl Shard {
         self.policy.faults_in_a_row += 1;
         let faults = self.policy.faults_in_a_row;
         let retry_at = (faults < self.config.max_faults_in_a_row).then(|| {
-            let backoff = self
-                .config
-                .retry_after_ms
-                .saturating_mul(1 << (faults - 1).min(16));
+            let backoff = self.config.retry_after_ms.saturating_mul(1 << (faults - 1).min(16));
             now.saturating_add(backoff)
         });
         if retry_at.is_none() {
@@ -782,10 +739,7 @@ impl Shard {
             .policy
             .configured
             .create(capacity(&self.config), self.config.seed)
-            .map_err(|err| PolicyFault {
-                kind: FaultKind::Trap,
-                detail: err.to_string(),
-            })
+            .map_err(|err| PolicyFault { kind: FaultKind::Trap, detail: err.to_string() })
             .and_then(|mut fresh| self.replay(now, fresh.as_mut(), &order).map(|()| fresh));
         match result {
             Ok(fresh) => {
@@ -804,21 +758,11 @@ impl Shard {
     }
 
     /// Feeds resident entries `ids` to `policy` as inserts, in batches.
-    fn replay(
-        &self,
-        now: u64,
-        policy: &mut dyn EvictionPolicy,
-        ids: &[EntryId],
-    ) -> Result<(), PolicyFault> {
+    fn replay(&self, now: u64, policy: &mut dyn EvictionPolicy, ids: &[EntryId]) -> Result<(), PolicyFault> {
         let mut batch = Vec::with_capacity(self.config.batch_size);
         for chunk in ids.chunks(self.config.batch_size.max(1)) {
             batch.clear();
-            batch.extend(
-                chunk
-                    .iter()
-                    .filter_map(|&id| self.slab.resolve(id))
-                    .map(|i| Event::Inserted(self.entry(i))),
-            );
+            batch.extend(chunk.iter().filter_map(|&id| self.slab.resolve(id)).map(|i| Event::Inserted(self.entry(i))));
             policy.on_events(now, &batch)?;
         }
         Ok(())
@@ -826,8 +770,179 @@ impl Shard {
 }
 
 fn capacity(config: &ShardConfig) -> Capacity {
-    Capacity {
-        max_entries: config.max_entries,
-        max_bytes: config.max_bytes,
+    Capacity { max_entries: config.max_entries, max_bytes: config.max_bytes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    fn lru_shard(config: ShardConfig) -> Shard {
+        let factory: Arc<dyn PolicyFactory> = Arc::new(NativeFactory::<Lru>::new(Config::default()));
+        Shard::new(config, factory).expect("native lru starts")
+    }
+
+    fn set(shard: &mut Shard, now: u64, key: &str, value: &str, ttl_ms: Option<u64>) -> SetOutcome {
+        let options = SetOptions { ttl_ms, hint: 0 };
+        shard.set(now, key.as_bytes(), Bytes::copy_from_slice(value.as_bytes()), options).expect("set")
+    }
+
+    #[test]
+    fn oversized_writes_are_refused_and_change_nothing() {
+        let config = ShardConfig { max_bytes: 100, max_key_size: 8, max_value_size: 50, ..ShardConfig::default() };
+        let mut shard = lru_shard(config);
+        set(&mut shard, 0, "a", "1", None);
+        let too_long_key = shard.set(0, b"123456789", Bytes::new(), SetOptions::default());
+        assert_eq!(too_long_key, Err(ShardError::KeyTooLarge { size: 9, limit: 8 }));
+        let too_long_value = shard.set(0, b"a", Bytes::from(vec![0; 51]), SetOptions::default());
+        assert_eq!(too_long_value, Err(ShardError::ValueTooLarge { size: 51, limit: 50 }));
+        assert_eq!(shard.get(0, b"a").as_deref(), Some(&b"1"[..]), "the old value survives");
+        assert_eq!((shard.len(), shard.bytes()), (1, 2));
+        let mut tiny = lru_shard(ShardConfig { max_bytes: 10, ..ShardConfig::default() });
+        let err = tiny.set(0, b"k", Bytes::from(vec![0; 10]), SetOptions::default());
+        assert_eq!(err, Err(ShardError::EntryTooLarge { size: 11, limit: 10 }));
+    }
+
+    #[test]
+    fn ttl_expires_lazily_on_read_and_actively_on_tick() {
+        let mut shard = lru_shard(ShardConfig::default());
+        set(&mut shard, 0, "short", "x", Some(10));
+        set(&mut shard, 0, "long", "y", Some(1_000));
+        set(&mut shard, 0, "forever", "z", None);
+        assert!(shard.get(9, b"short").is_some());
+        assert!(shard.get(10, b"short").is_none(), "expired exactly at its deadline");
+        assert_eq!(shard.stats().expired, 1);
+        assert_eq!(shard.tick(999), 0);
+        assert_eq!(shard.tick(1_000), 1, "active expiry removes `long` without a read");
+        assert_eq!((shard.len(), shard.stats().expired), (1, 2));
+        assert_eq!(shard.bytes(), "foreverz".len() as u64);
+        // A rewrite replaces the deadline.
+        set(&mut shard, 1_000, "forever", "z", Some(5));
+        set(&mut shard, 1_001, "forever", "z", None);
+        assert_eq!(shard.tick(2_000), 0);
+        assert!(shard.contains(2_000, b"forever"));
+    }
+
+    #[test]
+    fn active_expiry_is_bounded_per_tick() {
+        let mut shard = lru_shard(ShardConfig { expire_per_tick: 10, ..ShardConfig::default() });
+        for i in 0..25 {
+            set(&mut shard, 0, &format!("k{i}"), "v", Some(1));
+        }
+        assert_eq!(shard.tick(5), 10);
+        assert_eq!(shard.tick(5), 10);
+        assert_eq!(shard.tick(5), 5);
+        assert!(shard.is_empty());
+        assert_eq!(shard.bytes(), 0);
+    }
+
+    #[test]
+    fn updates_keep_byte_accounting_and_evict_when_growing() {
+        let mut shard = lru_shard(ShardConfig { max_bytes: 20, ..ShardConfig::default() });
+        set(&mut shard, 0, "a", "123", None);
+        set(&mut shard, 0, "b", "123", None);
+        assert_eq!(shard.bytes(), 8);
+        assert_eq!(set(&mut shard, 0, "b", "12345678901234567", None), SetOutcome::Updated);
+        assert!(shard.bytes() <= 20);
+        assert!(!shard.contains(0, b"a"), "growing b evicted a");
+        assert_eq!(shard.bytes(), 18);
+        assert!(shard.delete(0, b"b"));
+        assert!(!shard.delete(0, b"b"));
+        assert_eq!((shard.len(), shard.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn stale_ids_never_resolve() {
+        let mut shard = lru_shard(ShardConfig::default());
+        set(&mut shard, 0, "a", "1", None);
+        let old = shard.export_order(0)[0];
+        shard.delete(0, b"a");
+        set(&mut shard, 0, "b", "2", None);
+        let new = shard.export_order(0)[0];
+        assert_eq!(old & 0xffff_ffff, new & 0xffff_ffff, "the slot is reused");
+        assert_ne!(old, new);
+        assert_eq!(shard.key_of(old), None);
+        assert_eq!(shard.key_of(new), Some(&b"b"[..]));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Get(u8),
+        Set(u8, u8),
+        Del(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..24).prop_map(Op::Get),
+            (0u8..24, 0u8..40).prop_map(|(k, len)| Op::Set(k, len)),
+            (0u8..24).prop_map(Op::Del),
+        ]
+    }
+
+    /// A tiny reference LRU: most recent at the back.
+    #[derive(Default)]
+    struct Model {
+        order: VecDeque<(u8, usize)>,
+    }
+
+    impl Model {
+        fn position(&self, key: u8) -> Option<usize> {
+            self.order.iter().position(|&(k, _)| k == key)
+        }
+
+        fn bytes(&self) -> u64 {
+            self.order.iter().map(|&(_, len)| 1 + len as u64).sum()
+        }
+    }
+
+    proptest! {
+        /// With the native LRU, the shard is exactly a byte- and
+        /// entry-bounded LRU cache: same residents, same bytes, same hits.
+        #[test]
+        fn shard_with_lru_matches_a_reference_lru(ops in proptest::collection::vec(op(), 1..300)) {
+            let config = ShardConfig { max_entries: 8, max_bytes: 120, batch_size: 5, ..ShardConfig::default() };
+            let mut shard = lru_shard(config);
+            let mut model = Model::default();
+            for op in ops {
+                match op {
+                    Op::Get(k) => {
+                        let hit = shard.get(0, &[k]).is_some();
+                        let pos = model.position(k);
+                        prop_assert_eq!(hit, pos.is_some());
+                        if let Some(p) = pos {
+                            let e = model.order.remove(p).expect("present");
+                            model.order.push_back(e);
+                        }
+                    }
+                    Op::Set(k, len) => {
+                        shard.set(0, &[k], Bytes::from(vec![k; len as usize]), SetOptions::default()).expect("fits");
+                        if let Some(p) = model.position(k) {
+                            model.order.remove(p);
+                        }
+                        model.order.push_back((k, len as usize));
+                        while model.order.len() > 8 || model.bytes() > 120 {
+                            model.order.pop_front();
+                        }
+                    }
+                    Op::Del(k) => {
+                        let was = shard.delete(0, &[k]);
+                        let pos = model.position(k);
+                        prop_assert_eq!(was, pos.is_some());
+                        if let Some(p) = pos {
+                            model.order.remove(p);
+                        }
+                    }
+                }
+                prop_assert_eq!(shard.len(), model.order.len());
+                prop_assert_eq!(shard.bytes(), model.bytes());
+            }
+            let order: Vec<u8> = shard.export_order(0).iter().map(|&id| shard.key_of(id).expect("live")[0]).collect();
+            let want: Vec<u8> = model.order.iter().map(|&(k, _)| k).collect();
+            prop_assert_eq!(order, want);
+            prop_assert_eq!(shard.stats().policy_faults(), 0);
+        }
     }
 }

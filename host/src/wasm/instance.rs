@@ -14,23 +14,13 @@ pub(crate) struct StoreState {
 }
 
 impl ResourceLimiter for StoreState {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         let ok = desired <= self.max_memory_bytes;
         self.memory_denied |= !ok;
         Ok(ok)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }
@@ -44,10 +34,7 @@ pub(crate) fn classify(store: &Store<StoreState>, err: wasmtime::Error) -> Polic
     } else {
         FaultKind::Trap
     };
-    PolicyFault {
-        kind,
-        detail: format!("{err:#}"),
-    }
+    PolicyFault { kind, detail: format!("{err:#}") }
 }
 
 /// One policy instance in its own store. After any fault the instance is
@@ -63,13 +50,7 @@ pub(crate) struct WasmPolicy {
 
 impl WasmPolicy {
     pub(crate) fn store(engine: &PolicyEngine, max_memory_bytes: usize) -> Store<StoreState> {
-        let mut store = Store::new(
-            engine.engine(),
-            StoreState {
-                max_memory_bytes,
-                memory_denied: false,
-            },
-        );
+        let mut store = Store::new(engine.engine(), StoreState { max_memory_bytes, memory_denied: false });
         store.limiter(|state| state);
         store
     }
@@ -83,39 +64,22 @@ impl WasmPolicy {
         config: &[(String, String)],
     ) -> Result<Self, PolicyError> {
         let mut store = Self::store(engine, limits.memory_cap(capacity));
-        store
-            .set_fuel(limits.fuel_per_call)
-            .map_err(|e| PolicyError::Create(e.to_string()))?;
-        let bindings = pre
-            .instantiate(&mut store)
-            .map_err(|e| PolicyError::Fault(classify(&store, e)))?;
-        let capacity = wt::Capacity {
-            max_entries: capacity.max_entries,
-            max_bytes: capacity.max_bytes,
-        };
+        store.set_fuel(limits.fuel_per_call).map_err(|e| PolicyError::Create(e.to_string()))?;
+        let bindings = pre.instantiate(&mut store).map_err(|e| PolicyError::Fault(classify(&store, e)))?;
+        let capacity = wt::Capacity { max_entries: capacity.max_entries, max_bytes: capacity.max_bytes };
         let handle = bindings
             .cachet_policy_policy()
             .eviction_policy()
             .call_create(&mut store, capacity, seed, config)
             .map_err(|e| PolicyError::Fault(classify(&store, e)))?
             .map_err(PolicyError::Create)?;
-        Ok(Self {
-            store,
-            bindings,
-            handle,
-            limits,
-            batch: Vec::new(),
-        })
+        Ok(Self { store, bindings, handle, limits, batch: Vec::new() })
     }
 
     /// Refuels for a call carrying `items` events or entries.
     fn refuel(&mut self, items: usize) -> Result<(), PolicyFault> {
-        let fuel =
-            self.limits.fuel_per_call + self.limits.fuel_per_item.saturating_mul(items as u64);
-        self.store.set_fuel(fuel).map_err(|e| PolicyFault {
-            kind: FaultKind::Trap,
-            detail: e.to_string(),
-        })
+        let fuel = self.limits.fuel_per_call + self.limits.fuel_per_item.saturating_mul(items as u64);
+        self.store.set_fuel(fuel).map_err(|e| PolicyFault { kind: FaultKind::Trap, detail: e.to_string() })
     }
 
     fn fault(&self, err: wasmtime::Error) -> PolicyFault {
@@ -124,13 +88,7 @@ impl WasmPolicy {
 }
 
 fn wit_entry(e: &Entry) -> wt::Entry {
-    wt::Entry {
-        id: e.id,
-        key_hash: e.key_hash,
-        size: e.size,
-        expires_at: e.expires_at,
-        hint: e.hint,
-    }
+    wt::Entry { id: e.id, key_hash: e.key_hash, size: e.size, expires_at: e.expires_at, hint: e.hint }
 }
 
 fn wit_event(event: &Event) -> wt::Event {
@@ -156,34 +114,29 @@ impl EvictionPolicy for WasmPolicy {
         self.batch.clear();
         self.batch.extend(events.iter().map(wit_event));
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
-        guest
-            .call_on_events(&mut self.store, self.handle, now, &self.batch)
-            .map_err(|e| self.fault(e))
+        guest.call_on_events(&mut self.store, self.handle, now, &self.batch).map_err(|e| self.fault(e))
     }
 
     fn admit(&mut self, now: u64, candidate: &Entry) -> Result<bool, PolicyFault> {
         self.refuel(0)?;
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
-        guest
-            .call_admit(&mut self.store, self.handle, now, wit_entry(candidate))
-            .map_err(|e| self.fault(e))
+        guest.call_admit(&mut self.store, self.handle, now, wit_entry(candidate)).map_err(|e| self.fault(e))
     }
 
     fn pick_victims(
         &mut self,
         now: u64,
+        events: &[Event],
         need: Need,
         out: &mut Vec<EntryId>,
     ) -> Result<(), PolicyFault> {
-        self.refuel(need.entries as usize)?;
-        let need = wt::Need {
-            entries: need.entries,
-            bytes: need.bytes,
-        };
+        self.refuel(events.len() + need.entries as usize)?;
+        self.batch.clear();
+        self.batch.extend(events.iter().map(wit_event));
+        let need = wt::Need { entries: need.entries, bytes: need.bytes };
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
-        let ids = guest
-            .call_pick_victims(&mut self.store, self.handle, now, need)
-            .map_err(|e| self.fault(e))?;
+        let ids =
+            guest.call_pick_victims(&mut self.store, self.handle, now, &self.batch, need).map_err(|e| self.fault(e))?;
         out.extend(ids);
         Ok(())
     }
@@ -191,9 +144,7 @@ impl EvictionPolicy for WasmPolicy {
     fn expired(&mut self, now: u64, out: &mut Vec<EntryId>) -> Result<(), PolicyFault> {
         self.refuel(0)?;
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
-        let ids = guest
-            .call_expired(&mut self.store, self.handle, now)
-            .map_err(|e| self.fault(e))?;
+        let ids = guest.call_expired(&mut self.store, self.handle, now).map_err(|e| self.fault(e))?;
         out.extend(ids);
         Ok(())
     }
@@ -201,18 +152,14 @@ impl EvictionPolicy for WasmPolicy {
     fn next_deadline(&mut self) -> Result<Option<u64>, PolicyFault> {
         self.refuel(0)?;
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
-        guest
-            .call_next_deadline(&mut self.store, self.handle)
-            .map_err(|e| self.fault(e))
+        guest.call_next_deadline(&mut self.store, self.handle).map_err(|e| self.fault(e))
     }
 
     fn export_order(&mut self, out: &mut Vec<EntryId>) -> Result<(), PolicyFault> {
         // Sized by what the shard holds: the export lists every entry.
         self.refuel(out.capacity().max(1024))?;
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
-        let ids = guest
-            .call_export_order(&mut self.store, self.handle)
-            .map_err(|e| self.fault(e))?;
+        let ids = guest.call_export_order(&mut self.store, self.handle).map_err(|e| self.fault(e))?;
         out.extend(ids);
         Ok(())
     }

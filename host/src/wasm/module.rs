@@ -33,19 +33,13 @@ pub struct Limits {
 impl Limits {
     /// The memory cap of an instance serving a shard of `capacity`.
     pub fn memory_cap(&self, capacity: Capacity) -> usize {
-        self.max_memory_bytes
-            .saturating_add(self.memory_per_entry.saturating_mul(capacity.presize()))
+        self.max_memory_bytes.saturating_add(self.memory_per_entry.saturating_mul(capacity.presize()))
     }
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            fuel_per_call: 2_000_000,
-            fuel_per_item: 5_000,
-            max_memory_bytes: 16 << 20,
-            memory_per_entry: 128,
-        }
+        Self { fuel_per_call: 2_000_000, fuel_per_item: 5_000, max_memory_bytes: 16 << 20, memory_per_entry: 128 }
     }
 }
 
@@ -101,14 +95,11 @@ impl WasmPolicyModule {
         config: Vec<(String, String)>,
     ) -> Result<Self, PolicyError> {
         check_is_component(bytes)?;
-        let component = Component::new(engine.engine(), bytes)
-            .map_err(|e| PolicyError::NotAComponent(format!("{e:#}")))?;
+        let component =
+            Component::new(engine.engine(), bytes).map_err(|e| PolicyError::NotAComponent(format!("{e:#}")))?;
         let ty = component.component_type();
         for (name, _) in ty.imports(engine.engine()) {
-            match name
-                .strip_prefix(INTERFACE_PACKAGE)
-                .and_then(|rest| rest.split_once('@'))
-            {
+            match name.strip_prefix(INTERFACE_PACKAGE).and_then(|rest| rest.split_once('@')) {
                 Some(("types", version)) if version.starts_with(SUPPORTED) => {}
                 Some((_, version)) if !version.starts_with(SUPPORTED) => {
                     return Err(PolicyError::WrongInterface(format!(
@@ -116,22 +107,13 @@ impl WasmPolicyModule {
                     )));
                 }
                 _ => {
-                    return Err(PolicyError::ForbiddenImport {
-                        name: name.to_string(),
-                    });
+                    return Err(PolicyError::ForbiddenImport { name: name.to_string() });
                 }
             }
         }
-        let exports: Vec<String> = ty
-            .exports(engine.engine())
-            .map(|(n, _)| n.to_string())
-            .collect();
+        let exports: Vec<String> = ty.exports(engine.engine()).map(|(n, _)| n.to_string()).collect();
         if !exports.iter().any(|n| n == EXPORT) {
-            let found = if exports.is_empty() {
-                "nothing".to_string()
-            } else {
-                exports.join(", ")
-            };
+            let found = if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") };
             return Err(PolicyError::WrongInterface(format!(
                 "the component does not export `{EXPORT}`; it exports {found}"
             )));
@@ -142,9 +124,7 @@ impl WasmPolicyModule {
             .and_then(EvictionPre::new)
             .map_err(|e| PolicyError::WrongInterface(format!("{e:#}")))?;
         let mut probe = WasmPolicy::store(engine, limits.max_memory_bytes);
-        probe
-            .set_fuel(limits.fuel_per_call)
-            .map_err(|e| PolicyError::Create(e.to_string()))?;
+        probe.set_fuel(limits.fuel_per_call).map_err(|e| PolicyError::Create(e.to_string()))?;
         let bindings = pre
             .instantiate(&mut probe)
             .map_err(|e| PolicyError::WrongInterface(format!("cannot instantiate: {e:#}")))?;
@@ -159,22 +139,10 @@ impl WasmPolicyModule {
             wants_miss_events: info.wants_miss_events,
             uses_admission: info.uses_admission,
         };
-        let module = Self {
-            engine: engine.clone(),
-            pre,
-            info,
-            limits,
-            config: Arc::new(config),
-        };
+        let module = Self { engine: engine.clone(), pre, info, limits, config: Arc::new(config) };
         // A throw-away instance proves `create` works with this config now,
         // not at the first shard.
-        module.create(
-            Capacity {
-                max_entries: 16,
-                max_bytes: 1 << 20,
-            },
-            0,
-        )?;
+        module.create(Capacity { max_entries: 16, max_bytes: 1 << 20 }, 0)?;
         Ok(module)
     }
 
@@ -193,19 +161,8 @@ impl PolicyFactory for WasmPolicyModule {
         false
     }
 
-    fn create(
-        &self,
-        capacity: Capacity,
-        seed: u64,
-    ) -> Result<Box<dyn EvictionPolicy>, PolicyError> {
-        let policy = WasmPolicy::new(
-            &self.engine,
-            &self.pre,
-            self.limits,
-            capacity,
-            seed,
-            &self.config,
-        )?;
+    fn create(&self, capacity: Capacity, seed: u64) -> Result<Box<dyn EvictionPolicy>, PolicyError> {
+        let policy = WasmPolicy::new(&self.engine, &self.pre, self.limits, capacity, seed, &self.config)?;
         Ok(Box::new(policy))
     }
 }
@@ -215,9 +172,7 @@ impl PolicyFactory for WasmPolicyModule {
 fn check_is_component(bytes: &[u8]) -> Result<(), PolicyError> {
     const MAGIC: &[u8] = b"\0asm";
     if bytes.len() < 8 || &bytes[..4] != MAGIC {
-        return Err(PolicyError::NotAComponent(
-            "the file is not WebAssembly (bad magic number)".into(),
-        ));
+        return Err(PolicyError::NotAComponent("the file is not WebAssembly (bad magic number)".into()));
     }
     // Core modules have layer 0 in bytes 6..8; components have layer 1.
     if bytes[6..8] == [0, 0] {

@@ -3,8 +3,8 @@
 
 use cachet_policy_sdk::collections::IdList;
 use cachet_policy_sdk::{
-    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause,
-    collect_victims, export_policy,
+    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
+    export_policy,
 };
 
 /// FIFO over one insertion-ordered queue; the front is oldest.
@@ -26,9 +26,7 @@ impl Policy for Fifo {
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
         config.reject_unknown(&[])?;
-        Ok(Self {
-            queue: IdList::with_capacity(capacity.presize()),
-        })
+        Ok(Self { queue: IdList::with_capacity(capacity.presize()) })
     }
 
     fn on_inserted(&mut self, _: u64, entry: &Entry) {

@@ -7,8 +7,8 @@
 
 use cachet_policy_sdk::collections::{IdMap, id_map_for};
 use cachet_policy_sdk::{
-    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause,
-    collect_victims, export_policy,
+    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
+    export_policy,
 };
 use std::collections::BTreeSet;
 
@@ -56,24 +56,13 @@ impl Policy for Lfu {
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
         config.reject_unknown(&[])?;
-        Ok(Self {
-            order: BTreeSet::new(),
-            slots: id_map_for(capacity.presize()),
-            next_seq: 0,
-        })
+        Ok(Self { order: BTreeSet::new(), slots: id_map_for(capacity.presize()), next_seq: 0 })
     }
 
     fn on_inserted(&mut self, _: u64, entry: &Entry) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.slots.insert(
-            entry.id,
-            Slot {
-                count: 1,
-                seq,
-                size: entry.size,
-            },
-        );
+        self.slots.insert(entry.id, Slot { count: 1, seq, size: entry.size });
         self.order.insert((1, seq, entry.id));
     }
 

@@ -3,8 +3,8 @@
 
 use cachet_policy_sdk::collections::IdList;
 use cachet_policy_sdk::{
-    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause,
-    collect_victims, export_policy,
+    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
+    export_policy,
 };
 
 /// LRU over one recency list; the front is least recently used.
@@ -26,9 +26,7 @@ impl Policy for Lru {
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
         config.reject_unknown(&[])?;
-        Ok(Self {
-            recency: IdList::with_capacity(capacity.presize()),
-        })
+        Ok(Self { recency: IdList::with_capacity(capacity.presize()) })
     }
 
     fn on_inserted(&mut self, _: u64, entry: &Entry) {
@@ -79,10 +77,7 @@ mod tests {
 
     #[test]
     fn frees_bytes_until_need_is_met() {
-        let cap = Capacity {
-            max_entries: 100,
-            max_bytes: 10,
-        };
+        let cap = Capacity { max_entries: 100, max_bytes: 10 };
         let mut h = Harness::<Lru>::new(cap).expect("create");
         for key in 1..=5 {
             h.request(key, 2);
@@ -94,9 +89,7 @@ mod tests {
     #[test]
     fn rejects_unknown_config() {
         let config = Config::new(vec![("window".into(), "1".into())]);
-        let err = Harness::<Lru>::with_config(entries(3), 0, &config)
-            .err()
-            .expect("rejected");
+        let err = Harness::<Lru>::with_config(entries(3), 0, &config).err().expect("rejected");
         assert!(err.0.contains("window"), "{err}");
     }
 }

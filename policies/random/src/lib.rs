@@ -3,8 +3,8 @@
 use cachet_policy_sdk::collections::{IdMap, id_map_for};
 use cachet_policy_sdk::rng::SplitMix64;
 use cachet_policy_sdk::{
-    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause,
-    collect_victims, export_policy,
+    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
+    export_policy,
 };
 
 /// Random eviction over a dense vector (swap-remove keeps removal O(1)).
@@ -39,11 +39,7 @@ impl Policy for Random {
     fn create(capacity: Capacity, seed: u64, config: &Config) -> Result<Self, ConfigError> {
         config.reject_unknown(&[])?;
         let n = capacity.presize();
-        Ok(Self {
-            rng: SplitMix64::new(seed),
-            entries: Vec::with_capacity(n),
-            index: id_map_for(n),
-        })
+        Ok(Self { rng: SplitMix64::new(seed), entries: Vec::with_capacity(n), index: id_map_for(n) })
     }
 
     fn on_inserted(&mut self, _: u64, entry: &Entry) {
@@ -86,8 +82,7 @@ mod tests {
     use cachet_policy_sdk::testing::{Harness, entries};
 
     fn survivors(seed: u64) -> Vec<u64> {
-        let mut h =
-            Harness::<Random>::with_config(entries(8), seed, &Config::default()).expect("create");
+        let mut h = Harness::<Random>::with_config(entries(8), seed, &Config::default()).expect("create");
         for key in 0..64 {
             h.request(key, 1);
         }

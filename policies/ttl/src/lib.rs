@@ -3,8 +3,8 @@
 
 use cachet_policy_sdk::collections::{IdMap, id_map_for};
 use cachet_policy_sdk::{
-    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause,
-    collect_victims, export_policy,
+    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
+    export_policy,
 };
 use std::collections::BTreeMap;
 
@@ -36,11 +36,7 @@ impl Policy for Ttl {
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
         config.reject_unknown(&[])?;
-        Ok(Self {
-            order: BTreeMap::new(),
-            keys: id_map_for(capacity.presize()),
-            next_seq: 0,
-        })
+        Ok(Self { order: BTreeMap::new(), keys: id_map_for(capacity.presize()), next_seq: 0 })
     }
 
     fn on_inserted(&mut self, _: u64, entry: &Entry) {

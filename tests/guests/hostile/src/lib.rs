@@ -8,11 +8,15 @@
 //! `bogus-ids` (return ids that were never inserted), `fail-create`
 //! (refuse to start). `after=N` delays the misbehaviour until N events
 //! have been seen.
+//!
+//! Two well-behaved extras exercise optional hooks: `idle-ms=N` expires
+//! entries not touched for N ms through `next-deadline` / `expired`, and
+//! `admit=none` declines every new entry through `admit`.
 
-use cachet_policy_sdk::collections::IdList;
+use cachet_policy_sdk::collections::{IdList, IdMap, id_map};
 use cachet_policy_sdk::{
-    Capacity, Config, ConfigError, Entry, EntryId, Event, Need, Policy, PolicyInfo, RemovalCause,
-    collect_victims, export_policy,
+    Capacity, Config, ConfigError, Entry, EntryId, Event, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
+    export_policy,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -31,6 +35,9 @@ pub struct Hostile {
     seen: u64,
     recency: IdList<u64>,
     hoard: Vec<Vec<u8>>,
+    idle_ms: Option<u64>,
+    touched: IdMap<u64>,
+    admit_none: bool,
 }
 
 impl Hostile {
@@ -46,12 +53,12 @@ impl Policy for Hostile {
             version: "0.0.1".into(),
             wants_access_events: true,
             wants_miss_events: false,
-            uses_admission: false,
+            uses_admission: true,
         }
     }
 
     fn create(_: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
-        config.reject_unknown(&["mode", "after"])?;
+        config.reject_unknown(&["mode", "after", "idle-ms", "admit"])?;
         let mode = match config.get("mode").unwrap_or("lru") {
             "lru" => Mode::Lru,
             "loop" => Mode::Loop,
@@ -62,12 +69,21 @@ impl Policy for Hostile {
             other => return Err(ConfigError(format!("unknown mode `{other}`"))),
         };
         let after = config.parse_or("after", 0u64)?;
+        let idle_ms = config.get("idle-ms").map(|_| config.parse_or("idle-ms", 0u64)).transpose()?;
+        let admit_none = match config.get("admit").unwrap_or("all") {
+            "all" => false,
+            "none" => true,
+            other => return Err(ConfigError(format!("admit: expected all or none, got `{other}`"))),
+        };
         Ok(Self {
             mode,
             after,
             seen: 0,
             recency: IdList::new(),
             hoard: Vec::new(),
+            idle_ms,
+            touched: id_map(),
+            admit_none,
         })
     }
 
@@ -91,16 +107,38 @@ impl Policy for Hostile {
         }
     }
 
-    fn on_inserted(&mut self, _: u64, entry: &Entry) {
+    fn on_inserted(&mut self, now: u64, entry: &Entry) {
         self.recency.push_back(entry.id, entry.size);
+        self.touched.insert(entry.id, now);
     }
 
-    fn on_accessed(&mut self, _: u64, id: EntryId) {
-        self.recency.move_to_back(id);
+    fn on_accessed(&mut self, now: u64, id: EntryId) {
+        if self.recency.move_to_back(id) {
+            self.touched.insert(id, now);
+        }
     }
 
     fn on_removed(&mut self, _: u64, id: EntryId, _: RemovalCause) {
         self.recency.remove(id);
+        self.touched.remove(&id);
+    }
+
+    fn admit(&mut self, _: u64, _: &Entry) -> bool {
+        !self.admit_none
+    }
+
+    fn next_deadline(&self) -> Option<u64> {
+        let idle = self.idle_ms?;
+        let (oldest, _) = self.recency.front()?;
+        self.touched.get(&oldest).map(|&t| t + idle)
+    }
+
+    fn expired(&mut self, now: u64, out: &mut Vec<EntryId>) {
+        while self.next_deadline().is_some_and(|at| at <= now) {
+            let Some((id, _)) = self.recency.pop_front() else { break };
+            self.touched.remove(&id);
+            out.push(id);
+        }
     }
 
     fn pick_victims(&mut self, _: u64, need: Need, out: &mut Vec<EntryId>) {
@@ -119,7 +157,11 @@ impl Policy for Hostile {
                 _ => {}
             }
         }
-        collect_victims(need, out, || self.recency.pop_front());
+        collect_victims(need, out, || {
+            let (id, size) = self.recency.pop_front()?;
+            self.touched.remove(&id);
+            Some((id, size))
+        });
     }
 
     fn export_order(&self, out: &mut Vec<EntryId>) {

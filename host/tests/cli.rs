@@ -1,0 +1,97 @@
+//! The `cachet` command as a user runs it: exit codes, messages, `--json`.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn cachet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cachet")).args(args).output().expect("cachet runs")
+}
+
+fn trace_file(body: &str) -> tempfile_path::TempTrace {
+    tempfile_path::TempTrace::new(body)
+}
+
+/// A trace file under the target directory, removed on drop.
+mod tempfile_path {
+    use super::Write;
+    use std::path::PathBuf;
+
+    pub(super) struct TempTrace(pub(super) PathBuf);
+
+    impl TempTrace {
+        pub(super) fn new(body: &str) -> Self {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!("cachet-cli-{}-{n}.csv", std::process::id()));
+            let mut file = std::fs::File::create(&path).expect("create trace");
+            file.write_all(body.as_bytes()).expect("write trace");
+            Self(path)
+        }
+
+        pub(super) fn path(&self) -> &str {
+            self.0.to_str().expect("utf-8 temp path")
+        }
+    }
+
+    impl Drop for TempTrace {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[test]
+fn sim_prints_a_json_report_as_its_last_line() {
+    let trace = trace_file("timestamp,key,size\n0,1,1\n1,2,1\n2,1,1\n3,3,1\n4,2,1\n");
+    for native in [false, true] {
+        let mut args = vec!["sim", "--trace", trace.path(), "--policy", "lru", "--capacity", "2", "--json"];
+        if native {
+            args.push("--native");
+        }
+        let out = cachet(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value = serde_json::from_str(stdout.lines().last().expect("a line")).expect("json");
+        // 1 2 1(hit) 3(evicts 2) 2(miss): 1 hit, 4 misses.
+        assert_eq!(report["requests"], 5);
+        assert_eq!(report["hits"], 1);
+        assert_eq!(report["misses"], 4);
+        assert_eq!(report["miss_ratio"], 0.8);
+        assert_eq!(report["policy"], "lru");
+        assert_eq!(report["capacity"], 2);
+        assert_eq!(report["policy_faults"], 0);
+        assert_eq!(report["runtime"], if native { "native" } else { "wasm" });
+        assert!(report["requests_per_sec"].as_f64().expect("rate") > 0.0);
+    }
+}
+
+#[test]
+fn an_unknown_policy_lists_the_known_ones() {
+    let trace = trace_file("timestamp,key,size\n0,1,1\n");
+    let out = cachet(&["sim", "--trace", trace.path(), "--policy", "lru2", "--capacity", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown policy `lru2`; known policies: fifo, lfu, lru, random, ttl"), "{stderr}");
+}
+
+#[test]
+fn a_malformed_trace_line_is_named_by_number() {
+    let trace = trace_file("timestamp,key,size\n0,1,1\n1,oops,1\n");
+    let out = cachet(&["sim", "--trace", trace.path(), "--capacity", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 3: key is not an unsigned 64-bit integer"), "{stderr}");
+}
+
+#[test]
+fn a_file_that_is_not_a_component_is_refused() {
+    let trace = trace_file("timestamp,key,size\n0,1,1\n");
+    let bogus = trace_file("not wasm at all");
+    let policy = format!("{}.wasm", bogus.path());
+    std::fs::copy(bogus.path(), &policy).expect("copy");
+    let out = cachet(&["sim", "--trace", trace.path(), "--policy", &policy, "--capacity", "2"]);
+    let _ = std::fs::remove_file(&policy);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a WebAssembly component"), "{stderr}");
+}
