@@ -1,9 +1,412 @@
 //! Cachet client SDK.
 //!
-//! The QUIC client (connection multiplexing, typed errors, ring-aware
-//! routing) arrives with the network node; until then this crate only
-//! re-exports the shared key hash so applications can pre-compute placement.
+//! One QUIC connection (TLS 1.3, ALPN `cachet/1`) carries a few long-lived
+//! bidirectional streams ("lanes"); requests are pipelined on them with ids,
+//! and each lane writes whatever requests are queued in one write. Values
+//! larger than [`ClientConfig::large_value`] travel on a stream of their own
+//! so they never hold up small requests. Every request has a timeout, and a
+//! broken connection is replaced on the next request.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cachet_client::ClientError> {
+//! use cachet_client::{Client, ClientConfig};
+//! let config = ClientConfig::new("127.0.0.1:7070".parse().unwrap()).with_ca_file(".cachet/ca.pem".as_ref())?;
+//! let client = Client::connect(config).await?;
+//! client.set("user:1", "Ada").await?;
+//! assert_eq!(client.get("user:1").await?.as_deref(), Some(&b"Ada"[..]));
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs)]
 
-pub use cachet_proto::key_hash;
+mod lane;
+mod single_flight;
+
+pub use cachet_proto::{Condition, ErrorCode, ErrorReply, NodeStats, TtlState, key_hash};
+pub use single_flight::LoadError;
+
+use bytes::{Bytes, BytesMut};
+use cachet_proto::{Request, Response};
+use lane::Lane;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Why a request failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not reach or handshake with the node.
+    #[error("cannot connect to {addr}: {detail}")]
+    Connect {
+        /// The node.
+        addr: SocketAddr,
+        /// What failed.
+        detail: String,
+    },
+    /// The TLS set-up (CA file) is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// No reply within the timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The connection broke while the request was in flight.
+    #[error("connection lost: {0}")]
+    Connection(String),
+    /// The node answered with an error.
+    #[error("{}: {}", code_name(.0.code), .0.message)]
+    Server(ErrorReply),
+    /// The node answered with something that does not fit the request.
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+}
+
+fn code_name(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::TooLarge => "too large",
+        ErrorCode::WrongType => "wrong type",
+        ErrorCode::UnknownCommand => "unknown command",
+        ErrorCode::BadFrame => "bad frame",
+        ErrorCode::UnsupportedVersion => "unsupported version",
+        ErrorCode::NotOwner => "not owner",
+        ErrorCode::NotAllowed => "not allowed",
+        ErrorCode::Internal => "internal error",
+    }
+}
+
+/// How to reach a node.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The node's address.
+    pub server: SocketAddr,
+    /// Name checked against the node's certificate.
+    pub server_name: String,
+    /// PEM file of the CA that signed the node's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Long-lived streams to pipeline requests on.
+    pub lanes: usize,
+    /// Requests carrying more value bytes than this get a stream of their own.
+    pub large_value: usize,
+}
+
+impl ClientConfig {
+    /// Defaults for `server`: name `localhost`, 5 s timeout, 4 lanes.
+    pub fn new(server: SocketAddr) -> Self {
+        Self {
+            server,
+            server_name: "localhost".into(),
+            ca_file: None,
+            timeout: Duration::from_secs(5),
+            lanes: 4,
+            large_value: 64 << 10,
+        }
+    }
+
+    /// Trusts the CA in `path` (PEM).
+    pub fn with_ca_file(mut self, path: &Path) -> Result<Self, ClientError> {
+        if !path.is_file() {
+            return Err(ClientError::Tls(format!(
+                "CA file {} not found (start `cachet serve` with this data dir, or pass --ca)",
+                path.display()
+            )));
+        }
+        self.ca_file = Some(path.to_path_buf());
+        Ok(self)
+    }
+
+    /// Trusts the development CA a node created in `data_dir`.
+    pub fn with_data_dir(self, data_dir: &Path) -> Result<Self, ClientError> {
+        self.with_ca_file(&data_dir.join("ca.pem"))
+    }
+
+    fn quinn_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+        let tls = |e: &dyn std::fmt::Display| ClientError::Tls(e.to_string());
+        let mut roots = rustls::RootCertStore::empty();
+        let path = self.ca_file.as_ref().ok_or_else(|| ClientError::Tls("no CA configured".into()))?;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| tls(&e))? {
+            roots.add(cert.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls(&e))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        crypto.alpn_protocols = vec![cachet_proto::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| tls(&e))?;
+        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    }
+}
+
+/// Options of one write.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetOptions {
+    /// Time to live.
+    pub ttl: Option<Duration>,
+    /// NX / XX.
+    pub condition: Condition,
+    /// Hint for the node's policy (cost or priority).
+    pub hint: u32,
+}
+
+struct Connection {
+    connection: quinn::Connection,
+    lanes: Vec<Lane>,
+}
+
+/// A client of one node. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    endpoint: quinn::Endpoint,
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    next_id: AtomicU64,
+    next_lane: AtomicUsize,
+    loads: single_flight::SingleFlight,
+}
+
+impl Client {
+    /// Connects to the node in `config`.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if config.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .map_err(|_| ClientError::Protocol("bad bind address".into()))?;
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| ClientError::Connect { addr: config.server, detail: e.to_string() })?;
+        endpoint.set_default_client_config(config.quinn_config()?);
+        let client = Self {
+            inner: Arc::new(Inner {
+                config,
+                endpoint,
+                connection: tokio::sync::Mutex::new(None),
+                next_id: AtomicU64::new(1),
+                next_lane: AtomicUsize::new(0),
+                loads: single_flight::SingleFlight::default(),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// The live connection, reconnecting if the last one broke.
+    async fn connection(&self) -> Result<Arc<Connection>, ClientError> {
+        let mut slot = self.inner.connection.lock().await;
+        if let Some(conn) = slot.as_ref()
+            && conn.connection.close_reason().is_none()
+            && conn.lanes.iter().all(Lane::is_open)
+        {
+            return Ok(conn.clone());
+        }
+        let config = &self.inner.config;
+        let connect = |e: &dyn std::fmt::Display| ClientError::Connect { addr: config.server, detail: e.to_string() };
+        let connecting = self.inner.endpoint.connect(config.server, &config.server_name).map_err(|e| connect(&e))?;
+        let connection = tokio::time::timeout(config.timeout, connecting)
+            .await
+            .map_err(|_| ClientError::Timeout(config.timeout))?
+            .map_err(|e| connect(&e))?;
+        let mut lanes = Vec::with_capacity(config.lanes.max(1));
+        for _ in 0..config.lanes.max(1) {
+            let (send, recv) = connection.open_bi().await.map_err(|e| connect(&e))?;
+            lanes.push(Lane::start(send, recv));
+        }
+        let conn = Arc::new(Connection { connection, lanes });
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Closes the connection cleanly and waits until the node has been told,
+    /// so it stops counting this client at once.
+    pub async fn close(&self) {
+        if let Some(conn) = self.inner.connection.lock().await.take() {
+            conn.connection.close(0u32.into(), b"client closed");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Sends one request and waits for its reply.
+    async fn call(&self, request: Request) -> Result<Response, ClientError> {
+        let timeout = self.inner.config.timeout;
+        let large = payload_len(&request) > self.inner.config.large_value;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = BytesMut::new();
+        cachet_proto::encode(id, &request, &mut frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let conn = self.connection().await?;
+        let reply = if large {
+            tokio::time::timeout(timeout, lane::one_shot(&conn.connection, frame)).await
+        } else {
+            let lane = self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % conn.lanes.len();
+            tokio::time::timeout(timeout, conn.lanes[lane].call(id, frame)).await
+        };
+        match reply.map_err(|_| ClientError::Timeout(timeout))?? {
+            Response::Error(err) => Err(ClientError::Server(err)),
+            reply => Ok(reply),
+        }
+    }
+
+    /// Reads `key`; `None` on a miss.
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, ClientError> {
+        match self.call(Request::Get { key: Bytes::copy_from_slice(key.as_ref()) }).await? {
+            Response::Value(value) => Ok(value),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Stores `value` under `key` with no TTL.
+    pub async fn set(&self, key: impl AsRef<[u8]>, value: impl Into<Bytes>) -> Result<(), ClientError> {
+        self.set_with(key, value, SetOptions::default()).await.map(|_| ())
+    }
+
+    /// Stores `value` under `key`; returns whether the write applied (always
+    /// true without a condition).
+    pub async fn set_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<bool, ClientError> {
+        let request = Request::Set {
+            key: Bytes::copy_from_slice(key.as_ref()),
+            value: value.into(),
+            ttl_ms: options.ttl.map(|t| t.as_millis() as u64),
+            condition: options.condition,
+            hint: options.hint,
+        };
+        match self.call(request).await? {
+            Response::Ok => Ok(true),
+            Response::Applied(applied) => Ok(applied),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Deletes keys; returns how many existed.
+    pub async fn delete<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<u64, ClientError> {
+        self.count(Request::Del { keys: keys.iter().map(|k| Bytes::copy_from_slice(k.as_ref())).collect() }).await
+    }
+
+    /// Counts how many of `keys` exist.
+    pub async fn exists<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<u64, ClientError> {
+        self.count(Request::Exists { keys: keys.iter().map(|k| Bytes::copy_from_slice(k.as_ref())).collect() }).await
+    }
+
+    async fn count(&self, request: Request) -> Result<u64, ClientError> {
+        match self.call(request).await? {
+            Response::Count(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads several keys, in order.
+    pub async fn mget<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Bytes>>, ClientError> {
+        let keys = keys.iter().map(|k| Bytes::copy_from_slice(k.as_ref())).collect();
+        match self.call(Request::MGet { keys }).await? {
+            Response::Values(values) => Ok(values),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Writes several keys; all or none are stored.
+    pub async fn mset(&self, pairs: Vec<(Bytes, Bytes)>) -> Result<(), ClientError> {
+        match self.call(Request::MSet { pairs }).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Adds `delta` to the integer at `key` (0 when absent); returns the result.
+    pub async fn incr(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64, ClientError> {
+        match self.call(Request::Incr { key: Bytes::copy_from_slice(key.as_ref()), delta }).await? {
+            Response::Integer(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Gives `key` a new TTL; false if it does not exist.
+    pub async fn expire(&self, key: impl AsRef<[u8]>, ttl: Duration) -> Result<bool, ClientError> {
+        let request = Request::Expire { key: Bytes::copy_from_slice(key.as_ref()), ttl_ms: ttl.as_millis() as u64 };
+        match self.call(request).await? {
+            Response::Applied(applied) => Ok(applied),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The remaining lifetime of `key`.
+    pub async fn ttl(&self, key: impl AsRef<[u8]>) -> Result<TtlState, ClientError> {
+        match self.call(Request::Ttl { key: Bytes::copy_from_slice(key.as_ref()) }).await? {
+            Response::Ttl(state) => Ok(state),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The node's counters.
+    pub async fn stats(&self) -> Result<NodeStats, ClientError> {
+        match self.call(Request::Stats).await? {
+            Response::Stats(stats) => Ok(stats),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Round trip to the node.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        match self.call(Request::Ping).await? {
+            Response::Pong => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads `key`; on a miss runs `loader` once per key in this process
+    /// (concurrent callers wait for that one load and share its value or
+    /// error), stores the value with `ttl` and returns it.
+    pub async fn get_or_load<F, Fut, E>(
+        &self,
+        key: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+        loader: F,
+    ) -> Result<Bytes, LoadError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        if let Some(value) = self.get(&key).await.map_err(LoadError::from_client)? {
+            return Ok(value);
+        }
+        self.inner
+            .loads
+            .run(key.clone(), async {
+                let value = loader().await.map_err(LoadError::from_loader)?;
+                let options = SetOptions { ttl, ..SetOptions::default() };
+                self.set_with(&key, value.clone(), options).await.map_err(LoadError::from_client)?;
+                Ok(value)
+            })
+            .await
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Best effort: tell the node now rather than at its idle timeout.
+        self.endpoint.close(0u32.into(), b"client dropped");
+    }
+}
+
+fn payload_len(request: &Request) -> usize {
+    match request {
+        Request::Set { value, .. } => value.len(),
+        Request::MSet { pairs } => pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        _ => 0,
+    }
+}
+
+fn unexpected(reply: &Response) -> ClientError {
+    ClientError::Protocol(format!("{reply:?}"))
+}

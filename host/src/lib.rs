@@ -8,11 +8,17 @@
 //! - [`policies`]: bundled policies by name, native twins, modules on disk.
 //! - [`trace`]: streaming reader of request traces.
 //! - [`sim`]: trace replay through the real shard (`cachet sim`).
+//! - [`node`]: a node's shards and the protocol's commands, no network.
+//! - [`server`]: the QUIC shell (thread per core) and TLS.
 
 #![warn(missing_docs)]
 
+pub mod bench;
+pub mod config;
 pub mod core;
+pub mod node;
 pub mod policies;
+pub mod server;
 pub mod sim;
 pub mod trace;
 pub mod wasm;

@@ -1,13 +1,21 @@
 //! The `cachet` command.
 
 use anyhow::{Context, Result, bail};
+use cachet::bench::{self, BenchOptions, BenchReport};
+use cachet::config::{FileConfig, parse_size};
+use cachet::node::{Node, NodeConfig};
 use cachet::policies::{self, PolicySpec};
+use cachet::server::{self, ServeOptions, tls::TlsSource};
 use cachet::sim::{self, SimOptions, SimReport};
 use cachet::wasm::{Limits, PolicyEngine};
+use cachet_client::{Client, ClientConfig, Condition, SetOptions};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "cachet", version, about = "A programmable cache: eviction policies as sandboxed Wasm")]
@@ -22,6 +30,165 @@ enum Command {
     Sim(SimArgs),
     /// List the bundled policies.
     Policies,
+    /// Run a cache node serving `cachet/1` over QUIC.
+    Serve(Box<ServeArgs>),
+    /// Read a key; prints the value, or exits 1 with nothing on stdout on a miss.
+    Get {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Write a key.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Time to live in seconds.
+        #[arg(long)]
+        ttl: Option<f64>,
+        /// Only if the key is absent.
+        #[arg(long, conflicts_with = "xx")]
+        nx: bool,
+        /// Only if the key is present.
+        #[arg(long)]
+        xx: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete keys; prints how many existed.
+    Del {
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the node's counters.
+    Stats {
+        /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Load-test a node.
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(clap::Args, Clone)]
+struct ClientArgs {
+    /// The node's address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    server: SocketAddr,
+    /// Data directory of a local node, whose development CA to trust.
+    #[arg(long, default_value = "./.cachet")]
+    data_dir: PathBuf,
+    /// CA certificate (PEM) to trust instead of the data directory's.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Name to check the node's certificate against.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Per-request timeout in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    timeout_ms: u64,
+}
+
+impl ClientArgs {
+    fn config(&self) -> Result<ClientConfig> {
+        let mut config = ClientConfig::new(self.server);
+        config.server_name = self.server_name.clone();
+        config.timeout = Duration::from_millis(self.timeout_ms);
+        Ok(match &self.ca {
+            Some(ca) => config.with_ca_file(ca)?,
+            None => config.with_data_dir(&self.data_dir)?,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// UDP address to listen on [default: 127.0.0.1:7070].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Where the development CA and certificates live [default: ./.cachet].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Byte budget over all shards, e.g. 256MiB [default: 256MiB].
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Entry bound over all shards [default: 1000000].
+    #[arg(long)]
+    max_entries: Option<u64>,
+    /// Largest value accepted [default: 1MiB].
+    #[arg(long)]
+    max_value_size: Option<String>,
+    /// A bundled policy name or the path of a policy component.
+    #[arg(long)]
+    policy: Option<String>,
+    /// TOML file with these settings (kebab-case keys); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// I/O threads, each with its own runtime and endpoint [default: cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Shards, each with its own policy instance [default: cores].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Connections beyond this many are refused [default: 10000].
+    #[arg(long)]
+    max_connections: Option<u32>,
+    /// Production certificate chain (PEM); with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Production private key (PEM); with --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA that clients should trust (printed for operators; the node serves
+    /// its chain from --tls-cert).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// QUIC connections.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Requests in flight over all connections.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Distinct keys, all preloaded.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Share of GETs (the rest are SETs).
+    #[arg(long, default_value_t = 0.9)]
+    get_ratio: f64,
+    /// Zipf exponent for key popularity (uniform without it).
+    #[arg(long)]
+    zipf: Option<f64>,
+    /// Open-loop rate in requests per second (closed loop without it).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Load threads [default: cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Report this server process's CPU microseconds per request.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -85,7 +252,173 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Serve(args) => run_serve(*args),
+        Command::Get { key, client } => block_on(async move {
+            let client = Client::connect(client.config()?).await?;
+            let value = client.get(&key).await;
+            client.close().await;
+            match value? {
+                Some(value) => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&value)?;
+                    out.write_all(b"\n")?;
+                    Ok(())
+                }
+                None => bail!("(nil): no key `{key}`"),
+            }
+        }),
+        Command::Set { key, value, ttl, nx, xx, client } => block_on(async move {
+            let client = Client::connect(client.config()?).await?;
+            let condition = if nx {
+                Condition::IfAbsent
+            } else if xx {
+                Condition::IfPresent
+            } else {
+                Condition::Always
+            };
+            let ttl = ttl.map(Duration::from_secs_f64);
+            let applied = client.set_with(&key, value, SetOptions { ttl, condition, hint: 0 }).await;
+            client.close().await;
+            if applied? {
+                println!("OK");
+                Ok(())
+            } else {
+                bail!("not stored: the {} condition did not hold", if nx { "--nx" } else { "--xx" })
+            }
+        }),
+        Command::Del { keys, client } => block_on(async move {
+            let client = Client::connect(client.config()?).await?;
+            let deleted = client.delete(&keys).await;
+            client.close().await;
+            println!("{}", deleted?);
+            Ok(())
+        }),
+        Command::Stats { json, client } => block_on(async move {
+            let client = Client::connect(client.config()?).await?;
+            let stats = client.stats().await;
+            client.close().await;
+            let stats = stats?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("policy            {} {}", stats.policy, stats.policy_version);
+                println!("hits / misses     {} / {} (hit ratio {:.4})", stats.hits, stats.misses, stats.hit_ratio);
+                println!("entries / bytes   {} / {} of {}", stats.entries, stats.bytes, stats.max_bytes);
+                println!("evictions         {}", stats.evictions);
+                println!("expired           {} (+{} at policy deadlines)", stats.expired, stats.policy_expired);
+                println!("deletes           {}", stats.deletes);
+                println!("policy faults     {} ({} shards on fallback)", stats.policy_faults, stats.shards_on_fallback);
+                println!("shards            {}", stats.shards);
+                println!("connections       {}", stats.connections);
+                println!("uptime            {} s", stats.uptime_secs);
+            }
+            Ok(())
+        }),
+        Command::Bench(args) => run_bench(*args),
     }
+}
+
+fn block_on<F: Future<Output = Result<()>>>(future: F) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(future)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(usize::from).unwrap_or(1)
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let listen = match (args.listen, &file.listen) {
+        (Some(addr), _) => addr,
+        (None, Some(text)) => text.parse().with_context(|| format!("listen address `{text}`"))?,
+        (None, None) => "127.0.0.1:7070".parse()?,
+    };
+    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./.cachet"));
+    let max_memory = parse_size(args.max_memory.as_deref().or(file.max_memory.as_deref()).unwrap_or("256MiB"))?;
+    let max_value_size =
+        parse_size(args.max_value_size.as_deref().or(file.max_value_size.as_deref()).unwrap_or("1MiB"))?;
+    let max_value_size = usize::try_from(max_value_size).context("--max-value-size")?;
+    let policy_name = args.policy.or(file.policy).unwrap_or_else(|| policies::DEFAULT_POLICY.to_string());
+    let threads = args.threads.or(file.threads).unwrap_or_else(cores).max(1);
+    let node_config = NodeConfig {
+        shards: args.shards.or(file.shards).unwrap_or_else(cores).max(1),
+        max_entries: args.max_entries.or(file.max_entries).unwrap_or(1_000_000),
+        max_bytes: max_memory,
+        max_value_size,
+        ..NodeConfig::default()
+    };
+    let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
+        (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+        (None, None) => TlsSource::DevCa { data_dir: data_dir.clone() },
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    if let Some(ca) = &args.tls_ca {
+        tracing::info!(ca = %ca.display(), "clients should trust this CA");
+    }
+    let engine = PolicyEngine::new()?;
+    let spec = PolicySpec { name_or_path: policy_name, ..PolicySpec::default() };
+    let policy = policies::resolve(&engine, &spec)?;
+    let node = Arc::new(Node::new(node_config, policy)?);
+    let options = ServeOptions {
+        listen,
+        threads,
+        tls,
+        max_connections: args.max_connections.or(file.max_connections).unwrap_or(10_000),
+        max_streams: 64,
+        max_frame: max_value_size + (128 << 10),
+    };
+    let server = server::start(node, options)?;
+    eprintln!("cachet: serving on {} (data dir {})", server.local_addr(), data_dir.display());
+    block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    })?;
+    eprintln!("cachet: shutting down");
+    server.shutdown();
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let options = BenchOptions {
+        client: args.client.config()?,
+        duration: Duration::from_secs_f64(args.duration),
+        connections: args.connections,
+        concurrency: args.concurrency,
+        keys: args.keys,
+        value_size: args.value_size,
+        get_ratio: args.get_ratio,
+        zipf: args.zipf,
+        rate: args.rate,
+        threads: args.threads.unwrap_or_else(cores),
+        server_pid: args.server_pid,
+    };
+    let report: BenchReport = bench::run(&options)?;
+    println!(
+        "mode          {} loop{}",
+        report.mode,
+        report.target_rate.map(|r| format!(" at {r:.0} req/s")).unwrap_or_default()
+    );
+    println!("ops           {} ({:.0} ops/s), {} errors", report.ops, report.ops_per_sec, report.errors);
+    println!(
+        "latency us    p50 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+        report.p50_us, report.p99_us, report.p999_us, report.max_us
+    );
+    println!("hit ratio     {:.4}", report.hit_ratio);
+    if let Some(cpu) = report.server_cpu_us_per_op {
+        println!("server CPU    {cpu:.2} us/op");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
 }
 
 fn parse_config(pairs: &[String]) -> Result<Vec<(String, String)>> {

@@ -1,10 +1,15 @@
-//! Types shared by Cachet nodes and clients, with no I/O.
-//!
-//! Today this is the key hash; the wire protocol and the ring join it with
-//! the network node. Everything that decides *where* a key lives or *how* a
-//! policy sees it hashes keys here, so every process agrees.
+//! Types shared by Cachet nodes and clients, with no I/O: the key hash and
+//! the `cachet/1` wire protocol (requests, replies, frame codec). Everything
+//! that decides *where* a key lives or *how* a policy sees it hashes keys
+//! here, so every process agrees.
 
 #![warn(missing_docs)]
+
+pub mod frame;
+pub mod message;
+
+pub use frame::{Decoded, Envelope, FrameError, decode, encode};
+pub use message::{ALPN, Condition, ErrorCode, ErrorReply, NodeStats, PROTOCOL_VERSION, Request, Response, TtlState};
 
 /// The stable 64-bit hash of a key (XXH3), the same in every process and on
 /// every platform. Policies see it in place of the key bytes.

@@ -45,7 +45,7 @@ fn run_workload(engine: &PolicyEngine, name: &str, native: bool, config: ShardCo
                 let value = Bytes::from(vec![step as u8; rng.below(48) as usize]);
                 let ttl_ms = (rng.below(4) == 0).then(|| 1 + rng.below(50));
                 let hint = rng.below(4) as u32;
-                shard.set(now, &key, value.clone(), SetOptions { ttl_ms, hint }).expect("set");
+                shard.set(now, &key, value.clone(), SetOptions { ttl_ms, hint, keep_ttl: false }).expect("set");
                 model.insert(key, (value, ttl_ms.map(|t| now + t)));
             }
             4..=7 => {

@@ -2,6 +2,7 @@
 
 mod conformance;
 mod differential;
+mod node;
 mod sandbox;
 mod seed;
 mod traces;

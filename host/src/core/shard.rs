@@ -101,6 +101,9 @@ pub struct SetOptions {
     pub ttl_ms: Option<u64>,
     /// Application hint passed to the policy (cost or priority).
     pub hint: u32,
+    /// When replacing an entry, keep its current expiry (`ttl_ms` is
+    /// ignored), as INCR does.
+    pub keep_ttl: bool,
 }
 
 /// What a successful write did.
@@ -389,6 +392,7 @@ impl Shard {
         let expires_at = options.ttl_ms.map(|ttl| now.saturating_add(ttl));
         self.clock += 1;
         if let Some(index) = self.find(hash, key) {
+            let expires_at = if options.keep_ttl { self.slab.get(index).expires_at } else { expires_at };
             self.update(now, index, value, expires_at, options.hint);
             return Ok(SetOutcome::Updated);
         }
@@ -417,6 +421,32 @@ impl Shard {
         self.stats.inserts += 1;
         self.push_event(now, Event::Inserted(Entry { id, ..id_hint }));
         Ok(SetOutcome::Inserted)
+    }
+
+    /// The remaining lifetime of `key` in milliseconds: `None` if absent,
+    /// `Some(None)` if it never expires. Not reported as an access.
+    pub fn ttl(&self, now: u64, key: &[u8]) -> Option<Option<u64>> {
+        let index = self.find(cachet_proto::key_hash(key), key).filter(|&i| !self.is_expired(i, now))?;
+        Some(self.slab.get(index).expires_at.map(|at| at - now))
+    }
+
+    /// Gives `key` a new time to live; false if it is not resident.
+    pub fn expire(&mut self, now: u64, key: &[u8], ttl_ms: u64) -> bool {
+        let hash = cachet_proto::key_hash(key);
+        let Some(index) = self.find(hash, key).filter(|&i| !self.is_expired(i, now)) else {
+            return false;
+        };
+        let id = self.slab.id(index);
+        let slot = self.slab.get_mut(index);
+        if let Some(at) = slot.expires_at {
+            self.ttl.remove(at, id);
+        }
+        let at = now.saturating_add(ttl_ms);
+        slot.expires_at = Some(at);
+        self.ttl.insert(at, id);
+        let entry = self.entry(index);
+        self.push_event(now, Event::Updated(entry));
+        true
     }
 
     /// Removes `key`; true if it was resident and live.
@@ -785,7 +815,7 @@ mod tests {
     }
 
     fn set(shard: &mut Shard, now: u64, key: &str, value: &str, ttl_ms: Option<u64>) -> SetOutcome {
-        let options = SetOptions { ttl_ms, hint: 0 };
+        let options = SetOptions { ttl_ms, ..SetOptions::default() };
         shard.set(now, key.as_bytes(), Bytes::copy_from_slice(value.as_bytes()), options).expect("set")
     }
 

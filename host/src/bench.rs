@@ -1,0 +1,302 @@
+//! `cachet bench`: a load generator for a node, built on the client SDK.
+//!
+//! One OS thread per core, each with a current-thread runtime and its share
+//! of the connections; each connection runs `concurrency / connections`
+//! request loops, pipelined on the connection's streams. Closed loop by
+//! default; with a rate, open loop, where each request has an intended send
+//! time and latency is measured from it, so a stalled server shows up as
+//! latency instead of silently lowering the load (no coordinated omission).
+
+use bytes::Bytes;
+use cachet_client::{Client, ClientConfig, ClientError};
+use cachet_policy_sdk::rng::SplitMix64;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// How to reach the node.
+    pub client: ClientConfig,
+    /// Measured time.
+    pub duration: Duration,
+    /// QUIC connections.
+    pub connections: usize,
+    /// Requests in flight, over all connections.
+    pub concurrency: usize,
+    /// Distinct keys (all preloaded).
+    pub keys: u64,
+    /// Value size in bytes.
+    pub value_size: usize,
+    /// Share of GETs (the rest are SETs).
+    pub get_ratio: f64,
+    /// Zipf exponent for key choice; uniform when `None`.
+    pub zipf: Option<f64>,
+    /// Open-loop target rate, requests per second.
+    pub rate: Option<f64>,
+    /// OS threads driving the load.
+    pub threads: usize,
+    /// Server process whose CPU time to report per request.
+    pub server_pid: Option<u32>,
+}
+
+/// What happened.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Requests completed in the measured time.
+    pub ops: u64,
+    /// ops / seconds.
+    pub ops_per_sec: f64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Latency percentiles in microseconds.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Worst.
+    pub max_us: f64,
+    /// GET hits over GETs.
+    pub hit_ratio: f64,
+    /// Server CPU (user + system) per request, when `--server-pid` is given.
+    pub server_cpu_us_per_op: Option<f64>,
+    /// `closed` or `open`.
+    pub mode: &'static str,
+    /// Target rate in open-loop mode.
+    pub target_rate: Option<f64>,
+}
+
+/// A benchmark that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Connecting or preloading failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Bad options.
+    #[error("{0}")]
+    Options(String),
+}
+
+/// Draws key indices, uniformly or Zipf-distributed (by inverted CDF).
+struct Keys {
+    cdf: Option<Arc<Vec<f64>>>,
+    n: u64,
+}
+
+impl Keys {
+    fn new(n: u64, zipf: Option<f64>) -> Self {
+        let cdf = zipf.map(|s| {
+            let weights: Vec<f64> = (1..=n).map(|rank| 1.0 / (rank as f64).powf(s)).collect();
+            let total: f64 = weights.iter().sum();
+            let mut acc = 0.0;
+            Arc::new(
+                weights
+                    .into_iter()
+                    .map(|w| {
+                        acc += w / total;
+                        acc
+                    })
+                    .collect(),
+            )
+        });
+        Self { cdf, n }
+    }
+
+    fn pick(&self, rng: &mut SplitMix64) -> u64 {
+        match &self.cdf {
+            None => rng.below(self.n),
+            Some(cdf) => {
+                let u = rng.next_u64() as f64 / u64::MAX as f64;
+                (cdf.partition_point(|&c| c < u) as u64).min(self.n - 1)
+            }
+        }
+    }
+}
+
+fn key(i: u64) -> String {
+    format!("key:{i}")
+}
+
+/// CPU time (user + system) of `pid` in microseconds, from /proc.
+pub fn process_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // /proc reports clock ticks of USER_HZ, which Linux fixes at 100.
+    Some((utime + stime) * 10_000)
+}
+
+struct ThreadResult {
+    histogram: Histogram<u64>,
+    ops: u64,
+    errors: u64,
+    gets: u64,
+    hits: u64,
+}
+
+/// Preloads the keys, runs the load and reports.
+pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
+    if options.keys == 0 || options.connections == 0 || options.concurrency < options.connections {
+        return Err(BenchError::Options("need keys > 0 and concurrency >= connections > 0".into()));
+    }
+    let value = Bytes::from(vec![b'x'; options.value_size]);
+    preload(options, value.clone())?;
+    let keys = Arc::new(Keys::new(options.keys, options.zipf));
+    let threads = options.threads.clamp(1, options.connections);
+    let cpu_before = options.server_pid.and_then(process_cpu_us);
+    let start = Instant::now() + Duration::from_millis(200);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (options, keys, value) = (options.clone(), keys.clone(), value.clone());
+            std::thread::spawn(move || run_thread(t, threads, &options, &keys, value, start))
+        })
+        .collect();
+    let mut total = ThreadResult { histogram: new_histogram(), ops: 0, errors: 0, gets: 0, hits: 0 };
+    for handle in handles {
+        let result = handle.join().map_err(|_| BenchError::Options("a load thread panicked".into()))??;
+        total.histogram.add(&result.histogram).map_err(|e| BenchError::Options(e.to_string()))?;
+        total.ops += result.ops;
+        total.errors += result.errors;
+        total.gets += result.gets;
+        total.hits += result.hits;
+    }
+    let cpu_after = options.server_pid.and_then(process_cpu_us);
+    let secs = options.duration.as_secs_f64();
+    let h = &total.histogram;
+    Ok(BenchReport {
+        ops: total.ops,
+        ops_per_sec: total.ops as f64 / secs,
+        errors: total.errors,
+        p50_us: h.value_at_quantile(0.5) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        p999_us: h.value_at_quantile(0.999) as f64,
+        max_us: h.max() as f64,
+        hit_ratio: if total.gets == 0 { 0.0 } else { total.hits as f64 / total.gets as f64 },
+        server_cpu_us_per_op: match (cpu_before, cpu_after) {
+            (Some(a), Some(b)) if total.ops > 0 => Some((b - a) as f64 / total.ops as f64),
+            _ => None,
+        },
+        mode: if options.rate.is_some() { "open" } else { "closed" },
+        target_rate: options.rate,
+    })
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant digits: constant, valid bounds.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Options(format!("cannot start a runtime: {e}")))
+}
+
+fn preload(options: &BenchOptions, value: Bytes) -> Result<(), BenchError> {
+    runtime()?.block_on(async {
+        let client = Client::connect(options.client.clone()).await?;
+        let workers = options.concurrency.clamp(1, 64) as u64;
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let (client, value, n) = (client.clone(), value.clone(), options.keys);
+                tokio::spawn(async move {
+                    let mut i = w;
+                    while i < n {
+                        client.set(key(i), value.clone()).await?;
+                        i += workers;
+                    }
+                    Ok::<_, ClientError>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.map_err(|e| BenchError::Options(e.to_string()))??;
+        }
+        Ok(())
+    })
+}
+
+fn run_thread(
+    thread: usize,
+    threads: usize,
+    options: &BenchOptions,
+    keys: &Arc<Keys>,
+    value: Bytes,
+    start: Instant,
+) -> Result<ThreadResult, BenchError> {
+    let connections = (thread..options.connections).step_by(threads).count();
+    let per_connection = options.concurrency / options.connections;
+    let loops = connections * per_connection;
+    let end = start + options.duration;
+    let interval = options.rate.map(|rate| Duration::from_secs_f64(options.concurrency as f64 / rate));
+    runtime()?.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..connections {
+            clients.push(Client::connect(options.client.clone()).await?);
+        }
+        let mut tasks = Vec::new();
+        for l in 0..loops {
+            let client = clients[l % clients.len()].clone();
+            let (keys, value, get_ratio) = (keys.clone(), value.clone(), options.get_ratio);
+            let seed = (thread as u64) << 32 | l as u64;
+            // Spread open-loop schedules so loops do not fire in lockstep.
+            let offset = interval.map(|i| i.mul_f64(l as f64 / loops.max(1) as f64)).unwrap_or_default();
+            tasks.push(tokio::spawn(async move {
+                let mut rng = SplitMix64::new(seed ^ 0x9E37_79B9);
+                let mut result = ThreadResult { histogram: new_histogram(), ops: 0, errors: 0, gets: 0, hits: 0 };
+                tokio::time::sleep_until((start + offset).into()).await;
+                let mut intended = start + offset;
+                loop {
+                    let sent = match interval {
+                        Some(step) => {
+                            intended += step;
+                            tokio::time::sleep_until(intended.into()).await;
+                            intended
+                        }
+                        None => Instant::now(),
+                    };
+                    if sent >= end {
+                        break;
+                    }
+                    let k = key(keys.pick(&mut rng));
+                    let is_get = (rng.next_u64() as f64 / u64::MAX as f64) < get_ratio;
+                    let outcome = if is_get {
+                        client.get(&k).await.map(|v| v.is_some())
+                    } else {
+                        client.set(&k, value.clone()).await.map(|()| false)
+                    };
+                    let micros = sent.elapsed().as_micros() as u64;
+                    result.histogram.saturating_record(micros.max(1));
+                    match outcome {
+                        Ok(hit) => {
+                            result.ops += 1;
+                            if is_get {
+                                result.gets += 1;
+                                result.hits += u64::from(hit);
+                            }
+                        }
+                        Err(_) => result.errors += 1,
+                    }
+                }
+                result
+            }));
+        }
+        let mut total = ThreadResult { histogram: new_histogram(), ops: 0, errors: 0, gets: 0, hits: 0 };
+        for task in tasks {
+            let r = task.await.map_err(|e| BenchError::Options(e.to_string()))?;
+            total.histogram.add(&r.histogram).map_err(|e| BenchError::Options(e.to_string()))?;
+            total.ops += r.ops;
+            total.errors += r.errors;
+            total.gets += r.gets;
+            total.hits += r.hits;
+        }
+        Ok(total)
+    })
+}

@@ -1,0 +1,360 @@
+//! A node's shards and the commands of the `cachet/1` protocol, with no
+//! network: [`Node::execute`] turns a request into a reply. The QUIC server
+//! (and later the RESP port) are thin shells around it, and tests drive it
+//! directly.
+
+use crate::core::{PolicyError, PolicyFactory, PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError};
+use bytes::Bytes;
+use cachet_proto::{Condition, ErrorCode, ErrorReply, NodeStats, Request, Response, TtlState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// Sizing of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Shards (each with its own policy instance); usually one per core.
+    pub shards: usize,
+    /// Entries across all shards.
+    pub max_entries: u64,
+    /// Bytes across all shards.
+    pub max_bytes: u64,
+    /// Largest value accepted.
+    pub max_value_size: usize,
+    /// Largest key accepted.
+    pub max_key_size: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            shards: 1,
+            max_entries: 1_000_000,
+            max_bytes: 256 << 20,
+            max_value_size: 1 << 20,
+            max_key_size: 64 << 10,
+        }
+    }
+}
+
+/// Where a node reads the time; tests substitute a clock they move by hand
+/// so expiry is tested without sleeping.
+pub trait Clock: Send + Sync {
+    /// Milliseconds since an arbitrary start; never decreases.
+    fn now_ms(&self) -> u64;
+}
+
+/// The real clock: milliseconds since the node started.
+pub struct MonotonicClock(Instant);
+
+impl Clock for MonotonicClock {
+    fn now_ms(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+}
+
+/// A clock that moves only when told.
+#[derive(Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// Moves the clock forward by `ms`.
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The shards of one node, each behind its own lock.
+pub struct Node {
+    shards: Vec<Mutex<Shard>>,
+    config: NodeConfig,
+    policy: Arc<dyn PolicyFactory>,
+    clock: Arc<dyn Clock>,
+    started: Instant,
+    connections: AtomicU64,
+}
+
+impl Node {
+    /// A node whose shards each get an instance from `policy`.
+    pub fn new(config: NodeConfig, policy: Arc<dyn PolicyFactory>) -> Result<Self, PolicyError> {
+        Self::with_clock(config, policy, Arc::new(MonotonicClock(Instant::now())))
+    }
+
+    /// [`Node::new`] reading time from `clock`.
+    pub fn with_clock(
+        config: NodeConfig,
+        policy: Arc<dyn PolicyFactory>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, PolicyError> {
+        let n = config.shards.max(1) as u64;
+        let shards = (0..n)
+            .map(|i| {
+                let shard = ShardConfig {
+                    max_entries: config.max_entries.div_ceil(n),
+                    max_bytes: config.max_bytes / n,
+                    max_value_size: config.max_value_size,
+                    max_key_size: config.max_key_size,
+                    seed: i,
+                    ..ShardConfig::default()
+                };
+                Shard::new(shard, policy.clone()).map(Mutex::new)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { shards, config, policy, clock, started: Instant::now(), connections: AtomicU64::new(0) })
+    }
+
+    /// The node's limits.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The `now` of every shard call, from the node's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Open client connections.
+    pub fn stats_connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client connection for stats; the guard uncounts it.
+    pub fn connection(self: &Arc<Self>) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.clone())
+    }
+
+    fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
+        let i = (cachet_proto::key_hash(key) % self.shards.len() as u64) as usize;
+        lock(&self.shards[i])
+    }
+
+    /// Periodic work on every shard (active expiry, policy deadlines and
+    /// recovery); call every ~100 ms.
+    pub fn tick(&self) {
+        let now = self.now_ms();
+        for shard in &self.shards {
+            lock(shard).tick(now);
+        }
+    }
+
+    /// Runs one request. Never panics on client input; every failure is an
+    /// error reply.
+    pub fn execute(&self, request: Request) -> Response {
+        let now = self.now_ms();
+        match request {
+            Request::Get { key } => Response::Value(self.shard(&key).get(now, &key)),
+            Request::Set { key, value, ttl_ms, condition, hint } => {
+                let mut shard = self.shard(&key);
+                let present = shard.contains(now, &key);
+                let applies = match condition {
+                    Condition::Always => true,
+                    Condition::IfAbsent => !present,
+                    Condition::IfPresent => present,
+                };
+                if !applies {
+                    return Response::Applied(false);
+                }
+                let options = SetOptions { ttl_ms, hint, keep_ttl: false };
+                match shard.set(now, &key, value, options) {
+                    Ok(SetOutcome::NotAdmitted) if condition == Condition::Always => Response::Ok,
+                    Ok(SetOutcome::NotAdmitted) => Response::Applied(false),
+                    Ok(_) if condition == Condition::Always => Response::Ok,
+                    Ok(_) => Response::Applied(true),
+                    Err(err) => shard_error(&err),
+                }
+            }
+            Request::Del { keys } => {
+                Response::Count(keys.iter().filter(|key| self.shard(key).delete(now, key)).count() as u64)
+            }
+            Request::Exists { keys } => {
+                Response::Count(keys.iter().filter(|key| self.shard(key).contains(now, key)).count() as u64)
+            }
+            Request::Ttl { key } => Response::Ttl(match self.shard(&key).ttl(now, &key) {
+                None => TtlState::Missing,
+                Some(None) => TtlState::Persistent,
+                Some(Some(ms)) => TtlState::Remaining(ms),
+            }),
+            Request::Expire { key, ttl_ms } => Response::Applied(self.shard(&key).expire(now, &key, ttl_ms)),
+            Request::MGet { keys } => Response::Values(keys.iter().map(|key| self.shard(key).get(now, key)).collect()),
+            Request::MSet { pairs } => {
+                // Check every pair first so a refused one changes nothing.
+                for (key, value) in &pairs {
+                    if let Some(err) = self.check_sizes(key, value) {
+                        return err;
+                    }
+                }
+                for (key, value) in pairs {
+                    if let Err(err) = self.shard(&key).set(now, &key, value, SetOptions::default()) {
+                        return shard_error(&err);
+                    }
+                }
+                Response::Ok
+            }
+            Request::Incr { key, delta } => self.incr(now, key, delta),
+            Request::Ping => Response::Pong,
+            Request::Stats => Response::Stats(self.stats()),
+        }
+    }
+
+    fn check_sizes(&self, key: &[u8], value: &[u8]) -> Option<Response> {
+        let err = if key.len() > self.config.max_key_size {
+            ShardError::KeyTooLarge { size: key.len(), limit: self.config.max_key_size }
+        } else if value.len() > self.config.max_value_size {
+            ShardError::ValueTooLarge { size: value.len(), limit: self.config.max_value_size }
+        } else {
+            return None;
+        };
+        Some(shard_error(&err))
+    }
+
+    fn incr(&self, now: u64, key: Bytes, delta: i64) -> Response {
+        let mut shard = self.shard(&key);
+        let current = match shard.get(now, &key) {
+            None => 0,
+            Some(value) => match std::str::from_utf8(&value).ok().and_then(|s| s.parse::<i64>().ok()) {
+                Some(n) => n,
+                None => {
+                    return Response::Error(ErrorReply::new(
+                        ErrorCode::WrongType,
+                        "value is not a decimal 64-bit integer",
+                    ));
+                }
+            },
+        };
+        let Some(next) = current.checked_add(delta) else {
+            return Response::Error(ErrorReply::new(ErrorCode::WrongType, "increment would overflow a 64-bit integer"));
+        };
+        let options = SetOptions { keep_ttl: true, ..SetOptions::default() };
+        match shard.set(now, &key, Bytes::from(next.to_string()), options) {
+            Ok(_) => Response::Integer(next),
+            Err(err) => shard_error(&err),
+        }
+    }
+
+    /// Counters summed over the shards.
+    pub fn stats(&self) -> NodeStats {
+        let mut out = NodeStats {
+            policy: self.policy.info().name.clone(),
+            policy_version: self.policy.info().version.clone(),
+            shards: self.shards.len() as u64,
+            max_bytes: self.config.max_bytes,
+            uptime_secs: self.started.elapsed().as_secs(),
+            connections: self.connections.load(Ordering::Relaxed),
+            ..NodeStats::default()
+        };
+        for shard in &self.shards {
+            let shard = lock(shard);
+            let s = shard.stats();
+            out.hits += s.hits;
+            out.misses += s.misses;
+            out.evictions += s.evictions;
+            out.expired += s.expired;
+            out.policy_expired += s.policy_expired;
+            out.deletes += s.deletes;
+            out.policy_faults += s.policy_faults();
+            out.entries += shard.len() as u64;
+            out.bytes += shard.bytes();
+            out.shards_on_fallback += u64::from(matches!(shard.policy_mode(), PolicyMode::Fallback { .. }));
+        }
+        let reads = out.hits + out.misses;
+        out.hit_ratio = if reads == 0 { 0.0 } else { out.hits as f64 / reads as f64 };
+        out
+    }
+}
+
+/// Keeps a connection counted while it lives.
+pub struct ConnectionGuard(Arc<Node>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A poisoned shard lock means a panic while it was held; the shard's own
+/// invariants are restored on every call, so serving on is safe.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn shard_error(err: &ShardError) -> Response {
+    Response::Error(ErrorReply::new(ErrorCode::TooLarge, err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::NativeFactory;
+    use cachet_policy_sdk::Config;
+
+    fn node() -> Node {
+        let policy: Arc<dyn PolicyFactory> = Arc::new(NativeFactory::<cachet_policy_lru::Lru>::new(Config::default()));
+        let config = NodeConfig { shards: 3, max_value_size: 16, ..NodeConfig::default() };
+        Node::new(config, policy).expect("node")
+    }
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn set(key: &str, value: &str, condition: Condition) -> Request {
+        Request::Set { key: b(key), value: b(value), ttl_ms: None, condition, hint: 0 }
+    }
+
+    #[test]
+    fn commands_do_what_they_say() {
+        let node = node();
+        assert_eq!(node.execute(set("a", "1", Condition::Always)), Response::Ok);
+        assert_eq!(node.execute(set("a", "2", Condition::IfAbsent)), Response::Applied(false));
+        assert_eq!(node.execute(set("b", "2", Condition::IfPresent)), Response::Applied(false));
+        assert_eq!(node.execute(set("a", "3", Condition::IfPresent)), Response::Applied(true));
+        assert_eq!(node.execute(Request::Get { key: b("a") }), Response::Value(Some(b("3"))));
+        assert_eq!(node.execute(Request::MSet { pairs: vec![(b("x"), b("1")), (b("y"), b("2"))] }), Response::Ok);
+        assert_eq!(
+            node.execute(Request::MGet { keys: vec![b("x"), b("nope"), b("y")] }),
+            Response::Values(vec![Some(b("1")), None, Some(b("2"))])
+        );
+        assert_eq!(node.execute(Request::Exists { keys: vec![b("x"), b("y"), b("z")] }), Response::Count(2));
+        assert_eq!(node.execute(Request::Del { keys: vec![b("x"), b("z")] }), Response::Count(1));
+        assert_eq!(node.execute(Request::Incr { key: b("n"), delta: 5 }), Response::Integer(5));
+        assert_eq!(node.execute(Request::Incr { key: b("n"), delta: -7 }), Response::Integer(-2));
+        let overflow = node.execute(Request::Incr { key: b("a"), delta: i64::MAX });
+        assert!(
+            matches!(overflow, Response::Error(ErrorReply { code: ErrorCode::WrongType, ref message }) if message.contains("overflow"))
+        );
+        node.execute(set("w", "word", Condition::Always));
+        let not_a_number = node.execute(Request::Incr { key: b("w"), delta: 1 });
+        assert!(matches!(not_a_number, Response::Error(ErrorReply { code: ErrorCode::WrongType, .. })));
+        assert_eq!(node.execute(Request::Get { key: b("w") }), Response::Value(Some(b("word"))));
+        assert_eq!(node.execute(Request::Ttl { key: b("a") }), Response::Ttl(TtlState::Persistent));
+        assert_eq!(node.execute(Request::Ttl { key: b("zz") }), Response::Ttl(TtlState::Missing));
+        assert_eq!(node.execute(Request::Expire { key: b("a"), ttl_ms: 60_000 }), Response::Applied(true));
+        assert!(
+            matches!(node.execute(Request::Ttl { key: b("a") }), Response::Ttl(TtlState::Remaining(ms)) if ms <= 60_000 && ms > 50_000)
+        );
+        assert_eq!(node.execute(Request::Expire { key: b("zz"), ttl_ms: 1 }), Response::Applied(false));
+        assert_eq!(node.execute(Request::Ping), Response::Pong);
+        let Response::Stats(stats) = node.execute(Request::Stats) else { panic!("stats") };
+        assert_eq!((stats.entries, stats.shards, stats.policy.as_str()), (4, 3, "lru"));
+    }
+
+    #[test]
+    fn oversized_values_are_refused_and_change_nothing() {
+        let node = node();
+        node.execute(set("k", "small", Condition::Always));
+        let reply = node.execute(set("k", "this value is far too long", Condition::Always));
+        assert!(matches!(reply, Response::Error(ErrorReply { code: ErrorCode::TooLarge, .. })), "{reply:?}");
+        let reply =
+            node.execute(Request::MSet { pairs: vec![(b("m"), b("ok")), (b("k"), b("this one is too long!"))] });
+        assert!(matches!(reply, Response::Error(ErrorReply { code: ErrorCode::TooLarge, .. })));
+        assert_eq!(node.execute(Request::Get { key: b("k") }), Response::Value(Some(b("small"))));
+        assert_eq!(node.execute(Request::Get { key: b("m") }), Response::Value(None), "mset is all or nothing");
+    }
+}

@@ -1,0 +1,228 @@
+//! Requests and replies of the `cachet/1` protocol.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Protocol version carried by every frame; a node answers other versions
+/// with [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN identifier of the client protocol.
+pub const ALPN: &[u8] = b"cachet/1";
+
+/// When a `Set` applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Condition {
+    /// Always (plain SET).
+    #[default]
+    Always,
+    /// Only if the key is absent (NX).
+    IfAbsent,
+    /// Only if the key is present (XX).
+    IfPresent,
+}
+
+/// One client request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Read one key.
+    Get {
+        /// The key.
+        key: Bytes,
+    },
+    /// Write one key.
+    Set {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+        /// Time to live in milliseconds.
+        ttl_ms: Option<u64>,
+        /// NX / XX.
+        condition: Condition,
+        /// Application hint for the policy (cost or priority).
+        hint: u32,
+    },
+    /// Delete keys; replies with how many existed.
+    Del {
+        /// The keys.
+        keys: Vec<Bytes>,
+    },
+    /// Count how many of the keys exist.
+    Exists {
+        /// The keys.
+        keys: Vec<Bytes>,
+    },
+    /// Remaining time to live of a key.
+    Ttl {
+        /// The key.
+        key: Bytes,
+    },
+    /// Set a key's time to live; replies whether the key existed.
+    Expire {
+        /// The key.
+        key: Bytes,
+        /// New time to live in milliseconds.
+        ttl_ms: u64,
+    },
+    /// Read several keys.
+    MGet {
+        /// The keys.
+        keys: Vec<Bytes>,
+    },
+    /// Write several keys (no TTL).
+    MSet {
+        /// Key/value pairs.
+        pairs: Vec<(Bytes, Bytes)>,
+    },
+    /// Add `delta` to a decimal integer value (0 when absent).
+    Incr {
+        /// The key.
+        key: Bytes,
+        /// Amount to add (negative for DECR).
+        delta: i64,
+    },
+    /// Liveness check.
+    Ping,
+    /// Node statistics.
+    Stats,
+}
+
+impl Request {
+    /// The command's name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Get { .. } => "get",
+            Self::Set { .. } => "set",
+            Self::Del { .. } => "del",
+            Self::Exists { .. } => "exists",
+            Self::Ttl { .. } => "ttl",
+            Self::Expire { .. } => "expire",
+            Self::MGet { .. } => "mget",
+            Self::MSet { .. } => "mset",
+            Self::Incr { .. } => "incr",
+            Self::Ping => "ping",
+            Self::Stats => "stats",
+        }
+    }
+
+    /// Whether the request changes state (never accepted in 0-RTT data).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Self::Set { .. } | Self::Del { .. } | Self::Expire { .. } | Self::MSet { .. } | Self::Incr { .. }
+        )
+    }
+}
+
+/// Remaining lifetime of a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TtlState {
+    /// No such key.
+    Missing,
+    /// The key never expires.
+    Persistent,
+    /// Milliseconds left.
+    Remaining(u64),
+}
+
+/// A node's counters, summed over its shards.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// Reads that hit.
+    pub hits: u64,
+    /// Reads that missed.
+    pub misses: u64,
+    /// hits / (hits + misses).
+    pub hit_ratio: f64,
+    /// Entries evicted by the policy.
+    pub evictions: u64,
+    /// Entries removed because their TTL passed.
+    pub expired: u64,
+    /// Entries removed at policy deadlines.
+    pub policy_expired: u64,
+    /// Entries deleted by clients.
+    pub deletes: u64,
+    /// Resident entries.
+    pub entries: u64,
+    /// Resident bytes.
+    pub bytes: u64,
+    /// Byte budget.
+    pub max_bytes: u64,
+    /// Configured policy name.
+    pub policy: String,
+    /// Its version.
+    pub policy_version: String,
+    /// Policy faults of every kind.
+    pub policy_faults: u64,
+    /// Shards currently on the native fallback.
+    pub shards_on_fallback: u64,
+    /// Shards on the node.
+    pub shards: u64,
+    /// Seconds since the node started.
+    pub uptime_secs: u64,
+    /// Open client connections.
+    pub connections: u64,
+}
+
+/// What a reply can be.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// A value, or none (a miss).
+    Value(Option<Bytes>),
+    /// Values in request order.
+    Values(Vec<Option<Bytes>>),
+    /// Whether a conditional write or an EXPIRE applied.
+    Applied(bool),
+    /// A count (DEL, EXISTS).
+    Count(u64),
+    /// A key's remaining lifetime.
+    Ttl(TtlState),
+    /// The new value of INCR.
+    Integer(i64),
+    /// Done.
+    Ok,
+    /// Reply to PING.
+    Pong,
+    /// Node statistics.
+    Stats(NodeStats),
+    /// The request failed.
+    Error(ErrorReply),
+}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// A key, value or frame over its limit.
+    TooLarge,
+    /// INCR on a value that is not a decimal integer.
+    WrongType,
+    /// A command this node does not know.
+    UnknownCommand,
+    /// A frame that does not decode.
+    BadFrame,
+    /// A protocol version this node does not speak.
+    UnsupportedVersion,
+    /// This node does not own the key (cluster).
+    NotOwner,
+    /// A write sent in 0-RTT data.
+    NotAllowed,
+    /// The node failed; the message says how.
+    Internal,
+}
+
+/// A typed error with a message for humans.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What was wrong and what to do.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// A reply of `code` saying `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}

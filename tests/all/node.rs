@@ -1,0 +1,341 @@
+//! A real node on loopback, over real QUIC: every command through the SDK,
+//! and the bad inputs a node must survive. Time-based behaviour uses a
+//! manual clock, not sleeps.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use cachet::node::{Clock, ManualClock, Node, NodeConfig};
+use cachet::policies::{self, PolicySpec};
+use cachet::server::{self, RunningServer, ServeOptions, tls::TlsSource};
+use cachet::wasm::PolicyEngine;
+use cachet_client::{Client, ClientConfig, ClientError, Condition, ErrorCode, SetOptions, TtlState};
+use cachet_proto::{Decoded, Request, Response};
+use cachet_tests::{TempDir, raw_endpoint};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+struct TestNode {
+    server: Option<RunningServer>,
+    clock: Arc<ManualClock>,
+    dir: TempDir,
+}
+
+impl TestNode {
+    fn start() -> Self {
+        Self::start_with(NodeConfig { shards: 2, max_value_size: 4096, ..NodeConfig::default() }, 4)
+    }
+
+    fn start_with(config: NodeConfig, max_streams: u32) -> Self {
+        let dir = TempDir::new("node");
+        let engine = PolicyEngine::new().expect("engine");
+        let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
+            .expect("policy");
+        let clock = Arc::new(ManualClock::default());
+        let node = Arc::new(Node::with_clock(config.clone(), policy, clock.clone() as Arc<dyn Clock>).expect("node"));
+        let options = ServeOptions {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            threads: 2,
+            tls: TlsSource::DevCa { data_dir: dir.0.clone() },
+            max_connections: 100,
+            max_streams,
+            max_frame: config.max_value_size + 1024,
+        };
+        let server = server::start(node, options).expect("server starts");
+        Self { server: Some(server), clock, dir }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.server.as_ref().expect("running").local_addr()
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new(self.addr()).with_data_dir(&self.dir.0).expect("ca");
+        config.timeout = Duration::from_secs(10);
+        config
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.client_config()).await.expect("connects")
+    }
+
+    fn raw(&self, alpn: &[u8]) -> quinn::Endpoint {
+        raw_endpoint(&self.dir.0.join("ca.pem"), alpn)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_command_works_through_the_sdk() {
+    let node = TestNode::start();
+    let client = node.client().await;
+    client.ping().await.expect("ping");
+    assert_eq!(client.get("missing").await.expect("get"), None);
+    client.set("user:1", "Ada").await.expect("set");
+    assert_eq!(client.get("user:1").await.expect("get"), Some(Bytes::from_static(b"Ada")));
+    let nx = SetOptions { condition: Condition::IfAbsent, ..SetOptions::default() };
+    assert!(!client.set_with("user:1", "Bob", nx).await.expect("nx"));
+    let xx = SetOptions { condition: Condition::IfPresent, ..SetOptions::default() };
+    assert!(!client.set_with("user:2", "Bob", xx).await.expect("xx"));
+    assert!(client.set_with("user:1", "Ada L.", xx).await.expect("xx"));
+    client
+        .mset(vec![
+            (Bytes::from_static(b"a"), Bytes::from_static(b"1")),
+            (Bytes::from_static(b"b"), Bytes::from_static(b"2")),
+        ])
+        .await
+        .expect("mset");
+    assert_eq!(
+        client.mget(&["a", "nope", "b"]).await.expect("mget"),
+        vec![Some(Bytes::from_static(b"1")), None, Some(Bytes::from_static(b"2"))]
+    );
+    assert_eq!(client.exists(&["a", "b", "c"]).await.expect("exists"), 2);
+    assert_eq!(client.incr("counter", 10).await.expect("incr"), 10);
+    assert_eq!(client.incr("counter", -3).await.expect("decr"), 7);
+    let err = client.incr("user:1", 1).await.expect_err("not a number");
+    assert!(matches!(err, ClientError::Server(ref e) if e.code == ErrorCode::WrongType), "{err}");
+    assert_eq!(client.delete(&["a", "zzz"]).await.expect("del"), 1);
+    assert_eq!(client.ttl("b").await.expect("ttl"), TtlState::Persistent);
+    assert_eq!(client.ttl("a").await.expect("ttl"), TtlState::Missing);
+    let stats = client.stats().await.expect("stats");
+    assert_eq!(stats.entries, 3, "user:1, b, counter");
+    assert!(stats.hits >= 3 && stats.misses >= 2, "{stats:?}");
+    assert_eq!(stats.policy, "lru");
+    assert!(stats.connections >= 1);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn ttls_expire_on_the_node_clock() {
+    let node = TestNode::start();
+    let client = node.client().await;
+    let ttl = SetOptions { ttl: Some(Duration::from_secs(10)), ..SetOptions::default() };
+    client.set_with("session", "s", ttl).await.expect("set");
+    client.set("forever", "f").await.expect("set");
+    assert!(client.expire("forever", Duration::from_secs(20)).await.expect("expire"));
+    assert!(!client.expire("nothing", Duration::from_secs(1)).await.expect("expire"));
+    assert_eq!(client.ttl("session").await.expect("ttl"), TtlState::Remaining(10_000));
+    node.clock.advance(9_999);
+    assert_eq!(client.ttl("session").await.expect("ttl"), TtlState::Remaining(1));
+    assert!(client.get("session").await.expect("get").is_some());
+    node.clock.advance(1);
+    assert_eq!(client.get("session").await.expect("get"), None, "expired at its deadline");
+    assert_eq!(client.ttl("forever").await.expect("ttl"), TtlState::Remaining(10_000));
+    node.clock.advance(10_000);
+    assert_eq!(client.exists(&["forever"]).await.expect("exists"), 0);
+    let stats = client.stats().await.expect("stats");
+    assert!(stats.expired >= 1, "{stats:?}");
+}
+
+#[tokio::test]
+async fn many_concurrent_requests_share_one_connection() {
+    let node = TestNode::start();
+    let client = node.client().await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let key = format!("k{i}");
+                client.set(&key, format!("v{i}")).await.expect("set");
+                client.get(&key).await.expect("get")
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        assert_eq!(task.await.expect("task"), Some(Bytes::from(format!("v{i}"))));
+    }
+    assert_eq!(client.stats().await.expect("stats").connections, 1);
+}
+
+#[tokio::test]
+async fn get_or_load_runs_one_load_for_many_concurrent_misses() {
+    let node = TestNode::start();
+    let client = node.client().await;
+    let loads = Arc::new(AtomicU32::new(0));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (client, loads) = (client.clone(), loads.clone());
+            tokio::spawn(async move {
+                client
+                    .get_or_load("profile:7", None, || async move {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok::<_, std::io::Error>(Bytes::from_static(b"loaded"))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.expect("task").expect("load"), Bytes::from_static(b"loaded"));
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(client.get("profile:7").await.expect("get"), Some(Bytes::from_static(b"loaded")), "stored");
+}
+
+#[tokio::test]
+async fn values_over_the_limit_are_refused_and_change_nothing() {
+    let node = TestNode::start();
+    let client = node.client().await;
+    client.set("k", "small").await.expect("set");
+    let err = client.set("k", vec![7u8; 4097]).await.expect_err("too large");
+    assert!(matches!(err, ClientError::Server(ref e) if e.code == ErrorCode::TooLarge), "{err}");
+    assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from_static(b"small")));
+    // A large value within the limit travels on a stream of its own.
+    client.set("big", vec![1u8; 4096]).await.expect("large set");
+    assert_eq!(client.get("big").await.expect("get").map(|v| v.len()), Some(4096));
+}
+
+/// Opens a stream on a raw `cachet/1` connection and returns its replies
+/// to whatever `wire` holds, read until the node closes the stream.
+async fn exchange(node: &TestNode, wire: &[u8], finish: bool) -> (Vec<(u64, Response)>, quinn::Connection) {
+    let endpoint = node.raw(cachet_proto::ALPN);
+    let conn = endpoint.connect(node.addr(), "localhost").expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    send.write_all(wire).await.expect("write");
+    if finish {
+        send.finish().expect("finish");
+    }
+    let mut buf = BytesMut::new();
+    let mut replies = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout_at(deadline, recv.read(&mut chunk)).await;
+        match read {
+            Ok(Ok(Some(n))) => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+        while let Ok(Decoded::Frame(env)) = cachet_proto::decode::<Response>(&mut buf, 1 << 20) {
+            replies.push((env.id, env.body));
+        }
+        if !finish && !replies.is_empty() {
+            break;
+        }
+    }
+    (replies, conn)
+}
+
+fn code(reply: &Response) -> Option<ErrorCode> {
+    match reply {
+        Response::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn garbage_and_unknown_commands_get_typed_errors_and_the_stream_goes_on() {
+    let node = TestNode::start();
+    let mut wire = BytesMut::new();
+    wire.put_u32(5);
+    wire.put_slice(b"\xc1\xc1\xc1\xc1\xc1");
+    #[derive(serde::Serialize)]
+    enum Future {
+        Teleport { to: u32 },
+    }
+    cachet_proto::encode(41, &Future::Teleport { to: 3 }, &mut wire).expect("encode");
+    cachet_proto::encode(42, &Request::Ping, &mut wire).expect("encode");
+    let (replies, _conn) = exchange(&node, &wire, true).await;
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert_eq!(code(&replies[0].1), Some(ErrorCode::BadFrame));
+    assert_eq!((replies[1].0, code(&replies[1].1)), (41, Some(ErrorCode::UnknownCommand)));
+    assert_eq!(replies[2], (42, Response::Pong));
+}
+
+#[tokio::test]
+async fn a_huge_declared_length_closes_only_that_stream() {
+    let node = TestNode::start();
+    let mut wire = BytesMut::new();
+    wire.put_u32(u32::MAX);
+    wire.put_slice(b"never sent");
+    let (replies, conn) = exchange(&node, &wire, false).await;
+    assert_eq!(replies.len(), 1);
+    assert_eq!(code(&replies[0].1), Some(ErrorCode::TooLarge));
+    // The connection and the node carry on.
+    let (mut send, mut recv) = conn.open_bi().await.expect("new stream");
+    let mut ping = BytesMut::new();
+    cachet_proto::encode(1, &Request::Ping, &mut ping).expect("encode");
+    send.write_all(&ping).await.expect("write");
+    send.finish().expect("finish");
+    let reply = recv.read_to_end(1024).await.expect("reply");
+    let mut reply = BytesMut::from(&reply[..]);
+    assert!(
+        matches!(cachet_proto::decode::<Response>(&mut reply, 1024), Ok(Decoded::Frame(e)) if e.body == Response::Pong)
+    );
+    node.client().await.ping().await.expect("others unaffected");
+}
+
+#[tokio::test]
+async fn a_truncated_frame_is_dropped_without_harm() {
+    let node = TestNode::start();
+    let client = node.client().await;
+    client.set("k", "v").await.expect("set");
+    let mut frame = BytesMut::new();
+    cachet_proto::encode(7, &Request::Del { keys: vec![Bytes::from_static(b"k")] }, &mut frame).expect("encode");
+    let half = frame.len() / 2;
+    let (replies, _conn) = exchange(&node, &frame[..half], true).await;
+    assert!(replies.is_empty(), "no reply to half a frame: {replies:?}");
+    assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from_static(b"v")), "nothing changed");
+}
+
+#[tokio::test]
+async fn wrong_alpn_and_untrusted_clients_are_refused() {
+    let node = TestNode::start();
+    let wrong = node.raw(b"http/1.1");
+    let result = wrong.connect(node.addr(), "localhost").expect("connect").await;
+    assert!(result.is_err(), "a wrong-ALPN handshake must fail");
+    // A client trusting another CA refuses the node's certificate.
+    let other = TempDir::new("other-ca");
+    server::tls::ensure_dev_ca(&other.0).expect("other ca");
+    let config = ClientConfig::new(node.addr()).with_data_dir(&other.0).expect("ca");
+    let err = Client::connect(config).await.err().expect("untrusted");
+    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+    node.client().await.ping().await.expect("node still serves");
+}
+
+#[tokio::test]
+async fn a_client_hoarding_streams_and_never_reading_does_not_hurt_others() {
+    let node = TestNode::start();
+    let endpoint = node.raw(cachet_proto::ALPN);
+    let conn = endpoint.connect(node.addr(), "localhost").expect("connect").await.expect("handshake");
+    let mut request = BytesMut::new();
+    for id in 0..2_000u64 {
+        cachet_proto::encode(id, &Request::Get { key: Bytes::from(vec![b'x'; 200]) }, &mut request).expect("encode");
+    }
+    let mut opened = 0;
+    let mut held = Vec::new();
+    // The node allows 4 concurrent streams per connection; more must wait.
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(200), conn.open_bi()).await {
+            Ok(Ok((mut send, recv))) => {
+                // Writes until flow control stops us; never reads replies.
+                let _ = tokio::time::timeout(Duration::from_millis(300), send.write_all(&request)).await;
+                held.push((send, recv));
+                opened += 1;
+            }
+            _ => break,
+        }
+    }
+    assert!(opened <= 4, "stream limit not enforced: {opened} open");
+    let client = node.client().await;
+    for i in 0..50 {
+        client.set(format!("k{i}"), "v").await.expect("others are served");
+    }
+    assert_eq!(client.get("k49").await.expect("get"), Some(Bytes::from_static(b"v")));
+}
+
+#[tokio::test]
+async fn shutdown_is_graceful() {
+    let mut node = TestNode::start();
+    let client = node.client().await;
+    client.set("k", "v").await.expect("set");
+    let server = node.server.take().expect("running");
+    tokio::task::spawn_blocking(move || server.shutdown()).await.expect("shutdown returns");
+    assert!(client.get("k").await.is_err(), "the node is gone");
+}
