@@ -223,6 +223,68 @@ fn preload(options: &BenchOptions, value: Bytes) -> Result<(), BenchError> {
     })
 }
 
+/// Waits until `at` with better than the timer wheel's 1 ms resolution:
+/// sleeps to within a millisecond, then yields until the instant passes.
+/// Without this, every open-loop request would start up to 1 ms late and
+/// that delay would be reported as server latency.
+async fn pace_until(at: Instant) {
+    let coarse = at.checked_sub(Duration::from_millis(1)).unwrap_or(at);
+    if coarse > Instant::now() {
+        tokio::time::sleep_until(coarse.into()).await;
+    }
+    while Instant::now() < at {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// One request of the mix; returns whether it was a GET and, if it
+/// succeeded, whether it hit.
+async fn one_request(
+    client: &Client,
+    keys: &Keys,
+    rng: &mut SplitMix64,
+    value: &Bytes,
+    get_ratio: f64,
+) -> (bool, Result<bool, ClientError>) {
+    let k = key(keys.pick(rng));
+    let is_get = (rng.next_u64() as f64 / u64::MAX as f64) < get_ratio;
+    let outcome = if is_get {
+        client.get(&k).await.map(|v| v.is_some())
+    } else {
+        client.set(&k, value.clone()).await.map(|()| false)
+    };
+    (is_get, outcome)
+}
+
+impl ThreadResult {
+    fn new() -> Self {
+        Self { histogram: new_histogram(), ops: 0, errors: 0, gets: 0, hits: 0 }
+    }
+
+    fn record(&mut self, since: Instant, is_get: bool, outcome: Result<bool, ClientError>) {
+        self.histogram.saturating_record((since.elapsed().as_micros() as u64).max(1));
+        match outcome {
+            Ok(hit) => {
+                self.ops += 1;
+                if is_get {
+                    self.gets += 1;
+                    self.hits += u64::from(hit);
+                }
+            }
+            Err(_) => self.errors += 1,
+        }
+    }
+
+    fn merge(&mut self, other: &Self) -> Result<(), BenchError> {
+        self.histogram.add(&other.histogram).map_err(|e| BenchError::Options(e.to_string()))?;
+        self.ops += other.ops;
+        self.errors += other.errors;
+        self.gets += other.gets;
+        self.hits += other.hits;
+        Ok(())
+    }
+}
+
 fn run_thread(
     thread: usize,
     threads: usize,
@@ -232,71 +294,98 @@ fn run_thread(
     start: Instant,
 ) -> Result<ThreadResult, BenchError> {
     let connections = (thread..options.connections).step_by(threads).count();
-    let per_connection = options.concurrency / options.connections;
-    let loops = connections * per_connection;
-    let end = start + options.duration;
-    let interval = options.rate.map(|rate| Duration::from_secs_f64(options.concurrency as f64 / rate));
     runtime()?.block_on(async {
         let mut clients = Vec::new();
         for _ in 0..connections {
             clients.push(Client::connect(options.client.clone()).await?);
         }
-        let mut tasks = Vec::new();
-        for l in 0..loops {
-            let client = clients[l % clients.len()].clone();
-            let (keys, value, get_ratio) = (keys.clone(), value.clone(), options.get_ratio);
-            let seed = (thread as u64) << 32 | l as u64;
-            // Spread open-loop schedules so loops do not fire in lockstep.
-            let offset = interval.map(|i| i.mul_f64(l as f64 / loops.max(1) as f64)).unwrap_or_default();
-            tasks.push(tokio::spawn(async move {
-                let mut rng = SplitMix64::new(seed ^ 0x9E37_79B9);
-                let mut result = ThreadResult { histogram: new_histogram(), ops: 0, errors: 0, gets: 0, hits: 0 };
-                tokio::time::sleep_until((start + offset).into()).await;
-                let mut intended = start + offset;
-                loop {
-                    let sent = match interval {
-                        Some(step) => {
-                            intended += step;
-                            tokio::time::sleep_until(intended.into()).await;
-                            intended
-                        }
-                        None => Instant::now(),
-                    };
-                    if sent >= end {
-                        break;
-                    }
-                    let k = key(keys.pick(&mut rng));
-                    let is_get = (rng.next_u64() as f64 / u64::MAX as f64) < get_ratio;
-                    let outcome = if is_get {
-                        client.get(&k).await.map(|v| v.is_some())
-                    } else {
-                        client.set(&k, value.clone()).await.map(|()| false)
-                    };
-                    let micros = sent.elapsed().as_micros() as u64;
-                    result.histogram.saturating_record(micros.max(1));
-                    match outcome {
-                        Ok(hit) => {
-                            result.ops += 1;
-                            if is_get {
-                                result.gets += 1;
-                                result.hits += u64::from(hit);
-                            }
-                        }
-                        Err(_) => result.errors += 1,
-                    }
-                }
-                result
-            }));
+        match options.rate {
+            None => closed_loop(thread, options, &clients, keys, value, start).await,
+            Some(rate) => open_loop(thread, threads, options, rate, &clients, keys, value, start).await,
         }
-        let mut total = ThreadResult { histogram: new_histogram(), ops: 0, errors: 0, gets: 0, hits: 0 };
-        for task in tasks {
-            let r = task.await.map_err(|e| BenchError::Options(e.to_string()))?;
-            total.histogram.add(&r.histogram).map_err(|e| BenchError::Options(e.to_string()))?;
-            total.ops += r.ops;
-            total.errors += r.errors;
-            total.gets += r.gets;
-            total.hits += r.hits;
-        }
-        Ok(total)
     })
+}
+
+/// `concurrency / connections` loops per connection, each sending its next
+/// request as soon as the last one is answered.
+async fn closed_loop(
+    thread: usize,
+    options: &BenchOptions,
+    clients: &[Client],
+    keys: &Arc<Keys>,
+    value: Bytes,
+    start: Instant,
+) -> Result<ThreadResult, BenchError> {
+    let end = start + options.duration;
+    let loops = clients.len() * (options.concurrency / options.connections);
+    let mut tasks = Vec::new();
+    for l in 0..loops {
+        let client = clients[l % clients.len()].clone();
+        let (keys, value, get_ratio) = (keys.clone(), value.clone(), options.get_ratio);
+        let seed = ((thread as u64) << 32 | l as u64) ^ 0x9E37_79B9;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = SplitMix64::new(seed);
+            let mut result = ThreadResult::new();
+            tokio::time::sleep_until(start.into()).await;
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let (is_get, outcome) = one_request(&client, &keys, &mut rng, &value, get_ratio).await;
+                result.record(sent, is_get, outcome);
+            }
+            result
+        }));
+    }
+    let mut total = ThreadResult::new();
+    for task in tasks {
+        total.merge(&task.await.map_err(|e| BenchError::Options(e.to_string()))?)?;
+    }
+    Ok(total)
+}
+
+/// One pacer per thread starts each request at its intended time, whether
+/// or not earlier ones are answered; latency counts from the intended time.
+#[allow(clippy::too_many_arguments)]
+async fn open_loop(
+    thread: usize,
+    threads: usize,
+    options: &BenchOptions,
+    rate: f64,
+    clients: &[Client],
+    keys: &Arc<Keys>,
+    value: Bytes,
+    start: Instant,
+) -> Result<ThreadResult, BenchError> {
+    let end = start + options.duration;
+    let interval = Duration::from_secs_f64(threads as f64 / rate);
+    // Threads interleave their schedules instead of firing together.
+    let mut intended = start + interval.mul_f64(thread as f64 / threads as f64);
+    let result = Arc::new(std::sync::Mutex::new(ThreadResult::new()));
+    let mut rng = SplitMix64::new((thread as u64) ^ 0x0123_4567_89AB_CDEF);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut n = 0usize;
+    while intended < end {
+        pace_until(intended).await;
+        let client = clients[n % clients.len()].clone();
+        let (keys, value, result, get_ratio) = (keys.clone(), value.clone(), result.clone(), options.get_ratio);
+        let mut task_rng = SplitMix64::new(rng.next_u64());
+        let sent = intended;
+        in_flight.spawn(async move {
+            let (is_get, outcome) = one_request(&client, &keys, &mut task_rng, &value, get_ratio).await;
+            if let Ok(mut r) = result.lock() {
+                r.record(sent, is_get, outcome);
+            }
+        });
+        while in_flight.try_join_next().is_some() {}
+        n += 1;
+        intended += interval;
+    }
+    while in_flight.join_next().await.is_some() {}
+    let mut total = ThreadResult::new();
+    if let Ok(r) = result.lock() {
+        total.merge(&r)?;
+    }
+    Ok(total)
 }

@@ -95,3 +95,102 @@ fn a_file_that_is_not_a_component_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a WebAssembly component"), "{stderr}");
 }
+
+/// A `cachet serve` process on a free loopback port with its own data dir,
+/// stopped with SIGTERM on drop.
+struct ServeProcess {
+    child: std::process::Child,
+    addr: String,
+    data_dir: std::path::PathBuf,
+}
+
+impl ServeProcess {
+    fn start() -> Self {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
+        let addr = format!("127.0.0.1:{port}");
+        let data_dir = std::env::temp_dir().join(format!("cachet-cli-node-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let child = Command::new(env!("CARGO_BIN_EXE_cachet"))
+            .args([
+                "serve",
+                "--listen",
+                &addr,
+                "--data-dir",
+                data_dir.to_str().expect("utf-8"),
+                "--max-value-size",
+                "1KiB",
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("serve starts");
+        let node = Self { child, addr, data_dir };
+        // Bounded wait for the node to answer.
+        for _ in 0..100 {
+            if node.cli(&["stats"]).status.success() {
+                return node;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("cachet serve did not come up on {}", node.addr);
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        let mut all = args.to_vec();
+        all.extend(["--server", &self.addr, "--data-dir", self.data_dir.to_str().expect("utf-8")]);
+        cachet(&all)
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().expect("serve exits")
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+#[test]
+fn serve_then_get_set_del_stats_from_another_process() {
+    let mut node = ServeProcess::start();
+    let out = node.cli(&["set", "user:1", "Ada", "--ttl", "60"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = node.cli(&["get", "user:1"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"Ada\n");
+    let out = node.cli(&["set", "user:1", "Bob", "--nx"]);
+    assert_eq!(out.status.code(), Some(1), "NX on an existing key does not store");
+    let out = node.cli(&["get", "missing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "a miss prints nothing on stdout");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1, "one-line message");
+    let out = node.cli(&["set", "big", &"x".repeat(2000)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exceeds the limit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node.cli(&["del", "user:1", "nope"]);
+    assert_eq!(out.stdout, b"1\n");
+    let out = node.cli(&["stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json stats");
+    assert_eq!(stats["entries"], 0);
+    assert_eq!(stats["deletes"], 1);
+    assert_eq!(stats["hits"], 1);
+    assert!(stats["misses"].as_u64().expect("misses") >= 1);
+    assert_eq!(stats["policy"], "lru");
+    let status = node.stop();
+    assert!(status.success(), "SIGTERM shuts down cleanly: {status:?}");
+}
+
+#[test]
+fn client_verbs_without_a_node_fail_with_one_line() {
+    let out = cachet(&["get", "k", "--server", "127.0.0.1:9", "--ca", "/nonexistent/ca.pem"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CA file /nonexistent/ca.pem not found"));
+}

@@ -181,6 +181,100 @@ fn demo() -> Result<()> {
     build_policies()?;
     run_cargo(&["build", "--locked", "-p", "cachet"])?;
     let cachet = target_dir().join("debug").join("cachet");
+    node_demo(&cachet)?;
+    policy_table(&cachet)
+}
+
+/// A node on loopback, a Zipf workload through the client SDK (`cachet
+/// bench`), its counters, and a clean SIGTERM shutdown.
+fn node_demo(cachet: &Path) -> Result<()> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = format!("127.0.0.1:{port}");
+    let data_dir = target_dir().join("demo-node");
+    let data = data_dir.to_str().context("non-UTF-8 target dir")?;
+    println!("\n== A node on {addr}: 5,000-entry LRU (Wasm), Zipf(1.0) over 20,000 keys, 90% GET ==\n");
+    let mut node = Command::new(cachet)
+        .args(["serve", "--listen", &addr, "--data-dir", data, "--max-entries", "5000"])
+        .spawn()
+        .context("cannot start cachet serve")?;
+    let client = |args: &[&str]| Command::new(cachet).args(args).args(["--server", &addr, "--data-dir", data]).output();
+    let mut up = false;
+    for _ in 0..100 {
+        if client(&["stats"]).map(|o| o.status.success()).unwrap_or(false) {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let result = (|| -> Result<()> {
+        if !up {
+            bail!("the node did not answer within 10 s");
+        }
+        let pid = node.id().to_string();
+        let bench = client(&[
+            "bench",
+            "--duration",
+            "5",
+            "--connections",
+            "4",
+            "--concurrency",
+            "64",
+            "--keys",
+            "20000",
+            "--zipf",
+            "1.0",
+            "--get-ratio",
+            "0.9",
+            "--value-size",
+            "100",
+            "--server-pid",
+            &pid,
+            "--json",
+        ])?;
+        if !bench.status.success() {
+            bail!("cachet bench failed: {}", String::from_utf8_lossy(&bench.stderr));
+        }
+        let stdout = String::from_utf8_lossy(&bench.stdout);
+        let report: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or_default()).context("bench --json")?;
+        let stats = client(&["stats", "--json"])?;
+        let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).context("stats --json")?;
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "throughput      {:.0} ops/s ({} ops, {} errors; debug build)",
+            f(&report, "ops_per_sec"),
+            report["ops"],
+            report["errors"]
+        );
+        println!(
+            "latency         p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us",
+            f(&report, "p50_us"),
+            f(&report, "p99_us"),
+            f(&report, "p999_us")
+        );
+        println!("hit ratio       {:.4} (GETs during the run)", f(&report, "hit_ratio"));
+        println!("server CPU      {:.1} us per request", f(&report, "server_cpu_us_per_op"));
+        println!(
+            "evictions       {} (entries {}, policy {} {}, faults {})",
+            stats["evictions"],
+            stats["entries"],
+            stats["policy"].as_str().unwrap_or("?"),
+            stats["policy_version"].as_str().unwrap_or("?"),
+            stats["policy_faults"]
+        );
+        Ok(())
+    })();
+    let _ = Command::new("kill").args(["-TERM", &node.id().to_string()]).status();
+    let status = node.wait()?;
+    println!(
+        "node stopped    {}",
+        if status.success() { "cleanly (SIGTERM)".to_string() } else { format!("{status}") }
+    );
+    result
+}
+
+/// Every bundled policy on a shared trace at 10% of its distinct keys.
+fn policy_table(cachet: &Path) -> Result<()> {
     let mut traces: Vec<(String, PathBuf, u64)> = Vec::new();
     match traces_dir() {
         Some(dir) => {
@@ -210,7 +304,7 @@ fn demo() -> Result<()> {
         print!("| {label:<16} | {capacity:>8} |");
         let mut lru_rate = 0.0;
         for name in &names {
-            let report = sim_json(&cachet, path, &capacity.to_string(), name, &[])?;
+            let report = sim_json(cachet, path, &capacity.to_string(), name, &[])?;
             let ratio = report["miss_ratio"].as_f64().unwrap_or(f64::NAN);
             if name == "lru" {
                 lru_rate = report["requests_per_sec"].as_f64().unwrap_or(0.0);
