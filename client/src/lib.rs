@@ -92,6 +92,8 @@ pub struct ClientConfig {
     pub lanes: usize,
     /// Requests carrying more value bytes than this get a stream of their own.
     pub large_value: usize,
+    /// Client certificate and key (PEM) for nodes that require mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl ClientConfig {
@@ -104,7 +106,15 @@ impl ClientConfig {
             timeout: Duration::from_secs(5),
             lanes: 4,
             large_value: 64 << 10,
+            identity: None,
         }
+    }
+
+    /// Presents the certificate in `cert` (with its key in `key`) to nodes
+    /// that require client certificates.
+    pub fn with_identity(mut self, cert: &Path, key: &Path) -> Self {
+        self.identity = Some((cert.to_path_buf(), key.to_path_buf()));
+        self
     }
 
     /// Trusts the CA in `path` (PEM).
@@ -132,11 +142,21 @@ impl ClientConfig {
             roots.add(cert.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls(&e))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut crypto = match &self.identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .map_err(|e| tls(&e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| tls(&e))?;
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| tls(&e))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| tls(&e))?
+            }
+        };
         crypto.alpn_protocols = vec![cachet_proto::ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| tls(&e))?;
         Ok(quinn::ClientConfig::new(Arc::new(crypto)))

@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`.
     pub tls_key: Option<PathBuf>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used.

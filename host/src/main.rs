@@ -94,6 +94,12 @@ struct ClientArgs {
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     timeout_ms: u64,
+    /// Client certificate (PEM) for nodes started with --tls-ca.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM); with --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -101,6 +107,9 @@ impl ClientArgs {
         let mut config = ClientConfig::new(self.server);
         config.server_name = self.server_name.clone();
         config.timeout = Duration::from_millis(self.timeout_ms);
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config = config.with_identity(cert, key);
+        }
         Ok(match &self.ca {
             Some(ca) => config.with_ca_file(ca)?,
             None => config.with_data_dir(&self.data_dir)?,
@@ -146,9 +155,9 @@ struct ServeArgs {
     /// Production private key (PEM); with --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// CA that clients should trust (printed for operators; the node serves
-    /// its chain from --tls-cert).
-    #[arg(long)]
+    /// Require client certificates signed by this CA (mutual TLS); with
+    /// --tls-cert and --tls-key.
+    #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
 }
 
@@ -352,13 +361,10 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         ..NodeConfig::default()
     };
     let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
-        (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+        (Some(cert), Some(key)) => TlsSource::Files { cert, key, client_ca: args.tls_ca.or(file.tls_ca) },
         (None, None) => TlsSource::DevCa { data_dir: data_dir.clone() },
         _ => bail!("--tls-cert and --tls-key go together"),
     };
-    if let Some(ca) = &args.tls_ca {
-        tracing::info!(ca = %ca.display(), "clients should trust this CA");
-    }
     let engine = PolicyEngine::new()?;
     let spec = PolicySpec { name_or_path: policy_name, ..PolicySpec::default() };
     let policy = policies::resolve(&engine, &spec)?;

@@ -27,16 +27,28 @@ impl TestNode {
 
     fn start_with(config: NodeConfig, max_streams: u32) -> Self {
         let dir = TempDir::new("node");
+        let tls = TlsSource::DevCa { data_dir: dir.0.clone() };
+        Self::start_at("127.0.0.1:0".parse().expect("addr"), dir, tls, config, max_streams, 100)
+    }
+
+    fn start_at(
+        listen: std::net::SocketAddr,
+        dir: TempDir,
+        tls: TlsSource,
+        config: NodeConfig,
+        max_streams: u32,
+        max_connections: u32,
+    ) -> Self {
         let engine = PolicyEngine::new().expect("engine");
         let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
             .expect("policy");
         let clock = Arc::new(ManualClock::default());
         let node = Arc::new(Node::with_clock(config.clone(), policy, clock.clone() as Arc<dyn Clock>).expect("node"));
         let options = ServeOptions {
-            listen: "127.0.0.1:0".parse().expect("addr"),
+            listen,
             threads: 2,
-            tls: TlsSource::DevCa { data_dir: dir.0.clone() },
-            max_connections: 100,
+            tls,
+            max_connections,
             max_streams,
             max_frame: config.max_value_size + 1024,
         };
@@ -338,4 +350,94 @@ async fn shutdown_is_graceful() {
     let server = node.server.take().expect("running");
     tokio::task::spawn_blocking(move || server.shutdown()).await.expect("shutdown returns");
     assert!(client.get("k").await.is_err(), "the node is gone");
+}
+
+#[tokio::test]
+async fn keys_over_the_limit_are_refused() {
+    let node = TestNode::start_with(NodeConfig { max_key_size: 16, ..NodeConfig::default() }, 4);
+    let client = node.client().await;
+    let err = client.set("k".repeat(17), "v").await.expect_err("key too long");
+    assert!(
+        matches!(err, ClientError::Server(ref e) if e.code == ErrorCode::TooLarge && e.message.contains("key")),
+        "{err}"
+    );
+    assert_eq!(client.stats().await.expect("stats").entries, 0);
+}
+
+#[tokio::test]
+async fn the_client_reconnects_after_the_node_restarts() {
+    let mut node = TestNode::start();
+    let addr = node.addr();
+    let client = node.client().await;
+    client.set("k", "v").await.expect("set");
+    let server = node.server.take().expect("running");
+    tokio::task::spawn_blocking(move || server.shutdown()).await.expect("stopped");
+    assert!(client.ping().await.is_err(), "no node");
+    // Same address and data dir (so the same CA): a fresh, empty node.
+    let dir = std::mem::replace(&mut node.dir, TempDir::new("unused"));
+    let tls = TlsSource::DevCa { data_dir: dir.0.clone() };
+    let restarted = TestNode::start_at(addr, dir, tls, NodeConfig::default(), 4, 100);
+    client.ping().await.expect("reconnected");
+    assert_eq!(client.get("k").await.expect("get"), None, "the new node starts empty");
+    drop(restarted);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_refused() {
+    let dir = TempDir::new("cap");
+    let tls = TlsSource::DevCa { data_dir: dir.0.clone() };
+    let node = TestNode::start_at("127.0.0.1:0".parse().expect("addr"), dir, tls, NodeConfig::default(), 4, 2);
+    let a = node.client().await;
+    let b = node.client().await;
+    a.ping().await.expect("first");
+    b.ping().await.expect("second");
+    let mut config = node.client_config();
+    config.timeout = Duration::from_secs(2);
+    let err = Client::connect(config).await.err().expect("third is refused");
+    assert!(matches!(err, ClientError::Connect { .. } | ClientError::Timeout(_)), "{err}");
+    a.ping().await.expect("existing connections keep working");
+}
+
+#[tokio::test]
+async fn production_certificates_from_files_work() {
+    // An operator's CA and node certificate, made elsewhere.
+    let certs = TempDir::new("prod-certs");
+    server::tls::ensure_dev_ca(&certs.0).expect("certs");
+    let tls = TlsSource::Files { cert: certs.0.join("node.pem"), key: certs.0.join("node-key.pem"), client_ca: None };
+    let dir = TempDir::new("prod");
+    let node = TestNode::start_at("127.0.0.1:0".parse().expect("addr"), dir, tls, NodeConfig::default(), 4, 100);
+    assert!(!node.dir.0.join("ca.pem").exists(), "no development CA is created");
+    let config = ClientConfig::new(node.addr()).with_ca_file(&certs.0.join("ca.pem")).expect("ca");
+    let client = Client::connect(config).await.expect("trusts the operator's CA");
+    client.set("k", "v").await.expect("set");
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
+    let certs = TempDir::new("mtls-certs");
+    server::tls::ensure_dev_ca(&certs.0).expect("certs");
+    let tls = TlsSource::Files {
+        cert: certs.0.join("node.pem"),
+        key: certs.0.join("node-key.pem"),
+        client_ca: Some(certs.0.join("ca.pem")),
+    };
+    let node = TestNode::start_at(
+        "127.0.0.1:0".parse().expect("addr"),
+        TempDir::new("mtls"),
+        tls,
+        NodeConfig::default(),
+        4,
+        100,
+    );
+    let base = ClientConfig::new(node.addr()).with_ca_file(&certs.0.join("ca.pem")).expect("ca");
+    // Without a certificate the handshake (or the first request) fails.
+    let anonymous = match Client::connect(base.clone()).await {
+        Ok(client) => client.ping().await.is_err(),
+        Err(_) => true,
+    };
+    assert!(anonymous, "a client without a certificate must be refused");
+    let (cert, key) = server::tls::issue_client_cert(&certs.0, "app-1").expect("client cert");
+    let client = Client::connect(base.with_identity(&cert, &key)).await.expect("admitted");
+    client.set("k", "v").await.expect("set");
+    assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from_static(b"v")));
 }

@@ -57,6 +57,9 @@ pub enum TlsSource {
         cert: PathBuf,
         /// Private key.
         key: PathBuf,
+        /// When set, clients must present a certificate signed by this CA
+        /// (mutual TLS).
+        client_ca: Option<PathBuf>,
     },
 }
 
@@ -73,9 +76,7 @@ pub fn ensure_dev_ca(data_dir: &Path) -> Result<(), TlsError> {
     }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(generate)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "Cachet development CA");
+    let ca_params = dev_ca_params()?;
     let ca_key = KeyPair::generate().map_err(generate)?;
     let ca_cert = ca_params.self_signed(&ca_key).map_err(generate)?;
     let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
@@ -97,6 +98,35 @@ pub fn ensure_dev_ca(data_dir: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
+/// The development CA's parameters. Rebuilt, not parsed, when the CA signs
+/// again: the issuer name and the key are all a signature refers to.
+fn dev_ca_params() -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, "Cachet development CA");
+    Ok(params)
+}
+
+/// Issues a client certificate for `name`, signed by the development CA in
+/// `data_dir`, and writes `client-NAME.pem` and `client-NAME-key.pem` there.
+/// For trying mutual TLS locally; production client certificates come from
+/// the operator's own CA.
+pub fn issue_client_cert(data_dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let ca_key_path = data_dir.join(CA_KEY);
+    let ca_key = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+    let issuer = Issuer::new(dev_ca_params()?, KeyPair::from_pem(&ca_key).map_err(generate)?);
+    let mut params = CertificateParams::new(vec![name.to_string()]).map_err(generate)?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().map_err(generate)?;
+    let cert = params.signed_by(&key, &issuer).map_err(generate)?;
+    let cert_path = data_dir.join(format!("client-{name}.pem"));
+    let key_path = data_dir.join(format!("client-{name}-key.pem"));
+    std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
+    std::fs::write(&key_path, key.serialize_pem()).map_err(io(&key_path))?;
+    Ok((cert_path, key_path))
+}
+
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -115,22 +145,34 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The quinn server configuration for `source`, speaking `alpn`.
 pub fn server_config(source: &TlsSource, alpn: &[u8]) -> Result<quinn::ServerConfig, TlsError> {
-    let (cert, key) = match source {
+    let (cert, key, client_ca) = match source {
         TlsSource::DevCa { data_dir } => {
             ensure_dev_ca(data_dir)?;
-            (data_dir.join(NODE_CERT), data_dir.join(NODE_KEY))
+            (data_dir.join(NODE_CERT), data_dir.join(NODE_KEY), None)
         }
-        TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
+        TlsSource::Files { cert, key, client_ca } => (cert.clone(), key.clone(), client_ca.clone()),
     };
     let certs = load_certs(&cert)?;
     let key =
         PrivateKeyDer::from_pem_file(&key).map_err(|e| TlsError::Pem { path: key.clone(), detail: e.to_string() })?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    let config = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(|e| config(&e))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in load_certs(&path)? {
+                roots.add(cert).map_err(|e| config(&e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| config(&e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder.with_single_cert(certs, key).map_err(|e| config(&e))?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     // No early data: a replayed 0-RTT write could apply twice.
     tls.max_early_data_size = 0;
