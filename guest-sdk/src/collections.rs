@@ -227,6 +227,13 @@ impl<T: Copy> IdList<T> {
         Some((id, value))
     }
 
+    /// The id after `id` (one step toward the back), if any.
+    pub fn next_after(&self, id: EntryId) -> Option<EntryId> {
+        let &i = self.index.get(&id)?;
+        let next = self.nodes[i as usize].next;
+        (next != NIL).then(|| self.nodes[next as usize].id)
+    }
+
     /// Ids from front (oldest) to back (newest).
     pub fn iter(&self) -> impl Iterator<Item = (EntryId, T)> + '_ {
         let mut at = self.head;
@@ -290,9 +297,249 @@ mod tests {
     }
 }
 
+/// A map from 64-bit keys (key hashes) to small values, for state that
+/// outlives entries (ghost lists, frequency tables). Open addressing with
+/// linear probing and backward-shift deletion: no tombstones, so it never
+/// rehashes in place, and it grows only past the size it was made for.
+#[derive(Clone, Debug)]
+pub struct KeyMap<V: Copy> {
+    slots: Vec<Option<(u64, V)>>,
+    len: usize,
+}
+
+impl<V: Copy> KeyMap<V> {
+    /// A map with room for `n` keys at under 50% load.
+    pub fn with_capacity(n: usize) -> Self {
+        let size = (n.max(4) * 2).next_power_of_two();
+        Self { slots: vec![None; size], len: 0 }
+    }
+
+    /// Number of keys held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn home(&self, key: u64) -> usize {
+        let mixed = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mixed >> 32) as usize & (self.slots.len() - 1)
+    }
+
+    fn position(&self, key: u64) -> Option<usize> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i] {
+                None => return None,
+                Some((k, _)) if k == key => return Some(i),
+                Some(_) => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: u64) -> Option<V> {
+        self.position(key).and_then(|i| self.slots[i].map(|(_, v)| v))
+    }
+
+    /// Whether `key` is held.
+    pub fn contains(&self, key: u64) -> bool {
+        self.position(key).is_some()
+    }
+
+    /// Sets `key` to `value`, returning the old value.
+    pub fn insert(&mut self, key: u64, value: V) -> Option<V> {
+        if let Some(i) = self.position(key) {
+            return self.slots[i].replace((key, value)).map(|(_, v)| v);
+        }
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        while self.slots[i].is_some() {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = Some((key, value));
+        self.len += 1;
+        None
+    }
+
+    /// Removes `key`, returning its value.
+    pub fn remove(&mut self, key: u64) -> Option<V> {
+        let mut hole = self.position(key)?;
+        let removed = self.slots[hole].take().map(|(_, v)| v);
+        self.len -= 1;
+        // Shift later members of the probe run back into the hole.
+        let mask = self.slots.len() - 1;
+        let mut i = (hole + 1) & mask;
+        while let Some((k, _)) = self.slots[i] {
+            let home = self.home(k);
+            // Move k if its home is not in the cyclic range (hole, i].
+            let in_range = if hole <= i { hole < home && home <= i } else { hole < home || home <= i };
+            if !in_range {
+                self.slots[hole] = self.slots[i].take();
+                hole = i;
+            }
+            i = (i + 1) & mask;
+        }
+        removed
+    }
+
+    fn grow(&mut self) {
+        let old = std::mem::take(&mut self.slots);
+        self.slots = vec![None; old.len() * 2];
+        self.len = 0;
+        for (k, v) in old.into_iter().flatten() {
+            self.insert(k, v);
+        }
+    }
+}
+
+/// A bounded FIFO of key hashes with weights: the ghost list of S3-FIFO,
+/// 2Q and ARC. Remembers keys recently evicted; the oldest are forgotten
+/// once the total weight passes the limit.
+#[derive(Clone, Debug)]
+pub struct Ghost {
+    /// `(key, sequence)` in insertion order; entries whose sequence no longer
+    /// matches `members` were removed and are skipped.
+    queue: std::collections::VecDeque<(u64, u64)>,
+    /// Live keys: their sequence and weight.
+    members: KeyMap<(u64, u64)>,
+    weight: u64,
+    limit: u64,
+    next_seq: u64,
+}
+
+impl Ghost {
+    /// A ghost holding up to `limit` weight, sized for about `n` keys.
+    pub fn new(limit: u64, n: usize) -> Self {
+        Self {
+            queue: std::collections::VecDeque::with_capacity(n),
+            members: KeyMap::with_capacity(n),
+            weight: 0,
+            limit,
+            next_seq: 0,
+        }
+    }
+
+    /// Whether `key` is remembered.
+    pub fn contains(&self, key: u64) -> bool {
+        self.members.contains(key)
+    }
+
+    /// Forgets `key`; true if it was remembered.
+    pub fn remove(&mut self, key: u64) -> bool {
+        match self.members.remove(key) {
+            Some((_, w)) => {
+                self.weight -= w;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers `key` (no-op if already remembered), forgetting the oldest
+    /// keys while over the limit.
+    pub fn insert(&mut self, key: u64, weight: u64) {
+        if self.members.contains(key) {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.members.insert(key, (seq, weight));
+        self.queue.push_back((key, seq));
+        self.weight += weight;
+        while self.weight > self.limit {
+            let Some((old, old_seq)) = self.queue.pop_front() else { break };
+            if let Some((live_seq, w)) = self.members.get(old)
+                && live_seq == old_seq
+            {
+                self.members.remove(old);
+                self.weight -= w;
+            }
+        }
+        // Drop removed keys' leftovers as they reach the front: a little work
+        // per insert, never a pass over the whole queue inside one call.
+        while let Some(&(front, seq)) = self.queue.front() {
+            if self.members.get(front).is_some_and(|(live, _)| live == seq) {
+                break;
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    /// Forgets the oldest key, returning it and its weight.
+    pub fn pop_oldest(&mut self) -> Option<(u64, u64)> {
+        while let Some((key, seq)) = self.queue.pop_front() {
+            if let Some((live_seq, w)) = self.members.get(key)
+                && live_seq == seq
+            {
+                self.members.remove(key);
+                self.weight -= w;
+                return Some((key, w));
+            }
+        }
+        None
+    }
+
+    /// Total weight remembered.
+    pub fn weight(&self) -> u64 {
+        self.weight
+    }
+
+    /// Number of keys remembered.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod map_tests {
     use super::*;
+
+    #[test]
+    fn key_map_survives_churn_with_backward_shift() {
+        let mut map = KeyMap::with_capacity(8);
+        let mut model = std::collections::HashMap::new();
+        let mut rng = crate::rng::SplitMix64::new(1);
+        for step in 0..20_000u64 {
+            let key = rng.below(64) * 0x1000_0000_0000; // collide on purpose
+            if rng.below(2) == 0 {
+                assert_eq!(map.insert(key, step), model.insert(key, step));
+            } else {
+                assert_eq!(map.remove(key), model.remove(&key));
+            }
+            assert_eq!(map.len(), model.len());
+        }
+        for (k, v) in model {
+            assert_eq!(map.get(k), Some(v));
+        }
+    }
+
+    #[test]
+    fn ghost_forgets_oldest_beyond_its_limit() {
+        let mut ghost = Ghost::new(3, 4);
+        for key in 1..=4 {
+            ghost.insert(key, 1);
+        }
+        assert!(!ghost.contains(1) && ghost.contains(4));
+        assert!(ghost.remove(3));
+        ghost.insert(5, 1);
+        ghost.insert(6, 1);
+        assert!(!ghost.contains(2), "2 is now the oldest beyond the limit");
+        assert_eq!(ghost.len(), 3);
+        assert!(ghost.contains(4) && ghost.contains(5) && ghost.contains(6));
+    }
 
     #[test]
     fn a_reused_slot_does_not_answer_for_the_old_id() {

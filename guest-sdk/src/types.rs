@@ -81,6 +81,23 @@ impl Capacity {
     pub fn presize(&self) -> usize {
         self.max_entries.min(1 << 20) as usize
     }
+
+    /// Whether queue sizes are measured in bytes (the shard has a byte
+    /// budget) or in entries (it is bounded only by count, as the reference
+    /// simulations are).
+    pub fn by_bytes(&self) -> bool {
+        self.max_bytes != u64::MAX
+    }
+
+    /// The budget in the unit of [`Capacity::weight`].
+    pub fn limit(&self) -> u64 {
+        if self.by_bytes() { self.max_bytes } else { self.max_entries }
+    }
+
+    /// What an entry of `size` bytes counts against [`Capacity::limit`].
+    pub fn weight(&self, size: u64) -> u64 {
+        if self.by_bytes() { size } else { 1 }
+    }
 }
 
 /// Describes a policy module.

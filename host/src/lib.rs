@@ -17,6 +17,7 @@ pub mod bench;
 pub mod config;
 pub mod core;
 pub mod node;
+pub mod plot;
 pub mod policies;
 pub mod server;
 pub mod sim;

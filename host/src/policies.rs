@@ -10,7 +10,7 @@ use std::sync::Arc;
 include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
 
 /// The policy a node uses when none is named.
-pub const DEFAULT_POLICY: &str = "lru";
+pub const DEFAULT_POLICY: &str = "s3fifo";
 
 /// Names of the bundled policies, sorted.
 pub fn bundled_names() -> Vec<&'static str> {
@@ -60,11 +60,17 @@ pub fn resolve(engine: &PolicyEngine, spec: &PolicySpec) -> Result<Arc<dyn Polic
 pub fn native(name: &str, config: Config) -> Result<Arc<dyn PolicyFactory>, PolicyError> {
     // Create one instance up front so a bad config fails here, as for Wasm.
     let factory: Arc<dyn PolicyFactory> = match name {
+        "arc" => Arc::new(NativeFactory::<cachet_policy_arc::Arc>::new(config)),
+        "clock" => Arc::new(NativeFactory::<cachet_policy_clock::Clock>::new(config)),
         "fifo" => Arc::new(NativeFactory::<cachet_policy_fifo::Fifo>::new(config)),
         "lfu" => Arc::new(NativeFactory::<cachet_policy_lfu::Lfu>::new(config)),
         "lru" => Arc::new(NativeFactory::<cachet_policy_lru::Lru>::new(config)),
         "random" => Arc::new(NativeFactory::<cachet_policy_random::Random>::new(config)),
+        "s3fifo" => Arc::new(NativeFactory::<cachet_policy_s3fifo::S3Fifo>::new(config)),
+        "sieve" => Arc::new(NativeFactory::<cachet_policy_sieve::Sieve>::new(config)),
         "ttl" => Arc::new(NativeFactory::<cachet_policy_ttl::Ttl>::new(config)),
+        "twoq" => Arc::new(NativeFactory::<cachet_policy_twoq::TwoQ>::new(config)),
+        "wtinylfu" => Arc::new(NativeFactory::<cachet_policy_wtinylfu::WTinyLfu>::new(config)),
         _ if is_path(name) => {
             return Err(PolicyError::Create(format!("`{name}` is a file; --native runs bundled policies only")));
         }
@@ -85,7 +91,10 @@ mod tests {
 
     #[test]
     fn every_bundled_policy_has_a_native_twin() {
-        assert_eq!(bundled_names(), ["fifo", "lfu", "lru", "random", "ttl"]);
+        assert_eq!(
+            bundled_names(),
+            ["arc", "clock", "fifo", "lfu", "lru", "random", "s3fifo", "sieve", "ttl", "twoq", "wtinylfu"]
+        );
         for name in bundled_names() {
             let factory = native(name, Config::default()).expect("native twin");
             assert_eq!(factory.info().name, name);
@@ -96,6 +105,10 @@ mod tests {
     fn unknown_names_list_the_known_ones() {
         let err = native("lru2", Config::default()).err().expect("unknown");
         let msg = err.to_string();
-        assert!(msg.contains("lru2") && msg.contains("fifo, lfu, lru, random, ttl"), "{msg}");
+        assert!(
+            msg.contains("lru2")
+                && msg.contains("arc, clock, fifo, lfu, lru, random, s3fifo, sieve, ttl, twoq, wtinylfu"),
+            "{msg}"
+        );
     }
 }

@@ -157,3 +157,36 @@ pub fn replay(
         fallbacks: stats.fallbacks,
     })
 }
+
+/// The standard sweep: these fractions of the trace's distinct keys, as in
+/// libCacheSim and the reference tables.
+pub const SWEEP_FRACTIONS: [f64; 8] = [0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.4, 0.8];
+
+/// Distinct keys in `requests`.
+pub fn distinct_keys(requests: &[Request]) -> u64 {
+    let mut seen = std::collections::HashSet::with_capacity(requests.len() / 4);
+    for r in requests {
+        seen.insert(r.key);
+    }
+    seen.len() as u64
+}
+
+/// `(fraction, objects)` of the sweep for a trace of `distinct` keys:
+/// `floor(f * distinct)`, skipping sizes of 4 objects or fewer.
+pub fn sweep_sizes(distinct: u64) -> Vec<(f64, u64)> {
+    SWEEP_FRACTIONS.iter().map(|&f| (f, (f * distinct as f64).floor() as u64)).filter(|&(_, size)| size > 4).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_sizes_follow_the_reference_tables() {
+        // cloudPhysicsIO has 48,974 distinct keys: the table's columns.
+        let sizes: Vec<u64> = sweep_sizes(48_974).into_iter().map(|(_, s)| s).collect();
+        assert_eq!(sizes, [48, 146, 489, 1_469, 4_897, 9_794, 19_589, 39_179]);
+        // Tiny traces lose the sizes of 4 objects or fewer.
+        assert_eq!(sweep_sizes(2_000).len(), 7, "0.1% of 2,000 is 2 objects");
+    }
+}

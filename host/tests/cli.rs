@@ -71,7 +71,7 @@ fn an_unknown_policy_lists_the_known_ones() {
     let out = cachet(&["sim", "--trace", trace.path(), "--policy", "lru2", "--capacity", "2"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("unknown policy `lru2`; known policies: fifo, lfu, lru, random, ttl"), "{stderr}");
+    assert!(stderr.contains("unknown policy `lru2`; known policies: arc, clock, fifo, lfu, lru, random, s3fifo, sieve, ttl, twoq, wtinylfu"), "{stderr}");
 }
 
 #[test]
@@ -183,7 +183,7 @@ fn serve_then_get_set_del_stats_from_another_process() {
     assert_eq!(stats["deletes"], 1);
     assert_eq!(stats["hits"], 1);
     assert!(stats["misses"].as_u64().expect("misses") >= 1);
-    assert_eq!(stats["policy"], "lru");
+    assert_eq!(stats["policy"], "s3fifo", "the default policy");
     let status = node.stop();
     assert!(status.success(), "SIGTERM shuts down cleanly: {status:?}");
 }

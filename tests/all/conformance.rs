@@ -96,3 +96,19 @@ fn every_policy_keeps_the_shard_contract_by_bytes() {
         }
     }
 }
+
+/// A node's default shard (a million entries, 256 MiB) must fit every
+/// policy's up-front sizing within the sandbox's memory cap and its creation
+/// budget; a policy that cannot start would leave the node unable to serve.
+#[test]
+fn every_policy_starts_in_a_full_size_shard() {
+    let engine = PolicyEngine::new().expect("engine");
+    let capacity = cachet_policy_sdk::Capacity { max_entries: 1_000_000, max_bytes: 256 << 20 };
+    for name in policies::bundled_names() {
+        let spec = PolicySpec { name_or_path: name.into(), ..PolicySpec::default() };
+        let factory = policies::resolve(&engine, &spec).expect("policy resolves");
+        if let Err(err) = factory.create(capacity, 0) {
+            panic!("{name} cannot start in a full-size shard: {err}");
+        }
+    }
+}

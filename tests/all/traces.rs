@@ -1,7 +1,8 @@
-//! Miss ratios on the shared traces must match the reference tables in
-//! `shared/traces/README.md` to 4 decimals: the Wasm LRU, FIFO and LFU on
-//! cloudPhysicsIO and web12 at every listed size, and on w106 and orm-busy
-//! at 10%. Expected values are read from the README itself.
+//! The hit-ratio regression suite: miss ratios on the shared traces must
+//! match the reference tables in `shared/traces/README.md` to 4 decimals,
+//! every policy running as Wasm: on cloudPhysicsIO and web12 at every listed
+//! size, and on w106 and orm-busy at 10%. Expected values are read from the
+//! README itself.
 
 use cachet::policies::PolicySpec;
 use cachet::sim::{self, SimOptions};
@@ -33,54 +34,133 @@ fn reference(readme: &str, trace: &str, policy: &str) -> Vec<(u64, f64)> {
     sizes.into_iter().zip(ratios).collect()
 }
 
-fn check(engine: &PolicyEngine, trace: &str, file: &str, policy: &str, row: &str, only_size: Option<u64>) {
+/// Replays `trace` through each `(policy, table row)` at every size of the
+/// row (or only `only_size`), as Wasm, and compares with the table to 4
+/// decimals. Cells of 1.0000 are the reference simulator's tiny-cache
+/// artefacts (README) and are skipped. Returns `(policy, size, miss ratio)`.
+fn check(
+    engine: &PolicyEngine,
+    trace: &str,
+    file: &str,
+    policies: &[(&str, &str)],
+    only_size: Option<u64>,
+) -> Vec<(String, u64, f64)> {
     let readme = std::fs::read_to_string(traces_dir().join("README.md")).expect("README");
     let path = traces_dir().join("csv").join(file);
     let requests: Vec<Request> = sim::load_trace(&path, |_| {}).expect("trace loads");
+    let mut results = Vec::new();
+    for &(policy, row) in policies {
+        let mut checked = 0;
+        for (size, want) in reference(&readme, trace, row) {
+            if only_size.is_some_and(|s| s != size) || want == 1.0 {
+                continue;
+            }
+            let options = SimOptions {
+                trace: path.clone(),
+                policy: PolicySpec { name_or_path: policy.into(), ..PolicySpec::default() },
+                capacity: Some(size),
+                capacity_bytes: None,
+                seed: 0,
+            };
+            let report = sim::replay(engine, &options, &requests, |_| {}).expect("replay");
+            assert_eq!(report.runtime, "wasm");
+            assert_eq!(report.policy_faults, 0);
+            let got = (report.miss_ratio * 10_000.0).round() / 10_000.0;
+            assert_eq!(got, want, "{policy} on {trace} at {size}: got {:.6}, table says {want}", report.miss_ratio);
+            results.push((policy.to_string(), size, report.miss_ratio));
+            checked += 1;
+        }
+        assert!(checked > 0, "{trace}/{row}: no size checked");
+    }
+    results
+}
+
+/// Every policy with a reference row that it must match digit for digit.
+const EXACT: [(&str, &str); 8] = [
+    ("lru", "LRU"),
+    ("fifo", "FIFO"),
+    ("lfu", "LFU"),
+    ("clock", "CLOCK (1-bit)"),
+    ("sieve", "SIEVE"),
+    ("s3fifo", "S3-FIFO"),
+    ("twoq", "2Q"),
+    ("arc", "ARC"),
+];
+
+#[test]
+fn policies_match_the_tables_on_cloudphysics_at_every_size() {
+    let engine = PolicyEngine::new().expect("engine");
+    check(&engine, "cloudPhysicsIO", "cloudPhysicsIO.csv.gz", &EXACT, None);
+}
+
+#[test]
+fn policies_match_the_tables_on_web12_at_every_size() {
+    let engine = PolicyEngine::new().expect("engine");
+    check(&engine, "web12", "web12.csv.gz", &EXACT, None);
+}
+
+/// The large traces at 10%, where the default policy must also beat LRU.
+fn check_at_ten_percent(trace: &str, file: &str, size: u64) {
+    let engine = PolicyEngine::new().expect("engine");
+    let policies: Vec<(&str, &str)> = EXACT.iter().copied().filter(|(p, _)| *p != "lfu").collect();
+    let results = check(&engine, trace, file, &policies, Some(size));
+    let ratio = |name: &str| results.iter().find(|(p, _, _)| p == name).map(|r| r.2).expect("ran");
+    assert!(
+        ratio(cachet::policies::DEFAULT_POLICY) < ratio("lru"),
+        "the default policy must beat LRU on {trace} at 10%"
+    );
+}
+
+#[test]
+fn policies_match_the_tables_on_w106_at_10_percent() {
+    check_at_ten_percent("w106", "w106.csv.xz", 27_517);
+}
+
+#[test]
+fn policies_match_the_tables_on_orm_busy_at_10_percent() {
+    check_at_ten_percent("orm-busy", "orm-busy.csv.xz", 7_634);
+}
+
+#[test]
+fn the_default_policy_beats_lru_at_10_percent_on_the_small_traces() {
+    let engine = PolicyEngine::new().expect("engine");
+    for (trace, file, size) in [("cloudPhysicsIO", "cloudPhysicsIO.csv.gz", 4_897), ("web12", "web12.csv.gz", 1_375)] {
+        let policies = [(cachet::policies::DEFAULT_POLICY, "S3-FIFO"), ("lru", "LRU")];
+        let results = check(&engine, trace, file, &policies, Some(size));
+        assert!(results[0].2 < results[1].2, "{trace}: {results:?}");
+    }
+}
+
+/// W-TinyLFU does not reproduce the reference to ±0.005 everywhere (see
+/// docs/benchmarks.md): its sketch's collisions depend on the reference's
+/// XXH64 of object ids, which a policy cannot see, and Cachet's window hands
+/// keys to main one insert at a time instead of all at the first eviction
+/// (which would be one unbounded call). This pins what holds today on
+/// cloudPhysicsIO at 1% and up: within ±0.02, never faulting, so a
+/// regression shows.
+#[test]
+fn wtinylfu_stays_near_the_reference_on_cloudphysics() {
+    let engine = PolicyEngine::new().expect("engine");
+    let readme = std::fs::read_to_string(traces_dir().join("README.md")).expect("README");
+    let path = traces_dir().join("csv").join("cloudPhysicsIO.csv.gz");
+    let requests: Vec<Request> = sim::load_trace(&path, |_| {}).expect("trace loads");
+    let distinct = sim::distinct_keys(&requests);
     let mut checked = 0;
-    for (size, want) in reference(&readme, trace, row) {
-        if only_size.is_some_and(|s| s != size) {
+    for (size, want) in reference(&readme, "cloudPhysicsIO", "W-TinyLFU (1% win)") {
+        if (size as f64) < 0.01 * distinct as f64 - 1.0 {
             continue;
         }
         let options = SimOptions {
             trace: path.clone(),
-            policy: PolicySpec { name_or_path: policy.into(), ..PolicySpec::default() },
+            policy: PolicySpec { name_or_path: "wtinylfu".into(), ..PolicySpec::default() },
             capacity: Some(size),
             capacity_bytes: None,
             seed: 0,
         };
-        let report = sim::replay(engine, &options, &requests, |_| {}).expect("replay");
-        assert_eq!(report.runtime, "wasm");
-        assert_eq!(report.policy_faults, 0);
-        let got = (report.miss_ratio * 10_000.0).round() / 10_000.0;
-        assert_eq!(got, want, "{policy} on {trace} at {size}: got {:.6}, table says {want}", report.miss_ratio);
+        let report = sim::replay(&engine, &options, &requests, |_| {}).expect("replay");
+        assert_eq!(report.policy_faults, 0, "wtinylfu at {size} faulted");
+        assert!((report.miss_ratio - want).abs() <= 0.02, "wtinylfu at {size}: {:.4} vs {want}", report.miss_ratio);
         checked += 1;
     }
-    assert!(checked > 0, "{trace}/{row}: no size checked");
-}
-
-#[test]
-fn lru_fifo_lfu_match_the_tables_on_cloudphysics_and_web12() {
-    let engine = PolicyEngine::new().expect("engine");
-    for (trace, file) in [("cloudPhysicsIO", "cloudPhysicsIO.csv.gz"), ("web12", "web12.csv.gz")] {
-        for (policy, row) in [("lru", "LRU"), ("fifo", "FIFO"), ("lfu", "LFU")] {
-            check(&engine, trace, file, policy, row, None);
-        }
-    }
-}
-
-#[test]
-fn lru_and_fifo_match_the_tables_on_w106_at_10_percent() {
-    let engine = PolicyEngine::new().expect("engine");
-    for (policy, row) in [("lru", "LRU"), ("fifo", "FIFO")] {
-        check(&engine, "w106", "w106.csv.xz", policy, row, Some(27_517));
-    }
-}
-
-#[test]
-fn lru_and_fifo_match_the_tables_on_orm_busy_at_10_percent() {
-    let engine = PolicyEngine::new().expect("engine");
-    for (policy, row) in [("lru", "LRU"), ("fifo", "FIFO")] {
-        check(&engine, "orm-busy", "orm-busy.csv.xz", policy, row, Some(7_634));
-    }
+    assert_eq!(checked, 6);
 }

@@ -192,7 +192,9 @@ fn node_demo(cachet: &Path) -> Result<()> {
     let addr = format!("127.0.0.1:{port}");
     let data_dir = target_dir().join("demo-node");
     let data = data_dir.to_str().context("non-UTF-8 target dir")?;
-    println!("\n== A node on {addr}: 5,000-entry LRU (Wasm), Zipf(1.0) over 20,000 keys, 90% GET ==\n");
+    println!(
+        "\n== A node on {addr}: 5,000 entries, default policy S3-FIFO (Wasm), Zipf(1.0) over 20,000 keys, 90% GET ==\n"
+    );
     let mut node = Command::new(cachet)
         .args(["serve", "--listen", &addr, "--data-dir", data, "--max-entries", "5000"])
         .spawn()

@@ -64,7 +64,10 @@ impl WasmPolicy {
         config: &[(String, String)],
     ) -> Result<Self, PolicyError> {
         let mut store = Self::store(engine, limits.memory_cap(capacity));
-        store.set_fuel(limits.fuel_per_call).map_err(|e| PolicyError::Create(e.to_string()))?;
+        // Creating may size tables for the whole capacity up front (so later
+        // calls never grow them), which is work proportional to it.
+        let fuel = limits.fuel_per_call.saturating_add(limits.fuel_per_item.saturating_mul(capacity.presize() as u64));
+        store.set_fuel(fuel).map_err(|e| PolicyError::Create(e.to_string()))?;
         let bindings = pre.instantiate(&mut store).map_err(|e| PolicyError::Fault(classify(&store, e)))?;
         let capacity = wt::Capacity { max_entries: capacity.max_entries, max_bytes: capacity.max_bytes };
         let handle = bindings

@@ -39,7 +39,7 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { fuel_per_call: 2_000_000, fuel_per_item: 5_000, max_memory_bytes: 16 << 20, memory_per_entry: 128 }
+        Self { fuel_per_call: 2_000_000, fuel_per_item: 5_000, max_memory_bytes: 16 << 20, memory_per_entry: 256 }
     }
 }
 

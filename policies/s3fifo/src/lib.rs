@@ -1,0 +1,231 @@
+//! S3-FIFO (Yang et al., SOSP'23): a small FIFO that filters one-hit
+//! wonders, a main FIFO with reinsertion, and a ghost FIFO of recently
+//! filtered keys. As libCacheSim's `s3fifo` with its published defaults:
+//!
+//! - new keys enter the small queue (10% of the cache); a key found in the
+//!   ghost goes straight to main;
+//! - evicting from small, a key hit at least `move-to-main-threshold` (2)
+//!   times moves to main, otherwise it leaves and its hash joins the ghost
+//!   (90% of the cache, keys only);
+//! - evicting from main, a key with a non-zero count is re-queued with
+//!   `min(count, 3) - 1`;
+//! - eviction takes from main when main is over its share or small is empty,
+//!   otherwise from small.
+//!
+//! One deliberate difference: the small queue always has room for at least
+//! one entry (libCacheSim admits nothing when 10% of the cache rounds to one
+//! object or fewer).
+
+use cachet_policy_sdk::collections::{Ghost, IdList, IdMap, id_map_for};
+use cachet_policy_sdk::{
+    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
+    export_policy,
+};
+
+#[derive(Clone, Copy)]
+struct Meta {
+    key_hash: u64,
+    count: u8,
+}
+
+/// The three queues and the bookkeeping that balances them.
+pub struct S3Fifo {
+    capacity: Capacity,
+    small: IdList<u64>,
+    main: IdList<u64>,
+    meta: IdMap<Meta>,
+    ghost: Ghost,
+    small_used: u64,
+    main_used: u64,
+    main_limit: u64,
+    move_threshold: u8,
+    /// The key hash of the last miss that found its key in the ghost: its
+    /// insert goes to main.
+    ghost_hit: Option<u64>,
+}
+
+impl S3Fifo {
+    fn weight(&self, size: u64) -> u64 {
+        self.capacity.weight(size)
+    }
+
+    fn evict_small(&mut self) -> Option<(EntryId, u64)> {
+        while let Some((id, size)) = self.small.pop_front() {
+            let w = self.weight(size);
+            self.small_used -= w;
+            let Some(meta) = self.meta.get_mut(&id) else { continue };
+            if meta.count >= self.move_threshold {
+                meta.count = 0;
+                self.main.push_back(id, size);
+                self.main_used += w;
+            } else {
+                let hash = meta.key_hash;
+                self.meta.remove(&id);
+                self.ghost.insert(hash, w);
+                return Some((id, size));
+            }
+        }
+        None
+    }
+
+    fn evict_main(&mut self) -> Option<(EntryId, u64)> {
+        while let Some((id, size)) = self.main.pop_front() {
+            let count = self.meta.get(&id).map_or(0, |m| m.count);
+            if count >= 1 {
+                if let Some(meta) = self.meta.get_mut(&id) {
+                    meta.count = count.min(3) - 1;
+                }
+                self.main.push_back(id, size);
+            } else {
+                self.main_used -= self.weight(size);
+                self.meta.remove(&id);
+                return Some((id, size));
+            }
+        }
+        None
+    }
+
+    fn evict_one(&mut self) -> Option<(EntryId, u64)> {
+        // Moving keys from small to main can leave a round without an
+        // eviction; the next round then takes from main.
+        while self.small_used + self.main_used > 0 {
+            let victim = if self.main_used > self.main_limit || self.small_used == 0 {
+                self.evict_main()
+            } else {
+                self.evict_small()
+            };
+            if victim.is_some() {
+                return victim;
+            }
+        }
+        None
+    }
+
+    fn forget(&mut self, id: EntryId) {
+        if let Some(size) = self.small.remove(id) {
+            self.small_used -= self.weight(size);
+        } else if let Some(size) = self.main.remove(id) {
+            self.main_used -= self.weight(size);
+        }
+        self.meta.remove(&id);
+    }
+}
+
+impl Policy for S3Fifo {
+    fn info() -> PolicyInfo {
+        PolicyInfo {
+            name: "s3fifo".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            wants_access_events: true,
+            wants_miss_events: true,
+            uses_admission: false,
+        }
+    }
+
+    fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
+        config.reject_unknown(&["small-ratio", "ghost-ratio", "move-to-main-threshold"])?;
+        let small_ratio: f64 = config.parse_or("small-ratio", 0.1)?;
+        let ghost_ratio: f64 = config.parse_or("ghost-ratio", 0.9)?;
+        let move_threshold: u8 = config.parse_or("move-to-main-threshold", 2)?;
+        if !(0.0..1.0).contains(&small_ratio) || !(0.0..=10.0).contains(&ghost_ratio) {
+            return Err(ConfigError(format!(
+                "small-ratio must be in [0, 1) and ghost-ratio in [0, 10]; got {small_ratio} and {ghost_ratio}"
+            )));
+        }
+        let limit = capacity.limit();
+        let small_limit = ((limit as f64 * small_ratio) as u64).max(capacity.weight(1));
+        let n = capacity.presize();
+        Ok(Self {
+            capacity,
+            small: IdList::with_capacity(n / 4),
+            main: IdList::with_capacity(n),
+            meta: id_map_for(n),
+            ghost: Ghost::new((limit as f64 * ghost_ratio) as u64, n),
+            small_used: 0,
+            main_used: 0,
+            main_limit: limit.saturating_sub(small_limit),
+            move_threshold,
+            ghost_hit: None,
+        })
+    }
+
+    fn on_inserted(&mut self, _: u64, entry: &Entry) {
+        let w = self.weight(entry.size);
+        if self.ghost_hit.take() == Some(entry.key_hash) {
+            self.main.push_back(entry.id, entry.size);
+            self.main_used += w;
+        } else {
+            self.small.push_back(entry.id, entry.size);
+            self.small_used += w;
+        }
+        self.meta.insert(entry.id, Meta { key_hash: entry.key_hash, count: 0 });
+    }
+
+    fn on_accessed(&mut self, _: u64, id: EntryId) {
+        if let Some(meta) = self.meta.get_mut(&id) {
+            meta.count = (meta.count + 1).min(3);
+        }
+    }
+
+    fn on_updated(&mut self, now: u64, entry: &Entry) {
+        let w = self.weight(entry.size);
+        if let Some(size) = self.small.get_mut(entry.id) {
+            self.small_used = self.small_used - self.capacity.weight(*size) + w;
+            *size = entry.size;
+        } else if let Some(size) = self.main.get_mut(entry.id) {
+            self.main_used = self.main_used - self.capacity.weight(*size) + w;
+            *size = entry.size;
+        }
+        self.on_accessed(now, entry.id);
+    }
+
+    fn on_removed(&mut self, _: u64, id: EntryId, _: RemovalCause) {
+        self.forget(id);
+    }
+
+    fn on_missed(&mut self, _: u64, key_hash: u64) {
+        self.ghost_hit = self.ghost.remove(key_hash).then_some(key_hash);
+    }
+
+    fn pick_victims(&mut self, _: u64, need: Need, out: &mut Vec<EntryId>) {
+        collect_victims(need, out, || self.evict_one());
+    }
+
+    fn export_order(&self, out: &mut Vec<EntryId>) {
+        out.extend(self.small.iter().chain(self.main.iter()).map(|(id, _)| id));
+    }
+}
+
+export_policy!(S3Fifo);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cachet_policy_sdk::testing::{Harness, entries};
+
+    #[test]
+    fn one_hit_wonders_leave_through_the_small_queue_and_ghosts_return_to_main() {
+        let mut h = Harness::<S3Fifo>::new(entries(10)).expect("create");
+        // 1 and 2 are hit twice while in small: they move to main.
+        for key in [1, 2] {
+            h.request(key, 1);
+        }
+        for _ in 0..2 {
+            h.request(1, 1);
+            h.request(2, 1);
+        }
+        // A scan of one-hit keys passes through small without touching them.
+        for key in 100..130 {
+            h.request(key, 1);
+        }
+        assert!(h.contains_key(1) && h.contains_key(2), "frequent keys survive a scan");
+        // 100 was filtered into the ghost; asking again puts it in main.
+        assert!(!h.contains_key(100));
+        h.request(100, 1);
+        assert!(h.contains_key(100));
+        for key in 200..204 {
+            h.request(key, 1);
+        }
+        assert!(h.contains_key(100), "a ghost hit lands in main, out of the scan's way");
+    }
+}
