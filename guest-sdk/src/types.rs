@@ -100,7 +100,8 @@ impl Capacity {
     }
 }
 
-/// Describes a policy module.
+/// Describes a policy module. Build it with [`PolicyInfo::new`] and the
+/// `with_*` methods for the events and hooks the policy needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyInfo {
     /// Short name, e.g. `lru`.
@@ -113,4 +114,36 @@ pub struct PolicyInfo {
     pub wants_miss_events: bool,
     /// Call `admit` before each insert.
     pub uses_admission: bool,
+}
+
+impl PolicyInfo {
+    /// A policy called `name` at `version` that wants no optional events
+    /// and no admission calls.
+    pub fn new(name: &str, version: &str) -> Self {
+        Self {
+            name: name.into(),
+            version: version.into(),
+            wants_access_events: false,
+            wants_miss_events: false,
+            uses_admission: false,
+        }
+    }
+
+    /// Also send `Accessed` events (reads).
+    pub fn with_access_events(mut self) -> Self {
+        self.wants_access_events = true;
+        self
+    }
+
+    /// Also send `Missed` events (for ghost lists and sketches).
+    pub fn with_miss_events(mut self) -> Self {
+        self.wants_miss_events = true;
+        self
+    }
+
+    /// Ask `admit` before each insert.
+    pub fn with_admission(mut self) -> Self {
+        self.uses_admission = true;
+        self
+    }
 }

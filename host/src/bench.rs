@@ -157,14 +157,9 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
             std::thread::spawn(move || run_thread(t, threads, &options, &keys, value, start))
         })
         .collect();
-    let mut total = ThreadResult { histogram: new_histogram(), ops: 0, errors: 0, gets: 0, hits: 0 };
+    let mut total = ThreadResult::new();
     for handle in handles {
-        let result = handle.join().map_err(|_| BenchError::Options("a load thread panicked".into()))??;
-        total.histogram.add(&result.histogram).map_err(|e| BenchError::Options(e.to_string()))?;
-        total.ops += result.ops;
-        total.errors += result.errors;
-        total.gets += result.gets;
-        total.hits += result.hits;
+        total.merge(&handle.join().map_err(|_| BenchError::Options("a load thread panicked".into()))??)?;
     }
     let cpu_after = options.server_pid.and_then(process_cpu_us);
     let secs = options.duration.as_secs_f64();

@@ -236,7 +236,7 @@ struct SimArgs {
     /// Fuel per policy call (Wasm only).
     #[arg(long, default_value_t = Limits::default().fuel_per_call)]
     fuel_per_call: u64,
-    /// Base memory cap per policy instance in bytes, plus 256 bytes per
+    /// Base memory cap per policy instance in bytes, plus 512 bytes per
     /// entry of capacity (Wasm only).
     #[arg(long, default_value_t = Limits::default().max_memory_bytes)]
     max_policy_memory: usize,

@@ -77,11 +77,14 @@ pub(crate) fn build_components(
         .env("CARGO_PROFILE_RELEASE_PANIC", "abort");
     // Flags and wrappers meant for the host build must not leak into the
     // guest build (a build script inherits them from the outer cargo).
-    for var in
-        ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_BUILD_TARGET"]
-    {
+    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_BUILD_TARGET"] {
         cmd.env_remove(var);
     }
+    // Bulk memory turns every `memcpy`/`memset` (a `Vec` growing, a table
+    // being cleared) into one `memory.copy`/`memory.fill` instruction: one
+    // unit of fuel instead of a loop whose cost grows with the data, which
+    // made growing a 100,000-entry list blow a call's budget.
+    cmd.env("RUSTFLAGS", "-C target-feature=+bulk-memory");
     for guest in guests {
         cmd.args(["-p", &guest.package]);
     }

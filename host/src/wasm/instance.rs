@@ -46,6 +46,9 @@ pub(crate) struct WasmPolicy {
     limits: Limits,
     /// Reused conversion buffer for event batches.
     batch: Vec<wt::Event>,
+    /// Entries the policy holds, tracked from the events it is sent and the
+    /// ids it gives back: calls that may scan them get fuel for one pass.
+    resident: u64,
 }
 
 impl WasmPolicy {
@@ -76,13 +79,33 @@ impl WasmPolicy {
             .call_create(&mut store, capacity, seed, config)
             .map_err(|e| PolicyError::Fault(classify(&store, e)))?
             .map_err(PolicyError::Create)?;
-        Ok(Self { store, bindings, handle, limits, batch: Vec::new() })
+        Ok(Self { store, bindings, handle, limits, batch: Vec::new(), resident: 0 })
     }
 
     /// Refuels for a call carrying `items` events or entries.
     fn refuel(&mut self, items: usize) -> Result<(), PolicyFault> {
         let fuel = self.limits.fuel_per_call + self.limits.fuel_per_item.saturating_mul(items as u64);
         self.store.set_fuel(fuel).map_err(|e| PolicyFault { kind: FaultKind::Trap, detail: e.to_string() })
+    }
+
+    /// Refuels for a call that may walk every resident entry once (victim
+    /// choice in CLOCK-like policies, S3-FIFO's first eviction after a
+    /// warm-up, a sketch's periodic halving, exports), on top of its `items`.
+    fn refuel_scan(&mut self, items: usize) -> Result<(), PolicyFault> {
+        let scan = self.limits.fuel_per_resident.saturating_mul(self.resident);
+        let fuel =
+            self.limits.fuel_per_call + self.limits.fuel_per_item.saturating_mul(items as u64).saturating_add(scan);
+        self.store.set_fuel(fuel).map_err(|e| PolicyFault { kind: FaultKind::Trap, detail: e.to_string() })
+    }
+
+    fn count(&mut self, events: &[Event]) {
+        for event in events {
+            match event {
+                Event::Inserted(_) => self.resident += 1,
+                Event::Removed(..) => self.resident = self.resident.saturating_sub(1),
+                _ => {}
+            }
+        }
     }
 
     fn fault(&self, err: wasmtime::Error) -> PolicyFault {
@@ -113,7 +136,10 @@ fn wit_event(event: &Event) -> wt::Event {
 
 impl EvictionPolicy for WasmPolicy {
     fn on_events(&mut self, now: u64, events: &[Event]) -> Result<(), PolicyFault> {
-        self.refuel(events.len())?;
+        // Events may trigger periodic whole-structure work too (W-TinyLFU
+        // halves its sketch every so many hits).
+        self.count(events);
+        self.refuel_scan(events.len())?;
         self.batch.clear();
         self.batch.extend(events.iter().map(wit_event));
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
@@ -133,21 +159,24 @@ impl EvictionPolicy for WasmPolicy {
         need: Need,
         out: &mut Vec<EntryId>,
     ) -> Result<(), PolicyFault> {
-        self.refuel(events.len() + need.entries as usize)?;
+        self.count(events);
+        self.refuel_scan(events.len() + need.entries as usize)?;
         self.batch.clear();
         self.batch.extend(events.iter().map(wit_event));
         let need = wt::Need { entries: need.entries, bytes: need.bytes };
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
         let ids =
             guest.call_pick_victims(&mut self.store, self.handle, now, &self.batch, need).map_err(|e| self.fault(e))?;
+        self.resident = self.resident.saturating_sub(ids.len() as u64);
         out.extend(ids);
         Ok(())
     }
 
     fn expired(&mut self, now: u64, out: &mut Vec<EntryId>) -> Result<(), PolicyFault> {
-        self.refuel(0)?;
+        self.refuel_scan(0)?;
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
         let ids = guest.call_expired(&mut self.store, self.handle, now).map_err(|e| self.fault(e))?;
+        self.resident = self.resident.saturating_sub(ids.len() as u64);
         out.extend(ids);
         Ok(())
     }
@@ -159,8 +188,7 @@ impl EvictionPolicy for WasmPolicy {
     }
 
     fn export_order(&mut self, out: &mut Vec<EntryId>) -> Result<(), PolicyFault> {
-        // Sized by what the shard holds: the export lists every entry.
-        self.refuel(out.capacity().max(1024))?;
+        self.refuel_scan(0)?;
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
         let ids = guest.call_export_order(&mut self.store, self.handle).map_err(|e| self.fault(e))?;
         out.extend(ids);

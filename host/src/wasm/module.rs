@@ -20,8 +20,14 @@ pub struct Limits {
     /// default.
     pub fuel_per_call: u64,
     /// Extra fuel per event or entry for calls that carry many (batches,
-    /// hand-off replays, exports).
+    /// hand-off replays).
     pub fuel_per_item: u64,
+    /// Extra fuel per resident entry for calls that may walk them all once
+    /// (events, victim choice, policy deadlines, exports). CLOCK's hand,
+    /// SIEVE's hand and S3-FIFO's queues can legitimately pass over
+    /// everything in one eviction, and W-TinyLFU halves a sketch sized by
+    /// the cache, so a shard's worst call grows with its size.
+    pub fuel_per_resident: u64,
     /// Base cap on the instance's linear memory; growing past the cap is a
     /// `memory` fault.
     pub max_memory_bytes: usize,
@@ -39,7 +45,13 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { fuel_per_call: 2_000_000, fuel_per_item: 5_000, max_memory_bytes: 16 << 20, memory_per_entry: 256 }
+        Self {
+            fuel_per_call: 2_000_000,
+            fuel_per_item: 5_000,
+            fuel_per_resident: 300,
+            max_memory_bytes: 16 << 20,
+            memory_per_entry: 512,
+        }
     }
 }
 

@@ -90,13 +90,7 @@ impl Arc {
 
 impl Policy for Arc {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "arc".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: true,
-            wants_miss_events: true,
-            uses_admission: false,
-        }
+        PolicyInfo::new("arc", env!("CARGO_PKG_VERSION")).with_access_events().with_miss_events()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
@@ -104,11 +98,11 @@ impl Policy for Arc {
         let n = capacity.presize();
         Ok(Self {
             capacity,
-            // T1 + T2 hold at most the cache (lists grow cheaply past these
-            // hints); either ghost may hold as much, and a ghost's hash table
-            // must never grow inside a budgeted call.
-            t1: IdList::with_capacity(n / 2),
-            t2: IdList::with_capacity(n / 2),
+            // Every structure is sized for the whole cache up front (T1 or T2,
+            // either ghost, may hold it all): growing one inside a budgeted
+            // call would copy it all at once.
+            t1: IdList::with_capacity(n),
+            t2: IdList::with_capacity(n),
             b1: Ghost::new(u64::MAX, n),
             b2: Ghost::new(u64::MAX, n),
             hashes: id_map_for(n),

@@ -18,13 +18,7 @@ pub struct Clock {
 
 impl Policy for Clock {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "clock".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: true,
-            wants_miss_events: false,
-            uses_admission: false,
-        }
+        PolicyInfo::new("clock", env!("CARGO_PKG_VERSION")).with_access_events()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {

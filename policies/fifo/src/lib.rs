@@ -15,13 +15,7 @@ pub struct Fifo {
 
 impl Policy for Fifo {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "fifo".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: false,
-            wants_miss_events: false,
-            uses_admission: false,
-        }
+        PolicyInfo::new("fifo", env!("CARGO_PKG_VERSION"))
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {

@@ -45,13 +45,7 @@ impl Lfu {
 
 impl Policy for Lfu {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "lfu".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: true,
-            wants_miss_events: false,
-            uses_admission: false,
-        }
+        PolicyInfo::new("lfu", env!("CARGO_PKG_VERSION")).with_access_events()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {

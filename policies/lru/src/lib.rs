@@ -15,13 +15,7 @@ pub struct Lru {
 
 impl Policy for Lru {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "lru".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: true,
-            wants_miss_events: false,
-            uses_admission: false,
-        }
+        PolicyInfo::new("lru", env!("CARGO_PKG_VERSION")).with_access_events()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {

@@ -27,13 +27,7 @@ impl Random {
 
 impl Policy for Random {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "random".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: false,
-            wants_miss_events: false,
-            uses_admission: false,
-        }
+        PolicyInfo::new("random", env!("CARGO_PKG_VERSION"))
     }
 
     fn create(capacity: Capacity, seed: u64, config: &Config) -> Result<Self, ConfigError> {

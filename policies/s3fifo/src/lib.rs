@@ -113,13 +113,7 @@ impl S3Fifo {
 
 impl Policy for S3Fifo {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "s3fifo".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: true,
-            wants_miss_events: true,
-            uses_admission: false,
-        }
+        PolicyInfo::new("s3fifo", env!("CARGO_PKG_VERSION")).with_access_events().with_miss_events()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
@@ -137,7 +131,7 @@ impl Policy for S3Fifo {
         let n = capacity.presize();
         Ok(Self {
             capacity,
-            small: IdList::with_capacity(n / 4),
+            small: IdList::with_capacity(n),
             main: IdList::with_capacity(n),
             meta: id_map_for(n),
             ghost: Ghost::new((limit as f64 * ghost_ratio) as u64, n),

@@ -39,13 +39,7 @@ impl Sieve {
 
 impl Policy for Sieve {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "sieve".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: true,
-            wants_miss_events: false,
-            uses_admission: false,
-        }
+        PolicyInfo::new("sieve", env!("CARGO_PKG_VERSION")).with_access_events()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {

@@ -25,13 +25,7 @@ impl Ttl {
 
 impl Policy for Ttl {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "ttl".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: false,
-            wants_miss_events: false,
-            uses_admission: false,
-        }
+        PolicyInfo::new("ttl", env!("CARGO_PKG_VERSION"))
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {

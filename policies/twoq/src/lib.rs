@@ -42,13 +42,7 @@ impl TwoQ {
 
 impl Policy for TwoQ {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "twoq".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: true,
-            wants_miss_events: true,
-            uses_admission: false,
-        }
+        PolicyInfo::new("twoq", env!("CARGO_PKG_VERSION")).with_access_events().with_miss_events()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
@@ -64,7 +58,7 @@ impl Policy for TwoQ {
         let n = capacity.presize();
         Ok(Self {
             capacity,
-            a1in: IdList::with_capacity(n / 2),
+            a1in: IdList::with_capacity(n),
             am: IdList::with_capacity(n),
             a1out: Ghost::new((limit as f64 * out_ratio) as u64, n / 2),
             hashes: id_map_for(n),

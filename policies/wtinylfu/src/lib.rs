@@ -202,13 +202,7 @@ impl WTinyLfu {
 
 impl Policy for WTinyLfu {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "wtinylfu".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            wants_access_events: true,
-            wants_miss_events: false,
-            uses_admission: false,
-        }
+        PolicyInfo::new("wtinylfu", env!("CARGO_PKG_VERSION")).with_access_events()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
@@ -226,7 +220,7 @@ impl Policy for WTinyLfu {
         let n = capacity.presize();
         Ok(Self {
             capacity,
-            window: IdList::with_capacity(n / 16),
+            window: IdList::with_capacity(n),
             probation: IdList::with_capacity(n),
             protected: IdList::with_capacity(n),
             meta: id_map_for(n),

@@ -48,13 +48,7 @@ impl Hostile {
 
 impl Policy for Hostile {
     fn info() -> PolicyInfo {
-        PolicyInfo {
-            name: "hostile".into(),
-            version: "0.0.1".into(),
-            wants_access_events: true,
-            wants_miss_events: false,
-            uses_admission: true,
-        }
+        PolicyInfo::new("hostile", "0.0.1").with_access_events().with_admission()
     }
 
     fn create(_: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
