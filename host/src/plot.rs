@@ -11,8 +11,10 @@ pub struct Series {
     pub points: Vec<(u64, f64)>,
 }
 
-const COLORS: [&str; 10] =
-    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+const COLORS: [&str; 12] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#000000", "#aec7e8",
+];
 
 /// Renders `series` as an SVG document titled `title`.
 pub fn svg(title: &str, series: &[Series]) -> String {
