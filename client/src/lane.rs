@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
-/// Largest reply frame a client accepts.
-const MAX_REPLY: usize = 64 << 20;
+/// Largest reply frame a client accepts (the node never sends more).
+const MAX_REPLY: usize = cachet_proto::MAX_REPLY_LEN + (1 << 20);
 
 /// Where a caller waits for its reply.
 type Reply = oneshot::Sender<Result<Response, ClientError>>;
@@ -66,6 +66,11 @@ async fn write_loop(
     while let Some(first) = requests.recv().await {
         let mut next = Some(first);
         while let Some((id, frame, tx)) = next {
+            if !open.load(Ordering::Relaxed) {
+                let _ = tx.send(Err(ClientError::Connection("stream closed".into())));
+                next = requests.try_recv().ok();
+                continue;
+            }
             if let Ok(mut map) = pending.lock() {
                 map.insert(id, tx);
             }
@@ -105,12 +110,24 @@ async fn read_loop(mut recv: quinn::RecvStream, pending: Pending, open: Arc<Atom
                     }
                 }
                 Ok(Decoded::Incomplete { .. }) => break,
+                Err(err @ cachet_proto::FrameError::TooLarge { .. }) => {
+                    open.store(false, Ordering::Relaxed);
+                    fail_all(&pending, &err.to_string());
+                    return;
+                }
                 Err(err) => {
+                    // A reply this client cannot read: fail its caller now
+                    // rather than at the timeout.
                     tracing::warn!(%err, "undecodable reply");
-                    if matches!(err, cachet_proto::FrameError::TooLarge { .. }) {
-                        open.store(false, Ordering::Relaxed);
-                        fail_all(&pending, &err.to_string());
-                        return;
+                    let id = match &err {
+                        cachet_proto::FrameError::Malformed { id, .. } => *id,
+                        cachet_proto::FrameError::UnknownCommand { id, .. }
+                        | cachet_proto::FrameError::UnsupportedVersion { id, .. } => Some(*id),
+                        _ => None,
+                    };
+                    let waiter = id.and_then(|id| pending.lock().ok().and_then(|mut map| map.remove(&id)));
+                    if let Some(tx) = waiter {
+                        let _ = tx.send(Err(ClientError::Protocol(err.to_string())));
                     }
                 }
             }

@@ -73,6 +73,7 @@ fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::UnsupportedVersion => "unsupported version",
         ErrorCode::NotOwner => "not owner",
         ErrorCode::NotAllowed => "not allowed",
+        ErrorCode::InvalidArgument => "invalid argument",
         ErrorCode::Internal => "internal error",
     }
 }
@@ -88,9 +89,11 @@ pub struct ClientConfig {
     pub ca_file: Option<PathBuf>,
     /// Per-request timeout.
     pub timeout: Duration,
-    /// Long-lived streams to pipeline requests on.
+    /// Long-lived streams to pipeline requests on. Keep it below the node's
+    /// stream limit (64 by default): large requests open streams of their
+    /// own on top of these.
     pub lanes: usize,
-    /// Requests carrying more value bytes than this get a stream of their own.
+    /// Requests whose frame is larger than this get a stream of their own.
     pub large_value: usize,
     /// Client certificate and key (PEM) for nodes that require mutual TLS.
     pub identity: Option<(PathBuf, PathBuf)>,
@@ -255,10 +258,13 @@ impl Client {
     /// Sends one request and waits for its reply.
     async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let timeout = self.inner.config.timeout;
-        let large = payload_len(&request) > self.inner.config.large_value;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = BytesMut::new();
         cachet_proto::encode(id, &request, &mut frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        // Big frames (a large value, a long key list) get a stream of their
+        // own: they never delay small requests, and if the node refuses one
+        // (closing that stream) no other request shares its fate.
+        let large = frame.len() > self.inner.config.large_value;
         let conn = self.connection().await?;
         let reply = if large {
             tokio::time::timeout(timeout, lane::one_shot(&conn.connection, frame)).await
@@ -416,14 +422,6 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Best effort: tell the node now rather than at its idle timeout.
         self.endpoint.close(0u32.into(), b"client dropped");
-    }
-}
-
-fn payload_len(request: &Request) -> usize {
-    match request {
-        Request::Set { value, .. } => value.len(),
-        Request::MSet { pairs } => pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
-        _ => 0,
     }
 }
 

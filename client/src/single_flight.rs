@@ -62,22 +62,30 @@ impl SingleFlight {
                 Err(LoadError::Cache(ClientError::Connection("the leading load was cancelled".into())))
             });
         }
-        // Removes the entry even if this future is dropped mid-load, so
-        // later callers start a new load instead of waiting forever.
-        struct Leader<'a>(&'a SingleFlight, Bytes);
+        // Removes the entry if this future is dropped mid-load, so later
+        // callers start a new load instead of waiting forever; disarmed once
+        // the load has finished and removed the entry itself (a later leader
+        // may own the key by then).
+        struct Leader<'a> {
+            flight: &'a SingleFlight,
+            key: Bytes,
+            armed: bool,
+        }
         impl Drop for Leader<'_> {
             fn drop(&mut self) {
-                let mut map = self.0.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                map.remove(&self.1);
+                if self.armed {
+                    let mut map = self.flight.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    map.remove(&self.key);
+                }
             }
         }
-        let leader = Leader(self, key.clone());
+        let mut leader = Leader { flight: self, key: key.clone(), armed: true };
         let result = load.await;
         let waiters = {
             let mut map = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            leader.armed = false;
             map.remove(&key).unwrap_or_default()
         };
-        drop(leader);
         for tx in waiters {
             let _ = tx.send(result.clone());
         }

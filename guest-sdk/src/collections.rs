@@ -412,17 +412,21 @@ pub struct Ghost {
     members: KeyMap<(u64, u64)>,
     weight: u64,
     limit: u64,
+    /// Also a bound on the number of keys: with byte weights a ghost of
+    /// small entries could otherwise outgrow the table sized for it.
+    max_keys: usize,
     next_seq: u64,
 }
 
 impl Ghost {
-    /// A ghost holding up to `limit` weight, sized for about `n` keys.
+    /// A ghost holding up to `limit` weight and at most `n` keys.
     pub fn new(limit: u64, n: usize) -> Self {
         Self {
             queue: std::collections::VecDeque::with_capacity(n),
             members: KeyMap::with_capacity(n),
             weight: 0,
             limit,
+            max_keys: n.max(1),
             next_seq: 0,
         }
     }
@@ -454,7 +458,7 @@ impl Ghost {
         self.members.insert(key, (seq, weight));
         self.queue.push_back((key, seq));
         self.weight += weight;
-        while self.weight > self.limit {
+        while self.weight > self.limit || self.members.len() > self.max_keys {
             let Some((old, old_seq)) = self.queue.pop_front() else { break };
             if let Some((live_seq, w)) = self.members.get(old)
                 && live_seq == old_seq
@@ -524,6 +528,16 @@ mod map_tests {
         for (k, v) in model {
             assert_eq!(map.get(k), Some(v));
         }
+    }
+
+    #[test]
+    fn ghost_holds_at_most_its_key_count_whatever_the_weights() {
+        let mut ghost = Ghost::new(u64::MAX, 3);
+        for key in 1..=5 {
+            ghost.insert(key, 0);
+        }
+        assert_eq!(ghost.len(), 3);
+        assert!(!ghost.contains(2) && ghost.contains(3) && ghost.contains(5));
     }
 
     #[test]

@@ -151,6 +151,9 @@ impl Node {
         match request {
             Request::Get { key } => Response::Value(self.shard(&key).get(now, &key)),
             Request::Set { key, value, ttl_ms, condition, hint } => {
+                if ttl_ms == Some(0) {
+                    return Response::Error(ErrorReply::new(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms"));
+                }
                 let mut shard = self.shard(&key);
                 let present = shard.contains(now, &key);
                 let applies = match condition {
@@ -181,8 +184,24 @@ impl Node {
                 Some(None) => TtlState::Persistent,
                 Some(Some(ms)) => TtlState::Remaining(ms),
             }),
+            Request::Expire { key, ttl_ms: 0 } => Response::Applied(self.shard(&key).delete(now, &key)),
             Request::Expire { key, ttl_ms } => Response::Applied(self.shard(&key).expire(now, &key, ttl_ms)),
-            Request::MGet { keys } => Response::Values(keys.iter().map(|key| self.shard(key).get(now, key)).collect()),
+            Request::MGet { keys } => {
+                let mut values = Vec::with_capacity(keys.len());
+                let mut total = 0usize;
+                for key in &keys {
+                    let value = self.shard(key).get(now, key);
+                    total += value.as_ref().map_or(0, |v| v.len()) + 16;
+                    if total > cachet_proto::MAX_REPLY_LEN - (64 << 10) {
+                        return Response::Error(ErrorReply::new(
+                            ErrorCode::TooLarge,
+                            format!("the reply would exceed {} bytes; ask for fewer keys", cachet_proto::MAX_REPLY_LEN),
+                        ));
+                    }
+                    values.push(value);
+                }
+                Response::Values(values)
+            }
             Request::MSet { pairs } => {
                 // Check every pair first so a refused one changes nothing.
                 for (key, value) in &pairs {
@@ -203,11 +222,17 @@ impl Node {
         }
     }
 
+    /// The checks a shard makes before storing, made up front so a multi-key
+    /// write can refuse before changing anything.
     fn check_sizes(&self, key: &[u8], value: &[u8]) -> Option<Response> {
+        let shard_bytes = self.config.max_bytes / self.shards.len() as u64;
+        let size = (key.len() + value.len()) as u64;
         let err = if key.len() > self.config.max_key_size {
             ShardError::KeyTooLarge { size: key.len(), limit: self.config.max_key_size }
         } else if value.len() > self.config.max_value_size {
             ShardError::ValueTooLarge { size: value.len(), limit: self.config.max_value_size }
+        } else if size > shard_bytes {
+            ShardError::EntryTooLarge { size, limit: shard_bytes }
         } else {
             return None;
         };
@@ -343,6 +368,35 @@ mod tests {
         assert_eq!(node.execute(Request::Ping), Response::Pong);
         let Response::Stats(stats) = node.execute(Request::Stats) else { panic!("stats") };
         assert_eq!((stats.entries, stats.shards, stats.policy.as_str()), (4, 3, "lru"));
+    }
+
+    #[test]
+    fn replies_are_bounded_and_ttls_must_be_positive() {
+        let policy: Arc<dyn PolicyFactory> = Arc::new(NativeFactory::<cachet_policy_lru::Lru>::new(Config::default()));
+        let config = NodeConfig { shards: 1, max_value_size: 1 << 20, ..NodeConfig::default() };
+        let node = Node::new(config, policy).expect("node");
+        node.execute(Request::Set {
+            key: b("big"),
+            value: Bytes::from(vec![0u8; 1 << 20]),
+            ttl_ms: None,
+            condition: Condition::Always,
+            hint: 0,
+        });
+        // 70 copies of a 1 MiB value: a 3-byte-per-key request for a 70 MiB reply.
+        let reply = node.execute(Request::MGet { keys: vec![b("big"); 70] });
+        assert!(matches!(reply, Response::Error(ErrorReply { code: ErrorCode::TooLarge, .. })), "{reply:?}");
+        assert!(matches!(node.execute(Request::MGet { keys: vec![b("big"); 3] }), Response::Values(v) if v.len() == 3));
+        let zero = node.execute(Request::Set {
+            key: b("k"),
+            value: b("v"),
+            ttl_ms: Some(0),
+            condition: Condition::Always,
+            hint: 0,
+        });
+        assert!(matches!(zero, Response::Error(ErrorReply { code: ErrorCode::InvalidArgument, .. })), "{zero:?}");
+        node.execute(set("k", "v", Condition::Always));
+        assert_eq!(node.execute(Request::Expire { key: b("k"), ttl_ms: 0 }), Response::Applied(true));
+        assert_eq!(node.execute(Request::Get { key: b("k") }), Response::Value(None), "EXPIRE 0 deletes");
     }
 
     #[test]

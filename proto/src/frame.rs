@@ -13,6 +13,10 @@ use crate::message::PROTOCOL_VERSION;
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
 
+/// Largest reply a node sends and a client accepts; a request whose reply
+/// would be larger (an MGET of many large values) is answered `TooLarge`.
+pub const MAX_REPLY_LEN: usize = 64 << 20;
+
 /// One frame's content.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<T> {
@@ -84,12 +88,24 @@ pub fn encode<T: Serialize>(id: u64, body: &T, out: &mut BytesMut) -> Result<(),
     out.put_u32(0);
     let envelope = Envelope { v: PROTOCOL_VERSION, id, body };
     let mut writer = out.writer();
-    rmp_serde::encode::write_named(&mut writer, &envelope).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let written = rmp_serde::encode::write_named(&mut writer, &envelope);
     let out = writer.into_inner();
     let len = out.len() - start - HEADER_LEN;
-    let len = u32::try_from(len).map_err(|_| FrameError::Encode(format!("frame of {len} bytes")))?;
-    out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
-    Ok(())
+    match (written, u32::try_from(len)) {
+        (Ok(()), Ok(len)) => {
+            out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+            Ok(())
+        }
+        // Never leave half a frame behind: the stream would desynchronise.
+        (Err(e), _) => {
+            out.truncate(start);
+            Err(FrameError::Encode(e.to_string()))
+        }
+        (_, Err(_)) => {
+            out.truncate(start);
+            Err(FrameError::Encode(format!("frame of {len} bytes")))
+        }
+    }
 }
 
 /// The fields every frame has, read when the body does not decode.

@@ -8,7 +8,7 @@
 pub mod frame;
 pub mod message;
 
-pub use frame::{Decoded, Envelope, FrameError, decode, encode};
+pub use frame::{Decoded, Envelope, FrameError, MAX_REPLY_LEN, decode, encode};
 pub use message::{ALPN, Condition, ErrorCode, ErrorReply, NodeStats, PROTOCOL_VERSION, Request, Response, TtlState};
 
 /// The stable 64-bit hash of a key (XXH3), the same in every process and on

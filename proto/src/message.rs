@@ -58,7 +58,8 @@ pub enum Request {
         /// The key.
         key: Bytes,
     },
-    /// Set a key's time to live; replies whether the key existed.
+    /// Set a key's time to live; replies whether the key existed. A TTL of
+    /// 0 deletes the key, as in Redis.
     Expire {
         /// The key.
         key: Bytes,
@@ -207,6 +208,8 @@ pub enum ErrorCode {
     NotOwner,
     /// A write sent in 0-RTT data.
     NotAllowed,
+    /// An argument out of its range (a TTL of 0).
+    InvalidArgument,
     /// The node failed; the message says how.
     Internal,
 }

@@ -441,3 +441,28 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     client.set("k", "v").await.expect("set");
     assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from_static(b"v")));
 }
+
+#[tokio::test]
+async fn an_oversized_request_fails_alone_and_other_requests_go_on() {
+    // Room for the client's 4 lanes plus one-shot streams, as in production.
+    let node = TestNode::start_with(NodeConfig { shards: 2, max_value_size: 4096, ..NodeConfig::default() }, 16);
+    let mut config = node.client_config();
+    // Like production, where a frame over the node's limit is always over
+    // the client's large-request threshold.
+    config.large_value = 1024;
+    let client = Client::connect(config).await.expect("connects");
+    client.set("k", "v").await.expect("set");
+    let keys: Vec<String> = (0..200).map(|i| format!("{i:0>64}")).collect();
+    let pings: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get("k").await })
+        })
+        .collect();
+    let err = client.delete(&keys).await.expect_err("frame over the node's limit");
+    assert!(matches!(err, ClientError::Server(ref e) if e.code == ErrorCode::TooLarge), "{err}");
+    for ping in pings {
+        assert_eq!(ping.await.expect("task").expect("unaffected"), Some(Bytes::from_static(b"v")));
+    }
+    assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from_static(b"v")));
+}

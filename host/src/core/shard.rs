@@ -391,7 +391,15 @@ impl Shard {
         let hash = cachet_proto::key_hash(key);
         let expires_at = options.ttl_ms.map(|ttl| now.saturating_add(ttl));
         self.clock += 1;
-        if let Some(index) = self.find(hash, key) {
+        let mut found = self.find(hash, key);
+        if let Some(index) = found.filter(|&i| self.is_expired(i, now)) {
+            // Dead but not yet reaped: it expires now and the write is a new
+            // entry, not a hit on the old one.
+            self.remove(now, index, RemovalCause::Expired);
+            self.stats.expired += 1;
+            found = None;
+        }
+        if let Some(index) = found {
             let expires_at = if options.keep_ttl { self.slab.get(index).expires_at } else { expires_at };
             self.update(now, index, value, expires_at, options.hint);
             return Ok(SetOutcome::Updated);
@@ -853,6 +861,16 @@ mod tests {
         set(&mut shard, 1_001, "forever", "z", None);
         assert_eq!(shard.tick(2_000), 0);
         assert!(shard.contains(2_000, b"forever"));
+    }
+
+    #[test]
+    fn writing_an_expired_unreaped_key_is_a_new_insert() {
+        let mut shard = lru_shard(ShardConfig::default());
+        set(&mut shard, 0, "k", "old", Some(10));
+        assert_eq!(set(&mut shard, 20, "k", "new", None), SetOutcome::Inserted);
+        assert_eq!(shard.stats().expired, 1);
+        assert_eq!((shard.len(), shard.stats().inserts, shard.stats().updates), (1, 2, 0));
+        assert_eq!(shard.get(20, b"k").as_deref(), Some(&b"new"[..]));
     }
 
     #[test]

@@ -223,6 +223,9 @@ async fn handle_connection(
     }
 }
 
+/// Replies buffered per stream before they are written out.
+const FLUSH_AT: usize = 256 << 10;
+
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error(ErrorReply::new(code, message))
 }
@@ -253,6 +256,7 @@ async fn handle_stream(
             }
         }
         let mut fatal = false;
+        let mut frames = 0u32;
         loop {
             let (id, reply) = match cachet_proto::decode::<Request>(&mut input, max_frame) {
                 Ok(Decoded::Frame(envelope)) => (envelope.id, node.execute(envelope.body)),
@@ -278,6 +282,20 @@ async fn handle_stream(
             }
             if fatal {
                 break;
+            }
+            // Pipelined requests may ask for far more reply bytes than they
+            // carry: send what is ready before executing more, so the node
+            // never buffers more than a bounded amount per stream, and let
+            // other connections on this thread run now and then.
+            frames += 1;
+            if output.len() >= FLUSH_AT {
+                if send.write_all(&output).await.is_err() {
+                    return;
+                }
+                output.clear();
+            }
+            if frames.is_multiple_of(64) {
+                tokio::task::yield_now().await;
             }
         }
         if !output.is_empty() {

@@ -46,9 +46,9 @@ pub(crate) struct WasmPolicy {
     limits: Limits,
     /// Reused conversion buffer for event batches.
     batch: Vec<wt::Event>,
-    /// Entries the policy holds, tracked from the events it is sent and the
-    /// ids it gives back: calls that may scan them get fuel for one pass.
-    resident: u64,
+    /// Fuel for one pass over a full shard: calls that may walk the
+    /// policy's state (sized for the whole capacity) get it on top.
+    scan_fuel: u64,
 }
 
 impl WasmPolicy {
@@ -66,6 +66,7 @@ impl WasmPolicy {
         seed: u64,
         config: &[(String, String)],
     ) -> Result<Self, PolicyError> {
+        let scan_fuel = limits.fuel_per_resident.saturating_mul(capacity.presize() as u64);
         let mut store = Self::store(engine, limits.memory_cap(capacity));
         // Creating may size tables for the whole capacity up front (so later
         // calls never grow them), which is work proportional to it.
@@ -79,7 +80,7 @@ impl WasmPolicy {
             .call_create(&mut store, capacity, seed, config)
             .map_err(|e| PolicyError::Fault(classify(&store, e)))?
             .map_err(PolicyError::Create)?;
-        Ok(Self { store, bindings, handle, limits, batch: Vec::new(), resident: 0 })
+        Ok(Self { store, bindings, handle, limits, batch: Vec::new(), scan_fuel })
     }
 
     /// Refuels for a call carrying `items` events or entries.
@@ -88,24 +89,13 @@ impl WasmPolicy {
         self.store.set_fuel(fuel).map_err(|e| PolicyFault { kind: FaultKind::Trap, detail: e.to_string() })
     }
 
-    /// Refuels for a call that may walk every resident entry once (victim
+    /// Refuels for a call that may walk the policy's state once (victim
     /// choice in CLOCK-like policies, S3-FIFO's first eviction after a
     /// warm-up, a sketch's periodic halving, exports), on top of its `items`.
     fn refuel_scan(&mut self, items: usize) -> Result<(), PolicyFault> {
-        let scan = self.limits.fuel_per_resident.saturating_mul(self.resident);
-        let fuel =
-            self.limits.fuel_per_call + self.limits.fuel_per_item.saturating_mul(items as u64).saturating_add(scan);
+        let fuel = self.limits.fuel_per_call
+            + self.limits.fuel_per_item.saturating_mul(items as u64).saturating_add(self.scan_fuel);
         self.store.set_fuel(fuel).map_err(|e| PolicyFault { kind: FaultKind::Trap, detail: e.to_string() })
-    }
-
-    fn count(&mut self, events: &[Event]) {
-        for event in events {
-            match event {
-                Event::Inserted(_) => self.resident += 1,
-                Event::Removed(..) => self.resident = self.resident.saturating_sub(1),
-                _ => {}
-            }
-        }
     }
 
     fn fault(&self, err: wasmtime::Error) -> PolicyFault {
@@ -138,7 +128,6 @@ impl EvictionPolicy for WasmPolicy {
     fn on_events(&mut self, now: u64, events: &[Event]) -> Result<(), PolicyFault> {
         // Events may trigger periodic whole-structure work too (W-TinyLFU
         // halves its sketch every so many hits).
-        self.count(events);
         self.refuel_scan(events.len())?;
         self.batch.clear();
         self.batch.extend(events.iter().map(wit_event));
@@ -159,7 +148,6 @@ impl EvictionPolicy for WasmPolicy {
         need: Need,
         out: &mut Vec<EntryId>,
     ) -> Result<(), PolicyFault> {
-        self.count(events);
         self.refuel_scan(events.len() + need.entries as usize)?;
         self.batch.clear();
         self.batch.extend(events.iter().map(wit_event));
@@ -167,7 +155,6 @@ impl EvictionPolicy for WasmPolicy {
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
         let ids =
             guest.call_pick_victims(&mut self.store, self.handle, now, &self.batch, need).map_err(|e| self.fault(e))?;
-        self.resident = self.resident.saturating_sub(ids.len() as u64);
         out.extend(ids);
         Ok(())
     }
@@ -176,7 +163,6 @@ impl EvictionPolicy for WasmPolicy {
         self.refuel_scan(0)?;
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
         let ids = guest.call_expired(&mut self.store, self.handle, now).map_err(|e| self.fault(e))?;
-        self.resident = self.resident.saturating_sub(ids.len() as u64);
         out.extend(ids);
         Ok(())
     }

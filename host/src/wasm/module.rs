@@ -22,11 +22,12 @@ pub struct Limits {
     /// Extra fuel per event or entry for calls that carry many (batches,
     /// hand-off replays).
     pub fuel_per_item: u64,
-    /// Extra fuel per resident entry for calls that may walk them all once
-    /// (events, victim choice, policy deadlines, exports). CLOCK's hand,
-    /// SIEVE's hand and S3-FIFO's queues can legitimately pass over
-    /// everything in one eviction, and W-TinyLFU halves a sketch sized by
-    /// the cache, so a shard's worst call grows with its size.
+    /// Extra fuel per entry of capacity ([`Capacity::presize`]) for calls
+    /// that may walk the policy's whole state once (events, victim choice,
+    /// policy deadlines, exports). CLOCK's hand, SIEVE's hand and S3-FIFO's
+    /// queues can legitimately pass over everything in one eviction, and
+    /// W-TinyLFU halves a sketch sized by the cache, so a shard's worst call
+    /// grows with its size.
     pub fuel_per_resident: u64,
     /// Base cap on the instance's linear memory; growing past the cap is a
     /// `memory` fault.

@@ -60,7 +60,7 @@ impl Policy for TwoQ {
             capacity,
             a1in: IdList::with_capacity(n),
             am: IdList::with_capacity(n),
-            a1out: Ghost::new((limit as f64 * out_ratio) as u64, n / 2),
+            a1out: Ghost::new((limit as f64 * out_ratio) as u64, n),
             hashes: id_map_for(n),
             a1in_used: 0,
             a1in_limit: (limit as f64 * in_ratio) as u64,
