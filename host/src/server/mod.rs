@@ -177,7 +177,10 @@ async fn run_endpoint(
                     incoming.refuse();
                     continue;
                 }
-                tokio::spawn(handle_connection(node.clone(), incoming, options.max_frame, stopped.clone()));
+                // Counted from acceptance, so a burst of handshakes cannot
+                // slip past the cap before any of them completes.
+                let counted = node.connection();
+                tokio::spawn(handle_connection(node.clone(), counted, incoming, options.max_frame, stopped.clone()));
             }
             _ = stopped.changed() => break,
         }
@@ -190,6 +193,7 @@ async fn run_endpoint(
 
 async fn handle_connection(
     node: Arc<Node>,
+    _counted: crate::node::ConnectionGuard,
     incoming: quinn::Incoming,
     max_frame: usize,
     mut stopped: watch::Receiver<bool>,
@@ -202,7 +206,6 @@ async fn handle_connection(
             return;
         }
     };
-    let _counted = node.connection();
     loop {
         tokio::select! {
             stream = connection.accept_bi() => match stream {
