@@ -39,22 +39,18 @@ impl Arc {
         self.pending.map_or(GhostHit::None, |(_, hit)| hit)
     }
 
-    fn evict_t1(&mut self) -> Option<(EntryId, u64)> {
-        let (id, size) = self.t1.pop_front()?;
+    /// Evicts the LRU entry of `T1` (into `B1`) or of `T2` (into `B2`).
+    fn evict_lru(&mut self, from_t1: bool) -> Option<(EntryId, u64)> {
+        let (list, used, ghost) = if from_t1 {
+            (&mut self.t1, &mut self.t1_used, &mut self.b1)
+        } else {
+            (&mut self.t2, &mut self.t2_used, &mut self.b2)
+        };
+        let (id, size) = list.pop_front()?;
         let w = self.capacity.weight(size);
-        self.t1_used -= w;
+        *used -= w;
         if let Some(hash) = self.hashes.remove(&id) {
-            self.b1.insert(hash, w);
-        }
-        Some((id, size))
-    }
-
-    fn evict_t2(&mut self) -> Option<(EntryId, u64)> {
-        let (id, size) = self.t2.pop_front()?;
-        let w = self.capacity.weight(size);
-        self.t2_used -= w;
-        if let Some(hash) = self.hashes.remove(&id) {
-            self.b2.insert(hash, w);
+            ghost.insert(hash, w);
         }
         Some((id, size))
     }
@@ -63,8 +59,7 @@ impl Arc {
     fn replace(&mut self) -> Option<(EntryId, u64)> {
         let t1 = self.t1_used as f64;
         let from_t1 = self.t1_used > 0 && (t1 > self.p || (t1 == self.p && self.hit() == GhostHit::B2));
-        let victim = if from_t1 { self.evict_t1() } else { self.evict_t2() };
-        victim.or_else(|| self.evict_t1())
+        self.evict_lru(from_t1).or_else(|| self.evict_lru(true))
     }
 
     fn evict_one(&mut self) -> Option<(EntryId, u64)> {
