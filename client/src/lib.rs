@@ -22,7 +22,10 @@
 mod lane;
 mod single_flight;
 
-pub use cachet_proto::{Condition, ErrorCode, ErrorReply, NodeStats, TtlState, key_hash};
+pub use cachet_proto::{
+    AdminCommand, Condition, ErrorCode, ErrorReply, ModuleListing, NodeStats, PolicyListing, ShadowListing,
+    ShardListing, TtlState, key_hash,
+};
 pub use single_flight::LoadError;
 
 use bytes::{Bytes, BytesMut};
@@ -75,6 +78,10 @@ fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::NotAllowed => "not allowed",
         ErrorCode::InvalidArgument => "invalid argument",
         ErrorCode::Internal => "internal error",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::NotFound => "not found",
+        ErrorCode::Busy => "busy",
+        ErrorCode::InvalidModule => "invalid module",
     }
 }
 
@@ -376,6 +383,15 @@ impl Client {
     pub async fn stats(&self) -> Result<NodeStats, ClientError> {
         match self.call(Request::Stats).await? {
             Response::Stats(stats) => Ok(stats),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs a policy operation (`cachet policy ...`) with the node's admin
+    /// token; replies with the registry as it is afterwards.
+    pub async fn admin(&self, token: &str, command: AdminCommand) -> Result<PolicyListing, ClientError> {
+        match self.call(Request::Admin { token: token.to_string(), command }).await? {
+            Response::Policies(listing) => Ok(*listing),
             other => Err(unexpected(&other)),
         }
     }

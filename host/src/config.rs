@@ -33,6 +33,10 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     /// `--tls-ca`.
     pub tls_ca: Option<PathBuf>,
+    /// `--admin-token-file`.
+    pub admin_token_file: Option<PathBuf>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<String>,
 }
 
 /// A configuration that cannot be used.

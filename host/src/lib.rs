@@ -10,16 +10,24 @@
 //! - [`sim`]: trace replay through the real shard (`cachet sim`).
 //! - [`node`]: a node's shards and the protocol's commands, no network.
 //! - [`server`]: the QUIC shell (thread per core) and TLS.
+//! - [`registry`]: policy modules by name, version and hash, on disk.
+//! - [`admin`]: live policy operations (hot-swap, rollback, quarantine).
+//! - [`shadow`]: predicting a candidate's hit ratio on sampled traffic.
+//! - [`metrics`]: Prometheus text exposition and its HTTP endpoint.
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod core;
+pub mod metrics;
 pub mod node;
 pub mod plot;
 pub mod policies;
+pub mod registry;
 pub mod server;
+pub mod shadow;
 pub mod sim;
 pub mod trace;
 pub mod wasm;

@@ -6,10 +6,11 @@ use cachet::config::{FileConfig, parse_size};
 use cachet::node::{Node, NodeConfig};
 use cachet::plot;
 use cachet::policies::{self, PolicySpec};
+use cachet::registry::Registry;
 use cachet::server::{self, ServeOptions, tls::TlsSource};
 use cachet::sim::{self, SimOptions, SimReport};
 use cachet::wasm::{Limits, PolicyEngine};
-use cachet_client::{Client, ClientConfig, Condition, SetOptions};
+use cachet_client::{AdminCommand, Client, ClientConfig, Condition, PolicyListing, SetOptions};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -76,6 +77,103 @@ enum Command {
     },
     /// Load-test a node.
     Bench(Box<BenchArgs>),
+    /// Live policy operations on a node: load, activate, rollback, list,
+    /// shadow (admin token required).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Store a policy component in the node's registry as NAME@VERSION.
+    Load {
+        /// The component (.wasm).
+        path: PathBuf,
+        /// Module name.
+        #[arg(long)]
+        name: String,
+        /// Module version.
+        #[arg(long)]
+        version: String,
+        /// Policy setting stored with the module, repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// Fuel per policy call [default: the node's].
+        #[arg(long)]
+        fuel_per_call: Option<u64>,
+        /// Base memory cap per instance, e.g. 16MiB [default: the node's].
+        #[arg(long)]
+        max_memory: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Hot-swap every shard of the node to NAME@VERSION.
+    Activate {
+        /// NAME@VERSION.
+        module: String,
+        /// Settings replacing the stored ones for this activation, repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Swap back to the previously active version.
+    Rollback {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Modules, versions, hashes, the active one, faults, shadow results.
+    List {
+        /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Predict NAME@VERSION's hit ratio on sampled live traffic (`--stop`
+    /// ends the evaluation).
+    Shadow {
+        /// NAME@VERSION.
+        #[arg(required_unless_present = "stop")]
+        module: Option<String>,
+        /// Stop the running evaluation.
+        #[arg(long, conflicts_with = "module")]
+        stop: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// File holding the node's admin token [default: $CACHET_ADMIN_TOKEN].
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+impl AdminArgs {
+    fn token(&self) -> Result<String> {
+        match &self.admin_token_file {
+            Some(path) => read_token(path),
+            None => match std::env::var("CACHET_ADMIN_TOKEN") {
+                Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+                _ => bail!("policy commands need the admin token: --admin-token-file FILE or CACHET_ADMIN_TOKEN"),
+            },
+        }
+    }
+}
+
+/// Reads a token file; surrounding whitespace (a trailing newline) is not
+/// part of the token.
+fn read_token(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the admin token {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("the admin token file {} is empty", path.display());
+    }
+    Ok(token.to_string())
 }
 
 #[derive(clap::Args, Clone)]
@@ -160,6 +258,13 @@ struct ServeArgs {
     /// --tls-cert and --tls-key.
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
+    /// File holding the admin token that `cachet policy` commands must
+    /// present; without it admin commands are refused.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// TCP address serving Prometheus metrics at /metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -335,6 +440,90 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }),
         Command::Bench(args) => run_bench(*args),
+        Command::Policy(command) => run_policy(command),
+    }
+}
+
+fn run_policy(command: PolicyCommand) -> Result<()> {
+    let (admin, json, command) = match command {
+        PolicyCommand::Load { path, name, version, config, fuel_per_call, max_memory, admin } => {
+            let module = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let max_memory_bytes = max_memory.as_deref().map(parse_size).transpose()?;
+            let config = parse_config(&config)?;
+            let command =
+                AdminCommand::Load { name, version, config, module: module.into(), fuel_per_call, max_memory_bytes };
+            (admin, false, command)
+        }
+        PolicyCommand::Activate { module, config, admin } => {
+            let (name, version) = cachet::admin::split_label(&module).map_err(anyhow::Error::msg)?;
+            let config = if config.is_empty() { None } else { Some(parse_config(&config)?) };
+            (admin, false, AdminCommand::Activate { name, version, config })
+        }
+        PolicyCommand::Rollback { admin } => (admin, false, AdminCommand::Rollback),
+        PolicyCommand::List { json, admin } => (admin, json, AdminCommand::List),
+        PolicyCommand::Shadow { module, stop: _, admin } => {
+            let (name, version) = match module {
+                Some(label) => cachet::admin::split_label(&label).map_err(anyhow::Error::msg)?,
+                None => (String::new(), String::new()),
+            };
+            (admin, false, AdminCommand::Shadow { name, version })
+        }
+    };
+    let token = admin.token()?;
+    let mut config = admin.client.config()?;
+    // Activation hands every resident entry to the new policy: give it time.
+    config.timeout = config.timeout.max(Duration::from_secs(120));
+    block_on(async move {
+        let client = Client::connect(config).await?;
+        let listing = client.admin(&token, command).await;
+        client.close().await;
+        let listing = listing?;
+        if json {
+            println!("{}", serde_json::to_string(&listing)?);
+        } else {
+            print_listing(&listing);
+        }
+        Ok(())
+    })
+}
+
+fn print_listing(listing: &PolicyListing) {
+    if !listing.message.is_empty() {
+        println!("{}\n", listing.message);
+    }
+    println!("active    {}", listing.active);
+    println!("previous  {}", listing.previous.as_deref().unwrap_or("-"));
+    println!("swaps     {}   quarantines {}\n", listing.swaps, listing.quarantines);
+    println!("| {:<22} | {:<8} | {:<12} | {:>6} | {:<6} | state", "module", "source", "sha256", "faults", "active");
+    for m in &listing.modules {
+        let sha = if m.sha256.is_empty() { "-" } else { &m.sha256[..m.sha256.len().min(12)] };
+        let label = format!("{}@{}", m.name, m.version);
+        let active = if m.active { "yes" } else { "" };
+        println!("| {label:<22} | {:<8} | {sha:<12} | {:>6} | {active:<6} | {}", m.source, m.faults, m.state);
+    }
+    println!();
+    for shard in &listing.shards {
+        let fallback = if shard.on_fallback { " (on native fallback)" } else { "" };
+        println!(
+            "shard {:<3} {}{fallback}, {} entries, {} faults",
+            shard.shard, shard.module, shard.entries, shard.faults
+        );
+    }
+    if let Some(shadow) = &listing.shadow {
+        println!(
+            "\nshadow    {} on {:.2}% of keys, {} sampled reads: predicted hit ratio {:.4} vs active {:.4} on the same sample (live {:.4}){}",
+            shadow.candidate,
+            shadow.sample_rate * 100.0,
+            shadow.sampled_reads,
+            shadow.candidate_hit_ratio,
+            shadow.active_hit_ratio,
+            shadow.live_hit_ratio,
+            if shadow.candidate_faults > 0 {
+                format!("; candidate faulted {} times", shadow.candidate_faults)
+            } else {
+                String::new()
+            }
+        );
     }
 }
 
@@ -378,7 +567,17 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     let engine = PolicyEngine::new()?;
     let spec = PolicySpec { name_or_path: policy_name, ..PolicySpec::default() };
     let policy = policies::resolve(&engine, &spec)?;
-    let node = Arc::new(Node::new(node_config, policy)?);
+    let registry = Registry::open(Some(&data_dir.join("modules")), engine)?;
+    let token = match args.admin_token_file.or(file.admin_token_file) {
+        Some(path) => Some(read_token(&path)?),
+        None => None,
+    };
+    let node = Arc::new(Node::new(node_config, policy)?.with_registry(registry, token));
+    let metrics_listen = match (args.metrics_listen, &file.metrics_listen) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(text)) => Some(text.parse().with_context(|| format!("metrics address `{text}`"))?),
+        (None, None) => None,
+    };
     let options = ServeOptions {
         listen,
         threads,
@@ -387,13 +586,30 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         max_streams: 64,
         max_frame: max_value_size + (128 << 10),
     };
-    let server = server::start(node, options)?;
+    let server = server::start(node.clone(), options)?;
     eprintln!("cachet: serving on {} (data dir {})", server.local_addr(), data_dir.display());
-    block_on(async {
+    block_on(async move {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let metrics = match metrics_listen {
+            Some(addr) => {
+                let (bound, at) = tokio::sync::oneshot::channel();
+                let task = tokio::spawn(cachet::metrics::serve(node, addr, stopped, bound));
+                match at.await {
+                    Ok(at) => eprintln!("cachet: metrics on http://{at}/metrics"),
+                    Err(_) => return task.await?.map_err(anyhow::Error::from),
+                }
+                Some(task)
+            }
+            None => None,
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+        }
+        let _ = stop.send(true);
+        if let Some(task) = metrics {
+            let _ = task.await;
         }
         Ok(())
     })?;

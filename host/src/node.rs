@@ -3,7 +3,9 @@
 //! (and later the RESP port) are thin shells around it, and tests drive it
 //! directly.
 
+use crate::admin::Control;
 use crate::core::{PolicyError, PolicyFactory, PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError};
+use crate::metrics::RequestMetrics;
 use bytes::Bytes;
 use cachet_proto::{Condition, ErrorCode, ErrorReply, NodeStats, Request, Response, TtlState};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,7 +76,8 @@ impl Clock for ManualClock {
 pub struct Node {
     shards: Vec<Mutex<Shard>>,
     config: NodeConfig,
-    policy: Arc<dyn PolicyFactory>,
+    pub(crate) control: Control,
+    pub(crate) metrics: RequestMetrics,
     clock: Arc<dyn Clock>,
     started: Instant,
     connections: AtomicU64,
@@ -106,7 +109,15 @@ impl Node {
                 Shard::new(shard, policy.clone()).map(Mutex::new)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { shards, config, policy, clock, started: Instant::now(), connections: AtomicU64::new(0) })
+        Ok(Self {
+            control: Control::new(policy, n as usize),
+            metrics: RequestMetrics::default(),
+            shards,
+            config,
+            clock,
+            started: Instant::now(),
+            connections: AtomicU64::new(0),
+        })
     }
 
     /// The node's limits.
@@ -135,20 +146,48 @@ impl Node {
         lock(&self.shards[i])
     }
 
+    /// Shards on the node.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Shard `i`, locked: for inspection, tools and tests.
+    pub fn lock_shard(&self, i: usize) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[i])
+    }
+
     /// Periodic work on every shard (active expiry, policy deadlines and
-    /// recovery); call every ~100 ms.
+    /// recovery), the shadow ghosts, and the supervisor that rolls back a
+    /// module that keeps faulting; call every ~100 ms, off the I/O path
+    /// (a rollback swaps every shard).
     pub fn tick(&self) {
         let now = self.now_ms();
         for shard in &self.shards {
             lock(shard).tick(now);
         }
+        if let Some(shadow) = self.control.shadow().as_mut().and_then(|s| s.as_mut()) {
+            shadow.tick(now);
+        }
+        self.supervise();
     }
 
-    /// Runs one request. Never panics on client input; every failure is an
-    /// error reply.
+    /// Runs one request, timing it for the metrics. Never panics on client
+    /// input; every failure is an error reply.
     pub fn execute(&self, request: Request) -> Response {
+        let started = Instant::now();
+        let command = crate::metrics::command_index(&request);
+        let response = self.run(request);
+        self.metrics.record(command, started.elapsed(), matches!(response, Response::Error(_)));
+        response
+    }
+
+    fn run(&self, request: Request) -> Response {
         let now = self.now_ms();
+        if let Some(mut shadow) = self.control.shadow() {
+            observe(shadow.as_mut(), now, &request);
+        }
         match request {
+            Request::Admin { token, command } => self.admin(&token, command),
             Request::Get { key } => Response::Value(self.shard(&key).get(now, &key)),
             Request::Set { key, value, ttl_ms, condition, hint } => {
                 if ttl_ms == Some(0) {
@@ -265,9 +304,10 @@ impl Node {
 
     /// Counters summed over the shards.
     pub fn stats(&self) -> NodeStats {
+        let active = lock(&self.control.state).activation.clone();
         let mut out = NodeStats {
-            policy: self.policy.info().name.clone(),
-            policy_version: self.policy.info().version.clone(),
+            policy: active.name,
+            policy_version: active.version,
             shards: self.shards.len() as u64,
             max_bytes: self.config.max_bytes,
             uptime_secs: self.started.elapsed().as_secs(),
@@ -294,6 +334,41 @@ impl Node {
     }
 }
 
+/// Shows a request to the shadow evaluation if its key is sampled. Writes
+/// are mirrored whether or not the live write applies (a close enough
+/// model of the traffic; the ghosts only estimate).
+fn observe(shadow: Option<&mut crate::shadow::Shadow>, now: u64, request: &Request) {
+    let Some(shadow) = shadow else {
+        return;
+    };
+    match request {
+        Request::Get { key } if shadow.sampled(key) => shadow.read(now, key),
+        Request::MGet { keys } => {
+            for key in keys {
+                if shadow.sampled(key) {
+                    shadow.read(now, key);
+                }
+            }
+        }
+        Request::Set { key, value, ttl_ms, .. } if shadow.sampled(key) => shadow.write(now, key, value.len(), *ttl_ms),
+        Request::MSet { pairs } => {
+            for (key, value) in pairs {
+                if shadow.sampled(key) {
+                    shadow.write(now, key, value.len(), None);
+                }
+            }
+        }
+        Request::Del { keys } => {
+            for key in keys {
+                if shadow.sampled(key) {
+                    shadow.delete(now, key);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Keeps a connection counted while it lives.
 pub struct ConnectionGuard(Arc<Node>);
 
@@ -305,7 +380,7 @@ impl Drop for ConnectionGuard {
 
 /// A poisoned shard lock means a panic while it was held; the shard's own
 /// invariants are restored on every call, so serving on is safe.
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+fn lock<T>(shard: &Mutex<T>) -> MutexGuard<'_, T> {
     shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

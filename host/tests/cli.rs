@@ -102,36 +102,60 @@ struct ServeProcess {
     child: std::process::Child,
     addr: String,
     data_dir: std::path::PathBuf,
+    extra: Vec<String>,
 }
 
 impl ServeProcess {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A node with `extra` serve flags.
+    fn start_with(extra: &[&str]) -> Self {
         let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
         let addr = format!("127.0.0.1:{port}");
         let data_dir = std::env::temp_dir().join(format!("cachet-cli-node-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data_dir);
-        let child = Command::new(env!("CARGO_BIN_EXE_cachet"))
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(&addr, &data_dir, &extra);
+        let node = Self { child, addr, data_dir, extra };
+        node.wait_until_up();
+        node
+    }
+
+    fn spawn(addr: &str, data_dir: &std::path::Path, extra: &[String]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_cachet"))
             .args([
                 "serve",
                 "--listen",
-                &addr,
+                addr,
                 "--data-dir",
                 data_dir.to_str().expect("utf-8"),
                 "--max-value-size",
                 "1KiB",
             ])
+            .args(extra)
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("serve starts");
-        let node = Self { child, addr, data_dir };
+            .expect("serve starts")
+    }
+
+    fn wait_until_up(&self) {
         // Bounded wait for the node to answer.
         for _ in 0..100 {
-            if node.cli(&["stats"]).status.success() {
-                return node;
+            if self.cli(&["stats"]).status.success() {
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        panic!("cachet serve did not come up on {}", node.addr);
+        panic!("cachet serve did not come up on {}", self.addr);
+    }
+
+    /// SIGTERM, then the same command line again on the same data dir.
+    fn restart(&mut self) {
+        assert!(self.stop().success());
+        self.child = Self::spawn(&self.addr, &self.data_dir, &self.extra);
+        self.wait_until_up();
     }
 
     fn cli(&self, args: &[&str]) -> Output {
@@ -193,4 +217,84 @@ fn client_verbs_without_a_node_fail_with_one_line() {
     let out = cachet(&["get", "k", "--server", "127.0.0.1:9", "--ca", "/nonexistent/ca.pem"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CA file /nonexistent/ca.pem not found"));
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port()
+}
+
+fn scrape(addr: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("reply");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    reply
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().expect("a line")).expect("json")
+}
+
+#[test]
+fn policy_verbs_load_activate_shadow_and_roll_back_a_live_node() {
+    let token_file = std::env::temp_dir().join(format!("cachet-cli-token-{}", std::process::id()));
+    std::fs::write(&token_file, "open-sesame\n").expect("token file");
+    let token_path = token_file.to_str().expect("utf-8");
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let mut node = ServeProcess::start_with(&["--admin-token-file", token_path, "--metrics-listen", &metrics]);
+    let module = concat!(env!("OUT_DIR"), "/guests/sieve.wasm");
+    let version = env!("CARGO_PKG_VERSION");
+
+    let out = node.cli(&["policy", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin token"), "{}", String::from_utf8_lossy(&out.stderr));
+    let wrong = Command::new(env!("CARGO_BIN_EXE_cachet"))
+        .args(["policy", "list", "--server", &node.addr, "--data-dir", node.data_dir.to_str().expect("utf-8")])
+        .env("CACHET_ADMIN_TOKEN", "guess")
+        .output()
+        .expect("runs");
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong admin token"));
+
+    let admin = |node: &ServeProcess, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--admin-token-file", token_path]);
+        node.cli(&all)
+    };
+    let out = admin(&node, &["policy", "load", module, "--name", "sieve", "--version", "9"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("loaded sieve@9"));
+    let out = admin(&node, &["policy", "activate", "sieve@9"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("activated sieve@9"), "{out:?}");
+    let out = admin(&node, &["policy", "activate", "sieve@10"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no module `sieve@10`"));
+    let out = admin(&node, &["policy", "shadow", &format!("s3fifo@{version}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listing = json_of(&admin(&node, &["policy", "list", "--json"]));
+    assert_eq!(listing["active"], "sieve@9");
+    assert_eq!(listing["previous"], format!("s3fifo@{version}"));
+    assert_eq!(listing["shadow"]["candidate"], format!("s3fifo@{version}"));
+    let sieve = listing["modules"].as_array().expect("modules").iter().find(|m| m["version"] == "9").expect("sieve@9");
+    assert_eq!(sieve["sha256"].as_str().expect("hash").len(), 64);
+    let text = scrape(&metrics);
+    assert!(text.contains("cachet_policy_swaps_total 1"), "{text}");
+    assert!(text.contains("module=\"sieve@9\""));
+    assert!(text.contains("cachet_shadow_hit_ratio{role=\"candidate\""));
+
+    // The module and the active choice survive a restart.
+    node.restart();
+    let listing = json_of(&admin(&node, &["policy", "list", "--json"]));
+    assert_eq!(listing["active"], "sieve@9", "restored after restart");
+    let out = admin(&node, &["policy", "rollback"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rolled back"), "{out:?}");
+    let listing = json_of(&admin(&node, &["policy", "list", "--json"]));
+    assert_eq!(listing["active"], format!("s3fifo@{version}"));
+    let stats = json_of(&node.cli(&["stats", "--json"]));
+    assert_eq!(stats["policy"], "s3fifo");
+    let _ = std::fs::remove_file(&token_file);
 }

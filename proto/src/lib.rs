@@ -9,7 +9,10 @@ pub mod frame;
 pub mod message;
 
 pub use frame::{Decoded, Envelope, FrameError, MAX_REPLY_LEN, decode, encode};
-pub use message::{ALPN, Condition, ErrorCode, ErrorReply, NodeStats, PROTOCOL_VERSION, Request, Response, TtlState};
+pub use message::{
+    ALPN, AdminCommand, Condition, ErrorCode, ErrorReply, ModuleListing, NodeStats, PROTOCOL_VERSION, PolicyListing,
+    Request, Response, ShadowListing, ShardListing, TtlState,
+};
 
 /// The stable 64-bit hash of a key (XXH3), the same in every process and on
 /// every platform. Policies see it in place of the key bytes.

@@ -87,6 +87,152 @@ pub enum Request {
     Ping,
     /// Node statistics.
     Stats,
+    /// An operator command; refused unless `token` matches the node's
+    /// admin token.
+    Admin {
+        /// The node's admin token.
+        token: String,
+        /// What to do.
+        command: AdminCommand,
+    },
+}
+
+/// Policy operations on a live node (`cachet policy ...`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminCommand {
+    /// Store a policy component in the node's registry as `name@version`,
+    /// after validating it and running a quick conformance check.
+    Load {
+        /// Module name.
+        name: String,
+        /// Module version (any string without `@`).
+        version: String,
+        /// Policy settings stored with the module.
+        config: Vec<(String, String)>,
+        /// The component's bytes.
+        module: Bytes,
+        /// Fuel per policy call (the node's default when absent).
+        fuel_per_call: Option<u64>,
+        /// Base memory cap per instance in bytes (the node's default when
+        /// absent).
+        max_memory_bytes: Option<u64>,
+    },
+    /// Hot-swap every shard to `name@version`; `config`, when given,
+    /// replaces the module's stored settings for this activation.
+    Activate {
+        /// Module name.
+        name: String,
+        /// Module version.
+        version: String,
+        /// Settings overriding the stored ones.
+        config: Option<Vec<(String, String)>>,
+    },
+    /// Swap back to the previously active version.
+    Rollback,
+    /// The registry and what each shard runs.
+    List,
+    /// Evaluate `name@version` on a sampled ghost of the live traffic, or
+    /// stop the evaluation when `name` is empty.
+    Shadow {
+        /// Module name.
+        name: String,
+        /// Module version.
+        version: String,
+    },
+}
+
+impl AdminCommand {
+    /// The command's name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Load { .. } => "policy_load",
+            Self::Activate { .. } => "policy_activate",
+            Self::Rollback => "policy_rollback",
+            Self::List => "policy_list",
+            Self::Shadow { .. } => "policy_shadow",
+        }
+    }
+}
+
+/// One module known to a node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModuleListing {
+    /// Module name.
+    pub name: String,
+    /// Module version.
+    pub version: String,
+    /// Where it came from: `bundled` or `loaded`.
+    pub source: String,
+    /// The WIT interface it implements.
+    pub interface: String,
+    /// SHA-256 of the component, hex (empty for bundled ones).
+    pub sha256: String,
+    /// Stored settings.
+    pub config: Vec<(String, String)>,
+    /// `ready`, `quarantined` or `invalid: why`.
+    pub state: String,
+    /// Whether every shard is configured with it.
+    pub active: bool,
+    /// Faults counted against it since the node started.
+    pub faults: u64,
+}
+
+/// What one shard runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardListing {
+    /// Shard index.
+    pub shard: u64,
+    /// `name@version` of the configured module.
+    pub module: String,
+    /// Whether the shard is on the native fallback right now.
+    pub on_fallback: bool,
+    /// Resident entries.
+    pub entries: u64,
+    /// Faults of its policy so far.
+    pub faults: u64,
+}
+
+/// A candidate evaluated on sampled live traffic.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowListing {
+    /// `name@version` of the candidate.
+    pub candidate: String,
+    /// Share of keys sampled (0..1).
+    pub sample_rate: f64,
+    /// Sampled reads so far.
+    pub sampled_reads: u64,
+    /// Predicted hit ratio of the candidate.
+    pub candidate_hit_ratio: f64,
+    /// Predicted hit ratio of the active policy on the same sample, to
+    /// compare like with like.
+    pub active_hit_ratio: f64,
+    /// The active policy's hit ratio on all live reads since the
+    /// evaluation started.
+    pub live_hit_ratio: f64,
+    /// Faults of the candidate in its ghost (a faulting candidate is
+    /// measured on the native fallback, so its prediction means little).
+    pub candidate_faults: u64,
+}
+
+/// A node's policy registry and shards.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyListing {
+    /// What the command did, for humans.
+    pub message: String,
+    /// `name@version` every shard is configured with.
+    pub active: String,
+    /// The version `rollback` goes back to.
+    pub previous: Option<String>,
+    /// Every module, bundled and loaded.
+    pub modules: Vec<ModuleListing>,
+    /// Per shard.
+    pub shards: Vec<ShardListing>,
+    /// Hot-swaps since the node started.
+    pub swaps: u64,
+    /// Modules quarantined (and rolled back from) since the node started.
+    pub quarantines: u64,
+    /// The running shadow evaluation.
+    pub shadow: Option<ShadowListing>,
 }
 
 impl Request {
@@ -104,6 +250,7 @@ impl Request {
             Self::Incr { .. } => "incr",
             Self::Ping => "ping",
             Self::Stats => "stats",
+            Self::Admin { .. } => "admin",
         }
     }
 
@@ -111,7 +258,12 @@ impl Request {
     pub fn is_write(&self) -> bool {
         matches!(
             self,
-            Self::Set { .. } | Self::Del { .. } | Self::Expire { .. } | Self::MSet { .. } | Self::Incr { .. }
+            Self::Set { .. }
+                | Self::Del { .. }
+                | Self::Expire { .. }
+                | Self::MSet { .. }
+                | Self::Incr { .. }
+                | Self::Admin { .. }
         )
     }
 }
@@ -187,6 +339,8 @@ pub enum Response {
     Pong,
     /// Node statistics.
     Stats(NodeStats),
+    /// The policy registry after an admin command.
+    Policies(Box<PolicyListing>),
     /// The request failed.
     Error(ErrorReply),
 }
@@ -210,6 +364,15 @@ pub enum ErrorCode {
     NotAllowed,
     /// An argument out of its range (a TTL of 0).
     InvalidArgument,
+    /// An admin command without the right token, or on a node without one.
+    Unauthorized,
+    /// The named module or version does not exist.
+    NotFound,
+    /// Another policy operation is in progress; try again.
+    Busy,
+    /// A policy module was refused (not a component, wrong interface,
+    /// forbidden import, failed conformance check).
+    InvalidModule,
     /// The node failed; the message says how.
     Internal,
 }

@@ -2,6 +2,7 @@
 
 mod conformance;
 mod differential;
+mod live;
 mod node;
 mod sandbox;
 mod seed;

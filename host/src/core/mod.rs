@@ -2,9 +2,11 @@
 //! contract. Nothing here reads a clock, touches a socket or knows about
 //! Wasm; callers pass `now` in milliseconds.
 
+pub mod histogram;
 pub mod policy;
 pub mod shard;
 pub mod ttl;
 
+pub use histogram::{Histogram, SharedHistogram};
 pub use policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault};
-pub use shard::{PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError, ShardStats};
+pub use shard::{Hook, PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError, ShardStats};

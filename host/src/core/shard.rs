@@ -13,13 +13,15 @@
 //! is what makes a sandboxed policy cheap: a Wasm call costs a few hundred
 //! nanoseconds, an event in a batch about sixteen.
 
-use crate::core::policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyFactory, PolicyFault};
+use crate::core::histogram::Histogram;
+use crate::core::policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault};
 use crate::core::ttl::TtlIndex;
 use bytes::Bytes;
 use cachet_policy_lru::Lru;
 use cachet_policy_sdk::{Capacity, Config, Entry, EntryId, Event, Need, PolicyInfo, RemovalCause};
 use hashbrown::HashTable;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Limits and tuning of one shard.
 #[derive(Clone, Debug)]
@@ -59,7 +61,7 @@ impl Default for ShardConfig {
             seed: 0,
             expire_per_tick: 1_000,
             retry_after_ms: 1_000,
-            max_faults_in_a_row: 5,
+            max_faults_in_a_row: 3,
             fault_window_ms: 60_000,
         }
     }
@@ -130,6 +132,53 @@ pub enum PolicyMode {
     },
 }
 
+/// The policy calls whose latency is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// A batch of events.
+    Events,
+    /// Victim choice (with the batch it carries).
+    PickVictims,
+    /// An admission check.
+    Admit,
+    /// `next-deadline` and `expired`.
+    Deadlines,
+    /// `export-order`.
+    Export,
+}
+
+impl Hook {
+    /// Every hook, in the order [`Hook::index`] numbers them.
+    pub const ALL: [Self; 5] = [Self::Events, Self::PickVictims, Self::Admit, Self::Deadlines, Self::Export];
+
+    /// A dense index for per-hook histograms.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The name used in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Events => "on_events",
+            Self::PickVictims => "pick_victims",
+            Self::Admit => "admit",
+            Self::Deadlines => "deadlines",
+            Self::Export => "export_order",
+        }
+    }
+}
+
+/// Runs a policy call and records how long it took. Durations feed
+/// metrics only; no decision depends on them, so the core stays
+/// deterministic under a manual clock.
+fn timed<T>(hooks: &mut [Histogram; Hook::ALL.len()], hook: Hook, call: impl FnOnce() -> T) -> T {
+    let _span = tracing::trace_span!("policy_call", hook = hook.name()).entered();
+    let start = Instant::now();
+    let out = call();
+    hooks[hook.index()].record(start.elapsed().as_nanos() as u64);
+    out
+}
+
 /// Counters of one shard.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShardStats {
@@ -157,6 +206,10 @@ pub struct ShardStats {
     pub fallbacks: u64,
     /// Times a fresh instance of the configured policy was put back.
     pub recoveries: u64,
+    /// Hot-swaps to another configured policy.
+    pub swaps: u64,
+    /// Policy call latency, by [`Hook::index`].
+    pub hooks: [Histogram; Hook::ALL.len()],
 }
 
 impl ShardStats {
@@ -262,6 +315,9 @@ struct PolicySlot {
     mode: PolicyMode,
     faults_in_a_row: u32,
     last_fault_at: Option<u64>,
+    /// Faults since `configured` was installed, so an operator sees what
+    /// each module cost, across swaps.
+    configured_faults: u64,
 }
 
 /// A byte- and entry-bounded cache shard. See the module docs.
@@ -280,7 +336,7 @@ pub struct Shard {
 
 impl Shard {
     /// A shard whose victims come from instances made by `policy`.
-    pub fn new(config: ShardConfig, policy: Arc<dyn PolicyFactory>) -> Result<Self, crate::core::PolicyError> {
+    pub fn new(config: ShardConfig, policy: Arc<dyn PolicyFactory>) -> Result<Self, PolicyError> {
         let active = policy.create(capacity(&config), config.seed)?;
         Ok(Self {
             slab: Slab::default(),
@@ -297,6 +353,7 @@ impl Shard {
                 mode: PolicyMode::Configured,
                 faults_in_a_row: 0,
                 last_fault_at: None,
+                configured_faults: 0,
             },
             stats: ShardStats::default(),
             config,
@@ -341,6 +398,40 @@ impl Shard {
     /// Info of the configured policy (which may be sidelined by a fault).
     pub fn configured_policy(&self) -> &PolicyInfo {
         self.policy.configured.info()
+    }
+
+    /// Faults of the configured policy since it was installed.
+    pub fn configured_faults(&self) -> u64 {
+        self.policy.configured_faults
+    }
+
+    /// Whether the shard gave up on its configured policy after repeated
+    /// faults and stays on the fallback until another one is installed.
+    pub fn gave_up(&self) -> bool {
+        matches!(self.policy.mode, PolicyMode::Fallback { retry_at: None })
+    }
+
+    /// Hot-swap: makes `factory` the configured policy. A fresh instance is
+    /// fed every resident entry in the current policy's eviction order (so
+    /// what was about to go still goes first), then replaces the current
+    /// one; the caller holds the shard, so no request sees a half-built
+    /// policy. Returns the entries handed over. On error nothing changes
+    /// and the current policy keeps serving.
+    pub fn swap_policy(&mut self, now: u64, factory: Arc<dyn PolicyFactory>) -> Result<usize, PolicyError> {
+        let order = self.export_order(now);
+        let mut fresh = factory.create(capacity(&self.config), self.config.seed)?;
+        self.replay(now, fresh.as_mut(), &order)?;
+        self.policy = PolicySlot {
+            info: factory.info().clone(),
+            configured: factory,
+            active: fresh,
+            mode: PolicyMode::Configured,
+            faults_in_a_row: 0,
+            last_fault_at: None,
+            configured_faults: 0,
+        };
+        self.stats.swaps += 1;
+        Ok(order.len())
     }
 
     /// Reads `key`. A hit is reported to the policy; an expired entry is
@@ -505,7 +596,7 @@ impl Shard {
         if self.events.is_empty() {
             return;
         }
-        let result = self.policy.active.on_events(now, &self.events);
+        let result = timed(&mut self.stats.hooks, Hook::Events, || self.policy.active.on_events(now, &self.events));
         self.events.clear();
         if let Err(fault) = result {
             self.fault(now, fault);
@@ -518,7 +609,7 @@ impl Shard {
     pub fn export_order(&mut self, now: u64) -> Vec<EntryId> {
         self.flush(now);
         let mut out = Vec::with_capacity(self.len());
-        if let Err(fault) = self.policy.active.export_order(&mut out) {
+        if let Err(fault) = timed(&mut self.stats.hooks, Hook::Export, || self.policy.active.export_order(&mut out)) {
             self.fault(now, fault);
             out.clear();
             // The fallback is native and cannot fault.
@@ -615,7 +706,9 @@ impl Shard {
             let mut victims = std::mem::take(&mut self.victims);
             victims.clear();
             // Buffered events ride along with the pick: one call, not two.
-            let result = self.policy.active.pick_victims(now, &self.events, rest, &mut victims);
+            let result = timed(&mut self.stats.hooks, Hook::PickVictims, || {
+                self.policy.active.pick_victims(now, &self.events, rest, &mut victims)
+            });
             self.events.clear();
             let mut invalid = 0u64;
             for &id in &victims {
@@ -653,7 +746,7 @@ impl Shard {
 
     fn admit(&mut self, now: u64, candidate: &Entry) -> bool {
         self.flush(now);
-        match self.policy.active.admit(now, candidate) {
+        match timed(&mut self.stats.hooks, Hook::Admit, || self.policy.active.admit(now, candidate)) {
             Ok(admit) => admit,
             Err(fault) => {
                 self.fault(now, fault);
@@ -687,7 +780,7 @@ impl Shard {
 
     fn run_policy_deadlines(&mut self, now: u64) -> usize {
         self.flush(now);
-        match self.policy.active.next_deadline() {
+        match timed(&mut self.stats.hooks, Hook::Deadlines, || self.policy.active.next_deadline()) {
             Ok(Some(at)) if at <= now => {}
             Ok(_) => return 0,
             Err(fault) => {
@@ -696,7 +789,8 @@ impl Shard {
             }
         }
         let mut due = Vec::new();
-        if let Err(fault) = self.policy.active.expired(now, &mut due) {
+        if let Err(fault) = timed(&mut self.stats.hooks, Hook::Deadlines, || self.policy.active.expired(now, &mut due))
+        {
             self.fault(now, fault);
             return 0;
         }
@@ -719,6 +813,9 @@ impl Shard {
     /// rebuild already reflects them.
     fn fault(&mut self, now: u64, fault: PolicyFault) {
         self.stats.faults[fault.kind.index()] += 1;
+        if matches!(self.policy.mode, PolicyMode::Configured) {
+            self.policy.configured_faults += 1;
+        }
         self.events.clear();
         tracing::warn!(policy = %self.policy.info.name, %fault, "policy fault");
         if matches!(self.policy.mode, PolicyMode::Fallback { .. }) {
@@ -789,16 +886,19 @@ impl Shard {
             }
             Err(fault) => {
                 self.stats.faults[fault.kind.index()] += 1;
+                self.policy.configured_faults += 1;
                 tracing::warn!(%fault, "policy rebuild failed");
                 self.schedule_retry(now);
             }
         }
     }
 
-    /// Feeds resident entries `ids` to `policy` as inserts, in batches.
+    /// Feeds resident entries `ids` to `policy` as inserts, in batches of
+    /// [`REPLAY_BATCH`]: a swap of a million entries is a thousand calls,
+    /// not sixteen thousand, and each stays well inside its budget.
     fn replay(&self, now: u64, policy: &mut dyn EvictionPolicy, ids: &[EntryId]) -> Result<(), PolicyFault> {
-        let mut batch = Vec::with_capacity(self.config.batch_size);
-        for chunk in ids.chunks(self.config.batch_size.max(1)) {
+        let mut batch = Vec::with_capacity(REPLAY_BATCH.min(ids.len()));
+        for chunk in ids.chunks(REPLAY_BATCH) {
             batch.clear();
             batch.extend(chunk.iter().filter_map(|&id| self.slab.resolve(id)).map(|i| Event::Inserted(self.entry(i))));
             policy.on_events(now, &batch)?;
@@ -806,6 +906,9 @@ impl Shard {
         Ok(())
     }
 }
+
+/// Entries per call when a policy is rebuilt from the resident set.
+const REPLAY_BATCH: usize = 1024;
 
 fn capacity(config: &ShardConfig) -> Capacity {
     Capacity { max_entries: config.max_entries, max_bytes: config.max_bytes }

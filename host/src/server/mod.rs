@@ -161,7 +161,12 @@ async fn run_endpoint(
             let mut every = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
-                    _ = every.tick() => node.tick(),
+                    _ = every.tick() => {
+                        // A tick may swap every shard (automatic rollback):
+                        // never on the I/O thread.
+                        let node = node.clone();
+                        let _ = tokio::task::spawn_blocking(move || node.tick()).await;
+                    }
                     _ = stopped.changed() => break,
                 }
             }
@@ -262,7 +267,23 @@ async fn handle_stream(
         let mut frames = 0u32;
         loop {
             let (id, reply) = match cachet_proto::decode::<Request>(&mut input, max_frame) {
-                Ok(Decoded::Frame(envelope)) => (envelope.id, node.execute(envelope.body)),
+                Ok(Decoded::Frame(envelope)) => {
+                    let span = tracing::debug_span!("request", id = envelope.id, command = envelope.body.name());
+                    let reply = match envelope.body {
+                        // Loading compiles a component and activation swaps
+                        // every shard: off the I/O thread, so this thread's
+                        // other connections keep being served.
+                        admin @ Request::Admin { .. } => {
+                            let node = node.clone();
+                            match tokio::task::spawn_blocking(move || span.in_scope(|| node.execute(admin))).await {
+                                Ok(reply) => reply,
+                                Err(err) => error(ErrorCode::Internal, format!("admin command failed: {err}")),
+                            }
+                        }
+                        body => span.in_scope(|| node.execute(body)),
+                    };
+                    (envelope.id, reply)
+                }
                 Ok(Decoded::Incomplete { .. }) => break,
                 Err(err @ FrameError::TooLarge { .. }) => {
                     fatal = true;

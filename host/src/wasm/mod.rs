@@ -12,4 +12,4 @@ mod bindings;
 mod instance;
 mod module;
 
-pub use module::{Limits, PolicyEngine, WasmPolicyModule};
+pub use module::{EXPORT as INTERFACE, Limits, PolicyEngine, WasmPolicyModule};

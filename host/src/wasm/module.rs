@@ -6,9 +6,9 @@ use std::sync::Arc;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine};
 
-/// The interface a policy must export, and the one import it may have
-/// (the types-only interface its exports use).
-const EXPORT: &str = "cachet:policy/policy@0.1.0";
+/// The interface a policy must export; the one import it may have is the
+/// types-only interface its exports use.
+pub const EXPORT: &str = "cachet:policy/policy@0.1.0";
 const INTERFACE_PACKAGE: &str = "cachet:policy/";
 const SUPPORTED: &str = "0.1.";
 
@@ -162,6 +162,22 @@ impl WasmPolicyModule {
     /// The limits each instance runs under.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The same compiled component with other settings (and limits), for
+    /// activating a stored module with a new config without compiling it
+    /// again. Fails like [`WasmPolicyModule::new`] if the policy refuses
+    /// the config.
+    pub fn reconfigured(&self, limits: Limits, config: Vec<(String, String)>) -> Result<Self, PolicyError> {
+        let module = Self {
+            engine: self.engine.clone(),
+            pre: self.pre.clone(),
+            info: self.info.clone(),
+            limits,
+            config: Arc::new(config),
+        };
+        module.create(Capacity { max_entries: 16, max_bytes: 1 << 20 }, 0)?;
+        Ok(module)
     }
 }
 

@@ -1,0 +1,419 @@
+//! Live policy operations on a node: load, activate (hot-swap), rollback,
+//! list, shadow evaluation, and the supervisor that quarantines a module
+//! that keeps faulting and puts the previous version back.
+//!
+//! A swap goes shard by shard: each shard is locked only while its new
+//! policy is instantiated and fed the resident entries in the old policy's
+//! eviction order, so there is no global pause and no request fails; other
+//! shards keep serving meanwhile. If any shard refuses the new policy, the
+//! shards already swapped are swapped back and the activation fails as a
+//! whole. One policy operation runs at a time; a second one gets `Busy`.
+
+use crate::core::{PolicyFactory, Shard};
+use crate::node::Node;
+use crate::registry::{Activation, ModuleLimits, Registry, RegistryError, parse_label};
+use crate::shadow::Shadow;
+use cachet_proto::{AdminCommand, ErrorCode, ErrorReply, ModuleListing, PolicyListing, Response, ShardListing};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::Instant;
+
+/// What every shard is configured with, and what each module has cost.
+pub(crate) struct ActiveState {
+    pub(crate) activation: Activation,
+    pub(crate) factory: Arc<dyn PolicyFactory>,
+    /// `name@version` per shard; they differ only during a swap.
+    shard_labels: Vec<String>,
+    /// Faults counted against modules no longer installed, by label.
+    retired_faults: HashMap<String, u64>,
+    /// Per-shard durations of the last swap, in microseconds.
+    pub(crate) last_swap_us: Vec<u64>,
+}
+
+/// A node's policy control plane. See the module docs.
+pub(crate) struct Control {
+    token: Option<String>,
+    /// Also the lock that serialises policy operations.
+    registry: Mutex<Option<Registry>>,
+    pub(crate) state: Mutex<ActiveState>,
+    shadow: Mutex<Option<Shadow>>,
+    shadow_on: AtomicBool,
+    pub(crate) swaps: AtomicU64,
+    pub(crate) quarantines: AtomicU64,
+}
+
+impl Control {
+    pub(crate) fn new(factory: Arc<dyn PolicyFactory>, shards: usize) -> Self {
+        let info = factory.info();
+        let activation = Activation { name: info.name.clone(), version: info.version.clone(), config: Vec::new() };
+        Self {
+            token: None,
+            registry: Mutex::new(None),
+            state: Mutex::new(ActiveState {
+                shard_labels: vec![activation.label(); shards],
+                activation,
+                factory,
+                retired_faults: HashMap::new(),
+                last_swap_us: Vec::new(),
+            }),
+            shadow: Mutex::new(None),
+            shadow_on: AtomicBool::new(false),
+            swaps: AtomicU64::new(0),
+            quarantines: AtomicU64::new(0),
+        }
+    }
+
+    /// The running shadow evaluation, if any; `None` costs one atomic load.
+    pub(crate) fn shadow(&self) -> Option<MutexGuard<'_, Option<Shadow>>> {
+        self.shadow_on.load(Ordering::Relaxed).then(|| lock(&self.shadow))
+    }
+}
+
+/// A failed admin command, mapped to a protocol error.
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("admin commands are disabled on this node: start it with --admin-token-file")]
+    Disabled,
+    #[error("wrong admin token")]
+    WrongToken,
+    #[error("another policy operation is in progress; try again when it is done")]
+    Busy,
+    #[error("this node has no policy registry")]
+    NoRegistry,
+    #[error("{0}")]
+    Swap(String),
+    #[error("`{0}` is not NAME@VERSION")]
+    BadLabel(String),
+}
+
+impl AdminError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Disabled | Self::WrongToken => ErrorCode::Unauthorized,
+            Self::Busy => ErrorCode::Busy,
+            Self::NoRegistry => ErrorCode::NotAllowed,
+            Self::BadLabel(_) => ErrorCode::InvalidArgument,
+            Self::Swap(_) => ErrorCode::InvalidModule,
+            Self::Registry(err) => match err {
+                RegistryError::NotFound(_) | RegistryError::NoPrevious => ErrorCode::NotFound,
+                RegistryError::BadName(_) | RegistryError::Exists(_) => ErrorCode::InvalidArgument,
+                RegistryError::Invalid(_) | RegistryError::Conformance(_) | RegistryError::Quarantined(_) => {
+                    ErrorCode::InvalidModule
+                }
+                RegistryError::Io { .. } | RegistryError::Manifest { .. } => ErrorCode::Internal,
+            },
+        }
+    }
+}
+
+/// Compares tokens in time independent of where they differ.
+fn token_matches(expected: &str, given: &str) -> bool {
+    let (a, b) = (expected.as_bytes(), given.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Node {
+    /// Gives the node a module registry and an admin token (admin commands
+    /// are refused without one), and restores the registry's active module
+    /// if it has one. A stored activation that no longer works is logged
+    /// and the start-up policy kept.
+    pub fn with_registry(mut self, mut registry: Registry, token: Option<String>) -> Self {
+        let startup = {
+            let state = lock(&self.control.state);
+            registry.set_startup(state.factory.clone(), state.activation.config.clone())
+        };
+        lock(&self.control.state).activation = startup.clone();
+        let restore = registry.active().filter(|a| **a != startup).cloned();
+        self.control.token = token.filter(|t| !t.is_empty());
+        *lock(&self.control.registry) = Some(registry);
+        if let Some(active) = restore {
+            match self.activate(&active.name, &active.version, Some(active.config.clone()), false) {
+                Ok(message) => tracing::info!(module = %active.label(), "restored the stored active policy: {message}"),
+                Err(err) => tracing::warn!(module = %active.label(), %err, "cannot restore the stored active policy"),
+            }
+        }
+        self
+    }
+
+    /// Runs an admin command if `token` is the node's admin token.
+    pub fn admin(&self, token: &str, command: AdminCommand) -> Response {
+        let what = command.name();
+        let result = match &self.control.token {
+            None => Err(AdminError::Disabled),
+            Some(expected) if !token_matches(expected, token) => Err(AdminError::WrongToken),
+            Some(_) => self.run_admin(command),
+        };
+        match result {
+            Ok(message) => {
+                tracing::info!(command = what, "{message}");
+                Response::Policies(Box::new(self.policy_listing(message)))
+            }
+            Err(err) => {
+                tracing::warn!(command = what, %err, "admin command refused");
+                Response::Error(ErrorReply::new(err.code(), err.to_string()))
+            }
+        }
+    }
+
+    fn run_admin(&self, command: AdminCommand) -> Result<String, AdminError> {
+        match command {
+            AdminCommand::Load { name, version, config, module, fuel_per_call, max_memory_bytes } => {
+                let mut registry = self.try_registry()?;
+                let registry = registry.as_mut().ok_or(AdminError::NoRegistry)?;
+                let defaults = ModuleLimits::default();
+                let limits = ModuleLimits {
+                    fuel_per_call: fuel_per_call.unwrap_or(defaults.fuel_per_call),
+                    max_memory_bytes: max_memory_bytes.unwrap_or(defaults.max_memory_bytes),
+                };
+                let record = registry.load(&name, &version, &module, config, limits)?;
+                Ok(format!("loaded {} (sha256 {}, {} bytes)", record.label(), record.sha256, module.len()))
+            }
+            AdminCommand::Activate { name, version, config } => self.activate(&name, &version, config, true),
+            AdminCommand::Rollback => {
+                let previous = {
+                    let registry = self.try_registry()?;
+                    let registry = registry.as_ref().ok_or(AdminError::NoRegistry)?;
+                    registry.previous().cloned().ok_or(RegistryError::NoPrevious)?
+                };
+                self.activate(&previous.name, &previous.version, Some(previous.config), true)
+                    .map(|m| format!("rolled back: {m}"))
+            }
+            AdminCommand::List => Ok(String::new()),
+            AdminCommand::Shadow { name, version } => self.start_shadow(&name, &version),
+        }
+    }
+
+    fn try_registry(&self) -> Result<MutexGuard<'_, Option<Registry>>, AdminError> {
+        match self.control.registry.try_lock() {
+            Ok(guard) => Ok(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(AdminError::Busy),
+        }
+    }
+
+    /// Hot-swaps every shard to `name@version`. `exclusive`: fail with
+    /// `Busy` rather than wait for another operation.
+    fn activate(
+        &self,
+        name: &str,
+        version: &str,
+        config: Option<Vec<(String, String)>>,
+        exclusive: bool,
+    ) -> Result<String, AdminError> {
+        let mut guard = if exclusive { self.try_registry()? } else { lock(&self.control.registry) };
+        let registry = guard.as_mut().ok_or(AdminError::NoRegistry)?;
+        let (factory, activation) = registry.factory(name, version, config)?;
+        let current = lock(&self.control.state).activation.clone();
+        let message = self.swap_all(factory, &activation)?;
+        registry.set_active(activation, current)?;
+        Ok(message)
+    }
+
+    /// Swaps shard after shard; on a refusal, swaps the ones done back.
+    fn swap_all(&self, factory: Arc<dyn PolicyFactory>, activation: &Activation) -> Result<String, AdminError> {
+        let new_label = activation.label();
+        let old_factory = lock(&self.control.state).factory.clone();
+        let mut durations = Vec::with_capacity(self.shard_count());
+        let mut entries = 0usize;
+        for i in 0..self.shard_count() {
+            let started = Instant::now();
+            let mut shard = self.lock_shard(i);
+            let retired = shard.configured_faults();
+            match shard.swap_policy(self.now_ms(), factory.clone()) {
+                Ok(n) => {
+                    entries += n;
+                    drop(shard);
+                    durations.push(started.elapsed().as_micros() as u64);
+                    let mut state = lock(&self.control.state);
+                    let old = std::mem::replace(&mut state.shard_labels[i], new_label.clone());
+                    *state.retired_faults.entry(old).or_default() += retired;
+                }
+                Err(err) => {
+                    drop(shard);
+                    for j in 0..i {
+                        let mut shard = self.lock_shard(j);
+                        if let Err(back) = shard.swap_policy(self.now_ms(), old_factory.clone()) {
+                            tracing::error!(shard = j, %back, "cannot swap back; the shard keeps the new policy");
+                            continue;
+                        }
+                        drop(shard);
+                        let mut state = lock(&self.control.state);
+                        let current = state.activation.label();
+                        state.shard_labels[j] = current;
+                    }
+                    return Err(AdminError::Swap(format!(
+                        "shard {i} refused {new_label}: {err}; shards already swapped were put back"
+                    )));
+                }
+            }
+        }
+        if let Some(shadow) = self.control.shadow().as_mut().and_then(|s| s.as_mut()) {
+            shadow.swap_active(self.now_ms(), factory.clone());
+        }
+        {
+            let mut state = lock(&self.control.state);
+            state.activation = activation.clone();
+            state.factory = factory;
+            state.last_swap_us = durations.clone();
+        }
+        self.control.swaps.fetch_add(1, Ordering::Relaxed);
+        let total: u64 = durations.iter().sum();
+        let slowest = durations.iter().copied().max().unwrap_or(0);
+        Ok(format!(
+            "activated {new_label} on {} shards ({entries} resident entries handed over) in {:.1} ms; slowest shard {:.1} ms",
+            durations.len(),
+            total as f64 / 1000.0,
+            slowest as f64 / 1000.0
+        ))
+    }
+
+    /// Supervisor step (from [`Node::tick`]): when a shard has given up on
+    /// the active module after repeated faults, quarantine the module and
+    /// put the previous version back on every shard.
+    pub(crate) fn supervise(&self) {
+        let active = lock(&self.control.state).activation.clone();
+        let gave_up = (0..self.shard_count()).find(|&i| self.lock_shard(i).gave_up());
+        let Some(shard) = gave_up else {
+            return;
+        };
+        // Busy with an operator's command: look again at the next tick.
+        let Ok(mut guard) = self.try_registry() else {
+            return;
+        };
+        let Some(registry) = guard.as_mut() else {
+            return;
+        };
+        let already =
+            registry.records().any(|r| r.name == active.name && r.version == active.version && r.quarantined.is_some());
+        if already {
+            return;
+        }
+        let reason = format!("repeated faults on shard {shard}");
+        if let Err(err) = registry.quarantine(&active.name, &active.version, &reason) {
+            tracing::error!(%err, "cannot record the quarantine");
+        }
+        self.control.quarantines.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(module = %active.label(), %reason, "module quarantined");
+        let Some(previous) = registry.previous().cloned().filter(|p| p.label() != active.label()) else {
+            tracing::error!(module = %active.label(), "no previous version; shards stay on the native fallback");
+            return;
+        };
+        let result = registry
+            .factory(&previous.name, &previous.version, Some(previous.config.clone()))
+            .map_err(AdminError::from)
+            .and_then(|(factory, activation)| {
+                let message = self.swap_all(factory, &activation)?;
+                registry.set_active(activation, active.clone())?;
+                Ok(message)
+            });
+        match result {
+            Ok(message) => tracing::warn!(module = %previous.label(), "automatic rollback: {message}"),
+            Err(err) => tracing::error!(module = %previous.label(), %err, "automatic rollback failed"),
+        }
+    }
+
+    fn start_shadow(&self, name: &str, version: &str) -> Result<String, AdminError> {
+        if name.is_empty() {
+            self.control.shadow_on.store(false, Ordering::Relaxed);
+            *lock(&self.control.shadow) = None;
+            return Ok("shadow evaluation stopped".into());
+        }
+        let mut registry = self.try_registry()?;
+        let registry = registry.as_mut().ok_or(AdminError::NoRegistry)?;
+        let (candidate, activation) = registry.factory(name, version, None)?;
+        let active = lock(&self.control.state).factory.clone();
+        let stats = self.stats();
+        let shadow = Shadow::new(activation.label(), candidate, active, self.config(), (stats.hits, stats.misses))
+            .map_err(|e| AdminError::Swap(e.to_string()))?;
+        let rate = shadow.sample_rate();
+        *lock(&self.control.shadow) = Some(shadow);
+        self.control.shadow_on.store(true, Ordering::Relaxed);
+        Ok(format!("shadowing {} on {:.2}% of keys", activation.label(), rate * 100.0))
+    }
+
+    /// The registry and shards, for `cachet policy list`.
+    pub fn policy_listing(&self, message: String) -> PolicyListing {
+        let mut shards = Vec::with_capacity(self.shard_count());
+        let mut live_faults: HashMap<String, u64> = HashMap::new();
+        let labels = lock(&self.control.state).shard_labels.clone();
+        for (i, label) in labels.iter().enumerate() {
+            let shard: MutexGuard<'_, Shard> = self.lock_shard(i);
+            *live_faults.entry(label.clone()).or_default() += shard.configured_faults();
+            shards.push(ShardListing {
+                shard: i as u64,
+                module: label.clone(),
+                on_fallback: !matches!(shard.policy_mode(), crate::core::PolicyMode::Configured),
+                entries: shard.len() as u64,
+                faults: shard.stats().policy_faults(),
+            });
+        }
+        let (active, retired) = {
+            let state = lock(&self.control.state);
+            (state.activation.label(), state.retired_faults.clone())
+        };
+        let faults_of = |l: &str| retired.get(l).copied().unwrap_or(0) + live_faults.get(l).copied().unwrap_or(0);
+        // Never hold the state lock while taking the registry's: activation
+        // takes them in the other order.
+        let registry = lock(&self.control.registry);
+        let (modules, previous) = match registry.as_ref() {
+            Some(registry) => (
+                registry
+                    .records()
+                    .map(|r| ModuleListing {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        source: r.source_name().into(),
+                        interface: r.interface.clone(),
+                        sha256: r.sha256.clone(),
+                        config: r.config.clone(),
+                        state: r.state(),
+                        active: r.label() == active,
+                        faults: faults_of(&r.label()),
+                    })
+                    .collect(),
+                registry.previous().map(Activation::label),
+            ),
+            None => (Vec::new(), None),
+        };
+        drop(registry);
+        let stats = self.stats();
+        let shadow = lock(&self.control.shadow).as_ref().map(|s| s.listing((stats.hits, stats.misses)));
+        PolicyListing {
+            message,
+            active,
+            previous,
+            modules,
+            shards,
+            swaps: self.control.swaps.load(Ordering::Relaxed),
+            quarantines: self.control.quarantines.load(Ordering::Relaxed),
+            shadow,
+        }
+    }
+}
+
+/// Parses `name@version` for the CLI.
+pub fn split_label(text: &str) -> Result<(String, String), String> {
+    parse_label(text)
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .ok_or_else(|| AdminError::BadLabel(text.to_string()).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn tokens_must_match_exactly() {
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cret", "s3cre"));
+        assert!(!token_matches("s3cret", "s3creT"));
+        assert!(!token_matches("s3cret", ""));
+    }
+}

@@ -1,0 +1,439 @@
+//! Live policy operations on a real node over real QUIC: hot-swaps under
+//! load, the admin token, hostile modules on live shards, automatic
+//! rollback, the metrics endpoint and shadow evaluation.
+
+use bytes::Bytes;
+use cachet::core::FaultKind;
+use cachet::node::{Node, NodeConfig};
+use cachet::policies::{self, PolicySpec};
+use cachet::registry::Registry;
+use cachet::server::{self, RunningServer, ServeOptions, tls::TlsSource};
+use cachet::wasm::PolicyEngine;
+use cachet_client::{AdminCommand, Client, ClientConfig, ClientError, ErrorCode, PolicyListing};
+use cachet_proto::{Request, Response};
+use cachet_tests::{TempDir, hostile_component};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "let-me-in";
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+struct LiveNode {
+    server: Option<RunningServer>,
+    node: Arc<Node>,
+    dir: TempDir,
+}
+
+impl LiveNode {
+    fn start(config: NodeConfig, token: Option<&str>) -> Self {
+        let dir = TempDir::new("live");
+        let node = Arc::new(node_in(&dir, config, token));
+        let options = ServeOptions {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            threads: 2,
+            tls: TlsSource::DevCa { data_dir: dir.0.clone() },
+            max_connections: 100,
+            max_streams: 64,
+            max_frame: 2 << 20,
+        };
+        let server = server::start(node.clone(), options).expect("server starts");
+        Self { server: Some(server), node, dir }
+    }
+
+    async fn client(&self) -> Client {
+        let addr = self.server.as_ref().expect("running").local_addr();
+        let mut config = ClientConfig::new(addr).with_data_dir(&self.dir.0).expect("ca");
+        config.timeout = Duration::from_secs(60);
+        Client::connect(config).await.expect("connects")
+    }
+}
+
+impl Drop for LiveNode {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
+/// A node on LRU with a registry in `dir`.
+fn node_in(dir: &TempDir, config: NodeConfig, token: Option<&str>) -> Node {
+    let engine = PolicyEngine::new().expect("engine");
+    let spec = PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() };
+    let policy = policies::resolve(&engine, &spec).expect("lru");
+    let registry = Registry::open(Some(&dir.0.join("modules")), engine).expect("registry");
+    Node::new(config, policy).expect("node").with_registry(registry, token.map(str::to_string))
+}
+
+fn load(name: &str, version: &str, module: &[u8], config: &[(&str, &str)]) -> AdminCommand {
+    AdminCommand::Load {
+        name: name.into(),
+        version: version.into(),
+        config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        module: Bytes::copy_from_slice(module),
+        fuel_per_call: None,
+        max_memory_bytes: None,
+    }
+}
+
+fn activate(name: &str, version: &str) -> AdminCommand {
+    AdminCommand::Activate { name: name.into(), version: version.into(), config: None }
+}
+
+fn bundled(name: &str) -> &'static [u8] {
+    policies::bundled_component(name).expect("bundled")
+}
+
+fn server_error(result: Result<PolicyListing, ClientError>) -> (ErrorCode, String) {
+    match result {
+        Err(ClientError::Server(err)) => (err.code, err.message),
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+fn config(max_entries: u64) -> NodeConfig {
+    NodeConfig { shards: 2, max_entries, max_value_size: 64 << 10, ..NodeConfig::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_swaps_under_load_fail_no_request_and_lose_no_entry() {
+    let live = LiveNode::start(config(200_000), Some(TOKEN));
+    let admin = live.client().await;
+    for name in ["lru", "s3fifo", "sieve"] {
+        admin.admin(TOKEN, load(name, "2", bundled(name), &[])).await.expect("load");
+    }
+    // Writers add keys and read back ones they wrote; the cache never fills,
+    // so every read of a written key must hit, whatever policy is active.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ops, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut writers = Vec::new();
+    for task in 0..4u64 {
+        let client = live.client().await;
+        let (stop, ops, failures) = (stop.clone(), ops.clone(), failures.clone());
+        writers.push(tokio::spawn(async move {
+            let mut written = 0u64;
+            let mut state = task + 1;
+            // Bounded in count as well as by the stop flag.
+            while !stop.load(Ordering::Relaxed) && written < 50_000 {
+                let key = format!("w{task}:{written}");
+                match client.set(&key, key.clone()).await {
+                    Ok(()) => written += 1,
+                    Err(err) => {
+                        eprintln!("set {key}: {err}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let old = format!("w{task}:{}", (state >> 33) % written.max(1));
+                match client.get(&old).await {
+                    Ok(Some(value)) if value == old.as_bytes() => {}
+                    other => {
+                        eprintln!("get {old}: {other:?}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                ops.fetch_add(2, Ordering::Relaxed);
+            }
+            client.close().await;
+            written
+        }));
+    }
+    let cycle = ["lru", "s3fifo", "sieve"];
+    let mut entries = 0u64;
+    for i in 0..50 {
+        let name = cycle[i % cycle.len()];
+        let listing = admin.admin(TOKEN, activate(name, "2")).await.expect("activate");
+        let label = format!("{name}@2");
+        assert_eq!(listing.active, label, "swap {i}");
+        assert!(listing.shards.iter().all(|s| s.module == label && !s.on_fallback), "swap {i}: {:?}", listing.shards);
+        let listed = admin.admin(TOKEN, AdminCommand::List).await.expect("list");
+        assert_eq!(listed.active, label);
+        assert!(listed.modules.iter().any(|m| m.name == name && m.version == "2" && m.active));
+        let now: u64 = listed.shards.iter().map(|s| s.entries).sum();
+        assert!(now >= entries, "swap {i}: entries went from {entries} to {now}");
+        entries = now;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut written = 0;
+    for writer in writers {
+        written += writer.await.expect("writer");
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed or missing requests during 50 swaps");
+    assert!(ops.load(Ordering::Relaxed) > 1_000, "the load ran during the swaps");
+    let listing = admin.admin(TOKEN, AdminCommand::List).await.expect("list");
+    assert_eq!(listing.swaps, 50);
+    assert_eq!(listing.shards.iter().map(|s| s.entries).sum::<u64>(), written, "every written key is resident");
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_need_the_token_and_bad_requests_change_nothing() {
+    let closed = LiveNode::start(config(10_000), None);
+    let client = closed.client().await;
+    let (code, message) = server_error(client.admin(TOKEN, AdminCommand::List).await);
+    assert_eq!(code, ErrorCode::Unauthorized);
+    assert!(message.contains("--admin-token-file"), "{message}");
+    client.close().await;
+
+    let live = LiveNode::start(config(50_000), Some(TOKEN));
+    let client = live.client().await;
+    client.set("keep", "me").await.expect("set");
+    assert_eq!(server_error(client.admin("guess", AdminCommand::List).await).0, ErrorCode::Unauthorized);
+    let (code, message) = server_error(client.admin(TOKEN, activate("nope", "1")).await);
+    assert_eq!(code, ErrorCode::NotFound);
+    assert!(message.contains("nope@1"), "{message}");
+    assert_eq!(server_error(client.admin(TOKEN, AdminCommand::Rollback).await).0, ErrorCode::NotFound);
+    let (code, message) = server_error(client.admin(TOKEN, load("junk", "1", b"\0asm garbage", &[])).await);
+    assert_eq!(code, ErrorCode::InvalidModule);
+    assert!(message.contains("component") || message.contains("WebAssembly"), "{message}");
+    // Traps on its first calls, or spins in pick-victims: caught by the
+    // conformance check at load, never installed.
+    for mode in ["panic", "loop", "grow", "bogus-ids"] {
+        let (code, message) =
+            server_error(client.admin(TOKEN, load("hostile", mode, hostile_component(), &[("mode", mode)])).await);
+        assert_eq!(code, ErrorCode::InvalidModule, "{mode}");
+        assert!(message.contains("conformance"), "{mode}: {message}");
+    }
+    let (code, message) =
+        server_error(client.admin(TOKEN, load("hostile", "x", hostile_component(), &[("colour", "blue")])).await);
+    assert_eq!(code, ErrorCode::InvalidModule);
+    assert!(message.contains("colour"), "{message}");
+    assert_eq!(
+        server_error(client.admin(TOKEN, load("bad@name", "1", bundled("lru"), &[])).await).0,
+        ErrorCode::InvalidArgument
+    );
+    client.admin(TOKEN, load("fifo", "7", bundled("fifo"), &[])).await.expect("load");
+    let (code, _) = server_error(client.admin(TOKEN, load("fifo", "7", bundled("lru"), &[])).await);
+    assert_eq!(code, ErrorCode::InvalidArgument, "versions are immutable");
+    let listing = client.admin(TOKEN, AdminCommand::List).await.expect("list");
+    assert_eq!(listing.active, format!("lru@{VERSION}"));
+    assert!(!listing.modules.iter().any(|m| m.name == "hostile" || m.name == "junk"), "refused modules are not stored");
+    assert_eq!(client.get("keep").await.expect("get"), Some(Bytes::from_static(b"me")), "refusals changed nothing");
+
+    // Two activations at once: each succeeds or is told the other is busy,
+    // and the node ends on one of them.
+    for i in 0..20_000 {
+        client.set(format!("fill:{i}"), "x").await.expect("fill");
+    }
+    let other = live.client().await;
+    let (a, b) =
+        tokio::join!(client.admin(TOKEN, activate("fifo", "7")), other.admin(TOKEN, activate("sieve", VERSION)));
+    for result in [&a, &b] {
+        if let Err(err) = result {
+            assert!(matches!(err, ClientError::Server(e) if e.code == ErrorCode::Busy), "{err}");
+        }
+    }
+    assert!(a.is_ok() || b.is_ok());
+    let listing = client.admin(TOKEN, AdminCommand::List).await.expect("list");
+    assert!(listing.active == "fifo@7" || listing.active == format!("sieve@{VERSION}"), "{}", listing.active);
+    let rolled = client.admin(TOKEN, AdminCommand::Rollback).await.expect("rollback");
+    assert_ne!(rolled.active, listing.active);
+    assert_eq!(client.get("keep").await.expect("get"), Some(Bytes::from_static(b"me")));
+    assert_eq!(client.stats().await.expect("stats").entries, 20_001);
+    client.close().await;
+    other.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_keeps_trapping_is_quarantined_and_the_previous_version_restored() {
+    let live = LiveNode::start(config(100_000), Some(TOKEN));
+    let client = live.client().await;
+    client.admin(TOKEN, load("lru", "2", bundled("lru"), &[])).await.expect("load");
+    client.admin(TOKEN, activate("lru", "2")).await.expect("activate");
+    // Passes the load-time check, then panics once it has seen 5000 events
+    // (and again on every rebuild, which replays more than that).
+    let config = [("mode", "panic"), ("after", "5000")];
+    client.admin(TOKEN, load("hostile", "1", hostile_component(), &config)).await.expect("load");
+    let listing = client.admin(TOKEN, activate("hostile", "1")).await.expect("activate");
+    assert_eq!(listing.active, "hostile@1");
+    for i in 0..14_000 {
+        client.set(format!("k{i}"), "v").await.expect("every write succeeds");
+    }
+    // The supervisor rolls back after three faults in a row per shard (one
+    // immediate, retries after 1 s and 2 s). Bounded wait.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listing = loop {
+        let listing = client.admin(TOKEN, AdminCommand::List).await.expect("list");
+        if listing.active == "lru@2" || Instant::now() > deadline {
+            break listing;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(listing.active, "lru@2", "automatic rollback: {listing:?}");
+    assert_eq!(listing.quarantines, 1);
+    let hostile = listing.modules.iter().find(|m| m.name == "hostile").expect("listed");
+    assert!(hostile.state.starts_with("quarantined"), "{}", hostile.state);
+    assert!(hostile.faults >= 3, "faults counted against the module: {}", hostile.faults);
+    assert!(listing.shards.iter().all(|s| s.module == "lru@2" && !s.on_fallback));
+    let (code, _) = server_error(client.admin(TOKEN, activate("hostile", "1")).await);
+    assert_eq!(code, ErrorCode::InvalidModule, "a quarantined module is not activated again");
+    for i in (0..14_000).step_by(97) {
+        assert!(client.get(format!("k{i}")).await.expect("get").is_some(), "k{i} survived the faults");
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_or_bloating_module_is_cut_off_on_live_shards_and_serving_goes_on() {
+    for (mode, kind) in [("loop", FaultKind::Budget), ("grow", FaultKind::Memory)] {
+        let live = LiveNode::start(config(4_000), Some(TOKEN));
+        let client = live.client().await;
+        let mut command = load("hostile", mode, hostile_component(), &[("mode", mode), ("after", "5000")]);
+        if let AdminCommand::Load { max_memory_bytes, .. } = &mut command {
+            *max_memory_bytes = Some(4 << 20);
+        }
+        client.admin(TOKEN, command).await.expect("load");
+        client.admin(TOKEN, activate("hostile", mode)).await.expect("activate");
+        // Twenty thousand keys through 4000 slots: evictions all the way.
+        for i in 0..20_000 {
+            client.set(format!("k{i}"), "value").await.expect("every write succeeds");
+        }
+        let faults: u64 =
+            (0..live.node.shard_count()).map(|i| live.node.lock_shard(i).stats().faults[kind.index()]).sum();
+        assert!(faults >= 1, "{mode}: expected a {} fault", kind.name());
+        let stats = client.stats().await.expect("stats");
+        assert!(stats.entries <= 4_000 && stats.entries > 3_000, "{mode}: bounds kept: {}", stats.entries);
+        assert_eq!(client.get("k19999").await.expect("get"), Some(Bytes::from_static(b"value")), "{mode}");
+        client.close().await;
+    }
+}
+
+/// Parses the Prometheus text format strictly enough to catch a malformed
+/// exposition: every sample belongs to a declared family, values are
+/// numbers, histogram buckets are cumulative and end in `+Inf` = count.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            types.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+        let name = series.split('{').next().expect("name");
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name: {line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "{line}");
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.get(*f).is_some_and(|t| t == "histogram")))
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "sample without a TYPE: {line}");
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_serves_prometheus_text() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let live = LiveNode::start(config(10_000), Some(TOKEN));
+    let client = live.client().await;
+    for i in 0..200 {
+        client.set(format!("k{i}"), "v").await.expect("set");
+    }
+    for i in 0..300 {
+        client.get(format!("k{i}")).await.expect("get");
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (bound, at) = tokio::sync::oneshot::channel();
+    let serving =
+        tokio::spawn(cachet::metrics::serve(live.node.clone(), "127.0.0.1:0".parse().expect("addr"), stopped, bound));
+    let addr = at.await.expect("bound");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("request");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.expect("reply");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("http reply");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let samples = parse_prometheus(body);
+    assert_eq!(samples["cachet_hits_total"], 200.0);
+    assert_eq!(samples["cachet_misses_total"], 100.0);
+    assert_eq!(samples["cachet_entries"], 200.0);
+    assert_eq!(samples["cachet_request_duration_seconds_count{command=\"get\"}"], 300.0);
+    assert_eq!(samples["cachet_request_duration_seconds_bucket{command=\"get\",le=\"+Inf\"}"], 300.0);
+    assert_eq!(samples[&format!("cachet_policy_active{{shard=\"1\",module=\"lru@{VERSION}\"}}")], 1.0);
+    assert!(samples.contains_key("cachet_policy_faults_total{kind=\"budget\"}"));
+    assert!(samples["cachet_policy_hook_duration_seconds_count{hook=\"on_events\"}"] >= 1.0);
+    let mut last = 0.0;
+    for line in body.lines().filter(|l| l.starts_with("cachet_request_duration_seconds_bucket{command=\"get\"")) {
+        let value: f64 = line.rsplit_once(' ').expect("value").1.parse().expect("number");
+        assert!(value >= last, "buckets are cumulative: {line}");
+        last = value;
+    }
+    let mut other = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    other.write_all(b"GET /nothing HTTP/1.1\r\n\r\n").await.expect("request");
+    let mut reply = String::new();
+    other.read_to_string(&mut reply).await.expect("reply");
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    let _ = stop.send(true);
+    serving.await.expect("joins").expect("served");
+    client.close().await;
+}
+
+#[test]
+fn shadow_evaluation_predicts_the_active_policy_and_ranks_a_candidate() {
+    let dir = TempDir::new("shadow");
+    let node = node_in(&dir, NodeConfig { shards: 2, max_entries: 20_000, ..NodeConfig::default() }, Some(TOKEN));
+    let admin = |command| match node.execute(Request::Admin { token: TOKEN.into(), command }) {
+        Response::Policies(listing) => *listing,
+        other => panic!("{other:?}"),
+    };
+    let listing = admin(AdminCommand::Shadow { name: "s3fifo".into(), version: VERSION.into() });
+    let shadow = listing.shadow.expect("shadow running");
+    assert!(shadow.sample_rate > 0.3 && shadow.sample_rate < 0.5, "{}", shadow.sample_rate);
+    // Zipf(1.0) over 200,000 keys, cache-aside: a miss is followed by a SET.
+    let cdf: Vec<f64> = (1..=200_000u64)
+        .scan(0.0, |sum, k| {
+            *sum += 1.0 / k as f64;
+            Some(*sum)
+        })
+        .collect();
+    let total = cdf.last().copied().expect("keys");
+    let mut state = 7u64;
+    for _ in 0..300_000 {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let target = ((state >> 11) as f64 / (1u64 << 53) as f64) * total;
+        let key = cdf.partition_point(|&c| c < target) + 1;
+        let key = Bytes::from(format!("user:{key}"));
+        if let Response::Value(None) = node.execute(Request::Get { key: key.clone() }) {
+            let set = Request::Set {
+                key,
+                value: Bytes::from_static(b"profile"),
+                ttl_ms: None,
+                condition: Default::default(),
+                hint: 0,
+            };
+            node.execute(set);
+        }
+    }
+    let listing = admin(AdminCommand::List);
+    let shadow = listing.shadow.expect("shadow running");
+    assert!(shadow.sampled_reads > 90_000, "{}", shadow.sampled_reads);
+    assert!(
+        (shadow.active_hit_ratio - shadow.live_hit_ratio).abs() < 0.02,
+        "the active policy's prediction {:.4} tracks its live hit ratio {:.4}",
+        shadow.active_hit_ratio,
+        shadow.live_hit_ratio
+    );
+    assert!(
+        shadow.candidate_hit_ratio > shadow.active_hit_ratio,
+        "S3-FIFO beats LRU on a Zipf workload: {:.4} vs {:.4}",
+        shadow.candidate_hit_ratio,
+        shadow.active_hit_ratio
+    );
+    assert_eq!(shadow.candidate_faults, 0);
+    let stopped = admin(AdminCommand::Shadow { name: String::new(), version: String::new() });
+    assert!(stopped.shadow.is_none());
+}
