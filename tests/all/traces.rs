@@ -131,13 +131,11 @@ fn the_default_policy_beats_lru_at_10_percent_on_the_small_traces() {
     }
 }
 
-/// W-TinyLFU does not reproduce the reference to ±0.005 everywhere (see
-/// docs/benchmarks.md): its sketch's collisions depend on the reference's
-/// XXH64 of object ids, which a policy cannot see, and Cachet's window hands
-/// keys to main one insert at a time instead of all at the first eviction
-/// (which would be one unbounded call). This pins what holds today on
-/// cloudPhysicsIO at 1% and up: within ±0.02, never faulting, so a
-/// regression shows.
+/// W-TinyLFU does not reproduce the reference to the last digit (see
+/// docs/decisions.md): its sketch's collisions depend on the reference's
+/// XXH64 of object ids, which a policy cannot see. Native replay puts every
+/// cloudPhysicsIO cell at 1% and up within ±0.004; this pins ±0.02 through
+/// the host, never faulting, so a regression shows.
 #[test]
 fn wtinylfu_stays_near_the_reference_on_cloudphysics() {
     let engine = PolicyEngine::new().expect("engine");
