@@ -9,7 +9,7 @@
 //! shards already swapped are swapped back and the activation fails as a
 //! whole. One policy operation runs at a time; a second one gets `Busy`.
 
-use crate::core::{PolicyFactory, Shard};
+use crate::core::{PolicyFactory, Shard, replay_snapshot};
 use crate::node::Node;
 use crate::registry::{Activation, ModuleLimits, Registry, RegistryError, parse_label};
 use crate::shadow::Shadow;
@@ -17,7 +17,7 @@ use cachet_proto::{AdminCommand, ErrorCode, ErrorReply, ModuleListing, PolicyLis
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What every shard is configured with, and what each module has cost.
 pub(crate) struct ActiveState {
@@ -217,26 +217,49 @@ impl Node {
     }
 
     /// Swaps shard after shard; on a refusal, swaps the ones done back.
+    /// Each shard is locked twice, briefly: to snapshot its residents in
+    /// eviction order, and to replay what happened since into the new
+    /// instance (built and fed the snapshot in between, off the lock) and
+    /// install it.
     fn swap_all(&self, factory: Arc<dyn PolicyFactory>, activation: &Activation) -> Result<String, AdminError> {
         let new_label = activation.label();
         let old_factory = lock(&self.control.state).factory.clone();
         let mut durations = Vec::with_capacity(self.shard_count());
+        let mut longest_lock = Duration::ZERO;
         let mut entries = 0usize;
         for i in 0..self.shard_count() {
             let started = Instant::now();
+            let (snapshot, (capacity, seed), retired) = {
+                let mut shard = self.lock_shard(i);
+                let snapshot = shard.begin_swap(self.now_ms(), factory.info());
+                (snapshot, shard.policy_capacity(), shard.configured_faults())
+            };
+            let first_lock = started.elapsed();
+            let built = factory.create(capacity, seed).and_then(|mut fresh| {
+                replay_snapshot(self.now_ms(), fresh.as_mut(), &snapshot.entries)?;
+                Ok(fresh)
+            });
+            drop(snapshot);
+            let relocked = Instant::now();
             let mut shard = self.lock_shard(i);
-            let retired = shard.configured_faults();
-            match shard.swap_policy(self.now_ms(), factory.clone()) {
+            let result = match built {
+                Ok(fresh) => shard.finish_swap(self.now_ms(), factory.clone(), fresh),
+                Err(err) => {
+                    shard.abort_swap();
+                    Err(err)
+                }
+            };
+            drop(shard);
+            longest_lock = longest_lock.max(first_lock).max(relocked.elapsed());
+            match result {
                 Ok(n) => {
                     entries += n;
-                    drop(shard);
                     durations.push(started.elapsed().as_micros() as u64);
                     let mut state = lock(&self.control.state);
                     let old = std::mem::replace(&mut state.shard_labels[i], new_label.clone());
                     *state.retired_faults.entry(old).or_default() += retired;
                 }
                 Err(err) => {
-                    drop(shard);
                     for j in 0..i {
                         let mut shard = self.lock_shard(j);
                         if let Err(back) = shard.swap_policy(self.now_ms(), old_factory.clone()) {
@@ -267,10 +290,12 @@ impl Node {
         let total: u64 = durations.iter().sum();
         let slowest = durations.iter().copied().max().unwrap_or(0);
         Ok(format!(
-            "activated {new_label} on {} shards ({entries} resident entries handed over) in {:.1} ms; slowest shard {:.1} ms",
+            "activated {new_label} on {} shards ({entries} resident entries handed over) in {:.1} ms; \
+             slowest shard {:.1} ms, longest lock {:.1} ms",
             durations.len(),
             total as f64 / 1000.0,
-            slowest as f64 / 1000.0
+            slowest as f64 / 1000.0,
+            longest_lock.as_secs_f64() * 1000.0
         ))
     }
 

@@ -40,6 +40,8 @@ pub struct BenchOptions {
     pub threads: usize,
     /// Server process whose CPU time to report per request.
     pub server_pid: Option<u32>,
+    /// Write every key before measuring (off when an earlier run did).
+    pub preload: bool,
 }
 
 /// What happened.
@@ -146,7 +148,9 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         return Err(BenchError::Options("need keys > 0 and concurrency >= connections > 0".into()));
     }
     let value = Bytes::from(vec![b'x'; options.value_size]);
-    preload(options, value.clone())?;
+    if options.preload {
+        preload(options, value.clone())?;
+    }
     let keys = Arc::new(Keys::new(options.keys, options.zipf));
     let threads = options.threads.clamp(1, options.connections);
     let cpu_before = options.server_pid.and_then(process_cpu_us);

@@ -37,6 +37,10 @@ pub struct FileConfig {
     pub admin_token_file: Option<PathBuf>,
     /// `--metrics-listen`.
     pub metrics_listen: Option<String>,
+    /// `--policy-fault-limit`.
+    pub policy_fault_limit: Option<u32>,
+    /// `--policy-retry-ms`.
+    pub policy_retry_ms: Option<u64>,
 }
 
 /// A configuration that cannot be used.

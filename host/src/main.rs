@@ -265,6 +265,15 @@ struct ServeArgs {
     /// TCP address serving Prometheus metrics at /metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Faults in a row after which a shard gives up on a policy module and
+    /// the node quarantines it and re-activates the previous version
+    /// [default: 3].
+    #[arg(long)]
+    policy_fault_limit: Option<u32>,
+    /// First wait before a faulted shard retries its module, doubling with
+    /// each fault in a row, in milliseconds [default: 1000].
+    #[arg(long)]
+    policy_retry_ms: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -304,6 +313,9 @@ struct BenchArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// Skip writing every key first (an earlier run already did).
+    #[arg(long)]
+    no_preload: bool,
 }
 
 #[derive(clap::Args)]
@@ -557,6 +569,8 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         max_entries: args.max_entries.or(file.max_entries).unwrap_or(1_000_000),
         max_bytes: max_memory,
         max_value_size,
+        policy_fault_limit: args.policy_fault_limit.or(file.policy_fault_limit).unwrap_or(3),
+        policy_retry_ms: args.policy_retry_ms.or(file.policy_retry_ms).unwrap_or(1_000),
         ..NodeConfig::default()
     };
     let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
@@ -631,6 +645,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         rate: args.rate,
         threads: args.threads.unwrap_or_else(cores),
         server_pid: args.server_pid,
+        preload: !args.no_preload,
     };
     let report: BenchReport = bench::run(&options)?;
     println!(

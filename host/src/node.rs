@@ -25,6 +25,15 @@ pub struct NodeConfig {
     pub max_value_size: usize,
     /// Largest key accepted.
     pub max_key_size: usize,
+    /// First delay before a faulted shard retries its configured policy
+    /// (doubling with each fault in a row).
+    pub policy_retry_ms: u64,
+    /// Faults in a row (each within `policy_fault_window_ms` of the last)
+    /// after which a shard gives up on its policy, and the node quarantines
+    /// the module and rolls back to the previous version.
+    pub policy_fault_limit: u32,
+    /// A fault this long after the previous one starts a new count.
+    pub policy_fault_window_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -35,6 +44,9 @@ impl Default for NodeConfig {
             max_bytes: 256 << 20,
             max_value_size: 1 << 20,
             max_key_size: 64 << 10,
+            policy_retry_ms: 1_000,
+            policy_fault_limit: 3,
+            policy_fault_window_ms: 60_000,
         }
     }
 }
@@ -104,6 +116,9 @@ impl Node {
                     max_value_size: config.max_value_size,
                     max_key_size: config.max_key_size,
                     seed: i,
+                    retry_after_ms: config.policy_retry_ms,
+                    max_faults_in_a_row: config.policy_fault_limit.max(1),
+                    fault_window_ms: config.policy_fault_window_ms,
                     ..ShardConfig::default()
                 };
                 Shard::new(shard, policy.clone()).map(Mutex::new)

@@ -131,34 +131,42 @@ fn the_default_policy_beats_lru_at_10_percent_on_the_small_traces() {
     }
 }
 
-/// W-TinyLFU does not reproduce the reference to the last digit (see
-/// docs/decisions.md): its sketch's collisions depend on the reference's
-/// XXH64 of object ids, which a policy cannot see. Native replay puts every
-/// cloudPhysicsIO cell at 1% and up within ±0.004; this pins ±0.02 through
-/// the host, never faulting, so a regression shows.
+/// W-TinyLFU against the reference at every size of 1% of the distinct keys
+/// and up, on cloudPhysicsIO and web12: within ±0.005, except web12 at 1%
+/// (137 objects, a one-object window), which stays 0.018 off for a reason
+/// not found yet (docs/decisions.md) and is pinned at ±0.02 so it cannot
+/// drift further. The residual elsewhere is sketch collisions: the reference
+/// hashes object ids with XXH64, a policy sees only Cachet's key hash.
 #[test]
-fn wtinylfu_stays_near_the_reference_on_cloudphysics() {
+fn wtinylfu_is_within_half_a_point_of_the_reference_from_1_percent() {
     let engine = PolicyEngine::new().expect("engine");
     let readme = std::fs::read_to_string(traces_dir().join("README.md")).expect("README");
-    let path = traces_dir().join("csv").join("cloudPhysicsIO.csv.gz");
-    let requests: Vec<Request> = sim::load_trace(&path, |_| {}).expect("trace loads");
-    let distinct = sim::distinct_keys(&requests);
     let mut checked = 0;
-    for (size, want) in reference(&readme, "cloudPhysicsIO", "W-TinyLFU (1% win)") {
-        if (size as f64) < 0.01 * distinct as f64 - 1.0 {
-            continue;
+    for (trace, file) in [("cloudPhysicsIO", "cloudPhysicsIO.csv.gz"), ("web12", "web12.csv.gz")] {
+        let path = traces_dir().join("csv").join(file);
+        let requests: Vec<Request> = sim::load_trace(&path, |_| {}).expect("trace loads");
+        let distinct = sim::distinct_keys(&requests);
+        for (size, want) in reference(&readme, trace, "W-TinyLFU (1% win)") {
+            if (size as f64) < 0.01 * distinct as f64 - 1.0 {
+                continue;
+            }
+            let options = SimOptions {
+                trace: path.clone(),
+                policy: PolicySpec { name_or_path: "wtinylfu".into(), ..PolicySpec::default() },
+                capacity: Some(size),
+                capacity_bytes: None,
+                seed: 0,
+            };
+            let report = sim::replay(&engine, &options, &requests, |_| {}).expect("replay");
+            assert_eq!(report.policy_faults, 0, "wtinylfu at {size} faulted");
+            let tolerance = if trace == "web12" && size == 137 { 0.02 } else { 0.005 };
+            assert!(
+                (report.miss_ratio - want).abs() <= tolerance,
+                "wtinylfu on {trace} at {size}: {:.4} vs {want}",
+                report.miss_ratio
+            );
+            checked += 1;
         }
-        let options = SimOptions {
-            trace: path.clone(),
-            policy: PolicySpec { name_or_path: "wtinylfu".into(), ..PolicySpec::default() },
-            capacity: Some(size),
-            capacity_bytes: None,
-            seed: 0,
-        };
-        let report = sim::replay(&engine, &options, &requests, |_| {}).expect("replay");
-        assert_eq!(report.policy_faults, 0, "wtinylfu at {size} faulted");
-        assert!((report.miss_ratio - want).abs() <= 0.02, "wtinylfu at {size}: {:.4} vs {want}", report.miss_ratio);
-        checked += 1;
     }
-    assert_eq!(checked, 6);
+    assert_eq!(checked, 12);
 }

@@ -3,6 +3,7 @@
 // `build_script` serves the build scripts that share this module.
 #[allow(dead_code)]
 mod guests;
+mod live;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,9 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
   build-policies  build policies/* to components in target/policies/NAME.wasm
   bench-sim       release build; replay a trace (default: w106 at 10%) through each
                   policy as Wasm and natively, 5 interleaved rounds; print medians
-                  and the Wasm/native ratio";
+                  and the Wasm/native ratio
+  bench-live      release build; swap duration at 1M entries, latency during swaps
+                  under load, throughput while a looping module is cut off";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,6 +28,7 @@ fn main() {
         Some("test") => test(),
         Some("build-policies") => build_policies().map(|_| ()),
         Some("bench-sim") => bench_sim(&args[1..]),
+        Some("bench-live") => bench_live(),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -177,6 +181,22 @@ fn bench_sim(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn bench_live() -> Result<()> {
+    run_cargo(&["build", "--release", "--locked", "-p", "cachet"])?;
+    let target = target_dir();
+    let hostile = guests::Guest { package: "cachet-test-hostile".into(), name: "hostile".into() };
+    let written = guests::build_components(
+        &cargo(),
+        &workspace(),
+        &target.join("wasm-guests"),
+        &target.join("test-guests"),
+        &[hostile],
+    )
+    .map_err(anyhow::Error::msg)?;
+    let hostile = written.first().context("hostile guest not built")?;
+    live::bench_live(&target.join("release").join("cachet"), hostile, &target, env!("CARGO_PKG_VERSION"))
+}
+
 fn demo() -> Result<()> {
     build_policies()?;
     run_cargo(&["build", "--locked", "-p", "cachet"])?;
@@ -195,11 +215,22 @@ fn node_demo(cachet: &Path) -> Result<()> {
     println!(
         "\n== A node on {addr}: 5,000 entries, default policy S3-FIFO (Wasm), Zipf(1.0) over 20,000 keys, 90% GET ==\n"
     );
+    let _ = std::fs::remove_dir_all(&data_dir);
+    std::fs::create_dir_all(&data_dir)?;
+    let token_file = data_dir.join("admin-token");
+    std::fs::write(&token_file, "demo-token")?;
     let mut node = Command::new(cachet)
-        .args(["serve", "--listen", &addr, "--data-dir", data, "--max-entries", "5000"])
+        .args(["serve", "--listen", &addr, "--data-dir", data, "--max-entries", "5000", "--admin-token-file"])
+        .arg(&token_file)
         .spawn()
         .context("cannot start cachet serve")?;
-    let client = |args: &[&str]| Command::new(cachet).args(args).args(["--server", &addr, "--data-dir", data]).output();
+    let client = |args: &[&str]| {
+        Command::new(cachet)
+            .args(args)
+            .args(["--server", &addr, "--data-dir", data])
+            .env("CACHET_ADMIN_TOKEN", "demo-token")
+            .output()
+    };
     let mut up = false;
     for _ in 0..100 {
         if client(&["stats"]).map(|o| o.status.success()).unwrap_or(false) {
@@ -213,6 +244,31 @@ fn node_demo(cachet: &Path) -> Result<()> {
             bail!("the node did not answer within 10 s");
         }
         let pid = node.id().to_string();
+        // A live policy swap and a rollback while the load runs.
+        let swapper = {
+            let (cachet, addr, data) = (cachet.to_path_buf(), addr.clone(), data.to_string());
+            let version = env!("CARGO_PKG_VERSION");
+            std::thread::spawn(move || {
+                let policy = |args: &[&str]| {
+                    Command::new(&cachet)
+                        .arg("policy")
+                        .args(args)
+                        .args(["--server", &addr, "--data-dir", &data])
+                        .env("CACHET_ADMIN_TOKEN", "demo-token")
+                        .output()
+                        .map(|o| {
+                            let out = if o.status.success() { o.stdout } else { o.stderr };
+                            String::from_utf8_lossy(&out).lines().next().unwrap_or_default().to_string()
+                        })
+                        .unwrap_or_else(|e| e.to_string())
+                };
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                let first = policy(&["activate", &format!("sieve@{version}")]);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let second = policy(&["rollback"]);
+                (first, second)
+            })
+        };
         let bench = client(&[
             "bench",
             "--duration",
@@ -255,6 +311,9 @@ fn node_demo(cachet: &Path) -> Result<()> {
             f(&report, "p999_us")
         );
         println!("hit ratio       {:.4} (GETs during the run)", f(&report, "hit_ratio"));
+        let (swap, rollback) = swapper.join().unwrap_or_default();
+        println!("live swap       at 2 s: {swap}");
+        println!("                at 3 s: {rollback}");
         println!("server CPU      {:.1} us per request", f(&report, "server_cpu_us_per_op"));
         println!(
             "evictions       {} (entries {}, policy {} {}, faults {})",

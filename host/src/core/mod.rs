@@ -9,4 +9,6 @@ pub mod ttl;
 
 pub use histogram::{Histogram, SharedHistogram};
 pub use policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault};
-pub use shard::{Hook, PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError, ShardStats};
+pub use shard::{
+    Hook, PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError, ShardStats, SwapSnapshot, replay_snapshot,
+};

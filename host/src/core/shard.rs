@@ -332,6 +332,48 @@ pub struct Shard {
     victims: Vec<EntryId>,
     policy: PolicySlot,
     stats: ShardStats,
+    /// Events since [`Shard::begin_swap`], for the policy being built.
+    journal: Option<Journal>,
+}
+
+/// What happened in a shard while its next policy was being built outside
+/// the shard's lock: replayed into that policy before it takes over.
+struct Journal {
+    events: Vec<Event>,
+    wants_access: bool,
+    wants_miss: bool,
+    /// More than [`JOURNAL_LIMIT`] events: the swap falls back to a full
+    /// rebuild under the lock rather than buffer without bound.
+    overflowed: bool,
+}
+
+impl Journal {
+    fn record(&mut self, event: Event) {
+        let wanted = match event {
+            Event::Accessed(_) => self.wants_access,
+            Event::Missed(_) => self.wants_miss,
+            _ => true,
+        };
+        if !wanted || self.overflowed {
+            return;
+        }
+        if self.events.len() >= JOURNAL_LIMIT {
+            self.overflowed = true;
+            self.events = Vec::new();
+            return;
+        }
+        self.events.push(event);
+    }
+}
+
+/// Most events journaled during one swap (about 16 MiB).
+const JOURNAL_LIMIT: usize = 1 << 20;
+
+/// The resident entries of a shard in its policy's eviction order, taken
+/// by [`Shard::begin_swap`] for building the next policy off the lock.
+pub struct SwapSnapshot {
+    /// Entries to feed the new policy as inserts, first-to-evict first.
+    pub entries: Vec<Entry>,
 }
 
 impl Shard {
@@ -356,6 +398,7 @@ impl Shard {
                 configured_faults: 0,
             },
             stats: ShardStats::default(),
+            journal: None,
             config,
         })
     }
@@ -400,6 +443,12 @@ impl Shard {
         self.policy.configured.info()
     }
 
+    /// The capacity and seed a policy instance for this shard is created
+    /// with.
+    pub fn policy_capacity(&self) -> (Capacity, u64) {
+        (capacity(&self.config), self.config.seed)
+    }
+
     /// Faults of the configured policy since it was installed.
     pub fn configured_faults(&self) -> u64 {
         self.policy.configured_faults
@@ -434,6 +483,69 @@ impl Shard {
         Ok(order.len())
     }
 
+    /// First half of a hot-swap that keeps the shard's lock short: returns
+    /// the resident entries in the current eviction order and starts
+    /// journaling what happens next for a policy that wants accesses
+    /// and/or misses as `info` says. The caller builds the new instance
+    /// from the snapshot without holding the shard, then calls
+    /// [`Shard::finish_swap`] (or [`Shard::abort_swap`]).
+    pub fn begin_swap(&mut self, now: u64, info: &PolicyInfo) -> SwapSnapshot {
+        let order = self.export_order(now);
+        let entries = order.iter().filter_map(|&id| self.slab.resolve(id)).map(|i| self.entry(i)).collect();
+        self.journal = Some(Journal {
+            events: Vec::new(),
+            wants_access: info.wants_access_events,
+            wants_miss: info.wants_miss_events,
+            overflowed: false,
+        });
+        SwapSnapshot { entries }
+    }
+
+    /// Second half of a hot-swap: feeds `fresh` (built from the snapshot)
+    /// what happened since, then installs it as the configured policy made
+    /// by `factory`. If the journal overflowed, or `fresh` faults on it, the
+    /// shard is rebuilt under the lock instead ([`Shard::swap_policy`]).
+    /// Returns the entries handed over; on error nothing changes.
+    pub fn finish_swap(
+        &mut self,
+        now: u64,
+        factory: Arc<dyn PolicyFactory>,
+        mut fresh: Box<dyn EvictionPolicy>,
+    ) -> Result<usize, PolicyError> {
+        let Some(journal) = self.journal.take() else {
+            return self.swap_policy(now, factory);
+        };
+        if journal.overflowed {
+            tracing::info!("swap journal overflowed; rebuilding under the lock");
+            return self.swap_policy(now, factory);
+        }
+        for chunk in journal.events.chunks(REPLAY_BATCH) {
+            if let Err(fault) = fresh.on_events(now, chunk) {
+                tracing::warn!(%fault, "new policy faulted on the swap journal; rebuilding under the lock");
+                return self.swap_policy(now, factory);
+            }
+        }
+        // Buffered events were journaled already; they were for the old
+        // policy only.
+        self.events.clear();
+        self.policy = PolicySlot {
+            info: factory.info().clone(),
+            configured: factory,
+            active: fresh,
+            mode: PolicyMode::Configured,
+            faults_in_a_row: 0,
+            last_fault_at: None,
+            configured_faults: 0,
+        };
+        self.stats.swaps += 1;
+        Ok(self.len())
+    }
+
+    /// Stops journaling after a swap that will not finish.
+    pub fn abort_swap(&mut self) {
+        self.journal = None;
+    }
+
     /// Reads `key`. A hit is reported to the policy; an expired entry is
     /// removed and reads as a miss.
     pub fn get(&mut self, now: u64, key: &[u8]) -> Option<Bytes> {
@@ -453,10 +565,8 @@ impl Shard {
         let slot = self.slab.get_mut(index);
         slot.touched = self.clock;
         let value = slot.value.clone();
-        if self.policy.info.wants_access_events {
-            let id = self.slab.id(index);
-            self.push_event(now, Event::Accessed(id));
-        }
+        let id = self.slab.id(index);
+        self.push_event(now, Event::Accessed(id));
         Some(value)
     }
 
@@ -633,15 +743,34 @@ impl Shard {
 
     fn miss(&mut self, now: u64, hash: u64) {
         self.stats.misses += 1;
-        if self.policy.info.wants_miss_events {
-            self.push_event(now, Event::Missed(hash));
-        }
+        self.push_event(now, Event::Missed(hash));
     }
 
+    /// Buffers `event` for the active policy (accesses and misses only if
+    /// it asked for them) and journals it for a policy being built.
     fn push_event(&mut self, now: u64, event: Event) {
+        if let Some(journal) = &mut self.journal {
+            journal.record(event);
+        }
+        let wanted = match event {
+            Event::Accessed(_) => self.policy.info.wants_access_events,
+            Event::Missed(_) => self.policy.info.wants_miss_events,
+            _ => true,
+        };
+        if !wanted {
+            return;
+        }
         self.events.push(event);
         if self.events.len() >= self.config.batch_size {
             self.flush(now);
+        }
+    }
+
+    /// Journals a removal the active policy already knows of (it chose the
+    /// victim), which a policy being built must still hear about.
+    fn journal_removal(&mut self, id: EntryId, cause: RemovalCause) {
+        if let Some(journal) = &mut self.journal {
+            journal.record(Event::Removed(id, cause));
         }
     }
 
@@ -717,6 +846,7 @@ impl Shard {
                         bytes += self.slab.get(index).size();
                         entries = entries.saturating_add(1);
                         self.unlink(index);
+                        self.journal_removal(id, RemovalCause::Dropped);
                         self.stats.evictions += 1;
                     }
                     None => invalid += 1,
@@ -799,6 +929,7 @@ impl Shard {
             match self.slab.resolve(id) {
                 Some(index) => {
                     self.unlink(index);
+                    self.journal_removal(id, RemovalCause::Expired);
                     self.stats.policy_expired += 1;
                     removed += 1;
                 }
@@ -908,7 +1039,19 @@ impl Shard {
 }
 
 /// Entries per call when a policy is rebuilt from the resident set.
-const REPLAY_BATCH: usize = 1024;
+pub const REPLAY_BATCH: usize = 1024;
+
+/// Feeds `entries` to `policy` as inserts, [`REPLAY_BATCH`] per call: how a
+/// policy being swapped in learns a snapshot's residents.
+pub fn replay_snapshot(now: u64, policy: &mut dyn EvictionPolicy, entries: &[Entry]) -> Result<(), PolicyFault> {
+    let mut batch = Vec::with_capacity(REPLAY_BATCH.min(entries.len()));
+    for chunk in entries.chunks(REPLAY_BATCH) {
+        batch.clear();
+        batch.extend(chunk.iter().map(|&e| Event::Inserted(e)));
+        policy.on_events(now, &batch)?;
+    }
+    Ok(())
+}
 
 fn capacity(config: &ShardConfig) -> Capacity {
     Capacity { max_entries: config.max_entries, max_bytes: config.max_bytes }
@@ -1002,6 +1145,69 @@ mod tests {
         assert!(shard.delete(0, b"b"));
         assert!(!shard.delete(0, b"b"));
         assert_eq!((shard.len(), shard.bytes()), (0, 0));
+    }
+
+    /// Mixed traffic for the swap tests: reads, writes, deletes, evictions.
+    fn churn(shard: &mut Shard, now: u64, from: u32, to: u32) {
+        for i in from..to {
+            let key = format!("k{}", i % 97);
+            match i % 5 {
+                0 => {
+                    shard.delete(now, key.as_bytes());
+                }
+                1 | 2 => {
+                    shard.get(now, key.as_bytes());
+                }
+                _ => {
+                    shard.set(now, key.as_bytes(), Bytes::from(format!("v{i}")), SetOptions::default()).expect("set");
+                }
+            }
+        }
+    }
+
+    fn keys_in_order(shard: &mut Shard, now: u64) -> Vec<Vec<u8>> {
+        shard.export_order(now).into_iter().map(|id| shard.key_of(id).expect("resident").to_vec()).collect()
+    }
+
+    #[test]
+    fn a_swap_built_off_the_lock_catches_up_on_the_journal() {
+        let config = ShardConfig { max_entries: 40, ..ShardConfig::default() };
+        let (mut swapped, mut reference) = (lru_shard(config.clone()), lru_shard(config));
+        for shard in [&mut swapped, &mut reference] {
+            churn(shard, 0, 0, 500);
+        }
+        let factory: Arc<dyn PolicyFactory> = Arc::new(NativeFactory::<Lru>::new(Config::default()));
+        let snapshot = swapped.begin_swap(0, factory.info());
+        // Traffic while the new instance is being built elsewhere: accesses,
+        // inserts, deletes and evictions the new policy has not seen.
+        for shard in [&mut swapped, &mut reference] {
+            churn(shard, 1, 500, 900);
+        }
+        let (capacity, seed) = swapped.policy_capacity();
+        let mut fresh = factory.create(capacity, seed).expect("create");
+        replay_snapshot(1, fresh.as_mut(), &snapshot.entries).expect("replay");
+        let handed = swapped.finish_swap(1, factory, fresh).expect("finish");
+        assert_eq!(handed, swapped.len());
+        assert_eq!(swapped.stats().swaps, 1);
+        // An LRU rebuilt from snapshot plus journal orders keys exactly as
+        // the LRU that never stopped.
+        assert_eq!(keys_in_order(&mut swapped, 1), keys_in_order(&mut reference, 1));
+        for shard in [&mut swapped, &mut reference] {
+            churn(shard, 2, 900, 1400);
+        }
+        assert_eq!(keys_in_order(&mut swapped, 2), keys_in_order(&mut reference, 2));
+    }
+
+    #[test]
+    fn an_aborted_swap_changes_nothing() {
+        let mut shard = lru_shard(ShardConfig { max_entries: 40, ..ShardConfig::default() });
+        churn(&mut shard, 0, 0, 300);
+        let before = keys_in_order(&mut shard, 0);
+        let info = shard.active_policy().clone();
+        let _snapshot = shard.begin_swap(0, &info);
+        shard.abort_swap();
+        assert_eq!(keys_in_order(&mut shard, 0), before);
+        assert_eq!(shard.stats().swaps, 0);
     }
 
     #[test]

@@ -12,8 +12,8 @@
 //! `--lcs-hash` instead probes the sketch with the reference simulator's
 //! hash (XXH64 of the object id, seeds 0x12345678 and 0x12344321, low 32
 //! bits), which no deployed policy can see; it shows how much of the
-//! remaining difference is the sketch's collisions. `--model` also runs a
-//! direct, unbounded transcription of the reference's semantics (with its
+//! remaining difference is the sketch's collisions. `--model` also runs an
+//! unbounded model, written here, of the reference's semantics (with its
 //! hash) next to the policy, to tell policy bugs from reference quirks.
 
 use cachet_policy_sdk::testing::{Harness, entries};
