@@ -41,6 +41,8 @@ pub struct FileConfig {
     pub policy_fault_limit: Option<u32>,
     /// `--policy-retry-ms`.
     pub policy_retry_ms: Option<u64>,
+    /// `--resp-listen`.
+    pub resp_listen: Option<String>,
 }
 
 /// A configuration that cannot be used.

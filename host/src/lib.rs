@@ -14,6 +14,7 @@
 //! - [`admin`]: live policy operations (hot-swap, rollback, quarantine).
 //! - [`shadow`]: predicting a candidate's hit ratio on sampled traffic.
 //! - [`metrics`]: Prometheus text exposition and its HTTP endpoint.
+//! - [`resp`]: the Redis-protocol port (RESP2/RESP3 over TCP).
 
 #![warn(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod node;
 pub mod plot;
 pub mod policies;
 pub mod registry;
+pub mod resp;
 pub mod server;
 pub mod shadow;
 pub mod sim;

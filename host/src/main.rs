@@ -265,6 +265,9 @@ struct ServeArgs {
     /// TCP address serving Prometheus metrics at /metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// TCP address of the Redis-protocol port (off without it).
+    #[arg(long)]
+    resp_listen: Option<SocketAddr>,
     /// Faults in a row after which a shard gives up on a policy module and
     /// the node quarantines it and re-activates the previous version
     /// [default: 3].
@@ -600,8 +603,23 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         max_streams: 64,
         max_frame: max_value_size + (128 << 10),
     };
+    let max_connections = options.max_connections;
     let server = server::start(node.clone(), options)?;
     eprintln!("cachet: serving on {} (data dir {})", server.local_addr(), data_dir.display());
+    let resp_listen = match (args.resp_listen, &file.resp_listen) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(text)) => Some(text.parse().with_context(|| format!("RESP address `{text}`"))?),
+        (None, None) => None,
+    };
+    let resp = match resp_listen {
+        Some(listen) => {
+            let resp =
+                cachet::resp::start(node.clone(), cachet::resp::RespOptions { listen, threads, max_connections })?;
+            eprintln!("cachet: Redis protocol on {}", resp.local_addr());
+            Some(resp)
+        }
+        None => None,
+    };
     block_on(async move {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let metrics = match metrics_listen {
@@ -628,6 +646,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         Ok(())
     })?;
     eprintln!("cachet: shutting down");
+    if let Some(resp) = resp {
+        resp.shutdown();
+    }
     server.shutdown();
     Ok(())
 }

@@ -161,6 +161,35 @@ impl Node {
         lock(&self.shards[i])
     }
 
+    /// Runs `f` on the shard owning `key`, under its lock, with the node's
+    /// `now`: for compound commands (the RESP port's GETDEL, APPEND, SET
+    /// ... GET) that must read and write atomically.
+    pub fn with_shard<R>(&self, key: &[u8], f: impl FnOnce(&mut Shard, u64) -> R) -> R {
+        let now = self.now_ms();
+        f(&mut self.shard(key), now)
+    }
+
+    /// Deletes every entry on every shard; returns how many there were.
+    pub fn flush_all(&self) -> u64 {
+        let now = self.now_ms();
+        self.shards.iter().map(|s| lock(s).clear(now) as u64).sum()
+    }
+
+    /// Resident entries over all shards.
+    pub fn len(&self) -> u64 {
+        self.shards.iter().map(|s| lock(s).len() as u64).sum()
+    }
+
+    /// Resident entries with a TTL, over all shards.
+    pub fn expiring(&self) -> u64 {
+        self.shards.iter().map(|s| lock(s).expiring() as u64).sum()
+    }
+
+    /// Whether no shard holds an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Shards on the node.
     pub fn shard_count(&self) -> usize {
         self.shards.len()

@@ -4,6 +4,7 @@ mod conformance;
 mod differential;
 mod live;
 mod node;
+mod resp;
 mod sandbox;
 mod seed;
 mod traces;

@@ -443,6 +443,11 @@ impl Shard {
         self.policy.configured.info()
     }
 
+    /// Resident entries with a TTL.
+    pub fn expiring(&self) -> usize {
+        self.ttl.len()
+    }
+
     /// The capacity and seed a policy instance for this shard is created
     /// with.
     pub fn policy_capacity(&self) -> (Capacity, u64) {
@@ -637,6 +642,42 @@ impl Shard {
     pub fn ttl(&self, now: u64, key: &[u8]) -> Option<Option<u64>> {
         let index = self.find(cachet_proto::key_hash(key), key).filter(|&i| !self.is_expired(i, now))?;
         Some(self.slab.get(index).expires_at.map(|at| at - now))
+    }
+
+    /// The value of `key` if resident and live, without counting a read or
+    /// telling the policy: for read-modify-write commands (APPEND) whose
+    /// write is the access.
+    pub fn peek(&self, now: u64, key: &[u8]) -> Option<Bytes> {
+        let index = self.find(cachet_proto::key_hash(key), key).filter(|&i| !self.is_expired(i, now))?;
+        Some(self.slab.get(index).value.clone())
+    }
+
+    /// Removes `key`'s time to live; false if it is not resident or had
+    /// none.
+    pub fn persist(&mut self, now: u64, key: &[u8]) -> bool {
+        let hash = cachet_proto::key_hash(key);
+        let Some(index) = self.find(hash, key).filter(|&i| !self.is_expired(i, now)) else {
+            return false;
+        };
+        let id = self.slab.id(index);
+        let Some(at) = self.slab.get_mut(index).expires_at.take() else {
+            return false;
+        };
+        self.ttl.remove(at, id);
+        let entry = self.entry(index);
+        self.push_event(now, Event::Updated(entry));
+        true
+    }
+
+    /// Deletes every entry (FLUSHALL), telling the policy each removal.
+    /// Returns how many were resident.
+    pub fn clear(&mut self, now: u64) -> usize {
+        let live: Vec<u32> = self.slab.live().map(|(i, _)| i).collect();
+        for &index in &live {
+            self.remove(now, index, RemovalCause::Deleted);
+        }
+        self.stats.deletes += live.len() as u64;
+        live.len()
     }
 
     /// Gives `key` a new time to live; false if it is not resident.

@@ -1,0 +1,346 @@
+//! The RESP wire format, sans-IO: commands in (arrays of bulk strings, or
+//! inline lines as typed into telnet), replies out in RESP2 or RESP3.
+//!
+//! "Not enough bytes yet" is `Ok(None)`, not an error; nothing is consumed
+//! until a whole command is there. Every length is checked before anything
+//! is buffered for it, so a declared bulk of 2^40 bytes is refused at once
+//! rather than waited for.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Limits on what one command may declare.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest bulk string (a key or value).
+    pub max_bulk: usize,
+    /// Most arguments in one command.
+    pub max_args: usize,
+    /// Longest inline command line.
+    pub max_inline: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_bulk: (1 << 20) + (64 << 10), max_args: 1 << 20, max_inline: 64 << 10 }
+    }
+}
+
+/// Input that is not RESP; the connection is answered with the error and
+/// closed, as Redis does.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// A multibulk count that is not a number or over the limit.
+    #[error("Protocol error: invalid multibulk length")]
+    MultibulkLength,
+    /// A bulk length that is not a number or over the limit.
+    #[error("Protocol error: invalid bulk length")]
+    BulkLength,
+    /// Something other than `$` where a bulk string must start.
+    #[error("Protocol error: expected '$', got '{0}'")]
+    ExpectedBulk(char),
+    /// A bulk string not followed by CRLF.
+    #[error("Protocol error: bulk string not terminated by CRLF")]
+    Unterminated,
+    /// An inline command line over the limit.
+    #[error("Protocol error: too big inline request")]
+    InlineTooLong,
+    /// Quotes that do not close in an inline command.
+    #[error("Protocol error: unbalanced quotes in request")]
+    UnbalancedQuotes,
+}
+
+/// Position of the CRLF ending the line that starts at `from`.
+fn line_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf.get(from..)?.windows(2).position(|w| w == b"\r\n").map(|p| from + p)
+}
+
+fn parse_len(digits: &[u8]) -> Option<i64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Takes one whole command off the front of `buf`: its arguments, the
+/// first being the command name. `Ok(None)` when more bytes are needed.
+pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    match buf.first() {
+        None => Ok(None),
+        Some(b'*') => parse_multibulk(buf, limits),
+        Some(_) => parse_inline(buf, limits),
+    }
+}
+
+fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    let Some(end) = line_end(buf, 1) else {
+        return if buf.len() > 32 { Err(ProtocolError::MultibulkLength) } else { Ok(None) };
+    };
+    let count = parse_len(&buf[1..end]).ok_or(ProtocolError::MultibulkLength)?;
+    if count > limits.max_args as i64 {
+        return Err(ProtocolError::MultibulkLength);
+    }
+    let mut at = end + 2;
+    if count <= 0 {
+        // `*0` and `*-1` are empty commands: skipped, as Redis does.
+        let _ = buf.split_to(at);
+        return Ok(Some(Vec::new()));
+    }
+    let mut spans = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        match buf.get(at) {
+            None => return Ok(None),
+            Some(b'$') => {}
+            Some(&other) => return Err(ProtocolError::ExpectedBulk(other as char)),
+        }
+        let Some(end) = line_end(buf, at + 1) else {
+            return if buf.len() - at > 32 { Err(ProtocolError::BulkLength) } else { Ok(None) };
+        };
+        let len = parse_len(&buf[at + 1..end]).ok_or(ProtocolError::BulkLength)?;
+        if len < 0 || len > limits.max_bulk as i64 {
+            return Err(ProtocolError::BulkLength);
+        }
+        let start = end + 2;
+        let stop = start + len as usize;
+        if buf.len() < stop + 2 {
+            return Ok(None);
+        }
+        if &buf[stop..stop + 2] != b"\r\n" {
+            return Err(ProtocolError::Unterminated);
+        }
+        spans.push((start, stop));
+        at = stop + 2;
+    }
+    let frame = buf.split_to(at).freeze();
+    Ok(Some(spans.into_iter().map(|(a, b)| frame.slice(a..b)).collect()))
+}
+
+/// A line of space-separated words, with double or single quotes for words
+/// holding spaces (and `\n`-style escapes in double quotes).
+fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
+        return if buf.len() > limits.max_inline { Err(ProtocolError::InlineTooLong) } else { Ok(None) };
+    };
+    if newline > limits.max_inline {
+        return Err(ProtocolError::InlineTooLong);
+    }
+    let line = buf.split_to(newline + 1);
+    let line = line.strip_suffix(b"\n").unwrap_or(&line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    split_words(line).map(Some)
+}
+
+fn split_words(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < line.len() {
+        if line[i].is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        let mut word = Vec::new();
+        match line[i] {
+            quote @ (b'"' | b'\'') => {
+                i += 1;
+                loop {
+                    let Some(&c) = line.get(i) else {
+                        return Err(ProtocolError::UnbalancedQuotes);
+                    };
+                    i += 1;
+                    if c == quote {
+                        break;
+                    }
+                    if c == b'\\' && quote == b'"' {
+                        let Some(&next) = line.get(i) else {
+                            return Err(ProtocolError::UnbalancedQuotes);
+                        };
+                        i += 1;
+                        word.push(match next {
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            other => other,
+                        });
+                    } else {
+                        word.push(c);
+                    }
+                }
+                if line.get(i).is_some_and(|c| !c.is_ascii_whitespace()) {
+                    return Err(ProtocolError::UnbalancedQuotes);
+                }
+            }
+            _ => {
+                while i < line.len() && !line[i].is_ascii_whitespace() {
+                    word.push(line[i]);
+                    i += 1;
+                }
+            }
+        }
+        words.push(Bytes::from(word));
+    }
+    Ok(words)
+}
+
+/// Writes replies in the connection's protocol version.
+pub struct Writer<'a> {
+    out: &'a mut BytesMut,
+    resp3: bool,
+}
+
+impl<'a> Writer<'a> {
+    /// Replies into `out`, RESP3 when `resp3`.
+    pub fn new(out: &'a mut BytesMut, resp3: bool) -> Self {
+        Self { out, resp3 }
+    }
+
+    /// `+OK`-style status.
+    pub fn simple(&mut self, text: &str) {
+        self.out.put_u8(b'+');
+        self.out.put_slice(text.as_bytes());
+        self.out.put_slice(b"\r\n");
+    }
+
+    /// An error line; `message` starts with its code (`ERR ...`).
+    pub fn error(&mut self, message: &str) {
+        self.out.put_u8(b'-');
+        // A reply line cannot hold a line break.
+        for b in message.bytes() {
+            self.out.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
+        }
+        self.out.put_slice(b"\r\n");
+    }
+
+    /// An integer.
+    pub fn integer(&mut self, n: i64) {
+        self.out.put_u8(b':');
+        self.out.put_slice(itoa(n).as_bytes());
+        self.out.put_slice(b"\r\n");
+    }
+
+    /// A bulk string.
+    pub fn bulk(&mut self, data: &[u8]) {
+        self.out.put_u8(b'$');
+        self.out.put_slice(itoa(data.len() as i64).as_bytes());
+        self.out.put_slice(b"\r\n");
+        self.out.put_slice(data);
+        self.out.put_slice(b"\r\n");
+    }
+
+    /// A bulk string or null.
+    pub fn bulk_or_null(&mut self, data: Option<&[u8]>) {
+        match data {
+            Some(data) => self.bulk(data),
+            None => self.null(),
+        }
+    }
+
+    /// Null: `$-1` in RESP2, `_` in RESP3.
+    pub fn null(&mut self) {
+        self.out.put_slice(if self.resp3 { b"_\r\n" } else { b"$-1\r\n" });
+    }
+
+    /// The header of an array of `len` items, written next.
+    pub fn array(&mut self, len: usize) {
+        self.out.put_u8(b'*');
+        self.out.put_slice(itoa(len as i64).as_bytes());
+        self.out.put_slice(b"\r\n");
+    }
+
+    /// The header of a map of `len` pairs (an array of 2×`len` in RESP2).
+    pub fn map(&mut self, len: usize) {
+        if self.resp3 {
+            self.out.put_u8(b'%');
+            self.out.put_slice(itoa(len as i64).as_bytes());
+            self.out.put_slice(b"\r\n");
+        } else {
+            self.array(len * 2);
+        }
+    }
+
+    /// Bytes already encoded as a reply.
+    pub fn raw(&mut self, encoded: &[u8]) {
+        self.out.put_slice(encoded);
+    }
+
+    /// A verbatim text blob (INFO): a verbatim string in RESP3, bulk in RESP2.
+    pub fn text(&mut self, text: &str) {
+        if self.resp3 {
+            self.out.put_u8(b'=');
+            self.out.put_slice(itoa(text.len() as i64 + 4).as_bytes());
+            self.out.put_slice(b"\r\ntxt:");
+            self.out.put_slice(text.as_bytes());
+            self.out.put_slice(b"\r\n");
+        } else {
+            self.bulk(text.as_bytes());
+        }
+    }
+}
+
+fn itoa(n: i64) -> String {
+    n.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(input: &[u8]) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+        parse_command(&mut BytesMut::from(input), &Limits::default())
+    }
+
+    #[test]
+    fn multibulk_commands_parse_and_partial_ones_wait() {
+        let whole = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n*1\r\n$4\r\nPING\r\n";
+        let mut buf = BytesMut::from(&whole[..]);
+        let first = parse_command(&mut buf, &Limits::default()).expect("ok").expect("whole");
+        assert_eq!(first, [&b"SET"[..], b"k", b"hello"]);
+        let second = parse_command(&mut buf, &Limits::default()).expect("ok").expect("whole");
+        assert_eq!(second, [&b"PING"[..]]);
+        assert!(buf.is_empty());
+        for cut in 1..whole.len() - 14 {
+            let mut partial = BytesMut::from(&whole[..cut]);
+            assert_eq!(parse_command(&mut partial, &Limits::default()), Ok(None), "cut at {cut}");
+            assert_eq!(partial.len(), cut, "nothing consumed");
+        }
+    }
+
+    #[test]
+    fn hostile_lengths_are_refused_before_buffering() {
+        assert_eq!(parse(b"*1\r\n$1099511627776\r\n"), Err(ProtocolError::BulkLength));
+        assert_eq!(parse(b"*99999999999\r\n"), Err(ProtocolError::MultibulkLength));
+        assert_eq!(parse(b"*x\r\n"), Err(ProtocolError::MultibulkLength));
+        assert_eq!(parse(b"*1\r\n$-5\r\n"), Err(ProtocolError::BulkLength));
+        assert_eq!(parse(b"*1\r\n:5\r\n"), Err(ProtocolError::ExpectedBulk(':')));
+        assert_eq!(parse(b"*1\r\n$2\r\nabXY"), Err(ProtocolError::Unterminated));
+        let endless = vec![b'*'; 100];
+        assert_eq!(parse(&endless), Err(ProtocolError::MultibulkLength), "a header line that never ends");
+        let long = vec![b'a'; (64 << 10) + 1];
+        assert_eq!(parse(&long), Err(ProtocolError::InlineTooLong));
+    }
+
+    #[test]
+    fn inline_commands_split_on_spaces_and_quotes() {
+        assert_eq!(
+            parse(b"set k \"two words\\n\"\r\n").expect("ok").expect("line"),
+            [&b"set"[..], b"k", b"two words\n"]
+        );
+        assert_eq!(parse(b"PING\n").expect("ok").expect("line"), [&b"PING"[..]]);
+        assert_eq!(parse(b"get 'a b'\r\n").expect("ok").expect("line"), [&b"get"[..], b"a b"]);
+        assert_eq!(parse(b"get \"open\r\n"), Err(ProtocolError::UnbalancedQuotes));
+        assert_eq!(parse(b"get k"), Ok(None));
+    }
+
+    #[test]
+    fn replies_follow_the_protocol_version() {
+        let mut out = BytesMut::new();
+        let mut w = Writer::new(&mut out, false);
+        w.null();
+        w.bulk(b"v");
+        w.integer(-2);
+        w.map(1);
+        w.error("ERR bad\r\nthing");
+        assert_eq!(&out[..], b"$-1\r\n$1\r\nv\r\n:-2\r\n*2\r\n-ERR bad  thing\r\n");
+        let mut out = BytesMut::new();
+        let mut w = Writer::new(&mut out, true);
+        w.null();
+        w.map(1);
+        w.text("a:1");
+        assert_eq!(&out[..], b"_\r\n%1\r\n=7\r\ntxt:a:1\r\n");
+    }
+}

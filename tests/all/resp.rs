@@ -1,0 +1,279 @@
+//! The Redis-protocol port against real Redis tools: `redis-cli`,
+//! `redis-benchmark` and the `redis` crate, plus raw sockets for the bad
+//! inputs. `.ci/run` installs redis-tools; without `redis-cli` these tests
+//! fail naming it rather than pass.
+
+use cachet::node::{Node, NodeConfig};
+use cachet::policies::{self, PolicySpec};
+use cachet::resp::{self, RespOptions, RunningResp};
+use cachet::wasm::PolicyEngine;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct RespNode {
+    port: Option<RunningResp>,
+    node: Arc<Node>,
+}
+
+impl RespNode {
+    fn start() -> Self {
+        let engine = PolicyEngine::new().expect("engine");
+        let spec = PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() };
+        let policy = policies::resolve(&engine, &spec).expect("policy");
+        let config = NodeConfig { shards: 2, max_value_size: 256 << 10, ..NodeConfig::default() };
+        let node = Arc::new(Node::new(config, policy).expect("node"));
+        let options = RespOptions { listen: "127.0.0.1:0".parse().expect("addr"), threads: 2, max_connections: 1000 };
+        let port = resp::start(node.clone(), options).expect("RESP port");
+        Self { port: Some(port), node }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.port.as_ref().expect("running").local_addr()
+    }
+
+    /// `redis-cli -p PORT ARGS`, stdout without the trailing newline.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.addr().port().to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed (apt-get install redis-tools; .ci/run does it)");
+        assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_string()
+    }
+
+    fn redis(&self) -> redis::Connection {
+        let client = redis::Client::open(format!("redis://{}/", self.addr())).expect("url");
+        client.get_connection().expect("connects")
+    }
+}
+
+impl Drop for RespNode {
+    fn drop(&mut self) {
+        if let Some(port) = self.port.take() {
+            port.shutdown();
+        }
+    }
+}
+
+#[test]
+fn redis_cli_runs_every_command() {
+    let node = RespNode::start();
+    let cli = |args: &[&str]| node.cli(args);
+    assert_eq!(cli(&["PING"]), "PONG");
+    assert_eq!(cli(&["PING", "hello"]), "hello");
+    assert_eq!(cli(&["ECHO", "two words"]), "two words");
+    assert_eq!(cli(&["SET", "user:1", "Ada"]), "OK");
+    assert_eq!(cli(&["GET", "user:1"]), "Ada");
+    assert_eq!(cli(&["GET", "missing"]), "");
+    assert_eq!(cli(&["SET", "user:1", "Bob", "NX"]), "");
+    assert_eq!(cli(&["SET", "user:2", "Bob", "XX"]), "");
+    assert_eq!(cli(&["SET", "user:1", "Ann", "XX", "GET"]), "Ada");
+    assert_eq!(cli(&["SET", "s", "v", "EX", "100"]), "OK");
+    assert_eq!(cli(&["TTL", "s"]), "100");
+    let pttl: i64 = cli(&["PTTL", "s"]).parse().expect("number");
+    assert!(pttl > 99_000 && pttl <= 100_000, "{pttl}");
+    assert_eq!(cli(&["SET", "s", "w", "KEEPTTL"]), "OK");
+    assert_eq!(cli(&["TTL", "s"]), "100", "KEEPTTL kept it");
+    assert_eq!(cli(&["SET", "p", "v", "PX", "5000"]), "OK");
+    assert_eq!(cli(&["PERSIST", "p"]), "1");
+    assert_eq!(cli(&["TTL", "p"]), "-1");
+    assert_eq!(cli(&["TTL", "nothing"]), "-2");
+    assert_eq!(cli(&["EXPIRE", "p", "30"]), "1");
+    assert_eq!(cli(&["TTL", "p"]), "30");
+    assert_eq!(cli(&["PEXPIRE", "p", "60000"]), "1");
+    assert_eq!(cli(&["TTL", "p"]), "60");
+    assert_eq!(cli(&["EXPIRE", "p", "0"]), "1");
+    assert_eq!(cli(&["EXISTS", "p"]), "0", "EXPIRE 0 deletes");
+    assert_eq!(cli(&["MSET", "a", "1", "b", "2"]), "OK");
+    assert_eq!(cli(&["MGET", "a", "nope", "b"]), "1\n\n2");
+    assert_eq!(cli(&["EXISTS", "a", "b", "nope", "a"]), "3");
+    assert_eq!(cli(&["INCR", "a"]), "2");
+    assert_eq!(cli(&["INCRBY", "a", "40"]), "42");
+    assert_eq!(cli(&["DECR", "a"]), "41");
+    assert_eq!(cli(&["DECRBY", "a", "50"]), "-9");
+    assert_eq!(cli(&["INCR", "user:1"]), "ERR value is not an integer or out of range");
+    assert_eq!(cli(&["APPEND", "b", "34"]), "3");
+    assert_eq!(cli(&["APPEND", "new", "x"]), "1");
+    assert_eq!(cli(&["STRLEN", "b"]), "3");
+    assert_eq!(cli(&["GETDEL", "b"]), "234");
+    assert_eq!(cli(&["GET", "b"]), "");
+    assert_eq!(cli(&["GETEX", "new", "EX", "70"]), "x");
+    assert_eq!(cli(&["TTL", "new"]), "70");
+    assert_eq!(cli(&["GETEX", "new", "PERSIST"]), "x");
+    assert_eq!(cli(&["TTL", "new"]), "-1");
+    assert_eq!(cli(&["DEL", "a", "nope", "new"]), "2");
+    assert_eq!(cli(&["DBSIZE"]), "2", "user:1 and s");
+    assert!(cli(&["INFO"]).contains("# Keyspace"));
+    let info = cli(&["INFO", "stats"]);
+    assert!(info.contains("keyspace_hits:") && !info.contains("# Server"), "{info}");
+    assert!(cli(&["INFO", "keyspace"]).contains("db0:keys=2,expires=1"));
+    assert_eq!(cli(&["CLIENT", "SETNAME", "me"]), "OK");
+    assert_eq!(cli(&["CLIENT", "GETNAME"]), "", "a new connection has no name");
+    assert_eq!(cli(&["SELECT", "0"]), "OK");
+    assert_eq!(cli(&["NOSUCH", "x", "y"]), "ERR unknown command 'NOSUCH', with args beginning with: 'x' 'y' ");
+    assert_eq!(cli(&["GET"]), "ERR wrong number of arguments for 'get' command");
+    assert_eq!(cli(&["SET", "k", "v", "EX", "0"]), "ERR invalid expire time in 'set' command");
+    assert_eq!(cli(&["SET", "k", "v", "NX", "XX"]), "ERR syntax error");
+    assert!(cli(&["COMMAND", "COUNT"]).parse::<u32>().expect("count") > 20);
+    assert_eq!(cli(&["FLUSHALL"]), "OK");
+    assert_eq!(cli(&["DBSIZE"]), "0");
+    // One connection, several commands: names stick, QUIT closes.
+    let mut piped = Command::new("redis-cli")
+        .args(["-p", &node.addr().port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    piped
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"CLIENT SETNAME tester\nCLIENT GETNAME\nHELLO 3\nGET none\n")
+        .expect("write");
+    let out = piped.wait_with_output().expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first().copied(), Some("OK"), "{text}");
+    assert_eq!(lines.get(1).copied(), Some("tester"), "the name sticks to the connection: {text}");
+    assert!(text.contains("proto") && text.contains("cachet"), "{text}");
+    assert_eq!(node.node.stats().entries, 0);
+}
+
+#[test]
+fn a_redis_client_library_sees_the_same_data_as_the_node() {
+    let node = RespNode::start();
+    let mut con = node.redis();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut con).expect("set");
+    let value: Option<String> = redis::cmd("GET").arg("k").query(&mut con).expect("get");
+    assert_eq!(value.as_deref(), Some("v"));
+    let missing: Option<String> = redis::cmd("GET").arg("none").query(&mut con).expect("get");
+    assert_eq!(missing, None);
+    let _: () = redis::cmd("SET").arg("n").arg(10).arg("EX").arg(60).query(&mut con).expect("set ex");
+    let n: i64 = redis::cmd("INCRBY").arg("n").arg(5).query(&mut con).expect("incrby");
+    assert_eq!(n, 15);
+    let ttl: i64 = redis::cmd("TTL").arg("n").query(&mut con).expect("ttl");
+    assert_eq!(ttl, 60, "INCR keeps the TTL");
+    let values: Vec<Option<String>> = redis::cmd("MGET").arg("k").arg("x").arg("n").query(&mut con).expect("mget");
+    assert_eq!(values, vec![Some("v".into()), None, Some("15".into())]);
+    let err = redis::cmd("INCR").arg("k").query::<i64>(&mut con).expect_err("not a number");
+    assert!(err.to_string().contains("not an integer"), "{err}");
+    // Pipelining: a thousand commands in one round trip.
+    let mut pipe = redis::pipe();
+    for i in 0..1_000 {
+        pipe.cmd("SET").arg(format!("p{i}")).arg(i).ignore();
+    }
+    for i in (0..1_000).step_by(100) {
+        pipe.cmd("GET").arg(format!("p{i}"));
+    }
+    let got: Vec<i64> = pipe.query(&mut con).expect("pipeline");
+    assert_eq!(got, (0..1_000).step_by(100).collect::<Vec<i64>>());
+    // The node's own view: same entries, same counters.
+    let stats = node.node.stats();
+    assert_eq!(stats.entries, 1_002);
+    assert!(stats.hits >= 13, "{stats:?}");
+    let dbsize: u64 = redis::cmd("DBSIZE").query(&mut con).expect("dbsize");
+    assert_eq!(dbsize, stats.entries);
+    // RESP3 after HELLO 3: nulls change shape, the library still reads them.
+    let _: redis::Value = redis::cmd("HELLO").arg(3).query(&mut con).expect("hello");
+    let missing: Option<String> = redis::cmd("GET").arg("none").query(&mut con).expect("resp3 get");
+    assert_eq!(missing, None);
+}
+
+/// Reads until the peer closes (or 5 s pass), returning what arrived.
+fn read_to_close(stream: &mut TcpStream) -> String {
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn malformed_input_gets_redis_errors_and_a_closed_connection_and_others_are_unaffected() {
+    let node = RespNode::start();
+    let mut bystander = node.redis();
+    let _: () = redis::cmd("SET").arg("safe").arg("yes").query(&mut bystander).expect("set");
+    let cases: [(&[u8], &str); 4] = [
+        (b"*x\r\n", "-ERR Protocol error: invalid multibulk length"),
+        (b"*1\r\n$1099511627776\r\n", "-ERR Protocol error: invalid bulk length"),
+        (b"*1\r\n:12\r\n", "-ERR Protocol error: expected '$', got ':'"),
+        (b"*2\r\n$3\r\nGET\r\n$1\r\nkXY", "-ERR Protocol error: bulk string not terminated by CRLF"),
+    ];
+    for (input, expected) in cases {
+        let mut stream = TcpStream::connect(node.addr()).expect("connect");
+        stream.write_all(input).expect("write");
+        let reply = read_to_close(&mut stream);
+        assert!(reply.starts_with(expected), "{input:?}: {reply:?}");
+    }
+    // An unterminated multibulk: the node waits for the rest, holding only
+    // what was sent, and the client can go away.
+    let mut hanging = TcpStream::connect(node.addr()).expect("connect");
+    hanging.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100\r\nabc").expect("write");
+    drop(hanging);
+    // A value over the node's limit: a typed error, the connection lives on.
+    let big = vec![b'x'; 300 << 10];
+    let err = redis::cmd("SET").arg("big").arg(&big).query::<()>(&mut bystander).expect_err("too large");
+    assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    let value: Option<String> = redis::cmd("GET").arg("safe").query(&mut bystander).expect("still serving");
+    assert_eq!(value.as_deref(), Some("yes"));
+    assert_eq!(node.node.stats().entries, 1, "nothing stored by the bad inputs");
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_client_that_pipelines_and_never_reads_holds_bounded_memory() {
+    let node = RespNode::start();
+    let mut con = node.redis();
+    let value = vec![b'v'; 200 << 10];
+    let _: () = redis::cmd("SET").arg("big").arg(&value).query(&mut con).expect("set");
+    let before = rss_kib();
+    // Up to two million GETs of a 200 KiB value (66 MB of requests, far more
+    // than loopback socket buffers hold) ask for 400 GB of replies; the
+    // client writes them and never reads. Bounded: stop writing after 3 s.
+    let mut greedy = TcpStream::connect(node.addr()).expect("connect");
+    greedy.set_write_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let one = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n";
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1_000).collect();
+    let mut sent = 0;
+    for _ in 0..2_000 {
+        if greedy.write_all(&batch).is_err() {
+            break;
+        }
+        sent += 1_000;
+    }
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(sent < 2_000_000, "the node stopped reading a client that does not read its replies");
+    // Unbounded buffering would hold gigabytes of replies; the margin leaves
+    // room for other tests running in this process.
+    assert!(grown_mib < 1024, "memory grew by {grown_mib} MiB for an unread pipeline");
+    // Other clients are unaffected meanwhile.
+    let got: Option<Vec<u8>> = redis::cmd("GET").arg("big").query(&mut con).expect("other client");
+    assert_eq!(got.map(|v| v.len()), Some(200 << 10));
+    drop(greedy);
+}
+
+#[test]
+fn redis_benchmark_completes_without_errors() {
+    let node = RespNode::start();
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &node.addr().port().to_string(), "-t", "get,set", "-n", "20000", "-c", "20", "-q"])
+        .output()
+        .expect("redis-benchmark must be installed (redis-tools)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("SET: ") && text.contains("GET: "), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+    assert!(node.node.stats().hits >= 20_000, "every GET hit a key SET wrote");
+}
