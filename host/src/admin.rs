@@ -15,7 +15,7 @@ use crate::registry::{Activation, ModuleLimits, Registry, RegistryError, parse_l
 use crate::shadow::Shadow;
 use cachet_proto::{AdminCommand, ErrorCode, ErrorReply, ModuleListing, PolicyListing, Response, ShardListing};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,8 @@ pub(crate) struct Control {
     registry: Mutex<Option<Registry>>,
     pub(crate) state: Mutex<ActiveState>,
     shadow: Mutex<Option<Shadow>>,
-    shadow_on: AtomicBool,
+    /// The running shadow's sampling threshold; 0 when none runs.
+    shadow_threshold: AtomicU64,
     pub(crate) swaps: AtomicU64,
     pub(crate) quarantines: AtomicU64,
 }
@@ -58,7 +59,7 @@ impl Control {
                 last_swap_us: Vec::new(),
             }),
             shadow: Mutex::new(None),
-            shadow_on: AtomicBool::new(false),
+            shadow_threshold: AtomicU64::new(0),
             swaps: AtomicU64::new(0),
             quarantines: AtomicU64::new(0),
         }
@@ -66,7 +67,12 @@ impl Control {
 
     /// The running shadow evaluation, if any; `None` costs one atomic load.
     pub(crate) fn shadow(&self) -> Option<MutexGuard<'_, Option<Shadow>>> {
-        self.shadow_on.load(Ordering::Relaxed).then(|| lock(&self.shadow))
+        (self.shadow_threshold.load(Ordering::Relaxed) > 0).then(|| lock(&self.shadow))
+    }
+
+    /// The running shadow's sampling threshold, `None` when none runs.
+    pub(crate) fn shadow_threshold(&self) -> Option<u64> {
+        Some(self.shadow_threshold.load(Ordering::Relaxed)).filter(|&t| t > 0)
     }
 }
 
@@ -131,15 +137,32 @@ impl Node {
         };
         lock(&self.control.state).activation = startup.clone();
         let restore = registry.active().filter(|a| **a != startup).cloned();
+        let stored_previous = registry.previous().cloned();
         self.control.token = token.filter(|t| !t.is_empty());
         *lock(&self.control.registry) = Some(registry);
         if let Some(active) = restore {
             match self.activate(&active.name, &active.version, Some(active.config.clone()), false) {
-                Ok(message) => tracing::info!(module = %active.label(), "restored the stored active policy: {message}"),
+                Ok(message) => {
+                    tracing::info!(module = %active.label(), "restored the stored active policy: {message}");
+                    // Restoring is not a new activation: rollback still goes
+                    // where it went before the restart.
+                    if let Some(registry) = lock(&self.control.registry).as_mut()
+                        && let Err(err) = registry.set_previous(stored_previous)
+                    {
+                        tracing::warn!(%err, "cannot keep the previous version");
+                    }
+                }
                 Err(err) => tracing::warn!(module = %active.label(), %err, "cannot restore the stored active policy"),
             }
         }
         self
+    }
+
+    /// Whether `token` opens admin commands on this node; the I/O threads
+    /// answer a wrong token at once instead of handing it to a blocking
+    /// thread.
+    pub fn admin_authorized(&self, token: &str) -> bool {
+        self.control.token.as_deref().is_some_and(|expected| token_matches(expected, token))
     }
 
     /// Runs an admin command if `token` is the node's admin token.
@@ -212,7 +235,10 @@ impl Node {
         let (factory, activation) = registry.factory(name, version, config)?;
         let current = lock(&self.control.state).activation.clone();
         let message = self.swap_all(factory, &activation)?;
-        registry.set_active(activation, current)?;
+        // Re-activating what runs (a fresh instance) keeps the rollback target.
+        if activation != current {
+            registry.set_active(activation, current)?;
+        }
         Ok(message)
     }
 
@@ -303,7 +329,6 @@ impl Node {
     /// the active module after repeated faults, quarantine the module and
     /// put the previous version back on every shard.
     pub(crate) fn supervise(&self) {
-        let active = lock(&self.control.state).activation.clone();
         let gave_up = (0..self.shard_count()).find(|&i| self.lock_shard(i).gave_up());
         let Some(shard) = gave_up else {
             return;
@@ -315,6 +340,16 @@ impl Node {
         let Some(registry) = guard.as_mut() else {
             return;
         };
+        // What that shard runs, read under the registry lock so no swap is
+        // halfway; it is the active module unless a swap-back failed.
+        let (active, culprit) = {
+            let state = lock(&self.control.state);
+            (state.activation.clone(), state.shard_labels.get(shard).cloned().unwrap_or_default())
+        };
+        if culprit != active.label() {
+            tracing::error!(shard, module = %culprit, "a shard gave up on a module that is not the active one; it stays on the fallback");
+            return;
+        }
         let already =
             registry.records().any(|r| r.name == active.name && r.version == active.version && r.quarantined.is_some());
         if already {
@@ -346,7 +381,7 @@ impl Node {
 
     fn start_shadow(&self, name: &str, version: &str) -> Result<String, AdminError> {
         if name.is_empty() {
-            self.control.shadow_on.store(false, Ordering::Relaxed);
+            self.control.shadow_threshold.store(0, Ordering::Relaxed);
             *lock(&self.control.shadow) = None;
             return Ok("shadow evaluation stopped".into());
         }
@@ -357,9 +392,9 @@ impl Node {
         let stats = self.stats();
         let shadow = Shadow::new(activation.label(), candidate, active, self.config(), (stats.hits, stats.misses))
             .map_err(|e| AdminError::Swap(e.to_string()))?;
-        let rate = shadow.sample_rate();
+        let (rate, threshold) = (shadow.sample_rate(), shadow.threshold());
         *lock(&self.control.shadow) = Some(shadow);
-        self.control.shadow_on.store(true, Ordering::Relaxed);
+        self.control.shadow_threshold.store(threshold, Ordering::Relaxed);
         Ok(format!("shadowing {} on {:.2}% of keys", activation.label(), rate * 100.0))
     }
 

@@ -319,6 +319,13 @@ struct BenchArgs {
     /// Skip writing every key first (an earlier run already did).
     #[arg(long)]
     no_preload: bool,
+    /// `quic` (cachet/1 through the SDK) or `resp` (RESP over TCP to
+    /// --server: redis-server or a node's --resp-listen port).
+    #[arg(long, default_value = "quic")]
+    protocol: bench::Protocol,
+    /// RESP: commands per batch on each connection.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
 }
 
 #[derive(clap::Args)]
@@ -511,7 +518,7 @@ fn print_listing(listing: &PolicyListing) {
     println!("swaps     {}   quarantines {}\n", listing.swaps, listing.quarantines);
     println!("| {:<22} | {:<8} | {:<12} | {:>6} | {:<6} | state", "module", "source", "sha256", "faults", "active");
     for m in &listing.modules {
-        let sha = if m.sha256.is_empty() { "-" } else { &m.sha256[..m.sha256.len().min(12)] };
+        let sha = if m.sha256.is_empty() { "-" } else { m.sha256.get(..12).unwrap_or(&m.sha256) };
         let label = format!("{}@{}", m.name, m.version);
         let active = if m.active { "yes" } else { "" };
         println!("| {label:<22} | {:<8} | {sha:<12} | {:>6} | {active:<6} | {}", m.source, m.faults, m.state);
@@ -654,8 +661,13 @@ fn run_serve(args: ServeArgs) -> Result<()> {
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
+    let client = match args.protocol {
+        // Plain TCP: no certificates to find.
+        bench::Protocol::Resp => ClientConfig::new(args.client.server),
+        bench::Protocol::Quic => args.client.config()?,
+    };
     let options = BenchOptions {
-        client: args.client.config()?,
+        client,
         duration: Duration::from_secs_f64(args.duration),
         connections: args.connections,
         concurrency: args.concurrency,
@@ -667,6 +679,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         threads: args.threads.unwrap_or_else(cores),
         server_pid: args.server_pid,
         preload: !args.no_preload,
+        protocol: args.protocol,
+        pipeline: args.pipeline,
     };
     let report: BenchReport = bench::run(&options)?;
     println!(

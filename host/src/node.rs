@@ -227,7 +227,10 @@ impl Node {
 
     fn run(&self, request: Request) -> Response {
         let now = self.now_ms();
-        if let Some(mut shadow) = self.control.shadow() {
+        if let Some(threshold) = self.control.shadow_threshold()
+            && touches_sample(&request, threshold)
+            && let Some(mut shadow) = self.control.shadow()
+        {
             observe(shadow.as_mut(), now, &request);
         }
         match request {
@@ -375,6 +378,18 @@ impl Node {
         let reads = out.hits + out.misses;
         out.hit_ratio = if reads == 0 { 0.0 } else { out.hits as f64 / reads as f64 };
         out
+    }
+}
+
+/// Whether any key of `request` is in the shadow's sample, decided
+/// without its lock.
+fn touches_sample(request: &Request, threshold: u64) -> bool {
+    use crate::shadow::in_sample;
+    match request {
+        Request::Get { key } | Request::Set { key, .. } => in_sample(key, threshold),
+        Request::MGet { keys } | Request::Del { keys } => keys.iter().any(|k| in_sample(k, threshold)),
+        Request::MSet { pairs } => pairs.iter().any(|(k, _)| in_sample(k, threshold)),
+        _ => false,
     }
 }
 

@@ -390,6 +390,12 @@ impl Registry {
         self.save()
     }
 
+    /// Sets what `rollback` returns to.
+    pub fn set_previous(&mut self, previous: Option<Activation>) -> Result<(), RegistryError> {
+        self.manifest.previous = previous;
+        self.save()
+    }
+
     /// Marks a module as quarantined (persisted), so it is not activated
     /// again by accident.
     pub fn quarantine(&mut self, name: &str, version: &str, reason: &str) -> Result<(), RegistryError> {

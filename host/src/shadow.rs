@@ -29,6 +29,14 @@ const SCALE: u64 = 1 << 24;
 /// read, and it is never read.
 static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
+/// Whether `key` falls in a sample of `threshold` (out of 2^24). Callers
+/// decide this before taking the shadow's lock, so unsampled requests (99%
+/// of them on a large cache) never touch it.
+pub fn in_sample(key: &[u8], threshold: u64) -> bool {
+    let mixed = cachet_proto::key_hash(key).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+    mixed < threshold
+}
+
 /// A candidate and the active policy on the same sampled traffic.
 pub struct Shadow {
     candidate: String,
@@ -82,8 +90,13 @@ impl Shadow {
     /// Whether requests for `key` are part of the sample. Mixes the key
     /// hash again so the sample is independent of shard placement.
     pub fn sampled(&self, key: &[u8]) -> bool {
-        let mixed = cachet_proto::key_hash(key).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
-        mixed < self.threshold
+        in_sample(key, self.threshold)
+    }
+
+    /// The sampling threshold, for deciding [`in_sample`] without the
+    /// shadow's lock.
+    pub fn threshold(&self) -> u64 {
+        self.threshold
     }
 
     /// A sampled GET.

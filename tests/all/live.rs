@@ -116,7 +116,7 @@ async fn fifty_swaps_under_load_fail_no_request_and_lose_no_entry() {
             let mut written = 0u64;
             let mut state = task + 1;
             // Bounded in count as well as by the stop flag.
-            while !stop.load(Ordering::Relaxed) && written < 50_000 {
+            while !stop.load(Ordering::Relaxed) && written < 20_000 {
                 let key = format!("w{task}:{written}");
                 match client.set(&key, key.clone()).await {
                     Ok(()) => written += 1,
@@ -154,6 +154,7 @@ async fn fifty_swaps_under_load_fail_no_request_and_lose_no_entry() {
         let now: u64 = listed.shards.iter().map(|s| s.entries).sum();
         assert!(now >= entries, "swap {i}: entries went from {entries} to {now}");
         entries = now;
+        assert_policy_sees_exactly_the_residents(&live.node, i);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -166,6 +167,69 @@ async fn fifty_swaps_under_load_fail_no_request_and_lose_no_entry() {
     let listing = admin.admin(TOKEN, AdminCommand::List).await.expect("list");
     assert_eq!(listing.swaps, 50);
     assert_eq!(listing.shards.iter().map(|s| s.entries).sum::<u64>(), written, "every written key is resident");
+    admin.close().await;
+}
+
+/// Each shard's policy exports every resident entry exactly once: what a
+/// swap handed over (snapshot plus journal) matches the shard.
+fn assert_policy_sees_exactly_the_residents(node: &Node, swap: usize) {
+    for i in 0..node.shard_count() {
+        let mut shard = node.lock_shard(i);
+        let order = shard.export_order(node.now_ms());
+        let unique: std::collections::HashSet<_> = order.iter().copied().collect();
+        assert_eq!(order.len(), shard.len(), "swap {swap}, shard {i}: exported {} of {}", order.len(), shard.len());
+        assert_eq!(unique.len(), order.len(), "swap {swap}, shard {i}: repeated ids");
+        assert!(order.iter().all(|&id| shard.key_of(id).is_some()), "swap {swap}, shard {i}: unknown ids");
+        assert_eq!(shard.stats().policy_faults(), 0, "swap {swap}, shard {i}: faults");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_while_every_write_evicts_keep_each_policy_exact() {
+    // 2,000 slots, writers cycling through 30,000 keys: the journal of each
+    // swap is full of evictions, which the new policy must not miss.
+    let live = LiveNode::start(config(2_000), Some(TOKEN));
+    let admin = live.client().await;
+    for i in 0..2_500 {
+        admin.set(format!("fill{i}"), "v").await.expect("fill");
+    }
+    let evictions_before = live.node.stats().evictions;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for task in 0..3u64 {
+        let client = live.client().await;
+        let (stop, failures) = (stop.clone(), failures.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = task;
+            while !stop.load(Ordering::Relaxed) && i < 3_000_000 {
+                let key = format!("e{}", i % 30_000);
+                if client.set(&key, "v").await.is_err() {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                if client.get(format!("e{}", (i * 7) % 30_000)).await.is_err() {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 3;
+            }
+            client.close().await;
+        }));
+    }
+    let cycle = ["lru", "s3fifo", "sieve", "fifo", "clock", "twoq"];
+    for i in 0..24 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        admin.admin(TOKEN, activate(cycle[i % cycle.len()], VERSION)).await.expect("activate");
+        assert_policy_sees_exactly_the_residents(&live.node, i);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    let stats = live.node.stats();
+    let during = stats.evictions - evictions_before;
+    assert!(during >= 100, "evictions happened during the swaps: {during}");
+    assert!(stats.entries <= 2_000);
     admin.close().await;
 }
 
@@ -311,7 +375,7 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
             assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-            types.insert(name.to_string(), kind.to_string());
+            assert!(types.insert(name.to_string(), kind.to_string()).is_none(), "TYPE declared twice: {line}");
             continue;
         }
         if line.starts_with("# HELP ") || line.is_empty() {
@@ -329,7 +393,17 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
             .find_map(|s| name.strip_suffix(s).filter(|f| types.get(*f).is_some_and(|t| t == "histogram")))
             .unwrap_or(name);
         assert!(types.contains_key(family), "sample without a TYPE: {line}");
-        samples.insert(series.to_string(), value);
+        assert!(samples.insert(series.to_string(), value).is_none(), "series repeated: {line}");
+    }
+    // Every histogram's +Inf bucket equals its count.
+    for (series, value) in &samples {
+        if let Some((name, labels)) = series.split_once("_bucket{")
+            && let Some(rest) = labels.strip_suffix("le=\"+Inf\"}")
+        {
+            let labels = rest.trim_end_matches(',');
+            let count = format!("{name}_count{{{labels}}}");
+            assert_eq!(samples.get(&count), Some(value), "{series} vs {count}");
+        }
     }
     samples
 }

@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask demo | test | build-policies`.
 
 // `build_script` serves the build scripts that share this module.
+mod compare;
 #[allow(dead_code)]
 mod guests;
 mod live;
@@ -19,7 +20,9 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
                   policy as Wasm and natively, 5 interleaved rounds; print medians
                   and the Wasm/native ratio
   bench-live      release build; swap duration at 1M entries, latency during swaps
-                  under load, throughput while a looping module is cut off";
+                  under load, throughput while a looping module is cut off
+  bench-compare   release build; Cachet (RESP and QUIC) against redis-server, and
+                  memory per key against redis-server and memcached (installs them)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +32,8 @@ fn main() {
         Some("build-policies") => build_policies().map(|_| ()),
         Some("bench-sim") => bench_sim(&args[1..]),
         Some("bench-live") => bench_live(),
+        Some("bench-compare") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"])
+            .and_then(|()| compare::bench_compare(&target_dir().join("release").join("cachet"))),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);

@@ -318,6 +318,11 @@ struct PolicySlot {
     /// Faults since `configured` was installed, so an operator sees what
     /// each module cost, across swaps.
     configured_faults: u64,
+    /// When the configured policy last started serving (installed or
+    /// recovered): a fault more than a fault window after that starts a new
+    /// count, a fault sooner (or a failed rebuild) adds to it, however long
+    /// the back-off between retries has grown.
+    healthy_since: u64,
 }
 
 /// A byte- and entry-bounded cache shard. See the module docs.
@@ -366,7 +371,7 @@ impl Journal {
     }
 }
 
-/// Most events journaled during one swap (about 16 MiB).
+/// Most events journaled during one swap (an event is 56 bytes: 56 MiB).
 const JOURNAL_LIMIT: usize = 1 << 20;
 
 /// The resident entries of a shard in its policy's eviction order, taken
@@ -396,6 +401,7 @@ impl Shard {
                 faults_in_a_row: 0,
                 last_fault_at: None,
                 configured_faults: 0,
+                healthy_since: 0,
             },
             stats: ShardStats::default(),
             journal: None,
@@ -472,7 +478,7 @@ impl Shard {
     /// policy. Returns the entries handed over. On error nothing changes
     /// and the current policy keeps serving.
     pub fn swap_policy(&mut self, now: u64, factory: Arc<dyn PolicyFactory>) -> Result<usize, PolicyError> {
-        let order = self.export_order(now);
+        let order = self.handover_order(now);
         let mut fresh = factory.create(capacity(&self.config), self.config.seed)?;
         self.replay(now, fresh.as_mut(), &order)?;
         self.policy = PolicySlot {
@@ -483,6 +489,7 @@ impl Shard {
             faults_in_a_row: 0,
             last_fault_at: None,
             configured_faults: 0,
+            healthy_since: now,
         };
         self.stats.swaps += 1;
         Ok(order.len())
@@ -495,7 +502,7 @@ impl Shard {
     /// from the snapshot without holding the shard, then calls
     /// [`Shard::finish_swap`] (or [`Shard::abort_swap`]).
     pub fn begin_swap(&mut self, now: u64, info: &PolicyInfo) -> SwapSnapshot {
-        let order = self.export_order(now);
+        let order = self.handover_order(now);
         let entries = order.iter().filter_map(|&id| self.slab.resolve(id)).map(|i| self.entry(i)).collect();
         self.journal = Some(Journal {
             events: Vec::new(),
@@ -541,6 +548,7 @@ impl Shard {
             faults_in_a_row: 0,
             last_fault_at: None,
             configured_faults: 0,
+            healthy_since: now,
         };
         self.stats.swaps += 1;
         Ok(self.len())
@@ -767,6 +775,24 @@ impl Shard {
             let _ = self.policy.active.export_order(&mut out);
         }
         out
+    }
+
+    /// The order resident entries are handed to a new policy in: the active
+    /// policy's export if it lists every resident exactly once, otherwise
+    /// (a policy that lost or repeated ids) the shard's own recency order,
+    /// so one policy's corruption is never handed to the next.
+    fn handover_order(&mut self, now: u64) -> Vec<EntryId> {
+        let order = self.export_order(now);
+        let mut seen = hashbrown::HashSet::with_capacity(order.len());
+        let exact =
+            order.len() == self.len() && order.iter().all(|&id| self.slab.resolve(id).is_some() && seen.insert(id));
+        if exact {
+            return order;
+        }
+        tracing::warn!(exported = order.len(), resident = self.len(), "export-order does not match the residents");
+        let mut by_recency: Vec<(u64, u32)> = self.slab.live().map(|(i, s)| (s.touched, i)).collect();
+        by_recency.sort_unstable();
+        by_recency.into_iter().map(|(_, i)| self.slab.id(i)).collect()
     }
 
     /// The key of a resident entry, for tools and tests.
@@ -1017,8 +1043,9 @@ impl Shard {
     /// count) and schedules the next retry of the configured policy with
     /// exponential back-off, or gives up after `max_faults_in_a_row`.
     fn schedule_retry(&mut self, now: u64) {
-        let quiet = self.policy.last_fault_at.is_none_or(|at| now.saturating_sub(at) > self.config.fault_window_ms);
-        if quiet {
+        let served_well = matches!(self.policy.mode, PolicyMode::Configured)
+            && now.saturating_sub(self.policy.healthy_since) > self.config.fault_window_ms;
+        if served_well {
             self.policy.faults_in_a_row = 0;
         }
         self.policy.last_fault_at = Some(now);
@@ -1054,6 +1081,7 @@ impl Shard {
                 self.policy.active = fresh;
                 self.policy.info = self.policy.configured.info().clone();
                 self.policy.mode = PolicyMode::Configured;
+                self.policy.healthy_since = now;
                 self.stats.recoveries += 1;
             }
             Err(fault) => {

@@ -273,6 +273,9 @@ async fn handle_stream(
                         // Loading compiles a component and activation swaps
                         // every shard: off the I/O thread, so this thread's
                         // other connections keep being served.
+                        Request::Admin { ref token, .. } if !node.admin_authorized(token) => {
+                            span.in_scope(|| node.execute(envelope.body))
+                        }
                         admin @ Request::Admin { .. } => {
                             let node = node.clone();
                             match tokio::task::spawn_blocking(move || span.in_scope(|| node.execute(admin))).await {

@@ -7,6 +7,8 @@
 //! time and latency is measured from it, so a stalled server shows up as
 //! latency instead of silently lowering the load (no coordinated omission).
 
+mod resp;
+
 use bytes::Bytes;
 use cachet_client::{Client, ClientConfig, ClientError};
 use cachet_policy_sdk::rng::SplitMix64;
@@ -42,6 +44,35 @@ pub struct BenchOptions {
     pub server_pid: Option<u32>,
     /// Write every key before measuring (off when an earlier run did).
     pub preload: bool,
+    /// Which protocol to drive: `cachet/1` over QUIC, or RESP over TCP
+    /// (redis-server or Cachet's RESP port at `client.server`).
+    pub protocol: Protocol,
+    /// RESP only: commands per batch on each connection (closed loop);
+    /// in flight = connections × pipeline.
+    pub pipeline: usize,
+}
+
+/// The wire protocol a benchmark speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// `cachet/1` over QUIC, through the client SDK.
+    #[default]
+    Quic,
+    /// RESP2 over TCP.
+    Resp,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "quic" => Ok(Self::Quic),
+            "resp" => Ok(Self::Resp),
+            other => Err(format!("unknown protocol `{other}`: quic or resp")),
+        }
+    }
 }
 
 /// What happened.
@@ -147,9 +178,15 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     if options.keys == 0 || options.connections == 0 || options.concurrency < options.connections {
         return Err(BenchError::Options("need keys > 0 and concurrency >= connections > 0".into()));
     }
+    if options.protocol == Protocol::Resp && options.rate.is_some() {
+        return Err(BenchError::Options("--protocol resp runs closed loop only (drop --rate)".into()));
+    }
     let value = Bytes::from(vec![b'x'; options.value_size]);
     if options.preload {
-        preload(options, value.clone())?;
+        match options.protocol {
+            Protocol::Quic => preload(options, value.clone())?,
+            Protocol::Resp => resp::preload(options, &value)?,
+        }
     }
     let keys = Arc::new(Keys::new(options.keys, options.zipf));
     let threads = options.threads.clamp(1, options.connections);
@@ -158,7 +195,10 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let (options, keys, value) = (options.clone(), keys.clone(), value.clone());
-            std::thread::spawn(move || run_thread(t, threads, &options, &keys, value, start))
+            std::thread::spawn(move || match options.protocol {
+                Protocol::Quic => run_thread(t, threads, &options, &keys, value, start),
+                Protocol::Resp => resp::run_thread(t, threads, &options, &keys, start),
+            })
         })
         .collect();
     let mut total = ThreadResult::new();
@@ -261,16 +301,25 @@ impl ThreadResult {
     }
 
     fn record(&mut self, since: Instant, is_get: bool, outcome: Result<bool, ClientError>) {
+        let (ok, hit) = match outcome {
+            Ok(hit) => (true, hit),
+            Err(_) => (false, false),
+        };
+        self.record_outcome(since, is_get, ok, hit);
+    }
+
+    /// Counts one request sent at `since`: answered (`ok`) or failed, and
+    /// for a GET whether it hit.
+    fn record_outcome(&mut self, since: Instant, is_get: bool, ok: bool, hit: bool) {
         self.histogram.saturating_record((since.elapsed().as_micros() as u64).max(1));
-        match outcome {
-            Ok(hit) => {
-                self.ops += 1;
-                if is_get {
-                    self.gets += 1;
-                    self.hits += u64::from(hit);
-                }
+        if ok {
+            self.ops += 1;
+            if is_get {
+                self.gets += 1;
+                self.hits += u64::from(hit);
             }
-            Err(_) => self.errors += 1,
+        } else {
+            self.errors += 1;
         }
     }
 

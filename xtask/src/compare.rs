@@ -1,0 +1,303 @@
+//! `cargo xtask bench-compare`: Cachet against redis-server (and memcached
+//! for memory) on this machine, back to back, with one load generator
+//! (`cachet bench`) for every server. Servers are pinned to core 0 and the
+//! generator to core 1.
+
+use anyhow::{Context, Result, bail};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Installs the comparison servers with apt-get when they are missing.
+fn ensure_installed() -> Result<()> {
+    let missing: Vec<&str> =
+        [("redis-server", "redis-server"), ("redis-cli", "redis-tools"), ("memcached", "memcached")]
+            .into_iter()
+            .filter(|(bin, _)| {
+                !Command::new("sh").args(["-c", &format!("command -v {bin}")]).status().is_ok_and(|s| s.success())
+            })
+            .map(|(_, package)| package)
+            .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut command = if root { Command::new("apt-get") } else { Command::new("sudo") };
+        if !root {
+            command.arg("apt-get");
+        }
+        let status = command.args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
+        if !status.success() {
+            bail!("apt-get {} failed", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q"];
+    args.extend(missing);
+    apt(&args)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A server process, killed on drop.
+struct Server {
+    child: Child,
+    _dir: Option<tempdir::Dir>,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub(super) struct Dir(pub(super) std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("VmRSS")
+    }
+}
+
+fn pinned(program: &Path) -> Command {
+    let mut command = Command::new("taskset");
+    command.args(["-c", "0"]).arg(program);
+    command
+}
+
+fn wait_for_tcp(port: u16) -> Result<()> {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing listening on port {port} after 10 s")
+}
+
+fn redis(port: u16) -> Result<Server> {
+    let child = pinned(Path::new("redis-server"))
+        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("redis-server")?;
+    wait_for_tcp(port)?;
+    Ok(Server { child, _dir: None })
+}
+
+/// A Cachet node with one I/O thread per port and one shard, like
+/// redis-server's one thread.
+fn cachet_node(cachet: &Path, quic: u16, resp: u16) -> Result<Server> {
+    let dir = std::env::temp_dir().join(format!("cachet-compare-{}-{quic}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let child = pinned(cachet)
+        .args(["serve", "--listen", &format!("127.0.0.1:{quic}"), "--resp-listen", &format!("127.0.0.1:{resp}")])
+        .args(["--threads", "1", "--shards", "1", "--max-entries", "2000000", "--max-memory", "1GiB", "--data-dir"])
+        .arg(&dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cachet serve")?;
+    wait_for_tcp(resp)?;
+    Ok(Server { child, _dir: Some(tempdir::Dir(dir)) })
+}
+
+fn memcached(port: u16) -> Result<Server> {
+    let child = pinned(Path::new("memcached"))
+        .args(["-p", &port.to_string(), "-U", "0", "-l", "127.0.0.1", "-m", "1024", "-t", "1", "-u", "root"])
+        .spawn()
+        .context("memcached")?;
+    wait_for_tcp(port)?;
+    Ok(Server { child, _dir: None })
+}
+
+/// `cachet bench` on core 1; the JSON report.
+fn bench(cachet: &Path, args: &[String]) -> Result<serde_json::Value> {
+    let out = Command::new("taskset").args(["-c", "1"]).arg(cachet).arg("bench").args(args).arg("--json").output()?;
+    if !out.status.success() {
+        bail!("cachet bench {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).context("bench --json")
+}
+
+/// Writes `n` keys of `size`-byte values to memcached, pipelined.
+fn load_memcached(port: u16, n: u64, size: usize) -> Result<()> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let value = vec![b'x'; size];
+    let mut batch = Vec::new();
+    for i in 0..n {
+        batch.extend_from_slice(format!("set key:{i} 0 0 {size} noreply\r\n").as_bytes());
+        batch.extend_from_slice(&value);
+        batch.extend_from_slice(b"\r\n");
+        if batch.len() > 256 << 10 {
+            stream.write_all(&batch)?;
+            batch.clear();
+        }
+    }
+    batch.extend_from_slice(b"version\r\n");
+    stream.write_all(&batch)?;
+    let mut reply = [0u8; 64];
+    let read = stream.read(&mut reply)?;
+    if !reply[..read].starts_with(b"VERSION") {
+        bail!("memcached did not confirm the load: {}", String::from_utf8_lossy(&reply[..read]));
+    }
+    Ok(())
+}
+
+fn f(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() { f64::NAN } else { xs[xs.len() / 2] }
+}
+
+pub(crate) fn bench_compare(cachet: &Path) -> Result<()> {
+    ensure_installed()?;
+    let (redis_port, quic_port, resp_port) = (free_port()?, free_port()?, free_port()?);
+    let redis_server = redis(redis_port)?;
+    let node = cachet_node(cachet, quic_port, resp_port)?;
+    let targets = [
+        ("redis-server", "resp", redis_port, redis_server.pid()),
+        ("cachet RESP", "resp", resp_port, node.pid()),
+        ("cachet QUIC", "quic", quic_port, node.pid()),
+    ];
+    // Prefill 100K keys of 100 bytes on each server (the node's two ports
+    // share its data; prefilled once through RESP).
+    for (name, protocol, port, _) in &targets[..2] {
+        eprintln!("xtask: prefilling {name}");
+        let args: Vec<String> = ["--protocol", protocol, "--server", &format!("127.0.0.1:{port}"), "--keys", "100000"]
+            .into_iter()
+            .map(String::from)
+            .chain(["--duration", "0.2", "--connections", "8", "--threads", "1"].map(String::from))
+            .collect();
+        bench(cachet, &args)?;
+    }
+    println!("## Cachet against redis-server: 100K keys, 100-byte values, 50 connections, 5 s per run\n");
+    println!("| workload | server | ops/s (median of 2) | p99 us | server CPU us/op | ops/s vs redis |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (op, get_ratio) in [("GET", "1"), ("SET", "0")] {
+        for pipeline in [1usize, 16] {
+            let mut results: Vec<Vec<serde_json::Value>> = vec![Vec::new(); targets.len()];
+            for _round in 0..2 {
+                for (i, (_, protocol, port, pid)) in targets.iter().enumerate() {
+                    let in_flight = (50 * pipeline).to_string();
+                    let mut args: Vec<String> = [
+                        "--protocol",
+                        protocol,
+                        "--server",
+                        &format!("127.0.0.1:{port}"),
+                        "--keys",
+                        "100000",
+                        "--value-size",
+                        "100",
+                        "--get-ratio",
+                        get_ratio,
+                        "--duration",
+                        "5",
+                        "--connections",
+                        "50",
+                        "--threads",
+                        "1",
+                        "--no-preload",
+                        "--server-pid",
+                        pid,
+                    ]
+                    .into_iter()
+                    .map(String::from)
+                    .collect();
+                    if *protocol == "resp" {
+                        args.extend(["--pipeline".to_string(), pipeline.to_string()]);
+                    } else {
+                        let dir =
+                            std::env::temp_dir().join(format!("cachet-compare-{}-{quic_port}", std::process::id()));
+                        args.extend(["--concurrency".to_string(), in_flight, "--data-dir".to_string()]);
+                        args.push(dir.display().to_string());
+                    }
+                    results[i].push(bench(cachet, &args)?);
+                }
+            }
+            let redis_rate = median(results[0].iter().map(|r| f(r, "ops_per_sec")).collect());
+            for ((name, ..), runs) in targets.iter().zip(&results) {
+                let rate = median(runs.iter().map(|r| f(r, "ops_per_sec")).collect());
+                let p99 = median(runs.iter().map(|r| f(r, "p99_us")).collect());
+                let cpu = median(runs.iter().map(|r| f(r, "server_cpu_us_per_op")).collect());
+                println!(
+                    "| {op} pipeline {pipeline} | {name} | {rate:.0} | {p99:.0} | {cpu:.2} | {:.2} |",
+                    rate / redis_rate
+                );
+            }
+        }
+    }
+    drop(node);
+    drop(redis_server);
+
+    println!("\n## Memory per key: RSS growth after loading 1,000,000 keys of 100 bytes\n");
+    println!("| server | RSS before (MiB) | RSS after (MiB) | bytes per key | vs redis |");
+    println!("|---|---:|---:|---:|---:|");
+    let load =
+        ["--keys", "1000000", "--value-size", "100", "--duration", "0.1", "--connections", "8", "--threads", "1"];
+    let mut per_key = Vec::new();
+    let port = free_port()?;
+    let redis_server = redis(port)?;
+    let before = redis_server.rss_kib()?;
+    let mut args: Vec<String> = load.map(String::from).to_vec();
+    args.extend(["--protocol", "resp", "--server"].map(String::from));
+    args.push(format!("127.0.0.1:{port}"));
+    bench(cachet, &args)?;
+    per_key.push(("redis-server", before, redis_server.rss_kib()?));
+    drop(redis_server);
+    let (quic, resp) = (free_port()?, free_port()?);
+    let node = cachet_node(cachet, quic, resp)?;
+    let before = node.rss_kib()?;
+    let mut args: Vec<String> = load.map(String::from).to_vec();
+    args.extend(["--protocol", "resp", "--server"].map(String::from));
+    args.push(format!("127.0.0.1:{resp}"));
+    bench(cachet, &args)?;
+    per_key.push(("cachet (s3fifo)", before, node.rss_kib()?));
+    drop(node);
+    let port = free_port()?;
+    let mc = memcached(port)?;
+    let before = mc.rss_kib()?;
+    load_memcached(port, 1_000_000, 100)?;
+    per_key.push(("memcached", before, mc.rss_kib()?));
+    drop(mc);
+    let redis_bytes = (per_key[0].2.saturating_sub(per_key[0].1) * 1024) as f64 / 1e6;
+    for (name, before, after) in per_key {
+        let bytes = (after.saturating_sub(before) * 1024) as f64 / 1e6;
+        println!(
+            "| {name} | {:.1} | {:.1} | {bytes:.0} | {:.2} |",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            bytes / redis_bytes
+        );
+    }
+    Ok(())
+}
