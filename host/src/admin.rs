@@ -236,8 +236,13 @@ impl Node {
         let current = lock(&self.control.state).activation.clone();
         let message = self.swap_all(factory, &activation)?;
         // Re-activating what runs (a fresh instance) keeps the rollback target.
-        if activation != current {
-            registry.set_active(activation, current)?;
+        if activation != current
+            && let Err(err) = registry.set_active(activation, current)
+        {
+            // The shards already run the new module: say so, and that a
+            // restart will not remember it.
+            tracing::error!(%err, "activation not persisted");
+            return Ok(format!("{message}; NOT persisted, a restart restores the previous choice: {err}"));
         }
         Ok(message)
     }
@@ -400,6 +405,17 @@ impl Node {
 
     /// The registry and shards, for `cachet policy list`.
     pub fn policy_listing(&self, message: String) -> PolicyListing {
+        self.listing(message, true)
+    }
+
+    /// [`Node::policy_listing`] without waiting for a policy operation in
+    /// progress (a scrape must not stall behind a swap): while one runs,
+    /// the module list is left empty.
+    pub(crate) fn policy_listing_now(&self) -> PolicyListing {
+        self.listing(String::new(), false)
+    }
+
+    fn listing(&self, message: String, wait_for_registry: bool) -> PolicyListing {
         let mut shards = Vec::with_capacity(self.shard_count());
         let mut live_faults: HashMap<String, u64> = HashMap::new();
         let labels = lock(&self.control.state).shard_labels.clone();
@@ -421,8 +437,8 @@ impl Node {
         let faults_of = |l: &str| retired.get(l).copied().unwrap_or(0) + live_faults.get(l).copied().unwrap_or(0);
         // Never hold the state lock while taking the registry's: activation
         // takes them in the other order.
-        let registry = lock(&self.control.registry);
-        let (modules, previous) = match registry.as_ref() {
+        let registry = if wait_for_registry { Some(lock(&self.control.registry)) } else { self.try_registry().ok() };
+        let (modules, previous) = match registry.as_ref().and_then(|r| r.as_ref()) {
             Some(registry) => (
                 registry
                     .records()

@@ -137,7 +137,7 @@ pub fn render(node: &Node) -> String {
     let mut hooks = vec![Histogram::default(); Hook::ALL.len()];
     let mut faults = [0u64; FaultKind::ALL.len()];
     let (mut fallbacks, mut recoveries) = (0, 0);
-    let listing = node.policy_listing(String::new());
+    let listing = node.policy_listing_now();
     family(&mut out, "cachet_policy_active", "gauge", "The module each shard is configured with (value 1).");
     for shard in &listing.shards {
         let module = escape(&shard.module);

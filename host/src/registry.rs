@@ -218,10 +218,18 @@ impl Registry {
             })?;
             let path = dir.join("manifest.json");
             match std::fs::read(&path) {
-                Ok(bytes) => {
-                    manifest = serde_json::from_slice(&bytes)
-                        .map_err(|e| RegistryError::Manifest { path: path.clone(), detail: e.to_string() })?;
-                }
+                Ok(bytes) => match serde_json::from_slice(&bytes) {
+                    Ok(parsed) => manifest = parsed,
+                    // A node must start even if its manifest was torn (a
+                    // crash mid-write on a filesystem that reordered it): the
+                    // file is kept aside for the operator, and the node runs
+                    // on its start-up policy with an empty registry.
+                    Err(err) => {
+                        let aside = dir.join("manifest.json.corrupt");
+                        let _ = std::fs::rename(&path, &aside);
+                        tracing::error!(path = %aside.display(), %err, "corrupt module manifest set aside; starting with none");
+                    }
+                },
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => return Err(RegistryError::Io { what: "cannot read", path, source }),
             }
@@ -436,15 +444,17 @@ impl ModuleRecord {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path` and renames it over
-/// `path`, so a crash never leaves a half-written manifest or module.
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames
+/// it over `path`, so a crash never leaves a half-written manifest or
+/// module under the real name.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|source| RegistryError::Io {
-        what: "cannot write",
-        path: tmp.clone(),
-        source,
-    })?;
+    let io = |source| RegistryError::Io { what: "cannot write", path: tmp.clone(), source };
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    // On disk before the rename makes it visible.
+    file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|source| RegistryError::Io { what: "cannot write", path: path.into(), source })
 }
 
@@ -580,6 +590,18 @@ mod tests {
         ));
         assert!(matches!(registry.factory("nope", "9", None), Err(RegistryError::NotFound(_))));
         assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 0, "nothing written");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_torn_manifest_is_set_aside_and_the_node_still_starts() {
+        let dir = temp_dir("torn");
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("manifest.json"), b"{\"modules\": [ {\"name\": \"half").expect("write");
+        let registry = Registry::open(Some(&dir), PolicyEngine::new().expect("engine")).expect("opens");
+        assert!(registry.active().is_none());
+        assert!(registry.records().all(|r| r.source == Source::Bundled));
+        assert!(dir.join("manifest.json.corrupt").exists(), "kept for the operator");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -7,12 +7,14 @@
 
 pub mod frame;
 pub mod message;
+pub mod ring;
 
 pub use frame::{Decoded, Envelope, FrameError, MAX_REPLY_LEN, decode, encode};
 pub use message::{
     ALPN, AdminCommand, Condition, ErrorCode, ErrorReply, ModuleListing, NodeStats, PROTOCOL_VERSION, PolicyListing,
     Request, Response, ShadowListing, ShardListing, TtlState,
 };
+pub use ring::{DEFAULT_VNODES, Member, Ring, RingError, hash_tag, ring_hash};
 
 /// The stable 64-bit hash of a key (XXH3), the same in every process and on
 /// every platform. Policies see it in place of the key bytes.

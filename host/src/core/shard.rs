@@ -481,17 +481,7 @@ impl Shard {
         let order = self.handover_order(now);
         let mut fresh = factory.create(capacity(&self.config), self.config.seed)?;
         self.replay(now, fresh.as_mut(), &order)?;
-        self.policy = PolicySlot {
-            info: factory.info().clone(),
-            configured: factory,
-            active: fresh,
-            mode: PolicyMode::Configured,
-            faults_in_a_row: 0,
-            last_fault_at: None,
-            configured_faults: 0,
-            healthy_since: now,
-        };
-        self.stats.swaps += 1;
+        self.install(now, factory, fresh);
         Ok(order.len())
     }
 
@@ -540,6 +530,13 @@ impl Shard {
         // Buffered events were journaled already; they were for the old
         // policy only.
         self.events.clear();
+        self.install(now, factory, fresh);
+        Ok(self.len())
+    }
+
+    /// Makes `fresh` (an instance of `factory`, already fed the residents)
+    /// the configured and active policy, with a clean fault record.
+    fn install(&mut self, now: u64, factory: Arc<dyn PolicyFactory>, fresh: Box<dyn EvictionPolicy>) {
         self.policy = PolicySlot {
             info: factory.info().clone(),
             configured: factory,
@@ -551,7 +548,6 @@ impl Shard {
             healthy_since: now,
         };
         self.stats.swaps += 1;
-        Ok(self.len())
     }
 
     /// Stops journaling after a swap that will not finish.
