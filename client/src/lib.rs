@@ -271,7 +271,9 @@ impl Client {
         // Big frames (a large value, a long key list) get a stream of their
         // own: they never delay small requests, and if the node refuses one
         // (closing that stream) no other request shares its fate.
-        let large = frame.len() > self.inner.config.large_value;
+        // Admin commands (a swap can take a while) also go alone, so no
+        // data request waits behind one on a shared lane.
+        let large = frame.len() > self.inner.config.large_value || matches!(request, Request::Admin { .. });
         let conn = self.connection().await?;
         let reply = if large {
             tokio::time::timeout(timeout, lane::one_shot(&conn.connection, frame)).await

@@ -466,3 +466,26 @@ async fn an_oversized_request_fails_alone_and_other_requests_go_on() {
     }
     assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from_static(b"v")));
 }
+
+#[tokio::test]
+async fn a_second_server_on_a_taken_port_is_refused() {
+    let node = TestNode::start();
+    let engine = PolicyEngine::new().expect("engine");
+    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
+        .expect("policy");
+    let other = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
+    let options = ServeOptions {
+        listen: node.addr(),
+        threads: 2,
+        tls: TlsSource::DevCa { data_dir: node.dir.0.clone() },
+        max_connections: 10,
+        max_streams: 4,
+        max_frame: 1 << 20,
+    };
+    let err = server::start(other, options).err().expect("the port is taken");
+    assert!(err.to_string().contains("taken"), "{err}");
+    // The first node still answers.
+    let client = node.client().await;
+    client.ping().await.expect("still serving");
+    client.close().await;
+}

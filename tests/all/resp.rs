@@ -265,6 +265,14 @@ fn a_client_that_pipelines_and_never_reads_holds_bounded_memory() {
 }
 
 #[test]
+fn a_second_node_on_a_taken_port_is_refused() {
+    let node = RespNode::start();
+    let options = RespOptions { listen: node.addr(), threads: 2, max_connections: 10 };
+    let err = resp::start(node.node.clone(), options).err().expect("the port is taken");
+    assert!(err.to_string().contains("taken"), "{err}");
+}
+
+#[test]
 fn redis_benchmark_completes_without_errors() {
     let node = RespNode::start();
     let out = Command::new("redis-benchmark")

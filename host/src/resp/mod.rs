@@ -45,27 +45,9 @@ pub struct RespOptions {
     pub max_connections: u32,
 }
 
-/// A running RESP port; [`RunningResp::shutdown`] stops it.
-pub struct RunningResp {
-    addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl RunningResp {
-    /// The address actually bound.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Stops accepting and closes connections after their current batch.
-    pub fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for thread in self.threads {
-            let _ = thread.join();
-        }
-    }
-}
+/// A running RESP port; [`RunningResp::shutdown`] stops accepting and
+/// closes connections after their current batch.
+pub type RunningResp = crate::server::threads::Running;
 
 fn listener(addr: SocketAddr) -> Result<std::net::TcpListener, RespError> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -81,36 +63,30 @@ fn listener(addr: SocketAddr) -> Result<std::net::TcpListener, RespError> {
 
 /// Binds and starts serving `node` over RESP.
 pub fn start(node: Arc<Node>, options: RespOptions) -> Result<RunningResp, RespError> {
-    let first = listener(options.listen)?;
+    // As for the QUIC port: a plain bind first, so SO_REUSEPORT never
+    // shares the port with another process already listening on it.
+    let claim = std::net::TcpListener::bind(options.listen).map_err(|source| RespError {
+        addr: options.listen,
+        what: "the port is taken (is another node running?)",
+        source,
+    })?;
+    let listen = claim.local_addr().map_err(|source| RespError { addr: options.listen, what: "address", source })?;
+    drop(claim);
+    let first = listener(listen)?;
     let addr = first.local_addr().map_err(|source| RespError { addr: options.listen, what: "address", source })?;
     let mut listeners = vec![first];
     for _ in 1..options.threads.max(1) {
         listeners.push(listener(addr)?);
     }
-    let (stop, stopped) = watch::channel(false);
     let ids = Arc::new(AtomicU64::new(1));
     let info = ServerInfo { port: addr.port() };
-    let mut threads = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let (node, stopped, ids, info, max) =
-            (node.clone(), stopped.clone(), ids.clone(), info.clone(), options.max_connections);
-        let thread = std::thread::Builder::new()
-            .name(format!("cachet-resp-{i}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(err) => {
-                        tracing::error!(%err, "cannot start a runtime");
-                        return;
-                    }
-                };
-                runtime.block_on(accept_loop(node, listener, stopped, ids, info, max));
-            })
-            .map_err(|source| RespError { addr, what: "spawn thread", source })?;
-        threads.push(thread);
-    }
-    tracing::info!(%addr, threads = threads.len(), "serving RESP");
-    Ok(RunningResp { addr, stop, threads })
+    let (count, max) = (listeners.len(), options.max_connections);
+    let running = crate::server::threads::spawn("cachet-resp", addr, listeners, move |_, listener, stopped| {
+        accept_loop(node.clone(), listener, stopped, ids.clone(), info.clone(), max)
+    })
+    .map_err(|source| RespError { addr, what: "spawn thread", source })?;
+    tracing::info!(%addr, threads = count, "serving RESP");
+    Ok(running)
 }
 
 async fn accept_loop(

@@ -10,6 +10,7 @@
 //! A stream carries pipelined frames: every complete frame in a read is
 //! executed, and all the replies go out in one write.
 
+pub mod threads;
 pub mod tls;
 
 use crate::node::Node;
@@ -54,28 +55,10 @@ pub enum ServerError {
     },
 }
 
-/// A running server; [`RunningServer::shutdown`] stops it gracefully.
-pub struct RunningServer {
-    addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl RunningServer {
-    /// The address actually bound.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Stops accepting, lets open streams finish their replies, closes
-    /// connections and waits for the threads.
-    pub fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for thread in self.threads {
-            let _ = thread.join();
-        }
-    }
-}
+/// A running server; [`RunningServer::shutdown`] stops accepting, lets
+/// open streams finish their replies, closes connections and waits for
+/// the threads.
+pub type RunningServer = threads::Running;
 
 fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, ServerError> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -93,33 +76,28 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, ServerError> {
 /// Binds and starts serving `node`.
 pub fn start(node: Arc<Node>, options: ServeOptions) -> Result<RunningServer, ServerError> {
     let server_config = server_config(&options)?;
-    let first = udp_socket(options.listen)?;
+    // SO_REUSEPORT would let this node share a port with another process
+    // already on it, each getting some of the clients. A plain bind first
+    // fails if anyone holds the port (and picks the port for port 0).
+    let claim = std::net::UdpSocket::bind(options.listen).map_err(|source| ServerError::Io {
+        what: format!("UDP {} is taken (is another node running?)", options.listen),
+        source,
+    })?;
+    let listen = claim.local_addr().map_err(|source| ServerError::Io { what: "local address".into(), source })?;
+    drop(claim);
+    let first = udp_socket(listen)?;
     let addr = first.local_addr().map_err(|source| ServerError::Io { what: "local address".into(), source })?;
-    let (stop, stopped) = watch::channel(false);
     let mut sockets = vec![first];
     for _ in 1..options.threads.max(1) {
         sockets.push(udp_socket(addr)?);
     }
-    let mut threads = Vec::new();
-    for (i, socket) in sockets.into_iter().enumerate() {
-        let (node, config, stopped, options) = (node.clone(), server_config.clone(), stopped.clone(), options.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("cachet-io-{i}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(err) => {
-                        tracing::error!(%err, "cannot start a runtime");
-                        return;
-                    }
-                };
-                runtime.block_on(run_endpoint(node, socket, config, options, stopped, i == 0));
-            })
-            .map_err(|source| ServerError::Io { what: "spawn thread".into(), source })?;
-        threads.push(thread);
-    }
-    tracing::info!(%addr, threads = threads.len(), "serving cachet/1 over QUIC");
-    Ok(RunningServer { addr, stop, threads })
+    let count = sockets.len();
+    let running = threads::spawn("cachet-io", addr, sockets, move |i, socket, stopped| {
+        run_endpoint(node.clone(), socket, server_config.clone(), options.clone(), stopped, i == 0)
+    })
+    .map_err(|source| ServerError::Io { what: "spawn thread".into(), source })?;
+    tracing::info!(%addr, threads = count, "serving cachet/1 over QUIC");
+    Ok(running)
 }
 
 fn server_config(options: &ServeOptions) -> Result<quinn::ServerConfig, ServerError> {
