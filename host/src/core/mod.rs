@@ -3,6 +3,7 @@
 //! Wasm; callers pass `now` in milliseconds.
 
 pub mod histogram;
+pub mod key;
 pub mod policy;
 pub mod shard;
 pub mod ttl;

@@ -14,6 +14,7 @@
 //! nanoseconds, an event in a batch about sixteen.
 
 use crate::core::histogram::Histogram;
+use crate::core::key::Key;
 use crate::core::policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault};
 use crate::core::ttl::TtlIndex;
 use bytes::Bytes;
@@ -227,7 +228,7 @@ impl ShardStats {
 
 /// One resident entry.
 struct Slot {
-    key: Box<[u8]>,
+    key: Key,
     value: Bytes,
     key_hash: u64,
     expires_at: Option<u64>,
@@ -622,7 +623,7 @@ impl Shard {
         let need = self.need(1, size);
         self.make_room(now, need);
         let index = self.slab.insert(Slot {
-            key: key.into(),
+            key: Key::new(key),
             value,
             key_hash: hash,
             expires_at,
@@ -793,11 +794,16 @@ impl Shard {
 
     /// The key of a resident entry, for tools and tests.
     pub fn key_of(&self, id: EntryId) -> Option<&[u8]> {
-        self.slab.resolve(id).map(|i| &*self.slab.get(i).key)
+        self.slab.resolve(id).map(|i| self.slab.get(i).key.as_bytes())
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
-        self.table.find(hash, |&i| *self.slab.get(i).key == *key).copied()
+        self.table
+            .find(hash, |&i| {
+                let slot = self.slab.get(i);
+                slot.key_hash == hash && slot.key.as_bytes() == key
+            })
+            .copied()
     }
 
     fn is_expired(&self, index: u32, now: u64) -> bool {
