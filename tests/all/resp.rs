@@ -177,10 +177,51 @@ fn a_redis_client_library_sees_the_same_data_as_the_node() {
     assert!(stats.hits >= 13, "{stats:?}");
     let dbsize: u64 = redis::cmd("DBSIZE").query(&mut con).expect("dbsize");
     assert_eq!(dbsize, stats.entries);
+    // The rest of the command set through the library.
+    let q = |con: &mut redis::Connection, args: &[&str]| -> redis::Value {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(con).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    use redis::Value::{BulkString, Int, Nil, Okay, SimpleString};
+    let bulk = |s: &str| BulkString(s.as_bytes().to_vec());
+    assert_eq!(q(&mut con, &["PING"]), SimpleString("PONG".into()));
+    assert_eq!(q(&mut con, &["ECHO", "hi"]), bulk("hi"));
+    assert_eq!(q(&mut con, &["MSET", "a", "1", "b", "2"]), Okay);
+    assert_eq!(q(&mut con, &["EXISTS", "a", "b", "zz"]), Int(2));
+    assert_eq!(q(&mut con, &["DECR", "a"]), Int(0));
+    assert_eq!(q(&mut con, &["DECRBY", "a", "5"]), Int(-5));
+    assert_eq!(q(&mut con, &["APPEND", "b", "34"]), Int(3));
+    assert_eq!(q(&mut con, &["STRLEN", "b"]), Int(3));
+    assert_eq!(q(&mut con, &["EXPIRE", "b", "100"]), Int(1));
+    assert_eq!(q(&mut con, &["TTL", "b"]), Int(100));
+    assert_eq!(q(&mut con, &["PEXPIRE", "b", "50000"]), Int(1));
+    assert!(matches!(q(&mut con, &["PTTL", "b"]), Int(ms) if ms > 49_000 && ms <= 50_000));
+    assert_eq!(q(&mut con, &["PERSIST", "b"]), Int(1));
+    assert_eq!(q(&mut con, &["TTL", "b"]), Int(-1));
+    assert_eq!(q(&mut con, &["GETEX", "b", "PX", "9000"]), bulk("234"));
+    assert!(matches!(q(&mut con, &["PTTL", "b"]), Int(ms) if ms > 8_000 && ms <= 9_000));
+    assert_eq!(q(&mut con, &["GETDEL", "b"]), bulk("234"));
+    assert_eq!(q(&mut con, &["GETDEL", "b"]), Nil);
+    assert_eq!(q(&mut con, &["DEL", "a", "b", "zz"]), Int(1));
+    assert_eq!(q(&mut con, &["CLIENT", "SETNAME", "lib"]), Okay);
+    assert_eq!(q(&mut con, &["CLIENT", "GETNAME"]), bulk("lib"));
+    assert!(
+        matches!(q(&mut con, &["INFO", "keyspace"]), BulkString(text) if String::from_utf8_lossy(&text).contains("db0:keys="))
+    );
+    assert!(matches!(q(&mut con, &["COMMAND", "COUNT"]), Int(n) if n > 20));
+    assert_eq!(q(&mut con, &["SELECT", "0"]), Okay);
     // RESP3 after HELLO 3: nulls change shape, the library still reads them.
     let _: redis::Value = redis::cmd("HELLO").arg(3).query(&mut con).expect("hello");
     let missing: Option<String> = redis::cmd("GET").arg("none").query(&mut con).expect("resp3 get");
     assert_eq!(missing, None);
+    let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("flushall");
+    let dbsize: u64 = redis::cmd("DBSIZE").query(&mut con).expect("dbsize");
+    assert_eq!(dbsize, 0);
+    let _: () = redis::cmd("QUIT").query(&mut con).expect("quit");
+    assert!(redis::cmd("PING").query::<String>(&mut con).is_err(), "QUIT closed the connection");
 }
 
 /// Reads until the peer closes (or 5 s pass), returning what arrived.
