@@ -261,6 +261,21 @@ async fn admin_commands_need_the_token_and_bad_requests_change_nothing() {
         assert_eq!(code, ErrorCode::InvalidModule, "{mode}");
         assert!(message.contains("conformance"), "{mode}: {message}");
     }
+    // Another interface version, and a forbidden import: refused, named.
+    let v2 = crate::sandbox::POLICY_WIT.replace("cachet:policy@0.1.0", "cachet:policy@0.2.0");
+    let other =
+        crate::sandbox::dummy_component(&v2, "package test:v2; world w { export cachet:policy/policy@0.2.0; }", "w");
+    let (code, message) = server_error(client.admin(TOKEN, load("v2", "1", &other, &[])).await);
+    assert_eq!(code, ErrorCode::InvalidModule);
+    assert!(message.contains("@0.2.0"), "{message}");
+    let evil = crate::sandbox::dummy_component(
+        crate::sandbox::POLICY_WIT,
+        "package test:evil; interface fs { read: func() -> u32; } world e { import fs; export cachet:policy/policy@0.1.0; }",
+        "e",
+    );
+    let (code, message) = server_error(client.admin(TOKEN, load("evil", "1", &evil, &[])).await);
+    assert_eq!(code, ErrorCode::InvalidModule);
+    assert!(message.contains("forbidden import"), "{message}");
     let (code, message) =
         server_error(client.admin(TOKEN, load("hostile", "x", hostile_component(), &[("colour", "blue")])).await);
     assert_eq!(code, ErrorCode::InvalidModule);

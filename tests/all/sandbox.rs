@@ -153,11 +153,11 @@ fn wit_component_core_module() -> Vec<u8> {
     b"\0asm\x01\0\0\0".to_vec()
 }
 
-const POLICY_WIT: &str = include_str!("../../wit/policy/policy.wit");
+pub(crate) const POLICY_WIT: &str = include_str!("../../wit/policy/policy.wit");
 
 /// A component with dummy bodies for `world` of `wit`, with the package
 /// `cachet:policy` taken from `policy_wit` (the real one, or a doctored copy).
-fn dummy_component(policy_wit: &str, wit: &str, world: &str) -> Vec<u8> {
+pub(crate) fn dummy_component(policy_wit: &str, wit: &str, world: &str) -> Vec<u8> {
     let mut resolve = wit_parser::Resolve::default();
     resolve.push_str("policy.wit", policy_wit).expect("policy wit parses");
     let pkg = resolve.push_str("test.wit", wit).expect("test wit parses");
