@@ -209,6 +209,9 @@ pub struct MetricsError {
 /// Largest request head read from a scraper; anything longer is refused.
 const MAX_REQUEST: usize = 8 << 10;
 
+/// Scrapes served at once; more connections get 503 at once.
+const MAX_SCRAPES: usize = 16;
+
 /// Serves `GET /metrics` on `addr` until `stop` turns true. Runs on the
 /// caller's tokio runtime; every connection is answered and closed.
 pub async fn serve(
@@ -221,12 +224,25 @@ pub async fn serve(
     let local = listener.local_addr().map_err(|source| MetricsError { addr, source })?;
     let _ = bound.send(local);
     tracing::info!(%local, "serving metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(answer(node.clone(), stream));
-                }
+                Ok((mut stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let node = node.clone();
+                        tokio::spawn(async move {
+                            answer(node, stream).await;
+                            drop(slot);
+                        });
+                    }
+                    // Idle or slow clients holding every slot must not
+                    // pile up tasks: the rest are told to come back.
+                    Err(_) => {
+                        let busy = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                        let _ = stream.write_all(busy.as_bytes()).await;
+                    }
+                },
                 Err(err) => tracing::debug!(%err, "metrics accept failed"),
             },
             _ = stop.changed() => return Ok(()),
@@ -237,18 +253,23 @@ pub async fn serve(
 async fn answer(node: Arc<Node>, mut stream: tokio::net::TcpStream) {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    let complete = loop {
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break false,
-            Ok(Ok(n)) => head.extend_from_slice(&buf[..n]),
-        }
-        if head.windows(4).any(|w| w == b"\r\n\r\n") {
-            break true;
-        }
-        if head.len() > MAX_REQUEST {
-            break false;
+    // One deadline for the whole request head, so a client trickling bytes
+    // cannot hold a slot for longer.
+    let read_head = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+            if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                return true;
+            }
+            if head.len() > MAX_REQUEST {
+                return false;
+            }
         }
     };
+    let complete = tokio::time::timeout(Duration::from_secs(5), read_head).await.unwrap_or(false);
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let (status, body) = if !complete {
         ("400 Bad Request", "incomplete or oversized request\n".to_string())

@@ -466,6 +466,19 @@ async fn the_metrics_endpoint_serves_prometheus_text() {
     let mut reply = String::new();
     other.read_to_string(&mut reply).await.expect("reply");
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    // Idle connections take every scrape slot; the next one is told to
+    // come back instead of queueing (the idle ones time out on their own).
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut late = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    late.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.expect("request");
+    let mut reply = String::new();
+    late.read_to_string(&mut reply).await.expect("reply");
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    drop(idle);
     let _ = stop.send(true);
     serving.await.expect("joins").expect("served");
     client.close().await;
