@@ -398,6 +398,52 @@ impl Client {
         }
     }
 
+    /// Stores a policy component in the node's registry as
+    /// `name@version` (`cachet policy load`). Components larger than one
+    /// frame travel in chunks first.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn load_module(
+        &self,
+        token: &str,
+        name: &str,
+        version: &str,
+        config: Vec<(String, String)>,
+        module: Bytes,
+        fuel_per_call: Option<u64>,
+        max_memory_bytes: Option<u64>,
+    ) -> Result<PolicyListing, ClientError> {
+        const CHUNK: usize = 512 << 10;
+        let mut load = AdminCommand::Load {
+            name: name.to_string(),
+            version: version.to_string(),
+            config,
+            module: Bytes::new(),
+            fuel_per_call,
+            max_memory_bytes,
+            upload: None,
+        };
+        if module.len() <= CHUNK {
+            if let AdminCommand::Load { module: bytes, .. } = &mut load {
+                *bytes = module;
+            }
+            return self.admin(token, load).await;
+        }
+        let upload = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        let total = module.len() as u64;
+        for offset in (0..module.len()).step_by(CHUNK) {
+            let chunk = module.slice(offset..(offset + CHUNK).min(module.len()));
+            self.admin(token, AdminCommand::UploadChunk { upload, offset: offset as u64, total, chunk }).await?;
+        }
+        if let AdminCommand::Load { upload: id, .. } = &mut load {
+            *id = Some(upload);
+        }
+        self.admin(token, load).await
+    }
+
     /// Round trip to the node.
     pub async fn ping(&self) -> Result<(), ClientError> {
         match self.call(Request::Ping).await? {

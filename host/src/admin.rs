@@ -42,7 +42,14 @@ pub(crate) struct Control {
     shadow_threshold: AtomicU64,
     pub(crate) swaps: AtomicU64,
     pub(crate) quarantines: AtomicU64,
+    /// Components arriving in chunks, by upload id.
+    uploads: Mutex<HashMap<u64, (u64, Vec<u8>)>>,
 }
+
+/// Largest component accepted through chunked upload.
+const MAX_UPLOAD: u64 = 64 << 20;
+/// Uploads in progress at once; a new one beyond this drops the oldest.
+const MAX_UPLOADS: usize = 4;
 
 impl Control {
     pub(crate) fn new(factory: Arc<dyn PolicyFactory>, shards: usize) -> Self {
@@ -62,6 +69,46 @@ impl Control {
             shadow_threshold: AtomicU64::new(0),
             swaps: AtomicU64::new(0),
             quarantines: AtomicU64::new(0),
+            uploads: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Appends `chunk` at `offset` of upload `id` (chunks come in order);
+    /// returns the bytes received so far.
+    fn uploads_receive(&self, id: u64, offset: u64, total: u64, chunk: &[u8]) -> Result<u64, AdminError> {
+        if total > MAX_UPLOAD {
+            return Err(AdminError::Upload(format!("{total} bytes is over the {MAX_UPLOAD}-byte limit")));
+        }
+        let mut uploads = lock(&self.uploads);
+        if offset == 0 {
+            if uploads.len() >= MAX_UPLOADS
+                && let Some(&oldest) = uploads.keys().min()
+            {
+                uploads.remove(&oldest);
+            }
+            uploads.insert(id, (total, Vec::with_capacity(total as usize)));
+        }
+        let (expected, data) =
+            uploads.get_mut(&id).ok_or_else(|| AdminError::Upload(format!("no upload {id} in progress")))?;
+        if data.len() as u64 != offset || offset + chunk.len() as u64 > total || *expected != total {
+            let have = data.len();
+            uploads.remove(&id);
+            return Err(AdminError::Upload(format!(
+                "chunk at {offset} does not follow the {have} bytes received (total {total}); start again"
+            )));
+        }
+        data.extend_from_slice(chunk);
+        Ok(data.len() as u64)
+    }
+
+    /// The assembled bytes of upload `id`, which ends it.
+    fn uploads_take(&self, id: u64) -> Result<bytes::Bytes, AdminError> {
+        match lock(&self.uploads).remove(&id) {
+            Some((total, data)) if data.len() as u64 == total => Ok(bytes::Bytes::from(data)),
+            Some((total, data)) => {
+                Err(AdminError::Upload(format!("upload {id} has {} of {total} bytes; send the rest first", data.len())))
+            }
+            None => Err(AdminError::Upload(format!("no upload {id}; send its chunks first"))),
         }
     }
 
@@ -93,6 +140,8 @@ enum AdminError {
     Swap(String),
     #[error("`{0}` is not NAME@VERSION")]
     BadLabel(String),
+    #[error("upload: {0}")]
+    Upload(String),
 }
 
 impl AdminError {
@@ -101,7 +150,7 @@ impl AdminError {
             Self::Disabled | Self::WrongToken => ErrorCode::Unauthorized,
             Self::Busy => ErrorCode::Busy,
             Self::NoRegistry => ErrorCode::NotAllowed,
-            Self::BadLabel(_) => ErrorCode::InvalidArgument,
+            Self::BadLabel(_) | Self::Upload(_) => ErrorCode::InvalidArgument,
             Self::Swap(_) => ErrorCode::InvalidModule,
             Self::Registry(err) => match err {
                 RegistryError::NotFound(_) | RegistryError::NoPrevious => ErrorCode::NotFound,
@@ -187,7 +236,15 @@ impl Node {
 
     fn run_admin(&self, command: AdminCommand) -> Result<String, AdminError> {
         match command {
-            AdminCommand::Load { name, version, config, module, fuel_per_call, max_memory_bytes } => {
+            AdminCommand::UploadChunk { upload, offset, total, chunk } => {
+                let received = self.control.uploads_receive(upload, offset, total, &chunk)?;
+                Ok(format!("upload {upload}: {received} of {total} bytes"))
+            }
+            AdminCommand::Load { name, version, config, module, fuel_per_call, max_memory_bytes, upload } => {
+                let module = match upload {
+                    None => module,
+                    Some(id) => self.control.uploads_take(id)?,
+                };
                 let mut registry = self.try_registry()?;
                 let registry = registry.as_mut().ok_or(AdminError::NoRegistry)?;
                 let defaults = ModuleLimits::default();

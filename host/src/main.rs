@@ -472,8 +472,15 @@ fn run_policy(command: PolicyCommand) -> Result<()> {
             let module = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             let max_memory_bytes = max_memory.as_deref().map(parse_size).transpose()?;
             let config = parse_config(&config)?;
-            let command =
-                AdminCommand::Load { name, version, config, module: module.into(), fuel_per_call, max_memory_bytes };
+            let command = AdminCommand::Load {
+                name,
+                version,
+                config,
+                module: module.into(),
+                fuel_per_call,
+                max_memory_bytes,
+                upload: None,
+            };
             (admin, false, command)
         }
         PolicyCommand::Activate { module, config, admin } => {
@@ -497,7 +504,13 @@ fn run_policy(command: PolicyCommand) -> Result<()> {
     config.timeout = config.timeout.max(Duration::from_secs(120));
     block_on(async move {
         let client = Client::connect(config).await?;
-        let listing = client.admin(&token, command).await;
+        let listing = match command {
+            // Large components go in chunks.
+            AdminCommand::Load { name, version, config, module, fuel_per_call, max_memory_bytes, .. } => {
+                client.load_module(&token, &name, &version, config, module, fuel_per_call, max_memory_bytes).await
+            }
+            command => client.admin(&token, command).await,
+        };
         client.close().await;
         let listing = listing?;
         if json {

@@ -116,6 +116,21 @@ pub enum AdminCommand {
         /// Base memory cap per instance in bytes (the node's default when
         /// absent).
         max_memory_bytes: Option<u64>,
+        /// Take the bytes from this finished upload instead of `module`
+        /// (for components larger than one frame).
+        upload: Option<u64>,
+    },
+    /// One piece of a component too large for one frame, sent in order;
+    /// a `Load` naming `upload` then uses the assembled bytes.
+    UploadChunk {
+        /// Chosen by the client, unique per upload.
+        upload: u64,
+        /// Where `chunk` starts: the bytes received so far.
+        offset: u64,
+        /// The whole component's size.
+        total: u64,
+        /// The bytes.
+        chunk: Bytes,
     },
     /// Hot-swap every shard to `name@version`; `config`, when given,
     /// replaces the module's stored settings for this activation.
@@ -146,6 +161,7 @@ impl AdminCommand {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Load { .. } => "policy_load",
+            Self::UploadChunk { .. } => "policy_upload",
             Self::Activate { .. } => "policy_activate",
             Self::Rollback => "policy_rollback",
             Self::List => "policy_list",

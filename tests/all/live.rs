@@ -75,6 +75,7 @@ fn load(name: &str, version: &str, module: &[u8], config: &[(&str, &str)]) -> Ad
         module: Bytes::copy_from_slice(module),
         fuel_per_call: None,
         max_memory_bytes: None,
+        upload: None,
     }
 }
 
@@ -316,6 +317,64 @@ async fn admin_commands_need_the_token_and_bad_requests_change_nothing() {
     other.close().await;
 }
 
+/// `module` with a custom section appended, `pad` bytes of payload: the
+/// same component, just larger.
+fn padded(module: &[u8], pad: usize) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n == 0 { byte } else { byte | 0x80 });
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    let name = b"padding";
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name);
+    body.resize(body.len() + pad, 0);
+    let mut out = module.to_vec();
+    out.push(0);
+    leb(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_larger_than_a_frame_arrives_in_chunks() {
+    let live = LiveNode::start(config(10_000), Some(TOKEN));
+    let client = live.client().await;
+    // 5 MiB against the node's 2 MiB frame limit.
+    let big = padded(bundled("sieve"), 5 << 20);
+    let direct = client.admin(TOKEN, load("big", "1", &big, &[])).await;
+    assert!(direct.is_err(), "one frame is too small for it");
+    let listing = client
+        .load_module(TOKEN, "big", "1", Vec::new(), Bytes::from(big.clone()), None, None)
+        .await
+        .expect("chunked load");
+    let module = listing.modules.iter().find(|m| m.name == "big").expect("listed");
+    assert_eq!(module.sha256, cachet::registry::sha256_hex(&big));
+    let listing = client.admin(TOKEN, activate("big", "1")).await.expect("activate");
+    assert_eq!(listing.active, "big@1");
+    // Out-of-order chunks and unfinished uploads are refused by name.
+    let chunk =
+        |offset: u64| AdminCommand::UploadChunk { upload: 7, offset, total: 10, chunk: Bytes::from_static(b"abcde") };
+    client.admin(TOKEN, chunk(0)).await.expect("first chunk");
+    let (code, message) = server_error(client.admin(TOKEN, chunk(7)).await);
+    assert_eq!(code, ErrorCode::InvalidArgument);
+    assert!(message.contains("does not follow"), "{message}");
+    let mut unfinished = load("half", "1", b"", &[]);
+    client.admin(TOKEN, chunk(0)).await.expect("restart");
+    if let AdminCommand::Load { upload, .. } = &mut unfinished {
+        *upload = Some(7);
+    }
+    let (_, message) = server_error(client.admin(TOKEN, unfinished).await);
+    assert!(message.contains("5 of 10 bytes"), "{message}");
+    client.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_that_keeps_trapping_is_quarantined_and_the_previous_version_restored() {
     let live = LiveNode::start(config(100_000), Some(TOKEN));
@@ -473,8 +532,9 @@ async fn the_metrics_endpoint_serves_prometheus_text() {
         idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // The node answers 503 on accept, before any request is read (a request
+    // sent first would be unread at close, which resets the connection).
     let mut late = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    late.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.expect("request");
     let mut reply = String::new();
     late.read_to_string(&mut reply).await.expect("reply");
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
