@@ -3,6 +3,7 @@
 //! (`cachet bench`) for every server. Servers are pinned to core 0 and the
 //! generator to core 1.
 
+use crate::{median, number as f};
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -168,15 +169,6 @@ fn load_memcached(port: u16, n: u64, size: usize) -> Result<()> {
         bail!("memcached did not confirm the load: {}", String::from_utf8_lossy(&reply[..read]));
     }
     Ok(())
-}
-
-fn f(v: &serde_json::Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or(f64::NAN)
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    if xs.is_empty() { f64::NAN } else { xs[xs.len() / 2] }
 }
 
 pub(crate) fn bench_compare(cachet: &Path) -> Result<()> {

@@ -7,6 +7,7 @@
 //! 3. throughput while a module that loops forever in `pick-victims` keeps
 //!    being retried and cut off by its budget, against a well-behaved one.
 
+use crate::{median, number as f};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -97,20 +98,11 @@ impl Drop for NodeProcess {
     }
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    if xs.is_empty() { f64::NAN } else { xs[xs.len() / 2] }
-}
-
 /// A figure in milliseconds that follows `label` in an activation's
 /// message ("slowest shard 12.3 ms, longest lock 4.5 ms").
 fn ms_after(message: &str, label: &str) -> Option<f64> {
     let rest = message.split(label).nth(1)?;
     rest.split_whitespace().next()?.parse().ok()
-}
-
-fn f(v: &serde_json::Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or(f64::NAN)
 }
 
 pub(crate) fn bench_live(cachet: &Path, hostile: &Path, target: &Path, version: &str) -> Result<()> {

@@ -148,9 +148,16 @@ fn sim_json(cachet: &Path, trace: &Path, capacity: &str, policy: &str, extra: &[
     serde_json::from_str(last).context("parsing cachet sim --json")
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+/// The median of `xs` (the upper one of an even count); NaN when empty.
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
+    if xs.is_empty() { f64::NAN } else { xs[xs.len() / 2] }
+}
+
+/// A number field of a `--json` report; NaN when absent, so a missing
+/// figure shows in the table instead of stopping the run.
+pub(crate) fn number(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
 }
 
 /// Wasm against native `cachet sim` throughput, interleaved so machine
@@ -302,7 +309,7 @@ fn node_demo(cachet: &Path) -> Result<()> {
             serde_json::from_str(stdout.lines().last().unwrap_or_default()).context("bench --json")?;
         let stats = client(&["stats", "--json"])?;
         let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).context("stats --json")?;
-        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let f = number;
         println!(
             "throughput      {:.0} ops/s ({} ops, {} errors; debug build)",
             f(&report, "ops_per_sec"),
