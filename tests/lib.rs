@@ -8,6 +8,16 @@ pub fn hostile_component() -> &'static [u8] {
     include_bytes!(concat!(env!("OUT_DIR"), "/guests/hostile.wasm"))
 }
 
+/// The misbehaving test loader (`tests/guests/hostile-loader`).
+pub fn hostile_loader_component() -> &'static [u8] {
+    include_bytes!(concat!(env!("OUT_DIR"), "/guests/hostile-loader.wasm"))
+}
+
+/// The example `users` loader (`examples/postgres-read-through`).
+pub fn users_loader_component() -> &'static [u8] {
+    include_bytes!(concat!(env!("OUT_DIR"), "/guests/users-loader.wasm"))
+}
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -82,6 +82,8 @@ fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::NotFound => "not found",
         ErrorCode::Busy => "busy",
         ErrorCode::InvalidModule => "invalid module",
+        ErrorCode::LoadFailed => "load failed",
+        ErrorCode::OriginFailed => "origin failed",
     }
 }
 

@@ -107,3 +107,47 @@ impl<P: Policy> wit::GuestEvictionPolicy for Instance<P> {
         out
     }
 }
+
+/// Bindings of the loader world (`cachet:hooks`), behind `export_loader!`.
+#[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
+pub mod hooks {
+    wit_bindgen::generate!({
+        world: "read-through",
+        path: "../wit/hooks",
+        pub_export_macro: true,
+        export_macro_name: "__export_read_through_world",
+        default_bindings_module: "cachet_policy_sdk::__wasm::hooks",
+    });
+}
+
+fn origin_error(err: crate::loader::OriginError) -> hooks::cachet::hooks::types::OriginError {
+    use crate::loader::OriginError as E;
+    use hooks::cachet::hooks::types::OriginError as W;
+    match err {
+        E::NotAllowed(m) => W::NotAllowed(m),
+        E::Unavailable(m) => W::Unavailable(m),
+        E::Timeout => W::Timeout,
+        E::Failed(m) => W::Failed(m),
+        E::BadRequest(m) => W::BadRequest(m),
+    }
+}
+
+/// A loader error in WIT form.
+pub fn load_error(err: crate::loader::LoadError) -> hooks::cachet::hooks::types::LoadError {
+    use crate::loader::LoadError as E;
+    use hooks::cachet::hooks::types::LoadError as W;
+    match err {
+        E::Origin(e) => W::Origin(origin_error(e)),
+        E::Invalid(m) => W::Invalid(m),
+        E::Unsupported => W::Unsupported,
+    }
+}
+
+/// A load result in WIT form.
+pub fn loaded(
+    result: Result<Option<crate::loader::Loaded>, crate::loader::LoadError>,
+) -> Result<Option<hooks::cachet::hooks::types::Loaded>, hooks::cachet::hooks::types::LoadError> {
+    result
+        .map(|v| v.map(|l| hooks::cachet::hooks::types::Loaded { value: l.value, ttl_ms: l.ttl_ms }))
+        .map_err(load_error)
+}

@@ -18,10 +18,12 @@
 //! - [`rng`]: a small seeded generator for policies that need randomness.
 //! - [`testing`]: a native harness for unit tests.
 //! - [`export_policy!`]: the Wasm export glue (generated bindings stay hidden).
+//! - [`loader`] and [`export_loader!`]: read-through loaders (`cachet:hooks`).
 
 #![warn(missing_docs)]
 
 pub mod collections;
+pub mod loader;
 mod policy;
 pub mod rng;
 pub mod testing;

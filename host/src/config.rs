@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub policy_retry_ms: Option<u64>,
     /// `--resp-listen`.
     pub resp_listen: Option<String>,
+    /// `--loaders`.
+    pub loaders: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used.

@@ -15,6 +15,7 @@
 //! - [`shadow`]: predicting a candidate's hit ratio on sampled traffic.
 //! - [`metrics`]: Prometheus text exposition and its HTTP endpoint.
 //! - [`resp`]: the Redis-protocol port (RESP2/RESP3 over TCP).
+//! - [`loader`]: read-through loaders (`cachet:hooks`) with herd protection.
 
 #![warn(missing_docs)]
 
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod core;
+pub mod loader;
 pub mod metrics;
 pub mod node;
 pub mod plot;

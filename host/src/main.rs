@@ -268,6 +268,10 @@ struct ServeArgs {
     /// TCP address of the Redis-protocol port (off without it).
     #[arg(long)]
     resp_listen: Option<SocketAddr>,
+    /// Read-through loader configuration (TOML): origins and the key
+    /// namespaces whose misses a loader module fills.
+    #[arg(long)]
+    loaders: Option<PathBuf>,
     /// Faults in a row after which a shard gives up on a policy module and
     /// the node quarantines it and re-activates the previous version
     /// [default: 3].
@@ -610,6 +614,15 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let node = Arc::new(Node::new(node_config, policy)?.with_registry(registry, token));
+    if let Some(path) = args.loaders.or(file.loaders) {
+        let config = cachet::loader::LoaderConfig::load(&path)?;
+        let loaders = cachet::loader::Loaders::new(&config)?;
+        let prefixes: Vec<&str> = config.namespaces.iter().map(|ns| ns.prefix.as_str()).collect();
+        if node.attach_loaders(loaders).is_err() {
+            anyhow::bail!("loaders were attached twice");
+        }
+        eprintln!("cachet: loaders for {}", prefixes.join(", "));
+    }
     let metrics_listen = match (args.metrics_listen, &file.metrics_listen) {
         (Some(addr), _) => Some(addr),
         (None, Some(text)) => Some(text.parse().with_context(|| format!("metrics address `{text}`"))?),

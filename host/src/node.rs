@@ -4,12 +4,14 @@
 //! directly.
 
 use crate::admin::Control;
+use crate::core::EntryView;
 use crate::core::{PolicyError, PolicyFactory, PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError};
+use crate::loader::Loaders;
 use crate::metrics::RequestMetrics;
 use bytes::Bytes;
 use cachet_proto::{Condition, ErrorCode, ErrorReply, NodeStats, Request, Response, TtlState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 /// Sizing of a node.
@@ -93,6 +95,7 @@ pub struct Node {
     clock: Arc<dyn Clock>,
     started: Instant,
     connections: AtomicU64,
+    loaders: OnceLock<Arc<Loaders>>,
 }
 
 impl Node {
@@ -132,6 +135,7 @@ impl Node {
             clock,
             started: Instant::now(),
             connections: AtomicU64::new(0),
+            loaders: OnceLock::new(),
         })
     }
 
@@ -163,14 +167,65 @@ impl Node {
 
     /// Runs `f` on the shard owning `key`, under its lock, with the node's
     /// `now`: for compound commands (the RESP port's GETDEL, APPEND, SET
-    /// ... GET) that must read and write atomically.
+    /// ... GET) that must read and write atomically. Counts as a write to
+    /// `key`: a load of it in flight will not be installed.
     pub fn with_shard<R>(&self, key: &[u8], f: impl FnOnce(&mut Shard, u64) -> R) -> R {
+        self.invalidate_load(key);
+        self.with_shard_raw(key, f)
+    }
+
+    /// [`Node::with_shard`] without breaking a load's lease: for the
+    /// loaders' own installs.
+    pub(crate) fn with_shard_raw<R>(&self, key: &[u8], f: impl FnOnce(&mut Shard, u64) -> R) -> R {
         let now = self.now_ms();
         f(&mut self.shard(key), now)
     }
 
+    /// Binds read-through loaders to this node: GETs of their namespaces
+    /// load on a miss (through [`Loaders::get`]), and writes break leases.
+    /// At most once per node; a second call is refused.
+    pub fn attach_loaders(self: &Arc<Self>, loaders: Arc<Loaders>) -> Result<(), Arc<Loaders>> {
+        self.loaders.set(loaders.clone())?;
+        loaders.attach(self);
+        Ok(())
+    }
+
+    /// The loaders, if any are attached.
+    pub fn loaders(&self) -> Option<&Arc<Loaders>> {
+        self.loaders.get()
+    }
+
+    /// A write to `key` is about to happen: a load in flight must not
+    /// install what it read before.
+    fn invalidate_load(&self, key: &[u8]) {
+        if let Some(loaders) = self.loaders.get() {
+            loaders.invalidate(key);
+        }
+    }
+
+    /// A GET that also returns the entry's expiry and hint, timed and
+    /// counted like [`Node::execute`]'s GET.
+    pub fn get_entry(&self, key: &Bytes) -> Option<EntryView> {
+        let started = Instant::now();
+        let now = self.now_ms();
+        let entry = self.shard(key).get_entry(now, key);
+        let command = crate::metrics::command_index(&Request::Get { key: key.clone() });
+        self.metrics.record(command, started.elapsed(), false);
+        entry
+    }
+
+    /// Deletes every key starting with `prefix` on every shard; returns how
+    /// many. Scans everything: for rare events only.
+    pub fn delete_prefix(&self, prefix: &[u8]) -> u64 {
+        let now = self.now_ms();
+        self.shards.iter().map(|s| lock(s).delete_prefix(now, prefix) as u64).sum()
+    }
+
     /// Deletes every entry on every shard; returns how many there were.
     pub fn flush_all(&self) -> u64 {
+        if let Some(loaders) = self.loaders.get() {
+            loaders.invalidate_all();
+        }
         let now = self.now_ms();
         self.shards.iter().map(|s| lock(s).clear(now) as u64).sum()
     }
@@ -213,6 +268,9 @@ impl Node {
             shadow.tick(now);
         }
         self.supervise();
+        if let Some(loaders) = self.loaders.get() {
+            loaders.tick(now);
+        }
     }
 
     /// Runs one request, timing it for the metrics. Never panics on client
@@ -240,6 +298,7 @@ impl Node {
                 if ttl_ms == Some(0) {
                     return Response::Error(ErrorReply::new(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms"));
                 }
+                self.invalidate_load(&key);
                 let mut shard = self.shard(&key);
                 let present = shard.contains(now, &key);
                 let applies = match condition {
@@ -260,6 +319,7 @@ impl Node {
                 }
             }
             Request::Del { keys } => {
+                keys.iter().for_each(|key| self.invalidate_load(key));
                 Response::Count(keys.iter().filter(|key| self.shard(key).delete(now, key)).count() as u64)
             }
             Request::Exists { keys } => {
@@ -270,7 +330,10 @@ impl Node {
                 Some(None) => TtlState::Persistent,
                 Some(Some(ms)) => TtlState::Remaining(ms),
             }),
-            Request::Expire { key, ttl_ms: 0 } => Response::Applied(self.shard(&key).delete(now, &key)),
+            Request::Expire { key, ttl_ms: 0 } => {
+                self.invalidate_load(&key);
+                Response::Applied(self.shard(&key).delete(now, &key))
+            }
             Request::Expire { key, ttl_ms } => Response::Applied(self.shard(&key).expire(now, &key, ttl_ms)),
             Request::MGet { keys } => {
                 let mut values = Vec::with_capacity(keys.len());
@@ -296,13 +359,17 @@ impl Node {
                     }
                 }
                 for (key, value) in pairs {
+                    self.invalidate_load(&key);
                     if let Err(err) = self.shard(&key).set(now, &key, value, SetOptions::default()) {
                         return shard_error(&err);
                     }
                 }
                 Response::Ok
             }
-            Request::Incr { key, delta } => self.incr(now, key, delta),
+            Request::Incr { key, delta } => {
+                self.invalidate_load(&key);
+                self.incr(now, key, delta)
+            }
             Request::Ping => Response::Pong,
             Request::Stats => Response::Stats(self.stats()),
         }

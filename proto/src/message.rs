@@ -391,6 +391,11 @@ pub enum ErrorCode {
     InvalidModule,
     /// The node failed; the message says how.
     Internal,
+    /// A loader could not produce the value: it trapped, ran out of its
+    /// budget or memory, returned invalid data, or missed its deadline.
+    LoadFailed,
+    /// A loader's origin is down, timed out or answered with an error.
+    OriginFailed,
 }
 
 /// A typed error with a message for humans.

@@ -3,6 +3,7 @@
 mod conformance;
 mod differential;
 mod live;
+mod loaders;
 mod node;
 mod resp;
 mod sandbox;

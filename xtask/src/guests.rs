@@ -127,7 +127,7 @@ pub(crate) fn build_script(select: impl FnOnce(&Path) -> Result<Vec<Guest>, Stri
         .ok_or("cannot find the workspace root")?
         .to_path_buf();
     let out_dir = PathBuf::from(env("OUT_DIR")?);
-    for watched in ["wit", "guest-sdk", "policies", "tests/guests", "xtask/src/guests.rs"] {
+    for watched in ["wit", "guest-sdk", "policies", "examples", "tests/guests", "xtask/src/guests.rs"] {
         println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
     }
     let cargo = env("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -5,6 +5,7 @@ mod compare;
 #[allow(dead_code)]
 mod guests;
 mod live;
+mod postgres;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -79,6 +80,13 @@ fn build_policies() -> Result<Vec<PathBuf>> {
         &guests,
     )
     .map_err(anyhow::Error::msg)?;
+    // The example loader (`examples/postgres-read-through`) too.
+    let loaders = [guests::Guest { package: "cachet-loader-users".into(), name: "users".into() }];
+    let mut written = written;
+    written.extend(
+        guests::build_components(&cargo(), &workspace(), &target.join("wasm-guests"), &target.join("loaders"), &loaders)
+            .map_err(anyhow::Error::msg)?,
+    );
     for path in &written {
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         eprintln!("xtask: wrote {} ({size} bytes)", path.display());
@@ -90,7 +98,14 @@ fn test() -> Result<()> {
     build_policies()?;
     run_cargo(&["fmt", "--all", "--check"])?;
     run_cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
-    run_cargo(&["test", "--workspace", "--locked"])?;
+    // The loader tests query a real PostgreSQL.
+    let pg = postgres::start(&std::env::temp_dir().join(format!("cachet-postgres-{}", std::process::id())))?;
+    let args = ["test", "--workspace", "--locked"];
+    eprintln!("xtask: CACHET_PG='{}' cargo {}", pg.url, args.join(" "));
+    let status = Command::new(cargo()).current_dir(workspace()).args(args).env("CACHET_PG", &pg.url).status()?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
     Ok(())
 }
 

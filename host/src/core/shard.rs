@@ -109,6 +109,17 @@ pub struct SetOptions {
     pub keep_ttl: bool,
 }
 
+/// A live entry as read by [`Shard::get_entry`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryView {
+    /// The value.
+    pub value: Bytes,
+    /// Absolute expiry in the shard's milliseconds, if any.
+    pub expires_at: Option<u64>,
+    /// The hint stored with the value (for loaded entries: the load time).
+    pub hint: u32,
+}
+
 /// What a successful write did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SetOutcome {
@@ -580,6 +591,15 @@ impl Shard {
         Some(value)
     }
 
+    /// Reads `key` like [`Shard::get`], with the entry's expiry and hint:
+    /// what a loader namespace needs to decide on an early refresh.
+    pub fn get_entry(&mut self, now: u64, key: &[u8]) -> Option<EntryView> {
+        let value = self.get(now, key)?;
+        let index = self.find(cachet_proto::key_hash(key), key)?;
+        let slot = self.slab.get(index);
+        Some(EntryView { value, expires_at: slot.expires_at, hint: slot.hint })
+    }
+
     /// Whether `key` is resident and live; not reported as an access.
     pub fn contains(&self, now: u64, key: &[u8]) -> bool {
         let hash = cachet_proto::key_hash(key);
@@ -672,6 +692,19 @@ impl Shard {
         let entry = self.entry(index);
         self.push_event(now, Event::Updated(entry));
         true
+    }
+
+    /// Deletes every entry whose key starts with `prefix`; returns how
+    /// many. A scan of the whole shard: for rare events such as a lost
+    /// invalidation feed, not for the request path.
+    pub fn delete_prefix(&mut self, now: u64, prefix: &[u8]) -> usize {
+        let matching: Vec<u32> =
+            self.slab.live().filter(|(_, slot)| slot.key.as_bytes().starts_with(prefix)).map(|(i, _)| i).collect();
+        for &index in &matching {
+            self.remove(now, index, RemovalCause::Deleted);
+        }
+        self.stats.deletes += matching.len() as u64;
+        matching.len()
     }
 
     /// Deletes every entry (FLUSHALL), telling the policy each removal.

@@ -13,6 +13,7 @@
 pub mod threads;
 pub mod tls;
 
+use crate::loader::Lookup;
 use crate::node::Node;
 use bytes::BytesMut;
 use cachet_proto::{Decoded, ErrorCode, ErrorReply, FrameError, Request, Response};
@@ -20,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// How a server listens.
 #[derive(Clone, Debug)]
@@ -211,6 +212,9 @@ async fn handle_connection(
 
 /// Replies buffered per stream before they are written out.
 const FLUSH_AT: usize = 256 << 10;
+/// GETs one stream may have waiting for loads at once; a stream with more
+/// waits inline for the next one, which stops reading it.
+const MAX_WAITING: usize = 4096;
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error(ErrorReply::new(code, message))
@@ -227,10 +231,24 @@ async fn handle_stream(
 ) {
     let mut input = BytesMut::with_capacity(16 << 10);
     let mut output = BytesMut::with_capacity(16 << 10);
+    // GETs waiting for a load answer out of order (replies carry their
+    // request's id), so one slow load never holds up the stream.
+    let (deferred_tx, mut deferred) = mpsc::unbounded_channel::<(u64, Response)>();
+    let mut waiting = 0usize;
     loop {
         input.reserve(16 << 10);
         let read = tokio::select! {
             read = recv.read_buf(&mut input) => read,
+            Some((id, reply)) = deferred.recv() => {
+                waiting -= 1;
+                if cachet_proto::encode(id, &reply, &mut output).is_err()
+                    || send.write_all(&output).await.is_err()
+                {
+                    return;
+                }
+                output.clear();
+                continue;
+            }
             _ = stopped.changed() => break,
         };
         match read {
@@ -259,6 +277,28 @@ async fn handle_stream(
                             match tokio::task::spawn_blocking(move || span.in_scope(|| node.execute(admin))).await {
                                 Ok(reply) => reply,
                                 Err(err) => error(ErrorCode::Internal, format!("admin command failed: {err}")),
+                            }
+                        }
+                        Request::Get { key } if node.loaders().is_some_and(|l| l.covers(&key)) => {
+                            let lookup = match node.loaders() {
+                                Some(loaders) => loaders.get(&node, key),
+                                None => continue,
+                            };
+                            match lookup {
+                                Lookup::Ready(reply) => reply,
+                                Lookup::Pending(pending) if waiting < MAX_WAITING => {
+                                    waiting += 1;
+                                    let tx = deferred_tx.clone();
+                                    let id = envelope.id;
+                                    tokio::spawn(async move {
+                                        let _ = tx.send((id, pending.response().await));
+                                    });
+                                    continue;
+                                }
+                                // Too many loads awaited on this stream: wait
+                                // for this one here, which stops reading (and
+                                // so pushes back on the client) meanwhile.
+                                Lookup::Pending(pending) => pending.response().await,
                             }
                         }
                         body => span.in_scope(|| node.execute(body)),
@@ -312,6 +352,17 @@ async fn handle_stream(
         if fatal {
             break;
         }
+    }
+    // The client finished sending (or the node is stopping): answer the
+    // loads still pending before closing.
+    drop(deferred_tx);
+    while waiting > 0 {
+        let Some((id, reply)) = deferred.recv().await else { break };
+        waiting -= 1;
+        if cachet_proto::encode(id, &reply, &mut output).is_err() || send.write_all(&output).await.is_err() {
+            return;
+        }
+        output.clear();
     }
     let _ = send.finish();
 }

@@ -1,0 +1,248 @@
+//! Loader modules as sandboxed components: validation, and one fresh
+//! instance per call with a fuel budget and a memory cap. The `origin`
+//! imports are served by [`Origins`], limited to the origins the
+//! namespace allows.
+
+use super::origin::{OriginFailure, Origins};
+use std::sync::Arc;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "read-through",
+        path: "../wit/hooks",
+    });
+}
+
+use bindings::cachet::hooks::{origin as wit_origin, types as wt};
+use bindings::{ReadThrough, ReadThroughPre};
+
+/// The interface a loader must export.
+pub const LOADER_INTERFACE: &str = "cachet:hooks/loader@0.1.0";
+const PACKAGE: &str = "cachet:hooks/";
+const SUPPORTED: &str = "0.1.";
+
+/// Why a module cannot be used as a loader.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderModuleError {
+    /// Not a component wasmtime accepts.
+    #[error("not a loader component: {0}")]
+    NotAComponent(String),
+    /// A component of another interface (or version).
+    #[error("wrong interface: {0}")]
+    WrongInterface(String),
+    /// An import outside `cachet:hooks` (WASI included): loaders get no
+    /// ambient capabilities.
+    #[error("forbidden import `{name}`: loaders may import only cachet:hooks/origin and cachet:hooks/types")]
+    ForbiddenImport {
+        /// The import.
+        name: String,
+    },
+}
+
+/// Why a loader call produced no value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallFailure {
+    /// The call used up its fuel (a loop, or far too much work).
+    #[error("the loader ran out of its instruction budget")]
+    Budget,
+    /// The instance tried to grow past its memory cap.
+    #[error("the loader exceeded its memory cap")]
+    Memory,
+    /// The guest trapped (a panic, an unreachable).
+    #[error("the loader trapped: {0}")]
+    Trap(String),
+    /// The loader returned an error.
+    #[error("{0}")]
+    Loader(String),
+    /// An origin request failed and the loader passed it on.
+    #[error("{0}")]
+    Origin(OriginFailure),
+    /// The loader does not implement this call.
+    #[error("the loader does not implement this call")]
+    Unsupported,
+}
+
+/// A value a loader produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// The bytes.
+    pub value: Vec<u8>,
+    /// The loader's TTL, if it chose one.
+    pub ttl_ms: Option<u64>,
+}
+
+/// What each loader store carries.
+struct State {
+    origins: Arc<Origins>,
+    allowed: Arc<[String]>,
+    max_memory: usize,
+    memory_denied: bool,
+}
+
+impl ResourceLimiter for State {
+    fn memory_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max_memory;
+        self.memory_denied |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+fn wit_error(err: OriginFailure) -> wt::OriginError {
+    match err {
+        OriginFailure::NotAllowed(m) => wt::OriginError::NotAllowed(m),
+        OriginFailure::Unavailable(m) => wt::OriginError::Unavailable(m),
+        OriginFailure::Timeout => wt::OriginError::Timeout,
+        OriginFailure::Failed(m) => wt::OriginError::Failed(m),
+        OriginFailure::BadRequest(m) => wt::OriginError::BadRequest(m),
+    }
+}
+
+fn host_error(err: wt::OriginError) -> OriginFailure {
+    match err {
+        wt::OriginError::NotAllowed(m) => OriginFailure::NotAllowed(m),
+        wt::OriginError::Unavailable(m) => OriginFailure::Unavailable(m),
+        wt::OriginError::Timeout => OriginFailure::Timeout,
+        wt::OriginError::Failed(m) => OriginFailure::Failed(m),
+        wt::OriginError::BadRequest(m) => OriginFailure::BadRequest(m),
+    }
+}
+
+impl wt::Host for State {}
+
+impl wit_origin::Host for State {
+    fn query(
+        &mut self,
+        origin: String,
+        statement: String,
+        params: Vec<Option<String>>,
+    ) -> Result<Vec<wit_origin::Row>, wt::OriginError> {
+        if !self.allowed.contains(&origin) {
+            tracing::warn!(%origin, "a loader asked for an origin it is not allowed");
+            return Err(wt::OriginError::NotAllowed(origin));
+        }
+        self.origins.query_blocking(&origin, &statement, &params).map_err(wit_error)
+    }
+
+    fn http_get(&mut self, origin: String, _path: String) -> Result<wit_origin::HttpResponse, wt::OriginError> {
+        // No HTTP origin can be configured in this build (the config check
+        // refuses them), so no name is allowed.
+        Err(wt::OriginError::NotAllowed(origin))
+    }
+}
+
+/// A validated loader component, ready to instantiate per call.
+pub struct LoaderModule {
+    engine: Engine,
+    pre: ReadThroughPre<State>,
+    origins: Arc<Origins>,
+    allowed: Arc<[String]>,
+    fuel: u64,
+    max_memory: usize,
+}
+
+/// One wasmtime engine for every loader of the process.
+pub fn engine() -> Result<Engine, LoaderModuleError> {
+    let mut config = Config::new();
+    config.consume_fuel(true);
+    config.wasm_component_model(true);
+    Engine::new(&config).map_err(|e| LoaderModuleError::NotAComponent(e.to_string()))
+}
+
+impl LoaderModule {
+    /// Validates `bytes` as a `cachet:hooks` 0.1 loader.
+    pub fn new(
+        engine: &Engine,
+        bytes: &[u8],
+        origins: Arc<Origins>,
+        allowed: Vec<String>,
+        fuel: u64,
+        max_memory: usize,
+    ) -> Result<Self, LoaderModuleError> {
+        let component =
+            Component::new(engine, bytes).map_err(|e| LoaderModuleError::NotAComponent(format!("{e:#}")))?;
+        let ty = component.component_type();
+        for (name, _) in ty.imports(engine) {
+            match name.strip_prefix(PACKAGE).and_then(|rest| rest.split_once('@')) {
+                Some(("origin" | "types", version)) if version.starts_with(SUPPORTED) => {}
+                Some((_, version)) if !version.starts_with(SUPPORTED) => {
+                    return Err(LoaderModuleError::WrongInterface(format!(
+                        "the component imports `{name}`; this node supports cachet:hooks 0.1.x"
+                    )));
+                }
+                None if name.starts_with("cachet:") => {
+                    return Err(LoaderModuleError::WrongInterface(format!(
+                        "the component imports `{name}`, another Cachet interface; loaders implement \
+                         `{LOADER_INTERFACE}`"
+                    )));
+                }
+                _ => return Err(LoaderModuleError::ForbiddenImport { name: name.to_string() }),
+            }
+        }
+        let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+        if !exports.iter().any(|n| n == LOADER_INTERFACE) {
+            let found = if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") };
+            return Err(LoaderModuleError::WrongInterface(format!(
+                "the component does not export `{LOADER_INTERFACE}`; it exports {found}"
+            )));
+        }
+        let mut linker = Linker::new(engine);
+        ReadThrough::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .map_err(|e| LoaderModuleError::WrongInterface(format!("{e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(ReadThroughPre::new)
+            .map_err(|e| LoaderModuleError::WrongInterface(format!("{e:#}")))?;
+        Ok(Self { engine: engine.clone(), pre, origins, allowed: allowed.into(), fuel, max_memory })
+    }
+
+    fn store(&self) -> Store<State> {
+        let state = State {
+            origins: self.origins.clone(),
+            allowed: self.allowed.clone(),
+            max_memory: self.max_memory,
+            memory_denied: false,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s);
+        store
+    }
+
+    /// Runs `call` in a fresh instance: nothing survives between calls, so a
+    /// load never sees another key's data, and a fault cannot poison later
+    /// loads. Blocks while origin requests run: call from a blocking thread.
+    fn run<R>(
+        &self,
+        call: impl FnOnce(&ReadThrough, &mut Store<State>) -> wasmtime::Result<Result<R, wt::LoadError>>,
+    ) -> Result<R, CallFailure> {
+        let mut store = self.store();
+        store.set_fuel(self.fuel).map_err(|e| CallFailure::Trap(e.to_string()))?;
+        let outcome = self.pre.instantiate(&mut store).and_then(|bindings| call(&bindings, &mut store));
+        match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(wt::LoadError::Origin(e))) => Err(CallFailure::Origin(host_error(e))),
+            Ok(Err(wt::LoadError::Invalid(m))) => Err(CallFailure::Loader(format!("invalid origin data: {m}"))),
+            Ok(Err(wt::LoadError::Unsupported)) => Err(CallFailure::Unsupported),
+            Err(_) if store.data().memory_denied => Err(CallFailure::Memory),
+            Err(err) if matches!(err.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) => Err(CallFailure::Budget),
+            Err(err) => Err(CallFailure::Trap(format!("{err:#}"))),
+        }
+    }
+
+    /// `load(key, now)`.
+    pub fn load(&self, key: &[u8], now: u64) -> Result<Option<Loaded>, CallFailure> {
+        self.run(|b, store| b.cachet_hooks_loader().call_load(store, key, now))
+            .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
+    }
+
+    /// `refresh(key, current, age, now)`.
+    pub fn refresh(&self, key: &[u8], current: &[u8], age_ms: u64, now: u64) -> Result<Option<Loaded>, CallFailure> {
+        self.run(|b, store| b.cachet_hooks_loader().call_refresh(store, key, current, age_ms, now))
+            .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
+    }
+}

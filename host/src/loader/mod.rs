@@ -1,0 +1,548 @@
+//! Read-through loaders: key namespaces whose misses are filled by a Wasm
+//! loader module (`cachet:hooks`), with herd protection built into the host.
+//!
+//! - **Single flight**: one load per key at a time; every concurrent miss on
+//!   the key waits for it and shares its value or its error.
+//! - **Leases**: a load installs its value only if its flight is still the
+//!   key's flight when it completes. An invalidation (client `DEL`/`SET`,
+//!   a change-data-capture notification, `FLUSHALL`) detaches the flight
+//!   first, under the same lock the install takes, so a load that raced an
+//!   invalidation never installs what it read before it.
+//! - **Stale-while-revalidate**: a value lives `ttl + grace`; in its last
+//!   `grace` it is still served while one background refresh runs.
+//! - **Early refresh** (XFetch) before the soft expiry, with a probability
+//!   scaled by the measured load time, which is stored as the entry's hint
+//!   (a cost hint to cost-aware policies, too).
+//! - **TTL jitter** and **negative caching** of "not found".
+//!
+//! The node's request path calls [`Loaders::get`]: hits and negative hits
+//! are answered at once; misses return a [`Pending`] the I/O task awaits
+//! without blocking other requests. Loads run on this module's own runtime
+//! (a blocking thread per running guest call; origin I/O on its workers).
+
+pub mod cdc;
+pub mod config;
+pub mod guest;
+pub mod origin;
+pub mod refresh;
+
+use crate::core::SetOptions;
+use crate::node::Node;
+use bytes::Bytes;
+use cachet_proto::{ErrorCode, ErrorReply, Response};
+pub use config::{LoaderConfig, LoaderConfigError, NamespaceConfig};
+pub use guest::{CallFailure, LoaderModule, LoaderModuleError};
+pub use origin::{OriginFailure, OriginStats, Origins};
+use refresh::Freshness;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+
+/// Loads (and refreshes) running at once, node-wide; more wait for a slot
+/// (within their deadline).
+const MAX_RUNNING: usize = 256;
+/// "Not found" answers remembered at once.
+const MAX_NEGATIVE: usize = 100_000;
+
+/// The result a flight hands to everyone waiting on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The value (installed unless an invalidation raced the load).
+    Value(Bytes),
+    /// The origin has no such key.
+    NotFound,
+    /// No value: the reply to send, with why.
+    Failed(ErrorReply),
+}
+
+impl Outcome {
+    /// The reply to a GET.
+    pub fn into_response(self) -> Response {
+        match self {
+            Self::Value(v) => Response::Value(Some(v)),
+            Self::NotFound => Response::Value(None),
+            Self::Failed(err) => Response::Error(err),
+        }
+    }
+}
+
+/// A GET's answer: now, or once a load finishes.
+pub enum Lookup {
+    /// Ready (a hit, a negative hit, or a refused request).
+    Ready(Response),
+    /// Waiting for the key's load.
+    Pending(Pending),
+}
+
+/// A GET waiting for a flight.
+pub struct Pending {
+    result: watch::Receiver<Option<Outcome>>,
+    deadline: Duration,
+}
+
+impl Pending {
+    /// Waits for the flight (at most its deadline, plus a margin for the
+    /// flight's own timeout to win) and turns its outcome into a reply.
+    pub async fn response(mut self) -> Response {
+        let waited = tokio::time::timeout(self.deadline + Duration::from_millis(500), async {
+            self.result.wait_for(Option::is_some).await.map(|v| v.clone())
+        })
+        .await;
+        match waited {
+            Ok(Ok(Some(outcome))) => outcome.into_response(),
+            Ok(_) => Response::Error(ErrorReply::new(ErrorCode::LoadFailed, "the load was abandoned")),
+            Err(_) => Response::Error(ErrorReply::new(ErrorCode::LoadFailed, "the load missed its deadline")),
+        }
+    }
+}
+
+/// Counters of the loader machinery.
+#[derive(Debug, Default)]
+pub struct LoaderCounters {
+    /// Loads started (misses that found no flight).
+    pub loads: AtomicU64,
+    /// Misses that joined a running flight instead of loading.
+    pub coalesced: AtomicU64,
+    /// Background refreshes started.
+    pub refreshes: AtomicU64,
+    /// Hits served from the grace window (stale, refresh running).
+    pub stale_served: AtomicU64,
+    /// Refreshes started early by XFetch.
+    pub early_refreshes: AtomicU64,
+    /// Misses answered from the negative cache.
+    pub negative_hits: AtomicU64,
+    /// Loads or refreshes that failed.
+    pub failures: AtomicU64,
+    /// Values not installed because an invalidation broke the lease.
+    pub lease_breaks: AtomicU64,
+    /// Invalidations applied (client writes and CDC notifications).
+    pub invalidations: AtomicU64,
+}
+
+/// A namespace and its module.
+struct Namespace {
+    config: NamespaceConfig,
+    module: Arc<LoaderModule>,
+}
+
+/// The flight of one key.
+struct Flight {
+    id: u64,
+    result: watch::Sender<Option<Outcome>>,
+}
+
+/// What a flight runs.
+enum Work {
+    Load,
+    Refresh { current: Bytes, age_ms: u64 },
+}
+
+/// A node's loader namespaces and the flights in progress.
+pub struct Loaders {
+    namespaces: Vec<Namespace>,
+    origins: Arc<Origins>,
+    runtime: Option<tokio::runtime::Runtime>,
+    running: Arc<Semaphore>,
+    flights: Mutex<HashMap<Bytes, Flight>>,
+    /// Senders of flights an invalidation detached, by flight id, until
+    /// they complete.
+    detached_senders: Mutex<HashMap<u64, watch::Sender<Option<Outcome>>>>,
+    negative: Mutex<HashMap<Bytes, u64>>,
+    next_flight: AtomicU64,
+    rng: AtomicU64,
+    counters: LoaderCounters,
+    node: Mutex<Weak<Node>>,
+}
+
+impl Drop for Loaders {
+    fn drop(&mut self) {
+        // The last reference may go inside an async context, where a
+        // blocking shutdown would panic.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why the loader configuration could not be put to work.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadersError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] LoaderConfigError),
+    /// A module file cannot be read.
+    #[error("cannot read loader module {path}: {source}")]
+    Module {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A module is not a usable loader.
+    #[error("loader module {path}: {source}")]
+    Invalid {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        source: LoaderModuleError,
+    },
+    /// The runtime or an origin could not be set up.
+    #[error("loaders: {0}")]
+    Setup(String),
+}
+
+impl Loaders {
+    /// Validates every module and builds the origins; nothing connects yet.
+    pub fn new(config: &LoaderConfig) -> Result<Arc<Self>, LoadersError> {
+        config.check()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(MAX_RUNNING)
+            .thread_name("cachet-loader")
+            .enable_all()
+            .build()
+            .map_err(|e| LoadersError::Setup(format!("cannot start the loader runtime: {e}")))?;
+        let origins = {
+            let _entered = runtime.enter();
+            Arc::new(Origins::new(&config.origins, runtime.handle().clone()).map_err(LoadersError::Setup)?)
+        };
+        let engine = guest::engine().map_err(|e| LoadersError::Setup(e.to_string()))?;
+        let mut namespaces = Vec::new();
+        for ns in &config.namespaces {
+            let bytes =
+                std::fs::read(&ns.module).map_err(|source| LoadersError::Module { path: ns.module.clone(), source })?;
+            let module = LoaderModule::new(
+                &engine,
+                &bytes,
+                origins.clone(),
+                ns.origins.clone(),
+                ns.fuel_per_call,
+                ns.max_memory_bytes,
+            )
+            .map_err(|source| LoadersError::Invalid { path: ns.module.clone(), source })?;
+            namespaces.push(Namespace { config: ns.clone(), module: Arc::new(module) });
+        }
+        // Longest prefix first, so `user:vip:` wins over `user:`.
+        namespaces.sort_by_key(|ns| std::cmp::Reverse(ns.config.prefix.len()));
+        let seed = config.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(Arc::new(Self {
+            namespaces,
+            origins,
+            runtime: Some(runtime),
+            running: Arc::new(Semaphore::new(MAX_RUNNING)),
+            flights: Mutex::default(),
+            detached_senders: Mutex::default(),
+            negative: Mutex::default(),
+            next_flight: AtomicU64::new(1),
+            rng: AtomicU64::new(seed),
+            counters: LoaderCounters::default(),
+            node: Mutex::new(Weak::new()),
+        }))
+    }
+
+    /// Binds the loaders to their node and starts the invalidation feeds.
+    pub(crate) fn attach(self: &Arc<Self>, node: &Arc<Node>) {
+        *lock(&self.node) = Arc::downgrade(node);
+        for (index, ns) in self.namespaces.iter().enumerate() {
+            if let Some(feed) = &ns.config.invalidate {
+                cdc::start(self, index, feed);
+            }
+        }
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &LoaderCounters {
+        &self.counters
+    }
+
+    /// Origin counters.
+    pub fn origin_stats(&self) -> Vec<OriginStats> {
+        self.origins.stats()
+    }
+
+    /// Keys loaded or refreshing right now.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.flights).len()
+    }
+
+    /// The namespace serving `key`, if any.
+    fn namespace(&self, key: &[u8]) -> Option<usize> {
+        self.namespaces.iter().position(|ns| key.starts_with(ns.config.prefix.as_bytes()))
+    }
+
+    /// Whether `key` belongs to a loader namespace.
+    pub fn covers(&self, key: &[u8]) -> bool {
+        self.namespace(key).is_some()
+    }
+
+    /// A uniform draw in (0, 1].
+    fn draw(&self) -> f64 {
+        refresh::unit(refresh::mix(self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)))
+    }
+
+    /// A GET of `key` (which [`Loaders::covers`]).
+    pub fn get(self: &Arc<Self>, node: &Node, key: Bytes) -> Lookup {
+        let Some(index) = self.namespace(&key) else {
+            return Lookup::Ready(Response::Value(node.get_entry(&key).map(|e| e.value)));
+        };
+        let ns = &self.namespaces[index].config;
+        let now = node.now_ms();
+        if let Some(entry) = node.get_entry(&key) {
+            if let Some(expires_at) = entry.expires_at {
+                let state = refresh::freshness(now, expires_at, ns.grace_ms, entry.hint, ns.xfetch_beta, self.draw());
+                if state == Freshness::Refresh {
+                    let soft = expires_at.saturating_sub(ns.grace_ms);
+                    let stale = now >= soft;
+                    let loaded_at = soft.saturating_sub(ns.ttl_ms);
+                    let work = Work::Refresh { current: entry.value.clone(), age_ms: now.saturating_sub(loaded_at) };
+                    if self.start(node, index, &key, work, false).is_some() {
+                        let counter = if stale { &self.counters.stale_served } else { &self.counters.early_refreshes };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    } else if stale {
+                        self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            return Lookup::Ready(Response::Value(Some(entry.value)));
+        }
+        if lock(&self.negative).get(&key).is_some_and(|&until| until > now) {
+            self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Ready(Response::Value(None));
+        }
+        match self.start(node, index, &key, Work::Load, true) {
+            Some(result) => Lookup::Pending(Pending { result, deadline: Duration::from_millis(ns.load_timeout_ms) }),
+            None => Lookup::Ready(Response::Error(ErrorReply::new(ErrorCode::LoadFailed, "the loaders are stopping"))),
+        }
+    }
+
+    /// Joins `key`'s flight, or starts one running `work`. Returns the
+    /// flight's result channel; for a refresh (`join` false) only when a new
+    /// flight was started.
+    fn start(
+        self: &Arc<Self>,
+        node: &Node,
+        index: usize,
+        key: &Bytes,
+        work: Work,
+        join: bool,
+    ) -> Option<watch::Receiver<Option<Outcome>>> {
+        let handle = self.handle()?.clone();
+        let mut flights = lock(&self.flights);
+        if let Some(flight) = flights.get(key) {
+            if !join {
+                return None;
+            }
+            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+            return Some(flight.result.subscribe());
+        }
+        let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.clone(), Flight { id, result: tx });
+        drop(flights);
+        let counter = if matches!(work, Work::Load) { &self.counters.loads } else { &self.counters.refreshes };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        let key = key.clone();
+        let now = node.now_ms();
+        let max_value = node.config().max_value_size;
+        handle.spawn(async move {
+            let ns = &this.namespaces[index];
+            let deadline = Duration::from_millis(ns.config.load_timeout_ms);
+            let module = ns.module.clone();
+            let started = Instant::now();
+            let running = this.running.clone();
+            let call_key = key.clone();
+            let call = async move {
+                let _permit = running.acquire_owned().await.map_err(|_| CallFailure::Trap("stopping".into()))?;
+                tokio::task::spawn_blocking(move || match work {
+                    Work::Load => module.load(&call_key, now),
+                    Work::Refresh { current, age_ms } => module.refresh(&call_key, &current, age_ms, now),
+                })
+                .await
+                .map_err(|e| CallFailure::Trap(format!("the loader call was lost: {e}")))?
+            };
+            let result = match tokio::time::timeout(deadline, call).await {
+                Ok(result) => result,
+                Err(_) => Err(CallFailure::Loader(format!("the load missed its {} ms deadline", deadline.as_millis()))),
+            };
+            let load_ms = started.elapsed().as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+            this.complete(index, &key, id, result, load_ms, max_value);
+        });
+        Some(rx)
+    }
+
+    /// Ends flight `id` of `key`: installs its value if the lease still
+    /// holds, and wakes everyone waiting.
+    fn complete(
+        &self,
+        index: usize,
+        key: &Bytes,
+        id: u64,
+        result: Result<Option<guest::Loaded>, CallFailure>,
+        load_ms: u32,
+        max_value: usize,
+    ) {
+        let ns = &self.namespaces[index].config;
+        let node = lock(&self.node).upgrade();
+        let mut flights = lock(&self.flights);
+        let leased = flights.get(key).is_some_and(|f| f.id == id);
+        let flight = if leased { flights.remove(key) } else { None };
+        let outcome = match result {
+            Ok(Some(loaded)) if loaded.value.len() > max_value => {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                Outcome::Failed(ErrorReply::new(
+                    ErrorCode::LoadFailed,
+                    format!("the loader returned {} bytes; values are limited to {max_value}", loaded.value.len()),
+                ))
+            }
+            Ok(Some(loaded)) => {
+                let value = Bytes::from(loaded.value);
+                if let (true, Some(node)) = (leased, &node) {
+                    let ttl = refresh::jittered(loaded.ttl_ms.unwrap_or(ns.ttl_ms), ns.jitter, self.draw());
+                    let options =
+                        SetOptions { ttl_ms: Some(ttl.saturating_add(ns.grace_ms)), hint: load_ms, keep_ttl: false };
+                    // Installed under the flights lock: an invalidation either
+                    // detached this flight already, or deletes after this.
+                    if let Err(err) = node.with_shard_raw(key, |shard, now| shard.set(now, key, value.clone(), options))
+                    {
+                        tracing::warn!(%err, "a loaded value could not be stored");
+                    }
+                } else if !leased {
+                    self.counters.lease_breaks.fetch_add(1, Ordering::Relaxed);
+                }
+                Outcome::Value(value)
+            }
+            Ok(None) => {
+                if let (true, Some(node)) = (leased, &node) {
+                    let now = node.now_ms();
+                    // The origin no longer has it: drop a refreshed key too.
+                    node.with_shard_raw(key, |shard, now| shard.delete(now, key));
+                    if ns.negative_ttl_ms > 0 {
+                        let mut negative = lock(&self.negative);
+                        if negative.len() >= MAX_NEGATIVE {
+                            negative.retain(|_, until| *until > now);
+                        }
+                        if negative.len() < MAX_NEGATIVE {
+                            negative.insert(key.clone(), now + ns.negative_ttl_ms);
+                        }
+                    }
+                }
+                Outcome::NotFound
+            }
+            Err(failure) => {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key = %String::from_utf8_lossy(key), %failure, "load failed");
+                let code = match failure {
+                    CallFailure::Origin(_) => ErrorCode::OriginFailed,
+                    _ => ErrorCode::LoadFailed,
+                };
+                Outcome::Failed(ErrorReply::new(code, failure.to_string()))
+            }
+        };
+        drop(flights);
+        // A detached flight's waiters still get what it read: their GETs
+        // began before the invalidation finished.
+        let sender = flight.map(|f| f.result);
+        match sender {
+            Some(tx) => {
+                let _ = tx.send(Some(outcome));
+            }
+            None => self.finish_detached(id, outcome),
+        }
+    }
+
+    /// Flights detached by an invalidation keep their sender in
+    /// `detached` until they complete.
+    fn finish_detached(&self, id: u64, outcome: Outcome) {
+        if let Some(tx) = lock(&self.detached_senders).remove(&id) {
+            let _ = tx.send(Some(outcome));
+        }
+    }
+
+    /// Breaks the lease of `key`'s flight (its value will not be
+    /// installed) and forgets a "not found"; the caller then deletes or
+    /// overwrites the key.
+    pub fn invalidate(&self, key: &[u8]) {
+        if self.namespace(key).is_none() {
+            return;
+        }
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        if let Some(flight) = lock(&self.flights).remove(key) {
+            lock(&self.detached_senders).insert(flight.id, flight.result);
+        }
+        lock(&self.negative).remove(key);
+    }
+
+    /// Breaks every lease and forgets every "not found" (FLUSHALL).
+    pub fn invalidate_all(&self) {
+        let drained: Vec<Flight> = lock(&self.flights).drain().map(|(_, f)| f).collect();
+        let mut detached = lock(&self.detached_senders);
+        for flight in drained {
+            detached.insert(flight.id, flight.result);
+        }
+        drop(detached);
+        lock(&self.negative).clear();
+    }
+
+    /// Invalidates `key` and deletes it from the node: what a CDC
+    /// notification does.
+    pub(crate) fn invalidate_key(&self, key: &[u8]) {
+        if let Some(node) = lock(&self.node).upgrade() {
+            self.invalidate(key);
+            node.with_shard_raw(key, |shard, now| shard.delete(now, key));
+        }
+    }
+
+    /// Invalidates every key of namespace `index`: after an invalidation
+    /// feed reconnects, notifications sent while it was down are lost, so
+    /// nothing cached before can be trusted.
+    pub(crate) fn invalidate_namespace(&self, index: usize) {
+        let prefix = self.namespaces[index].config.prefix.clone();
+        let Some(node) = lock(&self.node).upgrade() else { return };
+        {
+            let mut flights = lock(&self.flights);
+            let keys: Vec<Bytes> = flights.keys().filter(|k| k.starts_with(prefix.as_bytes())).cloned().collect();
+            let mut detached = lock(&self.detached_senders);
+            for key in keys {
+                if let Some(flight) = flights.remove(&key) {
+                    detached.insert(flight.id, flight.result);
+                }
+            }
+        }
+        lock(&self.negative).retain(|k, _| !k.starts_with(prefix.as_bytes()));
+        let removed = node.delete_prefix(prefix.as_bytes());
+        tracing::info!(prefix, removed, "namespace invalidated");
+    }
+
+    /// Drops expired "not found" answers; called from the node's tick.
+    pub(crate) fn tick(&self, now: u64) {
+        let mut negative = lock(&self.negative);
+        if !negative.is_empty() {
+            negative.retain(|_, until| *until > now);
+        }
+    }
+
+    pub(crate) fn namespace_prefix(&self, index: usize) -> &str {
+        &self.namespaces[index].config.prefix
+    }
+
+    pub(crate) fn origins(&self) -> &Arc<Origins> {
+        &self.origins
+    }
+
+    pub(crate) fn runtime_handle(&self) -> Option<tokio::runtime::Handle> {
+        self.handle().cloned()
+    }
+}

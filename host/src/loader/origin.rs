@@ -1,0 +1,244 @@
+//! Origins: the databases (and later HTTP services) the host queries for
+//! loader modules. A guest only names an origin and passes parameters; the
+//! host holds the connections, binds the parameters (never splicing them
+//! into statement text), bounds every call with a deadline and every result
+//! by size.
+
+use super::config::OriginConfig;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_postgres::NoTls;
+use tokio_postgres::types::{ToSql, Type};
+
+/// Rows a single query may return to a loader.
+const MAX_ROWS: usize = 10_000;
+/// Bytes a single query may return to a loader.
+const MAX_RESULT_BYTES: usize = 16 << 20;
+
+/// Why an origin request failed (mirrors the WIT `origin-error`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OriginFailure {
+    /// The namespace may not use this origin, or it does not exist.
+    #[error("origin `{0}` is not allowed for this namespace")]
+    NotAllowed(String),
+    /// No connection could be had in time.
+    #[error("origin unavailable: {0}")]
+    Unavailable(String),
+    /// The origin did not answer within its deadline.
+    #[error("origin timed out")]
+    Timeout,
+    /// The origin answered with an error.
+    #[error("origin failed: {0}")]
+    Failed(String),
+    /// The request is unusable (bad parameter, unsupported column type...).
+    #[error("bad origin request: {0}")]
+    BadRequest(String),
+}
+
+/// One result row, each column as bytes (`None` for NULL).
+pub type Row = Vec<Option<Vec<u8>>>;
+
+/// A PostgreSQL origin: a connection pool and a deadline.
+pub struct PostgresOrigin {
+    pool: Pool,
+    pg_config: tokio_postgres::Config,
+    deadline: Duration,
+    queries: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Counters of one origin, for stats and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OriginStats {
+    /// The origin's name.
+    pub name: String,
+    /// Requests sent.
+    pub queries: u64,
+    /// Requests that failed (any reason).
+    pub failures: u64,
+}
+
+/// The origins of a node, by name.
+pub struct Origins {
+    postgres: BTreeMap<String, PostgresOrigin>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Origins {
+    /// Builds pools for `configs` (connections open lazily, so a database
+    /// that is down at start-up does not stop the node). Must be called
+    /// inside the runtime that will drive the connections.
+    pub fn new(configs: &BTreeMap<String, OriginConfig>, handle: tokio::runtime::Handle) -> Result<Self, String> {
+        let mut postgres = BTreeMap::new();
+        for (name, config) in configs {
+            let Some(url) = &config.postgres else { continue };
+            let mut pg_config = tokio_postgres::Config::from_str(url)
+                .map_err(|e| format!("origin `{name}`: bad connection string: {e}"))?;
+            let connect = Duration::from_millis(config.connect_timeout_ms);
+            pg_config.connect_timeout(connect);
+            pg_config.options(format!("-c statement_timeout={}", config.statement_timeout_ms));
+            pg_config.application_name("cachet");
+            let manager = Manager::from_config(
+                pg_config.clone(),
+                NoTls,
+                ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            );
+            let pool = Pool::builder(manager)
+                .max_size(config.pool_size)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(connect))
+                .create_timeout(Some(connect))
+                .recycle_timeout(Some(connect))
+                .build()
+                .map_err(|e| format!("origin `{name}`: {e}"))?;
+            let deadline = Duration::from_millis(config.statement_timeout_ms + 1_000);
+            let origin =
+                PostgresOrigin { pool, pg_config, deadline, queries: AtomicU64::new(0), failures: AtomicU64::new(0) };
+            postgres.insert(name.clone(), origin);
+        }
+        Ok(Self { postgres, handle })
+    }
+
+    /// The connection settings of a PostgreSQL origin (for LISTEN).
+    pub fn postgres_config(&self, name: &str) -> Option<tokio_postgres::Config> {
+        self.postgres.get(name).map(|o| o.pg_config.clone())
+    }
+
+    /// Counters per origin.
+    pub fn stats(&self) -> Vec<OriginStats> {
+        self.postgres
+            .iter()
+            .map(|(name, o)| OriginStats {
+                name: name.clone(),
+                queries: o.queries.load(Ordering::Relaxed),
+                failures: o.failures.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Runs a query from a thread outside the runtime (a loader call runs
+    /// on a blocking thread), waiting at most the origin's deadline.
+    pub fn query_blocking(
+        &self,
+        name: &str,
+        statement: &str,
+        params: &[Option<String>],
+    ) -> Result<Vec<Row>, OriginFailure> {
+        let origin = self.postgres.get(name).ok_or_else(|| OriginFailure::NotAllowed(name.to_string()))?;
+        origin.queries.fetch_add(1, Ordering::Relaxed);
+        let result = self.handle.block_on(async {
+            match tokio::time::timeout(origin.deadline, query(&origin.pool, statement, params)).await {
+                Ok(result) => result,
+                Err(_) => Err(OriginFailure::Timeout),
+            }
+        });
+        if result.is_err() {
+            origin.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+async fn query(pool: &Pool, statement: &str, params: &[Option<String>]) -> Result<Vec<Row>, OriginFailure> {
+    let client = pool.get().await.map_err(|e| OriginFailure::Unavailable(e.to_string()))?;
+    let prepared = client.prepare_cached(statement).await.map_err(|e| pg_failure(&e))?;
+    let types = prepared.params();
+    if types.len() != params.len() {
+        return Err(OriginFailure::BadRequest(format!(
+            "the statement has {} parameters, {} were given",
+            types.len(),
+            params.len()
+        )));
+    }
+    let bound: Vec<Box<dyn ToSql + Sync + Send>> = types
+        .iter()
+        .zip(params)
+        .enumerate()
+        .map(|(i, (ty, p))| bind(i + 1, ty, p.as_deref()))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect();
+    let rows = client.query(&prepared, &refs).await.map_err(|e| pg_failure(&e))?;
+    if rows.len() > MAX_ROWS {
+        return Err(OriginFailure::BadRequest(format!("{} rows returned; at most {MAX_ROWS} are allowed", rows.len())));
+    }
+    let mut total = 0usize;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut columns = Vec::with_capacity(row.len());
+        for (i, column) in row.columns().iter().enumerate() {
+            let value = read_column(row, i, column.type_()).map_err(|ty| {
+                OriginFailure::BadRequest(format!(
+                    "column `{}` has type {ty}; cast it to text (`::text`) in the statement",
+                    column.name()
+                ))
+            })?;
+            total += value.as_ref().map_or(0, Vec::len);
+            columns.push(value);
+        }
+        if total > MAX_RESULT_BYTES {
+            return Err(OriginFailure::BadRequest(format!("the result exceeds {MAX_RESULT_BYTES} bytes")));
+        }
+        out.push(columns);
+    }
+    Ok(out)
+}
+
+/// PostgreSQL's own words, with its error code when it sent one.
+fn pg_failure(err: &tokio_postgres::Error) -> OriginFailure {
+    match err.as_db_error() {
+        Some(db) if db.code() == &tokio_postgres::error::SqlState::QUERY_CANCELED => OriginFailure::Timeout,
+        Some(db) => OriginFailure::Failed(format!("{} ({})", db.message(), db.code().code())),
+        None if err.is_closed() => OriginFailure::Unavailable(err.to_string()),
+        None => OriginFailure::Failed(err.to_string()),
+    }
+}
+
+/// Parses parameter `n` as the type PostgreSQL inferred for it.
+fn bind(n: usize, ty: &Type, text: Option<&str>) -> Result<Box<dyn ToSql + Sync + Send>, OriginFailure> {
+    fn parse<T: FromStr>(n: usize, ty: &Type, text: Option<&str>) -> Result<Option<T>, OriginFailure> {
+        text.map(|t| {
+            t.trim()
+                .parse::<T>()
+                .map_err(|_| OriginFailure::BadRequest(format!("parameter ${n} `{t}` is not a valid {ty}")))
+        })
+        .transpose()
+    }
+    Ok(match *ty {
+        Type::BOOL => Box::new(parse::<bool>(n, ty, text)?),
+        Type::INT2 => Box::new(parse::<i16>(n, ty, text)?),
+        Type::INT4 => Box::new(parse::<i32>(n, ty, text)?),
+        Type::INT8 => Box::new(parse::<i64>(n, ty, text)?),
+        Type::FLOAT4 => Box::new(parse::<f32>(n, ty, text)?),
+        Type::FLOAT8 => Box::new(parse::<f64>(n, ty, text)?),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => Box::new(text.map(str::to_owned)),
+        Type::BYTEA => Box::new(text.map(|t| t.as_bytes().to_vec())),
+        _ => {
+            return Err(OriginFailure::BadRequest(format!(
+                "parameter ${n} has type {ty}; cast the placeholder (`${n}::text`) in the statement"
+            )));
+        }
+    })
+}
+
+/// Column `i` as bytes, or the name of its unsupported type.
+fn read_column(row: &tokio_postgres::Row, i: usize, ty: &Type) -> Result<Option<Vec<u8>>, String> {
+    fn text<T: ToString>(v: Result<Option<T>, tokio_postgres::Error>) -> Result<Option<Vec<u8>>, String> {
+        v.map(|v| v.map(|v| v.to_string().into_bytes())).map_err(|e| e.to_string())
+    }
+    match *ty {
+        Type::BOOL => text(row.try_get::<_, Option<bool>>(i)),
+        Type::INT2 => text(row.try_get::<_, Option<i16>>(i)),
+        Type::INT4 => text(row.try_get::<_, Option<i32>>(i)),
+        Type::INT8 => text(row.try_get::<_, Option<i64>>(i)),
+        Type::FLOAT4 => text(row.try_get::<_, Option<f32>>(i)),
+        Type::FLOAT8 => text(row.try_get::<_, Option<f64>>(i)),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            row.try_get::<_, Option<String>>(i).map(|v| v.map(String::into_bytes)).map_err(|e| e.to_string())
+        }
+        Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i).map_err(|e| e.to_string()),
+        _ => Err(ty.to_string()),
+    }
+}

@@ -1,0 +1,470 @@
+//! Read-through loaders against a real PostgreSQL (started by `cargo xtask
+//! test` or `.ci/run`, reached through `CACHET_PG`), over real QUIC.
+//!
+//! Each test gets a database of its own, so tests run in parallel and
+//! PostgreSQL's `pg_stat_statements` counts each test's origin queries
+//! separately.
+
+use bytes::Bytes;
+use cachet::loader::{LoaderConfig, LoaderModuleError, Loaders, LoadersError};
+use cachet::node::{Clock, ManualClock, Node, NodeConfig};
+use cachet::policies::{self, PolicySpec};
+use cachet::server::{self, RunningServer, ServeOptions, tls::TlsSource};
+use cachet::wasm::PolicyEngine;
+use cachet_client::{Client, ClientConfig, ClientError, ErrorCode};
+use cachet_tests::{TempDir, hostile_component, hostile_loader_component, users_loader_component};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn pg_url() -> String {
+    std::env::var("CACHET_PG").expect(
+        "CACHET_PG is not set: the loader tests need a PostgreSQL server; \
+         run them through `cargo xtask test` (which starts one) or set CACHET_PG",
+    )
+}
+
+/// A database of its own for one test, and a client on it.
+struct Database {
+    name: String,
+    client: tokio_postgres::Client,
+}
+
+impl Database {
+    async fn create(tag: &str) -> Self {
+        let name = format!("cachet_{tag}_{}", std::process::id());
+        let admin = connect(&pg_url()).await;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await.expect("drop");
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let client = connect(&format!("{} dbname={name}", pg_url())).await;
+        client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.expect("pg_stat_statements");
+        Self { name, client }
+    }
+
+    fn url(&self) -> String {
+        format!("{} dbname={}", pg_url(), self.name)
+    }
+
+    /// The `users` table the example loader reads, as a view over
+    /// `users_data` that takes `delay` seconds per query (a slow database).
+    async fn users(&self, delay: &str) {
+        let sql = format!(
+            "CREATE TABLE users_data (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
+             INSERT INTO users_data VALUES (1, 'v0', 'ada@example.org'), (2, 'Grace', 'grace@example.org');
+             CREATE VIEW users AS SELECT u.id, u.name, u.email FROM users_data u, pg_sleep({delay}) s;"
+        );
+        self.client.batch_execute(&sql).await.expect("users");
+    }
+
+    async fn rename(&self, id: i64, name: &str) {
+        self.client.execute("UPDATE users_data SET name = $2 WHERE id = $1", &[&id, &name]).await.expect("update");
+    }
+
+    /// Executions of the example loader's query in this database, as
+    /// PostgreSQL counted them.
+    async fn loader_queries(&self) -> i64 {
+        let row = self
+            .client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND query LIKE '%FROM users WHERE id%'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_statements");
+        row.get(0)
+    }
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connects to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+/// A node with loaders, served over QUIC, on a clock the test moves.
+struct LoaderNode {
+    node: Arc<Node>,
+    clock: Arc<ManualClock>,
+    server: Option<RunningServer>,
+    dir: TempDir,
+}
+
+impl Drop for LoaderNode {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
+impl LoaderNode {
+    /// `namespaces` is the `[[namespace]]` TOML, with `{users}` and
+    /// `{hostile}` standing for the module paths; `origins` the origins.
+    fn start(origins: &str, namespaces: &str) -> Self {
+        let dir = TempDir::new("loaders");
+        let users = dir.0.join("users.wasm");
+        let hostile = dir.0.join("hostile.wasm");
+        std::fs::write(&users, users_loader_component()).expect("write");
+        std::fs::write(&hostile, hostile_loader_component()).expect("write");
+        let text = format!("seed = 11\n{origins}\n{namespaces}")
+            .replace("{users}", &users.to_string_lossy())
+            .replace("{hostile}", &hostile.to_string_lossy());
+        let path = dir.0.join("loaders.toml");
+        std::fs::write(&path, text).expect("write");
+        let config = LoaderConfig::load(&path).expect("valid loader config");
+        let loaders = Loaders::new(&config).expect("loaders");
+        let engine = PolicyEngine::new().expect("engine");
+        let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
+            .expect("policy");
+        let clock = Arc::new(ManualClock::default());
+        clock.advance(1_000);
+        let config = NodeConfig { shards: 2, max_value_size: 64 << 10, ..NodeConfig::default() };
+        let node = Arc::new(Node::with_clock(config, policy, clock.clone() as Arc<dyn Clock>).expect("node"));
+        assert!(node.attach_loaders(loaders).is_ok());
+        let options = ServeOptions {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            threads: 2,
+            tls: TlsSource::DevCa { data_dir: dir.0.clone() },
+            max_connections: 100,
+            max_streams: 64,
+            max_frame: (64 << 10) + 1024,
+        };
+        let server = server::start(node.clone(), options).expect("server starts");
+        Self { node, clock, server: Some(server), dir }
+    }
+
+    async fn client(&self) -> Client {
+        let addr = self.server.as_ref().expect("running").local_addr();
+        let mut config = ClientConfig::new(addr).with_data_dir(&self.dir.0).expect("ca");
+        config.timeout = Duration::from_secs(20);
+        Client::connect(config).await.expect("connects")
+    }
+
+    fn counter(&self, pick: impl Fn(&cachet::loader::LoaderCounters) -> &std::sync::atomic::AtomicU64) -> u64 {
+        pick(self.node.loaders().expect("loaders").counters()).load(Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until no load or refresh is running.
+    async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.node.loaders().expect("loaders").in_flight() > 0 {
+            assert!(Instant::now() < deadline, "loads did not finish");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn users_origin(db: &Database) -> String {
+    format!("[origins.users-db]\npostgres = \"{}\"\nstatement-timeout-ms = 5000\n", db.url())
+}
+
+fn name_of(value: &[u8]) -> String {
+    let text = std::str::from_utf8(value).expect("utf-8");
+    let start = text.find("\"name\":\"").expect("name") + 8;
+    text[start..].split('"').next().expect("name end").to_string()
+}
+
+fn server_code(err: &ClientError) -> ErrorCode {
+    match err {
+        ClientError::Server(reply) => reply.code,
+        other => panic!("expected a server error, got {other}"),
+    }
+}
+
+/// 10,000 concurrent GETs of one cold key make exactly one query, counted
+/// by PostgreSQL itself; everyone gets the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_concurrent_misses_make_one_query() {
+    let db = Database::create("flight").await;
+    db.users("1").await;
+    let node = LoaderNode::start(
+        &users_origin(&db),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\nload-timeout-ms = 10000",
+    );
+    let client = Arc::new(node.client().await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..10_000 {
+        let client = client.clone();
+        tasks.spawn(async move { client.get("user:1").await });
+    }
+    let mut served = 0;
+    while let Some(result) = tasks.join_next().await {
+        let value = result.expect("task").expect("GET succeeds").expect("the row");
+        assert_eq!(value, Bytes::from_static(br#"{"id":1,"name":"v0","email":"ada@example.org"}"#));
+        served += 1;
+    }
+    assert_eq!(served, 10_000);
+    assert_eq!(db.loader_queries().await, 1, "PostgreSQL saw more than one load query");
+    assert_eq!(node.counter(|c| &c.loads), 1);
+    // Most GETs really were concurrent with the load (else the test proves
+    // nothing about single flight): they joined it rather than hitting.
+    let joined = node.counter(|c| &c.coalesced);
+    assert!(joined >= 5_000, "only {joined} GETs waited on the flight");
+}
+
+/// Missing rows are cached negatively; bad keys and other namespaces behave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_found_is_cached_and_bad_keys_are_refused() {
+    let db = Database::create("negative").await;
+    db.users("0").await;
+    let node = LoaderNode::start(
+        &users_origin(&db),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\nnegative-ttl-ms = 5000",
+    );
+    let client = node.client().await;
+    assert_eq!(client.get("user:404").await.expect("get"), None);
+    assert_eq!(client.get("user:404").await.expect("get"), None);
+    assert_eq!(db.loader_queries().await, 1, "the second miss came from the negative cache");
+    assert_eq!(node.counter(|c| &c.negative_hits), 1);
+    node.clock.advance(5_001);
+    assert_eq!(client.get("user:404").await.expect("get"), None);
+    assert_eq!(db.loader_queries().await, 2, "the negative entry expired");
+    // The row appears; a write-side DEL forgets the negative answer at once.
+    db.client.batch_execute("INSERT INTO users_data VALUES (404, 'Late', 'late@example.org')").await.expect("insert");
+    client.delete(&["user:404"]).await.expect("del");
+    let value = client.get("user:404").await.expect("get").expect("now found");
+    assert_eq!(name_of(&value), "Late");
+
+    let err = client.get("user:abc").await.expect_err("not a number");
+    assert_eq!(server_code(&err), ErrorCode::LoadFailed);
+    assert!(err.to_string().contains("user:<number>"), "{err}");
+    // Keys outside every namespace are a plain cache.
+    assert_eq!(client.get("other:1").await.expect("get"), None);
+    client.set("other:1", "x").await.expect("set");
+    assert_eq!(client.get("other:1").await.expect("get"), Some(Bytes::from_static(b"x")));
+}
+
+/// 1,000 randomized races between a load and an update + DEL: the cache
+/// never keeps the value read before the invalidation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_racing_invalidations_never_install_stale_values() {
+    let db = Database::create("races").await;
+    db.users("random() * 0.004").await;
+    let node = LoaderNode::start(
+        &users_origin(&db),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]",
+    );
+    let client = Arc::new(node.client().await);
+    let mut state = 0x5eed_u64;
+    for i in 1..=1_000u32 {
+        let reader = client.clone();
+        let load = tokio::spawn(async move { reader.get("user:1").await });
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        tokio::time::sleep(Duration::from_micros(state % 4_000)).await;
+        let name = format!("v{i}");
+        db.rename(1, &name).await;
+        client.delete(&["user:1"]).await.expect("del");
+        load.await.expect("task").expect("racing GET succeeds");
+        let now = client.get("user:1").await.expect("get").expect("row");
+        assert_eq!(name_of(&now), name, "round {i}: a stale value was installed");
+    }
+    let breaks = node.counter(|c| &c.lease_breaks);
+    assert!(breaks > 0, "no load ever raced an invalidation; the test proved nothing");
+    eprintln!("lease breaks in 1000 rounds: {breaks}");
+}
+
+/// An UPDATE's NOTIFY (change data capture) invalidates the key without
+/// any client DEL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_from_postgres_invalidate() {
+    let db = Database::create("cdc").await;
+    db.users("0").await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION users_changed() RETURNS trigger AS $$
+             BEGIN PERFORM pg_notify('users_changed', NEW.id::text); RETURN NEW; END $$ LANGUAGE plpgsql;
+             CREATE TRIGGER users_changed AFTER UPDATE ON users_data FOR EACH ROW EXECUTE FUNCTION users_changed();",
+        )
+        .await
+        .expect("trigger");
+    let node = LoaderNode::start(
+        &users_origin(&db),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\n\
+         invalidate = { origin = \"users-db\", channel = \"users_changed\" }",
+    );
+    let client = node.client().await;
+    // The feed connects in the background; wait until it is listening.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening: i64 = db
+            .client
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'", &[])
+            .await
+            .expect("activity")
+            .get(0);
+        if listening > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the invalidation feed never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(name_of(&client.get("user:1").await.expect("get").expect("row")), "v0");
+    assert_eq!(name_of(&client.get("user:2").await.expect("get").expect("row")), "Grace");
+    db.rename(1, "v1").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let name = name_of(&client.get("user:1").await.expect("get").expect("row"));
+        if name == "v1" {
+            break;
+        }
+        assert_eq!(name, "v0");
+        assert!(Instant::now() < deadline, "the notification never invalidated user:1");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(node.counter(|c| &c.invalidations) >= 1);
+    // Only the changed key was reloaded.
+    assert_eq!(db.loader_queries().await, 3);
+}
+
+/// Inside the grace window the old value is served while exactly one
+/// background refresh runs; then the new value is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_serves_old_values_with_one_refresh() {
+    let db = Database::create("swr").await;
+    db.users("0.5").await;
+    let node = LoaderNode::start(
+        &users_origin(&db),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\n\
+         ttl-ms = 1000\ngrace-ms = 10000\nxfetch-beta = 0.0",
+    );
+    let client = Arc::new(node.client().await);
+    assert_eq!(name_of(&client.get("user:1").await.expect("get").expect("row")), "v0");
+    db.rename(1, "v1").await;
+    node.clock.advance(2_000); // past the soft expiry, inside the grace window
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let client = client.clone();
+        tasks.spawn(async move { client.get("user:1").await });
+    }
+    while let Some(result) = tasks.join_next().await {
+        let value = result.expect("task").expect("get").expect("stale value served");
+        assert_eq!(name_of(&value), "v0", "inside the grace window the old value is served at once");
+    }
+    node.settle().await;
+    assert_eq!(node.counter(|c| &c.refreshes), 1, "exactly one background refresh");
+    assert_eq!(db.loader_queries().await, 2, "one load and one refresh reached PostgreSQL");
+    assert!(node.counter(|c| &c.stale_served) >= 200);
+    assert_eq!(name_of(&client.get("user:1").await.expect("get").expect("row")), "v1");
+    // Past the grace window too, a value is gone and is loaded afresh.
+    db.rename(1, "v2").await;
+    node.clock.advance(20_000);
+    assert_eq!(name_of(&client.get("user:1").await.expect("get").expect("row")), "v2");
+}
+
+/// XFetch: far from expiry no GET refreshes; just before it, one does, and
+/// before the value expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_refresh_happens_just_before_expiry() {
+    let db = Database::create("xfetch").await;
+    db.users("0.2").await;
+    let node = LoaderNode::start(
+        &users_origin(&db),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\n\
+         ttl-ms = 60000\nxfetch-beta = 1.0",
+    );
+    let client = node.client().await;
+    client.get("user:1").await.expect("get").expect("row"); // loads; the load time (~200 ms) is recorded
+    node.clock.advance(30_000); // 30 s left: exp(-30000/200) ~ 0
+    for _ in 0..100 {
+        client.get("user:1").await.expect("get").expect("row");
+    }
+    assert_eq!(node.counter(|c| &c.early_refreshes), 0, "refreshed far too early");
+    db.rename(1, "v1").await;
+    node.clock.advance(29_990); // 10 ms left: each GET refreshes with p ~ 0.95
+    for _ in 0..20 {
+        client.get("user:1").await.expect("get").expect("row");
+    }
+    node.settle().await;
+    assert_eq!(node.counter(|c| &c.early_refreshes), 1, "one early refresh (others joined it)");
+    // Refreshed before expiry: the clock has not reached it, yet v1 is served.
+    assert_eq!(name_of(&client.get("user:1").await.expect("get").expect("row")), "v1");
+}
+
+/// Misbehaving loaders and origins: each GET gets a typed error within its
+/// deadline, nothing is stored, and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_loaders_and_failing_origins_get_typed_errors() {
+    let db = Database::create("hostile").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let origins = format!(
+        "[origins.db]\npostgres = \"{}\"\nstatement-timeout-ms = 300\n\
+         [origins.down]\npostgres = \"host=127.0.0.1 port={closed} user=postgres\"\nconnect-timeout-ms = 300\n",
+        db.url()
+    );
+    let node = LoaderNode::start(
+        &origins,
+        "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\norigins = [\"db\", \"down\"]\n\
+         fuel-per-call = 50000000\nmax-memory-bytes = 8388608\nload-timeout-ms = 4000",
+    );
+    let client = node.client().await;
+    client.set("keep", "me").await.expect("set");
+    let cases: [(&str, ErrorCode, &str); 8] = [
+        ("h:loop", ErrorCode::LoadFailed, "budget"),
+        ("h:trap", ErrorCode::LoadFailed, "trapped"),
+        ("h:grow", ErrorCode::LoadFailed, "memory"),
+        ("h:huge", ErrorCode::LoadFailed, "limited to"),
+        ("h:forbidden", ErrorCode::OriginFailed, "not allowed"),
+        ("h:sql:db:SELECT pg_sleep(3)::text", ErrorCode::OriginFailed, "timed out"),
+        ("h:sql:db:SELECT (1/0)::text", ErrorCode::OriginFailed, "division by zero"),
+        ("h:sql:down:SELECT 1::text", ErrorCode::OriginFailed, "unavailable"),
+    ];
+    for (key, code, words) in cases {
+        let started = Instant::now();
+        let err = client.get(key).await.expect_err(key);
+        assert_eq!(server_code(&err), code, "{key}: {err}");
+        assert!(err.to_string().contains(words), "{key}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(6), "{key} took {:?}", started.elapsed());
+        assert_eq!(client.exists(&[key]).await.expect("exists"), 0, "{key} stored something");
+    }
+    // A good load still works, and stored data is untouched.
+    assert_eq!(client.get("h:echo:fine").await.expect("get"), Some(Bytes::from_static(b"fine")));
+    assert_eq!(client.get("h:sql:db:SELECT 'row'::text").await.expect("get"), Some(Bytes::from_static(b"row")));
+    assert_eq!(client.get("keep").await.expect("get"), Some(Bytes::from_static(b"me")));
+    assert!(node.counter(|c| &c.failures) >= 8);
+}
+
+/// Modules that are not loaders are refused with an error naming why.
+#[test]
+fn invalid_loader_modules_are_refused() {
+    let dir = TempDir::new("bad-loaders");
+    let cases: [(&str, &[u8], &str); 2] =
+        [("garbage", b"\0asm garbage", "not a loader component"), ("policy", hostile_component(), "wrong interface")];
+    for (name, bytes, expected) in cases {
+        let module = dir.0.join(format!("{name}.wasm"));
+        std::fs::write(&module, bytes).expect("write");
+        let config = LoaderConfig {
+            namespaces: vec![cachet::loader::NamespaceConfig {
+                prefix: "x:".into(),
+                module,
+                origins: vec![],
+                ttl_ms: 1000,
+                grace_ms: 0,
+                jitter: 0.0,
+                xfetch_beta: 1.0,
+                negative_ttl_ms: 0,
+                load_timeout_ms: 1000,
+                fuel_per_call: 1_000_000,
+                max_memory_bytes: 1 << 20,
+                invalidate: None,
+            }],
+            ..LoaderConfig::default()
+        };
+        let Err(err) = Loaders::new(&config) else { panic!("{name} was accepted") };
+        assert!(
+            matches!(
+                err,
+                LoadersError::Invalid {
+                    source: LoaderModuleError::NotAComponent(_) | LoaderModuleError::WrongInterface(_),
+                    ..
+                }
+            ),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains(expected), "{name}: {err}");
+    }
+}

@@ -1,0 +1,76 @@
+//! A loader whose behaviour the key picks, for the loader tests. Keys are
+//! `h:MODE[:ARG]`:
+//!
+//! - `h:echo:X` loads `X`; `h:ttl:MS:X` loads `X` with a TTL of `MS`;
+//! - `h:none:X` finds nothing;
+//! - `h:loop` spins forever, `h:trap` panics, `h:grow` allocates without end;
+//! - `h:huge` returns a value larger than any node accepts (2 MiB);
+//! - `h:forbidden` queries the origin `secret`, which no test allows;
+//! - `h:sql:ORIGIN:STATEMENT` runs STATEMENT on ORIGIN and loads the first
+//!   column of the first row;
+//! - `h:fail` reports an invalid origin answer.
+//!
+//! `refresh` loads the same way, but `h:echo:X` refreshes to `X'`, so a test
+//! can tell a refreshed value from the first load.
+
+use cachet_policy_sdk::export_loader;
+use cachet_policy_sdk::loader::{LoadError, Loaded, Loader, origin};
+
+/// The misbehaving loader.
+pub struct Hostile;
+
+fn arg(key: &[u8], mode: &str) -> Option<String> {
+    let key = std::str::from_utf8(key).ok()?;
+    key.strip_prefix("h:")?.strip_prefix(mode)?.strip_prefix(':').map(str::to_owned)
+}
+
+impl Loader for Hostile {
+    fn load(key: &[u8], _now: u64) -> Result<Option<Loaded>, LoadError> {
+        if let Some(x) = arg(key, "echo") {
+            return Ok(Some(Loaded::new(x)));
+        }
+        if let Some(rest) = arg(key, "ttl") {
+            let (ms, x) = rest.split_once(':').ok_or(LoadError::Invalid("h:ttl:MS:X".into()))?;
+            let ms = ms.parse().map_err(|_| LoadError::Invalid("bad ttl".into()))?;
+            return Ok(Some(Loaded::with_ttl(x, ms)));
+        }
+        if arg(key, "none").is_some() {
+            return Ok(None);
+        }
+        if let Some(rest) = arg(key, "sql") {
+            let (name, statement) = rest.split_once(':').ok_or(LoadError::Invalid("h:sql:ORIGIN:SQL".into()))?;
+            let rows = origin::query(name, statement, &[])?;
+            let first = rows.into_iter().next().and_then(|r| r.into_iter().next()).flatten();
+            return Ok(first.map(Loaded::new));
+        }
+        match key {
+            b"h:loop" => {
+                let mut n = 0u64;
+                #[allow(clippy::empty_loop)]
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            b"h:trap" => panic!("the hostile loader was asked to trap"),
+            b"h:grow" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            b"h:huge" => Ok(Some(Loaded::new(vec![b'x'; 2 << 20]))),
+            b"h:forbidden" => origin::query("secret", "SELECT 1", &[]).map(|_| None).map_err(Into::into),
+            _ => Err(LoadError::Invalid(format!("unknown test key {}", String::from_utf8_lossy(key)))),
+        }
+    }
+
+    fn refresh(key: &[u8], _current: &[u8], _age_ms: u64, now: u64) -> Result<Option<Loaded>, LoadError> {
+        if let Some(x) = arg(key, "echo") {
+            return Ok(Some(Loaded::new(format!("{x}'"))));
+        }
+        Self::load(key, now)
+    }
+}
+
+export_loader!(Hostile);
