@@ -117,6 +117,9 @@ pub fn render(node: &Node) -> String {
     let _ = writeln!(out, "cachet_max_bytes {}", stats.max_bytes);
     family(&mut out, "cachet_connections", "gauge", "Open client connections.");
     let _ = writeln!(out, "cachet_connections {}", stats.connections);
+    if let Some(loaders) = node.loaders() {
+        render_loaders(&mut out, loaders);
+    }
 
     family(&mut out, "cachet_request_duration_seconds", "histogram", "Time to execute a request, by command.");
     for (i, command) in COMMANDS.iter().enumerate() {
@@ -289,4 +292,36 @@ async fn answer(node: Arc<Node>, mut stream: tokio::net::TcpStream) {
     );
     let _ = stream.write_all(reply.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// The read-through loaders' counters and their origins'.
+fn render_loaders(out: &mut String, loaders: &crate::loader::Loaders) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = loaders.counters();
+    family(out, "cachet_loader_events_total", "counter", "Read-through loader events, by kind.");
+    for (kind, value) in [
+        ("load", c.loads.load(Relaxed)),
+        ("coalesced", c.coalesced.load(Relaxed)),
+        ("refresh", c.refreshes.load(Relaxed)),
+        ("early_refresh", c.early_refreshes.load(Relaxed)),
+        ("stale_served", c.stale_served.load(Relaxed)),
+        ("negative_hit", c.negative_hits.load(Relaxed)),
+        ("failure", c.failures.load(Relaxed)),
+        ("lease_break", c.lease_breaks.load(Relaxed)),
+        ("invalidation", c.invalidations.load(Relaxed)),
+    ] {
+        let _ = writeln!(out, "cachet_loader_events_total{{kind=\"{kind}\"}} {value}");
+    }
+    family(out, "cachet_loader_in_flight", "gauge", "Keys being loaded or refreshed.");
+    let _ = writeln!(out, "cachet_loader_in_flight {}", loaders.in_flight());
+    family(out, "cachet_origin_queries_total", "counter", "Origin requests, by origin and result.");
+    for origin in loaders.origin_stats() {
+        let ok = origin.queries.saturating_sub(origin.failures);
+        let _ = writeln!(out, "cachet_origin_queries_total{{origin=\"{}\",result=\"ok\"}} {ok}", origin.name);
+        let _ = writeln!(
+            out,
+            "cachet_origin_queries_total{{origin=\"{}\",result=\"error\"}} {}",
+            origin.name, origin.failures
+        );
+    }
 }

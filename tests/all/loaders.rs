@@ -468,3 +468,45 @@ fn invalid_loader_modules_are_refused() {
         assert!(err.to_string().contains(expected), "{name}: {err}");
     }
 }
+
+/// The Redis-protocol port loads too, answering pipelined commands in
+/// order, and turns loader failures into Redis errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_clients_load_through_the_resp_port() {
+    let node =
+        LoaderNode::start("", "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\nfuel-per-call = 50000000");
+    let options =
+        cachet::resp::RespOptions { listen: "127.0.0.1:0".parse().expect("addr"), threads: 1, max_connections: 10 };
+    let resp = cachet::resp::start(node.node.clone(), options).expect("RESP port");
+    let url = format!("redis://{}/", resp.local_addr());
+    let replies = tokio::task::spawn_blocking(move || {
+        let client = redis::Client::open(url).expect("url");
+        let mut con = client.get_connection().expect("connects");
+        let (a, b, c): (Option<String>, Option<String>, Option<String>) = redis::pipe()
+            .cmd("GET")
+            .arg("h:echo:one")
+            .cmd("GET")
+            .arg("plain")
+            .cmd("GET")
+            .arg("h:none:x")
+            .query(&mut con)
+            .expect("pipeline");
+        let failed: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("h:trap").query(&mut con);
+        let again: Option<String> = redis::cmd("GET").arg("h:echo:one").query(&mut con).expect("get");
+        (a, b, c, failed.map_err(|e| e.to_string()), again)
+    })
+    .await
+    .expect("client thread");
+    resp.shutdown();
+    assert_eq!(replies.0.as_deref(), Some("one"));
+    assert_eq!(replies.1, None);
+    assert_eq!(replies.2, None);
+    let err = replies.3.expect_err("a trapping loader is an error");
+    assert!(err.contains("trapped"), "{err}");
+    assert_eq!(replies.4.as_deref(), Some("one"));
+    assert_eq!(node.counter(|c| &c.loads), 3, "the second GET of h:echo:one was a hit");
+    // The same counts reach the metrics endpoint's text.
+    let text = cachet::metrics::render(&node.node);
+    assert!(text.contains("cachet_loader_events_total{kind=\"load\"} 3"), "{text}");
+    assert!(text.contains("cachet_loader_events_total{kind=\"failure\"} 1"), "{text}");
+}

@@ -15,15 +15,20 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
 
   demo            build the policies, replay a trace through each one as Wasm,
                   print a miss-ratio table
-  test            formatting, clippy (-D warnings) and every test
-  build-policies  build policies/* to components in target/policies/NAME.wasm
+  test            formatting, clippy (-D warnings) and every test (starts a
+                  throw-away PostgreSQL for the loader tests)
+  build-policies  build policies/* to components in target/policies/NAME.wasm, and
+                  the example loader to target/loaders/users.wasm
   bench-sim       release build; replay a trace (default: w106 at 10%) through each
                   policy as Wasm and natively, 5 interleaved rounds; print medians
                   and the Wasm/native ratio
   bench-live      release build; swap duration at 1M entries, latency during swaps
                   under load, throughput while a looping module is cut off
   bench-compare   release build; Cachet (RESP and QUIC) against redis-server, and
-                  memory per key against redis-server and memcached (installs them)";
+                  memory per key against redis-server and memcached (installs them)
+  bench-loaders   release build; a Zipf read workload straight to a throw-away
+                  PostgreSQL, then through a node's read-through loader: origin
+                  queries/s both ways, GET p50/p99 of hits and misses (3 rounds)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,6 +38,7 @@ fn main() {
         Some("build-policies") => build_policies().map(|_| ()),
         Some("bench-sim") => bench_sim(&args[1..]),
         Some("bench-live") => bench_live(),
+        Some("bench-loaders") => bench_loaders(),
         Some("bench-compare") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"])
             .and_then(|()| compare::bench_compare(&target_dir().join("release").join("cachet"))),
         _ => {
@@ -84,8 +90,14 @@ fn build_policies() -> Result<Vec<PathBuf>> {
     let loaders = [guests::Guest { package: "cachet-loader-users".into(), name: "users".into() }];
     let mut written = written;
     written.extend(
-        guests::build_components(&cargo(), &workspace(), &target.join("wasm-guests"), &target.join("loaders"), &loaders)
-            .map_err(anyhow::Error::msg)?,
+        guests::build_components(
+            &cargo(),
+            &workspace(),
+            &target.join("wasm-guests"),
+            &target.join("loaders"),
+            &loaders,
+        )
+        .map_err(anyhow::Error::msg)?,
     );
     for path in &written {
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -173,6 +185,57 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
 /// figure shows in the table instead of stopping the run.
 pub(crate) fn number(v: &serde_json::Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+/// Origin queries with and without the cache, and GET latency of hits
+/// against misses, for a Zipf read workload on a throw-away PostgreSQL:
+/// three rounds, medians printed as a markdown table.
+fn bench_loaders() -> Result<()> {
+    build_policies()?;
+    run_cargo(&["build", "--release", "--locked", "-p", "cachet-examples", "--example", "loader_bench"])?;
+    let pg = postgres::start(&std::env::temp_dir().join(format!("cachet-postgres-{}", std::process::id())))?;
+    let bench = target_dir().join("release").join("examples").join("loader_bench");
+    let loader = target_dir().join("loaders").join("users.wasm");
+    let mut rounds = Vec::new();
+    for round in 1..=3 {
+        let out = Command::new(&bench)
+            .arg(&pg.url)
+            .arg(&loader)
+            .args(["20", "100000", "5000"])
+            .output()
+            .context("cannot run loader_bench")?;
+        if !out.status.success() {
+            bail!("loader_bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        eprintln!("xtask: round {round}: {}", text.trim());
+        rounds.push(serde_json::from_str::<serde_json::Value>(&text).context("loader_bench output")?);
+    }
+    let med = |phase: &str, key: &str| median(rounds.iter().map(|r| number(&r[phase], key)).collect());
+    println!("Zipf 0.99 over 100,000 rows, 5,000 reads/s offered for 20 s from a cold cache, 32 clients.");
+    println!("| | reads/s | origin queries/s | p50 µs | p99 µs |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| PostgreSQL directly | {:.0} | {:.0} | {:.0} | {:.0} |",
+        med("direct", "reads_per_s"),
+        med("direct", "origin_queries_per_s"),
+        med("direct", "p50_us"),
+        med("direct", "p99_us")
+    );
+    println!(
+        "| Cachet, hits | {:.0} | {:.0} | {:.0} | {:.0} |",
+        med("cached", "reads_per_s"),
+        med("cached", "origin_queries_per_s"),
+        med("cached", "hit_p50_us"),
+        med("cached", "hit_p99_us")
+    );
+    println!(
+        "| Cachet, misses (first GET of a key) | | | {:.0} | {:.0} |",
+        med("cached", "miss_p50_us"),
+        med("cached", "miss_p99_us")
+    );
+    println!("hit ratio (median): {:.4}", med("cached", "hit_ratio"));
+    Ok(())
 }
 
 /// Wasm against native `cachet sim` throughput, interleaved so machine

@@ -6,6 +6,7 @@
 
 use super::codec::Writer;
 use crate::core::{SetOptions, SetOutcome};
+use crate::loader::Lookup;
 use crate::node::Node;
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlState};
@@ -217,6 +218,27 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
 /// (up to 16 KiB, other commands included) alive for as long as the entry.
 fn owned(value: &Bytes) -> Bytes {
     Bytes::copy_from_slice(value)
+}
+
+/// A GET of a key in a loader namespace: the loaders' lookup (a reply
+/// now, or a load for the connection to await before answering, which
+/// keeps replies in order). `None` for every other command.
+pub fn loading_get(node: &Node, args: &[Bytes]) -> Option<Lookup> {
+    let [name, key] = args else { return None };
+    if !name.eq_ignore_ascii_case(b"GET") {
+        return None;
+    }
+    let loaders = node.loaders()?;
+    loaders.covers(key).then(|| loaders.get(node, key.clone()))
+}
+
+/// Writes the reply to a GET.
+pub fn get_reply(session: &Session, response: Response, out: &mut BytesMut) {
+    let mut w = Writer::new(out, session.resp3);
+    match response {
+        Response::Value(v) => w.bulk_or_null(v.as_deref()),
+        other => unexpected(&mut w, other),
+    }
 }
 
 fn unexpected(w: &mut Writer<'_>, response: Response) {

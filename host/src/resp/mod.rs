@@ -14,6 +14,7 @@
 pub mod codec;
 pub mod commands;
 
+use crate::loader::Lookup;
 use crate::node::Node;
 use bytes::BytesMut;
 use codec::{Limits, Writer};
@@ -160,10 +161,21 @@ async fn serve(
         let mut close = false;
         loop {
             match codec::parse_command(&mut input, &limits) {
-                Ok(Some(args)) => {
-                    let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
-                    commands::execute(&node, &mut session, &info, args, &mut output);
-                }
+                Ok(Some(args)) => match commands::loading_get(&node, &args) {
+                    // A miss in a loader namespace waits for its load here:
+                    // RESP answers in order.
+                    Some(lookup) => {
+                        let response = match lookup {
+                            Lookup::Ready(response) => response,
+                            Lookup::Pending(pending) => pending.response().await,
+                        };
+                        commands::get_reply(&session, response, &mut output);
+                    }
+                    None => {
+                        let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
+                        commands::execute(&node, &mut session, &info, args, &mut output);
+                    }
+                },
                 Ok(None) => break,
                 Err(err) => {
                     Writer::new(&mut output, session.resp3).error(&format!("ERR {err}"));
