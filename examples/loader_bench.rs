@@ -5,7 +5,7 @@
 //! (started in this process, over real QUIC) whose `user:` namespace loads
 //! through that loader. Origin queries are counted by PostgreSQL itself
 //! (`pg_stat_statements`). Both phases offer the same read rate (open
-//! loop: latency counts from when a read was due). GET latency is split
+//! loop; latency counts from each send). GET latency is split
 //! into misses (the first request of a key, which waits for its load or
 //! joins it) and hits.
 //!
@@ -107,13 +107,15 @@ async fn direct(url: &str, zipf: Arc<Zipf>, duration: Duration, period: Duration
             let mut ops = 0u64;
             let mut next = tokio::time::Instant::now();
             while started.elapsed() < duration {
-                // Open loop: latency counts from when the read was due, so a
-                // stall shows up instead of slowing the offered rate.
+                // Open loop: reads are sent on a schedule, not when the last
+                // one returns. Latency counts from the send (the timer's
+                // millisecond granularity would swamp it otherwise).
                 next += period;
                 tokio::time::sleep_until(next).await;
                 let id = zipf.sample(&mut state) as i64;
+                let at = Instant::now();
                 db.query(&statement, &[&id]).await?;
-                let _ = local.record(next.elapsed().as_micros() as u64);
+                let _ = local.record(at.elapsed().as_micros() as u64);
                 ops += 1;
             }
             if let Ok(mut all) = all.lock() {
@@ -155,11 +157,12 @@ async fn cached(
                 tokio::time::sleep_until(next).await;
                 let id = zipf.sample(&mut state);
                 let first = !seen[id as usize].swap(true, Ordering::Relaxed);
+                let at = Instant::now();
                 let value = client.get(format!("user:{id}")).await?;
                 if value.is_none() {
                     bail!("user:{id} was not found");
                 }
-                let micros = next.elapsed().as_micros() as u64;
+                let micros = at.elapsed().as_micros() as u64;
                 let _ = if first { misses.record(micros) } else { hits.record(micros) };
                 ops += 1;
             }

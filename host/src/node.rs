@@ -195,6 +195,20 @@ impl Node {
         self.loaders.get()
     }
 
+    /// A refusal when `key` belongs to a namespace that writes to its
+    /// origin: only the loaders' own SET and DEL may change such keys
+    /// (see [`Loaders::route`]), or the cache and the origin would part.
+    pub fn refuse_origin_write(&self, key: &[u8]) -> Option<Response> {
+        self.loaders.get()?.write_mode(key)?;
+        Some(Response::Error(ErrorReply::new(
+            ErrorCode::NotAllowed,
+            format!(
+                "`{}` is in a namespace written to its origin: only SET (unconditional) and DEL of one key apply",
+                String::from_utf8_lossy(key)
+            ),
+        )))
+    }
+
     /// A write to `key` is about to happen: a load in flight must not
     /// install what it read before.
     fn invalidate_load(&self, key: &[u8]) {
@@ -295,6 +309,9 @@ impl Node {
             Request::Admin { token, command } => self.admin(&token, command),
             Request::Get { key } => Response::Value(self.shard(&key).get(now, &key)),
             Request::Set { key, value, ttl_ms, condition, hint } => {
+                if let Some(refusal) = self.refuse_origin_write(&key) {
+                    return refusal;
+                }
                 if ttl_ms == Some(0) {
                     return Response::Error(ErrorReply::new(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms"));
                 }
@@ -319,6 +336,9 @@ impl Node {
                 }
             }
             Request::Del { keys } => {
+                if let Some(refusal) = keys.iter().find_map(|key| self.refuse_origin_write(key)) {
+                    return refusal;
+                }
                 keys.iter().for_each(|key| self.invalidate_load(key));
                 Response::Count(keys.iter().filter(|key| self.shard(key).delete(now, key)).count() as u64)
             }
@@ -330,11 +350,17 @@ impl Node {
                 Some(None) => TtlState::Persistent,
                 Some(Some(ms)) => TtlState::Remaining(ms),
             }),
-            Request::Expire { key, ttl_ms: 0 } => {
-                self.invalidate_load(&key);
-                Response::Applied(self.shard(&key).delete(now, &key))
+            Request::Expire { key, ttl_ms } => {
+                if let Some(refusal) = self.refuse_origin_write(&key) {
+                    return refusal;
+                }
+                if ttl_ms == 0 {
+                    self.invalidate_load(&key);
+                    Response::Applied(self.shard(&key).delete(now, &key))
+                } else {
+                    Response::Applied(self.shard(&key).expire(now, &key, ttl_ms))
+                }
             }
-            Request::Expire { key, ttl_ms } => Response::Applied(self.shard(&key).expire(now, &key, ttl_ms)),
             Request::MGet { keys } => {
                 let mut values = Vec::with_capacity(keys.len());
                 let mut total = 0usize;
@@ -354,6 +380,9 @@ impl Node {
             Request::MSet { pairs } => {
                 // Check every pair first so a refused one changes nothing.
                 for (key, value) in &pairs {
+                    if let Some(refusal) = self.refuse_origin_write(key) {
+                        return refusal;
+                    }
                     if let Some(err) = self.check_sizes(key, value) {
                         return err;
                     }
@@ -367,6 +396,9 @@ impl Node {
                 Response::Ok
             }
             Request::Incr { key, delta } => {
+                if let Some(refusal) = self.refuse_origin_write(&key) {
+                    return refusal;
+                }
                 self.invalidate_load(&key);
                 self.incr(now, key, delta)
             }

@@ -451,6 +451,9 @@ fn invalid_loader_modules_are_refused() {
                 fuel_per_call: 1_000_000,
                 max_memory_bytes: 1 << 20,
                 invalidate: None,
+                write: cachet::loader::config::WriteMode::None,
+                write_queue: 1,
+                write_attempts: 1,
             }],
             ..LoaderConfig::default()
         };
@@ -509,4 +512,176 @@ async fn redis_clients_load_through_the_resp_port() {
     let text = cachet::metrics::render(&node.node);
     assert!(text.contains("cachet_loader_events_total{kind=\"load\"} 3"), "{text}");
     assert!(text.contains("cachet_loader_events_total{kind=\"failure\"} 1"), "{text}");
+}
+
+fn kv_namespaces(write: &str) -> String {
+    format!(
+        "[[namespace]]\nprefix = \"h:kv:\"\nmodule = \"{{hostile}}\"\norigins = [\"db\"]\nwrite = \"{write}\"\n\
+         [[namespace]]\nprefix = \"h:slowkv:\"\nmodule = \"{{hostile}}\"\norigins = [\"db\"]\nwrite = \"{write}\"\n\
+         write-queue = 5\n\
+         [[namespace]]\nprefix = \"h:down:\"\nmodule = \"{{hostile}}\"\norigins = [\"down\"]\nwrite = \"{write}\"\n\
+         write-attempts = 2\nload-timeout-ms = 1000\n"
+    )
+}
+
+fn kv_origins(db: &Database) -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    format!(
+        "[origins.db]\npostgres = \"{}\"\n[origins.down]\npostgres = \"host=127.0.0.1 port={closed} user=postgres\"\n\
+         connect-timeout-ms = 200\n",
+        db.url()
+    )
+}
+
+async fn row(db: &Database, k: &str) -> Option<String> {
+    db.client.query_opt("SELECT v FROM kv WHERE k = $1", &[&k]).await.expect("select").map(|r| r.get(0))
+}
+
+/// Write-through: the origin has the value before the client hears OK; a
+/// failed store changes nothing; other writes to such keys are refused; a
+/// load racing a write never overwrites the written value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_through_stores_before_answering() {
+    let db = Database::create("through").await;
+    db.client.batch_execute("CREATE TABLE kv (k text PRIMARY KEY, v text NOT NULL)").await.expect("kv");
+    let node = LoaderNode::start(&kv_origins(&db), &kv_namespaces("through"));
+    let client = Arc::new(node.client().await);
+
+    client.set("h:kv:a", "1").await.expect("set");
+    assert_eq!(row(&db, "a").await.as_deref(), Some("1"), "stored before the reply");
+    assert_eq!(client.get("h:kv:a").await.expect("get"), Some(Bytes::from_static(b"1")));
+    assert_eq!(node.counter(|c| &c.loads), 0, "the written value was cached, no load needed");
+    assert_eq!(client.delete(&["h:kv:a"]).await.expect("del"), 1);
+    assert_eq!(row(&db, "a").await, None, "deleted at the origin");
+    assert_eq!(client.get("h:kv:a").await.expect("get"), None);
+
+    // A store that fails (origin down): an error, and the cache unchanged.
+    let err = client.set("h:down:x", "1").await.expect_err("origin down");
+    assert_eq!(server_code(&err), ErrorCode::OriginFailed, "{err}");
+    assert_eq!(client.exists(&["h:down:x"]).await.expect("exists"), 0);
+
+    // Writes that cannot go through the loader are refused, naming why.
+    for err in [
+        client.incr("h:kv:n", 1).await.map(|_| ()).expect_err("incr"),
+        client.mset(vec![(Bytes::from_static(b"h:kv:m"), Bytes::from_static(b"1"))]).await.expect_err("mset"),
+        client.delete(&["h:kv:p", "h:kv:q"]).await.map(|_| ()).expect_err("two keys"),
+    ] {
+        assert!(matches!(server_code(&err), ErrorCode::NotAllowed | ErrorCode::InvalidArgument), "{err}");
+    }
+    assert_eq!(row(&db, "n").await, None);
+
+    // The Redis-protocol port writes through the same way.
+    let options =
+        cachet::resp::RespOptions { listen: "127.0.0.1:0".parse().expect("addr"), threads: 1, max_connections: 10 };
+    let resp = cachet::resp::start(node.node.clone(), options).expect("RESP port");
+    let url = format!("redis://{}/", resp.local_addr());
+    let replies = tokio::task::spawn_blocking(move || {
+        let mut con = redis::Client::open(url).expect("url").get_connection().expect("connects");
+        let set: redis::RedisResult<String> =
+            redis::cmd("SET").arg("h:kv:resp").arg("r1").arg("EX").arg(60).query(&mut con);
+        let append: redis::RedisResult<i64> = redis::cmd("APPEND").arg("h:kv:resp").arg("x").query(&mut con);
+        let nx: redis::RedisResult<String> = redis::cmd("SET").arg("h:kv:resp").arg("r2").arg("NX").query(&mut con);
+        let get: Option<String> = redis::cmd("GET").arg("h:kv:resp").query(&mut con).expect("get");
+        (set.map_err(|e| e.to_string()), append.map_err(|e| e.to_string()), nx.map_err(|e| e.to_string()), get)
+    })
+    .await
+    .expect("redis client");
+    resp.shutdown();
+    assert_eq!(replies.0.as_deref(), Ok("OK"));
+    assert!(replies.1.as_ref().is_err_and(|e| e.contains("written to its origin")), "{:?}", replies.1);
+    assert!(replies.2.is_err(), "SET NX is refused: {:?}", replies.2);
+    assert_eq!(replies.3.as_deref(), Some("r1"));
+    assert_eq!(row(&db, "resp").await.as_deref(), Some("r1"));
+
+    // Loads racing writes: the written value always wins.
+    for i in 0..200 {
+        client.delete(&["h:kv:r"]).await.expect("del");
+        db.client
+            .execute(
+                "INSERT INTO kv VALUES ('r', $1) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                &[&format!("old{i}")],
+            )
+            .await
+            .expect("seed row");
+        let reader = client.clone();
+        let load = tokio::spawn(async move { reader.get("h:kv:r").await });
+        let value = format!("new{i}");
+        client.set("h:kv:r", value.clone()).await.expect("set");
+        load.await.expect("task").expect("racing GET");
+        assert_eq!(client.get("h:kv:r").await.expect("get"), Some(Bytes::from(value.clone())), "round {i}");
+        assert_eq!(row(&db, "r").await, Some(value));
+    }
+}
+
+/// Write-behind: answered at once, stored in order; a full queue refuses
+/// (nothing changes); writes the origin never takes are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_stores_in_order_and_bounds_its_queue() {
+    let db = Database::create("behind").await;
+    db.client.batch_execute("CREATE TABLE kv (k text PRIMARY KEY, v text NOT NULL)").await.expect("kv");
+    let node = LoaderNode::start(&kv_origins(&db), &kv_namespaces("behind"));
+    let client = Arc::new(node.client().await);
+    let loaders = node.node.loaders().expect("loaders").clone();
+
+    // 100 keys, 10 versions each, written concurrently across keys.
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..100 {
+        let client = client.clone();
+        tasks.spawn(async move {
+            for v in 0..10 {
+                client.set(format!("h:kv:{k}"), format!("{v}")).await?;
+            }
+            Ok::<_, ClientError>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("write-behind SETs are answered");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while loaders.write_queue_depth() > 0 {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(node.counter(|c| &c.writes_behind_stored), 1_000);
+    for k in 0..100 {
+        assert_eq!(row(&db, &k.to_string()).await.as_deref(), Some("9"), "key {k} ends at its last version");
+    }
+    assert_eq!(loaders.write_lag().count(), 1_000);
+
+    // A slow origin fills the 5-write queue: later writes are refused and
+    // change nothing; the accepted ones all land.
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..20 {
+        let client = client.clone();
+        tasks.spawn(async move { (k, client.set(format!("h:slowkv:{k}"), "x").await) });
+    }
+    let mut accepted = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("task") {
+            (k, Ok(())) => accepted.push(k),
+            (k, Err(err)) => {
+                assert_eq!(server_code(&err), ErrorCode::Busy, "{err}");
+                assert_eq!(client.exists(&[format!("h:slowkv:{k}")]).await.expect("exists"), 0);
+            }
+        }
+    }
+    assert!(accepted.len() < 20, "the queue bound never refused a write");
+    assert!(node.counter(|c| &c.writes_refused) >= 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while loaders.write_queue_depth() > 0 {
+        assert!(Instant::now() < deadline, "the slow queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for k in accepted {
+        assert_eq!(row(&db, &k.to_string()).await.as_deref(), Some("x"));
+    }
+
+    // The origin is down: the write is answered, retried, then dropped and
+    // counted (the documented loss of write-behind).
+    client.set("h:down:y", "1").await.expect("queued");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.counter(|c| &c.write_failures) == 0 {
+        assert!(Instant::now() < deadline, "the failing write was never given up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -97,6 +97,34 @@ pub struct NamespaceConfig {
     /// Change data capture: invalidate `prefix + payload` for every
     /// notification on a PostgreSQL channel.
     pub invalidate: Option<InvalidateConfig>,
+    /// Whether client writes (SET, DEL) go to the origin through the
+    /// loader's `store`: `none`, `through` or `behind`.
+    #[serde(default)]
+    pub write: WriteMode,
+    /// Write-behind: writes queued at most; a write beyond is refused.
+    #[serde(default = "default_write_queue")]
+    pub write_queue: usize,
+    /// Write-behind: attempts per queued write before it is dropped (and
+    /// counted, and logged).
+    #[serde(default = "default_write_attempts")]
+    pub write_attempts: u32,
+}
+
+/// How a namespace's client writes reach the origin.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriteMode {
+    /// Writes change only the cache (cache-aside: the application writes
+    /// the origin itself, and a DEL or a notification invalidates).
+    #[default]
+    None,
+    /// A SET or DEL is stored to the origin first and answered after; a
+    /// failed store changes nothing.
+    Through,
+    /// A SET or DEL changes the cache and is answered at once; a bounded
+    /// queue stores it to the origin in order, retrying. What is queued is
+    /// lost if the node dies.
+    Behind,
 }
 
 /// A PostgreSQL LISTEN/NOTIFY invalidation feed.
@@ -129,6 +157,12 @@ fn default_negative_ttl() -> u64 {
 }
 fn default_load_timeout() -> u64 {
     5_000
+}
+fn default_write_queue() -> usize {
+    10_000
+}
+fn default_write_attempts() -> u32 {
+    5
 }
 fn default_fuel() -> u64 {
     200_000_000
@@ -242,6 +276,9 @@ impl LoaderConfig {
             }
             if !(0.0..=100.0).contains(&ns.xfetch_beta) {
                 return invalid(format!("namespace `{p}`: xfetch-beta must be in 0..=100"));
+            }
+            if ns.write == WriteMode::Behind && (ns.write_queue == 0 || ns.write_attempts == 0) {
+                return invalid(format!("namespace `{p}`: write-queue and write-attempts must be at least 1"));
             }
             if ns.load_timeout_ms == 0 {
                 return invalid(format!("namespace `{p}`: load-timeout-ms must be at least 1"));

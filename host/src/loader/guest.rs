@@ -201,7 +201,7 @@ impl LoaderModule {
         Ok(Self { engine: engine.clone(), pre, origins, allowed: allowed.into(), fuel, max_memory })
     }
 
-    fn store(&self) -> Store<State> {
+    fn new_store(&self) -> Store<State> {
         let state = State {
             origins: self.origins.clone(),
             allowed: self.allowed.clone(),
@@ -220,7 +220,7 @@ impl LoaderModule {
         &self,
         call: impl FnOnce(&ReadThrough, &mut Store<State>) -> wasmtime::Result<Result<R, wt::LoadError>>,
     ) -> Result<R, CallFailure> {
-        let mut store = self.store();
+        let mut store = self.new_store();
         store.set_fuel(self.fuel).map_err(|e| CallFailure::Trap(e.to_string()))?;
         let outcome = self.pre.instantiate(&mut store).and_then(|bindings| call(&bindings, &mut store));
         match outcome {
@@ -238,6 +238,11 @@ impl LoaderModule {
     pub fn load(&self, key: &[u8], now: u64) -> Result<Option<Loaded>, CallFailure> {
         self.run(|b, store| b.cachet_hooks_loader().call_load(store, key, now))
             .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
+    }
+
+    /// `store(key, value)`: writes (or, for `None`, deletes) at the origin.
+    pub fn store(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), CallFailure> {
+        self.run(|b, store| b.cachet_hooks_loader().call_store(store, key, value))
     }
 
     /// `refresh(key, current, age, now)`.

@@ -25,11 +25,12 @@ pub mod config;
 pub mod guest;
 pub mod origin;
 pub mod refresh;
+pub mod write;
 
 use crate::core::SetOptions;
 use crate::node::Node;
 use bytes::Bytes;
-use cachet_proto::{ErrorCode, ErrorReply, Response};
+use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response};
 pub use config::{LoaderConfig, LoaderConfigError, NamespaceConfig};
 pub use guest::{CallFailure, LoaderModule, LoaderModuleError};
 pub use origin::{OriginFailure, OriginStats, Origins};
@@ -39,6 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
+pub use write::Write;
 
 /// Loads (and refreshes) running at once, node-wide; more wait for a slot
 /// (within their deadline).
@@ -74,6 +76,17 @@ pub enum Lookup {
     Ready(Response),
     /// Waiting for the key's load.
     Pending(Pending),
+}
+
+/// A reply that takes a while (a load, a write to an origin).
+pub type Later = std::pin::Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// A request the loaders took: answered now or later.
+pub enum Routed {
+    /// The reply.
+    Now(Response),
+    /// The reply, once the load or write is done.
+    Later(Later),
 }
 
 /// A GET waiting for a flight.
@@ -119,6 +132,17 @@ pub struct LoaderCounters {
     pub lease_breaks: AtomicU64,
     /// Invalidations applied (client writes and CDC notifications).
     pub invalidations: AtomicU64,
+    /// Writes stored to the origin before being answered.
+    pub writes_through: AtomicU64,
+    /// Writes queued for write-behind.
+    pub writes_behind_queued: AtomicU64,
+    /// Write-behind writes the origin acknowledged.
+    pub writes_behind_stored: AtomicU64,
+    /// Writes refused because the write-behind queue was full.
+    pub writes_refused: AtomicU64,
+    /// Write-through stores that failed, and write-behind writes dropped
+    /// after their last attempt.
+    pub write_failures: AtomicU64,
 }
 
 /// A namespace and its module.
@@ -154,6 +178,10 @@ pub struct Loaders {
     rng: AtomicU64,
     counters: LoaderCounters,
     node: Mutex<Weak<Node>>,
+    /// Serialize writes per key (by key hash).
+    write_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Write-behind queues, per namespace.
+    queues: Vec<Option<Arc<write::WriteQueue>>>,
 }
 
 impl Drop for Loaders {
@@ -230,6 +258,13 @@ impl Loaders {
         }
         // Longest prefix first, so `user:vip:` wins over `user:`.
         namespaces.sort_by_key(|ns| std::cmp::Reverse(ns.config.prefix.len()));
+        let queues = namespaces
+            .iter()
+            .map(|ns| {
+                (ns.config.write == config::WriteMode::Behind)
+                    .then(|| Arc::new(write::WriteQueue::new(ns.config.write_queue)))
+            })
+            .collect();
         let seed = config.seed.unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
         });
@@ -245,6 +280,8 @@ impl Loaders {
             rng: AtomicU64::new(seed),
             counters: LoaderCounters::default(),
             node: Mutex::new(Weak::new()),
+            write_locks: (0..write::WRITE_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            queues,
         }))
     }
 
@@ -254,6 +291,9 @@ impl Loaders {
         for (index, ns) in self.namespaces.iter().enumerate() {
             if let Some(feed) = &ns.config.invalidate {
                 cdc::start(self, index, feed);
+            }
+            if ns.config.write == config::WriteMode::Behind {
+                self.start_writer(index);
             }
         }
     }
@@ -324,6 +364,44 @@ impl Loaders {
         match self.start(node, index, &key, Work::Load, true) {
             Some(result) => Lookup::Pending(Pending { result, deadline: Duration::from_millis(ns.load_timeout_ms) }),
             None => Lookup::Ready(Response::Error(ErrorReply::new(ErrorCode::LoadFailed, "the loaders are stopping"))),
+        }
+    }
+
+    /// Takes the requests the loaders serve: GETs of a loader namespace,
+    /// and SETs and DELs of a namespace that writes to its origin (where
+    /// conditional SETs and multi-key DELs are refused). `None` for every
+    /// other request, which [`Node::execute`] runs.
+    pub fn route(self: &Arc<Self>, node: &Node, request: &Request) -> Option<Routed> {
+        let refuse = |code, message: &str| Some(Routed::Now(Response::Error(ErrorReply::new(code, message))));
+        match request {
+            Request::Get { key } if self.covers(key) => Some(match self.get(node, key.clone()) {
+                Lookup::Ready(reply) => Routed::Now(reply),
+                Lookup::Pending(pending) => Routed::Later(Box::pin(pending.response())),
+            }),
+            Request::Set { key, value, ttl_ms, condition, .. } if self.write_mode(key).is_some() => {
+                if *condition != Condition::Always {
+                    return refuse(
+                        ErrorCode::NotAllowed,
+                        "conditional SET is not supported for keys written to an origin",
+                    );
+                }
+                if *ttl_ms == Some(0) {
+                    return refuse(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms");
+                }
+                let (this, key, write) = (self.clone(), key.clone(), Write::Set(value.clone(), *ttl_ms));
+                Some(Routed::Later(Box::pin(async move { this.write(key, write).await })))
+            }
+            Request::Del { keys } if keys.iter().any(|k| self.write_mode(k).is_some()) => {
+                let [key] = keys.as_slice() else {
+                    return refuse(
+                        ErrorCode::InvalidArgument,
+                        "DEL of keys written to an origin takes one key at a time",
+                    );
+                };
+                let (this, key) = (self.clone(), key.clone());
+                Some(Routed::Later(Box::pin(async move { this.write(key, Write::Delete).await })))
+            }
+            _ => None,
         }
     }
 

@@ -6,7 +6,7 @@
 
 use super::codec::Writer;
 use crate::core::{SetOptions, SetOutcome};
-use crate::loader::Lookup;
+use crate::loader::{Lookup, Routed};
 use crate::node::Node;
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlState};
@@ -73,6 +73,17 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
     let name = upper(first);
     let mut w = Writer::new(out, session.resp3);
     let n = args.len();
+    // Keys written to an origin change only through `origin_write`.
+    let changes: Vec<&Bytes> = match name.as_str() {
+        "MSET" => args.iter().skip(1).step_by(2).collect(),
+        "DEL" => args.iter().skip(1).collect(),
+        _ if WRITES.contains(&name.as_str()) => args.get(1).into_iter().collect(),
+        _ => Vec::new(),
+    };
+    if let Some(Response::Error(err)) = changes.into_iter().find_map(|key| node.refuse_origin_write(key)) {
+        w.error(&format!("ERR {}", err.message));
+        return;
+    }
     match name.as_str() {
         "PING" => match n {
             1 => w.simple("PONG"),
@@ -230,6 +241,67 @@ pub fn loading_get(node: &Node, args: &[Bytes]) -> Option<Lookup> {
     }
     let loaders = node.loaders()?;
     loaders.covers(key).then(|| loaders.get(node, key.clone()))
+}
+
+/// SET and DEL of a key in a namespace that writes to its origin: the
+/// write for the connection to await (replies stay in order), or a
+/// refusal for the forms that cannot be written through (SET options other
+/// than EX/PX, several keys). Other commands that would change such a key
+/// are refused by [`execute`]. `None` when the loaders do not take it.
+pub fn origin_write(node: &Node, args: &[Bytes]) -> Option<Routed> {
+    let loaders = node.loaders()?;
+    let name = upper(args.first()?);
+    let key = args.get(1)?;
+    loaders.write_mode(key)?;
+    let request = match (name.as_str(), args.len()) {
+        ("SET", 3) => Request::Set {
+            key: key.clone(),
+            value: args[2].clone(),
+            ttl_ms: None,
+            condition: Condition::Always,
+            hint: 0,
+        },
+        ("SET", 5) => {
+            let scale = match upper(&args[3]).as_str() {
+                "EX" => 1000,
+                "PX" => 1,
+                _ => return Some(refusal("ERR only SET key value [EX s|PX ms] applies to keys written to an origin")),
+            };
+            let Some(ms) = parse_i64(&args[4]).filter(|&t| t > 0).and_then(|t| t.checked_mul(scale)) else {
+                return Some(refusal("ERR invalid expire time in 'set' command"));
+            };
+            Request::Set {
+                key: key.clone(),
+                value: args[2].clone(),
+                ttl_ms: Some(ms as u64),
+                condition: Condition::Always,
+                hint: 0,
+            }
+        }
+        ("SET", _) => return Some(refusal("ERR only SET key value [EX s|PX ms] applies to keys written to an origin")),
+        ("DEL", 2) => Request::Del { keys: vec![key.clone()] },
+        _ => return None,
+    };
+    loaders.route(node, &request)
+}
+
+fn refusal(message: &str) -> Routed {
+    Routed::Now(Response::Error(ErrorReply::new(ErrorCode::NotAllowed, message.trim_start_matches("ERR "))))
+}
+
+/// Commands that change their key (`args[1]`), refused for keys written
+/// to an origin unless [`origin_write`] took them.
+const WRITES: &[&str] =
+    &["SET", "DEL", "APPEND", "INCR", "INCRBY", "DECR", "DECRBY", "GETDEL", "GETEX", "PERSIST", "EXPIRE", "PEXPIRE"];
+
+/// Writes the reply to a SET or DEL the loaders ran.
+pub fn write_reply(session: &Session, response: Response, out: &mut BytesMut) {
+    let mut w = Writer::new(out, session.resp3);
+    match response {
+        Response::Ok => w.simple("OK"),
+        Response::Count(n) => w.integer(n as i64),
+        other => unexpected(&mut w, other),
+    }
 }
 
 /// Writes the reply to a GET.

@@ -14,7 +14,7 @@
 pub mod codec;
 pub mod commands;
 
-use crate::loader::Lookup;
+use crate::loader::{Lookup, Routed};
 use crate::node::Node;
 use bytes::BytesMut;
 use codec::{Limits, Writer};
@@ -171,10 +171,19 @@ async fn serve(
                         };
                         commands::get_reply(&session, response, &mut output);
                     }
-                    None => {
-                        let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
-                        commands::execute(&node, &mut session, &info, args, &mut output);
-                    }
+                    None => match commands::origin_write(&node, &args) {
+                        Some(routed) => {
+                            let response = match routed {
+                                Routed::Now(response) => response,
+                                Routed::Later(later) => later.await,
+                            };
+                            commands::write_reply(&session, response, &mut output);
+                        }
+                        None => {
+                            let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
+                            commands::execute(&node, &mut session, &info, args, &mut output);
+                        }
+                    },
                 },
                 Ok(None) => break,
                 Err(err) => {

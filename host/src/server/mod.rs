@@ -13,7 +13,7 @@
 pub mod threads;
 pub mod tls;
 
-use crate::loader::Lookup;
+use crate::loader::Routed;
 use crate::node::Node;
 use bytes::BytesMut;
 use cachet_proto::{Decoded, ErrorCode, ErrorReply, FrameError, Request, Response};
@@ -279,29 +279,28 @@ async fn handle_stream(
                                 Err(err) => error(ErrorCode::Internal, format!("admin command failed: {err}")),
                             }
                         }
-                        Request::Get { key } if node.loaders().is_some_and(|l| l.covers(&key)) => {
-                            let lookup = match node.loaders() {
-                                Some(loaders) => loaders.get(&node, key),
-                                None => continue,
-                            };
-                            match lookup {
-                                Lookup::Ready(reply) => reply,
-                                Lookup::Pending(pending) if waiting < MAX_WAITING => {
+                        // Loads, and writes to an origin, may take a while:
+                        // they answer when done (replies carry their id) and
+                        // the stream goes on meanwhile.
+                        body => {
+                            match node.loaders().and_then(|loaders| loaders.route(&node, &body)) {
+                                None => span.in_scope(|| node.execute(body)),
+                                Some(Routed::Now(reply)) => reply,
+                                Some(Routed::Later(later)) if waiting < MAX_WAITING => {
                                     waiting += 1;
                                     let tx = deferred_tx.clone();
                                     let id = envelope.id;
                                     tokio::spawn(async move {
-                                        let _ = tx.send((id, pending.response().await));
+                                        let _ = tx.send((id, later.await));
                                     });
                                     continue;
                                 }
-                                // Too many loads awaited on this stream: wait
-                                // for this one here, which stops reading (and
-                                // so pushes back on the client) meanwhile.
-                                Lookup::Pending(pending) => pending.response().await,
+                                // Too many waiting on this stream: wait for this
+                                // one here, which stops reading (and so pushes
+                                // back on the client) meanwhile.
+                                Some(Routed::Later(later)) => later.await,
                             }
                         }
-                        body => span.in_scope(|| node.execute(body)),
                     };
                     (envelope.id, reply)
                 }

@@ -8,7 +8,10 @@
 //! - `h:forbidden` queries the origin `secret`, which no test allows;
 //! - `h:sql:ORIGIN:STATEMENT` runs STATEMENT on ORIGIN and loads the first
 //!   column of the first row;
-//! - `h:fail` reports an invalid origin answer.
+//! - `h:fail` reports an invalid origin answer;
+//! - `h:kv:K` reads (and `store` writes) row `K` of table `kv(k, v)` on
+//!   origin `db`; `h:slowkv:K` the same with a 200 ms sleep before each
+//!   store; `h:down:K` the same on origin `down`.
 //!
 //! `refresh` loads the same way, but `h:echo:X` refreshes to `X'`, so a test
 //! can tell a refreshed value from the first load.
@@ -36,6 +39,11 @@ impl Loader for Hostile {
         }
         if arg(key, "none").is_some() {
             return Ok(None);
+        }
+        if let Some((origin_name, k)) = kv(key) {
+            let rows = origin::query(origin_name, "SELECT v FROM kv WHERE k = $1", &[Some(&k)])?;
+            let first = rows.into_iter().next().and_then(|r| r.into_iter().next()).flatten();
+            return Ok(first.map(Loaded::new));
         }
         if let Some(rest) = arg(key, "sql") {
             let (name, statement) = rest.split_once(':').ok_or(LoadError::Invalid("h:sql:ORIGIN:SQL".into()))?;
@@ -65,12 +73,41 @@ impl Loader for Hostile {
         }
     }
 
+    fn store(key: &[u8], value: Option<&[u8]>) -> Result<(), LoadError> {
+        let Some((origin_name, k)) = kv(key) else { return Err(LoadError::Unsupported) };
+        if arg(key, "slowkv").is_some() {
+            origin::query(origin_name, "SELECT pg_sleep(0.2)::text", &[])?;
+        }
+        match value {
+            Some(v) => {
+                let v = std::str::from_utf8(v).map_err(|_| LoadError::Invalid("values are text".into()))?;
+                origin::query(
+                    origin_name,
+                    "INSERT INTO kv (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                    &[Some(&k), Some(v)],
+                )?;
+            }
+            None => {
+                origin::query(origin_name, "DELETE FROM kv WHERE k = $1", &[Some(&k)])?;
+            }
+        }
+        Ok(())
+    }
+
     fn refresh(key: &[u8], _current: &[u8], _age_ms: u64, now: u64) -> Result<Option<Loaded>, LoadError> {
         if let Some(x) = arg(key, "echo") {
             return Ok(Some(Loaded::new(format!("{x}'"))));
         }
         Self::load(key, now)
     }
+}
+
+/// The origin and row of a `h:kv:K`, `h:slowkv:K` or `h:down:K` key.
+fn kv(key: &[u8]) -> Option<(&'static str, String)> {
+    if let Some(k) = arg(key, "kv").or_else(|| arg(key, "slowkv")) {
+        return Some(("db", k));
+    }
+    arg(key, "down").map(|k| ("down", k))
 }
 
 export_loader!(Hostile);
