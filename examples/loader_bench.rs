@@ -182,6 +182,65 @@ async fn cached(
     Ok(Phase { ops, seconds, hits, misses })
 }
 
+/// Write-behind: SETs at the offered rate for `duration`, on ids split
+/// between the tasks (so each id's writes come from one task, in order).
+/// Returns the SET latency, the deepest the queue got, and the ids' last
+/// written names for checking the origin afterwards.
+async fn write_behind(
+    client: Arc<Client>,
+    loaders: Arc<Loaders>,
+    keys: usize,
+    duration: Duration,
+    period: Duration,
+) -> Result<(Phase, usize, Vec<(u64, String)>)> {
+    let totals = Arc::new(Mutex::new(histogram()));
+    let last = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..CONCURRENCY as u64 {
+        let (client, totals, last) = (client.clone(), totals.clone(), last.clone());
+        tasks.spawn(async move {
+            let mut local = histogram();
+            let mut mine = std::collections::HashMap::new();
+            let mut next = tokio::time::Instant::now();
+            let mut ops = 0u64;
+            while started.elapsed() < duration {
+                next += period;
+                tokio::time::sleep_until(next).await;
+                let id = (ops * CONCURRENCY as u64 + t) % keys as u64 + 1;
+                let name = format!("written {ops} by {t}");
+                let value = format!(r#"{{"id":{id},"name":"{name}","email":"w{id}@example.org"}}"#);
+                let at = Instant::now();
+                client.set(format!("user:{id}"), value).await?;
+                let _ = local.record(at.elapsed().as_micros() as u64);
+                mine.insert(id, name);
+                ops += 1;
+            }
+            if let (Ok(mut totals), Ok(mut last)) = (totals.lock(), last.lock()) {
+                let _ = totals.add(&local);
+                last.extend(mine);
+            }
+            anyhow::Ok(ops)
+        });
+    }
+    let mut deepest = 0;
+    while !tasks.is_empty() {
+        deepest = deepest.max(loaders.write_queue_depth());
+        tokio::select! {
+            done = tasks.join_next() => {
+                if let Some(done) = done {
+                    done??;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let hits = totals.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let last = last.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    Ok((Phase { ops: hits.len(), seconds, hits, misses: histogram() }, deepest, last))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(url), Some(loader)) = (args.first(), args.get(1)) else {
@@ -246,6 +305,50 @@ async fn run(admin_url: &str, loader: &str, duration: Duration, keys: usize, rat
     let cached = cached(client, keys, zipf, duration, period).await?;
     let cached_calls = origin_calls(&db).await?;
     server.shutdown();
+
+    // Write-behind on a second node: the same namespace, written to.
+    std::fs::write(
+        &config_path,
+        format!(
+            "seed = 1\n[origins.users-db]\npostgres = \"{url}\"\npool-size = 8\n\
+             [[namespace]]\nprefix = \"user:\"\nmodule = \"{loader}\"\norigins = [\"users-db\"]\n\
+             ttl-ms = 600000\nwrite = \"behind\"\nwrite-queue = 100000\n"
+        ),
+    )?;
+    let loaders = Loaders::new(&LoaderConfig::load(&config_path)?)?;
+    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() })?;
+    let node = Arc::new(Node::new(NodeConfig { shards: 2, ..NodeConfig::default() }, policy)?);
+    if node.attach_loaders(loaders.clone()).is_err() {
+        bail!("loaders attached twice");
+    }
+    let options = ServeOptions {
+        listen: "127.0.0.1:0".parse()?,
+        threads: 1,
+        tls: TlsSource::DevCa { data_dir: dir.clone() },
+        max_connections: 100,
+        max_streams: 64,
+        max_frame: 2 << 20,
+    };
+    let server = server::start(node.clone(), options)?;
+    let client = Arc::new(Client::connect(ClientConfig::new(server.local_addr()).with_data_dir(&dir)?).await?);
+    let (writes, deepest, last) = write_behind(client, loaders.clone(), keys, duration / 2, period * 2).await?;
+    let drain = Instant::now();
+    while loaders.write_queue_depth() > 0 {
+        if drain.elapsed() > Duration::from_secs(120) {
+            bail!("the write-behind queue did not drain");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drain_ms = drain.elapsed().as_millis();
+    let lag = loaders.write_lag();
+    let mut lost = 0;
+    for (id, name) in &last {
+        let row = db.query_one("SELECT name FROM users WHERE id = $1", &[&(*id as i64)]).await?;
+        if row.get::<_, String>(0) != *name {
+            lost += 1;
+        }
+    }
+    server.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p);
@@ -262,7 +365,7 @@ async fn run(admin_url: &str, loader: &str, duration: Duration, keys: usize, rat
     );
     println!(
         " \"cached\":{{\"reads_per_s\":{:.0},\"origin_queries_per_s\":{:.0},\"origin_queries\":{cached_calls},\
-         \"hit_ratio\":{:.4},\"hit_p50_us\":{},\"hit_p99_us\":{},\"miss_p50_us\":{},\"miss_p99_us\":{}}}}}",
+         \"hit_ratio\":{:.4},\"hit_p50_us\":{},\"hit_p99_us\":{},\"miss_p50_us\":{},\"miss_p99_us\":{}}},",
         cached.ops as f64 / cached.seconds,
         cached_calls as f64 / cached.seconds,
         cached.hits.len() as f64 / cached.ops.max(1) as f64,
@@ -270,6 +373,18 @@ async fn run(admin_url: &str, loader: &str, duration: Duration, keys: usize, rat
         q(&cached.hits, 0.99),
         q(&cached.misses, 0.5),
         q(&cached.misses, 0.99)
+    );
+    println!(
+        " \"write_behind\":{{\"sets_per_s\":{:.0},\"set_p50_us\":{},\"set_p99_us\":{},\"lag_p50_us\":{},\
+         \"lag_p99_us\":{},\"lag_max_us\":{},\"deepest_queue\":{deepest},\"drain_ms\":{drain_ms},\
+         \"keys_checked\":{},\"lost\":{lost}}}}}",
+        writes.ops as f64 / writes.seconds,
+        q(&writes.hits, 0.5),
+        q(&writes.hits, 0.99),
+        lag.quantile_bound_ns(0.5) / 1_000,
+        lag.quantile_bound_ns(0.99) / 1_000,
+        lag.quantile_bound_ns(1.0) / 1_000,
+        last.len()
     );
     Ok(())
 }

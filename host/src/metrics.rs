@@ -309,11 +309,29 @@ fn render_loaders(out: &mut String, loaders: &crate::loader::Loaders) {
         ("failure", c.failures.load(Relaxed)),
         ("lease_break", c.lease_breaks.load(Relaxed)),
         ("invalidation", c.invalidations.load(Relaxed)),
+        ("write_through", c.writes_through.load(Relaxed)),
+        ("write_behind_queued", c.writes_behind_queued.load(Relaxed)),
+        ("write_behind_stored", c.writes_behind_stored.load(Relaxed)),
+        ("write_refused", c.writes_refused.load(Relaxed)),
+        ("write_failure", c.write_failures.load(Relaxed)),
     ] {
         let _ = writeln!(out, "cachet_loader_events_total{{kind=\"{kind}\"}} {value}");
     }
     family(out, "cachet_loader_in_flight", "gauge", "Keys being loaded or refreshed.");
     let _ = writeln!(out, "cachet_loader_in_flight {}", loaders.in_flight());
+    family(out, "cachet_write_queue_depth", "gauge", "Write-behind writes not yet stored at the origin.");
+    let _ = writeln!(out, "cachet_write_queue_depth {}", loaders.write_queue_depth());
+    let lag = loaders.write_lag();
+    family(
+        out,
+        "cachet_write_lag_seconds",
+        "gauge",
+        "Write-behind time from the reply to the origin's acknowledgement (upper bounds), since start.",
+    );
+    for q in [0.5, 0.99, 1.0] {
+        let seconds = lag.quantile_bound_ns(q) as f64 / 1e9;
+        let _ = writeln!(out, "cachet_write_lag_seconds{{quantile=\"{q}\"}} {seconds}");
+    }
     family(out, "cachet_origin_queries_total", "counter", "Origin requests, by origin and result.");
     for origin in loaders.origin_stats() {
         let ok = origin.queries.saturating_sub(origin.failures);

@@ -647,6 +647,9 @@ async fn write_behind_stores_in_order_and_bounds_its_queue() {
         assert_eq!(row(&db, &k.to_string()).await.as_deref(), Some("9"), "key {k} ends at its last version");
     }
     assert_eq!(loaders.write_lag().count(), 1_000);
+    let text = cachet::metrics::render(&node.node);
+    assert!(text.contains("cachet_loader_events_total{kind=\"write_behind_stored\"} 1000"), "{text}");
+    assert!(text.contains("cachet_write_queue_depth 0"), "{text}");
 
     // A slow origin fills the 5-write queue: later writes are refused and
     // change nothing; the accepted ones all land.

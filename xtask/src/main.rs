@@ -235,6 +235,20 @@ fn bench_loaders() -> Result<()> {
         med("cached", "miss_p99_us")
     );
     println!("hit ratio (median): {:.4}", med("cached", "hit_ratio"));
+    println!();
+    println!("Write-behind, {:.0} SETs/s offered for 10 s:", med("write_behind", "sets_per_s"));
+    println!("| SET p50 µs | SET p99 µs | lag p50 µs | lag p99 µs | lag max µs | deepest queue | lost |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        med("write_behind", "set_p50_us"),
+        med("write_behind", "set_p99_us"),
+        med("write_behind", "lag_p50_us"),
+        med("write_behind", "lag_p99_us"),
+        med("write_behind", "lag_max_us"),
+        med("write_behind", "deepest_queue"),
+        med("write_behind", "lost")
+    );
     Ok(())
 }
 

@@ -7,7 +7,9 @@
 //! The value cached for `user:42` is the row as JSON,
 //! `{"id":42,"name":"Ada","email":"ada@example.org"}`. A key whose id is not a
 //! number is an invalid request; an id with no row is "not found", which the
-//! node caches negatively. The origin it queries is called `users-db` in the
+//! node caches negatively. In a namespace configured `write = "through"` (or
+//! `"behind"`), `SET user:42 {"id":42,"name":..,"email":..}` upserts the row
+//! and `DEL user:42` deletes it. The origin it queries is called `users-db` in the
 //! node's loader configuration (see this directory's README).
 
 use cachet_policy_sdk::export_loader;
@@ -29,6 +31,110 @@ impl Loader for Users {
             std::str::from_utf8(bytes).map_err(|_| LoadError::Invalid(format!("column {i} is not UTF-8")))
         };
         Ok(Some(Loaded::new(to_json(column(0)?, column(1)?, column(2)?))))
+    }
+
+    fn store(key: &[u8], value: Option<&[u8]>) -> Result<(), LoadError> {
+        let id = user_id(key)?;
+        let Some(value) = value else {
+            origin::query(ORIGIN, "DELETE FROM users WHERE id = $1", &[Some(id)])?;
+            return Ok(());
+        };
+        let text = std::str::from_utf8(value).map_err(|_| LoadError::Invalid("the value is not UTF-8".into()))?;
+        let fields = parse_object(text).ok_or_else(|| LoadError::Invalid("the value is not a user object".into()))?;
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .ok_or_else(|| LoadError::Invalid(format!("the user has no `{name}`")))
+        };
+        if field("id")? != id {
+            return Err(LoadError::Invalid(format!("the value's id is not the key's ({id})")));
+        }
+        origin::query(
+            ORIGIN,
+            "INSERT INTO users (id, name, email) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email",
+            &[Some(id), Some(field("name")?), Some(field("email")?)],
+        )?;
+        Ok(())
+    }
+}
+
+/// The fields of a flat JSON object of strings and integers, as text.
+/// Enough for the values this loader writes; anything else is `None`.
+fn parse_object(text: &str) -> Option<Vec<(String, String)>> {
+    let mut chars = text.trim().chars().peekable();
+    let mut fields = Vec::new();
+    if chars.next()? != '{' {
+        return None;
+    }
+    loop {
+        skip_spaces(&mut chars);
+        if chars.peek() == Some(&'}') && fields.is_empty() {
+            chars.next();
+            break;
+        }
+        let key = parse_string(&mut chars)?;
+        skip_spaces(&mut chars);
+        if chars.next()? != ':' {
+            return None;
+        }
+        skip_spaces(&mut chars);
+        let value = if chars.peek() == Some(&'"') {
+            parse_string(&mut chars)?
+        } else {
+            let mut digits = String::new();
+            while let Some(&c) = chars.peek().filter(|c| c.is_ascii_digit() || **c == '-') {
+                digits.push(c);
+                chars.next();
+            }
+            if digits.is_empty() {
+                return None;
+            }
+            digits
+        };
+        fields.push((key, value));
+        skip_spaces(&mut chars);
+        match chars.next()? {
+            ',' => continue,
+            '}' => break,
+            _ => return None,
+        }
+    }
+    skip_spaces(&mut chars);
+    chars.next().is_none().then_some(fields)
+}
+
+fn skip_spaces(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
+    while chars.peek().is_some_and(|c| c.is_whitespace()) {
+        chars.next();
+    }
+}
+
+fn parse_string(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<String> {
+    if chars.next()? != '"' {
+        return None;
+    }
+    let mut out = String::new();
+    loop {
+        match chars.next()? {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                '"' => out.push('"'),
+                '\\' => out.push('\\'),
+                '/' => out.push('/'),
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'r' => out.push('\r'),
+                'u' => {
+                    let hex: String = (0..4).map(|_| chars.next()).collect::<Option<String>>()?;
+                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                }
+                _ => return None,
+            },
+            c => out.push(c),
+        }
     }
 }
 
@@ -83,6 +189,20 @@ mod tests {
     #[test]
     fn json_is_escaped() {
         assert_eq!(to_json("1", "A \"B\"", "x\\y\n"), r#"{"id":1,"name":"A \"B\"","email":"x\\y\u000a"}"#);
+    }
+
+    #[test]
+    fn written_values_parse_back() {
+        let json = to_json("7", "A \"q\" \\ b", "x@y\n");
+        let fields = parse_object(&json).expect("our own JSON parses");
+        assert_eq!(
+            fields,
+            vec![("id".into(), "7".into()), ("name".into(), "A \"q\" \\ b".into()), ("email".into(), "x@y\n".into())]
+        );
+        assert_eq!(parse_object("{}"), Some(vec![]));
+        for bad in ["", "[1]", "{\"id\":}", "{\"id\":1,}", "{\"id\":1} x", "{\"a\":\"\\q\"}"] {
+            assert_eq!(parse_object(bad), None, "{bad}");
+        }
     }
 
     #[test]
