@@ -23,7 +23,7 @@ mod lane;
 mod single_flight;
 
 pub use cachet_proto::{
-    AdminCommand, Condition, ErrorCode, ErrorReply, ModuleListing, NodeStats, PolicyListing, ShadowListing,
+    AdminCommand, Condition, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats, PolicyListing, ShadowListing,
     ShardListing, TtlState, key_hash,
 };
 pub use single_flight::LoadError;

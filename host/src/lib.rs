@@ -16,6 +16,7 @@
 //! - [`metrics`]: Prometheus text exposition and its HTTP endpoint.
 //! - [`resp`]: the Redis-protocol port (RESP2/RESP3 over TCP).
 //! - [`loader`]: read-through loaders (`cachet:hooks`) with herd protection.
+//! - [`warm`]: rate-limited cache warming from a key list.
 
 #![warn(missing_docs)]
 
@@ -34,4 +35,5 @@ pub mod server;
 pub mod shadow;
 pub mod sim;
 pub mod trace;
+pub mod warm;
 pub mod wasm;

@@ -13,7 +13,7 @@ use cachet::wasm::{Limits, PolicyEngine};
 use cachet_client::{AdminCommand, Client, ClientConfig, Condition, PolicyListing, SetOptions};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,6 +64,33 @@ enum Command {
         /// The keys.
         #[arg(required = true)]
         keys: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Fill a node by GETting a key list at a bounded rate, so each missing
+    /// key is loaded by its namespace's loader without stampeding the
+    /// origin (at most --rate loads start per second).
+    Warm {
+        /// File with one key per line.
+        #[arg(long, conflicts_with = "from_node", required_unless_present = "from_node")]
+        keys: Option<PathBuf>,
+        /// Take the hot keys of this node (trusted like --server).
+        #[arg(long)]
+        from_node: Option<SocketAddr>,
+        /// Keys started per second (an upper bound on origin queries).
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// GETs outstanding at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the node's hottest keys, one per line (a key list for `warm`).
+    HotKeys {
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -462,6 +489,56 @@ fn run(cli: Cli) -> Result<()> {
                 println!("shards            {}", stats.shards);
                 println!("connections       {}", stats.connections);
                 println!("uptime            {} s", stats.uptime_secs);
+                for (i, hot) in stats.hot_keys.iter().take(10).enumerate() {
+                    let label = if i == 0 { "hot keys" } else { "" };
+                    println!("{label:<17} {} (~{} reads)", String::from_utf8_lossy(&hot.key), hot.reads);
+                }
+            }
+            Ok(())
+        }),
+        Command::HotKeys { client } => block_on(async move {
+            let client = Client::connect(client.config()?).await?;
+            let stats = client.stats().await;
+            client.close().await;
+            let mut out = std::io::stdout().lock();
+            for hot in stats?.hot_keys {
+                out.write_all(&hot.key)?;
+                out.write_all(b"\n")?;
+            }
+            Ok(())
+        }),
+        Command::Warm { keys, from_node, rate, concurrency, quiet, client } => block_on(async move {
+            let list = match (keys, from_node) {
+                (Some(path), _) => {
+                    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                    cachet::warm::parse_key_list(&text)
+                }
+                (None, Some(addr)) => {
+                    let mut config = client.config()?;
+                    config.server = addr;
+                    let source = Client::connect(config).await?;
+                    let stats = source.stats().await;
+                    source.close().await;
+                    stats?.hot_keys.into_iter().map(|h| h.key).collect()
+                }
+                (None, None) => anyhow::bail!("give --keys FILE or --from-node ADDR"),
+            };
+            let target = Arc::new(Client::connect(client.config()?).await?);
+            let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(list.len() as u64) };
+            let tick = bar.clone();
+            let report = cachet::warm::warm(target.clone(), list, rate, concurrency, move || tick.inc(1)).await;
+            bar.finish_and_clear();
+            target.close().await;
+            println!(
+                "warmed {} keys in {:.1} s: {} present, {} not found, {} failed",
+                report.keys,
+                report.elapsed.as_secs_f64(),
+                report.present,
+                report.missing,
+                report.failed
+            );
+            if report.failed > 0 {
+                anyhow::bail!("{} keys failed", report.failed);
             }
             Ok(())
         }),

@@ -122,6 +122,7 @@ impl Node {
                     retry_after_ms: config.policy_retry_ms,
                     max_faults_in_a_row: config.policy_fault_limit.max(1),
                     fault_window_ms: config.policy_fault_window_ms,
+                    track_hot_keys: true,
                     ..ShardConfig::default()
                 };
                 Shard::new(shard, policy.clone()).map(Mutex::new)
@@ -474,6 +475,15 @@ impl Node {
             out.bytes += shard.bytes();
             out.shards_on_fallback += u64::from(matches!(shard.policy_mode(), PolicyMode::Fallback { .. }));
         }
+        let mut hot: Vec<cachet_proto::HotKey> = self
+            .shards
+            .iter()
+            .flat_map(|shard| lock(shard).hot_keys())
+            .map(|(key, reads)| cachet_proto::HotKey { key: Bytes::from(key.into_vec()), reads: u64::from(reads) })
+            .collect();
+        hot.sort_by(|a, b| b.reads.cmp(&a.reads).then_with(|| a.key.cmp(&b.key)));
+        hot.truncate(crate::core::hotkeys::TOP * 2);
+        out.hot_keys = hot;
         let reads = out.hits + out.misses;
         out.hit_ratio = if reads == 0 { 0.0 } else { out.hits as f64 / reads as f64 };
         out

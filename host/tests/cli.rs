@@ -298,3 +298,30 @@ fn policy_verbs_load_activate_shadow_and_roll_back_a_live_node() {
     assert_eq!(stats["policy"], "s3fifo");
     let _ = std::fs::remove_file(&token_file);
 }
+
+#[test]
+fn hot_keys_export_a_list_that_warm_reads_back() {
+    let node = ServeProcess::start();
+    assert!(node.cli(&["set", "hot", "1"]).status.success());
+    assert!(node.cli(&["set", "warm", "2"]).status.success());
+    for _ in 0..5 {
+        assert!(node.cli(&["get", "hot"]).status.success());
+    }
+    assert!(node.cli(&["get", "warm"]).status.success());
+    let out = node.cli(&["hot-keys"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(list.lines().take(2).collect::<Vec<_>>(), ["hot", "warm"], "hottest first: {list}");
+    let out = node.cli(&["stats"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hot keys          hot (~"), "stats shows them");
+
+    let file = std::env::temp_dir().join(format!("cachet-cli-keys-{}", std::process::id()));
+    std::fs::write(&file, format!("{list}absent\n")).expect("key list");
+    let out = node.cli(&["warm", "--keys", file.to_str().expect("utf-8"), "--rate", "50", "--quiet"]);
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.starts_with("warmed 3 keys") && report.contains("2 present, 1 not found"), "{report}");
+    let out = node.cli(&["warm", "--from-node", &node.addr, "--quiet"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("present"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -11,8 +11,8 @@ pub mod ring;
 
 pub use frame::{Decoded, Envelope, FrameError, MAX_REPLY_LEN, decode, encode};
 pub use message::{
-    ALPN, AdminCommand, Condition, ErrorCode, ErrorReply, ModuleListing, NodeStats, PROTOCOL_VERSION, PolicyListing,
-    Request, Response, ShadowListing, ShardListing, TtlState,
+    ALPN, AdminCommand, Condition, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats, PROTOCOL_VERSION,
+    PolicyListing, Request, Response, ShadowListing, ShardListing, TtlState,
 };
 pub use ring::{DEFAULT_VNODES, Member, Ring, RingError, hash_tag, ring_hash};
 

@@ -332,6 +332,19 @@ pub struct NodeStats {
     pub uptime_secs: u64,
     /// Open client connections.
     pub connections: u64,
+    /// The hottest keys read lately, hottest first, with estimated (aged)
+    /// read counts: what `cachet warm --from-node` loads first.
+    #[serde(default)]
+    pub hot_keys: Vec<HotKey>,
+}
+
+/// One hot key in [`NodeStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotKey {
+    /// The key.
+    pub key: Bytes,
+    /// Its estimated recent reads.
+    pub reads: u64,
 }
 
 /// What a reply can be.

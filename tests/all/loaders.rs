@@ -688,3 +688,71 @@ async fn write_behind_stores_in_order_and_bounds_its_queue() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Warming GETs a key list through the loader at a bounded rate: the
+/// origin's query rate (counted by PostgreSQL, sampled twice a second)
+/// never exceeds it, and the cache ends up holding every key. The node's
+/// hot keys rank what it read most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_is_rate_limited_and_hot_keys_rank_reads() {
+    let db = Database::create("warm").await;
+    db.users("0").await;
+    db.client
+        .batch_execute(
+            "INSERT INTO users_data SELECT g, 'user ' || g, 'u' || g || '@example.org' FROM generate_series(3, 300) g",
+        )
+        .await
+        .expect("rows");
+    let node = LoaderNode::start(
+        &users_origin(&db),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]",
+    );
+    let client = Arc::new(node.client().await);
+    let mut list: Vec<Bytes> = (1..=300).map(|i| Bytes::from(format!("user:{i}"))).collect();
+    list.push(Bytes::from_static(b"user:99999"));
+    let rate = 200;
+    let sampling = tokio::spawn({
+        let db = connect(&db.url()).await;
+        async move {
+            let mut seen = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            for _ in 0..8 {
+                tick.tick().await;
+                let row = db
+                    .query_one(
+                        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+                         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                           AND query LIKE '%FROM users WHERE id%'",
+                        &[],
+                    )
+                    .await
+                    .expect("stats");
+                seen.push(row.get::<_, i64>(0));
+            }
+            seen
+        }
+    });
+    let report = cachet::warm::warm(client.clone(), list.clone(), rate, 16, || {}).await;
+    assert_eq!((report.keys, report.present, report.missing, report.failed), (301, 300, 1, 0));
+    assert!(report.elapsed >= Duration::from_millis(1_450), "301 keys at 200/s took {:?}", report.elapsed);
+    assert_eq!(db.loader_queries().await, 301, "one query per key");
+    let seen = sampling.await.expect("sampler");
+    for pair in seen.windows(2) {
+        let in_half_second = pair[1] - pair[0];
+        assert!(in_half_second <= i64::from(rate) / 2 + 10, "{in_half_second} queries in 0.5 s: {seen:?}");
+    }
+    // Warm again: everything is cached, the origin sees nothing.
+    let again = cachet::warm::warm(client.clone(), list, 1_000, 16, || {}).await;
+    assert_eq!(again.present, 300);
+    assert_eq!(db.loader_queries().await, 301, "hits and a negatively cached miss make no query");
+
+    for (key, reads) in [("user:7", 60), ("user:8", 40)] {
+        for _ in 0..reads {
+            client.get(key).await.expect("get");
+        }
+    }
+    let hot = client.stats().await.expect("stats").hot_keys;
+    let names: Vec<String> = hot.iter().take(2).map(|h| String::from_utf8_lossy(&h.key).into_owned()).collect();
+    assert_eq!(names, ["user:7", "user:8"], "{hot:?}");
+    assert!(hot[0].reads >= 60);
+}

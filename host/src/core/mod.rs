@@ -3,6 +3,7 @@
 //! Wasm; callers pass `now` in milliseconds.
 
 pub mod histogram;
+pub mod hotkeys;
 pub mod key;
 pub mod policy;
 pub mod shard;

@@ -14,6 +14,7 @@
 //! nanoseconds, an event in a batch about sixteen.
 
 use crate::core::histogram::Histogram;
+use crate::core::hotkeys::HotKeys;
 use crate::core::key::Key;
 use crate::core::policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault};
 use crate::core::ttl::TtlIndex;
@@ -49,6 +50,9 @@ pub struct ShardConfig {
     pub max_faults_in_a_row: u32,
     /// A fault this long after the previous one starts a new count.
     pub fault_window_ms: u64,
+    /// Track the hottest keys read ([`Shard::hot_keys`]); off for trace
+    /// replay, where nobody asks.
+    pub track_hot_keys: bool,
 }
 
 impl Default for ShardConfig {
@@ -64,6 +68,7 @@ impl Default for ShardConfig {
             retry_after_ms: 1_000,
             max_faults_in_a_row: 3,
             fault_window_ms: 60_000,
+            track_hot_keys: false,
         }
     }
 }
@@ -351,6 +356,7 @@ pub struct Shard {
     stats: ShardStats,
     /// Events since [`Shard::begin_swap`], for the policy being built.
     journal: Option<Journal>,
+    hot: Option<Box<HotKeys>>,
 }
 
 /// What happened in a shard while its next policy was being built outside
@@ -417,6 +423,7 @@ impl Shard {
             },
             stats: ShardStats::default(),
             journal: None,
+            hot: config.track_hot_keys.then(Box::default),
             config,
         })
     }
@@ -571,6 +578,9 @@ impl Shard {
     /// removed and reads as a miss.
     pub fn get(&mut self, now: u64, key: &[u8]) -> Option<Bytes> {
         let hash = cachet_proto::key_hash(key);
+        if let Some(hot) = &mut self.hot {
+            hot.record(hash, key);
+        }
         let Some(index) = self.find(hash, key) else {
             self.miss(now, hash);
             return None;
@@ -598,6 +608,12 @@ impl Shard {
         let index = self.find(cachet_proto::key_hash(key), key)?;
         let slot = self.slab.get(index);
         Some(EntryView { value, expires_at: slot.expires_at, hint: slot.hint })
+    }
+
+    /// The hottest keys read lately, hottest first, with their estimated
+    /// (aged) read counts; empty unless `track_hot_keys` is on.
+    pub fn hot_keys(&self) -> Vec<(Box<[u8]>, u32)> {
+        self.hot.as_ref().map(|h| h.top()).unwrap_or_default()
     }
 
     /// Whether `key` is resident and live; not reported as an access.
