@@ -20,12 +20,15 @@ const AGE_EVERY: u64 = 10 * WIDTH as u64;
 pub struct HotKeys {
     counters: Vec<u32>,
     top: Vec<(u64, Box<[u8]>, u32)>,
+    /// A lower bound of the smallest estimate in a full `top` (estimates
+    /// only grow between halvings), so most reads skip the scan for it.
+    floor: u32,
     increments: u64,
 }
 
 impl Default for HotKeys {
     fn default() -> Self {
-        Self { counters: vec![0; WIDTH * ROWS], top: Vec::with_capacity(TOP), increments: 0 }
+        Self { counters: vec![0; WIDTH * ROWS], top: Vec::with_capacity(TOP), floor: 0, increments: 0 }
     }
 }
 
@@ -48,6 +51,12 @@ impl HotKeys {
         if self.increments.is_multiple_of(AGE_EVERY) {
             self.counters.iter_mut().for_each(|c| *c /= 2);
             self.top.iter_mut().for_each(|t| t.2 /= 2);
+            self.floor /= 2;
+        }
+        if estimate <= self.floor {
+            // Not hotter than anything listed (and, at or below the floor,
+            // not worth a refreshed estimate if it is listed).
+            return;
         }
         if let Some(entry) = self.top.iter_mut().find(|t| t.0 == hash && *t.1 == *key) {
             entry.2 = estimate;
@@ -62,6 +71,7 @@ impl HotKeys {
         {
             *min = (hash, key.into(), estimate);
         }
+        self.floor = self.top.iter().map(|t| t.2).min().unwrap_or(0);
     }
 
     /// The top keys, hottest first, with their estimated (aged) reads.
