@@ -756,3 +756,53 @@ async fn warming_is_rate_limited_and_hot_keys_rank_reads() {
     assert_eq!(names, ["user:7", "user:8"], "{hot:?}");
     assert!(hot[0].reads >= 60);
 }
+
+/// An HTTP origin (a real `python3 -m http.server`): allow-listed base URL,
+/// statuses passed to the loader, paths that would leave the base refused,
+/// a dead server reported as unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_origins_serve_loaders_within_their_base() {
+    let site = TempDir::new("http-origin");
+    std::fs::create_dir_all(site.0.join("api")).expect("dir");
+    std::fs::write(site.0.join("api/a.txt"), "alpha").expect("file");
+    std::fs::write(site.0.join("secret.txt"), "outside the base").expect("file");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let mut server = std::process::Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+        .arg(&site.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 -m http.server starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the HTTP server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let origins = format!(
+        "[origins.web]\nhttp = [\"http://127.0.0.1:{port}/api/\"]\nrequest-timeout-ms = 2000\n\
+         [origins.other]\nhttp = [\"http://127.0.0.1:{port}/\"]\n"
+    );
+    let node =
+        LoaderNode::start(&origins, "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\norigins = [\"web\"]");
+    let client = node.client().await;
+    assert_eq!(client.get("h:http:web:a.txt").await.expect("get"), Some(Bytes::from_static(b"alpha")));
+    assert_eq!(client.get("h:http:web:missing.txt").await.expect("get"), None, "404 is not found");
+    for (key, code, words) in [
+        ("h:http:web:../secret.txt", ErrorCode::OriginFailed, "climb out"),
+        ("h:http:web:/secret.txt", ErrorCode::OriginFailed, "relative"),
+        ("h:http:web:%2e%2e/secret.txt", ErrorCode::OriginFailed, "climb out"),
+        ("h:http:other:secret.txt", ErrorCode::OriginFailed, "not allowed"),
+    ] {
+        let err = client.get(key).await.expect_err(key);
+        assert_eq!(server_code(&err), code, "{key}: {err}");
+        assert!(err.to_string().contains(words), "{key}: {err}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let err = client.get("h:http:web:b.txt").await.expect_err("server gone");
+    assert_eq!(server_code(&err), ErrorCode::OriginFailed);
+    assert!(err.to_string().contains("unavailable"), "{err}");
+    // Still cached from before the server died.
+    assert_eq!(client.get("h:http:web:a.txt").await.expect("get"), Some(Bytes::from_static(b"alpha")));
+}

@@ -42,7 +42,8 @@ pub struct OriginConfig {
     /// A PostgreSQL connection string (`host=... port=... user=...
     /// dbname=...` or a `postgres://` URL).
     pub postgres: Option<String>,
-    /// HTTP base URLs a loader may GET below (`http://host:port/prefix/`).
+    /// HTTP base URLs a loader may GET below (`http://host:port/prefix/`);
+    /// several are tried in order when one is unreachable or answers 5xx.
     pub http: Option<Vec<String>>,
     /// Connections kept open to a PostgreSQL origin.
     #[serde(default = "default_pool")]
@@ -54,6 +55,9 @@ pub struct OriginConfig {
     /// How long to wait for a connection (new or from the pool).
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// Deadline of one HTTP request, connection included.
+    #[serde(default = "default_statement_timeout")]
+    pub request_timeout_ms: u64,
 }
 
 /// A key namespace bound to a loader module.
@@ -221,16 +225,15 @@ impl LoaderConfig {
                 (Some(_), None) | (None, Some(_)) => {}
                 _ => return invalid(format!("origin `{name}` needs exactly one of `postgres` and `http`")),
             }
-            if origin.http.is_some() {
-                // The interface has `http-get`, but this build has no HTTP
-                // client behind it yet: refuse rather than fail every load.
-                return invalid(format!("origin `{name}`: HTTP origins are not supported by this build yet"));
-            }
             if let Some(bases) = &origin.http {
+                if bases.is_empty() {
+                    return invalid(format!("origin `{name}`: `http` needs at least one base URL"));
+                }
                 for base in bases {
-                    if !base.starts_with("http://") || !base.ends_with('/') {
+                    let scheme_ok = base.starts_with("http://") || base.starts_with("https://");
+                    if !scheme_ok || !base.ends_with('/') {
                         return invalid(format!(
-                            "origin `{name}`: base URL `{base}` must start with http:// and end with /"
+                            "origin `{name}`: base URL `{base}` must start with http:// or https:// and end with /"
                         ));
                     }
                 }
@@ -327,7 +330,8 @@ mod tests {
             ("[[namespace]]\nprefix = \"\"\nmodule = \"m\"", "cannot be empty"),
             ("[[namespace]]\nprefix = \"u:\"\nmodule = \"m\"\njitter = 2.0", "jitter"),
             ("[[namespace]]\nprefix = \"u:\"\nmodule = \"m\"\n[[namespace]]\nprefix = \"u:\"\nmodule = \"n\"", "twice"),
-            ("[origins.web]\nhttp = [\"http://x/\"]", "not supported"),
+            ("[origins.web]\nhttp = [\"ftp://x/\"]", "http://"),
+            ("[origins.web]\nhttp = []", "at least one"),
             (
                 "[origins.db]\npostgres = \"x\"\n[[namespace]]\nprefix = \"u:\"\nmodule = \"m\"\ninvalidate = { origin = \"db\", channel = \"a;b\" }",
                 "channel",

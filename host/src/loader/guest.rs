@@ -129,10 +129,15 @@ impl wit_origin::Host for State {
         self.origins.query_blocking(&origin, &statement, &params).map_err(wit_error)
     }
 
-    fn http_get(&mut self, origin: String, _path: String) -> Result<wit_origin::HttpResponse, wt::OriginError> {
-        // No HTTP origin can be configured in this build (the config check
-        // refuses them), so no name is allowed.
-        Err(wt::OriginError::NotAllowed(origin))
+    fn http_get(&mut self, origin: String, path: String) -> Result<wit_origin::HttpResponse, wt::OriginError> {
+        if !self.allowed.contains(&origin) {
+            tracing::warn!(%origin, "a loader asked for an origin it is not allowed");
+            return Err(wt::OriginError::NotAllowed(origin));
+        }
+        self.origins
+            .http_get_blocking(&origin, &path)
+            .map(|(status, body)| wit_origin::HttpResponse { status, body })
+            .map_err(wit_error)
     }
 }
 

@@ -61,9 +61,18 @@ pub struct OriginStats {
     pub failures: u64,
 }
 
+/// An HTTP origin: allow-listed base URLs and an agent with a deadline.
+pub struct HttpOrigin {
+    bases: Vec<String>,
+    agent: ureq::Agent,
+    queries: AtomicU64,
+    failures: AtomicU64,
+}
+
 /// The origins of a node, by name.
 pub struct Origins {
     postgres: BTreeMap<String, PostgresOrigin>,
+    http: BTreeMap<String, HttpOrigin>,
     handle: tokio::runtime::Handle,
 }
 
@@ -73,7 +82,23 @@ impl Origins {
     /// inside the runtime that will drive the connections.
     pub fn new(configs: &BTreeMap<String, OriginConfig>, handle: tokio::runtime::Handle) -> Result<Self, String> {
         let mut postgres = BTreeMap::new();
+        let mut http = BTreeMap::new();
         for (name, config) in configs {
+            if let Some(bases) = &config.http {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(Duration::from_millis(config.request_timeout_ms)))
+                    .timeout_connect(Some(Duration::from_millis(config.connect_timeout_ms)))
+                    // Statuses go to the loader; redirects are not followed,
+                    // since they could lead outside the allow-list.
+                    .http_status_as_error(false)
+                    .max_redirects(0)
+                    .user_agent("cachet")
+                    .build()
+                    .into();
+                let origin =
+                    HttpOrigin { bases: bases.clone(), agent, queries: AtomicU64::new(0), failures: AtomicU64::new(0) };
+                http.insert(name.clone(), origin);
+            }
             let Some(url) = &config.postgres else { continue };
             let mut pg_config = tokio_postgres::Config::from_str(url)
                 .map_err(|e| format!("origin `{name}`: bad connection string: {e}"))?;
@@ -99,7 +124,7 @@ impl Origins {
                 PostgresOrigin { pool, pg_config, deadline, queries: AtomicU64::new(0), failures: AtomicU64::new(0) };
             postgres.insert(name.clone(), origin);
         }
-        Ok(Self { postgres, handle })
+        Ok(Self { postgres, http, handle })
     }
 
     /// The connection settings of a PostgreSQL origin (for LISTEN).
@@ -109,14 +134,13 @@ impl Origins {
 
     /// Counters per origin.
     pub fn stats(&self) -> Vec<OriginStats> {
-        self.postgres
-            .iter()
-            .map(|(name, o)| OriginStats {
-                name: name.clone(),
-                queries: o.queries.load(Ordering::Relaxed),
-                failures: o.failures.load(Ordering::Relaxed),
-            })
-            .collect()
+        let stats = |name: &String, queries: &AtomicU64, failures: &AtomicU64| OriginStats {
+            name: name.clone(),
+            queries: queries.load(Ordering::Relaxed),
+            failures: failures.load(Ordering::Relaxed),
+        };
+        let pg = self.postgres.iter().map(|(name, o)| stats(name, &o.queries, &o.failures));
+        pg.chain(self.http.iter().map(|(name, o)| stats(name, &o.queries, &o.failures))).collect()
     }
 
     /// Runs a query from a thread outside the runtime (a loader call runs
@@ -140,6 +164,74 @@ impl Origins {
         }
         result
     }
+}
+
+impl Origins {
+    /// GETs `path` below the HTTP origin `name`'s base URLs (tried in order
+    /// while unreachable or answering 5xx), from a blocking thread. `path`
+    /// may not leave the base: no `..` segment, no leading `/`, no scheme,
+    /// credentials, fragment, backslash, whitespace or control character.
+    pub fn http_get_blocking(&self, name: &str, path: &str) -> Result<(u16, Vec<u8>), OriginFailure> {
+        let origin = self.http.get(name).ok_or_else(|| OriginFailure::NotAllowed(name.to_string()))?;
+        check_path(path)?;
+        origin.queries.fetch_add(1, Ordering::Relaxed);
+        let result = http_get(origin, path);
+        if result.is_err() {
+            origin.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+fn check_path(path: &str) -> Result<(), OriginFailure> {
+    let bad = |why: &str| Err(OriginFailure::BadRequest(format!("path `{path}` {why}")));
+    let route = path.split('?').next().unwrap_or_default();
+    let lower = route.to_ascii_lowercase();
+    if path.starts_with('/') || route.contains("//") {
+        return bad("must be relative to the origin's base URL, without empty segments");
+    }
+    if route.split('/').any(|segment| segment == ".." || segment == ".")
+        || lower.contains("%2e")
+        || lower.contains("%2f")
+    {
+        return bad("may not climb out of the base URL (`..`, `.`, or escaped dots and slashes)");
+    }
+    if route.contains(':') || path.contains(['@', '#', '\\']) {
+        return bad("may not hold a scheme, a port, credentials, a fragment or backslashes");
+    }
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("may not hold spaces or control characters");
+    }
+    Ok(())
+}
+
+fn http_get(origin: &HttpOrigin, path: &str) -> Result<(u16, Vec<u8>), OriginFailure> {
+    let mut last = OriginFailure::Unavailable("no base URL answered".into());
+    for (i, base) in origin.bases.iter().enumerate() {
+        let url = format!("{base}{path}");
+        match origin.agent.get(&url).call() {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                if status >= 500 && i + 1 < origin.bases.len() {
+                    last = OriginFailure::Failed(format!("{base} answered {status}"));
+                    continue;
+                }
+                let body = response.body_mut().with_config().limit(MAX_RESULT_BYTES as u64).read_to_vec().map_err(
+                    |e| match e {
+                        ureq::Error::Timeout(_) => OriginFailure::Timeout,
+                        ureq::Error::BodyExceedsLimit(_) => {
+                            OriginFailure::BadRequest(format!("the response exceeds {MAX_RESULT_BYTES} bytes"))
+                        }
+                        other => OriginFailure::Failed(other.to_string()),
+                    },
+                )?;
+                return Ok((status, body));
+            }
+            Err(ureq::Error::Timeout(_)) => return Err(OriginFailure::Timeout),
+            Err(err) => last = OriginFailure::Unavailable(format!("{base}: {err}")),
+        }
+    }
+    Err(last)
 }
 
 async fn query(pool: &Pool, statement: &str, params: &[Option<String>]) -> Result<Vec<Row>, OriginFailure> {
@@ -240,5 +332,34 @@ fn read_column(row: &tokio_postgres::Row, i: usize, ty: &Type) -> Result<Option<
         }
         Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i).map_err(|e| e.to_string()),
         _ => Err(ty.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_path;
+
+    #[test]
+    fn paths_stay_below_their_base() {
+        for ok in ["users/42", "users?id=42&x=a:b", "a/b/", "v1/items.json", ""] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/etc/passwd",
+            "../secret",
+            "a/../../b",
+            "a/./b",
+            "a//b",
+            "%2e%2e/x",
+            "a%2Fb",
+            "http://evil/",
+            "user@evil",
+            "a#frag",
+            "a\\b",
+            "a b",
+            "a\nb",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -9,6 +9,8 @@
 //! - `h:sql:ORIGIN:STATEMENT` runs STATEMENT on ORIGIN and loads the first
 //!   column of the first row;
 //! - `h:fail` reports an invalid origin answer;
+//! - `h:http:ORIGIN:PATH` GETs PATH from the HTTP origin ORIGIN: 200 loads
+//!   the body, 404 finds nothing, any other status is invalid;
 //! - `h:kv:K` reads (and `store` writes) row `K` of table `kv(k, v)` on
 //!   origin `db`; `h:slowkv:K` the same with a 200 ms sleep before each
 //!   store; `h:down:K` the same on origin `down`.
@@ -44,6 +46,15 @@ impl Loader for Hostile {
             let rows = origin::query(origin_name, "SELECT v FROM kv WHERE k = $1", &[Some(&k)])?;
             let first = rows.into_iter().next().and_then(|r| r.into_iter().next()).flatten();
             return Ok(first.map(Loaded::new));
+        }
+        if let Some(rest) = arg(key, "http") {
+            let (name, path) = rest.split_once(':').ok_or(LoadError::Invalid("h:http:ORIGIN:PATH".into()))?;
+            let response = origin::http_get(name, path)?;
+            return match response.status {
+                200 => Ok(Some(Loaded::new(response.body))),
+                404 => Ok(None),
+                status => Err(LoadError::Invalid(format!("status {status}"))),
+            };
         }
         if let Some(rest) = arg(key, "sql") {
             let (name, statement) = rest.split_once(':').ok_or(LoadError::Invalid("h:sql:ORIGIN:SQL".into()))?;
