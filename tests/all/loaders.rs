@@ -806,3 +806,31 @@ async fn http_origins_serve_loaders_within_their_base() {
     // Still cached from before the server died.
     assert_eq!(client.get("h:http:web:a.txt").await.expect("get"), Some(Bytes::from_static(b"alpha")));
 }
+
+/// A refresh that fails keeps the old value served through the grace
+/// window; after it, the failure reaches the client as a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_refresh_serves_the_stale_value_until_the_grace_ends() {
+    let db = Database::create("stale_if_error").await;
+    db.client.batch_execute("CREATE TABLE t (v text); INSERT INTO t VALUES ('kept')").await.expect("table");
+    let origins = format!("[origins.db]\npostgres = \"{}\"\n", db.url());
+    let node = LoaderNode::start(
+        &origins,
+        "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\norigins = [\"db\"]\nttl-ms = 1000\ngrace-ms = 5000\n\
+         xfetch-beta = 0.0",
+    );
+    let client = node.client().await;
+    let key = "h:sql:db:SELECT v FROM t";
+    assert_eq!(client.get(key).await.expect("get"), Some(Bytes::from_static(b"kept")));
+    db.client.batch_execute("DROP TABLE t").await.expect("drop");
+    node.clock.advance(2_000); // in the grace window
+    for _ in 0..3 {
+        assert_eq!(client.get(key).await.expect("stale value"), Some(Bytes::from_static(b"kept")));
+        node.settle().await;
+    }
+    assert!(node.counter(|c| &c.failures) >= 1, "the refresh failed");
+    node.clock.advance(5_000); // past the grace window: gone
+    let err = client.get(key).await.expect_err("no value left, the load fails");
+    assert_eq!(server_code(&err), ErrorCode::OriginFailed, "{err}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
