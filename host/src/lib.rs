@@ -8,6 +8,7 @@
 //! - [`policies`]: bundled policies by name, native twins, modules on disk.
 //! - [`trace`]: streaming reader of request traces.
 //! - [`sim`]: trace replay through the real shard (`cachet sim`).
+//! - [`cluster`]: the sans-IO replication core and its fault simulator.
 //! - [`node`]: a node's shards and the protocol's commands, no network.
 //! - [`server`]: the QUIC shell (thread per core) and TLS.
 //! - [`registry`]: policy modules by name, version and hash, on disk.
@@ -22,6 +23,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod loader;

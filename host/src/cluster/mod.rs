@@ -1,0 +1,24 @@
+//! The cluster's sans-IO core: replication state machines that take
+//! messages, client operations and the time as inputs and produce messages,
+//! replies and deadlines as outputs. No sockets, no clock, no threads, so a
+//! seeded simulator ([`sim`]) runs hundreds of fault schedules (loss,
+//! delay, duplication, partitions, crashes that wipe memory) per test run
+//! and checks named invariants after every step.
+//!
+//! - [`version`]: per-key versions (Lamport counter plus node id), which
+//!   order writes without wall clocks.
+//! - [`replica`]: one node's replica and coordinator: quorum writes and
+//!   reads with tunable consistency, read repair, hinted hand-off, and the
+//!   re-sync that keeps a node restarted empty out of every quorum until it
+//!   has its ranges back.
+//!
+//! Not here yet (issue 6): membership and failure detection over a gossip
+//! crate, the node-to-node QUIC transport, routing, range streaming on join.
+//! The replica takes its view of who is alive as an input
+//! ([`replica::Replica::set_alive`]), which is where a failure detector
+//! plugs in.
+
+pub mod replica;
+#[cfg(test)]
+mod sim;
+pub mod version;

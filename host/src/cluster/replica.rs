@@ -1,0 +1,699 @@
+//! One node's replica of its key ranges, and the coordinator of the client
+//! requests it receives. Sans-IO: inputs are [`Replica::client`],
+//! [`Replica::handle`], [`Replica::set_alive`] and [`Replica::tick`], each
+//! with `now`; outputs are drained with [`Replica::poll_transmit`],
+//! [`Replica::poll_reply`] and [`Replica::poll_timeout`].
+//!
+//! - **Writes** at QUORUM or ALL take two round trips, as in ABD
+//!   (Attiya, Bar-Noy, Dolev): first the highest version a read quorum
+//!   holds, then the write with a version above it, to the owners. A write
+//!   that starts after another one was acknowledged therefore gets a higher
+//!   version and wins everywhere, whatever the coordinators' clocks. ONE
+//!   writes skip the first round (faster, and ordered only by the Lamport
+//!   clock).
+//! - **Reads** ask the owners, answer with the highest version among the
+//!   first `required` counted replies (and any others already in), then
+//!   repair every owner that answered with an older version.
+//! - **Hinted hand-off**: a write for an owner the failure detector calls
+//!   down goes to the next live node on the ring as a hint, which it
+//!   forwards once the owner is back. Hints never count toward a quorum:
+//!   reads ask owners only, so a counted copy must live on an owner.
+//! - **Re-sync**: a replica restarted empty ([`Replica::restart`]) asks every
+//!   other node for the records it owns and counts toward no quorum (its
+//!   acknowledgements and replies say `counted: false`) until all of them
+//!   have answered. Otherwise a quorum could include a node that lost an
+//!   acknowledged write and a node that never had it.
+
+use super::version::{LamportClock, Version};
+use bytes::Bytes;
+use cachet_proto::Ring;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+/// A node's index in the membership (its ring member id is this number).
+pub type NodeIx = u32;
+
+/// How many owners must take part in a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// One owner.
+    One,
+    /// A majority of the owners.
+    Quorum,
+    /// Every owner.
+    All,
+}
+
+impl Consistency {
+    /// Owners that must answer, out of `owners`.
+    pub fn required(self, owners: usize) -> usize {
+        match self {
+            Self::One => 1.min(owners),
+            Self::Quorum => owners / 2 + 1,
+            Self::All => owners,
+        }
+    }
+}
+
+/// A key's value at one version; `None` is a deletion (a tombstone, kept so
+/// an older value cannot come back through repair).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Its version.
+    pub version: Version,
+    /// The value, or `None` for a deletion.
+    pub value: Option<Bytes>,
+}
+
+/// What replicas say to each other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Store `record` under `key` if newer (or keep it as a hint for
+    /// `hint_for`). `req` 0 wants no acknowledgement.
+    Put {
+        /// Request id at the sender.
+        req: u64,
+        /// The key.
+        key: Bytes,
+        /// The record.
+        record: Record,
+        /// Set when the receiver holds it for a down owner.
+        hint_for: Option<NodeIx>,
+    },
+    /// A `Put` was applied.
+    PutAck {
+        /// The `Put`'s request id.
+        req: u64,
+        /// Whether the sender counts toward quorums (is not re-syncing).
+        counted: bool,
+    },
+    /// Send your record of `key`.
+    Get {
+        /// Request id at the sender.
+        req: u64,
+        /// The key.
+        key: Bytes,
+    },
+    /// The answer to a `Get`.
+    GetReply {
+        /// The `Get`'s request id.
+        req: u64,
+        /// The record, if any.
+        record: Option<Record>,
+        /// Whether the sender counts toward quorums.
+        counted: bool,
+    },
+    /// A restarted replica asks for the records it owns.
+    SyncRequest {
+        /// The requester's restart number, echoed back.
+        round: u64,
+    },
+    /// Every record the requester owns.
+    SyncData {
+        /// The request's round.
+        round: u64,
+        /// The records.
+        entries: Vec<(Bytes, Record)>,
+    },
+}
+
+/// A client operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Write (or, with `None`, delete) `key`.
+    Put {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Option<Bytes>,
+    },
+    /// Read `key`.
+    Get {
+        /// The key.
+        key: Bytes,
+    },
+}
+
+/// Why an operation failed. A failed write may still have reached some
+/// replicas (it was not acknowledged, and may or may not survive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpError {
+    /// Fewer owners are alive than the consistency level needs.
+    Unavailable,
+    /// Not enough counted answers before the deadline.
+    Timeout,
+}
+
+/// What an operation produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The write was acknowledged at this version.
+    Written(Version),
+    /// The read's record (`None`: never written).
+    Read(Option<Record>),
+}
+
+/// The answer to a client operation, by the client's request id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The id the client gave.
+    pub client_req: u64,
+    /// What happened.
+    pub result: Result<Outcome, OpError>,
+}
+
+/// Tunables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// Replication factor.
+    pub rf: usize,
+    /// Deadline of one client operation.
+    pub request_timeout_ms: u64,
+    /// Resend interval of hints and sync requests.
+    pub retry_ms: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        Self { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 }
+    }
+}
+
+enum Phase {
+    /// ABD's first round: the highest version a read quorum holds.
+    Query { answered: BTreeSet<NodeIx>, counted: usize, needed: usize, highest: Version },
+    /// The write itself.
+    Store { record: Record, acked: BTreeSet<NodeIx>, counted: usize },
+}
+
+enum Pending {
+    Write {
+        client_req: u64,
+        key: Bytes,
+        value: Option<Bytes>,
+        required: usize,
+        deadline: u64,
+        phase: Phase,
+    },
+    Read {
+        client_req: u64,
+        key: Bytes,
+        required: usize,
+        deadline: u64,
+        expected: usize,
+        replies: Vec<Answer>,
+        done: bool,
+    },
+    /// Delivering hint `id`.
+    Hint {
+        id: u64,
+    },
+}
+
+struct Answer {
+    from: NodeIx,
+    record: Option<Record>,
+    counted: bool,
+}
+
+struct Hint {
+    target: NodeIx,
+    key: Bytes,
+    record: Record,
+    next_try: u64,
+}
+
+struct Resync {
+    round: u64,
+    waiting: BTreeSet<NodeIx>,
+    next_try: u64,
+}
+
+/// One node's replica and coordinator. See the module docs.
+pub struct Replica {
+    me: NodeIx,
+    nodes: u32,
+    ring: Arc<Ring>,
+    config: ReplicaConfig,
+    alive: Vec<bool>,
+    store: BTreeMap<Bytes, Record>,
+    clock: LamportClock,
+    resync: Option<Resync>,
+    restarts: u64,
+    hints: BTreeMap<u64, Hint>,
+    pending: BTreeMap<u64, Pending>,
+    next_req: u64,
+    outbox: VecDeque<(NodeIx, Message)>,
+    replies: VecDeque<Reply>,
+}
+
+impl Replica {
+    /// Replica `me` of a cluster whose ring members are named `"0"`,
+    /// `"1"`, ... (`nodes` of them). Every node starts alive.
+    pub fn new(me: NodeIx, nodes: u32, ring: Arc<Ring>, config: ReplicaConfig) -> Self {
+        Self {
+            me,
+            nodes,
+            ring,
+            config,
+            alive: vec![true; nodes as usize],
+            store: BTreeMap::new(),
+            clock: LamportClock::default(),
+            resync: None,
+            restarts: 0,
+            hints: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_req: 1,
+            outbox: VecDeque::new(),
+            replies: VecDeque::new(),
+        }
+    }
+
+    /// This node's index.
+    pub fn id(&self) -> NodeIx {
+        self.me
+    }
+
+    /// Whether this replica counts toward quorums (it is not re-syncing).
+    pub fn counted(&self) -> bool {
+        self.resync.is_none()
+    }
+
+    /// Its record of `key`.
+    pub fn record(&self, key: &[u8]) -> Option<&Record> {
+        self.store.get(key)
+    }
+
+    /// Every record it holds.
+    pub fn records(&self) -> impl Iterator<Item = (&Bytes, &Record)> {
+        self.store.iter()
+    }
+
+    /// Hints waiting for their owner.
+    pub fn hints_held(&self) -> usize {
+        self.hints.len()
+    }
+
+    /// The owners of `key`, primary first.
+    pub fn owners(&self, key: &[u8]) -> Vec<NodeIx> {
+        self.ring.owners(key, self.config.rf).iter().filter_map(|m| m.id.parse().ok()).collect()
+    }
+
+    /// The failure detector's verdict on `node`. A node coming back gets
+    /// its hints, and a re-syncing replica asks it again.
+    pub fn set_alive(&mut self, now: u64, node: NodeIx, alive: bool) {
+        if let Some(slot) = self.alive.get_mut(node as usize) {
+            *slot = alive;
+        }
+        if alive {
+            for hint in self.hints.values_mut().filter(|h| h.target == node) {
+                hint.next_try = now;
+            }
+            if let Some(resync) = &mut self.resync {
+                resync.next_try = now;
+            }
+        }
+    }
+
+    /// The node restarts with nothing: every record, hint, clock and
+    /// request is gone. It asks the others for its records and counts
+    /// toward no quorum until all have answered.
+    pub fn restart(&mut self, now: u64) {
+        let restarts = self.restarts + 1;
+        *self = Self::new(self.me, self.nodes, self.ring.clone(), self.config);
+        self.restarts = restarts;
+        let waiting: BTreeSet<NodeIx> = (0..self.nodes).filter(|&n| n != self.me).collect();
+        if waiting.is_empty() {
+            return;
+        }
+        self.resync = Some(Resync { round: restarts, waiting, next_try: now });
+        self.tick(now);
+    }
+
+    fn request_id(&mut self) -> u64 {
+        let id = self.next_req;
+        self.next_req += 1;
+        id
+    }
+
+    fn send(&mut self, to: NodeIx, message: Message) {
+        self.outbox.push_back((to, message));
+    }
+
+    /// Keeps `record` if it is newer than what `key` holds.
+    fn apply(&mut self, key: &Bytes, record: &Record) {
+        self.clock.observe(record.version);
+        let newer = self.store.get(key).is_none_or(|have| have.version < record.version);
+        if newer {
+            self.store.insert(key.clone(), record.clone());
+        }
+    }
+
+    /// The first live node after the owners on `key`'s ring walk: where a
+    /// down owner's hint goes.
+    fn hint_holder(&self, key: &[u8], owners: &[NodeIx]) -> Option<NodeIx> {
+        let walk = self.ring.owners(key, self.nodes as usize);
+        walk.iter()
+            .filter_map(|m| m.id.parse::<NodeIx>().ok())
+            .find(|n| !owners.contains(n) && self.alive.get(*n as usize).copied().unwrap_or(false))
+    }
+
+    /// A client operation coordinated here, answered through
+    /// [`Replica::poll_reply`] with `client_req`.
+    pub fn client(&mut self, now: u64, client_req: u64, op: Op, consistency: Consistency) {
+        let key = match &op {
+            Op::Put { key, .. } | Op::Get { key } => key.clone(),
+        };
+        let owners = self.owners(&key);
+        let required = consistency.required(owners.len());
+        let alive = owners.iter().filter(|&&n| n == self.me || self.alive[n as usize]).count();
+        if required == 0 || alive < required {
+            self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
+            return;
+        }
+        let req = self.request_id();
+        let deadline = now + self.config.request_timeout_ms;
+        match op {
+            Op::Get { .. } => {
+                let expected = self.live(&owners);
+                let read = Pending::Read {
+                    client_req,
+                    key: key.clone(),
+                    required,
+                    deadline,
+                    expected,
+                    replies: Vec::new(),
+                    done: false,
+                };
+                self.pending.insert(req, read);
+                self.ask(req, &key, &owners);
+            }
+            Op::Put { value, .. } if consistency == Consistency::One => {
+                let record = Record { version: self.clock.tick(self.me), value: value.clone() };
+                let phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
+                self.pending
+                    .insert(req, Pending::Write { client_req, key: key.clone(), value, required, deadline, phase });
+                self.store_at_owners(now, req, &key, &record, &owners);
+            }
+            Op::Put { value, .. } => {
+                // A read quorum, whatever the write's level: it must meet the
+                // quorum of every earlier acknowledged write.
+                let needed = Consistency::Quorum.required(owners.len());
+                let phase = Phase::Query { answered: BTreeSet::new(), counted: 0, needed, highest: Version::default() };
+                self.pending
+                    .insert(req, Pending::Write { client_req, key: key.clone(), value, required, deadline, phase });
+                self.ask(req, &key, &owners);
+            }
+        }
+        self.progress(now, req);
+    }
+
+    /// Owners that are this node or alive: who will be asked.
+    fn live(&self, owners: &[NodeIx]) -> usize {
+        owners.iter().filter(|&&n| n == self.me || self.alive.get(n as usize).copied().unwrap_or(false)).count()
+    }
+
+    /// Sends `Get` to the live owners (answering itself directly).
+    fn ask(&mut self, req: u64, key: &Bytes, owners: &[NodeIx]) {
+        for &owner in owners {
+            if owner == self.me {
+                let record = self.store.get(key).cloned();
+                let counted = self.counted();
+                self.answer(req, owner, record, counted);
+            } else if self.alive[owner as usize] {
+                self.send(owner, Message::Get { req, key: key.clone() });
+            }
+        }
+    }
+
+    /// Sends the write to every owner: live ones directly, down ones as a
+    /// hint to the next live node.
+    fn store_at_owners(&mut self, now: u64, req: u64, key: &Bytes, record: &Record, owners: &[NodeIx]) {
+        for &owner in owners {
+            if owner == self.me {
+                self.apply(key, record);
+                let counted = self.counted();
+                self.acked(req, owner, counted);
+            } else if self.alive[owner as usize] {
+                self.send(owner, Message::Put { req, key: key.clone(), record: record.clone(), hint_for: None });
+            } else if let Some(holder) = self.hint_holder(key, owners) {
+                let hint = Message::Put { req: 0, key: key.clone(), record: record.clone(), hint_for: Some(owner) };
+                if holder == self.me {
+                    self.keep_hint(now, owner, key.clone(), record.clone());
+                } else {
+                    self.send(holder, hint);
+                }
+            }
+        }
+    }
+
+    fn keep_hint(&mut self, now: u64, target: NodeIx, key: Bytes, record: Record) {
+        let id = self.request_id();
+        self.hints.insert(id, Hint { target, key, record, next_try: now });
+    }
+
+    fn answer(&mut self, req: u64, from: NodeIx, record: Option<Record>, counted: bool) {
+        if let Some(record) = &record {
+            self.clock.observe(record.version);
+        }
+        match self.pending.get_mut(&req) {
+            // A duplicated reply must not count twice.
+            Some(Pending::Read { replies, .. }) if !replies.iter().any(|a| a.from == from) => {
+                replies.push(Answer { from, record, counted });
+            }
+            Some(Pending::Write { phase: Phase::Query { answered, counted: n, highest, .. }, .. }) => {
+                // Duplicates count once.
+                let fresh = answered.insert(from);
+                *n += usize::from(fresh && counted);
+                if let Some(record) = record.filter(|_| fresh) {
+                    *highest = (*highest).max(record.version);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn acked(&mut self, req: u64, from: NodeIx, counted: bool) {
+        match self.pending.get_mut(&req) {
+            Some(Pending::Write { phase: Phase::Store { acked, counted: n, .. }, .. }) => {
+                let fresh = acked.insert(from);
+                *n += usize::from(fresh && counted);
+            }
+            Some(Pending::Hint { id }) => {
+                let id = *id;
+                self.hints.remove(&id);
+                self.pending.remove(&req);
+            }
+            _ => {}
+        }
+    }
+
+    /// Moves request `req` on as far as its answers allow.
+    fn progress(&mut self, now: u64, req: u64) {
+        let Some(pending) = self.pending.get_mut(&req) else { return };
+        match pending {
+            Pending::Read { client_req, required, replies, done, expected, .. } => {
+                let counted = replies.iter().filter(|a| a.counted).count();
+                if !*done && counted >= *required {
+                    *done = true;
+                    let best = replies.iter().filter_map(|a| a.record.clone()).max_by_key(|r| r.version);
+                    let client_req = *client_req;
+                    self.replies.push_back(Reply { client_req, result: Ok(Outcome::Read(best)) });
+                }
+                // Everyone asked has answered: repair now.
+                if *done && replies.len() >= *expected {
+                    self.finish_read(req);
+                }
+            }
+            Pending::Write { client_req, key, value, required, phase, .. } => match phase {
+                Phase::Query { counted, needed, highest, .. } => {
+                    if *counted >= *needed {
+                        self.clock.observe(*highest);
+                        let record = Record { version: self.clock.tick(self.me), value: value.clone() };
+                        let key = key.clone();
+                        *phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
+                        let owners = self.owners(&key);
+                        self.store_at_owners(now, req, &key, &record, &owners);
+                        self.progress(now, req);
+                    }
+                }
+                Phase::Store { record, counted, .. } => {
+                    if *counted >= *required {
+                        let reply = Reply { client_req: *client_req, result: Ok(Outcome::Written(record.version)) };
+                        self.replies.push_back(reply);
+                        self.pending.remove(&req);
+                    }
+                }
+            },
+            Pending::Hint { .. } => {}
+        }
+    }
+
+    /// Read repair: every owner that answered with an older record gets
+    /// the newest one.
+    fn finish_read(&mut self, req: u64) {
+        let Some(Pending::Read { key, replies, .. }) = self.pending.remove(&req) else { return };
+        let Some(best) = replies.iter().filter_map(|a| a.record.clone()).max_by_key(|r| r.version) else { return };
+        for answer in &replies {
+            let behind = answer.record.as_ref().is_none_or(|r| r.version < best.version);
+            if !behind {
+                continue;
+            }
+            if answer.from == self.me {
+                self.apply(&key, &best);
+            } else {
+                self.send(answer.from, Message::Put { req: 0, key: key.clone(), record: best.clone(), hint_for: None });
+            }
+        }
+    }
+
+    /// A message from `from`.
+    pub fn handle(&mut self, now: u64, from: NodeIx, message: Message) {
+        match message {
+            Message::Put { req, key, record, hint_for: Some(target) } => {
+                self.clock.observe(record.version);
+                if target == self.me {
+                    self.apply(&key, &record);
+                } else {
+                    self.keep_hint(now, target, key, record);
+                }
+                if req != 0 {
+                    let counted = self.counted();
+                    self.send(from, Message::PutAck { req, counted });
+                }
+            }
+            Message::Put { req, key, record, hint_for: None } => {
+                self.apply(&key, &record);
+                if req != 0 {
+                    let counted = self.counted();
+                    self.send(from, Message::PutAck { req, counted });
+                }
+            }
+            Message::PutAck { req, counted } => {
+                self.acked(req, from, counted);
+                self.progress(now, req);
+            }
+            Message::Get { req, key } => {
+                let record = self.store.get(&key).cloned();
+                let counted = self.counted();
+                self.send(from, Message::GetReply { req, record, counted });
+            }
+            Message::GetReply { req, record, counted } => {
+                self.answer(req, from, record, counted);
+                self.progress(now, req);
+            }
+            Message::SyncRequest { round } => {
+                let entries: Vec<(Bytes, Record)> = self
+                    .store
+                    .iter()
+                    .filter(|(key, _)| self.owners(key).contains(&from))
+                    .map(|(k, r)| (k.clone(), r.clone()))
+                    .collect();
+                // Hints held for the requester are delivered with the sync.
+                let mut entries = entries;
+                let delivered: Vec<u64> =
+                    self.hints.iter().filter(|(_, h)| h.target == from).map(|(&id, _)| id).collect();
+                for id in delivered {
+                    if let Some(hint) = self.hints.remove(&id) {
+                        entries.push((hint.key, hint.record));
+                    }
+                }
+                self.send(from, Message::SyncData { round, entries });
+            }
+            Message::SyncData { round, entries } => {
+                for (key, record) in &entries {
+                    self.apply(key, record);
+                }
+                if let Some(resync) = &mut self.resync
+                    && resync.round == round
+                {
+                    resync.waiting.remove(&from);
+                    if resync.waiting.is_empty() {
+                        self.resync = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deadlines: expired requests fail (or finish their repair), hints
+    /// and sync requests are resent.
+    pub fn tick(&mut self, now: u64) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| match p {
+                Pending::Read { deadline, .. } | Pending::Write { deadline, .. } => *deadline <= now,
+                Pending::Hint { .. } => false,
+            })
+            .map(|(&req, _)| req)
+            .collect();
+        for req in expired {
+            match self.pending.get(&req) {
+                Some(Pending::Read { done: true, .. }) => self.finish_read(req),
+                Some(Pending::Read { client_req, .. } | Pending::Write { client_req, .. }) => {
+                    let client_req = *client_req;
+                    self.pending.remove(&req);
+                    self.replies.push_back(Reply { client_req, result: Err(OpError::Timeout) });
+                }
+                _ => {}
+            }
+        }
+        let due: Vec<u64> = self
+            .hints
+            .iter()
+            .filter(|(_, h)| h.next_try <= now && self.alive.get(h.target as usize).copied().unwrap_or(false))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            let req = self.request_id();
+            let Some(hint) = self.hints.get_mut(&id) else { continue };
+            hint.next_try = now + self.config.retry_ms;
+            let message = Message::Put { req, key: hint.key.clone(), record: hint.record.clone(), hint_for: None };
+            let target = hint.target;
+            // Earlier attempts' requests for this hint are superseded.
+            self.pending.retain(|_, p| !matches!(p, Pending::Hint { id: h } if *h == id));
+            self.pending.insert(req, Pending::Hint { id });
+            self.send(target, message);
+        }
+        let mut sync = None;
+        if let Some(resync) = &mut self.resync
+            && resync.next_try <= now
+        {
+            resync.next_try = now + self.config.retry_ms;
+            sync = Some((resync.round, resync.waiting.clone()));
+        }
+        if let Some((round, waiting)) = sync {
+            for peer in waiting {
+                if self.alive[peer as usize] {
+                    self.send(peer, Message::SyncRequest { round });
+                }
+            }
+        }
+    }
+
+    /// The next message to send, and to whom.
+    pub fn poll_transmit(&mut self) -> Option<(NodeIx, Message)> {
+        self.outbox.pop_front()
+    }
+
+    /// The next answer to a client.
+    pub fn poll_reply(&mut self) -> Option<Reply> {
+        self.replies.pop_front()
+    }
+
+    /// When [`Replica::tick`] next has work.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let requests = self.pending.values().filter_map(|p| match p {
+            Pending::Read { deadline, .. } | Pending::Write { deadline, .. } => Some(*deadline),
+            Pending::Hint { .. } => None,
+        });
+        let hints = self
+            .hints
+            .values()
+            .filter(|h| self.alive.get(h.target as usize).copied().unwrap_or(false))
+            .map(|h| h.next_try);
+        let sync = self.resync.as_ref().map(|r| r.next_try);
+        requests.chain(hints).chain(sync).min()
+    }
+}

@@ -1,0 +1,432 @@
+//! A deterministic simulator of the replication core: several replicas, a
+//! network that loses, delays, duplicates and reorders messages, partitions
+//! that cut a node off, crashes that wipe a node's memory, and clients
+//! whose operations are checked by an oracle. Everything comes from one
+//! seed, so a failing schedule replays exactly:
+//!
+//! `CACHET_SIM_SEED=N cargo test -p cachet --lib cluster::sim::replay -- --nocapture`
+//!
+//! Invariants, checked after every step:
+//! - **no-invented-values**: every record a replica holds carries a value a
+//!   client wrote to that key (or a deletion);
+//! - **versions-agree**: two replicas holding the same version of a key
+//!   hold the same value;
+//! - **acked-writes-survive**: for every key, some running replica holds a
+//!   version at least as new as the newest acknowledged QUORUM/ALL write;
+//! - **quorum-reads-see-acked-writes** (the client oracle): a QUORUM/ALL
+//!   read returns a version at least as new as every QUORUM/ALL write
+//!   acknowledged before the read began;
+//! - **writes-ordered-in-real-time** (the oracle too): a QUORUM/ALL write
+//!   that began after another was acknowledged gets a higher version, so
+//!   "the newest version" is "the latest acknowledged write".
+//!
+//! The fault model is the one RF=3 with quorums is built for: at most one
+//! node crashed or re-syncing at a time (a second crash waits until every
+//! node is back and counted), and a partition isolates one node while all
+//! are up.
+
+use super::replica::{Consistency, Message, NodeIx, Op, OpError, Outcome, Replica, ReplicaConfig};
+use super::version::Version;
+use bytes::Bytes;
+use cachet_proto::{Member, Ring};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+const NODES: u32 = 3;
+const KEYS: usize = 6;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / ((1u64 << 53) as f64) < p
+    }
+}
+
+/// What one seed's run did, for the suite's sanity checks.
+#[derive(Default, Debug)]
+pub(super) struct Tally {
+    pub(super) acked_writes: u64,
+    pub(super) failed_ops: u64,
+    pub(super) checked_reads: u64,
+    pub(super) crashes: u64,
+    pub(super) partitions: u64,
+    pub(super) dropped: u64,
+    pub(super) duplicated: u64,
+}
+
+struct Started {
+    op: Op,
+    consistency: Consistency,
+    at: u64,
+}
+
+struct Sim {
+    seed: u64,
+    rng: Rng,
+    now: u64,
+    replicas: Vec<Replica>,
+    up: Vec<bool>,
+    /// A node cut off from the others until the given time.
+    isolated: Option<(NodeIx, u64)>,
+    /// A crashed node and when it restarts.
+    down: Option<(NodeIx, u64)>,
+    network: BTreeMap<(u64, u64), (NodeIx, NodeIx, Message)>,
+    seq: u64,
+    started: HashMap<u64, Started>,
+    next_op: u64,
+    next_op_at: u64,
+    ops_left: u64,
+    next_fault_at: u64,
+    /// Values written per key (for no-invented-values).
+    written: HashMap<Bytes, Vec<Option<Bytes>>>,
+    /// Acknowledged QUORUM/ALL writes per key: (version, ack time).
+    acked: HashMap<Bytes, Vec<(Version, u64)>>,
+    tally: Tally,
+    step: u64,
+    /// Print every event (`CACHET_SIM_TRACE=1`, for replays).
+    trace: bool,
+}
+
+fn key(i: u64) -> Bytes {
+    Bytes::from(format!("k{i}"))
+}
+
+impl Sim {
+    fn new(seed: u64, ops: u64) -> Self {
+        let members = (0..NODES)
+            .map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 })
+            .collect();
+        let ring = Arc::new(Ring::new(1, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
+        let config = ReplicaConfig { rf: 3, request_timeout_ms: 400, retry_ms: 50 };
+        let replicas = (0..NODES).map(|i| Replica::new(i, NODES, ring.clone(), config)).collect();
+        Self {
+            seed,
+            rng: Rng(seed),
+            now: 0,
+            replicas,
+            up: vec![true; NODES as usize],
+            isolated: None,
+            down: None,
+            network: BTreeMap::new(),
+            seq: 0,
+            started: HashMap::new(),
+            next_op: 1,
+            next_op_at: 0,
+            ops_left: ops,
+            next_fault_at: 200,
+            written: HashMap::new(),
+            acked: HashMap::new(),
+            tally: Tally::default(),
+            step: 0,
+            trace: std::env::var_os("CACHET_SIM_TRACE").is_some(),
+        }
+    }
+
+    fn fail(&self, invariant: &str, detail: String) -> ! {
+        panic!(
+            "invariant `{invariant}` violated at step {} (t={} ms) with seed {}: {detail}\n\
+             replay: CACHET_SIM_SEED={} cargo test -p cachet --lib cluster::sim::replay -- --nocapture",
+            self.step, self.now, self.seed, self.seed
+        );
+    }
+
+    fn cut(&self, a: NodeIx, b: NodeIx) -> bool {
+        matches!(self.isolated, Some((n, _)) if n == a || n == b) && a != b
+    }
+
+    /// Moves every output of the running replicas onto the network (or to
+    /// the oracle).
+    fn drain(&mut self) {
+        for i in 0..NODES as usize {
+            if !self.up[i] {
+                continue;
+            }
+            while let Some((to, message)) = self.replicas[i].poll_transmit() {
+                if self.rng.chance(0.08) {
+                    self.tally.dropped += 1;
+                    continue;
+                }
+                let copies = if self.rng.chance(0.02) { 2 } else { 1 };
+                self.tally.duplicated += copies - 1;
+                for _ in 0..copies {
+                    let at = self.now + 1 + self.rng.below(15);
+                    self.seq += 1;
+                    self.network.insert((at, self.seq), (i as NodeIx, to, message.clone()));
+                }
+            }
+            while let Some(reply) = self.replicas[i].poll_reply() {
+                self.complete(reply.client_req, reply.result);
+            }
+        }
+    }
+
+    fn complete(&mut self, op_id: u64, result: Result<Outcome, OpError>) {
+        if self.trace {
+            eprintln!("t={} op {op_id} -> {result:?}", self.now);
+        }
+        let Some(started) = self.started.remove(&op_id) else {
+            self.fail("one-reply-per-op", format!("op {op_id} answered twice or never started"));
+        };
+        let strong = started.consistency != Consistency::One;
+        match (started.op, result) {
+            (Op::Put { key, .. }, Ok(Outcome::Written(version))) => {
+                if strong {
+                    // A write that began after another was acknowledged
+                    // must be ordered after it, or reads would return the
+                    // older one as the latest.
+                    let earlier = self.acked.get(&key).into_iter().flatten().filter(|(_, at)| *at < started.at);
+                    if let Some((before, _)) = earlier.max_by_key(|(v, _)| *v)
+                        && *before >= version
+                    {
+                        self.fail(
+                            "writes-ordered-in-real-time",
+                            format!(
+                                "write of {key:?} begun at {} got {version:?}, below the acked {before:?}",
+                                started.at
+                            ),
+                        );
+                    }
+                    self.acked.entry(key).or_default().push((version, self.now));
+                    self.tally.acked_writes += 1;
+                }
+            }
+            (Op::Get { key }, Ok(Outcome::Read(record))) => {
+                if !strong {
+                    return;
+                }
+                let seen = record.as_ref().map(|r| r.version).unwrap_or_default();
+                let newest_before = self
+                    .acked
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, at)| *at < started.at)
+                    .map(|(v, _)| *v)
+                    .max();
+                if let Some(newest) = newest_before
+                    && seen < newest
+                {
+                    self.fail(
+                        "quorum-reads-see-acked-writes",
+                        format!("read of {key:?} begun at {} saw {seen:?}; {newest:?} was acked before", started.at),
+                    );
+                }
+                self.tally.checked_reads += 1;
+            }
+            (_, Err(_)) => self.tally.failed_ops += 1,
+            (op, result) => self.fail("reply-matches-op", format!("{op:?} got {result:?}")),
+        }
+    }
+
+    fn check(&self) {
+        let mut by_version: HashMap<(Bytes, Version), Option<Bytes>> = HashMap::new();
+        for (i, replica) in self.replicas.iter().enumerate() {
+            if !self.up[i] {
+                continue;
+            }
+            for (key, record) in replica.records() {
+                let known = self.written.get(key).is_some_and(|values| values.contains(&record.value));
+                if !known {
+                    self.fail("no-invented-values", format!("node {i} holds {key:?} = {:?}", record.value));
+                }
+                if let Some(other) = by_version.insert((key.clone(), record.version), record.value.clone())
+                    && other != record.value
+                {
+                    self.fail(
+                        "versions-agree",
+                        format!("{key:?} {:?}: {other:?} vs {:?}", record.version, record.value),
+                    );
+                }
+            }
+        }
+        for (key, acked) in &self.acked {
+            let Some(newest) = acked.iter().map(|(v, _)| *v).max() else { continue };
+            let held = self
+                .replicas
+                .iter()
+                .enumerate()
+                .any(|(i, r)| self.up[i] && r.record(key).is_some_and(|rec| rec.version >= newest));
+            if !held {
+                self.fail("acked-writes-survive", format!("no running replica holds {key:?} at {newest:?} or newer"));
+            }
+        }
+    }
+
+    fn issue_op(&mut self) {
+        let live: Vec<usize> = (0..NODES as usize).filter(|&i| self.up[i]).collect();
+        let coordinator = live[self.rng.below(live.len() as u64) as usize];
+        let k = key(self.rng.below(KEYS as u64));
+        let consistency = match self.rng.below(10) {
+            0 => Consistency::One,
+            1 => Consistency::All,
+            _ => Consistency::Quorum,
+        };
+        let op_id = self.next_op;
+        self.next_op += 1;
+        let op = if self.rng.chance(0.55) {
+            let value = if self.rng.chance(0.1) { None } else { Some(Bytes::from(format!("v{op_id}"))) };
+            self.written.entry(k.clone()).or_default().push(value.clone());
+            Op::Put { key: k, value }
+        } else {
+            Op::Get { key: k }
+        };
+        if self.trace {
+            eprintln!("t={} op {op_id} at node {coordinator}: {op:?} {consistency:?}", self.now);
+        }
+        self.started.insert(op_id, Started { op: op.clone(), consistency, at: self.now });
+        self.replicas[coordinator].client(self.now, op_id, op, consistency);
+    }
+
+    fn fault(&mut self) {
+        let all_counted = self.replicas.iter().all(Replica::counted);
+        if self.down.is_some() || self.isolated.is_some() || !all_counted {
+            return;
+        }
+        let node = self.rng.below(u64::from(NODES)) as NodeIx;
+        if self.trace {
+            eprintln!("t={} fault on node {node}", self.now);
+        }
+        if self.rng.chance(0.5) {
+            self.tally.crashes += 1;
+            self.up[node as usize] = false;
+            self.down = Some((node, self.now + 20 + self.rng.below(200)));
+            for (i, replica) in self.replicas.iter_mut().enumerate() {
+                if i != node as usize {
+                    replica.set_alive(self.now, node, false);
+                }
+            }
+        } else {
+            self.tally.partitions += 1;
+            self.isolated = Some((node, self.now + 20 + self.rng.below(200)));
+        }
+    }
+
+    fn restart(&mut self, node: NodeIx) {
+        if self.trace {
+            eprintln!("t={} restart node {node}", self.now);
+        }
+        self.down = None;
+        self.up[node as usize] = true;
+        self.replicas[node as usize].restart(self.now);
+        for (i, replica) in self.replicas.iter_mut().enumerate() {
+            if i != node as usize {
+                replica.set_alive(self.now, node, true);
+            }
+        }
+    }
+
+    /// Runs until every op is issued and answered (or lost with a crashed
+    /// coordinator) and the network is quiet.
+    fn run(mut self) -> Tally {
+        let limit = 2_000_000u64;
+        loop {
+            self.step += 1;
+            if self.step > limit {
+                self.fail("terminates", "the simulation did not settle".into());
+            }
+            let deliveries = self.network.keys().next().map(|&(at, _)| at);
+            let timeouts =
+                (0..NODES as usize).filter(|&i| self.up[i]).filter_map(|i| self.replicas[i].poll_timeout()).min();
+            let op = (self.ops_left > 0).then_some(self.next_op_at);
+            let fault = (self.ops_left > 0).then_some(self.next_fault_at);
+            let restart = self.down.map(|(_, at)| at);
+            let heal = self.isolated.map(|(_, at)| at);
+            let Some(next) = [deliveries, timeouts, op, fault, restart, heal].into_iter().flatten().min() else {
+                break;
+            };
+            self.now = self.now.max(next);
+            if let Some((node, at)) = self.down
+                && at <= self.now
+            {
+                self.restart(node);
+            }
+            if let Some((_, at)) = self.isolated
+                && at <= self.now
+            {
+                self.isolated = None;
+            }
+            if self.ops_left > 0 && self.next_fault_at <= self.now {
+                self.fault();
+                self.next_fault_at = self.now + 10 + self.rng.below(150);
+            }
+            if self.ops_left > 0 && self.next_op_at <= self.now {
+                self.issue_op();
+                self.ops_left -= 1;
+                self.next_op_at = self.now + self.rng.below(6);
+            }
+            while let Some((&(at, seq), _)) = self.network.iter().next() {
+                if at > self.now {
+                    break;
+                }
+                let Some((from, to, message)) = self.network.remove(&(at, seq)) else { break };
+                if self.trace {
+                    eprintln!("t={} {from}->{to} {message:?}", self.now);
+                }
+                if self.up[to as usize] && self.up[from as usize] && !self.cut(from, to) {
+                    self.replicas[to as usize].handle(self.now, from, message);
+                } else {
+                    self.tally.dropped += 1;
+                }
+            }
+            for i in 0..NODES as usize {
+                if self.up[i] && self.replicas[i].poll_timeout().is_some_and(|t| t <= self.now) {
+                    self.replicas[i].tick(self.now);
+                }
+            }
+            self.drain();
+            self.check();
+        }
+        // Unanswered ops are the ones lost with a crashed coordinator.
+        self.tally.failed_ops += self.started.len() as u64;
+        self.tally
+    }
+}
+
+pub(super) fn run_seed(seed: u64, ops: u64) -> Tally {
+    Sim::new(seed, ops).run()
+}
+
+#[test]
+fn two_hundred_fault_schedules_keep_every_invariant() {
+    let mut total = Tally::default();
+    for seed in 1..=200 {
+        let t = run_seed(seed, 400);
+        total.acked_writes += t.acked_writes;
+        total.failed_ops += t.failed_ops;
+        total.checked_reads += t.checked_reads;
+        total.crashes += t.crashes;
+        total.partitions += t.partitions;
+        total.dropped += t.dropped;
+        total.duplicated += t.duplicated;
+    }
+    eprintln!("200 seeds: {total:?}");
+    // The schedules really exercised the faults and the oracle.
+    assert!(total.crashes >= 100 && total.partitions >= 100, "{total:?}");
+    assert!(total.dropped >= 1_000 && total.duplicated >= 500, "{total:?}");
+    assert!(total.acked_writes >= 20_000 && total.checked_reads >= 10_000, "{total:?}");
+    // Faults are frequent (one every ~85 ms, 8% loss), so many operations
+    // time out; most still succeed.
+    assert!(total.failed_ops * 2 < 200 * 400, "most operations succeed: {total:?}");
+}
+
+/// Replays `CACHET_SIM_SEED` (default 1) with more operations.
+#[test]
+fn replay() {
+    let seed = std::env::var("CACHET_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let tally = run_seed(seed, 2_000);
+    eprintln!("seed {seed}: {tally:?}");
+    assert!(tally.acked_writes > 0);
+}
