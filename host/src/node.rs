@@ -171,7 +171,7 @@ impl Node {
     /// ... GET) that must read and write atomically. Counts as a write to
     /// `key`: a load of it in flight will not be installed.
     pub fn with_shard<R>(&self, key: &[u8], f: impl FnOnce(&mut Shard, u64) -> R) -> R {
-        self.invalidate_load(key);
+        let _lease = self.invalidate_load(key);
         self.with_shard_raw(key, f)
     }
 
@@ -211,11 +211,10 @@ impl Node {
     }
 
     /// A write to `key` is about to happen: a load in flight must not
-    /// install what it read before.
-    fn invalidate_load(&self, key: &[u8]) {
-        if let Some(loaders) = self.loaders.get() {
-            loaders.invalidate(key);
-        }
+    /// install what it read before. Hold the guard until the write is done,
+    /// so no load starts and installs in between.
+    fn invalidate_load(&self, key: &[u8]) -> Option<crate::loader::LeaseGuard<'_>> {
+        self.loaders.get()?.break_lease(key)
     }
 
     /// A GET that also returns the entry's expiry and hint, timed and
@@ -316,7 +315,7 @@ impl Node {
                 if ttl_ms == Some(0) {
                     return Response::Error(ErrorReply::new(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms"));
                 }
-                self.invalidate_load(&key);
+                let _lease = self.invalidate_load(&key);
                 let mut shard = self.shard(&key);
                 let present = shard.contains(now, &key);
                 let applies = match condition {
@@ -340,8 +339,11 @@ impl Node {
                 if let Some(refusal) = keys.iter().find_map(|key| self.refuse_origin_write(key)) {
                     return refusal;
                 }
-                keys.iter().for_each(|key| self.invalidate_load(key));
-                Response::Count(keys.iter().filter(|key| self.shard(key).delete(now, key)).count() as u64)
+                let deleted = keys.iter().filter(|key| {
+                    let _lease = self.invalidate_load(key);
+                    self.shard(key).delete(now, key)
+                });
+                Response::Count(deleted.count() as u64)
             }
             Request::Exists { keys } => {
                 Response::Count(keys.iter().filter(|key| self.shard(key).contains(now, key)).count() as u64)
@@ -356,7 +358,7 @@ impl Node {
                     return refusal;
                 }
                 if ttl_ms == 0 {
-                    self.invalidate_load(&key);
+                    let _lease = self.invalidate_load(&key);
                     Response::Applied(self.shard(&key).delete(now, &key))
                 } else {
                     Response::Applied(self.shard(&key).expire(now, &key, ttl_ms))
@@ -389,7 +391,7 @@ impl Node {
                     }
                 }
                 for (key, value) in pairs {
-                    self.invalidate_load(&key);
+                    let _lease = self.invalidate_load(&key);
                     if let Err(err) = self.shard(&key).set(now, &key, value, SetOptions::default()) {
                         return shard_error(&err);
                     }
@@ -400,7 +402,7 @@ impl Node {
                 if let Some(refusal) = self.refuse_origin_write(&key) {
                     return refusal;
                 }
-                self.invalidate_load(&key);
+                let _lease = self.invalidate_load(&key);
                 self.incr(now, key, delta)
             }
             Request::Ping => Response::Pong,
@@ -410,7 +412,7 @@ impl Node {
 
     /// The checks a shard makes before storing, made up front so a multi-key
     /// write can refuse before changing anything.
-    fn check_sizes(&self, key: &[u8], value: &[u8]) -> Option<Response> {
+    pub(crate) fn check_sizes(&self, key: &[u8], value: &[u8]) -> Option<Response> {
         let shard_bytes = self.config.max_bytes / self.shards.len() as u64;
         let size = (key.len() + value.len()) as u64;
         let err = if key.len() > self.config.max_key_size {

@@ -679,6 +679,21 @@ async fn write_behind_stores_in_order_and_bounds_its_queue() {
         assert_eq!(row(&db, &k.to_string()).await.as_deref(), Some("x"));
     }
 
+    // While a delete waits in the queue, the origin still has the row: a
+    // read must not load it back.
+    db.client.batch_execute("INSERT INTO kv VALUES ('d', 'old')").await.expect("row");
+    assert_eq!(client.get("h:slowkv:d").await.expect("get"), Some(Bytes::from_static(b"old")));
+    client.delete(&["h:slowkv:d"]).await.expect("queued delete");
+    assert_eq!(client.get("h:slowkv:d").await.expect("get"), None, "the queued delete is the value");
+    client.set("h:slowkv:d", "new").await.expect("queued set");
+    assert_eq!(client.get("h:slowkv:d").await.expect("get"), Some(Bytes::from_static(b"new")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while loaders.write_queue_depth() > 0 {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(row(&db, "d").await.as_deref(), Some("new"));
+
     // The origin is down: the write is answered, retried, then dropped and
     // counted (the documented loss of write-behind).
     client.set("h:down:y", "1").await.expect("queued");
@@ -833,4 +848,21 @@ async fn a_failed_refresh_serves_the_stale_value_until_the_grace_ends() {
     let err = client.get(key).await.expect_err("no value left, the load fails");
     assert_eq!(server_code(&err), ErrorCode::OriginFailed, "{err}");
     assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+/// With fuel to spare, a looping loader is still stopped at its wall-clock
+/// deadline (epoch interruption), and the node goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_is_stopped_at_its_wall_clock_deadline() {
+    let node = LoaderNode::start(
+        "",
+        "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\nfuel-per-call = 1000000000000000\nload-timeout-ms = 300",
+    );
+    let client = node.client().await;
+    let started = Instant::now();
+    let err = client.get("h:loop").await.expect_err("stopped");
+    assert_eq!(server_code(&err), ErrorCode::LoadFailed, "{err}");
+    assert!(err.to_string().contains("missed its") && err.to_string().contains("ms deadline"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert_eq!(client.get("h:echo:ok").await.expect("get"), Some(Bytes::from_static(b"ok")));
 }

@@ -21,11 +21,14 @@ pub(super) fn start(loaders: &Arc<Loaders>, index: usize, feed: &InvalidateConfi
     let channel = feed.channel.clone();
     handle.spawn(async move {
         let mut backoff = Duration::from_millis(100);
-        let mut first = true;
+        // Until the feed first listens without any failure before, the
+        // cache cannot have missed a notification.
+        let mut trusted = true;
         loop {
-            match listen(&weak, index, &config, &channel, &mut first).await {
+            match listen(&weak, index, &config, &channel, &mut trusted).await {
                 Ok(()) => return,
                 Err(err) => {
+                    trusted = false;
                     tracing::warn!(%err, channel, "invalidation feed lost; reconnecting");
                 }
             }
@@ -45,7 +48,7 @@ async fn listen(
     index: usize,
     config: &tokio_postgres::Config,
     channel: &str,
-    first: &mut bool,
+    trusted: &mut bool,
 ) -> Result<(), String> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -76,11 +79,12 @@ async fn listen(
     }
     {
         let Some(loaders) = weak.upgrade() else { return Ok(()) };
-        if !*first {
-            // Reconnected: what changed meanwhile is unknown.
+        if !*trusted {
+            // A failed attempt or a lost connection came before: what
+            // changed meanwhile is unknown.
             loaders.invalidate_namespace(index);
         }
-        *first = false;
+        *trusted = false;
         tracing::info!(channel, prefix = loaders.namespace_prefix(index), "invalidation feed listening");
     }
     loop {

@@ -4,7 +4,8 @@
 //! namespace allows.
 
 use super::origin::{OriginFailure, Origins};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 
@@ -77,6 +78,9 @@ pub struct Loaded {
 struct State {
     origins: Arc<Origins>,
     allowed: Arc<[String]>,
+    /// After this, origin requests are refused (the call's wall-clock
+    /// deadline; epoch interruption stops the guest's own code).
+    deadline: Instant,
     max_memory: usize,
     memory_denied: bool,
 }
@@ -122,6 +126,9 @@ impl wit_origin::Host for State {
         statement: String,
         params: Vec<Option<String>>,
     ) -> Result<Vec<wit_origin::Row>, wt::OriginError> {
+        if Instant::now() >= self.deadline {
+            return Err(wt::OriginError::Timeout);
+        }
         if !self.allowed.contains(&origin) {
             tracing::warn!(%origin, "a loader asked for an origin it is not allowed");
             return Err(wt::OriginError::NotAllowed(origin));
@@ -130,6 +137,9 @@ impl wit_origin::Host for State {
     }
 
     fn http_get(&mut self, origin: String, path: String) -> Result<wit_origin::HttpResponse, wt::OriginError> {
+        if Instant::now() >= self.deadline {
+            return Err(wt::OriginError::Timeout);
+        }
         if !self.allowed.contains(&origin) {
             tracing::warn!(%origin, "a loader asked for an origin it is not allowed");
             return Err(wt::OriginError::NotAllowed(origin));
@@ -151,12 +161,35 @@ pub struct LoaderModule {
     max_memory: usize,
 }
 
-/// One wasmtime engine for every loader of the process.
+/// How often the engine's epoch advances: the granularity of call
+/// deadlines.
+const EPOCH_MS: u64 = 10;
+
+/// The process's loader engine: fuel for CPU budgets, epochs for wall-clock
+/// deadlines, advanced by one background thread. Shared by every
+/// [`Loaders`](super::Loaders), so tests and reloads do not start a ticker
+/// each.
 pub fn engine() -> Result<Engine, LoaderModuleError> {
-    let mut config = Config::new();
-    config.consume_fuel(true);
-    config.wasm_component_model(true);
-    Engine::new(&config).map_err(|e| LoaderModuleError::NotAComponent(e.to_string()))
+    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+    let engine = ENGINE.get_or_init(|| {
+        let mut config = Config::new();
+        config.consume_fuel(true);
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(|e| e.to_string())?;
+        let ticking = engine.clone();
+        std::thread::Builder::new()
+            .name("cachet-loader-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(EPOCH_MS));
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(engine)
+    });
+    engine.clone().map_err(LoaderModuleError::NotAComponent)
 }
 
 impl LoaderModule {
@@ -206,15 +239,17 @@ impl LoaderModule {
         Ok(Self { engine: engine.clone(), pre, origins, allowed: allowed.into(), fuel, max_memory })
     }
 
-    fn new_store(&self) -> Store<State> {
+    fn new_store(&self, deadline: Duration) -> Store<State> {
         let state = State {
             origins: self.origins.clone(),
             allowed: self.allowed.clone(),
+            deadline: Instant::now() + deadline,
             max_memory: self.max_memory,
             memory_denied: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
+        store.set_epoch_deadline(deadline.as_millis() as u64 / EPOCH_MS + 1);
         store
     }
 
@@ -223,9 +258,10 @@ impl LoaderModule {
     /// loads. Blocks while origin requests run: call from a blocking thread.
     fn run<R>(
         &self,
+        deadline: Duration,
         call: impl FnOnce(&ReadThrough, &mut Store<State>) -> wasmtime::Result<Result<R, wt::LoadError>>,
     ) -> Result<R, CallFailure> {
-        let mut store = self.new_store();
+        let mut store = self.new_store(deadline);
         store.set_fuel(self.fuel).map_err(|e| CallFailure::Trap(e.to_string()))?;
         let outcome = self.pre.instantiate(&mut store).and_then(|bindings| call(&bindings, &mut store));
         match outcome {
@@ -235,24 +271,34 @@ impl LoaderModule {
             Ok(Err(wt::LoadError::Unsupported)) => Err(CallFailure::Unsupported),
             Err(_) if store.data().memory_denied => Err(CallFailure::Memory),
             Err(err) if matches!(err.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) => Err(CallFailure::Budget),
+            Err(err) if matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => {
+                Err(CallFailure::Loader(format!("the loader missed its {} ms deadline", deadline.as_millis())))
+            }
             Err(err) => Err(CallFailure::Trap(format!("{err:#}"))),
         }
     }
 
-    /// `load(key, now)`.
-    pub fn load(&self, key: &[u8], now: u64) -> Result<Option<Loaded>, CallFailure> {
-        self.run(|b, store| b.cachet_hooks_loader().call_load(store, key, now))
+    /// `load(key, now)`, stopped after `deadline` of wall time.
+    pub fn load(&self, deadline: Duration, key: &[u8], now: u64) -> Result<Option<Loaded>, CallFailure> {
+        self.run(deadline, |b, store| b.cachet_hooks_loader().call_load(store, key, now))
             .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
     }
 
     /// `store(key, value)`: writes (or, for `None`, deletes) at the origin.
-    pub fn store(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), CallFailure> {
-        self.run(|b, store| b.cachet_hooks_loader().call_store(store, key, value))
+    pub fn store(&self, deadline: Duration, key: &[u8], value: Option<&[u8]>) -> Result<(), CallFailure> {
+        self.run(deadline, |b, store| b.cachet_hooks_loader().call_store(store, key, value))
     }
 
     /// `refresh(key, current, age, now)`.
-    pub fn refresh(&self, key: &[u8], current: &[u8], age_ms: u64, now: u64) -> Result<Option<Loaded>, CallFailure> {
-        self.run(|b, store| b.cachet_hooks_loader().call_refresh(store, key, current, age_ms, now))
+    pub fn refresh(
+        &self,
+        deadline: Duration,
+        key: &[u8],
+        current: &[u8],
+        age_ms: u64,
+        now: u64,
+    ) -> Result<Option<Loaded>, CallFailure> {
+        self.run(deadline, |b, store| b.cachet_hooks_loader().call_refresh(store, key, current, age_ms, now))
             .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
     }
 }

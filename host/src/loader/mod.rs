@@ -99,7 +99,7 @@ impl Pending {
     /// Waits for the flight (at most its deadline, plus a margin for the
     /// flight's own timeout to win) and turns its outcome into a reply.
     pub async fn response(mut self) -> Response {
-        let waited = tokio::time::timeout(self.deadline + Duration::from_millis(500), async {
+        let waited = tokio::time::timeout(self.deadline + Duration::from_millis(1_500), async {
             self.result.wait_for(Option::is_some).await.map(|v| v.clone())
         })
         .await;
@@ -145,6 +145,12 @@ pub struct LoaderCounters {
     pub write_failures: AtomicU64,
 }
 
+/// Held while a client write changes a key of a loader namespace: no load
+/// of any key installs meanwhile (see [`Loaders::break_lease`]).
+pub(crate) struct LeaseGuard<'a> {
+    _flights: MutexGuard<'a, HashMap<Bytes, Flight>>,
+}
+
 /// A namespace and its module.
 struct Namespace {
     config: NamespaceConfig,
@@ -179,7 +185,7 @@ pub struct Loaders {
     counters: LoaderCounters,
     node: Mutex<Weak<Node>>,
     /// Serialize writes per key (by key hash).
-    write_locks: Vec<tokio::sync::Mutex<()>>,
+    write_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
     /// Write-behind queues, per namespace.
     queues: Vec<Option<Arc<write::WriteQueue>>>,
 }
@@ -280,7 +286,7 @@ impl Loaders {
             rng: AtomicU64::new(seed),
             counters: LoaderCounters::default(),
             node: Mutex::new(Weak::new()),
-            write_locks: (0..write::WRITE_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            write_locks: (0..write::WRITE_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
             queues,
         }))
     }
@@ -339,8 +345,16 @@ impl Loaders {
         };
         let ns = &self.namespaces[index].config;
         let now = node.now_ms();
+        if key.len() > node.config().max_key_size {
+            let message =
+                format!("key of {} bytes exceeds the limit of {} bytes", key.len(), node.config().max_key_size);
+            return Lookup::Ready(Response::Error(ErrorReply::new(ErrorCode::TooLarge, message)));
+        }
+        // A write-behind write not yet at the origin is the key's value: a
+        // load now would read what it replaces.
+        let queued = self.queued_write(index, &key);
         if let Some(entry) = node.get_entry(&key) {
-            if let Some(expires_at) = entry.expires_at {
+            if let (Some(expires_at), None) = (entry.expires_at, &queued) {
                 let state = refresh::freshness(now, expires_at, ns.grace_ms, entry.hint, ns.xfetch_beta, self.draw());
                 if state == Freshness::Refresh {
                     let soft = expires_at.saturating_sub(ns.grace_ms);
@@ -356,6 +370,9 @@ impl Loaders {
                 }
             }
             return Lookup::Ready(Response::Value(Some(entry.value)));
+        }
+        if let Some(value) = queued {
+            return Lookup::Ready(Response::Value(value));
         }
         if lock(&self.negative).get(&key).is_some_and(|&until| until > now) {
             self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
@@ -442,18 +459,34 @@ impl Loaders {
             let started = Instant::now();
             let running = this.running.clone();
             let call_key = key.clone();
+            let missed = || CallFailure::Loader(format!("the load missed its {} ms deadline", deadline.as_millis()));
             let call = async move {
-                let _permit = running.acquire_owned().await.map_err(|_| CallFailure::Trap("stopping".into()))?;
-                tokio::task::spawn_blocking(move || match work {
-                    Work::Load => module.load(&call_key, now),
-                    Work::Refresh { current, age_ms } => module.refresh(&call_key, &current, age_ms, now),
+                // Waiting for a slot counts against the deadline; the slot is
+                // held until the guest call really ends, which its own
+                // wall-clock deadline (epochs, and origin requests refused
+                // after it) bounds.
+                let permit = match tokio::time::timeout(deadline, running.acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(CallFailure::Trap("the loaders are stopping".into())),
+                    Err(_) => return Err(missed()),
+                };
+                let left = deadline.saturating_sub(started.elapsed());
+                tokio::task::spawn_blocking(move || {
+                    let result = match work {
+                        Work::Load => module.load(left, &call_key, now),
+                        Work::Refresh { current, age_ms } => module.refresh(left, &call_key, &current, age_ms, now),
+                    };
+                    drop(permit);
+                    result
                 })
                 .await
                 .map_err(|e| CallFailure::Trap(format!("the loader call was lost: {e}")))?
             };
-            let result = match tokio::time::timeout(deadline, call).await {
+            // A margin over the guest's own deadline: the call normally ends
+            // by itself (an origin request already running finishes first).
+            let result = match tokio::time::timeout(deadline + Duration::from_secs(1), call).await {
                 Ok(result) => result,
-                Err(_) => Err(CallFailure::Loader(format!("the load missed its {} ms deadline", deadline.as_millis()))),
+                Err(_) => Err(missed()),
             };
             let load_ms = started.elapsed().as_millis().clamp(1, u128::from(u32::MAX)) as u32;
             this.complete(index, &key, id, result, load_ms, max_value);
@@ -475,8 +508,11 @@ impl Loaders {
         let ns = &self.namespaces[index].config;
         let node = lock(&self.node).upgrade();
         let mut flights = lock(&self.flights);
-        let leased = flights.get(key).is_some_and(|f| f.id == id);
-        let flight = if leased { flights.remove(key) } else { None };
+        let current = flights.get(key).is_some_and(|f| f.id == id);
+        let flight = if current { flights.remove(key) } else { None };
+        // A write-behind write still queued for the key holds the lease too:
+        // the origin has not seen it yet.
+        let leased = current && self.queued_write(index, key).is_none();
         let outcome = match result {
             Ok(Some(loaded)) if loaded.value.len() > max_value => {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -503,6 +539,9 @@ impl Loaders {
                 Outcome::Value(value)
             }
             Ok(None) => {
+                if !leased {
+                    self.counters.lease_breaks.fetch_add(1, Ordering::Relaxed);
+                }
                 if let (true, Some(node)) = (leased, &node) {
                     let now = node.now_ms();
                     // The origin no longer has it: drop a refreshed key too.
@@ -513,7 +552,7 @@ impl Loaders {
                             negative.retain(|_, until| *until > now);
                         }
                         if negative.len() < MAX_NEGATIVE {
-                            negative.insert(key.clone(), now + ns.negative_ttl_ms);
+                            negative.insert(key.clone(), now.saturating_add(ns.negative_ttl_ms));
                         }
                     }
                 }
@@ -553,25 +592,37 @@ impl Loaders {
     /// installed) and forgets a "not found"; the caller then deletes or
     /// overwrites the key.
     pub fn invalidate(&self, key: &[u8]) {
-        if self.namespace(key).is_none() {
-            return;
-        }
+        drop(self.break_lease(key));
+    }
+
+    /// [`Loaders::invalidate`], returning the lock loads install under:
+    /// the caller changes the key while holding it, so no load can start
+    /// and install in between. `None` for keys outside every namespace.
+    pub(crate) fn break_lease(&self, key: &[u8]) -> Option<LeaseGuard<'_>> {
+        self.namespace(key)?;
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-        if let Some(flight) = lock(&self.flights).remove(key) {
+        let mut flights = lock(&self.flights);
+        if let Some(flight) = flights.remove(key) {
             lock(&self.detached_senders).insert(flight.id, flight.result);
         }
         lock(&self.negative).remove(key);
+        Some(LeaseGuard { _flights: flights })
     }
 
     /// Breaks every lease and forgets every "not found" (FLUSHALL).
     pub fn invalidate_all(&self) {
-        let drained: Vec<Flight> = lock(&self.flights).drain().map(|(_, f)| f).collect();
+        // The flights lock is held until every sender is parked: a load
+        // completing in between would find neither its flight nor its
+        // sender and strand its waiters.
+        let mut flights = lock(&self.flights);
         let mut detached = lock(&self.detached_senders);
-        for flight in drained {
+        self.counters.invalidations.fetch_add(flights.len() as u64, Ordering::Relaxed);
+        for (_, flight) in flights.drain() {
             detached.insert(flight.id, flight.result);
         }
         drop(detached);
         lock(&self.negative).clear();
+        drop(flights);
     }
 
     /// Invalidates `key` and deletes it from the node: what a CDC

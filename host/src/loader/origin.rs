@@ -119,7 +119,7 @@ impl Origins {
                 .recycle_timeout(Some(connect))
                 .build()
                 .map_err(|e| format!("origin `{name}`: {e}"))?;
-            let deadline = Duration::from_millis(config.statement_timeout_ms + 1_000);
+            let deadline = Duration::from_millis(config.statement_timeout_ms.saturating_add(1_000));
             let origin =
                 PostgresOrigin { pool, pg_config, deadline, queries: AtomicU64::new(0), failures: AtomicU64::new(0) };
             postgres.insert(name.clone(), origin);

@@ -1,18 +1,22 @@
 //! Write-through and write-behind: client SETs and DELs of a namespace that
 //! writes go to the origin through the loader's `store`.
 //!
-//! Writes to one key are serialized (a lock stripe per key hash), so the
-//! origin and the cache see them in the same order. Installing a written
-//! value breaks the lease of any load in flight for the key, under the lock
-//! loads install under: a load that read the row before the write can never
+//! Writes to one key are serialized (a lock stripe per key hash), and the
+//! stripe is held until the loader's `store` call has really ended, even
+//! when the client was already told it timed out, so the origin and the
+//! cache see one key's writes in the same order. Installing a written value
+//! breaks the lease of any load in flight for the key, under the lock loads
+//! install under: a load that read the row before the write can never
 //! overwrite the written value.
 //!
 //! Write-behind answers once the cache holds the value and the write is
 //! queued. One worker per namespace stores the queue in order, retrying
 //! with back-off; the queue is bounded, and a write that finds it full is
-//! refused (nothing changes). What is queued when the node dies is lost:
-//! the window is the queue's depth over the origin's store rate, and
-//! `write_lag` (enqueue to commit) measures it.
+//! refused (nothing changes). While a key has a write queued, its reads
+//! are answered from that write and loads of it install nothing, since the
+//! origin still holds the older value. What is queued when the node dies
+//! is lost: the window is the queue's depth over the origin's store rate,
+//! and `write_lag` (enqueue to commit) measures it.
 
 use super::config::WriteMode;
 use super::guest::CallFailure;
@@ -21,12 +25,12 @@ use crate::core::{SetOptions, SharedHistogram};
 use crate::node::Node;
 use bytes::Bytes;
 use cachet_proto::{ErrorCode, ErrorReply, Response};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedMutexGuard};
 
 /// Lock stripes serializing writes per key.
 pub(super) const WRITE_STRIPES: usize = 256;
@@ -41,6 +45,8 @@ struct Queued {
 /// A namespace's write-behind queue.
 pub(super) struct WriteQueue {
     items: Mutex<VecDeque<Queued>>,
+    /// Keys with writes still queued: how many, and the latest value.
+    pending: Mutex<HashMap<Bytes, (usize, Option<Bytes>)>>,
     wake: Notify,
     capacity: usize,
     /// Time from enqueue to the origin's acknowledgement.
@@ -49,12 +55,34 @@ pub(super) struct WriteQueue {
 
 impl WriteQueue {
     pub(super) fn new(capacity: usize) -> Self {
-        Self { items: Mutex::default(), wake: Notify::new(), capacity, lag: SharedHistogram::default() }
+        Self {
+            items: Mutex::default(),
+            pending: Mutex::default(),
+            wake: Notify::new(),
+            capacity,
+            lag: SharedHistogram::default(),
+        }
     }
 
     /// Writes waiting.
     pub(super) fn depth(&self) -> usize {
         lock(&self.items).len()
+    }
+
+    /// The latest queued value of `key`, if a write of it is queued
+    /// (`Some(None)`: a queued delete).
+    pub(super) fn queued(&self, key: &[u8]) -> Option<Option<Bytes>> {
+        lock(&self.pending).get(key).map(|(_, value)| value.clone())
+    }
+
+    fn done(&self, key: &Bytes) {
+        let mut pending = lock(&self.pending);
+        if let Some((count, _)) = pending.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                pending.remove(key);
+            }
+        }
     }
 }
 
@@ -64,6 +92,15 @@ pub enum Write {
     Set(Bytes, Option<u64>),
     /// DEL.
     Delete,
+}
+
+impl Write {
+    fn value(&self) -> Option<Bytes> {
+        match self {
+            Self::Set(value, _) => Some(value.clone()),
+            Self::Delete => None,
+        }
+    }
 }
 
 fn failure_reply(failure: &CallFailure) -> ErrorReply {
@@ -79,6 +116,11 @@ impl Loaders {
         (mode != WriteMode::None).then_some(mode)
     }
 
+    /// The latest write-behind value queued for `key`, if any.
+    pub(super) fn queued_write(&self, index: usize, key: &[u8]) -> Option<Option<Bytes>> {
+        self.queues.get(index)?.as_ref()?.queued(key)
+    }
+
     /// Runs a client SET or DEL of `key`, which [`Loaders::write_mode`]
     /// says writes to its origin.
     pub async fn write(self: &Arc<Self>, key: Bytes, write: Write) -> Response {
@@ -88,35 +130,47 @@ impl Loaders {
         let Some(node) = lock(&self.node).upgrade() else {
             return Response::Error(ErrorReply::new(ErrorCode::Internal, "the node is stopping"));
         };
-        if let Write::Set(value, _) = &write
-            && value.len() > node.config().max_value_size
-        {
-            let limit = node.config().max_value_size;
-            let message = format!("value of {} bytes exceeds the limit of {limit}", value.len());
-            return Response::Error(ErrorReply::new(ErrorCode::TooLarge, message));
+        // Refuse what the cache would refuse before the origin sees it.
+        let sized = match &write {
+            Write::Set(value, _) => node.check_sizes(&key, value),
+            Write::Delete => node.check_sizes(&key, b""),
+        };
+        if let Some(refusal) = sized {
+            return refusal;
         }
         let stripe = (cachet_proto::key_hash(&key) % WRITE_STRIPES as u64) as usize;
-        let _serial = self.write_locks[stripe].lock().await;
+        let serial = self.write_locks[stripe].clone().lock_owned().await;
         match self.namespaces[index].config.write {
-            WriteMode::Through => self.write_through(&node, index, key, write).await,
+            WriteMode::Through => self.write_through(&node, index, key, write, serial).await,
             WriteMode::Behind => self.write_behind(&node, index, key, write),
             WriteMode::None => Response::Error(ErrorReply::new(ErrorCode::Internal, "not a write namespace")),
         }
     }
 
-    async fn write_through(&self, node: &Node, index: usize, key: Bytes, write: Write) -> Response {
-        let value = match &write {
-            Write::Set(value, _) => Some(value.clone()),
-            Write::Delete => None,
-        };
+    async fn write_through(
+        &self,
+        node: &Node,
+        index: usize,
+        key: Bytes,
+        write: Write,
+        serial: OwnedMutexGuard<()>,
+    ) -> Response {
         let deadline = Duration::from_millis(self.namespaces[index].config.load_timeout_ms);
-        match self.store(index, key.clone(), value, deadline).await {
-            Ok(()) => {
+        match self.store(index, key.clone(), write.value(), deadline, serial).await {
+            Ok(_serial) => {
                 self.counters.writes_through.fetch_add(1, Ordering::Relaxed);
-                self.install_write(node, index, &key, write)
+                let reply = self.install_write(node, index, &key, write, None);
+                if matches!(reply, Response::Error(_)) {
+                    self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                reply
             }
             Err(failure) => {
+                // The origin may or may not have the write (a timeout, a
+                // trap after the query): drop the cached value so the next
+                // read loads whatever the origin has.
                 self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+                self.install_write(node, index, &key, Write::Delete, None);
                 Response::Error(failure_reply(&failure))
             }
         }
@@ -126,10 +180,7 @@ impl Loaders {
         let Some(queue) = self.queues[index].as_ref() else {
             return Response::Error(ErrorReply::new(ErrorCode::Internal, "no write-behind queue"));
         };
-        let value = match &write {
-            Write::Set(value, _) => Some(value.clone()),
-            Write::Delete => None,
-        };
+        let value = write.value();
         // The queue lock is held across the install so the queue's order
         // is the cache's order for every key.
         let mut items = lock(&queue.items);
@@ -141,7 +192,7 @@ impl Loaders {
                 format!("the write-behind queue of `{prefix}` is full ({} writes); retry later", queue.capacity);
             return Response::Error(ErrorReply::new(ErrorCode::Busy, message));
         }
-        let reply = self.install_write(node, index, &key, write);
+        let reply = self.install_write(node, index, &key, write, Some(queue));
         if matches!(reply, Response::Error(_)) {
             return reply;
         }
@@ -154,17 +205,30 @@ impl Loaders {
 
     /// Puts a written value in the cache (or removes a deleted one),
     /// breaking the lease of a load in flight first, under the lock loads
-    /// install under.
-    fn install_write(&self, node: &Node, index: usize, key: &Bytes, write: Write) -> Response {
+    /// install under. For write-behind, `queued` records the write as
+    /// pending under that same lock, so no load completing afterwards
+    /// installs the origin's older value.
+    fn install_write(
+        &self,
+        node: &Node,
+        index: usize,
+        key: &Bytes,
+        write: Write,
+        queued: Option<&WriteQueue>,
+    ) -> Response {
         let ns = &self.namespaces[index].config;
         let mut flights = lock(&self.flights);
         if let Some(flight) = flights.remove(key) {
             lock(&self.detached_senders).insert(flight.id, flight.result);
         }
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         lock(&self.negative).remove(key);
+        let value = write.value();
         let reply = match write {
             Write::Set(value, ttl) => {
-                let ttl = ttl.unwrap_or(ns.ttl_ms).saturating_add(ns.grace_ms);
+                // A client's TTL is the TTL; otherwise the namespace's, with
+                // its grace window like a loaded value.
+                let ttl = ttl.unwrap_or_else(|| ns.ttl_ms.saturating_add(ns.grace_ms));
                 let options = SetOptions { ttl_ms: Some(ttl), hint: 0, keep_ttl: false };
                 match node.with_shard_raw(key, |shard, now| shard.set(now, key, value, options)) {
                     Ok(_) => Response::Ok,
@@ -173,22 +237,44 @@ impl Loaders {
             }
             Write::Delete => Response::Count(u64::from(node.with_shard_raw(key, |shard, now| shard.delete(now, key)))),
         };
+        if let (Some(queue), false) = (queued, matches!(reply, Response::Error(_))) {
+            let mut pending = lock(&queue.pending);
+            let entry = pending.entry(key.clone()).or_insert((0, None));
+            entry.0 += 1;
+            entry.1 = value;
+        }
         drop(flights);
         reply
     }
 
-    /// Runs the loader's `store` on a blocking thread, within `deadline`.
+    /// Runs the loader's `store` on a blocking thread within `deadline`.
+    /// `serial` (the key's write lock) travels with the call and comes back
+    /// on success; on a timeout it stays with the still-running call, so
+    /// the key's next write waits for it to really end.
     async fn store(
         &self,
         index: usize,
         key: Bytes,
         value: Option<Bytes>,
         deadline: Duration,
-    ) -> Result<(), CallFailure> {
+        serial: OwnedMutexGuard<()>,
+    ) -> Result<OwnedMutexGuard<()>, CallFailure> {
         let Some(handle) = self.handle() else { return Err(CallFailure::Trap("the loaders are stopping".into())) };
         let module = self.namespaces[index].module.clone();
-        let call = handle.spawn_blocking(move || module.store(&key, value.as_deref()));
-        match tokio::time::timeout(deadline, call).await {
+        let running = self.running.clone();
+        let started = Instant::now();
+        let permit = match tokio::time::timeout(deadline, running.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(CallFailure::Trap("the loaders are stopping".into())),
+            Err(_) => return Err(CallFailure::Loader("no loader slot within the deadline".into())),
+        };
+        let left = deadline.saturating_sub(started.elapsed());
+        let call = handle.spawn_blocking(move || {
+            let result = module.store(left, &key, value.as_deref());
+            drop(permit);
+            result.map(|()| serial)
+        });
+        match tokio::time::timeout(deadline + Duration::from_secs(1), call).await {
             Ok(Ok(result)) => result,
             Ok(Err(err)) => Err(CallFailure::Trap(format!("the store call was lost: {err}"))),
             Err(_) => Err(CallFailure::Loader(format!("the store missed its {} ms deadline", deadline.as_millis()))),
@@ -226,25 +312,7 @@ impl Loaders {
                     continue;
                 };
                 let Some(loaders) = weak.upgrade() else { return };
-                let ns = &loaders.namespaces[index].config;
-                let deadline = Duration::from_millis(ns.load_timeout_ms);
-                let mut backoff = Duration::from_millis(50);
-                let mut stored = false;
-                for attempt in 1..=ns.write_attempts {
-                    match loaders.store(index, key.clone(), value.clone(), deadline).await {
-                        Ok(()) => {
-                            stored = true;
-                            break;
-                        }
-                        Err(failure) => {
-                            tracing::warn!(key = %String::from_utf8_lossy(&key), attempt, %failure, "write-behind store failed");
-                            if attempt < ns.write_attempts {
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(Duration::from_secs(5));
-                            }
-                        }
-                    }
-                }
+                let stored = loaders.store_queued(index, &key, &value).await;
                 if stored {
                     loaders.counters.writes_behind_stored.fetch_add(1, Ordering::Relaxed);
                     queue.lag.record(at.elapsed().as_nanos() as u64);
@@ -253,7 +321,36 @@ impl Loaders {
                     tracing::error!(key = %String::from_utf8_lossy(&key), "write-behind gave up on a write; the origin misses it");
                 }
                 lock(&queue.items).pop_front();
+                queue.done(&key);
+                if !stored && let Some(node) = lock(&loaders.node).upgrade() {
+                    // The cache must not keep what the origin never got.
+                    loaders.install_write(&node, index, &key, Write::Delete, None);
+                }
             }
         });
+    }
+
+    /// Stores one queued write, retrying with back-off; true once the
+    /// origin took it. The key's write lock is taken for each attempt and
+    /// held until the attempt really ends.
+    async fn store_queued(&self, index: usize, key: &Bytes, value: &Option<Bytes>) -> bool {
+        let ns = &self.namespaces[index].config;
+        let deadline = Duration::from_millis(ns.load_timeout_ms);
+        let stripe = (cachet_proto::key_hash(key) % WRITE_STRIPES as u64) as usize;
+        let mut backoff = Duration::from_millis(50);
+        for attempt in 1..=ns.write_attempts {
+            let serial = self.write_locks[stripe].clone().lock_owned().await;
+            match self.store(index, key.clone(), value.clone(), deadline, serial).await {
+                Ok(_) => return true,
+                Err(failure) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(key), attempt, %failure, "write-behind store failed");
+                    if attempt < ns.write_attempts {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        false
     }
 }

@@ -241,9 +241,11 @@ async fn handle_stream(
             read = recv.read_buf(&mut input) => read,
             Some((id, reply)) = deferred.recv() => {
                 waiting -= 1;
-                if cachet_proto::encode(id, &reply, &mut output).is_err()
-                    || send.write_all(&output).await.is_err()
-                {
+                if let Err(err) = cachet_proto::encode(id, &reply, &mut output) {
+                    tracing::error!(%err, "cannot encode a reply");
+                    return;
+                }
+                if send.write_all(&output).await.is_err() {
                     return;
                 }
                 output.clear();
@@ -291,7 +293,15 @@ async fn handle_stream(
                                     let tx = deferred_tx.clone();
                                     let id = envelope.id;
                                     tokio::spawn(async move {
-                                        let _ = tx.send((id, later.await));
+                                        // A panicking load still gets its
+                                        // request an answer.
+                                        let reply = match tokio::spawn(later).await {
+                                            Ok(reply) => reply,
+                                            Err(err) => {
+                                                error(ErrorCode::Internal, format!("the request failed: {err}"))
+                                            }
+                                        };
+                                        let _ = tx.send((id, reply));
                                     });
                                     continue;
                                 }
