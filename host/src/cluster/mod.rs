@@ -7,17 +7,19 @@
 //!
 //! - [`version`]: per-key versions (Lamport counter plus node id), which
 //!   order writes without wall clocks.
+//! - [`membership`]: SWIM membership and failure detection (the `foca`
+//!   crate), sans-IO.
 //! - [`replica`]: one node's replica and coordinator: quorum writes and
 //!   reads with tunable consistency, read repair, hinted hand-off, and the
 //!   re-sync that keeps a node restarted empty out of every quorum until it
 //!   has its ranges back.
 //!
-//! Not here yet (issue 6): membership and failure detection over a gossip
-//! crate, the node-to-node QUIC transport, routing, range streaming on join.
-//! The replica takes its view of who is alive as an input
-//! ([`replica::Replica::set_alive`]), which is where a failure detector
-//! plugs in.
+//! Not here yet (issue 6): the node-to-node QUIC transport that carries
+//! both, routing, range streaming on join. The replica takes its view of
+//! who is alive as an input ([`replica::Replica::set_alive`]), which is
+//! where [`membership`]'s events plug in.
 
+pub mod membership;
 pub mod replica;
 #[cfg(test)]
 mod sim;

@@ -1,0 +1,336 @@
+//! Membership and failure detection: SWIM (with suspicion and
+//! infection-style dissemination) from the `foca` crate, kept sans-IO like
+//! the rest of the core. Datagrams in and out, timers as deadlines, and
+//! up/down events for the replicas' failure-detector input
+//! ([`super::replica::Replica::set_alive`]) and for rebuilding the ring.
+//!
+//! A node's identity carries an incarnation, renewed when it restarts, so a
+//! node that comes back is a new member the others learn about rather than
+//! a ghost of the old one.
+
+use bytes::Bytes;
+use foca::{AccumulatingRuntime, Config, Foca, Identity, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::time::Duration;
+
+/// A member as the gossip sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Peer {
+    /// Stable node id (`--node-id`).
+    pub node: String,
+    /// Where its node-to-node transport listens.
+    pub addr: String,
+    /// Bumped on every restart.
+    pub incarnation: u64,
+}
+
+impl Identity for Peer {
+    type Addr = String;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Self { incarnation: self.incarnation + 1, ..self.clone() })
+    }
+
+    fn addr(&self) -> String {
+        self.node.clone()
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.incarnation > adversary.incarnation
+    }
+}
+
+/// A change in who is up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipEvent {
+    /// A member joined or came back.
+    Up(Peer),
+    /// A member was declared down.
+    Down(Peer),
+}
+
+/// Failure-detection timing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MembershipConfig {
+    /// A dead member is declared down within about this long.
+    pub detect_within_ms: u64,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self { detect_within_ms: 2_000 }
+    }
+}
+
+impl MembershipConfig {
+    /// SWIM timing that detects a dead member within `detect_within_ms`:
+    /// every member is probed within a couple of periods (foca walks a
+    /// shuffled member list), a failed probe (round trip plus the indirect
+    /// probes) makes it suspect, and suspicion turns to down after 30% of
+    /// the budget, leaving room for message delays.
+    fn foca(&self) -> Config {
+        let budget = self.detect_within_ms.max(400);
+        let period = Duration::from_millis(budget / 8);
+        let mut config = Config::simple();
+        config.probe_period = period;
+        config.probe_rtt = period / 3;
+        config.num_indirect_probes = NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN);
+        config.max_transmissions = NonZeroU8::new(8).unwrap_or(NonZeroU8::MIN);
+        config.suspect_to_down_after = Duration::from_millis(budget * 3 / 10);
+        config.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: period / 2,
+            num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
+        });
+        config.periodic_announce = Some(foca::PeriodicParams { frequency: period * 4, num_members: NonZeroUsize::MIN });
+        config
+    }
+}
+
+/// Why membership input was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("membership: {0}")]
+pub struct MembershipError(String);
+
+/// One node's view of the cluster.
+pub struct Membership {
+    foca: Foca<Peer, PostcardCodec, SmallRng, NoCustomBroadcast>,
+    runtime: AccumulatingRuntime<Peer>,
+    timers: BTreeMap<(u64, u64), Timer<Peer>>,
+    seq: u64,
+    events: VecDeque<MembershipEvent>,
+    /// Who to announce to while this node knows nobody (an announcement
+    /// can be lost, and gossip cannot reach a node no one knows).
+    seeds: Vec<Peer>,
+    next_announce: u64,
+    retry_ms: u64,
+}
+
+impl Membership {
+    /// `me`, alone until it joins someone. `seed` makes the gossip's
+    /// random choices replayable.
+    pub fn new(me: Peer, config: MembershipConfig, seed: u64) -> Self {
+        let foca = Foca::new(me, config.foca(), SmallRng::seed_from_u64(seed), PostcardCodec);
+        Self {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            timers: BTreeMap::new(),
+            seq: 0,
+            events: VecDeque::new(),
+            seeds: Vec::new(),
+            next_announce: 0,
+            retry_ms: (config.detect_within_ms / 8).max(50),
+        }
+    }
+
+    /// Who this node is.
+    pub fn me(&self) -> &Peer {
+        self.foca.identity()
+    }
+
+    /// The members currently up (not counting this node).
+    pub fn members(&self) -> Vec<Peer> {
+        let mut out: Vec<Peer> = self.foca.iter_members().map(|m| m.id().clone()).collect();
+        out.sort();
+        out
+    }
+
+    fn drain(&mut self, now: u64) {
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.seq += 1;
+            self.timers.insert((now + after.as_millis() as u64, self.seq), timer);
+        }
+        while let Some(notification) = self.runtime.to_notify() {
+            match notification {
+                OwnedNotification::MemberUp(peer) => self.events.push_back(MembershipEvent::Up(peer)),
+                OwnedNotification::MemberDown(peer) => self.events.push_back(MembershipEvent::Down(peer)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Announces this node to `seed` (a member it was told about), again
+    /// every probe period for as long as it knows no member.
+    pub fn join(&mut self, now: u64, seed: Peer) -> Result<(), MembershipError> {
+        self.foca.announce(seed.clone(), &mut self.runtime).map_err(|e| MembershipError(e.to_string()))?;
+        self.seeds.push(seed);
+        self.next_announce = now + self.retry_ms;
+        self.drain(now);
+        Ok(())
+    }
+
+    /// A datagram from another member. Garbage is refused, not fatal.
+    pub fn handle_data(&mut self, now: u64, data: &[u8]) -> Result<(), MembershipError> {
+        let result = self.foca.handle_data(data, &mut self.runtime).map_err(|e| MembershipError(e.to_string()));
+        self.drain(now);
+        result
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn tick(&mut self, now: u64) {
+        if self.foca.num_members() == 0 && !self.seeds.is_empty() && now >= self.next_announce {
+            self.next_announce = now + self.retry_ms;
+            for seed in self.seeds.clone() {
+                if let Err(err) = self.foca.announce(seed, &mut self.runtime) {
+                    tracing::debug!(%err, "membership announce");
+                }
+            }
+            self.drain(now);
+        }
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let timer = entry.remove();
+            if let Err(err) = self.foca.handle_timer(timer, &mut self.runtime) {
+                tracing::debug!(%err, "membership timer");
+            }
+            self.drain(now);
+        }
+    }
+
+    /// The next datagram to send, and to whom.
+    pub fn poll_transmit(&mut self) -> Option<(Peer, Bytes)> {
+        self.runtime.to_send()
+    }
+
+    /// The next membership change.
+    pub fn poll_event(&mut self) -> Option<MembershipEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Membership::tick`] next has work.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let announce = (self.foca.num_members() == 0 && !self.seeds.is_empty()).then_some(self.next_announce);
+        self.timers.keys().next().map(|&(at, _)| at).into_iter().chain(announce).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(i: usize, incarnation: u64) -> Peer {
+        Peer { node: format!("n{i}"), addr: format!("127.0.0.{}:7071", i + 1), incarnation }
+    }
+
+    /// Three members on a lossy in-memory network.
+    struct Net {
+        nodes: Vec<Option<Membership>>,
+        wire: BTreeMap<(u64, u64), (usize, Bytes)>,
+        seq: u64,
+        now: u64,
+        rng: u64,
+        events: Vec<(u64, usize, MembershipEvent)>,
+    }
+
+    impl Net {
+        fn new(seed: u64) -> Self {
+            let nodes = (0..3).map(|i| Some(Membership::new(peer(i, 0), MembershipConfig::default(), seed + i as u64)));
+            Self { nodes: nodes.collect(), wire: BTreeMap::new(), seq: 0, now: 0, rng: seed, events: Vec::new() }
+        }
+
+        fn random(&mut self) -> u64 {
+            self.rng = self.rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            self.rng >> 33
+        }
+
+        fn pump(&mut self) {
+            for i in 0..self.nodes.len() {
+                while let Some(node) = self.nodes[i].as_mut() {
+                    let Some((to, data)) = node.poll_transmit() else { break };
+                    while let Some(event) = node.poll_event() {
+                        self.events.push((self.now, i, event));
+                    }
+                    let target = to.node.trim_start_matches('n').parse::<usize>().unwrap_or(usize::MAX);
+                    if self.random() % 100 < 5 {
+                        continue; // lost
+                    }
+                    let at = self.now + 1 + self.random() % 5;
+                    self.seq += 1;
+                    self.wire.insert((at, self.seq), (target, data));
+                }
+                if let Some(node) = self.nodes[i].as_mut() {
+                    while let Some(event) = node.poll_event() {
+                        self.events.push((self.now, i, event));
+                    }
+                }
+            }
+        }
+
+        fn run_until(&mut self, until: u64) {
+            while self.now < until {
+                self.now += 1;
+                while let Some(entry) = self.wire.first_entry() {
+                    if entry.key().0 > self.now {
+                        break;
+                    }
+                    let (to, data) = entry.remove();
+                    if let Some(Some(node)) = self.nodes.get_mut(to) {
+                        let _ = node.handle_data(self.now, &data);
+                    }
+                }
+                for node in self.nodes.iter_mut().flatten() {
+                    node.tick(self.now);
+                }
+                self.pump();
+            }
+        }
+    }
+
+    #[test]
+    fn members_find_each_other_and_a_dead_one_is_down_within_two_seconds() {
+        let mut slowest = 0;
+        for seed in 1..=100u64 {
+            let mut net = Net::new(seed * 1_000);
+            for i in 1..3 {
+                if let Some(node) = net.nodes[i].as_mut() {
+                    node.join(0, peer(0, 0)).expect("announce");
+                }
+            }
+            net.pump();
+            net.run_until(3_000);
+            for node in net.nodes.iter().flatten() {
+                assert_eq!(node.members().len(), 2, "seed {seed}: {:?} sees {:?}", node.me(), node.members());
+            }
+            // SIGKILL node 2: it stops answering.
+            net.nodes[2] = None;
+            let killed = net.now;
+            net.run_until(killed + 4_000);
+            for observer in 0..2 {
+                let down = net.events.iter().find(|(at, who, e)| {
+                    *at >= killed && *who == observer && matches!(e, MembershipEvent::Down(p) if p.node == "n2")
+                });
+                let Some((at, _, _)) = down else { panic!("seed {seed}: node {observer} never saw n2 down") };
+                assert!(at - killed <= 2_000, "seed {seed}: node {observer} took {} ms", at - killed);
+                slowest = slowest.max(at - killed);
+            }
+            // It restarts with a new incarnation and is up again for both.
+            let mut back = Membership::new(peer(2, 1), MembershipConfig::default(), seed + 99);
+            back.join(net.now, peer(0, 0)).expect("announce");
+            net.nodes[2] = Some(back);
+            let restarted = net.now;
+            net.pump();
+            net.run_until(restarted + 3_000);
+            for observer in 0..2 {
+                let up = net.events.iter().any(|(at, who, e)| {
+                    *at >= restarted
+                        && *who == observer
+                        && matches!(e, MembershipEvent::Up(p) if p.node == "n2" && p.incarnation == 1)
+                });
+                assert!(up, "seed {seed}: node {observer} never saw n2 back");
+            }
+        }
+        eprintln!("slowest detection over 100 seeds: {slowest} ms");
+    }
+
+    #[test]
+    fn garbage_datagrams_are_refused() {
+        let mut node = Membership::new(peer(0, 0), MembershipConfig::default(), 1);
+        assert!(node.handle_data(0, b"\xff\x00garbage").is_err());
+        assert!(node.members().is_empty());
+    }
+}
