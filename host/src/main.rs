@@ -214,6 +214,10 @@ struct ClientArgs {
     /// CA certificate (PEM) to trust instead of the data directory's.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// Trust the shared development CA in this directory (as the nodes
+    /// started with `serve --dev-ca DIR` do).
+    #[arg(long, conflicts_with = "ca")]
+    dev_ca: Option<PathBuf>,
     /// Name to check the node's certificate against.
     #[arg(long, default_value = "localhost")]
     server_name: String,
@@ -236,9 +240,10 @@ impl ClientArgs {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config = config.with_identity(cert, key);
         }
-        Ok(match &self.ca {
-            Some(ca) => config.with_ca_file(ca)?,
-            None => config.with_data_dir(&self.data_dir)?,
+        Ok(match (&self.ca, &self.dev_ca) {
+            (Some(ca), _) => config.with_ca_file(ca)?,
+            (None, Some(dir)) => config.with_ca_file(&dir.join(server::tls::CA_CERT))?,
+            (None, None) => config.with_data_dir(&self.data_dir)?,
         })
     }
 }
@@ -285,6 +290,12 @@ struct ServeArgs {
     /// --tls-cert and --tls-key.
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
+    /// A development CA shared by local nodes: created in DIR by the first
+    /// node to start (safely if several start at once); each node gets its
+    /// own certificate from it, so nodes with different --data-dirs and
+    /// clients given `--dev-ca DIR` trust each other.
+    #[arg(long, conflicts_with = "tls_cert")]
+    dev_ca: Option<PathBuf>,
     /// File holding the admin token that `cachet policy` commands must
     /// present; without it admin commands are refused.
     #[arg(long)]
@@ -679,7 +690,10 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     };
     let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(cert), Some(key)) => TlsSource::Files { cert, key, client_ca: args.tls_ca.or(file.tls_ca) },
-        (None, None) => TlsSource::DevCa { data_dir: data_dir.clone() },
+        (None, None) => match args.dev_ca {
+            Some(ca_dir) => TlsSource::SharedDevCa { ca_dir, data_dir: data_dir.clone() },
+            None => TlsSource::DevCa { data_dir: data_dir.clone() },
+        },
         _ => bail!("--tls-cert and --tls-key go together"),
     };
     let engine = PolicyEngine::new()?;

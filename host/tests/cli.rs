@@ -325,3 +325,37 @@ fn hot_keys_export_a_list_that_warm_reads_back() {
     let out = node.cli(&["warm", "--from-node", &node.addr, "--quiet"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("present"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn nodes_started_at_once_share_a_development_ca() {
+    let ca_dir = std::env::temp_dir().join(format!("cachet-cli-dev-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&ca_dir);
+    let ca = ca_dir.to_str().expect("utf-8").to_string();
+    let extra = vec!["--dev-ca".to_string(), ca.clone()];
+    // Spawn all three before any is up, so they race to create the CA.
+    let nodes: Vec<ServeProcess> = (0..3)
+        .map(|_| {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
+            let addr = format!("127.0.0.1:{port}");
+            let data_dir = std::env::temp_dir().join(format!("cachet-cli-shared-{}-{port}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&data_dir);
+            let child = ServeProcess::spawn(&addr, &data_dir, &extra);
+            ServeProcess { child, addr, data_dir, extra: extra.clone() }
+        })
+        .collect();
+    for node in &nodes {
+        node.wait_until_up();
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        // A client that trusts only the shared CA reaches every node.
+        let value = format!("v{i}");
+        let out = cachet(&["set", "k", &value, "--server", &node.addr, "--dev-ca", &ca, "--data-dir", "/nonexistent"]);
+        assert!(out.status.success(), "node {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = cachet(&["get", "k", "--server", &node.addr, "--dev-ca", &ca, "--data-dir", "/nonexistent"]);
+        assert_eq!(out.stdout, format!("{value}\n").as_bytes());
+        let copy = std::fs::read(node.data_dir.join("ca.pem")).expect("CA copy");
+        assert_eq!(copy, std::fs::read(ca_dir.join("ca.pem")).expect("shared CA"), "node {i} has another CA");
+    }
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&ca_dir);
+}

@@ -51,6 +51,15 @@ pub enum TlsSource {
         /// The data directory.
         data_dir: PathBuf,
     },
+    /// A development CA shared by several local nodes (`--dev-ca DIR`,
+    /// created by whichever starts first), and this node's certificate,
+    /// signed by it, in its own data directory.
+    SharedDevCa {
+        /// The shared CA's directory.
+        ca_dir: PathBuf,
+        /// This node's data directory.
+        data_dir: PathBuf,
+    },
     /// Operator-supplied PEM files.
     Files {
         /// Certificate chain.
@@ -95,6 +104,80 @@ pub fn ensure_dev_ca(data_dir: &Path) -> Result<(), TlsError> {
     // The node certificate last: its presence marks a complete set.
     write(NODE_CERT, node.pem())?;
     tracing::info!(dir = %data_dir.display(), "created a development CA and node certificate");
+    Ok(())
+}
+
+/// Creates the development CA in `ca_dir` unless it is there, safely when
+/// several processes start at once: each builds a complete CA in a private
+/// directory beside `ca_dir` and renames it into place; the first rename
+/// wins (an empty `ca_dir` may be replaced, a filled one may not) and the
+/// others use the winner's.
+pub fn ensure_shared_ca(ca_dir: &Path) -> Result<(), TlsError> {
+    let complete = |dir: &Path| dir.join(CA_CERT).is_file() && dir.join(CA_KEY).is_file();
+    if complete(ca_dir) {
+        return Ok(());
+    }
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let parent = ca_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = ca_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "ca".into());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let staging = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    let ca_key = KeyPair::generate().map_err(generate)?;
+    let ca_cert = dev_ca_params()?.self_signed(&ca_key).map_err(generate)?;
+    let write = |name: &str, pem: String| {
+        let path = staging.join(name);
+        std::fs::write(&path, pem).map_err(io(&path))
+    };
+    write(CA_KEY, ca_key.serialize_pem())?;
+    write(CA_CERT, ca_cert.pem())?;
+    let renamed = std::fs::rename(&staging, ca_dir);
+    if renamed.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    if complete(ca_dir) {
+        if renamed.is_ok() {
+            tracing::info!(dir = %ca_dir.display(), "created the shared development CA");
+        }
+        return Ok(());
+    }
+    match renamed {
+        Err(source) => Err(TlsError::Io { path: ca_dir.to_path_buf(), source }),
+        Ok(()) => Err(TlsError::Pem { path: ca_dir.to_path_buf(), detail: "the development CA vanished".into() }),
+    }
+}
+
+/// A node certificate in `data_dir` signed by the shared CA in `ca_dir`
+/// (made if missing or signed by another CA), with a copy of the CA's
+/// certificate beside it for clients that trust the data directory.
+pub fn ensure_node_cert(ca_dir: &Path, data_dir: &Path) -> Result<(), TlsError> {
+    ensure_shared_ca(ca_dir)?;
+    let read = |path: PathBuf| std::fs::read_to_string(&path).map_err(io(&path));
+    let ca_pem = read(ca_dir.join(CA_CERT))?;
+    let same_ca = std::fs::read_to_string(data_dir.join(CA_CERT)).is_ok_and(|pem| pem == ca_pem);
+    if same_ca && data_dir.join(NODE_CERT).is_file() && data_dir.join(NODE_KEY).is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let ca_key = KeyPair::from_pem(&read(ca_dir.join(CA_KEY))?).map_err(generate)?;
+    let issuer = Issuer::new(dev_ca_params()?, ca_key);
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut params = CertificateParams::new(names).map_err(generate)?;
+    params.distinguished_name.push(DnType::CommonName, "cachet node");
+    let key = KeyPair::generate().map_err(generate)?;
+    let cert = params.signed_by(&key, &issuer).map_err(generate)?;
+    let write = |name: &str, pem: String| {
+        let path = data_dir.join(name);
+        std::fs::write(&path, pem).map_err(io(&path))
+    };
+    // The node certificate goes first and the CA copy last: a data
+    // directory whose CA copy matches is complete.
+    let _ = std::fs::remove_file(data_dir.join(CA_CERT));
+    write(NODE_KEY, key.serialize_pem())?;
+    write(NODE_CERT, cert.pem())?;
+    write(CA_CERT, ca_pem)?;
     Ok(())
 }
 
@@ -150,6 +233,10 @@ pub fn server_config(source: &TlsSource, alpn: &[u8]) -> Result<quinn::ServerCon
             ensure_dev_ca(data_dir)?;
             (data_dir.join(NODE_CERT), data_dir.join(NODE_KEY), None)
         }
+        TlsSource::SharedDevCa { ca_dir, data_dir } => {
+            ensure_node_cert(ca_dir, data_dir)?;
+            (data_dir.join(NODE_CERT), data_dir.join(NODE_KEY), None)
+        }
         TlsSource::Files { cert, key, client_ca } => (cert.clone(), key.clone(), client_ca.clone()),
     };
     let certs = load_certs(&cert)?;
@@ -178,4 +265,43 @@ pub fn server_config(source: &TlsSource, alpn: &[u8]) -> Result<quinn::ServerCon
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Eight processes' worth of threads racing to create one CA all end up
+    /// with the same one, and node certificates signed by it.
+    #[test]
+    fn concurrent_starts_share_one_development_ca() {
+        let root = std::env::temp_dir().join(format!("cachet-shared-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("root");
+        let ca_dir = root.join("ca");
+        std::fs::create_dir_all(&ca_dir).expect("an empty CA dir, as a user would make it");
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (ca_dir, data_dir) = (ca_dir.clone(), root.join(format!("node{i}")));
+                std::thread::spawn(move || ensure_node_cert(&ca_dir, &data_dir))
+            })
+            .collect();
+        for handle in handles {
+            handle.join().expect("thread").expect("node certificate");
+        }
+        let ca = std::fs::read_to_string(ca_dir.join(CA_CERT)).expect("ca");
+        for i in 0..8 {
+            let copy = std::fs::read_to_string(root.join(format!("node{i}")).join(CA_CERT)).expect("copy");
+            assert_eq!(copy, ca, "node {i} trusts another CA");
+        }
+        let leftovers = std::fs::read_dir(&root).expect("list").filter_map(Result::ok);
+        let staging: Vec<_> = leftovers.filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+        assert!(staging.is_empty(), "staging directories left behind");
+        // A directory that holds something else is refused, not overwritten.
+        let busy = root.join("busy");
+        std::fs::create_dir_all(&busy).expect("dir");
+        std::fs::write(busy.join("other"), "x").expect("file");
+        assert!(ensure_shared_ca(&busy).is_err());
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
