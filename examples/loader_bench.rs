@@ -241,6 +241,28 @@ async fn write_behind(
     Ok((Phase { ops: hits.len(), seconds, hits, misses: histogram() }, deepest, last))
 }
 
+/// A node (S3-FIFO, 2 shards) with `loaders`, served over QUIC from this
+/// process, and a client of it.
+async fn serve(loaders: Arc<Loaders>, dir: &std::path::Path) -> Result<(server::RunningServer, Arc<Client>)> {
+    let engine = PolicyEngine::new()?;
+    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() })?;
+    let node = Arc::new(Node::new(NodeConfig { shards: 2, ..NodeConfig::default() }, policy)?);
+    if node.attach_loaders(loaders).is_err() {
+        bail!("loaders attached twice");
+    }
+    let options = ServeOptions {
+        listen: "127.0.0.1:0".parse()?,
+        threads: 1,
+        tls: TlsSource::DevCa { data_dir: dir.to_path_buf() },
+        max_connections: 100,
+        max_streams: 64,
+        max_frame: 2 << 20,
+    };
+    let server = server::start(node, options)?;
+    let client = Arc::new(Client::connect(ClientConfig::new(server.local_addr()).with_data_dir(dir)?).await?);
+    Ok((server, client))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(url), Some(loader)) = (args.first(), args.get(1)) else {
@@ -285,22 +307,7 @@ async fn run(admin_url: &str, loader: &str, duration: Duration, keys: usize, rat
         ),
     )?;
     let loaders = Loaders::new(&LoaderConfig::load(&config_path)?)?;
-    let engine = PolicyEngine::new()?;
-    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() })?;
-    let node = Arc::new(Node::new(NodeConfig { shards: 2, ..NodeConfig::default() }, policy)?);
-    if node.attach_loaders(loaders).is_err() {
-        bail!("loaders attached twice");
-    }
-    let options = ServeOptions {
-        listen: "127.0.0.1:0".parse()?,
-        threads: 1,
-        tls: TlsSource::DevCa { data_dir: dir.clone() },
-        max_connections: 100,
-        max_streams: 64,
-        max_frame: 2 << 20,
-    };
-    let server = server::start(node.clone(), options)?;
-    let client = Arc::new(Client::connect(ClientConfig::new(server.local_addr()).with_data_dir(&dir)?).await?);
+    let (server, client) = serve(loaders, &dir).await?;
     db.batch_execute("SELECT pg_stat_statements_reset()").await?;
     let cached = cached(client, keys, zipf, duration, period).await?;
     let cached_calls = origin_calls(&db).await?;
@@ -316,21 +323,7 @@ async fn run(admin_url: &str, loader: &str, duration: Duration, keys: usize, rat
         ),
     )?;
     let loaders = Loaders::new(&LoaderConfig::load(&config_path)?)?;
-    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() })?;
-    let node = Arc::new(Node::new(NodeConfig { shards: 2, ..NodeConfig::default() }, policy)?);
-    if node.attach_loaders(loaders.clone()).is_err() {
-        bail!("loaders attached twice");
-    }
-    let options = ServeOptions {
-        listen: "127.0.0.1:0".parse()?,
-        threads: 1,
-        tls: TlsSource::DevCa { data_dir: dir.clone() },
-        max_connections: 100,
-        max_streams: 64,
-        max_frame: 2 << 20,
-    };
-    let server = server::start(node.clone(), options)?;
-    let client = Arc::new(Client::connect(ClientConfig::new(server.local_addr()).with_data_dir(&dir)?).await?);
+    let (server, client) = serve(loaders.clone(), &dir).await?;
     let (writes, deepest, last) = write_behind(client, loaders.clone(), keys, duration / 2, period * 2).await?;
     let drain = Instant::now();
     while loaders.write_queue_depth() > 0 {

@@ -157,6 +157,13 @@ impl LoaderNode {
     }
 }
 
+/// A node whose `user:` namespace loads through the example loader from
+/// `db`; `extra` is more namespace settings (TOML lines).
+fn users_node(db: &Database, extra: &str) -> LoaderNode {
+    let namespace = "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]";
+    LoaderNode::start(&users_origin(db), &format!("{namespace}{extra}"))
+}
+
 fn users_origin(db: &Database) -> String {
     format!("[origins.users-db]\npostgres = \"{}\"\nstatement-timeout-ms = 5000\n", db.url())
 }
@@ -180,10 +187,7 @@ fn server_code(err: &ClientError) -> ErrorCode {
 async fn ten_thousand_concurrent_misses_make_one_query() {
     let db = Database::create("flight").await;
     db.users("1").await;
-    let node = LoaderNode::start(
-        &users_origin(&db),
-        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\nload-timeout-ms = 10000",
-    );
+    let node = users_node(&db, "\nload-timeout-ms = 10000");
     let client = Arc::new(node.client().await);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..10_000 {
@@ -210,10 +214,7 @@ async fn ten_thousand_concurrent_misses_make_one_query() {
 async fn not_found_is_cached_and_bad_keys_are_refused() {
     let db = Database::create("negative").await;
     db.users("0").await;
-    let node = LoaderNode::start(
-        &users_origin(&db),
-        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\nnegative-ttl-ms = 5000",
-    );
+    let node = users_node(&db, "\nnegative-ttl-ms = 5000");
     let client = node.client().await;
     assert_eq!(client.get("user:404").await.expect("get"), None);
     assert_eq!(client.get("user:404").await.expect("get"), None);
@@ -243,10 +244,7 @@ async fn not_found_is_cached_and_bad_keys_are_refused() {
 async fn loads_racing_invalidations_never_install_stale_values() {
     let db = Database::create("races").await;
     db.users("random() * 0.004").await;
-    let node = LoaderNode::start(
-        &users_origin(&db),
-        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]",
-    );
+    let node = users_node(&db, "");
     let client = Arc::new(node.client().await);
     let mut state = 0x5eed_u64;
     for i in 1..=1_000u32 {
@@ -282,9 +280,9 @@ async fn notifications_from_postgres_invalidate() {
         )
         .await
         .expect("trigger");
-    let node = LoaderNode::start(
-        &users_origin(&db),
-        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\n\
+    let node = users_node(
+        &db,
+        "\n\
          invalidate = { origin = \"users-db\", channel = \"users_changed\" }",
     );
     let client = node.client().await;
@@ -327,9 +325,9 @@ async fn notifications_from_postgres_invalidate() {
 async fn stale_while_revalidate_serves_old_values_with_one_refresh() {
     let db = Database::create("swr").await;
     db.users("0.5").await;
-    let node = LoaderNode::start(
-        &users_origin(&db),
-        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\n\
+    let node = users_node(
+        &db,
+        "\n\
          ttl-ms = 1000\ngrace-ms = 10000\nxfetch-beta = 0.0",
     );
     let client = Arc::new(node.client().await);
@@ -362,9 +360,9 @@ async fn stale_while_revalidate_serves_old_values_with_one_refresh() {
 async fn early_refresh_happens_just_before_expiry() {
     let db = Database::create("xfetch").await;
     db.users("0.2").await;
-    let node = LoaderNode::start(
-        &users_origin(&db),
-        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\n\
+    let node = users_node(
+        &db,
+        "\n\
          ttl-ms = 60000\nxfetch-beta = 1.0",
     );
     let client = node.client().await;
@@ -718,10 +716,7 @@ async fn warming_is_rate_limited_and_hot_keys_rank_reads() {
         )
         .await
         .expect("rows");
-    let node = LoaderNode::start(
-        &users_origin(&db),
-        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]",
-    );
+    let node = users_node(&db, "");
     let client = Arc::new(node.client().await);
     let mut list: Vec<Bytes> = (1..=300).map(|i| Bytes::from(format!("user:{i}"))).collect();
     list.push(Bytes::from_static(b"user:99999"));
