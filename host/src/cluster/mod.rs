@@ -9,13 +9,15 @@
 //!   order writes without wall clocks.
 //! - [`membership`]: SWIM membership and failure detection (the `foca`
 //!   crate), sans-IO.
+//! - [`transport`]: the node-to-node QUIC transport (ALPN `cachet-peer/1`,
+//!   mutual TLS) that carries both.
 //! - [`replica`]: one node's replica and coordinator: quorum writes and
 //!   reads with tunable consistency, read repair, hinted hand-off, and the
 //!   re-sync that keeps a node restarted empty out of every quorum until it
 //!   has its ranges back.
 //!
-//! Not here yet (issue 6): the node-to-node QUIC transport that carries
-//! both, routing, range streaming on join. The replica takes its view of
+//! Not here yet (issue 6): the node runtime that wires these to each other
+//! and to the shards, routing, range streaming on join. The replica takes its view of
 //! who is alive as an input ([`replica::Replica::set_alive`]), which is
 //! where [`membership`]'s events plug in.
 
@@ -23,4 +25,5 @@ pub mod membership;
 pub mod replica;
 #[cfg(test)]
 mod sim;
+pub mod transport;
 pub mod version;

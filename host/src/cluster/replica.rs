@@ -27,6 +27,7 @@
 use super::version::{LamportClock, Version};
 use bytes::Bytes;
 use cachet_proto::Ring;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -57,7 +58,7 @@ impl Consistency {
 
 /// A key's value at one version; `None` is a deletion (a tombstone, kept so
 /// an older value cannot come back through repair).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Its version.
     pub version: Version,
@@ -66,7 +67,7 @@ pub struct Record {
 }
 
 /// What replicas say to each other.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// Store `record` under `key` if newer (or keep it as a hint for
     /// `hint_for`). `req` 0 wants no acknowledgement.

@@ -267,6 +267,35 @@ pub fn server_config(source: &TlsSource, alpn: &[u8]) -> Result<quinn::ServerCon
     Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
 }
 
+/// The quinn client configuration a node uses toward its peers: it trusts
+/// only `ca` and presents its own certificate (peers require one), speaking
+/// `alpn`.
+pub fn peer_client_config(ca: &Path, cert: &Path, key: &Path, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+    let config = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert).map_err(|e| config(&e))?;
+    }
+    let chain = load_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError::Pem { path: key.to_path_buf(), detail: e.to_string() })?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| config(&e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| config(&e))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| config(&e))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// The certificate and key files of a node's data directory (as made by
+/// [`ensure_dev_ca`] or [`ensure_node_cert`]).
+pub fn node_cert_files(data_dir: &Path) -> (PathBuf, PathBuf) {
+    (data_dir.join(NODE_CERT), data_dir.join(NODE_KEY))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
