@@ -1,6 +1,7 @@
 //! Hot paths of the shard with the LRU policy, native and as Wasm:
 //! a read hit, and a write that must evict. The Wasm/native ratio of these
-//! is the sandbox's per-request cost.
+//! is the sandbox's per-request cost. A read hit is also measured with
+//! hot-key tracking on, as nodes run it.
 //!
 //! `cargo bench -p cachet --bench shard`
 
@@ -13,10 +14,10 @@ use std::hint::black_box;
 
 const ENTRIES: u64 = 100_000;
 
-fn full_shard(engine: &PolicyEngine, native: bool) -> Shard {
+fn full_shard(engine: &PolicyEngine, native: bool, track_hot_keys: bool) -> Shard {
     let spec = PolicySpec { name_or_path: "lru".into(), native, ..PolicySpec::default() };
     let factory = policies::resolve(engine, &spec).expect("lru");
-    let config = ShardConfig { max_entries: ENTRIES, ..ShardConfig::default() };
+    let config = ShardConfig { max_entries: ENTRIES, track_hot_keys, ..ShardConfig::default() };
     let mut shard = Shard::new(config, factory).expect("shard");
     for i in 0..ENTRIES {
         shard.set(0, &i.to_le_bytes(), Bytes::from_static(&[0; 100]), SetOptions::default()).expect("set");
@@ -30,7 +31,7 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for native in [true, false] {
         let runtime = if native { "native" } else { "wasm" };
-        let mut shard = full_shard(&engine, native);
+        let mut shard = full_shard(&engine, native, false);
         let mut i = 0u64;
         group.bench_function(format!("get_hit/lru/{runtime}"), |b| {
             b.iter(|| {
@@ -50,6 +51,14 @@ fn bench(c: &mut Criterion) {
             )
         });
     }
+    let mut tracked = full_shard(&engine, true, true);
+    let mut i = 0u64;
+    group.bench_function("get_hit/lru/native+hot-keys", |b| {
+        b.iter(|| {
+            i = (i + 7919) % ENTRIES;
+            black_box(tracked.get(1, &i.to_le_bytes()))
+        })
+    });
     group.finish();
 }
 

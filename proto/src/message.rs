@@ -332,8 +332,9 @@ pub struct NodeStats {
     pub uptime_secs: u64,
     /// Open client connections.
     pub connections: u64,
-    /// The hottest keys read lately, hottest first, with estimated (aged)
-    /// read counts: what `cachet warm --from-node` loads first.
+    /// The hottest keys read lately, hottest first, with a measure of
+    /// their heat (reads, aged, and sampled on busy shards): what `cachet
+    /// warm --from-node` loads first.
     #[serde(default)]
     pub hot_keys: Vec<HotKey>,
 }
@@ -343,7 +344,8 @@ pub struct NodeStats {
 pub struct HotKey {
     /// The key.
     pub key: Bytes,
-    /// Its estimated recent reads.
+    /// Its heat: recent reads as counted (one in eight once a shard is
+    /// busy), for ranking.
     pub reads: u64,
 }
 
