@@ -186,11 +186,12 @@ fn server_code(err: &ClientError) -> ErrorCode {
 }
 
 /// 10,000 concurrent GETs of one cold key make exactly one query, counted
-/// by PostgreSQL itself; everyone gets the row.
+/// by PostgreSQL itself; everyone gets the row. The load takes 2 s, so
+/// the GETs really overlap it even on a busy machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_concurrent_misses_make_one_query() {
     let db = Database::create("flight").await;
-    db.users("1").await;
+    db.users("2").await;
     let node = users_node(&db, "\nload-timeout-ms = 10000");
     let client = Arc::new(node.client().await);
     let mut tasks = tokio::task::JoinSet::new();
@@ -324,11 +325,12 @@ async fn notifications_from_postgres_invalidate() {
 }
 
 /// Inside the grace window the old value is served while exactly one
-/// background refresh runs; then the new value is served.
+/// background refresh runs (it takes 1.5 s, longer than the 200 GETs);
+/// then the new value is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_serves_old_values_with_one_refresh() {
     let db = Database::create("swr").await;
-    db.users("0.5").await;
+    db.users("1.5").await;
     let node = users_node(
         &db,
         "\n\
