@@ -407,7 +407,7 @@ async fn hostile_loaders_and_failing_origins_get_typed_errors() {
     );
     let client = node.client().await;
     client.set("keep", "me").await.expect("set");
-    let cases: [(&str, ErrorCode, &str); 8] = [
+    let cases: [(&str, ErrorCode, &str); 9] = [
         ("h:loop", ErrorCode::LoadFailed, "budget"),
         ("h:trap", ErrorCode::LoadFailed, "trapped"),
         ("h:grow", ErrorCode::LoadFailed, "memory"),
@@ -416,6 +416,7 @@ async fn hostile_loaders_and_failing_origins_get_typed_errors() {
         ("h:sql:db:SELECT pg_sleep(3)::text", ErrorCode::OriginFailed, "timed out"),
         ("h:sql:db:SELECT (1/0)::text", ErrorCode::OriginFailed, "division by zero"),
         ("h:sql:down:SELECT 1::text", ErrorCode::OriginFailed, "unavailable"),
+        ("h:sql:db:SELECT g::text FROM generate_series(1, 2000000) g", ErrorCode::OriginFailed, "more than 10000 rows"),
     ];
     for (key, code, words) in cases {
         let started = Instant::now();
@@ -429,7 +430,7 @@ async fn hostile_loaders_and_failing_origins_get_typed_errors() {
     assert_eq!(client.get("h:echo:fine").await.expect("get"), Some(Bytes::from_static(b"fine")));
     assert_eq!(client.get("h:sql:db:SELECT 'row'::text").await.expect("get"), Some(Bytes::from_static(b"row")));
     assert_eq!(client.get("keep").await.expect("get"), Some(Bytes::from_static(b"me")));
-    assert!(node.counter(|c| &c.failures) >= 8);
+    assert!(node.counter(|c| &c.failures) >= 9);
 }
 
 /// Modules that are not loaders are refused with an error naming why.

@@ -6,6 +6,7 @@
 
 use super::config::OriginConfig;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::TryStreamExt;
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -252,16 +253,20 @@ async fn query(pool: &Pool, statement: &str, params: &[Option<String>]) -> Resul
         .map(|(i, (ty, p))| bind(i + 1, ty, p.as_deref()))
         .collect::<Result<_, _>>()?;
     let refs: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect();
-    let rows = client.query(&prepared, &refs).await.map_err(|e| pg_failure(&e))?;
-    if rows.len() > MAX_ROWS {
-        return Err(OriginFailure::BadRequest(format!("{} rows returned; at most {MAX_ROWS} are allowed", rows.len())));
-    }
+    // Rows are read as they stream in and the query is abandoned at the
+    // first limit crossed: a loader cannot make the node buffer a whole
+    // table.
+    let rows = client.query_raw(&prepared, refs.iter().copied()).await.map_err(|e| pg_failure(&e))?;
+    let mut rows = std::pin::pin!(rows);
     let mut total = 0usize;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in &rows {
+    let mut out = Vec::new();
+    while let Some(row) = rows.try_next().await.map_err(|e| pg_failure(&e))? {
+        if out.len() == MAX_ROWS {
+            return Err(OriginFailure::BadRequest(format!("more than {MAX_ROWS} rows returned")));
+        }
         let mut columns = Vec::with_capacity(row.len());
         for (i, column) in row.columns().iter().enumerate() {
-            let value = read_column(row, i, column.type_()).map_err(|ty| {
+            let value = read_column(&row, i, column.type_()).map_err(|ty| {
                 OriginFailure::BadRequest(format!(
                     "column `{}` has type {ty}; cast it to text (`::text`) in the statement",
                     column.name()
