@@ -240,7 +240,10 @@ pub struct Replica {
     store: BTreeMap<Bytes, Record>,
     clock: LamportClock,
     resync: Option<Resync>,
-    restarts: u64,
+    /// This boot's nonce: the high half of every request id and the round
+    /// of its re-sync, so replies meant for an earlier life of this node
+    /// (delayed in the network across a crash) match nothing.
+    boot: u64,
     hints: BTreeMap<u64, Hint>,
     pending: BTreeMap<u64, Pending>,
     next_req: u64,
@@ -250,8 +253,10 @@ pub struct Replica {
 
 impl Replica {
     /// Replica `me` of a cluster whose ring members are named `"0"`,
-    /// `"1"`, ... (`nodes` of them). Every node starts alive.
-    pub fn new(me: NodeIx, nodes: u32, ring: Arc<Ring>, config: ReplicaConfig) -> Self {
+    /// `"1"`, ... (`nodes` of them). Every node starts alive. `boot` must
+    /// differ between a node's lives (a random number per process start).
+    pub fn new(me: NodeIx, nodes: u32, ring: Arc<Ring>, config: ReplicaConfig, boot: u64) -> Self {
+        let boot = (boot & 0xFFFF_FFFF) | 1;
         Self {
             me,
             nodes,
@@ -261,10 +266,10 @@ impl Replica {
             store: BTreeMap::new(),
             clock: LamportClock::default(),
             resync: None,
-            restarts: 0,
+            boot,
             hints: BTreeMap::new(),
             pending: BTreeMap::new(),
-            next_req: 1,
+            next_req: boot << 32,
             outbox: VecDeque::new(),
             replies: VecDeque::new(),
         }
@@ -317,17 +322,16 @@ impl Replica {
     }
 
     /// The node restarts with nothing: every record, hint, clock and
-    /// request is gone. It asks the others for its records and counts
-    /// toward no quorum until all have answered.
-    pub fn restart(&mut self, now: u64) {
-        let restarts = self.restarts + 1;
-        *self = Self::new(self.me, self.nodes, self.ring.clone(), self.config);
-        self.restarts = restarts;
+    /// request is gone, and `boot` is its new life's nonce. It asks the
+    /// others for its records and counts toward no quorum until all have
+    /// answered.
+    pub fn restart(&mut self, now: u64, boot: u64) {
+        *self = Self::new(self.me, self.nodes, self.ring.clone(), self.config, boot);
         let waiting: BTreeSet<NodeIx> = (0..self.nodes).filter(|&n| n != self.me).collect();
         if waiting.is_empty() {
             return;
         }
-        self.resync = Some(Resync { round: restarts, waiting, next_try: now });
+        self.resync = Some(Resync { round: self.boot, waiting, next_try: now });
         self.tick(now);
     }
 
@@ -335,6 +339,18 @@ impl Replica {
         let id = self.next_req;
         self.next_req += 1;
         id
+    }
+
+    fn is_alive(&self, node: NodeIx) -> bool {
+        self.alive.get(node as usize).copied().unwrap_or(false)
+    }
+
+    /// The key a pending client request is about.
+    fn pending_key(&self, req: u64) -> Option<&Bytes> {
+        match self.pending.get(&req)? {
+            Pending::Read { key, .. } | Pending::Write { key, .. } => Some(key),
+            Pending::Hint { .. } => None,
+        }
     }
 
     fn send(&mut self, to: NodeIx, message: Message) {
@@ -367,7 +383,7 @@ impl Replica {
         };
         let owners = self.owners(&key);
         let required = consistency.required(owners.len());
-        let alive = owners.iter().filter(|&&n| n == self.me || self.alive[n as usize]).count();
+        let alive = owners.iter().filter(|&&n| n == self.me || self.is_alive(n)).count();
         if required == 0 || alive < required {
             self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
             return;
@@ -421,7 +437,7 @@ impl Replica {
                 let record = self.store.get(key).cloned();
                 let counted = self.counted();
                 self.answer(req, owner, record, counted);
-            } else if self.alive[owner as usize] {
+            } else if self.is_alive(owner) {
                 self.send(owner, Message::Get { req, key: key.clone() });
             }
         }
@@ -435,7 +451,7 @@ impl Replica {
                 self.apply(key, record);
                 let counted = self.counted();
                 self.acked(req, owner, counted);
-            } else if self.alive[owner as usize] {
+            } else if self.is_alive(owner) {
                 self.send(owner, Message::Put { req, key: key.clone(), record: record.clone(), hint_for: None });
             } else if let Some(holder) = self.hint_holder(key, owners) {
                 let hint = Message::Put { req: 0, key: key.clone(), record: record.clone(), hint_for: Some(owner) };
@@ -454,6 +470,10 @@ impl Replica {
     }
 
     fn answer(&mut self, req: u64, from: NodeIx, record: Option<Record>, counted: bool) {
+        // Only the key's owners answer for it.
+        if self.pending_key(req).is_some_and(|key| !self.owners(key).contains(&from)) {
+            return;
+        }
         if let Some(record) = &record {
             self.clock.observe(record.version);
         }
@@ -475,6 +495,9 @@ impl Replica {
     }
 
     fn acked(&mut self, req: u64, from: NodeIx, counted: bool) {
+        if self.pending_key(req).is_some_and(|key| !self.owners(key).contains(&from)) {
+            return;
+        }
         match self.pending.get_mut(&req) {
             Some(Pending::Write { phase: Phase::Store { acked, counted: n, .. }, .. }) => {
                 let fresh = acked.insert(from);
@@ -666,7 +689,7 @@ impl Replica {
         }
         if let Some((round, waiting)) = sync {
             for peer in waiting {
-                if self.alive[peer as usize] {
+                if self.is_alive(peer) {
                     self.send(peer, Message::SyncRequest { round });
                 }
             }

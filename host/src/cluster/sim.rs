@@ -111,10 +111,11 @@ impl Sim {
             .collect();
         let ring = Arc::new(Ring::new(1, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
         let config = ReplicaConfig { rf: 3, request_timeout_ms: 400, retry_ms: 50 };
-        let replicas = (0..NODES).map(|i| Replica::new(i, NODES, ring.clone(), config)).collect();
+        let mut rng = Rng(seed);
+        let replicas = (0..NODES).map(|i| Replica::new(i, NODES, ring.clone(), config, rng.next())).collect();
         Self {
             seed,
-            rng: Rng(seed),
+            rng,
             now: 0,
             replicas,
             up: vec![true; NODES as usize],
@@ -162,7 +163,9 @@ impl Sim {
                 let copies = if self.rng.chance(0.02) { 2 } else { 1 };
                 self.tally.duplicated += copies - 1;
                 for _ in 0..copies {
-                    let at = self.now + 1 + self.rng.below(15);
+                    // A tail of slow messages outlives crashes and restarts.
+                    let delay = if self.rng.chance(0.02) { 100 + self.rng.below(400) } else { 1 + self.rng.below(15) };
+                    let at = self.now + delay;
                     self.seq += 1;
                     self.network.insert((at, self.seq), (i as NodeIx, to, message.clone()));
                 }
@@ -320,7 +323,8 @@ impl Sim {
         }
         self.down = None;
         self.up[node as usize] = true;
-        self.replicas[node as usize].restart(self.now);
+        let boot = self.rng.next();
+        self.replicas[node as usize].restart(self.now, boot);
         for (i, replica) in self.replicas.iter_mut().enumerate() {
             if i != node as usize {
                 replica.set_alive(self.now, node, true);
@@ -375,7 +379,9 @@ impl Sim {
                 if self.trace {
                     eprintln!("t={} {from}->{to} {message:?}", self.now);
                 }
-                if self.up[to as usize] && self.up[from as usize] && !self.cut(from, to) {
+                // Messages already sent arrive even if their sender has
+                // crashed since (and may reach it in a later life).
+                if self.up[to as usize] && !self.cut(from, to) {
                     self.replicas[to as usize].handle(self.now, from, message);
                 } else {
                     self.tally.dropped += 1;

@@ -27,7 +27,8 @@ pub struct LamportClock {
 impl LamportClock {
     /// A new version for a write this node coordinates.
     pub fn tick(&mut self, node: u32) -> Version {
-        self.counter += 1;
+        // Saturating: a peer cannot make the clock wrap around.
+        self.counter = self.counter.saturating_add(1);
         Version { counter: self.counter, node }
     }
 
