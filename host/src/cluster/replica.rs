@@ -405,7 +405,9 @@ impl Replica {
                 self.pending.insert(req, read);
                 self.ask(req, &key, &owners);
             }
-            Op::Put { value, .. } if consistency == Consistency::One => {
+            // A re-syncing coordinator's clock may be far behind: it always
+            // asks a quorum for the current version first.
+            Op::Put { value, .. } if consistency == Consistency::One && self.counted() => {
                 let record = Record { version: self.clock.tick(self.me), value: value.clone() };
                 let phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
                 self.pending
@@ -613,15 +615,11 @@ impl Replica {
                     .filter(|(key, _)| self.owners(key).contains(&from))
                     .map(|(k, r)| (k.clone(), r.clone()))
                     .collect();
-                // Hints held for the requester are delivered with the sync.
+                // Hints held for the requester ride along, and stay until
+                // their own delivery is acknowledged (this reply may be lost).
                 let mut entries = entries;
-                let delivered: Vec<u64> =
-                    self.hints.iter().filter(|(_, h)| h.target == from).map(|(&id, _)| id).collect();
-                for id in delivered {
-                    if let Some(hint) = self.hints.remove(&id) {
-                        entries.push((hint.key, hint.record));
-                    }
-                }
+                let hints = self.hints.values().filter(|h| h.target == from);
+                entries.extend(hints.map(|h| (h.key.clone(), h.record.clone())));
                 self.send(from, Message::SyncData { round, entries });
             }
             Message::SyncData { round, entries } => {

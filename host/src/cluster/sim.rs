@@ -20,7 +20,8 @@
 //!   that began after another was acknowledged gets a higher version, so
 //!   "the newest version" is "the latest acknowledged write".
 //!
-//! The fault model is the one RF=3 with quorums is built for: at most one
+//! Five nodes with RF=3, so keys have non-owners to hold hints for a down
+//! owner. The fault model is the one RF=3 with quorums is built for: at most one
 //! node crashed or re-syncing at a time (a second crash waits until every
 //! node is back and counted), and a partition isolates one node while all
 //! are up.
@@ -32,7 +33,7 @@ use cachet_proto::{Member, Ring};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-const NODES: u32 = 3;
+const NODES: u32 = 5;
 const KEYS: usize = 6;
 
 struct Rng(u64);
@@ -64,6 +65,7 @@ pub(super) struct Tally {
     pub(super) crashes: u64,
     pub(super) partitions: u64,
     pub(super) dropped: u64,
+    pub(super) hints: u64,
     pub(super) duplicated: u64,
 }
 
@@ -156,6 +158,9 @@ impl Sim {
                 continue;
             }
             while let Some((to, message)) = self.replicas[i].poll_transmit() {
+                if matches!(message, Message::Put { hint_for: Some(_), .. }) {
+                    self.tally.hints += 1;
+                }
                 if self.rng.chance(0.08) {
                     self.tally.dropped += 1;
                     continue;
@@ -417,11 +422,13 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
         total.partitions += t.partitions;
         total.dropped += t.dropped;
         total.duplicated += t.duplicated;
+        total.hints += t.hints;
     }
     eprintln!("200 seeds: {total:?}");
     // The schedules really exercised the faults and the oracle.
     assert!(total.crashes >= 100 && total.partitions >= 100, "{total:?}");
     assert!(total.dropped >= 1_000 && total.duplicated >= 500, "{total:?}");
+    assert!(total.hints >= 100, "hinted hand-off was never exercised: {total:?}");
     assert!(total.acked_writes >= 20_000 && total.checked_reads >= 10_000, "{total:?}");
     // Faults are frequent (one every ~85 ms, 8% loss), so many operations
     // time out; most still succeed.
