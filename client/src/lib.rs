@@ -19,12 +19,15 @@
 
 #![warn(missing_docs)]
 
+mod cluster;
 mod lane;
 mod single_flight;
 
+pub use cluster::{ClusterClient, RetryPolicy};
+
 pub use cachet_proto::{
-    AdminCommand, Condition, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats, PolicyListing, ShadowListing,
-    ShardListing, TtlState, key_hash,
+    AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats,
+    PolicyListing, ShadowListing, ShardListing, TtlState, key_hash,
 };
 pub use single_flight::LoadError;
 
@@ -84,6 +87,8 @@ fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::InvalidModule => "invalid module",
         ErrorCode::LoadFailed => "load failed",
         ErrorCode::OriginFailed => "origin failed",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::NotSupported => "not supported",
     }
 }
 
@@ -195,6 +200,9 @@ struct Connection {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Asked of a clustered node with every request; `None` takes the
+    /// node's default.
+    consistency: Option<Consistency>,
 }
 
 struct Inner {
@@ -224,9 +232,22 @@ impl Client {
                 next_lane: AtomicUsize::new(0),
                 loads: single_flight::SingleFlight::default(),
             }),
+            consistency: None,
         };
         client.connection().await?;
         Ok(client)
+    }
+
+    /// A handle on the same connection whose requests ask a clustered
+    /// node for `level` (ONE, QUORUM or ALL replicas). A single node
+    /// ignores it.
+    pub fn at(&self, level: Consistency) -> Self {
+        Self { inner: self.inner.clone(), consistency: Some(level) }
+    }
+
+    /// The node this client talks to.
+    pub fn server(&self) -> SocketAddr {
+        self.inner.config.server
     }
 
     /// The live connection, reconnecting if the last one broke.
@@ -269,7 +290,8 @@ impl Client {
         let timeout = self.inner.config.timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = BytesMut::new();
-        cachet_proto::encode(id, &request, &mut frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        cachet_proto::encode_at(id, &request, self.consistency, &mut frame)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         // Big frames (a large value, a long key list) get a stream of their
         // own: they never delay small requests, and if the node refuses one
         // (closing that stream) no other request shares its fate.

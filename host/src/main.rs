@@ -230,9 +230,22 @@ struct ClientArgs {
     /// Client private key (PEM); with --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Replicas that must take part, on a clustered node: one, quorum or
+    /// all [default: the node's --consistency].
+    #[arg(long)]
+    consistency: Option<cachet_client::Consistency>,
 }
 
 impl ClientArgs {
+    /// Connects, asking for `--consistency` when given.
+    async fn connect(&self) -> Result<Client> {
+        let client = Client::connect(self.config()?).await?;
+        Ok(match self.consistency {
+            Some(level) => client.at(level),
+            None => client,
+        })
+    }
+
     fn config(&self) -> Result<ClientConfig> {
         let mut config = ClientConfig::new(self.server);
         config.server_name = self.server_name.clone();
@@ -319,6 +332,25 @@ struct ServeArgs {
     /// each fault in a row, in milliseconds [default: 1000].
     #[arg(long)]
     policy_retry_ms: Option<u64>,
+    /// Every cluster member's node-to-node (peer) address, comma-separated,
+    /// the same list on every member; a node's id is its index. Needs
+    /// --node-id and --dev-ca.
+    #[arg(long, value_delimiter = ',', requires = "node_id")]
+    cluster: Vec<SocketAddr>,
+    /// This node's index in --cluster.
+    #[arg(long, requires = "cluster")]
+    node_id: Option<u32>,
+    /// Copies of each key in the cluster [default: 2].
+    #[arg(long)]
+    replication_factor: Option<usize>,
+    /// Consistency of requests that do not name one: one, quorum or all
+    /// [default: quorum].
+    #[arg(long)]
+    consistency: Option<cachet_client::Consistency>,
+    /// A dead member is declared down within about this many milliseconds
+    /// [default: 2000].
+    #[arg(long)]
+    detect_ms: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -442,7 +474,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(args) => run_serve(*args),
         Command::Get { key, client } => block_on(async move {
-            let client = Client::connect(client.config()?).await?;
+            let client = client.connect().await?;
             let value = client.get(&key).await;
             client.close().await;
             match value? {
@@ -457,7 +489,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }),
         Command::Set { key, value, ttl, nx, xx, client } => block_on(async move {
-            let client = Client::connect(client.config()?).await?;
+            let client = client.connect().await?;
             let condition = if nx {
                 Condition::IfAbsent
             } else if xx {
@@ -476,14 +508,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         }),
         Command::Del { keys, client } => block_on(async move {
-            let client = Client::connect(client.config()?).await?;
+            let client = client.connect().await?;
             let deleted = client.delete(&keys).await;
             client.close().await;
             println!("{}", deleted?);
             Ok(())
         }),
         Command::Stats { json, client } => block_on(async move {
-            let client = Client::connect(client.config()?).await?;
+            let client = client.connect().await?;
             let stats = client.stats().await;
             client.close().await;
             let stats = stats?;
@@ -500,6 +532,28 @@ fn run(cli: Cli) -> Result<()> {
                 println!("shards            {}", stats.shards);
                 println!("connections       {}", stats.connections);
                 println!("uptime            {} s", stats.uptime_secs);
+                if let Some(cluster) = &stats.cluster {
+                    let up: Vec<String> = cluster
+                        .members
+                        .iter()
+                        .zip(&cluster.alive)
+                        .enumerate()
+                        .map(|(i, (addr, up))| format!("{i}={addr}{}", if *up { "" } else { " (down)" }))
+                        .collect();
+                    println!(
+                        "cluster node      {} of [{}], RF {}",
+                        cluster.node_id,
+                        up.join(", "),
+                        cluster.replication_factor
+                    );
+                    let synced = if cluster.synced {
+                        "synced".to_string()
+                    } else {
+                        format!("re-syncing from {:?}", cluster.resync_waiting)
+                    };
+                    println!("replica           {} records, {} hints, {synced}", cluster.records, cluster.hints);
+                    println!("replicated ops    {} ok, {} failed", cluster.ops_ok, cluster.ops_failed);
+                }
                 for (i, hot) in stats.hot_keys.iter().take(10).enumerate() {
                     let label = if i == 0 { "hot keys" } else { "" };
                     println!("{label:<17} {} (~{} reads)", String::from_utf8_lossy(&hot.key), hot.reads);
@@ -690,7 +744,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     };
     let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(cert), Some(key)) => TlsSource::Files { cert, key, client_ca: args.tls_ca.or(file.tls_ca) },
-        (None, None) => match args.dev_ca {
+        (None, None) => match args.dev_ca.clone() {
             Some(ca_dir) => TlsSource::SharedDevCa { ca_dir, data_dir: data_dir.clone() },
             None => TlsSource::DevCa { data_dir: data_dir.clone() },
         },
@@ -705,6 +759,32 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let node = Arc::new(Node::new(node_config, policy)?.with_registry(registry, token));
+    if let Some(node_id) = args.node_id {
+        let Some(ca_dir) = args.dev_ca.clone() else {
+            bail!("--cluster needs --dev-ca DIR: members authenticate each other with that CA");
+        };
+        if args.resp_listen.is_some() || file.resp_listen.is_some() {
+            bail!("--resp-listen is not supported with --cluster yet (the RESP port would serve local data only)");
+        }
+        if args.loaders.is_some() || file.loaders.is_some() {
+            bail!("--loaders is not supported with --cluster yet");
+        }
+        let options = cachet::cluster::runtime::ClusterOptions {
+            node_id,
+            members: args.cluster.clone(),
+            replication_factor: args.replication_factor.unwrap_or(2),
+            consistency: args.consistency.unwrap_or_default(),
+            detect_within_ms: args.detect_ms.unwrap_or(2_000),
+            request_timeout_ms: 1_000,
+            ca_dir,
+            data_dir: data_dir.clone(),
+        };
+        let cluster = cachet::cluster::runtime::Cluster::start(options)?;
+        eprintln!("cachet: cluster member {node_id}, peers on {}", cluster.peer_addr());
+        if node.attach_cluster(cluster).is_err() {
+            bail!("the cluster was attached twice");
+        }
+    }
     if let Some(path) = args.loaders.or(file.loaders) {
         let config = cachet::loader::LoaderConfig::load(&path)?;
         let loaders = cachet::loader::Loaders::new(&config)?;
@@ -744,6 +824,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
+    let cluster = node.cluster().cloned();
     block_on(async move {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let metrics = match metrics_listen {
@@ -774,6 +855,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         resp.shutdown();
     }
     server.shutdown();
+    if let Some(cluster) = cluster {
+        cluster.shutdown();
+    }
     Ok(())
 }
 

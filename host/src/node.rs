@@ -96,6 +96,7 @@ pub struct Node {
     started: Instant,
     connections: AtomicU64,
     loaders: OnceLock<Arc<Loaders>>,
+    cluster: OnceLock<Arc<crate::cluster::runtime::Cluster>>,
 }
 
 impl Node {
@@ -137,6 +138,7 @@ impl Node {
             started: Instant::now(),
             connections: AtomicU64::new(0),
             loaders: OnceLock::new(),
+            cluster: OnceLock::new(),
         })
     }
 
@@ -194,6 +196,21 @@ impl Node {
     /// The loaders, if any are attached.
     pub fn loaders(&self) -> Option<&Arc<Loaders>> {
         self.loaders.get()
+    }
+
+    /// Makes this node a cluster member: its data commands become
+    /// replicated operations (see [`crate::cluster::runtime::Cluster::route`]).
+    /// At most once per node.
+    pub fn attach_cluster(
+        &self,
+        cluster: Arc<crate::cluster::runtime::Cluster>,
+    ) -> Result<(), Arc<crate::cluster::runtime::Cluster>> {
+        self.cluster.set(cluster)
+    }
+
+    /// The cluster, if the node is in one.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::runtime::Cluster>> {
+        self.cluster.get()
     }
 
     /// A refusal when `key` belongs to a namespace that writes to its
@@ -461,6 +478,7 @@ impl Node {
             max_bytes: self.config.max_bytes,
             uptime_secs: self.started.elapsed().as_secs(),
             connections: self.connections.load(Ordering::Relaxed),
+            cluster: self.cluster.get().map(|c| Box::new(c.stats())),
             ..NodeStats::default()
         };
         for shard in &self.shards {

@@ -8,7 +8,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::message::PROTOCOL_VERSION;
+use crate::message::{Consistency, PROTOCOL_VERSION};
 
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -26,6 +26,10 @@ pub struct Envelope<T> {
     pub id: u64,
     /// The request or reply.
     pub body: T,
+    /// The consistency a request asks for, when not the node's default.
+    /// Absent from replies and from requests of older clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
 }
 
 /// What [`decode`] found.
@@ -84,9 +88,19 @@ pub enum FrameError {
 
 /// Appends one frame holding `body` to `out`.
 pub fn encode<T: Serialize>(id: u64, body: &T, out: &mut BytesMut) -> Result<(), FrameError> {
+    encode_at(id, body, None, out)
+}
+
+/// Appends one frame holding `body`, asking for `consistency`.
+pub fn encode_at<T: Serialize>(
+    id: u64,
+    body: &T,
+    consistency: Option<Consistency>,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
     let start = out.len();
     out.put_u32(0);
-    let envelope = Envelope { v: PROTOCOL_VERSION, id, body };
+    let envelope = Envelope { v: PROTOCOL_VERSION, id, body, consistency };
     let mut writer = out.writer();
     let written = rmp_serde::encode::write_named(&mut writer, &envelope);
     let out = writer.into_inner();
@@ -211,7 +225,8 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32(0);
         let mut w = buf.writer();
-        rmp_serde::encode::write_named(&mut w, &Envelope { v: 99, id: 6, body: Request::Ping }).expect("encode");
+        rmp_serde::encode::write_named(&mut w, &Envelope { v: 99, id: 6, body: Request::Ping, consistency: None })
+            .expect("encode");
         let mut buf = w.into_inner();
         let len = (buf.len() - 4) as u32;
         buf[..4].copy_from_slice(&len.to_be_bytes());

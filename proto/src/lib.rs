@@ -9,10 +9,10 @@ pub mod frame;
 pub mod message;
 pub mod ring;
 
-pub use frame::{Decoded, Envelope, FrameError, MAX_REPLY_LEN, decode, encode};
+pub use frame::{Decoded, Envelope, FrameError, MAX_REPLY_LEN, decode, encode, encode_at};
 pub use message::{
-    ALPN, AdminCommand, Condition, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats, PROTOCOL_VERSION,
-    PolicyListing, Request, Response, ShadowListing, ShardListing, TtlState,
+    ALPN, AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats,
+    PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing, ShardListing, TtlState,
 };
 pub use ring::{DEFAULT_VNODES, Member, Ring, RingError, hash_tag, ring_hash};
 

@@ -22,6 +22,34 @@ pub enum Condition {
     IfPresent,
 }
 
+/// How many replicas of a key must take part in a request (cluster mode;
+/// a single node ignores it). Carried per request in the frame's envelope.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    /// One replica: fastest, and may read a value older than the latest
+    /// acknowledged write.
+    One,
+    /// A majority of the replicas: a QUORUM read sees every write
+    /// acknowledged at QUORUM before it began.
+    #[default]
+    Quorum,
+    /// Every replica: fails while any of them is down.
+    All,
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "one" => Ok(Self::One),
+            "quorum" => Ok(Self::Quorum),
+            "all" => Ok(Self::All),
+            _ => Err(format!("unknown consistency `{text}` (one, quorum or all)")),
+        }
+    }
+}
+
 /// One client request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -337,6 +365,36 @@ pub struct NodeStats {
     /// warm --from-node` loads first.
     #[serde(default)]
     pub hot_keys: Vec<HotKey>,
+    /// The node's view of its cluster, when it is in one.
+    #[serde(default)]
+    pub cluster: Option<Box<ClusterStats>>,
+}
+
+/// A clustered node's view, in [`NodeStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStats {
+    /// This node's id.
+    pub node_id: u32,
+    /// Every member's peer address, by node id.
+    pub members: Vec<String>,
+    /// Which members the failure detector holds up, by node id.
+    pub alive: Vec<bool>,
+    /// Replication factor.
+    pub replication_factor: u32,
+    /// Whether this node counts toward quorums; `false` while it re-syncs
+    /// after starting empty.
+    pub synced: bool,
+    /// Members this node still waits for a re-sync from.
+    pub resync_waiting: Vec<u32>,
+    /// Replicated records held (tombstones included).
+    pub records: u64,
+    /// Writes held for down members (hinted hand-off).
+    pub hints: u64,
+    /// Client operations coordinated here that succeeded.
+    pub ops_ok: u64,
+    /// Client operations coordinated here that failed (unavailable or
+    /// timed out).
+    pub ops_failed: u64,
 }
 
 /// One hot key in [`NodeStats`].
@@ -411,6 +469,12 @@ pub enum ErrorCode {
     LoadFailed,
     /// A loader's origin is down, timed out or answered with an error.
     OriginFailed,
+    /// Too few replicas of the key answered for the consistency asked
+    /// (they are down, re-syncing, or slow): retry, possibly elsewhere.
+    Unavailable,
+    /// The command is not available on a clustered node (yet); the message
+    /// says which.
+    NotSupported,
 }
 
 /// A typed error with a message for humans.

@@ -85,6 +85,14 @@ impl MembershipConfig {
             frequency: period / 2,
             num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN),
         });
+        // A member wrongly declared down (a burst of loss, a partition, a
+        // slow start) is told so when it next speaks and rejoins under a
+        // renewed identity; members declared down are still announced to
+        // now and then, so both sides of a healed partition find each
+        // other again. Without these a false "down" is forever.
+        config.notify_down_members = true;
+        config.periodic_announce_to_down_members =
+            Some(foca::PeriodicParams { frequency: period * 4, num_members: NonZeroUsize::MIN });
         config.periodic_announce = Some(foca::PeriodicParams { frequency: period * 4, num_members: NonZeroUsize::MIN });
         config
     }
@@ -225,12 +233,22 @@ mod tests {
         now: u64,
         rng: u64,
         events: Vec<(u64, usize, MembershipEvent)>,
+        /// A node cut off from the others: everything to or from it is lost.
+        cut: Option<usize>,
     }
 
     impl Net {
         fn new(seed: u64) -> Self {
             let nodes = (0..3).map(|i| Some(Membership::new(peer(i, 0), MembershipConfig::default(), seed + i as u64)));
-            Self { nodes: nodes.collect(), wire: BTreeMap::new(), seq: 0, now: 0, rng: seed, events: Vec::new() }
+            Self {
+                nodes: nodes.collect(),
+                wire: BTreeMap::new(),
+                seq: 0,
+                now: 0,
+                rng: seed,
+                events: Vec::new(),
+                cut: None,
+            }
         }
 
         fn random(&mut self) -> u64 {
@@ -246,7 +264,7 @@ mod tests {
                         self.events.push((self.now, i, event));
                     }
                     let target = to.node.trim_start_matches('n').parse::<usize>().unwrap_or(usize::MAX);
-                    if self.random() % 100 < 5 {
+                    if self.random() % 100 < 5 || self.cut.is_some_and(|c| c == i || c == target) {
                         continue; // lost
                     }
                     let at = self.now + 1 + self.random() % 5;
@@ -308,7 +326,9 @@ mod tests {
                 assert!(at - killed <= 2_000, "seed {seed}: node {observer} took {} ms", at - killed);
                 slowest = slowest.max(at - killed);
             }
-            // It restarts with a new incarnation and is up again for both.
+            // It restarts with a new incarnation and is up again for both
+            // (under a later one if it was wrongly declared down meanwhile
+            // and renewed itself).
             let mut back = Membership::new(peer(2, 1), MembershipConfig::default(), seed + 99);
             back.join(net.now, peer(0, 0)).expect("announce");
             net.nodes[2] = Some(back);
@@ -319,12 +339,65 @@ mod tests {
                 let up = net.events.iter().any(|(at, who, e)| {
                     *at >= restarted
                         && *who == observer
-                        && matches!(e, MembershipEvent::Up(p) if p.node == "n2" && p.incarnation == 1)
+                        && matches!(e, MembershipEvent::Up(p) if p.node == "n2" && p.incarnation >= 1)
                 });
-                assert!(up, "seed {seed}: node {observer} never saw n2 back");
+                if !up {
+                    let after: Vec<_> = net.events.iter().filter(|(at, _, _)| *at >= killed).collect();
+                    let views: Vec<_> = net.nodes.iter().flatten().map(|n| (n.me().clone(), n.members())).collect();
+                    panic!("seed {seed}: node {observer} never saw n2 back: {after:?}; views {views:?}");
+                }
             }
         }
         eprintln!("slowest detection over 100 seeds: {slowest} ms");
+    }
+
+    /// A partition long enough for both sides to declare each other down:
+    /// the cut-off member finds itself alone, renews its identity and
+    /// rejoins once the partition heals (the others would ignore its old,
+    /// down identity for good).
+    #[test]
+    fn a_member_cut_off_until_declared_down_rejoins_when_the_partition_heals() {
+        for seed in 1..=50u64 {
+            let mut net = Net::new(seed * 7_919);
+            for i in 1..3 {
+                if let Some(node) = net.nodes[i].as_mut() {
+                    node.join(0, peer(0, 0)).expect("announce");
+                }
+            }
+            net.pump();
+            net.run_until(3_000);
+            net.cut = Some(2);
+            let cut = net.now;
+            net.run_until(cut + 4_000);
+            let down_for = |observer: usize| {
+                net.events.iter().any(|(at, who, e)| {
+                    *at >= cut && *who == observer && matches!(e, MembershipEvent::Down(p) if p.node == "n2")
+                })
+            };
+            assert!(down_for(0) && down_for(1), "seed {seed}: n2 was not declared down during the partition");
+            assert!(net.nodes[2].as_ref().is_some_and(|n| n.members().is_empty()), "seed {seed}: n2 not alone");
+            net.cut = None;
+            let healed = net.now;
+            net.run_until(healed + 4_000);
+            for observer in 0..2 {
+                let back = net.events.iter().any(|(at, who, e)| {
+                    *at >= healed
+                        && *who == observer
+                        && matches!(e, MembershipEvent::Up(p) if p.node == "n2" && p.incarnation >= 1)
+                });
+                assert!(back, "seed {seed}: node {observer} never saw n2 rejoin");
+            }
+            for node in net.nodes.iter().flatten() {
+                let after: Vec<_> = net.events.iter().filter(|(at, _, _)| *at >= healed).collect();
+                assert_eq!(
+                    node.members().len(),
+                    2,
+                    "seed {seed}: {:?} sees {:?}; {after:?}",
+                    node.me(),
+                    node.members()
+                );
+            }
+        }
     }
 
     #[test]

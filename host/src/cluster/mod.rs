@@ -16,13 +16,17 @@
 //!   re-sync that keeps a node restarted empty out of every quorum until it
 //!   has its ranges back.
 //!
-//! Not here yet (issue 6): the node runtime that wires these to each other
-//! and to the shards, routing, range streaming on join. The replica takes its view of
-//! who is alive as an input ([`replica::Replica::set_alive`]), which is
-//! where [`membership`]'s events plug in.
+//! - [`runtime`]: the thin shell that runs them in `cachet serve
+//!   --cluster`: membership events into the replica, frames through the
+//!   transport, client operations in and replies out.
+//!
+//! Not here yet (issue 6): members joining or leaving a running cluster
+//! (the ring is static), range streaming, storing replicated records in the
+//! bounded shards (they live in the replica's own map).
 
 pub mod membership;
 pub mod replica;
+pub mod runtime;
 #[cfg(test)]
 mod sim;
 pub mod transport;

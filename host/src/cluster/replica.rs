@@ -295,6 +295,11 @@ impl Replica {
         self.store.iter()
     }
 
+    /// The members a re-sync still waits for (empty once counted).
+    pub fn resync_waiting(&self) -> Vec<NodeIx> {
+        self.resync.as_ref().map(|r| r.waiting.iter().copied().collect()).unwrap_or_default()
+    }
+
     /// Hints waiting for their owner.
     pub fn hints_held(&self) -> usize {
         self.hints.len()

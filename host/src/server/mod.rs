@@ -285,7 +285,11 @@ async fn handle_stream(
                         // they answer when done (replies carry their id) and
                         // the stream goes on meanwhile.
                         body => {
-                            match node.loaders().and_then(|loaders| loaders.route(&node, &body)) {
+                            let routed = match node.cluster() {
+                                Some(cluster) => cluster.route(&node, &body, envelope.consistency),
+                                None => node.loaders().and_then(|loaders| loaders.route(&node, &body)),
+                            };
+                            match routed {
                                 None => span.in_scope(|| node.execute(body)),
                                 Some(Routed::Now(reply)) => reply,
                                 Some(Routed::Later(later)) if waiting < MAX_WAITING => {

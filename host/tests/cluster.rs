@@ -1,0 +1,404 @@
+//! Real multi-process clusters: `cachet serve --cluster` processes on
+//! 127.0.0.1, .2 and .3, driven through the cluster SDK, with members
+//! killed by SIGKILL. Every load loop is bounded in operations and time.
+
+use cachet_client::{ClientConfig, ClientError, ClusterClient, Consistency, ErrorCode, RetryPolicy};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// One `cachet serve` member.
+struct Member {
+    child: Option<Child>,
+    args: Vec<String>,
+    client_addr: String,
+    log: PathBuf,
+}
+
+impl Member {
+    /// Starts the process; its log goes to `log` (kept when a test fails).
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_cachet"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cachet serve starts");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no goodbye, memory gone.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct TestCluster {
+    members: Vec<Member>,
+    ca: PathBuf,
+    root: PathBuf,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("member logs kept in {}", self.root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 to .`n`, for both the client and the peer
+/// socket (port and port + 1).
+fn free_port(n: usize) -> u16 {
+    for _ in 0..200 {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe");
+        let port = probe.local_addr().expect("addr").port();
+        drop(probe);
+        if port >= u16::MAX - 1 {
+            continue;
+        }
+        let free = (1..=n)
+            .all(|i| [port, port + 1].iter().all(|p| std::net::UdpSocket::bind(format!("127.0.0.{i}:{p}")).is_ok()));
+        if free {
+            return port;
+        }
+    }
+    panic!("no free port pair on 127.0.0.1-{n}");
+}
+
+impl TestCluster {
+    fn start(n: usize, rf: usize, tag: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("cachet-cluster-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("temp dir");
+        let ca = root.join("ca");
+        let port = free_port(n);
+        let peers: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}:{}", port + 1)).collect();
+        let members = (0..n)
+            .map(|i| {
+                let client_addr = format!("127.0.0.{}:{port}", i + 1);
+                let args: Vec<String> = [
+                    "serve",
+                    "--listen",
+                    &client_addr,
+                    "--data-dir",
+                    root.join(format!("node{i}")).to_str().expect("utf-8"),
+                    "--dev-ca",
+                    ca.to_str().expect("utf-8"),
+                    "--cluster",
+                    &peers.join(","),
+                    "--node-id",
+                    &i.to_string(),
+                    "--replication-factor",
+                    &rf.to_string(),
+                    "--shards",
+                    "1",
+                    "--threads",
+                    "1",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                let log = root.join(format!("node{i}.log"));
+                let mut member = Member { child: None, args, client_addr, log };
+                member.spawn();
+                member
+            })
+            .collect();
+        Self { members, ca, root }
+    }
+
+    fn client_config(&self, i: usize) -> ClientConfig {
+        let mut config = ClientConfig::new(self.members[i].client_addr.parse().expect("addr"));
+        config.timeout = Duration::from_millis(1_500);
+        config.ca_file = Some(self.ca.join("ca.pem"));
+        config
+    }
+
+    fn client(&self) -> ClusterClient {
+        let configs = (0..self.members.len()).map(|i| self.client_config(i)).collect();
+        ClusterClient::new(configs, RetryPolicy::default()).expect("cluster client")
+    }
+
+    /// Waits (bounded) until every running member sees every member up
+    /// and is re-synced.
+    async fn wait_healthy(&self, client: &ClusterClient, limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let mut healthy = true;
+            for i in 0..self.members.len() {
+                match client.stats_of(i).await {
+                    Ok(stats) => {
+                        let cluster = stats.cluster.expect("a clustered node reports its cluster");
+                        healthy &= cluster.synced && cluster.alive.iter().all(|&up| up);
+                    }
+                    Err(_) => healthy = false,
+                }
+            }
+            if healthy {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < limit, "the cluster was not healthy within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// What a writer knows of its keys: the last acknowledged value, and a
+/// value whose write failed after it (it may or may not have been applied).
+#[derive(Clone, Debug, Default)]
+struct KeyState {
+    acked: Option<String>,
+    maybe: Option<String>,
+}
+
+impl KeyState {
+    fn allows(&self, read: Option<&str>) -> bool {
+        read == self.acked.as_deref() || (read.is_some() && read == self.maybe.as_deref())
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// One writer: write a key at QUORUM, read it back at QUORUM, on its own
+/// keys, until `stop` or `max_ops`.
+async fn writer(
+    client: ClusterClient,
+    id: usize,
+    keys: usize,
+    max_ops: u64,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> HashMap<String, KeyState> {
+    let client = client.at(Consistency::Quorum);
+    let mut state: HashMap<String, KeyState> = HashMap::new();
+    for seq in 0..max_ops {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let key = format!("w{id}:k{}", seq as usize % keys);
+        let value = format!("w{id}:v{seq}");
+        let entry = state.entry(key.clone()).or_default();
+        match client.set(&key, value.clone()).await {
+            Ok(()) => {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                entry.acked = Some(value);
+                entry.maybe = None;
+            }
+            Err(err) => {
+                tally.failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!("write of {key} failed: {err}");
+                entry.maybe = Some(value);
+                continue;
+            }
+        }
+        match client.get(&key).await {
+            Ok(read) => {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                let read = read.map(|v| String::from_utf8_lossy(&v).into_owned());
+                assert!(entry.allows(read.as_deref()), "QUORUM read of {key} gave {read:?}, expected {entry:?}");
+            }
+            Err(err) => {
+                tally.failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!("read of {key} failed: {err}");
+            }
+        }
+    }
+    state
+}
+
+/// The failover test: 3 members, RF=3, QUORUM writes and reads
+/// under load, one member killed with SIGKILL and restarted empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_under_quorum_load_loses_no_acknowledged_write() {
+    let mut cluster = TestCluster::start(3, 3, "kill");
+    let client = cluster.client();
+    let formed = cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    eprintln!("cluster formed in {formed:?}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let writers: Vec<_> =
+        (0..8).map(|id| tokio::spawn(writer(client.clone(), id, 40, 4_000, stop.clone(), tally.clone()))).collect();
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_kill = tally.ok.load(Ordering::Relaxed);
+    assert!(before_kill > 0, "no operation succeeded before the kill");
+    cluster.members[2].kill();
+    let killed = Instant::now();
+    // Failover: a survivor declares the dead member down.
+    let failover = loop {
+        let stats = client.stats_of(0).await.expect("member 0 answers");
+        if !stats.cluster.expect("cluster").alive[2] {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "member 2 was never declared down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("member 2 declared down {failover:?} after SIGKILL");
+    assert!(failover <= Duration::from_millis(2_500), "failover took {failover:?}");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during_outage = tally.ok.load(Ordering::Relaxed);
+    assert!(during_outage > before_kill, "nothing succeeded while member 2 was down");
+
+    // Back, empty: it must re-sync before it counts, and then serve.
+    cluster.members[2].spawn();
+    let resynced = cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    eprintln!("member 2 back and re-synced {resynced:?} after restart");
+    assert!(resynced < Duration::from_secs(10), "re-sync took {resynced:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut state = HashMap::new();
+    for w in writers {
+        state.extend(w.await.expect("writer"));
+    }
+
+    let (ok, failed) = (tally.ok.load(Ordering::Relaxed), tally.failed.load(Ordering::Relaxed));
+    let rate = ok as f64 / (ok + failed) as f64;
+    eprintln!("{ok} operations succeeded, {failed} failed ({:.4}%)", rate * 100.0);
+    assert!(ok >= 200, "too little load to judge: {ok} operations");
+    assert!(rate >= 0.999, "only {:.4}% of operations succeeded", rate * 100.0);
+
+    // Zero acknowledged writes lost: every key reads back its latest
+    // acknowledged value (or the newer one whose write failed) at QUORUM.
+    let quorum = client.at(Consistency::Quorum);
+    let mut acked = 0;
+    for (key, expected) in &state {
+        if expected.acked.is_none() {
+            continue;
+        }
+        acked += 1;
+        let read = quorum.get(key).await.expect("QUORUM read after the run");
+        let read = read.map(|v| String::from_utf8_lossy(&v).into_owned());
+        assert!(expected.allows(read.as_deref()), "{key}: read {read:?}, acknowledged {expected:?}");
+    }
+    assert_eq!(acked, 8 * 40, "every key was written at least once");
+
+    // The restarted member serves again, alone (ONE) from its own copy.
+    let alone = ClusterClient::new(vec![cluster.client_config(2)], RetryPolicy::default()).expect("client");
+    let alone = alone.at(Consistency::One);
+    let mut found = 0;
+    for (key, expected) in &state {
+        let read = alone.get(key).await.expect("member 2 answers at ONE");
+        let read = read.map(|v| String::from_utf8_lossy(&v).into_owned());
+        found += usize::from(expected.acked.is_some() && expected.allows(read.as_deref()));
+    }
+    eprintln!("member 2 holds the latest value of {found} of {} keys", state.len());
+    assert_eq!(found, state.len(), "member 2 did not get every key back");
+    let stats = client.stats_of(2).await.expect("stats");
+    let view = stats.cluster.expect("cluster");
+    assert!(view.synced && view.resync_waiting.is_empty(), "{view:?}");
+    alone.close().await;
+    client.close().await;
+}
+
+/// Consistency levels against a dead member: ALL fails with a typed
+/// `unavailable`, QUORUM and ONE succeed; commands the replicated store
+/// cannot do yet are refused, never served from one node's local data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn levels_and_refusals_with_a_member_down() {
+    let mut cluster = TestCluster::start(3, 3, "levels");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    client.at(Consistency::All).set("k", "v1").await.expect("ALL with every member up");
+    cluster.members[1].kill();
+    let no_retry = RetryPolicy { attempts: 1, backoff: Duration::from_millis(10) };
+    let direct = ClusterClient::new(vec![cluster.client_config(0)], no_retry).expect("client");
+    // Until member 1 is declared down the ALL write times out; after, it
+    // is refused at once. Either way: unavailable, and nothing lost.
+    let start = Instant::now();
+    loop {
+        match direct.at(Consistency::All).set("k", "v2").await {
+            Err(ClientError::Server(reply)) if reply.code == ErrorCode::Unavailable => {}
+            other => panic!("ALL with a member down: {:?}", other.map(|_| ())),
+        }
+        let down = !client.stats_of(0).await.expect("stats").cluster.expect("cluster").alive[1];
+        if down {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "member 1 never declared down");
+    }
+    direct.at(Consistency::Quorum).set("k", "v3").await.expect("QUORUM with one member down");
+    let read = direct.at(Consistency::One).get("k").await.expect("ONE read");
+    assert_eq!(read.as_deref(), Some(&b"v3"[..]));
+    assert!(direct.delete("k").await.expect("DEL at QUORUM"), "k existed");
+    assert_eq!(direct.get("k").await.expect("read after DEL"), None);
+
+    let single = cachet_client::Client::connect(cluster.client_config(0)).await.expect("client");
+    for refused in [
+        single.incr("n", 1).await.map(|_| ()),
+        single
+            .set_with("t", "v", cachet_client::SetOptions { ttl: Some(Duration::from_secs(5)), ..Default::default() })
+            .await
+            .map(|_| ()),
+    ] {
+        match refused {
+            Err(ClientError::Server(reply)) => {
+                assert_eq!(reply.code, ErrorCode::NotSupported, "{reply:?}");
+                assert!(reply.message.contains("not supported on a clustered node"), "{}", reply.message);
+            }
+            other => panic!("expected a NotSupported refusal, got {other:?}"),
+        }
+    }
+    // A value over the limit is refused before it is replicated.
+    // (Over --max-value-size, within the frame limit.)
+    let big = vec![b'x'; (1 << 20) + 1];
+    match single.set("big", big).await {
+        Err(ClientError::Server(reply)) => assert_eq!(reply.code, ErrorCode::TooLarge, "{reply:?}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(direct.get("big").await.expect("read"), None);
+    single.close().await;
+    direct.close().await;
+    client.close().await;
+}
+
+fn serve_fails(args: &[&str], root: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cachet"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", root.to_str().expect("utf-8")])
+        .args(args)
+        .output()
+        .expect("cachet runs");
+    assert!(!out.status.success(), "serve {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_cluster_options_are_refused_by_name() {
+    let root = std::env::temp_dir().join(format!("cachet-cluster-bad-{}", std::process::id()));
+    let ca = root.join("ca");
+    let ca = ca.to_str().expect("utf-8");
+    let peers = "127.0.0.1:1,127.0.0.2:1";
+    let no_ca = serve_fails(&["--cluster", peers, "--node-id", "0"], &root);
+    assert!(no_ca.contains("--dev-ca"), "{no_ca}");
+    let out_of_range = serve_fails(&["--cluster", peers, "--node-id", "2", "--dev-ca", ca], &root);
+    assert!(out_of_range.contains("--node-id 2"), "{out_of_range}");
+    let rf = serve_fails(&["--cluster", peers, "--node-id", "0", "--replication-factor", "3", "--dev-ca", ca], &root);
+    assert!(rf.contains("--replication-factor 3"), "{rf}");
+    let twice = serve_fails(&["--cluster", "127.0.0.1:9,127.0.0.1:9", "--node-id", "0", "--dev-ca", ca], &root);
+    assert!(twice.contains("listed twice"), "{twice}");
+    let _ = std::fs::remove_dir_all(&root);
+}
