@@ -400,6 +400,10 @@ struct BenchArgs {
     /// RESP: commands per batch on each connection.
     #[arg(long, default_value_t = 1)]
     pipeline: usize,
+    /// Client addresses of cluster members to spread the load over, with
+    /// the cluster SDK's retries (instead of --server alone).
+    #[arg(long, value_delimiter = ',')]
+    cluster_members: Vec<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -868,7 +872,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         bench::Protocol::Quic => args.client.config()?,
     };
     let options = BenchOptions {
-        client,
+        client: client.clone(),
         duration: Duration::from_secs_f64(args.duration),
         connections: args.connections,
         concurrency: args.concurrency,
@@ -882,6 +886,16 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         preload: !args.no_preload,
         protocol: args.protocol,
         pipeline: args.pipeline,
+        cluster: args
+            .cluster_members
+            .iter()
+            .map(|addr| {
+                let mut config = client.clone();
+                config.server = *addr;
+                config
+            })
+            .collect(),
+        consistency: args.client.consistency,
     };
     let report: BenchReport = bench::run(&options)?;
     println!(

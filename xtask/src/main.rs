@@ -1,5 +1,6 @@
 //! Project automation: `cargo xtask demo | test | build-policies`.
 
+mod cluster;
 // `build_script` serves the build scripts that share this module.
 mod compare;
 #[allow(dead_code)]
@@ -13,8 +14,9 @@ use std::process::Command;
 
 const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-sim [TRACE CAPACITY POLICY...]>
 
-  demo            build the policies, replay a trace through each one as Wasm,
-                  print a miss-ratio table
+  demo            build the policies; a node under a Zipf load with a live policy
+                  swap; a 3-node cluster losing a node to SIGKILL mid-run; a
+                  miss-ratio table of every policy on a trace
   test            formatting, clippy (-D warnings) and every test (starts a
                   throw-away PostgreSQL for the loader tests)
   build-policies  build policies/* to components in target/policies/NAME.wasm, and
@@ -28,7 +30,10 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
                   memory per key against redis-server and memcached (installs them)
   bench-loaders   release build; a Zipf read workload straight to a throw-away
                   PostgreSQL, then through a node's read-through loader: origin
-                  queries/s both ways, GET p50/p99 of hits and misses (3 rounds)";
+                  queries/s both ways, GET p50/p99 of hits and misses (3 rounds)
+  bench-cluster   release build; throughput of 1, 2 and 3 local members (RF=1 and
+                  RF=members at QUORUM), 3 rounds, medians; failover time over 3
+                  SIGKILLs under load";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,6 +46,9 @@ fn main() {
         Some("bench-loaders") => bench_loaders(),
         Some("bench-compare") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"])
             .and_then(|()| compare::bench_compare(&target_dir().join("release").join("cachet"))),
+        Some("bench-cluster") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"]).and_then(|()| {
+            cluster::bench(&target_dir().join("release").join("cachet"), &target_dir().join("bench-cluster"))
+        }),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -306,6 +314,7 @@ fn demo() -> Result<()> {
     run_cargo(&["build", "--locked", "-p", "cachet"])?;
     let cachet = target_dir().join("debug").join("cachet");
     node_demo(&cachet)?;
+    cluster::demo(&cachet, &target_dir().join("demo-cluster"))?;
     policy_table(&cachet)
 }
 

@@ -6,11 +6,15 @@
 //! default; with a rate, open loop, where each request has an intended send
 //! time and latency is measured from it, so a stalled server shows up as
 //! latency instead of silently lowering the load (no coordinated omission).
+//!
+//! Against a cluster (`--cluster-members`), each "connection" is a
+//! [`ClusterClient`] over every member, with its retries: what an
+//! application sees, failovers included.
 
 mod resp;
 
 use bytes::Bytes;
-use cachet_client::{Client, ClientConfig, ClientError};
+use cachet_client::{Client, ClientConfig, ClientError, ClusterClient, Consistency, RetryPolicy};
 use cachet_policy_sdk::rng::SplitMix64;
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -50,6 +54,49 @@ pub struct BenchOptions {
     /// RESP only: commands per batch on each connection (closed loop);
     /// in flight = connections × pipeline.
     pub pipeline: usize,
+    /// Cluster members to spread the load over, through the cluster SDK
+    /// (retries included); empty: the single node of `client`.
+    pub cluster: Vec<ClientConfig>,
+    /// Consistency to ask a cluster for (its default when `None`).
+    pub consistency: Option<Consistency>,
+}
+
+/// Where requests go: one node, or a cluster through its SDK.
+#[derive(Clone)]
+enum Target {
+    Node(Client),
+    Cluster(ClusterClient),
+}
+
+impl Target {
+    async fn connect(options: &BenchOptions) -> Result<Self, ClientError> {
+        if options.cluster.is_empty() {
+            let client = Client::connect(options.client.clone()).await?;
+            return Ok(Self::Node(match options.consistency {
+                Some(level) => client.at(level),
+                None => client,
+            }));
+        }
+        let cluster = ClusterClient::new(options.cluster.clone(), RetryPolicy::default())?;
+        Ok(Self::Cluster(match options.consistency {
+            Some(level) => cluster.at(level),
+            None => cluster,
+        }))
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Bytes>, ClientError> {
+        match self {
+            Self::Node(c) => c.get(key).await,
+            Self::Cluster(c) => c.get(key).await,
+        }
+    }
+
+    async fn set(&self, key: &[u8], value: Bytes) -> Result<(), ClientError> {
+        match self {
+            Self::Node(c) => c.set(key, value).await,
+            Self::Cluster(c) => c.set(key, value).await,
+        }
+    }
 }
 
 /// The wire protocol a benchmark speaks.
@@ -240,7 +287,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
 
 fn preload(options: &BenchOptions, value: Bytes) -> Result<(), BenchError> {
     runtime()?.block_on(async {
-        let client = Client::connect(options.client.clone()).await?;
+        let client = Target::connect(options).await?;
         let workers = options.concurrency.clamp(1, 64) as u64;
         let tasks: Vec<_> = (0..workers)
             .map(|w| {
@@ -248,7 +295,7 @@ fn preload(options: &BenchOptions, value: Bytes) -> Result<(), BenchError> {
                 tokio::spawn(async move {
                     let mut i = w;
                     while i < n {
-                        client.set(key(i), value.clone()).await?;
+                        client.set(key(i).as_bytes(), value.clone()).await?;
                         i += workers;
                     }
                     Ok::<_, ClientError>(())
@@ -279,7 +326,7 @@ async fn pace_until(at: Instant) {
 /// One request of the mix; returns whether it was a GET and, if it
 /// succeeded, whether it hit.
 async fn one_request(
-    client: &Client,
+    client: &Target,
     keys: &Keys,
     rng: &mut SplitMix64,
     value: &Bytes,
@@ -288,9 +335,9 @@ async fn one_request(
     let k = key(keys.pick(rng));
     let is_get = (rng.next_u64() as f64 / u64::MAX as f64) < get_ratio;
     let outcome = if is_get {
-        client.get(&k).await.map(|v| v.is_some())
+        client.get(k.as_bytes()).await.map(|v| v.is_some())
     } else {
-        client.set(&k, value.clone()).await.map(|()| false)
+        client.set(k.as_bytes(), value.clone()).await.map(|()| false)
     };
     (is_get, outcome)
 }
@@ -345,7 +392,7 @@ fn run_thread(
     runtime()?.block_on(async {
         let mut clients = Vec::new();
         for _ in 0..connections {
-            clients.push(Client::connect(options.client.clone()).await?);
+            clients.push(Target::connect(options).await?);
         }
         match options.rate {
             None => closed_loop(thread, options, &clients, keys, value, start).await,
@@ -359,7 +406,7 @@ fn run_thread(
 async fn closed_loop(
     thread: usize,
     options: &BenchOptions,
-    clients: &[Client],
+    clients: &[Target],
     keys: &Arc<Keys>,
     value: Bytes,
     start: Instant,
@@ -401,7 +448,7 @@ async fn open_loop(
     threads: usize,
     options: &BenchOptions,
     rate: f64,
-    clients: &[Client],
+    clients: &[Target],
     keys: &Arc<Keys>,
     value: Bytes,
     start: Instant,

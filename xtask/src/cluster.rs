@@ -1,0 +1,309 @@
+//! Local clusters of `cachet serve --cluster` processes on 127.0.0.1-3: the
+//! demo's failover run and `cargo xtask bench-cluster`.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A cluster of local processes; every member is killed on drop.
+pub(crate) struct LocalCluster {
+    cachet: PathBuf,
+    root: PathBuf,
+    ca: PathBuf,
+    members: Vec<(Vec<String>, Option<Child>)>,
+    /// Client addresses, by node id.
+    pub(crate) addrs: Vec<String>,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.members {
+            if let Some(mut child) = child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 to .`n`, with the next one (the peer port).
+fn free_port_pair(n: usize) -> Result<u16> {
+    for _ in 0..200 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        if port >= u16::MAX - 1 {
+            continue;
+        }
+        let free = (1..=n)
+            .all(|i| [port, port + 1].iter().all(|p| std::net::UdpSocket::bind(format!("127.0.0.{i}:{p}")).is_ok()));
+        if free {
+            return Ok(port);
+        }
+    }
+    bail!("no free port pair on 127.0.0.1-{n}")
+}
+
+impl LocalCluster {
+    /// Starts `n` members with replication factor `rf` under `root` and
+    /// waits until they have formed.
+    pub(crate) fn start(cachet: &Path, root: &Path, n: usize, rf: usize, extra: &[&str]) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(root);
+        std::fs::create_dir_all(root)?;
+        let ca = root.join("ca");
+        let port = free_port_pair(n)?;
+        let peers: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}:{}", port + 1)).collect();
+        let addrs: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}:{port}")).collect();
+        let path = |p: &Path| p.to_str().map(str::to_string).context("non-UTF-8 path");
+        let mut members = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let mut args: Vec<String> = vec![
+                "serve".into(),
+                "--listen".into(),
+                addr.clone(),
+                "--data-dir".into(),
+                path(&root.join(format!("node{i}")))?,
+                "--dev-ca".into(),
+                path(&ca)?,
+                "--cluster".into(),
+                peers.join(","),
+                "--node-id".into(),
+                i.to_string(),
+                "--replication-factor".into(),
+                rf.to_string(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            members.push((args, None));
+        }
+        let mut cluster = Self { cachet: cachet.to_path_buf(), root: root.to_path_buf(), ca, members, addrs };
+        for i in 0..n {
+            cluster.spawn(i)?;
+        }
+        cluster.wait_healthy(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// Starts member `i` (again).
+    pub(crate) fn spawn(&mut self, i: usize) -> Result<()> {
+        let log = std::fs::File::create(self.root.join(format!("node{i}.log")))?;
+        let child = Command::new(&self.cachet)
+            .args(&self.members[i].0)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start cachet serve")?;
+        self.members[i].1 = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL member `i`.
+    pub(crate) fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut child) = self.members[i].1.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs a client verb against member `i`.
+    pub(crate) fn cli(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(&self.cachet)
+            .args(args)
+            .args(["--server", &self.addrs[i], "--dev-ca"])
+            .arg(&self.ca)
+            .stderr(Stdio::piped())
+            .output()?)
+    }
+
+    /// Member `i`'s stats, as JSON.
+    pub(crate) fn stats(&self, i: usize) -> Result<serde_json::Value> {
+        let out = self.cli(i, &["stats", "--json", "--timeout-ms", "1000"])?;
+        if !out.status.success() {
+            bail!("member {i}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until every running member sees every member up and is
+    /// re-synced; returns how long that took.
+    pub(crate) fn wait_healthy(&self, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let healthy = (0..self.members.len()).all(|i| {
+                self.stats(i).is_ok_and(|s| {
+                    let c = &s["cluster"];
+                    c["synced"].as_bool() == Some(true)
+                        && c["alive"].as_array().is_some_and(|a| a.iter().all(|u| u.as_bool() == Some(true)))
+                })
+            });
+            if healthy {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > limit {
+                bail!("the cluster was not healthy within {limit:?} (logs in {})", self.root.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// How long until member `observer` declares member `dead` down.
+    pub(crate) fn time_to_down(&self, observer: usize, dead: usize, since: Instant) -> Result<Duration> {
+        loop {
+            let stats = self.stats(observer)?;
+            if stats["cluster"]["alive"][dead].as_bool() == Some(false) {
+                return Ok(since.elapsed());
+            }
+            if since.elapsed() > Duration::from_secs(15) {
+                bail!("member {dead} was not declared down within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `cachet bench` over every member through the cluster SDK.
+    pub(crate) fn bench(&self, args: &[&str]) -> Result<Child> {
+        Command::new(&self.cachet)
+            .args(["bench", "--cluster-members", &self.addrs.join(","), "--server", &self.addrs[0], "--dev-ca"])
+            .arg(&self.ca)
+            .args(args)
+            .args(["--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start cachet bench")
+    }
+}
+
+/// The last line of a finished `cachet bench --json`.
+pub(crate) fn bench_report(child: Child) -> Result<serde_json::Value> {
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("cachet bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).context("bench --json")
+}
+
+/// Three members, RF=3, a QUORUM workload through the cluster SDK; one
+/// member is SIGKILLed mid-run and restarted empty.
+pub(crate) fn demo(cachet: &Path, root: &Path) -> Result<()> {
+    println!("\n== A 3-node cluster on 127.0.0.1-3, RF=3, QUORUM reads and writes; node 2 is SIGKILLed mid-run ==\n");
+    let mut cluster = LocalCluster::start(cachet, root, 3, 3, &["--threads", "1"])?;
+    println!("cluster formed  3 members up and synced (clients: {})", cluster.addrs.join(", "));
+    let bench = cluster.bench(&[
+        "--duration",
+        "8",
+        "--keys",
+        "5000",
+        "--connections",
+        "4",
+        "--concurrency",
+        "32",
+        "--get-ratio",
+        "0.8",
+        "--consistency",
+        "quorum",
+    ])?;
+    // Preloading takes a moment; kill a member well inside the measured run.
+    std::thread::sleep(Duration::from_secs(4));
+    cluster.kill(2)?;
+    let killed = Instant::now();
+    let down = cluster.time_to_down(0, 2, killed)?;
+    println!("SIGKILL node 2  declared down by node 0 after {} ms", down.as_millis());
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.spawn(2)?;
+    let restarted = Instant::now();
+    let healed = cluster.wait_healthy(Duration::from_secs(30))?;
+    let records = cluster.stats(2)?["cluster"]["records"].as_u64().unwrap_or(0);
+    println!(
+        "restart node 2  empty; re-synced and counted again after {} ms (holds {records} records); {:.1} s after the kill",
+        healed.as_millis(),
+        (restarted - killed).as_secs_f64() + healed.as_secs_f64()
+    );
+    let report = bench_report(bench)?;
+    let n = crate::number;
+    let (ops, errors) = (n(&report, "ops"), n(&report, "errors"));
+    println!(
+        "workload        {ops:.0} operations, {errors:.0} failed after retries ({:.3}% succeeded); {:.0} ops/s (debug build)",
+        100.0 * ops / (ops + errors).max(1.0),
+        n(&report, "ops_per_sec")
+    );
+    println!(
+        "latency         p50 {:.0} us, p99 {:.0} us, max {:.0} us (the max spans the failover)",
+        n(&report, "p50_us"),
+        n(&report, "p99_us"),
+        n(&report, "max_us")
+    );
+    for i in 0..3 {
+        let c = &cluster.stats(i)?["cluster"];
+        println!(
+            "node {i}          {} records, coordinated {} ok / {} failed",
+            c["records"], c["ops_ok"], c["ops_failed"]
+        );
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// `cargo xtask bench-cluster`: throughput of 1, 2 and 3 members (RF=1,
+/// and RF=members at QUORUM), three interleaved rounds, medians; then the
+/// failover time over three SIGKILLs of a 3-member cluster under load.
+pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
+    let load =
+        ["--duration", "5", "--keys", "20000", "--connections", "8", "--concurrency", "128", "--get-ratio", "0.9"];
+    let configs: Vec<(usize, usize)> = vec![(1, 1), (2, 1), (3, 1), (2, 2), (3, 3)];
+    let mut results: Vec<Vec<serde_json::Value>> = vec![Vec::new(); configs.len()];
+    for round in 0..3 {
+        for (c, &(n, rf)) in configs.iter().enumerate() {
+            let cluster = LocalCluster::start(cachet, root, n, rf, &["--threads", "1"])?;
+            let mut args: Vec<&str> = load.to_vec();
+            args.extend(["--consistency", "quorum", "--threads", "1"]);
+            let report = bench_report(cluster.bench(&args)?)?;
+            eprintln!(
+                "round {round}: {n} members, RF {rf}: {:.0} ops/s, {} errors",
+                crate::number(&report, "ops_per_sec"),
+                report["errors"]
+            );
+            results[c].push(report);
+        }
+    }
+    println!("| members | RF | ops/s (median of 3) | per member | p50 us | p99 us | errors |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (c, &(n, rf)) in configs.iter().enumerate() {
+        let m = |key: &str| median(results[c].iter().map(|r| crate::number(r, key)).collect());
+        println!(
+            "| {n} | {rf} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            m("ops_per_sec"),
+            m("ops_per_sec") / n as f64,
+            m("p50_us"),
+            m("p99_us"),
+            m("errors")
+        );
+    }
+    let mut downs = Vec::new();
+    let mut failed = Vec::new();
+    for round in 0..3 {
+        let mut cluster = LocalCluster::start(cachet, root, 3, 3, &["--threads", "1"])?;
+        let mut args: Vec<&str> = load.to_vec();
+        args[1] = "8";
+        args.extend(["--consistency", "quorum", "--threads", "1"]);
+        let bench = cluster.bench(&args)?;
+        std::thread::sleep(Duration::from_secs(4));
+        cluster.kill(2)?;
+        let down = cluster.time_to_down(0, 2, Instant::now())?;
+        let report = bench_report(bench)?;
+        eprintln!("failover round {round}: down after {} ms, {} failed ops", down.as_millis(), report["errors"]);
+        downs.push(down.as_secs_f64() * 1000.0);
+        failed.push(crate::number(&report, "errors") / crate::number(&report, "ops").max(1.0));
+    }
+    println!(
+        "\nfailover: member declared down {:.0} ms after SIGKILL (median of 3: {:?}); failed operations {:.4}% (median)",
+        median(downs.clone()),
+        downs.iter().map(|d| d.round()).collect::<Vec<_>>(),
+        100.0 * median(failed)
+    );
+    Ok(())
+}
