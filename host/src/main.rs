@@ -783,7 +783,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             ca_dir,
             data_dir: data_dir.clone(),
         };
-        let cluster = cachet::cluster::runtime::Cluster::start(options)?;
+        let cluster = cachet::cluster::runtime::Cluster::start(options, node.clone())?;
         eprintln!("cachet: cluster member {node_id}, peers on {}", cluster.peer_addr());
         if node.attach_cluster(cluster).is_err() {
             bail!("the cluster was attached twice");

@@ -208,6 +208,39 @@ impl Node {
         self.cluster.set(cluster)
     }
 
+    /// The raw value of `key` in its shard, bypassing loaders and leases
+    /// (for the cluster's record store); `touch` counts it as a read.
+    pub(crate) fn raw_get(&self, key: &[u8], touch: bool) -> Option<Bytes> {
+        self.with_shard_raw(key, |shard, now| if touch { shard.get(now, key) } else { shard.peek(now, key) })
+    }
+
+    /// Stores `value` under `key` with no TTL, bypassing loaders and leases.
+    pub(crate) fn raw_set(&self, key: &[u8], value: Bytes) -> Result<(), ShardError> {
+        self.with_shard_raw(key, |shard, now| shard.set(now, key, value, SetOptions::default()).map(|_| ()))
+    }
+
+    /// Calls `f` with every live entry of every shard, one shard locked at
+    /// a time.
+    pub(crate) fn raw_for_each(&self, mut f: impl FnMut(&[u8], &Bytes)) {
+        let now = self.now_ms();
+        for shard in &self.shards {
+            lock(shard).for_each(now, &mut f);
+        }
+    }
+
+    /// Entries over all shards.
+    pub(crate) fn raw_len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// Drops every entry of every shard.
+    pub(crate) fn raw_clear(&self) {
+        let now = self.now_ms();
+        for shard in &self.shards {
+            lock(shard).clear(now);
+        }
+    }
+
     /// The cluster, if the node is in one.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::runtime::Cluster>> {
         self.cluster.get()

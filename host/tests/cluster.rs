@@ -86,6 +86,10 @@ fn free_port(n: usize) -> u16 {
 
 impl TestCluster {
     fn start(n: usize, rf: usize, tag: &str) -> Self {
+        Self::start_with(n, rf, tag, &[])
+    }
+
+    fn start_with(n: usize, rf: usize, tag: &str, extra: &[&str]) -> Self {
         let root = std::env::temp_dir().join(format!("cachet-cluster-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("temp dir");
@@ -115,6 +119,7 @@ impl TestCluster {
                     "1",
                 ]
                 .iter()
+                .chain(extra)
                 .map(|s| s.to_string())
                 .collect();
                 let log = root.join(format!("node{i}.log"));
@@ -373,6 +378,27 @@ async fn levels_and_refusals_with_a_member_down() {
     assert_eq!(direct.get("big").await.expect("read"), None);
     single.close().await;
     direct.close().await;
+    client.close().await;
+}
+
+/// Replicated records live in the node's shards: the entry bound holds
+/// and the policy evicts, as for any cached data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_records_obey_the_node_bounds() {
+    let cluster = TestCluster::start_with(3, 3, "bounds", &["--max-entries", "200"]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    for i in 0..1_000 {
+        client.set(format!("key{i}"), format!("value{i}")).await.expect("write");
+    }
+    for i in 0..3 {
+        let stats = client.stats_of(i).await.expect("stats");
+        assert!(stats.entries <= 200, "member {i} holds {} entries", stats.entries);
+        assert!(stats.evictions >= 800, "member {i} evicted only {}", stats.evictions);
+        assert_eq!(stats.cluster.expect("cluster").records, stats.entries);
+    }
+    let last = client.get("key999").await.expect("read");
+    assert_eq!(last.as_deref(), Some(&b"value999"[..]), "the newest write is resident");
     client.close().await;
 }
 

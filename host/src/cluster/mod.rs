@@ -20,11 +20,13 @@
 //!   --cluster`: membership events into the replica, frames through the
 //!   transport, client operations in and replies out.
 //!
+//! - [`records`]: a node's replicated records live in its bounded shards.
+//!
 //! Not here yet (issue 6): members joining or leaving a running cluster
-//! (the ring is static), range streaming, storing replicated records in the
-//! bounded shards (they live in the replica's own map).
+//! (the ring is static) and range streaming.
 
 pub mod membership;
+pub mod records;
 pub mod replica;
 pub mod runtime;
 #[cfg(test)]

@@ -66,6 +66,53 @@ pub struct Record {
     pub value: Option<Bytes>,
 }
 
+/// Where a replica keeps its records. The simulator uses a map; a node
+/// keeps them in its bounded shards ([`super::records::ShardRecords`]), so
+/// the cluster obeys the node's memory and entry bounds and its eviction
+/// policy like any other data.
+pub trait RecordStore: Send {
+    /// The record of `key`; `touch` counts it as a read for the eviction
+    /// policy (a client's read, not a version check).
+    fn get(&self, key: &[u8], touch: bool) -> Option<Record>;
+    /// Stores `record` under `key`, replacing what was there. A store may
+    /// refuse or later evict it: a cache holds what fits.
+    fn put(&mut self, key: &Bytes, record: &Record);
+    /// Records held.
+    fn len(&self) -> usize;
+    /// Whether none are held.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Drops every record (a restart).
+    fn clear(&mut self);
+    /// Calls `f` with every record.
+    fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record));
+}
+
+impl RecordStore for BTreeMap<Bytes, Record> {
+    fn get(&self, key: &[u8], _touch: bool) -> Option<Record> {
+        Self::get(self, key).cloned()
+    }
+
+    fn put(&mut self, key: &Bytes, record: &Record) {
+        self.insert(key.clone(), record.clone());
+    }
+
+    fn len(&self) -> usize {
+        Self::len(self)
+    }
+
+    fn clear(&mut self) {
+        Self::clear(self);
+    }
+
+    fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record)) {
+        for (key, record) in self {
+            f(key, record);
+        }
+    }
+}
+
 /// What replicas say to each other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -237,7 +284,7 @@ pub struct Replica {
     ring: Arc<Ring>,
     config: ReplicaConfig,
     alive: Vec<bool>,
-    store: BTreeMap<Bytes, Record>,
+    store: Box<dyn RecordStore>,
     clock: LamportClock,
     resync: Option<Resync>,
     /// This boot's nonce: the high half of every request id and the round
@@ -256,6 +303,18 @@ impl Replica {
     /// `"1"`, ... (`nodes` of them). Every node starts alive. `boot` must
     /// differ between a node's lives (a random number per process start).
     pub fn new(me: NodeIx, nodes: u32, ring: Arc<Ring>, config: ReplicaConfig, boot: u64) -> Self {
+        Self::with_store(me, nodes, ring, config, boot, Box::new(BTreeMap::new()))
+    }
+
+    /// [`Replica::new`] keeping its records in `store`.
+    pub fn with_store(
+        me: NodeIx,
+        nodes: u32,
+        ring: Arc<Ring>,
+        config: ReplicaConfig,
+        boot: u64,
+        store: Box<dyn RecordStore>,
+    ) -> Self {
         let boot = (boot & 0xFFFF_FFFF) | 1;
         Self {
             me,
@@ -263,7 +322,7 @@ impl Replica {
             ring,
             config,
             alive: vec![true; nodes as usize],
-            store: BTreeMap::new(),
+            store,
             clock: LamportClock::default(),
             resync: None,
             boot,
@@ -286,13 +345,20 @@ impl Replica {
     }
 
     /// Its record of `key`.
-    pub fn record(&self, key: &[u8]) -> Option<&Record> {
-        self.store.get(key)
+    pub fn record(&self, key: &[u8]) -> Option<Record> {
+        self.store.get(key, false)
     }
 
-    /// Every record it holds.
-    pub fn records(&self) -> impl Iterator<Item = (&Bytes, &Record)> {
-        self.store.iter()
+    /// Every record it holds (a copy: for checks and tests).
+    pub fn records(&self) -> Vec<(Bytes, Record)> {
+        let mut out = Vec::new();
+        self.store.scan(&mut |key, record| out.push((key.clone(), record.clone())));
+        out
+    }
+
+    /// How many records it holds.
+    pub fn record_count(&self) -> usize {
+        self.store.len()
     }
 
     /// The members a re-sync still waits for (empty once counted).
@@ -331,7 +397,9 @@ impl Replica {
     /// others for its records and counts toward no quorum until all have
     /// answered.
     pub fn restart(&mut self, now: u64, boot: u64) {
-        *self = Self::new(self.me, self.nodes, self.ring.clone(), self.config, boot);
+        let mut store = std::mem::replace(&mut self.store, Box::new(BTreeMap::new()));
+        store.clear();
+        *self = Self::with_store(self.me, self.nodes, self.ring.clone(), self.config, boot, store);
         let waiting: BTreeSet<NodeIx> = (0..self.nodes).filter(|&n| n != self.me).collect();
         if waiting.is_empty() {
             return;
@@ -365,9 +433,9 @@ impl Replica {
     /// Keeps `record` if it is newer than what `key` holds.
     fn apply(&mut self, key: &Bytes, record: &Record) {
         self.clock.observe(record.version);
-        let newer = self.store.get(key).is_none_or(|have| have.version < record.version);
+        let newer = self.store.get(key, false).is_none_or(|have| have.version < record.version);
         if newer {
-            self.store.insert(key.clone(), record.clone());
+            self.store.put(key, record);
         }
     }
 
@@ -441,7 +509,7 @@ impl Replica {
     fn ask(&mut self, req: u64, key: &Bytes, owners: &[NodeIx]) {
         for &owner in owners {
             if owner == self.me {
-                let record = self.store.get(key).cloned();
+                let record = self.store.get(key, true);
                 let counted = self.counted();
                 self.answer(req, owner, record, counted);
             } else if self.is_alive(owner) {
@@ -605,7 +673,7 @@ impl Replica {
                 self.progress(now, req);
             }
             Message::Get { req, key } => {
-                let record = self.store.get(&key).cloned();
+                let record = self.store.get(&key, true);
                 let counted = self.counted();
                 self.send(from, Message::GetReply { req, record, counted });
             }
@@ -614,15 +682,16 @@ impl Replica {
                 self.progress(now, req);
             }
             Message::SyncRequest { round } => {
-                let entries: Vec<(Bytes, Record)> = self
-                    .store
-                    .iter()
-                    .filter(|(key, _)| self.owners(key).contains(&from))
-                    .map(|(k, r)| (k.clone(), r.clone()))
-                    .collect();
+                let mut entries: Vec<(Bytes, Record)> = Vec::new();
+                let (ring, rf) = (&self.ring, self.config.rf);
+                let theirs = |key: &[u8]| ring.owners(key, rf).iter().any(|m| m.id.parse() == Ok(from));
+                self.store.scan(&mut |key, record| {
+                    if theirs(key) {
+                        entries.push((key.clone(), record.clone()));
+                    }
+                });
                 // Hints held for the requester ride along, and stay until
                 // their own delivery is acknowledged (this reply may be lost).
-                let mut entries = entries;
                 let hints = self.hints.values().filter(|h| h.target == from);
                 entries.extend(hints.map(|h| (h.key.clone(), h.record.clone())));
                 self.send(from, Message::SyncData { round, entries });

@@ -17,7 +17,8 @@
 //! hints and asks only live owners.
 
 use super::membership::{Membership, MembershipConfig, MembershipEvent, Peer};
-use super::replica::{self, NodeIx, Op, OpError, Outcome, Replica, ReplicaConfig};
+use super::records::ShardRecords;
+use super::replica::{self, NodeIx, Op, OpError, Outcome, RecordStore, Replica, ReplicaConfig};
 use super::transport::{Incoming, PeerFrame, PeerTransport, TransportError};
 use crate::loader::Routed;
 use crate::node::Node;
@@ -124,7 +125,7 @@ impl Cluster {
     /// Binds the peer transport and starts the runtime thread. The node
     /// starts as if restarted empty: it counts toward no quorum until every
     /// other member has sent it the records it owns.
-    pub fn start(options: ClusterOptions) -> Result<Arc<Self>, ClusterError> {
+    pub fn start(options: ClusterOptions, node: Arc<Node>) -> Result<Arc<Self>, ClusterError> {
         let n = options.members.len();
         let me = options.node_id as usize;
         if n == 0 || me >= n {
@@ -181,7 +182,8 @@ impl Cluster {
                         }
                     };
                     let _ = bound_tx.send(Ok(transport.local_addr().unwrap_or(listen)));
-                    let shell = Shell::new(options, Arc::new(ring), transport, thread_status);
+                    let store = Box::new(ShardRecords::new(node));
+                    let shell = Shell::new(options, Arc::new(ring), transport, thread_status, store);
                     shell.run(commands_rx, incoming, stopped).await;
                 });
             })
@@ -359,6 +361,7 @@ impl Shell {
         ring: Arc<Ring>,
         transport: Arc<PeerTransport>,
         status: Arc<Mutex<ClusterStats>>,
+        store: Box<dyn RecordStore>,
     ) -> Self {
         let me = options.node_id;
         let n = options.members.len();
@@ -368,7 +371,7 @@ impl Shell {
             request_timeout_ms: options.request_timeout_ms,
             ..ReplicaConfig::default()
         };
-        let mut replica = Replica::new(me, n as u32, ring, config, boot);
+        let mut replica = Replica::with_store(me, n as u32, ring, config, boot, store);
         replica.restart(0, boot);
         // A restarted node is a new incarnation, so the others take its
         // announcement over their memory of the dead one.
@@ -521,7 +524,7 @@ impl Shell {
             status.alive.clone_from(&self.alive);
             status.synced = self.replica.counted();
             status.resync_waiting = self.replica.resync_waiting();
-            status.records = self.replica.records().count() as u64;
+            status.records = self.replica.record_count() as u64;
             status.hints = self.replica.hints_held() as u64;
             status.ops_ok = self.ops_ok.load(Ordering::Relaxed);
             status.ops_failed = self.ops_failed.load(Ordering::Relaxed);

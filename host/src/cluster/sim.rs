@@ -245,7 +245,7 @@ impl Sim {
             if !self.up[i] {
                 continue;
             }
-            for (key, record) in replica.records() {
+            for (key, record) in &replica.records() {
                 let known = self.written.get(key).is_some_and(|values| values.contains(&record.value));
                 if !known {
                     self.fail("no-invented-values", format!("node {i} holds {key:?} = {:?}", record.value));

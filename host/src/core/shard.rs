@@ -710,6 +710,17 @@ impl Shard {
         true
     }
 
+    /// Calls `f` with the key and value of every live entry. A scan of the
+    /// whole shard under its lock, for a cluster re-sync, not for the
+    /// request path; the policy is not told (nothing was read).
+    pub fn for_each(&self, now: u64, mut f: impl FnMut(&[u8], &Bytes)) {
+        for (index, slot) in self.slab.live() {
+            if !self.is_expired(index, now) {
+                f(slot.key.as_bytes(), &slot.value);
+            }
+        }
+    }
+
     /// Deletes every entry whose key starts with `prefix`; returns how
     /// many. A scan of the whole shard: for rare events such as a lost
     /// invalidation feed, not for the request path.

@@ -1,0 +1,145 @@
+//! A clustered node keeps its replicated records in its ordinary shards, so
+//! `--max-memory`, `--max-entries` and the eviction policy bound and shape
+//! them like any cached data, and `cachet stats` counts them.
+//!
+//! Each shard value is the record's version (counter and node, 12 bytes),
+//! a tag byte (value or deletion) and the value. Deletions are kept as
+//! small tombstones so repair cannot bring an older value back; like any
+//! entry, a tombstone can be evicted, after which an older copy on another
+//! replica may resurface through read repair. That is a cache's trade:
+//! bounded memory over remembering every deletion.
+
+use super::replica::{Record, RecordStore};
+use super::version::Version;
+use crate::node::Node;
+use bytes::{BufMut, Bytes, BytesMut};
+use std::sync::Arc;
+
+const VALUE: u8 = 1;
+const TOMBSTONE: u8 = 0;
+/// Version and tag.
+const HEADER: usize = 13;
+
+/// Encodes `record` as a shard value.
+pub fn encode(record: &Record) -> Bytes {
+    let len = HEADER + record.value.as_ref().map_or(0, Bytes::len);
+    let mut out = BytesMut::with_capacity(len);
+    out.put_u64(record.version.counter);
+    out.put_u32(record.version.node);
+    match &record.value {
+        Some(value) => {
+            out.put_u8(VALUE);
+            out.put_slice(value);
+        }
+        None => out.put_u8(TOMBSTONE),
+    }
+    out.freeze()
+}
+
+/// Decodes a shard value written by [`encode`]; `None` for anything else
+/// (which only a bug could have stored).
+pub fn decode(raw: &Bytes) -> Option<Record> {
+    if raw.len() < HEADER {
+        return None;
+    }
+    let counter = u64::from_be_bytes(raw[..8].try_into().ok()?);
+    let node = u32::from_be_bytes(raw[8..12].try_into().ok()?);
+    let value = match raw[12] {
+        VALUE => Some(raw.slice(HEADER..)),
+        TOMBSTONE if raw.len() == HEADER => None,
+        _ => return None,
+    };
+    Some(Record { version: Version { counter, node }, value })
+}
+
+/// The replica's records in a node's shards.
+pub struct ShardRecords {
+    node: Arc<Node>,
+}
+
+impl ShardRecords {
+    /// Records in `node`'s shards.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+impl RecordStore for ShardRecords {
+    fn get(&self, key: &[u8], touch: bool) -> Option<Record> {
+        let raw = self.node.raw_get(key, touch)?;
+        let record = decode(&raw);
+        if record.is_none() {
+            tracing::error!(key = %String::from_utf8_lossy(key), "a shard entry is not a replicated record");
+        }
+        record
+    }
+
+    fn put(&mut self, key: &Bytes, record: &Record) {
+        if let Err(err) = self.node.raw_set(key, encode(record)) {
+            // Over a size bound: the coordinator checked sizes, so only a
+            // peer with other limits sends such a record.
+            tracing::warn!(%err, key = %String::from_utf8_lossy(key), "a replicated record was not stored");
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.node.raw_len()
+    }
+
+    fn clear(&mut self) {
+        self.node.raw_clear();
+    }
+
+    fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record)) {
+        self.node.raw_for_each(|key, raw| {
+            if let Some(record) = decode(raw) {
+                f(&Bytes::copy_from_slice(key), &record);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::NodeConfig;
+    use crate::policies;
+
+    #[test]
+    fn records_round_trip_and_garbage_is_refused() {
+        for value in [Some(Bytes::from_static(b"hello")), Some(Bytes::new()), None] {
+            let record = Record { version: Version { counter: u64::MAX - 3, node: 7 }, value };
+            assert_eq!(decode(&encode(&record)), Some(record));
+        }
+        for garbage in [&b""[..], b"short", b"0123456789AB\x02", b"0123456789AB\x00extra"] {
+            assert_eq!(decode(&Bytes::copy_from_slice(garbage)), None, "{garbage:?}");
+        }
+    }
+
+    /// The shards' bounds hold for replicated records: past the entry
+    /// bound the policy evicts, and the store reports what it holds.
+    #[test]
+    fn records_in_shards_are_bounded_by_the_node() {
+        let config = NodeConfig { shards: 2, max_entries: 100, ..NodeConfig::default() };
+        let policy =
+            policies::native(policies::DEFAULT_POLICY, cachet_policy_sdk::Config::default()).expect("default policy");
+        let node = Arc::new(Node::new(config, policy).expect("node"));
+        let mut store = ShardRecords::new(node.clone());
+        for i in 0..1_000u64 {
+            let record = Record { version: Version { counter: i + 1, node: 0 }, value: Some(Bytes::from(vec![1; 10])) };
+            store.put(&Bytes::from(format!("k{i}")), &record);
+        }
+        assert!(store.len() <= 100, "{} records held", store.len());
+        assert!(node.stats().evictions >= 900, "{:?}", node.stats().evictions);
+        let mut seen = 0;
+        store.scan(&mut |_, record| {
+            assert_eq!(record.value.as_deref(), Some(&[1u8; 10][..]));
+            seen += 1;
+        });
+        assert_eq!(seen, store.len());
+        let last = Bytes::from_static(b"k999");
+        assert_eq!(store.get(&last, false).map(|r| r.version.counter), Some(1_000), "the newest write is resident");
+        store.clear();
+        assert!(store.is_empty());
+    }
+}
