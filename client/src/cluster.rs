@@ -1,12 +1,17 @@
-//! A client of a whole cluster. Any member coordinates any key (it sends
-//! the operation to the key's replicas), so the client spreads requests over
-//! the members and, when one fails (the member is down, or too few replicas
-//! answered), retries on the next member after a short pause. Retries make
-//! an operation succeed through a failover; they also mean a write that
-//! failed may still have been applied, as with any replicated store.
+//! A client of a whole cluster. Any member coordinates any key (it
+//! forwards the operation to the key's replicas), but the client learns the
+//! ring from a member's stats and sends each request to the key's primary
+//! owner, which holds a copy and so saves a hop; without a ring (not
+//! fetched yet, or the owner not among the configured members) it spreads
+//! requests over the members. When a member fails (it is down, or too few
+//! replicas answered), the request is retried on the key's next owner, then
+//! the other members, after a short pause. Retries make an operation succeed
+//! through a failover; they also mean a write that failed may still have
+//! been applied, as with any replicated store.
 
 use crate::{Client, ClientConfig, ClientError, Consistency, ErrorCode, NodeStats};
 use bytes::Bytes;
+use cachet_proto::{Member as RingMember, Ring};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -34,6 +39,31 @@ pub struct ClusterClient {
     next: Arc<AtomicUsize>,
     retry: RetryPolicy,
     consistency: Option<Consistency>,
+    ring: Arc<std::sync::RwLock<Option<Arc<RingView>>>>,
+    /// Whether the ring was fetched automatically already (once: a cluster
+    /// that cannot describe itself still serves through any member).
+    ring_tried: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The cluster's ring as a member described it.
+struct RingView {
+    ring: Ring,
+    rf: usize,
+    /// Configured member index by node id, where the addresses match.
+    member_of_node: Vec<Option<usize>>,
+}
+
+impl RingView {
+    /// Members to try for `key`: its owners that are configured here,
+    /// primary first.
+    fn owners(&self, key: &[u8]) -> Vec<usize> {
+        self.ring
+            .owners(key, self.rf)
+            .iter()
+            .filter_map(|m| m.id.parse::<usize>().ok())
+            .filter_map(|node| self.member_of_node.get(node).copied().flatten())
+            .collect()
+    }
 }
 
 struct Member {
@@ -81,12 +111,78 @@ impl ClusterClient {
             .into_iter()
             .map(|config| Member { config, client: Mutex::new(None), avoid_until: std::sync::Mutex::new(None) })
             .collect();
-        Ok(Self { members: Arc::new(members), next: Arc::default(), retry, consistency: None })
+        Ok(Self {
+            members: Arc::new(members),
+            next: Arc::default(),
+            retry,
+            consistency: None,
+            ring: Arc::default(),
+            ring_tried: Arc::default(),
+        })
     }
 
     /// A handle whose requests ask for `level`.
     pub fn at(&self, level: Consistency) -> Self {
         Self { consistency: Some(level), ..self.clone() }
+    }
+
+    /// Fetches the ring from the first member that answers, so requests
+    /// go to their keys' owners. Called on first use; call again after the
+    /// cluster changed.
+    pub async fn refresh_ring(&self) -> Result<(), ClientError> {
+        let mut last = None;
+        for i in 0..self.members.len() {
+            let cluster = match self.stats_of(i).await {
+                Ok(stats) => stats.cluster,
+                Err(err) => {
+                    last = Some(err);
+                    continue;
+                }
+            };
+            let Some(cluster) = cluster else {
+                return Err(ClientError::Protocol("the node is not in a cluster".into()));
+            };
+            let members = (0..cluster.members.len())
+                .map(|id| RingMember { id: id.to_string(), addr: cluster.members[id].clone(), weight: 1 })
+                .collect();
+            let ring = Ring::new(1, members, cachet_proto::DEFAULT_VNODES)
+                .map_err(|e| ClientError::Protocol(format!("the member's ring: {e}")))?;
+            let member_of_node = cluster
+                .clients
+                .iter()
+                .map(|addr| self.members.iter().position(|m| !addr.is_empty() && m.config.server.to_string() == *addr))
+                .collect();
+            let view = RingView { ring, rf: cluster.replication_factor as usize, member_of_node };
+            if let Ok(mut slot) = self.ring.write() {
+                *slot = Some(Arc::new(view));
+            }
+            return Ok(());
+        }
+        Err(last.unwrap_or(ClientError::Protocol("no member to ask for the ring".into())))
+    }
+
+    /// The order to try members in for `key`: its owners (primary first)
+    /// when the ring is known, then the others from a rotating start.
+    async fn route(&self, key: &[u8]) -> Vec<usize> {
+        let known = self.ring.read().ok().and_then(|r| r.clone());
+        let view = match known {
+            Some(view) => Some(view),
+            None if !self.ring_tried.swap(true, Ordering::Relaxed) => {
+                let _ = self.refresh_ring().await;
+                self.ring.read().ok().and_then(|r| r.clone())
+            }
+            None => None,
+        };
+        let n = self.members.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut order = view.map(|v| v.owners(key)).unwrap_or_default();
+        for k in 0..n {
+            let i = (start + k) % n;
+            if !order.contains(&i) {
+                order.push(i);
+            }
+        }
+        order
     }
 
     async fn member(&self, i: usize) -> Result<Client, ClientError> {
@@ -113,26 +209,27 @@ impl ClusterClient {
 
     /// Runs `op` on one member after another until it succeeds, fails in
     /// a way no other member would change, or the attempts run out.
-    async fn with_retries<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
+    async fn with_retries<T, F, Fut>(&self, key: &[u8], op: F) -> Result<T, ClientError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let order = self.route(key).await;
         let mut pause = self.retry.backoff;
         let mut last = None;
-        for attempt in 0..self.retry.attempts.max(1) {
+        for attempt in 0..self.retry.attempts.max(1) as usize {
             if attempt > 0 {
                 tokio::time::sleep(pause).await;
                 pause *= 2;
             }
-            let n = self.members.len();
+            let n = order.len();
             let now = Instant::now();
-            // The next member not passed over (or, if all are, the next).
+            // The next member in the key's order not passed over (or, if
+            // all are, the next one anyway).
             let i = (0..n)
-                .map(|k| (start + attempt as usize + k) % n)
+                .map(|k| order[(attempt + k) % n])
                 .find(|&i| !self.members[i].avoided(now))
-                .unwrap_or((start + attempt as usize) % n);
+                .unwrap_or(order[attempt % n]);
             let result = match self.member(i).await {
                 Ok(client) => {
                     let client = match self.consistency {
@@ -160,7 +257,7 @@ impl ClusterClient {
     /// Reads `key`.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, ClientError> {
         let key = Bytes::copy_from_slice(key.as_ref());
-        self.with_retries(|c| {
+        self.with_retries(&key, |c| {
             let key = key.clone();
             async move { c.get(&key).await }
         })
@@ -170,7 +267,7 @@ impl ClusterClient {
     /// Writes `value` under `key`.
     pub async fn set(&self, key: impl AsRef<[u8]>, value: impl Into<Bytes>) -> Result<(), ClientError> {
         let (key, value) = (Bytes::copy_from_slice(key.as_ref()), value.into());
-        self.with_retries(|c| {
+        self.with_retries(&key, |c| {
             let (key, value) = (key.clone(), value.clone());
             async move { c.set(&key, value).await }
         })
@@ -180,7 +277,7 @@ impl ClusterClient {
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool, ClientError> {
         let key = Bytes::copy_from_slice(key.as_ref());
-        self.with_retries(|c| {
+        self.with_retries(&key, |c| {
             let key = key.clone();
             async move { c.delete(&[&key]).await.map(|n| n > 0) }
         })

@@ -773,9 +773,13 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         if args.loaders.is_some() || file.loaders.is_some() {
             bail!("--loaders is not supported with --cluster yet");
         }
+        if listen.port() == 0 || listen.ip().is_unspecified() {
+            bail!("--cluster needs a --listen address other members' clients can reach (not {listen})");
+        }
         let options = cachet::cluster::runtime::ClusterOptions {
             node_id,
             members: args.cluster.clone(),
+            client_addr: listen,
             replication_factor: args.replication_factor.unwrap_or(2),
             consistency: args.consistency.unwrap_or_default(),
             detect_within_ms: args.detect_ms.unwrap_or(2_000),

@@ -402,9 +402,53 @@ async fn replicated_records_obey_the_node_bounds() {
     client.close().await;
 }
 
+/// The SDK learns the ring and each member's client address from any
+/// member, and sends each key to its primary owner: that member alone
+/// coordinates the key's operations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_sends_each_key_to_its_primary_owner() {
+    let cluster = TestCluster::start(3, 2, "routing");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    client.refresh_ring().await.expect("ring");
+    let view = client.stats_of(0).await.expect("stats").cluster.expect("cluster");
+    assert_eq!(view.clients.len(), 3);
+    for (i, addr) in view.clients.iter().enumerate() {
+        assert_eq!(addr, &cluster.members[i].client_addr, "member {i}'s client address");
+    }
+    let members = (0..3)
+        .map(|id| cachet_proto::Member { id: id.to_string(), addr: view.members[id].clone(), weight: 1 })
+        .collect();
+    let ring = cachet_proto::Ring::new(1, members, cachet_proto::DEFAULT_VNODES).expect("ring");
+    let coordinated = |stats: &[cachet_client::NodeStats]| -> Vec<u64> {
+        stats.iter().map(|s| s.cluster.as_ref().expect("cluster").ops_ok).collect()
+    };
+    for key in ["alpha", "beta", "gamma", "delta"] {
+        let primary: usize = ring.owners(key.as_bytes(), 2)[0].id.parse().expect("id");
+        let mut before = Vec::new();
+        for i in 0..3 {
+            before.push(client.stats_of(i).await.expect("stats"));
+        }
+        client.set(key, "v").await.expect("write");
+        for _ in 0..20 {
+            assert_eq!(client.get(key).await.expect("read").as_deref(), Some(&b"v"[..]));
+        }
+        let mut after = Vec::new();
+        for i in 0..3 {
+            after.push(client.stats_of(i).await.expect("stats"));
+        }
+        let (before, after) = (coordinated(&before), coordinated(&after));
+        for i in 0..3 {
+            let expected = if i == primary { 21 } else { 0 };
+            assert_eq!(after[i] - before[i], expected, "{key}: member {i} (primary {primary}) coordinated");
+        }
+    }
+    client.close().await;
+}
+
 fn serve_fails(args: &[&str], root: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_cachet"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", root.to_str().expect("utf-8")])
+        .args(["serve", "--data-dir", root.to_str().expect("utf-8")])
         .args(args)
         .output()
         .expect("cachet runs");
@@ -418,13 +462,24 @@ fn bad_cluster_options_are_refused_by_name() {
     let ca = root.join("ca");
     let ca = ca.to_str().expect("utf-8");
     let peers = "127.0.0.1:1,127.0.0.2:1";
+    let listen = ["--listen", "127.0.0.1:9"];
     let no_ca = serve_fails(&["--cluster", peers, "--node-id", "0"], &root);
     assert!(no_ca.contains("--dev-ca"), "{no_ca}");
-    let out_of_range = serve_fails(&["--cluster", peers, "--node-id", "2", "--dev-ca", ca], &root);
+    let any_port =
+        serve_fails(&["--cluster", peers, "--node-id", "0", "--dev-ca", ca, "--listen", "127.0.0.1:0"], &root);
+    assert!(any_port.contains("--listen address"), "{any_port}");
+    let out_of_range =
+        serve_fails(&[&listen[..], &["--cluster", peers, "--node-id", "2", "--dev-ca", ca]].concat(), &root);
     assert!(out_of_range.contains("--node-id 2"), "{out_of_range}");
-    let rf = serve_fails(&["--cluster", peers, "--node-id", "0", "--replication-factor", "3", "--dev-ca", ca], &root);
+    let rf = serve_fails(
+        &[&listen[..], &["--cluster", peers, "--node-id", "0", "--replication-factor", "3", "--dev-ca", ca]].concat(),
+        &root,
+    );
     assert!(rf.contains("--replication-factor 3"), "{rf}");
-    let twice = serve_fails(&["--cluster", "127.0.0.1:9,127.0.0.1:9", "--node-id", "0", "--dev-ca", ca], &root);
+    let twice = serve_fails(
+        &[&listen[..], &["--cluster", "127.0.0.1:9,127.0.0.1:9", "--node-id", "0", "--dev-ca", ca]].concat(),
+        &root,
+    );
     assert!(twice.contains("listed twice"), "{twice}");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -377,6 +377,10 @@ pub struct ClusterStats {
     pub node_id: u32,
     /// Every member's peer address, by node id.
     pub members: Vec<String>,
+    /// Every member's client (`cachet/1`) address, by node id, as learned
+    /// from the membership; empty where not known yet.
+    #[serde(default)]
+    pub clients: Vec<String>,
     /// Which members the failure detector holds up, by node id.
     pub alive: Vec<bool>,
     /// Replication factor.

@@ -26,6 +26,10 @@ pub struct Peer {
     pub addr: String,
     /// Bumped on every restart.
     pub incarnation: u64,
+    /// Where it serves clients (`cachet/1`), so clients can learn every
+    /// member's address from any one of them.
+    #[serde(default)]
+    pub client: String,
 }
 
 impl Identity for Peer {
@@ -222,7 +226,7 @@ mod tests {
     use super::*;
 
     fn peer(i: usize, incarnation: u64) -> Peer {
-        Peer { node: format!("n{i}"), addr: format!("127.0.0.{}:7071", i + 1), incarnation }
+        Peer { node: format!("n{i}"), addr: format!("127.0.0.{}:7071", i + 1), incarnation, client: String::new() }
     }
 
     /// Three members on a lossy in-memory network.

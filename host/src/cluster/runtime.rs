@@ -48,6 +48,9 @@ pub struct ClusterOptions {
     /// Every member's peer (node-to-node) address, by node id; this node's
     /// own entry is where its peer transport listens.
     pub members: Vec<SocketAddr>,
+    /// Where this node serves clients, told to the other members (and
+    /// through them to clients, which route by it).
+    pub client_addr: SocketAddr,
     /// Copies of each key.
     pub replication_factor: usize,
     /// The level of requests that do not name one.
@@ -154,6 +157,7 @@ impl Cluster {
             node_id: options.node_id,
             members: options.members.iter().map(ToString::to_string).collect(),
             alive: vec![true; n],
+            clients: (0..n).map(|i| if i == me { options.client_addr.to_string() } else { String::new() }).collect(),
             replication_factor: options.replication_factor as u32,
             ..ClusterStats::default()
         }));
@@ -381,6 +385,7 @@ impl Shell {
             node: i.to_string(),
             addr: options.members[i].to_string(),
             incarnation,
+            client: if i == me as usize { options.client_addr.to_string() } else { String::new() },
         };
         let mut membership = Membership::new(
             peer(me as usize, incarnation),
@@ -502,6 +507,13 @@ impl Shell {
             }
             self.alive[ix as usize] = up;
             self.replica.set_alive(now, ix, up);
+            if up
+                && !peer.client.is_empty()
+                && let Ok(mut status) = self.status.lock()
+                && let Some(slot) = status.clients.get_mut(ix as usize)
+            {
+                slot.clone_from(&peer.client);
+            }
         }
         while let Some((peer, data)) = self.membership.poll_transmit() {
             if let Ok(ix) = peer.node.parse::<NodeIx>() {
