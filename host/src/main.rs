@@ -337,8 +337,16 @@ struct ServeArgs {
     /// --node-id and --dev-ca.
     #[arg(long, value_delimiter = ',', requires = "node_id")]
     cluster: Vec<SocketAddr>,
-    /// This node's index in --cluster.
-    #[arg(long, requires = "cluster")]
+    /// Peer addresses of running members, comma-separated: join their
+    /// cluster as --node-id (an id no member has; the next free one).
+    /// Needs --peer-listen and --dev-ca.
+    #[arg(long, value_delimiter = ',', requires_all = ["node_id", "peer_listen"], conflicts_with = "cluster")]
+    seeds: Vec<SocketAddr>,
+    /// With --seeds: where this node's peer transport listens.
+    #[arg(long, requires = "seeds")]
+    peer_listen: Option<SocketAddr>,
+    /// This node's id: its index in --cluster, or a new id with --seeds.
+    #[arg(long)]
     node_id: Option<u32>,
     /// Copies of each key in the cluster [default: 2].
     #[arg(long)]
@@ -764,6 +772,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     };
     let node = Arc::new(Node::new(node_config, policy)?.with_registry(registry, token));
     if let Some(node_id) = args.node_id {
+        if args.cluster.is_empty() && args.seeds.is_empty() {
+            bail!("--node-id needs --cluster (founding members) or --seeds (to join a running cluster)");
+        }
         let Some(ca_dir) = args.dev_ca.clone() else {
             bail!("--cluster needs --dev-ca DIR: members authenticate each other with that CA");
         };
@@ -779,6 +790,8 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         let options = cachet::cluster::runtime::ClusterOptions {
             node_id,
             members: args.cluster.clone(),
+            seeds: args.seeds.clone(),
+            peer_listen: args.peer_listen,
             client_addr: listen,
             replication_factor: args.replication_factor.unwrap_or(2),
             consistency: args.consistency.unwrap_or_default(),

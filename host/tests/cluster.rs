@@ -50,6 +50,8 @@ struct TestCluster {
     members: Vec<Member>,
     ca: PathBuf,
     root: PathBuf,
+    port: u16,
+    rf: usize,
 }
 
 impl Drop for TestCluster {
@@ -94,7 +96,8 @@ impl TestCluster {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("temp dir");
         let ca = root.join("ca");
-        let port = free_port(n);
+        // One spare address, for a member that joins later.
+        let port = free_port(n + 1);
         let peers: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}:{}", port + 1)).collect();
         let members = (0..n)
             .map(|i| {
@@ -128,7 +131,43 @@ impl TestCluster {
                 member
             })
             .collect();
-        Self { members, ca, root }
+        Self { members, ca, root, port, rf }
+    }
+
+    /// Starts one more member that joins the running ones through their
+    /// peer addresses (`--seeds`).
+    fn join(&mut self) {
+        let i = self.members.len();
+        let client_addr = format!("127.0.0.{}:{}", i + 1, self.port);
+        let seeds: Vec<String> = (1..=i).map(|k| format!("127.0.0.{k}:{}", self.port + 1)).collect();
+        let args: Vec<String> = [
+            "serve",
+            "--listen",
+            &client_addr,
+            "--data-dir",
+            self.root.join(format!("node{i}")).to_str().expect("utf-8"),
+            "--dev-ca",
+            self.ca.to_str().expect("utf-8"),
+            "--seeds",
+            &seeds.join(","),
+            "--peer-listen",
+            &format!("127.0.0.{}:{}", i + 1, self.port + 1),
+            "--node-id",
+            &i.to_string(),
+            "--replication-factor",
+            &self.rf.to_string(),
+            "--shards",
+            "1",
+            "--threads",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = self.root.join(format!("node{i}.log"));
+        let mut member = Member { child: None, args, client_addr, log };
+        member.spawn();
+        self.members.push(member);
     }
 
     fn client_config(&self, i: usize) -> ClientConfig {
@@ -153,7 +192,9 @@ impl TestCluster {
                 match client.stats_of(i).await {
                     Ok(stats) => {
                         let cluster = stats.cluster.expect("a clustered node reports its cluster");
-                        healthy &= cluster.synced && cluster.alive.iter().all(|&up| up);
+                        healthy &= cluster.synced
+                            && cluster.alive.iter().all(|&up| up)
+                            && cluster.ring_epoch == self.members.len() as u64;
                     }
                     Err(_) => healthy = false,
                 }
@@ -317,6 +358,88 @@ async fn a_member_killed_under_quorum_load_loses_no_acknowledged_write() {
     let view = stats.cluster.expect("cluster");
     assert!(view.synced && view.resync_waiting.is_empty(), "{view:?}");
     alone.close().await;
+    client.close().await;
+}
+
+/// The join test: a 4th member joins 3 (RF=3) under a QUORUM load;
+/// it takes its share of the ring, re-syncs what it owns, and nothing
+/// acknowledged is lost or fails beyond retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_under_load_and_takes_its_share() {
+    let mut cluster = TestCluster::start(3, 3, "join");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let before = client.stats_of(0).await.expect("stats").cluster.expect("cluster");
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let writers: Vec<_> =
+        (0..8).map(|id| tokio::spawn(writer(client.clone(), id, 40, 4_000, stop.clone(), tally.clone()))).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.join();
+    let joined = Instant::now();
+    let everyone =
+        ClusterClient::new((0..4).map(|i| cluster.client_config(i)).collect(), RetryPolicy::default()).expect("client");
+    let took = cluster.wait_healthy(&everyone, Duration::from_secs(30)).await;
+    eprintln!("member 3 joined and re-synced {:?} after starting", joined.elapsed().max(took));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut state = HashMap::new();
+    for w in writers {
+        state.extend(w.await.expect("writer"));
+    }
+    let (ok, failed) = (tally.ok.load(Ordering::Relaxed), tally.failed.load(Ordering::Relaxed));
+    let rate = ok as f64 / (ok + failed) as f64;
+    eprintln!("{ok} operations succeeded, {failed} failed ({:.4}%)", rate * 100.0);
+    assert!(ok >= 200, "too little load to judge: {ok} operations");
+    assert!(rate >= 0.999, "only {:.4}% of operations succeeded", rate * 100.0);
+
+    // Every member routes by the same 4-member ring.
+    let mut views = Vec::new();
+    for i in 0..4 {
+        let view = everyone.stats_of(i).await.expect("stats").cluster.expect("cluster");
+        assert_eq!(view.ring_epoch, 4, "member {i}: {view:?}");
+        views.push(view);
+    }
+    assert!(views.windows(2).all(|w| w[0].members == w[1].members), "members disagree: {views:?}");
+    let ring = |members: &[String]| {
+        let members: Vec<cachet_proto::Member> = members
+            .iter()
+            .enumerate()
+            .map(|(id, addr)| cachet_proto::Member { id: id.to_string(), addr: addr.clone(), weight: 1 })
+            .collect();
+        cachet_proto::Ring::new(members.len() as u64, members, cachet_proto::DEFAULT_VNODES).expect("ring")
+    };
+    let (old, new) = (ring(&before.members), ring(&views[0].members));
+    let primary = |r: &cachet_proto::Ring, key: &str| r.owners(key.as_bytes(), 1)[0].id.clone();
+    let moved = state.keys().filter(|k| primary(&old, k) != primary(&new, k)).count();
+    let share = moved as f64 / state.len() as f64;
+    eprintln!("{moved} of {} keys changed primary owner ({:.1}%), all to member 3", state.len(), share * 100.0);
+    assert!(state.keys().all(|k| primary(&old, k) == primary(&new, k) || primary(&new, k) == "3"));
+    assert!((0.15..=0.35).contains(&share), "{share} of the keys moved");
+
+    // Nothing acknowledged was lost, read through the new ring.
+    let quorum = everyone.at(Consistency::Quorum);
+    for (key, expected) in &state {
+        let read = quorum.get(key).await.expect("QUORUM read after the join");
+        let read = read.map(|v| String::from_utf8_lossy(&v).into_owned());
+        assert!(expected.allows(read.as_deref()), "{key}: read {read:?}, acknowledged {expected:?}");
+    }
+    // The new member holds the latest value of every key it owns.
+    let alone = ClusterClient::new(vec![cluster.client_config(3)], RetryPolicy::default()).expect("client");
+    let alone = alone.at(Consistency::One);
+    let mut owned = 0;
+    for (key, expected) in &state {
+        if !new.owners(key.as_bytes(), 3).iter().any(|m| m.id == "3") {
+            continue;
+        }
+        owned += 1;
+        let read = alone.get(key).await.expect("member 3 answers at ONE");
+        let read = read.map(|v| String::from_utf8_lossy(&v).into_owned());
+        assert!(expected.allows(read.as_deref()), "member 3 on {key}: {read:?}, acknowledged {expected:?}");
+    }
+    eprintln!("member 3 owns {owned} of the {} keys and holds each one's latest value", state.len());
+    alone.close().await;
+    everyone.close().await;
     client.close().await;
 }
 

@@ -385,6 +385,9 @@ pub struct ClusterStats {
     pub alive: Vec<bool>,
     /// Replication factor.
     pub replication_factor: u32,
+    /// The ring's epoch: its member count (members only join).
+    #[serde(default)]
+    pub ring_epoch: u64,
     /// Whether this node counts toward quorums; `false` while it re-syncs
     /// after starting empty.
     pub synced: bool,

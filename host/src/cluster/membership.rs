@@ -39,8 +39,12 @@ impl Identity for Peer {
         Some(Self { incarnation: self.incarnation + 1, ..self.clone() })
     }
 
+    /// Members are told apart by where they listen: a joining node knows
+    /// its seeds only by address (foca accepts an announcement addressed
+    /// to any identity at its address), and a node restarted on the same
+    /// address replaces its old self by its higher incarnation.
     fn addr(&self) -> String {
-        self.node.clone()
+        self.addr.clone()
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {

@@ -376,6 +376,28 @@ impl Replica {
         self.ring.owners(key, self.config.rf).iter().filter_map(|m| m.id.parse().ok()).collect()
     }
 
+    /// The ring's members' ids.
+    fn ring_nodes(&self) -> Vec<NodeIx> {
+        self.ring.members().iter().filter_map(|m| m.id.parse().ok()).collect()
+    }
+
+    /// The ring after a member joined: ownership follows it at once. A
+    /// joining member re-syncs (like one restarted empty) and counts for no
+    /// quorum until every other member has sent it its records; members
+    /// keep records they no longer own (a cache can afford the space more
+    /// than the traffic of deleting them) until evicted.
+    pub fn set_ring(&mut self, ring: Arc<Ring>) {
+        let highest = ring.members().iter().filter_map(|m| m.id.parse::<NodeIx>().ok()).max().unwrap_or(0);
+        self.nodes = self.nodes.max(highest + 1);
+        self.alive.resize(self.nodes as usize, true);
+        self.ring = ring;
+    }
+
+    /// The ring it routes by.
+    pub fn ring(&self) -> &Arc<Ring> {
+        &self.ring
+    }
+
     /// The failure detector's verdict on `node`. A node coming back gets
     /// its hints, and a re-syncing replica asks it again.
     pub fn set_alive(&mut self, now: u64, node: NodeIx, alive: bool) {
@@ -400,7 +422,7 @@ impl Replica {
         let mut store = std::mem::replace(&mut self.store, Box::new(BTreeMap::new()));
         store.clear();
         *self = Self::with_store(self.me, self.nodes, self.ring.clone(), self.config, boot, store);
-        let waiting: BTreeSet<NodeIx> = (0..self.nodes).filter(|&n| n != self.me).collect();
+        let waiting: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
         if waiting.is_empty() {
             return;
         }
@@ -681,6 +703,10 @@ impl Replica {
                 self.answer(req, from, record, counted);
                 self.progress(now, req);
             }
+            // A member not in this replica's ring yet (it joined, and the
+            // news has not arrived): its ranges are unknown here, so no
+            // answer; it asks again.
+            Message::SyncRequest { .. } if !self.ring_nodes().contains(&from) => {}
             Message::SyncRequest { round } => {
                 let mut entries: Vec<(Bytes, Record)> = Vec::new();
                 let (ring, rf) = (&self.ring, self.config.rf);

@@ -27,7 +27,6 @@ use cachet_proto::{ClusterStats, Consistency, ErrorCode, ErrorReply, Member, Req
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -45,9 +44,16 @@ const DIAL_TIMEOUT: Duration = Duration::from_millis(1_000);
 pub struct ClusterOptions {
     /// This node's index in `members`.
     pub node_id: NodeIx,
-    /// Every member's peer (node-to-node) address, by node id; this node's
-    /// own entry is where its peer transport listens.
+    /// Every founding member's peer (node-to-node) address, by node id;
+    /// this node's own entry is where its peer transport listens. Empty
+    /// for a node joining a running cluster through `seeds`.
     pub members: Vec<SocketAddr>,
+    /// Peer addresses of running members to join through (with an empty
+    /// `members`).
+    pub seeds: Vec<SocketAddr>,
+    /// Where this node's peer transport listens when it joins through
+    /// `seeds`.
+    pub peer_listen: Option<SocketAddr>,
     /// Where this node serves clients, told to the other members (and
     /// through them to clients, which route by it).
     pub client_addr: SocketAddr,
@@ -131,10 +137,19 @@ impl Cluster {
     pub fn start(options: ClusterOptions, node: Arc<Node>) -> Result<Arc<Self>, ClusterError> {
         let n = options.members.len();
         let me = options.node_id as usize;
-        if n == 0 || me >= n {
-            return Err(ClusterError::Config(format!("--node-id {me} is not an index into the {n} members")));
-        }
-        if options.replication_factor == 0 || options.replication_factor > n {
+        let listen = match (n, options.peer_listen) {
+            (0, Some(listen)) if !options.seeds.is_empty() => listen,
+            (0, _) => {
+                return Err(ClusterError::Config(
+                    "a node needs --cluster (the founding members) or --seeds with --peer-listen (to join)".into(),
+                ));
+            }
+            _ if me >= n => {
+                return Err(ClusterError::Config(format!("--node-id {me} is not an index into the {n} members")));
+            }
+            _ => options.members[me],
+        };
+        if options.replication_factor == 0 || (n > 0 && options.replication_factor > n) {
             return Err(ClusterError::Config(format!(
                 "--replication-factor {} must be between 1 and the {n} members",
                 options.replication_factor
@@ -145,19 +160,8 @@ impl Cluster {
                 return Err(ClusterError::Config(format!("member address {a} is listed twice")));
             }
         }
-        let members: Vec<Member> = options
-            .members
-            .iter()
-            .enumerate()
-            .map(|(i, addr)| Member { id: i.to_string(), addr: addr.to_string(), weight: 1 })
-            .collect();
-        let ring =
-            Ring::new(1, members, cachet_proto::DEFAULT_VNODES).map_err(|e| ClusterError::Config(e.to_string()))?;
         let status = Arc::new(Mutex::new(ClusterStats {
             node_id: options.node_id,
-            members: options.members.iter().map(ToString::to_string).collect(),
-            alive: vec![true; n],
-            clients: (0..n).map(|i| if i == me { options.client_addr.to_string() } else { String::new() }).collect(),
             replication_factor: options.replication_factor as u32,
             ..ClusterStats::default()
         }));
@@ -177,7 +181,6 @@ impl Cluster {
                     }
                 };
                 runtime.block_on(async move {
-                    let listen = options.members[options.node_id as usize];
                     let (transport, incoming) = match PeerTransport::bind(listen, &options.ca_dir, &options.data_dir) {
                         Ok(bound) => bound,
                         Err(err) => {
@@ -187,7 +190,7 @@ impl Cluster {
                     };
                     let _ = bound_tx.send(Ok(transport.local_addr().unwrap_or(listen)));
                     let store = Box::new(ShardRecords::new(node));
-                    let shell = Shell::new(options, Arc::new(ring), transport, thread_status, store);
+                    let shell = Shell::new(options, listen, transport, thread_status, store);
                     shell.run(commands_rx, incoming, stopped).await;
                 });
             })
@@ -342,90 +345,167 @@ impl Drop for Cluster {
     }
 }
 
+/// A joining node builds its ring once no new member has shown up for
+/// this long (so it does not re-sync against half a cluster).
+const SETTLE_MS: u64 = 1_000;
+
 /// The runtime thread's state.
 struct Shell {
     me: NodeIx,
-    members: Vec<SocketAddr>,
+    config: ReplicaConfig,
+    /// Every known member's peer address (this node's included), by id.
+    peers: std::collections::BTreeMap<NodeIx, SocketAddr>,
     by_addr: HashMap<SocketAddr, NodeIx>,
-    replica: Replica,
+    transport: Arc<PeerTransport>,
+    senders: HashMap<SocketAddr, mpsc::Sender<PeerFrame>>,
+    /// `None` while a joining node waits for the member list to settle.
+    replica: Option<Replica>,
+    store: Option<Box<dyn RecordStore>>,
+    /// When the member list last grew.
+    changed_at: u64,
     membership: Membership,
-    senders: Vec<Option<mpsc::Sender<PeerFrame>>>,
     started: Instant,
+    boot: u64,
     waiting: HashMap<u64, oneshot::Sender<Result<Outcome, OpError>>>,
     next_op: u64,
     status: Arc<Mutex<ClusterStats>>,
-    alive: Vec<bool>,
-    ops_ok: Arc<AtomicU64>,
-    ops_failed: Arc<AtomicU64>,
+    alive: std::collections::BTreeMap<NodeIx, bool>,
+    clients: std::collections::BTreeMap<NodeIx, String>,
+    ops_ok: u64,
+    ops_failed: u64,
 }
 
 impl Shell {
     fn new(
         options: ClusterOptions,
-        ring: Arc<Ring>,
+        listen: SocketAddr,
         transport: Arc<PeerTransport>,
         status: Arc<Mutex<ClusterStats>>,
         store: Box<dyn RecordStore>,
     ) -> Self {
         let me = options.node_id;
-        let n = options.members.len();
         let boot = boot_nonce();
         let config = ReplicaConfig {
             rf: options.replication_factor,
             request_timeout_ms: options.request_timeout_ms,
             ..ReplicaConfig::default()
         };
-        let mut replica = Replica::with_store(me, n as u32, ring, config, boot, store);
-        replica.restart(0, boot);
         // A restarted node is a new incarnation, so the others take its
         // announcement over their memory of the dead one.
         let incarnation =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64);
-        let peer = |i: usize, incarnation: u64| Peer {
-            node: i.to_string(),
-            addr: options.members[i].to_string(),
+        let myself = Peer {
+            node: me.to_string(),
+            addr: listen.to_string(),
             incarnation,
-            client: if i == me as usize { options.client_addr.to_string() } else { String::new() },
+            client: options.client_addr.to_string(),
         };
-        let mut membership = Membership::new(
-            peer(me as usize, incarnation),
-            MembershipConfig { detect_within_ms: options.detect_within_ms },
-            boot,
-        );
-        for i in (0..n).filter(|&i| i != me as usize) {
-            if let Err(err) = membership.join(0, peer(i, 0)) {
-                tracing::warn!(%err, member = i, "cannot announce to a member");
+        let mut membership =
+            Membership::new(myself, MembershipConfig { detect_within_ms: options.detect_within_ms }, boot);
+        let mut peers: std::collections::BTreeMap<NodeIx, SocketAddr> =
+            options.members.iter().enumerate().map(|(i, a)| (i as NodeIx, *a)).collect();
+        peers.insert(me, listen);
+        // Founders know each other by id; a joiner knows only addresses,
+        // and learns ids from the members' answers.
+        let contacts: Vec<Peer> = if options.members.is_empty() {
+            options
+                .seeds
+                .iter()
+                .map(|a| Peer { node: format!("seed {a}"), addr: a.to_string(), incarnation: 0, client: String::new() })
+                .collect()
+        } else {
+            peers
+                .iter()
+                .filter(|&(&i, _)| i != me)
+                .map(|(i, a)| Peer { node: i.to_string(), addr: a.to_string(), incarnation: 0, client: String::new() })
+                .collect()
+        };
+        for contact in contacts {
+            if let Err(err) = membership.join(0, contact) {
+                tracing::warn!(%err, "cannot announce to a member");
             }
         }
-        let senders = (0..n)
-            .map(|i| {
-                (i != me as usize).then(|| {
-                    let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                    tokio::spawn(send_loop(transport.clone(), options.members[i], rx));
-                    tx
-                })
-            })
-            .collect();
-        let by_addr = options.members.iter().enumerate().map(|(i, a)| (*a, i as NodeIx)).collect();
-        Self {
+        let alive = peers.keys().map(|&i| (i, true)).collect();
+        let mut shell = Self {
             me,
-            members: options.members,
-            by_addr,
-            replica,
+            config,
+            by_addr: peers.iter().map(|(&i, &a)| (a, i)).collect(),
+            peers,
+            transport,
+            senders: HashMap::new(),
+            replica: None,
+            store: Some(store),
+            changed_at: 0,
             membership,
-            senders,
             started: Instant::now(),
+            boot,
             waiting: HashMap::new(),
             next_op: 1,
             status,
-            alive: vec![true; n],
-            ops_ok: Arc::default(),
-            ops_failed: Arc::default(),
+            alive,
+            clients: [(me, options.client_addr.to_string())].into_iter().collect(),
+            ops_ok: 0,
+            ops_failed: 0,
+        };
+        if !options.members.is_empty() {
+            shell.build_replica(0);
         }
+        shell
     }
 
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// The ring of every known member. Its epoch is the member count:
+    /// members only join, so every node that knows the same members has
+    /// the same ring at the same epoch.
+    fn ring(&self) -> Option<Arc<Ring>> {
+        let members = self
+            .peers
+            .iter()
+            .map(|(i, a)| Member { id: i.to_string(), addr: a.to_string(), weight: 1 })
+            .collect::<Vec<_>>();
+        match Ring::new(members.len() as u64, members, cachet_proto::DEFAULT_VNODES) {
+            Ok(ring) => Some(Arc::new(ring)),
+            Err(err) => {
+                tracing::error!(%err, "cannot build the ring");
+                None
+            }
+        }
+    }
+
+    /// Starts the replica, empty and re-syncing from every known member.
+    fn build_replica(&mut self, now: u64) {
+        let (Some(ring), Some(store)) = (self.ring(), self.store.take()) else { return };
+        let nodes = self.peers.keys().max().map_or(1, |m| m + 1);
+        let mut replica = Replica::with_store(self.me, nodes, ring, self.config, self.boot, store);
+        replica.restart(now, self.boot);
+        for (&node, &up) in &self.alive {
+            if node != self.me {
+                replica.set_alive(now, node, up);
+            }
+        }
+        tracing::info!(members = self.peers.len(), "replica started; re-syncing");
+        self.replica = Some(replica);
+    }
+
+    /// A member this node did not know joined: it takes its share of the
+    /// ring at once.
+    fn learn(&mut self, now: u64, node: NodeIx, addr: SocketAddr) {
+        if self.peers.get(&node) == Some(&addr) {
+            return;
+        }
+        if let Some(old) = self.peers.insert(node, addr) {
+            self.by_addr.remove(&old);
+        }
+        self.by_addr.insert(addr, node);
+        self.changed_at = now;
+        tracing::info!(node, %addr, members = self.peers.len(), "member joined the ring");
+        let ring = self.ring();
+        if let (Some(replica), Some(ring)) = (self.replica.as_mut(), ring) {
+            replica.set_ring(ring);
+        }
     }
 
     async fn run(
@@ -434,11 +514,11 @@ impl Shell {
         mut incoming: mpsc::Receiver<Incoming>,
         mut stopped: watch::Receiver<bool>,
     ) {
-        tracing::info!(node = self.me, members = ?self.members, "cluster runtime started");
+        tracing::info!(node = self.me, members = ?self.peers, "cluster runtime started");
         loop {
             self.flush();
             let now = self.now();
-            let next = [self.replica.poll_timeout(), self.membership.poll_timeout()]
+            let next = [self.replica.as_ref().and_then(Replica::poll_timeout), self.membership.poll_timeout()]
                 .into_iter()
                 .flatten()
                 .min()
@@ -448,11 +528,19 @@ impl Shell {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
-                    let id = self.next_op;
-                    self.next_op += 1;
-                    self.waiting.insert(id, command.reply);
                     let now = self.now();
-                    self.replica.client(now, id, command.op, command.level);
+                    match self.replica.as_mut() {
+                        Some(replica) => {
+                            let id = self.next_op;
+                            self.next_op += 1;
+                            self.waiting.insert(id, command.reply);
+                            replica.client(now, id, command.op, command.level);
+                        }
+                        // Still joining: no ring to route by yet.
+                        None => {
+                            let _ = command.reply.send(Err(OpError::Unavailable));
+                        }
+                    }
                 }
                 frame = incoming.recv() => {
                     let Some(frame) = frame else { break };
@@ -460,8 +548,13 @@ impl Shell {
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     let now = self.now();
-                    self.replica.tick(now);
+                    if let Some(replica) = self.replica.as_mut() {
+                        replica.tick(now);
+                    }
                     self.membership.tick(now);
+                    if self.replica.is_none() && self.peers.len() > 1 && now >= self.changed_at + SETTLE_MS {
+                        self.build_replica(now);
+                    }
                 }
                 _ = stopped.changed() => break,
             }
@@ -470,25 +563,30 @@ impl Shell {
     }
 
     fn handle(&mut self, frame: Incoming) {
-        let Some(&from) = self.by_addr.get(&frame.from) else {
-            tracing::warn!(from = %frame.from, "a frame from an address that is no member; dropped");
-            return;
-        };
         let now = self.now();
-        tracing::trace!(from, gossip = matches!(frame.frame, PeerFrame::Gossip(_)), "frame in");
         match frame.frame {
+            // Gossip is how a joiner is first heard of: taken from anyone
+            // the transport let in (same CA).
             PeerFrame::Gossip(data) => {
                 if let Err(err) = self.membership.handle_data(now, &data) {
-                    tracing::debug!(%err, from, "gossip refused");
+                    tracing::debug!(%err, from = %frame.from, "gossip refused");
                 }
             }
-            PeerFrame::Replica(message) => self.replica.handle(now, from, message),
+            PeerFrame::Replica(message) => {
+                let Some(&from) = self.by_addr.get(&frame.from) else {
+                    tracing::debug!(from = %frame.from, "a replica message from an address that is no member yet");
+                    return;
+                };
+                if let Some(replica) = self.replica.as_mut() {
+                    replica.handle(now, from, message);
+                }
+            }
         }
     }
 
     /// Carries everything the core produced out: membership changes into
-    /// the replica, messages to the peers, replies to the waiting clients,
-    /// and the view into the stats.
+    /// the ring and the replica, messages to the peers, replies to the
+    /// waiting clients, and the view into the stats.
     fn flush(&mut self) {
         let now = self.now();
         while let Some(event) = self.membership.poll_event() {
@@ -496,58 +594,88 @@ impl Shell {
                 MembershipEvent::Up(peer) => (peer, true),
                 MembershipEvent::Down(peer) => (peer, false),
             };
-            let Ok(ix) = peer.node.parse::<NodeIx>() else { continue };
-            if ix == self.me || ix as usize >= self.alive.len() {
+            let (Ok(ix), Ok(addr)) = (peer.node.parse::<NodeIx>(), peer.addr.parse::<SocketAddr>()) else { continue };
+            if ix == self.me {
                 continue;
             }
             if up {
                 tracing::info!(node = ix, "member up");
+                self.learn(now, ix, addr);
+                if !peer.client.is_empty() {
+                    self.clients.insert(ix, peer.client.clone());
+                }
             } else {
                 tracing::warn!(node = ix, "member down");
             }
-            self.alive[ix as usize] = up;
-            self.replica.set_alive(now, ix, up);
-            if up
-                && !peer.client.is_empty()
-                && let Ok(mut status) = self.status.lock()
-                && let Some(slot) = status.clients.get_mut(ix as usize)
-            {
-                slot.clone_from(&peer.client);
+            self.alive.insert(ix, up);
+            if let Some(replica) = self.replica.as_mut() {
+                replica.set_alive(now, ix, up);
             }
         }
         while let Some((peer, data)) = self.membership.poll_transmit() {
-            if let Ok(ix) = peer.node.parse::<NodeIx>() {
-                self.send(ix, PeerFrame::Gossip(data));
+            match peer.addr.parse::<SocketAddr>() {
+                Ok(addr) => self.send_to(addr, PeerFrame::Gossip(data)),
+                Err(err) => tracing::debug!(%err, "gossip for an unparsable address"),
             }
         }
-        while let Some((to, message)) = self.replica.poll_transmit() {
-            self.send(to, PeerFrame::Replica(message));
-        }
-        while let Some(reply) = self.replica.poll_reply() {
-            match &reply.result {
-                Ok(_) => self.ops_ok.fetch_add(1, Ordering::Relaxed),
-                Err(_) => self.ops_failed.fetch_add(1, Ordering::Relaxed),
-            };
-            if let Some(waiting) = self.waiting.remove(&reply.client_req) {
-                let _ = waiting.send(reply.result);
+        if let Some(replica) = self.replica.as_mut() {
+            let mut out = Vec::new();
+            while let Some(message) = replica.poll_transmit() {
+                out.push(message);
+            }
+            let mut replies = Vec::new();
+            while let Some(reply) = replica.poll_reply() {
+                replies.push(reply);
+            }
+            for (to, message) in out {
+                if let Some(&addr) = self.peers.get(&to) {
+                    self.send_to(addr, PeerFrame::Replica(message));
+                }
+            }
+            for reply in replies {
+                match &reply.result {
+                    Ok(_) => self.ops_ok += 1,
+                    Err(_) => self.ops_failed += 1,
+                }
+                if let Some(waiting) = self.waiting.remove(&reply.client_req) {
+                    let _ = waiting.send(reply.result);
+                }
             }
         }
+        let top = self.peers.keys().max().map_or(0, |m| m + 1) as usize;
         if let Ok(mut status) = self.status.lock() {
-            status.alive.clone_from(&self.alive);
-            status.synced = self.replica.counted();
-            status.resync_waiting = self.replica.resync_waiting();
-            status.records = self.replica.record_count() as u64;
-            status.hints = self.replica.hints_held() as u64;
-            status.ops_ok = self.ops_ok.load(Ordering::Relaxed);
-            status.ops_failed = self.ops_failed.load(Ordering::Relaxed);
+            status.members =
+                (0..top as NodeIx).map(|i| self.peers.get(&i).map(ToString::to_string).unwrap_or_default()).collect();
+            status.alive =
+                (0..top as NodeIx).map(|i| i == self.me || self.alive.get(&i).copied().unwrap_or(false)).collect();
+            status.clients = (0..top as NodeIx).map(|i| self.clients.get(&i).cloned().unwrap_or_default()).collect();
+            status.ring_epoch = self.peers.len() as u64;
+            match &self.replica {
+                Some(replica) => {
+                    status.synced = replica.counted();
+                    status.resync_waiting = replica.resync_waiting();
+                    status.records = replica.record_count() as u64;
+                    status.hints = replica.hints_held() as u64;
+                }
+                None => {
+                    status.synced = false;
+                    status.resync_waiting = Vec::new();
+                }
+            }
+            status.ops_ok = self.ops_ok;
+            status.ops_failed = self.ops_failed;
         }
     }
 
-    fn send(&mut self, to: NodeIx, frame: PeerFrame) {
-        if let Some(Some(sender)) = self.senders.get(to as usize)
-            && sender.try_send(frame).is_err()
-        {
-            tracing::debug!(to, "peer queue full; frame dropped");
+    fn send_to(&mut self, addr: SocketAddr, frame: PeerFrame) {
+        let transport = &self.transport;
+        let sender = self.senders.entry(addr).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            tokio::spawn(send_loop(transport.clone(), addr, rx));
+            tx
+        });
+        if sender.try_send(frame).is_err() {
+            tracing::debug!(%addr, "peer queue full; frame dropped");
         }
     }
 }
