@@ -11,6 +11,8 @@ pub(crate) struct LocalCluster {
     cachet: PathBuf,
     root: PathBuf,
     ca: PathBuf,
+    port: u16,
+    rf: usize,
     members: Vec<(Vec<String>, Option<Child>)>,
     /// Client addresses, by node id.
     pub(crate) addrs: Vec<String>,
@@ -50,7 +52,8 @@ impl LocalCluster {
         let _ = std::fs::remove_dir_all(root);
         std::fs::create_dir_all(root)?;
         let ca = root.join("ca");
-        let port = free_port_pair(n)?;
+        // One spare address for a member that joins later.
+        let port = free_port_pair(n + 1)?;
         let peers: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}:{}", port + 1)).collect();
         let addrs: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}:{port}")).collect();
         let path = |p: &Path| p.to_str().map(str::to_string).context("non-UTF-8 path");
@@ -74,7 +77,7 @@ impl LocalCluster {
             args.extend(extra.iter().map(|s| s.to_string()));
             members.push((args, None));
         }
-        let mut cluster = Self { cachet: cachet.to_path_buf(), root: root.to_path_buf(), ca, members, addrs };
+        let mut cluster = Self { cachet: cachet.to_path_buf(), root: root.to_path_buf(), ca, port, rf, members, addrs };
         for i in 0..n {
             cluster.spawn(i)?;
         }
@@ -93,6 +96,35 @@ impl LocalCluster {
             .context("cannot start cachet serve")?;
         self.members[i].1 = Some(child);
         Ok(())
+    }
+
+    /// Starts one more member, joining through the others (`--seeds`).
+    pub(crate) fn join(&mut self, extra: &[&str]) -> Result<()> {
+        let i = self.members.len();
+        let path = |p: &Path| p.to_str().map(str::to_string).context("non-UTF-8 path");
+        let seeds: Vec<String> = (1..=i).map(|k| format!("127.0.0.{k}:{}", self.port + 1)).collect();
+        let addr = format!("127.0.0.{}:{}", i + 1, self.port);
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            path(&self.root.join(format!("node{i}")))?,
+            "--dev-ca".into(),
+            path(&self.ca)?,
+            "--seeds".into(),
+            seeds.join(","),
+            "--peer-listen".into(),
+            format!("127.0.0.{}:{}", i + 1, self.port + 1),
+            "--node-id".into(),
+            i.to_string(),
+            "--replication-factor".into(),
+            self.rf.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.members.push((args, None));
+        self.addrs.push(addr);
+        self.spawn(i)
     }
 
     /// SIGKILL member `i`.
@@ -132,6 +164,7 @@ impl LocalCluster {
                 self.stats(i).is_ok_and(|s| {
                     let c = &s["cluster"];
                     c["synced"].as_bool() == Some(true)
+                        && c["ring_epoch"].as_u64() == Some(self.members.len() as u64)
                         && c["alive"].as_array().is_some_and(|a| a.iter().all(|u| u.as_bool() == Some(true)))
                 })
             });
@@ -304,6 +337,35 @@ pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
         median(downs.clone()),
         downs.iter().map(|d| d.round()).collect::<Vec<_>>(),
         100.0 * median(failed)
+    );
+    // A fourth member joins three (RF=3) under load.
+    let mut joins = Vec::new();
+    for round in 0..3 {
+        let mut cluster = LocalCluster::start(cachet, root, 3, 3, &["--threads", "1"])?;
+        let mut args: Vec<&str> = load.to_vec();
+        args[1] = "10";
+        args.extend(["--consistency", "quorum", "--threads", "1"]);
+        let bench = cluster.bench(&args)?;
+        std::thread::sleep(Duration::from_secs(4));
+        let keys_before = cluster.stats(0)?["cluster"]["records"].as_u64().unwrap_or(0);
+        cluster.join(&["--threads", "1"])?;
+        let took = cluster.wait_healthy(Duration::from_secs(60))?;
+        let report = bench_report(bench)?;
+        let held = cluster.stats(3)?["cluster"]["records"].as_u64().unwrap_or(0);
+        let total = cluster.stats(0)?["cluster"]["records"].as_u64().unwrap_or(keys_before).max(1);
+        eprintln!(
+            "join round {round}: synced after {} ms, holds {held} of {total} keys, {} failed ops",
+            took.as_millis(),
+            report["errors"]
+        );
+        joins.push((took.as_secs_f64() * 1000.0, held as f64 / total as f64, crate::number(&report, "errors")));
+    }
+    println!(
+        "join: 4th member counted {:.0} ms after start (median of 3), holding {:.1}% of the keys (RF 3 of 4 members: \
+         75% expected); failed operations {:.0} (median)",
+        median(joins.iter().map(|j| j.0).collect()),
+        100.0 * median(joins.iter().map(|j| j.1).collect()),
+        median(joins.iter().map(|j| j.2).collect())
     );
     Ok(())
 }

@@ -345,8 +345,8 @@ impl Drop for Cluster {
     }
 }
 
-/// A joining node builds its ring once no new member has shown up for
-/// this long (so it does not re-sync against half a cluster).
+/// A node builds its ring once no new member has shown up for this long
+/// (so it does not re-sync against half a cluster).
 const SETTLE_MS: u64 = 1_000;
 
 /// The runtime thread's state.
@@ -363,6 +363,8 @@ struct Shell {
     store: Option<Box<dyn RecordStore>>,
     /// When the member list last grew.
     changed_at: u64,
+    /// Started with the founding member list (not joining through seeds).
+    founder: bool,
     membership: Membership,
     started: Instant,
     boot: u64,
@@ -426,7 +428,7 @@ impl Shell {
             }
         }
         let alive = peers.keys().map(|&i| (i, true)).collect();
-        let mut shell = Self {
+        Self {
             me,
             config,
             by_addr: peers.iter().map(|(&i, &a)| (a, i)).collect(),
@@ -436,6 +438,7 @@ impl Shell {
             replica: None,
             store: Some(store),
             changed_at: 0,
+            founder: !options.members.is_empty(),
             membership,
             started: Instant::now(),
             boot,
@@ -446,11 +449,7 @@ impl Shell {
             clients: [(me, options.client_addr.to_string())].into_iter().collect(),
             ops_ok: 0,
             ops_failed: 0,
-        };
-        if !options.members.is_empty() {
-            shell.build_replica(0);
         }
-        shell
     }
 
     fn now(&self) -> u64 {
@@ -480,7 +479,7 @@ impl Shell {
         let (Some(ring), Some(store)) = (self.ring(), self.store.take()) else { return };
         let nodes = self.peers.keys().max().map_or(1, |m| m + 1);
         let mut replica = Replica::with_store(self.me, nodes, ring, self.config, self.boot, store);
-        replica.restart(now, self.boot);
+        replica.join(now, self.boot);
         for (&node, &up) in &self.alive {
             if node != self.me {
                 replica.set_alive(now, node, up);
@@ -552,7 +551,10 @@ impl Shell {
                         replica.tick(now);
                     }
                     self.membership.tick(now);
-                    if self.replica.is_none() && self.peers.len() > 1 && now >= self.changed_at + SETTLE_MS {
+                    let known = self.founder || self.peers.len() > 1;
+                    if self.replica.is_none() && known && now >= self.changed_at + SETTLE_MS {
+                        // Founders too: a founder restarted after others
+                        // joined hears of them first.
                         self.build_replica(now);
                     }
                 }
