@@ -120,6 +120,9 @@ pub fn render(node: &Node) -> String {
     if let Some(loaders) = node.loaders() {
         render_loaders(&mut out, loaders);
     }
+    if let Some(cluster) = &stats.cluster {
+        render_cluster(&mut out, cluster);
+    }
 
     family(&mut out, "cachet_request_duration_seconds", "histogram", "Time to execute a request, by command.");
     for (i, command) in COMMANDS.iter().enumerate() {
@@ -292,6 +295,28 @@ async fn answer(node: Arc<Node>, mut stream: tokio::net::TcpStream) {
     );
     let _ = stream.write_all(reply.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// A clustered node's view: who is up, its re-sync, what it holds and
+/// coordinates.
+fn render_cluster(out: &mut String, c: &cachet_proto::ClusterStats) {
+    family(out, "cachet_cluster_member_up", "gauge", "Whether the failure detector holds a member up, by node id.");
+    for (id, up) in c.alive.iter().enumerate() {
+        let _ = writeln!(out, "cachet_cluster_member_up{{node=\"{id}\"}} {}", u8::from(*up));
+    }
+    family(out, "cachet_cluster_ring_epoch", "gauge", "The ring's epoch (its member count).");
+    let _ = writeln!(out, "cachet_cluster_ring_epoch {}", c.ring_epoch);
+    family(out, "cachet_cluster_synced", "gauge", "1 once this node counts toward quorums; 0 while it re-syncs.");
+    let _ = writeln!(out, "cachet_cluster_synced {}", u8::from(c.synced));
+    family(out, "cachet_cluster_resync_waiting", "gauge", "Members this node still waits for a re-sync from.");
+    let _ = writeln!(out, "cachet_cluster_resync_waiting {}", c.resync_waiting.len());
+    family(out, "cachet_cluster_records", "gauge", "Replicated records held (tombstones included).");
+    let _ = writeln!(out, "cachet_cluster_records {}", c.records);
+    family(out, "cachet_cluster_hints", "gauge", "Writes held for members that are down.");
+    let _ = writeln!(out, "cachet_cluster_hints {}", c.hints);
+    family(out, "cachet_cluster_operations_total", "counter", "Replicated operations coordinated here, by result.");
+    let _ = writeln!(out, "cachet_cluster_operations_total{{result=\"ok\"}} {}", c.ops_ok);
+    let _ = writeln!(out, "cachet_cluster_operations_total{{result=\"failed\"}} {}", c.ops_failed);
 }
 
 /// The read-through loaders' counters and their origins'.

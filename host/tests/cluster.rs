@@ -123,7 +123,8 @@ impl TestCluster {
                 ]
                 .iter()
                 .chain(extra)
-                .map(|s| s.to_string())
+                // `{ip}` in an extra flag is the member's own address.
+                .map(|s| s.replace("{ip}", &format!("127.0.0.{}", i + 1)))
                 .collect();
                 let log = root.join(format!("node{i}.log"));
                 let mut member = Member { child: None, args, client_addr, log };
@@ -508,7 +509,9 @@ async fn levels_and_refusals_with_a_member_down() {
 /// and the policy evicts, as for any cached data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_records_obey_the_node_bounds() {
-    let cluster = TestCluster::start_with(3, 3, "bounds", &["--max-entries", "200"]);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
+    let metrics = format!("{{ip}}:{metrics_port}");
+    let cluster = TestCluster::start_with(3, 3, "bounds", &["--max-entries", "200", "--metrics-listen", &metrics]);
     let client = cluster.client();
     cluster.wait_healthy(&client, Duration::from_secs(30)).await;
     for i in 0..1_000 {
@@ -522,6 +525,22 @@ async fn replicated_records_obey_the_node_bounds() {
     }
     let last = client.get("key999").await.expect("read");
     assert_eq!(last.as_deref(), Some(&b"value999"[..]), "the newest write is resident");
+    // The same view in Prometheus metrics.
+    let records = client.stats_of(1).await.expect("stats").cluster.expect("cluster").records;
+    let url = format!("http://127.0.0.2:{metrics_port}/metrics");
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&url).call().expect("metrics").into_body().read_to_string().expect("body")
+    })
+    .await
+    .expect("fetch");
+    for line in [
+        "cachet_cluster_member_up{node=\"0\"} 1".to_string(),
+        "cachet_cluster_ring_epoch 3".to_string(),
+        "cachet_cluster_synced 1".to_string(),
+        format!("cachet_cluster_records {records}"),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in the metrics:\n{text}");
+    }
     client.close().await;
 }
 

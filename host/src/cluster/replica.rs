@@ -156,10 +156,16 @@ pub enum Message {
         /// The requester's restart number, echoed back.
         round: u64,
     },
-    /// Every record the requester owns.
+    /// One part of the records the requester owns, from one snapshot.
     SyncData {
         /// The request's round.
         round: u64,
+        /// Which snapshot of the sender's these parts belong to.
+        snapshot: u64,
+        /// This part's index.
+        part: u32,
+        /// How many parts the snapshot has.
+        parts: u32,
         /// The records.
         entries: Vec<(Bytes, Record)>,
     },
@@ -264,6 +270,16 @@ struct Answer {
     counted: bool,
 }
 
+impl Resync {
+    fn new(round: u64, waiting: BTreeSet<NodeIx>, next_try: u64) -> Self {
+        Self { round, waiting, next_try, received: BTreeMap::new(), heard: BTreeMap::new(), then: None }
+    }
+}
+
+/// Record bytes per re-sync part: parts stay far below the transport's
+/// frame limit whatever a node holds.
+const SYNC_PART_BYTES: usize = 1 << 20;
+
 struct Hint {
     target: NodeIx,
     key: Bytes,
@@ -275,6 +291,11 @@ struct Resync {
     round: u64,
     waiting: BTreeSet<NodeIx>,
     next_try: u64,
+    /// Parts received per member and snapshot: (parts, received).
+    received: BTreeMap<(NodeIx, u64), (u32, BTreeSet<u32>)>,
+    /// When each member last sent a part: a member still sending is not
+    /// asked again (that would start another whole snapshot).
+    heard: BTreeMap<NodeIx, u64>,
     /// Run a second pass this long after the first completes (see
     /// [`Replica::join`]).
     then: Option<u64>,
@@ -429,7 +450,7 @@ impl Replica {
         if waiting.is_empty() {
             return;
         }
-        self.resync = Some(Resync { round: self.boot, waiting, next_try: now, then: None });
+        self.resync = Some(Resync::new(self.boot, waiting, now));
         self.tick(now);
     }
 
@@ -739,9 +760,27 @@ impl Replica {
                 // their own delivery is acknowledged (this reply may be lost).
                 let hints = self.hints.values().filter(|h| h.target == from);
                 entries.extend(hints.map(|h| (h.key.clone(), h.record.clone())));
-                self.send(from, Message::SyncData { round, entries });
+                let mut parts: Vec<Vec<(Bytes, Record)>> = vec![Vec::new()];
+                let mut bytes = 0;
+                for entry in entries {
+                    let size = entry.0.len() + entry.1.value.as_ref().map_or(0, Bytes::len) + 16;
+                    if bytes + size > SYNC_PART_BYTES && parts.last().is_some_and(|p| !p.is_empty()) {
+                        parts.push(Vec::new());
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    if let Some(last) = parts.last_mut() {
+                        last.push(entry);
+                    }
+                }
+                let snapshot = self.request_id();
+                let count = parts.len() as u32;
+                for (part, entries) in parts.into_iter().enumerate() {
+                    let part = part as u32;
+                    self.send(from, Message::SyncData { round, snapshot, part, parts: count, entries });
+                }
             }
-            Message::SyncData { round, entries } => {
+            Message::SyncData { round, snapshot, part, parts, entries } => {
                 for (key, record) in &entries {
                     self.apply(key, record);
                 }
@@ -750,12 +789,15 @@ impl Replica {
                 if let Some(resync) = &mut self.resync
                     && resync.round == round
                 {
-                    resync.waiting.remove(&from);
+                    resync.heard.insert(from, now);
+                    let (total, got) = resync.received.entry((from, snapshot)).or_insert((parts, BTreeSet::new()));
+                    got.insert(part);
+                    if got.len() as u32 >= *total {
+                        resync.waiting.remove(&from);
+                    }
                     if resync.waiting.is_empty() {
                         match resync.then.take() {
-                            Some(delay) => {
-                                *resync = Resync { round: second, waiting: others, next_try: now + delay, then: None };
-                            }
+                            Some(delay) => *resync = Resync::new(second, others, now + delay),
                             None => self.resync = None,
                         }
                     }
@@ -809,7 +851,12 @@ impl Replica {
             && resync.next_try <= now
         {
             resync.next_try = now + self.config.retry_ms;
-            sync = Some((resync.round, resync.waiting.clone()));
+            // A member that sent a part lately is still sending.
+            let quiet = 10 * self.config.retry_ms;
+            let heard = &resync.heard;
+            let ask: BTreeSet<NodeIx> =
+                resync.waiting.iter().copied().filter(|p| heard.get(p).is_none_or(|&t| t + quiet <= now)).collect();
+            sync = Some((resync.round, ask));
         }
         if let Some((round, waiting)) = sync {
             for peer in waiting {
@@ -962,5 +1009,52 @@ mod tests {
             let record = replicas[4].record(&key).expect("the joiner holds the acknowledged write");
             assert_eq!(record.value.as_deref(), Some(&b"w"[..]));
         }
+    }
+
+    /// A re-sync too big for one message comes in parts; a lost part keeps
+    /// the requester uncounted until a later, complete snapshot arrives.
+    #[test]
+    fn a_large_resync_comes_in_parts_and_survives_a_lost_one() {
+        let two = ring(2);
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let mut holder = Replica::new(0, 2, two.clone(), config, 5);
+        let mut back = Replica::new(1, 2, two, config, 6);
+        let value = Bytes::from(vec![7u8; 1_024]);
+        for i in 0..3_000u64 {
+            let record = Record { version: Version { counter: i + 1, node: 0 }, value: Some(value.clone()) };
+            let key = Bytes::from(format!("key{i}"));
+            holder.handle(0, 1, Message::Put { req: 0, key, record, hint_for: None });
+        }
+        assert_eq!(holder.record_count(), 3_000);
+        back.restart(0, 7);
+        let deliver_parts = |back: &mut Replica, holder: &mut Replica, now: u64, drop_part: Option<u32>| {
+            let mut parts = 0;
+            while let Some((to, message)) = back.poll_transmit() {
+                assert_eq!(to, 0);
+                holder.handle(now, 1, message);
+            }
+            while let Some((to, message)) = holder.poll_transmit() {
+                assert_eq!(to, 1);
+                if let Message::SyncData { part, parts: n, ref entries, .. } = message {
+                    parts = n;
+                    assert!(entries.len() <= SYNC_PART_BYTES / 1_024, "part {part} holds {} records", entries.len());
+                    if Some(part) == drop_part {
+                        continue;
+                    }
+                }
+                back.handle(now, 0, message);
+            }
+            parts
+        };
+        let parts = deliver_parts(&mut back, &mut holder, 0, Some(1));
+        assert!(parts >= 3, "{parts} parts for 3 MiB");
+        assert!(!back.counted(), "counted with a part missing");
+        // Asked again only once the holder has been quiet for a while.
+        back.tick(500);
+        assert!(back.poll_transmit().is_none(), "asked again while the holder was still sending");
+        back.tick(1_100);
+        deliver_parts(&mut back, &mut holder, 1_100, None);
+        assert!(back.counted(), "a complete snapshot arrived");
+        assert_eq!(back.record_count(), 3_000);
     }
 }
