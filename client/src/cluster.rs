@@ -40,9 +40,9 @@ pub struct ClusterClient {
     retry: RetryPolicy,
     consistency: Option<Consistency>,
     ring: Arc<std::sync::RwLock<Option<Arc<RingView>>>>,
-    /// Whether the ring was fetched automatically already (once: a cluster
-    /// that cannot describe itself still serves through any member).
-    ring_tried: Arc<std::sync::atomic::AtomicBool>,
+    /// When the ring was last fetched (or tried): it is fetched again every
+    /// [`RING_MAX_AGE`], so members that joined get their keys.
+    ring_checked: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 /// The cluster's ring as a member described it.
@@ -71,21 +71,33 @@ struct Member {
     client: Mutex<Option<Client>>,
     /// After a failure that looked like the member itself (no connection,
     /// no reply), it is passed over until then, so a dead member does not
-    /// cost every operation a timeout.
-    avoid_until: std::sync::Mutex<Option<Instant>>,
+    /// cost every operation a timeout; and how many such failures in a row.
+    avoid_until: std::sync::Mutex<(Option<Instant>, u32)>,
 }
 
-/// How long a member that failed is passed over.
-const AVOID_FOR: Duration = Duration::from_secs(1);
+/// How long a fetched ring is used before it is fetched again.
+const RING_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// How long a member that failed once is passed over; doubled for each
+/// failure in a row, up to [`AVOID_AT_MOST`].
+const AVOID_FOR: Duration = Duration::from_millis(500);
+const AVOID_AT_MOST: Duration = Duration::from_secs(8);
 
 impl Member {
     fn avoided(&self, now: Instant) -> bool {
-        self.avoid_until.lock().map(|t| t.is_some_and(|t| now < t)).unwrap_or(false)
+        self.avoid_until.lock().map(|t| t.0.is_some_and(|t| now < t)).unwrap_or(false)
     }
 
     fn avoid(&self) {
         if let Ok(mut t) = self.avoid_until.lock() {
-            *t = Some(Instant::now() + AVOID_FOR);
+            let wait = AVOID_FOR.saturating_mul(1 << t.1.min(8)).min(AVOID_AT_MOST);
+            *t = (Some(Instant::now() + wait), t.1.saturating_add(1));
+        }
+    }
+
+    fn healthy(&self) {
+        if let Ok(mut t) = self.avoid_until.lock() {
+            *t = (None, 0);
         }
     }
 }
@@ -109,7 +121,7 @@ impl ClusterClient {
         }
         let members = configs
             .into_iter()
-            .map(|config| Member { config, client: Mutex::new(None), avoid_until: std::sync::Mutex::new(None) })
+            .map(|config| Member { config, client: Mutex::new(None), avoid_until: std::sync::Mutex::new((None, 0)) })
             .collect();
         Ok(Self {
             members: Arc::new(members),
@@ -117,7 +129,7 @@ impl ClusterClient {
             retry,
             consistency: None,
             ring: Arc::default(),
-            ring_tried: Arc::default(),
+            ring_checked: Arc::default(),
         })
     }
 
@@ -164,15 +176,18 @@ impl ClusterClient {
     /// The order to try members in for `key`: its owners (primary first)
     /// when the ring is known, then the others from a rotating start.
     async fn route(&self, key: &[u8]) -> Vec<usize> {
-        let known = self.ring.read().ok().and_then(|r| r.clone());
-        let view = match known {
-            Some(view) => Some(view),
-            None if !self.ring_tried.swap(true, Ordering::Relaxed) => {
-                let _ = self.refresh_ring().await;
-                self.ring.read().ok().and_then(|r| r.clone())
+        let stale = self.ring_checked.lock().is_ok_and(|mut checked| {
+            let stale = checked.is_none_or(|at| at.elapsed() >= RING_MAX_AGE);
+            if stale {
+                *checked = Some(Instant::now());
             }
-            None => None,
-        };
+            stale
+        });
+        if stale {
+            // Best effort: without a ring any member will do.
+            let _ = self.refresh_ring().await;
+        }
+        let view = self.ring.read().ok().and_then(|r| r.clone());
         let n = self.members.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut order = view.map(|v| v.owners(key)).unwrap_or_default();
@@ -191,6 +206,14 @@ impl ClusterClient {
         if let Some(client) = slot.as_ref() {
             return Ok(client.clone());
         }
+        // Others waiting here while a connection attempt failed need not
+        // each make their own.
+        if member.avoided(Instant::now()) {
+            return Err(ClientError::Connect {
+                addr: member.config.server,
+                detail: "passed over after failing just now".into(),
+            });
+        }
         let client = Client::connect(member.config.clone()).await?;
         *slot = Some(client.clone());
         Ok(client)
@@ -201,6 +224,10 @@ impl ClusterClient {
     /// closes its connections, and one restarted cannot (it has new keys),
     /// so the old connection would swallow requests until its idle timeout.
     async fn forget(&self, i: usize) {
+        // Failing fast while passed over is not a new failure.
+        if self.members[i].avoided(Instant::now()) {
+            return;
+        }
         self.members[i].avoid();
         if let Some(client) = self.members[i].client.lock().await.take() {
             tokio::spawn(async move { client.close().await });
@@ -241,7 +268,10 @@ impl ClusterClient {
                 Err(err) => Err(err),
             };
             match result {
-                Ok(value) => return Ok(value),
+                Ok(value) => {
+                    self.members[i].healthy();
+                    return Ok(value);
+                }
                 Err(err) if retryable(&err) => {
                     if !matches!(err, ClientError::Server(_)) {
                         self.forget(i).await;

@@ -784,6 +784,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         if args.loaders.is_some() || file.loaders.is_some() {
             bail!("--loaders is not supported with --cluster yet");
         }
+        if max_value_size > 32 << 20 {
+            bail!("--max-value-size is at most 32MiB with --cluster (records travel in peer frames of at most 64MiB)");
+        }
         if listen.port() == 0 || listen.ip().is_unspecified() {
             bail!("--cluster needs a --listen address other members' clients can reach (not {listen})");
         }

@@ -214,9 +214,13 @@ impl Node {
         self.with_shard_raw(key, |shard, now| if touch { shard.get(now, key) } else { shard.peek(now, key) })
     }
 
-    /// Stores `value` under `key` with no TTL, bypassing loaders and leases.
-    pub(crate) fn raw_set(&self, key: &[u8], value: Bytes) -> Result<(), ShardError> {
-        self.with_shard_raw(key, |shard, now| shard.set(now, key, value, SetOptions::default()).map(|_| ()))
+    /// Stores `value` under `key`, bypassing loaders and leases; `false`
+    /// when the policy declined to admit it.
+    pub(crate) fn raw_set(&self, key: &[u8], value: Bytes, ttl_ms: Option<u64>) -> Result<bool, ShardError> {
+        let options = SetOptions { ttl_ms, ..SetOptions::default() };
+        self.with_shard_raw(key, |shard, now| {
+            shard.set(now, key, value, options).map(|outcome| !matches!(outcome, SetOutcome::NotAdmitted))
+        })
     }
 
     /// Calls `f` with every live entry of every shard, one shard locked at
@@ -463,12 +467,18 @@ impl Node {
     /// The checks a shard makes before storing, made up front so a multi-key
     /// write can refuse before changing anything.
     pub(crate) fn check_sizes(&self, key: &[u8], value: &[u8]) -> Option<Response> {
+        self.check_lengths(key.len(), value.len())
+    }
+
+    /// [`Node::check_sizes`] by lengths: for values stored with a header
+    /// of the node's own (the cluster's records).
+    pub(crate) fn check_lengths(&self, key_len: usize, value_len: usize) -> Option<Response> {
         let shard_bytes = self.config.max_bytes / self.shards.len() as u64;
-        let size = (key.len() + value.len()) as u64;
-        let err = if key.len() > self.config.max_key_size {
-            ShardError::KeyTooLarge { size: key.len(), limit: self.config.max_key_size }
-        } else if value.len() > self.config.max_value_size {
-            ShardError::ValueTooLarge { size: value.len(), limit: self.config.max_value_size }
+        let size = (key_len + value_len) as u64;
+        let err = if key_len > self.config.max_key_size {
+            ShardError::KeyTooLarge { size: key_len, limit: self.config.max_key_size }
+        } else if value_len > self.config.max_value_size {
+            ShardError::ValueTooLarge { size: value_len, limit: self.config.max_value_size }
         } else if size > shard_bytes {
             ShardError::EntryTooLarge { size, limit: shard_bytes }
         } else {

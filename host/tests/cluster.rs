@@ -189,6 +189,7 @@ impl TestCluster {
         let start = Instant::now();
         loop {
             let mut healthy = true;
+            let mut views = Vec::new();
             for i in 0..self.members.len() {
                 match client.stats_of(i).await {
                     Ok(stats) => {
@@ -196,14 +197,18 @@ impl TestCluster {
                         healthy &= cluster.synced
                             && cluster.alive.iter().all(|&up| up)
                             && cluster.ring_epoch == self.members.len() as u64;
+                        views.push(format!("{cluster:?}"));
                     }
-                    Err(_) => healthy = false,
+                    Err(err) => {
+                        healthy = false;
+                        views.push(format!("member {i}: {err}"));
+                    }
                 }
             }
             if healthy {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < limit, "the cluster was not healthy within {limit:?}");
+            assert!(start.elapsed() < limit, "the cluster was not healthy within {limit:?}: {views:#?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -480,7 +485,11 @@ async fn levels_and_refusals_with_a_member_down() {
     for refused in [
         single.incr("n", 1).await.map(|_| ()),
         single
-            .set_with("t", "v", cachet_client::SetOptions { ttl: Some(Duration::from_secs(5)), ..Default::default() })
+            .set_with(
+                "t",
+                "v",
+                cachet_client::SetOptions { condition: cachet_client::Condition::IfAbsent, ..Default::default() },
+            )
             .await
             .map(|_| ()),
     ] {
@@ -492,6 +501,23 @@ async fn levels_and_refusals_with_a_member_down() {
             other => panic!("expected a NotSupported refusal, got {other:?}"),
         }
     }
+    // TTLs replicate: every replica expires the value at the same moment,
+    // and an expired value reads as absent at every level.
+    let ttl = cachet_client::SetOptions { ttl: Some(Duration::from_millis(1_500)), ..Default::default() };
+    single.set_with("short", "lived", ttl).await.expect("SET with a TTL");
+    match single.ttl("short").await.expect("TTL") {
+        cachet_client::TtlState::Remaining(ms) => assert!((1..=1_500).contains(&ms), "{ms} ms left"),
+        other => panic!("TTL of a key set with one: {other:?}"),
+    }
+    assert_eq!(single.ttl("k").await.expect("TTL"), cachet_client::TtlState::Missing);
+    direct.set("forever", "v").await.expect("write");
+    assert_eq!(single.ttl("forever").await.expect("TTL"), cachet_client::TtlState::Persistent);
+    assert_eq!(direct.at(Consistency::One).get("short").await.expect("read").as_deref(), Some(&b"lived"[..]));
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
+    for level in [Consistency::One, Consistency::Quorum] {
+        assert_eq!(direct.at(level).get("short").await.expect("read"), None, "{level:?} after expiry");
+    }
+    assert_eq!(single.ttl("short").await.expect("TTL"), cachet_client::TtlState::Missing);
     // A value over the limit is refused before it is replicated.
     // (Over --max-value-size, within the frame limit.)
     let big = vec![b'x'; (1 << 20) + 1];

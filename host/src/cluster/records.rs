@@ -3,11 +3,16 @@
 //! them like any cached data, and `cachet stats` counts them.
 //!
 //! Each shard value is the record's version (counter and node, 12 bytes),
-//! a tag byte (value or deletion) and the value. Deletions are kept as
-//! small tombstones so repair cannot bring an older value back; like any
+//! a tag byte (value, value with expiry, or deletion), the expiry (8 bytes,
+//! Unix milliseconds) when there is one, and the value. Deletions are kept
+//! as small tombstones so repair cannot bring an older value back; like any
 //! entry, a tombstone can be evicted, after which an older copy on another
 //! replica may resurface through read repair. That is a cache's trade:
 //! bounded memory over remembering every deletion.
+//!
+//! An expired value reads as a deletion at its version, and its shard entry
+//! outlives the expiry by [`EXPIRED_KEPT_MS`] for the same reason: a
+//! replica that missed the write must not repair an older value back.
 
 use super::replica::{Record, RecordStore};
 use super::version::Version;
@@ -16,22 +21,39 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::sync::Arc;
 
 const VALUE: u8 = 1;
+const EXPIRING: u8 = 2;
 const TOMBSTONE: u8 = 0;
 /// Version and tag.
 const HEADER: usize = 13;
+/// The most a record adds to its value's length in a shard (version, tag
+/// and expiry).
+pub const OVERHEAD: usize = HEADER + 8;
+/// How long an expired record is kept (as a deletion) before its shard
+/// entry goes.
+pub const EXPIRED_KEPT_MS: u64 = 60_000;
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Encodes `record` as a shard value.
 pub fn encode(record: &Record) -> Bytes {
-    let len = HEADER + record.value.as_ref().map_or(0, Bytes::len);
+    let len = HEADER + 8 + record.value.as_ref().map_or(0, Bytes::len);
     let mut out = BytesMut::with_capacity(len);
     out.put_u64(record.version.counter);
     out.put_u32(record.version.node);
-    match &record.value {
-        Some(value) => {
+    match (&record.value, record.expires_at) {
+        (Some(value), None) => {
             out.put_u8(VALUE);
             out.put_slice(value);
         }
-        None => out.put_u8(TOMBSTONE),
+        (Some(value), Some(at)) => {
+            out.put_u8(EXPIRING);
+            out.put_u64(at);
+            out.put_slice(value);
+        }
+        (None, _) => out.put_u8(TOMBSTONE),
     }
     out.freeze()
 }
@@ -44,12 +66,25 @@ pub fn decode(raw: &Bytes) -> Option<Record> {
     }
     let counter = u64::from_be_bytes(raw[..8].try_into().ok()?);
     let node = u32::from_be_bytes(raw[8..12].try_into().ok()?);
-    let value = match raw[12] {
-        VALUE => Some(raw.slice(HEADER..)),
-        TOMBSTONE if raw.len() == HEADER => None,
+    let (value, expires_at) = match raw[12] {
+        VALUE => (Some(raw.slice(HEADER..)), None),
+        EXPIRING if raw.len() >= HEADER + 8 => {
+            let at = u64::from_be_bytes(raw[HEADER..HEADER + 8].try_into().ok()?);
+            (Some(raw.slice(HEADER + 8..)), Some(at))
+        }
+        TOMBSTONE if raw.len() == HEADER => (None, None),
         _ => return None,
     };
-    Some(Record { version: Version { counter, node }, value })
+    Some(Record { version: Version { counter, node }, value, expires_at })
+}
+
+/// `record` as of `now` (Unix ms): past its expiry, a deletion at the same
+/// version.
+pub fn as_of(mut record: Record, now: u64) -> Record {
+    if record.expires_at.is_some_and(|at| at <= now) {
+        record.value = None;
+    }
+    record
 }
 
 /// The replica's records in a node's shards.
@@ -71,14 +106,20 @@ impl RecordStore for ShardRecords {
         if record.is_none() {
             tracing::error!(key = %String::from_utf8_lossy(key), "a shard entry is not a replicated record");
         }
-        record
+        record.map(|r| as_of(r, unix_ms()))
     }
 
-    fn put(&mut self, key: &Bytes, record: &Record) {
-        if let Err(err) = self.node.raw_set(key, encode(record)) {
-            // Over a size bound: the coordinator checked sizes, so only a
-            // peer with other limits sends such a record.
-            tracing::warn!(%err, key = %String::from_utf8_lossy(key), "a replicated record was not stored");
+    fn put(&mut self, key: &Bytes, record: &Record) -> bool {
+        // The entry outlives the value's expiry, as a deletion, for a while.
+        let ttl_ms = record.expires_at.map(|at| at.saturating_sub(unix_ms()) + EXPIRED_KEPT_MS);
+        match self.node.raw_set(key, encode(record), ttl_ms) {
+            Ok(stored) => stored,
+            Err(err) => {
+                // Over a size bound: the coordinator checked sizes, so only
+                // a peer with other limits sends such a record.
+                tracing::warn!(%err, key = %String::from_utf8_lossy(key), "a replicated record was not stored");
+                false
+            }
         }
     }
 
@@ -91,9 +132,10 @@ impl RecordStore for ShardRecords {
     }
 
     fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record)) {
+        let now = unix_ms();
         self.node.raw_for_each(|key, raw| {
             if let Some(record) = decode(raw) {
-                f(&Bytes::copy_from_slice(key), &record);
+                f(&Bytes::copy_from_slice(key), &as_of(record, now));
             }
         });
     }
@@ -108,10 +150,14 @@ mod tests {
     #[test]
     fn records_round_trip_and_garbage_is_refused() {
         for value in [Some(Bytes::from_static(b"hello")), Some(Bytes::new()), None] {
-            let record = Record { version: Version { counter: u64::MAX - 3, node: 7 }, value };
-            assert_eq!(decode(&encode(&record)), Some(record));
+            for expires_at in [None, Some(1_700_000_000_123)] {
+                let expires_at = expires_at.filter(|_| value.is_some());
+                let record =
+                    Record { version: Version { counter: u64::MAX - 3, node: 7 }, value: value.clone(), expires_at };
+                assert_eq!(decode(&encode(&record)), Some(record));
+            }
         }
-        for garbage in [&b""[..], b"short", b"0123456789AB\x02", b"0123456789AB\x00extra"] {
+        for garbage in [&b""[..], b"short", b"0123456789AB\x02", b"0123456789AB\x03", b"0123456789AB\x00extra"] {
             assert_eq!(decode(&Bytes::copy_from_slice(garbage)), None, "{garbage:?}");
         }
     }
@@ -126,7 +172,8 @@ mod tests {
         let node = Arc::new(Node::new(config, policy).expect("node"));
         let mut store = ShardRecords::new(node.clone());
         for i in 0..1_000u64 {
-            let record = Record { version: Version { counter: i + 1, node: 0 }, value: Some(Bytes::from(vec![1; 10])) };
+            let value = Some(Bytes::from(vec![1; 10]));
+            let record = Record { version: Version { counter: i + 1, node: 0 }, value, expires_at: None };
             store.put(&Bytes::from(format!("k{i}")), &record);
         }
         assert!(store.len() <= 100, "{} records held", store.len());
@@ -141,5 +188,23 @@ mod tests {
         assert_eq!(store.get(&last, false).map(|r| r.version.counter), Some(1_000), "the newest write is resident");
         store.clear();
         assert!(store.is_empty());
+    }
+
+    /// An expired value reads as a deletion at its own version (so an
+    /// older value elsewhere cannot win a repair), and its entry stays.
+    #[test]
+    fn an_expired_record_reads_as_a_deletion_at_its_version() {
+        let policy = policies::native(policies::DEFAULT_POLICY, cachet_policy_sdk::Config::default()).expect("policy");
+        let node = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
+        let mut store = ShardRecords::new(node);
+        let version = Version { counter: 9, node: 1 };
+        let past = Record { version, value: Some(Bytes::from_static(b"old")), expires_at: Some(unix_ms() - 1) };
+        let future = Record { version, value: Some(Bytes::from_static(b"new")), expires_at: Some(unix_ms() + 60_000) };
+        store.put(&Bytes::from_static(b"gone"), &past);
+        store.put(&Bytes::from_static(b"here"), &future);
+        let gone = store.get(b"gone", false).expect("kept as a deletion");
+        assert_eq!((gone.version, gone.value), (version, None));
+        assert_eq!(store.get(b"here", false), Some(future));
+        assert_eq!(store.len(), 2);
     }
 }

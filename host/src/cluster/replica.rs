@@ -64,6 +64,12 @@ pub struct Record {
     pub version: Version,
     /// The value, or `None` for a deletion.
     pub value: Option<Bytes>,
+    /// When the value expires, in milliseconds since the Unix epoch (wall
+    /// clock: every replica must agree on it, so it is fixed by the
+    /// coordinator when the write is made). An expired value reads as a
+    /// deletion at the same version.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
 }
 
 /// Where a replica keeps its records. The simulator uses a map; a node
@@ -74,9 +80,10 @@ pub trait RecordStore: Send {
     /// The record of `key`; `touch` counts it as a read for the eviction
     /// policy (a client's read, not a version check).
     fn get(&self, key: &[u8], touch: bool) -> Option<Record>;
-    /// Stores `record` under `key`, replacing what was there. A store may
-    /// refuse or later evict it: a cache holds what fits.
-    fn put(&mut self, key: &Bytes, record: &Record);
+    /// Stores `record` under `key`, replacing what was there; `false` when
+    /// the store refused it (too large, or not admitted by the policy). A
+    /// store may also evict it later: a cache holds what fits.
+    fn put(&mut self, key: &Bytes, record: &Record) -> bool;
     /// Records held.
     fn len(&self) -> usize;
     /// Whether none are held.
@@ -94,8 +101,9 @@ impl RecordStore for BTreeMap<Bytes, Record> {
         Self::get(self, key).cloned()
     }
 
-    fn put(&mut self, key: &Bytes, record: &Record) {
+    fn put(&mut self, key: &Bytes, record: &Record) -> bool {
         self.insert(key.clone(), record.clone());
+        true
     }
 
     fn len(&self) -> usize {
@@ -180,6 +188,8 @@ pub enum Op {
         key: Bytes,
         /// The value.
         value: Option<Bytes>,
+        /// Expiry, in Unix milliseconds (see [`Record::expires_at`]).
+        expires_at: Option<u64>,
     },
     /// Read `key`.
     Get {
@@ -245,6 +255,7 @@ enum Pending {
         client_req: u64,
         key: Bytes,
         value: Option<Bytes>,
+        expires_at: Option<u64>,
         required: usize,
         deadline: u64,
         phase: Phase,
@@ -259,9 +270,7 @@ enum Pending {
         done: bool,
     },
     /// Delivering hint `id`.
-    Hint {
-        id: u64,
-    },
+    Hint { id: u64 },
 }
 
 struct Answer {
@@ -272,9 +281,21 @@ struct Answer {
 
 impl Resync {
     fn new(round: u64, waiting: BTreeSet<NodeIx>, next_try: u64) -> Self {
-        Self { round, waiting, next_try, received: BTreeMap::new(), heard: BTreeMap::new(), then: None }
+        Self {
+            round,
+            waiting,
+            next_try,
+            received: BTreeMap::new(),
+            heard: BTreeMap::new(),
+            asked: BTreeMap::new(),
+            then: None,
+            not_before: 0,
+        }
     }
 }
+
+/// Hints held at most, over all targets.
+pub const MAX_HINTS: usize = 100_000;
 
 /// Record bytes per re-sync part: parts stay far below the transport's
 /// frame limit whatever a node holds.
@@ -296,9 +317,15 @@ struct Resync {
     /// When each member last sent a part: a member still sending is not
     /// asked again (that would start another whole snapshot).
     heard: BTreeMap<NodeIx, u64>,
+    /// When each member was last asked, and how often: asking again starts
+    /// a whole new snapshot there, so the interval doubles.
+    asked: BTreeMap<NodeIx, (u64, u32)>,
     /// Run a second pass this long after the first completes (see
     /// [`Replica::join`]).
     then: Option<u64>,
+    /// No request before this time, whatever else moves `next_try` (the
+    /// second pass must wait out the old ring's operations).
+    not_before: u64,
 }
 
 /// One node's replica and coordinator. See the module docs.
@@ -316,6 +343,8 @@ pub struct Replica {
     /// (delayed in the network across a crash) match nothing.
     boot: u64,
     hints: BTreeMap<u64, Hint>,
+    /// The hint held per target and key.
+    hint_of: BTreeMap<(NodeIx, Bytes), u64>,
     pending: BTreeMap<u64, Pending>,
     next_req: u64,
     outbox: VecDeque<(NodeIx, Message)>,
@@ -351,6 +380,7 @@ impl Replica {
             resync: None,
             boot,
             hints: BTreeMap::new(),
+            hint_of: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_req: boot << 32,
             outbox: VecDeque::new(),
@@ -411,10 +441,18 @@ impl Replica {
     /// keep records they no longer own (a cache can afford the space more
     /// than the traffic of deleting them) until evicted.
     pub fn set_ring(&mut self, ring: Arc<Ring>) {
+        let before = self.ring_nodes();
         let highest = ring.members().iter().filter_map(|m| m.id.parse::<NodeIx>().ok()).max().unwrap_or(0);
         self.nodes = self.nodes.max(highest + 1);
         self.alive.resize(self.nodes as usize, true);
         self.ring = ring;
+        // A re-sync in progress must hear from the new members too: they
+        // may hold records this node now owns.
+        let me = self.me;
+        let added: Vec<NodeIx> = self.ring_nodes().into_iter().filter(|n| *n != me && !before.contains(n)).collect();
+        if let Some(resync) = &mut self.resync {
+            resync.waiting.extend(added);
+        }
     }
 
     /// The ring it routes by.
@@ -492,13 +530,13 @@ impl Replica {
         self.outbox.push_back((to, message));
     }
 
-    /// Keeps `record` if it is newer than what `key` holds.
-    fn apply(&mut self, key: &Bytes, record: &Record) {
+    /// Keeps `record` if it is newer than what `key` holds; whether `key`
+    /// now holds it or a newer one (`false`: the store refused it, so this
+    /// replica must not acknowledge it as stored).
+    fn apply(&mut self, key: &Bytes, record: &Record) -> bool {
         self.clock.observe(record.version);
         let newer = self.store.get(key, false).is_none_or(|have| have.version < record.version);
-        if newer {
-            self.store.put(key, record);
-        }
+        !newer || self.store.put(key, record)
     }
 
     /// The first live node after the owners on `key`'s ring walk: where a
@@ -542,20 +580,22 @@ impl Replica {
             }
             // A re-syncing coordinator's clock may be far behind: it always
             // asks a quorum for the current version first.
-            Op::Put { value, .. } if consistency == Consistency::One && self.counted() => {
-                let record = Record { version: self.clock.tick(self.me), value: value.clone() };
+            Op::Put { value, expires_at, .. } if consistency == Consistency::One && self.counted() => {
+                let record = Record { version: self.clock.tick(self.me), value: value.clone(), expires_at };
                 let phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
-                self.pending
-                    .insert(req, Pending::Write { client_req, key: key.clone(), value, required, deadline, phase });
+                let write =
+                    Pending::Write { client_req, key: key.clone(), value, expires_at, required, deadline, phase };
+                self.pending.insert(req, write);
                 self.store_at_owners(now, req, &key, &record, &owners);
             }
-            Op::Put { value, .. } => {
+            Op::Put { value, expires_at, .. } => {
                 // A read quorum, whatever the write's level: it must meet the
                 // quorum of every earlier acknowledged write.
                 let needed = Consistency::Quorum.required(owners.len());
                 let phase = Phase::Query { answered: BTreeSet::new(), counted: 0, needed, highest: Version::default() };
-                self.pending
-                    .insert(req, Pending::Write { client_req, key: key.clone(), value, required, deadline, phase });
+                let write =
+                    Pending::Write { client_req, key: key.clone(), value, expires_at, required, deadline, phase };
+                self.pending.insert(req, write);
                 self.ask(req, &key, &owners);
             }
         }
@@ -585,8 +625,7 @@ impl Replica {
     fn store_at_owners(&mut self, now: u64, req: u64, key: &Bytes, record: &Record, owners: &[NodeIx]) {
         for &owner in owners {
             if owner == self.me {
-                self.apply(key, record);
-                let counted = self.counted();
+                let counted = self.apply(key, record) && self.counted();
                 self.acked(req, owner, counted);
             } else if self.is_alive(owner) {
                 self.send(owner, Message::Put { req, key: key.clone(), record: record.clone(), hint_for: None });
@@ -601,8 +640,29 @@ impl Replica {
         }
     }
 
+    /// Holds `record` for `target`: one hint per target and key (the
+    /// newest), and at most [`MAX_HINTS`] in all. Dropping one is safe:
+    /// hints never count toward a quorum; they only speed up the owner's
+    /// catch-up, which re-sync and read repair also do.
     fn keep_hint(&mut self, now: u64, target: NodeIx, key: Bytes, record: Record) {
+        if let Some(&id) = self.hint_of.get(&(target, key.clone()))
+            && let Some(hint) = self.hints.get_mut(&id)
+        {
+            if hint.record.version < record.version {
+                hint.record = record;
+                hint.next_try = now;
+                // A delivery of the older record in flight must not retire
+                // the newer one when it is acknowledged.
+                self.pending.retain(|_, p| !matches!(p, Pending::Hint { id: h } if *h == id));
+            }
+            return;
+        }
+        if self.hints.len() >= MAX_HINTS {
+            tracing::warn!(target, "hint limit reached; a write for a down member is not held");
+            return;
+        }
         let id = self.request_id();
+        self.hint_of.insert((target, key.clone()), id);
         self.hints.insert(id, Hint { target, key, record, next_try: now });
     }
 
@@ -642,7 +702,9 @@ impl Replica {
             }
             Some(Pending::Hint { id }) => {
                 let id = *id;
-                self.hints.remove(&id);
+                if let Some(hint) = self.hints.remove(&id) {
+                    self.hint_of.remove(&(hint.target, hint.key));
+                }
                 self.pending.remove(&req);
             }
             _ => {}
@@ -666,11 +728,12 @@ impl Replica {
                     self.finish_read(req);
                 }
             }
-            Pending::Write { client_req, key, value, required, phase, .. } => match phase {
+            Pending::Write { client_req, key, value, expires_at, required, phase, .. } => match phase {
                 Phase::Query { counted, needed, highest, .. } => {
                     if *counted >= *needed {
                         self.clock.observe(*highest);
-                        let record = Record { version: self.clock.tick(self.me), value: value.clone() };
+                        let version = self.clock.tick(self.me);
+                        let record = Record { version, value: value.clone(), expires_at: *expires_at };
                         let key = key.clone();
                         *phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
                         let owners = self.owners(&key);
@@ -724,9 +787,11 @@ impl Replica {
                 }
             }
             Message::Put { req, key, record, hint_for: None } => {
-                self.apply(&key, &record);
+                // A record the store refused is acknowledged as not
+                // counting: the coordinator must not count a copy that is
+                // not there.
+                let counted = self.apply(&key, &record) && self.counted();
                 if req != 0 {
-                    let counted = self.counted();
                     self.send(from, Message::PutAck { req, counted });
                 }
             }
@@ -797,7 +862,10 @@ impl Replica {
                     }
                     if resync.waiting.is_empty() {
                         match resync.then.take() {
-                            Some(delay) => *resync = Resync::new(second, others, now + delay),
+                            Some(delay) => {
+                                *resync = Resync::new(second, others, now + delay);
+                                resync.not_before = now + delay;
+                            }
                             None => self.resync = None,
                         }
                     }
@@ -849,13 +917,22 @@ impl Replica {
         let mut sync = None;
         if let Some(resync) = &mut self.resync
             && resync.next_try <= now
+            && resync.not_before <= now
         {
             resync.next_try = now + self.config.retry_ms;
             // A member that sent a part lately is still sending.
-            let quiet = 10 * self.config.retry_ms;
-            let heard = &resync.heard;
-            let ask: BTreeSet<NodeIx> =
-                resync.waiting.iter().copied().filter(|p| heard.get(p).is_none_or(|&t| t + quiet <= now)).collect();
+            let (retry, quiet) = (self.config.retry_ms, 10 * self.config.retry_ms);
+            let (heard, asked) = (&resync.heard, &resync.asked);
+            let due = |p: &NodeIx| {
+                let sending = heard.get(p).is_some_and(|&t| t + quiet > now);
+                let backoff = asked.get(p).is_some_and(|&(at, n)| now < at + (retry << n.min(10)).min(quiet));
+                !sending && !backoff
+            };
+            let ask: BTreeSet<NodeIx> = resync.waiting.iter().copied().filter(due).collect();
+            for &p in &ask {
+                let n = resync.asked.get(&p).map_or(0, |&(_, n)| n + 1);
+                resync.asked.insert(p, (now, n));
+            }
             sync = Some((resync.round, ask));
         }
         if let Some((round, waiting)) = sync {
@@ -961,7 +1038,7 @@ mod tests {
             replicas[c as usize].client(
                 0,
                 1,
-                Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")) },
+                Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None },
                 Consistency::Quorum,
             );
             pump(&mut replicas, 0, &mut held);
@@ -1021,7 +1098,8 @@ mod tests {
         let mut back = Replica::new(1, 2, two, config, 6);
         let value = Bytes::from(vec![7u8; 1_024]);
         for i in 0..3_000u64 {
-            let record = Record { version: Version { counter: i + 1, node: 0 }, value: Some(value.clone()) };
+            let record =
+                Record { version: Version { counter: i + 1, node: 0 }, value: Some(value.clone()), expires_at: None };
             let key = Bytes::from(format!("key{i}"));
             holder.handle(0, 1, Message::Put { req: 0, key, record, hint_for: None });
         }
@@ -1056,5 +1134,61 @@ mod tests {
         deliver_parts(&mut back, &mut holder, 1_100, None);
         assert!(back.counted(), "a complete snapshot arrived");
         assert_eq!(back.record_count(), 3_000);
+    }
+
+    /// A store that refuses everything (a record over its bounds, or one
+    /// its policy does not admit).
+    struct Refusing;
+
+    impl RecordStore for Refusing {
+        fn get(&self, _: &[u8], _: bool) -> Option<Record> {
+            None
+        }
+        fn put(&mut self, _: &Bytes, _: &Record) -> bool {
+            false
+        }
+        fn len(&self) -> usize {
+            0
+        }
+        fn clear(&mut self) {}
+        fn scan(&self, _: &mut dyn FnMut(&Bytes, &Record)) {}
+    }
+
+    /// A replica whose store refused a record does not count toward the
+    /// write's quorum: with two of three refusing, the QUORUM write is not
+    /// acknowledged.
+    #[test]
+    fn a_refused_record_is_not_counted_as_stored() {
+        let three = ring(3);
+        let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100 };
+        let mut replicas: Vec<Replica> = (0..3)
+            .map(|i| {
+                let store: Box<dyn RecordStore> = if i == 1 { Box::new(BTreeMap::new()) } else { Box::new(Refusing) };
+                Replica::with_store(i, 3, three.clone(), config, u64::from(i) + 3, store)
+            })
+            .collect();
+        let put = Op::Put { key: Bytes::from_static(b"k"), value: Some(Bytes::from_static(b"v")), expires_at: None };
+        replicas[1].client(0, 1, put, Consistency::Quorum);
+        let mut hold = Vec::new();
+        pump(&mut replicas, 0, &mut hold);
+        for (from, to, message) in std::mem::take(&mut hold) {
+            replicas[to as usize].handle(1, from, message);
+        }
+        pump(&mut replicas, 1, &mut hold);
+        assert!(replicas[1].poll_reply().is_none(), "acknowledged with one stored copy");
+        replicas[1].tick(1_001);
+        let reply = replicas[1].poll_reply().expect("answered at the deadline");
+        assert_eq!(reply.result, Err(OpError::Timeout));
+    }
+
+    /// Members that join during a re-sync are waited for too.
+    #[test]
+    fn a_resync_waits_for_members_that_join_meanwhile() {
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let mut replica = Replica::new(0, 2, ring(2), config, 3);
+        replica.restart(0, 4);
+        assert_eq!(replica.resync_waiting(), vec![1]);
+        replica.set_ring(ring(3));
+        assert_eq!(replica.resync_waiting(), vec![1, 2]);
     }
 }

@@ -17,13 +17,13 @@
 //! hints and asks only live owners.
 
 use super::membership::{Membership, MembershipConfig, MembershipEvent, Peer};
-use super::records::ShardRecords;
-use super::replica::{self, NodeIx, Op, OpError, Outcome, RecordStore, Replica, ReplicaConfig};
+use super::records::{ShardRecords, as_of, unix_ms};
+use super::replica::{self, NodeIx, Op, OpError, Outcome, Record, RecordStore, Replica, ReplicaConfig};
 use super::transport::{Incoming, PeerFrame, PeerTransport, TransportError};
 use crate::loader::Routed;
 use crate::node::Node;
 use bytes::Bytes;
-use cachet_proto::{ClusterStats, Consistency, ErrorCode, ErrorReply, Member, Request, Response, Ring};
+use cachet_proto::{ClusterStats, Consistency, ErrorCode, ErrorReply, Member, Request, Response, Ring, TtlState};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -160,6 +160,13 @@ impl Cluster {
                 return Err(ClusterError::Config(format!("member address {a} is listed twice")));
             }
         }
+        // Peers recognise each other's messages by address: it must be one
+        // they can reach and will see.
+        if let Some(a) = options.members.iter().chain([&listen]).find(|a| a.ip().is_unspecified() || a.port() == 0) {
+            return Err(ClusterError::Config(format!(
+                "peer address {a} must be a specific address and port other members can reach"
+            )));
+        }
         let status = Arc::new(Mutex::new(ClusterStats {
             node_id: options.node_id,
             replication_factor: options.replication_factor as u32,
@@ -230,11 +237,16 @@ impl Cluster {
         answer.await.unwrap_or(Err(OpError::Unavailable))
     }
 
-    async fn read(self: Arc<Self>, key: Bytes, level: replica::Consistency) -> Result<Option<Bytes>, OpError> {
+    /// The key's live record (`None` when absent, deleted or expired).
+    async fn read_record(self: Arc<Self>, key: Bytes, level: replica::Consistency) -> Result<Option<Record>, OpError> {
         match self.run(Op::Get { key }, level).await? {
-            Outcome::Read(record) => Ok(record.and_then(|r| r.value)),
+            Outcome::Read(record) => Ok(record.map(|r| as_of(r, unix_ms())).filter(|r| r.value.is_some())),
             Outcome::Written(_) => Err(OpError::Unavailable),
         }
+    }
+
+    async fn read(self: Arc<Self>, key: Bytes, level: replica::Consistency) -> Result<Option<Bytes>, OpError> {
+        Ok(self.read_record(key, level).await?.and_then(|r| r.value))
     }
 
     async fn write(
@@ -243,7 +255,17 @@ impl Cluster {
         value: Option<Bytes>,
         level: replica::Consistency,
     ) -> Result<(), OpError> {
-        self.run(Op::Put { key, value }, level).await.map(|_| ())
+        self.write_expiring(key, value, None, level).await
+    }
+
+    async fn write_expiring(
+        self: Arc<Self>,
+        key: Bytes,
+        value: Option<Bytes>,
+        expires_at: Option<u64>,
+        level: replica::Consistency,
+    ) -> Result<(), OpError> {
+        self.run(Op::Put { key, value, expires_at }, level).await.map(|_| ())
     }
 
     /// Takes the data commands of a clustered node: each becomes replicated
@@ -265,14 +287,33 @@ impl Cluster {
                     }
                 }))
             }
-            Request::Set { key, value, ttl_ms: None, condition: cachet_proto::Condition::Always, .. } => {
+            Request::Set { key, value, ttl_ms, condition: cachet_proto::Condition::Always, .. } => {
                 if let Some(refused) = node.check_sizes(key, value) {
                     return Some(Routed::Now(refused));
                 }
+                if *ttl_ms == Some(0) {
+                    return Some(Routed::Now(error(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms")));
+                }
+                // The expiry is fixed here, in wall-clock time, so every
+                // replica expires the value at the same moment.
+                let expires_at = ttl_ms.map(|ttl| unix_ms().saturating_add(ttl));
                 let (key, value) = (key.clone(), value.clone());
                 later(Box::pin(async move {
-                    match this.write(key, Some(value), level).await {
+                    match this.write_expiring(key, Some(value), expires_at, level).await {
                         Ok(()) => Response::Ok,
+                        Err(err) => op_error(err),
+                    }
+                }))
+            }
+            Request::Ttl { key } => {
+                let key = key.clone();
+                later(Box::pin(async move {
+                    match this.read_record(key, level).await {
+                        Ok(None) => Response::Ttl(TtlState::Missing),
+                        Ok(Some(Record { expires_at: None, .. })) => Response::Ttl(TtlState::Persistent),
+                        Ok(Some(Record { expires_at: Some(at), .. })) => {
+                            Response::Ttl(TtlState::Remaining(at.saturating_sub(unix_ms()).max(1)))
+                        }
                         Err(err) => op_error(err),
                     }
                 }))
@@ -324,16 +365,15 @@ impl Cluster {
                     }
                 }))
             }
-            Request::Set { .. } | Request::Ttl { .. } | Request::Expire { .. } | Request::Incr { .. } => {
-                Some(Routed::Now(error(
-                    ErrorCode::NotSupported,
-                    format!(
-                        "{} is not supported on a clustered node yet (replicated keys have no TTL, \
-                         NX/XX or INCR); plain GET, SET, DEL, EXISTS, MGET and MSET are",
-                        body.name()
-                    ),
-                )))
-            }
+            Request::Set { .. } | Request::Expire { .. } | Request::Incr { .. } => Some(Routed::Now(error(
+                ErrorCode::NotSupported,
+                format!(
+                    "{} is not supported on a clustered node yet (no NX/XX, EXPIRE or INCR on replicated \
+                     keys: they need a compare-and-set); GET, SET with or without a TTL, DEL, EXISTS, TTL, \
+                     MGET and MSET are",
+                    body.name()
+                ),
+            ))),
             Request::Ping | Request::Stats | Request::Admin { .. } => None,
         }
     }
@@ -342,6 +382,36 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+    }
+}
+
+/// The member list in a node's data directory: `ID ADDRESS` per line.
+const MEMBERS_FILE: &str = "cluster-members";
+
+fn load_members(path: &std::path::Path) -> Vec<(NodeIx, SocketAddr)> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    text.lines()
+        .filter_map(|line| {
+            let (id, addr) = line.split_once(' ')?;
+            match (id.parse(), addr.parse()) {
+                (Ok(id), Ok(addr)) => Some((id, addr)),
+                _ => {
+                    tracing::warn!(line, file = %path.display(), "an unreadable member line; ignored");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Written to a temporary file and renamed, so a crash leaves the old list
+/// or the new one.
+fn save_members(path: &std::path::Path, peers: &std::collections::BTreeMap<NodeIx, SocketAddr>) {
+    let text: String = peers.iter().map(|(id, addr)| format!("{id} {addr}\n")).collect();
+    let tmp = path.with_extension("tmp");
+    let saved = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(err) = saved {
+        tracing::warn!(%err, file = %path.display(), "cannot save the member list");
     }
 }
 
@@ -365,6 +435,8 @@ struct Shell {
     changed_at: u64,
     /// Started with the founding member list (not joining through seeds).
     founder: bool,
+    /// Where the member list is kept across restarts.
+    members_file: PathBuf,
     membership: Membership,
     started: Instant,
     boot: u64,
@@ -406,7 +478,15 @@ impl Shell {
             Membership::new(myself, MembershipConfig { detect_within_ms: options.detect_within_ms }, boot);
         let mut peers: std::collections::BTreeMap<NodeIx, SocketAddr> =
             options.members.iter().enumerate().map(|(i, a)| (i as NodeIx, *a)).collect();
+        // Members that joined since the founding list, as this node saw
+        // them before it restarted: it must wait for their re-sync too, even
+        // if they are down now and nobody tells it they exist.
+        let members_file = options.data_dir.join(MEMBERS_FILE);
+        for (id, addr) in load_members(&members_file) {
+            peers.entry(id).or_insert(addr);
+        }
         peers.insert(me, listen);
+        save_members(&members_file, &peers);
         // Founders know each other by id; a joiner knows only addresses,
         // and learns ids from the members' answers.
         let contacts: Vec<Peer> = if options.members.is_empty() {
@@ -439,6 +519,7 @@ impl Shell {
             store: Some(store),
             changed_at: 0,
             founder: !options.members.is_empty(),
+            members_file,
             membership,
             started: Instant::now(),
             boot,
@@ -500,6 +581,7 @@ impl Shell {
         }
         self.by_addr.insert(addr, node);
         self.changed_at = now;
+        save_members(&self.members_file, &self.peers);
         tracing::info!(node, %addr, members = self.peers.len(), "member joined the ring");
         let ring = self.ring();
         if let (Some(replica), Some(ring)) = (self.replica.as_mut(), ring) {
@@ -598,6 +680,11 @@ impl Shell {
             };
             let (Ok(ix), Ok(addr)) = (peer.node.parse::<NodeIx>(), peer.addr.parse::<SocketAddr>()) else { continue };
             if ix == self.me {
+                continue;
+            }
+            // The last news of an address the member has left (it restarted
+            // elsewhere) says nothing about the member.
+            if !up && self.peers.get(&ix).is_some_and(|known| *known != addr) {
                 continue;
             }
             if up {

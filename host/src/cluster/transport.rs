@@ -264,7 +264,11 @@ mod tests {
         let put = PeerFrame::Replica(Message::Put {
             req: 7,
             key: Bytes::from_static(b"k"),
-            record: Record { version: Version { counter: 3, node: 1 }, value: Some(Bytes::from_static(b"v")) },
+            record: Record {
+                version: Version { counter: 3, node: 1 },
+                value: Some(Bytes::from_static(b"v")),
+                expires_at: None,
+            },
             hint_for: None,
         });
         a.send(b_addr, &put).await.expect("a reaches b");
