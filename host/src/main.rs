@@ -778,9 +778,6 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         let Some(ca_dir) = args.dev_ca.clone() else {
             bail!("--cluster needs --dev-ca DIR: members authenticate each other with that CA");
         };
-        if args.resp_listen.is_some() || file.resp_listen.is_some() {
-            bail!("--resp-listen is not supported with --cluster yet (the RESP port would serve local data only)");
-        }
         if args.loaders.is_some() || file.loaders.is_some() {
             bail!("--loaders is not supported with --cluster yet");
         }

@@ -614,6 +614,43 @@ async fn the_sdk_sends_each_key_to_its_primary_owner() {
     client.close().await;
 }
 
+/// The RESP port of a clustered node forwards to the key's owners, so
+/// redis-cli (and any plain Redis client) can use any member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_reads_and_writes_through_any_member() {
+    let resp_port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
+    let resp = format!("{{ip}}:{resp_port}");
+    let cluster = TestCluster::start_with(3, 3, "resp", &["--resp-listen", &resp]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let cli = |member: usize, args: &[&str]| -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", &format!("127.0.0.{}", member + 1), "-p", &resp_port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs (apt-get install redis-tools)");
+        assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    };
+    assert_eq!(cli(0, &["PING"]), "PONG");
+    assert_eq!(cli(0, &["SET", "user:1", "Ada"]), "OK");
+    assert_eq!(cli(1, &["GET", "user:1"]), "Ada");
+    assert_eq!(client.get("user:1").await.expect("QUIC read").as_deref(), Some(&b"Ada"[..]), "same data over QUIC");
+    assert_eq!(cli(2, &["SET", "session", "s", "EX", "100"]), "OK");
+    let ttl: i64 = cli(0, &["TTL", "session"]).parse().expect("an integer");
+    assert!((1..=100).contains(&ttl), "TTL {ttl}");
+    assert_eq!(cli(1, &["TTL", "user:1"]), "-1");
+    assert_eq!(cli(1, &["TTL", "nothing"]), "-2");
+    assert_eq!(cli(1, &["MSET", "a", "1", "b", "2"]), "OK");
+    assert_eq!(cli(2, &["MGET", "a", "nothing", "b"]), "1\n\n2", "nil in the middle");
+    assert_eq!(cli(0, &["EXISTS", "a", "b", "nothing"]), "2");
+    assert_eq!(cli(0, &["DEL", "a", "b", "nothing"]), "2");
+    assert_eq!(cli(1, &["GET", "a"]), "");
+    let refused = cli(2, &["INCR", "counter"]);
+    assert!(refused.contains("not supported on a clustered node"), "{refused}");
+    client.close().await;
+}
+
 fn serve_fails(args: &[&str], root: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_cachet"))
         .args(["serve", "--data-dir", root.to_str().expect("utf-8")])

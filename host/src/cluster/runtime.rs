@@ -721,16 +721,26 @@ impl Shell {
                     self.send_to(addr, PeerFrame::Replica(message));
                 }
             }
-            for reply in replies {
+            for reply in &replies {
                 match &reply.result {
                     Ok(_) => self.ops_ok += 1,
                     Err(_) => self.ops_failed += 1,
                 }
+            }
+            // The stats count an operation before its client hears back.
+            self.update_status();
+            for reply in replies {
                 if let Some(waiting) = self.waiting.remove(&reply.client_req) {
                     let _ = waiting.send(reply.result);
                 }
             }
+        } else {
+            self.update_status();
         }
+    }
+
+    /// The view `cachet stats` shows.
+    fn update_status(&self) {
         let top = self.peers.keys().max().map_or(0, |m| m + 1) as usize;
         if let Ok(mut status) = self.status.lock() {
             status.members =

@@ -60,6 +60,8 @@ fn node_error(w: &mut Writer<'_>, err: &ErrorReply) {
             w.error("ERR increment or decrement would overflow")
         }
         ErrorCode::WrongType => w.error(WRONG_INT),
+        // Redis Cluster's word for "cannot serve this key now".
+        ErrorCode::Unavailable => w.error(&format!("CLUSTERDOWN {}", err.message)),
         _ => w.error(&format!("ERR {}", err.message)),
     }
 }
@@ -283,6 +285,105 @@ pub fn origin_write(node: &Node, args: &[Bytes]) -> Option<Routed> {
         _ => return None,
     };
     loaders.route(node, &request)
+}
+
+/// On a clustered node, the data commands become replicated operations
+/// (the node forwards them to the key's owners), answered in order once
+/// done; commands the replicated store cannot do, or that would act on
+/// this node's share alone, are refused. `None`: not clustered, or a
+/// command that stays local (PING, INFO, CLIENT, ...).
+pub fn cluster_command(node: &Node, args: &[Bytes]) -> Option<(ClusterReply, Routed)> {
+    let cluster = node.cluster()?;
+    let name = upper(args.first()?);
+    let n = args.len();
+    let refuse = |why: &str| {
+        Some((ClusterReply::Write, Routed::Now(Response::Error(ErrorReply::new(ErrorCode::NotSupported, why)))))
+    };
+    let (kind, request) = match name.as_str() {
+        "GET" if n == 2 => (ClusterReply::Get, Request::Get { key: args[1].clone() }),
+        "SET" if n == 3 || n == 5 => {
+            let ttl_ms = if n == 5 {
+                let scale = match upper(&args[3]).as_str() {
+                    "EX" => 1000,
+                    "PX" => 1,
+                    _ => return refuse("only SET key value [EX s|PX ms] on a clustered node"),
+                };
+                match parse_i64(&args[4]).filter(|&t| t > 0).and_then(|t| t.checked_mul(scale)) {
+                    Some(ms) => Some(ms as u64),
+                    None => {
+                        let err = ErrorReply::new(ErrorCode::InvalidArgument, "invalid expire time in 'set' command");
+                        return Some((ClusterReply::Write, Routed::Now(Response::Error(err))));
+                    }
+                }
+            } else {
+                None
+            };
+            let set = Request::Set {
+                key: args[1].clone(),
+                value: args[2].clone(),
+                ttl_ms,
+                condition: Condition::Always,
+                hint: 0,
+            };
+            (ClusterReply::Write, set)
+        }
+        "SET" => return refuse("only SET key value [EX s|PX ms] on a clustered node"),
+        "DEL" | "UNLINK" if n >= 2 => (ClusterReply::Write, Request::Del { keys: args[1..].to_vec() }),
+        "EXISTS" if n >= 2 => (ClusterReply::Write, Request::Exists { keys: args[1..].to_vec() }),
+        "MGET" if n >= 2 => (ClusterReply::Values, Request::MGet { keys: args[1..].to_vec() }),
+        "MSET" if n >= 3 && n % 2 == 1 => {
+            let pairs = args[1..].chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+            (ClusterReply::Write, Request::MSet { pairs })
+        }
+        "TTL" if n == 2 => (ClusterReply::Ttl { millis: false }, Request::Ttl { key: args[1].clone() }),
+        "PTTL" if n == 2 => (ClusterReply::Ttl { millis: true }, Request::Ttl { key: args[1].clone() }),
+        "APPEND" | "INCR" | "INCRBY" | "DECR" | "DECRBY" | "GETDEL" | "GETEX" | "PERSIST" | "EXPIRE" | "PEXPIRE"
+        | "STRLEN" | "FLUSHALL" | "FLUSHDB" | "DBSIZE" | "SETNX" | "SETEX" | "PSETEX" => {
+            return refuse(&format!("{name} is not supported on a clustered node yet"));
+        }
+        _ => return None,
+    };
+    cluster.route(node, &request, None).map(|routed| (kind, routed))
+}
+
+/// How to write a clustered command's reply.
+#[derive(Clone, Copy, Debug)]
+pub enum ClusterReply {
+    /// A bulk string or null (GET).
+    Get,
+    /// OK or a count (SET, MSET, DEL, EXISTS).
+    Write,
+    /// An array (MGET).
+    Values,
+    /// A TTL in seconds or milliseconds, Redis's -2/-1 included.
+    Ttl {
+        /// PTTL.
+        millis: bool,
+    },
+}
+
+/// Writes a clustered command's reply.
+pub fn cluster_reply(session: &Session, kind: ClusterReply, response: Response, out: &mut BytesMut) {
+    match (kind, response) {
+        (ClusterReply::Get, response) => get_reply(session, response, out),
+        (ClusterReply::Values, Response::Values(values)) => {
+            let mut w = Writer::new(out, session.resp3);
+            w.array(values.len());
+            for v in values {
+                w.bulk_or_null(v.as_deref());
+            }
+        }
+        (ClusterReply::Ttl { millis }, Response::Ttl(state)) => {
+            let mut w = Writer::new(out, session.resp3);
+            match state {
+                TtlState::Missing => w.integer(-2),
+                TtlState::Persistent => w.integer(-1),
+                TtlState::Remaining(ms) if millis => w.integer(ms as i64),
+                TtlState::Remaining(ms) => w.integer(ms.div_ceil(1000) as i64),
+            }
+        }
+        (_, response) => write_reply(session, response, out),
+    }
 }
 
 fn refusal(message: &str) -> Routed {

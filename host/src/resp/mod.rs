@@ -161,28 +161,39 @@ async fn serve(
         let mut close = false;
         loop {
             match codec::parse_command(&mut input, &limits) {
-                Ok(Some(args)) => match commands::loading_get(&node, &args) {
-                    // A miss in a loader namespace waits for its load here:
-                    // RESP answers in order.
-                    Some(lookup) => {
-                        let response = match lookup {
-                            Lookup::Ready(response) => response,
-                            Lookup::Pending(pending) => pending.response().await,
+                // A clustered node forwards data commands to the owners and
+                // answers in order.
+                Ok(Some(args)) => match commands::cluster_command(&node, &args) {
+                    Some((kind, routed)) => {
+                        let response = match routed {
+                            Routed::Now(response) => response,
+                            Routed::Later(later) => later.await,
                         };
-                        commands::get_reply(&session, response, &mut output);
+                        commands::cluster_reply(&session, kind, response, &mut output);
                     }
-                    None => match commands::origin_write(&node, &args) {
-                        Some(routed) => {
-                            let response = match routed {
-                                Routed::Now(response) => response,
-                                Routed::Later(later) => later.await,
+                    None => match commands::loading_get(&node, &args) {
+                        // A miss in a loader namespace waits for its load here:
+                        // RESP answers in order.
+                        Some(lookup) => {
+                            let response = match lookup {
+                                Lookup::Ready(response) => response,
+                                Lookup::Pending(pending) => pending.response().await,
                             };
-                            commands::write_reply(&session, response, &mut output);
+                            commands::get_reply(&session, response, &mut output);
                         }
-                        None => {
-                            let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
-                            commands::execute(&node, &mut session, &info, args, &mut output);
-                        }
+                        None => match commands::origin_write(&node, &args) {
+                            Some(routed) => {
+                                let response = match routed {
+                                    Routed::Now(response) => response,
+                                    Routed::Later(later) => later.await,
+                                };
+                                commands::write_reply(&session, response, &mut output);
+                            }
+                            None => {
+                                let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
+                                commands::execute(&node, &mut session, &info, args, &mut output);
+                            }
+                        },
                     },
                 },
                 Ok(None) => break,
