@@ -543,6 +543,8 @@ async fn replicated_records_obey_the_node_bounds() {
     for i in 0..1_000 {
         client.set(format!("key{i}"), format!("value{i}")).await.expect("write");
     }
+    // Record counts in the stats are refreshed every 100 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..3 {
         let stats = client.stats_of(i).await.expect("stats");
         assert!(stats.entries <= 200, "member {i} holds {} entries", stats.entries);

@@ -447,6 +447,8 @@ struct Shell {
     clients: std::collections::BTreeMap<NodeIx, String>,
     ops_ok: u64,
     ops_failed: u64,
+    /// When the stats' expensive part was last refreshed.
+    status_at: u64,
 }
 
 impl Shell {
@@ -530,6 +532,7 @@ impl Shell {
             clients: [(me, options.client_addr.to_string())].into_iter().collect(),
             ops_ok: 0,
             ops_failed: 0,
+            status_at: 0,
         }
     }
 
@@ -739,10 +742,22 @@ impl Shell {
         }
     }
 
-    /// The view `cachet stats` shows.
-    fn update_status(&self) {
+    /// The view `cachet stats` shows. Counting records locks every shard,
+    /// so that part is refreshed at most every 100 ms; the rest is cheap.
+    fn update_status(&mut self) {
+        let now = self.now();
+        let full = now >= self.status_at + 100 || self.status_at == 0;
+        if full {
+            self.status_at = now.max(1);
+        }
         let top = self.peers.keys().max().map_or(0, |m| m + 1) as usize;
         if let Ok(mut status) = self.status.lock() {
+            status.ops_ok = self.ops_ok;
+            status.ops_failed = self.ops_failed;
+            status.synced = self.replica.as_ref().is_some_and(Replica::counted);
+            if !full {
+                return;
+            }
             status.members =
                 (0..top as NodeIx).map(|i| self.peers.get(&i).map(ToString::to_string).unwrap_or_default()).collect();
             status.alive =
@@ -751,18 +766,12 @@ impl Shell {
             status.ring_epoch = self.peers.len() as u64;
             match &self.replica {
                 Some(replica) => {
-                    status.synced = replica.counted();
                     status.resync_waiting = replica.resync_waiting();
                     status.records = replica.record_count() as u64;
                     status.hints = replica.hints_held() as u64;
                 }
-                None => {
-                    status.synced = false;
-                    status.resync_waiting = Vec::new();
-                }
+                None => status.resync_waiting = Vec::new(),
             }
-            status.ops_ok = self.ops_ok;
-            status.ops_failed = self.ops_failed;
         }
     }
 
