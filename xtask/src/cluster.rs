@@ -281,6 +281,18 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Three members (RF=3) under a QUORUM load of `secs` seconds (`load` with
+/// its duration replaced), four seconds into it.
+fn loaded_trio(cachet: &Path, root: &Path, load: &[&str], secs: &str) -> Result<(LocalCluster, Child)> {
+    let cluster = LocalCluster::start(cachet, root, 3, 3, &["--threads", "1"])?;
+    let mut args: Vec<&str> = load.to_vec();
+    args[1] = secs;
+    args.extend(["--consistency", "quorum", "--threads", "1"]);
+    let bench = cluster.bench(&args)?;
+    std::thread::sleep(Duration::from_secs(4));
+    Ok((cluster, bench))
+}
+
 /// `cargo xtask bench-cluster`: throughput of 1, 2 and 3 members (RF=1,
 /// and RF=members at QUORUM), three interleaved rounds, medians; then the
 /// failover time over three SIGKILLs of a 3-member cluster under load.
@@ -319,12 +331,7 @@ pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
     let mut downs = Vec::new();
     let mut failed = Vec::new();
     for round in 0..3 {
-        let mut cluster = LocalCluster::start(cachet, root, 3, 3, &["--threads", "1"])?;
-        let mut args: Vec<&str> = load.to_vec();
-        args[1] = "8";
-        args.extend(["--consistency", "quorum", "--threads", "1"]);
-        let bench = cluster.bench(&args)?;
-        std::thread::sleep(Duration::from_secs(4));
+        let (mut cluster, bench) = loaded_trio(cachet, root, &load, "8")?;
         cluster.kill(2)?;
         let down = cluster.time_to_down(0, 2, Instant::now())?;
         let report = bench_report(bench)?;
@@ -341,12 +348,7 @@ pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
     // A fourth member joins three (RF=3) under load.
     let mut joins = Vec::new();
     for round in 0..3 {
-        let mut cluster = LocalCluster::start(cachet, root, 3, 3, &["--threads", "1"])?;
-        let mut args: Vec<&str> = load.to_vec();
-        args[1] = "10";
-        args.extend(["--consistency", "quorum", "--threads", "1"]);
-        let bench = cluster.bench(&args)?;
-        std::thread::sleep(Duration::from_secs(4));
+        let (mut cluster, bench) = loaded_trio(cachet, root, &load, "10")?;
         let keys_before = cluster.stats(0)?["cluster"]["records"].as_u64().unwrap_or(0);
         cluster.join(&["--threads", "1"])?;
         let took = cluster.wait_healthy(Duration::from_secs(60))?;
