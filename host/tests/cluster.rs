@@ -138,6 +138,12 @@ impl TestCluster {
     /// Starts one more member that joins the running ones through their
     /// peer addresses (`--seeds`).
     fn join(&mut self) {
+        self.join_as(self.members.len());
+    }
+
+    /// Starts a process on the next spare address that joins as member
+    /// `node_id`: a new member, or the replacement of a dead one.
+    fn join_as(&mut self, node_id: usize) {
         let i = self.members.len();
         let client_addr = format!("127.0.0.{}:{}", i + 1, self.port);
         let seeds: Vec<String> = (1..=i).map(|k| format!("127.0.0.{k}:{}", self.port + 1)).collect();
@@ -154,7 +160,7 @@ impl TestCluster {
             "--peer-listen",
             &format!("127.0.0.{}:{}", i + 1, self.port + 1),
             "--node-id",
-            &i.to_string(),
+            &node_id.to_string(),
             "--replication-factor",
             &self.rf.to_string(),
             "--shards",
@@ -447,6 +453,62 @@ async fn a_member_joins_under_load_and_takes_its_share() {
     eprintln!("member 3 owns {owned} of the {} keys and holds each one's latest value", state.len());
     alone.close().await;
     everyone.close().await;
+    client.close().await;
+}
+
+/// A dead member replaced by a new process (a new address, the same node
+/// id): the ring keeps its placement, the others take the new address, and
+/// the replacement re-syncs every key back before it counts, restoring the
+/// replication factor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_is_replaced_and_the_copies_are_restored() {
+    let mut cluster = TestCluster::start(3, 3, "replace");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let quorum = client.at(Consistency::Quorum);
+    for i in 0..200 {
+        quorum.set(format!("k{i}"), format!("before{i}")).await.expect("write");
+    }
+    cluster.members[2].kill();
+    let start = Instant::now();
+    while client.stats_of(0).await.expect("stats").cluster.expect("cluster").alive[2] {
+        assert!(start.elapsed() < Duration::from_secs(10), "member 2 never declared down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 100..300 {
+        quorum.set(format!("k{i}"), format!("after{i}")).await.expect("write with a member down");
+    }
+    cluster.join_as(2);
+    let peer = format!("127.0.0.4:{}", cluster.port + 1);
+    let survivors =
+        ClusterClient::new([0, 1, 3].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
+            .expect("client");
+    let start = Instant::now();
+    loop {
+        let mut views = Vec::new();
+        for i in 0..3 {
+            views.push(survivors.stats_of(i).await.ok().and_then(|s| s.cluster));
+        }
+        let replaced = views.iter().all(|v| {
+            v.as_ref().is_some_and(|v| v.synced && v.alive.iter().all(|&up| up) && v.members.get(2) == Some(&peer))
+        });
+        if replaced {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "not replaced within 30 s: {views:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("member 2 replaced and re-synced {:?} after the replacement started", start.elapsed());
+    let alone = ClusterClient::new(vec![cluster.client_config(3)], RetryPolicy::default()).expect("client");
+    for i in 0..300 {
+        let expected = if i < 100 { format!("before{i}") } else { format!("after{i}") };
+        let read = alone.at(Consistency::One).get(format!("k{i}")).await.expect("the replacement answers");
+        assert_eq!(read.as_deref(), Some(expected.as_bytes()), "the replacement's copy of k{i}");
+        let read = survivors.at(Consistency::Quorum).get(format!("k{i}")).await.expect("QUORUM read");
+        assert_eq!(read.as_deref(), Some(expected.as_bytes()));
+    }
+    alone.close().await;
+    survivors.close().await;
     client.close().await;
 }
 
