@@ -245,11 +245,6 @@ impl Client {
         Self { inner: self.inner.clone(), consistency: Some(level) }
     }
 
-    /// The node this client talks to.
-    pub fn server(&self) -> SocketAddr {
-        self.inner.config.server
-    }
-
     /// The live connection, reconnecting if the last one broke.
     async fn connection(&self) -> Result<Arc<Connection>, ClientError> {
         let mut slot = self.inner.connection.lock().await;

@@ -455,11 +455,6 @@ impl Replica {
         }
     }
 
-    /// The ring it routes by.
-    pub fn ring(&self) -> &Arc<Ring> {
-        &self.ring
-    }
-
     /// The failure detector's verdict on `node`. A node coming back gets
     /// its hints, and a re-syncing replica asks it again.
     pub fn set_alive(&mut self, now: u64, node: NodeIx, alive: bool) {
