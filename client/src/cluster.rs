@@ -200,7 +200,10 @@ impl ClusterClient {
         order
     }
 
-    async fn member(&self, i: usize) -> Result<Client, ClientError> {
+    /// Member `i`'s client, connecting if needed. While the member is
+    /// passed over this fails at once unless `force` (every member is
+    /// passed over, so one must be tried anyway).
+    async fn member(&self, i: usize, force: bool) -> Result<Client, ClientError> {
         let member = &self.members[i];
         let mut slot = member.client.lock().await;
         if let Some(client) = slot.as_ref() {
@@ -208,7 +211,7 @@ impl ClusterClient {
         }
         // Others waiting here while a connection attempt failed need not
         // each make their own.
-        if member.avoided(Instant::now()) {
+        if !force && member.avoided(Instant::now()) {
             return Err(ClientError::Connect {
                 addr: member.config.server,
                 detail: "passed over after failing just now".into(),
@@ -253,11 +256,12 @@ impl ClusterClient {
             let now = Instant::now();
             // The next member in the key's order not passed over (or, if
             // all are, the next one anyway).
-            let i = (0..n)
-                .map(|k| order[(attempt + k) % n])
-                .find(|&i| !self.members[i].avoided(now))
-                .unwrap_or(order[attempt % n]);
-            let result = match self.member(i).await {
+            let next = (0..n).map(|k| order[(attempt + k) % n]).find(|&i| !self.members[i].avoided(now));
+            let (i, force) = match next {
+                Some(i) => (i, false),
+                None => (order[attempt % n], true),
+            };
+            let result = match self.member(i, force).await {
                 Ok(client) => {
                     let client = match self.consistency {
                         Some(level) => client.at(level),
@@ -319,7 +323,7 @@ impl ClusterClient {
         if i >= self.members.len() {
             return Err(ClientError::Protocol(format!("no member {i}")));
         }
-        let result = match self.member(i).await {
+        let result = match self.member(i, false).await {
             Ok(client) => client.stats().await,
             Err(err) => Err(err),
         };

@@ -214,13 +214,10 @@ impl Node {
         self.with_shard_raw(key, |shard, now| if touch { shard.get(now, key) } else { shard.peek(now, key) })
     }
 
-    /// Stores `value` under `key`, bypassing loaders and leases; `false`
-    /// when the policy declined to admit it.
-    pub(crate) fn raw_set(&self, key: &[u8], value: Bytes, ttl_ms: Option<u64>) -> Result<bool, ShardError> {
+    /// Stores `value` under `key`, bypassing loaders and leases.
+    pub(crate) fn raw_set(&self, key: &[u8], value: Bytes, ttl_ms: Option<u64>) -> Result<(), ShardError> {
         let options = SetOptions { ttl_ms, ..SetOptions::default() };
-        self.with_shard_raw(key, |shard, now| {
-            shard.set(now, key, value, options).map(|outcome| !matches!(outcome, SetOutcome::NotAdmitted))
-        })
+        self.with_shard_raw(key, |shard, now| shard.set(now, key, value, options).map(|_| ()))
     }
 
     /// Calls `f` with every live entry of every shard, one shard locked at

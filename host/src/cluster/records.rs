@@ -106,14 +106,20 @@ impl RecordStore for ShardRecords {
         if record.is_none() {
             tracing::error!(key = %String::from_utf8_lossy(key), "a shard entry is not a replicated record");
         }
-        record.map(|r| as_of(r, unix_ms()))
+        // Raw, expiry included: replicas compare versions, and only the
+        // coordinator's answer to a client applies the expiry (with one
+        // clock), so replicas whose clocks differ cannot disagree about a
+        // record at one version.
+        record
     }
 
     fn put(&mut self, key: &Bytes, record: &Record) -> bool {
         // The entry outlives the value's expiry, as a deletion, for a while.
         let ttl_ms = record.expires_at.map(|at| at.saturating_sub(unix_ms()) + EXPIRED_KEPT_MS);
         match self.node.raw_set(key, encode(record), ttl_ms) {
-            Ok(stored) => stored,
+            // Not admitted by the policy is as if evicted at once: a
+            // cache's right, not a refusal.
+            Ok(()) => true,
             Err(err) => {
                 // Over a size bound: the coordinator checked sizes, so only
                 // a peer with other limits sends such a record.
@@ -132,10 +138,9 @@ impl RecordStore for ShardRecords {
     }
 
     fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record)) {
-        let now = unix_ms();
         self.node.raw_for_each(|key, raw| {
             if let Some(record) = decode(raw) {
-                f(&Bytes::copy_from_slice(key), &as_of(record, now));
+                f(&Bytes::copy_from_slice(key), &record);
             }
         });
     }
@@ -190,8 +195,9 @@ mod tests {
         assert!(store.is_empty());
     }
 
-    /// An expired value reads as a deletion at its own version (so an
-    /// older value elsewhere cannot win a repair), and its entry stays.
+    /// A store keeps an expired record as it is (replicas compare raw
+    /// records), and [`as_of`] reads it as a deletion at its own version, so
+    /// an older value elsewhere cannot win a repair.
     #[test]
     fn an_expired_record_reads_as_a_deletion_at_its_version() {
         let policy = policies::native(policies::DEFAULT_POLICY, cachet_policy_sdk::Config::default()).expect("policy");
@@ -202,7 +208,9 @@ mod tests {
         let future = Record { version, value: Some(Bytes::from_static(b"new")), expires_at: Some(unix_ms() + 60_000) };
         store.put(&Bytes::from_static(b"gone"), &past);
         store.put(&Bytes::from_static(b"here"), &future);
-        let gone = store.get(b"gone", false).expect("kept as a deletion");
+        let kept = store.get(b"gone", false).expect("kept");
+        assert_eq!(kept, past);
+        let gone = as_of(kept, unix_ms());
         assert_eq!((gone.version, gone.value), (version, None));
         assert_eq!(store.get(b"here", false), Some(future));
         assert_eq!(store.len(), 2);

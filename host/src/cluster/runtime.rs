@@ -123,6 +123,12 @@ fn op_error(err: OpError) -> Response {
     }
 }
 
+/// A value too large to store, with the record's own header (the bare
+/// value's limits first, so the message names what the client sent).
+fn check_record(node: &Node, key: &[u8], value: &[u8]) -> Option<Response> {
+    node.check_sizes(key, value).or_else(|| node.check_lengths(key.len(), value.len() + super::records::OVERHEAD))
+}
+
 /// A nonce for this process's life: request ids and re-sync rounds of an
 /// earlier life of this node (still in flight after a crash) match nothing.
 fn boot_nonce() -> u64 {
@@ -288,7 +294,7 @@ impl Cluster {
                 }))
             }
             Request::Set { key, value, ttl_ms, condition: cachet_proto::Condition::Always, .. } => {
-                if let Some(refused) = node.check_sizes(key, value) {
+                if let Some(refused) = check_record(node, key, value) {
                     return Some(Routed::Now(refused));
                 }
                 if *ttl_ms == Some(0) {
@@ -319,7 +325,7 @@ impl Cluster {
                 }))
             }
             Request::MSet { pairs } => {
-                if let Some(refused) = pairs.iter().find_map(|(k, v)| node.check_sizes(k, v)) {
+                if let Some(refused) = pairs.iter().find_map(|(k, v)| check_record(node, k, v)) {
                     return Some(Routed::Now(refused));
                 }
                 let pairs = pairs.clone();
@@ -347,7 +353,10 @@ impl Cluster {
             // How many existed is read first, then the deletions are written
             // (tombstones, so repair cannot bring the values back).
             Request::Del { keys } => {
-                let keys = keys.clone();
+                // A key named twice is deleted (and counted) once, as in Redis.
+                let mut keys = keys.clone();
+                let mut seen = std::collections::HashSet::new();
+                keys.retain(|k| seen.insert(k.clone()));
                 later(Box::pin(async move {
                     let deletes = keys.into_iter().map(|key| {
                         let this = this.clone();
@@ -485,6 +494,11 @@ impl Shell {
         // if they are down now and nobody tells it they exist.
         let members_file = options.data_dir.join(MEMBERS_FILE);
         for (id, addr) in load_members(&members_file) {
+            // Not this node (under another id, or at another address), and
+            // no address twice.
+            if id == me || addr == listen || peers.values().any(|a| *a == addr) {
+                continue;
+            }
             peers.entry(id).or_insert(addr);
         }
         peers.insert(me, listen);

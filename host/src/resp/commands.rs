@@ -379,7 +379,7 @@ pub fn cluster_reply(session: &Session, kind: ClusterReply, response: Response, 
                 TtlState::Missing => w.integer(-2),
                 TtlState::Persistent => w.integer(-1),
                 TtlState::Remaining(ms) if millis => w.integer(ms as i64),
-                TtlState::Remaining(ms) => w.integer(ms.div_ceil(1000) as i64),
+                TtlState::Remaining(ms) => w.integer(((ms + 500) / 1000) as i64),
             }
         }
         (_, response) => write_reply(session, response, out),
