@@ -154,7 +154,10 @@ impl ClusterClient {
             let Some(cluster) = cluster else {
                 return Err(ClientError::Protocol("the node is not in a cluster".into()));
             };
+            // The serving ring: members declared down have left it, and
+            // their ranges moved to the next members.
             let members = (0..cluster.members.len())
+                .filter(|&id| !cluster.members[id].is_empty() && cluster.alive.get(id).copied().unwrap_or(true))
                 .map(|id| RingMember { id: id.to_string(), addr: cluster.members[id].clone(), weight: 1 })
                 .collect();
             let ring = Ring::new(1, members, cachet_proto::DEFAULT_VNODES)

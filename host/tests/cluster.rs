@@ -512,8 +512,119 @@ async fn a_dead_member_is_replaced_and_the_copies_are_restored() {
     client.close().await;
 }
 
+/// A dead member leaves the serving ring: its ranges pass to the
+/// survivors, which re-replicate them from each other, so at RF=2 every key
+/// is held twice again and served at QUORUM while it stays down (on a ring
+/// that kept it, a QUORUM of two owners with one dead fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_members_ranges_are_re_replicated_to_the_survivors() {
+    let mut cluster = TestCluster::start(3, 2, "rereplicate");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let quorum = client.at(Consistency::Quorum);
+    for i in 0..300 {
+        quorum.set(format!("k{i}"), format!("v{i}")).await.expect("write");
+    }
+    // The stats count records at most every 100 ms.
+    let start = Instant::now();
+    loop {
+        let mut held = 0;
+        for i in 0..3 {
+            held += client.stats_of(i).await.expect("stats").cluster.expect("cluster").records;
+        }
+        if held == 600 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{held} records; two copies of each key expected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.members[2].kill();
+    let killed = Instant::now();
+    let survivors =
+        ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
+            .expect("client");
+    let restored = loop {
+        let mut views = Vec::new();
+        for i in 0..2 {
+            views.push(survivors.stats_of(i).await.ok().and_then(|s| s.cluster));
+        }
+        let done = views.iter().all(|v| v.as_ref().is_some_and(|v| !v.alive[2] && v.synced && v.records >= 300));
+        if done {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(15), "copies not restored within 15 s: {views:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("member 2 declared down and its ranges re-replicated {restored:?} after SIGKILL");
+    for i in 0..2 {
+        let alone = ClusterClient::new(vec![cluster.client_config(i)], RetryPolicy::default()).expect("client");
+        for k in 0..300 {
+            let read = alone.at(Consistency::One).get(format!("k{k}")).await.expect("ONE read");
+            assert_eq!(read.as_deref(), Some(format!("v{k}").as_bytes()), "member {i}'s copy of k{k}");
+        }
+        alone.close().await;
+    }
+    let quorum = survivors.at(Consistency::Quorum);
+    for k in 0..300 {
+        quorum.set(format!("k{k}"), format!("w{k}")).await.expect("QUORUM write with member 2 gone");
+        let read = quorum.get(format!("k{k}")).await.expect("QUORUM read with member 2 gone");
+        assert_eq!(read.as_deref(), Some(format!("w{k}").as_bytes()));
+    }
+    survivors.close().await;
+    client.close().await;
+}
+
+/// A member restarted while another stays dead does not wait for the dead
+/// one: once a grace period passes without news of it, it leaves the
+/// restarted member's serving ring, and the re-sync completes from the
+/// members that are up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_does_not_wait_for_a_dead_one() {
+    let mut cluster = TestCluster::start(3, 3, "restart-alone");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let quorum = client.at(Consistency::Quorum);
+    for i in 0..100 {
+        quorum.set(format!("k{i}"), format!("v{i}")).await.expect("write");
+    }
+    let first = ClusterClient::new(vec![cluster.client_config(0)], RetryPolicy::default()).expect("client");
+    for dead in [2, 1] {
+        cluster.members[dead].kill();
+        let start = Instant::now();
+        while first.stats_of(0).await.expect("stats").cluster.expect("cluster").alive[dead] {
+            assert!(start.elapsed() < Duration::from_secs(10), "member {dead} never declared down");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    cluster.members[1].spawn();
+    let restarted = Instant::now();
+    let pair = ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
+        .expect("client");
+    loop {
+        let view = pair.stats_of(1).await.ok().and_then(|s| s.cluster);
+        if view.as_ref().is_some_and(|v| v.synced && v.alive[0] && !v.alive[2]) {
+            break;
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(20), "member 1 never re-synced: {view:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("member 1 re-synced without member 2 {:?} after restarting", restarted.elapsed());
+    let alone = ClusterClient::new(vec![cluster.client_config(1)], RetryPolicy::default()).expect("client");
+    for i in 0..100 {
+        let read = alone.at(Consistency::One).get(format!("k{i}")).await.expect("ONE read");
+        assert_eq!(read.as_deref(), Some(format!("v{i}").as_bytes()), "member 1's copy of k{i}");
+        let read = pair.at(Consistency::Quorum).get(format!("k{i}")).await.expect("QUORUM read");
+        assert_eq!(read.as_deref(), Some(format!("v{i}").as_bytes()));
+    }
+    alone.close().await;
+    pair.close().await;
+    first.close().await;
+    client.close().await;
+}
+
 /// Consistency levels against a dead member: ALL fails with a typed
-/// `unavailable`, QUORUM and ONE succeed; commands the replicated store
+/// `unavailable` until the member leaves the serving ring, QUORUM and ONE
+/// succeed; commands the replicated store
 /// cannot do yet are refused, never served from one node's local data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn levels_and_refusals_with_a_member_down() {
@@ -524,20 +635,21 @@ async fn levels_and_refusals_with_a_member_down() {
     cluster.members[1].kill();
     let no_retry = RetryPolicy { attempts: 1, backoff: Duration::from_millis(10) };
     let direct = ClusterClient::new(vec![cluster.client_config(0)], no_retry).expect("client");
-    // Until member 1 is declared down the ALL write times out; after, it
-    // is refused at once. Either way: unavailable, and nothing lost.
+    // Until member 1 is declared down an ALL write cannot complete: a
+    // typed `unavailable`, and nothing lost. Once it has left the serving
+    // ring, ALL means every serving owner (two here: RF=3 cannot be
+    // restored with two members), and succeeds.
     let start = Instant::now();
     loop {
-        match direct.at(Consistency::All).set("k", "v2").await {
-            Err(ClientError::Server(reply)) if reply.code == ErrorCode::Unavailable => {}
-            other => panic!("ALL with a member down: {:?}", other.map(|_| ())),
-        }
         let down = !client.stats_of(0).await.expect("stats").cluster.expect("cluster").alive[1];
-        if down {
-            break;
+        match direct.at(Consistency::All).set("k", "v2").await {
+            Err(ClientError::Server(reply)) if reply.code == ErrorCode::Unavailable && !down => {}
+            Ok(()) => break,
+            other => panic!("ALL with member 1 down (declared: {down}): {:?}", other.map(|_| ())),
         }
         assert!(start.elapsed() < Duration::from_secs(10), "member 1 never declared down");
     }
+    assert_eq!(direct.at(Consistency::All).get("k").await.expect("ALL read").as_deref(), Some(&b"v2"[..]));
     direct.at(Consistency::Quorum).set("k", "v3").await.expect("QUORUM with one member down");
     let read = direct.at(Consistency::One).get("k").await.expect("ONE read");
     assert_eq!(read.as_deref(), Some(&b"v3"[..]));

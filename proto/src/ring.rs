@@ -109,6 +109,18 @@ impl Ring {
         self.epoch
     }
 
+    /// Points per unit of weight.
+    pub fn vnodes(&self) -> u32 {
+        self.vnodes
+    }
+
+    /// Every point on the ring, in order. The owners of a hash are those of
+    /// the first point at or after it, so checking each point of two rings
+    /// compares their placement of every key.
+    pub fn points(&self) -> impl Iterator<Item = u64> + '_ {
+        self.points.iter().map(|&(point, _)| point)
+    }
+
     /// The members, ordered by id.
     pub fn members(&self) -> &[Member] {
         &self.members

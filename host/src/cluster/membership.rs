@@ -59,6 +59,9 @@ pub enum MembershipEvent {
     Up(Peer),
     /// A member was declared down.
     Down(Peer),
+    /// The others had declared this node down; it rejoined under a renewed
+    /// identity (they stopped sending it writes meanwhile).
+    Rejoined,
 }
 
 /// Failure-detection timing.
@@ -163,6 +166,7 @@ impl Membership {
             match notification {
                 OwnedNotification::MemberUp(peer) => self.events.push_back(MembershipEvent::Up(peer)),
                 OwnedNotification::MemberDown(peer) => self.events.push_back(MembershipEvent::Down(peer)),
+                OwnedNotification::Rejoin(_) => self.events.push_back(MembershipEvent::Rejoined),
                 _ => {}
             }
         }

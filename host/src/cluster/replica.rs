@@ -23,6 +23,13 @@
 //!   acknowledgements and replies say `counted: false`) until all of them
 //!   have answered. Otherwise a quorum could include a node that lost an
 //!   acknowledged write and a node that never had it.
+//! - **Ring changes**: the ring holds the members that serve, so a member
+//!   declared down leaves it ([`Replica::set_ring`]) and the next nodes on
+//!   the ring take over its ranges. A node that gains ranges re-syncs them
+//!   from the other members (this is what restores the replication factor)
+//!   and counts toward no quorum *for the keys it gained* until it has; for
+//!   the keys it already owned, whose copies are complete, it keeps
+//!   counting.
 
 use super::version::{LamportClock, Version};
 use bytes::Bytes;
@@ -159,10 +166,17 @@ pub enum Message {
         /// Whether the sender counts toward quorums.
         counted: bool,
     },
-    /// A restarted replica asks for the records it owns.
+    /// A re-syncing replica asks for the records it owns.
     SyncRequest {
-        /// The requester's restart number, echoed back.
+        /// The requester's re-sync round, echoed back.
         round: u64,
+        /// The members of the requester's ring: the records sent are the
+        /// ones it owns on that ring, whatever the sender's own view (a
+        /// member that has not yet seen the same change would otherwise
+        /// leave out the ranges the requester just gained). Empty: the
+        /// sender's ring.
+        #[serde(default)]
+        members: Vec<NodeIx>,
     },
     /// One part of the records the requester owns, from one snapshot.
     SyncData {
@@ -289,6 +303,7 @@ impl Resync {
             heard: BTreeMap::new(),
             asked: BTreeMap::new(),
             then: None,
+            trusted: Vec::new(),
             not_before: 0,
         }
     }
@@ -323,6 +338,10 @@ struct Resync {
     /// Run a second pass this long after the first completes (see
     /// [`Replica::join`]).
     then: Option<u64>,
+    /// Rings under which this replica's copies were complete when the
+    /// re-sync began: it still counts for a key it owns on each of them
+    /// (and on the current ring). Empty after a restart: nothing counts.
+    trusted: Vec<Arc<Ring>>,
     /// No request before this time, whatever else moves `next_try` (the
     /// second pass must wait out the old ring's operations).
     not_before: u64,
@@ -343,6 +362,11 @@ pub struct Replica {
     /// (delayed in the network across a crash) match nothing.
     boot: u64,
     hints: BTreeMap<u64, Hint>,
+    /// Re-syncs started in this life: numbers each one's rounds, so parts
+    /// sent for an earlier one cannot complete a later one.
+    resyncs: u64,
+    /// The ring last built from a sync request's member list.
+    their_ring: Option<(Vec<NodeIx>, Arc<Ring>)>,
     /// The hint held per target and key.
     hint_of: BTreeMap<(NodeIx, Bytes), u64>,
     pending: BTreeMap<u64, Pending>,
@@ -380,6 +404,8 @@ impl Replica {
             resync: None,
             boot,
             hints: BTreeMap::new(),
+            resyncs: 0,
+            their_ring: None,
             hint_of: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_req: boot << 32,
@@ -396,6 +422,28 @@ impl Replica {
     /// Whether this replica counts toward quorums (it is not re-syncing).
     pub fn counted(&self) -> bool {
         self.resync.is_none()
+    }
+
+    /// Whether this replica's copy of `key` counts toward quorums. Only an
+    /// owner's copy does, on this node's own ring: a coordinator whose ring
+    /// is newer may ask a node that does not know yet that it gained the
+    /// key, and whose copy is therefore not complete. While re-syncing,
+    /// only the keys it owned, with a complete copy, before the ring change
+    /// that started the re-sync, and has owned ever since, count.
+    pub fn counted_for(&self, key: &[u8]) -> bool {
+        let me = self.me.to_string();
+        let owns = |ring: &Ring| ring.owners(key, self.config.rf).iter().any(|m| m.id == me);
+        if !owns(&self.ring) {
+            return false;
+        }
+        let Some(resync) = &self.resync else { return true };
+        !resync.trusted.is_empty() && resync.trusted.iter().all(|ring| owns(ring))
+    }
+
+    /// A new re-sync round number.
+    fn next_round(&mut self) -> u64 {
+        self.resyncs += 1;
+        self.boot | (self.resyncs << 40)
     }
 
     /// Its record of `key`.
@@ -435,24 +483,136 @@ impl Replica {
         self.ring.members().iter().filter_map(|m| m.id.parse().ok()).collect()
     }
 
-    /// The ring after a member joined: ownership follows it at once. A
-    /// joining member re-syncs (like one restarted empty) and counts for no
-    /// quorum until every other member has sent it its records; members
-    /// keep records they no longer own (a cache can afford the space more
-    /// than the traffic of deleting them) until evicted.
-    pub fn set_ring(&mut self, ring: Arc<Ring>) {
+    /// The ring of `members` (this node's own when empty or the same):
+    /// placement depends only on the members' ids, so any node builds the
+    /// requester's ring exactly. The last one built is kept, since a
+    /// re-sync asks every member with the same list.
+    fn ring_of(&mut self, members: Vec<NodeIx>) -> Arc<Ring> {
+        if members.is_empty() || members == self.ring_nodes() {
+            return self.ring.clone();
+        }
+        if let Some((cached, ring)) = &self.their_ring
+            && *cached == members
+        {
+            return ring.clone();
+        }
+        let list = members
+            .iter()
+            .map(|id| cachet_proto::Member { id: id.to_string(), addr: String::new(), weight: 1 })
+            .collect::<Vec<_>>();
+        match Ring::new(self.ring.epoch(), list, self.ring.vnodes()) {
+            Ok(ring) => {
+                let ring = Arc::new(ring);
+                self.their_ring = Some((members, ring.clone()));
+                ring
+            }
+            Err(_) => self.ring.clone(),
+        }
+    }
+
+    /// The ring after a change of the serving members; ownership follows
+    /// it at once.
+    ///
+    /// - A member joined (or came back): this node only loses ranges. A
+    ///   joining member re-syncs (like one restarted empty) and counts for
+    ///   no quorum until every other member has sent it its records;
+    ///   members keep records they no longer own (a cache can afford the
+    ///   space more than the traffic of deleting them) until evicted.
+    /// - A member left (declared down): this node may gain some of its
+    ///   ranges. It re-syncs from every other member, in two passes like
+    ///   [`Replica::join`], counting meanwhile only for the keys it already
+    ///   owned ([`Replica::counted_for`]). That pull is the re-replication
+    ///   that restores the replication factor.
+    pub fn set_ring(&mut self, now: u64, ring: Arc<Ring>) {
         let before = self.ring_nodes();
         let highest = ring.members().iter().filter_map(|m| m.id.parse::<NodeIx>().ok()).max().unwrap_or(0);
         self.nodes = self.nodes.max(highest + 1);
         self.alive.resize(self.nodes as usize, true);
-        self.ring = ring;
-        // A re-sync in progress must hear from the new members too: they
-        // may hold records this node now owns.
+        let old = std::mem::replace(&mut self.ring, ring);
         let me = self.me;
-        let added: Vec<NodeIx> = self.ring_nodes().into_iter().filter(|n| *n != me && !before.contains(n)).collect();
-        if let Some(resync) = &mut self.resync {
-            resync.waiting.extend(added);
+        let after = self.ring_nodes();
+        let added: Vec<NodeIx> = after.iter().copied().filter(|n| *n != me && !before.contains(n)).collect();
+        let removed = before.iter().any(|n| *n != me && !after.contains(n));
+        if !removed || !self.gains(&old) {
+            // A re-sync in progress must hear from the new members too
+            // (they may hold records this node now owns), and no longer
+            // waits for members that left. A key this node lost and gains
+            // back later missed writes meanwhile.
+            if let Some(resync) = &mut self.resync {
+                resync.waiting.retain(|n| after.contains(n));
+                resync.waiting.extend(added);
+                if !resync.trusted.is_empty() {
+                    resync.trusted.push(old);
+                }
+            }
+            self.pass_done(now);
+            return;
         }
+        let trusted = match self.resync.take() {
+            None => vec![old],
+            Some(mut earlier) if !earlier.trusted.is_empty() => {
+                earlier.trusted.push(old);
+                earlier.trusted
+            }
+            Some(_) => Vec::new(),
+        };
+        let waiting: BTreeSet<NodeIx> = after.into_iter().filter(|&n| n != me).collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let round = self.next_round();
+        let mut resync = Resync::new(round, waiting, now);
+        resync.trusted = trusted;
+        resync.then = Some(self.config.request_timeout_ms);
+        self.resync = Some(resync);
+    }
+
+    /// Ends a re-sync pass once no member is waited for: starts the second
+    /// pass if one is due, else the replica counts again.
+    fn pass_done(&mut self, now: u64) {
+        let others: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
+        let second = self.boot | ((self.resyncs + 1) << 40);
+        let Some(resync) = &mut self.resync else { return };
+        if !resync.waiting.is_empty() {
+            return;
+        }
+        match resync.then.take() {
+            Some(delay) if !others.is_empty() => {
+                let trusted = std::mem::take(&mut resync.trusted);
+                *resync = Resync::new(second, others, now + delay);
+                resync.not_before = now + delay;
+                resync.trusted = trusted;
+                self.resyncs += 1;
+            }
+            _ => self.resync = None,
+        }
+    }
+
+    /// Whether the current ring gives this node a key that `old` did not:
+    /// owners change only at ring points, so comparing the owners at every
+    /// point of both rings covers every key.
+    fn gains(&self, old: &Ring) -> bool {
+        let me = self.me.to_string();
+        let rf = self.config.rf;
+        let mine = |ring: &Ring, hash: u64| ring.owners_of_hash(hash, rf).iter().any(|m| m.id == me);
+        old.points().chain(self.ring.points()).any(|p| mine(&self.ring, p) && !mine(old, p))
+    }
+
+    /// This node learnt that the others declared it down: they stopped
+    /// sending it writes, so none of its copies can be trusted. It keeps
+    /// them (a re-sync only adds newer versions) but re-syncs everything
+    /// and counts toward no quorum until it has.
+    pub fn rejoin(&mut self, now: u64) {
+        let waiting: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
+        if waiting.is_empty() {
+            self.resync = None;
+            return;
+        }
+        let round = self.next_round();
+        let mut resync = Resync::new(round, waiting, now);
+        resync.then = Some(self.config.request_timeout_ms);
+        self.resync = Some(resync);
+        self.tick(now);
     }
 
     /// The failure detector's verdict on `node`. A node coming back gets
@@ -607,7 +767,7 @@ impl Replica {
         for &owner in owners {
             if owner == self.me {
                 let record = self.store.get(key, true);
-                let counted = self.counted();
+                let counted = self.counted_for(key);
                 self.answer(req, owner, record, counted);
             } else if self.is_alive(owner) {
                 self.send(owner, Message::Get { req, key: key.clone() });
@@ -620,7 +780,7 @@ impl Replica {
     fn store_at_owners(&mut self, now: u64, req: u64, key: &Bytes, record: &Record, owners: &[NodeIx]) {
         for &owner in owners {
             if owner == self.me {
-                let counted = self.apply(key, record) && self.counted();
+                let counted = self.apply(key, record) && self.counted_for(key);
                 self.acked(req, owner, counted);
             } else if self.is_alive(owner) {
                 self.send(owner, Message::Put { req, key: key.clone(), record: record.clone(), hint_for: None });
@@ -771,13 +931,13 @@ impl Replica {
         match message {
             Message::Put { req, key, record, hint_for: Some(target) } => {
                 self.clock.observe(record.version);
+                let counted = self.counted_for(&key);
                 if target == self.me {
                     self.apply(&key, &record);
                 } else {
                     self.keep_hint(now, target, key, record);
                 }
                 if req != 0 {
-                    let counted = self.counted();
                     self.send(from, Message::PutAck { req, counted });
                 }
             }
@@ -785,7 +945,7 @@ impl Replica {
                 // A record the store refused is acknowledged as not
                 // counting: the coordinator must not count a copy that is
                 // not there.
-                let counted = self.apply(&key, &record) && self.counted();
+                let counted = self.apply(&key, &record) && self.counted_for(&key);
                 if req != 0 {
                     self.send(from, Message::PutAck { req, counted });
                 }
@@ -796,7 +956,7 @@ impl Replica {
             }
             Message::Get { req, key } => {
                 let record = self.store.get(&key, true);
-                let counted = self.counted();
+                let counted = self.counted_for(&key);
                 self.send(from, Message::GetReply { req, record, counted });
             }
             Message::GetReply { req, record, counted } => {
@@ -807,9 +967,10 @@ impl Replica {
             // news has not arrived): its ranges are unknown here, so no
             // answer; it asks again.
             Message::SyncRequest { .. } if !self.ring_nodes().contains(&from) => {}
-            Message::SyncRequest { round } => {
+            Message::SyncRequest { round, members } => {
                 let mut entries: Vec<(Bytes, Record)> = Vec::new();
-                let (ring, rf) = (&self.ring, self.config.rf);
+                let ring = self.ring_of(members);
+                let rf = self.config.rf;
                 let theirs = |key: &[u8]| ring.owners(key, rf).iter().any(|m| m.id.parse() == Ok(from));
                 self.store.scan(&mut |key, record| {
                     if theirs(key) {
@@ -844,8 +1005,6 @@ impl Replica {
                 for (key, record) in &entries {
                     self.apply(key, record);
                 }
-                let others: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
-                let second = self.boot | (1 << 40);
                 if let Some(resync) = &mut self.resync
                     && resync.round == round
                 {
@@ -855,15 +1014,7 @@ impl Replica {
                     if got.len() as u32 >= *total {
                         resync.waiting.remove(&from);
                     }
-                    if resync.waiting.is_empty() {
-                        match resync.then.take() {
-                            Some(delay) => {
-                                *resync = Resync::new(second, others, now + delay);
-                                resync.not_before = now + delay;
-                            }
-                            None => self.resync = None,
-                        }
-                    }
+                    self.pass_done(now);
                 }
             }
         }
@@ -931,9 +1082,10 @@ impl Replica {
             sync = Some((resync.round, ask));
         }
         if let Some((round, waiting)) = sync {
+            let members = self.ring_nodes();
             for peer in waiting {
                 if self.is_alive(peer) {
-                    self.send(peer, Message::SyncRequest { round });
+                    self.send(peer, Message::SyncRequest { round, members: members.clone() });
                 }
             }
         }
@@ -960,7 +1112,7 @@ impl Replica {
             .values()
             .filter(|h| self.alive.get(h.target as usize).copied().unwrap_or(false))
             .map(|h| h.next_try);
-        let sync = self.resync.as_ref().map(|r| r.next_try);
+        let sync = self.resync.as_ref().map(|r| r.next_try.max(r.not_before));
         requests.chain(hints).chain(sync).min()
     }
 }
@@ -1003,14 +1155,17 @@ mod tests {
         }
     }
 
-    /// A write coordinated on the old ring while a member joins: its
-    /// stores reach two old owners only after they sent the joiner their
-    /// snapshot. One re-sync pass leaves the joiner counted without the
-    /// acknowledged write, and a QUORUM of the new owners (joiner plus the
-    /// owner the write missed) would read nothing; the second pass of
-    /// `join` catches it.
+    /// A write coordinated on the old ring while a member joins, whose
+    /// stores reach the old owners only after they learnt the new ring
+    /// (and sent the joiner their snapshot). An old owner that lost the key
+    /// to the joiner holds the write but does not count it: were it
+    /// counted, the write could be acknowledged without the joiner ever
+    /// getting it, and a QUORUM of the new owners (the joiner plus the
+    /// owner the write missed) would read nothing. The write fails instead
+    /// (the client retries on the new ring), and the joiner still re-syncs
+    /// in two passes and counts.
     #[test]
-    fn a_joiner_does_not_miss_writes_coordinated_on_the_old_ring() {
+    fn a_write_on_the_old_ring_is_not_counted_by_owners_that_lost_the_key() {
         let (old, new) = (ring(4), ring(5));
         // A key whose old owners exclude some member c (the coordinator)
         // and whose new owners are the joiner, an old owner d, and one more.
@@ -1023,64 +1178,51 @@ mod tests {
                 after.contains(&4).then_some((Bytes::from(key), c, d))
             })
             .expect("such a key exists");
-        for two_passes in [false, true] {
-            let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100 };
-            let mut replicas: Vec<Replica> =
-                (0..4).map(|i| Replica::new(i, 4, old.clone(), config, u64::from(i) + 11)).collect();
-            replicas.push(Replica::new(4, 5, new.clone(), config, 99));
-            let mut held = Vec::new();
-            // The write's first round completes; its stores are held.
-            replicas[c as usize].client(
-                0,
-                1,
-                Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None },
-                Consistency::Quorum,
-            );
-            pump(&mut replicas, 0, &mut held);
-            assert!(held.iter().all(|(from, _, m)| *from == c && matches!(m, Message::Put { .. })), "{held:?}");
-            assert_eq!(held.len(), 3, "stores to the three old owners");
-            // Everyone but the coordinator learns of the joiner, which
-            // starts re-syncing (and waits for the coordinator).
-            for (i, r) in replicas[..4].iter_mut().enumerate() {
-                if i != c as usize {
-                    r.set_ring(new.clone());
-                }
+        let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100 };
+        let mut replicas: Vec<Replica> =
+            (0..4).map(|i| Replica::new(i, 4, old.clone(), config, u64::from(i) + 11)).collect();
+        replicas.push(Replica::new(4, 5, new.clone(), config, 99));
+        let mut held = Vec::new();
+        // The write's first round completes; its stores are held.
+        replicas[c as usize].client(
+            0,
+            1,
+            Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None },
+            Consistency::Quorum,
+        );
+        pump(&mut replicas, 0, &mut held);
+        assert!(held.iter().all(|(from, _, m)| *from == c && matches!(m, Message::Put { .. })), "{held:?}");
+        assert_eq!(held.len(), 3, "stores to the three old owners");
+        // Everyone but the coordinator learns of the joiner, which
+        // starts re-syncing (and waits for the coordinator).
+        for (i, r) in replicas[..4].iter_mut().enumerate() {
+            if i != c as usize {
+                r.set_ring(10, new.clone());
             }
-            if two_passes {
-                replicas[4].join(10, 99);
-            } else {
-                replicas[4].restart(10, 99);
-            }
-            pump(&mut replicas, 10, &mut held);
-            assert!(!replicas[4].counted());
-            // Now the stores reach every old owner but d, and are
-            // acknowledged on the old ring.
-            for (from, to, message) in std::mem::take(&mut held) {
-                if to != d {
-                    replicas[to as usize].handle(20, from, message);
-                }
-            }
-            pump(&mut replicas, 20, &mut held);
-            let reply = replicas[c as usize].poll_reply().expect("the write was answered");
-            assert!(matches!(reply.result, Ok(Outcome::Written(_))), "{reply:?}");
-            assert!(replicas[d as usize].record(&key).is_none(), "d never got the write");
-            // The coordinator learns of the joiner and answers its re-sync.
-            replicas[c as usize].set_ring(new.clone());
-            replicas[4].tick(200);
-            pump(&mut replicas, 200, &mut held);
-            if !two_passes {
-                // The gap: counted, and without the acknowledged write.
-                assert!(replicas[4].counted());
-                assert!(replicas[4].record(&key).is_none(), "one pass happened to catch it");
-                continue;
-            }
-            assert!(!replicas[4].counted(), "counted after one pass");
-            replicas[4].tick(1_200);
-            pump(&mut replicas, 1_200, &mut held);
-            assert!(replicas[4].counted(), "the second pass completed");
-            let record = replicas[4].record(&key).expect("the joiner holds the acknowledged write");
-            assert_eq!(record.value.as_deref(), Some(&b"w"[..]));
         }
+        replicas[4].join(10, 99);
+        pump(&mut replicas, 10, &mut held);
+        assert!(!replicas[4].counted());
+        // Now the stores reach every old owner but d.
+        for (from, to, message) in std::mem::take(&mut held) {
+            if to != d {
+                replicas[to as usize].handle(20, from, message);
+            }
+        }
+        pump(&mut replicas, 20, &mut held);
+        assert!(replicas[c as usize].poll_reply().is_none(), "acknowledged by copies the new ring does not count");
+        // The coordinator learns of the joiner and answers its re-sync.
+        replicas[c as usize].set_ring(200, new.clone());
+        replicas[4].tick(200);
+        pump(&mut replicas, 200, &mut held);
+        assert!(!replicas[4].counted(), "counted after one pass");
+        for r in &mut replicas {
+            r.tick(1_200);
+        }
+        pump(&mut replicas, 1_200, &mut held);
+        assert!(replicas[4].counted(), "the second pass completed");
+        let reply = replicas[c as usize].poll_reply().expect("the write was answered at its deadline");
+        assert_eq!(reply.result, Err(OpError::Timeout));
     }
 
     /// A re-sync too big for one message comes in parts; a lost part keeps
@@ -1176,6 +1318,124 @@ mod tests {
         assert_eq!(reply.result, Err(OpError::Timeout));
     }
 
+    /// Delivers everything between the replicas in `up` until quiet;
+    /// messages to or from the others are lost.
+    fn settle(replicas: &mut [Replica], up: &[bool], now: u64) {
+        loop {
+            let mut out = Vec::new();
+            for (from, replica) in replicas.iter_mut().enumerate() {
+                while let Some((to, message)) = replica.poll_transmit() {
+                    out.push((from as NodeIx, to, message));
+                }
+            }
+            if out.is_empty() {
+                return;
+            }
+            for (from, to, message) in out {
+                if up[from as usize] && up[to as usize] {
+                    replicas[to as usize].handle(now, from, message);
+                }
+            }
+        }
+    }
+
+    fn without(n: u32, gone: u32) -> Arc<Ring> {
+        let members = (0..n)
+            .filter(|&i| i != gone)
+            .map(|i| Member { id: i.to_string(), addr: format!("10.0.0.{i}:1"), weight: 1 })
+            .collect();
+        Arc::new(Ring::new(u64::from(n) + 1, members, cachet_proto::DEFAULT_VNODES).expect("ring"))
+    }
+
+    /// A member declared down leaves the ring: its ranges pass to the
+    /// survivors, which re-sync them (restoring two copies of every key)
+    /// while still counting for the keys they already owned, and then
+    /// serve QUORUM on every key, which a ring keeping the dead owner
+    /// could not do at RF=2.
+    #[test]
+    fn a_member_declared_down_leaves_the_ring_and_its_copies_are_restored() {
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let mut replicas: Vec<Replica> =
+            (0..3).map(|i| Replica::new(i, 3, ring(3), config, u64::from(i) + 21)).collect();
+        let mut up = vec![true; 3];
+        let keys: Vec<Bytes> = (0..200).map(|i| Bytes::from(format!("key{i}"))).collect();
+        for (i, key) in keys.iter().enumerate() {
+            let op = Op::Put { key: key.clone(), value: Some(Bytes::from(format!("v{i}"))), expires_at: None };
+            replicas[i % 3].client(0, i as u64, op, Consistency::Quorum);
+            settle(&mut replicas, &up, 0);
+        }
+        for r in &mut replicas {
+            while let Some(reply) = r.poll_reply() {
+                assert!(matches!(reply.result, Ok(Outcome::Written(_))), "{reply:?}");
+            }
+        }
+        // Node 2 dies. On the old ring, a QUORUM write of a key it owns
+        // cannot be served.
+        up[2] = false;
+        for r in &mut replicas[..2] {
+            r.set_alive(10, 2, false);
+        }
+        let shared = keys.iter().find(|k| replicas[0].owners(k).contains(&2)).expect("node 2 owns keys").clone();
+        let op = Op::Put { key: shared.clone(), value: Some(Bytes::from_static(b"x")), expires_at: None };
+        replicas[0].client(10, 1_000, op, Consistency::Quorum);
+        assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
+        // It leaves the survivors' rings; they re-sync what they gained.
+        let smaller = without(3, 2);
+        for r in &mut replicas[..2] {
+            r.set_ring(20, smaller.clone());
+        }
+        let gained = keys.iter().find(|k| ring(3).owners(k, 2).iter().all(|m| m.id != "0")).expect("a gained key");
+        let kept = keys.iter().find(|k| ring(3).owners(k, 2).iter().any(|m| m.id == "0")).expect("a kept key");
+        assert!(!replicas[0].counted());
+        assert!(replicas[0].counted_for(kept), "a key it owned all along still counts");
+        assert!(!replicas[0].counted_for(gained), "a gained key counts only once re-synced");
+        for now in [20, 1_100] {
+            for r in &mut replicas[..2] {
+                r.tick(now);
+            }
+            settle(&mut replicas, &up, now);
+        }
+        for (i, r) in replicas[..2].iter().enumerate() {
+            assert!(r.counted(), "node {i} finished re-syncing");
+            for (n, key) in keys.iter().enumerate() {
+                let record = r.record(key).unwrap_or_else(|| panic!("node {i} lacks {key:?}"));
+                assert_eq!(record.value, Some(Bytes::from(format!("v{n}"))));
+            }
+        }
+        // Every key is served at QUORUM again.
+        for (i, key) in keys.iter().enumerate() {
+            replicas[i % 2].client(1_200, 2_000 + i as u64, Op::Get { key: key.clone() }, Consistency::Quorum);
+            settle(&mut replicas, &up, 1_200);
+            let reply = replicas[i % 2].poll_reply().expect("answered");
+            let Ok(Outcome::Read(Some(record))) = reply.result else { panic!("{reply:?}") };
+            assert_eq!(record.value, Some(Bytes::from(format!("v{i}"))));
+        }
+    }
+
+    /// A node the others declared down (it was cut off, not restarted)
+    /// keeps its records but counts for nothing until it has re-synced.
+    #[test]
+    fn a_node_declared_down_re_syncs_everything_when_it_rejoins() {
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let mut replicas: Vec<Replica> =
+            (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 31)).collect();
+        let up = vec![true; 2];
+        let record = Record {
+            version: Version { counter: 1, node: 0 },
+            value: Some(Bytes::from_static(b"v")),
+            expires_at: None,
+        };
+        replicas[1].handle(0, 0, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None });
+        replicas[1].rejoin(5);
+        assert!(!replicas[1].counted_for(b"k"));
+        assert_eq!(replicas[1].record(b"k").map(|r| r.version.counter), Some(1), "records are kept");
+        settle(&mut replicas, &up, 5);
+        assert!(!replicas[1].counted_for(b"k"), "one pass is not enough");
+        replicas[1].tick(1_100);
+        settle(&mut replicas, &up, 1_100);
+        assert!(replicas[1].counted_for(b"k"));
+    }
+
     /// Members that join during a re-sync are waited for too.
     #[test]
     fn a_resync_waits_for_members_that_join_meanwhile() {
@@ -1183,7 +1443,7 @@ mod tests {
         let mut replica = Replica::new(0, 2, ring(2), config, 3);
         replica.restart(0, 4);
         assert_eq!(replica.resync_waiting(), vec![1]);
-        replica.set_ring(ring(3));
+        replica.set_ring(0, ring(3));
         assert_eq!(replica.resync_waiting(), vec![1, 2]);
     }
 }

@@ -11,10 +11,15 @@
 //! (hints, re-sync requests) and fails client operations that miss their
 //! deadline, so a lost frame costs time, never correctness.
 //!
-//! Membership is static for now: `--cluster` lists every member's peer
-//! address, and a node's id is its index in that list. The failure detector
-//! (SWIM) decides who is up; the replica sends down members' writes as
-//! hints and asks only live owners.
+//! Founders are listed by `--cluster` (a node's id is its index there);
+//! others join through `--seeds` and are learnt from the gossip. The
+//! failure detector (SWIM) decides who is up, and the *serving ring* holds
+//! the members that are: a member declared down leaves it, so the next
+//! nodes on the ring take over its ranges and re-sync them from the
+//! survivors (restoring the replication factor), and it comes back into
+//! the ring when it is up again. A member never heard from since this node
+//! started counts as down after a grace period, so a restarted node does
+//! not wait for a member that is gone.
 
 use super::membership::{Membership, MembershipConfig, MembershipEvent, Peer};
 use super::records::{ShardRecords, as_of, unix_ms};
@@ -442,6 +447,12 @@ struct Shell {
     store: Option<Box<dyn RecordStore>>,
     /// When the member list last grew.
     changed_at: u64,
+    /// Members heard to be up since this node started.
+    heard: std::collections::BTreeSet<NodeIx>,
+    /// Until when members never heard from still count as up.
+    grace_until: u64,
+    /// The members of the serving ring last handed to the replica.
+    serving: Vec<NodeIx>,
     /// Started with the founding member list (not joining through seeds).
     founder: bool,
     /// Where the member list is kept across restarts.
@@ -534,6 +545,9 @@ impl Shell {
             replica: None,
             store: Some(store),
             changed_at: 0,
+            heard: std::collections::BTreeSet::new(),
+            grace_until: 2 * options.detect_within_ms + SETTLE_MS,
+            serving: Vec::new(),
             founder: !options.members.is_empty(),
             members_file,
             membership,
@@ -554,16 +568,22 @@ impl Shell {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The ring of every known member. Its epoch is the member count:
-    /// members only join, so every node that knows the same members has
-    /// the same ring at the same epoch.
+    /// The members that serve: this node and every known member not
+    /// declared down.
+    fn serving_members(&self) -> Vec<NodeIx> {
+        self.peers.keys().copied().filter(|&i| i == self.me || self.alive.get(&i).copied().unwrap_or(false)).collect()
+    }
+
+    /// The serving ring. Its epoch is the known member count (members are
+    /// never forgotten, so nodes that know the same members agree on it);
+    /// who serves is in the stats' `alive`.
     fn ring(&self) -> Option<Arc<Ring>> {
         let members = self
-            .peers
-            .iter()
-            .map(|(i, a)| Member { id: i.to_string(), addr: a.to_string(), weight: 1 })
+            .serving_members()
+            .into_iter()
+            .filter_map(|i| self.peers.get(&i).map(|a| Member { id: i.to_string(), addr: a.to_string(), weight: 1 }))
             .collect::<Vec<_>>();
-        match Ring::new(members.len() as u64, members, cachet_proto::DEFAULT_VNODES) {
+        match Ring::new(self.peers.len() as u64, members, cachet_proto::DEFAULT_VNODES) {
             Ok(ring) => Some(Arc::new(ring)),
             Err(err) => {
                 tracing::error!(%err, "cannot build the ring");
@@ -576,6 +596,7 @@ impl Shell {
     fn build_replica(&mut self, now: u64) {
         let (Some(ring), Some(store)) = (self.ring(), self.store.take()) else { return };
         let nodes = self.peers.keys().max().map_or(1, |m| m + 1);
+        self.serving = self.serving_members();
         let mut replica = Replica::with_store(self.me, nodes, ring, self.config, self.boot, store);
         replica.join(now, self.boot);
         for (&node, &up) in &self.alive {
@@ -600,10 +621,45 @@ impl Shell {
         self.changed_at = now;
         save_members(&self.members_file, &self.peers);
         tracing::info!(node, %addr, members = self.peers.len(), "member joined the ring");
-        let ring = self.ring();
-        if let (Some(replica), Some(ring)) = (self.replica.as_mut(), ring) {
-            replica.set_ring(ring);
+        self.refresh_ring(now);
+    }
+
+    /// Hands the replica the serving ring when its members changed.
+    fn refresh_ring(&mut self, now: u64) {
+        if self.replica.is_none() {
+            return;
         }
+        let serving = self.serving_members();
+        if serving == self.serving {
+            return;
+        }
+        let Some(ring) = self.ring() else { return };
+        tracing::info!(serving = ?serving, was = ?self.serving, "serving ring changed");
+        self.serving = serving;
+        if let Some(replica) = self.replica.as_mut() {
+            replica.set_ring(now, ring);
+        }
+    }
+
+    /// Members never heard from since this node started count as down
+    /// once the grace period is over (a restarted node must not wait for
+    /// a member that died while it was away; if that member is up after
+    /// all, its gossip brings it back).
+    fn end_grace(&mut self, now: u64) {
+        if now < self.grace_until || self.grace_until == 0 {
+            return;
+        }
+        self.grace_until = 0;
+        let silent: Vec<NodeIx> =
+            self.peers.keys().copied().filter(|i| *i != self.me && !self.heard.contains(i)).collect();
+        for node in silent {
+            tracing::warn!(node, "member not heard from since start; counted as down");
+            self.alive.insert(node, false);
+            if let Some(replica) = self.replica.as_mut() {
+                replica.set_alive(now, node, false);
+            }
+        }
+        self.refresh_ring(now);
     }
 
     async fn run(
@@ -656,6 +712,9 @@ impl Shell {
                         // joined hears of them first.
                         self.build_replica(now);
                     }
+                    if self.replica.is_some() {
+                        self.end_grace(now);
+                    }
                 }
                 _ = stopped.changed() => break,
             }
@@ -694,6 +753,13 @@ impl Shell {
             let (peer, up) = match event {
                 MembershipEvent::Up(peer) => (peer, true),
                 MembershipEvent::Down(peer) => (peer, false),
+                MembershipEvent::Rejoined => {
+                    tracing::warn!("the others declared this node down; re-syncing everything");
+                    if let Some(replica) = self.replica.as_mut() {
+                        replica.rejoin(now);
+                    }
+                    continue;
+                }
             };
             let (Ok(ix), Ok(addr)) = (peer.node.parse::<NodeIx>(), peer.addr.parse::<SocketAddr>()) else { continue };
             if ix == self.me {
@@ -706,6 +772,7 @@ impl Shell {
             }
             if up {
                 tracing::info!(node = ix, "member up");
+                self.heard.insert(ix);
                 self.learn(now, ix, addr);
                 if !peer.client.is_empty() {
                     self.clients.insert(ix, peer.client.clone());
@@ -717,6 +784,7 @@ impl Shell {
             if let Some(replica) = self.replica.as_mut() {
                 replica.set_alive(now, ix, up);
             }
+            self.refresh_ring(now);
         }
         while let Some((peer, data)) = self.membership.poll_transmit() {
             match peer.addr.parse::<SocketAddr>() {

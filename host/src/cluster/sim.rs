@@ -21,7 +21,12 @@
 //!   "the newest version" is "the latest acknowledged write".
 //!
 //! Five nodes with RF=3, so keys have non-owners to hold hints for a down
-//! owner. The fault model is the one RF=3 with quorums is built for: at most one
+//! owner. Half the crashes also take the node out of the serving ring, as
+//! the runtime does when the failure detector declares it down: each
+//! other replica sees the smaller ring at its own moment (views diverge for
+//! a while), the nodes that gain its ranges re-sync them, and it comes back
+//! into each ring, again at different moments, after it restarts. The other
+//! half keep the ring, so hinted hand-off is exercised too. The fault model is the one RF=3 with quorums is built for: at most one
 //! node crashed or re-syncing at a time (a second crash waits until every
 //! node is back and counted), and a partition isolates one node while all
 //! are up.
@@ -67,6 +72,7 @@ pub(super) struct Tally {
     pub(super) dropped: u64,
     pub(super) hints: u64,
     pub(super) duplicated: u64,
+    pub(super) ring_changes: u64,
 }
 
 struct Started {
@@ -85,6 +91,12 @@ struct Sim {
     isolated: Option<(NodeIx, u64)>,
     /// A crashed node and when it restarts.
     down: Option<(NodeIx, u64)>,
+    /// The whole ring, and ring changes still to reach a replica: (when,
+    /// which replica, its new ring).
+    full: Arc<Ring>,
+    ring_changes: Vec<(u64, usize, Arc<Ring>)>,
+    /// Whether the crashed node was taken out of the rings.
+    removed: bool,
     network: BTreeMap<(u64, u64), (NodeIx, NodeIx, Message)>,
     seq: u64,
     started: HashMap<u64, Started>,
@@ -123,6 +135,9 @@ impl Sim {
             up: vec![true; NODES as usize],
             isolated: None,
             down: None,
+            full: ring.clone(),
+            ring_changes: Vec::new(),
+            removed: false,
             network: BTreeMap::new(),
             seq: 0,
             started: HashMap::new(),
@@ -298,9 +313,22 @@ impl Sim {
         self.replicas[coordinator].client(self.now, op_id, op, consistency);
     }
 
+    /// Schedules `ring` to reach every replica but `except`, each at its
+    /// own moment, after any change still on its way to it.
+    fn spread_ring(&mut self, except: NodeIx, ring: &Arc<Ring>) {
+        for i in 0..NODES as usize {
+            if i == except as usize {
+                continue;
+            }
+            let after = self.ring_changes.iter().filter(|c| c.1 == i).map(|c| c.0).max().unwrap_or(self.now);
+            let at = after.max(self.now) + 1 + self.rng.below(80);
+            self.ring_changes.push((at, i, ring.clone()));
+        }
+    }
+
     fn fault(&mut self) {
         let all_counted = self.replicas.iter().all(Replica::counted);
-        if self.down.is_some() || self.isolated.is_some() || !all_counted {
+        if self.down.is_some() || self.isolated.is_some() || !all_counted || !self.ring_changes.is_empty() {
             return;
         }
         let node = self.rng.below(u64::from(NODES)) as NodeIx;
@@ -316,6 +344,16 @@ impl Sim {
                     replica.set_alive(self.now, node, false);
                 }
             }
+            self.removed = self.rng.chance(0.5);
+            if self.removed {
+                let members = (0..NODES)
+                    .filter(|&i| i != node)
+                    .map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 })
+                    .collect();
+                let smaller = Arc::new(Ring::new(2, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
+                self.tally.ring_changes += 1;
+                self.spread_ring(node, &smaller);
+            }
         } else {
             self.tally.partitions += 1;
             self.isolated = Some((node, self.now + 20 + self.rng.below(200)));
@@ -329,11 +367,22 @@ impl Sim {
         self.down = None;
         self.up[node as usize] = true;
         let boot = self.rng.next();
-        self.replicas[node as usize].restart(self.now, boot);
+        // It comes back knowing the whole ring, and joins it: two passes,
+        // since the others take it back into their rings one by one.
+        let full = self.full.clone();
+        self.replicas[node as usize].set_ring(self.now, full.clone());
+        if self.removed {
+            self.replicas[node as usize].join(self.now, boot);
+        } else {
+            self.replicas[node as usize].restart(self.now, boot);
+        }
         for (i, replica) in self.replicas.iter_mut().enumerate() {
             if i != node as usize {
                 replica.set_alive(self.now, node, true);
             }
+        }
+        if std::mem::take(&mut self.removed) {
+            self.spread_ring(node, &full);
         }
     }
 
@@ -353,10 +402,24 @@ impl Sim {
             let fault = (self.ops_left > 0).then_some(self.next_fault_at);
             let restart = self.down.map(|(_, at)| at);
             let heal = self.isolated.map(|(_, at)| at);
-            let Some(next) = [deliveries, timeouts, op, fault, restart, heal].into_iter().flatten().min() else {
+            let ring = self.ring_changes.iter().map(|c| c.0).min();
+            let Some(next) = [deliveries, timeouts, op, fault, restart, heal, ring].into_iter().flatten().min() else {
                 break;
             };
             self.now = self.now.max(next);
+            let now = self.now;
+            let (due, later): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.ring_changes).into_iter().partition(|c| c.0 <= now);
+            self.ring_changes = later;
+            for (_, i, ring) in due {
+                if self.trace {
+                    eprintln!("t={now} node {i} takes a ring of {} members", ring.members().len());
+                }
+                // A crashed replica's view is rebuilt when it restarts.
+                if self.up[i] {
+                    self.replicas[i].set_ring(now, ring);
+                }
+            }
             if let Some((node, at)) = self.down
                 && at <= self.now
             {
@@ -423,12 +486,14 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
         total.dropped += t.dropped;
         total.duplicated += t.duplicated;
         total.hints += t.hints;
+        total.ring_changes += t.ring_changes;
     }
     eprintln!("200 seeds: {total:?}");
     // The schedules really exercised the faults and the oracle.
     assert!(total.crashes >= 100 && total.partitions >= 100, "{total:?}");
     assert!(total.dropped >= 1_000 && total.duplicated >= 500, "{total:?}");
     assert!(total.hints >= 100, "hinted hand-off was never exercised: {total:?}");
+    assert!(total.ring_changes >= 50, "members were rarely taken out of the ring: {total:?}");
     assert!(total.acked_writes >= 20_000 && total.checked_reads >= 10_000, "{total:?}");
     // Faults are frequent (one every ~85 ms, 8% loss), so many operations
     // time out; most still succeed.
