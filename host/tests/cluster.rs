@@ -596,6 +596,15 @@ async fn a_restarted_member_does_not_wait_for_a_dead_one() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // Alone, member 0 is a minority: it keeps both dead members in its
+    // ring and refuses QUORUM rather than answer from its copy alone.
+    let no_retry = RetryPolicy { attempts: 1, backoff: Duration::from_millis(10) };
+    let lone = ClusterClient::new(vec![cluster.client_config(0)], no_retry).expect("client");
+    match lone.at(Consistency::Quorum).get("k1").await {
+        Err(ClientError::Server(reply)) => assert_eq!(reply.code, ErrorCode::Unavailable, "{reply:?}"),
+        other => panic!("a QUORUM read on a lone member: {other:?}"),
+    }
+    lone.close().await;
     cluster.members[1].spawn();
     let restarted = Instant::now();
     let pair = ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())

@@ -355,6 +355,56 @@ pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
         downs.iter().map(|d| d.round()).collect::<Vec<_>>(),
         100.0 * median(failed)
     );
+    // Re-replication: three members at RF=2 under load; one is killed and
+    // the two left pull its ranges until each holds every key again.
+    let mut rereplications = Vec::new();
+    for round in 0..3 {
+        let mut cluster = LocalCluster::start(cachet, root, 3, 2, &["--threads", "1"])?;
+        let mut args: Vec<&str> = load.to_vec();
+        args[1] = "10";
+        args.extend(["--consistency", "quorum", "--threads", "1"]);
+        let bench = cluster.bench(&args)?;
+        std::thread::sleep(Duration::from_secs(4));
+        let mut copies = 0;
+        for i in 0..3 {
+            copies += cluster.stats(i)?["cluster"]["records"].as_u64().unwrap_or(0);
+        }
+        let keys = copies / 2;
+        cluster.kill(2)?;
+        let killed = Instant::now();
+        loop {
+            let restored = (0..2).all(|i| {
+                cluster.stats(i).is_ok_and(|s| {
+                    let c = &s["cluster"];
+                    c["alive"][2].as_bool() == Some(false)
+                        && c["synced"].as_bool() == Some(true)
+                        && c["records"].as_u64().unwrap_or(0) >= keys
+                })
+            });
+            if restored {
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                bail!("the copies were not restored within 30 s (logs in {})", root.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = killed.elapsed();
+        let report = bench_report(bench)?;
+        eprintln!(
+            "re-replication round {round}: {keys} keys held twice again {} ms after SIGKILL, {} failed ops",
+            took.as_millis(),
+            report["errors"]
+        );
+        rereplications.push((took.as_secs_f64() * 1000.0, keys as f64, crate::number(&report, "errors")));
+    }
+    println!(
+        "re-replication: 3 members at RF=2, one SIGKILLed under load: both survivors hold all {:.0} keys \
+         {:.0} ms after the kill (median of 3; detection included); failed operations {:.0} (median)",
+        median(rereplications.iter().map(|r| r.1).collect()),
+        median(rereplications.iter().map(|r| r.0).collect()),
+        median(rereplications.iter().map(|r| r.2).collect())
+    );
     // A fourth member joins three (RF=3) under load.
     let mut joins = Vec::new();
     for round in 0..3 {

@@ -36,6 +36,28 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// How long after this node may have been cut off (it saw only a minority
+/// of the members, or its loop stalled) a "you were declared down" from
+/// the others is believed.
+const DOUBT_MS: u64 = 60_000;
+
+/// The members of the serving ring: this node and every known member not
+/// declared down, as long as that is a strict majority of the known
+/// members. A node that sees only a minority may be the one cut off: if it
+/// dropped the others from its ring it would own every key alone and
+/// serve QUORUM on its own side of a partition. So it keeps every known
+/// member instead, and requests that need the unreachable ones fail.
+fn serving(
+    me: NodeIx,
+    known: impl Iterator<Item = NodeIx>,
+    alive: &std::collections::BTreeMap<NodeIx, bool>,
+) -> Vec<NodeIx> {
+    let known: Vec<NodeIx> = known.collect();
+    let up: Vec<NodeIx> =
+        known.iter().copied().filter(|&i| i == me || alive.get(&i).copied().unwrap_or(false)).collect();
+    if up.len() * 2 > known.len() { up } else { known }
+}
+
 /// Frames queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 8192;
 /// After a failed connection attempt, frames to that peer are dropped
@@ -453,6 +475,13 @@ struct Shell {
     grace_until: u64,
     /// The members of the serving ring last handed to the replica.
     serving: Vec<NodeIx>,
+    /// When this node last had reason to think it was cut off: it saw only
+    /// a minority of the members up, or its loop stalled.
+    doubted_at: Option<u64>,
+    /// When the loop last ran.
+    last_turn: u64,
+    /// The failure detector's budget (`--detect-ms`).
+    detect_ms: u64,
     /// Started with the founding member list (not joining through seeds).
     founder: bool,
     /// Where the member list is kept across restarts.
@@ -548,6 +577,9 @@ impl Shell {
             heard: std::collections::BTreeSet::new(),
             grace_until: 2 * options.detect_within_ms + SETTLE_MS,
             serving: Vec::new(),
+            doubted_at: None,
+            last_turn: 0,
+            detect_ms: options.detect_within_ms,
             founder: !options.members.is_empty(),
             members_file,
             membership,
@@ -568,10 +600,9 @@ impl Shell {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// The members that serve: this node and every known member not
-    /// declared down.
+    /// The members that serve (see [`serving`]).
     fn serving_members(&self) -> Vec<NodeIx> {
-        self.peers.keys().copied().filter(|&i| i == self.me || self.alive.get(&i).copied().unwrap_or(false)).collect()
+        serving(self.me, self.peers.keys().copied(), &self.alive)
     }
 
     /// The serving ring. Its epoch is the known member count (members are
@@ -626,6 +657,11 @@ impl Shell {
 
     /// Hands the replica the serving ring when its members changed.
     fn refresh_ring(&mut self, now: u64) {
+        let known = self.peers.len();
+        let up = self.peers.keys().filter(|&&i| i == self.me || self.alive.get(&i).copied().unwrap_or(false)).count();
+        if up * 2 <= known {
+            self.doubted_at = Some(now);
+        }
         if self.replica.is_none() {
             return;
         }
@@ -672,6 +708,13 @@ impl Shell {
         loop {
             self.flush();
             let now = self.now();
+            // A stall (a paused process, a starved thread) long enough for
+            // the others to declare this node down.
+            if now > self.last_turn + self.detect_ms / 2 && self.last_turn > 0 {
+                tracing::warn!(stalled_ms = now - self.last_turn, "the cluster loop stalled");
+                self.doubted_at = Some(now);
+            }
+            self.last_turn = now;
             let next = [self.replica.as_ref().and_then(Replica::poll_timeout), self.membership.poll_timeout()]
                 .into_iter()
                 .flatten()
@@ -753,10 +796,18 @@ impl Shell {
             let (peer, up) = match event {
                 MembershipEvent::Up(peer) => (peer, true),
                 MembershipEvent::Down(peer) => (peer, false),
+                // Believed only if this node may have been cut off: a
+                // member on the minority side of a partition declares the
+                // majority down too, and tells each of them so when the
+                // partition heals; they kept receiving every write.
                 MembershipEvent::Rejoined => {
-                    tracing::warn!("the others declared this node down; re-syncing everything");
-                    if let Some(replica) = self.replica.as_mut() {
-                        replica.rejoin(now);
+                    if self.doubted_at.is_some_and(|t| now <= t + DOUBT_MS) {
+                        tracing::warn!("the others declared this node down; re-syncing everything");
+                        if let Some(replica) = self.replica.as_mut() {
+                            replica.rejoin(now);
+                        }
+                    } else {
+                        tracing::info!("declared down by a member that saw a minority; copies kept counting");
                     }
                     continue;
                 }
@@ -925,5 +976,33 @@ async fn send_loop(transport: Arc<PeerTransport>, to: SocketAddr, mut frames: mp
             tracing::debug!(%to, %err, "peer send failed");
             connection = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serving;
+    use std::collections::BTreeMap;
+
+    fn alive(up: &[(u32, bool)]) -> BTreeMap<u32, bool> {
+        up.iter().copied().collect()
+    }
+
+    /// Members declared down leave the serving ring only while this node
+    /// sees a strict majority up; a node on the minority side keeps every
+    /// member (and so cannot serve QUORUM alone).
+    #[test]
+    fn the_serving_ring_shrinks_only_with_a_majority_up() {
+        let all = [0, 1, 2];
+        assert_eq!(serving(0, all.into_iter(), &alive(&[(1, true), (2, true)])), vec![0, 1, 2]);
+        assert_eq!(serving(0, all.into_iter(), &alive(&[(1, true), (2, false)])), vec![0, 1]);
+        assert_eq!(serving(0, all.into_iter(), &alive(&[(1, false), (2, false)])), vec![0, 1, 2]);
+        // Two of four is no majority; three of five is.
+        assert_eq!(serving(0, 0..4, &alive(&[(1, true), (2, false), (3, false)])), vec![0, 1, 2, 3]);
+        assert_eq!(serving(0, 0..5, &alive(&[(1, true), (2, true), (3, false), (4, false)])), vec![0, 1, 2]);
+        // A member never heard of counts as down.
+        assert_eq!(serving(0, 0..3, &alive(&[(1, true)])), vec![0, 1]);
+        // Alone in a one-member cluster.
+        assert_eq!(serving(0, 0..1, &alive(&[])), vec![0]);
     }
 }

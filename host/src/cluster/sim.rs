@@ -26,7 +26,10 @@
 //! other replica sees the smaller ring at its own moment (views diverge for
 //! a while), the nodes that gain its ranges re-sync them, and it comes back
 //! into each ring, again at different moments, after it restarts. The other
-//! half keep the ring, so hinted hand-off is exercised too. The fault model is the one RF=3 with quorums is built for: at most one
+//! half keep the ring, so hinted hand-off is exercised too. Half the
+//! partitions, likewise, end with the cut-off node declared down: the
+//! others drop it from their rings, and when the partition heals it
+//! re-syncs everything ([`Replica::rejoin`]) while they take it back. The fault model is the one RF=3 with quorums is built for: at most one
 //! node crashed or re-syncing at a time (a second crash waits until every
 //! node is back and counted), and a partition isolates one node while all
 //! are up.
@@ -73,6 +76,7 @@ pub(super) struct Tally {
     pub(super) hints: u64,
     pub(super) duplicated: u64,
     pub(super) ring_changes: u64,
+    pub(super) rejoins: u64,
 }
 
 struct Started {
@@ -346,18 +350,46 @@ impl Sim {
             }
             self.removed = self.rng.chance(0.5);
             if self.removed {
-                let members = (0..NODES)
-                    .filter(|&i| i != node)
-                    .map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 })
-                    .collect();
-                let smaller = Arc::new(Ring::new(2, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
-                self.tally.ring_changes += 1;
-                self.spread_ring(node, &smaller);
+                self.take_out(node);
             }
         } else {
             self.tally.partitions += 1;
             self.isolated = Some((node, self.now + 20 + self.rng.below(200)));
+            // Half the partitions last long enough for the others to
+            // declare the node down; it keeps its ring (a minority does
+            // not shrink it) and, told so when the partition heals,
+            // re-syncs everything.
+            self.removed = self.rng.chance(0.5);
+            if self.removed {
+                self.take_out(node);
+            }
         }
+    }
+
+    /// The others declare `node` down and drop it from their rings.
+    fn take_out(&mut self, node: NodeIx) {
+        let members = (0..NODES)
+            .filter(|&i| i != node)
+            .map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 })
+            .collect();
+        let smaller = Arc::new(Ring::new(2, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
+        self.tally.ring_changes += 1;
+        self.spread_ring(node, &smaller);
+    }
+
+    /// A partition ends; a node the others declared down rejoins.
+    fn heal(&mut self, node: NodeIx) {
+        self.isolated = None;
+        if !std::mem::take(&mut self.removed) {
+            return;
+        }
+        if self.trace {
+            eprintln!("t={} node {node} rejoins", self.now);
+        }
+        self.tally.rejoins += 1;
+        self.replicas[node as usize].rejoin(self.now);
+        let full = self.full.clone();
+        self.spread_ring(node, &full);
     }
 
     fn restart(&mut self, node: NodeIx) {
@@ -425,10 +457,10 @@ impl Sim {
             {
                 self.restart(node);
             }
-            if let Some((_, at)) = self.isolated
+            if let Some((node, at)) = self.isolated
                 && at <= self.now
             {
-                self.isolated = None;
+                self.heal(node);
             }
             if self.ops_left > 0 && self.next_fault_at <= self.now {
                 self.fault();
@@ -487,6 +519,7 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
         total.duplicated += t.duplicated;
         total.hints += t.hints;
         total.ring_changes += t.ring_changes;
+        total.rejoins += t.rejoins;
     }
     eprintln!("200 seeds: {total:?}");
     // The schedules really exercised the faults and the oracle.
@@ -494,6 +527,7 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
     assert!(total.dropped >= 1_000 && total.duplicated >= 500, "{total:?}");
     assert!(total.hints >= 100, "hinted hand-off was never exercised: {total:?}");
     assert!(total.ring_changes >= 50, "members were rarely taken out of the ring: {total:?}");
+    assert!(total.rejoins >= 20, "nodes declared down while cut off rarely rejoined: {total:?}");
     assert!(total.acked_writes >= 20_000 && total.checked_reads >= 10_000, "{total:?}");
     // Faults are frequent (one every ~85 ms, 8% loss), so many operations
     // time out; most still succeed.
