@@ -178,6 +178,19 @@ pub enum Message {
         #[serde(default)]
         members: Vec<NodeIx>,
     },
+    /// The sender had dropped the receiver from its ring (declared it
+    /// down) and takes it back once it answers `ReadmitAck`: the receiver
+    /// missed the writes sent meanwhile, so it re-syncs everything first.
+    Readmit {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// The answer to `Readmit`: the sender counts for nothing until it has
+    /// re-synced.
+    ReadmitAck {
+        /// The `Readmit`'s nonce.
+        nonce: u64,
+    },
     /// One part of the records the requester owns, from one snapshot.
     SyncData {
         /// The request's round.
@@ -367,6 +380,10 @@ pub struct Replica {
     resyncs: u64,
     /// The ring last built from a sync request's member list.
     their_ring: Option<(Vec<NodeIx>, Arc<Ring>)>,
+    /// Whether this node sees a majority of the members up. A node that
+    /// does not may be the one cut off: it counts for nothing and refuses
+    /// QUORUM and ALL (see [`Replica::set_quorate`]).
+    quorate: bool,
     /// The hint held per target and key.
     hint_of: BTreeMap<(NodeIx, Bytes), u64>,
     pending: BTreeMap<u64, Pending>,
@@ -406,6 +423,7 @@ impl Replica {
             hints: BTreeMap::new(),
             resyncs: 0,
             their_ring: None,
+            quorate: true,
             hint_of: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_req: boot << 32,
@@ -419,9 +437,26 @@ impl Replica {
         self.me
     }
 
-    /// Whether this replica counts toward quorums (it is not re-syncing).
+    /// Whether this replica counts toward quorums (it sees a majority and
+    /// is not re-syncing).
     pub fn counted(&self) -> bool {
-        self.resync.is_none()
+        self.quorate && self.resync.is_none()
+    }
+
+    /// Whether this node sees a strict majority of the members up. Without
+    /// one it may be on the minority side of a partition, where the others
+    /// may have moved its keys to new owners: it counts for nothing and
+    /// refuses QUORUM and ALL, so the two sides never both serve a key.
+    /// Getting a majority back, it re-syncs everything before it counts
+    /// again, since it missed the writes made while it was cut off.
+    pub fn set_quorate(&mut self, now: u64, quorate: bool) {
+        if quorate == self.quorate {
+            return;
+        }
+        self.quorate = quorate;
+        if quorate {
+            self.rejoin(now);
+        }
     }
 
     /// Whether this replica's copy of `key` counts toward quorums. Only an
@@ -431,6 +466,9 @@ impl Replica {
     /// only the keys it owned, with a complete copy, before the ring change
     /// that started the re-sync, and has owned ever since, count.
     pub fn counted_for(&self, key: &[u8]) -> bool {
+        if !self.quorate {
+            return false;
+        }
         let me = self.me.to_string();
         let owns = |ring: &Ring| ring.owners(key, self.config.rf).iter().any(|m| m.id == me);
         if !owns(&self.ring) {
@@ -598,10 +636,11 @@ impl Replica {
         old.points().chain(self.ring.points()).any(|p| mine(&self.ring, p) && !mine(old, p))
     }
 
-    /// This node learnt that the others declared it down: they stopped
-    /// sending it writes, so none of its copies can be trusted. It keeps
-    /// them (a re-sync only adds newer versions) but re-syncs everything
-    /// and counts toward no quorum until it has.
+    /// This node may have missed writes for any of its keys (the others
+    /// dropped it from their rings, or it was cut off from a majority):
+    /// none of its copies can be trusted. It keeps them (a re-sync only
+    /// adds newer versions) but re-syncs everything and counts toward no
+    /// quorum until it has.
     pub fn rejoin(&mut self, now: u64) {
         let waiting: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
         if waiting.is_empty() {
@@ -712,7 +751,8 @@ impl Replica {
         let owners = self.owners(&key);
         let required = consistency.required(owners.len());
         let alive = owners.iter().filter(|&&n| n == self.me || self.is_alive(n)).count();
-        if required == 0 || alive < required {
+        let cut_off = !self.quorate && consistency != Consistency::One;
+        if required == 0 || alive < required || cut_off {
             self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
             return;
         }
@@ -1001,6 +1041,19 @@ impl Replica {
                     self.send(from, Message::SyncData { round, snapshot, part, parts: count, entries });
                 }
             }
+            Message::Readmit { nonce } => {
+                // Already re-syncing from scratch: that re-sync hears from
+                // the sender only once it has taken this node back, so it
+                // misses nothing.
+                let trusts_something = self.resync.as_ref().is_none_or(|r| !r.trusted.is_empty());
+                if trusts_something && self.quorate {
+                    self.rejoin(now);
+                }
+                self.send(from, Message::ReadmitAck { nonce });
+            }
+            // Taken by the runtime, which holds the member out of the ring
+            // until it arrives.
+            Message::ReadmitAck { .. } => {}
             Message::SyncData { round, snapshot, part, parts, entries } => {
                 for (key, record) in &entries {
                     self.apply(key, record);
@@ -1412,10 +1465,12 @@ mod tests {
         }
     }
 
-    /// A node the others declared down (it was cut off, not restarted)
-    /// keeps its records but counts for nothing until it has re-synced.
+    /// A node a member had dropped from its ring (declared down while it
+    /// was cut off, not restarted) is readmitted: it keeps its records but
+    /// counts for nothing until it has re-synced, and says so in its
+    /// answer to `Readmit`.
     #[test]
-    fn a_node_declared_down_re_syncs_everything_when_it_rejoins() {
+    fn a_readmitted_node_re_syncs_everything_first() {
         let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
         let mut replicas: Vec<Replica> =
             (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 31)).collect();
@@ -1426,14 +1481,52 @@ mod tests {
             expires_at: None,
         };
         replicas[1].handle(0, 0, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None });
-        replicas[1].rejoin(5);
+        assert!(replicas[1].counted_for(b"k"));
+        replicas[1].handle(5, 0, Message::Readmit { nonce: 77 });
         assert!(!replicas[1].counted_for(b"k"));
         assert_eq!(replicas[1].record(b"k").map(|r| r.version.counter), Some(1), "records are kept");
+        let sent: Vec<(NodeIx, Message)> = std::iter::from_fn(|| replicas[1].poll_transmit()).collect();
+        assert!(sent.contains(&(0, Message::ReadmitAck { nonce: 77 })), "{sent:?}");
+        for (to, message) in sent {
+            replicas[to as usize].handle(5, 1, message);
+        }
         settle(&mut replicas, &up, 5);
         assert!(!replicas[1].counted_for(b"k"), "one pass is not enough");
         replicas[1].tick(1_100);
         settle(&mut replicas, &up, 1_100);
         assert!(replicas[1].counted_for(b"k"));
+        // A second readmission while it re-syncs from scratch starts
+        // nothing new.
+        replicas[1].restart(2_000, 5);
+        let round = replicas[1].resync.as_ref().map(|r| r.round);
+        replicas[1].handle(2_001, 0, Message::Readmit { nonce: 78 });
+        assert_eq!(replicas[1].resync.as_ref().map(|r| r.round), round);
+    }
+
+    /// A node that sees only a minority of the members up counts for
+    /// nothing and refuses QUORUM (ONE still works on what it has); when
+    /// it sees a majority again it re-syncs everything before it counts.
+    #[test]
+    fn a_node_without_a_majority_counts_for_nothing() {
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let mut replicas: Vec<Replica> =
+            (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 41)).collect();
+        let up = vec![true; 2];
+        replicas[0].set_quorate(0, false);
+        assert!(!replicas[0].counted() && !replicas[0].counted_for(b"k"));
+        replicas[0].client(0, 1, Op::Get { key: Bytes::from_static(b"k") }, Consistency::Quorum);
+        assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
+        let op = Op::Put { key: Bytes::from_static(b"k"), value: Some(Bytes::from_static(b"v")), expires_at: None };
+        replicas[0].client(0, 2, op, Consistency::Quorum);
+        assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
+        assert!(replicas[0].record(b"k").is_none(), "a refused write stores nothing");
+        replicas[0].set_quorate(10, true);
+        assert!(!replicas[0].counted(), "re-syncs first");
+        for now in [10, 1_100] {
+            replicas[0].tick(now);
+            settle(&mut replicas, &up, now);
+        }
+        assert!(replicas[0].counted());
     }
 
     /// Members that join during a re-sync are waited for too.

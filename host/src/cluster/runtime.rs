@@ -16,14 +16,16 @@
 //! failure detector (SWIM) decides who is up, and the *serving ring* holds
 //! the members that are: a member declared down leaves it, so the next
 //! nodes on the ring take over its ranges and re-sync them from the
-//! survivors (restoring the replication factor), and it comes back into
-//! the ring when it is up again. A member never heard from since this node
-//! started counts as down after a grace period, so a restarted node does
-//! not wait for a member that is gone.
+//! survivors (restoring the replication factor). Only a node that sees a
+//! majority of the members up moves its ring; one that does not counts for
+//! nothing. A member that comes back is readmitted: held out of the ring
+//! until it answers a `Readmit` by starting a full re-sync. A member never
+//! heard from since this node started counts as down after a grace period,
+//! so a restarted node does not wait for a member that is gone.
 
 use super::membership::{Membership, MembershipConfig, MembershipEvent, Peer};
 use super::records::{ShardRecords, as_of, unix_ms};
-use super::replica::{self, NodeIx, Op, OpError, Outcome, Record, RecordStore, Replica, ReplicaConfig};
+use super::replica::{self, Message, NodeIx, Op, OpError, Outcome, Record, RecordStore, Replica, ReplicaConfig};
 use super::transport::{Incoming, PeerFrame, PeerTransport, TransportError};
 use crate::loader::Routed;
 use crate::node::Node;
@@ -36,26 +38,29 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// How long after this node may have been cut off (it saw only a minority
-/// of the members, or its loop stalled) a "you were declared down" from
-/// the others is believed.
-const DOUBT_MS: u64 = 60_000;
+/// How often a `Readmit` is resent until the member answers.
+const READMIT_EVERY_MS: u64 = 200;
 
-/// The members of the serving ring: this node and every known member not
-/// declared down, as long as that is a strict majority of the known
-/// members. A node that sees only a minority may be the one cut off: if it
-/// dropped the others from its ring it would own every key alone and
-/// serve QUORUM on its own side of a partition. So it keeps every known
-/// member instead, and requests that need the unreachable ones fail.
+/// The members of the serving ring, and whether this node sees a strict
+/// majority of the known members up. The ring holds this node and every
+/// known member that is up (and not held out, waiting to be readmitted),
+/// as long as that is a majority. A node that sees only a minority may be
+/// the one cut off: if it dropped the others from its ring it would own
+/// every key alone. So it keeps every known member instead, and counts
+/// for nothing ([`Replica::set_quorate`]).
 fn serving(
     me: NodeIx,
     known: impl Iterator<Item = NodeIx>,
     alive: &std::collections::BTreeMap<NodeIx, bool>,
-) -> Vec<NodeIx> {
+    held_out: &std::collections::BTreeMap<NodeIx, u64>,
+) -> (Vec<NodeIx>, bool) {
     let known: Vec<NodeIx> = known.collect();
-    let up: Vec<NodeIx> =
-        known.iter().copied().filter(|&i| i == me || alive.get(&i).copied().unwrap_or(false)).collect();
-    if up.len() * 2 > known.len() { up } else { known }
+    let is_up = |i: NodeIx| i == me || alive.get(&i).copied().unwrap_or(false);
+    let quorate = known.iter().filter(|&&i| is_up(i)).count() * 2 > known.len();
+    if !quorate {
+        return (known, false);
+    }
+    (known.into_iter().filter(|&i| is_up(i) && !held_out.contains_key(&i)).collect(), true)
 }
 
 /// Frames queued per peer before new ones are dropped.
@@ -475,13 +480,13 @@ struct Shell {
     grace_until: u64,
     /// The members of the serving ring last handed to the replica.
     serving: Vec<NodeIx>,
-    /// When this node last had reason to think it was cut off: it saw only
-    /// a minority of the members up, or its loop stalled.
-    doubted_at: Option<u64>,
-    /// When the loop last ran.
-    last_turn: u64,
-    /// The failure detector's budget (`--detect-ms`).
-    detect_ms: u64,
+    /// Members back up after this node dropped them from its ring: they
+    /// stay out of it until they answer a `Readmit` (by nonce), which
+    /// makes them re-sync everything first, since they missed the writes
+    /// made meanwhile. The value is the nonce; the time of the next resend
+    /// is in `readmit_at`.
+    held_out: std::collections::BTreeMap<NodeIx, u64>,
+    readmit_at: u64,
     /// Started with the founding member list (not joining through seeds).
     founder: bool,
     /// Where the member list is kept across restarts.
@@ -577,9 +582,8 @@ impl Shell {
             heard: std::collections::BTreeSet::new(),
             grace_until: 2 * options.detect_within_ms + SETTLE_MS,
             serving: Vec::new(),
-            doubted_at: None,
-            last_turn: 0,
-            detect_ms: options.detect_within_ms,
+            held_out: std::collections::BTreeMap::new(),
+            readmit_at: 0,
             founder: !options.members.is_empty(),
             members_file,
             membership,
@@ -602,7 +606,7 @@ impl Shell {
 
     /// The members that serve (see [`serving`]).
     fn serving_members(&self) -> Vec<NodeIx> {
-        serving(self.me, self.peers.keys().copied(), &self.alive)
+        serving(self.me, self.peers.keys().copied(), &self.alive, &self.held_out).0
     }
 
     /// The serving ring. Its epoch is the known member count (members are
@@ -657,15 +661,16 @@ impl Shell {
 
     /// Hands the replica the serving ring when its members changed.
     fn refresh_ring(&mut self, now: u64) {
-        let known = self.peers.len();
-        let up = self.peers.keys().filter(|&&i| i == self.me || self.alive.get(&i).copied().unwrap_or(false)).count();
-        if up * 2 <= known {
-            self.doubted_at = Some(now);
-        }
         if self.replica.is_none() {
             return;
         }
-        let serving = self.serving_members();
+        let (serving, quorate) = serving(self.me, self.peers.keys().copied(), &self.alive, &self.held_out);
+        if let Some(replica) = self.replica.as_mut() {
+            if replica.counted() != quorate && !quorate {
+                tracing::warn!("this node sees a minority of the members up; it counts for nothing");
+            }
+            replica.set_quorate(now, quorate);
+        }
         if serving == self.serving {
             return;
         }
@@ -708,13 +713,6 @@ impl Shell {
         loop {
             self.flush();
             let now = self.now();
-            // A stall (a paused process, a starved thread) long enough for
-            // the others to declare this node down.
-            if now > self.last_turn + self.detect_ms / 2 && self.last_turn > 0 {
-                tracing::warn!(stalled_ms = now - self.last_turn, "the cluster loop stalled");
-                self.doubted_at = Some(now);
-            }
-            self.last_turn = now;
             let next = [self.replica.as_ref().and_then(Replica::poll_timeout), self.membership.poll_timeout()]
                 .into_iter()
                 .flatten()
@@ -758,6 +756,7 @@ impl Shell {
                     if self.replica.is_some() {
                         self.end_grace(now);
                     }
+                    self.readmit(now);
                 }
                 _ = stopped.changed() => break,
             }
@@ -780,10 +779,35 @@ impl Shell {
                     tracing::debug!(from = %frame.from, "a replica message from an address that is no member yet");
                     return;
                 };
-                if let Some(replica) = self.replica.as_mut() {
-                    replica.handle(now, from, message);
+                match (message, self.replica.as_mut()) {
+                    (Message::ReadmitAck { nonce }, _) => {
+                        if self.held_out.get(&from) == Some(&nonce) {
+                            tracing::info!(node = from, "member readmitted to the ring");
+                            self.held_out.remove(&from);
+                            self.refresh_ring(now);
+                        }
+                    }
+                    (message, Some(replica)) => replica.handle(now, from, message),
+                    // No replica yet: the one built will re-sync everything.
+                    (Message::Readmit { nonce }, None) => {
+                        self.send_to(frame.from, PeerFrame::Replica(Message::ReadmitAck { nonce }));
+                    }
+                    (_, None) => {}
                 }
             }
+        }
+    }
+
+    /// Asks every held-out member again to re-sync and answer.
+    fn readmit(&mut self, now: u64) {
+        if self.held_out.is_empty() || now < self.readmit_at {
+            return;
+        }
+        self.readmit_at = now + READMIT_EVERY_MS;
+        let asks: Vec<(SocketAddr, u64)> =
+            self.held_out.iter().filter_map(|(ix, &nonce)| self.peers.get(ix).map(|&a| (a, nonce))).collect();
+        for (addr, nonce) in asks {
+            self.send_to(addr, PeerFrame::Replica(Message::Readmit { nonce }));
         }
     }
 
@@ -796,19 +820,12 @@ impl Shell {
             let (peer, up) = match event {
                 MembershipEvent::Up(peer) => (peer, true),
                 MembershipEvent::Down(peer) => (peer, false),
-                // Believed only if this node may have been cut off: a
-                // member on the minority side of a partition declares the
-                // majority down too, and tells each of them so when the
-                // partition heals; they kept receiving every write.
+                // Nothing to do here: a member that had dropped this node
+                // from its ring readmits it explicitly (`Readmit`), and the
+                // minority side of a healed partition says so to members
+                // that kept receiving every write.
                 MembershipEvent::Rejoined => {
-                    if self.doubted_at.is_some_and(|t| now <= t + DOUBT_MS) {
-                        tracing::warn!("the others declared this node down; re-syncing everything");
-                        if let Some(replica) = self.replica.as_mut() {
-                            replica.rejoin(now);
-                        }
-                    } else {
-                        tracing::info!("declared down by a member that saw a minority; copies kept counting");
-                    }
+                    tracing::info!("renewed this node's identity after being declared down by some member");
                     continue;
                 }
             };
@@ -823,6 +840,14 @@ impl Shell {
             }
             if up {
                 tracing::info!(node = ix, "member up");
+                // Back after this node dropped it from its ring: it serves
+                // again once it has answered a `Readmit`.
+                let dropped = self.alive.get(&ix) == Some(&false) && !self.serving.contains(&ix);
+                if dropped && self.replica.is_some() && !self.held_out.contains_key(&ix) {
+                    let nonce = self.boot ^ now.rotate_left(17) ^ u64::from(ix);
+                    self.held_out.insert(ix, nonce);
+                    self.readmit_at = now;
+                }
                 self.heard.insert(ix);
                 self.learn(now, ix, addr);
                 if !peer.client.is_empty() {
@@ -830,6 +855,7 @@ impl Shell {
                 }
             } else {
                 tracing::warn!(node = ix, "member down");
+                self.held_out.remove(&ix);
             }
             self.alive.insert(ix, up);
             if let Some(replica) = self.replica.as_mut() {
@@ -990,19 +1016,24 @@ mod tests {
 
     /// Members declared down leave the serving ring only while this node
     /// sees a strict majority up; a node on the minority side keeps every
-    /// member (and so cannot serve QUORUM alone).
+    /// member and is not quorate (it counts for nothing). A member held out
+    /// for readmission stays out while quorate.
     #[test]
     fn the_serving_ring_shrinks_only_with_a_majority_up() {
-        let all = [0, 1, 2];
-        assert_eq!(serving(0, all.into_iter(), &alive(&[(1, true), (2, true)])), vec![0, 1, 2]);
-        assert_eq!(serving(0, all.into_iter(), &alive(&[(1, true), (2, false)])), vec![0, 1]);
-        assert_eq!(serving(0, all.into_iter(), &alive(&[(1, false), (2, false)])), vec![0, 1, 2]);
+        let none = BTreeMap::new();
+        let ring = |known: std::ops::Range<u32>, up: &[(u32, bool)]| serving(0, known, &alive(up), &none);
+        assert_eq!(ring(0..3, &[(1, true), (2, true)]), (vec![0, 1, 2], true));
+        assert_eq!(ring(0..3, &[(1, true), (2, false)]), (vec![0, 1], true));
+        assert_eq!(ring(0..3, &[(1, false), (2, false)]), (vec![0, 1, 2], false));
         // Two of four is no majority; three of five is.
-        assert_eq!(serving(0, 0..4, &alive(&[(1, true), (2, false), (3, false)])), vec![0, 1, 2, 3]);
-        assert_eq!(serving(0, 0..5, &alive(&[(1, true), (2, true), (3, false), (4, false)])), vec![0, 1, 2]);
+        assert_eq!(ring(0..4, &[(1, true), (2, false), (3, false)]), (vec![0, 1, 2, 3], false));
+        assert_eq!(ring(0..5, &[(1, true), (2, true), (3, false), (4, false)]), (vec![0, 1, 2], true));
         // A member never heard of counts as down.
-        assert_eq!(serving(0, 0..3, &alive(&[(1, true)])), vec![0, 1]);
+        assert_eq!(ring(0..3, &[(1, true)]), (vec![0, 1], true));
         // Alone in a one-member cluster.
-        assert_eq!(serving(0, 0..1, &alive(&[])), vec![0]);
+        assert_eq!(ring(0..1, &[]), (vec![0], true));
+        // Back up, but not yet readmitted.
+        let held: BTreeMap<u32, u64> = [(2, 7)].into_iter().collect();
+        assert_eq!(serving(0, 0..3, &alive(&[(1, true), (2, true)]), &held), (vec![0, 1], true));
     }
 }

@@ -26,10 +26,12 @@
 //! other replica sees the smaller ring at its own moment (views diverge for
 //! a while), the nodes that gain its ranges re-sync them, and it comes back
 //! into each ring, again at different moments, after it restarts. The other
-//! half keep the ring, so hinted hand-off is exercised too. Half the
-//! partitions, likewise, end with the cut-off node declared down: the
-//! others drop it from their rings, and when the partition heals it
-//! re-syncs everything ([`Replica::rejoin`]) while they take it back. The fault model is the one RF=3 with quorums is built for: at most one
+//! half keep the ring, so hinted hand-off is exercised too. A partition
+//! cuts off one node or two; half the partitions last long enough for the
+//! failure detectors to decide: the cut-off side sees a minority and
+//! counts for nothing ([`Replica::set_quorate`]), the others drop it from
+//! their rings, and when the partition heals it re-syncs everything before
+//! they take it back. The fault model is the one RF=3 with quorums is built for: at most one
 //! node crashed or re-syncing at a time (a second crash waits until every
 //! node is back and counted), and a partition isolates one node while all
 //! are up.
@@ -92,7 +94,7 @@ struct Sim {
     replicas: Vec<Replica>,
     up: Vec<bool>,
     /// A node cut off from the others until the given time.
-    isolated: Option<(NodeIx, u64)>,
+    isolated: Option<(Vec<NodeIx>, u64)>,
     /// A crashed node and when it restarts.
     down: Option<(NodeIx, u64)>,
     /// The whole ring, and ring changes still to reach a replica: (when,
@@ -166,7 +168,7 @@ impl Sim {
     }
 
     fn cut(&self, a: NodeIx, b: NodeIx) -> bool {
-        matches!(self.isolated, Some((n, _)) if n == a || n == b) && a != b
+        matches!(&self.isolated, Some((cut, _)) if cut.contains(&a) != cut.contains(&b))
     }
 
     /// Moves every output of the running replicas onto the network (or to
@@ -319,9 +321,9 @@ impl Sim {
 
     /// Schedules `ring` to reach every replica but `except`, each at its
     /// own moment, after any change still on its way to it.
-    fn spread_ring(&mut self, except: NodeIx, ring: &Arc<Ring>) {
+    fn spread_ring(&mut self, except: &[NodeIx], ring: &Arc<Ring>) {
         for i in 0..NODES as usize {
-            if i == except as usize {
+            if except.contains(&(i as NodeIx)) {
                 continue;
             }
             let after = self.ring_changes.iter().filter(|c| c.1 == i).map(|c| c.0).max().unwrap_or(self.now);
@@ -350,46 +352,59 @@ impl Sim {
             }
             self.removed = self.rng.chance(0.5);
             if self.removed {
-                self.take_out(node);
+                self.take_out(&[node]);
             }
         } else {
             self.tally.partitions += 1;
-            self.isolated = Some((node, self.now + 20 + self.rng.below(200)));
-            // Half the partitions last long enough for the others to
-            // declare the node down; it keeps its ring (a minority does
-            // not shrink it) and, told so when the partition heals,
-            // re-syncs everything.
+            // One node cut off, or two (a minority that still talks to
+            // itself).
+            let mut cut = vec![node];
+            if self.rng.chance(0.3) {
+                cut.push((node + 1 + self.rng.below(u64::from(NODES) - 1) as NodeIx) % NODES);
+            }
+            self.isolated = Some((cut.clone(), self.now + 20 + self.rng.below(200)));
+            // Half the partitions last long enough for the failure
+            // detectors to decide: the cut-off side sees a minority up and
+            // counts for nothing (it keeps its rings), the others drop it
+            // from theirs. At the heal it re-syncs everything before the
+            // others take it back (`Readmit`).
             self.removed = self.rng.chance(0.5);
             if self.removed {
-                self.take_out(node);
+                for &n in &cut {
+                    self.replicas[n as usize].set_quorate(self.now, false);
+                }
+                self.take_out(&cut);
             }
         }
     }
 
-    /// The others declare `node` down and drop it from their rings.
-    fn take_out(&mut self, node: NodeIx) {
+    /// The others declare `nodes` down and drop them from their rings.
+    fn take_out(&mut self, nodes: &[NodeIx]) {
         let members = (0..NODES)
-            .filter(|&i| i != node)
+            .filter(|i| !nodes.contains(i))
             .map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 })
             .collect();
         let smaller = Arc::new(Ring::new(2, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
         self.tally.ring_changes += 1;
-        self.spread_ring(node, &smaller);
+        self.spread_ring(nodes, &smaller);
     }
 
-    /// A partition ends; a node the others declared down rejoins.
-    fn heal(&mut self, node: NodeIx) {
+    /// A partition ends; nodes the others declared down see a majority
+    /// again, re-sync everything, and are taken back.
+    fn heal(&mut self, nodes: &[NodeIx]) {
         self.isolated = None;
         if !std::mem::take(&mut self.removed) {
             return;
         }
         if self.trace {
-            eprintln!("t={} node {node} rejoins", self.now);
+            eprintln!("t={} nodes {nodes:?} rejoin", self.now);
         }
         self.tally.rejoins += 1;
-        self.replicas[node as usize].rejoin(self.now);
+        for &n in nodes {
+            self.replicas[n as usize].set_quorate(self.now, true);
+        }
         let full = self.full.clone();
-        self.spread_ring(node, &full);
+        self.spread_ring(nodes, &full);
     }
 
     fn restart(&mut self, node: NodeIx) {
@@ -414,7 +429,7 @@ impl Sim {
             }
         }
         if std::mem::take(&mut self.removed) {
-            self.spread_ring(node, &full);
+            self.spread_ring(&[node], &full);
         }
     }
 
@@ -433,7 +448,7 @@ impl Sim {
             let op = (self.ops_left > 0).then_some(self.next_op_at);
             let fault = (self.ops_left > 0).then_some(self.next_fault_at);
             let restart = self.down.map(|(_, at)| at);
-            let heal = self.isolated.map(|(_, at)| at);
+            let heal = self.isolated.as_ref().map(|(_, at)| *at);
             let ring = self.ring_changes.iter().map(|c| c.0).min();
             let Some(next) = [deliveries, timeouts, op, fault, restart, heal, ring].into_iter().flatten().min() else {
                 break;
@@ -457,10 +472,10 @@ impl Sim {
             {
                 self.restart(node);
             }
-            if let Some((node, at)) = self.isolated
+            if let Some((nodes, at)) = self.isolated.clone()
                 && at <= self.now
             {
-                self.heal(node);
+                self.heal(&nodes);
             }
             if self.ops_left > 0 && self.next_fault_at <= self.now {
                 self.fault();
