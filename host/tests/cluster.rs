@@ -69,7 +69,9 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             eprintln!("member logs kept in {}", self.root.display());
         } else {
-            let _ = std::fs::remove_dir_all(&self.root);
+            if std::env::var_os("CACHET_KEEP_LOGS").is_none() {
+                let _ = std::fs::remove_dir_all(&self.root);
+            }
         }
     }
 }

@@ -381,7 +381,8 @@ pub struct ClusterStats {
     /// from the membership; empty where not known yet.
     #[serde(default)]
     pub clients: Vec<String>,
-    /// Which members the failure detector holds up, by node id.
+    /// Which members serve, by node id: up by the failure detector and in
+    /// this node's ring (a member back up serves once readmitted).
     pub alive: Vec<bool>,
     /// Replication factor.
     pub replication_factor: u32,

@@ -384,6 +384,9 @@ pub struct Replica {
     /// does not may be the one cut off: it counts for nothing and refuses
     /// QUORUM and ALL (see [`Replica::set_quorate`]).
     quorate: bool,
+    /// Until when this node holds itself out after a stall (see
+    /// [`Replica::stalled`]).
+    fenced_until: Option<u64>,
     /// The hint held per target and key.
     hint_of: BTreeMap<(NodeIx, Bytes), u64>,
     pending: BTreeMap<u64, Pending>,
@@ -424,6 +427,7 @@ impl Replica {
             resyncs: 0,
             their_ring: None,
             quorate: true,
+            fenced_until: None,
             hint_of: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_req: boot << 32,
@@ -437,10 +441,21 @@ impl Replica {
         self.me
     }
 
-    /// Whether this replica counts toward quorums (it sees a majority and
-    /// is not re-syncing).
+    /// Whether this replica counts toward quorums (it sees a majority, is
+    /// not fenced after a stall, and is not re-syncing).
     pub fn counted(&self) -> bool {
-        self.quorate && self.resync.is_none()
+        self.quorate && self.fenced_until.is_none() && self.resync.is_none()
+    }
+
+    /// This node's process stalled (it was paused, or starved) long enough
+    /// that the others may have declared it down, dropped it from their
+    /// rings and written its keys elsewhere. Until a member readmits it
+    /// (its `Readmit` starts a full re-sync) or `until` passes without one
+    /// (nobody dropped it: its copies are complete), it counts for nothing
+    /// and refuses requests, instead of answering from copies that may be
+    /// stale before the news reaches it.
+    pub fn stalled(&mut self, until: u64) {
+        self.fenced_until = Some(until);
     }
 
     /// Whether this node sees a strict majority of the members up. Without
@@ -466,7 +481,7 @@ impl Replica {
     /// only the keys it owned, with a complete copy, before the ring change
     /// that started the re-sync, and has owned ever since, count.
     pub fn counted_for(&self, key: &[u8]) -> bool {
-        if !self.quorate {
+        if !self.quorate || self.fenced_until.is_some() {
             return false;
         }
         let me = self.me.to_string();
@@ -751,7 +766,9 @@ impl Replica {
         let owners = self.owners(&key);
         let required = consistency.required(owners.len());
         let alive = owners.iter().filter(|&&n| n == self.me || self.is_alive(n)).count();
-        let cut_off = !self.quorate && consistency != Consistency::One;
+        // Cut off or fenced, its own copy counts for nothing, so even ONE
+        // could only time out: refused at once.
+        let cut_off = !self.quorate || self.fenced_until.is_some();
         if required == 0 || alive < required || cut_off {
             self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
             return;
@@ -1042,12 +1059,28 @@ impl Replica {
                 }
             }
             Message::Readmit { nonce } => {
-                // Already re-syncing from scratch: that re-sync hears from
-                // the sender only once it has taken this node back, so it
-                // misses nothing.
+                self.fenced_until = None;
                 let trusts_something = self.resync.as_ref().is_none_or(|r| !r.trusted.is_empty());
-                if trusts_something && self.quorate {
-                    self.rejoin(now);
+                match &mut self.resync {
+                    // Already re-syncing from scratch (a restart, a
+                    // rejoin): it must hear from the sender again, since
+                    // what the sender sent before may predate writes it
+                    // made while this node was out of its ring; and a
+                    // pass must follow that.
+                    Some(resync) if !trusts_something => {
+                        resync.waiting.insert(from);
+                        resync.received.retain(|(n, _), _| *n != from);
+                        resync.heard.remove(&from);
+                        resync.asked.remove(&from);
+                        resync.next_try = now;
+                        if resync.then.is_none() {
+                            resync.then = Some(self.config.request_timeout_ms);
+                        }
+                    }
+                    _ if self.quorate => self.rejoin(now),
+                    // Without a majority it re-syncs everything when it
+                    // gets one back.
+                    _ => {}
                 }
                 self.send(from, Message::ReadmitAck { nonce });
             }
@@ -1076,6 +1109,9 @@ impl Replica {
     /// Deadlines: expired requests fail (or finish their repair), hints
     /// and sync requests are resent.
     pub fn tick(&mut self, now: u64) {
+        if self.fenced_until.is_some_and(|until| until <= now) {
+            self.fenced_until = None;
+        }
         let expired: Vec<u64> = self
             .pending
             .iter()
@@ -1166,7 +1202,7 @@ impl Replica {
             .filter(|h| self.alive.get(h.target as usize).copied().unwrap_or(false))
             .map(|h| h.next_try);
         let sync = self.resync.as_ref().map(|r| r.next_try.max(r.not_before));
-        requests.chain(hints).chain(sync).min()
+        requests.chain(hints).chain(sync).chain(self.fenced_until).min()
     }
 }
 

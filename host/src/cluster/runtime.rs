@@ -487,6 +487,13 @@ struct Shell {
     /// is in `readmit_at`.
     held_out: std::collections::BTreeMap<NodeIx, u64>,
     readmit_at: u64,
+    /// Members this node dropped from its ring while it had a majority:
+    /// held out when they come back, until readmitted.
+    dropped: std::collections::BTreeSet<NodeIx>,
+    /// When the loop last turned (see `check_stall`).
+    last_turn: u64,
+    /// The failure detector's budget (`--detect-ms`).
+    detect_ms: u64,
     /// Started with the founding member list (not joining through seeds).
     founder: bool,
     /// Where the member list is kept across restarts.
@@ -584,6 +591,9 @@ impl Shell {
             serving: Vec::new(),
             held_out: std::collections::BTreeMap::new(),
             readmit_at: 0,
+            dropped: std::collections::BTreeSet::new(),
+            last_turn: 0,
+            detect_ms: options.detect_within_ms,
             founder: !options.members.is_empty(),
             members_file,
             membership,
@@ -631,9 +641,11 @@ impl Shell {
     fn build_replica(&mut self, now: u64) {
         let (Some(ring), Some(store)) = (self.ring(), self.store.take()) else { return };
         let nodes = self.peers.keys().max().map_or(1, |m| m + 1);
-        self.serving = self.serving_members();
+        let (serving, quorate) = serving(self.me, self.peers.keys().copied(), &self.alive, &self.held_out);
+        self.serving = serving;
         let mut replica = Replica::with_store(self.me, nodes, ring, self.config, self.boot, store);
         replica.join(now, self.boot);
+        replica.set_quorate(now, quorate);
         for (&node, &up) in &self.alive {
             if node != self.me {
                 replica.set_alive(now, node, up);
@@ -665,6 +677,10 @@ impl Shell {
             return;
         }
         let (serving, quorate) = serving(self.me, self.peers.keys().copied(), &self.alive, &self.held_out);
+        if quorate {
+            let gone: Vec<NodeIx> = self.serving.iter().copied().filter(|n| !serving.contains(n)).collect();
+            self.dropped.extend(gone);
+        }
         if let Some(replica) = self.replica.as_mut() {
             if replica.counted() != quorate && !quorate {
                 tracing::warn!("this node sees a minority of the members up; it counts for nothing");
@@ -703,6 +719,22 @@ impl Shell {
         self.refresh_ring(now);
     }
 
+    /// Fences the replica after a stall of this loop (a paused process, a
+    /// starved thread, a long step) long enough for the others to have
+    /// declared this node down: checked before anything queued meanwhile
+    /// is handled. The loop turns at least every 100 ms when idle.
+    fn check_stall(&mut self) {
+        let now = self.now();
+        let budget = self.detect_ms.max(400);
+        if self.last_turn > 0 && now > self.last_turn + budget * 3 / 10 {
+            tracing::warn!(stalled_ms = now - self.last_turn, "the cluster loop stalled; fenced until readmitted");
+            if let Some(replica) = self.replica.as_mut() {
+                replica.stalled(now + 2 * budget);
+            }
+        }
+        self.last_turn = now;
+    }
+
     async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
@@ -722,6 +754,7 @@ impl Shell {
             let wake = tokio::time::Instant::from_std(self.started + Duration::from_millis(next));
             tokio::select! {
                 command = commands.recv() => {
+                    self.check_stall();
                     let Some(command) = command else { break };
                     let now = self.now();
                     match self.replica.as_mut() {
@@ -738,10 +771,12 @@ impl Shell {
                     }
                 }
                 frame = incoming.recv() => {
+                    self.check_stall();
                     let Some(frame) = frame else { break };
                     self.handle(frame);
                 }
                 _ = tokio::time::sleep_until(wake) => {
+                    self.check_stall();
                     let now = self.now();
                     if let Some(replica) = self.replica.as_mut() {
                         replica.tick(now);
@@ -784,6 +819,7 @@ impl Shell {
                         if self.held_out.get(&from) == Some(&nonce) {
                             tracing::info!(node = from, "member readmitted to the ring");
                             self.held_out.remove(&from);
+                            self.dropped.remove(&from);
                             self.refresh_ring(now);
                         }
                     }
@@ -842,8 +878,7 @@ impl Shell {
                 tracing::info!(node = ix, "member up");
                 // Back after this node dropped it from its ring: it serves
                 // again once it has answered a `Readmit`.
-                let dropped = self.alive.get(&ix) == Some(&false) && !self.serving.contains(&ix);
-                if dropped && self.replica.is_some() && !self.held_out.contains_key(&ix) {
+                if self.dropped.contains(&ix) && !self.held_out.contains_key(&ix) {
                     let nonce = self.boot ^ now.rotate_left(17) ^ u64::from(ix);
                     self.held_out.insert(ix, nonce);
                     self.readmit_at = now;
@@ -919,8 +954,10 @@ impl Shell {
             }
             status.members =
                 (0..top as NodeIx).map(|i| self.peers.get(&i).map(ToString::to_string).unwrap_or_default()).collect();
-            status.alive =
-                (0..top as NodeIx).map(|i| i == self.me || self.alive.get(&i).copied().unwrap_or(false)).collect();
+            // Up and serving: a member back up but not yet readmitted is
+            // not in the ring, so clients should not route by it either.
+            let serves = |i: NodeIx| self.alive.get(&i).copied().unwrap_or(false) && !self.held_out.contains_key(&i);
+            status.alive = (0..top as NodeIx).map(|i| i == self.me || serves(i)).collect();
             status.clients = (0..top as NodeIx).map(|i| self.clients.get(&i).cloned().unwrap_or_default()).collect();
             status.ring_epoch = self.peers.len() as u64;
             match &self.replica {

@@ -31,7 +31,11 @@
 //! failure detectors to decide: the cut-off side sees a minority and
 //! counts for nothing ([`Replica::set_quorate`]), the others drop it from
 //! their rings, and when the partition heals it re-syncs everything before
-//! they take it back. The fault model is the one RF=3 with quorums is built for: at most one
+//! they take it back. A pause keeps a node's memory but runs nothing; the
+//! others drop it, and when it resumes it holds itself out (as after a
+//! stall, [`Replica::stalled`]) until their `Readmit` messages, sent
+//! through the lossy network, make it re-sync, and each takes it back when
+//! its `ReadmitAck` arrives. The fault model is the one RF=3 with quorums is built for: at most one
 //! node crashed or re-syncing at a time (a second crash waits until every
 //! node is back and counted), and a partition isolates one node while all
 //! are up.
@@ -79,6 +83,8 @@ pub(super) struct Tally {
     pub(super) duplicated: u64,
     pub(super) ring_changes: u64,
     pub(super) rejoins: u64,
+    pub(super) pauses: u64,
+    pub(super) readmissions: u64,
 }
 
 struct Started {
@@ -103,6 +109,11 @@ struct Sim {
     ring_changes: Vec<(u64, usize, Arc<Ring>)>,
     /// Whether the crashed node was taken out of the rings.
     removed: bool,
+    /// A paused node (memory kept, nothing processed) and when it resumes.
+    paused: Option<(NodeIx, u64)>,
+    /// Replicas that dropped a paused node and readmit it once it answers:
+    /// (replica, node, nonce, next resend).
+    readmitting: Vec<(usize, NodeIx, u64, u64)>,
     network: BTreeMap<(u64, u64), (NodeIx, NodeIx, Message)>,
     seq: u64,
     started: HashMap<u64, Started>,
@@ -144,6 +155,8 @@ impl Sim {
             full: ring.clone(),
             ring_changes: Vec::new(),
             removed: false,
+            paused: None,
+            readmitting: Vec::new(),
             network: BTreeMap::new(),
             seq: 0,
             started: HashMap::new(),
@@ -173,9 +186,14 @@ impl Sim {
 
     /// Moves every output of the running replicas onto the network (or to
     /// the oracle).
+    /// Whether node `i` runs: up and not paused.
+    fn runs(&self, i: usize) -> bool {
+        self.up[i] && !matches!(self.paused, Some((n, _)) if n as usize == i)
+    }
+
     fn drain(&mut self) {
         for i in 0..NODES as usize {
-            if !self.up[i] {
+            if !self.runs(i) {
                 continue;
             }
             while let Some((to, message)) = self.replicas[i].poll_transmit() {
@@ -295,7 +313,7 @@ impl Sim {
     }
 
     fn issue_op(&mut self) {
-        let live: Vec<usize> = (0..NODES as usize).filter(|&i| self.up[i]).collect();
+        let live: Vec<usize> = (0..NODES as usize).filter(|&i| self.runs(i)).collect();
         let coordinator = live[self.rng.below(live.len() as u64) as usize];
         let k = key(self.rng.below(KEYS as u64));
         let consistency = match self.rng.below(10) {
@@ -334,14 +352,26 @@ impl Sim {
 
     fn fault(&mut self) {
         let all_counted = self.replicas.iter().all(Replica::counted);
-        if self.down.is_some() || self.isolated.is_some() || !all_counted || !self.ring_changes.is_empty() {
+        let busy = self.down.is_some() || self.isolated.is_some() || self.paused.is_some();
+        if busy || !all_counted || !self.ring_changes.is_empty() || !self.readmitting.is_empty() {
             return;
         }
         let node = self.rng.below(u64::from(NODES)) as NodeIx;
         if self.trace {
             eprintln!("t={} fault on node {node}", self.now);
         }
-        if self.rng.chance(0.5) {
+        if self.rng.chance(0.2) {
+            // Paused long enough to be declared down: the others drop it;
+            // it notices nothing until it resumes.
+            self.tally.pauses += 1;
+            self.paused = Some((node, self.now + 100 + self.rng.below(200)));
+            for (i, replica) in self.replicas.iter_mut().enumerate() {
+                if i != node as usize {
+                    replica.set_alive(self.now, node, false);
+                }
+            }
+            self.take_out(&[node]);
+        } else if self.rng.chance(0.5) {
             self.tally.crashes += 1;
             self.up[node as usize] = false;
             self.down = Some((node, self.now + 20 + self.rng.below(200)));
@@ -375,6 +405,59 @@ impl Sim {
                 }
                 self.take_out(&cut);
             }
+        }
+    }
+
+    /// A paused node resumes: it finds it stalled and holds itself out
+    /// (the runtime's stall check), and the others, seeing it up again,
+    /// readmit it by message.
+    fn resume(&mut self, node: NodeIx) {
+        if self.trace {
+            eprintln!("t={} node {node} resumes", self.now);
+        }
+        self.paused = None;
+        self.replicas[node as usize].stalled(self.now + 800);
+        for i in 0..NODES as usize {
+            if i != node as usize {
+                self.replicas[i].set_alive(self.now, node, true);
+                // Each hears of it through the gossip, a while later.
+                let nonce = self.rng.next();
+                let heard = self.now + self.rng.below(100);
+                self.readmitting.push((i, node, nonce, heard));
+            }
+        }
+    }
+
+    /// Sends the due `Readmit`s, through the lossy network.
+    fn send_readmits(&mut self) {
+        let now = self.now;
+        let mut sends = Vec::new();
+        for entry in &mut self.readmitting {
+            if entry.3 <= now {
+                entry.3 = now + 50;
+                sends.push((entry.0 as NodeIx, entry.1, entry.2));
+            }
+        }
+        for (from, to, nonce) in sends {
+            if self.rng.chance(0.08) {
+                self.tally.dropped += 1;
+                continue;
+            }
+            self.seq += 1;
+            let at = now + 1 + self.rng.below(15);
+            self.network.insert((at, self.seq), (from, to, Message::Readmit { nonce }));
+        }
+    }
+
+    /// Replica `i` hears `node` answer its `Readmit`: it takes it back into
+    /// its ring.
+    fn readmitted(&mut self, i: usize, node: NodeIx, nonce: u64) {
+        let before = self.readmitting.len();
+        self.readmitting.retain(|r| !(r.0 == i && r.1 == node && r.2 == nonce));
+        if self.readmitting.len() < before {
+            self.tally.readmissions += 1;
+            let full = self.full.clone();
+            self.ring_changes.push((self.now, i, full));
         }
     }
 
@@ -444,13 +527,17 @@ impl Sim {
             }
             let deliveries = self.network.keys().next().map(|&(at, _)| at);
             let timeouts =
-                (0..NODES as usize).filter(|&i| self.up[i]).filter_map(|i| self.replicas[i].poll_timeout()).min();
+                (0..NODES as usize).filter(|&i| self.runs(i)).filter_map(|i| self.replicas[i].poll_timeout()).min();
+            let resume = self.paused.map(|(_, at)| at);
+            let readmits = self.readmitting.iter().map(|r| r.3).min();
             let op = (self.ops_left > 0).then_some(self.next_op_at);
             let fault = (self.ops_left > 0).then_some(self.next_fault_at);
             let restart = self.down.map(|(_, at)| at);
             let heal = self.isolated.as_ref().map(|(_, at)| *at);
             let ring = self.ring_changes.iter().map(|c| c.0).min();
-            let Some(next) = [deliveries, timeouts, op, fault, restart, heal, ring].into_iter().flatten().min() else {
+            let Some(next) =
+                [deliveries, timeouts, op, fault, restart, heal, ring, resume, readmits].into_iter().flatten().min()
+            else {
                 break;
             };
             self.now = self.now.max(next);
@@ -477,6 +564,12 @@ impl Sim {
             {
                 self.heal(&nodes);
             }
+            if let Some((node, at)) = self.paused
+                && at <= self.now
+            {
+                self.resume(node);
+            }
+            self.send_readmits();
             if self.ops_left > 0 && self.next_fault_at <= self.now {
                 self.fault();
                 self.next_fault_at = self.now + 10 + self.rng.below(150);
@@ -496,14 +589,21 @@ impl Sim {
                 }
                 // Messages already sent arrive even if their sender has
                 // crashed since (and may reach it in a later life).
-                if self.up[to as usize] && !self.cut(from, to) {
+                if let Message::ReadmitAck { nonce } = message
+                    && self.runs(to as usize)
+                    && !self.cut(from, to)
+                {
+                    self.readmitted(to as usize, from, nonce);
+                    continue;
+                }
+                if self.runs(to as usize) && !self.cut(from, to) {
                     self.replicas[to as usize].handle(self.now, from, message);
                 } else {
                     self.tally.dropped += 1;
                 }
             }
             for i in 0..NODES as usize {
-                if self.up[i] && self.replicas[i].poll_timeout().is_some_and(|t| t <= self.now) {
+                if self.runs(i) && self.replicas[i].poll_timeout().is_some_and(|t| t <= self.now) {
                     self.replicas[i].tick(self.now);
                 }
             }
@@ -535,6 +635,8 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
         total.hints += t.hints;
         total.ring_changes += t.ring_changes;
         total.rejoins += t.rejoins;
+        total.pauses += t.pauses;
+        total.readmissions += t.readmissions;
     }
     eprintln!("200 seeds: {total:?}");
     // The schedules really exercised the faults and the oracle.
@@ -543,6 +645,7 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
     assert!(total.hints >= 100, "hinted hand-off was never exercised: {total:?}");
     assert!(total.ring_changes >= 50, "members were rarely taken out of the ring: {total:?}");
     assert!(total.rejoins >= 20, "nodes declared down while cut off rarely rejoined: {total:?}");
+    assert!(total.readmissions >= 100, "paused nodes were rarely readmitted: {total:?}");
     assert!(total.acked_writes >= 20_000 && total.checked_reads >= 10_000, "{total:?}");
     // Faults are frequent (one every ~85 ms, 8% loss), so many operations
     // time out; most still succeed.
