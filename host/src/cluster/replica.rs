@@ -449,11 +449,11 @@ impl Replica {
 
     /// This node's process stalled (it was paused, or starved) long enough
     /// that the others may have declared it down, dropped it from their
-    /// rings and written its keys elsewhere. Until a member readmits it
-    /// (its `Readmit` starts a full re-sync) or `until` passes without one
-    /// (nobody dropped it: its copies are complete), it counts for nothing
-    /// and refuses requests, instead of answering from copies that may be
-    /// stale before the news reaches it.
+    /// rings and written its keys elsewhere. It counts for nothing and
+    /// refuses requests, instead of answering from copies that may be
+    /// stale, until a member readmits it (its `Readmit` starts a full
+    /// re-sync) or `until` passes; then it re-syncs everything anyway,
+    /// since a late `Readmit` is no proof that nobody dropped it.
     pub fn stalled(&mut self, until: u64) {
         self.fenced_until = Some(until);
     }
@@ -1060,6 +1060,7 @@ impl Replica {
             }
             Message::Readmit { nonce } => {
                 self.fenced_until = None;
+                let ring = self.ring_nodes();
                 let trusts_something = self.resync.as_ref().is_none_or(|r| !r.trusted.is_empty());
                 match &mut self.resync {
                     // Already re-syncing from scratch (a restart, a
@@ -1067,8 +1068,12 @@ impl Replica {
                     // what the sender sent before may predate writes it
                     // made while this node was out of its ring; and a
                     // pass must follow that.
+                    // (A sender not in this node's ring yet is waited for
+                    // when it joins the ring.)
                     Some(resync) if !trusts_something => {
-                        resync.waiting.insert(from);
+                        if ring.contains(&from) {
+                            resync.waiting.insert(from);
+                        }
                         resync.received.retain(|(n, _), _| *n != from);
                         resync.heard.remove(&from);
                         resync.asked.remove(&from);
@@ -1111,6 +1116,10 @@ impl Replica {
     pub fn tick(&mut self, now: u64) {
         if self.fenced_until.is_some_and(|until| until <= now) {
             self.fenced_until = None;
+            let trusts_something = self.resync.as_ref().is_none_or(|r| !r.trusted.is_empty());
+            if trusts_something && self.quorate {
+                self.rejoin(now);
+            }
         }
         let expired: Vec<u64> = self
             .pending

@@ -719,15 +719,18 @@ impl Shell {
         self.refresh_ring(now);
     }
 
-    /// Fences the replica after a stall of this loop (a paused process, a
-    /// starved thread, a long step) long enough for the others to have
-    /// declared this node down: checked before anything queued meanwhile
-    /// is handled. The loop turns at least every 100 ms when idle.
-    fn check_stall(&mut self) {
+    /// Fences the replica after this loop overslept its wake-up (a paused
+    /// process, a starved thread) for as long as the others need to
+    /// declare a silent node down (a probe period plus the suspicion time,
+    /// see `membership`): checked before anything queued meanwhile is
+    /// handled. The loop's own work does not count (a long snapshot is not
+    /// a pause), and it wakes at least every 100 ms when idle.
+    fn check_stall(&mut self, wake: u64) {
         let now = self.now();
         let budget = self.detect_ms.max(400);
-        if self.last_turn > 0 && now > self.last_turn + budget * 3 / 10 {
-            tracing::warn!(stalled_ms = now - self.last_turn, "the cluster loop stalled; fenced until readmitted");
+        let overslept = now.saturating_sub(wake.max(self.last_turn));
+        if self.last_turn > 0 && overslept > budget / 8 + budget * 3 / 10 {
+            tracing::warn!(overslept_ms = overslept, "the cluster loop stalled; fenced until readmitted");
             if let Some(replica) = self.replica.as_mut() {
                 replica.stalled(now + 2 * budget);
             }
@@ -754,7 +757,7 @@ impl Shell {
             let wake = tokio::time::Instant::from_std(self.started + Duration::from_millis(next));
             tokio::select! {
                 command = commands.recv() => {
-                    self.check_stall();
+                    self.check_stall(next);
                     let Some(command) = command else { break };
                     let now = self.now();
                     match self.replica.as_mut() {
@@ -771,12 +774,12 @@ impl Shell {
                     }
                 }
                 frame = incoming.recv() => {
-                    self.check_stall();
+                    self.check_stall(next);
                     let Some(frame) = frame else { break };
                     self.handle(frame);
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    self.check_stall();
+                    self.check_stall(next);
                     let now = self.now();
                     if let Some(replica) = self.replica.as_mut() {
                         replica.tick(now);

@@ -420,9 +420,11 @@ impl Sim {
         for i in 0..NODES as usize {
             if i != node as usize {
                 self.replicas[i].set_alive(self.now, node, true);
-                // Each hears of it through the gossip, a while later.
+                // Each hears of it through the gossip, a while later;
+                // sometimes after the node's fence has expired.
                 let nonce = self.rng.next();
-                let heard = self.now + self.rng.below(100);
+                let late = if self.rng.chance(0.2) { 700 + self.rng.below(500) } else { 0 };
+                let heard = self.now + late + self.rng.below(100);
                 self.readmitting.push((i, node, nonce, heard));
             }
         }
