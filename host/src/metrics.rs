@@ -300,13 +300,23 @@ async fn answer(node: Arc<Node>, mut stream: tokio::net::TcpStream) {
 /// A clustered node's view: who is up, its re-sync, what it holds and
 /// coordinates.
 fn render_cluster(out: &mut String, c: &cachet_proto::ClusterStats) {
-    family(out, "cachet_cluster_member_up", "gauge", "Whether the failure detector holds a member up, by node id.");
+    family(
+        out,
+        "cachet_cluster_member_up",
+        "gauge",
+        "Whether a member serves (up, and in this node's ring), by node id.",
+    );
     for (id, up) in c.alive.iter().enumerate() {
         let _ = writeln!(out, "cachet_cluster_member_up{{node=\"{id}\"}} {}", u8::from(*up));
     }
     family(out, "cachet_cluster_ring_epoch", "gauge", "The ring's epoch (its member count).");
     let _ = writeln!(out, "cachet_cluster_ring_epoch {}", c.ring_epoch);
-    family(out, "cachet_cluster_synced", "gauge", "1 once this node counts toward quorums; 0 while it re-syncs.");
+    family(
+        out,
+        "cachet_cluster_synced",
+        "gauge",
+        "1 while this node counts toward quorums; 0 while it re-syncs, is fenced after a stall or sees a minority.",
+    );
     let _ = writeln!(out, "cachet_cluster_synced {}", u8::from(c.synced));
     family(out, "cachet_cluster_resync_waiting", "gauge", "Members this node still waits for a re-sync from.");
     let _ = writeln!(out, "cachet_cluster_resync_waiting {}", c.resync_waiting.len());

@@ -390,7 +390,9 @@ pub struct ClusterStats {
     #[serde(default)]
     pub ring_epoch: u64,
     /// Whether this node counts toward quorums; `false` while it re-syncs
-    /// after starting empty.
+    /// (after starting empty, gaining ranges or being readmitted), while
+    /// it is fenced after a stall, and while it sees a minority of the
+    /// members up.
     pub synced: bool,
     /// Members this node still waits for a re-sync from.
     pub resync_waiting: Vec<u32>,
