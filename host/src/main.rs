@@ -345,8 +345,9 @@ struct ServeArgs {
     /// With --seeds: where this node's peer transport listens.
     #[arg(long, requires = "seeds")]
     peer_listen: Option<SocketAddr>,
-    /// This node's id: its index in --cluster, or a new id with --seeds.
-    #[arg(long)]
+    /// This node's id: its index in --cluster, or a new id with --seeds
+    /// (0 to 1023).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1023))]
     node_id: Option<u32>,
     /// Copies of each key in the cluster [default: 2].
     #[arg(long)]

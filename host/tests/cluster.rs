@@ -924,5 +924,10 @@ fn bad_cluster_options_are_refused_by_name() {
         &root,
     );
     assert!(twice.contains("listed twice"), "{twice}");
+    let huge = serve_fails(
+        &[&listen[..], &["--seeds", "127.0.0.1:1", "--peer-listen", "127.0.0.1:2", "--node-id", "5000"]].concat(),
+        &root,
+    );
+    assert!(huge.contains("--node-id") && huge.contains("5000"), "{huge}");
     let _ = std::fs::remove_dir_all(&root);
 }

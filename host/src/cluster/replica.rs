@@ -41,6 +41,10 @@ use std::sync::Arc;
 /// A node's index in the membership (its ring member id is this number).
 pub type NodeIx = u32;
 
+/// The highest node id: ids index per-member tables, so a peer announcing
+/// a huge one must not make every member allocate for it.
+pub const MAX_NODE_ID: NodeIx = 1_023;
+
 /// How many owners must take part in a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Consistency {
@@ -474,6 +478,11 @@ impl Replica {
         }
     }
 
+    /// Whether this node sees a majority of the members up.
+    pub fn quorate(&self) -> bool {
+        self.quorate
+    }
+
     /// Whether this replica's copy of `key` counts toward quorums. Only an
     /// owner's copy does, on this node's own ring: a coordinator whose ring
     /// is newer may ask a node that does not know yet that it gained the
@@ -541,7 +550,8 @@ impl Replica {
     /// requester's ring exactly. The last one built is kept, since a
     /// re-sync asks every member with the same list.
     fn ring_of(&mut self, members: Vec<NodeIx>) -> Arc<Ring> {
-        if members.is_empty() || members == self.ring_nodes() {
+        let bad = members.len() > MAX_NODE_ID as usize + 1 || members.iter().any(|&m| m > MAX_NODE_ID);
+        if members.is_empty() || bad || members == self.ring_nodes() {
             return self.ring.clone();
         }
         if let Some((cached, ring)) = &self.their_ring
@@ -579,7 +589,7 @@ impl Replica {
     pub fn set_ring(&mut self, now: u64, ring: Arc<Ring>) {
         let before = self.ring_nodes();
         let highest = ring.members().iter().filter_map(|m| m.id.parse::<NodeIx>().ok()).max().unwrap_or(0);
-        self.nodes = self.nodes.max(highest + 1);
+        self.nodes = self.nodes.max(highest.min(MAX_NODE_ID) + 1);
         self.alive.resize(self.nodes as usize, true);
         let old = std::mem::replace(&mut self.ring, ring);
         let me = self.me;

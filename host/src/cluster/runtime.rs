@@ -55,12 +55,12 @@ fn serving(
     held_out: &std::collections::BTreeMap<NodeIx, u64>,
 ) -> (Vec<NodeIx>, bool) {
     let known: Vec<NodeIx> = known.collect();
-    let is_up = |i: NodeIx| i == me || alive.get(&i).copied().unwrap_or(false);
-    let quorate = known.iter().filter(|&&i| is_up(i)).count() * 2 > known.len();
-    if !quorate {
-        return (known, false);
-    }
-    (known.into_iter().filter(|&i| is_up(i) && !held_out.contains_key(&i)).collect(), true)
+    // A member held out is not counted for the majority either: a node
+    // whose only company is members it has not readmitted yet is still
+    // alone (it would otherwise own every key on a ring of itself).
+    let serves = |i: NodeIx| i == me || (alive.get(&i).copied().unwrap_or(false) && !held_out.contains_key(&i));
+    let up: Vec<NodeIx> = known.iter().copied().filter(|&i| serves(i)).collect();
+    if up.len() * 2 > known.len() { (up, true) } else { (known, false) }
 }
 
 /// Frames queued per peer before new ones are dropped.
@@ -677,7 +677,11 @@ impl Shell {
             return;
         }
         let (serving, quorate) = serving(self.me, self.peers.keys().copied(), &self.alive, &self.held_out);
-        if quorate {
+        // Dropped: left a ring that had a majority for one that still has
+        // one (losing the majority keeps every member in the ring, and
+        // drops nobody).
+        let was_quorate = self.replica.as_ref().is_some_and(Replica::quorate);
+        if quorate && was_quorate {
             let gone: Vec<NodeIx> = self.serving.iter().copied().filter(|n| !serving.contains(n)).collect();
             self.dropped.extend(gone);
         }
@@ -818,6 +822,13 @@ impl Shell {
                     return;
                 };
                 match (message, self.replica.as_mut()) {
+                    // From a member this node dropped and has not taken
+                    // back: from here, that member was the one cut off,
+                    // and this node's copies kept receiving every write.
+                    (Message::Readmit { nonce }, _) if self.dropped.contains(&from) => {
+                        tracing::info!(node = from, "readmitted by a member this node had dropped; no re-sync");
+                        self.send_to(frame.from, PeerFrame::Replica(Message::ReadmitAck { nonce }));
+                    }
                     (Message::ReadmitAck { nonce }, _) => {
                         if self.held_out.get(&from) == Some(&nonce) {
                             tracing::info!(node = from, "member readmitted to the ring");
@@ -869,6 +880,10 @@ impl Shell {
                 }
             };
             let (Ok(ix), Ok(addr)) = (peer.node.parse::<NodeIx>(), peer.addr.parse::<SocketAddr>()) else { continue };
+            if ix > replica::MAX_NODE_ID {
+                tracing::warn!(node = ix, "a member with an id over the limit; ignored");
+                continue;
+            }
             if ix == self.me {
                 continue;
             }
@@ -1075,5 +1090,8 @@ mod tests {
         // Back up, but not yet readmitted.
         let held: BTreeMap<u32, u64> = [(2, 7)].into_iter().collect();
         assert_eq!(serving(0, 0..3, &alive(&[(1, true), (2, true)]), &held), (vec![0, 1], true));
+        // Company that is only held out is no majority.
+        let held: BTreeMap<u32, u64> = [(1, 7), (2, 8)].into_iter().collect();
+        assert_eq!(serving(0, 0..3, &alive(&[(1, true), (2, true)]), &held), (vec![0, 1, 2], false));
     }
 }
