@@ -661,6 +661,37 @@ impl Replica {
         old.points().chain(self.ring.points()).any(|p| mine(&self.ring, p) && !mine(old, p))
     }
 
+    /// This node, having been cut off, takes back into its ring `member`,
+    /// which it had dropped and which may hold writes it missed: it pulls
+    /// that member's records for its ranges (counting for nothing until it
+    /// has), even if the re-sync it did on getting its majority back is
+    /// over.
+    pub fn pull_from(&mut self, now: u64, member: NodeIx) {
+        if member == self.me {
+            return;
+        }
+        let timeout = self.config.request_timeout_ms;
+        match &mut self.resync {
+            Some(resync) => {
+                resync.waiting.insert(member);
+                resync.received.retain(|(n, _), _| *n != member);
+                resync.heard.remove(&member);
+                resync.asked.remove(&member);
+                resync.next_try = now;
+                resync.trusted.clear();
+                if resync.then.is_none() {
+                    resync.then = Some(timeout);
+                }
+            }
+            None => {
+                let round = self.next_round();
+                let mut resync = Resync::new(round, [member].into_iter().collect(), now);
+                resync.then = Some(timeout);
+                self.resync = Some(resync);
+            }
+        }
+    }
+
     /// This node may have missed writes for any of its keys (the others
     /// dropped it from their rings, or it was cut off from a majority):
     /// none of its copies can be trusted. It keeps them (a re-sync only
@@ -1582,6 +1613,32 @@ mod tests {
             settle(&mut replicas, &up, now);
         }
         assert!(replicas[0].counted());
+    }
+
+    /// A node that was cut off pulls from a member it had dropped when that
+    /// member is readmitted, even after its own re-sync is over, and counts
+    /// for nothing until it has.
+    #[test]
+    fn a_readmitted_member_is_pulled_from() {
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let mut replicas: Vec<Replica> =
+            (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 51)).collect();
+        let up = vec![true; 2];
+        let record = Record {
+            version: Version { counter: 9, node: 0 },
+            value: Some(Bytes::from_static(b"new")),
+            expires_at: None,
+        };
+        replicas[0].handle(0, 1, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None });
+        assert!(replicas[1].counted() && replicas[1].record(b"k").is_none());
+        replicas[1].pull_from(10, 0);
+        assert!(!replicas[1].counted_for(b"k"), "counts for nothing until it has pulled");
+        for now in [10, 1_100] {
+            replicas[1].tick(now);
+            settle(&mut replicas, &up, now);
+        }
+        assert!(replicas[1].counted());
+        assert_eq!(replicas[1].record(b"k").and_then(|r| r.value), Some(Bytes::from_static(b"new")));
     }
 
     /// Members that join during a re-sync are waited for too.

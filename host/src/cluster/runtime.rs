@@ -490,6 +490,14 @@ struct Shell {
     /// Members this node dropped from its ring while it had a majority:
     /// held out when they come back, until readmitted.
     dropped: std::collections::BTreeSet<NodeIx>,
+    /// Members this node readmitted since they were last down: a `Readmit`
+    /// from one of them (it had dropped this node while cut off) is
+    /// acknowledged without a re-sync, like one from a dropped member.
+    readmitted: std::collections::BTreeSet<NodeIx>,
+    /// Members this node had dropped when it lost its majority: they may
+    /// hold writes it missed, so when they are readmitted it pulls from
+    /// them, even after the re-sync it did on getting a majority back.
+    owe_pull: std::collections::BTreeSet<NodeIx>,
     /// When the loop last turned (see `check_stall`).
     last_turn: u64,
     /// The failure detector's budget (`--detect-ms`).
@@ -592,6 +600,8 @@ impl Shell {
             held_out: std::collections::BTreeMap::new(),
             readmit_at: 0,
             dropped: std::collections::BTreeSet::new(),
+            readmitted: std::collections::BTreeSet::new(),
+            owe_pull: std::collections::BTreeSet::new(),
             last_turn: 0,
             detect_ms: options.detect_within_ms,
             founder: !options.members.is_empty(),
@@ -684,6 +694,9 @@ impl Shell {
         if quorate && was_quorate {
             let gone: Vec<NodeIx> = self.serving.iter().copied().filter(|n| !serving.contains(n)).collect();
             self.dropped.extend(gone);
+        }
+        if !quorate {
+            self.owe_pull.extend(self.dropped.iter().copied());
         }
         if let Some(replica) = self.replica.as_mut() {
             if replica.counted() != quorate && !quorate {
@@ -825,7 +838,9 @@ impl Shell {
                     // From a member this node dropped and has not taken
                     // back: from here, that member was the one cut off,
                     // and this node's copies kept receiving every write.
-                    (Message::Readmit { nonce }, _) if self.dropped.contains(&from) => {
+                    (Message::Readmit { nonce }, _)
+                        if self.dropped.contains(&from) || self.readmitted.contains(&from) =>
+                    {
                         tracing::info!(node = from, "readmitted by a member this node had dropped; no re-sync");
                         self.send_to(frame.from, PeerFrame::Replica(Message::ReadmitAck { nonce }));
                     }
@@ -834,6 +849,12 @@ impl Shell {
                             tracing::info!(node = from, "member readmitted to the ring");
                             self.held_out.remove(&from);
                             self.dropped.remove(&from);
+                            self.readmitted.insert(from);
+                            if self.owe_pull.remove(&from)
+                                && let Some(replica) = self.replica.as_mut()
+                            {
+                                replica.pull_from(now, from);
+                            }
                             self.refresh_ring(now);
                         }
                     }
@@ -909,6 +930,7 @@ impl Shell {
             } else {
                 tracing::warn!(node = ix, "member down");
                 self.held_out.remove(&ix);
+                self.readmitted.remove(&ix);
             }
             self.alive.insert(ix, up);
             if let Some(replica) = self.replica.as_mut() {
