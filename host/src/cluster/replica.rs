@@ -311,6 +311,18 @@ struct Answer {
 }
 
 impl Resync {
+    /// Hears from `member` again, from a fresh snapshot, with one more
+    /// pass after this one (`pass_ms` later) if none was due: what it sent
+    /// before may predate writes it has made since.
+    fn ask_again(&mut self, member: NodeIx, now: u64, pass_ms: u64) {
+        self.waiting.insert(member);
+        self.received.retain(|(n, _), _| *n != member);
+        self.heard.remove(&member);
+        self.asked.remove(&member);
+        self.next_try = now;
+        self.then.get_or_insert(pass_ms);
+    }
+
     fn new(round: u64, waiting: BTreeSet<NodeIx>, next_try: u64) -> Self {
         Self {
             round,
@@ -476,6 +488,12 @@ impl Replica {
         if quorate {
             self.rejoin(now);
         }
+    }
+
+    /// Whether some of its copies count once any fence or majority allows:
+    /// it is not re-syncing, or re-syncing only the keys it gained.
+    fn trusts_something(&self) -> bool {
+        self.resync.as_ref().is_none_or(|r| !r.trusted.is_empty())
     }
 
     /// Whether this node sees a majority of the members up.
@@ -673,15 +691,8 @@ impl Replica {
         let timeout = self.config.request_timeout_ms;
         match &mut self.resync {
             Some(resync) => {
-                resync.waiting.insert(member);
-                resync.received.retain(|(n, _), _| *n != member);
-                resync.heard.remove(&member);
-                resync.asked.remove(&member);
-                resync.next_try = now;
+                resync.ask_again(member, now, timeout);
                 resync.trusted.clear();
-                if resync.then.is_none() {
-                    resync.then = Some(timeout);
-                }
             }
             None => {
                 let round = self.next_round();
@@ -1101,8 +1112,9 @@ impl Replica {
             }
             Message::Readmit { nonce } => {
                 self.fenced_until = None;
-                let ring = self.ring_nodes();
-                let trusts_something = self.resync.as_ref().is_none_or(|r| !r.trusted.is_empty());
+                let in_ring = self.ring_nodes().contains(&from);
+                let trusts_something = self.trusts_something();
+                let pass_ms = self.config.request_timeout_ms;
                 match &mut self.resync {
                     // Already re-syncing from scratch (a restart, a
                     // rejoin): it must hear from the sender again, since
@@ -1112,15 +1124,9 @@ impl Replica {
                     // (A sender not in this node's ring yet is waited for
                     // when it joins the ring.)
                     Some(resync) if !trusts_something => {
-                        if ring.contains(&from) {
-                            resync.waiting.insert(from);
-                        }
-                        resync.received.retain(|(n, _), _| *n != from);
-                        resync.heard.remove(&from);
-                        resync.asked.remove(&from);
-                        resync.next_try = now;
-                        if resync.then.is_none() {
-                            resync.then = Some(self.config.request_timeout_ms);
+                        resync.ask_again(from, now, pass_ms);
+                        if !in_ring {
+                            resync.waiting.remove(&from);
                         }
                     }
                     _ if self.quorate => self.rejoin(now),
@@ -1157,8 +1163,7 @@ impl Replica {
     pub fn tick(&mut self, now: u64) {
         if self.fenced_until.is_some_and(|until| until <= now) {
             self.fenced_until = None;
-            let trusts_something = self.resync.as_ref().is_none_or(|r| !r.trusted.is_empty());
-            if trusts_something && self.quorate {
+            if self.trusts_something() && self.quorate {
                 self.rejoin(now);
             }
         }
