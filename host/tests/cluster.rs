@@ -229,6 +229,20 @@ impl TestCluster {
     }
 }
 
+/// Waits (at most 10 s) until the client's member `observer` no longer
+/// shows member `dead` as serving; returns how long that took.
+async fn wait_down(client: &ClusterClient, observer: usize, dead: usize) -> Duration {
+    let start = Instant::now();
+    loop {
+        let stats = client.stats_of(observer).await.expect("the observer answers");
+        if !stats.cluster.expect("cluster").alive[dead] {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "member {dead} was never declared down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// What a writer knows of its keys: the last acknowledged value, and a
 /// value whose write failed after it (it may or may not have been applied).
 #[derive(Clone, Debug, Default)]
@@ -334,16 +348,8 @@ async fn a_member_killed_under_quorum_load_loses_no_acknowledged_write() {
     let before_kill = tally.ok.load(Ordering::Relaxed);
     assert!(before_kill > 0, "no operation succeeded before the kill");
     cluster.members[2].kill();
-    let killed = Instant::now();
     // Failover: a survivor declares the dead member down.
-    let failover = loop {
-        let stats = client.stats_of(0).await.expect("member 0 answers");
-        if !stats.cluster.expect("cluster").alive[2] {
-            break killed.elapsed();
-        }
-        assert!(killed.elapsed() < Duration::from_secs(10), "member 2 was never declared down");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let failover = wait_down(&client, 0, 2).await;
     eprintln!("member 2 declared down {failover:?} after SIGKILL");
     assert!(failover <= Duration::from_millis(2_500), "failover took {failover:?}");
 
@@ -479,11 +485,7 @@ async fn a_dead_member_is_replaced_and_the_copies_are_restored() {
         quorum.set(format!("k{i}"), format!("before{i}")).await.expect("write");
     }
     cluster.members[2].kill();
-    let start = Instant::now();
-    while client.stats_of(0).await.expect("stats").cluster.expect("cluster").alive[2] {
-        assert!(start.elapsed() < Duration::from_secs(10), "member 2 never declared down");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_down(&client, 0, 2).await;
     for i in 100..300 {
         quorum.set(format!("k{i}"), format!("after{i}")).await.expect("write with a member down");
     }
@@ -601,11 +603,7 @@ async fn a_paused_member_re_syncs_before_it_serves_again() {
     let survivors =
         ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
             .expect("client");
-    let start = Instant::now();
-    while survivors.stats_of(0).await.expect("stats").cluster.expect("cluster").alive[2] {
-        assert!(start.elapsed() < Duration::from_secs(10), "member 2 never declared down");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_down(&survivors, 0, 2).await;
     for i in 0..200 {
         survivors.at(Consistency::Quorum).set(format!("k{i}"), format!("b{i}")).await.expect("write while paused");
     }
@@ -640,11 +638,7 @@ async fn a_restarted_member_does_not_wait_for_a_dead_one() {
     let first = ClusterClient::new(vec![cluster.client_config(0)], RetryPolicy::default()).expect("client");
     for dead in [2, 1] {
         cluster.members[dead].kill();
-        let start = Instant::now();
-        while first.stats_of(0).await.expect("stats").cluster.expect("cluster").alive[dead] {
-            assert!(start.elapsed() < Duration::from_secs(10), "member {dead} never declared down");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_down(&first, 0, dead).await;
     }
     // Alone, member 0 is a minority: it keeps both dead members in its
     // ring and refuses QUORUM rather than answer from its copy alone.
