@@ -216,10 +216,12 @@ impl Model {
                     self.main_evict();
                     self.window.remove(cand);
                     self.main_insert(cand);
+                    // The reference's loop goes on after a win.
+                    false
                 } else {
                     self.window.remove(cand);
+                    true
                 }
-                true
             };
             self.add(cand);
             if done {

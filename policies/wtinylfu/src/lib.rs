@@ -8,16 +8,19 @@
 //! popularity fades. The window's share is fixed (`window-ratio`, default
 //! 1%); Caffeine's adaptive window is not modelled.
 //!
+//! The contest is the policy's admission: it runs in the `admit` hook when
+//! a new key needs room, and `pick-victims` hands out its losers.
+//!
 //! This follows libCacheSim's `wtinyLFU` step for step where that decides a
 //! miss ratio, including its warm-up (the window keeps every key until the
-//! first eviction) and its segmented LRU's rounding (a promotion can push
-//! probation over its share, which evicts probation's LRU). Both are
+//! first eviction), its segmented LRU's rounding (a promotion can push
+//! probation over its share, which evicts probation's LRU) and its eviction
+//! loop (after a window key wins, the next one duels too). All are
 //! reproduced with bounded work per call; see [`WTinyLfuWith`].
 
 use cachet_policy_sdk::collections::{IdList, IdMap, id_map_for};
 use cachet_policy_sdk::{
-    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
-    export_policy,
+    Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, export_policy,
 };
 use std::marker::PhantomData;
 
@@ -101,13 +104,56 @@ impl<H: SketchHash> Sketch<H> {
     }
 }
 
+/// What a list holds, in the unit of [`Capacity::weight`] and in entries.
+/// Limits are kept in both: with a byte budget the entry bound can be the
+/// one that fills first. With only an entry bound the two are equal.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+struct Load {
+    weight: u64,
+    entries: u64,
+}
+
+impl Load {
+    fn add(&mut self, weight: u64) {
+        *self = self.plus(weight);
+    }
+
+    fn sub(&mut self, weight: u64) {
+        *self = self.without(weight);
+    }
+
+    /// This load with one more entry of `weight`.
+    fn plus(self, weight: u64) -> Self {
+        Self { weight: self.weight.saturating_add(weight), entries: self.entries.saturating_add(1) }
+    }
+
+    /// This load with one entry of `weight` fewer.
+    fn without(self, weight: u64) -> Self {
+        Self { weight: self.weight.saturating_sub(weight), entries: self.entries.saturating_sub(1) }
+    }
+
+    /// Both loads together.
+    fn with(self, other: Self) -> Self {
+        Self { weight: self.weight.saturating_add(other.weight), entries: self.entries.saturating_add(other.entries) }
+    }
+
+    fn within(self, limit: Self) -> bool {
+        self.weight <= limit.weight && self.entries <= limit.entries
+    }
+
+    fn over(self, limit: Self) -> bool {
+        !self.within(limit)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Segment {
     Window,
     Probation,
     Protected,
-    /// Evicted by a promotion (probation over its share) but still resident
-    /// in the host until the next `pick-victims` hands it out.
+    /// Lost an admission contest or was evicted by a promotion (probation
+    /// over its share), but still resident in the host until the next
+    /// `pick-victims` hands it out.
     Doomed,
 }
 
@@ -134,7 +180,9 @@ enum Segment {
 /// policy cannot evict from an access, so that key is *doomed*: out of main
 /// at once, handed to the host by the next `pick-victims` (which is the
 /// reference's next insert that needs no eviction), or, if read first, put
-/// back as a fresh window key (the reference's miss and insert).
+/// back as a fresh window key (the reference's miss and insert). The
+/// admission contest's losers are doomed too, and handed out by the
+/// `pick-victims` call that follows `admit`, so nothing reads them first.
 pub struct WTinyLfuWith<H> {
     capacity: Capacity,
     window: IdList<u64>,
@@ -148,15 +196,15 @@ pub struct WTinyLfuWith<H> {
     sketch: Sketch<H>,
     /// True until the first eviction: main is still only staged.
     warm: bool,
-    window_used: u64,
-    probation_old_used: u64,
+    window_used: Load,
+    probation_old_used: Load,
     /// All of logical probation, `probation_old` included.
-    probation_used: u64,
-    protected_used: u64,
-    window_limit: u64,
-    main_limit: u64,
-    probation_limit: u64,
-    protected_limit: u64,
+    probation_used: Load,
+    protected_used: Load,
+    window_limit: Load,
+    main_limit: Load,
+    probation_limit: Load,
+    protected_limit: Load,
 }
 
 /// The policy: W-TinyLFU probing its sketch with Cachet's key hash.
@@ -181,8 +229,8 @@ impl<H: SketchHash> WTinyLfuWith<H> {
         self.meta.get(&id).map_or(0, |&(h, _)| h)
     }
 
-    fn main_used(&self) -> u64 {
-        self.probation_used + self.protected_used
+    fn main_used(&self) -> Load {
+        self.probation_used.with(self.protected_used)
     }
 
     fn probation_front(&self) -> Option<(EntryId, u64)> {
@@ -191,30 +239,30 @@ impl<H: SketchHash> WTinyLfuWith<H> {
 
     fn push_probation(&mut self, id: EntryId, size: u64) {
         self.probation.push_back(id, size);
-        self.probation_used += self.weight(size);
+        self.probation_used.add(self.weight(size));
         self.set_segment(id, Segment::Probation);
     }
 
     fn push_protected(&mut self, id: EntryId, size: u64) {
         self.protected.push_back(id, size);
-        self.protected_used += self.weight(size);
+        self.protected_used.add(self.weight(size));
         self.set_segment(id, Segment::Protected);
     }
 
     fn remove_probation(&mut self, id: EntryId) -> Option<u64> {
         let size = if let Some(size) = self.probation_old.remove(id) {
-            self.probation_old_used -= self.weight(size);
+            self.probation_old_used.sub(self.weight(size));
             size
         } else {
             self.probation.remove(id)?
         };
-        self.probation_used -= self.weight(size);
+        self.probation_used.sub(self.weight(size));
         Some(size)
     }
 
     fn remove_protected(&mut self, id: EntryId) -> Option<u64> {
         let size = self.protected.remove(id)?;
-        self.protected_used -= self.weight(size);
+        self.protected_used.sub(self.weight(size));
         Some(size)
     }
 
@@ -231,8 +279,7 @@ impl<H: SketchHash> WTinyLfuWith<H> {
     fn doom_main_victim(&mut self) -> bool {
         let Some((id, _)) = self.main_victim() else { return false };
         let Some(size) = self.remove_main(id) else { return false };
-        self.doomed.push_back(id, size);
-        self.set_segment(id, Segment::Doomed);
+        self.doom(id, size);
         true
     }
 
@@ -241,70 +288,82 @@ impl<H: SketchHash> WTinyLfuWith<H> {
     /// has room, into probation, after making room in main if it is full.
     fn admit_to_main(&mut self, id: EntryId, size: u64) {
         let w = self.weight(size);
-        if self.probation_used + w <= self.probation_limit {
+        if self.probation_used.plus(w).within(self.probation_limit) {
             self.push_probation(id, size);
-        } else if self.protected_used + w <= self.protected_limit {
+        } else if self.protected_used.plus(w).within(self.protected_limit) {
             self.push_protected(id, size);
         } else {
             // Only with sizes: one victim may not free enough for the key.
-            while self.main_used() + w > self.main_limit && self.doom_main_victim() {}
+            while !self.main_used().plus(w).within(self.main_limit) && self.doom_main_victim() {}
             self.push_probation(id, size);
         }
     }
 
-    /// Evicts one entry: a doomed one if any (already out of main), else
-    /// the window's oldest key moves to main while main has room, and once
-    /// main is full it duels main's victim and the one the sketch rates
-    /// lower leaves (ties keep main's). Candidates are counted once per
-    /// contest, and when moved (no doorkeeper).
-    fn evict_one(&mut self) -> Option<(EntryId, u64)> {
-        if let Some((id, size)) = self.doomed.pop_front() {
-            self.meta.remove(&id);
-            return Some((id, size));
-        }
+    /// Marks `id`, already out of its list, doomed: gone for the policy,
+    /// handed to the host by the next `pick-victims`.
+    fn doom(&mut self, id: EntryId, size: u64) {
+        self.doomed.push_back(id, size);
+        self.set_segment(id, Segment::Doomed);
+    }
+
+    /// The admission contest, one eviction step of the reference: the
+    /// window's oldest key moves to main while main has room; once main is
+    /// full it duels main's victim and the sketch's lower estimate loses
+    /// (ties keep main's). A candidate that loses ends the step. One that
+    /// wins takes the victim's place and the step goes on with the next
+    /// candidate, so a step can cost main several keys; if the window runs
+    /// dry, main's next victim goes too and the step ends. That continuation
+    /// is the reference's (libCacheSim at the commit the tables were made
+    /// with) and it decides cells: with a one-object window every win costs
+    /// main a second key, and the window grows into the room. Candidates are
+    /// counted once per contest, and when moved (no doorkeeper). Losers are
+    /// doomed; a step dooms at most the window's length plus one. Returns
+    /// whether anything was doomed.
+    fn contest(&mut self) -> bool {
         // The staged lists are main from now on.
         self.warm = false;
         loop {
             let Some((candidate, size)) = self.window.front() else {
-                let (id, _) = self.main_victim()?;
-                let size = self.remove_main(id)?;
-                self.meta.remove(&id);
-                return Some((id, size));
+                return self.doom_main_victim();
             };
             let w = self.weight(size);
             let hash = self.hash_of(candidate);
             self.window.pop_front();
-            self.window_used -= w;
-            let evicted = if self.main_used() + w <= self.main_limit {
+            self.window_used.sub(w);
+            if self.main_used().plus(w).within(self.main_limit) {
                 // Main has room after the first eviction only when entries
-                // left it (doomed, deleted, expired), so this loop moves
-                // about as many keys as left: bounded by the window's size.
+                // left it (doomed, deleted, expired, or the last step's
+                // eviction from main), so this moves about as many keys.
                 self.admit_to_main(candidate, size);
-                None
             } else if let Some((victim, _)) = self.main_victim()
                 && self.sketch.estimate(hash) > self.sketch.estimate(self.hash_of(victim))
+                && let Some(victim_size) = self.remove_main(victim)
             {
-                let victim_size = self.remove_main(victim)?;
-                self.meta.remove(&victim);
+                self.doom(victim, victim_size);
                 self.admit_to_main(candidate, size);
-                Some((victim, victim_size))
             } else {
-                self.meta.remove(&candidate);
-                Some((candidate, size))
-            };
-            self.sketch.add(hash);
-            if evicted.is_some() {
-                return evicted;
+                self.doom(candidate, size);
+                self.sketch.add(hash);
+                return true;
             }
+            self.sketch.add(hash);
         }
+    }
+
+    /// Whether a new entry of `size` bytes needs room, not counting doomed
+    /// keys (the reference has evicted them already). Mirrors the host's
+    /// own check, in entries and, with a byte budget, in bytes.
+    fn needs_room_for(&self, size: u64) -> bool {
+        let total = Load { weight: self.capacity.limit(), entries: self.capacity.max_entries };
+        !self.window_used.with(self.main_used()).plus(self.weight(size)).within(total)
     }
 
     /// During warm-up, moves the window's oldest keys past its share to the
     /// end of the staged lists.
     fn spill_window(&mut self) {
-        while self.window_used > self.window_limit {
+        while self.window_used.over(self.window_limit) {
             let Some((id, size)) = self.window.pop_front() else { break };
-            self.window_used -= self.weight(size);
+            self.window_used.sub(self.weight(size));
             self.stage(id, size);
         }
     }
@@ -316,12 +375,12 @@ impl<H: SketchHash> WTinyLfuWith<H> {
         let hash = self.hash_of(id);
         self.sketch.add(hash);
         let later_empty = self.protected.is_empty() && self.probation.is_empty();
-        if later_empty && self.probation_old_used + w <= self.probation_limit {
+        if later_empty && self.probation_old_used.plus(w).within(self.probation_limit) {
             self.probation_old.push_back(id, size);
-            self.probation_old_used += w;
-            self.probation_used += w;
+            self.probation_old_used.add(w);
+            self.probation_used.add(w);
             self.set_segment(id, Segment::Probation);
-        } else if self.protected_used + w <= self.protected_limit && self.probation.is_empty() {
+        } else if self.protected_used.plus(w).within(self.protected_limit) && self.probation.is_empty() {
             self.push_protected(id, size);
         } else {
             self.push_probation(id, size);
@@ -339,17 +398,17 @@ impl<H: SketchHash> WTinyLfuWith<H> {
         self.sketch.undo_add(hash);
         if from_old && let Some((next, next_size)) = self.protected.front() {
             let w = self.weight(next_size);
-            if self.probation_old_used + w <= self.probation_limit {
+            if self.probation_old_used.plus(w).within(self.probation_limit) {
                 self.remove_protected(next);
                 self.probation_old.push_back(next, next_size);
-                self.probation_old_used += w;
-                self.probation_used += w;
+                self.probation_old_used.add(w);
+                self.probation_used.add(w);
                 self.set_segment(next, Segment::Probation);
             }
         }
         if (from_old || from_protected)
             && let Some((next, next_size)) = self.probation.front()
-            && self.protected_used + self.weight(next_size) <= self.protected_limit
+            && self.protected_used.plus(self.weight(next_size)).within(self.protected_limit)
         {
             self.remove_probation(next);
             self.push_protected(next, next_size);
@@ -363,18 +422,18 @@ impl<H: SketchHash> WTinyLfuWith<H> {
     fn promote(&mut self, id: EntryId) {
         let Some(size) = self.remove_probation(id) else { return };
         self.push_protected(id, size);
-        while self.protected_used > self.protected_limit {
+        while self.protected_used.over(self.protected_limit) {
             let Some((old, old_size)) = self.protected.front() else { break };
             self.remove_protected(old);
             self.push_probation(old, old_size);
-            while self.probation_used > self.probation_limit && self.doom_main_victim() {}
+            while self.probation_used.over(self.probation_limit) && self.doom_main_victim() {}
         }
     }
 }
 
 impl<H: SketchHash> Policy for WTinyLfuWith<H> {
     fn info() -> PolicyInfo {
-        PolicyInfo::new("wtinylfu", env!("CARGO_PKG_VERSION")).with_access_events()
+        PolicyInfo::new("wtinylfu", env!("CARGO_PKG_VERSION")).with_access_events().with_admission()
     }
 
     fn create(capacity: Capacity, _: u64, config: &Config) -> Result<Self, ConfigError> {
@@ -387,8 +446,21 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
             )));
         }
         let limit = capacity.limit();
-        let window_limit = ((limit as f64 * window_ratio) as u64).max(capacity.weight(1));
-        let main_limit = limit.saturating_sub(window_limit);
+        // Shares of both bounds: with a byte budget, the entry bound may
+        // be what fills first (small values), and a window or main bounded
+        // only in bytes would then hold everything, making the first
+        // contest move the whole cache in one call.
+        let share = |of: u64, ratio: f64| (of as f64 * ratio) as u64;
+        let window_limit = Load {
+            weight: share(limit, window_ratio).max(capacity.weight(1)),
+            entries: share(capacity.max_entries, window_ratio).max(1),
+        };
+        let main_limit = Load {
+            weight: limit.saturating_sub(window_limit.weight),
+            entries: capacity.max_entries.saturating_sub(window_limit.entries),
+        };
+        let of_main =
+            |ratio: f64| Load { weight: share(main_limit.weight, ratio), entries: share(main_limit.entries, ratio) };
         // `1 - 0.8` is 0.19999999999999996 in floating point, which would
         // round a probation of exactly a fifth down by one; snap the share
         // to twelve decimals so it is the 0.2 the reference multiplies by.
@@ -400,18 +472,18 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
             probation_old: IdList::with_capacity(n),
             probation: IdList::with_capacity(n),
             protected: IdList::with_capacity(n),
-            doomed: IdList::new(),
+            doomed: IdList::with_capacity(n),
             meta: id_map_for(n),
-            sketch: Sketch::new(capacity.max_entries.min(main_limit)),
+            sketch: Sketch::new(main_limit.entries.min(main_limit.weight)),
             warm: true,
-            window_used: 0,
-            probation_old_used: 0,
-            probation_used: 0,
-            protected_used: 0,
+            window_used: Load::default(),
+            probation_old_used: Load::default(),
+            probation_used: Load::default(),
+            protected_used: Load::default(),
             window_limit,
             main_limit,
-            probation_limit: (main_limit as f64 * probation_ratio) as u64,
-            protected_limit: (main_limit as f64 * protected_ratio) as u64,
+            probation_limit: of_main(probation_ratio),
+            protected_limit: of_main(protected_ratio),
         })
     }
 
@@ -425,20 +497,20 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
         self.sketch.add(entry.key_hash);
         let w = self.weight(entry.size);
         self.window.push_back(entry.id, entry.size);
-        self.window_used += w;
+        self.window_used.add(w);
         self.meta.insert(entry.id, (entry.key_hash, Segment::Window));
         if self.warm {
             self.spill_window();
             return;
         }
-        while self.window_used - w > self.window_limit {
+        while self.window_used.without(w).over(self.window_limit) {
             let Some((id, size)) = self.window.front() else { break };
             let front_w = self.weight(size);
-            if id == entry.id || self.main_used() + front_w > self.main_limit {
+            if id == entry.id || !self.main_used().plus(front_w).within(self.main_limit) {
                 break;
             }
             self.window.pop_front();
-            self.window_used -= front_w;
+            self.window_used.sub(front_w);
             self.admit_to_main(id, size);
             let hash = self.hash_of(id);
             self.sketch.add(hash);
@@ -456,7 +528,7 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
             Segment::Probation | Segment::Protected if self.warm => {
                 if let Some(size) = self.unstage(id) {
                     self.window.push_back(id, size);
-                    self.window_used += self.weight(size);
+                    self.window_used.add(self.weight(size));
                     self.set_segment(id, Segment::Window);
                     self.spill_window();
                 }
@@ -477,7 +549,7 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
                     let hash = self.hash_of(id);
                     self.sketch.add(hash);
                     self.window.push_back(id, size);
-                    self.window_used += self.weight(size);
+                    self.window_used.add(self.weight(size));
                     self.set_segment(id, Segment::Window);
                 }
             }
@@ -487,7 +559,8 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
     fn on_updated(&mut self, now: u64, entry: &Entry) {
         let (id, size) = (entry.id, entry.size);
         let capacity = self.capacity;
-        let reweigh = |used: &mut u64, old: u64| *used = *used + capacity.weight(size) - capacity.weight(old);
+        let reweigh =
+            |used: &mut Load, old: u64| used.weight = used.weight + capacity.weight(size) - capacity.weight(old);
         match self.segment_of(id) {
             Some(Segment::Window) => {
                 if let Some(old) = resize(&mut self.window, id, size) {
@@ -519,7 +592,7 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
         match self.segment_of(id) {
             Some(Segment::Window) => {
                 if let Some(size) = self.window.remove(id) {
-                    self.window_used -= self.weight(size);
+                    self.window_used.sub(self.weight(size));
                 }
             }
             Some(Segment::Probation | Segment::Protected) if self.warm => {
@@ -536,8 +609,33 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
         self.meta.remove(&id);
     }
 
+    /// W-TinyLFU admits every new key to the window; what the sketch admits
+    /// or turns away is the window's oldest key, on its way into main. That
+    /// contest runs here, when the new key needs room, and its losers are
+    /// doomed for the `pick-victims` call that follows. Always `true`.
+    fn admit(&mut self, _: u64, candidate: &Entry) -> bool {
+        if self.needs_room_for(candidate.size) {
+            self.contest();
+        }
+        true
+    }
+
+    /// Hands over every doomed key, needed or not (the reference evicted
+    /// them already), then runs more contests only if that is not enough:
+    /// with a byte budget a big key can need several.
     fn pick_victims(&mut self, _: u64, need: Need, out: &mut Vec<EntryId>) {
-        collect_victims(need, out, || self.evict_one());
+        let (mut entries, mut bytes) = (0u32, 0u64);
+        loop {
+            while let Some((id, size)) = self.doomed.pop_front() {
+                self.meta.remove(&id);
+                out.push(id);
+                entries = entries.saturating_add(1);
+                bytes = bytes.saturating_add(size);
+            }
+            if need.is_met(entries, bytes) || !self.contest() {
+                return;
+            }
+        }
     }
 
     fn export_order(&self, out: &mut Vec<EntryId>) {
@@ -625,8 +723,89 @@ mod tests {
         assert!(h.request(1, 1));
         let order = h.export_order();
         assert_eq!(&order[..2], &[1000, 1], "window holds 1000 then 1: {order:?}");
+        // Main has room for 1000. Key 1 (counted at insert, when it went to
+        // main and again now) beats main's victim 2 (counted twice), so the
+        // contest goes on, finds the window empty and takes 3 as well.
         assert!(!h.request(2000, 1));
+        assert!(h.contains_key(1) && h.contains_key(1000) && h.contains_key(2000));
+        assert!(!h.contains_key(2) && !h.contains_key(3));
+        assert_eq!(h.len(), 99);
+    }
+
+    /// The reference's eviction loop goes on after a window key wins its
+    /// duel; with a one-object window, main then loses a second key and the
+    /// window grows into the room. This is what puts web12 at 1% on the
+    /// reference's 0.6290 (0.6471 when a win ended the step).
+    #[test]
+    fn a_winning_candidate_costs_main_a_second_key_and_the_window_grows() {
+        let mut h = warmed_up();
+        assert!(!h.request(1000, 1));
+        // Key 0 lost the first contest (counted once more for it); back
+        // again it beats 1000 to the window's place: 1000 (counted once)
+        // loses to main's victim 1 (counted twice).
+        assert!(!h.request(0, 1));
+        assert!(!h.contains_key(1000) && h.contains_key(0));
+        // Now 0 (counted three times) beats 1: 1 goes, 0 enters main, the
+        // window is empty and main's next victim, 2, goes too.
+        assert!(!h.request(3000, 1));
+        assert!(h.contains_key(0) && h.contains_key(3000));
+        assert!(!h.contains_key(1) && !h.contains_key(2));
+        assert_eq!(h.len(), 99);
+        // The room is the window's: the next key needs no eviction and the
+        // window holds two keys.
+        assert!(!h.request(4000, 1));
         assert_eq!(h.len(), 100);
+        assert_eq!(&h.export_order()[..2], &[3000, 4000]);
+    }
+
+    /// The contest runs in `admit`, before `pick-victims`: its loser is
+    /// handed out even by a call that needs nothing, which would run no
+    /// contest of its own.
+    #[test]
+    fn admission_runs_the_contest_and_pick_victims_hands_out_its_loser() {
+        assert!(WTinyLfu::info().uses_admission);
+        let mut p = WTinyLfu::create(entries(10), 0, &Config::default()).expect("create");
+        let entry = |id: u64| Entry {
+            id,
+            key_hash: id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            size: 1,
+            expires_at: None,
+            hint: 0,
+        };
+        let nothing = |p: &mut WTinyLfu| {
+            let mut out = Vec::new();
+            p.pick_victims(0, Need::default(), &mut out);
+            out
+        };
+        for id in 0..10 {
+            assert!(p.admit(0, &entry(id)), "a cache with room admits");
+            p.on_inserted(0, &entry(id));
+            assert!(nothing(&mut p).is_empty(), "no contest while there is room");
+        }
+        // Full: the window's only key, 9 (counted once), loses to main's
+        // victim 0 (counted when inserted and when staged).
+        assert!(p.admit(0, &entry(10)), "W-TinyLFU admits every new key to the window");
+        assert_eq!(nothing(&mut p), vec![9]);
+        assert!(nothing(&mut p).is_empty(), "handed out once");
+    }
+
+    /// With a byte budget that small values never reach, the entry bound
+    /// fills first; the window and main keep their shares of entries too,
+    /// so the first contest duels instead of moving the whole cache to main
+    /// in one call (which ran a Wasm policy out of its budget).
+    #[test]
+    fn an_entry_bound_under_a_byte_budget_keeps_the_window_small() {
+        let capacity = Capacity { max_entries: 1_000, max_bytes: 1 << 30 };
+        let mut h = Harness::<WTinyLfu>::new(capacity).expect("create");
+        for key in 0..1_000 {
+            assert!(!h.request(key, 20));
+        }
+        assert!(h.policy().window.len() <= 10, "window holds {}", h.policy().window.len());
+        for key in 1_000..3_000 {
+            h.request(key, 20);
+            assert!(h.policy().window.len() <= 12, "window holds {}", h.policy().window.len());
+            assert!(h.policy().main_used().entries <= 990);
+        }
     }
 
     #[test]
