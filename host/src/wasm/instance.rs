@@ -136,7 +136,9 @@ impl EvictionPolicy for WasmPolicy {
     }
 
     fn admit(&mut self, now: u64, candidate: &Entry) -> Result<bool, PolicyFault> {
-        self.refuel(0)?;
+        // Admission may decide evictions (W-TinyLFU's contest walks its
+        // window while candidates win), so it gets the eviction budget.
+        self.refuel_scan(0)?;
         let guest = self.bindings.cachet_policy_policy().eviction_policy();
         guest.call_admit(&mut self.store, self.handle, now, wit_entry(candidate)).map_err(|e| self.fault(e))
     }

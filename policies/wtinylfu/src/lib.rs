@@ -16,7 +16,8 @@
 //! first eviction), its segmented LRU's rounding (a promotion can push
 //! probation over its share, which evicts probation's LRU) and its eviction
 //! loop (after a window key wins, the next one duels too). All are
-//! reproduced with bounded work per call; see [`WTinyLfuWith`].
+//! reproduced without walking the whole cache in one call (a contest walks
+//! at most the window); see [`WTinyLfuWith`].
 
 use cachet_policy_sdk::collections::{IdList, IdMap, id_map_for};
 use cachet_policy_sdk::{
@@ -317,8 +318,9 @@ impl<H: SketchHash> WTinyLfuWith<H> {
     /// with) and it decides cells: with a one-object window every win costs
     /// main a second key, and the window grows into the room. Candidates are
     /// counted once per contest, and when moved (no doorkeeper). Losers are
-    /// doomed; a step dooms at most the window's length plus one. Returns
-    /// whether anything was doomed.
+    /// doomed. With an entry bound a step dooms at most the window's length
+    /// plus one; with a byte budget a key moving to main may need several
+    /// victims. Returns whether anything was doomed.
     fn contest(&mut self) -> bool {
         // The staged lists are main from now on.
         self.warm = false;
@@ -474,7 +476,10 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
             protected: IdList::with_capacity(n),
             doomed: IdList::with_capacity(n),
             meta: id_map_for(n),
-            sketch: Sketch::new(main_limit.entries.min(main_limit.weight)),
+            // Sized for main's entries; with only a byte budget, for main's bytes
+            // (one-byte entries at worst) but never past the presizing cap, so
+            // a large budget cannot make a sketch that does not fit.
+            sketch: Sketch::new(main_limit.entries.min(main_limit.weight).min(capacity.presize() as u64)),
             warm: true,
             window_used: Load::default(),
             probation_old_used: Load::default(),
@@ -806,6 +811,16 @@ mod tests {
             assert!(h.policy().window.len() <= 12, "window holds {}", h.policy().window.len());
             assert!(h.policy().main_used().entries <= 990);
         }
+    }
+
+    /// With only a byte budget the sketch is sized for main's bytes as if
+    /// entries were tiny, capped at the presizing limit: 256 MiB would
+    /// otherwise ask for 3.8 billion counters.
+    #[test]
+    fn a_large_byte_budget_sizes_the_sketch_within_the_presizing_cap() {
+        let capacity = Capacity { max_entries: u64::MAX, max_bytes: 256 << 20 };
+        let p = WTinyLfu::create(capacity, 0, &Config::default()).expect("create");
+        assert!(p.sketch.counters.len() <= 15 << 20, "{} counters", p.sketch.counters.len());
     }
 
     #[test]
