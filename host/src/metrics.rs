@@ -22,10 +22,13 @@ use tokio::sync::watch;
 pub const COMMANDS: [&str; 12] =
     ["get", "set", "del", "exists", "ttl", "expire", "mget", "mset", "incr", "ping", "stats", "admin"];
 
+/// [`command_index`] of a GET.
+pub const GET: usize = 0;
+
 /// The slot of `request` in [`COMMANDS`].
 pub fn command_index(request: &Request) -> usize {
     match request {
-        Request::Get { .. } => 0,
+        Request::Get { .. } => GET,
         Request::Set { .. } => 1,
         Request::Del { .. } => 2,
         Request::Exists { .. } => 3,

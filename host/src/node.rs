@@ -58,6 +58,14 @@ impl Default for NodeConfig {
 pub trait Clock: Send + Sync {
     /// Milliseconds since an arbitrary start; never decreases.
     fn now_ms(&self) -> u64;
+
+    /// [`Clock::now_ms`] as of `at`, an instant the caller just read: the
+    /// request path times each request anyway, and one clock read is
+    /// cheaper than two.
+    fn now_ms_at(&self, at: Instant) -> u64 {
+        let _ = at;
+        self.now_ms()
+    }
 }
 
 /// The real clock: milliseconds since the node started.
@@ -66,6 +74,10 @@ pub struct MonotonicClock(Instant);
 impl Clock for MonotonicClock {
     fn now_ms(&self) -> u64 {
         self.0.elapsed().as_millis() as u64
+    }
+
+    fn now_ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.0).as_millis() as u64
     }
 }
 
@@ -343,13 +355,29 @@ impl Node {
     pub fn execute(&self, request: Request) -> Response {
         let started = Instant::now();
         let command = crate::metrics::command_index(&request);
-        let response = self.run(request);
+        let response = self.run(self.clock.now_ms_at(started), request);
         self.metrics.record(command, started.elapsed(), matches!(response, Response::Error(_)));
         response
     }
 
-    fn run(&self, request: Request) -> Response {
-        let now = self.now_ms();
+    /// A GET whose value `f` sees under the shard's lock instead of a
+    /// clone: the RESP port copies it straight into the reply. Counted,
+    /// sampled for the shadow and timed exactly as `execute` times a GET.
+    pub fn get_with<R>(&self, key: &Bytes, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        let started = Instant::now();
+        let now = self.clock.now_ms_at(started);
+        if let Some(threshold) = self.control.shadow_threshold()
+            && crate::shadow::in_sample(key, threshold)
+            && let Some(mut shadow) = self.control.shadow()
+        {
+            observe(shadow.as_mut(), now, &Request::Get { key: key.clone() });
+        }
+        let out = self.shard(key).get_with(now, key, f);
+        self.metrics.record(crate::metrics::GET, started.elapsed(), false);
+        out
+    }
+
+    fn run(&self, now: u64, request: Request) -> Response {
         if let Some(threshold) = self.control.shadow_threshold()
             && touches_sample(&request, threshold)
             && let Some(mut shadow) = self.control.shadow()
@@ -368,11 +396,10 @@ impl Node {
                 }
                 let _lease = self.invalidate_load(&key);
                 let mut shard = self.shard(&key);
-                let present = shard.contains(now, &key);
                 let applies = match condition {
                     Condition::Always => true,
-                    Condition::IfAbsent => !present,
-                    Condition::IfPresent => present,
+                    Condition::IfAbsent => !shard.contains(now, &key),
+                    Condition::IfPresent => shard.contains(now, &key),
                 };
                 if !applies {
                     return Response::Applied(false);
@@ -671,6 +698,20 @@ mod tests {
         assert_eq!(node.execute(Request::Ping), Response::Pong);
         let Response::Stats(stats) = node.execute(Request::Stats) else { panic!("stats") };
         assert_eq!((stats.entries, stats.shards, stats.policy.as_str()), (4, 3, "lru"));
+    }
+
+    /// The RESP port's GET lends the value instead of cloning it; it must
+    /// count, time and expire exactly as `execute` does.
+    #[test]
+    fn a_lent_read_counts_and_times_like_a_get() {
+        let node = node();
+        node.execute(set("a", "1", Condition::Always));
+        assert_eq!(node.get_with(&b("a"), |v| v.map(<[u8]>::to_vec)), Some(b"1".to_vec()));
+        assert_eq!(node.get_with(&b("nope"), |v| v.map(<[u8]>::to_vec)), None);
+        assert_eq!(node.execute(Request::Get { key: b("a") }), Response::Value(Some(b("1"))));
+        let stats = node.stats();
+        assert_eq!((stats.hits, stats.misses), (2, 1));
+        assert_eq!(node.metrics.latency(crate::metrics::GET).count(), 3, "every read is timed as a GET");
     }
 
     #[test]

@@ -72,8 +72,21 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
     let Some(first) = args.first() else {
         return;
     };
-    let name = upper(first);
     let mut w = Writer::new(out, session.resp3);
+    // Most traffic is plain GET and SET: no upper-cased name, and for GET
+    // no cloned value.
+    if args.len() == 2 && first.eq_ignore_ascii_case(b"GET") {
+        node.get_with(&args[1], |value| w.bulk_or_null(value));
+        return;
+    }
+    if args.len() == 3 && first.eq_ignore_ascii_case(b"SET") {
+        match node.refuse_origin_write(&args[1]) {
+            Some(Response::Error(err)) => w.error(&format!("ERR {}", err.message)),
+            _ => set(node, &mut w, &args),
+        }
+        return;
+    }
+    let name = upper(first);
     let n = args.len();
     // Keys written to an origin change only through `origin_write`.
     let changes: Vec<&Bytes> = match name.as_str() {
