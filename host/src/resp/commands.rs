@@ -73,17 +73,9 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
         return;
     };
     let mut w = Writer::new(out, session.resp3);
-    // Most traffic is plain GET and SET: no upper-cased name, and for GET
-    // no cloned value.
+    // Most traffic is plain GET: no upper-cased name, no cloned value.
     if args.len() == 2 && first.eq_ignore_ascii_case(b"GET") {
         node.get_with(&args[1], |value| w.bulk_or_null(value));
-        return;
-    }
-    if args.len() == 3 && first.eq_ignore_ascii_case(b"SET") {
-        match node.refuse_origin_write(&args[1]) {
-            Some(Response::Error(err)) => w.error(&format!("ERR {}", err.message)),
-            _ => set(node, &mut w, &args),
-        }
         return;
     }
     let name = upper(first);
