@@ -106,171 +106,91 @@ pub fn id_map_for<V>(n: usize) -> IdMap<V> {
 
 const NIL: u32 = u32::MAX;
 
-#[derive(Clone, Copy)]
-struct Node<T> {
-    id: EntryId,
-    value: T,
-    prev: u32,
-    next: u32,
-}
-
 /// An ordered list of ids with O(1) push, pop, removal and move-to-back,
 /// each carrying a small value (usually the entry's size). The front is the
-/// oldest end.
-pub struct IdList<T: Copy> {
-    nodes: Vec<Node<T>>,
-    free: Vec<u32>,
-    index: IdMap<u32>,
-    head: u32,
-    tail: u32,
+/// oldest end. One list of an [`IdLists`]: links and value live in a table
+/// indexed by the id's slot, 12 bytes plus `T` per entry.
+pub struct IdList<T: Copy + Default> {
+    list: IdLists<T, 1>,
 }
 
-impl<T: Copy> Default for IdList<T> {
+impl<T: Copy + Default> Default for IdList<T> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<T: Copy> IdList<T> {
+impl<T: Copy + Default> IdList<T> {
     /// An empty list.
     pub fn new() -> Self {
         Self::with_capacity(0)
     }
 
-    /// An empty list with room for `n` ids without growing.
+    /// An empty list with room for slots below `n` without growing.
     pub fn with_capacity(n: usize) -> Self {
-        Self { nodes: Vec::with_capacity(n), free: Vec::new(), index: id_map_for(n), head: NIL, tail: NIL }
+        Self { list: IdLists::with_capacity(n) }
     }
 
     /// Number of ids in the list.
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.list.len(0)
     }
 
     /// True when the list holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.list.is_empty(0)
     }
 
     /// Whether `id` is in the list.
     pub fn contains(&self, id: EntryId) -> bool {
-        self.index.contains_key(&id)
+        self.list.contains(id)
     }
 
     /// The value stored with `id`.
     pub fn get(&self, id: EntryId) -> Option<T> {
-        self.index.get(&id).map(|&i| self.nodes[i as usize].value)
+        self.list.get(id).map(|(_, value)| value)
     }
 
     /// A mutable reference to the value stored with `id`.
     pub fn get_mut(&mut self, id: EntryId) -> Option<&mut T> {
-        let i = *self.index.get(&id)?;
-        Some(&mut self.nodes[i as usize].value)
+        self.list.get_mut(id)
     }
 
     /// Appends `id` at the back (newest end). An id already present is
-    /// moved to the back and its value replaced.
+    /// moved to the back and its value replaced; an older id of the same
+    /// slot is dropped.
     pub fn push_back(&mut self, id: EntryId, value: T) {
-        if let Some(&i) = self.index.get(&id) {
-            self.nodes[i as usize].value = value;
-            self.unlink(i);
-            self.link_back(i);
-            return;
-        }
-        let node = Node { id, value, prev: NIL, next: NIL };
-        let i = match self.free.pop() {
-            Some(i) => {
-                self.nodes[i as usize] = node;
-                i
-            }
-            None => {
-                self.nodes.push(node);
-                u32::try_from(self.nodes.len() - 1).unwrap_or(NIL)
-            }
-        };
-        self.index.insert(id, i);
-        self.link_back(i);
+        self.list.push_back(0, id, value);
     }
 
     /// Moves `id` to the back; false when absent.
     pub fn move_to_back(&mut self, id: EntryId) -> bool {
-        let Some(&i) = self.index.get(&id) else {
-            return false;
-        };
-        if self.tail != i {
-            self.unlink(i);
-            self.link_back(i);
-        }
-        true
+        self.list.move_to_back(id)
     }
 
     /// Removes `id`, returning its value.
     pub fn remove(&mut self, id: EntryId) -> Option<T> {
-        let i = self.index.remove(&id)?;
-        self.unlink(i);
-        self.free.push(i);
-        Some(self.nodes[i as usize].value)
+        self.list.remove(id).map(|(_, value)| value)
     }
 
     /// The front (oldest) id and its value.
     pub fn front(&self) -> Option<(EntryId, T)> {
-        (self.head != NIL).then(|| {
-            let n = &self.nodes[self.head as usize];
-            (n.id, n.value)
-        })
+        self.list.front(0)
     }
 
     /// Removes and returns the front (oldest) id and its value.
     pub fn pop_front(&mut self) -> Option<(EntryId, T)> {
-        let (id, value) = self.front()?;
-        self.remove(id);
-        Some((id, value))
+        self.list.pop_front(0)
     }
 
     /// The id after `id` (one step toward the back), if any.
     pub fn next_after(&self, id: EntryId) -> Option<EntryId> {
-        let &i = self.index.get(&id)?;
-        let next = self.nodes[i as usize].next;
-        (next != NIL).then(|| self.nodes[next as usize].id)
+        self.list.next_after(id)
     }
 
     /// Ids from front (oldest) to back (newest).
     pub fn iter(&self) -> impl Iterator<Item = (EntryId, T)> + '_ {
-        let mut at = self.head;
-        std::iter::from_fn(move || {
-            if at == NIL {
-                return None;
-            }
-            let n = &self.nodes[at as usize];
-            at = n.next;
-            Some((n.id, n.value))
-        })
-    }
-
-    fn unlink(&mut self, i: u32) {
-        let Node { prev, next, .. } = self.nodes[i as usize];
-        if prev == NIL {
-            self.head = next;
-        } else {
-            self.nodes[prev as usize].next = next;
-        }
-        if next == NIL {
-            self.tail = prev;
-        } else {
-            self.nodes[next as usize].prev = prev;
-        }
-    }
-
-    fn link_back(&mut self, i: u32) {
-        let node = &mut self.nodes[i as usize];
-        node.prev = self.tail;
-        node.next = NIL;
-        if self.tail == NIL {
-            self.head = i;
-        } else {
-            self.nodes[self.tail as usize].next = i;
-        }
-        self.tail = i;
+        self.list.iter(0)
     }
 }
 
@@ -297,21 +217,265 @@ mod tests {
     }
 }
 
+/// No list: the slot is free or its entry has left.
+const NO_LIST: u8 = u8::MAX;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SlotNode<T> {
+    value: T,
+    /// The generation half of the id, so a reused slot is told apart.
+    generation: u32,
+    prev: u32,
+    next: u32,
+    list: u8,
+}
+
+/// Up to `K` ordered lists of ids sharing one table indexed by slot: each
+/// id is in at most one list, and its links live in its slot. That is what
+/// a policy of several queues (S3-FIFO, 2Q, ARC) needs at 12 bytes plus `T`
+/// per entry, where an [`IdList`] per queue costs a node, an index entry and
+/// a free-list place in each, and no hashing either way.
+#[derive(Clone, Debug)]
+pub struct IdLists<T: Copy + Default, const K: usize> {
+    nodes: Vec<SlotNode<T>>,
+    heads: [u32; K],
+    tails: [u32; K],
+    lens: [usize; K],
+}
+
+impl<T: Copy + Default, const K: usize> IdLists<T, K> {
+    /// Empty lists with room for slots below `n` without growing.
+    pub fn with_capacity(n: usize) -> Self {
+        assert!(K < usize::from(NO_LIST), "at most 254 lists");
+        Self { nodes: Vec::with_capacity(n), heads: [NIL; K], tails: [NIL; K], lens: [0; K] }
+    }
+
+    fn slot(&self, id: EntryId) -> Option<usize> {
+        let slot = slot_of(id);
+        let node = self.nodes.get(slot)?;
+        (node.list != NO_LIST && node.generation == (id >> 32) as u32).then_some(slot)
+    }
+
+    /// The list `id` is in, with its value.
+    pub fn get(&self, id: EntryId) -> Option<(usize, T)> {
+        self.slot(id).map(|s| (usize::from(self.nodes[s].list), self.nodes[s].value))
+    }
+
+    /// The value of `id`, mutably.
+    pub fn get_mut(&mut self, id: EntryId) -> Option<&mut T> {
+        let slot = self.slot(id)?;
+        Some(&mut self.nodes[slot].value)
+    }
+
+    /// Whether `id` is in any list.
+    pub fn contains(&self, id: EntryId) -> bool {
+        self.slot(id).is_some()
+    }
+
+    /// Number of ids in `list`.
+    pub fn len(&self, list: usize) -> usize {
+        self.lens[list]
+    }
+
+    /// True when `list` is empty.
+    pub fn is_empty(&self, list: usize) -> bool {
+        self.lens[list] == 0
+    }
+
+    /// Appends `id` to the back (newest end) of `list`, taking it out of
+    /// whichever list held it. An older id of the same slot is dropped.
+    pub fn push_back(&mut self, list: usize, id: EntryId, value: T) {
+        let slot = slot_of(id);
+        if slot >= self.nodes.len() {
+            self.nodes.resize(slot + 1, SlotNode { list: NO_LIST, ..SlotNode::default() });
+        }
+        if self.nodes[slot].list != NO_LIST {
+            self.unlink(slot as u32);
+        }
+        self.nodes[slot] = SlotNode { value, generation: (id >> 32) as u32, prev: NIL, next: NIL, list: list as u8 };
+        self.link_back(list, slot as u32);
+    }
+
+    /// Moves `id` to the back of its own list; false when absent.
+    pub fn move_to_back(&mut self, id: EntryId) -> bool {
+        let Some(slot) = self.slot(id) else { return false };
+        let list = usize::from(self.nodes[slot].list);
+        self.unlink(slot as u32);
+        self.link_back(list, slot as u32);
+        true
+    }
+
+    /// Takes `id` out of its list, returning the list and the value.
+    pub fn remove(&mut self, id: EntryId) -> Option<(usize, T)> {
+        let slot = self.slot(id)?;
+        let list = usize::from(self.nodes[slot].list);
+        self.unlink(slot as u32);
+        self.nodes[slot].list = NO_LIST;
+        Some((list, self.nodes[slot].value))
+    }
+
+    /// The front (oldest) id of `list` and its value.
+    pub fn front(&self, list: usize) -> Option<(EntryId, T)> {
+        let head = self.heads[list];
+        (head != NIL).then(|| (self.id_at(head), self.nodes[head as usize].value))
+    }
+
+    /// The id after `id` in its list (one step toward the back), if any.
+    pub fn next_after(&self, id: EntryId) -> Option<EntryId> {
+        let next = self.nodes[self.slot(id)?].next;
+        (next != NIL).then(|| self.id_at(next))
+    }
+
+    /// Removes and returns the front (oldest) id of `list` and its value.
+    pub fn pop_front(&mut self, list: usize) -> Option<(EntryId, T)> {
+        let (id, value) = self.front(list)?;
+        self.remove(id);
+        Some((id, value))
+    }
+
+    /// The ids of `list`, front (oldest) to back (newest), with values.
+    pub fn iter(&self, list: usize) -> impl Iterator<Item = (EntryId, T)> + '_ {
+        let mut at = self.heads[list];
+        std::iter::from_fn(move || {
+            if at == NIL {
+                return None;
+            }
+            let node = &self.nodes[at as usize];
+            let item = (self.id_at(at), node.value);
+            at = node.next;
+            Some(item)
+        })
+    }
+
+    fn id_at(&self, slot: u32) -> EntryId {
+        (u64::from(self.nodes[slot as usize].generation) << 32) | u64::from(slot)
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let SlotNode { prev, next, list, .. } = self.nodes[slot as usize];
+        let list = usize::from(list);
+        if prev == NIL {
+            self.heads[list] = next;
+        } else {
+            self.nodes[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tails[list] = prev;
+        } else {
+            self.nodes[next as usize].prev = prev;
+        }
+        self.lens[list] -= 1;
+    }
+
+    fn link_back(&mut self, list: usize, slot: u32) {
+        let tail = self.tails[list];
+        let node = &mut self.nodes[slot as usize];
+        node.prev = tail;
+        node.next = NIL;
+        if tail == NIL {
+            self.heads[list] = slot;
+        } else {
+            self.nodes[tail as usize].next = slot;
+        }
+        self.tails[list] = slot;
+        self.lens[list] += 1;
+    }
+}
+
+#[cfg(test)]
+mod lists_tests {
+    use super::*;
+
+    #[test]
+    fn lists_share_a_table_and_match_a_model_through_churn() {
+        // A model: one VecDeque per list, ids unique across lists.
+        let mut lists = IdLists::<u64, 3>::with_capacity(4);
+        let mut model: [std::collections::VecDeque<(EntryId, u64)>; 3] = Default::default();
+        let mut rng = crate::rng::SplitMix64::new(7);
+        let mut generation = [0u64; 16];
+        for step in 0..20_000u64 {
+            let slot = rng.below(16);
+            let id = (generation[slot as usize] << 32) | slot;
+            let list = rng.below(3) as usize;
+            match rng.below(5) {
+                0 | 1 => {
+                    for q in model.iter_mut() {
+                        q.retain(|&(i, _)| i != id);
+                    }
+                    model[list].push_back((id, step));
+                    lists.push_back(list, id, step);
+                }
+                2 => {
+                    let expected = model.iter_mut().enumerate().find_map(|(l, q)| {
+                        let at = q.iter().position(|&(i, _)| i == id)?;
+                        q.remove(at).map(|(_, v)| (l, v))
+                    });
+                    assert_eq!(lists.remove(id), expected);
+                    // The slot's next entry gets a new generation.
+                    generation[slot as usize] += 1;
+                    let stale = ((generation[slot as usize] - 1) << 32) | slot;
+                    assert!(!lists.contains(stale));
+                }
+                3 => assert_eq!(lists.pop_front(list), model[list].pop_front()),
+                _ => {
+                    let at = model[list].iter().position(|&(i, _)| i == id);
+                    assert_eq!(lists.move_to_back(id), model.iter().any(|q| q.iter().any(|&(i, _)| i == id)));
+                    if let Some(at) = at {
+                        let item = model[list].remove(at).expect("present");
+                        model[list].push_back(item);
+                    } else if let Some(l) = model.iter().position(|q| q.iter().any(|&(i, _)| i == id)) {
+                        let at = model[l].iter().position(|&(i, _)| i == id).expect("present");
+                        let item = model[l].remove(at).expect("present");
+                        model[l].push_back(item);
+                    }
+                }
+            }
+            for (l, q) in model.iter().enumerate() {
+                assert_eq!(lists.len(l), q.len());
+                assert!(lists.iter(l).eq(q.iter().copied()), "list {l} at step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stale_id_of_a_reused_slot_is_not_found() {
+        let mut lists = IdLists::<u8, 2>::with_capacity(0);
+        let old = 5u64;
+        let new = (1u64 << 32) | 5;
+        lists.push_back(0, old, 1);
+        assert_eq!(lists.remove(new), None);
+        lists.push_back(1, new, 2);
+        assert!(!lists.contains(old));
+        assert!(lists.is_empty(0), "the old id left its list with its slot");
+        assert_eq!(lists.get(new), Some((1, 2)));
+        assert!(lists.is_empty(0));
+        assert_eq!(lists.len(1), 1);
+    }
+}
+
 /// A map from 64-bit keys (key hashes) to small values, for state that
 /// outlives entries (ghost lists, frequency tables). Open addressing with
 /// linear probing and backward-shift deletion: no tombstones, so it never
 /// rehashes in place, and it grows only past the size it was made for.
+///
+/// Keys and values are kept in two arrays, with key 0 marking a free slot
+/// (the key 0 itself is held aside): a probe reads 8 bytes a slot, and the
+/// table costs `16 + size_of::<V>()` bytes per key it was sized for, where
+/// an array of `Option<(u64, V)>` would cost half as much again.
 #[derive(Clone, Debug)]
-pub struct KeyMap<V: Copy> {
-    slots: Vec<Option<(u64, V)>>,
+pub struct KeyMap<V: Copy + Default> {
+    keys: Vec<u64>,
+    values: Vec<V>,
+    /// The value of key 0, which cannot live in the table.
+    zero: Option<V>,
     len: usize,
 }
 
-impl<V: Copy> KeyMap<V> {
+impl<V: Copy + Default> KeyMap<V> {
     /// A map with room for `n` keys at under 50% load.
     pub fn with_capacity(n: usize) -> Self {
         let size = (n.max(4) * 2).next_power_of_two();
-        Self { slots: vec![None; size], len: 0 }
+        Self { keys: vec![0; size], values: vec![V::default(); size], zero: None, len: 0 }
     }
 
     /// Number of keys held.
@@ -326,78 +490,110 @@ impl<V: Copy> KeyMap<V> {
 
     fn home(&self, key: u64) -> usize {
         let mixed = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (mixed >> 32) as usize & (self.slots.len() - 1)
+        (mixed >> 32) as usize & (self.keys.len() - 1)
     }
 
+    /// The table position of a non-zero `key`.
     fn position(&self, key: u64) -> Option<usize> {
-        let mask = self.slots.len() - 1;
+        let mask = self.keys.len() - 1;
         let mut i = self.home(key);
         loop {
-            match self.slots[i] {
-                None => return None,
-                Some((k, _)) if k == key => return Some(i),
-                Some(_) => i = (i + 1) & mask,
+            match self.keys[i] {
+                0 => return None,
+                k if k == key => return Some(i),
+                _ => i = (i + 1) & mask,
             }
         }
     }
 
     /// The value of `key`.
     pub fn get(&self, key: u64) -> Option<V> {
-        self.position(key).and_then(|i| self.slots[i].map(|(_, v)| v))
+        if key == 0 {
+            return self.zero;
+        }
+        self.position(key).map(|i| self.values[i])
     }
 
     /// Whether `key` is held.
     pub fn contains(&self, key: u64) -> bool {
-        self.position(key).is_some()
+        self.get(key).is_some()
     }
 
     /// Sets `key` to `value`, returning the old value.
     pub fn insert(&mut self, key: u64, value: V) -> Option<V> {
-        if let Some(i) = self.position(key) {
-            return self.slots[i].replace((key, value)).map(|(_, v)| v);
+        if key == 0 {
+            let old = self.zero.replace(value);
+            self.len += usize::from(old.is_none());
+            return old;
         }
-        if (self.len + 1) * 2 > self.slots.len() {
+        if let Some(i) = self.position(key) {
+            return Some(std::mem::replace(&mut self.values[i], value));
+        }
+        if (self.len + 1) * 2 > self.keys.len() {
             self.grow();
         }
-        let mask = self.slots.len() - 1;
+        let mask = self.keys.len() - 1;
         let mut i = self.home(key);
-        while self.slots[i].is_some() {
+        while self.keys[i] != 0 {
             i = (i + 1) & mask;
         }
-        self.slots[i] = Some((key, value));
+        self.keys[i] = key;
+        self.values[i] = value;
         self.len += 1;
         None
     }
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: u64) -> Option<V> {
+        if key == 0 {
+            let old = self.zero.take();
+            self.len -= usize::from(old.is_some());
+            return old;
+        }
         let mut hole = self.position(key)?;
-        let removed = self.slots[hole].take().map(|(_, v)| v);
+        let removed = self.values[hole];
+        self.keys[hole] = 0;
         self.len -= 1;
         // Shift later members of the probe run back into the hole.
-        let mask = self.slots.len() - 1;
+        let mask = self.keys.len() - 1;
         let mut i = (hole + 1) & mask;
-        while let Some((k, _)) = self.slots[i] {
+        while self.keys[i] != 0 {
+            let k = self.keys[i];
             let home = self.home(k);
             // Move k if its home is not in the cyclic range (hole, i].
             let in_range = if hole <= i { hole < home && home <= i } else { hole < home || home <= i };
             if !in_range {
-                self.slots[hole] = self.slots[i].take();
+                self.keys[hole] = k;
+                self.values[hole] = self.values[i];
+                self.keys[i] = 0;
                 hole = i;
             }
             i = (i + 1) & mask;
         }
-        removed
+        Some(removed)
     }
 
     fn grow(&mut self) {
-        let old = std::mem::take(&mut self.slots);
-        self.slots = vec![None; old.len() * 2];
-        self.len = 0;
-        for (k, v) in old.into_iter().flatten() {
+        let keys = std::mem::take(&mut self.keys);
+        let values = std::mem::take(&mut self.values);
+        self.keys = vec![0; keys.len() * 2];
+        self.values = vec![V::default(); keys.len() * 2];
+        self.len = usize::from(self.zero.is_some());
+        for (k, v) in keys.into_iter().zip(values).filter(|&(k, _)| k != 0) {
             self.insert(k, v);
         }
     }
+}
+
+/// A key's place in a [`Ghost`]: 8 bytes, so the ghost's table costs 16
+/// bytes per key it has room for.
+#[derive(Clone, Copy, Debug, Default)]
+struct Remembered {
+    /// Tells the key's live queue entry from leftovers of earlier visits;
+    /// wraps, which would need four billion inserts while a leftover waits.
+    seq: u32,
+    /// The weight the ghost was charged (saturated; refunded alike).
+    weight: u32,
 }
 
 /// A bounded FIFO of key hashes with weights: the ghost list of S3-FIFO,
@@ -407,15 +603,15 @@ impl<V: Copy> KeyMap<V> {
 pub struct Ghost {
     /// `(key, sequence)` in insertion order; entries whose sequence no longer
     /// matches `members` were removed and are skipped.
-    queue: std::collections::VecDeque<(u64, u64)>,
+    queue: std::collections::VecDeque<(u64, u32)>,
     /// Live keys: their sequence and weight.
-    members: KeyMap<(u64, u64)>,
+    members: KeyMap<Remembered>,
     weight: u64,
     limit: u64,
     /// Also a bound on the number of keys: with byte weights a ghost of
     /// small entries could otherwise outgrow the table sized for it.
     max_keys: usize,
-    next_seq: u64,
+    next_seq: u32,
 }
 
 impl Ghost {
@@ -439,12 +635,17 @@ impl Ghost {
     /// Forgets `key`; true if it was remembered.
     pub fn remove(&mut self, key: u64) -> bool {
         match self.members.remove(key) {
-            Some((_, w)) => {
-                self.weight -= w;
+            Some(held) => {
+                self.weight -= u64::from(held.weight);
                 true
             }
             None => false,
         }
+    }
+
+    /// The live entry of `key` in the queue is `(key, seq)`.
+    fn is_live(&self, key: u64, seq: u32) -> bool {
+        self.members.get(key).is_some_and(|held| held.seq == seq)
     }
 
     /// Remembers `key` (no-op if already remembered), forgetting the oldest
@@ -454,23 +655,20 @@ impl Ghost {
             return;
         }
         let seq = self.next_seq;
-        self.next_seq += 1;
-        self.members.insert(key, (seq, weight));
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let weight = u32::try_from(weight).unwrap_or(u32::MAX);
+        self.members.insert(key, Remembered { seq, weight });
         self.queue.push_back((key, seq));
-        self.weight += weight;
+        self.weight += u64::from(weight);
         while self.weight > self.limit || self.members.len() > self.max_keys {
-            let Some((old, old_seq)) = self.queue.pop_front() else { break };
-            if let Some((live_seq, w)) = self.members.get(old)
-                && live_seq == old_seq
-            {
-                self.members.remove(old);
-                self.weight -= w;
+            if self.pop_oldest().is_none() {
+                break;
             }
         }
         // Drop removed keys' leftovers as they reach the front: a little work
         // per insert, never a pass over the whole queue inside one call.
         while let Some(&(front, seq)) = self.queue.front() {
-            if self.members.get(front).is_some_and(|(live, _)| live == seq) {
+            if self.is_live(front, seq) {
                 break;
             }
             self.queue.pop_front();
@@ -480,12 +678,10 @@ impl Ghost {
     /// Forgets the oldest key, returning it and its weight.
     pub fn pop_oldest(&mut self) -> Option<(u64, u64)> {
         while let Some((key, seq)) = self.queue.pop_front() {
-            if let Some((live_seq, w)) = self.members.get(key)
-                && live_seq == seq
-            {
-                self.members.remove(key);
-                self.weight -= w;
-                return Some((key, w));
+            if self.is_live(key, seq) {
+                let held = self.members.remove(key)?;
+                self.weight -= u64::from(held.weight);
+                return Some((key, u64::from(held.weight)));
             }
         }
         None

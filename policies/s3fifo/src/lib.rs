@@ -16,27 +16,36 @@
 //! one entry (libCacheSim admits nothing when 10% of the cache rounds to one
 //! object or fewer).
 
-use cachet_policy_sdk::collections::{Ghost, IdList, IdMap, id_map_for};
+use cachet_policy_sdk::collections::{Ghost, IdLists};
 use cachet_policy_sdk::{
     Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, collect_victims,
     export_policy,
 };
 
-#[derive(Clone, Copy)]
+const SMALL: usize = 0;
+const MAIN: usize = 1;
+
+/// What the policy keeps per resident entry besides its queue links; with
+/// them, 32 bytes an entry, in one table indexed by slot. (Two linked
+/// lists and a map cost 80 and more, a large share of a node's memory per
+/// key.)
+#[derive(Clone, Copy, Default)]
 struct Meta {
     key_hash: u64,
+    /// The size the queues were charged; saturated at `u32::MAX`, which the
+    /// host's value limit keeps far away, and charged and refunded alike.
+    size: u32,
     count: u8,
 }
 
 /// The three queues and the bookkeeping that balances them.
 pub struct S3Fifo {
     capacity: Capacity,
-    small: IdList<u64>,
-    main: IdList<u64>,
-    meta: IdMap<Meta>,
+    /// The small (`SMALL`) and main (`MAIN`) queues.
+    queues: IdLists<Meta, 2>,
     ghost: Ghost,
-    small_used: u64,
-    main_used: u64,
+    /// Weight in each queue.
+    used: [u64; 2],
     main_limit: u64,
     move_threshold: u8,
     /// The key hash of the last miss that found its key in the ghost: its
@@ -45,41 +54,32 @@ pub struct S3Fifo {
 }
 
 impl S3Fifo {
-    fn weight(&self, size: u64) -> u64 {
-        self.capacity.weight(size)
+    fn weight(&self, size: u32) -> u64 {
+        self.capacity.weight(u64::from(size))
     }
 
     fn evict_small(&mut self) -> Option<(EntryId, u64)> {
-        while let Some((id, size)) = self.small.pop_front() {
-            let w = self.weight(size);
-            self.small_used -= w;
-            let Some(meta) = self.meta.get_mut(&id) else { continue };
+        while let Some((id, meta)) = self.queues.pop_front(SMALL) {
+            let w = self.weight(meta.size);
+            self.used[SMALL] -= w;
             if meta.count >= self.move_threshold {
-                meta.count = 0;
-                self.main.push_back(id, size);
-                self.main_used += w;
+                self.queues.push_back(MAIN, id, Meta { count: 0, ..meta });
+                self.used[MAIN] += w;
             } else {
-                let hash = meta.key_hash;
-                self.meta.remove(&id);
-                self.ghost.insert(hash, w);
-                return Some((id, size));
+                self.ghost.insert(meta.key_hash, w);
+                return Some((id, u64::from(meta.size)));
             }
         }
         None
     }
 
     fn evict_main(&mut self) -> Option<(EntryId, u64)> {
-        while let Some((id, size)) = self.main.pop_front() {
-            let count = self.meta.get(&id).map_or(0, |m| m.count);
-            if count >= 1 {
-                if let Some(meta) = self.meta.get_mut(&id) {
-                    meta.count = count.min(3) - 1;
-                }
-                self.main.push_back(id, size);
+        while let Some((id, meta)) = self.queues.pop_front(MAIN) {
+            if meta.count >= 1 {
+                self.queues.push_back(MAIN, id, Meta { count: meta.count.min(3) - 1, ..meta });
             } else {
-                self.main_used -= self.weight(size);
-                self.meta.remove(&id);
-                return Some((id, size));
+                self.used[MAIN] -= self.weight(meta.size);
+                return Some((id, u64::from(meta.size)));
             }
         }
         None
@@ -88,8 +88,8 @@ impl S3Fifo {
     fn evict_one(&mut self) -> Option<(EntryId, u64)> {
         // Moving keys from small to main can leave a round without an
         // eviction; the next round then takes from main.
-        while self.small_used + self.main_used > 0 {
-            let victim = if self.main_used > self.main_limit || self.small_used == 0 {
+        while self.used[SMALL] + self.used[MAIN] > 0 {
+            let victim = if self.used[MAIN] > self.main_limit || self.used[SMALL] == 0 {
                 self.evict_main()
             } else {
                 self.evict_small()
@@ -102,12 +102,9 @@ impl S3Fifo {
     }
 
     fn forget(&mut self, id: EntryId) {
-        if let Some(size) = self.small.remove(id) {
-            self.small_used -= self.weight(size);
-        } else if let Some(size) = self.main.remove(id) {
-            self.main_used -= self.weight(size);
+        if let Some((queue, meta)) = self.queues.remove(id) {
+            self.used[queue] -= self.weight(meta.size);
         }
-        self.meta.remove(&id);
     }
 }
 
@@ -131,12 +128,9 @@ impl Policy for S3Fifo {
         let n = capacity.presize();
         Ok(Self {
             capacity,
-            small: IdList::with_capacity(n),
-            main: IdList::with_capacity(n),
-            meta: id_map_for(n),
+            queues: IdLists::with_capacity(n),
             ghost: Ghost::new((limit as f64 * ghost_ratio) as u64, n),
-            small_used: 0,
-            main_used: 0,
+            used: [0; 2],
             main_limit: limit.saturating_sub(small_limit),
             move_threshold,
             ghost_hit: None,
@@ -144,31 +138,26 @@ impl Policy for S3Fifo {
     }
 
     fn on_inserted(&mut self, _: u64, entry: &Entry) {
-        let w = self.weight(entry.size);
-        if self.ghost_hit.take() == Some(entry.key_hash) {
-            self.main.push_back(entry.id, entry.size);
-            self.main_used += w;
-        } else {
-            self.small.push_back(entry.id, entry.size);
-            self.small_used += w;
-        }
-        self.meta.insert(entry.id, Meta { key_hash: entry.key_hash, count: 0 });
+        self.forget(entry.id);
+        let size = u32::try_from(entry.size).unwrap_or(u32::MAX);
+        let queue = if self.ghost_hit.take() == Some(entry.key_hash) { MAIN } else { SMALL };
+        self.queues.push_back(queue, entry.id, Meta { key_hash: entry.key_hash, size, count: 0 });
+        self.used[queue] += self.weight(size);
     }
 
     fn on_accessed(&mut self, _: u64, id: EntryId) {
-        if let Some(meta) = self.meta.get_mut(&id) {
+        if let Some(meta) = self.queues.get_mut(id) {
             meta.count = (meta.count + 1).min(3);
         }
     }
 
     fn on_updated(&mut self, now: u64, entry: &Entry) {
-        let w = self.weight(entry.size);
-        if let Some(size) = self.small.get_mut(entry.id) {
-            self.small_used = self.small_used - self.capacity.weight(*size) + w;
-            *size = entry.size;
-        } else if let Some(size) = self.main.get_mut(entry.id) {
-            self.main_used = self.main_used - self.capacity.weight(*size) + w;
-            *size = entry.size;
+        let size = u32::try_from(entry.size).unwrap_or(u32::MAX);
+        if let Some((queue, meta)) = self.queues.get(entry.id) {
+            self.used[queue] = self.used[queue] - self.weight(meta.size) + self.weight(size);
+            if let Some(meta) = self.queues.get_mut(entry.id) {
+                meta.size = size;
+            }
         }
         self.on_accessed(now, entry.id);
     }
@@ -186,7 +175,7 @@ impl Policy for S3Fifo {
     }
 
     fn export_order(&self, out: &mut Vec<EntryId>) {
-        out.extend(self.small.iter().chain(self.main.iter()).map(|(id, _)| id));
+        out.extend(self.queues.iter(SMALL).chain(self.queues.iter(MAIN)).map(|(id, _)| id));
     }
 }
 
