@@ -234,7 +234,7 @@ impl Node {
 
     /// Calls `f` with every live entry of every shard, one shard locked at
     /// a time.
-    pub(crate) fn raw_for_each(&self, mut f: impl FnMut(&[u8], &Bytes)) {
+    pub(crate) fn raw_for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
         let now = self.now_ms();
         for shard in &self.shards {
             lock(shard).for_each(now, &mut f);

@@ -139,7 +139,7 @@ impl RecordStore for ShardRecords {
 
     fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record)) {
         self.node.raw_for_each(|key, raw| {
-            if let Some(record) = decode(raw) {
+            if let Some(record) = decode(&Bytes::copy_from_slice(raw)) {
                 f(&Bytes::copy_from_slice(key), &record);
             }
         });

@@ -4,7 +4,6 @@
 
 pub mod histogram;
 pub mod hotkeys;
-pub mod key;
 pub mod policy;
 pub mod shard;
 pub mod ttl;

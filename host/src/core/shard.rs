@@ -15,7 +15,6 @@
 
 use crate::core::histogram::Histogram;
 use crate::core::hotkeys::HotKeys;
-use crate::core::key::Key;
 use crate::core::policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault};
 use crate::core::ttl::TtlIndex;
 use bytes::Bytes;
@@ -242,21 +241,82 @@ impl ShardStats {
     }
 }
 
-/// One resident entry.
+/// One resident entry: 48 bytes, and one allocation holding its key and
+/// value. Memory per key is what a cache is chosen for: a `Bytes` value (a
+/// 32-byte handle and an allocation of its own, with its header and size
+/// rounding) and an inline key made this 96 bytes plus a second allocation.
+/// The price is a copy on each write (the request's buffer is never kept
+/// anyway) and on each read that wants `Bytes` rather than a lent slice.
 struct Slot {
-    key: Key,
-    value: Bytes,
+    /// The key, then the value.
+    data: Box<[u8]>,
     key_hash: u64,
-    expires_at: Option<u64>,
-    hint: u32,
+    /// Absolute expiry, [`NEVER`] for none (an `Option` would take 8 more
+    /// bytes).
+    expires: u64,
     /// Logical time of the last read or write, so a fallback can be rebuilt
     /// in recency order without trusting a faulted policy's export.
     touched: u64,
+    hint: u32,
+    key_len: u32,
+}
+
+/// The `expires` of an entry without a time to live.
+const NEVER: u64 = u64::MAX;
+
+/// When a time to live of `ttl_ms` set at `now` runs out; never [`NEVER`].
+fn deadline(now: u64, ttl_ms: u64) -> u64 {
+    now.saturating_add(ttl_ms).min(NEVER - 1)
 }
 
 impl Slot {
+    /// A slot for `key` and `value`; `key` is no longer than `u32::MAX`
+    /// (the shard's key limit is checked first).
+    fn new(key: &[u8], value: &[u8], key_hash: u64, expires_at: Option<u64>, hint: u32, touched: u64) -> Self {
+        let mut data = Vec::with_capacity(key.len() + value.len());
+        data.extend_from_slice(key);
+        data.extend_from_slice(value);
+        Self {
+            data: data.into_boxed_slice(),
+            key_hash,
+            expires: expires_at.unwrap_or(NEVER),
+            touched,
+            hint,
+            key_len: key.len() as u32,
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.data[..self.key_len as usize]
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.data[self.key_len as usize..]
+    }
+
+    /// Replaces the value, keeping the key.
+    fn set_value(&mut self, value: &[u8]) {
+        let key_len = self.key_len as usize;
+        if self.data.len() == key_len + value.len() {
+            self.data[key_len..].copy_from_slice(value);
+        } else {
+            let mut data = Vec::with_capacity(key_len + value.len());
+            data.extend_from_slice(&self.data[..key_len]);
+            data.extend_from_slice(value);
+            self.data = data.into_boxed_slice();
+        }
+    }
+
+    fn expires_at(&self) -> Option<u64> {
+        (self.expires != NEVER).then_some(self.expires)
+    }
+
+    fn set_expires_at(&mut self, at: Option<u64>) {
+        self.expires = at.unwrap_or(NEVER);
+    }
+
     fn size(&self) -> u64 {
-        (self.key.len() + self.value.len()) as u64
+        self.data.len() as u64
     }
 }
 
@@ -578,15 +638,15 @@ impl Shard {
     /// removed and reads as a miss.
     pub fn get(&mut self, now: u64, key: &[u8]) -> Option<Bytes> {
         let index = self.read(now, key)?;
-        Some(self.slab.get(index).value.clone())
+        Some(Bytes::copy_from_slice(self.slab.get(index).value()))
     }
 
     /// Reads `key` like [`Shard::get`] but lends the value to `f` instead
-    /// of cloning it out: a clone touches the value's reference count, one
-    /// more cache miss per hit, where a reply can copy the bytes directly.
+    /// of copying it out: a reply can copy the bytes straight into its
+    /// buffer, one allocation less.
     pub fn get_with<R>(&mut self, now: u64, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
         match self.read(now, key) {
-            Some(index) => f(Some(&self.slab.get(index).value)),
+            Some(index) => f(Some(self.slab.get(index).value())),
             None => f(None),
         }
     }
@@ -622,7 +682,7 @@ impl Shard {
         let value = self.get(now, key)?;
         let index = self.find(cachet_proto::key_hash(key), key)?;
         let slot = self.slab.get(index);
-        Some(EntryView { value, expires_at: slot.expires_at, hint: slot.hint })
+        Some(EntryView { value, expires_at: slot.expires_at(), hint: slot.hint })
     }
 
     /// The hottest keys read lately, hottest first, with their estimated
@@ -638,10 +698,13 @@ impl Shard {
     }
 
     /// Stores `value` under `key`, evicting on the policy's advice to stay
-    /// within budget. Refused writes change nothing.
+    /// within budget. Refused writes change nothing. Key and value are
+    /// copied into the entry's own allocation, so `value` may be a slice of
+    /// a larger buffer: the shard keeps nothing of it.
     pub fn set(&mut self, now: u64, key: &[u8], value: Bytes, options: SetOptions) -> Result<SetOutcome, ShardError> {
-        if key.len() > self.config.max_key_size {
-            return Err(ShardError::KeyTooLarge { size: key.len(), limit: self.config.max_key_size });
+        let key_limit = self.config.max_key_size.min(u32::MAX as usize);
+        if key.len() > key_limit {
+            return Err(ShardError::KeyTooLarge { size: key.len(), limit: key_limit });
         }
         if value.len() > self.config.max_value_size {
             return Err(ShardError::ValueTooLarge { size: value.len(), limit: self.config.max_value_size });
@@ -651,7 +714,7 @@ impl Shard {
             return Err(ShardError::EntryTooLarge { size, limit: self.config.max_bytes });
         }
         let hash = cachet_proto::key_hash(key);
-        let expires_at = options.ttl_ms.map(|ttl| now.saturating_add(ttl));
+        let expires_at = options.ttl_ms.map(|ttl| deadline(now, ttl));
         self.clock += 1;
         let mut found = self.find(hash, key);
         if let Some(index) = found.filter(|&i| self.is_expired(i, now)) {
@@ -662,8 +725,8 @@ impl Shard {
             found = None;
         }
         if let Some(index) = found {
-            let expires_at = if options.keep_ttl { self.slab.get(index).expires_at } else { expires_at };
-            self.update(now, index, value, expires_at, options.hint);
+            let expires_at = if options.keep_ttl { self.slab.get(index).expires_at() } else { expires_at };
+            self.update(now, index, &value, expires_at, options.hint);
             return Ok(SetOutcome::Updated);
         }
         let id_hint = Entry { id: 0, key_hash: hash, size, expires_at, hint: options.hint };
@@ -673,14 +736,7 @@ impl Shard {
         }
         let need = self.need(1, size);
         self.make_room(now, need);
-        let index = self.slab.insert(Slot {
-            key: Key::new(key),
-            value,
-            key_hash: hash,
-            expires_at,
-            hint: options.hint,
-            touched: self.clock,
-        });
+        let index = self.slab.insert(Slot::new(key, &value, hash, expires_at, options.hint, self.clock));
         let Self { table, slab, .. } = self;
         table.insert_unique(hash, index, |&i| slab.get(i).key_hash);
         let id = self.slab.id(index);
@@ -697,7 +753,7 @@ impl Shard {
     /// `Some(None)` if it never expires. Not reported as an access.
     pub fn ttl(&self, now: u64, key: &[u8]) -> Option<Option<u64>> {
         let index = self.find(cachet_proto::key_hash(key), key).filter(|&i| !self.is_expired(i, now))?;
-        Some(self.slab.get(index).expires_at.map(|at| at - now))
+        Some(self.slab.get(index).expires_at().map(|at| at - now))
     }
 
     /// The value of `key` if resident and live, without counting a read or
@@ -705,7 +761,7 @@ impl Shard {
     /// write is the access.
     pub fn peek(&self, now: u64, key: &[u8]) -> Option<Bytes> {
         let index = self.find(cachet_proto::key_hash(key), key).filter(|&i| !self.is_expired(i, now))?;
-        Some(self.slab.get(index).value.clone())
+        Some(Bytes::copy_from_slice(self.slab.get(index).value()))
     }
 
     /// Removes `key`'s time to live; false if it is not resident or had
@@ -716,9 +772,11 @@ impl Shard {
             return false;
         };
         let id = self.slab.id(index);
-        let Some(at) = self.slab.get_mut(index).expires_at.take() else {
+        let slot = self.slab.get_mut(index);
+        let Some(at) = slot.expires_at() else {
             return false;
         };
+        slot.set_expires_at(None);
         self.ttl.remove(at, id);
         let entry = self.entry(index);
         self.push_event(now, Event::Updated(entry));
@@ -728,10 +786,10 @@ impl Shard {
     /// Calls `f` with the key and value of every live entry. A scan of the
     /// whole shard under its lock, for a cluster re-sync, not for the
     /// request path; the policy is not told (nothing was read).
-    pub fn for_each(&self, now: u64, mut f: impl FnMut(&[u8], &Bytes)) {
+    pub fn for_each(&self, now: u64, mut f: impl FnMut(&[u8], &[u8])) {
         for (index, slot) in self.slab.live() {
             if !self.is_expired(index, now) {
-                f(slot.key.as_bytes(), &slot.value);
+                f(slot.key(), slot.value());
             }
         }
     }
@@ -741,7 +799,7 @@ impl Shard {
     /// invalidation feed, not for the request path.
     pub fn delete_prefix(&mut self, now: u64, prefix: &[u8]) -> usize {
         let matching: Vec<u32> =
-            self.slab.live().filter(|(_, slot)| slot.key.as_bytes().starts_with(prefix)).map(|(i, _)| i).collect();
+            self.slab.live().filter(|(_, slot)| slot.key().starts_with(prefix)).map(|(i, _)| i).collect();
         for &index in &matching {
             self.remove(now, index, RemovalCause::Deleted);
         }
@@ -768,11 +826,11 @@ impl Shard {
         };
         let id = self.slab.id(index);
         let slot = self.slab.get_mut(index);
-        if let Some(at) = slot.expires_at {
+        if let Some(at) = slot.expires_at() {
             self.ttl.remove(at, id);
         }
-        let at = now.saturating_add(ttl_ms);
-        slot.expires_at = Some(at);
+        let at = deadline(now, ttl_ms);
+        slot.set_expires_at(Some(at));
         self.ttl.insert(at, id);
         let entry = self.entry(index);
         self.push_event(now, Event::Updated(entry));
@@ -807,7 +865,7 @@ impl Shard {
             };
             if let Some(index) = self.slab.resolve(id) {
                 // Already out of the TTL index; remove the rest.
-                self.slab.get_mut(index).expires_at = None;
+                self.slab.get_mut(index).set_expires_at(None);
                 self.remove(now, index, RemovalCause::Expired);
                 self.stats.expired += 1;
                 removed += 1;
@@ -869,20 +927,20 @@ impl Shard {
 
     /// The key of a resident entry, for tools and tests.
     pub fn key_of(&self, id: EntryId) -> Option<&[u8]> {
-        self.slab.resolve(id).map(|i| self.slab.get(i).key.as_bytes())
+        self.slab.resolve(id).map(|i| self.slab.get(i).key())
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
         self.table
             .find(hash, |&i| {
                 let slot = self.slab.get(i);
-                slot.key_hash == hash && slot.key.as_bytes() == key
+                slot.key_hash == hash && slot.key() == key
             })
             .copied()
     }
 
     fn is_expired(&self, index: u32, now: u64) -> bool {
-        self.slab.get(index).expires_at.is_some_and(|at| at <= now)
+        self.slab.get(index).expires <= now
     }
 
     fn miss(&mut self, now: u64, hash: u64) {
@@ -924,21 +982,21 @@ impl Shard {
             id: self.slab.id(index),
             key_hash: slot.key_hash,
             size: slot.size(),
-            expires_at: slot.expires_at,
+            expires_at: slot.expires_at(),
             hint: slot.hint,
         }
     }
 
-    fn update(&mut self, now: u64, index: u32, value: Bytes, expires_at: Option<u64>, hint: u32) {
+    fn update(&mut self, now: u64, index: u32, value: &[u8], expires_at: Option<u64>, hint: u32) {
         let id = self.slab.id(index);
         let clock = self.clock;
         let slot = self.slab.get_mut(index);
-        if let Some(at) = slot.expires_at {
+        if let Some(at) = slot.expires_at() {
             self.ttl.remove(at, id);
         }
         let old = slot.size();
-        slot.value = value;
-        slot.expires_at = expires_at;
+        slot.set_value(value);
+        slot.set_expires_at(expires_at);
         slot.hint = hint;
         slot.touched = clock;
         let new = slot.size();
@@ -1045,7 +1103,7 @@ impl Shard {
             found.remove();
         }
         if let Some(slot) = self.slab.remove(index) {
-            if let Some(at) = slot.expires_at {
+            if let Some(at) = slot.expires_at() {
                 self.ttl.remove(at, id);
             }
             self.bytes -= slot.size();
@@ -1217,6 +1275,32 @@ mod tests {
     fn set(shard: &mut Shard, now: u64, key: &str, value: &str, ttl_ms: Option<u64>) -> SetOutcome {
         let options = SetOptions { ttl_ms, ..SetOptions::default() };
         shard.set(now, key.as_bytes(), Bytes::copy_from_slice(value.as_bytes()), options).expect("set")
+    }
+
+    #[test]
+    fn an_entry_is_one_48_byte_slot_and_one_allocation_whatever_its_updates() {
+        assert_eq!(size_of::<Option<Slot>>(), 48, "the slot's size is memory per key");
+        let mut shard = lru_shard(ShardConfig::default());
+        set(&mut shard, 0, "key", "abc", None);
+        let first = shard.slab.get(0).data.as_ptr();
+        // The same length is written in place; another length moves it.
+        set(&mut shard, 1, "key", "xyz", None);
+        assert_eq!(shard.slab.get(0).data.as_ptr(), first, "same-size update reuses the allocation");
+        assert_eq!(shard.get(2, b"key").as_deref(), Some(&b"xyz"[..]));
+        set(&mut shard, 3, "key", "a longer value", None);
+        assert_eq!(shard.get(4, b"key").as_deref(), Some(&b"a longer value"[..]));
+        set(&mut shard, 5, "key", "", None);
+        assert_eq!(shard.get(6, b"key").as_deref(), Some(&b""[..]));
+        assert_eq!((shard.len(), shard.bytes()), (1, 3));
+        let mut seen = Vec::new();
+        shard.for_each(7, |k, v| seen.push((k.to_vec(), v.to_vec())));
+        assert_eq!(seen, vec![(b"key".to_vec(), Vec::new())]);
+        // A time to live that saturates the clock still expires (it is not
+        // mistaken for "no expiry") and can be persisted away.
+        set(&mut shard, 8, "far", "v", Some(u64::MAX));
+        assert_eq!(shard.ttl(8, b"far"), Some(Some(u64::MAX - 1 - 8)));
+        assert!(shard.persist(9, b"far"));
+        assert_eq!(shard.ttl(9, b"far"), Some(None));
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
             other => unexpected(&mut w, other),
         },
         "MSET" if n >= 3 && n % 2 == 1 => {
-            let pairs = args[1..].chunks(2).map(|p| (p[0].clone(), owned(&p[1]))).collect();
+            let pairs = args[1..].chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
             match node.execute(Request::MSet { pairs }) {
                 Response::Ok => w.simple("OK"),
                 other => unexpected(&mut w, other),
@@ -229,13 +229,6 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
             w.error(&message);
         }
     }
-}
-
-/// A stored value in an allocation of its own. Arguments are slices of the
-/// connection's read buffer; storing one as is would keep the whole buffer
-/// (up to 16 KiB, other commands included) alive for as long as the entry.
-fn owned(value: &Bytes) -> Bytes {
-    Bytes::copy_from_slice(value)
 }
 
 /// A GET of a key in a loader namespace: the loaders' lookup (a reply
@@ -486,7 +479,7 @@ fn set(node: &Node, w: &mut Writer<'_>, args: &[Bytes]) {
         i += 1;
     }
     if !get && !keep_ttl {
-        let request = Request::Set { key: key.clone(), value: owned(value), ttl_ms, condition, hint: 0 };
+        let request = Request::Set { key: key.clone(), value: value.clone(), ttl_ms, condition, hint: 0 };
         return match node.execute(request) {
             Response::Ok | Response::Applied(true) => w.simple("OK"),
             Response::Applied(false) => w.null(),
@@ -503,7 +496,7 @@ fn set(node: &Node, w: &mut Writer<'_>, args: &[Bytes]) {
         };
         let outcome = if applies {
             let options = SetOptions { ttl_ms, keep_ttl, hint: 0 };
-            Some(shard.set(now, key, owned(value), options)?)
+            Some(shard.set(now, key, value.clone(), options)?)
         } else {
             None
         };
