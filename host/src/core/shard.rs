@@ -241,24 +241,38 @@ impl ShardStats {
     }
 }
 
-/// One resident entry: 48 bytes, and one allocation holding its key and
+/// One resident entry: 40 bytes, and one allocation holding its key and
 /// value. Memory per key is what a cache is chosen for: a `Bytes` value (a
 /// 32-byte handle and an allocation of its own, with its header and size
-/// rounding) and an inline key made this 96 bytes plus a second allocation.
+/// rounding), an inline key and the whole key hash made this 96 bytes plus
+/// a second allocation.
 /// The price is a copy on each write (the request's buffer is never kept
 /// anyway) and on each read that wants `Bytes` rather than a lent slice.
 struct Slot {
     /// The key, then the value.
     data: Box<[u8]>,
-    key_hash: u64,
     /// Absolute expiry, [`NEVER`] for none (an `Option` would take 8 more
     /// bytes).
     expires: u64,
-    /// Logical time of the last read or write, so a fallback can be rebuilt
-    /// in recency order without trusting a faulted policy's export.
-    touched: u64,
+    /// Half of the key hash: enough to place the entry in the index and to
+    /// pass over other keys without reading theirs. The policy's events get
+    /// the whole hash, recomputed from the key when it is not at hand.
+    hash: u32,
+    /// The low half of the logical time of the last read or write, so a
+    /// fallback can be rebuilt in recency order without trusting a faulted
+    /// policy's export; ages are taken with wrapping arithmetic, which
+    /// misorders only entries untouched for four billion operations.
+    touched: u32,
     hint: u32,
     key_len: u32,
+}
+
+/// The index's hash of an entry whose key hash has `half` as its low half:
+/// hashbrown places by the low bits and tags by the top seven, so the half
+/// is repeated in both, independent up to 2^25 buckets.
+fn table_hash(half: u32) -> u64 {
+    let half = u64::from(half);
+    half | (half << 32)
 }
 
 /// The `expires` of an entry without a time to live.
@@ -278,9 +292,9 @@ impl Slot {
         data.extend_from_slice(value);
         Self {
             data: data.into_boxed_slice(),
-            key_hash,
             expires: expires_at.unwrap_or(NEVER),
-            touched,
+            hash: key_hash as u32,
+            touched: touched as u32,
             hint,
             key_len: key.len() as u32,
         }
@@ -670,7 +684,7 @@ impl Shard {
         }
         self.stats.hits += 1;
         self.clock += 1;
-        self.slab.get_mut(index).touched = self.clock;
+        self.slab.get_mut(index).touched = self.clock as u32;
         let id = self.slab.id(index);
         self.push_event(now, Event::Accessed(id));
         Some(index)
@@ -738,7 +752,7 @@ impl Shard {
         self.make_room(now, need);
         let index = self.slab.insert(Slot::new(key, &value, hash, expires_at, options.hint, self.clock));
         let Self { table, slab, .. } = self;
-        table.insert_unique(hash, index, |&i| slab.get(i).key_hash);
+        table.insert_unique(table_hash(hash as u32), index, |&i| table_hash(slab.get(i).hash));
         let id = self.slab.id(index);
         if let Some(at) = expires_at {
             self.ttl.insert(at, id);
@@ -920,9 +934,7 @@ impl Shard {
             return order;
         }
         tracing::warn!(exported = order.len(), resident = self.len(), "export-order does not match the residents");
-        let mut by_recency: Vec<(u64, u32)> = self.slab.live().map(|(i, s)| (s.touched, i)).collect();
-        by_recency.sort_unstable();
-        by_recency.into_iter().map(|(_, i)| self.slab.id(i)).collect()
+        self.by_recency()
     }
 
     /// The key of a resident entry, for tools and tests.
@@ -930,11 +942,20 @@ impl Shard {
         self.slab.resolve(id).map(|i| self.slab.get(i).key())
     }
 
+    /// Resident entries, least recently read or written first.
+    fn by_recency(&self) -> Vec<EntryId> {
+        let now = self.clock as u32;
+        let mut order: Vec<(u32, u32)> = self.slab.live().map(|(i, s)| (now.wrapping_sub(s.touched), i)).collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        order.into_iter().map(|(_, i)| self.slab.id(i)).collect()
+    }
+
     fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        let half = hash as u32;
         self.table
-            .find(hash, |&i| {
+            .find(table_hash(half), |&i| {
                 let slot = self.slab.get(i);
-                slot.key_hash == hash && slot.key() == key
+                slot.hash == half && slot.key() == key
             })
             .copied()
     }
@@ -980,7 +1001,7 @@ impl Shard {
         let slot = self.slab.get(index);
         Entry {
             id: self.slab.id(index),
-            key_hash: slot.key_hash,
+            key_hash: cachet_proto::key_hash(slot.key()),
             size: slot.size(),
             expires_at: slot.expires_at(),
             hint: slot.hint,
@@ -998,7 +1019,7 @@ impl Shard {
         slot.set_value(value);
         slot.set_expires_at(expires_at);
         slot.hint = hint;
-        slot.touched = clock;
+        slot.touched = clock as u32;
         let new = slot.size();
         if let Some(at) = expires_at {
             self.ttl.insert(at, id);
@@ -1098,7 +1119,7 @@ impl Shard {
     /// Drops an entry from every index; the policy is not told.
     fn unlink(&mut self, index: u32) {
         let id = self.slab.id(index);
-        let hash = self.slab.get(index).key_hash;
+        let hash = table_hash(self.slab.get(index).hash);
         if let Ok(found) = self.table.find_entry(hash, |&i| i == index) {
             found.remove();
         }
@@ -1157,9 +1178,7 @@ impl Shard {
         }
         self.schedule_retry(now);
         let factory = NativeFactory::<Lru>::new(Config::default());
-        let mut order: Vec<(u64, u32)> = self.slab.live().map(|(i, s)| (s.touched, i)).collect();
-        order.sort_unstable();
-        let ids: Vec<EntryId> = order.into_iter().map(|(_, i)| self.slab.id(i)).collect();
+        let ids = self.by_recency();
         let fallback = factory
             .create(capacity(&self.config), self.config.seed)
             .ok()
@@ -1278,8 +1297,8 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_one_48_byte_slot_and_one_allocation_whatever_its_updates() {
-        assert_eq!(size_of::<Option<Slot>>(), 48, "the slot's size is memory per key");
+    fn an_entry_is_one_40_byte_slot_and_one_allocation_whatever_its_updates() {
+        assert_eq!(size_of::<Option<Slot>>(), 40, "the slot's size is memory per key");
         let mut shard = lru_shard(ShardConfig::default());
         set(&mut shard, 0, "key", "abc", None);
         let first = shard.slab.get(0).data.as_ptr();
@@ -1301,6 +1320,22 @@ mod tests {
         assert_eq!(shard.ttl(8, b"far"), Some(Some(u64::MAX - 1 - 8)));
         assert!(shard.persist(9, b"far"));
         assert_eq!(shard.ttl(9, b"far"), Some(None));
+    }
+
+    #[test]
+    fn recency_order_survives_the_stamp_wrapping() {
+        let mut shard = lru_shard(ShardConfig::default());
+        shard.clock = u64::from(u32::MAX) - 1;
+        for key in ["a", "b", "c"] {
+            set(&mut shard, 0, key, "v", None);
+        }
+        // a's stamp is u32::MAX, b's and c's wrapped to 0 and 1: a is still
+        // the oldest.
+        let keys: Vec<&[u8]> = shard.by_recency().into_iter().filter_map(|id| shard.key_of(id)).collect();
+        assert_eq!(keys, vec![&b"a"[..], b"b", b"c"]);
+        assert!(shard.get(0, b"a").is_some());
+        let keys: Vec<&[u8]> = shard.by_recency().into_iter().filter_map(|id| shard.key_of(id)).collect();
+        assert_eq!(keys, vec![&b"b"[..], b"c", b"a"]);
     }
 
     #[test]
