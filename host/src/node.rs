@@ -363,18 +363,26 @@ impl Node {
     /// A GET whose value `f` sees under the shard's lock instead of a
     /// clone: the RESP port copies it straight into the reply. Counted,
     /// sampled for the shadow and timed exactly as `execute` times a GET.
-    pub fn get_with<R>(&self, key: &Bytes, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
-        let started = Instant::now();
+    pub fn get_with<R>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        self.get_with_since(Instant::now(), key, f).0
+    }
+
+    /// [`Node::get_with`] timed from `started`, returning when it ended: a
+    /// run of pipelined GETs times each from the end of the one before,
+    /// one clock read per GET instead of two (a read is ~4% of a
+    /// pipelined GET's cost).
+    pub fn get_with_since<R>(&self, started: Instant, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> (R, Instant) {
         let now = self.clock.now_ms_at(started);
         if let Some(threshold) = self.control.shadow_threshold()
             && crate::shadow::in_sample(key, threshold)
             && let Some(mut shadow) = self.control.shadow()
         {
-            observe(shadow.as_mut(), now, &Request::Get { key: key.clone() });
+            observe(shadow.as_mut(), now, &Request::Get { key: Bytes::copy_from_slice(key) });
         }
         let out = self.shard(key).get_with(now, key, f);
-        self.metrics.record(crate::metrics::GET, started.elapsed(), false);
-        out
+        let ended = Instant::now();
+        self.metrics.record(crate::metrics::GET, ended.saturating_duration_since(started), false);
+        (out, ended)
     }
 
     fn run(&self, now: u64, request: Request) -> Response {

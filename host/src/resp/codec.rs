@@ -68,6 +68,33 @@ pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<B
     }
 }
 
+/// A whole plain `GET key` at the front of `buf`, as the key's span and the
+/// frame's length, without taking it off: most traffic is GET, and serving
+/// it from the read buffer skips building a frame and its arguments (an
+/// allocation and two reference counts per command). `None` for anything
+/// else, incomplete, or over the limits: [`parse_command`] then takes it,
+/// errors included.
+pub fn plain_get(buf: &[u8], limits: &Limits) -> Option<(std::ops::Range<usize>, usize)> {
+    const HEAD: &[u8] = b"*2\r\n$3\r\n";
+    let rest = buf.strip_prefix(HEAD)?;
+    if !rest.get(..3)?.eq_ignore_ascii_case(b"GET") || rest.get(3..6)? != b"\r\n$" {
+        return None;
+    }
+    let at = HEAD.len() + 6;
+    let end = line_end(buf, at)?;
+    let digits = &buf[at..end];
+    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let len = digits.iter().fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+    if len > limits.max_bulk {
+        return None;
+    }
+    let start = end + 2;
+    let stop = start + len;
+    (buf.get(stop..stop + 2)? == b"\r\n").then_some((start..stop, stop + 2))
+}
+
 fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
     let Some(end) = line_end(buf, 1) else {
         return if buf.len() > 32 { Err(ProtocolError::MultibulkLength) } else { Ok(None) };
@@ -282,6 +309,53 @@ mod tests {
 
     fn parse(input: &[u8]) -> Result<Option<Vec<Bytes>>, ProtocolError> {
         parse_command(&mut BytesMut::from(input), &Limits::default())
+    }
+
+    /// What `plain_get` takes, `parse_command` parses the same way.
+    fn agrees_with_the_parser(input: &[u8], limits: &Limits) {
+        let mut buf = BytesMut::from(input);
+        let parsed = parse_command(&mut buf, limits);
+        let consumed = input.len() - buf.len();
+        // Anything else (unusual spellings such as `$+3` included) is left
+        // to the parser.
+        if let Some((key, len)) = plain_get(input, limits) {
+            let args = parsed.expect("the parser accepts it").expect("whole");
+            assert_eq!(args.len(), 2, "{input:?}");
+            assert!(args[0].eq_ignore_ascii_case(b"GET"));
+            assert_eq!(&args[1][..], &input[key]);
+            assert_eq!(len, consumed);
+        }
+    }
+
+    #[test]
+    fn plain_get_takes_what_the_parser_would_and_nothing_else() {
+        let limits = Limits { max_bulk: 8, ..Limits::default() };
+        let frames: Vec<&[u8]> = vec![
+            b"*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n",
+            b"*2\r\n$3\r\nget\r\n$0\r\n\r\n",
+            b"*2\r\n$3\r\nGeT\r\n$8\r\n12345678\r\n*1\r\n$4\r\nPING\r\n",
+            b"*2\r\n$3\r\nGET\r\n$9\r\n123456789\r\n",
+            b"*2\r\n$3\r\nGET\r\n$3\r\nkeyXY",
+            b"*2\r\n$3\r\nGET\r\n$-1\r\n",
+            b"*2\r\n$3\r\nGET\r\n$+3\r\nkey\r\n",
+            b"*2\r\n$3\r\nGET\r\n$99999999999\r\n",
+            b"*2\r\n$3\r\nSET\r\n$3\r\nkey\r\n",
+            b"*3\r\n$3\r\nGET\r\n$1\r\na\r\n$1\r\nb\r\n",
+            b"GET key\r\n",
+        ];
+        for frame in &frames {
+            agrees_with_the_parser(frame, &limits);
+            // Every prefix is incomplete or something else, never a GET of
+            // a cut key.
+            for cut in 0..frame.len() {
+                agrees_with_the_parser(&frame[..cut], &limits);
+            }
+        }
+        for canonical in &frames[..3] {
+            assert!(plain_get(canonical, &limits).is_some(), "{canonical:?}");
+        }
+        assert_eq!(plain_get(frames[0], &limits), Some((17..20, 22)));
+        assert_eq!(plain_get(frames[3], &limits), None, "over max_bulk: the parser's error");
     }
 
     #[test]

@@ -16,13 +16,13 @@ pub mod commands;
 
 use crate::loader::{Lookup, Routed};
 use crate::node::Node;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use codec::{Limits, Writer};
 use commands::{ServerInfo, Session};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -159,48 +159,62 @@ async fn serve(
             Ok(_) => {}
         }
         let mut close = false;
+        // Plain GETs are served straight from the read buffer unless a
+        // cluster or loaders may have to route them.
+        let direct_gets = node.cluster().is_none() && node.loaders().is_none();
+        // When the GET before this one ended: the next one's clock starts
+        // there (see `Node::get_with_since`).
+        let mut last_get: Option<Instant> = None;
         loop {
-            match codec::parse_command(&mut input, &limits) {
-                // A clustered node forwards data commands to the owners and
-                // answers in order.
-                Ok(Some(args)) => match commands::cluster_command(&node, &args) {
-                    Some((kind, routed)) => {
-                        let response = match routed {
-                            Routed::Now(response) => response,
-                            Routed::Later(later) => later.await,
-                        };
-                        commands::cluster_reply(&session, kind, response, &mut output);
-                    }
-                    None => match commands::loading_get(&node, &args) {
-                        // A miss in a loader namespace waits for its load here:
-                        // RESP answers in order.
-                        Some(lookup) => {
-                            let response = match lookup {
-                                Lookup::Ready(response) => response,
-                                Lookup::Pending(pending) => pending.response().await,
+            if let Some((key, len)) = direct_gets.then(|| codec::plain_get(&input, &limits)).flatten() {
+                let started = last_get.unwrap_or_else(Instant::now);
+                let reply = |value: Option<&[u8]>| Writer::new(&mut output, session.resp3).bulk_or_null(value);
+                last_get = Some(node.get_with_since(started, &input[key], reply).1);
+                input.advance(len);
+            } else {
+                last_get = None;
+                match codec::parse_command(&mut input, &limits) {
+                    // A clustered node forwards data commands to the owners and
+                    // answers in order.
+                    Ok(Some(args)) => match commands::cluster_command(&node, &args) {
+                        Some((kind, routed)) => {
+                            let response = match routed {
+                                Routed::Now(response) => response,
+                                Routed::Later(later) => later.await,
                             };
-                            commands::get_reply(&session, response, &mut output);
+                            commands::cluster_reply(&session, kind, response, &mut output);
                         }
-                        None => match commands::origin_write(&node, &args) {
-                            Some(routed) => {
-                                let response = match routed {
-                                    Routed::Now(response) => response,
-                                    Routed::Later(later) => later.await,
+                        None => match commands::loading_get(&node, &args) {
+                            // A miss in a loader namespace waits for its load here:
+                            // RESP answers in order.
+                            Some(lookup) => {
+                                let response = match lookup {
+                                    Lookup::Ready(response) => response,
+                                    Lookup::Pending(pending) => pending.response().await,
                                 };
-                                commands::write_reply(&session, response, &mut output);
+                                commands::get_reply(&session, response, &mut output);
                             }
-                            None => {
-                                let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
-                                commands::execute(&node, &mut session, &info, args, &mut output);
-                            }
+                            None => match commands::origin_write(&node, &args) {
+                                Some(routed) => {
+                                    let response = match routed {
+                                        Routed::Now(response) => response,
+                                        Routed::Later(later) => later.await,
+                                    };
+                                    commands::write_reply(&session, response, &mut output);
+                                }
+                                None => {
+                                    let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
+                                    commands::execute(&node, &mut session, &info, args, &mut output);
+                                }
+                            },
                         },
                     },
-                },
-                Ok(None) => break,
-                Err(err) => {
-                    Writer::new(&mut output, session.resp3).error(&format!("ERR {err}"));
-                    close = true;
-                    break;
+                    Ok(None) => break,
+                    Err(err) => {
+                        Writer::new(&mut output, session.resp3).error(&format!("ERR {err}"));
+                        close = true;
+                        break;
+                    }
                 }
             }
             if session.quit {
@@ -212,6 +226,7 @@ async fn serve(
                     return;
                 }
                 output.clear();
+                last_get = None;
             }
         }
         if !output.is_empty() {
