@@ -25,6 +25,9 @@ pub const COMMANDS: [&str; 12] =
 /// [`command_index`] of a GET.
 pub const GET: usize = 0;
 
+/// [`command_index`] of a SET.
+pub const SET: usize = 1;
+
 /// The slot of `request` in [`COMMANDS`].
 pub fn command_index(request: &Request) -> usize {
     match request {

@@ -385,6 +385,61 @@ impl Node {
         (out, ended)
     }
 
+    /// A plain SET (no TTL, no condition) of slices, which the shard copies:
+    /// the RESP port's path for the commonest write, timed from `started`
+    /// like [`Node::get_with_since`]; otherwise as `execute` runs it.
+    pub fn set_since(&self, started: Instant, key: &[u8], value: &[u8]) -> (Response, Instant) {
+        let now = self.clock.now_ms_at(started);
+        if let Some(threshold) = self.control.shadow_threshold()
+            && crate::shadow::in_sample(key, threshold)
+            && let Some(mut shadow) = self.control.shadow()
+        {
+            let (key, value) = (Bytes::copy_from_slice(key), Bytes::copy_from_slice(value));
+            let request = Request::Set { key, value, ttl_ms: None, condition: Condition::Always, hint: 0 };
+            observe(shadow.as_mut(), now, &request);
+        }
+        let response = self.set(now, key, value, None, Condition::Always, 0);
+        let ended = Instant::now();
+        let failed = matches!(response, Response::Error(_));
+        self.metrics.record(crate::metrics::SET, ended.saturating_duration_since(started), failed);
+        (response, ended)
+    }
+
+    fn set(
+        &self,
+        now: u64,
+        key: &[u8],
+        value: &[u8],
+        ttl_ms: Option<u64>,
+        condition: Condition,
+        hint: u32,
+    ) -> Response {
+        if let Some(refusal) = self.refuse_origin_write(key) {
+            return refusal;
+        }
+        if ttl_ms == Some(0) {
+            return Response::Error(ErrorReply::new(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms"));
+        }
+        let _lease = self.invalidate_load(key);
+        let mut shard = self.shard(key);
+        let applies = match condition {
+            Condition::Always => true,
+            Condition::IfAbsent => !shard.contains(now, key),
+            Condition::IfPresent => shard.contains(now, key),
+        };
+        if !applies {
+            return Response::Applied(false);
+        }
+        let options = SetOptions { ttl_ms, hint, keep_ttl: false };
+        match shard.set_slice(now, key, value, options) {
+            Ok(SetOutcome::NotAdmitted) if condition == Condition::Always => Response::Ok,
+            Ok(SetOutcome::NotAdmitted) => Response::Applied(false),
+            Ok(_) if condition == Condition::Always => Response::Ok,
+            Ok(_) => Response::Applied(true),
+            Err(err) => shard_error(&err),
+        }
+    }
+
     fn run(&self, now: u64, request: Request) -> Response {
         if let Some(threshold) = self.control.shadow_threshold()
             && touches_sample(&request, threshold)
@@ -396,30 +451,7 @@ impl Node {
             Request::Admin { token, command } => self.admin(&token, command),
             Request::Get { key } => Response::Value(self.shard(&key).get(now, &key)),
             Request::Set { key, value, ttl_ms, condition, hint } => {
-                if let Some(refusal) = self.refuse_origin_write(&key) {
-                    return refusal;
-                }
-                if ttl_ms == Some(0) {
-                    return Response::Error(ErrorReply::new(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms"));
-                }
-                let _lease = self.invalidate_load(&key);
-                let mut shard = self.shard(&key);
-                let applies = match condition {
-                    Condition::Always => true,
-                    Condition::IfAbsent => !shard.contains(now, &key),
-                    Condition::IfPresent => shard.contains(now, &key),
-                };
-                if !applies {
-                    return Response::Applied(false);
-                }
-                let options = SetOptions { ttl_ms, hint, keep_ttl: false };
-                match shard.set(now, &key, value, options) {
-                    Ok(SetOutcome::NotAdmitted) if condition == Condition::Always => Response::Ok,
-                    Ok(SetOutcome::NotAdmitted) => Response::Applied(false),
-                    Ok(_) if condition == Condition::Always => Response::Ok,
-                    Ok(_) => Response::Applied(true),
-                    Err(err) => shard_error(&err),
-                }
+                self.set(now, &key, &value, ttl_ms, condition, hint)
             }
             Request::Del { keys } => {
                 if let Some(refusal) = keys.iter().find_map(|key| self.refuse_origin_write(key)) {

@@ -716,6 +716,17 @@ impl Shard {
     /// copied into the entry's own allocation, so `value` may be a slice of
     /// a larger buffer: the shard keeps nothing of it.
     pub fn set(&mut self, now: u64, key: &[u8], value: Bytes, options: SetOptions) -> Result<SetOutcome, ShardError> {
+        self.set_slice(now, key, &value, options)
+    }
+
+    /// [`Shard::set`] of a borrowed value.
+    pub fn set_slice(
+        &mut self,
+        now: u64,
+        key: &[u8],
+        value: &[u8],
+        options: SetOptions,
+    ) -> Result<SetOutcome, ShardError> {
         let key_limit = self.config.max_key_size.min(u32::MAX as usize);
         if key.len() > key_limit {
             return Err(ShardError::KeyTooLarge { size: key.len(), limit: key_limit });
@@ -740,7 +751,7 @@ impl Shard {
         }
         if let Some(index) = found {
             let expires_at = if options.keep_ttl { self.slab.get(index).expires_at() } else { expires_at };
-            self.update(now, index, &value, expires_at, options.hint);
+            self.update(now, index, value, expires_at, options.hint);
             return Ok(SetOutcome::Updated);
         }
         let id_hint = Entry { id: 0, key_hash: hash, size, expires_at, hint: options.hint };
@@ -750,7 +761,7 @@ impl Shard {
         }
         let need = self.need(1, size);
         self.make_room(now, need);
-        let index = self.slab.insert(Slot::new(key, &value, hash, expires_at, options.hint, self.clock));
+        let index = self.slab.insert(Slot::new(key, value, hash, expires_at, options.hint, self.clock));
         let Self { table, slab, .. } = self;
         table.insert_unique(table_hash(hash as u32), index, |&i| table_hash(slab.get(i).hash));
         let id = self.slab.id(index);

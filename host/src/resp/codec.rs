@@ -7,6 +7,7 @@
 //! rather than waited for.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use std::ops::Range;
 
 /// Limits on what one command may declare.
 #[derive(Clone, Copy, Debug)]
@@ -74,15 +75,37 @@ pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<B
 /// allocation and two reference counts per command). `None` for anything
 /// else, incomplete, or over the limits: [`parse_command`] then takes it,
 /// errors included.
-pub fn plain_get(buf: &[u8], limits: &Limits) -> Option<(std::ops::Range<usize>, usize)> {
-    const HEAD: &[u8] = b"*2\r\n$3\r\n";
-    let rest = buf.strip_prefix(HEAD)?;
-    if !rest.get(..3)?.eq_ignore_ascii_case(b"GET") || rest.get(3..6)? != b"\r\n$" {
+pub fn plain_get(buf: &[u8], limits: &Limits) -> Option<(Range<usize>, usize)> {
+    let at = command_head(buf, b"*2\r\n$3\r\n", b"GET")?;
+    let (key, end) = bulk_at(buf, at, limits)?;
+    Some((key, end))
+}
+
+/// A whole `SET key value` (no options) at the front of `buf`, as the key's
+/// and the value's spans and the frame's length; as [`plain_get`].
+pub fn plain_set(buf: &[u8], limits: &Limits) -> Option<(Range<usize>, Range<usize>, usize)> {
+    let at = command_head(buf, b"*3\r\n$3\r\n", b"SET")?;
+    let (key, at) = bulk_at(buf, at, limits)?;
+    let (value, end) = bulk_at(buf, at, limits)?;
+    Some((key, value, end))
+}
+
+/// Where the first argument starts if `buf` opens with `head` and `name`
+/// (in any case).
+fn command_head(buf: &[u8], head: &[u8], name: &[u8]) -> Option<usize> {
+    let rest = buf.strip_prefix(head)?;
+    (rest.get(..name.len())?.eq_ignore_ascii_case(name) && rest.get(name.len()..name.len() + 2)? == b"\r\n")
+        .then_some(head.len() + name.len() + 2)
+}
+
+/// A whole bulk string at `at` in its plainest form (`$`, decimal digits):
+/// its span and where the next item starts.
+fn bulk_at(buf: &[u8], at: usize, limits: &Limits) -> Option<(Range<usize>, usize)> {
+    if buf.get(at)? != &b'$' {
         return None;
     }
-    let at = HEAD.len() + 6;
-    let end = line_end(buf, at)?;
-    let digits = &buf[at..end];
+    let end = line_end(buf, at + 1)?;
+    let digits = &buf[at + 1..end];
     if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -311,11 +334,19 @@ mod tests {
         parse_command(&mut BytesMut::from(input), &Limits::default())
     }
 
-    /// What `plain_get` takes, `parse_command` parses the same way.
+    /// What `plain_get` and `plain_set` take, `parse_command` parses the
+    /// same way.
     fn agrees_with_the_parser(input: &[u8], limits: &Limits) {
         let mut buf = BytesMut::from(input);
         let parsed = parse_command(&mut buf, limits);
         let consumed = input.len() - buf.len();
+        if let Some((key, value, len)) = plain_set(input, limits) {
+            let args = parsed.clone().expect("the parser accepts it").expect("whole");
+            assert_eq!(args.len(), 3, "{input:?}");
+            assert!(args[0].eq_ignore_ascii_case(b"SET"));
+            assert_eq!((&args[1][..], &args[2][..]), (&input[key], &input[value]));
+            assert_eq!(len, consumed);
+        }
         // Anything else (unusual spellings such as `$+3` included) is left
         // to the parser.
         if let Some((key, len)) = plain_get(input, limits) {
@@ -342,6 +373,11 @@ mod tests {
             b"*2\r\n$3\r\nSET\r\n$3\r\nkey\r\n",
             b"*3\r\n$3\r\nGET\r\n$1\r\na\r\n$1\r\nb\r\n",
             b"GET key\r\n",
+            b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n",
+            b"*3\r\n$3\r\nset\r\n$0\r\n\r\n$0\r\n\r\n*2\r\n$3\r\nGET\r\n$0\r\n\r\n",
+            b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$9\r\n123456789\r\n",
+            b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n:5\r\nvalue\r\n",
+            b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n$2\r\nNX\r\n",
         ];
         for frame in &frames {
             agrees_with_the_parser(frame, &limits);
@@ -356,6 +392,11 @@ mod tests {
         }
         assert_eq!(plain_get(frames[0], &limits), Some((17..20, 22)));
         assert_eq!(plain_get(frames[3], &limits), None, "over max_bulk: the parser's error");
+        assert_eq!(plain_set(frames[11], &limits), Some((17..20, 26..31, 33)));
+        assert!(plain_set(frames[12], &limits).is_some());
+        for other in &frames[13..] {
+            assert_eq!(plain_set(other, &limits), None, "{other:?}");
+        }
     }
 
     #[test]

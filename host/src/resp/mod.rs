@@ -159,20 +159,26 @@ async fn serve(
             Ok(_) => {}
         }
         let mut close = false;
-        // Plain GETs are served straight from the read buffer unless a
-        // cluster or loaders may have to route them.
-        let direct_gets = node.cluster().is_none() && node.loaders().is_none();
-        // When the GET before this one ended: the next one's clock starts
-        // there (see `Node::get_with_since`).
-        let mut last_get: Option<Instant> = None;
+        // Plain GETs and SETs are served straight from the read buffer
+        // unless a cluster or loaders may have to route them.
+        let direct = node.cluster().is_none() && node.loaders().is_none();
+        // When the plain GET or SET before this one ended: the next one's
+        // clock starts there (see `Node::get_with_since`).
+        let mut last_end: Option<Instant> = None;
         loop {
-            if let Some((key, len)) = direct_gets.then(|| codec::plain_get(&input, &limits)).flatten() {
-                let started = last_get.unwrap_or_else(Instant::now);
+            if let Some((key, len)) = direct.then(|| codec::plain_get(&input, &limits)).flatten() {
+                let started = last_end.unwrap_or_else(Instant::now);
                 let reply = |value: Option<&[u8]>| Writer::new(&mut output, session.resp3).bulk_or_null(value);
-                last_get = Some(node.get_with_since(started, &input[key], reply).1);
+                last_end = Some(node.get_with_since(started, &input[key], reply).1);
+                input.advance(len);
+            } else if let Some((key, value, len)) = direct.then(|| codec::plain_set(&input, &limits)).flatten() {
+                let started = last_end.unwrap_or_else(Instant::now);
+                let (response, ended) = node.set_since(started, &input[key], &input[value]);
+                commands::write_reply(&session, response, &mut output);
+                last_end = Some(ended);
                 input.advance(len);
             } else {
-                last_get = None;
+                last_end = None;
                 match codec::parse_command(&mut input, &limits) {
                     // A clustered node forwards data commands to the owners and
                     // answers in order.
@@ -226,7 +232,7 @@ async fn serve(
                     return;
                 }
                 output.clear();
-                last_get = None;
+                last_end = None;
             }
         }
         if !output.is_empty() {
