@@ -438,6 +438,13 @@ mod lists_tests {
     }
 
     #[test]
+    fn links_cost_12_bytes_and_a_list_tag() {
+        // A 12-byte value aligned to 4 (S3-FIFO's) makes a 28-byte entry.
+        assert_eq!(size_of::<SlotNode<[u32; 3]>>(), 28);
+        assert_eq!(size_of::<SlotNode<u64>>(), 24);
+    }
+
+    #[test]
     fn a_stale_id_of_a_reused_slot_is_not_found() {
         let mut lists = IdLists::<u8, 2>::with_capacity(0);
         let old = 5u64;

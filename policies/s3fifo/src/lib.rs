@@ -25,17 +25,49 @@ use cachet_policy_sdk::{
 const SMALL: usize = 0;
 const MAIN: usize = 1;
 
-/// What the policy keeps per resident entry besides its queue links; with
-/// them, 32 bytes an entry, in one table indexed by slot. (Two linked
-/// lists and a map cost 80 and more, a large share of a node's memory per
-/// key.)
+/// What the policy keeps per resident entry besides its queue links: 12
+/// bytes, aligned to 4, so with the links an entry costs 28 bytes in one
+/// table indexed by slot. (Two linked lists and a map cost 80 and more;
+/// the policy's state is a large share of a node's memory per key.)
 #[derive(Clone, Copy, Default)]
 struct Meta {
-    key_hash: u64,
-    /// The size the queues were charged; saturated at `u32::MAX`, which the
-    /// host's value limit keeps far away, and charged and refunded alike.
-    size: u32,
-    count: u8,
+    /// The key hash, in halves so the struct aligns to 4.
+    hash: [u32; 2],
+    /// The size the queues were charged in the low 30 bits, saturated (the
+    /// host's value limit keeps it far below; charged and refunded alike),
+    /// and the access count (0-3) in the top two.
+    packed: u32,
+}
+
+/// Largest size a [`Meta`] holds.
+const MAX_SIZE: u32 = (1 << 30) - 1;
+
+impl Meta {
+    fn new(key_hash: u64, size: u64) -> Self {
+        Self { hash: [key_hash as u32, (key_hash >> 32) as u32], packed: 0 }.with_size(size)
+    }
+
+    fn key_hash(self) -> u64 {
+        u64::from(self.hash[0]) | (u64::from(self.hash[1]) << 32)
+    }
+
+    fn size(self) -> u32 {
+        self.packed & MAX_SIZE
+    }
+
+    fn count(self) -> u8 {
+        (self.packed >> 30) as u8
+    }
+
+    fn with_size(self, size: u64) -> Self {
+        let size = u32::try_from(size).unwrap_or(u32::MAX).min(MAX_SIZE);
+        Self { packed: (self.packed & !MAX_SIZE) | size, ..self }
+    }
+
+    /// `count` capped at 3.
+    fn with_count(self, count: u8) -> Self {
+        Self { packed: (u32::from(count.min(3)) << 30) | self.size(), ..self }
+    }
 }
 
 /// The three queues and the bookkeeping that balances them.
@@ -60,14 +92,14 @@ impl S3Fifo {
 
     fn evict_small(&mut self) -> Option<(EntryId, u64)> {
         while let Some((id, meta)) = self.queues.pop_front(SMALL) {
-            let w = self.weight(meta.size);
+            let w = self.weight(meta.size());
             self.used[SMALL] -= w;
-            if meta.count >= self.move_threshold {
-                self.queues.push_back(MAIN, id, Meta { count: 0, ..meta });
+            if meta.count() >= self.move_threshold {
+                self.queues.push_back(MAIN, id, meta.with_count(0));
                 self.used[MAIN] += w;
             } else {
-                self.ghost.insert(meta.key_hash, w);
-                return Some((id, u64::from(meta.size)));
+                self.ghost.insert(meta.key_hash(), w);
+                return Some((id, u64::from(meta.size())));
             }
         }
         None
@@ -75,11 +107,11 @@ impl S3Fifo {
 
     fn evict_main(&mut self) -> Option<(EntryId, u64)> {
         while let Some((id, meta)) = self.queues.pop_front(MAIN) {
-            if meta.count >= 1 {
-                self.queues.push_back(MAIN, id, Meta { count: meta.count.min(3) - 1, ..meta });
+            if meta.count() >= 1 {
+                self.queues.push_back(MAIN, id, meta.with_count(meta.count() - 1));
             } else {
-                self.used[MAIN] -= self.weight(meta.size);
-                return Some((id, u64::from(meta.size)));
+                self.used[MAIN] -= self.weight(meta.size());
+                return Some((id, u64::from(meta.size())));
             }
         }
         None
@@ -103,7 +135,7 @@ impl S3Fifo {
 
     fn forget(&mut self, id: EntryId) {
         if let Some((queue, meta)) = self.queues.remove(id) {
-            self.used[queue] -= self.weight(meta.size);
+            self.used[queue] -= self.weight(meta.size());
         }
     }
 }
@@ -139,24 +171,24 @@ impl Policy for S3Fifo {
 
     fn on_inserted(&mut self, _: u64, entry: &Entry) {
         self.forget(entry.id);
-        let size = u32::try_from(entry.size).unwrap_or(u32::MAX);
+        let meta = Meta::new(entry.key_hash, entry.size);
         let queue = if self.ghost_hit.take() == Some(entry.key_hash) { MAIN } else { SMALL };
-        self.queues.push_back(queue, entry.id, Meta { key_hash: entry.key_hash, size, count: 0 });
-        self.used[queue] += self.weight(size);
+        self.queues.push_back(queue, entry.id, meta);
+        self.used[queue] += self.weight(meta.size());
     }
 
     fn on_accessed(&mut self, _: u64, id: EntryId) {
         if let Some(meta) = self.queues.get_mut(id) {
-            meta.count = (meta.count + 1).min(3);
+            *meta = meta.with_count(meta.count() + 1);
         }
     }
 
     fn on_updated(&mut self, now: u64, entry: &Entry) {
-        let size = u32::try_from(entry.size).unwrap_or(u32::MAX);
         if let Some((queue, meta)) = self.queues.get(entry.id) {
-            self.used[queue] = self.used[queue] - self.weight(meta.size) + self.weight(size);
+            let resized = meta.with_size(entry.size);
+            self.used[queue] = self.used[queue] - self.weight(meta.size()) + self.weight(resized.size());
             if let Some(meta) = self.queues.get_mut(entry.id) {
-                meta.size = size;
+                *meta = resized;
             }
         }
         self.on_accessed(now, entry.id);
@@ -185,6 +217,17 @@ export_policy!(S3Fifo);
 mod tests {
     use super::*;
     use cachet_policy_sdk::testing::{Harness, entries};
+
+    #[test]
+    fn meta_packs_hash_size_and_count_without_mixing_them() {
+        assert_eq!(size_of::<Meta>(), 12);
+        let hash = 0xDEAD_BEEF_0123_4567;
+        let meta = Meta::new(hash, 1000).with_count(2);
+        assert_eq!((meta.key_hash(), meta.size(), meta.count()), (hash, 1000, 2));
+        let meta = meta.with_size(u64::MAX).with_count(9);
+        assert_eq!((meta.key_hash(), meta.size(), meta.count()), (hash, MAX_SIZE, 3));
+        assert_eq!(meta.with_size(0).count(), 3);
+    }
 
     #[test]
     fn one_hit_wonders_leave_through_the_small_queue_and_ghosts_return_to_main() {
