@@ -241,16 +241,17 @@ impl ShardStats {
     }
 }
 
-/// One resident entry: 40 bytes, and one allocation holding its key and
-/// value. Memory per key is what a cache is chosen for: a `Bytes` value (a
-/// 32-byte handle and an allocation of its own, with its header and size
+/// One entry: 40 bytes, and one allocation holding its key's length, key
+/// and value. Memory per key is what a cache is chosen for: a `Bytes` value
+/// (a 32-byte handle and an allocation of its own, with its header and size
 /// rounding), an inline key and the whole key hash made this 96 bytes plus
-/// a second allocation.
+/// a second allocation, and the generation another 4 bytes beside it.
 /// The price is a copy on each write (the request's buffer is never kept
 /// anyway) and on each read that wants `Bytes` rather than a lent slice.
 struct Slot {
-    /// The key, then the value.
-    data: Box<[u8]>,
+    /// The key's length (LEB128: one byte below 128), the key, the value;
+    /// `None` while the slot is free.
+    data: Option<Box<[u8]>>,
     /// Absolute expiry, [`NEVER`] for none (an `Option` would take 8 more
     /// bytes).
     expires: u64,
@@ -264,7 +265,9 @@ struct Slot {
     /// misorders only entries untouched for four billion operations.
     touched: u32,
     hint: u32,
-    key_len: u32,
+    /// Bumped each time the slot is freed, so a stale id never matches a
+    /// later entry; kept while the slot is free.
+    generation: u32,
 }
 
 /// The index's hash of an entry whose key hash has `half` as its low half:
@@ -283,41 +286,78 @@ fn deadline(now: u64, ttl_ms: u64) -> u64 {
     now.saturating_add(ttl_ms).min(NEVER - 1)
 }
 
+/// `key`'s length as LEB128, then `key`, then `value`, in one allocation.
+fn pack(key: &[u8], value: &[u8]) -> Box<[u8]> {
+    let mut data = Vec::with_capacity(5 + key.len() + value.len());
+    let mut len = key.len();
+    while len >= 0x80 {
+        data.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    data.push(len as u8);
+    data.extend_from_slice(key);
+    data.extend_from_slice(value);
+    data.into_boxed_slice()
+}
+
+/// Where the key of [`pack`]ed `data` starts and ends.
+fn key_span(data: &[u8]) -> (usize, usize) {
+    let (mut len, mut shift, mut at) = (0usize, 0, 0);
+    while let Some(&byte) = data.get(at) {
+        len |= usize::from(byte & 0x7f) << shift;
+        at += 1;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    (at, (at + len).min(data.len()))
+}
+
 impl Slot {
-    /// A slot for `key` and `value`; `key` is no longer than `u32::MAX`
-    /// (the shard's key limit is checked first).
+    /// A slot for `key` and `value` (its generation is the slab's to set).
     fn new(key: &[u8], value: &[u8], key_hash: u64, expires_at: Option<u64>, hint: u32, touched: u64) -> Self {
-        let mut data = Vec::with_capacity(key.len() + value.len());
-        data.extend_from_slice(key);
-        data.extend_from_slice(value);
         Self {
-            data: data.into_boxed_slice(),
+            data: Some(pack(key, value)),
             expires: expires_at.unwrap_or(NEVER),
             hash: key_hash as u32,
             touched: touched as u32,
             hint,
-            key_len: key.len() as u32,
+            generation: 0,
         }
     }
 
+    /// A free slot of `generation`.
+    fn free(generation: u32) -> Self {
+        Self { data: None, expires: NEVER, hash: 0, touched: 0, hint: 0, generation }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.data.as_deref().unwrap_or_default()
+    }
+
     fn key(&self) -> &[u8] {
-        &self.data[..self.key_len as usize]
+        let data = self.bytes();
+        let (start, end) = key_span(data);
+        &data[start..end]
     }
 
     fn value(&self) -> &[u8] {
-        &self.data[self.key_len as usize..]
+        let data = self.bytes();
+        &data[key_span(data).1..]
     }
 
     /// Replaces the value, keeping the key.
     fn set_value(&mut self, value: &[u8]) {
-        let key_len = self.key_len as usize;
-        if self.data.len() == key_len + value.len() {
-            self.data[key_len..].copy_from_slice(value);
+        let Some(data) = &mut self.data else { return };
+        let (_, key_end) = key_span(data);
+        if data.len() == key_end + value.len() {
+            data[key_end..].copy_from_slice(value);
         } else {
-            let mut data = Vec::with_capacity(key_len + value.len());
-            data.extend_from_slice(&self.data[..key_len]);
-            data.extend_from_slice(value);
-            self.data = data.into_boxed_slice();
+            let mut packed = Vec::with_capacity(key_end + value.len());
+            packed.extend_from_slice(&data[..key_end]);
+            packed.extend_from_slice(value);
+            *data = packed.into_boxed_slice();
         }
     }
 
@@ -329,8 +369,10 @@ impl Slot {
         self.expires = at.unwrap_or(NEVER);
     }
 
+    /// Key plus value, what the byte budget counts.
     fn size(&self) -> u64 {
-        self.data.len() as u64
+        let data = self.bytes();
+        (data.len() - key_span(data).0) as u64
     }
 }
 
@@ -339,25 +381,24 @@ impl Slot {
 /// stale id never matches a newer entry.
 #[derive(Default)]
 struct Slab {
-    slots: Vec<Option<Slot>>,
-    generations: Vec<u32>,
+    slots: Vec<Slot>,
     free: Vec<u32>,
 }
 
 impl Slab {
     fn id(&self, index: u32) -> EntryId {
-        (u64::from(self.generations[index as usize]) << 32) | u64::from(index)
+        (u64::from(self.slots[index as usize].generation) << 32) | u64::from(index)
     }
 
     fn insert(&mut self, slot: Slot) -> u32 {
         match self.free.pop() {
             Some(index) => {
-                self.slots[index as usize] = Some(slot);
+                let cell = &mut self.slots[index as usize];
+                *cell = Slot { generation: cell.generation, ..slot };
                 index
             }
             None => {
-                self.slots.push(Some(slot));
-                self.generations.push(0);
+                self.slots.push(slot);
                 (self.slots.len() - 1) as u32
             }
         }
@@ -366,34 +407,32 @@ impl Slab {
     /// The live slot index behind `id`, if `id` is current.
     fn resolve(&self, id: EntryId) -> Option<u32> {
         let index = (id & u64::from(u32::MAX)) as u32;
-        let generation = (id >> 32) as u32;
-        let live = self.slots.get(index as usize)?.is_some() && self.generations[index as usize] == generation;
-        live.then_some(index)
+        let slot = self.slots.get(index as usize)?;
+        (slot.data.is_some() && slot.generation == (id >> 32) as u32).then_some(index)
     }
 
     fn get(&self, index: u32) -> &Slot {
-        match &self.slots[index as usize] {
-            Some(slot) => slot,
-            None => unreachable!("slot index {index} is not live"),
-        }
+        let slot = &self.slots[index as usize];
+        debug_assert!(slot.data.is_some(), "slot index {index} is not live");
+        slot
     }
 
     fn get_mut(&mut self, index: u32) -> &mut Slot {
-        match &mut self.slots[index as usize] {
-            Some(slot) => slot,
-            None => unreachable!("slot index {index} is not live"),
-        }
+        let slot = &mut self.slots[index as usize];
+        debug_assert!(slot.data.is_some(), "slot index {index} is not live");
+        slot
     }
 
     fn remove(&mut self, index: u32) -> Option<Slot> {
-        let slot = self.slots[index as usize].take()?;
-        self.generations[index as usize] = self.generations[index as usize].wrapping_add(1);
+        let cell = &mut self.slots[index as usize];
+        cell.data.as_ref()?;
+        let next = Slot::free(cell.generation.wrapping_add(1));
         self.free.push(index);
-        Some(slot)
+        Some(std::mem::replace(cell, next))
     }
 
     fn live(&self) -> impl Iterator<Item = (u32, &Slot)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+        self.slots.iter().enumerate().filter(|(_, s)| s.data.is_some()).map(|(i, s)| (i as u32, s))
     }
 }
 
@@ -727,9 +766,8 @@ impl Shard {
         value: &[u8],
         options: SetOptions,
     ) -> Result<SetOutcome, ShardError> {
-        let key_limit = self.config.max_key_size.min(u32::MAX as usize);
-        if key.len() > key_limit {
-            return Err(ShardError::KeyTooLarge { size: key.len(), limit: key_limit });
+        if key.len() > self.config.max_key_size {
+            return Err(ShardError::KeyTooLarge { size: key.len(), limit: self.config.max_key_size });
         }
         if value.len() > self.config.max_value_size {
             return Err(ShardError::ValueTooLarge { size: value.len(), limit: self.config.max_value_size });
@@ -1309,13 +1347,13 @@ mod tests {
 
     #[test]
     fn an_entry_is_one_40_byte_slot_and_one_allocation_whatever_its_updates() {
-        assert_eq!(size_of::<Option<Slot>>(), 40, "the slot's size is memory per key");
+        assert_eq!(size_of::<Slot>(), 40, "the slot's size is memory per key");
         let mut shard = lru_shard(ShardConfig::default());
         set(&mut shard, 0, "key", "abc", None);
-        let first = shard.slab.get(0).data.as_ptr();
+        let first = shard.slab.get(0).bytes().as_ptr();
         // The same length is written in place; another length moves it.
         set(&mut shard, 1, "key", "xyz", None);
-        assert_eq!(shard.slab.get(0).data.as_ptr(), first, "same-size update reuses the allocation");
+        assert_eq!(shard.slab.get(0).bytes().as_ptr(), first, "same-size update reuses the allocation");
         assert_eq!(shard.get(2, b"key").as_deref(), Some(&b"xyz"[..]));
         set(&mut shard, 3, "key", "a longer value", None);
         assert_eq!(shard.get(4, b"key").as_deref(), Some(&b"a longer value"[..]));
@@ -1331,6 +1369,40 @@ mod tests {
         assert_eq!(shard.ttl(8, b"far"), Some(Some(u64::MAX - 1 - 8)));
         assert!(shard.persist(9, b"far"));
         assert_eq!(shard.ttl(9, b"far"), Some(None));
+    }
+
+    #[test]
+    fn packed_keys_of_every_length_class_split_back() {
+        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let key: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let data = pack(&key, b"value");
+            let (start, end) = key_span(&data);
+            assert_eq!((&data[start..end], &data[end..]), (&key[..], &b"value"[..]), "key of {len}");
+            assert_eq!(
+                start,
+                if len < 128 {
+                    1
+                } else if len < 16_384 {
+                    2
+                } else {
+                    3
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_freed_slot_keeps_its_generation_for_the_next_entry() {
+        let mut shard = lru_shard(ShardConfig::default());
+        set(&mut shard, 0, "a", "1", None);
+        let old = shard.slab.id(0);
+        assert!(shard.delete(1, b"a"));
+        set(&mut shard, 2, "b", "2", None);
+        let new = shard.slab.id(0);
+        assert_eq!(new & u64::from(u32::MAX), old & u64::from(u32::MAX), "the slot is reused");
+        assert_ne!(new, old);
+        assert_eq!(shard.slab.resolve(old), None);
+        assert_eq!(shard.key_of(new), Some(&b"b"[..]));
     }
 
     #[test]
