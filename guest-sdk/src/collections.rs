@@ -160,7 +160,7 @@ impl<T: Copy + Default> IdList<T> {
     /// moved to the back and its value replaced; an older id of the same
     /// slot is dropped.
     pub fn push_back(&mut self, id: EntryId, value: T) {
-        self.list.push_back(0, id, value);
+        let _ = self.list.push_back(0, id, value);
     }
 
     /// Moves `id` to the back; false when absent.
@@ -284,16 +284,21 @@ impl<T: Copy + Default, const K: usize> IdLists<T, K> {
 
     /// Appends `id` to the back (newest end) of `list`, taking it out of
     /// whichever list held it. An older id of the same slot is dropped.
-    pub fn push_back(&mut self, list: usize, id: EntryId, value: T) {
+    /// Returns the list and value of what the slot held before (`id`
+    /// itself or the older id), so a policy can take back what it charged.
+    pub fn push_back(&mut self, list: usize, id: EntryId, value: T) -> Option<(usize, T)> {
         let slot = slot_of(id);
         if slot >= self.nodes.len() {
             self.nodes.resize(slot + 1, SlotNode { list: NO_LIST, ..SlotNode::default() });
         }
-        if self.nodes[slot].list != NO_LIST {
+        let held = self.nodes[slot];
+        let displaced = (held.list != NO_LIST).then(|| (usize::from(held.list), held.value));
+        if displaced.is_some() {
             self.unlink(slot as u32);
         }
         self.nodes[slot] = SlotNode { value, generation: (id >> 32) as u32, prev: NIL, next: NIL, list: list as u8 };
         self.link_back(list, slot as u32);
+        displaced
     }
 
     /// Moves `id` to the back of its own list; false when absent.
@@ -399,11 +404,12 @@ mod lists_tests {
             let list = rng.below(3) as usize;
             match rng.below(5) {
                 0 | 1 => {
-                    for q in model.iter_mut() {
-                        q.retain(|&(i, _)| i != id);
-                    }
+                    let held = model.iter_mut().enumerate().find_map(|(l, q)| {
+                        let at = q.iter().position(|&(i, _)| i == id)?;
+                        q.remove(at).map(|(_, v)| (l, v))
+                    });
                     model[list].push_back((id, step));
-                    lists.push_back(list, id, step);
+                    assert_eq!(lists.push_back(list, id, step), held);
                 }
                 2 => {
                     let expected = model.iter_mut().enumerate().find_map(|(l, q)| {
@@ -449,9 +455,9 @@ mod lists_tests {
         let mut lists = IdLists::<u8, 2>::with_capacity(0);
         let old = 5u64;
         let new = (1u64 << 32) | 5;
-        lists.push_back(0, old, 1);
+        assert_eq!(lists.push_back(0, old, 1), None);
         assert_eq!(lists.remove(new), None);
-        lists.push_back(1, new, 2);
+        assert_eq!(lists.push_back(1, new, 2), Some((0, 1)), "the older id is handed back");
         assert!(!lists.contains(old));
         assert!(lists.is_empty(0), "the old id left its list with its slot");
         assert_eq!(lists.get(new), Some((1, 2)));
@@ -466,9 +472,9 @@ mod lists_tests {
 /// rehashes in place, and it grows only past the size it was made for.
 ///
 /// Keys and values are kept in two arrays, with key 0 marking a free slot
-/// (the key 0 itself is held aside): a probe reads 8 bytes a slot, and the
-/// table costs `16 + size_of::<V>()` bytes per key it was sized for, where
-/// an array of `Option<(u64, V)>` would cost half as much again.
+/// (the key 0 itself is held aside): a probe reads 8 bytes a slot, and a
+/// slot costs `8 + size_of::<V>()` bytes (two slots per key the table was
+/// sized for), where a slot of `Option<(u64, V)>` would cost 8 more.
 #[derive(Clone, Debug)]
 pub struct KeyMap<V: Copy + Default> {
     keys: Vec<u64>,
@@ -592,8 +598,8 @@ impl<V: Copy + Default> KeyMap<V> {
     }
 }
 
-/// A key's place in a [`Ghost`]: 8 bytes, so the ghost's table costs 16
-/// bytes per key it has room for.
+/// A key's place in a [`Ghost`]: 8 bytes, so a slot of the ghost's table
+/// costs 16 (32 per key it has room for).
 #[derive(Clone, Copy, Debug, Default)]
 struct Remembered {
     /// Tells the key's live queue entry from leftovers of earlier visits;
@@ -664,6 +670,13 @@ impl Ghost {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         let weight = u32::try_from(weight).unwrap_or(u32::MAX);
+        // Make room first: one key over the table's size would double it
+        // (a rehash of every key inside one call) for a moment's need.
+        while self.members.len() >= self.max_keys {
+            if self.pop_oldest().is_none() {
+                break;
+            }
+        }
         self.members.insert(key, Remembered { seq, weight });
         self.queue.push_back((key, seq));
         self.weight += u64::from(weight);
@@ -673,12 +686,20 @@ impl Ghost {
             }
         }
         // Drop removed keys' leftovers as they reach the front: a little work
-        // per insert, never a pass over the whole queue inside one call.
+        // per insert.
         while let Some(&(front, seq)) = self.queue.front() {
             if self.is_live(front, seq) {
                 break;
             }
             self.queue.pop_front();
+        }
+        // Leftovers behind a long-lived front key would pile up without
+        // bound; past twice the live keys, one pass drops them. It runs at
+        // most once per `max_keys` inserts, inside an eviction call, whose
+        // budget scales with the capacity.
+        if self.queue.len() > 2 * self.max_keys + 64 {
+            let Self { queue, members, .. } = self;
+            queue.retain(|&(key, seq)| members.get(key).is_some_and(|held| held.seq == seq));
         }
     }
 
@@ -741,6 +762,30 @@ mod map_tests {
         }
         assert_eq!(ghost.len(), 3);
         assert!(!ghost.contains(2) && ghost.contains(3) && ghost.contains(5));
+    }
+
+    #[test]
+    fn ghost_queue_stays_bounded_behind_a_long_lived_key() {
+        let mut ghost = Ghost::new(u64::MAX, 8);
+        ghost.insert(1, 1);
+        for key in 2..100_000 {
+            ghost.insert(key, 1);
+            assert!(ghost.remove(key));
+            assert!(ghost.queue.len() <= 2 * 8 + 65, "{} queued at {key}", ghost.queue.len());
+        }
+        assert!(ghost.contains(1) && ghost.len() == 1);
+    }
+
+    #[test]
+    fn a_full_ghost_makes_room_before_it_inserts_and_never_grows_its_table() {
+        let mut ghost = Ghost::new(u64::MAX, 1024);
+        let slots = ghost.members.keys.len();
+        for key in 1..10_000 {
+            ghost.insert(key, 1);
+        }
+        assert_eq!(ghost.len(), 1024);
+        assert_eq!(ghost.members.keys.len(), slots);
+        assert!(ghost.contains(9_999) && !ghost.contains(8_975));
     }
 
     #[test]

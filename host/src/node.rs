@@ -387,8 +387,15 @@ impl Node {
 
     /// A plain SET (no TTL, no condition) of slices, which the shard copies:
     /// the RESP port's path for the commonest write, timed from `started`
-    /// like [`Node::get_with_since`]; otherwise as `execute` runs it.
-    pub fn set_since(&self, started: Instant, key: &[u8], value: &[u8]) -> (Response, Instant) {
+    /// like [`Node::get_with_since`], `reply` (writing the answer) included;
+    /// otherwise as `execute` runs it.
+    pub fn set_since<R>(
+        &self,
+        started: Instant,
+        key: &[u8],
+        value: &[u8],
+        reply: impl FnOnce(Response) -> R,
+    ) -> (R, Instant) {
         let now = self.clock.now_ms_at(started);
         if let Some(threshold) = self.control.shadow_threshold()
             && crate::shadow::in_sample(key, threshold)
@@ -399,10 +406,11 @@ impl Node {
             observe(shadow.as_mut(), now, &request);
         }
         let response = self.set(now, key, value, None, Condition::Always, 0);
-        let ended = Instant::now();
         let failed = matches!(response, Response::Error(_));
+        let out = reply(response);
+        let ended = Instant::now();
         self.metrics.record(crate::metrics::SET, ended.saturating_duration_since(started), failed);
-        (response, ended)
+        (out, ended)
     }
 
     fn set(

@@ -286,9 +286,12 @@ fn deadline(now: u64, ttl_ms: u64) -> u64 {
     now.saturating_add(ttl_ms).min(NEVER - 1)
 }
 
-/// `key`'s length as LEB128, then `key`, then `value`, in one allocation.
+/// `key`'s length as LEB128, then `key`, then `value`, in one allocation
+/// of exactly that size (a spare byte could cross a size class and make the
+/// boxing reallocate).
 fn pack(key: &[u8], value: &[u8]) -> Box<[u8]> {
-    let mut data = Vec::with_capacity(5 + key.len() + value.len());
+    let prefix = (usize::BITS - key.len().leading_zeros()).div_ceil(7).max(1) as usize;
+    let mut data = Vec::with_capacity(prefix + key.len() + value.len());
     let mut len = key.len();
     while len >= 0x80 {
         data.push((len as u8) | 0x80);
@@ -1378,6 +1381,7 @@ mod tests {
             let data = pack(&key, b"value");
             let (start, end) = key_span(&data);
             assert_eq!((&data[start..end], &data[end..]), (&key[..], &b"value"[..]), "key of {len}");
+            assert_eq!(data.len(), start + len + 5, "no spare byte for the boxing to trim");
             assert_eq!(
                 start,
                 if len < 128 {

@@ -173,9 +173,8 @@ async fn serve(
                 input.advance(len);
             } else if let Some((key, value, len)) = direct.then(|| codec::plain_set(&input, &limits)).flatten() {
                 let started = last_end.unwrap_or_else(Instant::now);
-                let (response, ended) = node.set_since(started, &input[key], &input[value]);
-                commands::write_reply(&session, response, &mut output);
-                last_end = Some(ended);
+                let reply = |response| commands::write_reply(&session, response, &mut output);
+                last_end = Some(node.set_since(started, &input[key], &input[value], reply).1);
                 input.advance(len);
             } else {
                 last_end = None;

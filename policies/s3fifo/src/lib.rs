@@ -95,7 +95,7 @@ impl S3Fifo {
             let w = self.weight(meta.size());
             self.used[SMALL] -= w;
             if meta.count() >= self.move_threshold {
-                self.queues.push_back(MAIN, id, meta.with_count(0));
+                let _ = self.queues.push_back(MAIN, id, meta.with_count(0));
                 self.used[MAIN] += w;
             } else {
                 self.ghost.insert(meta.key_hash(), w);
@@ -108,7 +108,7 @@ impl S3Fifo {
     fn evict_main(&mut self) -> Option<(EntryId, u64)> {
         while let Some((id, meta)) = self.queues.pop_front(MAIN) {
             if meta.count() >= 1 {
-                self.queues.push_back(MAIN, id, meta.with_count(meta.count() - 1));
+                let _ = self.queues.push_back(MAIN, id, meta.with_count(meta.count() - 1));
             } else {
                 self.used[MAIN] -= self.weight(meta.size());
                 return Some((id, u64::from(meta.size())));
@@ -170,10 +170,14 @@ impl Policy for S3Fifo {
     }
 
     fn on_inserted(&mut self, _: u64, entry: &Entry) {
-        self.forget(entry.id);
         let meta = Meta::new(entry.key_hash, entry.size);
         let queue = if self.ghost_hit.take() == Some(entry.key_hash) { MAIN } else { SMALL };
-        self.queues.push_back(queue, entry.id, meta);
+        // Whatever the slot held (the host never inserts a live id, nor
+        // reuses a slot before its removal; but if it did, the charge must
+        // not stay behind, or eviction would chase weight nothing holds).
+        if let Some((held_in, held)) = self.queues.push_back(queue, entry.id, meta) {
+            self.used[held_in] -= self.weight(held.size());
+        }
         self.used[queue] += self.weight(meta.size());
     }
 
