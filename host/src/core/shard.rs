@@ -304,7 +304,15 @@ fn pack(key: &[u8], value: &[u8]) -> Box<[u8]> {
 }
 
 /// Where the key of [`pack`]ed `data` starts and ends.
+#[inline]
 fn key_span(data: &[u8]) -> (usize, usize) {
+    // Keys under 128 bytes, nearly all: one length byte. Every lookup
+    // that meets a candidate with its hash comes here.
+    if let Some(&len) = data.first()
+        && len < 0x80
+    {
+        return (1, (1 + usize::from(len)).min(data.len()));
+    }
     let (mut len, mut shift, mut at) = (0usize, 0, 0);
     while let Some(&byte) = data.get(at) {
         len |= usize::from(byte & 0x7f) << shift;
