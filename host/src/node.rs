@@ -373,12 +373,7 @@ impl Node {
     /// pipelined GET's cost).
     pub fn get_with_since<R>(&self, started: Instant, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> (R, Instant) {
         let now = self.clock.now_ms_at(started);
-        if let Some(threshold) = self.control.shadow_threshold()
-            && crate::shadow::in_sample(key, threshold)
-            && let Some(mut shadow) = self.control.shadow()
-        {
-            observe(shadow.as_mut(), now, &Request::Get { key: Bytes::copy_from_slice(key) });
-        }
+        self.observe_sampled(now, key, || Request::Get { key: Bytes::copy_from_slice(key) });
         let out = self.shard(key).get_with(now, key, f);
         let ended = Instant::now();
         self.metrics.record(crate::metrics::GET, ended.saturating_duration_since(started), false);
@@ -397,14 +392,10 @@ impl Node {
         reply: impl FnOnce(Response) -> R,
     ) -> (R, Instant) {
         let now = self.clock.now_ms_at(started);
-        if let Some(threshold) = self.control.shadow_threshold()
-            && crate::shadow::in_sample(key, threshold)
-            && let Some(mut shadow) = self.control.shadow()
-        {
+        self.observe_sampled(now, key, || {
             let (key, value) = (Bytes::copy_from_slice(key), Bytes::copy_from_slice(value));
-            let request = Request::Set { key, value, ttl_ms: None, condition: Condition::Always, hint: 0 };
-            observe(shadow.as_mut(), now, &request);
-        }
+            Request::Set { key, value, ttl_ms: None, condition: Condition::Always, hint: 0 }
+        });
         let response = self.set(now, key, value, None, Condition::Always, 0);
         let failed = matches!(response, Response::Error(_));
         let out = reply(response);
@@ -445,6 +436,17 @@ impl Node {
             Ok(_) if condition == Condition::Always => Response::Ok,
             Ok(_) => Response::Applied(true),
             Err(err) => shard_error(&err),
+        }
+    }
+
+    /// Shows the shadow evaluation a request on `key` if `key` is sampled;
+    /// the request (copies of borrowed bytes) is built only then.
+    fn observe_sampled(&self, now: u64, key: &[u8], request: impl FnOnce() -> Request) {
+        if let Some(threshold) = self.control.shadow_threshold()
+            && crate::shadow::in_sample(key, threshold)
+            && let Some(mut shadow) = self.control.shadow()
+        {
+            observe(shadow.as_mut(), now, &request());
         }
     }
 

@@ -636,7 +636,7 @@ impl Shard {
     /// [`Shard::finish_swap`] (or [`Shard::abort_swap`]).
     pub fn begin_swap(&mut self, now: u64, info: &PolicyInfo) -> SwapSnapshot {
         let order = self.handover_order(now);
-        let entries = order.iter().filter_map(|&id| self.slab.resolve(id)).map(|i| self.entry(i)).collect();
+        let entries = order.iter().filter_map(|&id| self.slab.resolve(id)).map(|i| self.entry_rehashed(i)).collect();
         self.journal = Some(Journal {
             events: Vec::new(),
             wants_access: info.wants_access_events,
@@ -800,7 +800,7 @@ impl Shard {
         }
         if let Some(index) = found {
             let expires_at = if options.keep_ttl { self.slab.get(index).expires_at() } else { expires_at };
-            self.update(now, index, value, expires_at, options.hint);
+            self.update(now, index, hash, value, expires_at, options.hint);
             return Ok(SetOutcome::Updated);
         }
         let id_hint = Entry { id: 0, key_hash: hash, size, expires_at, hint: options.hint };
@@ -852,7 +852,7 @@ impl Shard {
         };
         slot.set_expires_at(None);
         self.ttl.remove(at, id);
-        let entry = self.entry(index);
+        let entry = self.entry(index, hash);
         self.push_event(now, Event::Updated(entry));
         true
     }
@@ -906,7 +906,7 @@ impl Shard {
         let at = deadline(now, ttl_ms);
         slot.set_expires_at(Some(at));
         self.ttl.insert(at, id);
-        let entry = self.entry(index);
+        let entry = self.entry(index, hash);
         self.push_event(now, Event::Updated(entry));
         true
     }
@@ -1057,18 +1057,20 @@ impl Shard {
         }
     }
 
-    fn entry(&self, index: u32) -> Entry {
+    /// What the policy is told of a resident entry whose key hashes to
+    /// `key_hash` (the slot keeps only half of it).
+    fn entry(&self, index: u32, key_hash: u64) -> Entry {
         let slot = self.slab.get(index);
-        Entry {
-            id: self.slab.id(index),
-            key_hash: cachet_proto::key_hash(slot.key()),
-            size: slot.size(),
-            expires_at: slot.expires_at(),
-            hint: slot.hint,
-        }
+        Entry { id: self.slab.id(index), key_hash, size: slot.size(), expires_at: slot.expires_at(), hint: slot.hint }
     }
 
-    fn update(&mut self, now: u64, index: u32, value: &[u8], expires_at: Option<u64>, hint: u32) {
+    /// [`Shard::entry`] with the hash computed from the stored key, where
+    /// the caller has not hashed it already.
+    fn entry_rehashed(&self, index: u32) -> Entry {
+        self.entry(index, cachet_proto::key_hash(self.slab.get(index).key()))
+    }
+
+    fn update(&mut self, now: u64, index: u32, key_hash: u64, value: &[u8], expires_at: Option<u64>, hint: u32) {
         let id = self.slab.id(index);
         let clock = self.clock;
         let slot = self.slab.get_mut(index);
@@ -1086,7 +1088,7 @@ impl Shard {
         }
         self.bytes = self.bytes - old + new;
         self.stats.updates += 1;
-        let entry = self.entry(index);
+        let entry = self.entry(index, key_hash);
         self.push_event(now, Event::Updated(entry));
         if self.bytes > self.config.max_bytes {
             let need = self.need(0, 0);
@@ -1314,7 +1316,9 @@ impl Shard {
         let mut batch = Vec::with_capacity(REPLAY_BATCH.min(ids.len()));
         for chunk in ids.chunks(REPLAY_BATCH) {
             batch.clear();
-            batch.extend(chunk.iter().filter_map(|&id| self.slab.resolve(id)).map(|i| Event::Inserted(self.entry(i))));
+            batch.extend(
+                chunk.iter().filter_map(|&id| self.slab.resolve(id)).map(|i| Event::Inserted(self.entry_rehashed(i))),
+            );
             policy.on_events(now, &batch)?;
         }
         Ok(())
