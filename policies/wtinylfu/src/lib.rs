@@ -19,7 +19,7 @@
 //! reproduced without walking the whole cache in one call (a contest walks
 //! at most the window); see [`WTinyLfuWith`].
 
-use cachet_policy_sdk::collections::{IdList, IdMap, id_map_for};
+use cachet_policy_sdk::collections::{IdLists, IdMap, id_map_for};
 use cachet_policy_sdk::{
     Capacity, Config, ConfigError, Entry, EntryId, Need, Policy, PolicyInfo, RemovalCause, export_policy,
 };
@@ -186,13 +186,12 @@ enum Segment {
 /// `pick-victims` call that follows `admit`, so nothing reads them first.
 pub struct WTinyLfuWith<H> {
     capacity: Capacity,
-    window: IdList<u64>,
-    /// Probation's oldest part: filled only during warm-up, then drained.
-    /// Logical probation is `probation_old` followed by `probation`.
-    probation_old: IdList<u64>,
-    probation: IdList<u64>,
-    protected: IdList<u64>,
-    doomed: IdList<u64>,
+    /// The five segments' lists, in one slot-indexed table (an id is in
+    /// at most one): `WINDOW`, `PROBATION_OLD` (probation's oldest part:
+    /// filled only during warm-up, then drained; logical probation is
+    /// `PROBATION_OLD` followed by `PROBATION`), `PROBATION`, `PROTECTED`,
+    /// `DOOMED`.
+    lists: Segments,
     meta: IdMap<(u64, Segment)>,
     sketch: Sketch<H>,
     /// True until the first eviction: main is still only staged.
@@ -235,34 +234,34 @@ impl<H: SketchHash> WTinyLfuWith<H> {
     }
 
     fn probation_front(&self) -> Option<(EntryId, u64)> {
-        self.probation_old.front().or_else(|| self.probation.front())
+        self.lists.front(PROBATION_OLD).or_else(|| self.lists.front(PROBATION))
     }
 
     fn push_probation(&mut self, id: EntryId, size: u64) {
-        self.probation.push_back(id, size);
+        self.lists.push_back(PROBATION, id, size);
         self.probation_used.add(self.weight(size));
         self.set_segment(id, Segment::Probation);
     }
 
     fn push_protected(&mut self, id: EntryId, size: u64) {
-        self.protected.push_back(id, size);
+        self.lists.push_back(PROTECTED, id, size);
         self.protected_used.add(self.weight(size));
         self.set_segment(id, Segment::Protected);
     }
 
     fn remove_probation(&mut self, id: EntryId) -> Option<u64> {
-        let size = if let Some(size) = self.probation_old.remove(id) {
+        let size = if let Some(size) = self.lists.remove(PROBATION_OLD, id) {
             self.probation_old_used.sub(self.weight(size));
             size
         } else {
-            self.probation.remove(id)?
+            self.lists.remove(PROBATION, id)?
         };
         self.probation_used.sub(self.weight(size));
         Some(size)
     }
 
     fn remove_protected(&mut self, id: EntryId) -> Option<u64> {
-        let size = self.protected.remove(id)?;
+        let size = self.lists.remove(PROTECTED, id)?;
         self.protected_used.sub(self.weight(size));
         Some(size)
     }
@@ -273,7 +272,7 @@ impl<H: SketchHash> WTinyLfuWith<H> {
 
     /// The main cache's next victim: probation's LRU, else protected's.
     fn main_victim(&self) -> Option<(EntryId, u64)> {
-        self.probation_front().or_else(|| self.protected.front())
+        self.probation_front().or_else(|| self.lists.front(PROTECTED))
     }
 
     /// Takes main's victim out of main and marks it doomed.
@@ -303,7 +302,7 @@ impl<H: SketchHash> WTinyLfuWith<H> {
     /// Marks `id`, already out of its list, doomed: gone for the policy,
     /// handed to the host by the next `pick-victims`.
     fn doom(&mut self, id: EntryId, size: u64) {
-        self.doomed.push_back(id, size);
+        self.lists.push_back(DOOMED, id, size);
         self.set_segment(id, Segment::Doomed);
     }
 
@@ -325,12 +324,12 @@ impl<H: SketchHash> WTinyLfuWith<H> {
         // The staged lists are main from now on.
         self.warm = false;
         loop {
-            let Some((candidate, size)) = self.window.front() else {
+            let Some((candidate, size)) = self.lists.front(WINDOW) else {
                 return self.doom_main_victim();
             };
             let w = self.weight(size);
             let hash = self.hash_of(candidate);
-            self.window.pop_front();
+            self.lists.pop_front(WINDOW);
             self.window_used.sub(w);
             if self.main_used().plus(w).within(self.main_limit) {
                 // Main has room after the first eviction only when entries
@@ -364,7 +363,7 @@ impl<H: SketchHash> WTinyLfuWith<H> {
     /// end of the staged lists.
     fn spill_window(&mut self) {
         while self.window_used.over(self.window_limit) {
-            let Some((id, size)) = self.window.pop_front() else { break };
+            let Some((id, size)) = self.lists.pop_front(WINDOW) else { break };
             self.window_used.sub(self.weight(size));
             self.stage(id, size);
         }
@@ -376,13 +375,13 @@ impl<H: SketchHash> WTinyLfuWith<H> {
         let w = self.weight(size);
         let hash = self.hash_of(id);
         self.sketch.add(hash);
-        let later_empty = self.protected.is_empty() && self.probation.is_empty();
+        let later_empty = self.lists.is_empty(PROTECTED) && self.lists.is_empty(PROBATION);
         if later_empty && self.probation_old_used.plus(w).within(self.probation_limit) {
-            self.probation_old.push_back(id, size);
+            self.lists.push_back(PROBATION_OLD, id, size);
             self.probation_old_used.add(w);
             self.probation_used.add(w);
             self.set_segment(id, Segment::Probation);
-        } else if self.protected_used.plus(w).within(self.protected_limit) && self.probation.is_empty() {
+        } else if self.protected_used.plus(w).within(self.protected_limit) && self.lists.is_empty(PROBATION) {
             self.push_protected(id, size);
         } else {
             self.push_probation(id, size);
@@ -393,23 +392,23 @@ impl<H: SketchHash> WTinyLfuWith<H> {
     /// and shifts the later positions up so the lists stay laid out as the
     /// first eviction would fill main.
     fn unstage(&mut self, id: EntryId) -> Option<u64> {
-        let from_old = self.probation_old.contains(id);
-        let from_protected = self.protected.contains(id);
+        let from_old = self.lists.contains(PROBATION_OLD, id);
+        let from_protected = self.lists.contains(PROTECTED, id);
         let size = self.remove_main(id)?;
         let hash = self.hash_of(id);
         self.sketch.undo_add(hash);
-        if from_old && let Some((next, next_size)) = self.protected.front() {
+        if from_old && let Some((next, next_size)) = self.lists.front(PROTECTED) {
             let w = self.weight(next_size);
             if self.probation_old_used.plus(w).within(self.probation_limit) {
                 self.remove_protected(next);
-                self.probation_old.push_back(next, next_size);
+                self.lists.push_back(PROBATION_OLD, next, next_size);
                 self.probation_old_used.add(w);
                 self.probation_used.add(w);
                 self.set_segment(next, Segment::Probation);
             }
         }
         if (from_old || from_protected)
-            && let Some((next, next_size)) = self.probation.front()
+            && let Some((next, next_size)) = self.lists.front(PROBATION)
             && self.protected_used.plus(self.weight(next_size)).within(self.protected_limit)
         {
             self.remove_probation(next);
@@ -425,7 +424,7 @@ impl<H: SketchHash> WTinyLfuWith<H> {
         let Some(size) = self.remove_probation(id) else { return };
         self.push_protected(id, size);
         while self.protected_used.over(self.protected_limit) {
-            let Some((old, old_size)) = self.protected.front() else { break };
+            let Some((old, old_size)) = self.lists.front(PROTECTED) else { break };
             self.remove_protected(old);
             self.push_probation(old, old_size);
             while self.probation_used.over(self.probation_limit) && self.doom_main_victim() {}
@@ -470,11 +469,7 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
         let n = capacity.presize();
         Ok(Self {
             capacity,
-            window: IdList::with_capacity(n),
-            probation_old: IdList::with_capacity(n),
-            probation: IdList::with_capacity(n),
-            protected: IdList::with_capacity(n),
-            doomed: IdList::with_capacity(n),
+            lists: Segments(IdLists::with_capacity(n)),
             meta: id_map_for(n),
             // Sized for main's entries; with only a byte budget, for main's bytes
             // (one-byte entries at worst) but never past the presizing cap, so
@@ -501,7 +496,7 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
     fn on_inserted(&mut self, _: u64, entry: &Entry) {
         self.sketch.add(entry.key_hash);
         let w = self.weight(entry.size);
-        self.window.push_back(entry.id, entry.size);
+        self.lists.push_back(WINDOW, entry.id, entry.size);
         self.window_used.add(w);
         self.meta.insert(entry.id, (entry.key_hash, Segment::Window));
         if self.warm {
@@ -509,12 +504,12 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
             return;
         }
         while self.window_used.without(w).over(self.window_limit) {
-            let Some((id, size)) = self.window.front() else { break };
+            let Some((id, size)) = self.lists.front(WINDOW) else { break };
             let front_w = self.weight(size);
             if id == entry.id || !self.main_used().plus(front_w).within(self.main_limit) {
                 break;
             }
-            self.window.pop_front();
+            self.lists.pop_front(WINDOW);
             self.window_used.sub(front_w);
             self.admit_to_main(id, size);
             let hash = self.hash_of(id);
@@ -528,11 +523,11 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
         let Some(segment) = self.segment_of(id) else { return };
         match segment {
             Segment::Window => {
-                self.window.move_to_back(id);
+                self.lists.move_to_back(WINDOW, id);
             }
             Segment::Probation | Segment::Protected if self.warm => {
                 if let Some(size) = self.unstage(id) {
-                    self.window.push_back(id, size);
+                    self.lists.push_back(WINDOW, id, size);
                     self.window_used.add(self.weight(size));
                     self.set_segment(id, Segment::Window);
                     self.spill_window();
@@ -546,14 +541,14 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
             Segment::Protected => {
                 let hash = self.hash_of(id);
                 self.sketch.main_hit(hash);
-                self.protected.move_to_back(id);
+                self.lists.move_to_back(PROTECTED, id);
             }
             Segment::Doomed => {
                 // The reference missed and re-inserted it: a new window key.
-                if let Some(size) = self.doomed.remove(id) {
+                if let Some(size) = self.lists.remove(DOOMED, id) {
                     let hash = self.hash_of(id);
                     self.sketch.add(hash);
-                    self.window.push_back(id, size);
+                    self.lists.push_back(WINDOW, id, size);
                     self.window_used.add(self.weight(size));
                     self.set_segment(id, Segment::Window);
                 }
@@ -568,25 +563,25 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
             |used: &mut Load, old: u64| used.weight = used.weight + capacity.weight(size) - capacity.weight(old);
         match self.segment_of(id) {
             Some(Segment::Window) => {
-                if let Some(old) = resize(&mut self.window, id, size) {
+                if let Some(old) = resize(&mut self.lists, WINDOW, id, size) {
                     reweigh(&mut self.window_used, old);
                 }
             }
             Some(Segment::Probation) => {
-                if let Some(old) = resize(&mut self.probation_old, id, size) {
+                if let Some(old) = resize(&mut self.lists, PROBATION_OLD, id, size) {
                     reweigh(&mut self.probation_old_used, old);
                     reweigh(&mut self.probation_used, old);
-                } else if let Some(old) = resize(&mut self.probation, id, size) {
+                } else if let Some(old) = resize(&mut self.lists, PROBATION, id, size) {
                     reweigh(&mut self.probation_used, old);
                 }
             }
             Some(Segment::Protected) => {
-                if let Some(old) = resize(&mut self.protected, id, size) {
+                if let Some(old) = resize(&mut self.lists, PROTECTED, id, size) {
                     reweigh(&mut self.protected_used, old);
                 }
             }
             Some(Segment::Doomed) => {
-                resize(&mut self.doomed, id, size);
+                resize(&mut self.lists, DOOMED, id, size);
             }
             None => return,
         }
@@ -596,7 +591,7 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
     fn on_removed(&mut self, _: u64, id: EntryId, _: RemovalCause) {
         match self.segment_of(id) {
             Some(Segment::Window) => {
-                if let Some(size) = self.window.remove(id) {
+                if let Some(size) = self.lists.remove(WINDOW, id) {
                     self.window_used.sub(self.weight(size));
                 }
             }
@@ -607,7 +602,7 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
                 self.remove_main(id);
             }
             Some(Segment::Doomed) => {
-                self.doomed.remove(id);
+                self.lists.remove(DOOMED, id);
             }
             None => {}
         }
@@ -631,7 +626,7 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
     fn pick_victims(&mut self, _: u64, need: Need, out: &mut Vec<EntryId>) {
         let (mut entries, mut bytes) = (0u32, 0u64);
         loop {
-            while let Some((id, size)) = self.doomed.pop_front() {
+            while let Some((id, size)) = self.lists.pop_front(DOOMED) {
                 self.meta.remove(&id);
                 out.push(id);
                 entries = entries.saturating_add(1);
@@ -644,14 +639,78 @@ impl<H: SketchHash> Policy for WTinyLfuWith<H> {
     }
 
     fn export_order(&self, out: &mut Vec<EntryId>) {
-        let lists = [&self.doomed, &self.window, &self.probation_old, &self.probation, &self.protected];
-        out.extend(lists.into_iter().flat_map(|list| list.iter().map(|(id, _)| id)));
+        let order = [DOOMED, WINDOW, PROBATION_OLD, PROBATION, PROTECTED];
+        out.extend(order.into_iter().flat_map(|list| self.lists.iter(list).map(|(id, _)| id)));
     }
 }
 
-/// Sets the size stored with `id` in `list`, returning the old one.
-fn resize(list: &mut IdList<u64>, id: EntryId, size: u64) -> Option<u64> {
-    list.get_mut(id).map(|s| std::mem::replace(s, size))
+/// Sets the size stored with `id` if it is in `list`, returning the old one.
+fn resize(lists: &mut Segments, list: usize, id: EntryId, size: u64) -> Option<u64> {
+    lists.get_mut(list, id).map(|s| std::mem::replace(s, size))
+}
+
+const WINDOW: usize = 0;
+const PROBATION_OLD: usize = 1;
+const PROBATION: usize = 2;
+const PROTECTED: usize = 3;
+const DOOMED: usize = 4;
+
+/// The segments' lists, each entry's size as the value. The lookups are
+/// per segment, as with one list per segment: an id in another segment
+/// is not found.
+struct Segments(IdLists<u64, 5>);
+
+impl Segments {
+    fn holds(&self, list: usize, id: EntryId) -> bool {
+        self.0.get(id).is_some_and(|(held_in, _)| held_in == list)
+    }
+
+    fn contains(&self, list: usize, id: EntryId) -> bool {
+        self.holds(list, id)
+    }
+
+    fn front(&self, list: usize) -> Option<(EntryId, u64)> {
+        self.0.front(list)
+    }
+
+    fn pop_front(&mut self, list: usize) -> Option<(EntryId, u64)> {
+        self.0.pop_front(list)
+    }
+
+    fn push_back(&mut self, list: usize, id: EntryId, size: u64) {
+        let _ = self.0.push_back(list, id, size);
+    }
+
+    fn remove(&mut self, list: usize, id: EntryId) -> Option<u64> {
+        if !self.holds(list, id) {
+            return None;
+        }
+        self.0.remove(id).map(|(_, size)| size)
+    }
+
+    fn move_to_back(&mut self, list: usize, id: EntryId) -> bool {
+        self.holds(list, id) && self.0.move_to_back(id)
+    }
+
+    fn get_mut(&mut self, list: usize, id: EntryId) -> Option<&mut u64> {
+        if !self.holds(list, id) {
+            return None;
+        }
+        self.0.get_mut(id)
+    }
+
+    fn is_empty(&self, list: usize) -> bool {
+        self.0.is_empty(list)
+    }
+
+    #[cfg(test)]
+    fn len(&self, list: usize) -> usize {
+        self.0.len(list)
+    }
+
+    fn iter(&self, list: usize) -> impl Iterator<Item = (EntryId, u64)> + '_ {
+        self.0.iter(list)
+    }
 }
 
 export_policy!(WTinyLfu);
@@ -805,10 +864,10 @@ mod tests {
         for key in 0..1_000 {
             assert!(!h.request(key, 20));
         }
-        assert!(h.policy().window.len() <= 10, "window holds {}", h.policy().window.len());
+        assert!(h.policy().lists.len(WINDOW) <= 10, "window holds {}", h.policy().lists.len(WINDOW));
         for key in 1_000..3_000 {
             h.request(key, 20);
-            assert!(h.policy().window.len() <= 12, "window holds {}", h.policy().window.len());
+            assert!(h.policy().lists.len(WINDOW) <= 12, "window holds {}", h.policy().lists.len(WINDOW));
             assert!(h.policy().main_used().entries <= 990);
         }
     }
