@@ -134,6 +134,31 @@ async fn accept_loop(
     }
 }
 
+/// Serves a plain `GET key` or `SET key value` at the front of `input`
+/// straight from the buffer, timed from when the one before ended (`since`;
+/// see `Node::get_with_since`). When it ended; `None`, with nothing taken,
+/// for anything else.
+fn serve_plain(
+    node: &Node,
+    session: &Session,
+    limits: &Limits,
+    input: &mut BytesMut,
+    output: &mut BytesMut,
+    since: Option<Instant>,
+) -> Option<Instant> {
+    let started = since.unwrap_or_else(Instant::now);
+    let (ended, len) = if let Some((key, len)) = codec::plain_get(input, limits) {
+        let reply = |value: Option<&[u8]>| Writer::new(output, session.resp3).bulk_or_null(value);
+        (node.get_with_since(started, &input[key], reply).1, len)
+    } else {
+        let (key, value, len) = codec::plain_set(input, limits)?;
+        let reply = |response| commands::write_reply(session, response, output);
+        (node.set_since(started, &input[key], &input[value], reply).1, len)
+    };
+    input.advance(len);
+    Some(ended)
+}
+
 /// Replies buffered before they are written out mid-batch.
 const FLUSH_AT: usize = 256 << 10;
 
@@ -166,16 +191,9 @@ async fn serve(
         // clock starts there (see `Node::get_with_since`).
         let mut last_end: Option<Instant> = None;
         loop {
-            if let Some((key, len)) = direct.then(|| codec::plain_get(&input, &limits)).flatten() {
-                let started = last_end.unwrap_or_else(Instant::now);
-                let reply = |value: Option<&[u8]>| Writer::new(&mut output, session.resp3).bulk_or_null(value);
-                last_end = Some(node.get_with_since(started, &input[key], reply).1);
-                input.advance(len);
-            } else if let Some((key, value, len)) = direct.then(|| codec::plain_set(&input, &limits)).flatten() {
-                let started = last_end.unwrap_or_else(Instant::now);
-                let reply = |response| commands::write_reply(&session, response, &mut output);
-                last_end = Some(node.set_since(started, &input[key], &input[value], reply).1);
-                input.advance(len);
+            let plain = direct.then(|| serve_plain(&node, &session, &limits, &mut input, &mut output, last_end));
+            if let Some(ended) = plain.flatten() {
+                last_end = Some(ended);
             } else {
                 last_end = None;
                 match codec::parse_command(&mut input, &limits) {

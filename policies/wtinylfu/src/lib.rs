@@ -661,12 +661,8 @@ const DOOMED: usize = 4;
 struct Segments(IdLists<u64, 5>);
 
 impl Segments {
-    fn holds(&self, list: usize, id: EntryId) -> bool {
-        self.0.get(id).is_some_and(|(held_in, _)| held_in == list)
-    }
-
     fn contains(&self, list: usize, id: EntryId) -> bool {
-        self.holds(list, id)
+        self.0.get(id).is_some_and(|(held_in, _)| held_in == list)
     }
 
     fn front(&self, list: usize) -> Option<(EntryId, u64)> {
@@ -682,18 +678,18 @@ impl Segments {
     }
 
     fn remove(&mut self, list: usize, id: EntryId) -> Option<u64> {
-        if !self.holds(list, id) {
+        if !self.contains(list, id) {
             return None;
         }
         self.0.remove(id).map(|(_, size)| size)
     }
 
     fn move_to_back(&mut self, list: usize, id: EntryId) -> bool {
-        self.holds(list, id) && self.0.move_to_back(id)
+        self.contains(list, id) && self.0.move_to_back(id)
     }
 
     fn get_mut(&mut self, list: usize, id: EntryId) -> Option<&mut u64> {
-        if !self.holds(list, id) {
+        if !self.contains(list, id) {
             return None;
         }
         self.0.get_mut(id)
