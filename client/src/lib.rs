@@ -151,7 +151,10 @@ impl ClientConfig {
         self.with_ca_file(&data_dir.join("ca.pem"))
     }
 
-    fn quinn_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+    /// The quinn client configuration the SDK connects with (TLS 1.3 over
+    /// ring, this config's CA and identity, the `cachet/1` ALPN), for an
+    /// endpoint of one's own that must trust nodes the same way.
+    pub fn quinn_config(&self) -> Result<quinn::ClientConfig, ClientError> {
         let tls = |e: &dyn std::fmt::Display| ClientError::Tls(e.to_string());
         let mut roots = rustls::RootCertStore::empty();
         let path = self.ca_file.as_ref().ok_or_else(|| ClientError::Tls("no CA configured".into()))?;

@@ -182,7 +182,7 @@ fn load_memcached(port: u16, n: u64, size: usize) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn bench_compare(cachet: &Path) -> Result<()> {
+pub(crate) fn bench_compare(cachet: &Path, floor: &Path) -> Result<()> {
     ensure_installed()?;
     let (redis_port, quic_port, resp_port) = (free_port()?, free_port()?, free_port()?);
     let redis_server = redis(redis_port)?;
@@ -206,6 +206,7 @@ pub(crate) fn bench_compare(cachet: &Path) -> Result<()> {
     println!("## Cachet against redis-server: 100K keys, 100-byte values, 50 connections, 5 s per run\n");
     println!("| workload | server | ops/s (median of 2) | p99 us | server CPU us/op | ops/s vs redis |");
     println!("|---|---|---:|---:|---:|---:|");
+    let mut resp_get_p1 = f64::NAN;
     for (op, get_ratio) in [("GET", "1"), ("SET", "0")] {
         for pipeline in [1usize, 16] {
             let mut results: Vec<Vec<serde_json::Value>> = vec![Vec::new(); targets.len()];
@@ -252,6 +253,9 @@ pub(crate) fn bench_compare(cachet: &Path) -> Result<()> {
                 let rate = median(runs.iter().map(|r| f(r, "ops_per_sec")).collect());
                 let p99 = median(runs.iter().map(|r| f(r, "p99_us")).collect());
                 let cpu = median(runs.iter().map(|r| f(r, "server_cpu_us_per_op")).collect());
+                if (*name, op, pipeline) == ("cachet RESP", "GET", 1) {
+                    resp_get_p1 = rate;
+                }
                 println!(
                     "| {op} pipeline {pipeline} | {name} | {rate:.0} | {p99:.0} | {cpu:.2} | {:.2} |",
                     rate / redis_rate
@@ -261,6 +265,7 @@ pub(crate) fn bench_compare(cachet: &Path) -> Result<()> {
     }
     drop(node);
     drop(redis_server);
+    quic_floor(floor, resp_get_p1)?;
 
     println!(
         "\n## Memory per key: RSS growth after loading 1,000,000 keys of 100 bytes (read {SETTLE:?} after the load)\n"
@@ -304,5 +309,88 @@ pub(crate) fn bench_compare(cachet: &Path) -> Result<()> {
             bytes / redis_bytes
         );
     }
+    Ok(())
+}
+
+/// Runs the `quic_floor` example with `args`, the load side pinned to
+/// core 1, and parses its JSON line.
+fn floor_run(floor: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("taskset").args(["-c", "1"]).arg(floor).args(args).output()?;
+    if !out.status.success() {
+        bail!("quic_floor {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).context("quic_floor output")
+}
+
+/// What a request over QUIC cannot cost less than on this machine, server
+/// side, against what the 1.5x-RESP target allows: the socket work alone
+/// (an echo server on core 0 with no QUIC, driven at pipeline 1 from 50
+/// sockets on core 1), quinn-proto's own work (client and server in one
+/// process, in memory) and the cache's work on a GET (decode, execute,
+/// encode). Two rounds each, medians.
+fn quic_floor(floor: &Path, resp_get_p1: f64) -> Result<()> {
+    eprintln!("xtask: measuring the QUIC floor");
+    let mut sockets: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    let mut proto = Vec::new();
+    for _round in 0..2 {
+        for (i, mode) in [None, Some("--sendmmsg")].into_iter().enumerate() {
+            let port = free_port()?;
+            let addr = format!("127.0.0.1:{port}");
+            let mut command = pinned(floor);
+            command.args(["udp-server", &addr]).args(mode);
+            let server =
+                Server { child: command.stdout(Stdio::null()).spawn().context("quic_floor udp-server")?, _dir: None };
+            std::thread::sleep(Duration::from_millis(300));
+            let run = floor_run(
+                floor,
+                &["udp-client", &addr, "--connections", "50", "--duration", "5", "--server-pid", &server.pid()],
+            )?;
+            sockets[i].push((f(&run, "ops_per_sec"), f(&run, "server_cpu_us_per_op")));
+        }
+        let run = floor_run(floor, &["exchange", "--requests", "100000"])?;
+        proto.push((
+            f(&run, "server_us_per_request"),
+            f(&run, "client_us_per_request"),
+            f(&run, "datagrams_per_request"),
+            f(&run, "cache_us_per_request"),
+        ));
+    }
+    let rate = |i: usize| median(sockets[i].iter().map(|r| r.0).collect());
+    let cpu = |i: usize| median(sockets[i].iter().map(|r| r.1).collect());
+    let server = median(proto.iter().map(|r| r.0).collect());
+    let client = median(proto.iter().map(|r| r.1).collect());
+    let datagrams = median(proto.iter().map(|r| r.2).collect());
+    let cache = median(proto.iter().map(|r| r.3).collect());
+    let budget = 1e6 / (1.5 * resp_get_p1);
+    let floor_us = cpu(1) + server + cache;
+    println!("\n## The floor of a GET over QUIC at pipeline 1, server side (medians of 2)\n");
+    println!("| part | server CPU us per request | measured |");
+    println!("|---|---:|---|");
+    println!(
+        "| sockets, quinn's calls (quinn-udp's batched receive, one send per datagram, tokio) | {:.2} | UDP echo, no QUIC, {:.0} requests/s |",
+        cpu(0),
+        rate(0)
+    );
+    println!(
+        "| sockets, cheapest (blocking `recvmmsg` and one `sendmmsg` per batch) | {:.2} | UDP echo, no QUIC, {:.0} requests/s |",
+        cpu(1),
+        rate(1)
+    );
+    println!(
+        "| quinn-proto, server side (client side: {client:.2}) | {server:.2} | in memory, {datagrams:.2} datagrams per request |"
+    );
+    println!(
+        "| cache work: decode the frame, execute on a node of 100K keys (S3-FIFO as Wasm), encode | {cache:.2} | in memory, same run |"
+    );
+    println!("| **floor**: cheapest sockets + quinn-proto + cache work | **{floor_us:.2}** | |");
+    println!(
+        "| **allowed** for 1.5x the RESP port's GET rate ({resp_get_p1:.0}/s) on one fully busy core | **{budget:.2}** | 1 / (1.5 x {resp_get_p1:.0}) |"
+    );
+    println!(
+        "\nAt the floor, one core would serve {:.0} GETs/s over QUIC: {:.2}x the RESP port's rate in this run.",
+        1e6 / floor_us,
+        1e6 / floor_us / resp_get_p1
+    );
     Ok(())
 }

@@ -27,7 +27,8 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
   bench-live      release build; swap duration at 1M entries, latency during swaps
                   under load, throughput while a looping module is cut off
   bench-compare   release build; Cachet (RESP and QUIC) against redis-server, and
-                  memory per key against redis-server and memcached (installs them)
+                  memory per key against redis-server and memcached (installs them);
+                  the floor of a request over QUIC on this machine
   bench-loaders   release build; a Zipf read workload straight to a throw-away
                   PostgreSQL, then through a node's read-through loader: origin
                   queries/s both ways, GET p50/p99 of hits and misses (3 rounds)
@@ -45,7 +46,13 @@ fn main() {
         Some("bench-live") => bench_live(),
         Some("bench-loaders") => bench_loaders(),
         Some("bench-compare") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"])
-            .and_then(|()| compare::bench_compare(&target_dir().join("release").join("cachet"))),
+            .and_then(|()| {
+                run_cargo(&["build", "--release", "--locked", "-p", "cachet-examples", "--example", "quic_floor"])
+            })
+            .and_then(|()| {
+                let release = target_dir().join("release");
+                compare::bench_compare(&release.join("cachet"), &release.join("examples").join("quic_floor"))
+            }),
         Some("bench-cluster") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"]).and_then(|()| {
             cluster::bench(&target_dir().join("release").join("cachet"), &target_dir().join("bench-cluster"))
         }),
