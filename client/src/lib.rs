@@ -210,7 +210,12 @@ pub struct Client {
 
 struct Inner {
     config: ClientConfig,
+    /// TLS and transport settings for (re)connecting.
+    quic: quinn::ClientConfig,
     endpoint: quinn::Endpoint,
+    /// The endpoint is this client's alone (not shared through
+    /// [`Client::connect_on`]).
+    owned: bool,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     next_id: AtomicU64,
     next_lane: AtomicUsize,
@@ -218,18 +223,33 @@ struct Inner {
 }
 
 impl Client {
-    /// Connects to the node in `config`.
+    /// Connects to the node in `config`, on an endpoint (a UDP socket) of
+    /// its own.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let bind: SocketAddr = if config.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|_| ClientError::Protocol("bad bind address".into()))?;
-        let mut endpoint = quinn::Endpoint::client(bind)
+        let endpoint = quinn::Endpoint::client(bind)
             .map_err(|e| ClientError::Connect { addr: config.server, detail: e.to_string() })?;
-        endpoint.set_default_client_config(config.quinn_config()?);
+        Self::start(config, endpoint, true).await
+    }
+
+    /// Connects to the node in `config` on `endpoint`, which other clients
+    /// may share: many connections from one process then use one socket,
+    /// and its receive calls take many connections' datagrams at once.
+    /// Closing or dropping this client closes its connection only.
+    pub async fn connect_on(endpoint: &quinn::Endpoint, config: ClientConfig) -> Result<Self, ClientError> {
+        Self::start(config, endpoint.clone(), false).await
+    }
+
+    async fn start(config: ClientConfig, endpoint: quinn::Endpoint, owned: bool) -> Result<Self, ClientError> {
+        let quic = config.quinn_config()?;
         let client = Self {
             inner: Arc::new(Inner {
                 config,
+                quic,
                 endpoint,
+                owned,
                 connection: tokio::sync::Mutex::new(None),
                 next_id: AtomicU64::new(1),
                 next_lane: AtomicUsize::new(0),
@@ -259,7 +279,11 @@ impl Client {
         }
         let config = &self.inner.config;
         let connect = |e: &dyn std::fmt::Display| ClientError::Connect { addr: config.server, detail: e.to_string() };
-        let connecting = self.inner.endpoint.connect(config.server, &config.server_name).map_err(|e| connect(&e))?;
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.quic.clone(), config.server, &config.server_name)
+            .map_err(|e| connect(&e))?;
         let connection = tokio::time::timeout(config.timeout, connecting)
             .await
             .map_err(|_| ClientError::Timeout(config.timeout))?
@@ -274,13 +298,16 @@ impl Client {
         Ok(conn)
     }
 
-    /// Closes the connection cleanly and waits until the node has been told,
-    /// so it stops counting this client at once.
+    /// Closes the connection cleanly and, on an endpoint of its own, waits
+    /// until the node has been told, so it stops counting this client at
+    /// once. (A shared endpoint sends the close when its driver next runs.)
     pub async fn close(&self) {
         if let Some(conn) = self.inner.connection.lock().await.take() {
             conn.connection.close(0u32.into(), b"client closed");
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        if self.inner.owned {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        }
     }
 
     /// Sends one request and waits for its reply.
@@ -507,7 +534,13 @@ impl Client {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Best effort: tell the node now rather than at its idle timeout.
-        self.endpoint.close(0u32.into(), b"client dropped");
+        if self.owned {
+            self.endpoint.close(0u32.into(), b"client dropped");
+        } else if let Ok(mut slot) = self.connection.try_lock()
+            && let Some(conn) = slot.take()
+        {
+            conn.connection.close(0u32.into(), b"client dropped");
+        }
     }
 }
 

@@ -37,6 +37,7 @@ impl LiveNode {
             max_connections: 100,
             max_streams: 64,
             max_frame: 2 << 20,
+            idle_timeout: Duration::from_secs(60),
         };
         let server = server::start(node.clone(), options).expect("server starts");
         Self { server: Some(server), node, dir }

@@ -135,6 +135,7 @@ impl LoaderNode {
             max_connections: 100,
             max_streams: 64,
             max_frame: (64 << 10) + 1024,
+            idle_timeout: Duration::from_secs(60),
         };
         let server = server::start(node.clone(), options).expect("server starts");
         Self { node, clock, server: Some(server), dir }

@@ -51,6 +51,7 @@ impl TestNode {
             max_connections,
             max_streams,
             max_frame: config.max_value_size + 1024,
+            idle_timeout: Duration::from_secs(60),
         };
         let server = server::start(node, options).expect("server starts");
         Self { server: Some(server), clock, dir }
@@ -481,6 +482,7 @@ async fn a_second_server_on_a_taken_port_is_refused() {
         max_connections: 10,
         max_streams: 4,
         max_frame: 1 << 20,
+        idle_timeout: Duration::from_secs(60),
     };
     let err = server::start(other, options).err().expect("the port is taken");
     assert!(err.to_string().contains("taken"), "{err}");
@@ -488,4 +490,64 @@ async fn a_second_server_on_a_taken_port_is_refused() {
     let client = node.client().await;
     client.ping().await.expect("still serving");
     client.close().await;
+}
+
+/// A client that vanishes without closing (its process killed, its
+/// network gone) is dropped after the idle timeout, freeing its place
+/// under the cap, while a busy client keeps the node's socket readable:
+/// the node's timers must run under load, not only when it sleeps.
+#[tokio::test]
+async fn a_vanished_client_is_dropped_after_the_idle_timeout_under_load() {
+    let dir = TempDir::new("idle");
+    let engine = PolicyEngine::new().expect("engine");
+    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
+        .expect("policy");
+    let node = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
+    let options = ServeOptions {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        threads: 1,
+        tls: TlsSource::DevCa { data_dir: dir.0.clone() },
+        max_connections: 2,
+        max_streams: 4,
+        max_frame: 1 << 20,
+        idle_timeout: Duration::from_secs(1),
+    };
+    let server = server::start(node.clone(), options).expect("server starts");
+    let config = ClientConfig::new(server.local_addr()).with_data_dir(&dir.0).expect("ca");
+    // The vanishing client runs on a runtime of its own; dropping that
+    // runtime stops its endpoint without a word to the node.
+    let vanishing = config.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let client = Client::connect(vanishing).await.expect("connects");
+            client.ping().await.expect("ping");
+            // Its Drop would close the connection: skip it.
+            std::mem::forget(client);
+        });
+    })
+    .join()
+    .expect("the vanishing client's thread");
+    let busy = Client::connect(config.clone()).await.expect("connects");
+    assert_eq!(node.stats_connections(), 2, "both clients are counted");
+    let mut third = config.clone();
+    third.timeout = Duration::from_millis(500);
+    assert!(Client::connect(third).await.is_err(), "the cap is reached");
+    // Keep the node busy until the silent connection is gone (bounded).
+    let started = std::time::Instant::now();
+    let mut requests = 0u64;
+    while node.stats_connections() > 1 && started.elapsed() < Duration::from_secs(15) {
+        busy.set("k", Bytes::from_static(b"v")).await.expect("set");
+        requests += 1;
+    }
+    assert_eq!(node.stats_connections(), 1, "the vanished client was dropped ({requests} requests meanwhile)");
+    assert!(started.elapsed() >= Duration::from_millis(500), "not before its idle timeout");
+    assert!(requests > 100, "the node was busy meanwhile");
+    // Its place under the cap is free again.
+    let again = Client::connect(config).await.expect("a new client fits under the cap");
+    again.ping().await.expect("ping");
+    busy.ping().await.expect("the busy client is unaffected");
+    again.close().await;
+    busy.close().await;
+    server.shutdown();
 }

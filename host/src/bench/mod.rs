@@ -69,9 +69,15 @@ enum Target {
 }
 
 impl Target {
-    async fn connect(options: &BenchOptions) -> Result<Self, ClientError> {
+    /// Connects on `endpoint` when given (one socket for a thread's
+    /// connections, like an application's pool), else on a socket of its
+    /// own.
+    async fn connect(options: &BenchOptions, endpoint: Option<&quinn::Endpoint>) -> Result<Self, ClientError> {
         if options.cluster.is_empty() {
-            let client = Client::connect(options.client.clone()).await?;
+            let client = match endpoint {
+                Some(endpoint) => Client::connect_on(endpoint, options.client.clone()).await?,
+                None => Client::connect(options.client.clone()).await?,
+            };
             return Ok(Self::Node(match options.consistency {
                 Some(level) => client.at(level),
                 None => client,
@@ -287,7 +293,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
 
 fn preload(options: &BenchOptions, value: Bytes) -> Result<(), BenchError> {
     runtime()?.block_on(async {
-        let client = Target::connect(options).await?;
+        let client = Target::connect(options, None).await?;
         let workers = options.concurrency.clamp(1, 64) as u64;
         let tasks: Vec<_> = (0..workers)
             .map(|w| {
@@ -390,9 +396,17 @@ fn run_thread(
 ) -> Result<ThreadResult, BenchError> {
     let connections = (thread..options.connections).step_by(threads).count();
     runtime()?.block_on(async {
+        // The thread's connections share one socket: its receive calls
+        // take many connections' datagrams at once, where 50 sockets would
+        // each wake the thread for one.
+        let bind: std::net::SocketAddr =
+            if options.client.server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
+                .map_err(|e| BenchError::Options(format!("bind address: {e}")))?;
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| BenchError::Options(format!("cannot open a client socket: {e}")))?;
         let mut clients = Vec::new();
         for _ in 0..connections {
-            clients.push(Target::connect(options).await?);
+            clients.push(Target::connect(options, Some(&endpoint)).await?);
         }
         match options.rate {
             None => closed_loop(thread, options, &clients, keys, value, start).await,

@@ -1,0 +1,635 @@
+//! The QUIC port's event loop, one per I/O thread, over quinn-proto.
+//!
+//! quinn's async API gives each connection and each stream a task of its
+//! own, joined by channels and wakers: a request woke four tasks on its way
+//! to a reply, and tokio and quinn's glue were a sixth of the node's CPU at
+//! one request per round trip. Here one loop owns the endpoint and every
+//! connection outright. A batch of datagrams comes off the socket; each
+//! connection it touched is then driven once: its events handled, complete
+//! frames executed, replies written and its datagrams sent. Only work that
+//! must wait (a load, an admin command) leaves the loop, and its reply comes
+//! back on one channel.
+
+use crate::loader::Routed;
+use crate::node::{ConnectionGuard, Node};
+use bytes::{Bytes, BytesMut};
+use cachet_proto::{Decoded, ErrorCode, ErrorReply, FrameError, Request, Response};
+use quinn_proto::{
+    ConnectionEvent, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Endpoint, EndpointConfig, Event, ReadError,
+    ReadableError, ServerConfig, StreamEvent, StreamId, Transmit, WriteError,
+};
+use std::collections::{HashMap, VecDeque};
+use std::io::IoSliceMut;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::Interest;
+use tokio::sync::{mpsc, watch};
+
+/// Replies buffered per stream before they are handed to the connection.
+const FLUSH_AT: usize = 256 << 10;
+/// Requests one stream may have waiting (loads, admin commands) at once;
+/// a stream with this many stops executing until one answers, which stops
+/// reading it and so pushes back on the client.
+const MAX_WAITING: usize = 4096;
+/// Datagrams a connection may hand over in one go (one GSO send).
+const MAX_SEGMENTS: usize = 10;
+/// After a stop, how long connections get to finish their replies before
+/// they are closed, and how long closing may take.
+const STOP_GRACE: Duration = Duration::from_millis(50);
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What the loop needs to know besides the node.
+#[derive(Clone, Debug)]
+pub(super) struct Limits {
+    pub(super) max_connections: u32,
+    pub(super) max_frame: usize,
+}
+
+/// A reply that had to wait, and where it goes.
+struct Deferred {
+    connection: ConnectionHandle,
+    stream: StreamId,
+    id: u64,
+    reply: Response,
+}
+
+/// One bidirectional stream carrying pipelined frames.
+#[derive(Default)]
+struct Stream {
+    /// Bytes read, not yet a complete frame.
+    input: BytesMut,
+    /// Replies not yet taken by the connection (flow control).
+    output: BytesMut,
+    /// Requests of this stream still waiting for a reply.
+    waiting: usize,
+    /// The client finished sending, or reset the stream.
+    ended: bool,
+    /// A frame too large was refused: the stream closes once its replies
+    /// are out.
+    fatal: bool,
+}
+
+struct Conn {
+    inner: quinn_proto::Connection,
+    streams: HashMap<StreamId, Stream>,
+    /// Counts the connection towards the cap while it exists.
+    _counted: ConnectionGuard,
+    /// In the list of connections to drive.
+    queued: bool,
+    /// When its timers next need it.
+    timeout: Option<Instant>,
+}
+
+/// The socket and what sends on it.
+struct Io {
+    socket: tokio::net::UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    /// Datagrams that found the socket's send buffer full, in order.
+    unsent: VecDeque<(Vec<u8>, Transmit)>,
+    buf: Vec<u8>,
+}
+
+impl Io {
+    /// Sends `transmit` (its bytes in `self.buf`), or queues it behind
+    /// earlier ones when the socket is full.
+    fn send(&mut self, transmit: Transmit) {
+        if self.unsent.is_empty() {
+            let udp = udp_transmit(&transmit, &self.buf[..transmit.size]);
+            match self.socket.try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), &udp)) {
+                Ok(()) => return,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(err) => {
+                    // Lost like any datagram; QUIC's recovery resends.
+                    tracing::debug!(%err, "send failed");
+                    return;
+                }
+            }
+        }
+        self.unsent.push_back((self.buf[..transmit.size].to_vec(), transmit));
+    }
+
+    /// Sends what waited for room; false while some still waits.
+    fn flush(&mut self) -> bool {
+        while let Some((bytes, transmit)) = self.unsent.front() {
+            let udp = udp_transmit(transmit, bytes);
+            match self.socket.try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), &udp)) {
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(err) => tracing::debug!(%err, "send failed"),
+                Ok(()) => {}
+            }
+            self.unsent.pop_front();
+        }
+        true
+    }
+}
+
+fn udp_transmit<'a>(t: &Transmit, contents: &'a [u8]) -> quinn_udp::Transmit<'a> {
+    quinn_udp::Transmit {
+        destination: t.destination,
+        ecn: t.ecn.and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
+        contents,
+        segment_size: t.segment_size,
+        src_ip: t.src_ip,
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error(ErrorReply::new(code, message))
+}
+
+/// The loop's state: the endpoint, its connections, the node.
+struct Driver {
+    endpoint: Endpoint,
+    connections: HashMap<ConnectionHandle, Conn>,
+    /// Connections to drive before waiting again.
+    queue: Vec<ConnectionHandle>,
+    node: Arc<Node>,
+    limits: Limits,
+    deferred: mpsc::UnboundedSender<Deferred>,
+    /// Refusing new connections (the node is stopping).
+    refusing: bool,
+    /// The earliest timer of any connection (may be early: checked when it
+    /// fires).
+    next_timeout: Option<Instant>,
+    /// Datagrams a connection may hand over in one send (GSO).
+    segments: usize,
+}
+
+/// Serves QUIC on `socket` until `stopped`, then lets replies finish and
+/// closes every connection.
+pub(super) async fn run(
+    node: Arc<Node>,
+    socket: std::net::UdpSocket,
+    config: ServerConfig,
+    limits: Limits,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let socket = match tokio::net::UdpSocket::from_std(socket) {
+        Ok(socket) => socket,
+        Err(err) => {
+            tracing::error!(%err, "cannot register the QUIC socket");
+            return;
+        }
+    };
+    let state = match quinn_udp::UdpSocketState::new((&socket).into()) {
+        Ok(state) => state,
+        Err(err) => {
+            tracing::error!(%err, "cannot configure the QUIC socket");
+            return;
+        }
+    };
+    let endpoint_config = EndpointConfig::default();
+    let chunk = (endpoint_config.get_max_udp_payload_size().min(64 << 10) as usize) * state.gro_segments();
+    let segments = state.max_gso_segments().clamp(1, MAX_SEGMENTS);
+    let mut io = Io { socket, state, unsent: VecDeque::new(), buf: Vec::with_capacity(64 << 10) };
+    let (deferred_tx, mut deferred_rx) = mpsc::unbounded_channel();
+    let mut driver = Driver {
+        endpoint: Endpoint::new(Arc::new(endpoint_config), Some(Arc::new(config)), true, None),
+        connections: HashMap::new(),
+        queue: Vec::new(),
+        node,
+        limits,
+        deferred: deferred_tx,
+        refusing: false,
+        next_timeout: None,
+        segments,
+    };
+    let mut recv_buf = vec![0u8; chunk * quinn_udp::BATCH_SIZE];
+    let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    // After a stop: first a grace period, then closing, then giving up.
+    let mut close_at: Option<Instant> = None;
+    let mut give_up_at: Option<Instant> = None;
+    loop {
+        // Timers and the stop's deadlines are checked on every turn, not
+        // only when the loop sleeps: under steady load the socket is always
+        // readable, and loss recovery, idle timeouts and the close must
+        // still happen.
+        let now = Instant::now();
+        if close_at.is_some_and(|at| at <= now) {
+            close_at = None;
+            give_up_at = Some(now + CLOSE_WAIT);
+            driver.close_all(now);
+        }
+        if give_up_at.is_some_and(|at| at <= now) {
+            break;
+        }
+        if driver.next_timeout.is_some_and(|at| at <= now) {
+            driver.timers(now);
+        }
+        driver.drive_queued(&mut io);
+        if give_up_at.is_some() && driver.connections.is_empty() && io.unsent.is_empty() {
+            break;
+        }
+        let wake_at = [driver.next_timeout, close_at, give_up_at].into_iter().flatten().min();
+        let sleep = async {
+            match wake_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ready = io.socket.writable(), if !io.unsent.is_empty() => {
+                if ready.is_ok() {
+                    io.flush();
+                }
+            }
+            ready = io.socket.readable() => {
+                if ready.is_err() {
+                    continue;
+                }
+                let mut bufs: Vec<IoSliceMut> = recv_buf.chunks_mut(chunk).map(IoSliceMut::new).collect();
+                let received = io.socket.try_io(Interest::READABLE, || {
+                    io.state.recv((&io.socket).into(), &mut bufs, &mut metas)
+                });
+                match received {
+                    Ok(count) => {
+                        let now = Instant::now();
+                        for (meta, buf) in metas.iter().zip(bufs.iter()).take(count) {
+                            let mut data = BytesMut::from(&buf[..meta.len]);
+                            while !data.is_empty() {
+                                let datagram = data.split_to(meta.stride.min(data.len()));
+                                driver.datagram(now, meta, datagram, &mut io);
+                            }
+                        }
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                    // ECONNRESET and the like: ICMP news about a peer,
+                    // which QUIC does not rely on.
+                    Err(err) => tracing::debug!(%err, "receive failed"),
+                }
+            }
+            Some(first) = deferred_rx.recv() => {
+                driver.answer(first);
+                while let Ok(next) = deferred_rx.try_recv() {
+                    driver.answer(next);
+                }
+            }
+            // Whatever fell due is handled at the top of the loop.
+            () = sleep => {}
+            changed = stopped.changed(), if close_at.is_none() && give_up_at.is_none() => {
+                // A dropped sender also means stop.
+                let _ = changed;
+                driver.refusing = true;
+                close_at = Some(Instant::now() + STOP_GRACE);
+            }
+        }
+    }
+}
+
+impl Driver {
+    fn enqueue(&mut self, handle: ConnectionHandle) {
+        if let Some(conn) = self.connections.get_mut(&handle)
+            && !conn.queued
+        {
+            conn.queued = true;
+            self.queue.push(handle);
+        }
+    }
+
+    /// One datagram off the socket.
+    fn datagram(&mut self, now: Instant, meta: &quinn_udp::RecvMeta, data: BytesMut, io: &mut Io) {
+        io.buf.clear();
+        let ecn = meta.ecn.and_then(|e| EcnCodepoint::from_bits(e as u8));
+        match self.endpoint.handle(now, meta.addr, meta.dst_ip, ecn, data, &mut io.buf) {
+            Some(DatagramEvent::ConnectionEvent(handle, event)) => self.connection_event(handle, event),
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                let remote = incoming.remote_address();
+                // The cap counts connections on every thread.
+                if self.refusing || self.node.stats_connections() >= u64::from(self.limits.max_connections) {
+                    if !self.refusing {
+                        tracing::warn!(%remote, "connection refused: at the connection cap");
+                    }
+                    let transmit = self.endpoint.refuse(incoming, &mut io.buf);
+                    io.send(transmit);
+                    return;
+                }
+                // Counted from acceptance, so a burst of handshakes cannot
+                // slip past the cap before any of them completes.
+                let counted = self.node.connection();
+                match self.endpoint.accept(incoming, now, &mut io.buf, None) {
+                    Ok((handle, inner)) => {
+                        let conn =
+                            Conn { inner, streams: HashMap::new(), _counted: counted, queued: false, timeout: None };
+                        self.connections.insert(handle, conn);
+                        self.enqueue(handle);
+                    }
+                    Err(err) => {
+                        tracing::debug!(%remote, cause = %err.cause, "handshake refused");
+                        if let Some(transmit) = err.response {
+                            io.send(transmit);
+                        }
+                    }
+                }
+            }
+            Some(DatagramEvent::Response(transmit)) => io.send(transmit),
+            None => {}
+        }
+    }
+
+    fn connection_event(&mut self, handle: ConnectionHandle, event: ConnectionEvent) {
+        if let Some(conn) = self.connections.get_mut(&handle) {
+            conn.inner.handle_event(event);
+            self.enqueue(handle);
+        }
+    }
+
+    /// Runs the timers that are due, and finds the next one.
+    fn timers(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (handle, conn) in &mut self.connections {
+            match conn.timeout {
+                Some(at) if at <= now => {
+                    conn.inner.handle_timeout(now);
+                    due.push(*handle);
+                }
+                Some(at) => next = Some(next.map_or(at, |n| n.min(at))),
+                None => {}
+            }
+        }
+        self.next_timeout = next;
+        for handle in due {
+            self.enqueue(handle);
+        }
+    }
+
+    /// A reply that waited: onto its stream, which may now go on.
+    fn answer(&mut self, deferred: Deferred) {
+        let Some(conn) = self.connections.get_mut(&deferred.connection) else { return };
+        let Some(stream) = conn.streams.get_mut(&deferred.stream) else { return };
+        stream.waiting = stream.waiting.saturating_sub(1);
+        if let Err(err) = cachet_proto::encode(deferred.id, &deferred.reply, &mut stream.output) {
+            tracing::error!(%err, "cannot encode a reply");
+            stream.fatal = true;
+        }
+        self.enqueue(deferred.connection);
+    }
+
+    fn close_all(&mut self, now: Instant) {
+        for conn in self.connections.values_mut() {
+            conn.inner.close(now, 0u32.into(), Bytes::from_static(b"node shutting down"));
+        }
+        let handles: Vec<_> = self.connections.keys().copied().collect();
+        for handle in handles {
+            self.enqueue(handle);
+        }
+    }
+
+    /// Drives every queued connection once.
+    fn drive_queued(&mut self, io: &mut Io) {
+        while !self.queue.is_empty() {
+            let now = Instant::now();
+            for handle in std::mem::take(&mut self.queue) {
+                self.drive(handle, now, io);
+            }
+        }
+    }
+
+    /// Handles a connection's events, serves its streams, passes its
+    /// endpoint events on and sends what it has to send.
+    fn drive(&mut self, handle: ConnectionHandle, now: Instant, io: &mut Io) {
+        let Some(conn) = self.connections.get_mut(&handle) else { return };
+        conn.queued = false;
+        let mut touched: Vec<StreamId> = Vec::new();
+        while let Some(event) = conn.inner.poll() {
+            match event {
+                Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    while let Some(id) = conn.inner.streams().accept(Dir::Bi) {
+                        conn.streams.insert(id, Stream::default());
+                        touched.push(id);
+                    }
+                }
+                Event::Stream(StreamEvent::Readable { id } | StreamEvent::Writable { id }) => touched.push(id),
+                Event::Stream(StreamEvent::Stopped { id, .. }) => {
+                    // The client will read no more replies on it.
+                    if let Some(stream) = conn.streams.get_mut(&id) {
+                        stream.output.clear();
+                        stream.ended = true;
+                        stream.fatal = true;
+                        touched.push(id);
+                    }
+                }
+                Event::ConnectionLost { reason } => {
+                    tracing::debug!(remote = %conn.inner.remote_address(), %reason, "connection ended");
+                }
+                _ => {}
+            }
+        }
+        // Streams with work left over from an earlier turn (replies that
+        // waited for room or a load) are served on every turn too.
+        for (id, stream) in &conn.streams {
+            if !stream.output.is_empty() || (stream.ended && stream.waiting == 0) || !stream.input.is_empty() {
+                touched.push(*id);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for id in touched {
+            serve(&self.node, &self.deferred, &self.limits, handle, conn, id);
+        }
+        let mut drained = false;
+        while let Some(event) = conn.inner.poll_endpoint_events() {
+            drained |= event.is_drained();
+            if let Some(event) = self.endpoint.handle_event(handle, event) {
+                conn.inner.handle_event(event);
+            }
+        }
+        loop {
+            io.buf.clear();
+            match conn.inner.poll_transmit(now, self.segments, &mut io.buf) {
+                Some(transmit) => io.send(transmit),
+                None => break,
+            }
+        }
+        conn.timeout = conn.inner.poll_timeout();
+        if let Some(at) = conn.timeout {
+            self.next_timeout = Some(self.next_timeout.map_or(at, |n| n.min(at)));
+        }
+        if drained || conn.inner.is_drained() {
+            self.connections.remove(&handle);
+        }
+    }
+}
+
+/// Serves one stream as far as it can go now: writes pending replies,
+/// executes complete frames, reads more while nothing holds it back, and
+/// closes it once the client is done and every reply is out.
+fn serve(
+    node: &Arc<Node>,
+    deferred: &mpsc::UnboundedSender<Deferred>,
+    limits: &Limits,
+    handle: ConnectionHandle,
+    conn: &mut Conn,
+    id: StreamId,
+) {
+    let Some(stream) = conn.streams.get_mut(&id) else { return };
+    loop {
+        if !write_out(&mut conn.inner, id, stream) {
+            // No room: the client is not reading. Stop here; a Writable
+            // event brings the stream back.
+            return;
+        }
+        if stream.fatal {
+            break;
+        }
+        execute(node, deferred, limits, handle, id, stream);
+        if !stream.output.is_empty() {
+            continue;
+        }
+        if stream.ended || stream.waiting >= MAX_WAITING || stream.fatal {
+            break;
+        }
+        // Everything read was answered: read more, if there is any.
+        let before = stream.input.len();
+        read_in(&mut conn.inner, id, stream);
+        if stream.input.len() == before {
+            break;
+        }
+    }
+    if stream.fatal || (stream.ended && stream.waiting == 0 && stream.output.is_empty()) {
+        if stream.fatal {
+            // Unread requests are dropped: tell the client to stop sending.
+            let _ = conn.inner.recv_stream(id).stop(0u32.into());
+        }
+        let _ = conn.inner.send_stream(id).finish();
+        // A fatal stream's pending loads answer into nothing.
+        conn.streams.remove(&id);
+    }
+}
+
+/// Hands the stream's replies to the connection; false if some are left
+/// for lack of room.
+fn write_out(connection: &mut quinn_proto::Connection, id: StreamId, stream: &mut Stream) -> bool {
+    while !stream.output.is_empty() {
+        match connection.send_stream(id).write(&stream.output) {
+            Ok(written) => {
+                let _ = stream.output.split_to(written);
+            }
+            Err(WriteError::Blocked) => return false,
+            Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {
+                stream.output.clear();
+                stream.ended = true;
+                stream.fatal = true;
+            }
+        }
+    }
+    true
+}
+
+/// Reads what the client sent on the stream (bounded by the stream's
+/// receive window).
+fn read_in(connection: &mut quinn_proto::Connection, id: StreamId, stream: &mut Stream) {
+    let mut recv = connection.recv_stream(id);
+    let mut chunks = match recv.read(true) {
+        Ok(chunks) => chunks,
+        Err(ReadableError::ClosedStream | ReadableError::IllegalOrderedRead) => {
+            stream.ended = true;
+            return;
+        }
+    };
+    loop {
+        match chunks.next(usize::MAX) {
+            Ok(Some(chunk)) => stream.input.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                stream.ended = true;
+                break;
+            }
+            Err(ReadError::Blocked) => break,
+            Err(ReadError::Reset(_)) => {
+                stream.ended = true;
+                stream.input.clear();
+                break;
+            }
+        }
+    }
+    // Whether the window update needs sending is for poll_transmit to see.
+    let _ = chunks.finalize();
+}
+
+/// Executes every complete frame in the stream's input, until its replies
+/// reach [`FLUSH_AT`] or too many wait.
+fn execute(
+    node: &Arc<Node>,
+    deferred: &mpsc::UnboundedSender<Deferred>,
+    limits: &Limits,
+    handle: ConnectionHandle,
+    id: StreamId,
+    stream: &mut Stream,
+) {
+    while stream.output.len() < FLUSH_AT && stream.waiting < MAX_WAITING {
+        let (request_id, reply) = match cachet_proto::decode::<Request>(&mut stream.input, limits.max_frame) {
+            Ok(Decoded::Frame(envelope)) => {
+                let span = tracing::debug_span!("request", id = envelope.id, command = envelope.body.name());
+                let later = match envelope.body {
+                    Request::Admin { ref token, .. } if !node.admin_authorized(token) => {
+                        Ok(span.in_scope(|| node.execute(envelope.body)))
+                    }
+                    // Loading compiles a component and activation swaps
+                    // every shard: off the I/O thread, so this thread's
+                    // other connections keep being served.
+                    admin @ Request::Admin { .. } => {
+                        let node = node.clone();
+                        Err(Box::pin(async move {
+                            match tokio::task::spawn_blocking(move || span.in_scope(|| node.execute(admin))).await {
+                                Ok(reply) => reply,
+                                Err(err) => error(ErrorCode::Internal, format!("admin command failed: {err}")),
+                            }
+                        }) as crate::loader::Later)
+                    }
+                    body => {
+                        let routed = match node.cluster() {
+                            Some(cluster) => cluster.route(node, &body, envelope.consistency),
+                            None => node.loaders().and_then(|loaders| loaders.route(node, &body)),
+                        };
+                        match routed {
+                            None => Ok(span.in_scope(|| node.execute(body))),
+                            Some(Routed::Now(reply)) => Ok(reply),
+                            Some(Routed::Later(later)) => Err(later),
+                        }
+                    }
+                };
+                match later {
+                    Ok(reply) => (envelope.id, reply),
+                    // Loads, and writes to an origin, may take a while:
+                    // they answer when done (replies carry their id) and
+                    // the stream goes on meanwhile.
+                    Err(later) => {
+                        stream.waiting += 1;
+                        let (tx, request_id) = (deferred.clone(), envelope.id);
+                        tokio::spawn(async move {
+                            // A panicking load still gets its request an
+                            // answer.
+                            let reply = match tokio::spawn(later).await {
+                                Ok(reply) => reply,
+                                Err(err) => error(ErrorCode::Internal, format!("the request failed: {err}")),
+                            };
+                            let _ = tx.send(Deferred { connection: handle, stream: id, id: request_id, reply });
+                        });
+                        continue;
+                    }
+                }
+            }
+            Ok(Decoded::Incomplete { .. }) => return,
+            Err(err @ FrameError::TooLarge { .. }) => {
+                stream.fatal = true;
+                stream.input.clear();
+                (0, error(ErrorCode::TooLarge, format!("{err}; closing the stream")))
+            }
+            Err(err @ FrameError::Malformed { id, .. }) => {
+                (id.unwrap_or(0), error(ErrorCode::BadFrame, err.to_string()))
+            }
+            Err(err @ FrameError::UnknownCommand { id, .. }) => (id, error(ErrorCode::UnknownCommand, err.to_string())),
+            Err(err @ FrameError::UnsupportedVersion { id, .. }) => {
+                (id, error(ErrorCode::UnsupportedVersion, err.to_string()))
+            }
+            Err(err @ FrameError::Encode(_)) => (0, error(ErrorCode::Internal, err.to_string())),
+        };
+        if let Err(err) = cachet_proto::encode(request_id, &reply, &mut stream.output) {
+            tracing::error!(%err, "cannot encode a reply");
+            stream.fatal = true;
+        }
+        if stream.fatal {
+            return;
+        }
+    }
+}
