@@ -1,5 +1,6 @@
-//! One long-lived stream carrying pipelined requests. A writer task sends
-//! every queued request in one write; a reader task matches replies to
+//! One long-lived stream carrying pipelined requests. Callers write their
+//! frames straight to the stream, one at a time (the connection packs what
+//! several wrote before it next sends); a reader task matches replies to
 //! waiting callers by id.
 
 use crate::ClientError;
@@ -9,30 +10,27 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Largest reply frame a client accepts (the node never sends more).
 const MAX_REPLY: usize = cachet_proto::MAX_REPLY_LEN + (1 << 20);
 
 /// Where a caller waits for its reply.
 type Reply = oneshot::Sender<Result<Response, ClientError>>;
-/// A request waiting to be written: its id, its frame, its caller.
-type Queued = (u64, BytesMut, Reply);
 type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
 
 pub(crate) struct Lane {
-    queue: mpsc::Sender<Queued>,
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    pending: Pending,
     open: Arc<AtomicBool>,
 }
 
 impl Lane {
     pub(crate) fn start(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
-        let (queue, requests) = mpsc::channel(1024);
         let pending: Pending = Arc::default();
         let open = Arc::new(AtomicBool::new(true));
-        tokio::spawn(write_loop(send, requests, pending.clone(), open.clone()));
-        tokio::spawn(read_loop(recv, pending, open.clone()));
-        Self { queue, open }
+        tokio::spawn(read_loop(recv, pending.clone(), open.clone()));
+        Self { send: tokio::sync::Mutex::new(send), pending, open }
     }
 
     pub(crate) fn is_open(&self) -> bool {
@@ -40,9 +38,51 @@ impl Lane {
     }
 
     pub(crate) async fn call(&self, id: u64, frame: BytesMut) -> Result<Response, ClientError> {
+        let closed = || ClientError::Connection("stream closed".into());
         let (tx, rx) = oneshot::channel();
-        self.queue.send((id, frame, tx)).await.map_err(|_| ClientError::Connection("stream closed".into()))?;
-        rx.await.map_err(|_| ClientError::Connection("stream closed".into()))?
+        {
+            // Frames go out whole and in order: one writer at a time.
+            let mut send = self.send.lock().await;
+            if !self.is_open() {
+                return Err(closed());
+            }
+            // Waiting before the frame leaves, so no reply can beat it.
+            if let Ok(mut map) = self.pending.lock() {
+                map.insert(id, tx);
+            }
+            // A caller dropped mid-write (its timeout) would leave half a
+            // frame on the stream: the lane is then closed, and the client
+            // reconnects on its next request.
+            let mut writing = Writing { lane: self, done: false };
+            if let Err(err) = send.write_all(&frame).await {
+                self.open.store(false, Ordering::Relaxed);
+                fail_all(&self.pending, &err.to_string());
+            }
+            writing.done = true;
+        }
+        rx.await.map_err(|_| closed())?
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        // The node sees the stream end once the lane is gone.
+        let _ = self.send.get_mut().finish();
+    }
+}
+
+/// Closes the lane if dropped before its write finished.
+struct Writing<'a> {
+    lane: &'a Lane,
+    done: bool,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.lane.open.store(false, Ordering::Relaxed);
+            fail_all(&self.lane.pending, "a request was abandoned halfway through its write");
+        }
     }
 }
 
@@ -54,37 +94,6 @@ fn fail_all(pending: &Pending, why: &str) {
     for (_, tx) in waiting {
         let _ = tx.send(Err(ClientError::Connection(why.to_string())));
     }
-}
-
-async fn write_loop(
-    mut send: quinn::SendStream,
-    mut requests: mpsc::Receiver<Queued>,
-    pending: Pending,
-    open: Arc<AtomicBool>,
-) {
-    let mut out = BytesMut::new();
-    while let Some(first) = requests.recv().await {
-        let mut next = Some(first);
-        while let Some((id, frame, tx)) = next {
-            if !open.load(Ordering::Relaxed) {
-                let _ = tx.send(Err(ClientError::Connection("stream closed".into())));
-                next = requests.try_recv().ok();
-                continue;
-            }
-            if let Ok(mut map) = pending.lock() {
-                map.insert(id, tx);
-            }
-            out.extend_from_slice(&frame);
-            next = requests.try_recv().ok();
-        }
-        if let Err(err) = send.write_all(&out).await {
-            open.store(false, Ordering::Relaxed);
-            fail_all(&pending, &err.to_string());
-            return;
-        }
-        out.clear();
-    }
-    let _ = send.finish();
 }
 
 async fn read_loop(mut recv: quinn::RecvStream, pending: Pending, open: Arc<AtomicBool>) {

@@ -551,3 +551,40 @@ async fn a_vanished_client_is_dropped_after_the_idle_timeout_under_load() {
     busy.close().await;
     server.shutdown();
 }
+
+/// A request that times out halfway through writing its frame (the node
+/// stopped reading) must not leave half a frame on a shared stream: the
+/// client drops that connection and the next request starts a new one.
+#[tokio::test]
+async fn a_write_abandoned_by_its_timeout_makes_the_client_reconnect() {
+    let dir = TempDir::new("stalled");
+    let mut config =
+        server::tls::server_config(&TlsSource::DevCa { data_dir: dir.0.clone() }, cachet_proto::ALPN).expect("tls");
+    let mut transport = quinn::TransportConfig::default();
+    // Room for a little of one frame, and nothing read: writes stall.
+    transport.stream_receive_window(1024u32.into());
+    config.transport_config(Arc::new(transport));
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicU32::new(0));
+    let counter = accepted.clone();
+    let stalled = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(incoming) = endpoint.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            if let Ok(connection) = incoming.await {
+                held.push(connection);
+            }
+        }
+    });
+    let mut client_config = ClientConfig::new(addr).with_data_dir(&dir.0).expect("ca");
+    client_config.timeout = Duration::from_millis(300);
+    let client = Client::connect(client_config).await.expect("connects");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let err = client.set("k", Bytes::from(vec![b'v'; 8 << 10])).await.expect_err("the write stalls");
+    assert!(matches!(err, ClientError::Timeout(_)), "{err}");
+    // The next request does not share the stream the stalled frame broke.
+    let _ = client.ping().await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the client reconnected");
+    stalled.abort();
+}
