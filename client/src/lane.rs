@@ -1,14 +1,17 @@
 //! One long-lived stream carrying pipelined requests. Callers write their
 //! frames straight to the stream, one at a time (the connection packs what
-//! several wrote before it next sends); a reader task matches replies to
-//! waiting callers by id.
+//! several wrote before it next sends), and a task finishes any write the
+//! node's flow control holds up; a reader task matches replies to waiting
+//! callers by id.
 
 use crate::ClientError;
 use bytes::BytesMut;
 use cachet_proto::{Decoded, Response};
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
@@ -20,7 +23,7 @@ type Reply = oneshot::Sender<Result<Response, ClientError>>;
 type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
 
 pub(crate) struct Lane {
-    send: tokio::sync::Mutex<quinn::SendStream>,
+    send: Arc<tokio::sync::Mutex<quinn::SendStream>>,
     pending: Pending,
     open: Arc<AtomicBool>,
 }
@@ -30,7 +33,7 @@ impl Lane {
         let pending: Pending = Arc::default();
         let open = Arc::new(AtomicBool::new(true));
         tokio::spawn(read_loop(recv, pending.clone(), open.clone()));
-        Self { send: tokio::sync::Mutex::new(send), pending, open }
+        Self { send: Arc::new(tokio::sync::Mutex::new(send)), pending, open }
     }
 
     pub(crate) fn is_open(&self) -> bool {
@@ -40,25 +43,44 @@ impl Lane {
     pub(crate) async fn call(&self, id: u64, frame: BytesMut) -> Result<Response, ClientError> {
         let closed = || ClientError::Connection("stream closed".into());
         let (tx, rx) = oneshot::channel();
-        {
-            // Frames go out whole and in order: one writer at a time.
-            let mut send = self.send.lock().await;
-            if !self.is_open() {
-                return Err(closed());
-            }
-            // Waiting before the frame leaves, so no reply can beat it.
+        // Frames go out whole and in order: one writer at a time.
+        let mut send = self.send.clone().lock_owned().await;
+        // Waiting before the frame leaves, so no reply can beat it; the
+        // lane is checked after, so a close that emptied the waiting list
+        // just before is seen.
+        if let Ok(mut map) = self.pending.lock() {
+            map.insert(id, tx);
+        }
+        if !self.is_open() {
             if let Ok(mut map) = self.pending.lock() {
-                map.insert(id, tx);
+                map.remove(&id);
             }
-            // A caller dropped mid-write (its timeout) would leave half a
-            // frame on the stream: the lane is then closed, and the client
-            // reconnects on its next request.
-            let mut writing = Writing { lane: self, done: false };
-            if let Err(err) = send.write_all(&frame).await {
+            return Err(closed());
+        }
+        // Usually the whole frame fits at once. When it does not (the node
+        // is pushing back), a task finishes the write: a caller giving up
+        // (its timeout) must never leave half a frame on the stream.
+        let written = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *send).poll_write(cx, &frame))).await;
+        let rest = match written {
+            Poll::Ready(Ok(n)) if n == frame.len() => None,
+            Poll::Ready(Ok(n)) => Some(frame.freeze().slice(n..)),
+            Poll::Pending => Some(frame.freeze()),
+            Poll::Ready(Err(err)) => {
                 self.open.store(false, Ordering::Relaxed);
                 fail_all(&self.pending, &err.to_string());
+                None
             }
-            writing.done = true;
+        };
+        if let Some(rest) = rest {
+            let (pending, open) = (self.pending.clone(), self.open.clone());
+            tokio::spawn(async move {
+                if let Err(err) = send.write_all(&rest).await {
+                    open.store(false, Ordering::Relaxed);
+                    fail_all(&pending, &err.to_string());
+                }
+            });
+        } else {
+            drop(send);
         }
         rx.await.map_err(|_| closed())?
     }
@@ -66,22 +88,10 @@ impl Lane {
 
 impl Drop for Lane {
     fn drop(&mut self) {
-        // The node sees the stream end once the lane is gone.
-        let _ = self.send.get_mut().finish();
-    }
-}
-
-/// Closes the lane if dropped before its write finished.
-struct Writing<'a> {
-    lane: &'a Lane,
-    done: bool,
-}
-
-impl Drop for Writing<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.lane.open.store(false, Ordering::Relaxed);
-            fail_all(&self.lane.pending, "a request was abandoned halfway through its write");
+        // The node sees the stream end once the lane is gone (a write still
+        // finishing holds the lock and ends it when the connection goes).
+        if let Ok(mut send) = self.send.try_lock() {
+            let _ = send.finish();
         }
     }
 }

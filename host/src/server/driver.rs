@@ -18,7 +18,7 @@ use quinn_proto::{
     ConnectionEvent, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Endpoint, EndpointConfig, Event, ReadError,
     ReadableError, ServerConfig, StreamEvent, StreamId, Transmit, WriteError,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,9 @@ const FLUSH_AT: usize = 256 << 10;
 const MAX_WAITING: usize = 4096;
 /// Datagrams a connection may hand over in one go (one GSO send).
 const MAX_SEGMENTS: usize = 10;
+/// Frames one stream may execute per turn before the loop looks at the
+/// socket, the timers and the other connections again.
+const FRAMES_PER_TURN: usize = 256;
 /// After a stop, how long connections get to finish their replies before
 /// they are closed, and how long closing may take.
 const STOP_GRACE: Duration = Duration::from_millis(50);
@@ -45,12 +48,17 @@ pub(super) struct Limits {
     pub(super) max_frame: usize,
 }
 
-/// A reply that had to wait, and where it goes.
+/// A reply that had to wait, and where it goes. quinn-proto reuses a
+/// drained connection's handle for the next one, so the connection's
+/// serial number must match too.
 struct Deferred {
     connection: ConnectionHandle,
+    serial: u64,
     stream: StreamId,
     id: u64,
     reply: Response,
+    /// It answers an admin command (the stream waited for it).
+    admin: bool,
 }
 
 /// One bidirectional stream carrying pipelined frames.
@@ -62,18 +70,23 @@ struct Stream {
     output: BytesMut,
     /// Requests of this stream still waiting for a reply.
     waiting: usize,
+    /// An admin command of this stream is running: the frames after it
+    /// wait for it, in order (an upload's chunks, then its load).
+    admin: bool,
     /// The client finished sending, or reset the stream.
     ended: bool,
-    /// A frame too large was refused: the stream closes once its replies
-    /// are out.
+    /// A frame too large was refused, or the client stopped reading: no
+    /// more frames run, and the stream closes once its waiting requests
+    /// have answered.
     fatal: bool,
 }
 
 struct Conn {
     inner: quinn_proto::Connection,
+    serial: u64,
     streams: HashMap<StreamId, Stream>,
-    /// Counts the connection towards the cap while it exists.
-    _counted: ConnectionGuard,
+    /// Counts the connection towards the cap until it is lost.
+    counted: Option<ConnectionGuard>,
     /// In the list of connections to drive.
     queued: bool,
     /// When its timers next need it.
@@ -84,40 +97,49 @@ struct Conn {
 struct Io {
     socket: tokio::net::UdpSocket,
     state: quinn_udp::UdpSocketState,
-    /// Datagrams that found the socket's send buffer full, in order.
-    unsent: VecDeque<(Vec<u8>, Transmit)>,
+    /// A connection's datagram that found the socket's send buffer full;
+    /// nothing more is asked of any connection until it is out.
+    unsent: Option<(Vec<u8>, Transmit)>,
     buf: Vec<u8>,
 }
 
 impl Io {
-    /// Sends `transmit` (its bytes in `self.buf`), or queues it behind
-    /// earlier ones when the socket is full.
-    fn send(&mut self, transmit: Transmit) {
-        if self.unsent.is_empty() {
-            let udp = udp_transmit(&transmit, &self.buf[..transmit.size]);
-            match self.socket.try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), &udp)) {
-                Ok(()) => return,
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(err) => {
-                    // Lost like any datagram; QUIC's recovery resends.
-                    tracing::debug!(%err, "send failed");
-                    return;
-                }
+    fn try_send(&self, transmit: &Transmit, contents: &[u8]) -> std::io::Result<()> {
+        let udp = udp_transmit(transmit, contents);
+        match self.socket.try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), &udp)) {
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Err(err),
+            Err(err) => {
+                // Lost like any datagram; QUIC's recovery resends.
+                tracing::debug!(%err, "send failed");
+                Ok(())
             }
+            Ok(()) => Ok(()),
         }
-        self.unsent.push_back((self.buf[..transmit.size].to_vec(), transmit));
     }
 
-    /// Sends what waited for room; false while some still waits.
+    /// Sends a connection's `transmit` (its bytes in `self.buf`); false if
+    /// the socket is full, the datagram then kept for [`Io::flush`].
+    fn send(&mut self, transmit: Transmit) -> bool {
+        if self.try_send(&transmit, &self.buf[..transmit.size]).is_ok() {
+            return true;
+        }
+        self.unsent = Some((self.buf[..transmit.size].to_vec(), transmit));
+        false
+    }
+
+    /// Sends an endpoint's own answer (a refusal, a version negotiation, a
+    /// stateless reset), dropped if the socket is full, as quinn does.
+    fn respond(&self, transmit: Transmit) {
+        let _ = self.try_send(&transmit, &self.buf[..transmit.size]);
+    }
+
+    /// Sends the kept datagram; false while the socket is still full.
     fn flush(&mut self) -> bool {
-        while let Some((bytes, transmit)) = self.unsent.front() {
-            let udp = udp_transmit(transmit, bytes);
-            match self.socket.try_io(Interest::WRITABLE, || self.state.send((&self.socket).into(), &udp)) {
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return false,
-                Err(err) => tracing::debug!(%err, "send failed"),
-                Ok(()) => {}
+        if let Some((bytes, transmit)) = &self.unsent {
+            if self.try_send(transmit, bytes).is_err() {
+                return false;
             }
-            self.unsent.pop_front();
+            self.unsent = None;
         }
         true
     }
@@ -141,18 +163,22 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
 struct Driver {
     endpoint: Endpoint,
     connections: HashMap<ConnectionHandle, Conn>,
+    next_serial: u64,
     /// Connections to drive before waiting again.
     queue: Vec<ConnectionHandle>,
+    /// Connections with frames left when their turn's budget ran out.
+    again: Vec<ConnectionHandle>,
+    /// Connections with datagrams to send once the socket has room.
+    blocked: Vec<ConnectionHandle>,
     node: Arc<Node>,
     limits: Limits,
     deferred: mpsc::UnboundedSender<Deferred>,
-    /// Refusing new connections (the node is stopping).
-    refusing: bool,
+    /// The node is stopping: new connections are refused, no more frames
+    /// are read, and streams finish once their replies are out.
+    stopping: bool,
     /// The earliest timer of any connection (may be early: checked when it
-    /// fires).
+    /// comes).
     next_timeout: Option<Instant>,
-    /// Datagrams a connection may hand over in one send (GSO).
-    segments: usize,
 }
 
 /// Serves QUIC on `socket` until `stopped`, then lets replies finish and
@@ -180,19 +206,23 @@ pub(super) async fn run(
     };
     let endpoint_config = EndpointConfig::default();
     let chunk = (endpoint_config.get_max_udp_payload_size().min(64 << 10) as usize) * state.gro_segments();
-    let segments = state.max_gso_segments().clamp(1, MAX_SEGMENTS);
-    let mut io = Io { socket, state, unsent: VecDeque::new(), buf: Vec::with_capacity(64 << 10) };
+    // Path MTU discovery only where the socket refuses to fragment, as
+    // quinn decides it.
+    let allow_mtud = !state.may_fragment();
+    let mut io = Io { socket, state, unsent: None, buf: Vec::with_capacity(64 << 10) };
     let (deferred_tx, mut deferred_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
-        endpoint: Endpoint::new(Arc::new(endpoint_config), Some(Arc::new(config)), true, None),
+        endpoint: Endpoint::new(Arc::new(endpoint_config), Some(Arc::new(config)), allow_mtud, None),
         connections: HashMap::new(),
+        next_serial: 0,
         queue: Vec::new(),
+        again: Vec::new(),
+        blocked: Vec::new(),
         node,
         limits,
         deferred: deferred_tx,
-        refusing: false,
+        stopping: false,
         next_timeout: None,
-        segments,
     };
     let mut recv_buf = vec![0u8; chunk * quinn_udp::BATCH_SIZE];
     let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
@@ -216,11 +246,18 @@ pub(super) async fn run(
         if driver.next_timeout.is_some_and(|at| at <= now) {
             driver.timers(now);
         }
+        for handle in std::mem::take(&mut driver.again) {
+            driver.enqueue(handle);
+        }
         driver.drive_queued(&mut io);
-        if give_up_at.is_some() && driver.connections.is_empty() && io.unsent.is_empty() {
+        if give_up_at.is_some() && driver.connections.is_empty() && io.unsent.is_none() {
             break;
         }
-        let wake_at = [driver.next_timeout, close_at, give_up_at].into_iter().flatten().min();
+        // With frames left over, only look around before the next turn.
+        let wake_at = match driver.again.is_empty() {
+            true => [driver.next_timeout, close_at, give_up_at].into_iter().flatten().min(),
+            false => Some(now),
+        };
         let sleep = async {
             match wake_at {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -228,9 +265,11 @@ pub(super) async fn run(
             }
         };
         tokio::select! {
-            ready = io.socket.writable(), if !io.unsent.is_empty() => {
-                if ready.is_ok() {
-                    io.flush();
+            ready = io.socket.writable(), if io.unsent.is_some() => {
+                if ready.is_ok() && io.flush() {
+                    for handle in std::mem::take(&mut driver.blocked) {
+                        driver.enqueue(handle);
+                    }
                 }
             }
             ready = io.socket.readable() => {
@@ -266,10 +305,10 @@ pub(super) async fn run(
             }
             // Whatever fell due is handled at the top of the loop.
             () = sleep => {}
-            changed = stopped.changed(), if close_at.is_none() && give_up_at.is_none() => {
+            changed = stopped.changed(), if !driver.stopping => {
                 // A dropped sender also means stop.
                 let _ = changed;
-                driver.refusing = true;
+                driver.stop();
                 close_at = Some(Instant::now() + STOP_GRACE);
             }
         }
@@ -295,12 +334,12 @@ impl Driver {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let remote = incoming.remote_address();
                 // The cap counts connections on every thread.
-                if self.refusing || self.node.stats_connections() >= u64::from(self.limits.max_connections) {
-                    if !self.refusing {
+                if self.stopping || self.node.stats_connections() >= u64::from(self.limits.max_connections) {
+                    if !self.stopping {
                         tracing::warn!(%remote, "connection refused: at the connection cap");
                     }
                     let transmit = self.endpoint.refuse(incoming, &mut io.buf);
-                    io.send(transmit);
+                    io.respond(transmit);
                     return;
                 }
                 // Counted from acceptance, so a burst of handshakes cannot
@@ -308,20 +347,27 @@ impl Driver {
                 let counted = self.node.connection();
                 match self.endpoint.accept(incoming, now, &mut io.buf, None) {
                     Ok((handle, inner)) => {
-                        let conn =
-                            Conn { inner, streams: HashMap::new(), _counted: counted, queued: false, timeout: None };
+                        self.next_serial += 1;
+                        let conn = Conn {
+                            inner,
+                            serial: self.next_serial,
+                            streams: HashMap::new(),
+                            counted: Some(counted),
+                            queued: false,
+                            timeout: None,
+                        };
                         self.connections.insert(handle, conn);
                         self.enqueue(handle);
                     }
                     Err(err) => {
                         tracing::debug!(%remote, cause = %err.cause, "handshake refused");
                         if let Some(transmit) = err.response {
-                            io.send(transmit);
+                            io.respond(transmit);
                         }
                     }
                 }
             }
-            Some(DatagramEvent::Response(transmit)) => io.send(transmit),
+            Some(DatagramEvent::Response(transmit)) => io.respond(transmit),
             None => {}
         }
     }
@@ -356,13 +402,29 @@ impl Driver {
     /// A reply that waited: onto its stream, which may now go on.
     fn answer(&mut self, deferred: Deferred) {
         let Some(conn) = self.connections.get_mut(&deferred.connection) else { return };
+        if conn.serial != deferred.serial {
+            // Its connection is gone; the handle is another's now.
+            return;
+        }
         let Some(stream) = conn.streams.get_mut(&deferred.stream) else { return };
         stream.waiting = stream.waiting.saturating_sub(1);
+        if deferred.admin {
+            stream.admin = false;
+        }
         if let Err(err) = cachet_proto::encode(deferred.id, &deferred.reply, &mut stream.output) {
             tracing::error!(%err, "cannot encode a reply");
             stream.fatal = true;
         }
         self.enqueue(deferred.connection);
+    }
+
+    /// Stops taking work: no new connections, no more frames read.
+    fn stop(&mut self) {
+        self.stopping = true;
+        let handles: Vec<_> = self.connections.keys().copied().collect();
+        for handle in handles {
+            self.enqueue(handle);
+        }
     }
 
     fn close_all(&mut self, now: Instant) {
@@ -378,17 +440,17 @@ impl Driver {
     /// Drives every queued connection once.
     fn drive_queued(&mut self, io: &mut Io) {
         while !self.queue.is_empty() {
-            let now = Instant::now();
             for handle in std::mem::take(&mut self.queue) {
-                self.drive(handle, now, io);
+                self.drive(handle, io);
             }
         }
     }
 
     /// Handles a connection's events, serves its streams, passes its
     /// endpoint events on and sends what it has to send.
-    fn drive(&mut self, handle: ConnectionHandle, now: Instant, io: &mut Io) {
+    fn drive(&mut self, handle: ConnectionHandle, io: &mut Io) {
         let Some(conn) = self.connections.get_mut(&handle) else { return };
+        let now = Instant::now();
         conn.queued = false;
         let mut touched: Vec<StreamId> = Vec::new();
         while let Some(event) = conn.inner.poll() {
@@ -411,21 +473,37 @@ impl Driver {
                 }
                 Event::ConnectionLost { reason } => {
                     tracing::debug!(remote = %conn.inner.remote_address(), %reason, "connection ended");
+                    // Its place under the cap is free now, not when its
+                    // state is finally drained.
+                    conn.counted = None;
                 }
                 _ => {}
             }
         }
         // Streams with work left over from an earlier turn (replies that
-        // waited for room or a load) are served on every turn too.
+        // waited for room or a load, frames beyond the turn's budget) are
+        // served on every turn too.
         for (id, stream) in &conn.streams {
-            if !stream.output.is_empty() || (stream.ended && stream.waiting == 0) || !stream.input.is_empty() {
+            if !stream.output.is_empty() || !stream.input.is_empty() || stream.ended || stream.fatal || self.stopping {
                 touched.push(*id);
             }
         }
         touched.sort_unstable();
         touched.dedup();
+        let mut more = false;
         for id in touched {
-            serve(&self.node, &self.deferred, &self.limits, handle, conn, id);
+            let turn = Turn {
+                node: &self.node,
+                deferred: &self.deferred,
+                limits: &self.limits,
+                handle,
+                serial: conn.serial,
+                stopping: self.stopping,
+            };
+            more |= turn.serve(conn, id);
+        }
+        if more {
+            self.again.push(handle);
         }
         let mut drained = false;
         while let Some(event) = conn.inner.poll_endpoint_events() {
@@ -434,11 +512,20 @@ impl Driver {
                 conn.inner.handle_event(event);
             }
         }
-        loop {
-            io.buf.clear();
-            match conn.inner.poll_transmit(now, self.segments, &mut io.buf) {
-                Some(transmit) => io.send(transmit),
-                None => break,
+        if io.unsent.is_some() {
+            // The socket is full: send nothing more (quinn-proto would
+            // count it as sent) until it has room.
+            self.blocked.push(handle);
+        } else {
+            // quinn-udp may lower its segment count after a failed send.
+            let segments = io.state.max_gso_segments().clamp(1, MAX_SEGMENTS);
+            loop {
+                io.buf.clear();
+                let Some(transmit) = conn.inner.poll_transmit(now, segments, &mut io.buf) else { break };
+                if !io.send(transmit) {
+                    self.blocked.push(handle);
+                    break;
+                }
             }
         }
         conn.timeout = conn.inner.poll_timeout();
@@ -451,49 +538,159 @@ impl Driver {
     }
 }
 
-/// Serves one stream as far as it can go now: writes pending replies,
-/// executes complete frames, reads more while nothing holds it back, and
-/// closes it once the client is done and every reply is out.
-fn serve(
-    node: &Arc<Node>,
-    deferred: &mpsc::UnboundedSender<Deferred>,
-    limits: &Limits,
+/// What serving a stream needs from the loop.
+struct Turn<'a> {
+    node: &'a Arc<Node>,
+    deferred: &'a mpsc::UnboundedSender<Deferred>,
+    limits: &'a Limits,
     handle: ConnectionHandle,
-    conn: &mut Conn,
-    id: StreamId,
-) {
-    let Some(stream) = conn.streams.get_mut(&id) else { return };
-    loop {
-        if !write_out(&mut conn.inner, id, stream) {
-            // No room: the client is not reading. Stop here; a Writable
-            // event brings the stream back.
-            return;
+    serial: u64,
+    stopping: bool,
+}
+
+impl Turn<'_> {
+    /// Serves one stream as far as it can go this turn: writes pending
+    /// replies, executes complete frames, reads more while nothing holds it
+    /// back, and closes it once the client is done (or the stream failed)
+    /// and every reply is out. True if frames are left for another turn.
+    fn serve(&self, conn: &mut Conn, id: StreamId) -> bool {
+        let Some(stream) = conn.streams.get_mut(&id) else { return false };
+        let mut budget = FRAMES_PER_TURN;
+        loop {
+            if !write_out(&mut conn.inner, id, stream) {
+                // No room: the client is not reading. A Writable event
+                // brings the stream back.
+                return false;
+            }
+            if stream.fatal {
+                break;
+            }
+            self.execute(id, stream, &mut budget);
+            if !stream.output.is_empty() {
+                continue;
+            }
+            if budget == 0 {
+                return true;
+            }
+            if stream.ended || self.stopping || stream.admin || stream.waiting >= MAX_WAITING {
+                break;
+            }
+            // Everything read was answered: read more, if there is any.
+            let before = stream.input.len();
+            read_in(&mut conn.inner, id, stream);
+            if stream.input.len() == before {
+                break;
+            }
         }
-        if stream.fatal {
-            break;
-        }
-        execute(node, deferred, limits, handle, id, stream);
-        if !stream.output.is_empty() {
-            continue;
-        }
-        if stream.ended || stream.waiting >= MAX_WAITING || stream.fatal {
-            break;
-        }
-        // Everything read was answered: read more, if there is any.
-        let before = stream.input.len();
-        read_in(&mut conn.inner, id, stream);
-        if stream.input.len() == before {
-            break;
-        }
-    }
-    if stream.fatal || (stream.ended && stream.waiting == 0 && stream.output.is_empty()) {
         if stream.fatal {
             // Unread requests are dropped: tell the client to stop sending.
+            // (Once only; later calls fail harmlessly.)
             let _ = conn.inner.recv_stream(id).stop(0u32.into());
         }
-        let _ = conn.inner.send_stream(id).finish();
-        // A fatal stream's pending loads answer into nothing.
-        conn.streams.remove(&id);
+        let done = stream.ended || stream.fatal || self.stopping;
+        // Requests still waiting keep the stream (and so the client's
+        // stream credit) until they answer.
+        if done && stream.waiting == 0 && stream.output.is_empty() {
+            if !stream.fatal && !stream.ended {
+                // Stopping: the client's unsent requests will not be read.
+                let _ = conn.inner.recv_stream(id).stop(0u32.into());
+            }
+            let _ = conn.inner.send_stream(id).finish();
+            conn.streams.remove(&id);
+        }
+        false
+    }
+
+    /// Executes complete frames in the stream's input until its replies
+    /// reach [`FLUSH_AT`], too many wait, an admin command must finish
+    /// first, or the turn's budget is spent.
+    fn execute(&self, id: StreamId, stream: &mut Stream, budget: &mut usize) {
+        let node = self.node;
+        while stream.output.len() < FLUSH_AT && stream.waiting < MAX_WAITING && !stream.admin && *budget > 0 {
+            let (request_id, reply) = match cachet_proto::decode::<Request>(&mut stream.input, self.limits.max_frame) {
+                Ok(Decoded::Frame(envelope)) => {
+                    *budget -= 1;
+                    let span = tracing::debug_span!("request", id = envelope.id, command = envelope.body.name());
+                    let (later, admin) = match envelope.body {
+                        Request::Admin { ref token, .. } if !node.admin_authorized(token) => {
+                            (Ok(span.in_scope(|| node.execute(envelope.body))), false)
+                        }
+                        // Loading compiles a component and activation swaps
+                        // every shard: off the I/O thread, so this thread's
+                        // other connections keep being served.
+                        admin @ Request::Admin { .. } => {
+                            let node = node.clone();
+                            let later: crate::loader::Later = Box::pin(async move {
+                                match tokio::task::spawn_blocking(move || span.in_scope(|| node.execute(admin))).await {
+                                    Ok(reply) => reply,
+                                    Err(err) => error(ErrorCode::Internal, format!("admin command failed: {err}")),
+                                }
+                            });
+                            (Err(later), true)
+                        }
+                        body => {
+                            let routed = match node.cluster() {
+                                Some(cluster) => cluster.route(node, &body, envelope.consistency),
+                                None => node.loaders().and_then(|loaders| loaders.route(node, &body)),
+                            };
+                            let later = match routed {
+                                None => Ok(span.in_scope(|| node.execute(body))),
+                                Some(Routed::Now(reply)) => Ok(reply),
+                                Some(Routed::Later(later)) => Err(later),
+                            };
+                            (later, false)
+                        }
+                    };
+                    match later {
+                        Ok(reply) => (envelope.id, reply),
+                        // Loads, and writes to an origin, may take a while:
+                        // they answer when done (replies carry their id) and
+                        // the stream goes on meanwhile. An admin command
+                        // holds the frames after it.
+                        Err(later) => {
+                            stream.waiting += 1;
+                            stream.admin |= admin;
+                            let (tx, request_id) = (self.deferred.clone(), envelope.id);
+                            let (connection, serial) = (self.handle, self.serial);
+                            tokio::spawn(async move {
+                                // A panicking load still gets its request
+                                // an answer.
+                                let reply = match tokio::spawn(later).await {
+                                    Ok(reply) => reply,
+                                    Err(err) => error(ErrorCode::Internal, format!("the request failed: {err}")),
+                                };
+                                let _ =
+                                    tx.send(Deferred { connection, serial, stream: id, id: request_id, reply, admin });
+                            });
+                            continue;
+                        }
+                    }
+                }
+                Ok(Decoded::Incomplete { .. }) => return,
+                Err(err @ FrameError::TooLarge { .. }) => {
+                    stream.fatal = true;
+                    stream.input.clear();
+                    (0, error(ErrorCode::TooLarge, format!("{err}; closing the stream")))
+                }
+                Err(err @ FrameError::Malformed { id, .. }) => {
+                    (id.unwrap_or(0), error(ErrorCode::BadFrame, err.to_string()))
+                }
+                Err(err @ FrameError::UnknownCommand { id, .. }) => {
+                    (id, error(ErrorCode::UnknownCommand, err.to_string()))
+                }
+                Err(err @ FrameError::UnsupportedVersion { id, .. }) => {
+                    (id, error(ErrorCode::UnsupportedVersion, err.to_string()))
+                }
+                Err(err @ FrameError::Encode(_)) => (0, error(ErrorCode::Internal, err.to_string())),
+            };
+            if let Err(err) = cachet_proto::encode(request_id, &reply, &mut stream.output) {
+                tracing::error!(%err, "cannot encode a reply");
+                stream.fatal = true;
+            }
+            if stream.fatal {
+                return;
+            }
+        }
     }
 }
 
@@ -544,92 +741,4 @@ fn read_in(connection: &mut quinn_proto::Connection, id: StreamId, stream: &mut 
     }
     // Whether the window update needs sending is for poll_transmit to see.
     let _ = chunks.finalize();
-}
-
-/// Executes every complete frame in the stream's input, until its replies
-/// reach [`FLUSH_AT`] or too many wait.
-fn execute(
-    node: &Arc<Node>,
-    deferred: &mpsc::UnboundedSender<Deferred>,
-    limits: &Limits,
-    handle: ConnectionHandle,
-    id: StreamId,
-    stream: &mut Stream,
-) {
-    while stream.output.len() < FLUSH_AT && stream.waiting < MAX_WAITING {
-        let (request_id, reply) = match cachet_proto::decode::<Request>(&mut stream.input, limits.max_frame) {
-            Ok(Decoded::Frame(envelope)) => {
-                let span = tracing::debug_span!("request", id = envelope.id, command = envelope.body.name());
-                let later = match envelope.body {
-                    Request::Admin { ref token, .. } if !node.admin_authorized(token) => {
-                        Ok(span.in_scope(|| node.execute(envelope.body)))
-                    }
-                    // Loading compiles a component and activation swaps
-                    // every shard: off the I/O thread, so this thread's
-                    // other connections keep being served.
-                    admin @ Request::Admin { .. } => {
-                        let node = node.clone();
-                        Err(Box::pin(async move {
-                            match tokio::task::spawn_blocking(move || span.in_scope(|| node.execute(admin))).await {
-                                Ok(reply) => reply,
-                                Err(err) => error(ErrorCode::Internal, format!("admin command failed: {err}")),
-                            }
-                        }) as crate::loader::Later)
-                    }
-                    body => {
-                        let routed = match node.cluster() {
-                            Some(cluster) => cluster.route(node, &body, envelope.consistency),
-                            None => node.loaders().and_then(|loaders| loaders.route(node, &body)),
-                        };
-                        match routed {
-                            None => Ok(span.in_scope(|| node.execute(body))),
-                            Some(Routed::Now(reply)) => Ok(reply),
-                            Some(Routed::Later(later)) => Err(later),
-                        }
-                    }
-                };
-                match later {
-                    Ok(reply) => (envelope.id, reply),
-                    // Loads, and writes to an origin, may take a while:
-                    // they answer when done (replies carry their id) and
-                    // the stream goes on meanwhile.
-                    Err(later) => {
-                        stream.waiting += 1;
-                        let (tx, request_id) = (deferred.clone(), envelope.id);
-                        tokio::spawn(async move {
-                            // A panicking load still gets its request an
-                            // answer.
-                            let reply = match tokio::spawn(later).await {
-                                Ok(reply) => reply,
-                                Err(err) => error(ErrorCode::Internal, format!("the request failed: {err}")),
-                            };
-                            let _ = tx.send(Deferred { connection: handle, stream: id, id: request_id, reply });
-                        });
-                        continue;
-                    }
-                }
-            }
-            Ok(Decoded::Incomplete { .. }) => return,
-            Err(err @ FrameError::TooLarge { .. }) => {
-                stream.fatal = true;
-                stream.input.clear();
-                (0, error(ErrorCode::TooLarge, format!("{err}; closing the stream")))
-            }
-            Err(err @ FrameError::Malformed { id, .. }) => {
-                (id.unwrap_or(0), error(ErrorCode::BadFrame, err.to_string()))
-            }
-            Err(err @ FrameError::UnknownCommand { id, .. }) => (id, error(ErrorCode::UnknownCommand, err.to_string())),
-            Err(err @ FrameError::UnsupportedVersion { id, .. }) => {
-                (id, error(ErrorCode::UnsupportedVersion, err.to_string()))
-            }
-            Err(err @ FrameError::Encode(_)) => (0, error(ErrorCode::Internal, err.to_string())),
-        };
-        if let Err(err) = cachet_proto::encode(request_id, &reply, &mut stream.output) {
-            tracing::error!(%err, "cannot encode a reply");
-            stream.fatal = true;
-        }
-        if stream.fatal {
-            return;
-        }
-    }
 }
