@@ -14,11 +14,11 @@ use crate::loader::Routed;
 use crate::node::{ConnectionGuard, Node};
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Decoded, ErrorCode, ErrorReply, FrameError, Request, Response};
+use hashbrown::HashMap;
 use quinn_proto::{
     ConnectionEvent, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Endpoint, EndpointConfig, Event, ReadError,
     ReadableError, ServerConfig, StreamEvent, StreamId, Transmit, WriteError,
 };
-use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -179,6 +179,8 @@ struct Driver {
     /// The earliest timer of any connection (may be early: checked when it
     /// comes).
     next_timeout: Option<Instant>,
+    /// The streams a drive serves (kept to save an allocation a drive).
+    touched: Vec<StreamId>,
 }
 
 /// Serves QUIC on `socket` until `stopped`, then lets replies finish and
@@ -223,8 +225,10 @@ pub(super) async fn run(
         deferred: deferred_tx,
         stopping: false,
         next_timeout: None,
+        touched: Vec::new(),
     };
     let mut recv_buf = vec![0u8; chunk * quinn_udp::BATCH_SIZE];
+    let mut bufs: Vec<IoSliceMut> = recv_buf.chunks_mut(chunk).map(IoSliceMut::new).collect();
     let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
     // After a stop: first a grace period, then closing, then giving up.
     let mut close_at: Option<Instant> = None;
@@ -276,7 +280,6 @@ pub(super) async fn run(
                 if ready.is_err() {
                     continue;
                 }
-                let mut bufs: Vec<IoSliceMut> = recv_buf.chunks_mut(chunk).map(IoSliceMut::new).collect();
                 let received = io.socket.try_io(Interest::READABLE, || {
                     io.state.recv((&io.socket).into(), &mut bufs, &mut metas)
                 });
@@ -457,7 +460,8 @@ impl Driver {
         let Some(conn) = self.connections.get_mut(&handle) else { return };
         let now = Instant::now();
         conn.queued = false;
-        let mut touched: Vec<StreamId> = Vec::new();
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
         while let Some(event) = conn.inner.poll() {
             match event {
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
@@ -496,7 +500,7 @@ impl Driver {
         touched.sort_unstable();
         touched.dedup();
         let mut more = false;
-        for id in touched {
+        for &id in &touched {
             let turn = Turn {
                 node: &self.node,
                 deferred: &self.deferred,
@@ -507,6 +511,7 @@ impl Driver {
             };
             more |= turn.serve(conn, id);
         }
+        self.touched = touched;
         if more {
             self.again.push(handle);
         }

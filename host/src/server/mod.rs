@@ -1,7 +1,7 @@
-//! The QUIC shell around a [`Node`]: `cachet/1` over quinn, thread per core.
+//! The QUIC shell around a [`Node`]: `cachet/1` over QUIC, thread per core.
 //!
 //! Each of `threads` OS threads runs a current-thread tokio runtime and its
-//! own quinn endpoint on the same UDP port (`SO_REUSEPORT`; the kernel keeps
+//! own QUIC endpoint on the same UDP port (`SO_REUSEPORT`; the kernel keeps
 //! each client's datagrams on one socket), so a connection never crosses
 //! threads and no runtime work is shared: quinn on a current-thread runtime
 //! was measured here at 4.6× less CPU per request than on the multi-thread
