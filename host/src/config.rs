@@ -27,6 +27,8 @@ pub struct FileConfig {
     pub shards: Option<usize>,
     /// `--max-connections`.
     pub max_connections: Option<u32>,
+    /// `--idle-timeout`, in seconds.
+    pub idle_timeout: Option<u64>,
     /// `--tls-cert`.
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`.
@@ -115,8 +117,10 @@ mod tests {
 
     #[test]
     fn config_files_reject_unknown_keys() {
-        let ok: FileConfig = toml::from_str("listen = \"127.0.0.1:9000\"\nmax-memory = \"64MiB\"").expect("parses");
+        let ok: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:9000\"\nmax-memory = \"64MiB\"\nidle-timeout = 30").expect("parses");
         assert_eq!(ok.max_memory.as_deref(), Some("64MiB"));
+        assert_eq!(ok.idle_timeout, Some(30));
         let err = toml::from_str::<FileConfig>("max-memroy = \"64MiB\"").expect_err("typo");
         assert!(err.to_string().contains("max-memroy"), "{err}");
     }

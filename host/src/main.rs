@@ -311,9 +311,9 @@ struct ServeArgs {
     #[arg(long)]
     max_connections: Option<u32>,
     /// Seconds a silent QUIC client keeps its connection (and its place
-    /// under --max-connections) before the node drops it.
-    #[arg(long, default_value_t = 60)]
-    idle_timeout: u64,
+    /// under --max-connections) before the node drops it [default: 60].
+    #[arg(long)]
+    idle_timeout: Option<u64>,
     /// Production certificate chain (PEM); with --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -849,7 +849,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         max_connections: args.max_connections.or(file.max_connections).unwrap_or(10_000),
         max_streams: 64,
         max_frame: max_value_size + (128 << 10),
-        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout.or(file.idle_timeout).unwrap_or(60).max(1)),
     };
     let max_connections = options.max_connections;
     let server = server::start(node.clone(), options)?;
