@@ -226,12 +226,17 @@ impl Client {
     /// Connects to the node in `config`, on an endpoint (a UDP socket) of
     /// its own.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
-        let bind: SocketAddr = if config.server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        let endpoint = Self::endpoint_for(config.server)?;
+        Self::start(config, endpoint, true).await
+    }
+
+    /// A client endpoint (one UDP socket on an ephemeral port) able to reach
+    /// `server`, for [`Client::connect_on`] to share between clients.
+    pub fn endpoint_for(server: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+        let bind: SocketAddr = if server.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|_| ClientError::Protocol("bad bind address".into()))?;
-        let endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| ClientError::Connect { addr: config.server, detail: e.to_string() })?;
-        Self::start(config, endpoint, true).await
+        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect { addr: server, detail: e.to_string() })
     }
 
     /// Connects to the node in `config` on `endpoint`, which other clients

@@ -399,11 +399,7 @@ fn run_thread(
         // The thread's connections share one socket: its receive calls
         // take many connections' datagrams at once, where 50 sockets would
         // each wake the thread for one.
-        let bind: std::net::SocketAddr =
-            if options.client.server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
-                .map_err(|e| BenchError::Options(format!("bind address: {e}")))?;
-        let endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| BenchError::Options(format!("cannot open a client socket: {e}")))?;
+        let endpoint = Client::endpoint_for(options.client.server)?;
         let mut clients = Vec::new();
         for _ in 0..connections {
             clients.push(Target::connect(options, Some(&endpoint)).await?);
