@@ -111,10 +111,21 @@ pub struct ClientConfig {
     pub large_value: usize,
     /// Client certificate and key (PEM) for nodes that require mutual TLS.
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// A node silent for this long is taken for dead. A node that crashed or
+    /// lost its network sends nothing, not even a close, so without this the
+    /// requests in flight to it would each wait out [`Self::timeout`]; with
+    /// it the connection closes, they fail at once with
+    /// [`ClientError::Connection`] (which a [`ClusterClient`] retries on
+    /// another member), and the next request reconnects. The client pings
+    /// every third of it, so a live but idle node is never mistaken for a
+    /// dead one. Both ends use the smaller of this and the node's
+    /// `--idle-timeout`. Zero leaves it all to the node's idle timeout.
+    pub dead_after: Duration,
 }
 
 impl ClientConfig {
-    /// Defaults for `server`: name `localhost`, 5 s timeout, 4 lanes.
+    /// Defaults for `server`: name `localhost`, 5 s timeout, 4 lanes, a
+    /// node taken for dead after 2 s of silence.
     pub fn new(server: SocketAddr) -> Self {
         Self {
             server,
@@ -124,6 +135,7 @@ impl ClientConfig {
             lanes: 4,
             large_value: 64 << 10,
             identity: None,
+            dead_after: Duration::from_secs(2),
         }
     }
 
@@ -179,7 +191,16 @@ impl ClientConfig {
         };
         crypto.alpn_protocols = vec![cachet_proto::ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| tls(&e))?;
-        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+        let mut transport = quinn::TransportConfig::default();
+        if !self.dead_after.is_zero() {
+            let idle = quinn::IdleTimeout::try_from(self.dead_after)
+                .map_err(|_| ClientError::Protocol(format!("dead_after {:?} is too long", self.dead_after)))?;
+            transport.max_idle_timeout(Some(idle));
+            transport.keep_alive_interval(Some(self.dead_after / 3));
+        }
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
     }
 }
 

@@ -241,6 +241,11 @@ struct ClientArgs {
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     timeout_ms: u64,
+    /// Take a node silent this long (milliseconds) for dead: requests in
+    /// flight to it fail then instead of at their timeout (0: only the
+    /// node's idle timeout).
+    #[arg(long, default_value_t = 2_000)]
+    dead_after_ms: u64,
     /// Client certificate (PEM) for nodes started with --tls-ca.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -267,6 +272,7 @@ impl ClientArgs {
         let mut config = ClientConfig::new(self.server);
         config.server_name = self.server_name.clone();
         config.timeout = Duration::from_millis(self.timeout_ms);
+        config.dead_after = Duration::from_millis(self.dead_after_ms);
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             config = config.with_identity(cert, key);
         }

@@ -609,3 +609,77 @@ async fn a_write_abandoned_by_its_timeout_leaves_the_stream_whole() {
     );
     assert!(matches!(frames[1], Request::Ping), "then a ping: {:?}", frames[1]);
 }
+
+/// A node that stops answering at the UDP level (crashed, hung, or cut
+/// off) sends no close. Requests in flight to it must fail with a
+/// connection error once the client's `dead_after` passes, not each wait
+/// out its timeout: that is what lets a cluster client move them to a
+/// replica quickly.
+#[tokio::test]
+async fn requests_in_flight_to_a_node_gone_silent_fail_after_dead_after_not_the_timeout() {
+    let dir = TempDir::new("silent");
+    let config =
+        server::tls::server_config(&TlsSource::DevCa { data_dir: dir.0.clone() }, cachet_proto::ALPN).expect("tls");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    // The node runs on a runtime of its own. Once it has read a request it
+    // goes silent: its handles are leaked (no close is sent, the socket
+    // stays bound, so not even an ICMP error comes back) and its runtime is
+    // dropped, which stops everything it ran.
+    let silent = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+            addr_tx.send(endpoint.local_addr().expect("addr")).expect("send addr");
+            let connection = endpoint.accept().await.expect("incoming").await.expect("handshake");
+            let (send, mut recv) = connection.accept_bi().await.expect("stream");
+            let mut chunk = [0u8; 256];
+            let read = recv.read(&mut chunk).await.expect("read").unwrap_or(0);
+            std::mem::forget((send, recv, connection, endpoint));
+            read
+        })
+    });
+    let addr = addr_rx.recv().expect("the node's address");
+    let mut client_config = ClientConfig::new(addr).with_data_dir(&dir.0).expect("ca");
+    client_config.timeout = Duration::from_secs(30);
+    client_config.dead_after = Duration::from_secs(1);
+    client_config.lanes = 1;
+    let client = Client::connect(client_config).await.expect("connects");
+    let err = client.get("k").await.expect_err("nobody answers");
+    assert!(silent.join().expect("the node's thread") > 0, "the node read the request before going silent");
+    assert!(matches!(err, ClientError::Connection(_)), "a connection error well inside the 30 s timeout: {err}");
+}
+
+/// The pings that keep `dead_after` honest: a live node the client has
+/// nothing to ask for several times `dead_after` keeps the same connection.
+#[tokio::test]
+async fn an_idle_client_keeps_its_connection_past_dead_after() {
+    let dir = TempDir::new("keepalive");
+    let engine = PolicyEngine::new().expect("engine");
+    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
+        .expect("policy");
+    let node = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
+    let options = ServeOptions {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        threads: 1,
+        tls: TlsSource::DevCa { data_dir: dir.0.clone() },
+        max_connections: 4,
+        max_streams: 4,
+        max_frame: 1 << 20,
+        idle_timeout: Duration::from_secs(60),
+    };
+    let server = server::start(node.clone(), options).expect("server starts");
+    let mut config = ClientConfig::new(server.local_addr()).with_data_dir(&dir.0).expect("ca");
+    config.dead_after = Duration::from_millis(300);
+    let client = Client::connect(config).await.expect("connects");
+    client.ping().await.expect("ping");
+    // Five times dead_after with nothing to send; the connection would be
+    // gone (the count at 0) after 300 ms without the pings.
+    for step in 0..30 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(node.stats_connections(), 1, "still connected after {} ms", (step + 1) * 50);
+    }
+    client.ping().await.expect("ping on the same connection");
+    assert_eq!(node.stats_connections(), 1);
+    client.close().await;
+    server.shutdown();
+}
