@@ -13,7 +13,7 @@ use crate::{Client, ClientConfig, ClientError, Consistency, ErrorCode, NodeStats
 use bytes::Bytes;
 use cachet_proto::{Member as RingMember, Ring};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
@@ -73,6 +73,9 @@ struct Member {
     /// no reply), it is passed over until then, so a dead member does not
     /// cost every operation a timeout; and how many such failures in a row.
     avoid_until: std::sync::Mutex<(Option<Instant>, u32)>,
+    /// A reconnection is being tried in the background; the member is
+    /// passed over until it succeeds.
+    probing: AtomicBool,
 }
 
 /// How long a fetched ring is used before it is fetched again.
@@ -100,6 +103,11 @@ impl Member {
             *t = (None, 0);
         }
     }
+
+    /// Whether it failed and has not answered since.
+    fn failed(&self) -> bool {
+        self.avoid_until.lock().map(|t| t.1 > 0).unwrap_or(false)
+    }
 }
 
 /// Whether another member may succeed where this one failed.
@@ -121,7 +129,12 @@ impl ClusterClient {
         }
         let members = configs
             .into_iter()
-            .map(|config| Member { config, client: Mutex::new(None), avoid_until: std::sync::Mutex::new((None, 0)) })
+            .map(|config| Member {
+                config,
+                client: Mutex::new(None),
+                avoid_until: std::sync::Mutex::new((None, 0)),
+                probing: AtomicBool::new(false),
+            })
             .collect();
         Ok(Self {
             members: Arc::new(members),
@@ -203,6 +216,57 @@ impl ClusterClient {
         order
     }
 
+    /// Whether member `i` is passed over now: it failed a moment ago, or
+    /// it failed before and is being reconnected in the background.
+    ///
+    /// Once its pause is over, a member that failed gets its connection
+    /// back from a background probe rather than from the next request: a
+    /// connection attempt to a dead member hangs for seconds (QUIC's
+    /// handshake gives up only after three of its retransmission timeouts,
+    /// some 3 s at the initial RTT estimate), and every request that
+    /// made it, or queued behind it, would wait that long.
+    fn passed_over(&self, i: usize, now: Instant) -> bool {
+        let member = &self.members[i];
+        if member.probing.load(Ordering::Acquire) || member.avoided(now) {
+            return true;
+        }
+        if !member.failed() {
+            return false;
+        }
+        if member.probing.swap(true, Ordering::AcqRel) {
+            // Another request started the probe just now.
+            return true;
+        }
+        let members = self.members.clone();
+        tokio::spawn(async move {
+            let member = &members[i];
+            match Client::connect(member.config.clone()).await {
+                Ok(client) => {
+                    let mut slot = member.client.lock().await;
+                    let spare = match slot.as_ref() {
+                        // A forced request connected meanwhile.
+                        Some(_) => Some(client),
+                        None => {
+                            *slot = Some(client);
+                            None
+                        }
+                    };
+                    drop(slot);
+                    member.healthy();
+                    if let Some(spare) = spare {
+                        spare.close().await;
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(member = %member.config.server, %err, "reconnection failed");
+                    member.avoid();
+                }
+            }
+            member.probing.store(false, Ordering::Release);
+        });
+        true
+    }
+
     /// Member `i`'s client, connecting if needed. While the member is
     /// passed over this fails at once unless `force` (every member is
     /// passed over, so one must be tried anyway).
@@ -214,7 +278,7 @@ impl ClusterClient {
         }
         // Others waiting here while a connection attempt failed need not
         // each make their own.
-        if !force && member.avoided(Instant::now()) {
+        if !force && self.passed_over(i, Instant::now()) {
             return Err(ClientError::Connect {
                 addr: member.config.server,
                 detail: "passed over after failing just now".into(),
@@ -259,7 +323,7 @@ impl ClusterClient {
             let now = Instant::now();
             // The next member in the key's order not passed over (or, if
             // all are, the next one anyway).
-            let next = (0..n).map(|k| order[(attempt + k) % n]).find(|&i| !self.members[i].avoided(now));
+            let next = (0..n).map(|k| order[(attempt + k) % n]).find(|&i| !self.passed_over(i, now));
             let (i, force) = match next {
                 Some(i) => (i, false),
                 None => (order[attempt % n], true),

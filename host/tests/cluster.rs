@@ -846,6 +846,55 @@ async fn the_sdk_sends_each_key_to_its_primary_owner() {
     client.close().await;
 }
 
+/// When a member dies, requests in flight to it fail once it has been
+/// silent for the client's `dead_after`, and later requests for its keys go
+/// to the other owners while the SDK reconnects to it in the background. A
+/// request must never make that connection attempt itself: QUIC gives up
+/// on a handshake with a dead address only after seconds. With one attempt
+/// per operation, a request that did would fail here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_members_keys_go_elsewhere_while_the_sdk_reconnects_in_the_background() {
+    let mut cluster = TestCluster::start(3, 3, "probe");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let view = client.stats_of(0).await.expect("stats").cluster.expect("cluster");
+    let members = (0..3)
+        .map(|id| cachet_proto::Member { id: id.to_string(), addr: view.members[id].clone(), weight: 1 })
+        .collect();
+    let ring = cachet_proto::Ring::new(1, members, cachet_proto::DEFAULT_VNODES).expect("ring");
+    let keys: Vec<String> =
+        (0..).map(|i| format!("k{i}")).filter(|k| ring.owners(k.as_bytes(), 3)[0].id == "2").take(20).collect();
+    for key in &keys {
+        client.at(Consistency::All).set(key, "v").await.expect("write to every replica");
+    }
+    let configs = (0..3)
+        .map(|i| {
+            let mut config = cluster.client_config(i);
+            config.timeout = Duration::from_secs(10);
+            config.dead_after = Duration::from_millis(500);
+            config
+        })
+        .collect();
+    let once = ClusterClient::new(configs, RetryPolicy { attempts: 1, backoff: Duration::from_millis(10) })
+        .expect("cluster client")
+        .at(Consistency::One);
+    for key in &keys {
+        assert_eq!(once.get(key).await.expect("read from the primary").as_deref(), Some(&b"v"[..]));
+    }
+    cluster.members[2].kill();
+    let err = once.get(&keys[0]).await.expect_err("member 2 is gone and there is one attempt");
+    assert!(matches!(err, ClientError::Connection(_)), "a silent member fails after dead_after: {err}");
+    // Past its pause (0.5 s after the failure) member 2 is reconnected in
+    // the background; its keys are served by the other owners meanwhile.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for key in &keys {
+        let read = once.get(key).await.expect("served by another owner, not stuck reconnecting");
+        assert_eq!(read.as_deref(), Some(&b"v"[..]), "{key}");
+    }
+    once.close().await;
+    client.close().await;
+}
+
 /// The RESP port of a clustered node forwards to the key's owners, so
 /// redis-cli (and any plain Redis client) can use any member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,7 +34,9 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
                   queries/s both ways, GET p50/p99 of hits and misses (3 rounds)
   bench-cluster   release build; throughput of 1, 2 and 3 local members (RF=1 and
                   RF=members at QUORUM), 3 rounds, medians; failover time over 3
-                  SIGKILLs under load; re-replication time at RF=2; join";
+                  SIGKILLs under load, and the slowest operation across it with
+                  and without the SDK's liveness check; re-replication time at
+                  RF=2; join";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
