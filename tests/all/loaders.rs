@@ -108,6 +108,11 @@ impl LoaderNode {
     /// `namespaces` is the `[[namespace]]` TOML, with `{users}` and
     /// `{hostile}` standing for the module paths; `origins` the origins.
     fn start(origins: &str, namespaces: &str) -> Self {
+        Self::start_on(2, origins, namespaces)
+    }
+
+    /// [`Self::start`] with `threads` I/O threads.
+    fn start_on(threads: usize, origins: &str, namespaces: &str) -> Self {
         let dir = TempDir::new("loaders");
         let users = dir.0.join("users.wasm");
         let hostile = dir.0.join("hostile.wasm");
@@ -130,7 +135,7 @@ impl LoaderNode {
         assert!(node.attach_loaders(loaders).is_ok());
         let options = ServeOptions {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            threads: 2,
+            threads,
             tls: TlsSource::DevCa { data_dir: dir.0.clone() },
             max_connections: 100,
             max_streams: 64,
@@ -184,6 +189,35 @@ fn server_code(err: &ClientError) -> ErrorCode {
         ClientError::Server(reply) => reply.code,
         other => panic!("expected a server error, got {other}"),
     }
+}
+
+/// A load's reply that comes back after its client has gone must not reach
+/// the next client. The node's QUIC endpoint reuses a closed connection's
+/// handle for the next one, and a new client's first request goes on the
+/// same stream with the same request id as the old client's did: without
+/// the connection's serial number on the waiting reply, B would read A's
+/// row as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_that_outlives_its_client_never_answers_the_next_one() {
+    let db = Database::create("late").await;
+    db.users("1").await;
+    // One I/O thread: A's and B's connections share one endpoint.
+    let namespace = "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]";
+    let node = LoaderNode::start_on(1, &users_origin(&db), namespace);
+    let a = node.client().await;
+    let asked = {
+        let a = a.clone();
+        tokio::spawn(async move { a.get("user:1").await })
+    };
+    // A leaves while its load (1 s) runs; its connection drains.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.close().await;
+    assert!(asked.await.expect("task").is_err(), "A's request ends with its connection");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = node.client().await;
+    let value = b.get("user:2").await.expect("B's load").expect("row 2 exists");
+    assert_eq!(name_of(&value), "Grace", "B got its own row, not A's late one");
+    assert_eq!(node.counter(|c| &c.loads), 2, "both loads ran");
 }
 
 /// 10,000 concurrent GETs of one cold key make exactly one query, counted
