@@ -802,6 +802,16 @@ async fn replicated_records_obey_the_node_bounds() {
     client.close().await;
 }
 
+/// The ring member 0 reports, built the way the SDK builds it, to find
+/// keys' owners independently of the SDK.
+async fn ring_of(client: &ClusterClient) -> cachet_proto::Ring {
+    let view = client.stats_of(0).await.expect("stats").cluster.expect("cluster");
+    let members = (0..view.members.len())
+        .map(|id| cachet_proto::Member { id: id.to_string(), addr: view.members[id].clone(), weight: 1 })
+        .collect();
+    cachet_proto::Ring::new(1, members, cachet_proto::DEFAULT_VNODES).expect("ring")
+}
+
 /// The SDK learns the ring and each member's client address from any
 /// member, and sends each key to its primary owner: that member alone
 /// coordinates the key's operations.
@@ -816,10 +826,7 @@ async fn the_sdk_sends_each_key_to_its_primary_owner() {
     for (i, addr) in view.clients.iter().enumerate() {
         assert_eq!(addr, &cluster.members[i].client_addr, "member {i}'s client address");
     }
-    let members = (0..3)
-        .map(|id| cachet_proto::Member { id: id.to_string(), addr: view.members[id].clone(), weight: 1 })
-        .collect();
-    let ring = cachet_proto::Ring::new(1, members, cachet_proto::DEFAULT_VNODES).expect("ring");
+    let ring = ring_of(&client).await;
     let coordinated = |stats: &[cachet_client::NodeStats]| -> Vec<u64> {
         stats.iter().map(|s| s.cluster.as_ref().expect("cluster").ops_ok).collect()
     };
@@ -857,11 +864,7 @@ async fn a_dead_members_keys_go_elsewhere_while_the_sdk_reconnects_in_the_backgr
     let mut cluster = TestCluster::start(3, 3, "probe");
     let client = cluster.client();
     cluster.wait_healthy(&client, Duration::from_secs(30)).await;
-    let view = client.stats_of(0).await.expect("stats").cluster.expect("cluster");
-    let members = (0..3)
-        .map(|id| cachet_proto::Member { id: id.to_string(), addr: view.members[id].clone(), weight: 1 })
-        .collect();
-    let ring = cachet_proto::Ring::new(1, members, cachet_proto::DEFAULT_VNODES).expect("ring");
+    let ring = ring_of(&client).await;
     let keys: Vec<String> =
         (0..).map(|i| format!("k{i}")).filter(|k| ring.owners(k.as_bytes(), 3)[0].id == "2").take(20).collect();
     for key in &keys {

@@ -492,13 +492,9 @@ async fn a_second_server_on_a_taken_port_is_refused() {
     client.close().await;
 }
 
-/// A client that vanishes without closing (its process killed, its
-/// network gone) is dropped after the idle timeout, freeing its place
-/// under the cap, while a busy client keeps the node's socket readable:
-/// the node's timers must run under load, not only when it sleeps.
-#[tokio::test]
-async fn a_vanished_client_is_dropped_after_the_idle_timeout_under_load() {
-    let dir = TempDir::new("idle");
+/// A node on one I/O thread whose connection count a test watches: at
+/// most `max_connections`, each dropped after `idle_timeout` of silence.
+fn one_thread_node(dir: &TempDir, max_connections: u32, idle_timeout: Duration) -> (Arc<Node>, RunningServer) {
     let engine = PolicyEngine::new().expect("engine");
     let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
         .expect("policy");
@@ -507,12 +503,23 @@ async fn a_vanished_client_is_dropped_after_the_idle_timeout_under_load() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         threads: 1,
         tls: TlsSource::DevCa { data_dir: dir.0.clone() },
-        max_connections: 2,
+        max_connections,
         max_streams: 4,
         max_frame: 1 << 20,
-        idle_timeout: Duration::from_secs(1),
+        idle_timeout,
     };
     let server = server::start(node.clone(), options).expect("server starts");
+    (node, server)
+}
+
+/// A client that vanishes without closing (its process killed, its
+/// network gone) is dropped after the idle timeout, freeing its place
+/// under the cap, while a busy client keeps the node's socket readable:
+/// the node's timers must run under load, not only when it sleeps.
+#[tokio::test]
+async fn a_vanished_client_is_dropped_after_the_idle_timeout_under_load() {
+    let dir = TempDir::new("idle");
+    let (node, server) = one_thread_node(&dir, 2, Duration::from_secs(1));
     let config = ClientConfig::new(server.local_addr()).with_data_dir(&dir.0).expect("ca");
     // The vanishing client runs on a runtime of its own; dropping that
     // runtime stops its endpoint without a word to the node.
@@ -654,20 +661,7 @@ async fn requests_in_flight_to_a_node_gone_silent_fail_after_dead_after_not_the_
 #[tokio::test]
 async fn an_idle_client_keeps_its_connection_past_dead_after() {
     let dir = TempDir::new("keepalive");
-    let engine = PolicyEngine::new().expect("engine");
-    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
-        .expect("policy");
-    let node = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
-    let options = ServeOptions {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        threads: 1,
-        tls: TlsSource::DevCa { data_dir: dir.0.clone() },
-        max_connections: 4,
-        max_streams: 4,
-        max_frame: 1 << 20,
-        idle_timeout: Duration::from_secs(60),
-    };
-    let server = server::start(node.clone(), options).expect("server starts");
+    let (node, server) = one_thread_node(&dir, 4, Duration::from_secs(60));
     let mut config = ClientConfig::new(server.local_addr()).with_data_dir(&dir.0).expect("ca");
     config.dead_after = Duration::from_millis(300);
     let client = Client::connect(config).await.expect("connects");
