@@ -43,6 +43,9 @@ pub struct ClusterClient {
     /// When the ring was last fetched (or tried): it is fetched again every
     /// [`RING_MAX_AGE`], so members that joined get their keys.
     ring_checked: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Set by [`Self::close`]: a reconnection still running then must not
+    /// open a connection again.
+    closed: Arc<AtomicBool>,
 }
 
 /// The cluster's ring as a member described it.
@@ -143,6 +146,7 @@ impl ClusterClient {
             consistency: None,
             ring: Arc::default(),
             ring_checked: Arc::default(),
+            closed: Arc::default(),
         })
     }
 
@@ -237,19 +241,22 @@ impl ClusterClient {
             // Another request started the probe just now.
             return true;
         }
-        let members = self.members.clone();
+        let (members, closed) = (self.members.clone(), self.closed.clone());
         tokio::spawn(async move {
             let member = &members[i];
-            match Client::connect(member.config.clone()).await {
+            // Cleared however the task ends, even dropped with its runtime,
+            // or the member would be passed over for good.
+            let _probing = ClearOnDrop(&member.probing);
+            match Client::connect_once(member.config.clone()).await {
                 Ok(client) => {
                     let mut slot = member.client.lock().await;
-                    let spare = match slot.as_ref() {
-                        // A forced request connected meanwhile.
-                        Some(_) => Some(client),
-                        None => {
-                            *slot = Some(client);
-                            None
-                        }
+                    let spare = if slot.is_some() || closed.load(Ordering::Acquire) {
+                        // A forced request connected meanwhile, or the
+                        // cluster client was closed.
+                        Some(client)
+                    } else {
+                        *slot = Some(client);
+                        None
                     };
                     drop(slot);
                     member.healthy();
@@ -259,10 +266,12 @@ impl ClusterClient {
                 }
                 Err(err) => {
                     tracing::debug!(member = %member.config.server, %err, "reconnection failed");
-                    member.avoid();
+                    // Unless a forced request got through meanwhile.
+                    if member.failed() && member.client.lock().await.is_none() {
+                        member.avoid();
+                    }
                 }
             }
-            member.probing.store(false, Ordering::Release);
         });
         true
     }
@@ -284,7 +293,7 @@ impl ClusterClient {
                 detail: "passed over after failing just now".into(),
             });
         }
-        let client = Client::connect(member.config.clone()).await?;
+        let client = Client::connect_once(member.config.clone()).await?;
         *slot = Some(client.clone());
         Ok(client)
     }
@@ -293,13 +302,21 @@ impl ClusterClient {
     /// a while and drop its connection. A member killed outright never
     /// closes its connections, and one restarted cannot (it has new keys),
     /// so the old connection would swallow requests until its idle timeout.
-    async fn forget(&self, i: usize) {
+    ///
+    /// `failed` is the client the failure came through, if any: only that
+    /// one is dropped, never a fresh one a reconnection just put in place.
+    async fn forget(&self, i: usize, failed: Option<&Client>) {
+        let member = &self.members[i];
         // Failing fast while passed over is not a new failure.
-        if self.members[i].avoided(Instant::now()) {
+        if member.probing.load(Ordering::Acquire) || member.avoided(Instant::now()) {
             return;
         }
-        self.members[i].avoid();
-        if let Some(client) = self.members[i].client.lock().await.take() {
+        member.avoid();
+        let mut slot = member.client.lock().await;
+        if let (Some(current), Some(failed)) = (slot.as_ref(), failed)
+            && current.same_as(failed)
+            && let Some(client) = slot.take()
+        {
             tokio::spawn(async move { client.close().await });
         }
     }
@@ -328,15 +345,15 @@ impl ClusterClient {
                 Some(i) => (i, false),
                 None => (order[attempt % n], true),
             };
-            let result = match self.member(i, force).await {
+            let (result, used) = match self.member(i, force).await {
                 Ok(client) => {
-                    let client = match self.consistency {
+                    let handle = match self.consistency {
                         Some(level) => client.at(level),
-                        None => client,
+                        None => client.clone(),
                     };
-                    op(client).await
+                    (op(handle).await, Some(client))
                 }
-                Err(err) => Err(err),
+                Err(err) => (Err(err), None),
             };
             match result {
                 Ok(value) => {
@@ -345,7 +362,7 @@ impl ClusterClient {
                 }
                 Err(err) if retryable(&err) => {
                     if !matches!(err, ClientError::Server(_)) {
-                        self.forget(i).await;
+                        self.forget(i, used.as_ref()).await;
                     }
                     last = Some(err);
                 }
@@ -390,25 +407,35 @@ impl ClusterClient {
         if i >= self.members.len() {
             return Err(ClientError::Protocol(format!("no member {i}")));
         }
-        let result = match self.member(i, false).await {
-            Ok(client) => client.stats().await,
-            Err(err) => Err(err),
+        let (result, used) = match self.member(i, false).await {
+            Ok(client) => (client.stats().await, Some(client)),
+            Err(err) => (Err(err), None),
         };
         if let Err(err) = &result
             && retryable(err)
             && !matches!(err, ClientError::Server(_))
         {
-            self.forget(i).await;
+            self.forget(i, used.as_ref()).await;
         }
         result
     }
 
     /// Closes every connection.
     pub async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         for member in self.members.iter() {
             if let Some(client) = member.client.lock().await.take() {
                 client.close().await;
             }
         }
+    }
+}
+
+/// Clears its flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }

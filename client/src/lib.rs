@@ -68,6 +68,9 @@ pub enum ClientError {
     /// The node answered with something that does not fit the request.
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    /// A setting in [`ClientConfig`] cannot be used.
+    #[error("invalid client configuration: {0}")]
+    Config(String),
 }
 
 fn code_name(code: ErrorCode) -> &'static str {
@@ -118,8 +121,11 @@ pub struct ClientConfig {
     /// [`ClientError::Connection`] (which a [`ClusterClient`] retries on
     /// another member), and the next request reconnects. The client pings
     /// every third of it, so a live but idle node is never mistaken for a
-    /// dead one. Both ends use the smaller of this and the node's
-    /// `--idle-timeout`. Zero leaves it all to the node's idle timeout.
+    /// dead one (as long as the node's `--idle-timeout` is not shorter than
+    /// that). Both ends use the smaller of this and the node's
+    /// `--idle-timeout`. Zero turns the pings off and leaves quinn's default
+    /// idle timeout (30 s), or the node's if shorter; otherwise it must be
+    /// at least 1 ms.
     pub dead_after: Duration,
 }
 
@@ -167,6 +173,7 @@ impl ClientConfig {
     /// ring, this config's CA and identity, the `cachet/1` ALPN), for an
     /// endpoint of one's own that must trust nodes the same way.
     pub fn quinn_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+        let transport = self.transport()?;
         let tls = |e: &dyn std::fmt::Display| ClientError::Tls(e.to_string());
         let mut roots = rustls::RootCertStore::empty();
         let path = self.ca_file.as_ref().ok_or_else(|| ClientError::Tls("no CA configured".into()))?;
@@ -191,16 +198,25 @@ impl ClientConfig {
         };
         crypto.alpn_protocols = vec![cachet_proto::ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| tls(&e))?;
-        let mut transport = quinn::TransportConfig::default();
-        if !self.dead_after.is_zero() {
-            let idle = quinn::IdleTimeout::try_from(self.dead_after)
-                .map_err(|_| ClientError::Protocol(format!("dead_after {:?} is too long", self.dead_after)))?;
-            transport.max_idle_timeout(Some(idle));
-            transport.keep_alive_interval(Some(self.dead_after / 3));
-        }
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));
         Ok(config)
+    }
+
+    /// The liveness check of [`Self::dead_after`] as QUIC settings.
+    fn transport(&self) -> Result<quinn::TransportConfig, ClientError> {
+        let mut transport = quinn::TransportConfig::default();
+        if !self.dead_after.is_zero() {
+            // The idle timeout counts whole milliseconds, and 0 would mean none.
+            let bad = |why: &str| ClientError::Config(format!("dead_after {:?} is {why}", self.dead_after));
+            if self.dead_after < Duration::from_millis(1) {
+                return Err(bad("under 1 ms"));
+            }
+            let idle = quinn::IdleTimeout::try_from(self.dead_after).map_err(|_| bad("too long"))?;
+            transport.max_idle_timeout(Some(idle));
+            transport.keep_alive_interval(Some(self.dead_after / 3));
+        }
+        Ok(transport)
     }
 }
 
@@ -237,7 +253,15 @@ struct Inner {
     /// The endpoint is this client's alone (not shared through
     /// [`Client::connect_on`]).
     owned: bool,
+    /// Reconnect when the connection broke; a [`ClusterClient`]'s members
+    /// do not (the cluster client reconnects them in the background and
+    /// meanwhile sends their requests elsewhere).
+    reconnect: bool,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// Connection attempts that failed: requests that queued behind an
+    /// attempt take its failure rather than each making their own (a
+    /// handshake with a dead node takes seconds to fail).
+    connect_failures: AtomicU64,
     next_id: AtomicU64,
     next_lane: AtomicUsize,
     loads: single_flight::SingleFlight,
@@ -248,7 +272,19 @@ impl Client {
     /// its own.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let endpoint = Self::endpoint_for(config.server)?;
-        Self::start(config, endpoint, true).await
+        Self::start(config, endpoint, true, true).await
+    }
+
+    /// A client that fails its requests once its connection broke instead
+    /// of reconnecting, for a [`ClusterClient`] member.
+    pub(crate) async fn connect_once(config: ClientConfig) -> Result<Self, ClientError> {
+        let endpoint = Self::endpoint_for(config.server)?;
+        Self::start(config, endpoint, true, false).await
+    }
+
+    /// Whether `self` and `other` are handles on the same client.
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// A client endpoint (one UDP socket on an ephemeral port) able to reach
@@ -265,10 +301,15 @@ impl Client {
     /// and its receive calls take many connections' datagrams at once.
     /// Closing or dropping this client closes its connection only.
     pub async fn connect_on(endpoint: &quinn::Endpoint, config: ClientConfig) -> Result<Self, ClientError> {
-        Self::start(config, endpoint.clone(), false).await
+        Self::start(config, endpoint.clone(), false, true).await
     }
 
-    async fn start(config: ClientConfig, endpoint: quinn::Endpoint, owned: bool) -> Result<Self, ClientError> {
+    async fn start(
+        config: ClientConfig,
+        endpoint: quinn::Endpoint,
+        owned: bool,
+        reconnect: bool,
+    ) -> Result<Self, ClientError> {
         let quic = config.quinn_config()?;
         let client = Self {
             inner: Arc::new(Inner {
@@ -276,7 +317,9 @@ impl Client {
                 quic,
                 endpoint,
                 owned,
+                reconnect,
                 connection: tokio::sync::Mutex::new(None),
+                connect_failures: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
                 next_lane: AtomicUsize::new(0),
                 loads: single_flight::SingleFlight::default(),
@@ -296,13 +339,31 @@ impl Client {
 
     /// The live connection, reconnecting if the last one broke.
     async fn connection(&self) -> Result<Arc<Connection>, ClientError> {
+        let failures = self.inner.connect_failures.load(Ordering::Acquire);
         let mut slot = self.inner.connection.lock().await;
-        if let Some(conn) = slot.as_ref()
-            && conn.connection.close_reason().is_none()
-            && conn.lanes.iter().all(Lane::is_open)
-        {
-            return Ok(conn.clone());
+        if let Some(conn) = slot.as_ref() {
+            if conn.connection.close_reason().is_none() && conn.lanes.iter().all(Lane::is_open) {
+                return Ok(conn.clone());
+            }
+            if !self.inner.reconnect {
+                return Err(ClientError::Connection("the connection to the node is gone".into()));
+            }
         }
+        let config = &self.inner.config;
+        if self.inner.connect_failures.load(Ordering::Acquire) != failures {
+            return Err(ClientError::Connect {
+                addr: config.server,
+                detail: "the connection attempt this request waited for failed".into(),
+            });
+        }
+        let result = self.open(&mut slot).await;
+        if result.is_err() {
+            self.inner.connect_failures.fetch_add(1, Ordering::AcqRel);
+        }
+        result
+    }
+
+    async fn open(&self, slot: &mut Option<Arc<Connection>>) -> Result<Arc<Connection>, ClientError> {
         let config = &self.inner.config;
         let connect = |e: &dyn std::fmt::Display| ClientError::Connect { addr: config.server, detail: e.to_string() };
         let connecting = self
@@ -336,9 +397,11 @@ impl Client {
         }
     }
 
-    /// Sends one request and waits for its reply.
+    /// Sends one request and waits for its reply; the timeout covers
+    /// reconnecting too.
     async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let timeout = self.inner.config.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = BytesMut::new();
         cachet_proto::encode_at(id, &request, self.consistency, &mut frame)
@@ -349,12 +412,13 @@ impl Client {
         // Admin commands (a swap can take a while) also go alone, so no
         // data request waits behind one on a shared lane.
         let large = frame.len() > self.inner.config.large_value || matches!(request, Request::Admin { .. });
-        let conn = self.connection().await?;
+        let conn =
+            tokio::time::timeout_at(deadline, self.connection()).await.map_err(|_| ClientError::Timeout(timeout))??;
         let reply = if large {
-            tokio::time::timeout(timeout, lane::one_shot(&conn.connection, frame)).await
+            tokio::time::timeout_at(deadline, lane::one_shot(&conn.connection, frame)).await
         } else {
             let lane = self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % conn.lanes.len();
-            tokio::time::timeout(timeout, conn.lanes[lane].call(id, frame)).await
+            tokio::time::timeout_at(deadline, conn.lanes[lane].call(id, frame)).await
         };
         match reply.map_err(|_| ClientError::Timeout(timeout))?? {
             Response::Error(err) => Err(ClientError::Server(err)),
@@ -572,4 +636,28 @@ impl Drop for Inner {
 
 fn unexpected(reply: &Response) -> ClientError {
     ClientError::Protocol(format!("{reply:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_after_quinn_cannot_express_is_refused_by_name() {
+        let mut config = ClientConfig::new(SocketAddr::from(([127, 0, 0, 1], 7070)));
+        for (dead_after, why) in
+            [(Duration::from_micros(500), "under 1 ms"), (Duration::from_secs(u64::MAX / 1000), "too long")]
+        {
+            config.dead_after = dead_after;
+            match config.quinn_config() {
+                Err(ClientError::Config(message)) => assert!(message.contains(why), "{message}"),
+                other => panic!("{dead_after:?}: expected a configuration error, got {:?}", other.map(|_| ())),
+            }
+        }
+        // Zero and ordinary values pass this check (and then need a CA).
+        for dead_after in [Duration::ZERO, Duration::from_millis(1), Duration::from_secs(2)] {
+            config.dead_after = dead_after;
+            assert!(matches!(config.quinn_config(), Err(ClientError::Tls(_))), "{dead_after:?}");
+        }
+    }
 }

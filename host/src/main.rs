@@ -242,8 +242,8 @@ struct ClientArgs {
     #[arg(long, default_value_t = 5_000)]
     timeout_ms: u64,
     /// Take a node silent this long (milliseconds) for dead: requests in
-    /// flight to it fail then instead of at their timeout (0: only the
-    /// node's idle timeout).
+    /// flight to it fail then instead of at their timeout (0: no pings;
+    /// QUIC's 30 s idle timeout, or the node's if shorter).
     #[arg(long, default_value_t = 2_000)]
     dead_after_ms: u64,
     /// Client certificate (PEM) for nodes started with --tls-ca.

@@ -878,11 +878,15 @@ async fn a_dead_members_keys_go_elsewhere_while_the_sdk_reconnects_in_the_backgr
             config
         })
         .collect();
-    let once = ClusterClient::new(configs, RetryPolicy { attempts: 1, backoff: Duration::from_millis(10) })
+    let single = RetryPolicy { attempts: 1, backoff: Duration::from_millis(10) };
+    let once = ClusterClient::new(configs, single).expect("cluster client").at(Consistency::One);
+    // A second client with nothing in flight when member 2 dies.
+    let idle = ClusterClient::new((0..3).map(|i| cluster.client_config(i)).collect(), single)
         .expect("cluster client")
         .at(Consistency::One);
     for key in &keys {
         assert_eq!(once.get(key).await.expect("read from the primary").as_deref(), Some(&b"v"[..]));
+        assert_eq!(idle.get(key).await.expect("read from the primary").as_deref(), Some(&b"v"[..]));
     }
     cluster.members[2].kill();
     let err = once.get(&keys[0]).await.expect_err("member 2 is gone and there is one attempt");
@@ -894,7 +898,15 @@ async fn a_dead_members_keys_go_elsewhere_while_the_sdk_reconnects_in_the_backgr
         let read = once.get(key).await.expect("served by another owner, not stuck reconnecting");
         assert_eq!(read.as_deref(), Some(&b"v"[..]), "{key}");
     }
+    // The idle client's connection to member 2 was closed by its own
+    // silence check meanwhile (2 s). Its next request for member 2's keys
+    // must fail at once and leave the reconnection to the background, not
+    // make the connection attempt itself (a `Connect` error, seconds later).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let err = idle.get(&keys[0]).await.expect_err("one attempt, on the dead member's closed connection");
+    assert!(matches!(err, ClientError::Connection(_)), "no inline reconnection: {err}");
     once.close().await;
+    idle.close().await;
     client.close().await;
 }
 

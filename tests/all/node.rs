@@ -654,6 +654,19 @@ async fn requests_in_flight_to_a_node_gone_silent_fail_after_dead_after_not_the_
     let err = client.get("k").await.expect_err("nobody answers");
     assert!(silent.join().expect("the node's thread") > 0, "the node read the request before going silent");
     assert!(matches!(err, ClientError::Connection(_)), "a connection error well inside the 30 s timeout: {err}");
+    // The requests that follow queue behind one reconnection attempt, which
+    // takes seconds to fail against a silent address; they share its
+    // failure instead of each making an attempt of their own in turn
+    // (twenty of those would outlast the 30 s timeout).
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let client = client.clone();
+        tasks.spawn(async move { client.get(format!("k{i}")).await });
+    }
+    while let Some(result) = tasks.join_next().await {
+        let err = result.expect("task").expect_err("nobody answers");
+        assert!(matches!(err, ClientError::Connect { .. }), "the attempt's failure, not a timeout: {err}");
+    }
 }
 
 /// The pings that keep `dead_after` honest: a live node the client has
@@ -663,12 +676,12 @@ async fn an_idle_client_keeps_its_connection_past_dead_after() {
     let dir = TempDir::new("keepalive");
     let (node, server) = one_thread_node(&dir, 4, Duration::from_secs(60));
     let mut config = ClientConfig::new(server.local_addr()).with_data_dir(&dir.0).expect("ca");
-    config.dead_after = Duration::from_millis(300);
+    config.dead_after = Duration::from_millis(600);
     let client = Client::connect(config).await.expect("connects");
     client.ping().await.expect("ping");
     // Five times dead_after with nothing to send; the connection would be
-    // gone (the count at 0) after 300 ms without the pings.
-    for step in 0..30 {
+    // gone (the count at 0) after 600 ms without the pings.
+    for step in 0..60 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(node.stats_connections(), 1, "still connected after {} ms", (step + 1) * 50);
     }
