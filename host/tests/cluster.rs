@@ -39,6 +39,20 @@ impl Member {
         assert!(status.success(), "kill -{signal} {pid}");
     }
 
+    /// Waits (at most `limit`) for the process to exit by itself.
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(start.elapsed() < limit, "the member did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("SIGKILL");
@@ -581,6 +595,51 @@ async fn a_dead_members_ranges_are_re_replicated_to_the_survivors() {
         let read = quorum.get(format!("k{k}")).await.expect("QUORUM read with member 2 gone");
         assert_eq!(read.as_deref(), Some(format!("w{k}").as_bytes()));
     }
+    survivors.close().await;
+    client.close().await;
+}
+
+/// A member stopped with SIGTERM leaves the cluster: the others take it
+/// out of their rings at once. Their failure detector is set to 30 s here,
+/// so seeing it down within `wait_down`'s 10 s is the departure's doing,
+/// not detection's. Reads and writes go on through the two left, and the
+/// member, restarted, re-syncs the writes it missed before it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stopped_with_sigterm_leaves_at_once() {
+    let mut cluster = TestCluster::start_with(3, 3, "leave", &["--detect-ms", "30000"]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let quorum = client.at(Consistency::Quorum);
+    for i in 0..100 {
+        quorum.set(format!("k{i}"), format!("v{i}")).await.expect("write");
+    }
+    cluster.members[2].signal("TERM");
+    let status = cluster.members[2].wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "a clean stop: {status:?}");
+    let survivors =
+        ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
+            .expect("client");
+    for observer in [0, 1] {
+        let took = wait_down(&survivors, observer, 2).await;
+        eprintln!("member {observer} saw member 2 leave {took:?} after it exited");
+    }
+    let quorum = survivors.at(Consistency::Quorum);
+    for i in 0..100 {
+        let read = quorum.get(format!("k{i}")).await.expect("QUORUM read after the departure");
+        assert_eq!(read.as_deref(), Some(format!("v{i}").as_bytes()));
+        quorum.set(format!("k{i}"), format!("w{i}")).await.expect("QUORUM write after the departure");
+    }
+    // A rolling restart: it comes back, re-syncs what it missed, and serves
+    // again (its own copy answers first at ONE for the keys it owns).
+    cluster.members[2].spawn();
+    let back = cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    eprintln!("member 2 back and re-synced {back:?} after its restart");
+    let alone = ClusterClient::new(vec![cluster.client_config(2)], RetryPolicy::default()).expect("client");
+    for i in 0..100 {
+        let read = alone.at(Consistency::One).get(format!("k{i}")).await.expect("ONE read through member 2");
+        assert_eq!(read.as_deref(), Some(format!("w{i}").as_bytes()), "k{i} after the restart");
+    }
+    alone.close().await;
     survivors.close().await;
     client.close().await;
 }

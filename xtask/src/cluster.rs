@@ -136,6 +136,25 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// SIGTERM member `i` (a clean stop: it leaves the cluster) and waits
+    /// (at most 10 s) for it to exit.
+    pub(crate) fn terminate(&mut self, i: usize) -> Result<()> {
+        let Some(child) = self.members[i].1.as_mut() else { return Ok(()) };
+        let pid = child.id().to_string();
+        if !Command::new("kill").args(["-TERM", &pid]).status()?.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let start = Instant::now();
+        while child.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("member {i} did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.members[i].1 = None;
+        Ok(())
+    }
+
     /// Runs a client verb against member `i`.
     pub(crate) fn cli(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
         Ok(Command::new(&self.cachet)
@@ -381,6 +400,35 @@ pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
         rounded(&slowest),
         median(slowest_without.clone()),
         rounded(&slowest_without)
+    );
+    // A clean stop under the same load: the member leaves, so the others
+    // need not detect it.
+    let mut lefts = Vec::new();
+    let mut left_failed = Vec::new();
+    let mut left_slowest = Vec::new();
+    for round in 0..3 {
+        let (mut cluster, bench) = loaded_trio(cachet, root, &load, "8")?;
+        let signalled = Instant::now();
+        cluster.terminate(2)?;
+        let down = cluster.time_to_down(0, 2, signalled)?;
+        let report = bench_report(bench)?;
+        let max_ms = crate::number(&report, "max_us") / 1000.0;
+        eprintln!(
+            "leave round {round}: down after {} ms, {} failed ops, slowest {max_ms:.0} ms",
+            down.as_millis(),
+            report["errors"]
+        );
+        lefts.push(down.as_secs_f64() * 1000.0);
+        left_failed.push(crate::number(&report, "errors") / crate::number(&report, "ops").max(1.0));
+        left_slowest.push(max_ms);
+    }
+    println!(
+        "graceful stop (SIGTERM) under load: member out of the ring {:.0} ms after the signal, exit included (median of 3: {:?}); failed operations {:.4}% (median); slowest operation {:.0} ms ({:?})",
+        median(lefts.clone()),
+        rounded(&lefts),
+        100.0 * median(left_failed),
+        median(left_slowest.clone()),
+        rounded(&left_slowest)
     );
     // Re-replication: three members at RF=2 under load; one is killed and
     // the two left pull its ranges until each holds every key again.

@@ -35,8 +35,8 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
   bench-cluster   release build; throughput of 1, 2 and 3 local members (RF=1 and
                   RF=members at QUORUM), 3 rounds, medians; failover time over 3
                   SIGKILLs under load, and the slowest operation across it with
-                  and without the SDK's liveness check; re-replication time at
-                  RF=2; join";
+                  and without the SDK's liveness check; a clean stop (SIGTERM)
+                  under load; re-replication time at RF=2; join";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -65,6 +65,9 @@ fn serving(
 
 /// Frames queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 8192;
+
+/// How long a stopping node waits for the news of its departure to go out.
+const LEAVE_GRACE: Duration = Duration::from_millis(500);
 /// After a failed connection attempt, frames to that peer are dropped
 /// without trying for this long.
 const REDIAL_AFTER: Duration = Duration::from_millis(200);
@@ -813,10 +816,34 @@ impl Shell {
                     }
                     self.readmit(now);
                 }
-                _ = stopped.changed() => break,
+                _ = stopped.changed() => {
+                    self.leave().await;
+                    break;
+                }
             }
         }
         tracing::info!(node = self.me, "cluster runtime stopped");
+    }
+
+    /// A stop is a departure: the others hear of it now and move this
+    /// node's ranges at once, rather than fail requests to it until their
+    /// failure detector gives up on it. The news needs the peer senders to
+    /// run a little longer (bounded: a peer that is itself gone must not
+    /// hold up the stop).
+    async fn leave(&mut self) {
+        if let Err(err) = self.membership.leave(self.now()) {
+            tracing::debug!(%err, "membership leave");
+        }
+        self.flush();
+        let deadline = tokio::time::Instant::now() + LEAVE_GRACE;
+        while tokio::time::Instant::now() < deadline
+            && self.senders.values().any(|sender| sender.capacity() < sender.max_capacity())
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Queued is not yet sent: the stream write and its packets follow.
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(50))).await;
+        tracing::info!(node = self.me, "left the cluster");
     }
 
     fn handle(&mut self, frame: Incoming) {
