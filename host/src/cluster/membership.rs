@@ -375,11 +375,13 @@ mod tests {
     }
 
     /// A member that leaves is down for the others within a gossip round
-    /// or two, far inside the failure detector's budget, even with 5% of
-    /// datagrams lost; it comes back under a renewed identity.
+    /// or two, far inside the failure detector's budget; it comes back
+    /// under a renewed identity. With 5% of datagrams lost, both farewells
+    /// are lost now and then (0.25% of runs), and detection takes over.
     #[test]
     fn a_member_that_leaves_is_down_at_once_and_can_come_back() {
         let mut slowest = 0;
+        let mut prompt = 0;
         for seed in 1..=100u64 {
             let mut net = Net::new(seed * 4_099);
             for i in 1..3 {
@@ -395,13 +397,18 @@ mod tests {
             // Its process is gone after the farewell.
             net.nodes[2] = None;
             net.run_until(left + 2_000);
+            let mut took = 0;
             for observer in 0..2 {
                 let down = net.events.iter().find(|(at, who, e)| {
                     *at >= left && *who == observer && matches!(e, MembershipEvent::Down(p) if p.node == "n2")
                 });
                 let Some((at, _, _)) = down else { panic!("seed {seed}: node {observer} never saw n2 leave") };
-                assert!(at - left <= 300, "seed {seed}: node {observer} took {} ms", at - left);
-                slowest = slowest.max(at - left);
+                assert!(at - left <= 2_000, "seed {seed}: node {observer} took {} ms", at - left);
+                took = took.max(at - left);
+            }
+            slowest = slowest.max(took);
+            if took <= 100 {
+                prompt += 1;
             }
             let mut back = Membership::new(peer(2, 1), MembershipConfig::default(), seed + 99);
             back.join(net.now, peer(0, 0)).expect("announce");
@@ -413,7 +420,9 @@ mod tests {
                 assert_eq!(node.members().len(), 2, "seed {seed}: {:?} sees {:?}", node.me(), node.members());
             }
         }
-        eprintln!("slowest departure seen over 100 seeds: {slowest} ms");
+        eprintln!("departure seen by both within 100 ms in {prompt} of 100 seeds; slowest {slowest} ms");
+        // Detection alone takes several hundred milliseconds at the least.
+        assert!(prompt >= 95, "only {prompt} of 100 departures were seen at once");
     }
 
     /// A partition long enough for both sides to declare each other down:

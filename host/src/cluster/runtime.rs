@@ -66,7 +66,8 @@ fn serving(
 /// Frames queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 8192;
 
-/// How long a stopping node waits for the news of its departure to go out.
+/// How long a stopping node waits for the members it tells of its
+/// departure to acknowledge it.
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
 /// After a failed connection attempt, frames to that peer are dropped
 /// without trying for this long.
@@ -816,34 +817,47 @@ impl Shell {
                     }
                     self.readmit(now);
                 }
-                _ = stopped.changed() => {
-                    self.leave().await;
-                    break;
-                }
+                _ = stopped.changed() => break,
             }
         }
+        self.leave().await;
         tracing::info!(node = self.me, "cluster runtime stopped");
     }
 
     /// A stop is a departure: the others hear of it now and move this
     /// node's ranges at once, rather than fail requests to it until their
-    /// failure detector gives up on it. The news needs the peer senders to
-    /// run a little longer (bounded: a peer that is itself gone must not
-    /// hold up the stop).
+    /// failure detector gives up on it. The farewell goes out on streams of
+    /// its own (not behind a re-sync batch or a dead peer's dial in the
+    /// queues) and is waited for until acknowledged, within a bound, since a
+    /// peer that is itself gone must not hold up the stop. Then the peer
+    /// connections are closed, so a quick restart finds none half-dead.
     async fn leave(&mut self) {
         if let Err(err) = self.membership.leave(self.now()) {
             tracing::debug!(%err, "membership leave");
         }
-        self.flush();
-        let deadline = tokio::time::Instant::now() + LEAVE_GRACE;
-        while tokio::time::Instant::now() < deadline
-            && self.senders.values().any(|sender| sender.capacity() < sender.max_capacity())
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut farewells = tokio::task::JoinSet::new();
+        while let Some((peer, data)) = self.membership.poll_transmit() {
+            let Ok(addr) = peer.addr.parse::<SocketAddr>() else { continue };
+            let transport = self.transport.clone();
+            farewells.spawn(async move { (addr, transport.send_acknowledged(addr, &PeerFrame::Gossip(data)).await) });
         }
-        // Queued is not yet sent: the stream write and its packets follow.
-        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(50))).await;
-        tracing::info!(node = self.me, "left the cluster");
+        let told = tokio::time::timeout(LEAVE_GRACE, async {
+            let mut told = 0;
+            while let Some(done) = farewells.join_next().await {
+                match done {
+                    Ok((_, Ok(()))) => told += 1,
+                    Ok((addr, Err(err))) => tracing::debug!(%addr, %err, "farewell not delivered"),
+                    Err(err) => tracing::debug!(%err, "farewell task"),
+                }
+            }
+            told
+        })
+        .await;
+        self.transport.close_and_wait(Duration::from_millis(100)).await;
+        match told {
+            Ok(told) => tracing::info!(node = self.me, told, "left the cluster"),
+            Err(_) => tracing::warn!(node = self.me, "left the cluster; not every farewell was acknowledged in time"),
+        }
     }
 
     fn handle(&mut self, frame: Incoming) {

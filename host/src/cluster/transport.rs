@@ -169,9 +169,35 @@ impl PeerTransport {
         Self::send_on(&connection, &bytes).await
     }
 
+    /// Sends `frame` to `to` on a stream of its own and waits until the peer
+    /// has acknowledged all of it: for a last word, which must not be lost
+    /// when the process exits right after.
+    pub async fn send_acknowledged(&self, to: SocketAddr, frame: &PeerFrame) -> Result<(), TransportError> {
+        let failed = |detail: String| TransportError::Send { addr: to, detail };
+        let mut bytes = Vec::new();
+        Self::encode(frame, &mut bytes)?;
+        let connection = self.connection(to).await?;
+        let mut stream = connection.open_uni().await.map_err(|e| failed(e.to_string()))?;
+        stream.write_all(&bytes).await.map_err(|e| failed(e.to_string()))?;
+        stream.finish().map_err(|e| failed(e.to_string()))?;
+        match stream.stopped().await {
+            Ok(None) => Ok(()),
+            Ok(Some(code)) => Err(failed(format!("stopped by the peer ({code})"))),
+            Err(err) => Err(failed(err.to_string())),
+        }
+    }
+
     /// Closes every connection and the endpoint.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"bye");
+    }
+
+    /// [`Self::close`], then waits (at most `limit`) until the peers have
+    /// been told, so they drop their connections now rather than at their
+    /// idle timeout.
+    pub async fn close_and_wait(&self, limit: std::time::Duration) {
+        self.close();
+        let _ = tokio::time::timeout(limit, self.endpoint.wait_idle()).await;
     }
 }
 
