@@ -430,6 +430,30 @@ impl Drop for Cluster {
     }
 }
 
+/// The last incarnation this node went by, in its data directory.
+const INCARNATION_FILE: &str = "cluster-incarnation";
+
+/// The incarnation to start with: the wall clock in milliseconds, so it
+/// outranks whatever the others remember of this node, but never at or
+/// below the last one used. A clock stepped back further than the node
+/// was down would otherwise make the others keep the old, down identity
+/// and ignore the new one (foca forgets down members only after a day).
+fn next_incarnation(path: &std::path::Path, now_ms: u64) -> u64 {
+    let last = std::fs::read_to_string(path).ok().and_then(|text| text.trim().parse::<u64>().ok());
+    let next = last.map_or(now_ms, |last| now_ms.max(last.saturating_add(1)));
+    save_incarnation(path, next);
+    next
+}
+
+/// Written to a temporary file and renamed, like the member list.
+fn save_incarnation(path: &std::path::Path, incarnation: u64) {
+    let tmp = path.with_extension("tmp");
+    let saved = std::fs::write(&tmp, format!("{incarnation}\n")).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(err) = saved {
+        tracing::warn!(%err, file = %path.display(), "cannot save the node's incarnation");
+    }
+}
+
 /// The member list in a node's data directory: `ID ADDRESS` per line.
 const MEMBERS_FILE: &str = "cluster-members";
 
@@ -510,6 +534,8 @@ struct Shell {
     founder: bool,
     /// Where the member list is kept across restarts.
     members_file: PathBuf,
+    /// Where the last incarnation is kept, renewals included.
+    incarnation_file: PathBuf,
     membership: Membership,
     started: Instant,
     boot: u64,
@@ -541,8 +567,7 @@ impl Shell {
         };
         // A restarted node is a new incarnation, so the others take its
         // announcement over their memory of the dead one.
-        let incarnation =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64);
+        let incarnation = next_incarnation(&options.data_dir.join(INCARNATION_FILE), unix_ms());
         let myself = Peer {
             node: me.to_string(),
             addr: listen.to_string(),
@@ -610,6 +635,7 @@ impl Shell {
             detect_ms: options.detect_within_ms,
             founder: !options.members.is_empty(),
             members_file,
+            incarnation_file: options.data_dir.join(INCARNATION_FILE),
             membership,
             started: Instant::now(),
             boot,
@@ -938,6 +964,7 @@ impl Shell {
                 // that kept receiving every write.
                 MembershipEvent::Rejoined => {
                     tracing::info!("renewed this node's identity after being declared down by some member");
+                    save_incarnation(&self.incarnation_file, self.membership.me().incarnation);
                     continue;
                 }
             };
@@ -1125,8 +1152,26 @@ async fn send_loop(transport: Arc<PeerTransport>, to: SocketAddr, mut frames: mp
 
 #[cfg(test)]
 mod tests {
-    use super::serving;
+    use super::{next_incarnation, serving};
     use std::collections::BTreeMap;
+
+    /// The wall clock, unless it went back: then one past the last
+    /// incarnation used, which is saved for the next start.
+    #[test]
+    fn incarnations_only_go_up_even_when_the_clock_goes_back() {
+        let dir = std::env::temp_dir().join(format!("cachet-incarnation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("cluster-incarnation");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(next_incarnation(&path, 5_000), 5_000, "first start: the clock");
+        assert_eq!(next_incarnation(&path, 9_000), 9_000, "the clock moved on");
+        assert_eq!(next_incarnation(&path, 7_000), 9_001, "the clock went back");
+        assert_eq!(next_incarnation(&path, 7_500), 9_002, "still behind");
+        std::fs::write(&path, "garbage").expect("write");
+        assert_eq!(next_incarnation(&path, 8_000), 8_000, "an unreadable file counts as none");
+        assert_eq!(std::fs::read_to_string(&path).expect("saved").trim(), "8000");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn alive(up: &[(u32, bool)]) -> BTreeMap<u32, bool> {
         up.iter().copied().collect()
