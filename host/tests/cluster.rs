@@ -207,9 +207,26 @@ impl TestCluster {
         config
     }
 
-    fn client(&self) -> ClusterClient {
-        let configs = (0..self.members.len()).map(|i| self.client_config(i)).collect();
+    /// A cluster client of `members` only.
+    fn client_of(&self, members: &[usize]) -> ClusterClient {
+        let configs = members.iter().map(|&i| self.client_config(i)).collect();
         ClusterClient::new(configs, RetryPolicy::default()).expect("cluster client")
+    }
+
+    /// Reads `k0` to `k{keys - 1}` at ONE through member `i` alone (its own
+    /// copy answers first for the keys it owns) and checks each holds
+    /// `{prefix}{k}`: a stale or missing copy shows here.
+    async fn assert_holds(&self, i: usize, keys: usize, prefix: &str) {
+        let alone = self.client_of(&[i]);
+        for k in 0..keys {
+            let read = alone.at(Consistency::One).get(format!("k{k}")).await.expect("ONE read");
+            assert_eq!(read.as_deref(), Some(format!("{prefix}{k}").as_bytes()), "member {i}'s copy of k{k}");
+        }
+        alone.close().await;
+    }
+
+    fn client(&self) -> ClusterClient {
+        self.client_of(&(0..self.members.len()).collect::<Vec<_>>())
     }
 
     /// Waits (bounded) until every running member sees every member up
@@ -395,7 +412,7 @@ async fn a_member_killed_under_quorum_load_loses_no_acknowledged_write() {
     assert_eq!(acked, 8 * 40, "every key was written at least once");
 
     // The restarted member serves again, alone (ONE) from its own copy.
-    let alone = ClusterClient::new(vec![cluster.client_config(2)], RetryPolicy::default()).expect("client");
+    let alone = cluster.client_of(&[2]);
     let alone = alone.at(Consistency::One);
     let mut found = 0;
     for (key, expected) in &state {
@@ -428,8 +445,7 @@ async fn a_member_joins_under_load_and_takes_its_share() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.join();
     let joined = Instant::now();
-    let everyone =
-        ClusterClient::new((0..4).map(|i| cluster.client_config(i)).collect(), RetryPolicy::default()).expect("client");
+    let everyone = cluster.client_of(&[0, 1, 2, 3]);
     let took = cluster.wait_healthy(&everyone, Duration::from_secs(30)).await;
     eprintln!("member 3 joined and re-synced {:?} after starting", joined.elapsed().max(took));
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -467,7 +483,7 @@ async fn a_member_joins_under_load_and_takes_its_share() {
         assert!(expected.allows(read.as_deref()), "{key}: read {read:?}, acknowledged {expected:?}");
     }
     // The new member holds the latest value of every key it owns.
-    let alone = ClusterClient::new(vec![cluster.client_config(3)], RetryPolicy::default()).expect("client");
+    let alone = cluster.client_of(&[3]);
     let alone = alone.at(Consistency::One);
     let mut owned = 0;
     for (key, expected) in &state {
@@ -505,9 +521,7 @@ async fn a_dead_member_is_replaced_and_the_copies_are_restored() {
     }
     cluster.join_as(2);
     let peer = format!("127.0.0.4:{}", cluster.port + 1);
-    let survivors =
-        ClusterClient::new([0, 1, 3].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
-            .expect("client");
+    let survivors = cluster.client_of(&[0, 1, 3]);
     let start = Instant::now();
     loop {
         let mut views = Vec::new();
@@ -524,7 +538,7 @@ async fn a_dead_member_is_replaced_and_the_copies_are_restored() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("member 2 replaced and re-synced {:?} after the replacement started", start.elapsed());
-    let alone = ClusterClient::new(vec![cluster.client_config(3)], RetryPolicy::default()).expect("client");
+    let alone = cluster.client_of(&[3]);
     for i in 0..300 {
         let expected = if i < 100 { format!("before{i}") } else { format!("after{i}") };
         let read = alone.at(Consistency::One).get(format!("k{i}")).await.expect("the replacement answers");
@@ -565,9 +579,7 @@ async fn a_dead_members_ranges_are_re_replicated_to_the_survivors() {
     }
     cluster.members[2].kill();
     let killed = Instant::now();
-    let survivors =
-        ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
-            .expect("client");
+    let survivors = cluster.client_of(&[0, 1]);
     let restored = loop {
         let mut views = Vec::new();
         for i in 0..2 {
@@ -582,12 +594,7 @@ async fn a_dead_members_ranges_are_re_replicated_to_the_survivors() {
     };
     eprintln!("member 2 declared down and its ranges re-replicated {restored:?} after SIGKILL");
     for i in 0..2 {
-        let alone = ClusterClient::new(vec![cluster.client_config(i)], RetryPolicy::default()).expect("client");
-        for k in 0..300 {
-            let read = alone.at(Consistency::One).get(format!("k{k}")).await.expect("ONE read");
-            assert_eq!(read.as_deref(), Some(format!("v{k}").as_bytes()), "member {i}'s copy of k{k}");
-        }
-        alone.close().await;
+        cluster.assert_holds(i, 300, "v").await;
     }
     let quorum = survivors.at(Consistency::Quorum);
     for k in 0..300 {
@@ -616,9 +623,7 @@ async fn a_member_stopped_with_sigterm_leaves_at_once() {
     cluster.members[2].signal("TERM");
     let status = cluster.members[2].wait_exit(Duration::from_secs(10));
     assert!(status.success(), "a clean stop: {status:?}");
-    let survivors =
-        ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
-            .expect("client");
+    let survivors = cluster.client_of(&[0, 1]);
     for observer in [0, 1] {
         let took = wait_down(&survivors, observer, 2).await;
         eprintln!("member {observer} saw member 2 leave {took:?} after it exited");
@@ -634,12 +639,7 @@ async fn a_member_stopped_with_sigterm_leaves_at_once() {
     cluster.members[2].spawn();
     let back = cluster.wait_healthy(&client, Duration::from_secs(30)).await;
     eprintln!("member 2 back and re-synced {back:?} after its restart");
-    let alone = ClusterClient::new(vec![cluster.client_config(2)], RetryPolicy::default()).expect("client");
-    for i in 0..100 {
-        let read = alone.at(Consistency::One).get(format!("k{i}")).await.expect("ONE read through member 2");
-        assert_eq!(read.as_deref(), Some(format!("w{i}").as_bytes()), "k{i} after the restart");
-    }
-    alone.close().await;
+    cluster.assert_holds(2, 100, "w").await;
     survivors.close().await;
     client.close().await;
 }
@@ -659,9 +659,7 @@ async fn a_paused_member_re_syncs_before_it_serves_again() {
         quorum.set(format!("k{i}"), format!("a{i}")).await.expect("write");
     }
     cluster.members[2].signal("STOP");
-    let survivors =
-        ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
-            .expect("client");
+    let survivors = cluster.client_of(&[0, 1]);
     wait_down(&survivors, 0, 2).await;
     for i in 0..200 {
         survivors.at(Consistency::Quorum).set(format!("k{i}"), format!("b{i}")).await.expect("write while paused");
@@ -671,12 +669,7 @@ async fn a_paused_member_re_syncs_before_it_serves_again() {
     eprintln!("member 2 resumed, re-synced and readmitted {back:?} after SIGCONT");
     // Its own copy answers first at ONE when it owns the key: stale "a"
     // values would show here.
-    let alone = ClusterClient::new(vec![cluster.client_config(2)], RetryPolicy::default()).expect("client");
-    for i in 0..200 {
-        let read = alone.at(Consistency::One).get(format!("k{i}")).await.expect("ONE read");
-        assert_eq!(read.as_deref(), Some(format!("b{i}").as_bytes()), "k{i} through member 2");
-    }
-    alone.close().await;
+    cluster.assert_holds(2, 200, "b").await;
     survivors.close().await;
     client.close().await;
 }
@@ -694,7 +687,7 @@ async fn a_restarted_member_does_not_wait_for_a_dead_one() {
     for i in 0..100 {
         quorum.set(format!("k{i}"), format!("v{i}")).await.expect("write");
     }
-    let first = ClusterClient::new(vec![cluster.client_config(0)], RetryPolicy::default()).expect("client");
+    let first = cluster.client_of(&[0]);
     for dead in [2, 1] {
         cluster.members[dead].kill();
         wait_down(&first, 0, dead).await;
@@ -710,8 +703,7 @@ async fn a_restarted_member_does_not_wait_for_a_dead_one() {
     lone.close().await;
     cluster.members[1].spawn();
     let restarted = Instant::now();
-    let pair = ClusterClient::new([0, 1].iter().map(|&i| cluster.client_config(i)).collect(), RetryPolicy::default())
-        .expect("client");
+    let pair = cluster.client_of(&[0, 1]);
     loop {
         let view = pair.stats_of(1).await.ok().and_then(|s| s.cluster);
         if view.as_ref().is_some_and(|v| v.synced && v.alive[0] && !v.alive[2]) {
@@ -721,7 +713,7 @@ async fn a_restarted_member_does_not_wait_for_a_dead_one() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("member 1 re-synced without member 2 {:?} after restarting", restarted.elapsed());
-    let alone = ClusterClient::new(vec![cluster.client_config(1)], RetryPolicy::default()).expect("client");
+    let alone = cluster.client_of(&[1]);
     for i in 0..100 {
         let read = alone.at(Consistency::One).get(format!("k{i}")).await.expect("ONE read");
         assert_eq!(read.as_deref(), Some(format!("v{i}").as_bytes()), "member 1's copy of k{i}");

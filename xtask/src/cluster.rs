@@ -322,6 +322,37 @@ fn loaded_trio(cachet: &Path, root: &Path, load: &[&str], secs: &str) -> Result<
     Ok((cluster, bench))
 }
 
+/// What stopping a member of a loaded trio did.
+#[derive(Debug)]
+struct StopUnderLoad {
+    /// From the stop until member 0 no longer counted it.
+    down_ms: f64,
+    /// Share of operations that failed after the SDK's retries.
+    failed: f64,
+    /// The slowest operation of the run.
+    slowest_ms: f64,
+}
+
+/// Stops member 2 of a loaded trio with `stop` (SIGKILL or SIGTERM) and
+/// reports the member's way out and the load's.
+fn stop_under_load(
+    cachet: &Path,
+    root: &Path,
+    load: &[&str],
+    stop: fn(&mut LocalCluster, usize) -> Result<()>,
+) -> Result<StopUnderLoad> {
+    let (mut cluster, bench) = loaded_trio(cachet, root, load, "8")?;
+    let stopped = Instant::now();
+    stop(&mut cluster, 2)?;
+    let down = cluster.time_to_down(0, 2, stopped)?;
+    let report = bench_report(bench)?;
+    Ok(StopUnderLoad {
+        down_ms: down.as_secs_f64() * 1000.0,
+        failed: crate::number(&report, "errors") / crate::number(&report, "ops").max(1.0),
+        slowest_ms: crate::number(&report, "max_us") / 1000.0,
+    })
+}
+
 /// `cargo xtask bench-cluster`: throughput of 1, 2 and 3 members (RF=1,
 /// and RF=members at QUORUM), three interleaved rounds, medians; then the
 /// failover time over three SIGKILLs of a 3-member cluster under load.
@@ -360,39 +391,26 @@ pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
     // Failover, interleaved with the same run on a client that waits out
     // its timeout for requests in flight to the dead member (no
     // `dead_after`), to show what the client's liveness check saves.
-    let mut downs = Vec::new();
-    let mut failed = Vec::new();
-    let mut slowest = Vec::new();
-    let mut slowest_without = Vec::new();
+    let (mut kills, mut kills_without) = (Vec::new(), Vec::new());
     for round in 0..3 {
         for dead_after in ["2000", "0"] {
             let mut with: Vec<&str> = load.to_vec();
             with.extend(["--dead-after-ms", dead_after]);
-            let (mut cluster, bench) = loaded_trio(cachet, root, &with, "8")?;
-            cluster.kill(2)?;
-            let down = cluster.time_to_down(0, 2, Instant::now())?;
-            let report = bench_report(bench)?;
-            let max_ms = crate::number(&report, "max_us") / 1000.0;
-            eprintln!(
-                "failover round {round}, dead-after {dead_after} ms: down after {} ms, {} failed ops, slowest {max_ms:.0} ms",
-                down.as_millis(),
-                report["errors"]
-            );
-            if dead_after == "0" {
-                slowest_without.push(max_ms);
-                continue;
-            }
-            downs.push(down.as_secs_f64() * 1000.0);
-            failed.push(crate::number(&report, "errors") / crate::number(&report, "ops").max(1.0));
-            slowest.push(max_ms);
+            let stop = stop_under_load(cachet, root, &with, LocalCluster::kill)?;
+            eprintln!("failover round {round}, dead-after {dead_after} ms: {stop:?}");
+            if dead_after == "0" { &mut kills_without } else { &mut kills }.push(stop);
         }
     }
     let rounded = |v: &[f64]| v.iter().map(|d| d.round()).collect::<Vec<_>>();
+    let column =
+        |stops: &[StopUnderLoad], pick: fn(&StopUnderLoad) -> f64| -> Vec<f64> { stops.iter().map(pick).collect() };
+    let (downs, slowest) = (column(&kills, |s| s.down_ms), column(&kills, |s| s.slowest_ms));
+    let slowest_without = column(&kills_without, |s| s.slowest_ms);
     println!(
         "\nfailover: member declared down {:.0} ms after SIGKILL (median of 3: {:?}); failed operations {:.4}% (median)",
         median(downs.clone()),
         rounded(&downs),
-        100.0 * median(failed)
+        100.0 * median(column(&kills, |s| s.failed))
     );
     println!(
         "slowest operation across the failover: {:.0} ms (median of 3: {:?}); {:.0} ms with --dead-after-ms 0 ({:?})",
@@ -403,30 +421,18 @@ pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
     );
     // A clean stop under the same load: the member leaves, so the others
     // need not detect it.
-    let mut lefts = Vec::new();
-    let mut left_failed = Vec::new();
-    let mut left_slowest = Vec::new();
+    let mut leaves = Vec::new();
     for round in 0..3 {
-        let (mut cluster, bench) = loaded_trio(cachet, root, &load, "8")?;
-        let signalled = Instant::now();
-        cluster.terminate(2)?;
-        let down = cluster.time_to_down(0, 2, signalled)?;
-        let report = bench_report(bench)?;
-        let max_ms = crate::number(&report, "max_us") / 1000.0;
-        eprintln!(
-            "leave round {round}: down after {} ms, {} failed ops, slowest {max_ms:.0} ms",
-            down.as_millis(),
-            report["errors"]
-        );
-        lefts.push(down.as_secs_f64() * 1000.0);
-        left_failed.push(crate::number(&report, "errors") / crate::number(&report, "ops").max(1.0));
-        left_slowest.push(max_ms);
+        let stop = stop_under_load(cachet, root, &load, LocalCluster::terminate)?;
+        eprintln!("leave round {round}: {stop:?}");
+        leaves.push(stop);
     }
+    let (lefts, left_slowest) = (column(&leaves, |s| s.down_ms), column(&leaves, |s| s.slowest_ms));
     println!(
         "graceful stop (SIGTERM) under load: member out of the ring {:.0} ms after the signal, exit included (median of 3: {:?}); failed operations {:.4}% (median); slowest operation {:.0} ms ({:?})",
         median(lefts.clone()),
         rounded(&lefts),
-        100.0 * median(left_failed),
+        100.0 * median(column(&leaves, |s| s.failed)),
         median(left_slowest.clone()),
         rounded(&left_slowest)
     );

@@ -302,6 +302,41 @@ mod tests {
             }
         }
 
+        /// Three members that have found each other (node 0 is the seed).
+        fn formed(seed: u64) -> Self {
+            let mut net = Self::new(seed);
+            for i in 1..3 {
+                if let Some(node) = net.nodes[i].as_mut() {
+                    node.join(0, peer(0, 0)).expect("announce");
+                }
+            }
+            net.pump();
+            net.run_until(3_000);
+            net
+        }
+
+        /// When `observer` first saw n2 down at or after `since`.
+        fn n2_down_for(&self, observer: usize, since: u64) -> Option<u64> {
+            self.events
+                .iter()
+                .find(|(at, who, e)| {
+                    *at >= since && *who == observer && matches!(e, MembershipEvent::Down(p) if p.node == "n2")
+                })
+                .map(|(at, _, _)| *at)
+        }
+
+        /// Starts n2 again under a new incarnation, joining through node 0,
+        /// and runs 3 s; returns when it started.
+        fn restart_n2(&mut self, seed: u64) -> u64 {
+            let mut back = Membership::new(peer(2, 1), MembershipConfig::default(), seed);
+            back.join(self.now, peer(0, 0)).expect("announce");
+            self.nodes[2] = Some(back);
+            let restarted = self.now;
+            self.pump();
+            self.run_until(restarted + 3_000);
+            restarted
+        }
+
         fn run_until(&mut self, until: u64) {
             while self.now < until {
                 self.now += 1;
@@ -326,14 +361,7 @@ mod tests {
     fn members_find_each_other_and_a_dead_one_is_down_within_two_seconds() {
         let mut slowest = 0;
         for seed in 1..=100u64 {
-            let mut net = Net::new(seed * 1_000);
-            for i in 1..3 {
-                if let Some(node) = net.nodes[i].as_mut() {
-                    node.join(0, peer(0, 0)).expect("announce");
-                }
-            }
-            net.pump();
-            net.run_until(3_000);
+            let mut net = Net::formed(seed * 1_000);
             for node in net.nodes.iter().flatten() {
                 assert_eq!(node.members().len(), 2, "seed {seed}: {:?} sees {:?}", node.me(), node.members());
             }
@@ -342,22 +370,16 @@ mod tests {
             let killed = net.now;
             net.run_until(killed + 4_000);
             for observer in 0..2 {
-                let down = net.events.iter().find(|(at, who, e)| {
-                    *at >= killed && *who == observer && matches!(e, MembershipEvent::Down(p) if p.node == "n2")
-                });
-                let Some((at, _, _)) = down else { panic!("seed {seed}: node {observer} never saw n2 down") };
+                let Some(at) = net.n2_down_for(observer, killed) else {
+                    panic!("seed {seed}: node {observer} never saw n2 down")
+                };
                 assert!(at - killed <= 2_000, "seed {seed}: node {observer} took {} ms", at - killed);
                 slowest = slowest.max(at - killed);
             }
             // It restarts with a new incarnation and is up again for both
             // (under a later one if it was wrongly declared down meanwhile
             // and renewed itself).
-            let mut back = Membership::new(peer(2, 1), MembershipConfig::default(), seed + 99);
-            back.join(net.now, peer(0, 0)).expect("announce");
-            net.nodes[2] = Some(back);
-            let restarted = net.now;
-            net.pump();
-            net.run_until(restarted + 3_000);
+            let restarted = net.restart_n2(seed + 99);
             for observer in 0..2 {
                 let up = net.events.iter().any(|(at, who, e)| {
                     *at >= restarted
@@ -383,14 +405,7 @@ mod tests {
         let mut slowest = 0;
         let mut prompt = 0;
         for seed in 1..=100u64 {
-            let mut net = Net::new(seed * 4_099);
-            for i in 1..3 {
-                if let Some(node) = net.nodes[i].as_mut() {
-                    node.join(0, peer(0, 0)).expect("announce");
-                }
-            }
-            net.pump();
-            net.run_until(3_000);
+            let mut net = Net::formed(seed * 4_099);
             let left = net.now;
             net.nodes[2].as_mut().expect("n2").leave(left).expect("leave");
             net.pump();
@@ -399,10 +414,9 @@ mod tests {
             net.run_until(left + 2_000);
             let mut took = 0;
             for observer in 0..2 {
-                let down = net.events.iter().find(|(at, who, e)| {
-                    *at >= left && *who == observer && matches!(e, MembershipEvent::Down(p) if p.node == "n2")
-                });
-                let Some((at, _, _)) = down else { panic!("seed {seed}: node {observer} never saw n2 leave") };
+                let Some(at) = net.n2_down_for(observer, left) else {
+                    panic!("seed {seed}: node {observer} never saw n2 leave")
+                };
                 assert!(at - left <= 2_000, "seed {seed}: node {observer} took {} ms", at - left);
                 took = took.max(at - left);
             }
@@ -410,12 +424,7 @@ mod tests {
             if took <= 100 {
                 prompt += 1;
             }
-            let mut back = Membership::new(peer(2, 1), MembershipConfig::default(), seed + 99);
-            back.join(net.now, peer(0, 0)).expect("announce");
-            net.nodes[2] = Some(back);
-            let restarted = net.now;
-            net.pump();
-            net.run_until(restarted + 3_000);
+            net.restart_n2(seed + 99);
             for node in net.nodes.iter().flatten() {
                 assert_eq!(node.members().len(), 2, "seed {seed}: {:?} sees {:?}", node.me(), node.members());
             }
@@ -432,23 +441,14 @@ mod tests {
     #[test]
     fn a_member_cut_off_until_declared_down_rejoins_when_the_partition_heals() {
         for seed in 1..=50u64 {
-            let mut net = Net::new(seed * 7_919);
-            for i in 1..3 {
-                if let Some(node) = net.nodes[i].as_mut() {
-                    node.join(0, peer(0, 0)).expect("announce");
-                }
-            }
-            net.pump();
-            net.run_until(3_000);
+            let mut net = Net::formed(seed * 7_919);
             net.cut = Some(2);
             let cut = net.now;
             net.run_until(cut + 4_000);
-            let down_for = |observer: usize| {
-                net.events.iter().any(|(at, who, e)| {
-                    *at >= cut && *who == observer && matches!(e, MembershipEvent::Down(p) if p.node == "n2")
-                })
-            };
-            assert!(down_for(0) && down_for(1), "seed {seed}: n2 was not declared down during the partition");
+            assert!(
+                net.n2_down_for(0, cut).is_some() && net.n2_down_for(1, cut).is_some(),
+                "seed {seed}: n2 was not declared down during the partition"
+            );
             assert!(net.nodes[2].as_ref().is_some_and(|n| n.members().is_empty()), "seed {seed}: n2 not alone");
             net.cut = None;
             let healed = net.now;
