@@ -226,9 +226,10 @@ impl ClusterClient {
     /// Once its pause is over, a member that failed gets its connection
     /// back from a background probe rather than from the next request: a
     /// connection attempt to a dead member hangs for seconds (QUIC's
-    /// handshake gives up only after three of its retransmission timeouts,
-    /// some 3 s at the initial RTT estimate), and every request that
-    /// made it, or queued behind it, would wait that long.
+    /// handshake gives up when its idle timer fires, after the larger of
+    /// the idle timeout and three probe timeouts: some 3 s at the initial
+    /// RTT estimate), and every request that made it, or queued behind it,
+    /// would wait that long.
     fn passed_over(&self, i: usize, now: Instant) -> bool {
         let member = &self.members[i];
         if member.probing.load(Ordering::Acquire) || member.avoided(now) {
