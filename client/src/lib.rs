@@ -401,7 +401,6 @@ impl Client {
     /// reconnecting too.
     async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let timeout = self.inner.config.timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = BytesMut::new();
         cachet_proto::encode_at(id, &request, self.consistency, &mut frame)
@@ -412,15 +411,16 @@ impl Client {
         // Admin commands (a swap can take a while) also go alone, so no
         // data request waits behind one on a shared lane.
         let large = frame.len() > self.inner.config.large_value || matches!(request, Request::Admin { .. });
-        let conn =
-            tokio::time::timeout_at(deadline, self.connection()).await.map_err(|_| ClientError::Timeout(timeout))??;
-        let reply = if large {
-            tokio::time::timeout_at(deadline, lane::one_shot(&conn.connection, frame)).await
-        } else {
-            let lane = self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % conn.lanes.len();
-            tokio::time::timeout_at(deadline, conn.lanes[lane].call(id, frame)).await
+        let exchange = async {
+            let conn = self.connection().await?;
+            if large {
+                lane::one_shot(&conn.connection, frame).await
+            } else {
+                let lane = self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % conn.lanes.len();
+                conn.lanes[lane].call(id, frame).await
+            }
         };
-        match reply.map_err(|_| ClientError::Timeout(timeout))?? {
+        match tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::Timeout(timeout))?? {
             Response::Error(err) => Err(ClientError::Server(err)),
             reply => Ok(reply),
         }
