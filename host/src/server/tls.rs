@@ -94,15 +94,12 @@ pub fn ensure_dev_ca(data_dir: &Path) -> Result<(), TlsError> {
     let node_key = KeyPair::generate().map_err(generate)?;
     let issuer = Issuer::new(ca_params, ca_key);
     let node = node_params.signed_by(&node_key, &issuer).map_err(generate)?;
-    let write = |name: &str, pem: String| {
-        let path = data_dir.join(name);
-        std::fs::write(&path, pem).map_err(io(&path))
-    };
-    write(CA_CERT, ca_cert.pem())?;
-    write(CA_KEY, issuer.key().serialize_pem())?;
-    write(NODE_KEY, node_key.serialize_pem())?;
+    let write = |name: &str, pem: String, secrecy: Secrecy| write_atomically(&data_dir.join(name), &pem, secrecy);
+    write(CA_CERT, ca_cert.pem(), Secrecy::Public)?;
+    write(CA_KEY, issuer.key().serialize_pem(), Secrecy::Private)?;
+    write(NODE_KEY, node_key.serialize_pem(), Secrecy::Private)?;
     // The node certificate last: its presence marks a complete set.
-    write(NODE_CERT, node.pem())?;
+    write(NODE_CERT, node.pem(), Secrecy::Public)?;
     tracing::info!(dir = %data_dir.display(), "created a development CA and node certificate");
     Ok(())
 }
@@ -126,12 +123,9 @@ pub fn ensure_shared_ca(ca_dir: &Path) -> Result<(), TlsError> {
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let ca_key = KeyPair::generate().map_err(generate)?;
     let ca_cert = dev_ca_params()?.self_signed(&ca_key).map_err(generate)?;
-    let write = |name: &str, pem: String| {
-        let path = staging.join(name);
-        std::fs::write(&path, pem).map_err(io(&path))
-    };
-    write(CA_KEY, ca_key.serialize_pem())?;
-    write(CA_CERT, ca_cert.pem())?;
+    let write = |name: &str, pem: String, secrecy: Secrecy| write_atomically(&staging.join(name), &pem, secrecy);
+    write(CA_KEY, ca_key.serialize_pem(), Secrecy::Private)?;
+    write(CA_CERT, ca_cert.pem(), Secrecy::Public)?;
     let renamed = std::fs::rename(&staging, ca_dir);
     if renamed.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
@@ -161,24 +155,113 @@ pub fn ensure_node_cert(ca_dir: &Path, data_dir: &Path) -> Result<(), TlsError> 
     }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
-    let ca_key = KeyPair::from_pem(&read(ca_dir.join(CA_KEY))?).map_err(generate)?;
+    let ca_key_path = ca_dir.join(CA_KEY);
+    warn_if_exposed(&ca_key_path);
+    let ca_key = KeyPair::from_pem(&read(ca_key_path)?).map_err(generate)?;
     let issuer = Issuer::new(dev_ca_params()?, ca_key);
     let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     let mut params = CertificateParams::new(names).map_err(generate)?;
     params.distinguished_name.push(DnType::CommonName, "cachet node");
     let key = KeyPair::generate().map_err(generate)?;
     let cert = params.signed_by(&key, &issuer).map_err(generate)?;
-    let write = |name: &str, pem: String| {
-        let path = data_dir.join(name);
-        std::fs::write(&path, pem).map_err(io(&path))
-    };
+    let write = |name: &str, pem: String, secrecy: Secrecy| write_atomically(&data_dir.join(name), &pem, secrecy);
     // The node certificate goes first and the CA copy last: a data
     // directory whose CA copy matches is complete.
     let _ = std::fs::remove_file(data_dir.join(CA_CERT));
-    write(NODE_KEY, key.serialize_pem())?;
-    write(NODE_CERT, cert.pem())?;
-    write(CA_CERT, ca_pem)?;
+    write(NODE_KEY, key.serialize_pem(), Secrecy::Private)?;
+    write(NODE_CERT, cert.pem(), Secrecy::Public)?;
+    write(CA_CERT, ca_pem, Secrecy::Public)?;
     Ok(())
+}
+
+/// Who may read a file written by [`write_atomically`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Secrecy {
+    /// A certificate: anyone on the machine may read it (0644).
+    Public,
+    /// A private key: the owner only (0600), from its first byte on.
+    Private,
+}
+
+impl Secrecy {
+    #[cfg(unix)]
+    fn mode(self) -> u32 {
+        match self {
+            Self::Public => 0o644,
+            Self::Private => 0o600,
+        }
+    }
+}
+
+/// Writes `contents` to `path` so that no reader ever sees a partial file
+/// and a private key is never readable by others, not even for the moment
+/// between creating and `chmod`-ing it: a temporary file beside `path` is
+/// created with its final mode (`create_new`, so an existing file or link
+/// planted there is refused, not followed), filled, synced and renamed over
+/// `path`. A crash leaves the old file or the new one, never half of one.
+fn write_atomically(path: &Path, contents: &str, secrecy: Secrecy) -> Result<(), TlsError> {
+    use std::io::Write as _;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // Unique among this process's threads by the counter, among processes
+    // by the pid, and against a stale file of an earlier process by the time.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(".{name}.tmp-{}-{n}-{nanos}", std::process::id()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(secrecy.mode());
+    }
+    #[cfg(not(unix))]
+    let _ = secrecy;
+    let written = options.open(&tmp).and_then(|mut file| {
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()
+    });
+    if let Err(source) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(TlsError::Io { path: path.to_path_buf(), source });
+    }
+    // The rename itself is durable only once the directory is synced; a
+    // failure here loses nothing already written, so it is not fatal.
+    #[cfg(unix)]
+    if let Err(err) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(dir = %dir.display(), %err, "cannot sync the directory after writing a key or certificate");
+    }
+    Ok(())
+}
+
+/// The permission bits of `path` when they let its group or others in (a
+/// private key should let no one but its owner in); `None` when they do not
+/// or the file cannot be examined.
+#[cfg(unix)]
+fn exposed_bits(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
+#[cfg(not(unix))]
+fn exposed_bits(_path: &Path) -> Option<u32> {
+    None
+}
+
+/// Warns, naming the file, when a private key found at start can be read by
+/// others than its owner (made by an older version, or copied in by hand).
+/// Not refused: an operator's deployment may rely on a shared group, and a
+/// node that will not start over it would be a worse surprise.
+fn warn_if_exposed(key: &Path) {
+    if let Some(bits) = exposed_bits(key) {
+        tracing::warn!(
+            file = %key.display(),
+            mode = format!("{bits:o}"),
+            "private key readable by group or others; `chmod 600` it"
+        );
+    }
 }
 
 /// The development CA's parameters. Rebuilt, not parsed, when the CA signs
@@ -197,6 +280,7 @@ fn dev_ca_params() -> Result<CertificateParams, TlsError> {
 pub fn issue_client_cert(data_dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
     let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
     let ca_key_path = data_dir.join(CA_KEY);
+    warn_if_exposed(&ca_key_path);
     let ca_key = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
     let issuer = Issuer::new(dev_ca_params()?, KeyPair::from_pem(&ca_key).map_err(generate)?);
     let mut params = CertificateParams::new(vec![name.to_string()]).map_err(generate)?;
@@ -205,8 +289,8 @@ pub fn issue_client_cert(data_dir: &Path, name: &str) -> Result<(PathBuf, PathBu
     let cert = params.signed_by(&key, &issuer).map_err(generate)?;
     let cert_path = data_dir.join(format!("client-{name}.pem"));
     let key_path = data_dir.join(format!("client-{name}-key.pem"));
-    std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
-    std::fs::write(&key_path, key.serialize_pem()).map_err(io(&key_path))?;
+    write_atomically(&key_path, &key.serialize_pem(), Secrecy::Private)?;
+    write_atomically(&cert_path, &cert.pem(), Secrecy::Public)?;
     Ok((cert_path, key_path))
 }
 
@@ -228,6 +312,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The quinn server configuration for `source`, speaking `alpn`.
 pub fn server_config(source: &TlsSource, alpn: &[u8]) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = rustls_server_config(source, Some(alpn))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
+
+/// The TLS configuration of a TCP port (the RESP port's `--resp-tls`):
+/// the node's certificate as [`server_config`] takes it, TLS 1.3, no ALPN
+/// (Redis clients send none), client certificates required when the
+/// source names a client CA.
+pub fn tcp_server_config(source: &TlsSource) -> Result<rustls::ServerConfig, TlsError> {
+    rustls_server_config(source, None)
+}
+
+fn rustls_server_config(source: &TlsSource, alpn: Option<&[u8]>) -> Result<rustls::ServerConfig, TlsError> {
     let (cert, key, client_ca) = match source {
         TlsSource::DevCa { data_dir } => {
             ensure_dev_ca(data_dir)?;
@@ -240,6 +338,7 @@ pub fn server_config(source: &TlsSource, alpn: &[u8]) -> Result<quinn::ServerCon
         TlsSource::Files { cert, key, client_ca } => (cert.clone(), key.clone(), client_ca.clone()),
     };
     let certs = load_certs(&cert)?;
+    warn_if_exposed(&key);
     let key =
         PrivateKeyDer::from_pem_file(&key).map_err(|e| TlsError::Pem { path: key.clone(), detail: e.to_string() })?;
     let config = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
@@ -260,11 +359,10 @@ pub fn server_config(source: &TlsSource, alpn: &[u8]) -> Result<quinn::ServerCon
         }
     };
     let mut tls = builder.with_single_cert(certs, key).map_err(|e| config(&e))?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.alpn_protocols = alpn.map(|alpn| vec![alpn.to_vec()]).unwrap_or_default();
     // No early data: a replayed 0-RTT write could apply twice.
     tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+    Ok(tls)
 }
 
 /// The quinn client configuration a node uses toward its peers: it trusts
@@ -277,6 +375,7 @@ pub fn peer_client_config(ca: &Path, cert: &Path, key: &Path, alpn: &[u8]) -> Re
         roots.add(cert).map_err(|e| config(&e))?;
     }
     let chain = load_certs(cert)?;
+    warn_if_exposed(key);
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| TlsError::Pem { path: key.to_path_buf(), detail: e.to_string() })?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -331,6 +430,45 @@ mod tests {
         std::fs::create_dir_all(&busy).expect("dir");
         std::fs::write(busy.join("other"), "x").expect("file");
         assert!(ensure_shared_ca(&busy).is_err());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    }
+
+    /// Every private key made here (the development CA's, a shared CA's, a
+    /// node's, a client's) is the owner's alone, whatever the umask; no
+    /// temporary file is left beside it; an existing key others can read
+    /// is noticed.
+    #[cfg(unix)]
+    #[test]
+    fn private_keys_are_written_owner_only() {
+        let root = std::env::temp_dir().join(format!("cachet-key-modes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (single, shared, node) = (root.join("single"), root.join("ca"), root.join("node"));
+        ensure_dev_ca(&single).expect("development CA");
+        ensure_node_cert(&shared, &node).expect("node certificate from a shared CA");
+        let (client_cert, client_key) = issue_client_cert(&single, "app-1").expect("client certificate");
+        for key in [single.join(CA_KEY), single.join(NODE_KEY), shared.join(CA_KEY), node.join(NODE_KEY), client_key] {
+            assert_eq!(mode(&key), 0o600, "{} is readable by others", key.display());
+            assert_eq!(exposed_bits(&key), None);
+        }
+        for cert in [single.join(CA_CERT), single.join(NODE_CERT), node.join(NODE_CERT), client_cert] {
+            assert_eq!(mode(&cert) & 0o600, 0o600, "{} is the owner's to read and write", cert.display());
+        }
+        for dir in [&single, &shared, &node] {
+            let names: Vec<_> =
+                std::fs::read_dir(dir).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
+            assert!(names.iter().all(|n| !n.to_string_lossy().contains(".tmp-")), "temporary files left: {names:?}");
+        }
+        // A key made looser by hand (or by an older version) is found.
+        use std::os::unix::fs::PermissionsExt as _;
+        let loose = node.join(NODE_KEY);
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(exposed_bits(&loose), Some(0o644));
         let _ = std::fs::remove_dir_all(&root);
     }
 }
