@@ -154,7 +154,9 @@ impl AdminError {
             Self::Swap(_) => ErrorCode::InvalidModule,
             Self::Registry(err) => match err {
                 RegistryError::NotFound(_) | RegistryError::NoPrevious => ErrorCode::NotFound,
-                RegistryError::BadName(_) | RegistryError::Exists(_) => ErrorCode::InvalidArgument,
+                RegistryError::BadName(_) | RegistryError::Exists(_) | RegistryError::OverLimit { .. } => {
+                    ErrorCode::InvalidArgument
+                }
                 RegistryError::Invalid(_) | RegistryError::Conformance(_) | RegistryError::Quarantined(_) => {
                     ErrorCode::InvalidModule
                 }

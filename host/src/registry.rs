@@ -55,6 +55,16 @@ pub enum RegistryError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A limit given with `load` is over what this node allows.
+    #[error("{limit} {asked} is over this node's maximum of {max}; ask for at most that")]
+    OverLimit {
+        /// The setting: `--fuel-per-call` or `--max-memory`.
+        limit: &'static str,
+        /// What was asked for.
+        asked: u64,
+        /// The node's maximum.
+        max: u64,
+    },
     /// The manifest does not parse.
     #[error("corrupt manifest {path}: {detail}")]
     Manifest {
@@ -104,6 +114,23 @@ impl Default for ModuleLimits {
 }
 
 impl ModuleLimits {
+    /// The most a loaded module may ask for: ten times the defaults, so
+    /// an operator can give a heavy policy room, but a mistyped (or
+    /// hostile) `load` cannot let one policy call hold a shard's lock for
+    /// seconds or take gigabytes per shard.
+    pub const MAX: Self = Self { fuel_per_call: 20_000_000, max_memory_bytes: 160 << 20 };
+
+    /// Refuses limits over `max`, naming the first one over.
+    fn check_within(self, max: Self) -> Result<(), RegistryError> {
+        let over = |limit, asked, max| (asked > max).then_some(RegistryError::OverLimit { limit, asked, max });
+        match over("--fuel-per-call", self.fuel_per_call, max.fuel_per_call)
+            .or_else(|| over("--max-memory", self.max_memory_bytes, max.max_memory_bytes))
+        {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
     fn engine_limits(self) -> Limits {
         Limits {
             fuel_per_call: self.fuel_per_call,
@@ -296,6 +323,7 @@ impl Registry {
                 return Err(RegistryError::BadName(part.to_string()));
             }
         }
+        limits.check_within(ModuleLimits::MAX)?;
         let sha256 = sha256_hex(bytes);
         if let Some(existing) = self.find(name, version) {
             if existing.sha256 == sha256 && existing.config == config && existing.limits == limits {
@@ -571,6 +599,24 @@ mod tests {
         assert_eq!((mine.config, mine.quarantined.as_deref()), (config, Some("test")));
         assert!(matches!(reopened.factory("mine", "1", None), Err(RegistryError::Quarantined(_))));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Fuel and memory asked for with a load are capped by the node's
+    /// maxima: over them the load is refused, naming the limit; at them
+    /// it goes through.
+    #[test]
+    fn limits_over_the_node_maxima_are_refused() {
+        let mut registry = Registry::open(None, PolicyEngine::new().expect("engine")).expect("open");
+        let max = ModuleLimits::MAX;
+        let fuel = ModuleLimits { fuel_per_call: max.fuel_per_call + 1, ..ModuleLimits::default() };
+        let memory = ModuleLimits { max_memory_bytes: u64::MAX, ..ModuleLimits::default() };
+        for (limits, name) in [(fuel, "--fuel-per-call"), (memory, "--max-memory")] {
+            let err = registry.load("greedy", "1", bundled("lru"), Vec::new(), limits).expect_err("over the cap");
+            assert!(matches!(err, RegistryError::OverLimit { limit, .. } if limit == name), "{err}");
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        assert!(registry.records().all(|r| r.name != "greedy"), "nothing stored");
+        registry.load("greedy", "1", bundled("lru"), Vec::new(), max).expect("at the cap");
     }
 
     #[test]

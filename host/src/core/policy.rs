@@ -82,6 +82,19 @@ pub enum PolicyError {
         /// The import's name.
         name: String,
     },
+    /// A core module inside the component has more than one linear memory
+    /// (the multi-memory proposal): the sandbox is sized for one memory per
+    /// module, and a second would double what a policy may hold.
+    #[error(
+        "core module {module} of the component has {memories} linear memories (defined or imported); \
+         a policy may have one"
+    )]
+    MultipleMemories {
+        /// The module's position among the component's core modules, from 0.
+        module: usize,
+        /// Its memories, imported and defined.
+        memories: u64,
+    },
     /// The component does not implement the supported interface version.
     #[error("wrong interface: {0}")]
     WrongInterface(String),

@@ -10,12 +10,26 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 /// hit (so a trap that follows can be named a memory fault).
 pub(crate) struct StoreState {
     max_memory_bytes: usize,
+    /// Bytes of all linear memories in the store together: the cap is on
+    /// their sum, so a component that instantiates several modules, each
+    /// with a memory, gets no more than one with a single memory.
+    memory_bytes: usize,
     memory_denied: bool,
 }
 
+impl StoreState {
+    fn new(max_memory_bytes: usize) -> Self {
+        Self { max_memory_bytes, memory_bytes: 0, memory_denied: false }
+    }
+}
+
 impl ResourceLimiter for StoreState {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        let ok = desired <= self.max_memory_bytes;
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.memory_bytes.saturating_sub(current).saturating_add(desired);
+        let ok = total <= self.max_memory_bytes;
+        if ok {
+            self.memory_bytes = total;
+        }
         self.memory_denied |= !ok;
         Ok(ok)
     }
@@ -53,7 +67,7 @@ pub(crate) struct WasmPolicy {
 
 impl WasmPolicy {
     pub(crate) fn store(engine: &PolicyEngine, max_memory_bytes: usize) -> Store<StoreState> {
-        let mut store = Store::new(engine.engine(), StoreState { max_memory_bytes, memory_denied: false });
+        let mut store = Store::new(engine.engine(), StoreState::new(max_memory_bytes));
         store.limiter(|state| state);
         store
     }
@@ -181,5 +195,22 @@ impl EvictionPolicy for WasmPolicy {
         let ids = guest.call_export_order(&mut self.store, self.handle).map_err(|e| self.fault(e))?;
         out.extend(ids);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two memories in one store share the cap instead of getting one each.
+    #[test]
+    fn the_memory_cap_is_on_the_sum_of_memories() {
+        const PAGE: usize = 64 << 10;
+        let mut state = StoreState::new(4 * PAGE);
+        assert!(state.memory_growing(0, 2 * PAGE, None).expect("first memory"));
+        assert!(state.memory_growing(0, 2 * PAGE, None).expect("second memory"));
+        assert!(!state.memory_growing(2 * PAGE, 3 * PAGE, None).expect("over the sum"));
+        assert!(state.memory_denied);
+        assert_eq!(state.memory_bytes, 4 * PAGE);
     }
 }

@@ -69,6 +69,9 @@ impl PolicyEngine {
         config.consume_fuel(true);
         config.wasm_component_model(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // One linear memory per module ([`check_one_memory_per_module`]
+        // says so first, with a clearer error).
+        config.wasm_multi_memory(false);
         let engine = Engine::new(&config).map_err(|e| PolicyError::NotAComponent(e.to_string()))?;
         Ok(Self { engine })
     }
@@ -108,6 +111,7 @@ impl WasmPolicyModule {
         config: Vec<(String, String)>,
     ) -> Result<Self, PolicyError> {
         check_is_component(bytes)?;
+        check_one_memory_per_module(bytes)?;
         let component =
             Component::new(engine.engine(), bytes).map_err(|e| PolicyError::NotAComponent(format!("{e:#}")))?;
         let ty = component.component_type();
@@ -212,4 +216,107 @@ fn check_is_component(bytes: &[u8]) -> Result<(), PolicyError> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a component any of whose core modules has more than one linear
+/// memory, counting imported ones: the memory cap is meant for one. (The
+/// store's limiter also caps the sum over all memories, for components that
+/// instantiate several modules.)
+fn check_one_memory_per_module(bytes: &[u8]) -> Result<(), PolicyError> {
+    use wasmparser::{Encoding, Parser, Payload, TypeRef};
+    let malformed = |e: wasmparser::BinaryReaderError| PolicyError::NotAComponent(e.to_string());
+    // Per module or component being parsed (they nest): whether it is a core
+    // module, and the memories counted in it so far.
+    let mut open: Vec<(bool, u64)> = Vec::new();
+    let mut modules = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload.map_err(malformed)? {
+            Payload::Version { encoding, .. } => open.push((encoding == Encoding::Module, 0)),
+            Payload::ImportSection(imports) => {
+                for import in imports.into_imports() {
+                    if matches!(import.map_err(malformed)?.ty, TypeRef::Memory(_))
+                        && let Some((_, memories)) = open.last_mut()
+                    {
+                        *memories += 1;
+                    }
+                }
+            }
+            Payload::MemorySection(section) => {
+                if let Some((_, memories)) = open.last_mut() {
+                    *memories += u64::from(section.count());
+                }
+            }
+            Payload::End(_) => {
+                if let Some((true, memories)) = open.pop() {
+                    if memories > 1 {
+                        return Err(PolicyError::MultipleMemories { module: modules, memories });
+                    }
+                    modules += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core module in binary form with `imported` memory imports and
+    /// `defined` memories of one page each, and nothing else.
+    fn core_module(imported: u8, defined: u8) -> Vec<u8> {
+        let mut module = b"\0asm\x01\0\0\0".to_vec();
+        if imported > 0 {
+            // Section 2 (imports): "m" "mN" memory (0x02) with min 1 page.
+            let mut body = vec![imported];
+            for i in 0..imported {
+                body.extend_from_slice(&[1, b'm', 2, b'm', b'0' + i, 0x02, 0x00, 0x01]);
+            }
+            module.extend_from_slice(&[2, body.len() as u8]);
+            module.extend_from_slice(&body);
+        }
+        if defined > 0 {
+            // Section 5 (memories): limits with min 1 page each.
+            let mut body = vec![defined];
+            for _ in 0..defined {
+                body.extend_from_slice(&[0x00, 0x01]);
+            }
+            module.extend_from_slice(&[5, body.len() as u8]);
+            module.extend_from_slice(&body);
+        }
+        module
+    }
+
+    /// A component holding `modules` as core module sections (section 1).
+    fn component(modules: &[Vec<u8>]) -> Vec<u8> {
+        let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+        for module in modules {
+            component.extend_from_slice(&[1, module.len() as u8]);
+            component.extend_from_slice(module);
+        }
+        component
+    }
+
+    /// A core module with two memories, both defined or one imported and
+    /// one defined, is refused with an error that says so, before
+    /// compiling; one memory per module passes this check.
+    #[test]
+    fn multi_memory_modules_are_refused() {
+        let engine = PolicyEngine::new().expect("engine");
+        for (imported, defined) in [(0, 2), (1, 1), (2, 0)] {
+            let bytes = component(&[core_module(0, 1), core_module(imported, defined)]);
+            let err = engine.load(&bytes, Limits::default(), Vec::new()).err().expect("refused");
+            assert!(
+                matches!(err, PolicyError::MultipleMemories { module: 1, memories: 2 }),
+                "{imported} imported + {defined} defined: {err}"
+            );
+        }
+        assert!(check_one_memory_per_module(&component(&[core_module(0, 1), core_module(1, 0)])).is_ok());
+        for name in crate::policies::bundled_names() {
+            let bytes = crate::policies::bundled_component(name).expect("bundled");
+            assert!(check_one_memory_per_module(bytes).is_ok(), "bundled {name} refused");
+        }
+    }
 }
