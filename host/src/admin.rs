@@ -33,7 +33,12 @@ pub(crate) struct ActiveState {
 
 /// A node's policy control plane. See the module docs.
 pub(crate) struct Control {
-    token: Option<String>,
+    /// SHA-256 of the admin token, `None` when admin commands are disabled.
+    /// Only the digest is kept so that comparing costs the same whatever the
+    /// guess's length and wherever it differs.
+    token: Option<TokenDigest>,
+    /// Failed admin attempts: throttling and their bounded-rate log.
+    guard: Mutex<TokenGuard>,
     /// Also the lock that serialises policy operations.
     registry: Mutex<Option<Registry>>,
     pub(crate) state: Mutex<ActiveState>,
@@ -57,6 +62,7 @@ impl Control {
         let activation = Activation { name: info.name.clone(), version: info.version.clone(), config: Vec::new() };
         Self {
             token: None,
+            guard: Mutex::new(TokenGuard::default()),
             registry: Mutex::new(None),
             state: Mutex::new(ActiveState {
                 shard_labels: vec![activation.label(); shards],
@@ -132,6 +138,10 @@ enum AdminError {
     Disabled,
     #[error("wrong admin token")]
     WrongToken,
+    /// Too many wrong tokens lately: every admin attempt, right or wrong,
+    /// waits out the back-off, so guessing cannot go on at wire speed.
+    #[error("too many failed admin attempts; admin commands are refused for {0} more seconds")]
+    Throttled(u64),
     #[error("another policy operation is in progress; try again when it is done")]
     Busy,
     #[error("this node has no policy registry")]
@@ -147,7 +157,7 @@ enum AdminError {
 impl AdminError {
     fn code(&self) -> ErrorCode {
         match self {
-            Self::Disabled | Self::WrongToken => ErrorCode::Unauthorized,
+            Self::Disabled | Self::WrongToken | Self::Throttled(_) => ErrorCode::Unauthorized,
             Self::Busy => ErrorCode::Busy,
             Self::NoRegistry => ErrorCode::NotAllowed,
             Self::BadLabel(_) | Self::Upload(_) => ErrorCode::InvalidArgument,
@@ -166,10 +176,94 @@ impl AdminError {
     }
 }
 
-/// Compares tokens in time independent of where they differ.
-fn token_matches(expected: &str, given: &str) -> bool {
-    let (a, b) = (expected.as_bytes(), given.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The SHA-256 of an admin token.
+type TokenDigest = [u8; 32];
+
+fn token_digest(token: &str) -> TokenDigest {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    out
+}
+
+/// Whether `given` is the token whose digest is `expected`, in time that
+/// depends only on the length of `given` (which its sender knows): the
+/// guess is hashed to the same fixed size as the token, so neither a
+/// length mismatch nor the first differing byte can end the comparison
+/// early, and the comparison visits every byte of the two digests.
+fn token_matches(expected: &TokenDigest, given: &str) -> bool {
+    let given = token_digest(given);
+    let diff = expected.iter().zip(&given).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // Keeps the optimiser from turning the fold into an early-exit compare.
+    std::hint::black_box(diff) == 0
+}
+
+/// Wrong tokens within [`FAILURE_WINDOW`] that start a back-off.
+const MAX_FAILURES: u32 = 10;
+/// How far back failures count toward [`MAX_FAILURES`].
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How long every admin attempt is refused once [`MAX_FAILURES`] is reached.
+const BACKOFF: Duration = Duration::from_secs(30);
+/// At most one log line about refused admin attempts per this interval.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Failed admin attempts, sans-IO: every call takes `now`, so throttling
+/// and log suppression are tested without sleeping. One per node, not per
+/// source: a guesser with many addresses must not get many budgets, at the
+/// price that a flood of wrong tokens also holds the operator off for
+/// [`BACKOFF`].
+#[derive(Debug, Default)]
+struct TokenGuard {
+    /// Start of the current counting window and the failures in it.
+    window: Option<(Instant, u32)>,
+    /// Admin attempts are refused until then.
+    blocked_until: Option<Instant>,
+    /// When the last log line about a refusal was written, and the
+    /// refusals not logged since.
+    log: LogLimiter,
+}
+
+impl TokenGuard {
+    /// The back-off left at `now`, if one is running.
+    fn blocked(&self, now: Instant) -> Option<Duration> {
+        self.blocked_until.filter(|&until| now < until).map(|until| until - now)
+    }
+
+    /// Records a wrong token at `now`; the tenth in a window starts the
+    /// back-off (and a new window after it).
+    fn fail(&mut self, now: Instant) {
+        let count = match self.window {
+            Some((start, count)) if now.saturating_duration_since(start) < FAILURE_WINDOW => count + 1,
+            _ => 1,
+        };
+        if count >= MAX_FAILURES {
+            self.blocked_until = Some(now + BACKOFF);
+            self.window = None;
+        } else {
+            self.window = Some((self.window.filter(|_| count > 1).map_or(now, |(start, _)| start), count));
+        }
+    }
+}
+
+/// Lets one event in per [`LOG_INTERVAL`] through to the log and counts
+/// the rest, so a flood of refusals is a line a second, not a line each.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// `Some(n)` when this event should be logged at `now`, `n` being how
+    /// many were suppressed since the last line; `None` when it is one of
+    /// them.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|last| now.saturating_duration_since(last) < LOG_INTERVAL) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -189,7 +283,7 @@ impl Node {
         lock(&self.control.state).activation = startup.clone();
         let restore = registry.active().filter(|a| **a != startup).cloned();
         let stored_previous = registry.previous().cloned();
-        self.control.token = token.filter(|t| !t.is_empty());
+        self.control.token = token.filter(|t| !t.is_empty()).as_deref().map(token_digest);
         *lock(&self.control.registry) = Some(registry);
         if let Some(active) = restore {
             match self.activate(&active.name, &active.version, Some(active.config.clone()), false) {
@@ -209,31 +303,54 @@ impl Node {
         self
     }
 
-    /// Whether `token` opens admin commands on this node; the I/O threads
-    /// answer a wrong token at once instead of handing it to a blocking
-    /// thread.
+    /// Whether `token` opens admin commands on this node now; the I/O
+    /// threads answer a wrong token (or any during a back-off) at once,
+    /// through [`Node::admin`], instead of handing it to a blocking thread.
+    /// Records nothing: [`Node::admin`] counts the failure.
     pub fn admin_authorized(&self, token: &str) -> bool {
-        self.control.token.as_deref().is_some_and(|expected| token_matches(expected, token))
+        lock(&self.control.guard).blocked(Instant::now()).is_none()
+            && self.control.token.as_ref().is_some_and(|expected| token_matches(expected, token))
     }
 
-    /// Runs an admin command if `token` is the node's admin token.
+    /// Runs an admin command if `token` is the node's admin token and no
+    /// back-off after failed attempts is running.
     pub fn admin(&self, token: &str, command: AdminCommand) -> Response {
         let what = command.name();
-        let result = match &self.control.token {
-            None => Err(AdminError::Disabled),
-            Some(expected) if !token_matches(expected, token) => Err(AdminError::WrongToken),
-            Some(_) => self.run_admin(command),
-        };
+        let result = self.admit(Instant::now(), token).and_then(|()| self.run_admin(command));
         match result {
             Ok(message) => {
                 tracing::info!(command = what, "{message}");
                 Response::Policies(Box::new(self.policy_listing(message)))
             }
             Err(err) => {
-                tracing::warn!(command = what, %err, "admin command refused");
+                if !matches!(err, AdminError::WrongToken | AdminError::Throttled(_)) {
+                    tracing::warn!(command = what, %err, "admin command refused");
+                }
                 Response::Error(ErrorReply::new(err.code(), err.to_string()))
             }
         }
+    }
+
+    /// Checks `token` at `now` against the back-off and the node's token,
+    /// counting and (at a bounded rate) logging a refusal.
+    fn admit(&self, now: Instant, token: &str) -> Result<(), AdminError> {
+        let Some(expected) = &self.control.token else {
+            return Err(AdminError::Disabled);
+        };
+        let mut guard = lock(&self.control.guard);
+        let refused = if let Some(left) = guard.blocked(now) {
+            AdminError::Throttled(left.as_secs().max(1))
+        } else if token_matches(expected, token) {
+            return Ok(());
+        } else {
+            guard.fail(now);
+            AdminError::WrongToken
+        };
+        if let Some(suppressed) = guard.log.admit(now) {
+            let throttled = guard.blocked(now).is_some();
+            tracing::warn!(%refused, suppressed, throttled, "admin attempt refused");
+        }
+        Err(refused)
     }
 
     fn run_admin(&self, command: AdminCommand) -> Result<String, AdminError> {
@@ -542,13 +659,71 @@ pub fn split_label(text: &str) -> Result<(String, String), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::token_matches;
+    use super::*;
 
     #[test]
     fn tokens_must_match_exactly() {
-        assert!(token_matches("s3cret", "s3cret"));
-        assert!(!token_matches("s3cret", "s3cre"));
-        assert!(!token_matches("s3cret", "s3creT"));
-        assert!(!token_matches("s3cret", ""));
+        let expected = token_digest("s3cret");
+        assert!(token_matches(&expected, "s3cret"));
+        assert!(!token_matches(&expected, "s3cre"));
+        assert!(!token_matches(&expected, "s3cret\0"));
+        assert!(!token_matches(&expected, "s3creT"));
+        assert!(!token_matches(&expected, ""));
+    }
+
+    /// Ten wrong tokens within a minute start a 30 s back-off during which
+    /// every attempt is refused; failures spread wider than the window do
+    /// not add up; the back-off ends by itself.
+    #[test]
+    fn failed_attempts_are_throttled() {
+        let t0 = Instant::now();
+        let mut guard = TokenGuard::default();
+        for i in 0..MAX_FAILURES - 1 {
+            guard.fail(t0 + Duration::from_secs(u64::from(i)));
+            assert_eq!(guard.blocked(t0 + Duration::from_secs(u64::from(i))), None, "blocked after {} failures", i + 1);
+        }
+        // The window has moved past the first failures: no back-off yet.
+        let late = t0 + FAILURE_WINDOW + Duration::from_secs(1);
+        guard.fail(late);
+        assert_eq!(guard.blocked(late), None);
+        for i in 1..MAX_FAILURES {
+            assert_eq!(guard.blocked(late), None, "blocked after {i} failures in the window");
+            guard.fail(late);
+        }
+        assert_eq!(guard.blocked(late), Some(BACKOFF));
+        assert_eq!(guard.blocked(late + BACKOFF - Duration::from_millis(1)), Some(Duration::from_millis(1)));
+        assert_eq!(guard.blocked(late + BACKOFF), None);
+    }
+
+    /// A flood of refusals is logged once a second, each line counting the
+    /// ones left out since the last.
+    #[test]
+    fn refusals_are_logged_at_a_bounded_rate() {
+        let t0 = Instant::now();
+        let mut log = LogLimiter::default();
+        assert_eq!(log.admit(t0), Some(0));
+        let logged: Vec<_> = (1..=1000).filter_map(|ms| log.admit(t0 + Duration::from_millis(ms))).collect();
+        assert_eq!(logged, vec![999], "one line at 1 s, counting the 999 before it");
+        assert_eq!(log.admit(t0 + Duration::from_millis(1500)), None);
+        assert_eq!(log.admit(t0 + Duration::from_millis(2000)), Some(1));
+    }
+
+    /// Through the node: wrong tokens lock the right one out too, and the
+    /// I/O threads' quick check agrees.
+    #[test]
+    fn the_node_refuses_every_attempt_during_a_back_off() {
+        let factory = crate::policies::native(crate::policies::DEFAULT_POLICY, Default::default()).expect("policy");
+        let node = Node::new(crate::node::NodeConfig::default(), factory).expect("node");
+        let registry = Registry::open(None, crate::wasm::PolicyEngine::new().expect("engine")).expect("registry");
+        let node = node.with_registry(registry, Some("s3cret".into()));
+        let now = Instant::now();
+        assert!(node.admit(now, "s3cret").is_ok());
+        assert!(node.admin_authorized("s3cret"));
+        for _ in 0..MAX_FAILURES {
+            assert!(matches!(node.admit(now, "guess"), Err(AdminError::WrongToken)));
+        }
+        assert!(matches!(node.admit(now, "s3cret"), Err(AdminError::Throttled(30))));
+        assert!(!node.admin_authorized("s3cret"), "the I/O thread's check ignores the back-off");
+        assert!(node.admit(now + BACKOFF, "s3cret").is_ok());
     }
 }
