@@ -185,17 +185,28 @@ impl Origins {
 }
 
 fn check_path(path: &str) -> Result<(), OriginFailure> {
-    let bad = |why: &str| Err(OriginFailure::BadRequest(format!("path `{path}` {why}")));
+    // Escaped: the path comes from a guest fed a client's key, and the
+    // message reaches log lines, where a raw newline could forge one.
+    let bad = |why: &str| Err(OriginFailure::BadRequest(format!("path `{}` {why}", path.escape_debug())));
     let route = path.split('?').next().unwrap_or_default();
     let lower = route.to_ascii_lowercase();
     if path.starts_with('/') || route.contains("//") {
         return bad("must be relative to the origin's base URL, without empty segments");
     }
-    if route.split('/').any(|segment| segment == ".." || segment == ".")
-        || lower.contains("%2e")
-        || lower.contains("%2f")
-    {
-        return bad("may not climb out of the base URL (`..`, `.`, or escaped dots and slashes)");
+    // A segment counts as `.` or `..` by what comes before any path
+    // parameter: Tomcat and others strip `;...` (raw or as `%3b`) before
+    // resolving, so `..;x/` climbs there.
+    let climbs = |segment: &str| {
+        let stem = segment.split(';').next().unwrap_or_default();
+        let stem = stem.split("%3b").next().unwrap_or_default();
+        stem == ".." || stem == "."
+    };
+    // `%25` is refused outright: with no escaped `%`, one decoding step is
+    // all a server can do, so the escapes checked here are all there are
+    // (`%252e` would otherwise decode to `%2e`, then to `.`).
+    if lower.split('/').any(climbs) || ["%2e", "%2f", "%5c", "%25"].iter().any(|escape| lower.contains(escape)) {
+        return bad("may not climb out of the base URL (`..`, `.`, path parameters on them, \
+             or escaped dots, slashes, backslashes and percent signs)");
     }
     if route.contains(':') || path.contains(['@', '#', '\\']) {
         return bad("may not hold a scheme, a port, credentials, a fragment or backslashes");
@@ -346,7 +357,7 @@ mod tests {
 
     #[test]
     fn paths_stay_below_their_base() {
-        for ok in ["users/42", "users?id=42&x=a:b", "a/b/", "v1/items.json", ""] {
+        for ok in ["users/42", "users?id=42&x=a:b", "a/b/", "v1/items.json", "", "a;v=1/b", "...", "a..;/b"] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -363,8 +374,27 @@ mod tests {
             "a\\b",
             "a b",
             "a\nb",
+            // Tomcat-style path parameters on `..` and `.`.
+            "..;/secret",
+            "a/..;x=1/..;/b",
+            "a/.;/b",
+            "a/..%3B/b",
+            // Escaped backslashes, raw or escaped once more.
+            "a%5cb",
+            "a%5C..%5Cb",
+            "..\\b",
+            // Double-encoded dots, slashes and backslashes.
+            "%252e%252e/x",
+            "a%252Fb",
+            "a%255cb",
+            "a%25b",
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
+        // The refusal, which is logged, carries no raw control character.
+        let Err(super::OriginFailure::BadRequest(message)) = check_path("x\n2024-01-01 INFO forged\x1b[31m") else {
+            panic!("refused");
+        };
+        assert!(!message.contains(['\n', '\x1b']), "{message}");
     }
 }
