@@ -69,7 +69,7 @@ pub async fn warm(
                 Ok(Some(_)) => 0,
                 Ok(None) => 1,
                 Err(err) => {
-                    tracing::warn!(key = %String::from_utf8_lossy(&key), %err, "warming a key failed");
+                    tracing::warn!(key = %key.escape_ascii(), %err, "warming a key failed");
                     2
                 }
             };

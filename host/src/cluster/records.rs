@@ -104,7 +104,7 @@ impl RecordStore for ShardRecords {
         let raw = self.node.raw_get(key, touch)?;
         let record = decode(&raw);
         if record.is_none() {
-            tracing::error!(key = %String::from_utf8_lossy(key), "a shard entry is not a replicated record");
+            tracing::error!(key = %key.escape_ascii(), "a shard entry is not a replicated record");
         }
         // Raw, expiry included: replicas compare versions, and only the
         // coordinator's answer to a client applies the expiry (with one
@@ -123,7 +123,7 @@ impl RecordStore for ShardRecords {
             Err(err) => {
                 // Over a size bound: the coordinator checked sizes, so only
                 // a peer with other limits sends such a record.
-                tracing::warn!(%err, key = %String::from_utf8_lossy(key), "a replicated record was not stored");
+                tracing::warn!(%err, key = %key.escape_ascii(), "a replicated record was not stored");
                 false
             }
         }
@@ -214,5 +214,33 @@ mod tests {
         assert_eq!((gone.version, gone.value), (version, None));
         assert_eq!(store.get(b"here", false), Some(future));
         assert_eq!(store.len(), 2);
+    }
+
+    /// A key's bytes reach a log line escaped: a client cannot end the line
+    /// and forge another, or send escape codes to an operator's terminal.
+    #[test]
+    fn keys_in_log_lines_are_escaped() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let policy = policies::native(policies::DEFAULT_POLICY, cachet_policy_sdk::Config::default()).expect("policy");
+        let node = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
+        let key = b"k\n2024-01-01T00:00:00Z ERROR forged\x1b[2J";
+        node.raw_set(key, Bytes::from_static(b"not a record"), None).expect("set");
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        tracing::subscriber::with_default(subscriber, || ShardRecords::new(node).get(key, false));
+        let log = String::from_utf8(captured.0.lock().expect("log").clone()).expect("text");
+        assert_eq!(log.lines().count(), 1, "one line: {log:?}");
+        assert!(log.contains("forged") && !log.contains('\x1b'), "{log:?}");
     }
 }

@@ -318,7 +318,7 @@ impl Loaders {
                     queue.lag.record(at.elapsed().as_nanos() as u64);
                 } else {
                     loaders.counters.write_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(key = %String::from_utf8_lossy(&key), "write-behind gave up on a write; the origin misses it");
+                    tracing::error!(key = %key.escape_ascii(), "write-behind gave up on a write; the origin misses it");
                 }
                 lock(&queue.items).pop_front();
                 queue.done(&key);
@@ -343,7 +343,7 @@ impl Loaders {
             match self.store(index, key.clone(), value.clone(), deadline, serial).await {
                 Ok(_) => return true,
                 Err(failure) => {
-                    tracing::warn!(key = %String::from_utf8_lossy(key), attempt, %failure, "write-behind store failed");
+                    tracing::warn!(key = %key.escape_ascii(), attempt, %failure, "write-behind store failed");
                     if attempt < ns.write_attempts {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
