@@ -23,18 +23,10 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The shared trace directory (`../shared/traces` beside the checkout, or
-/// `$CACHET_TRACES`). Panics with a clear message when it is missing: the
-/// trace tests must fail, not pass silently, without their data.
+/// The trace directory (`traces/` in the checkout): the trace files and
+/// `reference.md`, the tables the trace tests compare against.
 pub fn traces_dir() -> PathBuf {
-    let dir =
-        std::env::var_os("CACHET_TRACES").map(PathBuf::from).unwrap_or_else(|| workspace().join("../shared/traces"));
-    assert!(
-        dir.join("README.md").is_file(),
-        "trace directory {} not found; set CACHET_TRACES to shared/traces",
-        dir.display()
-    );
-    dir
+    workspace().join("traces")
 }
 
 /// A bare QUIC client endpoint trusting the CA in `ca_pem` and offering

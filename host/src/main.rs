@@ -444,7 +444,8 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct SimArgs {
-    /// Trace file: CSV `timestamp,key,size`, plain, .gz or .xz.
+    /// Trace file, plain, .gz or .xz: CSV `timestamp,key,size`, or by its
+    /// name libCacheSim's `*.oracleGeneral*` or Caffeine's `*.trace`.
     #[arg(long)]
     trace: PathBuf,
     /// A bundled policy name, or the path of a policy component (.wasm).

@@ -138,41 +138,9 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-/// The shared traces (`../shared/traces` beside the checkout, or
-/// `$CACHET_TRACES`), if present.
-fn traces_dir() -> Option<PathBuf> {
-    let dir =
-        std::env::var_os("CACHET_TRACES").map(PathBuf::from).unwrap_or_else(|| workspace().join("../shared/traces"));
-    dir.join("csv").is_dir().then_some(dir)
-}
-
-/// A synthetic Zipf(0.9) trace over 20,000 keys, for machines without the
-/// shared traces. Deterministic: SplitMix64 with a fixed seed.
-fn synthetic_trace(path: &Path) -> Result<()> {
-    const KEYS: usize = 20_000;
-    const REQUESTS: usize = 200_000;
-    let weights: Vec<f64> = (1..=KEYS).map(|rank| 1.0 / (rank as f64).powf(0.9)).collect();
-    let total: f64 = weights.iter().sum();
-    let mut cdf = Vec::with_capacity(KEYS);
-    let mut acc = 0.0;
-    for w in weights {
-        acc += w / total;
-        cdf.push(acc);
-    }
-    let mut state = 0x5eed_u64;
-    let mut out = String::from("timestamp,key,size\n");
-    for i in 0..REQUESTS {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let u = (z ^ (z >> 31)) as f64 / u64::MAX as f64;
-        let rank = cdf.partition_point(|&c| c < u).min(KEYS - 1);
-        // Scatter ranks so key order says nothing about popularity.
-        let key = (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16;
-        out.push_str(&format!("{i},{key},1\n"));
-    }
-    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+/// The traces in the checkout (`traces/`, described in its README).
+fn traces_dir() -> PathBuf {
+    workspace().join("traces")
 }
 
 /// Runs `cachet sim --json` and returns the parsed last line.
@@ -276,11 +244,7 @@ fn bench_sim(args: &[String]) -> Result<()> {
     build_policies()?;
     run_cargo(&["build", "--release", "--locked", "-p", "cachet"])?;
     let cachet = target_dir().join("release").join("cachet");
-    let default_trace = traces_dir().map(|d| d.join("csv/w106.csv.xz"));
-    let trace = match args.first() {
-        Some(path) => PathBuf::from(path),
-        None => default_trace.context("shared traces not found; pass TRACE CAPACITY POLICY...")?,
-    };
+    let trace = args.first().map(PathBuf::from).unwrap_or_else(|| traces_dir().join("w106.trace.xz"));
     let capacity = args.get(1).map(String::as_str).unwrap_or("27517");
     let policies: Vec<&str> = if args.len() > 2 { args[2..].iter().map(String::as_str).collect() } else { vec!["lru"] };
     println!(
@@ -456,21 +420,13 @@ fn node_demo(cachet: &Path) -> Result<()> {
     result
 }
 
-/// Every bundled policy on a shared trace at 10% of its distinct keys.
+/// Every bundled policy on the in-repo traces at 10% of their distinct keys.
 fn policy_table(cachet: &Path) -> Result<()> {
-    let mut traces: Vec<(String, PathBuf, u64)> = Vec::new();
-    match traces_dir() {
-        Some(dir) => {
-            traces.push(("web12".into(), dir.join("csv/web12.csv.gz"), 1_375));
-            traces.push(("cloudPhysicsIO".into(), dir.join("csv/cloudPhysicsIO.csv.gz"), 4_897));
-        }
-        None => {
-            let path = target_dir().join("demo-zipf.csv");
-            synthetic_trace(&path)?;
-            eprintln!("xtask: shared traces not found; using a synthetic Zipf trace");
-            traces.push(("zipf-0.9".into(), path, 2_000));
-        }
-    }
+    let dir = traces_dir();
+    let traces = [
+        ("web12", dir.join("web12.trace.xz"), 1_375),
+        ("cloudPhysicsIO", dir.join("cloudPhysicsIO.oracleGeneral.bin.xz"), 4_897),
+    ];
     let names = guests::policy_names(&workspace()).map_err(anyhow::Error::msg)?;
     println!("\nMiss ratio at 10% of distinct keys, every policy running as a sandboxed Wasm component:\n");
     print!("| {:<16} | {:>8} |", "trace", "capacity");
