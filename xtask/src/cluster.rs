@@ -285,7 +285,7 @@ pub(crate) fn demo(cachet: &Path, root: &Path) -> Result<()> {
     let n = crate::number;
     let (ops, errors) = (n(&report, "ops"), n(&report, "errors"));
     println!(
-        "workload        {ops:.0} operations, {errors:.0} failed after retries ({:.3}% succeeded); {:.0} ops/s (debug build)",
+        "workload        {ops:.0} operations, {errors:.0} failed after retries ({:.3}% succeeded); {:.0} ops/s (release build)",
         100.0 * ops / (ops + errors).max(1.0),
         n(&report, "ops_per_sec")
     );
