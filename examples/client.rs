@@ -29,6 +29,7 @@ fn main() -> Result<()> {
         max_streams: 64,
         max_frame: 2 << 20,
         idle_timeout: Duration::from_secs(60),
+        clients: Default::default(),
     };
     let server = server::start(node, options)?;
     let config = ClientConfig::new(server.local_addr()).with_data_dir(&data_dir)?;

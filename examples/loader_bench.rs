@@ -258,6 +258,7 @@ async fn serve(loaders: Arc<Loaders>, dir: &std::path::Path) -> Result<(server::
         max_streams: 64,
         max_frame: 2 << 20,
         idle_timeout: Duration::from_secs(60),
+        clients: Default::default(),
     };
     let server = server::start(node, options)?;
     let client = Arc::new(Client::connect(ClientConfig::new(server.local_addr()).with_data_dir(dir)?).await?);

@@ -45,6 +45,22 @@ pub struct FileConfig {
     pub policy_retry_ms: Option<u64>,
     /// `--resp-listen`.
     pub resp_listen: Option<String>,
+    /// `--max-connections-per-address`.
+    pub max_connections_per_address: Option<u32>,
+    /// `--resp-max-command`, e.g. `"32MiB"`.
+    pub resp_max_command: Option<String>,
+    /// `--resp-idle-timeout`, in seconds (0: never).
+    pub resp_idle_timeout: Option<u64>,
+    /// `--output-timeout`, in seconds.
+    pub output_timeout: Option<u64>,
+    /// `--resp-password-file`.
+    pub resp_password_file: Option<PathBuf>,
+    /// `--resp-acl`.
+    pub resp_acl: Option<PathBuf>,
+    /// `--resp-tls`.
+    pub resp_tls: Option<bool>,
+    /// `--resp-insecure`.
+    pub resp_insecure: Option<bool>,
     /// `--loaders`.
     pub loaders: Option<PathBuf>,
 }

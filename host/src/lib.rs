@@ -16,6 +16,7 @@
 //! - [`shadow`]: predicting a candidate's hit ratio on sampled traffic.
 //! - [`metrics`]: Prometheus text exposition and its HTTP endpoint.
 //! - [`resp`]: the Redis-protocol port (RESP2/RESP3 over TCP).
+//! - [`clients`]: what every client connection is held to (caps, cut-offs).
 //! - [`loader`]: read-through loaders (`cachet:hooks`) with herd protection.
 //! - [`warm`]: rate-limited cache warming from a key list.
 
@@ -23,6 +24,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod clients;
 pub mod cluster;
 pub mod config;
 pub mod core;

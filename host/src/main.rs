@@ -346,6 +346,41 @@ struct ServeArgs {
     /// TCP address of the Redis-protocol port (off without it).
     #[arg(long)]
     resp_listen: Option<SocketAddr>,
+    /// Connections from one source address beyond this many are refused,
+    /// on each port; 0 for no such cap [default: 0].
+    #[arg(long)]
+    max_connections_per_address: Option<u32>,
+    /// Largest RESP command, headers included (Redis's
+    /// client-query-buffer-limit); a client sending a bigger one is
+    /// answered with an error and closed [default: 16 x (max value + max
+    /// key size) + 64KiB, 17MiB with the defaults].
+    #[arg(long)]
+    resp_max_command: Option<String>,
+    /// Seconds a silent RESP client keeps its connection; 0 for ever
+    /// (Redis's `timeout 0`) [default: 300].
+    #[arg(long)]
+    resp_idle_timeout: Option<u64>,
+    /// Seconds a client may leave its replies unread before it is cut off
+    /// (Redis's soft client-output-buffer-limit) [default: 60].
+    #[arg(long)]
+    output_timeout: Option<u64>,
+    /// File holding the RESP port's password (Redis's requirepass): the
+    /// `default` user then needs it, with every permission.
+    #[arg(long)]
+    resp_password_file: Option<PathBuf>,
+    /// RESP users and their permissions, in Redis's ACL-file syntax (a
+    /// subset: on/off, >password, #sha256, nopass, ~pattern, allkeys,
+    /// +@read/+@write/+@admin/+@all and their `-` forms).
+    #[arg(long)]
+    resp_acl: Option<PathBuf>,
+    /// TLS on the RESP port, with the node's certificate (`redis-cli
+    /// --tls --cacert CA`); client certificates are required when
+    /// --tls-ca is given.
+    #[arg(long)]
+    resp_tls: bool,
+    /// Let the RESP port listen beyond loopback with no password.
+    #[arg(long)]
+    resp_insecure: bool,
     /// Read-through loader configuration (TOML): origins and the key
     /// namespaces whose misses a loader module fills.
     #[arg(long)]
@@ -849,6 +884,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         (None, Some(text)) => Some(text.parse().with_context(|| format!("metrics address `{text}`"))?),
         (None, None) => None,
     };
+    let resp_tls_source = tls.clone();
     let options = ServeOptions {
         listen,
         threads,
@@ -857,6 +893,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         max_streams: 64,
         max_frame: max_value_size + (128 << 10),
         idle_timeout: Duration::from_secs(args.idle_timeout.or(file.idle_timeout).unwrap_or(60).max(1)),
+        clients: Default::default(),
     };
     let max_connections = options.max_connections;
     let server = server::start(node.clone(), options)?;
@@ -868,8 +905,54 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     };
     let resp = match resp_listen {
         Some(listen) => {
-            let resp =
-                cachet::resp::start(node.clone(), cachet::resp::RespOptions { listen, threads, max_connections })?;
+            let defaults = cachet::resp::RespOptions::new(listen);
+            let max_command = match args.resp_max_command.as_deref().or(file.resp_max_command.as_deref()) {
+                Some(text) => Some(usize::try_from(parse_size(text)?).context("--resp-max-command")?),
+                None => None,
+            };
+            let idle_timeout = match args.resp_idle_timeout.or(file.resp_idle_timeout) {
+                Some(0) => None,
+                Some(seconds) => Some(Duration::from_secs(seconds)),
+                None => defaults.idle_timeout,
+            };
+            let acl = match args.resp_acl.as_ref().or(file.resp_acl.as_ref()) {
+                Some(path) => Some(cachet::resp::acl::Acl::load(path)?),
+                None => None,
+            };
+            let acl = match args.resp_password_file.as_ref().or(file.resp_password_file.as_ref()) {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+                    let password = text.trim_end_matches(['\r', '\n']);
+                    if password.is_empty() {
+                        bail!("{} is empty: give the RESP password in it", path.display());
+                    }
+                    Some(acl.unwrap_or_default().with_default_password(password))
+                }
+                None => acl,
+            };
+            let resp_tls = match args.resp_tls || file.resp_tls.unwrap_or(false) {
+                true => Some(Arc::new(server::tls::tcp_server_config(&resp_tls_source)?)),
+                false => None,
+            };
+            let options = cachet::resp::RespOptions {
+                acl: acl.map(Arc::new),
+                tls: resp_tls,
+                insecure: args.resp_insecure || file.resp_insecure.unwrap_or(false),
+                threads,
+                max_connections,
+                max_connections_per_address: args
+                    .max_connections_per_address
+                    .or(file.max_connections_per_address)
+                    .unwrap_or(0),
+                max_command,
+                idle_timeout,
+                output_timeout: args
+                    .output_timeout
+                    .or(file.output_timeout)
+                    .map_or(defaults.output_timeout, |s| Duration::from_secs(s.max(1))),
+                ..defaults
+            };
+            let resp = cachet::resp::start(node.clone(), options)?;
             eprintln!("cachet: Redis protocol on {}", resp.local_addr());
             Some(resp)
         }

@@ -117,6 +117,24 @@ pub fn render(node: &Node) -> String {
     }
     family(&mut out, "cachet_entries", "gauge", "Resident entries.");
     let _ = writeln!(out, "cachet_entries {}", stats.entries);
+    family(
+        &mut out,
+        "cachet_client_cutoffs_total",
+        "counter",
+        "Client connections cut off or refused by a limit, by reason.",
+    );
+    for why in crate::clients::Cutoff::ALL {
+        let _ = writeln!(out, "cachet_client_cutoffs_total{{reason=\"{}\"}} {}", why.label(), node.clients().get(why));
+    }
+    family(
+        &mut out,
+        "cachet_quic_retries_total",
+        "counter",
+        "QUIC handshakes asked to validate their address first (a burst of handshakes).",
+    );
+    let _ = writeln!(out, "cachet_quic_retries_total {}", node.clients().retries());
+    family(&mut out, "cachet_auth_failures_total", "counter", "RESP AUTH attempts with a wrong user or password.");
+    let _ = writeln!(out, "cachet_auth_failures_total {}", node.clients().auth_failures());
     family(&mut out, "cachet_bytes", "gauge", "Resident bytes (keys and values).");
     let _ = writeln!(out, "cachet_bytes {}", stats.bytes);
     family(&mut out, "cachet_max_bytes", "gauge", "Byte budget.");

@@ -107,6 +107,8 @@ pub struct Node {
     clock: Arc<dyn Clock>,
     started: Instant,
     connections: AtomicU64,
+    /// Clients cut off or turned away by the ports' limits, for metrics.
+    clients: crate::clients::ClientCounters,
     loaders: OnceLock<Arc<Loaders>>,
     cluster: OnceLock<Arc<crate::cluster::runtime::Cluster>>,
 }
@@ -149,6 +151,7 @@ impl Node {
             clock,
             started: Instant::now(),
             connections: AtomicU64::new(0),
+            clients: crate::clients::ClientCounters::default(),
             loaders: OnceLock::new(),
             cluster: OnceLock::new(),
         })
@@ -167,6 +170,11 @@ impl Node {
     /// Open client connections.
     pub fn stats_connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Clients the ports cut off or turned away, by reason.
+    pub fn clients(&self) -> &crate::clients::ClientCounters {
+        &self.clients
     }
 
     /// Counts a client connection for stats; the guard uncounts it.
@@ -493,16 +501,29 @@ impl Node {
                 }
             }
             Request::MGet { keys } => {
+                // The reply's size is checked before any value is copied (a
+                // few bytes per key can ask for many copies of a large
+                // value), and again as values are read, in case they grew.
+                let limit = cachet_proto::MAX_REPLY_LEN - (64 << 10);
+                let too_large = || {
+                    Response::Error(ErrorReply::new(
+                        ErrorCode::TooLarge,
+                        format!("the reply would exceed {} bytes; ask for fewer keys", cachet_proto::MAX_REPLY_LEN),
+                    ))
+                };
+                let sized = keys.iter().try_fold(0usize, |total, key| {
+                    Some(total + self.shard(key).value_len(now, key).unwrap_or(0) + 16).filter(|&t| t <= limit)
+                });
+                if sized.is_none() {
+                    return too_large();
+                }
                 let mut values = Vec::with_capacity(keys.len());
                 let mut total = 0usize;
                 for key in &keys {
                     let value = self.shard(key).get(now, key);
                     total += value.as_ref().map_or(0, |v| v.len()) + 16;
-                    if total > cachet_proto::MAX_REPLY_LEN - (64 << 10) {
-                        return Response::Error(ErrorReply::new(
-                            ErrorCode::TooLarge,
-                            format!("the reply would exceed {} bytes; ask for fewer keys", cachet_proto::MAX_REPLY_LEN),
-                        ));
+                    if total > limit {
+                        return too_large();
                     }
                     values.push(value);
                 }

@@ -38,6 +38,7 @@ impl LiveNode {
             max_streams: 64,
             max_frame: 2 << 20,
             idle_timeout: Duration::from_secs(60),
+            clients: Default::default(),
         };
         let server = server::start(node.clone(), options).expect("server starts");
         Self { server: Some(server), node, dir }

@@ -141,6 +141,7 @@ impl LoaderNode {
             max_streams: 64,
             max_frame: (64 << 10) + 1024,
             idle_timeout: Duration::from_secs(60),
+            clients: Default::default(),
         };
         let server = server::start(node.clone(), options).expect("server starts");
         Self { node, clock, server: Some(server), dir }
@@ -521,8 +522,10 @@ fn invalid_loader_modules_are_refused() {
 async fn redis_clients_load_through_the_resp_port() {
     let node =
         LoaderNode::start("", "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\nfuel-per-call = 50000000");
-    let options =
-        cachet::resp::RespOptions { listen: "127.0.0.1:0".parse().expect("addr"), threads: 1, max_connections: 10 };
+    let options = cachet::resp::RespOptions {
+        max_connections: 10,
+        ..cachet::resp::RespOptions::new("127.0.0.1:0".parse().expect("addr"))
+    };
     let resp = cachet::resp::start(node.node.clone(), options).expect("RESP port");
     let url = format!("redis://{}/", resp.local_addr());
     let replies = tokio::task::spawn_blocking(move || {
@@ -614,8 +617,10 @@ async fn write_through_stores_before_answering() {
     assert_eq!(row(&db, "n").await, None);
 
     // The Redis-protocol port writes through the same way.
-    let options =
-        cachet::resp::RespOptions { listen: "127.0.0.1:0".parse().expect("addr"), threads: 1, max_connections: 10 };
+    let options = cachet::resp::RespOptions {
+        max_connections: 10,
+        ..cachet::resp::RespOptions::new("127.0.0.1:0".parse().expect("addr"))
+    };
     let resp = cachet::resp::start(node.node.clone(), options).expect("RESP port");
     let url = format!("redis://{}/", resp.local_addr());
     let replies = tokio::task::spawn_blocking(move || {

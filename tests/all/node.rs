@@ -52,6 +52,7 @@ impl TestNode {
             max_streams,
             max_frame: config.max_value_size + 1024,
             idle_timeout: Duration::from_secs(60),
+            clients: Default::default(),
         };
         let server = server::start(node, options).expect("server starts");
         Self { server: Some(server), clock, dir }
@@ -483,6 +484,7 @@ async fn a_second_server_on_a_taken_port_is_refused() {
         max_streams: 4,
         max_frame: 1 << 20,
         idle_timeout: Duration::from_secs(60),
+        clients: Default::default(),
     };
     let err = server::start(other, options).err().expect("the port is taken");
     assert!(err.to_string().contains("taken"), "{err}");
@@ -507,6 +509,7 @@ fn one_thread_node(dir: &TempDir, max_connections: u32, idle_timeout: Duration) 
         max_streams: 4,
         max_frame: 1 << 20,
         idle_timeout,
+        clients: Default::default(),
     };
     let server = server::start(node.clone(), options).expect("server starts");
     (node, server)

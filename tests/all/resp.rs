@@ -13,24 +13,31 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-struct RespNode {
+/// A node serving RESP on loopback, shut down on drop.
+pub(crate) struct RespNode {
     port: Option<RunningResp>,
-    node: Arc<Node>,
+    pub(crate) node: Arc<Node>,
 }
 
 impl RespNode {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
+        Self::start_with(|options| options)
+    }
+
+    /// A node whose RESP port's options `tune` changes.
+    pub(crate) fn start_with(tune: impl FnOnce(RespOptions) -> RespOptions) -> Self {
         let engine = PolicyEngine::new().expect("engine");
         let spec = PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() };
         let policy = policies::resolve(&engine, &spec).expect("policy");
         let config = NodeConfig { shards: 2, max_value_size: 256 << 10, ..NodeConfig::default() };
         let node = Arc::new(Node::new(config, policy).expect("node"));
-        let options = RespOptions { listen: "127.0.0.1:0".parse().expect("addr"), threads: 2, max_connections: 1000 };
-        let port = resp::start(node.clone(), options).expect("RESP port");
+        let options =
+            RespOptions { threads: 2, max_connections: 1000, ..RespOptions::new("127.0.0.1:0".parse().expect("addr")) };
+        let port = resp::start(node.clone(), tune(options)).expect("RESP port");
         Self { port: Some(port), node }
     }
 
-    fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.port.as_ref().expect("running").local_addr()
     }
 
@@ -308,7 +315,7 @@ fn a_client_that_pipelines_and_never_reads_holds_bounded_memory() {
 #[test]
 fn a_second_node_on_a_taken_port_is_refused() {
     let node = RespNode::start();
-    let options = RespOptions { listen: node.addr(), threads: 2, max_connections: 10 };
+    let options = RespOptions { threads: 2, max_connections: 10, ..RespOptions::new(node.addr()) };
     let err = resp::start(node.node.clone(), options).err().expect("the port is taken");
     assert!(err.to_string().contains("taken"), "{err}");
 }
@@ -325,4 +332,179 @@ fn redis_benchmark_completes_without_errors() {
     assert!(text.contains("SET: ") && text.contains("GET: "), "{text}");
     assert!(!text.to_lowercase().contains("error"), "{text}");
     assert!(node.node.stats().hits >= 20_000, "every GET hit a key SET wrote");
+}
+
+/// Reads until the node closes the connection or `limit` passes; what was
+/// read, and whether the node closed it.
+fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    stream.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    while started.elapsed() < limit {
+        match stream.read(&mut buf) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return (out, true),
+        }
+    }
+    (out, false)
+}
+
+/// Polls `check` until it holds or `limit` passes.
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check()
+}
+
+#[test]
+fn a_command_over_the_query_limit_is_refused_as_it_arrives() {
+    use cachet::clients::Cutoff;
+    let node = RespNode::start();
+    // 256 KiB values and 64 KiB keys: a command may declare 16 x 320 KiB
+    // plus 64 KiB (5.06 MiB).
+    let limit = 16 * (320 << 10) + (64 << 10);
+    let mut bystander = node.redis();
+    // A 300 MiB MSET, announced and sent in 256 KiB bulks.
+    let mut hostile = TcpStream::connect(node.addr()).expect("connect");
+    hostile.set_write_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let bulk: Vec<u8> = [&b"$262144\r\n"[..], &vec![b'x'; 262_144], b"\r\n"].concat();
+    let mut sent = 0usize;
+    let mut refused = false;
+    if hostile.write_all(b"*1201\r\n$4\r\nMSET\r\n").is_ok() {
+        for _ in 0..1_200 {
+            if hostile.write_all(&bulk).is_err() {
+                refused = true;
+                break;
+            }
+            sent += bulk.len();
+            // The other clients are served while it streams.
+            if sent % (8 << 20) < bulk.len() {
+                let pong: String = redis::cmd("PING").query(&mut bystander).expect("a bystander is served");
+                assert_eq!(pong, "PONG");
+            }
+        }
+    }
+    // The node stopped reading at the limit: what the socket buffers hold
+    // beyond it is the only slack.
+    assert!(refused, "all 300 MiB were taken ({sent} bytes)");
+    assert!(sent < limit + (32 << 20), "{sent} bytes went in before the refusal");
+    let (reply, closed) = read_until_closed(&mut hostile, Duration::from_secs(10));
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("-ERR Protocol error: command of at least"), "{reply:?}");
+    assert!(reply.contains(&format!("over the query buffer limit of {limit} bytes")), "{reply:?}");
+    assert!(closed, "the connection is closed after the error");
+    assert_eq!(node.node.clients().get(Cutoff::QueryLimit), 1);
+    assert_eq!(node.node.stats().entries, 0, "nothing of the refused command was applied");
+    // A big command under the limit still goes through, whole.
+    let pairs: Vec<(String, Vec<u8>)> = (0..8).map(|i| (format!("k{i}"), vec![b'v'; 200 << 10])).collect();
+    let _: () = redis::cmd("MSET").arg(&pairs).query(&mut bystander).expect("8 x 200 KiB in one command");
+    assert_eq!(node.node.stats().entries, 8);
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_is_cut_off_after_the_output_timeout() {
+    use cachet::clients::Cutoff;
+    let node = RespNode::start_with(|o| RespOptions { output_timeout: Duration::from_millis(500), ..o });
+    let mut con = node.redis();
+    let _: () = redis::cmd("SET").arg("big").arg(vec![b'v'; 200 << 10]).query(&mut con).expect("set");
+    let mut greedy = TcpStream::connect(node.addr()).expect("connect");
+    greedy.set_write_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let one = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n";
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1_000).collect();
+    // Sends until the socket is full (the node stopped reading it), at most
+    // 20 MB of requests.
+    for _ in 0..100 {
+        if greedy.write_all(&batch).is_err() {
+            break;
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || node.node.clients().get(Cutoff::OutputLimit) == 1),
+        "the client was not cut off"
+    );
+    // Its connection is gone: reading drains what the socket held, then ends.
+    let (_, closed) = read_until_closed(&mut greedy, Duration::from_secs(20));
+    assert!(closed, "the connection is closed");
+    // A client reading slowly but steadily is not cut off: each write makes
+    // progress within the timeout.
+    let mut slow = TcpStream::connect(node.addr()).expect("connect");
+    slow.write_all(&one.repeat(40)).expect("40 GETs of 200 KiB");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 << 10];
+    while got < 40 * ((200 << 10) + 11) {
+        std::thread::sleep(Duration::from_millis(20));
+        let n = slow.read(&mut buf).expect("still connected");
+        assert!(n > 0, "closed after {got} bytes");
+        got += n;
+    }
+    assert_eq!(node.node.clients().get(Cutoff::OutputLimit), 1, "only the one that never read");
+}
+
+#[test]
+fn idle_clients_are_closed_and_busy_ones_kept() {
+    use cachet::clients::Cutoff;
+    let node = RespNode::start_with(|o| RespOptions { idle_timeout: Some(Duration::from_millis(300)), ..o });
+    let mut idle = TcpStream::connect(node.addr()).expect("connect");
+    let mut busy = node.redis();
+    let started = std::time::Instant::now();
+    // The busy client talks every 50 ms for well past the idle timeout.
+    while started.elapsed() < Duration::from_millis(900) {
+        let pong: String = redis::cmd("PING").query(&mut busy).expect("a busy client keeps its connection");
+        assert_eq!(pong, "PONG");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, closed) = read_until_closed(&mut idle, Duration::from_secs(5));
+    assert!(closed, "the silent client was closed");
+    assert_eq!(node.node.clients().get(Cutoff::Idle), 1);
+}
+
+#[test]
+fn connections_are_capped_per_source_address() {
+    use cachet::clients::Cutoff;
+    let node = RespNode::start_with(|o| RespOptions { max_connections_per_address: 2, ..o });
+    let from = |source: &str| -> TcpStream {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let addr = node.addr();
+        let source: SocketAddr = format!("{source}:0").parse().expect("source");
+        runtime.block_on(async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind(source).expect("bind the source address");
+            let stream = socket.connect(addr).await.expect("connect");
+            stream.into_std().expect("std stream")
+        })
+    };
+    let ping = |stream: &mut TcpStream| -> String {
+        stream.set_nonblocking(false).expect("blocking");
+        stream.write_all(b"PING\r\n").expect("write");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut first = from("127.0.0.1");
+    let mut second = from("127.0.0.1");
+    assert_eq!(ping(&mut first), "+PONG\r\n");
+    assert_eq!(ping(&mut second), "+PONG\r\n");
+    let mut third = from("127.0.0.1");
+    let (reply, closed) = read_until_closed(&mut third, Duration::from_secs(5));
+    assert_eq!(String::from_utf8_lossy(&reply), "-ERR max number of clients reached\r\n");
+    assert!(closed);
+    assert_eq!(node.node.clients().get(Cutoff::AddressFull), 1);
+    // Another address is not held back by the first one's connections.
+    let mut other = from("127.0.0.2");
+    assert_eq!(ping(&mut other), "+PONG\r\n");
+    // A place given back is taken again.
+    drop(first);
+    assert!(eventually(Duration::from_secs(5), || {
+        let mut again = from("127.0.0.1");
+        ping(&mut again) == "+PONG\r\n"
+    }));
 }

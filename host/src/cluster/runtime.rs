@@ -75,6 +75,9 @@ const REDIAL_AFTER: Duration = Duration::from_millis(200);
 /// A connection attempt gives up after this long.
 const DIAL_TIMEOUT: Duration = Duration::from_millis(1_000);
 
+/// Keys of one MGET or EXISTS read from the replicas at once.
+const MGET_READS_AT_ONCE: usize = 32;
+
 /// How a node joins its cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -377,12 +380,39 @@ impl Cluster {
                 let exists = matches!(body, Request::Exists { .. });
                 let keys = keys.clone();
                 later(Box::pin(async move {
-                    let reads = keys.into_iter().map(|k| this.clone().read(k, level));
-                    let values: Result<Vec<_>, _> = futures_util::future::join_all(reads).await.into_iter().collect();
-                    match values {
-                        Ok(values) if exists => Response::Count(values.iter().filter(|v| v.is_some()).count() as u64),
-                        Ok(values) => Response::Values(values),
-                        Err(err) => op_error(err),
+                    use futures_util::StreamExt as _;
+                    // A bounded number of reads at once, and the reply's
+                    // size checked as values arrive: a few bytes per key can
+                    // ask for many copies of a large value, and what a
+                    // coordinator holds for one request stays under the
+                    // reply limit plus the reads in flight.
+                    let limit = cachet_proto::MAX_REPLY_LEN - (64 << 10);
+                    let mut reads = futures_util::stream::iter(keys)
+                        .map(|k| this.clone().read(k, level))
+                        .buffered(MGET_READS_AT_ONCE);
+                    let mut values = Vec::new();
+                    let mut total = 0usize;
+                    while let Some(value) = reads.next().await {
+                        let value = match value {
+                            Ok(value) => value,
+                            Err(err) => return op_error(err),
+                        };
+                        total += value.as_ref().map_or(0, |v| v.len()) + 16;
+                        if total > limit && !exists {
+                            return error(
+                                ErrorCode::TooLarge,
+                                format!(
+                                    "the reply would exceed {} bytes; ask for fewer keys",
+                                    cachet_proto::MAX_REPLY_LEN
+                                ),
+                            );
+                        }
+                        values.push(if exists { value.map(|_| Bytes::new()) } else { value });
+                    }
+                    if exists {
+                        Response::Count(values.iter().filter(|v| v.is_some()).count() as u64)
+                    } else {
+                        Response::Values(values)
                     }
                 }))
             }

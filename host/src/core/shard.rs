@@ -838,6 +838,14 @@ impl Shard {
         Some(Bytes::copy_from_slice(self.slab.get(index).value()))
     }
 
+    /// The length of `key`'s value if resident and live, without counting a
+    /// read or copying it: what a multi-key read checks its reply size with
+    /// before it copies any value.
+    pub fn value_len(&self, now: u64, key: &[u8]) -> Option<usize> {
+        let index = self.find(cachet_proto::key_hash(key), key).filter(|&i| !self.is_expired(i, now))?;
+        Some(self.slab.get(index).value().len())
+    }
+
     /// Removes `key`'s time to live; false if it is not resident or had
     /// none.
     pub fn persist(&mut self, now: u64, key: &[u8]) -> bool {

@@ -36,7 +36,7 @@ pub use guest::{CallFailure, LoaderModule, LoaderModuleError};
 pub use origin::{OriginFailure, OriginStats, Origins};
 use refresh::Freshness;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
@@ -89,10 +89,37 @@ pub enum Routed {
     Later(Later),
 }
 
+/// GETs that may wait for loads on one node at once, over every port and
+/// connection: a flood of misses on distinct cold keys must not hold an
+/// unbounded number of waiting requests (each with its key and, later, its
+/// value). Beyond it a miss is answered `Busy` at once.
+pub const MAX_WAITING_LOADS: usize = 100_000;
+
 /// A GET waiting for a flight.
 pub struct Pending {
     result: watch::Receiver<Option<Outcome>>,
     deadline: Duration,
+    /// Its place among the node's waiting GETs, given back when it is
+    /// answered or dropped.
+    _waiting: WaitingGuard,
+}
+
+/// A place among [`MAX_WAITING_LOADS`].
+struct WaitingGuard(Arc<AtomicUsize>);
+
+impl WaitingGuard {
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_WAITING_LOADS).then_some(n + 1))
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Pending {
@@ -188,6 +215,8 @@ pub struct Loaders {
     write_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
     /// Write-behind queues, per namespace.
     queues: Vec<Option<Arc<write::WriteQueue>>>,
+    /// GETs waiting for a load now (at most [`MAX_WAITING_LOADS`]).
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Drop for Loaders {
@@ -288,6 +317,7 @@ impl Loaders {
             node: Mutex::new(Weak::new()),
             write_locks: (0..write::WRITE_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
             queues,
+            waiting: Arc::new(AtomicUsize::new(0)),
         }))
     }
 
@@ -378,8 +408,16 @@ impl Loaders {
             self.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
             return Lookup::Ready(Response::Value(None));
         }
+        let Some(waiting) = WaitingGuard::take(&self.waiting) else {
+            let message = format!("{MAX_WAITING_LOADS} requests are waiting for loads on this node; retry later");
+            return Lookup::Ready(Response::Error(ErrorReply::new(ErrorCode::Busy, message)));
+        };
         match self.start(node, index, &key, Work::Load, true) {
-            Some(result) => Lookup::Pending(Pending { result, deadline: Duration::from_millis(ns.load_timeout_ms) }),
+            Some(result) => Lookup::Pending(Pending {
+                result,
+                deadline: Duration::from_millis(ns.load_timeout_ms),
+                _waiting: waiting,
+            }),
             None => Lookup::Ready(Response::Error(ErrorReply::new(ErrorCode::LoadFailed, "the loaders are stopping"))),
         }
     }
@@ -673,5 +711,24 @@ impl Loaders {
 
     pub(crate) fn runtime_handle(&self) -> Option<tokio::runtime::Handle> {
         self.handle().cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_WAITING_LOADS, WaitingGuard};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn waiting_gets_are_bounded_per_node() {
+        let count = Arc::new(AtomicUsize::new(MAX_WAITING_LOADS - 2));
+        let a = WaitingGuard::take(&count).expect("a place");
+        let b = WaitingGuard::take(&count).expect("the last place");
+        assert!(WaitingGuard::take(&count).is_none(), "full");
+        drop(a);
+        let c = WaitingGuard::take(&count).expect("a place given back");
+        drop((b, c));
+        assert_eq!(count.load(Ordering::Acquire), MAX_WAITING_LOADS - 2);
     }
 }

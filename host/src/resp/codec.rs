@@ -18,16 +18,36 @@ pub struct Limits {
     pub max_args: usize,
     /// Longest inline command line.
     pub max_inline: usize,
+    /// Largest whole command, headers included (Redis's
+    /// `client-query-buffer-limit`): checked against what each bulk header
+    /// declares, so a command that would be too big is refused before its
+    /// bytes arrive.
+    pub max_command: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_bulk: (1 << 20) + (64 << 10), max_args: 1 << 20, max_inline: 64 << 10 }
+        Self::for_values(1 << 20, 64 << 10)
     }
 }
 
-/// Input that is not RESP; the connection is answered with the error and
-/// closed, as Redis does.
+impl Limits {
+    /// The limits a node with these largest value and key sizes uses: a
+    /// bulk may hold one value (with room for the framing of a key), and a
+    /// command sixteen of each (an MSET of sixteen full-size pairs).
+    pub fn for_values(max_value: usize, max_key: usize) -> Self {
+        let max_bulk = max_value.max(max_key) + (64 << 10);
+        Self {
+            max_bulk,
+            max_args: 1 << 20,
+            max_inline: 64 << 10,
+            max_command: max_value.saturating_add(max_key).saturating_mul(16).saturating_add(64 << 10),
+        }
+    }
+}
+
+/// Input that is not RESP, or over a limit; the connection is answered with
+/// the error and closed, as Redis does.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
     /// A multibulk count that is not a number or over the limit.
@@ -48,6 +68,14 @@ pub enum ProtocolError {
     /// Quotes that do not close in an inline command.
     #[error("Protocol error: unbalanced quotes in request")]
     UnbalancedQuotes,
+    /// A command whose declared size is over [`Limits::max_command`].
+    #[error("Protocol error: command of at least {declared} bytes is over the query buffer limit of {limit} bytes")]
+    CommandTooBig {
+        /// Bytes the command has declared so far.
+        declared: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// Position of the CRLF ending the line that starts at `from`.
@@ -61,11 +89,136 @@ fn parse_len(digits: &[u8]) -> Option<i64> {
 
 /// Takes one whole command off the front of `buf`: its arguments, the
 /// first being the command name. `Ok(None)` when more bytes are needed.
+/// Starts from the first byte each time: a connection keeps a [`Parser`]
+/// instead.
 pub fn parse_command(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    match buf.first() {
-        None => Ok(None),
-        Some(b'*') => parse_multibulk(buf, limits),
-        Some(_) => parse_inline(buf, limits),
+    Parser::default().parse(buf, limits)
+}
+
+/// A connection's command parser. It remembers how far it got into the
+/// command at the front of the buffer, so a command that arrives in many
+/// reads is scanned once in all, not once per read (which is quadratic in
+/// the command's size).
+///
+/// Contract: between calls the caller only appends to the buffer; it takes
+/// bytes off the front only through [`Parser::parse`], or while
+/// [`Parser::idle`].
+#[derive(Debug, Default)]
+pub struct Parser {
+    /// The multibulk command under way, if its header has been read.
+    partial: Option<Partial>,
+    /// How far an inline line has been searched for its end.
+    inline_scanned: usize,
+}
+
+#[derive(Debug)]
+struct Partial {
+    /// Arguments declared.
+    count: usize,
+    /// Arguments found so far, as spans of the buffer.
+    spans: Vec<(usize, usize)>,
+    /// Where the next argument's header starts.
+    at: usize,
+}
+
+/// Arguments whose spans are allocated before they are seen: a count is a
+/// claim, not bytes, so it buys no memory up front.
+const SPANS_AHEAD: usize = 64;
+
+impl Parser {
+    /// Whether no command is part-way parsed: the front of the buffer may
+    /// then be taken by someone else (the plain GET/SET fast path).
+    pub fn idle(&self) -> bool {
+        self.partial.is_none() && self.inline_scanned == 0
+    }
+
+    /// Takes one whole command off the front of `buf`, as
+    /// [`parse_command`], resuming where the last call stopped.
+    pub fn parse(&mut self, buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+        let result = match (&self.partial, buf.first()) {
+            (Some(_), _) => self.multibulk(buf, limits),
+            (None, None) => Ok(None),
+            (None, Some(b'*')) => self.multibulk(buf, limits),
+            (None, Some(_)) => self.inline(buf, limits),
+        };
+        if !matches!(result, Ok(None)) {
+            // A command taken, or an error that ends the connection.
+            *self = Self::default();
+        }
+        result
+    }
+
+    fn multibulk(&mut self, buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+        let partial = match &mut self.partial {
+            Some(partial) => partial,
+            None => {
+                let Some(end) = line_end(buf, 1) else {
+                    return if buf.len() > 32 { Err(ProtocolError::MultibulkLength) } else { Ok(None) };
+                };
+                let count = parse_len(&buf[1..end]).ok_or(ProtocolError::MultibulkLength)?;
+                if count > limits.max_args as i64 {
+                    return Err(ProtocolError::MultibulkLength);
+                }
+                let at = end + 2;
+                if count <= 0 {
+                    // `*0` and `*-1` are empty commands: skipped, as Redis does.
+                    let _ = buf.split_to(at);
+                    return Ok(Some(Vec::new()));
+                }
+                let count = count as usize;
+                self.partial.insert(Partial { count, spans: Vec::with_capacity(count.min(SPANS_AHEAD)), at })
+            }
+        };
+        while partial.spans.len() < partial.count {
+            let at = partial.at;
+            match buf.get(at) {
+                None => return Ok(None),
+                Some(b'$') => {}
+                Some(&other) => return Err(ProtocolError::ExpectedBulk(other as char)),
+            }
+            let Some(end) = line_end(buf, at + 1) else {
+                return if buf.len() - at > 32 { Err(ProtocolError::BulkLength) } else { Ok(None) };
+            };
+            let len = parse_len(&buf[at + 1..end]).ok_or(ProtocolError::BulkLength)?;
+            if len < 0 || len > limits.max_bulk as i64 {
+                return Err(ProtocolError::BulkLength);
+            }
+            let start = end + 2;
+            let stop = start + len as usize;
+            if stop + 2 > limits.max_command {
+                return Err(ProtocolError::CommandTooBig { declared: stop + 2, limit: limits.max_command });
+            }
+            if buf.len() < stop + 2 {
+                return Ok(None);
+            }
+            if &buf[stop..stop + 2] != b"\r\n" {
+                return Err(ProtocolError::Unterminated);
+            }
+            partial.spans.push((start, stop));
+            partial.at = stop + 2;
+        }
+        let frame = buf.split_to(partial.at).freeze();
+        Ok(Some(partial.spans.iter().map(|&(a, b)| frame.slice(a..b)).collect()))
+    }
+
+    /// A line of space-separated words, with double or single quotes for
+    /// words holding spaces (and `\n`-style escapes in double quotes).
+    fn inline(&mut self, buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+        let from = self.inline_scanned.min(buf.len());
+        let Some(newline) = buf[from..].iter().position(|&b| b == b'\n').map(|p| from + p) else {
+            if buf.len() > limits.max_inline {
+                return Err(ProtocolError::InlineTooLong);
+            }
+            self.inline_scanned = buf.len();
+            return Ok(None);
+        };
+        if newline > limits.max_inline {
+            return Err(ProtocolError::InlineTooLong);
+        }
+        let line = buf.split_to(newline + 1);
+        let line = line.strip_suffix(b"\n").unwrap_or(&line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        split_words(line).map(Some)
     }
 }
 
@@ -116,64 +269,6 @@ fn bulk_at(buf: &[u8], at: usize, limits: &Limits) -> Option<(Range<usize>, usiz
     let start = end + 2;
     let stop = start + len;
     (buf.get(stop..stop + 2)? == b"\r\n").then_some((start..stop, stop + 2))
-}
-
-fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    let Some(end) = line_end(buf, 1) else {
-        return if buf.len() > 32 { Err(ProtocolError::MultibulkLength) } else { Ok(None) };
-    };
-    let count = parse_len(&buf[1..end]).ok_or(ProtocolError::MultibulkLength)?;
-    if count > limits.max_args as i64 {
-        return Err(ProtocolError::MultibulkLength);
-    }
-    let mut at = end + 2;
-    if count <= 0 {
-        // `*0` and `*-1` are empty commands: skipped, as Redis does.
-        let _ = buf.split_to(at);
-        return Ok(Some(Vec::new()));
-    }
-    let mut spans = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        match buf.get(at) {
-            None => return Ok(None),
-            Some(b'$') => {}
-            Some(&other) => return Err(ProtocolError::ExpectedBulk(other as char)),
-        }
-        let Some(end) = line_end(buf, at + 1) else {
-            return if buf.len() - at > 32 { Err(ProtocolError::BulkLength) } else { Ok(None) };
-        };
-        let len = parse_len(&buf[at + 1..end]).ok_or(ProtocolError::BulkLength)?;
-        if len < 0 || len > limits.max_bulk as i64 {
-            return Err(ProtocolError::BulkLength);
-        }
-        let start = end + 2;
-        let stop = start + len as usize;
-        if buf.len() < stop + 2 {
-            return Ok(None);
-        }
-        if &buf[stop..stop + 2] != b"\r\n" {
-            return Err(ProtocolError::Unterminated);
-        }
-        spans.push((start, stop));
-        at = stop + 2;
-    }
-    let frame = buf.split_to(at).freeze();
-    Ok(Some(spans.into_iter().map(|(a, b)| frame.slice(a..b)).collect()))
-}
-
-/// A line of space-separated words, with double or single quotes for words
-/// holding spaces (and `\n`-style escapes in double quotes).
-fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
-        return if buf.len() > limits.max_inline { Err(ProtocolError::InlineTooLong) } else { Ok(None) };
-    };
-    if newline > limits.max_inline {
-        return Err(ProtocolError::InlineTooLong);
-    }
-    let line = buf.split_to(newline + 1);
-    let line = line.strip_suffix(b"\n").unwrap_or(&line);
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    split_words(line).map(Some)
 }
 
 fn split_words(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
@@ -427,6 +522,57 @@ mod tests {
         assert_eq!(parse(&endless), Err(ProtocolError::MultibulkLength), "a header line that never ends");
         let long = vec![b'a'; (64 << 10) + 1];
         assert_eq!(parse(&long), Err(ProtocolError::InlineTooLong));
+    }
+
+    #[test]
+    fn a_command_over_the_limit_is_refused_by_its_headers_alone() {
+        let limits = Limits { max_bulk: 100, max_command: 64, ..Limits::default() };
+        let mut parser = Parser::default();
+        // `*3`, SET, the key and the value's header: 25 bytes; the header
+        // declares 40 more (and a CRLF), past 64, before any is sent.
+        let mut buf = BytesMut::from(&b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$40\r\n"[..]);
+        assert_eq!(parser.parse(&mut buf, &limits), Err(ProtocolError::CommandTooBig { declared: 67, limit: 64 }));
+        let mut fits = BytesMut::from(&b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$37\r\n"[..]);
+        assert_eq!(Parser::default().parse(&mut fits, &limits), Ok(None), "64 bytes: waits for the rest");
+        // The default limits follow the value size.
+        let limits = Limits::for_values(1 << 20, 64 << 10);
+        assert_eq!(limits.max_command, 16 * ((1 << 20) + (64 << 10)) + (64 << 10));
+        assert_eq!(limits.max_bulk, (1 << 20) + (64 << 10));
+    }
+
+    #[test]
+    fn a_command_sent_in_pieces_is_scanned_once() {
+        let whole = b"*4\r\n$4\r\nMSET\r\n$1\r\na\r\n$5\r\nhello\r\n$1\r\nb\r\n*1\r\n$4\r\nPING\r\n";
+        let limits = Limits::default();
+        let mut parser = Parser::default();
+        let mut buf = BytesMut::new();
+        let mut commands = Vec::new();
+        for (i, &byte) in whole.iter().enumerate() {
+            buf.extend_from_slice(&[byte]);
+            if i == 30 {
+                // What was parsed is not parsed again: spoil the first
+                // argument's header in place, which only a parser that
+                // started over would read.
+                assert!(!parser.idle());
+                buf[5] = b'#';
+            }
+            while let Some(args) = parser.parse(&mut buf, &limits).expect("valid") {
+                commands.push(args);
+            }
+        }
+        assert_eq!(commands, [vec![&b"MSET"[..], b"a", b"hello", b"b"], vec![&b"PING"[..]]]);
+        assert!(buf.is_empty() && parser.idle());
+        // An inline line arriving a byte at a time: searched once too.
+        let mut parser = Parser::default();
+        let mut buf = BytesMut::new();
+        let mut lines = Vec::new();
+        for &byte in b"SET k v\r\nGET k\n" {
+            buf.extend_from_slice(&[byte]);
+            if let Some(args) = parser.parse(&mut buf, &limits).expect("valid") {
+                lines.push(args);
+            }
+        }
+        assert_eq!(lines, [vec![&b"SET"[..], b"k", b"v"], vec![&b"GET"[..], b"k"]]);
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! ones (SET ... GET, GETDEL, APPEND, ...) run under the key's shard lock.
 //! Replies and error texts follow Redis, so its clients and tools work.
 
+use super::acl::{Acl, Denied, User};
 use super::codec::Writer;
 use crate::core::{SetOptions, SetOutcome};
 use crate::loader::{Lookup, Routed};
 use crate::node::Node;
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlState};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Per-connection state.
@@ -23,13 +25,51 @@ pub struct Session {
     pub quit: bool,
     /// Connection id for `CLIENT ID` and `HELLO`.
     pub id: u64,
+    /// The signed-in user, when the port has users ([`ServerInfo::acl`]);
+    /// `None` until AUTH.
+    pub user: Option<Arc<User>>,
+    /// AUTH attempts on this connection that failed.
+    pub failed_auths: u32,
 }
 
-/// What the INFO command reports about the listener.
+/// Failed AUTH attempts after which a connection is closed: guessing
+/// passwords then costs a connection each few tries, and connections are
+/// capped per address.
+pub const MAX_FAILED_AUTHS: u32 = 10;
+
+impl Session {
+    /// Whether this connection may run plain GETs and SETs on any key
+    /// without a check: the port serves those from its read buffer only
+    /// then.
+    pub fn unrestricted(&self, info: &ServerInfo) -> bool {
+        info.acl.is_none() || self.user.as_ref().is_some_and(|u| u.unrestricted())
+    }
+}
+
+/// Whether the session may run `args` (`args[0]` is the name); the error
+/// reply's text if not. Without users on the port, everyone may run
+/// everything.
+pub fn authorize(session: &Session, info: &ServerInfo, args: &[Bytes]) -> Result<(), Denied> {
+    if info.acl.is_none() {
+        return Ok(());
+    }
+    let Some(first) = args.first() else { return Ok(()) };
+    let name = upper(first);
+    match &session.user {
+        Some(user) => user.check(&name, args),
+        // Signing in, and leaving, need no user.
+        None if matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT") => Ok(()),
+        None => Err(Denied::NoAuth),
+    }
+}
+
+/// What the commands need to know about the listener.
 #[derive(Clone, Debug, Default)]
 pub struct ServerInfo {
     /// TCP port of the RESP listener.
     pub port: u16,
+    /// Its users; `None` when it has none (everyone may do everything).
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// Commands this port answers, for `COMMAND COUNT` and docs.
@@ -197,7 +237,7 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
             None => w.error(WRONG_INT),
         },
         "CLIENT" if n >= 2 => client(session, &mut w, &args),
-        "HELLO" => hello(session, &mut w, &args),
+        "HELLO" => hello(node, session, info, &mut w, &args),
         "COMMAND" => match args.get(1).map(|a| upper(a)).as_deref() {
             Some("COUNT") => w.integer(SUPPORTED.len() as i64),
             Some("DOCS") => w.map(0),
@@ -214,7 +254,13 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
             "SET" | "RESETSTAT" | "REWRITE" => w.simple("OK"),
             _ => w.error("ERR unknown subcommand for CONFIG"),
         },
-        "AUTH" => w.error("ERR AUTH <password> called without any password configured for the default user"),
+        "AUTH" if n == 2 || n == 3 => {
+            let (user, password) = if n == 2 { (&b"default"[..], &args[1]) } else { (&args[1][..], &args[2]) };
+            match authenticate(node, session, info, user, password) {
+                Ok(()) => w.simple("OK"),
+                Err(message) => w.error(message),
+            }
+        }
         "QUIT" => {
             session.quit = true;
             w.simple("OK");
@@ -566,25 +612,77 @@ fn client(session: &mut Session, w: &mut Writer<'_>, args: &[Bytes]) {
     }
 }
 
-fn hello(session: &mut Session, w: &mut Writer<'_>, args: &[Bytes]) {
-    if let Some(version) = args.get(1) {
-        match parse_i64(version) {
-            Some(2) => session.resp3 = false,
-            Some(3) => session.resp3 = true,
+/// `AUTH` and `HELLO ... AUTH`: signs the session in as `user`, or the
+/// error reply's text. Failures are counted and logged at a bounded rate;
+/// after [`MAX_FAILED_AUTHS`] the connection is closed.
+fn authenticate(
+    node: &Node,
+    session: &mut Session,
+    info: &ServerInfo,
+    user: &[u8],
+    password: &[u8],
+) -> Result<(), &'static str> {
+    let Some(acl) = &info.acl else {
+        return Err("ERR AUTH <password> called without any password configured for the default user. Are you sure \
+                    your configuration is correct?");
+    };
+    let name = String::from_utf8_lossy(user);
+    match acl.authenticate(&name, password) {
+        Some(found) => {
+            session.user = Some(found);
+            Ok(())
+        }
+        None => {
+            session.failed_auths += 1;
+            node.clients().count_auth_failure();
+            if let Some(held_back) = node.clients().auth_log.check(node.now_ms()) {
+                tracing::warn!(user = %name.escape_debug(), connection = session.id, held_back, "RESP AUTH failed");
+            }
+            if session.failed_auths >= MAX_FAILED_AUTHS {
+                session.quit = true;
+            }
+            Err("WRONGPASS invalid username-password pair or user is disabled.")
+        }
+    }
+}
+
+fn hello(node: &Node, session: &mut Session, info: &ServerInfo, w: &mut Writer<'_>, args: &[Bytes]) {
+    let mut version = None;
+    if let Some(text) = args.get(1) {
+        match parse_i64(text) {
+            Some(v @ (2 | 3)) => version = Some(v == 3),
             Some(_) => return w.error("NOPROTO unsupported protocol version"),
             None => return w.error("ERR Protocol version is not an integer or out of range"),
         }
     }
+    let (mut name, mut auth) = (None, None);
     let mut i = 2;
     while i < args.len() {
         match upper(&args[i]).as_str() {
             "SETNAME" if i + 1 < args.len() => {
-                session.name = Some(args[i + 1].clone());
+                name = Some(args[i + 1].clone());
                 i += 2;
             }
-            "AUTH" if i + 2 < args.len() => i += 3,
+            "AUTH" if i + 2 < args.len() => {
+                auth = Some((args[i + 1].clone(), args[i + 2].clone()));
+                i += 3;
+            }
             _ => return w.error(SYNTAX),
         }
+    }
+    // Signing in comes first: a HELLO that fails it changes nothing.
+    if let Some((user, password)) = auth {
+        if let Err(message) = authenticate(node, session, info, &user, &password) {
+            return w.error(message);
+        }
+    } else if info.acl.is_some() && session.user.is_none() {
+        return w.error(Denied::NoAuth.to_string().as_str());
+    }
+    if let Some(resp3) = version {
+        session.resp3 = resp3;
+    }
+    if name.is_some() {
+        session.name = name;
     }
     // Writer was created before the switch: make one in the new version.
     let mut out = BytesMut::new();

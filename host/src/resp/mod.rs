@@ -10,20 +10,31 @@
 //! node holds at most one read's commands and their replies for it.
 //! Protocol errors are answered in Redis's format and close the
 //! connection, as Redis does.
+//!
+//! What one client can hold is bounded: a command over the query limit
+//! ([`codec::Limits::max_command`]) is refused as its headers declare it,
+//! before its bytes arrive; replies queue up to [`FLUSH_AT`] plus one reply
+//! (whose size is capped where it is built) and then wait on the socket, and
+//! a client that reads none of them for the output timeout is cut off; a
+//! client silent for the idle timeout is closed; connections are capped per
+//! port and, optionally, per source address. Every cut-off is counted in
+//! the node's metrics (`cachet_client_cutoffs_total`).
 
+pub mod acl;
 pub mod codec;
 pub mod commands;
 
+use crate::clients::{ConnectionGate, Cutoff};
 use crate::loader::{Lookup, Routed};
 use crate::node::Node;
 use bytes::{Buf, BytesMut};
-use codec::{Limits, Writer};
+use codec::{Limits, Parser, Writer};
 use commands::{ServerInfo, Session};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// A RESP listener that could not start.
@@ -35,15 +46,63 @@ pub struct RespError {
     source: std::io::Error,
 }
 
-/// How the RESP port listens.
+/// How the RESP port listens, and what it holds each client to.
 #[derive(Clone, Debug)]
 pub struct RespOptions {
     /// TCP address (port 0 picks one).
     pub listen: SocketAddr,
     /// Threads, each with its own runtime and listener.
     pub threads: usize,
-    /// Connections (over both ports) beyond this many are refused.
+    /// Connections on this port beyond this many are refused (and over
+    /// both ports, beyond the node's total of this many).
     pub max_connections: u32,
+    /// Connections from one source address beyond this many are refused;
+    /// 0 for no such cap.
+    pub max_connections_per_address: u32,
+    /// Largest command, headers included; `None` derives it from the
+    /// node's largest value and key ([`Limits::for_values`]).
+    pub max_command: Option<usize>,
+    /// A client that sends nothing for this long, with nothing pending, is
+    /// closed; `None` never closes an idle client (Redis's `timeout 0`).
+    pub idle_timeout: Option<Duration>,
+    /// A client that reads none of its queued replies for this long is
+    /// cut off (Redis's soft output-buffer limit).
+    pub output_timeout: Duration,
+    /// Users and what they may do; `None`: anyone may do anything.
+    pub acl: Option<Arc<acl::Acl>>,
+    /// TLS for every connection (`redis-cli --tls`); `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Listen beyond loopback with no password required. Refused without
+    /// it: an open cache port on a network is a data leak and a way in.
+    pub insecure: bool,
+}
+
+impl RespOptions {
+    /// The defaults, listening on `listen`: one thread, 10,000 connections,
+    /// no per-address cap, the derived command limit, idle clients closed
+    /// after 300 s, stalled readers after 60 s.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            threads: 1,
+            max_connections: 10_000,
+            max_connections_per_address: 0,
+            max_command: None,
+            idle_timeout: Some(Duration::from_secs(300)),
+            output_timeout: Duration::from_secs(60),
+            acl: None,
+            tls: None,
+            insecure: false,
+        }
+    }
+}
+
+/// What each connection of a port is held to.
+#[derive(Clone, Copy, Debug)]
+struct ConnectionLimits {
+    parse: Limits,
+    idle: Option<Duration>,
+    output: Duration,
 }
 
 /// A running RESP port; [`RunningResp::shutdown`] stops accepting and
@@ -62,8 +121,21 @@ fn listener(addr: SocketAddr) -> Result<std::net::TcpListener, RespError> {
     Ok(socket.into())
 }
 
-/// Binds and starts serving `node` over RESP.
+/// Binds and starts serving `node` over RESP. Refuses an address beyond
+/// loopback unless a password is required or `insecure` says so.
 pub fn start(node: Arc<Node>, options: RespOptions) -> Result<RunningResp, RespError> {
+    let protected = options.acl.as_ref().is_some_and(|acl| acl.requires_auth());
+    if !options.listen.ip().is_loopback() && !protected && !options.insecure {
+        return Err(RespError {
+            addr: options.listen,
+            what: "refusing to listen beyond loopback with no password: give --resp-password or --resp-acl (users \
+                   without nopass), or --resp-insecure to serve anyone who can reach it",
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+    }
+    if !protected {
+        tracing::warn!(addr = %options.listen, "the RESP port requires no password: anyone who can reach it may read, write and flush");
+    }
     // As for the QUIC port: a plain bind first, so SO_REUSEPORT never
     // shares the port with another process already listening on it.
     let claim = std::net::TcpListener::bind(options.listen).map_err(|source| RespError {
@@ -80,14 +152,33 @@ pub fn start(node: Arc<Node>, options: RespOptions) -> Result<RunningResp, RespE
         listeners.push(listener(addr)?);
     }
     let ids = Arc::new(AtomicU64::new(1));
-    let info = ServerInfo { port: addr.port() };
-    let (count, max) = (listeners.len(), options.max_connections);
+    let info = ServerInfo { port: addr.port(), acl: options.acl.clone() };
+    let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let count = listeners.len();
+    let config = node.config();
+    let mut parse = Limits::for_values(config.max_value_size, config.max_key_size);
+    if let Some(max_command) = options.max_command {
+        parse.max_command = max_command;
+    }
+    let limits = ConnectionLimits { parse, idle: options.idle_timeout, output: options.output_timeout };
+    let gate = ConnectionGate::new(options.max_connections, options.max_connections_per_address);
+    let max = options.max_connections;
     let running = crate::server::threads::spawn("cachet-resp", addr, listeners, move |_, listener, stopped| {
-        accept_loop(node.clone(), listener, stopped, ids.clone(), info.clone(), max)
+        let accepting = Accepting { gate: gate.clone(), max_connections: max, limits, tls: tls.clone() };
+        accept_loop(node.clone(), listener, stopped, ids.clone(), info.clone(), accepting)
     })
     .map_err(|source| RespError { addr, what: "spawn thread", source })?;
     tracing::info!(%addr, threads = count, "serving RESP");
     Ok(running)
+}
+
+/// What a listener admits connections with.
+struct Accepting {
+    gate: Arc<ConnectionGate>,
+    /// The node's total over both ports.
+    max_connections: u32,
+    limits: ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 async fn accept_loop(
@@ -96,7 +187,7 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
     ids: Arc<AtomicU64>,
     info: ServerInfo,
-    max_connections: u32,
+    accepting: Accepting,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -105,24 +196,54 @@ async fn accept_loop(
             return;
         }
     };
-    let limits = Limits {
-        max_bulk: node.config().max_value_size.max(node.config().max_key_size) + (64 << 10),
-        ..Limits::default()
-    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
-                    if node.stats_connections() >= u64::from(max_connections) {
-                        tracing::warn!(%remote, "RESP connection refused: at the connection cap");
-                        let mut stream = stream;
-                        let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
-                        continue;
-                    }
+                    let admitted = if node.stats_connections() >= u64::from(accepting.max_connections) {
+                        Err(crate::clients::Refusal::PortFull { max: accepting.max_connections })
+                    } else {
+                        accepting.gate.admit(remote.ip())
+                    };
+                    let permit = match admitted {
+                        Ok(permit) => permit,
+                        Err(refusal) => {
+                            node.clients().count(Cutoff::from(&refusal));
+                            if let Some(held_back) = node.clients().refusal_log.check(node.now_ms()) {
+                                tracing::warn!(%remote, %refusal, held_back, "RESP connection refused");
+                            }
+                            // Best effort and never waited on: the refused
+                            // client must not hold the accept loop.
+                            let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
-                    let session = Session { id: ids.fetch_add(1, Ordering::Relaxed), ..Session::default() };
-                    let counted = node.connection();
-                    tokio::spawn(serve(node.clone(), counted, stream, session, info.clone(), limits, stopped.clone()));
+                    let session = Session {
+                        id: ids.fetch_add(1, Ordering::Relaxed),
+                        user: info.acl.as_ref().and_then(|acl| acl.initial_user()),
+                        ..Session::default()
+                    };
+                    let counted = (node.connection(), permit);
+                    let (node, info, limits, stopped) = (node.clone(), info.clone(), accepting.limits, stopped.clone());
+                    match accepting.tls.clone() {
+                        None => {
+                            tokio::spawn(serve(node, counted, stream, remote, session, info, limits, stopped));
+                        }
+                        Some(tls) => {
+                            tokio::spawn(async move {
+                                // The handshake counts as reading: an idle
+                                // timeout bounds it too.
+                                let handshake = tls.accept(stream);
+                                let handshake = tokio::time::timeout(limits.idle.unwrap_or(HANDSHAKE_TIMEOUT).min(HANDSHAKE_TIMEOUT), handshake);
+                                match handshake.await {
+                                    Ok(Ok(stream)) => serve(node, counted, stream, remote, session, info, limits, stopped).await,
+                                    Ok(Err(err)) => tracing::debug!(%remote, %err, "RESP TLS handshake failed"),
+                                    Err(_) => node.clients().count(Cutoff::Idle),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(err) => {
                     tracing::debug!(%err, "RESP accept failed");
@@ -159,31 +280,100 @@ fn serve_plain(
     Some(ended)
 }
 
+/// The longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Replies buffered before they are written out mid-batch.
 const FLUSH_AT: usize = 256 << 10;
 
-async fn serve(
+/// Why a connection ends early.
+enum Ended {
+    /// The client left, or its socket failed.
+    Gone,
+    /// A limit cut it off.
+    Cut(Cutoff),
+}
+
+/// Writes all of `output`, cutting the client off if the socket takes
+/// none of it for `stall` (the client is not reading its replies).
+async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, output: &mut BytesMut, stall: Duration) -> Result<(), Ended> {
+    while !output.is_empty() {
+        match tokio::time::timeout(stall, stream.write(output)).await {
+            Ok(Ok(0) | Err(_)) => return Err(Ended::Gone),
+            Ok(Ok(written)) => output.advance(written),
+            Err(_) => return Err(Ended::Cut(Cutoff::OutputLimit)),
+        }
+    }
+    output.clear();
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     node: Arc<Node>,
-    _counted: crate::node::ConnectionGuard,
-    mut stream: tokio::net::TcpStream,
-    mut session: Session,
+    counted: (crate::node::ConnectionGuard, crate::clients::GatePermit),
+    mut stream: S,
+    peer: SocketAddr,
+    session: Session,
     info: ServerInfo,
-    limits: Limits,
-    mut stopped: watch::Receiver<bool>,
+    limits: ConnectionLimits,
+    stopped: watch::Receiver<bool>,
 ) {
-    let mut input = BytesMut::with_capacity(16 << 10);
-    let mut output = BytesMut::with_capacity(16 << 10);
+    if let Err(Ended::Cut(why)) = serve_until_done(&node, &mut stream, session, &info, limits, stopped).await {
+        node.clients().count(why);
+        if let Some(held_back) = node.clients().refusal_log.check(node.now_ms()) {
+            tracing::info!(%peer, reason = why.label(), held_back, "RESP client cut off");
+        }
+    }
+    drop(counted);
+}
+
+async fn serve_until_done<S: AsyncRead + AsyncWrite + Unpin>(
+    node: &Arc<Node>,
+    stream: &mut S,
+    mut session: Session,
+    info: &ServerInfo,
+    limits: ConnectionLimits,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), Ended> {
+    // No buffer until the client sends something: a connection that only
+    // sits there costs its socket and this task, not 32 KiB of buffers.
+    let mut input = BytesMut::new();
+    let mut output = BytesMut::new();
+    let mut first = [0u8; 512];
+    let mut parser = Parser::default();
+    let parse = &limits.parse;
     loop {
-        input.reserve(16 << 10);
+        let fresh = input.capacity() == 0;
+        if !fresh {
+            input.reserve(16 << 10);
+        }
+        let idle = async {
+            match limits.idle {
+                Some(idle) => tokio::time::sleep(idle).await,
+                None => std::future::pending().await,
+            }
+        };
+        let reading = async {
+            if fresh {
+                let n = stream.read(&mut first).await?;
+                input.reserve((16 << 10).max(n));
+                input.extend_from_slice(&first[..n]);
+                Ok(n)
+            } else {
+                stream.read_buf(&mut input).await
+            }
+        };
         let read = tokio::select! {
-            read = stream.read_buf(&mut input) => read,
-            _ = stopped.changed() => return,
+            read = reading => read,
+            _ = stopped.changed() => return Ok(()),
+            _ = idle => return Err(Ended::Cut(Cutoff::Idle)),
         };
         match read {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return Err(Ended::Gone),
             Ok(_) => {}
         }
-        let mut close = false;
+        let mut close = None;
         // Plain GETs and SETs are served straight from the read buffer
         // unless a cluster or loaders may have to route them.
         let direct = node.cluster().is_none() && node.loaders().is_none();
@@ -191,15 +381,21 @@ async fn serve(
         // clock starts there (see `Node::get_with_since`).
         let mut last_end: Option<Instant> = None;
         loop {
-            let plain = direct.then(|| serve_plain(&node, &session, &limits, &mut input, &mut output, last_end));
+            let plain = (direct && parser.idle() && session.unrestricted(info))
+                .then(|| serve_plain(node, &session, parse, &mut input, &mut output, last_end));
             if let Some(ended) = plain.flatten() {
                 last_end = Some(ended);
             } else {
                 last_end = None;
-                match codec::parse_command(&mut input, &limits) {
+                match parser.parse(&mut input, parse) {
+                    Ok(Some(args)) if commands::authorize(&session, info, &args).is_err() => {
+                        if let Err(denied) = commands::authorize(&session, info, &args) {
+                            Writer::new(&mut output, session.resp3).error(&denied.to_string());
+                        }
+                    }
                     // A clustered node forwards data commands to the owners and
                     // answers in order.
-                    Ok(Some(args)) => match commands::cluster_command(&node, &args) {
+                    Ok(Some(args)) => match commands::cluster_command(node, &args) {
                         Some((kind, routed)) => {
                             let response = match routed {
                                 Routed::Now(response) => response,
@@ -207,7 +403,7 @@ async fn serve(
                             };
                             commands::cluster_reply(&session, kind, response, &mut output);
                         }
-                        None => match commands::loading_get(&node, &args) {
+                        None => match commands::loading_get(node, &args) {
                             // A miss in a loader namespace waits for its load here:
                             // RESP answers in order.
                             Some(lookup) => {
@@ -217,7 +413,7 @@ async fn serve(
                                 };
                                 commands::get_reply(&session, response, &mut output);
                             }
-                            None => match commands::origin_write(&node, &args) {
+                            None => match commands::origin_write(node, &args) {
                                 Some(routed) => {
                                     let response = match routed {
                                         Routed::Now(response) => response,
@@ -226,8 +422,8 @@ async fn serve(
                                     commands::write_reply(&session, response, &mut output);
                                 }
                                 None => {
-                                    let _span = tracing::debug_span!("resp", command = %String::from_utf8_lossy(args.first().map_or(&b""[..], |a| &a[..]))).entered();
-                                    commands::execute(&node, &mut session, &info, args, &mut output);
+                                    let _span = tracing::debug_span!("resp", command = %args.first().map_or(&b""[..], |a| &a[..]).escape_ascii()).entered();
+                                    commands::execute(node, &mut session, info, args, &mut output);
                                 }
                             },
                         },
@@ -235,32 +431,27 @@ async fn serve(
                     Ok(None) => break,
                     Err(err) => {
                         Writer::new(&mut output, session.resp3).error(&format!("ERR {err}"));
-                        close = true;
+                        close = Some(match err {
+                            codec::ProtocolError::CommandTooBig { .. } => Err(Ended::Cut(Cutoff::QueryLimit)),
+                            _ => Ok(()),
+                        });
                         break;
                     }
                 }
             }
             if session.quit {
-                close = true;
+                close = Some(Ok(()));
                 break;
             }
             if output.len() >= FLUSH_AT {
-                if stream.write_all(&output).await.is_err() {
-                    return;
-                }
-                output.clear();
+                write_out(stream, &mut output, limits.output).await?;
                 last_end = None;
             }
         }
-        if !output.is_empty() {
-            if stream.write_all(&output).await.is_err() {
-                return;
-            }
-            output.clear();
-        }
-        if close {
+        write_out(stream, &mut output, limits.output).await?;
+        if let Some(result) = close {
             let _ = stream.shutdown().await;
-            return;
+            return result;
         }
     }
 }

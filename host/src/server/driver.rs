@@ -10,6 +10,7 @@
 //! must wait (a load, an admin command) leaves the loop, and its reply comes
 //! back on one channel.
 
+use crate::clients::{ConnectionGate, Cutoff, GatePermit, HandshakeRate, Refusal};
 use crate::loader::Routed;
 use crate::node::{ConnectionGuard, Node};
 use bytes::{Bytes, BytesMut};
@@ -46,7 +47,18 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub(super) struct Limits {
     pub(super) max_connections: u32,
     pub(super) max_frame: usize,
+    /// The port's connection caps, shared by its threads.
+    pub(super) gate: Arc<ConnectionGate>,
+    /// See [`super::ClientLimits::retry_above`].
+    pub(super) retry_above: u32,
+    /// See [`super::ClientLimits::max_output`].
+    pub(super) max_output: usize,
 }
+
+/// Requests one connection may have waiting (loads, admin commands) over
+/// all its streams; at this many its streams stop executing until one
+/// answers, which stops reading them and so pushes back on the client.
+const MAX_WAITING_PER_CONNECTION: usize = 16_384;
 
 /// A reply that had to wait, and where it goes. quinn-proto reuses a
 /// drained connection's handle for the next one, so the connection's
@@ -85,8 +97,17 @@ struct Conn {
     inner: quinn_proto::Connection,
     serial: u64,
     streams: HashMap<StreamId, Stream>,
-    /// Counts the connection towards the cap until it is lost.
+    /// Counts the connection in the node's connections from its
+    /// handshake's end until it is lost.
     counted: Option<ConnectionGuard>,
+    /// Its place under the port's caps, from the first packet until it is
+    /// lost: handshakes under way count, so a burst of them cannot slip
+    /// past the cap.
+    permit: Option<GatePermit>,
+    /// Requests of all its streams still waiting for a reply.
+    waiting: usize,
+    /// Cut off for a limit: no more frames run.
+    cut: bool,
     /// In the list of connections to drive.
     queued: bool,
     /// When its timers next need it.
@@ -181,6 +202,8 @@ struct Driver {
     next_timeout: Option<Instant>,
     /// The streams a drive serves (kept to save an allocation a drive).
     touched: Vec<StreamId>,
+    /// Handshakes lately, to tell when to ask for a Retry.
+    handshakes: HandshakeRate,
 }
 
 /// Serves QUIC on `socket` until `stopped`, then lets replies finish and
@@ -213,6 +236,7 @@ pub(super) async fn run(
     let allow_mtud = !state.may_fragment();
     let mut io = Io { socket, state, unsent: None, buf: Vec::with_capacity(64 << 10) };
     let (deferred_tx, mut deferred_rx) = mpsc::unbounded_channel();
+    let limits_retry_above = limits.retry_above;
     let mut driver = Driver {
         endpoint: Endpoint::new(Arc::new(endpoint_config), Some(Arc::new(config)), allow_mtud, None),
         connections: HashMap::new(),
@@ -226,6 +250,7 @@ pub(super) async fn run(
         stopping: false,
         next_timeout: None,
         touched: Vec::new(),
+        handshakes: HandshakeRate::new(limits_retry_above),
     };
     let mut recv_buf = vec![0u8; chunk * quinn_udp::BATCH_SIZE];
     let mut bufs: Vec<IoSliceMut> = recv_buf.chunks_mut(chunk).map(IoSliceMut::new).collect();
@@ -336,18 +361,45 @@ impl Driver {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => self.connection_event(handle, event),
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let remote = incoming.remote_address();
-                // The cap counts connections on every thread.
-                if self.stopping || self.node.stats_connections() >= u64::from(self.limits.max_connections) {
-                    if !self.stopping {
-                        tracing::warn!(%remote, "connection refused: at the connection cap");
-                    }
+                if self.stopping {
                     let transmit = self.endpoint.refuse(incoming, &mut io.buf);
                     io.respond(transmit);
                     return;
                 }
-                // Counted from acceptance, so a burst of handshakes cannot
-                // slip past the cap before any of them completes.
-                let counted = self.node.connection();
+                // Established connections count on every thread (the
+                // node's total over both ports); the port's gate counts
+                // handshakes under way too.
+                let admitted = if self.node.stats_connections() >= u64::from(self.limits.max_connections) {
+                    Err(Refusal::PortFull { max: self.limits.max_connections })
+                } else {
+                    self.limits.gate.admit(remote.ip())
+                };
+                let permit = match admitted {
+                    Ok(permit) => permit,
+                    Err(refusal) => {
+                        let clients = self.node.clients();
+                        clients.count(Cutoff::from(&refusal));
+                        if let Some(held_back) = clients.refusal_log.check(self.node.now_ms()) {
+                            tracing::warn!(%remote, %refusal, held_back, "QUIC connection refused");
+                        }
+                        let transmit = self.endpoint.refuse(incoming, &mut io.buf);
+                        io.respond(transmit);
+                        return;
+                    }
+                };
+                // Under a burst, a client must show it receives at its
+                // address before it costs a handshake.
+                if !incoming.remote_address_validated() && self.handshakes.over(self.node.now_ms()) {
+                    drop(permit);
+                    match self.endpoint.retry(incoming, &mut io.buf) {
+                        Ok(transmit) => {
+                            self.node.clients().count_retry();
+                            io.respond(transmit);
+                        }
+                        Err(err) => self.endpoint.ignore(err.into_incoming()),
+                    }
+                    return;
+                }
                 match self.endpoint.accept(incoming, now, &mut io.buf, None) {
                     Ok((handle, inner)) => {
                         self.next_serial += 1;
@@ -355,7 +407,10 @@ impl Driver {
                             inner,
                             serial: self.next_serial,
                             streams: HashMap::new(),
-                            counted: Some(counted),
+                            counted: None,
+                            permit: Some(permit),
+                            waiting: 0,
+                            cut: false,
                             queued: false,
                             timeout: None,
                         };
@@ -414,6 +469,7 @@ impl Driver {
             // Its connection is gone; the handle is another's now.
             return;
         }
+        conn.waiting = conn.waiting.saturating_sub(1);
         let Some(stream) = conn.streams.get_mut(&deferred.stream) else { return };
         stream.waiting = stream.waiting.saturating_sub(1);
         if deferred.admin {
@@ -480,11 +536,13 @@ impl Driver {
                         touched.push(id);
                     }
                 }
+                Event::Connected => conn.counted = Some(self.node.connection()),
                 Event::ConnectionLost { reason } => {
                     tracing::debug!(remote = %conn.inner.remote_address(), %reason, "connection ended");
                     // Its place under the cap is free now, not when its
                     // state is finally drained.
                     conn.counted = None;
+                    conn.permit = None;
                 }
                 _ => {}
             }
@@ -514,6 +572,25 @@ impl Driver {
         self.touched = touched;
         if more {
             self.again.push(handle);
+        }
+        if !conn.cut {
+            let queued: usize = conn.streams.values().map(|stream| stream.output.len()).sum();
+            if queued > self.limits.max_output {
+                // Its client asks and does not read: what it asked for
+                // goes, and so does it.
+                conn.cut = true;
+                for stream in conn.streams.values_mut() {
+                    stream.output = BytesMut::new();
+                    stream.input = BytesMut::new();
+                }
+                let reason = format!("over the output limit: {queued} bytes of replies not read");
+                conn.inner.close(now, 1u32.into(), Bytes::from(reason));
+                let clients = self.node.clients();
+                clients.count(Cutoff::OutputLimit);
+                if let Some(held_back) = clients.refusal_log.check(self.node.now_ms()) {
+                    tracing::info!(remote = %conn.inner.remote_address(), queued, held_back, "QUIC client cut off");
+                }
+            }
         }
         let mut drained = false;
         while let Some(event) = conn.inner.poll_endpoint_events() {
@@ -575,14 +652,22 @@ impl Turn<'_> {
             if stream.fatal {
                 break;
             }
-            self.execute(id, stream, &mut budget);
+            if conn.cut {
+                break;
+            }
+            self.execute(id, stream, &mut conn.waiting, &mut budget);
             if !stream.output.is_empty() {
                 continue;
             }
             if budget == 0 {
                 return true;
             }
-            if stream.ended || self.stopping || stream.admin || stream.waiting >= MAX_WAITING {
+            if stream.ended
+                || self.stopping
+                || stream.admin
+                || stream.waiting >= MAX_WAITING
+                || conn.waiting >= MAX_WAITING_PER_CONNECTION
+            {
                 break;
             }
             // Everything read was answered: read more, if there is any.
@@ -614,9 +699,14 @@ impl Turn<'_> {
     /// Executes complete frames in the stream's input until its replies
     /// reach [`FLUSH_AT`], too many wait, an admin command must finish
     /// first, or the turn's budget is spent.
-    fn execute(&self, id: StreamId, stream: &mut Stream, budget: &mut usize) {
+    fn execute(&self, id: StreamId, stream: &mut Stream, conn_waiting: &mut usize, budget: &mut usize) {
         let node = self.node;
-        while stream.output.len() < FLUSH_AT && stream.waiting < MAX_WAITING && !stream.admin && *budget > 0 {
+        while stream.output.len() < FLUSH_AT
+            && stream.waiting < MAX_WAITING
+            && *conn_waiting < MAX_WAITING_PER_CONNECTION
+            && !stream.admin
+            && *budget > 0
+        {
             let (request_id, reply) = match cachet_proto::decode::<Request>(&mut stream.input, self.limits.max_frame) {
                 Ok(Decoded::Frame(envelope)) => {
                     *budget -= 1;
@@ -659,6 +749,7 @@ impl Turn<'_> {
                         // holds the frames after it.
                         Err(later) => {
                             stream.waiting += 1;
+                            *conn_waiting += 1;
                             stream.admin |= admin;
                             let (tx, request_id) = (self.deferred.clone(), envelope.id);
                             let (connection, serial) = (self.handle, self.serial);

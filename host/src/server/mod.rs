@@ -40,6 +40,34 @@ pub struct ServeOptions {
     /// A client silent this long is dropped (it may have vanished without
     /// closing), freeing its place under the cap.
     pub idle_timeout: Duration,
+    /// What each client is held to besides.
+    pub clients: ClientLimits,
+}
+
+/// What the QUIC port holds each client to, beyond the connection cap.
+#[derive(Clone, Debug)]
+pub struct ClientLimits {
+    /// Connections from one source address beyond this many are refused
+    /// (handshakes under way included); 0 for no such cap.
+    pub max_per_address: u32,
+    /// Handshakes a second, per I/O thread, beyond which a client must
+    /// first prove it receives at its address (a QUIC Retry, one round trip
+    /// more) before the node spends a handshake's work on it. Spoofed
+    /// sources then cost the node a stateless packet each, not a
+    /// connection. 0: always.
+    pub retry_above: u32,
+    /// Replies a connection may have queued, not yet taken by its client
+    /// (half-sent frames included), before it is cut off: a client that
+    /// asks and never reads must not hold the node's memory.
+    pub max_output: usize,
+}
+
+impl Default for ClientLimits {
+    /// No per-address cap, Retry above 1,000 handshakes a second per
+    /// thread, and room for the largest reply plus 16 MiB of others.
+    fn default() -> Self {
+        Self { max_per_address: 0, retry_above: 1_000, max_output: cachet_proto::MAX_REPLY_LEN + (16 << 20) }
+    }
 }
 
 /// A server that could not start.
@@ -95,8 +123,10 @@ pub fn start(node: Arc<Node>, options: ServeOptions) -> Result<RunningServer, Se
         sockets.push(udp_socket(addr)?);
     }
     let count = sockets.len();
+    // One gate for the port: the cap holds across its threads.
+    let gate = crate::clients::ConnectionGate::new(options.max_connections, options.clients.max_per_address);
     let running = threads::spawn("cachet-io", addr, sockets, move |i, socket, stopped| {
-        run_endpoint(node.clone(), socket, server_config.clone(), options.clone(), stopped, i == 0)
+        run_endpoint(node.clone(), socket, server_config.clone(), options.clone(), gate.clone(), stopped, i == 0)
     })
     .map_err(|source| ServerError::Io { what: "spawn thread".into(), source })?;
     tracing::info!(%addr, threads = count, "serving cachet/1 over QUIC");
@@ -123,6 +153,7 @@ async fn run_endpoint(
     socket: std::net::UdpSocket,
     config: quinn::ServerConfig,
     options: ServeOptions,
+    gate: Arc<crate::clients::ConnectionGate>,
     stopped: watch::Receiver<bool>,
     ticks: bool,
 ) {
@@ -144,6 +175,12 @@ async fn run_endpoint(
             }
         });
     }
-    let limits = driver::Limits { max_connections: options.max_connections, max_frame: options.max_frame };
+    let limits = driver::Limits {
+        max_connections: options.max_connections,
+        max_frame: options.max_frame,
+        gate,
+        retry_above: options.clients.retry_above,
+        max_output: options.clients.max_output,
+    };
     driver::run(node, socket, config, limits, stopped).await;
 }
