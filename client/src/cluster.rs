@@ -403,13 +403,30 @@ impl ClusterClient {
         .await
     }
 
-    /// The stats of member `i` (no retries: they are that member's).
+    /// The stats of member `i` (no retries: they are that member's),
+    /// without its hot keys.
     pub async fn stats_of(&self, i: usize) -> Result<NodeStats, ClientError> {
+        self.member_stats(i, None).await
+    }
+
+    /// The stats of member `i` with its hot keys, given the admin token
+    /// (see [`Client::admin_stats`]).
+    pub async fn admin_stats_of(&self, i: usize, token: &str) -> Result<NodeStats, ClientError> {
+        self.member_stats(i, Some(token)).await
+    }
+
+    async fn member_stats(&self, i: usize, token: Option<&str>) -> Result<NodeStats, ClientError> {
         if i >= self.members.len() {
             return Err(ClientError::Protocol(format!("no member {i}")));
         }
         let (result, used) = match self.member(i, false).await {
-            Ok(client) => (client.stats().await, Some(client)),
+            Ok(client) => {
+                let stats = match token {
+                    Some(token) => client.admin_stats(token).await,
+                    None => client.stats().await,
+                };
+                (stats, Some(client))
+            }
             Err(err) => (Err(err), None),
         };
         if let Err(err) = &result

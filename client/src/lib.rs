@@ -520,7 +520,9 @@ impl Client {
         }
     }
 
-    /// The node's counters.
+    /// The node's counters. Its hot keys are left out
+    /// ([`NodeStats::hot_keys_hidden`]): they are key bytes, for
+    /// [`Client::admin_stats`] only.
     pub async fn stats(&self) -> Result<NodeStats, ClientError> {
         match self.call(Request::Stats).await? {
             Response::Stats(stats) => Ok(stats),
@@ -528,8 +530,23 @@ impl Client {
         }
     }
 
+    /// The node's counters with its hot keys, for a caller holding the
+    /// node's admin token. A wrong token fails with
+    /// [`ErrorCode::Unauthorized`] (and counts toward the node's back-off
+    /// on guesses); a node older than this command answers
+    /// [`ErrorCode::UnknownCommand`], and its plain [`Client::stats`]
+    /// carries the hot keys.
+    pub async fn admin_stats(&self, token: &str) -> Result<NodeStats, ClientError> {
+        match self.call(Request::Admin { token: token.to_string(), command: AdminCommand::Stats }).await? {
+            Response::Stats(stats) => Ok(stats),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Runs a policy operation (`cachet policy ...`) with the node's admin
-    /// token; replies with the registry as it is afterwards.
+    /// token; replies with the registry as it is afterwards. For
+    /// [`AdminCommand::Stats`], whose reply is not a listing, use
+    /// [`Client::admin_stats`].
     pub async fn admin(&self, token: &str, command: AdminCommand) -> Result<PolicyListing, ClientError> {
         match self.call(Request::Admin { token: token.to_string(), command }).await? {
             Response::Policies(listing) => Ok(*listing),

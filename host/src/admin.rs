@@ -13,7 +13,9 @@ use crate::core::{PolicyFactory, Shard, replay_snapshot};
 use crate::node::Node;
 use crate::registry::{Activation, ModuleLimits, Registry, RegistryError, parse_label};
 use crate::shadow::Shadow;
-use cachet_proto::{AdminCommand, ErrorCode, ErrorReply, ModuleListing, PolicyListing, Response, ShardListing};
+use cachet_proto::{
+    AdminCommand, ErrorCode, ErrorReply, ModuleListing, NodeStats, PolicyListing, Response, ShardListing,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -316,12 +318,16 @@ impl Node {
     /// back-off after failed attempts is running.
     pub fn admin(&self, token: &str, command: AdminCommand) -> Response {
         let what = command.name();
-        let result = self.admit(Instant::now(), token).and_then(|()| self.run_admin(command));
-        match result {
-            Ok(message) => {
+        let result = self.admit(Instant::now(), token).and_then(|()| match command {
+            // Read-only and polled by monitoring: not worth a log line.
+            AdminCommand::Stats => Ok(Response::Stats(self.admin_stats())),
+            command => self.run_admin(command).map(|message| {
                 tracing::info!(command = what, "{message}");
                 Response::Policies(Box::new(self.policy_listing(message)))
-            }
+            }),
+        });
+        match result {
+            Ok(reply) => reply,
             Err(err) => {
                 if !matches!(err, AdminError::WrongToken | AdminError::Throttled(_)) {
                     tracing::warn!(command = what, %err, "admin command refused");
@@ -353,8 +359,16 @@ impl Node {
         Err(refused)
     }
 
+    /// The node's stats with its hot keys, for admin callers only.
+    fn admin_stats(&self) -> NodeStats {
+        NodeStats { hot_keys: self.hot_keys(), hot_keys_hidden: false, ..self.stats() }
+    }
+
+    /// Runs a policy command; [`AdminCommand::Stats`] is answered by
+    /// [`Node::admin`] and never reaches here.
     fn run_admin(&self, command: AdminCommand) -> Result<String, AdminError> {
         match command {
+            AdminCommand::Stats => Ok(String::new()),
             AdminCommand::UploadChunk { upload, offset, total, chunk } => {
                 let received = self.control.uploads_receive(upload, offset, total, &chunk)?;
                 Ok(format!("upload {upload}: {received} of {total} bytes"))
@@ -706,6 +720,50 @@ mod tests {
         assert_eq!(logged, vec![999], "one line at 1 s, counting the 999 before it");
         assert_eq!(log.admit(t0 + Duration::from_millis(1500)), None);
         assert_eq!(log.admit(t0 + Duration::from_millis(2000)), Some(1));
+    }
+
+    /// Hot keys are key bytes: plain stats leave them out (and say so),
+    /// the admin variant with the node's token has them, a wrong token gets
+    /// nothing but a refusal.
+    #[test]
+    fn hot_keys_are_only_for_admin_callers() {
+        use bytes::Bytes;
+        use cachet_proto::Request;
+        let factory = crate::policies::native(crate::policies::DEFAULT_POLICY, Default::default()).expect("policy");
+        let node = Node::new(crate::node::NodeConfig::default(), factory).expect("node");
+        let registry = Registry::open(None, crate::wasm::PolicyEngine::new().expect("engine")).expect("registry");
+        let node = node.with_registry(registry, Some("s3cret".into()));
+        let key = Bytes::from_static(b"user:alice@example.org");
+        let set = Request::Set {
+            key: key.clone(),
+            value: Bytes::from_static(b"v"),
+            ttl_ms: None,
+            condition: Default::default(),
+            hint: 0,
+        };
+        assert_eq!(node.execute(set), Response::Ok);
+        for _ in 0..5 {
+            node.execute(Request::Get { key: key.clone() });
+        }
+
+        let Response::Stats(plain) = node.execute(Request::Stats) else { panic!("plain stats") };
+        assert!(plain.hot_keys.is_empty(), "plain stats leak {:?}", plain.hot_keys);
+        assert!(plain.hot_keys_hidden);
+        assert_eq!(plain.hits, 5);
+
+        let admin = |token: &str| node.execute(Request::Admin { token: token.into(), command: AdminCommand::Stats });
+        let Response::Stats(full) = admin("s3cret") else { panic!("admin stats") };
+        assert_eq!(full.hot_keys.first().map(|h| &h.key), Some(&key), "{:?}", full.hot_keys);
+        assert!(!full.hot_keys_hidden);
+        assert_eq!(full.hits, 5);
+
+        let refused = admin("guess");
+        assert!(matches!(refused, Response::Error(ErrorReply { code: ErrorCode::Unauthorized, .. })), "{refused:?}");
+
+        let factory = crate::policies::native(crate::policies::DEFAULT_POLICY, Default::default()).expect("policy");
+        let no_token = Node::new(crate::node::NodeConfig::default(), factory).expect("node");
+        let refused = no_token.execute(Request::Admin { token: String::new(), command: AdminCommand::Stats });
+        assert!(matches!(refused, Response::Error(ErrorReply { code: ErrorCode::Unauthorized, .. })), "{refused:?}");
     }
 
     /// Through the node: wrong tokens lock the right one out too, and the

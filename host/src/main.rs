@@ -91,9 +91,14 @@ enum Command {
         /// File with one key per line.
         #[arg(long, conflicts_with = "from_node", required_unless_present = "from_node")]
         keys: Option<PathBuf>,
-        /// Take the hot keys of this node (trusted like --server).
+        /// Take the hot keys of this node (trusted like --server); needs
+        /// that node's admin token, as hot keys are key bytes.
         #[arg(long)]
         from_node: Option<SocketAddr>,
+        /// File holding --from-node's admin token [default:
+        /// $CACHET_ADMIN_TOKEN].
+        #[arg(long, requires = "from_node")]
+        admin_token_file: Option<PathBuf>,
         /// Keys started per second (an upper bound on origin queries).
         #[arg(long, default_value_t = 100)]
         rate: u32,
@@ -106,18 +111,20 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Print the node's hottest keys, one per line (a key list for `warm`).
+    /// Print the node's hottest keys, one per line (a key list for `warm`;
+    /// admin token required, as they are key bytes).
     HotKeys {
         #[command(flatten)]
-        client: ClientArgs,
+        admin: AdminArgs,
     },
-    /// Print the node's counters.
+    /// Print the node's counters; its hot keys too when given the admin
+    /// token.
     Stats {
         /// As one JSON object.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        client: ClientArgs,
+        admin: AdminArgs,
     },
     /// Load-test a node.
     Bench(Box<BenchArgs>),
@@ -199,15 +206,45 @@ struct AdminArgs {
 
 impl AdminArgs {
     fn token(&self) -> Result<String> {
-        match &self.admin_token_file {
-            Some(path) => read_token(path),
-            None => match std::env::var("CACHET_ADMIN_TOKEN") {
-                Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
-                _ => bail!("policy commands need the admin token: --admin-token-file FILE or CACHET_ADMIN_TOKEN"),
-            },
+        match optional_token(self.admin_token_file.as_deref())? {
+            Some(token) => Ok(token),
+            None => bail!("policy commands need the admin token: --admin-token-file FILE or CACHET_ADMIN_TOKEN"),
         }
     }
 }
+
+/// The admin token from `file`, else from `CACHET_ADMIN_TOKEN`, if either
+/// is given: commands that work without one but show more with it (hot
+/// keys in `stats`).
+fn optional_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    match file {
+        Some(path) => read_token(path).map(Some),
+        None => match std::env::var("CACHET_ADMIN_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_string())),
+            _ => Ok(None),
+        },
+    }
+}
+
+/// The node's stats, with its hot keys when `token` is given. A node that
+/// predates admin stats answers `UnknownCommand`; its plain stats still
+/// carry the hot keys, so those are used.
+async fn node_stats(client: &Client, token: Option<&str>) -> Result<cachet_client::NodeStats> {
+    let Some(token) = token else {
+        return Ok(client.stats().await?);
+    };
+    match client.admin_stats(token).await {
+        Err(cachet_client::ClientError::Server(reply)) if reply.code == cachet_client::ErrorCode::UnknownCommand => {
+            Ok(client.stats().await?)
+        }
+        result => Ok(result.context("admin stats (hot keys)")?),
+    }
+}
+
+/// Why a command that needs hot keys got none: they are shown to admin
+/// callers only.
+const HOT_KEYS_NEED_TOKEN: &str = "hot keys are key bytes, shown only to admin callers: give the node's admin token \
+                                   (--admin-token-file FILE or CACHET_ADMIN_TOKEN)";
 
 /// Reads a token file; surrounding whitespace (a trailing newline) is not
 /// part of the token.
@@ -590,9 +627,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", deleted?);
             Ok(())
         }),
-        Command::Stats { json, client } => block_on(async move {
-            let client = client.connect().await?;
-            let stats = client.stats().await;
+        Command::Stats { json, admin } => block_on(async move {
+            let token = optional_token(admin.admin_token_file.as_deref())?;
+            let client = admin.client.connect().await?;
+            let stats = node_stats(&client, token.as_deref()).await;
             client.close().await;
             let stats = stats?;
             if json {
@@ -630,16 +668,21 @@ fn run(cli: Cli) -> Result<()> {
                     println!("replica           {} records, {} hints, {synced}", cluster.records, cluster.hints);
                     println!("replicated ops    {} ok, {} failed", cluster.ops_ok, cluster.ops_failed);
                 }
+                if stats.hot_keys_hidden {
+                    println!("hot keys          hidden: {HOT_KEYS_NEED_TOKEN}");
+                }
                 for (i, hot) in stats.hot_keys.iter().take(10).enumerate() {
                     let label = if i == 0 { "hot keys" } else { "" };
-                    println!("{label:<17} {} (~{} reads)", String::from_utf8_lossy(&hot.key), hot.reads);
+                    println!("{label:<17} {} (~{} reads)", String::from_utf8_lossy(&hot.key).escape_debug(), hot.reads);
                 }
             }
             Ok(())
         }),
-        Command::HotKeys { client } => block_on(async move {
-            let client = Client::connect(client.config()?).await?;
-            let stats = client.stats().await;
+        Command::HotKeys { admin } => block_on(async move {
+            let token = optional_token(admin.admin_token_file.as_deref())?
+                .ok_or_else(|| anyhow::anyhow!("{HOT_KEYS_NEED_TOKEN}"))?;
+            let client = Client::connect(admin.client.config()?).await?;
+            let stats = node_stats(&client, Some(&token)).await;
             client.close().await;
             let mut out = std::io::stdout().lock();
             for hot in stats?.hot_keys {
@@ -648,17 +691,20 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }),
-        Command::Warm { keys, from_node, rate, concurrency, quiet, client } => block_on(async move {
+        Command::Warm { keys, from_node, admin_token_file, rate, concurrency, quiet, client } => block_on(async move {
             let list = match (keys, from_node) {
                 (Some(path), _) => {
                     let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                     cachet::warm::parse_key_list(&text)
                 }
                 (None, Some(addr)) => {
+                    let Some(token) = optional_token(admin_token_file.as_deref())? else {
+                        anyhow::bail!("--from-node: {HOT_KEYS_NEED_TOKEN}");
+                    };
                     let mut config = client.config()?;
                     config.server = addr;
                     let source = Client::connect(config).await?;
-                    let stats = source.stats().await;
+                    let stats = node_stats(&source, Some(&token)).await;
                     source.close().await;
                     stats?.hot_keys.into_iter().map(|h| h.key).collect()
                 }

@@ -606,7 +606,9 @@ impl Node {
         }
     }
 
-    /// Counters summed over the shards.
+    /// Counters summed over the shards, without the hot keys (see
+    /// [`Node::hot_keys`]): what any client, the RESP port's INFO and the
+    /// metrics endpoint may see.
     pub fn stats(&self) -> NodeStats {
         let active = lock(&self.control.state).activation.clone();
         let mut out = NodeStats {
@@ -617,6 +619,7 @@ impl Node {
             uptime_secs: self.started.elapsed().as_secs(),
             connections: self.connections.load(Ordering::Relaxed),
             cluster: self.cluster.get().map(|c| Box::new(c.stats())),
+            hot_keys_hidden: true,
             ..NodeStats::default()
         };
         for shard in &self.shards {
@@ -633,6 +636,16 @@ impl Node {
             out.bytes += shard.bytes();
             out.shards_on_fallback += u64::from(matches!(shard.policy_mode(), PolicyMode::Fallback { .. }));
         }
+        let reads = out.hits + out.misses;
+        out.hit_ratio = if reads == 0 { 0.0 } else { out.hits as f64 / reads as f64 };
+        out
+    }
+
+    /// The hottest keys read lately, hottest first. Key bytes can be
+    /// personal data (user ids, e-mail addresses in keys): only admin
+    /// callers get them ([`cachet_proto::AdminCommand::Stats`]), never plain
+    /// stats, INFO or the metrics endpoint.
+    pub fn hot_keys(&self) -> Vec<cachet_proto::HotKey> {
         let mut hot: Vec<cachet_proto::HotKey> = self
             .shards
             .iter()
@@ -641,10 +654,7 @@ impl Node {
             .collect();
         hot.sort_by(|a, b| b.reads.cmp(&a.reads).then_with(|| a.key.cmp(&b.key)));
         hot.truncate(crate::core::hotkeys::TOP * 2);
-        out.hot_keys = hot;
-        let reads = out.hits + out.misses;
-        out.hit_ratio = if reads == 0 { 0.0 } else { out.hits as f64 / reads as f64 };
-        out
+        hot
     }
 }
 

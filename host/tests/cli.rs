@@ -299,31 +299,61 @@ fn policy_verbs_load_activate_shadow_and_roll_back_a_live_node() {
     let _ = std::fs::remove_file(&token_file);
 }
 
+/// Hot keys are key bytes: `stats` hides them (and says so) without the
+/// admin token, `hot-keys` and `warm --from-node` refuse without it or with
+/// a wrong one; with it they list them and warm reads the list back.
 #[test]
 fn hot_keys_export_a_list_that_warm_reads_back() {
-    let node = ServeProcess::start();
+    let token_file = std::env::temp_dir().join(format!("cachet-cli-hot-token-{}", std::process::id()));
+    std::fs::write(&token_file, "open-sesame\n").expect("token file");
+    let token = token_file.to_str().expect("utf-8");
+    let node = ServeProcess::start_with(&["--admin-token-file", token]);
     assert!(node.cli(&["set", "hot", "1"]).status.success());
     assert!(node.cli(&["set", "warm", "2"]).status.success());
     for _ in 0..5 {
         assert!(node.cli(&["get", "hot"]).status.success());
     }
     assert!(node.cli(&["get", "warm"]).status.success());
-    let out = node.cli(&["hot-keys"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let list = String::from_utf8_lossy(&out.stdout).to_string();
-    assert_eq!(list.lines().take(2).collect::<Vec<_>>(), ["hot", "warm"], "hottest first: {list}");
+
+    let stdout = |out: &Output| String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = |out: &Output| String::from_utf8_lossy(&out.stderr).to_string();
     let out = node.cli(&["stats"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("hot keys          hot (~"), "stats shows them");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("hot keys          hidden: hot keys are key bytes"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("hot (~"), "plain stats leak hot keys: {}", stdout(&out));
+    let plain = json_of(&node.cli(&["stats", "--json"]));
+    assert_eq!(plain["hot_keys"], serde_json::json!([]));
+    assert_eq!(plain["hot_keys_hidden"], true);
+    let out = node.cli(&["hot-keys"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("admin token") && out.stdout.is_empty(), "{}", stderr(&out));
+    let wrong = std::env::temp_dir().join(format!("cachet-cli-hot-wrong-{}", std::process::id()));
+    std::fs::write(&wrong, "guess\n").expect("token file");
+    let out = node.cli(&["hot-keys", "--admin-token-file", wrong.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_file(&wrong);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("wrong admin token") && out.stdout.is_empty(), "{}", stderr(&out));
+    let out = node.cli(&["warm", "--from-node", &node.addr, "--quiet"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("admin token"), "{}", stderr(&out));
+
+    let out = node.cli(&["hot-keys", "--admin-token-file", token]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list = stdout(&out);
+    assert_eq!(list.lines().take(2).collect::<Vec<_>>(), ["hot", "warm"], "hottest first: {list}");
+    let out = node.cli(&["stats", "--admin-token-file", token]);
+    assert!(stdout(&out).contains("hot keys          hot (~"), "stats shows them: {}", stdout(&out));
 
     let file = std::env::temp_dir().join(format!("cachet-cli-keys-{}", std::process::id()));
     std::fs::write(&file, format!("{list}absent\n")).expect("key list");
     let out = node.cli(&["warm", "--keys", file.to_str().expect("utf-8"), "--rate", "50", "--quiet"]);
     let _ = std::fs::remove_file(&file);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = stdout(&out);
     assert!(report.starts_with("warmed 3 keys") && report.contains("2 present, 1 not found"), "{report}");
-    let out = node.cli(&["warm", "--from-node", &node.addr, "--quiet"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("present"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = node.cli(&["warm", "--from-node", &node.addr, "--admin-token-file", token, "--quiet"]);
+    let _ = std::fs::remove_file(&token_file);
+    assert!(out.status.success() && stdout(&out).contains("present"), "{}", stderr(&out));
 }
 
 #[test]

@@ -182,6 +182,12 @@ pub enum AdminCommand {
         /// Module version.
         version: String,
     },
+    /// The node's statistics with its hot keys, answered with
+    /// [`Response::Stats`]. Hot keys are key bytes (user ids, e-mail
+    /// addresses), so plain [`Request::Stats`] leaves them out; a node that
+    /// predates this command answers `UnknownCommand` (its plain stats
+    /// still carry them).
+    Stats,
 }
 
 impl AdminCommand {
@@ -194,6 +200,7 @@ impl AdminCommand {
             Self::Rollback => "policy_rollback",
             Self::List => "policy_list",
             Self::Shadow { .. } => "policy_shadow",
+            Self::Stats => "stats",
         }
     }
 }
@@ -362,9 +369,17 @@ pub struct NodeStats {
     pub connections: u64,
     /// The hottest keys read lately, hottest first, with a measure of
     /// their heat (reads, aged, and sampled on busy shards): what `cachet
-    /// warm --from-node` loads first.
+    /// warm --from-node` loads first. Only in replies to
+    /// [`AdminCommand::Stats`]: key bytes can be personal data, so plain
+    /// [`Request::Stats`] leaves this empty and sets `hot_keys_hidden`.
     #[serde(default)]
     pub hot_keys: Vec<HotKey>,
+    /// Whether the node left `hot_keys` out because the caller is not an
+    /// admin, so an empty list is not mistaken for a node that read
+    /// nothing. Absent (`false`) from nodes that put hot keys in every
+    /// reply.
+    #[serde(default)]
+    pub hot_keys_hidden: bool,
     /// The node's view of its cluster, when it is in one.
     #[serde(default)]
     pub cluster: Option<Box<ClusterStats>>,
