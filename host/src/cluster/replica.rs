@@ -31,7 +31,7 @@
 //!   the keys it already owned, whose copies are complete, it keeps
 //!   counting.
 
-use super::version::{LamportClock, Version};
+use super::version::{self, LamportClock, Version, VersionTooFarAhead};
 use bytes::Bytes;
 use cachet_proto::Ring;
 use serde::{Deserialize, Serialize};
@@ -266,12 +266,79 @@ pub struct ReplicaConfig {
     pub request_timeout_ms: u64,
     /// Resend interval of hints and sync requests.
     pub retry_ms: u64,
+    /// The wall clock (Unix milliseconds) when `now` was 0: received
+    /// versions are bounded by the wall clock ([`version::ceiling`]), and
+    /// the core reads no clock of its own.
+    pub wall_epoch_ms: u64,
+    /// Longest key a peer may send: the node's own limit.
+    pub max_key_len: usize,
+    /// Longest value a peer may send: the node's own limit. Hints are held
+    /// in memory, outside the shards' bounds, so they must be bounded here.
+    pub max_value_len: usize,
 }
 
 impl Default for ReplicaConfig {
     fn default() -> Self {
-        Self { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 }
+        Self {
+            rf: 2,
+            request_timeout_ms: 1_000,
+            retry_ms: 100,
+            wall_epoch_ms: 0,
+            max_key_len: 64 << 10,
+            max_value_len: 1 << 20,
+        }
     }
+}
+
+/// Why a peer's message was refused. Checked before the message touches
+/// anything, so a refused message changes no state; it is dropped and the
+/// member serves on. A peer holding a valid certificate is trusted to be a
+/// member, not to be honest.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PeerMessageError {
+    /// The sender's id is this node's own or over [`MAX_NODE_ID`]: ids
+    /// index per-member tables.
+    #[error("sender {from} is not another member (this node is {me}; ids go up to {MAX_NODE_ID})")]
+    UnknownSender {
+        /// The id the message came from.
+        from: NodeIx,
+        /// This node's id.
+        me: NodeIx,
+    },
+    /// A record's version is too far ahead (see [`version::ceiling`]).
+    #[error(transparent)]
+    Version(#[from] VersionTooFarAhead),
+    /// A hint for a node that is not a member, or for its own sender (the
+    /// coordinator hints only for owners it sees down).
+    #[error("hint for node {target}, which is not a member other than the sender")]
+    HintTarget {
+        /// The node named.
+        target: NodeIx,
+    },
+    /// A key or value over the node's limits.
+    #[error("a {what} of {len} bytes is over this node's limit of {limit}")]
+    TooLarge {
+        /// `key` or `value`.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A sync part whose numbers do not fit together.
+    #[error("sync part {part} of {parts} (at most {MAX_SYNC_PARTS} parts, numbered from 0)")]
+    SyncPart {
+        /// The part's index.
+        part: u32,
+        /// The parts it claims there are.
+        parts: u32,
+    },
+    /// A sync request naming members that cannot exist.
+    #[error("sync request naming {count} members, or an id over {MAX_NODE_ID}")]
+    SyncMembers {
+        /// How many it named.
+        count: usize,
+    },
 }
 
 enum Phase {
@@ -344,6 +411,15 @@ pub const MAX_HINTS: usize = 100_000;
 /// Record bytes per re-sync part: parts stay far below the transport's
 /// frame limit whatever a node holds.
 const SYNC_PART_BYTES: usize = 1 << 20;
+
+/// Most parts one snapshot may claim: 2^20 parts of [`SYNC_PART_BYTES`]
+/// is a terabyte, more than any node holds.
+pub const MAX_SYNC_PARTS: u32 = 1 << 20;
+
+/// Snapshots tracked per member during a re-sync; a member's oldest
+/// incomplete one is forgotten beyond this, so parts of made-up snapshots
+/// cannot grow the tracking without bound.
+const MAX_SNAPSHOTS_PER_MEMBER: usize = 4;
 
 struct Hint {
     target: NodeIx,
@@ -723,7 +799,13 @@ impl Replica {
 
     /// The failure detector's verdict on `node`. A node coming back gets
     /// its hints, and a re-syncing replica asks it again.
+    /// A node not known yet (up to [`MAX_NODE_ID`]) becomes known: its
+    /// messages are accepted from then on ([`Replica::check`]).
     pub fn set_alive(&mut self, now: u64, node: NodeIx, alive: bool) {
+        if node <= MAX_NODE_ID && node >= self.nodes {
+            self.nodes = node + 1;
+            self.alive.resize(self.nodes as usize, false);
+        }
         if let Some(slot) = self.alive.get_mut(node as usize) {
             *slot = alive;
         }
@@ -1035,8 +1117,72 @@ impl Replica {
         }
     }
 
-    /// A message from `from`.
-    pub fn handle(&mut self, now: u64, from: NodeIx, message: Message) {
+    /// Whether a message from `from` may be handled at `now`: every id,
+    /// version, size and count in it within bounds. Reads nothing but the
+    /// message and this replica's tables, changes nothing.
+    pub fn check(&self, now: u64, from: NodeIx, message: &Message) -> Result<(), PeerMessageError> {
+        // Not `from >= self.nodes`: a member that joined may be heard from
+        // before this replica's ring has it; tables are read with `get`.
+        if from == self.me || from > MAX_NODE_ID {
+            return Err(PeerMessageError::UnknownSender { from, me: self.me });
+        }
+        let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
+        let key_ok = |key: &Bytes| {
+            let limit = self.config.max_key_len;
+            if key.len() > limit {
+                Err(PeerMessageError::TooLarge { what: "key", len: key.len(), limit })
+            } else {
+                Ok(())
+            }
+        };
+        let record_ok = |record: &Record| {
+            version::check(record.version, wall_ms)?;
+            let (len, limit) = (record.value.as_ref().map_or(0, Bytes::len), self.config.max_value_len);
+            if len > limit { Err(PeerMessageError::TooLarge { what: "value", len, limit }) } else { Ok(()) }
+        };
+        match message {
+            Message::Put { key, record, hint_for, .. } => {
+                key_ok(key)?;
+                record_ok(record)?;
+                if let Some(target) = *hint_for
+                    && (target == from || target >= self.nodes || target > MAX_NODE_ID)
+                {
+                    return Err(PeerMessageError::HintTarget { target });
+                }
+            }
+            Message::Get { key, .. } => key_ok(key)?,
+            Message::GetReply { record: Some(record), .. } => record_ok(record)?,
+            Message::SyncRequest { members, .. } => {
+                if members.len() > MAX_NODE_ID as usize + 1 || members.iter().any(|&m| m > MAX_NODE_ID) {
+                    return Err(PeerMessageError::SyncMembers { count: members.len() });
+                }
+            }
+            Message::SyncData { part, parts, entries, .. } => {
+                if *parts == 0 || *parts > MAX_SYNC_PARTS || part >= parts {
+                    return Err(PeerMessageError::SyncPart { part: *part, parts: *parts });
+                }
+                for (key, record) in entries {
+                    key_ok(key)?;
+                    record_ok(record)?;
+                }
+            }
+            Message::GetReply { record: None, .. }
+            | Message::PutAck { .. }
+            | Message::Readmit { .. }
+            | Message::ReadmitAck { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A message from `from`, handled if [`Replica::check`] passes; a
+    /// refused one is returned untouched as an error and changes nothing.
+    pub fn handle(&mut self, now: u64, from: NodeIx, message: Message) -> Result<(), PeerMessageError> {
+        self.check(now, from, &message)?;
+        self.handle_checked(now, from, message);
+        Ok(())
+    }
+
+    fn handle_checked(&mut self, now: u64, from: NodeIx, message: Message) {
         match message {
             Message::Put { req, key, record, hint_for: Some(target) } => {
                 self.clock.observe(record.version);
@@ -1147,8 +1293,17 @@ impl Replica {
                     && resync.round == round
                 {
                     resync.heard.insert(from, now);
+                    let theirs: Vec<(NodeIx, u64)> =
+                        resync.received.range((from, 0)..=(from, u64::MAX)).map(|(k, _)| *k).collect();
+                    if !theirs.contains(&(from, snapshot)) && theirs.len() >= MAX_SNAPSHOTS_PER_MEMBER {
+                        resync.received.remove(&theirs[0]);
+                    }
                     let (total, got) = resync.received.entry((from, snapshot)).or_insert((parts, BTreeSet::new()));
-                    got.insert(part);
+                    // A part claiming another count than the snapshot's
+                    // first part did is not counted.
+                    if *total == parts {
+                        got.insert(part);
+                    }
                     if got.len() as u32 >= *total {
                         resync.waiting.remove(&from);
                     }
@@ -1290,7 +1445,7 @@ mod tests {
                 hold.drain(..).partition(|(_, _, m)| !matches!(m, Message::Put { .. }));
             *hold = keep;
             for (from, to, message) in deliver {
-                replicas[to as usize].handle(now, from, message);
+                replicas[to as usize].handle(now, from, message).expect("an honest message is accepted");
                 moved = true;
             }
             if !moved {
@@ -1322,7 +1477,7 @@ mod tests {
                 after.contains(&4).then_some((Bytes::from(key), c, d))
             })
             .expect("such a key exists");
-        let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100 };
+        let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
         let mut replicas: Vec<Replica> =
             (0..4).map(|i| Replica::new(i, 4, old.clone(), config, u64::from(i) + 11)).collect();
         replicas.push(Replica::new(4, 5, new.clone(), config, 99));
@@ -1350,7 +1505,7 @@ mod tests {
         // Now the stores reach every old owner but d.
         for (from, to, message) in std::mem::take(&mut held) {
             if to != d {
-                replicas[to as usize].handle(20, from, message);
+                replicas[to as usize].handle(20, from, message).expect("an honest message is accepted");
             }
         }
         pump(&mut replicas, 20, &mut held);
@@ -1374,7 +1529,7 @@ mod tests {
     #[test]
     fn a_large_resync_comes_in_parts_and_survives_a_lost_one() {
         let two = ring(2);
-        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
         let mut holder = Replica::new(0, 2, two.clone(), config, 5);
         let mut back = Replica::new(1, 2, two, config, 6);
         let value = Bytes::from(vec![7u8; 1_024]);
@@ -1382,7 +1537,9 @@ mod tests {
             let record =
                 Record { version: Version { counter: i + 1, node: 0 }, value: Some(value.clone()), expires_at: None };
             let key = Bytes::from(format!("key{i}"));
-            holder.handle(0, 1, Message::Put { req: 0, key, record, hint_for: None });
+            holder
+                .handle(0, 1, Message::Put { req: 0, key, record, hint_for: None })
+                .expect("an honest message is accepted");
         }
         assert_eq!(holder.record_count(), 3_000);
         back.restart(0, 7);
@@ -1390,7 +1547,7 @@ mod tests {
             let mut parts = 0;
             while let Some((to, message)) = back.poll_transmit() {
                 assert_eq!(to, 0);
-                holder.handle(now, 1, message);
+                holder.handle(now, 1, message).expect("an honest message is accepted");
             }
             while let Some((to, message)) = holder.poll_transmit() {
                 assert_eq!(to, 1);
@@ -1401,7 +1558,7 @@ mod tests {
                         continue;
                     }
                 }
-                back.handle(now, 0, message);
+                back.handle(now, 0, message).expect("an honest message is accepted");
             }
             parts
         };
@@ -1441,7 +1598,7 @@ mod tests {
     #[test]
     fn a_refused_record_is_not_counted_as_stored() {
         let three = ring(3);
-        let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100 };
+        let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
         let mut replicas: Vec<Replica> = (0..3)
             .map(|i| {
                 let store: Box<dyn RecordStore> = if i == 1 { Box::new(BTreeMap::new()) } else { Box::new(Refusing) };
@@ -1453,7 +1610,7 @@ mod tests {
         let mut hold = Vec::new();
         pump(&mut replicas, 0, &mut hold);
         for (from, to, message) in std::mem::take(&mut hold) {
-            replicas[to as usize].handle(1, from, message);
+            replicas[to as usize].handle(1, from, message).expect("an honest message is accepted");
         }
         pump(&mut replicas, 1, &mut hold);
         assert!(replicas[1].poll_reply().is_none(), "acknowledged with one stored copy");
@@ -1477,7 +1634,7 @@ mod tests {
             }
             for (from, to, message) in out {
                 if up[from as usize] && up[to as usize] {
-                    replicas[to as usize].handle(now, from, message);
+                    replicas[to as usize].handle(now, from, message).expect("an honest message is accepted");
                 }
             }
         }
@@ -1498,7 +1655,7 @@ mod tests {
     /// could not do at RF=2.
     #[test]
     fn a_member_declared_down_leaves_the_ring_and_its_copies_are_restored() {
-        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
         let mut replicas: Vec<Replica> =
             (0..3).map(|i| Replica::new(i, 3, ring(3), config, u64::from(i) + 21)).collect();
         let mut up = vec![true; 3];
@@ -1562,7 +1719,7 @@ mod tests {
     /// answer to `Readmit`.
     #[test]
     fn a_readmitted_node_re_syncs_everything_first() {
-        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
         let mut replicas: Vec<Replica> =
             (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 31)).collect();
         let up = vec![true; 2];
@@ -1571,15 +1728,17 @@ mod tests {
             value: Some(Bytes::from_static(b"v")),
             expires_at: None,
         };
-        replicas[1].handle(0, 0, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None });
+        replicas[1]
+            .handle(0, 0, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None })
+            .expect("an honest message is accepted");
         assert!(replicas[1].counted_for(b"k"));
-        replicas[1].handle(5, 0, Message::Readmit { nonce: 77 });
+        replicas[1].handle(5, 0, Message::Readmit { nonce: 77 }).expect("an honest message is accepted");
         assert!(!replicas[1].counted_for(b"k"));
         assert_eq!(replicas[1].record(b"k").map(|r| r.version.counter), Some(1), "records are kept");
         let sent: Vec<(NodeIx, Message)> = std::iter::from_fn(|| replicas[1].poll_transmit()).collect();
         assert!(sent.contains(&(0, Message::ReadmitAck { nonce: 77 })), "{sent:?}");
         for (to, message) in sent {
-            replicas[to as usize].handle(5, 1, message);
+            replicas[to as usize].handle(5, 1, message).expect("an honest message is accepted");
         }
         settle(&mut replicas, &up, 5);
         assert!(!replicas[1].counted_for(b"k"), "one pass is not enough");
@@ -1590,7 +1749,7 @@ mod tests {
         // nothing new.
         replicas[1].restart(2_000, 5);
         let round = replicas[1].resync.as_ref().map(|r| r.round);
-        replicas[1].handle(2_001, 0, Message::Readmit { nonce: 78 });
+        replicas[1].handle(2_001, 0, Message::Readmit { nonce: 78 }).expect("an honest message is accepted");
         assert_eq!(replicas[1].resync.as_ref().map(|r| r.round), round);
     }
 
@@ -1599,7 +1758,7 @@ mod tests {
     /// it sees a majority again it re-syncs everything before it counts.
     #[test]
     fn a_node_without_a_majority_counts_for_nothing() {
-        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
         let mut replicas: Vec<Replica> =
             (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 41)).collect();
         let up = vec![true; 2];
@@ -1625,7 +1784,7 @@ mod tests {
     /// for nothing until it has.
     #[test]
     fn a_readmitted_member_is_pulled_from() {
-        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
         let mut replicas: Vec<Replica> =
             (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 51)).collect();
         let up = vec![true; 2];
@@ -1634,7 +1793,9 @@ mod tests {
             value: Some(Bytes::from_static(b"new")),
             expires_at: None,
         };
-        replicas[0].handle(0, 1, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None });
+        replicas[0]
+            .handle(0, 1, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None })
+            .expect("an honest message is accepted");
         assert!(replicas[1].counted() && replicas[1].record(b"k").is_none());
         replicas[1].pull_from(10, 0);
         assert!(!replicas[1].counted_for(b"k"), "counts for nothing until it has pulled");
@@ -1649,11 +1810,136 @@ mod tests {
     /// Members that join during a re-sync are waited for too.
     #[test]
     fn a_resync_waits_for_members_that_join_meanwhile() {
-        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100 };
+        let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
         let mut replica = Replica::new(0, 2, ring(2), config, 3);
         replica.restart(0, 4);
         assert_eq!(replica.resync_waiting(), vec![1]);
         replica.set_ring(0, ring(3));
         assert_eq!(replica.resync_waiting(), vec![1, 2]);
+    }
+
+    /// A member holding a valid certificate sends what no honest member
+    /// would: each message is refused with its own error, before it
+    /// changes anything (records, hints, the clock, the outbox), and the
+    /// replica serves on: a write coordinated afterwards gets an ordinary
+    /// version and wins over the refused one at the top of the range.
+    #[test]
+    fn hostile_peer_messages_are_refused_and_change_nothing() {
+        use PeerMessageError as E;
+        let config = ReplicaConfig { rf: 3, ..ReplicaConfig::default() };
+        let mut replica = Replica::new(0, 3, ring(3), config, 7);
+        let key = Bytes::from_static(b"k");
+        let at = |counter: u64| Record {
+            version: Version { counter, node: 1 },
+            value: Some(Bytes::from_static(b"v")),
+            expires_at: None,
+        };
+        let put =
+            |record: Record, hint_for: Option<NodeIx>| Message::Put { req: 1, key: key.clone(), record, hint_for };
+        replica.handle(10, 1, put(at(5), None)).expect("an honest message is accepted");
+        while replica.poll_transmit().is_some() {}
+        let now = 20;
+        let top = ceiling_at(now, &config);
+        let big = Bytes::from(vec![0u8; config.max_value_len + 1]);
+        let sync = |part: u32, parts: u32, entries: Vec<(Bytes, Record)>| Message::SyncData {
+            round: 1,
+            snapshot: 1,
+            part,
+            parts,
+            entries,
+        };
+        type Case = (NodeIx, Message, fn(&PeerMessageError) -> bool);
+        let cases: Vec<Case> = vec![
+            (MAX_NODE_ID + 1, put(at(6), None), |e| matches!(e, E::UnknownSender { from: 1_024, .. })),
+            (u32::MAX, put(at(6), None), |e| matches!(e, E::UnknownSender { .. })),
+            (0, put(at(6), None), |e| matches!(e, E::UnknownSender { from: 0, .. })),
+            (1, put(at(u64::MAX), None), |e| matches!(e, E::Version(_))),
+            (1, put(at(top + 1), None), |e| matches!(e, E::Version(v) if v.counter == v.limit + 1)),
+            (1, Message::GetReply { req: 1, record: Some(at(u64::MAX)), counted: true }, |e| {
+                matches!(e, E::Version(_))
+            }),
+            (2, put(at(6), Some(9)), |e| matches!(e, E::HintTarget { target: 9 })),
+            (2, put(at(6), Some(u32::MAX)), |e| matches!(e, E::HintTarget { .. })),
+            (2, put(at(6), Some(2)), |e| matches!(e, E::HintTarget { target: 2 })),
+            (
+                1,
+                Message::Put {
+                    req: 1,
+                    key: Bytes::from(vec![1u8; config.max_key_len + 1]),
+                    record: at(6),
+                    hint_for: None,
+                },
+                |e| matches!(e, E::TooLarge { what: "key", .. }),
+            ),
+            (1, put(Record { value: Some(big.clone()), ..at(6) }, Some(2)), |e| {
+                matches!(e, E::TooLarge { what: "value", .. })
+            }),
+            (1, Message::Get { req: 1, key: Bytes::from(vec![1u8; config.max_key_len + 1]) }, |e| {
+                matches!(e, E::TooLarge { .. })
+            }),
+            // One bad record spoils the whole part: the good one before it
+            // is not applied either.
+            (1, sync(0, 1, vec![(Bytes::from_static(b"good"), at(7)), (key.clone(), at(u64::MAX))]), |e| {
+                matches!(e, E::Version(_))
+            }),
+            (1, sync(0, 0, Vec::new()), |e| matches!(e, E::SyncPart { part: 0, parts: 0 })),
+            (1, sync(5, 3, Vec::new()), |e| matches!(e, E::SyncPart { part: 5, parts: 3 })),
+            (1, sync(0, u32::MAX, Vec::new()), |e| matches!(e, E::SyncPart { .. })),
+            (1, Message::SyncRequest { round: 1, members: vec![0, 1, 5_000] }, |e| {
+                matches!(e, E::SyncMembers { count: 3 })
+            }),
+            (1, Message::SyncRequest { round: 1, members: vec![0; 2_000] }, |e| {
+                matches!(e, E::SyncMembers { count: 2_000 })
+            }),
+        ];
+        let records = replica.records();
+        for (from, message, expected) in cases {
+            let shown = format!("{message:?}");
+            let shown = &shown[..shown.len().min(120)];
+            let err = replica.handle(now, from, message).expect_err(shown);
+            assert!(expected(&err), "{shown}: {err}");
+            assert_eq!(replica.records(), records, "{shown} changed the records");
+            assert_eq!(replica.hints_held(), 0, "{shown} left a hint");
+            assert!(replica.poll_transmit().is_none(), "{shown} was answered");
+        }
+        // The clock saw none of it: the next write is version 6 and wins.
+        replica.client(
+            now,
+            1,
+            Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None },
+            Consistency::One,
+        );
+        let reply = replica.poll_reply().expect("a ONE write here is answered at once");
+        assert_eq!(reply.result, Ok(Outcome::Written(Version { counter: 6, node: 0 })));
+        assert_eq!(replica.record(&key).and_then(|r| r.value), Some(Bytes::from_static(b"w")));
+    }
+
+    fn ceiling_at(now: u64, config: &ReplicaConfig) -> u64 {
+        version::ceiling(config.wall_epoch_ms + now)
+    }
+
+    /// Parts of made-up snapshots, or with a count that contradicts the
+    /// snapshot's, cannot grow a re-sync's tracking or finish it early.
+    #[test]
+    fn made_up_sync_parts_are_bounded() {
+        let mut replica = Replica::new(0, 3, ring(3), ReplicaConfig::default(), 7);
+        replica.restart(0, 8);
+        while replica.poll_transmit().is_some() {}
+        let round = replica.resync.as_ref().map(|r| r.round).expect("re-syncing");
+        for snapshot in 0..1_000 {
+            let part = Message::SyncData { round, snapshot, part: 0, parts: 2, entries: Vec::new() };
+            replica.handle(1, 1, part).expect("well-formed");
+        }
+        let resync = replica.resync.as_ref().expect("still re-syncing");
+        assert_eq!(resync.received.len(), MAX_SNAPSHOTS_PER_MEMBER, "tracking is bounded");
+        // Part 1 of snapshot 999 claiming one part in all does not complete it.
+        replica
+            .handle(1, 1, Message::SyncData { round, snapshot: 999, part: 0, parts: 1, entries: Vec::new() })
+            .expect("ok");
+        assert_eq!(replica.resync_waiting(), vec![1, 2]);
+        replica
+            .handle(1, 1, Message::SyncData { round, snapshot: 999, part: 1, parts: 2, entries: Vec::new() })
+            .expect("ok");
+        assert_eq!(replica.resync_waiting(), vec![2], "the snapshot's own parts complete it");
     }
 }

@@ -241,8 +241,10 @@ impl Cluster {
                         }
                     };
                     let _ = bound_tx.send(Ok(transport.local_addr().unwrap_or(listen)));
+                    // Peers' records are held to this node's own limits.
+                    let limits = (node.config().max_key_size, node.config().max_value_size);
                     let store = Box::new(ShardRecords::new(node));
-                    let shell = Shell::new(options, listen, transport, thread_status, store);
+                    let shell = Shell::new(options, listen, transport, thread_status, store, limits);
                     shell.run(commands_rx, incoming, stopped).await;
                 });
             })
@@ -578,6 +580,11 @@ struct Shell {
     ops_failed: u64,
     /// When the stats' expensive part was last refreshed.
     status_at: u64,
+    /// Peer messages refused by [`Replica::check`] since the start.
+    refused: u64,
+    /// When a refusal was last logged, and the refusals not logged since:
+    /// a hostile peer's flood is a line a second, not a line each.
+    refused_log: (Option<u64>, u64),
 }
 
 impl Shell {
@@ -587,12 +594,17 @@ impl Shell {
         transport: Arc<PeerTransport>,
         status: Arc<Mutex<ClusterStats>>,
         store: Box<dyn RecordStore>,
+        (max_key_len, max_value_len): (usize, usize),
     ) -> Self {
         let me = options.node_id;
         let boot = boot_nonce();
         let config = ReplicaConfig {
             rf: options.replication_factor,
             request_timeout_ms: options.request_timeout_ms,
+            // `now` counts from here (`started` below).
+            wall_epoch_ms: unix_ms(),
+            max_key_len,
+            max_value_len,
             ..ReplicaConfig::default()
         };
         // A restarted node is a new incarnation, so the others take its
@@ -677,6 +689,8 @@ impl Shell {
             ops_ok: 0,
             ops_failed: 0,
             status_at: 0,
+            refused: 0,
+            refused_log: (None, 0),
         }
     }
 
@@ -955,7 +969,19 @@ impl Shell {
                             self.refresh_ring(now);
                         }
                     }
-                    (message, Some(replica)) => replica.handle(now, from, message),
+                    (message, Some(replica)) => {
+                        if let Err(err) = replica.handle(now, from, message) {
+                            self.refused += 1;
+                            let (last, suppressed) = &mut self.refused_log;
+                            if last.is_some_and(|t| now < t + 1_000) {
+                                *suppressed += 1;
+                            } else {
+                                *last = Some(now);
+                                let suppressed = std::mem::take(suppressed);
+                                tracing::warn!(node = from, %err, suppressed, total = self.refused, "peer message refused");
+                            }
+                        }
+                    }
                     // No replica yet: the one built will re-sync everything.
                     (Message::Readmit { nonce }, None) => {
                         self.send_to(frame.from, PeerFrame::Replica(Message::ReadmitAck { nonce }));

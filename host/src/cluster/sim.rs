@@ -141,7 +141,7 @@ impl Sim {
             .map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 })
             .collect();
         let ring = Arc::new(Ring::new(1, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
-        let config = ReplicaConfig { rf: 3, request_timeout_ms: 400, retry_ms: 50 };
+        let config = ReplicaConfig { rf: 3, request_timeout_ms: 400, retry_ms: 50, ..ReplicaConfig::default() };
         let mut rng = Rng(seed);
         let replicas = (0..NODES).map(|i| Replica::new(i, NODES, ring.clone(), config, rng.next())).collect();
         Self {
@@ -599,7 +599,9 @@ impl Sim {
                     continue;
                 }
                 if self.runs(to as usize) && !self.cut(from, to) {
-                    self.replicas[to as usize].handle(self.now, from, message);
+                    if let Err(err) = self.replicas[to as usize].handle(self.now, from, message) {
+                        panic!("t={} an honest message {from}->{to} was refused: {err}", self.now);
+                    }
                 } else {
                     self.tally.dropped += 1;
                 }

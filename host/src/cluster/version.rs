@@ -18,6 +18,52 @@ pub struct Version {
     pub node: u32,
 }
 
+/// Bits of a counter below the millisecond in [`ceiling`]: counters may
+/// grow by up to 2^20 a millisecond before the bound catches up with them.
+pub const SUB_MS_BITS: u32 = 20;
+
+/// How far past a receiver's wall clock, in milliseconds, the bound on
+/// received counters lies ([`ceiling`]): the largest clock difference
+/// between members that cannot be told from an attack.
+pub const MAX_LEAD_MS: u64 = 60_000;
+
+/// The highest counter a node accepts from a peer when its wall clock reads
+/// `wall_ms` (Unix milliseconds): `(wall_ms + MAX_LEAD_MS) << SUB_MS_BITS`.
+///
+/// Why: every node moves its clock past any version it sees, and a record
+/// at `u64::MAX` would make every later write to its key lose (the counter
+/// saturates), so a peer must not be able to hand out versions near the
+/// top of the range. Honest counters grow by one per write and stay far
+/// below this bound (it starts near 2^60 today); a hostile peer can push
+/// counters up to it, but the bound itself only rises with time, 2^20 a
+/// millisecond, and reaches the top of the range in the year 2527. So a
+/// hostile write can win over later ones only until the wall clock passes
+/// its counter (at most [`MAX_LEAD_MS`] plus the time those writes take),
+/// never for ever.
+pub fn ceiling(wall_ms: u64) -> u64 {
+    let ms = wall_ms.saturating_add(MAX_LEAD_MS).min(u64::MAX >> SUB_MS_BITS);
+    (ms << SUB_MS_BITS) | ((1 << SUB_MS_BITS) - 1)
+}
+
+/// A version from a peer beyond [`ceiling`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "version counter {counter} is beyond the bound {limit} (this node's wall clock plus {MAX_LEAD_MS} ms); \
+     a member whose clock is that far ahead must fix its clock"
+)]
+pub struct VersionTooFarAhead {
+    /// The counter received.
+    pub counter: u64,
+    /// The bound it broke.
+    pub limit: u64,
+}
+
+/// Refuses `seen` if it is beyond [`ceiling`]`(wall_ms)`.
+pub fn check(seen: Version, wall_ms: u64) -> Result<(), VersionTooFarAhead> {
+    let limit = ceiling(wall_ms);
+    if seen.counter > limit { Err(VersionTooFarAhead { counter: seen.counter, limit }) } else { Ok(()) }
+}
+
 /// A node's Lamport clock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LamportClock {
@@ -48,6 +94,25 @@ mod tests {
         let b = Version { counter: 4, node: 0 };
         let c = Version { counter: 4, node: 1 };
         assert!(a < b && b < c);
+    }
+
+    /// The bound refuses the top of the range, accepts every counter a
+    /// write count could reach, and only rises with time.
+    #[test]
+    fn the_bound_keeps_counters_far_from_the_top() {
+        let now = 1_700_000_000_000;
+        let limit = ceiling(now);
+        assert!(check(Version { counter: u64::MAX, node: 0 }, now).is_err());
+        assert!(check(Version { counter: u64::MAX - 1_000_000, node: 0 }, now).is_err());
+        assert_eq!(
+            check(Version { counter: limit + 1, node: 0 }, now),
+            Err(VersionTooFarAhead { counter: limit + 1, limit })
+        );
+        assert!(check(Version { counter: limit, node: 0 }, now).is_ok());
+        assert!(check(Version { counter: 1 << 50, node: 0 }, now).is_ok(), "2^50 writes are far below the bound");
+        assert!(ceiling(now + 1) > limit);
+        assert!(u64::MAX - limit > 1 << 62, "the bound is far from the top today");
+        assert_eq!(ceiling(u64::MAX), u64::MAX, "saturates, never wraps");
     }
 
     #[test]
