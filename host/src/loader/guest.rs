@@ -4,6 +4,8 @@
 //! namespace allows.
 
 use super::origin::{OriginFailure, Origins};
+use crate::core::PolicyError;
+use crate::wasm::{StoreState, check_one_memory_per_module};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -39,6 +41,18 @@ pub enum LoaderModuleError {
     ForbiddenImport {
         /// The import.
         name: String,
+    },
+    /// A core module inside the component has more than one linear memory
+    /// (the multi-memory proposal): the memory cap is sized for one.
+    #[error(
+        "core module {module} of the component has {memories} linear memories (defined or imported); \
+         a loader may have one per module"
+    )]
+    MultipleMemories {
+        /// The module's position among the component's core modules, from 0.
+        module: usize,
+        /// Its memories, imported and defined.
+        memories: u64,
     },
 }
 
@@ -81,19 +95,18 @@ struct State {
     /// After this, origin requests are refused (the call's wall-clock
     /// deadline; epoch interruption stops the guest's own code).
     deadline: Instant,
-    max_memory: usize,
-    memory_denied: bool,
+    /// The memory cap, on the sum of the instance's memories (the policy
+    /// sandbox's limiter, so both cap alike).
+    limits: StoreState,
 }
 
 impl ResourceLimiter for State {
-    fn memory_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
-        let ok = desired <= self.max_memory;
-        self.memory_denied |= !ok;
-        Ok(ok)
+    fn memory_growing(&mut self, current: usize, desired: usize, max: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.memory_growing(current, desired, max)
     }
 
-    fn table_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+    fn table_growing(&mut self, current: usize, desired: usize, max: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, max)
     }
 }
 
@@ -176,6 +189,9 @@ pub fn engine() -> Result<Engine, LoaderModuleError> {
         config.consume_fuel(true);
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        // One linear memory per module (`check_one_memory_per_module` says
+        // so first, with a clearer error).
+        config.wasm_multi_memory(false);
         let engine = Engine::new(&config).map_err(|e| e.to_string())?;
         let ticking = engine.clone();
         std::thread::Builder::new()
@@ -202,6 +218,12 @@ impl LoaderModule {
         fuel: u64,
         max_memory: usize,
     ) -> Result<Self, LoaderModuleError> {
+        check_one_memory_per_module(bytes).map_err(|err| match err {
+            PolicyError::MultipleMemories { module, memories } => {
+                LoaderModuleError::MultipleMemories { module, memories }
+            }
+            other => LoaderModuleError::NotAComponent(other.to_string()),
+        })?;
         let component =
             Component::new(engine, bytes).map_err(|e| LoaderModuleError::NotAComponent(format!("{e:#}")))?;
         let ty = component.component_type();
@@ -244,8 +266,7 @@ impl LoaderModule {
             origins: self.origins.clone(),
             allowed: self.allowed.clone(),
             deadline: Instant::now() + deadline,
-            max_memory: self.max_memory,
-            memory_denied: false,
+            limits: StoreState::new(self.max_memory),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
@@ -269,7 +290,7 @@ impl LoaderModule {
             Ok(Err(wt::LoadError::Origin(e))) => Err(CallFailure::Origin(host_error(e))),
             Ok(Err(wt::LoadError::Invalid(m))) => Err(CallFailure::Loader(format!("invalid origin data: {m}"))),
             Ok(Err(wt::LoadError::Unsupported)) => Err(CallFailure::Unsupported),
-            Err(_) if store.data().memory_denied => Err(CallFailure::Memory),
+            Err(_) if store.data().limits.memory_denied() => Err(CallFailure::Memory),
             Err(err) if matches!(err.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) => Err(CallFailure::Budget),
             Err(err) if matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => {
                 Err(CallFailure::Loader(format!("the loader missed its {} ms deadline", deadline.as_millis())))
@@ -300,5 +321,51 @@ impl LoaderModule {
     ) -> Result<Option<Loaded>, CallFailure> {
         self.run(deadline, |b, store| b.cachet_hooks_loader().call_refresh(store, key, current, age_ms, now))
             .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wasm::module_tests::{component, core_module};
+
+    fn origins(runtime: &tokio::runtime::Runtime) -> Arc<Origins> {
+        Arc::new(Origins::new(&Default::default(), runtime.handle().clone()).expect("no origins"))
+    }
+
+    /// A loader component with a core module of two memories is refused,
+    /// naming the module, before it is compiled.
+    #[test]
+    fn multi_memory_loaders_are_refused() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let engine = engine().expect("engine");
+        for (imported, defined) in [(0, 2), (1, 1)] {
+            let bytes = component(&[core_module(0, 1), core_module(imported, defined)]);
+            let err = LoaderModule::new(&engine, &bytes, origins(&runtime), Vec::new(), 1_000, 1 << 20)
+                .err()
+                .expect("refused");
+            assert!(
+                matches!(err, LoaderModuleError::MultipleMemories { module: 1, memories: 2 }),
+                "{imported} imported + {defined} defined: {err}"
+            );
+        }
+    }
+
+    /// Two memories in one loader store share the cap instead of getting
+    /// one each.
+    #[test]
+    fn the_loader_memory_cap_is_on_the_sum_of_memories() {
+        const PAGE: usize = 64 << 10;
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let mut state = State {
+            origins: origins(&runtime),
+            allowed: Arc::from([]),
+            deadline: Instant::now(),
+            limits: StoreState::new(4 * PAGE),
+        };
+        assert!(state.memory_growing(0, 2 * PAGE, None).expect("first memory"));
+        assert!(state.memory_growing(0, 2 * PAGE, None).expect("second memory"));
+        assert!(!state.memory_growing(2 * PAGE, 3 * PAGE, None).expect("over the sum"));
+        assert!(state.limits.memory_denied());
     }
 }

@@ -7,7 +7,8 @@ use wasmtime::component::ResourceAny;
 use wasmtime::{ResourceLimiter, Store, Trap};
 
 /// What each policy store carries: its memory cap, and whether the cap was
-/// hit (so a trap that follows can be named a memory fault).
+/// hit (so a trap that follows can be named a memory fault). Loader stores
+/// ([`crate::loader`]) hold one too, so both sandboxes cap memory alike.
 pub(crate) struct StoreState {
     max_memory_bytes: usize,
     /// Bytes of all linear memories in the store together: the cap is on
@@ -18,8 +19,13 @@ pub(crate) struct StoreState {
 }
 
 impl StoreState {
-    fn new(max_memory_bytes: usize) -> Self {
+    pub(crate) fn new(max_memory_bytes: usize) -> Self {
         Self { max_memory_bytes, memory_bytes: 0, memory_denied: false }
+    }
+
+    /// Whether a memory grow was refused: a trap that follows is the cap's.
+    pub(crate) fn memory_denied(&self) -> bool {
+        self.memory_denied
     }
 }
 

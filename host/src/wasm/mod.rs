@@ -12,4 +12,8 @@ mod bindings;
 mod instance;
 mod module;
 
+pub(crate) use instance::StoreState;
+pub(crate) use module::check_one_memory_per_module;
+#[cfg(test)]
+pub(crate) use module::tests as module_tests;
 pub use module::{EXPORT as INTERFACE, Limits, PolicyEngine, WasmPolicyModule};

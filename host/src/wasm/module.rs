@@ -221,8 +221,8 @@ fn check_is_component(bytes: &[u8]) -> Result<(), PolicyError> {
 /// Refuses a component any of whose core modules has more than one linear
 /// memory, counting imported ones: the memory cap is meant for one. (The
 /// store's limiter also caps the sum over all memories, for components that
-/// instantiate several modules.)
-fn check_one_memory_per_module(bytes: &[u8]) -> Result<(), PolicyError> {
+/// instantiate several modules.) Loader modules are checked with it too.
+pub(crate) fn check_one_memory_per_module(bytes: &[u8]) -> Result<(), PolicyError> {
     use wasmparser::{Encoding, Parser, Payload, TypeRef};
     let malformed = |e: wasmparser::BinaryReaderError| PolicyError::NotAComponent(e.to_string());
     // Per module or component being parsed (they nest): whether it is a core
@@ -261,12 +261,12 @@ fn check_one_memory_per_module(bytes: &[u8]) -> Result<(), PolicyError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A core module in binary form with `imported` memory imports and
     /// `defined` memories of one page each, and nothing else.
-    fn core_module(imported: u8, defined: u8) -> Vec<u8> {
+    pub(crate) fn core_module(imported: u8, defined: u8) -> Vec<u8> {
         let mut module = b"\0asm\x01\0\0\0".to_vec();
         if imported > 0 {
             // Section 2 (imports): "m" "mN" memory (0x02) with min 1 page.
@@ -290,7 +290,7 @@ mod tests {
     }
 
     /// A component holding `modules` as core module sections (section 1).
-    fn component(modules: &[Vec<u8>]) -> Vec<u8> {
+    pub(crate) fn component(modules: &[Vec<u8>]) -> Vec<u8> {
         let mut component = b"\0asm\x0d\0\x01\0".to_vec();
         for module in modules {
             component.extend_from_slice(&[1, module.len() as u8]);
