@@ -910,3 +910,88 @@ async fn a_loader_is_stopped_at_its_wall_clock_deadline() {
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
     assert_eq!(client.get("h:echo:ok").await.expect("get"), Some(Bytes::from_static(b"ok")));
 }
+
+/// Whether the connections of database `db` from the node (pool or, with
+/// `feed`, the change feed's LISTEN) are encrypted, as PostgreSQL sees
+/// them; `None` while there is none.
+async fn node_connections_encrypted(db: &Database, feed: bool) -> Option<bool> {
+    let row = db
+        .client
+        .query_one(
+            "SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'cachet' AND a.datname = current_database()
+               AND (a.query LIKE 'LISTEN%') = $1",
+            &[&feed],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    (row.get::<_, i64>(0) > 0).then(|| row.get(1))
+}
+
+/// Waits (bounded) until the change feed of `db` is listening.
+async fn wait_for_feed(db: &Database) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node_connections_encrypted(db, true).await.is_none() {
+        assert!(Instant::now() < deadline, "the invalidation feed never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Notifications sent before the change feed first connects are lost, so
+/// its first LISTEN invalidates the namespace too: a value loaded before
+/// then is reloaded. The feed's connection goes through a proxy that holds
+/// it until the test has loaded a value and changed its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_invalidates_on_its_first_connection() {
+    let db = Database::create("cdcfirst").await;
+    db.users("0").await;
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let upstream = {
+        let url = pg_url();
+        let field = |key: &str| {
+            url.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key))
+                .expect("CACHET_PG names host and port")
+                .to_string()
+        };
+        format!("{}:{}", field("host="), field("port="))
+    };
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_port = proxy.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = proxy.accept().await {
+            let mut opened = opened.clone();
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if opened.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
+                let mut outbound = tokio::net::TcpStream::connect(upstream).await.expect("PostgreSQL");
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    let feed_url = format!("host=127.0.0.1 port={proxy_port} user=postgres dbname={}", db.name);
+    let node = LoaderNode::start(
+        &format!("{}[origins.feed]\npostgres = \"{feed_url}\"\nconnect-timeout-ms = 60000\n", users_origin(&db)),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\n\
+         invalidate = { origin = \"feed\", channel = \"users_changed\" }",
+    );
+    let client = node.client().await;
+    assert_eq!(name_of(&client.get("user:1").await.expect("get").expect("row")), "v0");
+    // Changed, and announced to no one: the feed is not listening yet.
+    db.rename(1, "v1").await;
+    db.client.batch_execute("NOTIFY users_changed, '1'").await.expect("notify");
+    assert_eq!(name_of(&client.get("user:1").await.expect("get").expect("row")), "v0", "cached");
+    gate.send_replace(true);
+    wait_for_feed(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let name = name_of(&client.get("user:1").await.expect("get").expect("row"));
+        if name == "v1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the feed's first connection left user:1 stale ({name})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -2,9 +2,10 @@
 //! LISTENs on a channel and turns each notification (payload = the key
 //! without its prefix) into an invalidation of that key.
 //!
-//! Notifications sent while the feed is disconnected are lost, so every
-//! (re)connection first invalidates the whole namespace: after an outage the
-//! cache refills from the database instead of serving what may have changed.
+//! Notifications sent while the feed is not listening are lost, so every
+//! connection, the first included, invalidates the whole namespace once it
+//! listens: values loaded before the feed first connected (or during an
+//! outage) may have changed unseen, so the cache refills from the database.
 
 use super::Loaders;
 use super::config::InvalidateConfig;
@@ -21,16 +22,10 @@ pub(super) fn start(loaders: &Arc<Loaders>, index: usize, feed: &InvalidateConfi
     let channel = feed.channel.clone();
     handle.spawn(async move {
         let mut backoff = Duration::from_millis(100);
-        // Until the feed first listens without any failure before, the
-        // cache cannot have missed a notification.
-        let mut trusted = true;
         loop {
-            match listen(&weak, index, &config, &channel, &mut trusted).await {
+            match listen(&weak, index, &config, &channel).await {
                 Ok(()) => return,
-                Err(err) => {
-                    trusted = false;
-                    tracing::warn!(%err, channel, "invalidation feed lost; reconnecting");
-                }
+                Err(err) => tracing::warn!(%err, channel, "invalidation feed lost; reconnecting"),
             }
             if weak.upgrade().is_none() {
                 return;
@@ -48,7 +43,6 @@ async fn listen(
     index: usize,
     config: &tokio_postgres::Config,
     channel: &str,
-    trusted: &mut bool,
 ) -> Result<(), String> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -79,12 +73,9 @@ async fn listen(
     }
     {
         let Some(loaders) = weak.upgrade() else { return Ok(()) };
-        if !*trusted {
-            // A failed attempt or a lost connection came before: what
-            // changed meanwhile is unknown.
-            loaders.invalidate_namespace(index);
-        }
-        *trusted = false;
+        // Whatever changed before this LISTEN (before the first connection,
+        // or while disconnected) was announced to no one.
+        loaders.invalidate_namespace(index);
         tracing::info!(channel, prefix = loaders.namespace_prefix(index), "invalidation feed listening");
     }
     loop {
