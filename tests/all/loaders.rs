@@ -498,6 +498,7 @@ fn invalid_loader_modules_are_refused() {
                 write: cachet::loader::config::WriteMode::None,
                 write_queue: 1,
                 write_attempts: 1,
+                read_only: false,
             }],
             ..LoaderConfig::default()
         };
@@ -994,4 +995,54 @@ async fn the_change_feed_invalidates_on_its_first_connection() {
         assert!(Instant::now() < deadline, "the feed's first connection left user:1 stale ({name})");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A `read-only` namespace's loads run in read-only transactions: a loader
+/// that tries to DELETE, UPDATE or DROP is refused by PostgreSQL, and the
+/// table is unchanged; reads still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_namespaces_cannot_write_through_their_loader() {
+    let db = Database::create("readonly").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE kv (k text PRIMARY KEY, v text NOT NULL); INSERT INTO kv VALUES ('a', '1'), ('b', '2');",
+        )
+        .await
+        .expect("kv");
+    let node = LoaderNode::start(
+        &format!("[origins.db]\npostgres = \"{}\"\n", db.url()),
+        "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\norigins = [\"db\"]\nread-only = true",
+    );
+    let client = node.client().await;
+    for key in [
+        "h:sql:db:DELETE FROM kv RETURNING v",
+        "h:sql:db:UPDATE kv SET v = 'x' RETURNING v",
+        "h:sql:db:INSERT INTO kv VALUES ('c', '3') RETURNING v",
+        "h:sql:db:DROP TABLE kv",
+        "h:sql:db:COMMIT",
+    ] {
+        let result = client.get(key).await;
+        if key.ends_with("COMMIT") {
+            // Ends the read-only transaction, and with it what this call
+            // could run: nothing is written.
+            assert!(matches!(result, Ok(None) | Err(_)), "{key}: {result:?}");
+            continue;
+        }
+        let err = result.expect_err(key);
+        assert_eq!(server_code(&err), ErrorCode::OriginFailed, "{key}: {err}");
+        assert!(err.to_string().contains("read-only transaction"), "{key}: {err}");
+    }
+    let rows: Vec<(String, String)> = db
+        .client
+        .query("SELECT k, v FROM kv ORDER BY k", &[])
+        .await
+        .expect("kv")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, [("a".to_string(), "1".to_string()), ("b".to_string(), "2".to_string())]);
+    assert_eq!(
+        client.get("h:sql:db:SELECT v FROM kv WHERE k = 'b'").await.expect("a read"),
+        Some(Bytes::from_static(b"2"))
+    );
 }

@@ -14,6 +14,7 @@
 //! ttl-ms = 60000
 //! grace-ms = 10000
 //! invalidate = { origin = "users-db", channel = "users_changed" }
+//! read-only = true
 //! ```
 
 use serde::Deserialize;
@@ -112,6 +113,12 @@ pub struct NamespaceConfig {
     /// counted, and logged).
     #[serde(default = "default_write_attempts")]
     pub write_attempts: u32,
+    /// Loads and refreshes query PostgreSQL in `READ ONLY` transactions, so
+    /// a loader (buggy, or fed hostile keys) cannot change the database
+    /// through them: PostgreSQL refuses the write. `store` (write-through or
+    /// write-behind) is not covered: it is the namespace's declared writer.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// How a namespace's client writes reach the origin.

@@ -95,6 +95,9 @@ struct State {
     /// After this, origin requests are refused (the call's wall-clock
     /// deadline; epoch interruption stops the guest's own code).
     deadline: Instant,
+    /// Whether this call's queries run in read-only transactions (loads and
+    /// refreshes of a `read-only` namespace).
+    read_only: bool,
     /// The memory cap, on the sum of the instance's memories (the policy
     /// sandbox's limiter, so both cap alike).
     limits: StoreState,
@@ -146,7 +149,7 @@ impl wit_origin::Host for State {
             tracing::warn!(%origin, "a loader asked for an origin it is not allowed");
             return Err(wt::OriginError::NotAllowed(origin));
         }
-        self.origins.query_blocking(&origin, &statement, &params).map_err(wit_error)
+        self.origins.query_blocking(&origin, &statement, &params, self.read_only).map_err(wit_error)
     }
 
     fn http_get(&mut self, origin: String, path: String) -> Result<wit_origin::HttpResponse, wt::OriginError> {
@@ -172,6 +175,8 @@ pub struct LoaderModule {
     allowed: Arc<[String]>,
     fuel: u64,
     max_memory: usize,
+    /// The namespace's `read-only`: loads and refreshes may not write.
+    read_only: bool,
 }
 
 /// How often the engine's epoch advances: the granularity of call
@@ -209,7 +214,10 @@ pub fn engine() -> Result<Engine, LoaderModuleError> {
 }
 
 impl LoaderModule {
-    /// Validates `bytes` as a `cachet:hooks` 0.1 loader.
+    /// Validates `bytes` as a `cachet:hooks` 0.1 loader. With `read_only`,
+    /// the queries of its loads and refreshes run in read-only
+    /// transactions (its `store`, called only for a namespace that writes
+    /// through or behind, is the one call that may write).
     pub fn new(
         engine: &Engine,
         bytes: &[u8],
@@ -217,6 +225,7 @@ impl LoaderModule {
         allowed: Vec<String>,
         fuel: u64,
         max_memory: usize,
+        read_only: bool,
     ) -> Result<Self, LoaderModuleError> {
         check_one_memory_per_module(bytes).map_err(|err| match err {
             PolicyError::MultipleMemories { module, memories } => {
@@ -258,14 +267,15 @@ impl LoaderModule {
             .instantiate_pre(&component)
             .and_then(ReadThroughPre::new)
             .map_err(|e| LoaderModuleError::WrongInterface(format!("{e:#}")))?;
-        Ok(Self { engine: engine.clone(), pre, origins, allowed: allowed.into(), fuel, max_memory })
+        Ok(Self { engine: engine.clone(), pre, origins, allowed: allowed.into(), fuel, max_memory, read_only })
     }
 
-    fn new_store(&self, deadline: Duration) -> Store<State> {
+    fn new_store(&self, deadline: Duration, read_only: bool) -> Store<State> {
         let state = State {
             origins: self.origins.clone(),
             allowed: self.allowed.clone(),
             deadline: Instant::now() + deadline,
+            read_only,
             limits: StoreState::new(self.max_memory),
         };
         let mut store = Store::new(&self.engine, state);
@@ -280,9 +290,10 @@ impl LoaderModule {
     fn run<R>(
         &self,
         deadline: Duration,
+        read_only: bool,
         call: impl FnOnce(&ReadThrough, &mut Store<State>) -> wasmtime::Result<Result<R, wt::LoadError>>,
     ) -> Result<R, CallFailure> {
-        let mut store = self.new_store(deadline);
+        let mut store = self.new_store(deadline, read_only);
         store.set_fuel(self.fuel).map_err(|e| CallFailure::Trap(e.to_string()))?;
         let outcome = self.pre.instantiate(&mut store).and_then(|bindings| call(&bindings, &mut store));
         match outcome {
@@ -301,13 +312,13 @@ impl LoaderModule {
 
     /// `load(key, now)`, stopped after `deadline` of wall time.
     pub fn load(&self, deadline: Duration, key: &[u8], now: u64) -> Result<Option<Loaded>, CallFailure> {
-        self.run(deadline, |b, store| b.cachet_hooks_loader().call_load(store, key, now))
+        self.run(deadline, self.read_only, |b, store| b.cachet_hooks_loader().call_load(store, key, now))
             .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
     }
 
     /// `store(key, value)`: writes (or, for `None`, deletes) at the origin.
     pub fn store(&self, deadline: Duration, key: &[u8], value: Option<&[u8]>) -> Result<(), CallFailure> {
-        self.run(deadline, |b, store| b.cachet_hooks_loader().call_store(store, key, value))
+        self.run(deadline, false, |b, store| b.cachet_hooks_loader().call_store(store, key, value))
     }
 
     /// `refresh(key, current, age, now)`.
@@ -319,8 +330,10 @@ impl LoaderModule {
         age_ms: u64,
         now: u64,
     ) -> Result<Option<Loaded>, CallFailure> {
-        self.run(deadline, |b, store| b.cachet_hooks_loader().call_refresh(store, key, current, age_ms, now))
-            .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
+        self.run(deadline, self.read_only, |b, store| {
+            b.cachet_hooks_loader().call_refresh(store, key, current, age_ms, now)
+        })
+        .map(|v| v.map(|l| Loaded { value: l.value, ttl_ms: l.ttl_ms }))
     }
 }
 
@@ -341,7 +354,7 @@ mod tests {
         let engine = engine().expect("engine");
         for (imported, defined) in [(0, 2), (1, 1)] {
             let bytes = component(&[core_module(0, 1), core_module(imported, defined)]);
-            let err = LoaderModule::new(&engine, &bytes, origins(&runtime), Vec::new(), 1_000, 1 << 20)
+            let err = LoaderModule::new(&engine, &bytes, origins(&runtime), Vec::new(), 1_000, 1 << 20, false)
                 .err()
                 .expect("refused");
             assert!(
@@ -361,6 +374,7 @@ mod tests {
             origins: origins(&runtime),
             allowed: Arc::from([]),
             deadline: Instant::now(),
+            read_only: false,
             limits: StoreState::new(4 * PAGE),
         };
         assert!(state.memory_growing(0, 2 * PAGE, None).expect("first memory"));

@@ -287,6 +287,7 @@ impl Loaders {
                 ns.origins.clone(),
                 ns.fuel_per_call,
                 ns.max_memory_bytes,
+                ns.read_only,
             )
             .map_err(|source| LoadersError::Invalid { path: ns.module.clone(), source })?;
             namespaces.push(Namespace { config: ns.clone(), module: Arc::new(module) });

@@ -146,16 +146,19 @@ impl Origins {
 
     /// Runs a query from a thread outside the runtime (a loader call runs
     /// on a blocking thread), waiting at most the origin's deadline.
+    /// `read_only` runs it in a `READ ONLY` transaction, so PostgreSQL
+    /// itself refuses any write the statement attempts.
     pub fn query_blocking(
         &self,
         name: &str,
         statement: &str,
         params: &[Option<String>],
+        read_only: bool,
     ) -> Result<Vec<Row>, OriginFailure> {
         let origin = self.postgres.get(name).ok_or_else(|| OriginFailure::NotAllowed(name.to_string()))?;
         origin.queries.fetch_add(1, Ordering::Relaxed);
         let result = self.handle.block_on(async {
-            match tokio::time::timeout(origin.deadline, query(&origin.pool, statement, params)).await {
+            match tokio::time::timeout(origin.deadline, query(&origin.pool, statement, params, read_only)).await {
                 Ok(result) => result,
                 Err(_) => Err(OriginFailure::Timeout),
             }
@@ -246,9 +249,37 @@ fn http_get(origin: &HttpOrigin, path: &str) -> Result<(u16, Vec<u8>), OriginFai
     Err(last)
 }
 
-async fn query(pool: &Pool, statement: &str, params: &[Option<String>]) -> Result<Vec<Row>, OriginFailure> {
-    let client = pool.get().await.map_err(|e| OriginFailure::Unavailable(e.to_string()))?;
-    let prepared = client.prepare_cached(statement).await.map_err(|e| pg_failure(&e))?;
+async fn query(
+    pool: &Pool,
+    statement: &str,
+    params: &[Option<String>],
+    read_only: bool,
+) -> Result<Vec<Row>, OriginFailure> {
+    let mut client = pool.get().await.map_err(|e| OriginFailure::Unavailable(e.to_string()))?;
+    if !read_only {
+        let prepared = client.prepare_cached(statement).await.map_err(|e| pg_failure(&e))?;
+        let pg: &tokio_postgres::Client = &client;
+        return read_rows(pg, &prepared, params).await;
+    }
+    // One transaction per statement: the guest's statement is its only
+    // one, so even a statement that ends the transaction (COMMIT, SET
+    // TRANSACTION) has nothing left to run read-write. On an error, or a
+    // deadline, dropping the transaction rolls it back.
+    let tx = client.build_transaction().read_only(true).start().await.map_err(|e| pg_failure(&e))?;
+    let prepared = tx.prepare_cached(statement).await.map_err(|e| pg_failure(&e))?;
+    let pg: &tokio_postgres::Transaction<'_> = &tx;
+    let rows = read_rows(pg, &prepared, params).await?;
+    tx.commit().await.map_err(|e| pg_failure(&e))?;
+    Ok(rows)
+}
+
+/// Binds `params` to `prepared` and reads its rows on `client` (a
+/// connection or a transaction), within the row and byte limits.
+async fn read_rows(
+    client: &impl tokio_postgres::GenericClient,
+    prepared: &tokio_postgres::Statement,
+    params: &[Option<String>],
+) -> Result<Vec<Row>, OriginFailure> {
     let types = prepared.params();
     if types.len() != params.len() {
         return Err(OriginFailure::BadRequest(format!(
@@ -267,7 +298,7 @@ async fn query(pool: &Pool, statement: &str, params: &[Option<String>]) -> Resul
     // Rows are read as they stream in and the query is abandoned at the
     // first limit crossed: a loader cannot make the node buffer a whole
     // table.
-    let rows = client.query_raw(&prepared, refs.iter().copied()).await.map_err(|e| pg_failure(&e))?;
+    let rows = client.query_raw(prepared, refs.iter().copied()).await.map_err(|e| pg_failure(&e))?;
     let mut rows = std::pin::pin!(rows);
     let mut total = 0usize;
     let mut out = Vec::new();
