@@ -1046,3 +1046,75 @@ async fn read_only_namespaces_cannot_write_through_their_loader() {
         Some(Bytes::from_static(b"2"))
     );
 }
+
+/// The CA of the test PostgreSQL's certificate (`cargo xtask test` makes
+/// one and sets `CACHET_PG_CA`).
+fn pg_ca() -> String {
+    std::env::var("CACHET_PG_CA").expect(
+        "CACHET_PG_CA is not set: the TLS loader tests need the CA of the PostgreSQL server's certificate; \
+         run them through `cargo xtask test` (or `cargo xtask postgres`)",
+    )
+}
+
+/// `sslmode=require` and `verify-full` encrypt the origin's connections and
+/// the change feed's (PostgreSQL's pg_stat_ssl says so); no sslmode stays
+/// plaintext; `verify-full` against another CA is refused with a typed
+/// TLS error, before any query is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_origins_and_feeds_use_tls_when_asked() {
+    let db = Database::create("tls").await;
+    db.users("0").await;
+    // Plaintext, as before, when the connection string says nothing.
+    let plain = users_node(&db, "");
+    assert_eq!(name_of(&plain.client().await.get("user:1").await.expect("get").expect("row")), "v0");
+    assert_eq!(node_connections_encrypted(&db, false).await, Some(false));
+    // The node's own development CA: a valid CA, but not PostgreSQL's.
+    let other = TempDir::new("wrong-ca");
+    let wrong_ca = other.0.join("ca.pem");
+    std::fs::copy(plain.dir.0.join("ca.pem"), &wrong_ca).expect("copy");
+    drop(plain);
+    let ca = pg_ca();
+    for (tls, name) in [("sslmode=require", "v0"), (&format!("sslmode=verify-full sslrootcert={ca}"), "v1")] {
+        db.client.batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cachet' AND datname = current_database()").await.expect("terminate");
+        db.rename(1, name).await;
+        let origins = format!("[origins.users-db]\npostgres = \"{} {tls}\"\n", db.url());
+        let node = LoaderNode::start(
+            &origins,
+            "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]\n\
+             invalidate = { origin = \"users-db\", channel = \"users_changed\" }",
+        );
+        let client = node.client().await;
+        wait_for_feed(&db).await;
+        assert_eq!(name_of(&client.get("user:1").await.expect(tls).expect("row")), name, "{tls}");
+        assert_eq!(node_connections_encrypted(&db, false).await, Some(true), "{tls}: the pool");
+        assert_eq!(node_connections_encrypted(&db, true).await, Some(true), "{tls}: the change feed");
+    }
+
+    // Another CA: refused, as a TLS failure, through a node and to the
+    // origin's caller.
+    let url = format!("{} sslmode=verify-full sslrootcert={}", db.url(), wrong_ca.display());
+    let node = LoaderNode::start(
+        &format!("[origins.users-db]\npostgres = \"{url}\"\n"),
+        "[[namespace]]\nprefix = \"user:\"\nmodule = \"{users}\"\norigins = [\"users-db\"]",
+    );
+    let err = node.client().await.get("user:2").await.expect_err("refused");
+    assert!(err.to_string().contains("TLS to the origin failed"), "{err}");
+    let config = cachet::loader::config::OriginConfig {
+        postgres: Some(url),
+        http: None,
+        pool_size: 1,
+        statement_timeout_ms: 2_000,
+        connect_timeout_ms: 2_000,
+        request_timeout_ms: 2_000,
+    };
+    let origins = cachet::loader::Origins::new(
+        &[("users-db".to_string(), config)].into_iter().collect(),
+        tokio::runtime::Handle::current(),
+    )
+    .expect("origins");
+    let result = tokio::task::spawn_blocking(move || origins.query_blocking("users-db", "SELECT 1::text", &[], false))
+        .await
+        .expect("query");
+    let Err(cachet::loader::OriginFailure::Tls(why)) = result else { panic!("not refused as TLS: {result:?}") };
+    assert!(why.contains("UnknownIssuer") || why.contains("issuer"), "{why}");
+}

@@ -19,6 +19,8 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
                   miss-ratio table of every policy on a trace
   test            formatting, clippy (-D warnings) and every test (starts a
                   throw-away PostgreSQL for the loader tests)
+  postgres        start the loader tests' throw-away PostgreSQL (plaintext and
+                  TLS), print CACHET_PG and CACHET_PG_CA, stop at end of input
   build-policies  build policies/* to components in target/policies/NAME.wasm, and
                   the example loader to target/loaders/users.wasm
   bench-sim       release build; replay a trace (default: w106 at 10%) through each
@@ -43,6 +45,7 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(),
         Some("test") => test(),
+        Some("postgres") => postgres_only(),
         Some("build-policies") => build_policies().map(|_| ()),
         Some("bench-sim") => bench_sim(&args[1..]),
         Some("bench-live") => bench_live(),
@@ -131,10 +134,26 @@ fn test() -> Result<()> {
     let pg = postgres::start(&std::env::temp_dir().join(format!("cachet-postgres-{}", std::process::id())))?;
     let args = ["test", "--workspace", "--locked"];
     eprintln!("xtask: CACHET_PG='{}' cargo {}", pg.url, args.join(" "));
-    let status = Command::new(cargo()).current_dir(workspace()).args(args).env("CACHET_PG", &pg.url).status()?;
+    let mut command = Command::new(cargo());
+    command.current_dir(workspace()).args(args).env("CACHET_PG", &pg.url);
+    if let Some(ca) = &pg.ca {
+        command.env("CACHET_PG_CA", ca);
+    }
+    let status = command.status()?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
+    Ok(())
+}
+
+/// Starts the loader tests' PostgreSQL, prints how to reach it, and stops
+/// it when standard input ends: for running loader tests by hand.
+fn postgres_only() -> Result<()> {
+    let pg = postgres::start(&std::env::temp_dir().join(format!("cachet-postgres-{}", std::process::id())))?;
+    let ca = pg.ca.as_ref().map(|ca| format!(" CACHET_PG_CA='{}'", ca.display())).unwrap_or_default();
+    println!("CACHET_PG='{}'{ca}", pg.url);
+    println!("(running until standard input ends)");
+    std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())?;
     Ok(())
 }
 

@@ -3,8 +3,13 @@
 //! with `pg_stat_statements` loaded so tests can count origin queries in
 //! PostgreSQL's own statistics. Stopped when dropped.
 //!
+//! It also listens with TLS (`ssl = on`), on a certificate for `localhost`
+//! and `127.0.0.1` signed by a throw-away CA whose PEM is `root.crt` beside
+//! the data directory (passed to tests as `CACHET_PG_CA`), so the loader
+//! tests can connect both in plaintext and with `sslmode=verify-full`.
+//!
 //! `CACHET_PG` set to a connection string skips all this and uses that
-//! server instead.
+//! server instead (and `CACHET_PG_CA`, if set, as its CA).
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -14,6 +19,8 @@ use std::process::Command;
 pub(crate) struct Postgres {
     /// `host=127.0.0.1 port=... user=postgres dbname=postgres`.
     pub(crate) url: String,
+    /// The PEM of the CA that signed the server's certificate.
+    pub(crate) ca: Option<PathBuf>,
     stop: Option<(PathBuf, PathBuf)>,
 }
 
@@ -66,7 +73,8 @@ fn free_port() -> Result<u16> {
 pub(crate) fn start(dir: &Path) -> Result<Postgres> {
     if let Ok(url) = std::env::var("CACHET_PG") {
         eprintln!("xtask: using PostgreSQL at CACHET_PG ({url})");
-        return Ok(Postgres { url, stop: None });
+        let ca = std::env::var_os("CACHET_PG_CA").map(PathBuf::from);
+        return Ok(Postgres { url, ca, stop: None });
     }
     let bin = bin_dir()?;
     let _ = std::fs::remove_dir_all(dir);
@@ -86,10 +94,11 @@ pub(crate) fn start(dir: &Path) -> Result<Postgres> {
     if !out.status.success() {
         bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+    let ca = write_certificates(dir, &data, root)?;
     let port = free_port()?;
     let options = format!(
         "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={dir} \
-         -c shared_preload_libraries=pg_stat_statements -c max_connections=200 -c fsync=off",
+         -c shared_preload_libraries=pg_stat_statements -c max_connections=200 -c fsync=off -c ssl=on",
         dir = dir.display()
     );
     let log = dir.join("server.log").to_string_lossy().to_string();
@@ -103,5 +112,43 @@ pub(crate) fn start(dir: &Path) -> Result<Postgres> {
     }
     let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
     eprintln!("xtask: PostgreSQL started ({url})");
-    Ok(Postgres { url, stop: Some((bin, data)) })
+    Ok(Postgres { url, ca: Some(ca), stop: Some((bin, data)) })
+}
+
+/// A CA (`dir/root.crt`) and the server's certificate and key signed by it
+/// (`data/server.crt`, `data/server.key`, the names `ssl = on` looks for;
+/// the key 0600 and, under root, owned by `postgres`, or the server refuses
+/// it). Returns the CA's path.
+fn write_certificates(dir: &Path, data: &Path, root: bool) -> Result<PathBuf> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(DnType::CommonName, "cachet test PostgreSQL CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let mut server_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    server_params.distinguished_name.push(DnType::CommonName, "localhost");
+    let server_key = KeyPair::generate()?;
+    let server_cert = server_params.signed_by(&server_key, &Issuer::new(ca_params, ca_key))?;
+    let ca_path = dir.join("root.crt");
+    std::fs::write(&ca_path, ca_cert.pem())?;
+    std::fs::write(data.join("server.crt"), server_cert.pem())?;
+    let key_path = data.join("server.key");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .and_then(|mut file| file.write_all(server_key.serialize_pem().as_bytes()))
+        .with_context(|| format!("cannot write {}", key_path.display()))?;
+    if root {
+        let status =
+            Command::new("chown").arg("postgres:postgres").arg(data.join("server.crt")).arg(&key_path).status()?;
+        if !status.success() {
+            bail!("cannot hand the server's certificate to the postgres user");
+        }
+    }
+    Ok(ca_path)
 }

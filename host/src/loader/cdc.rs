@@ -6,24 +6,27 @@
 //! connection, the first included, invalidates the whole namespace once it
 //! listens: values loaded before the feed first connected (or during an
 //! outage) may have changed unseen, so the cache refills from the database.
+//!
+//! The feed connects with its origin's TLS (`sslmode`, `sslrootcert`).
 
 use super::Loaders;
 use super::config::InvalidateConfig;
+use super::pg_tls::PgTls;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 /// Starts the feed of namespace `index` on the loader runtime. It stops
 /// when the loaders are dropped.
 pub(super) fn start(loaders: &Arc<Loaders>, index: usize, feed: &InvalidateConfig) {
     let Some(handle) = loaders.runtime_handle() else { return };
-    let Some(config) = loaders.origins().postgres_config(&feed.origin) else { return };
+    let Some((config, tls)) = loaders.origins().postgres_config(&feed.origin) else { return };
     let weak = Arc::downgrade(loaders);
     let channel = feed.channel.clone();
     handle.spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match listen(&weak, index, &config, &channel).await {
+            match listen(&weak, index, &config, &tls, &channel).await {
                 Ok(()) => return,
                 Err(err) => tracing::warn!(%err, channel, "invalidation feed lost; reconnecting"),
             }
@@ -42,9 +45,10 @@ async fn listen(
     weak: &Weak<Loaders>,
     index: usize,
     config: &tokio_postgres::Config,
+    tls: &PgTls,
     channel: &str,
 ) -> Result<(), String> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (client, mut connection) = config.connect(tls.clone()).await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     // The connection must be polled for the LISTEN to complete and for
     // notifications to arrive.

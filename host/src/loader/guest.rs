@@ -120,6 +120,9 @@ fn wit_error(err: OriginFailure) -> wt::OriginError {
         OriginFailure::Timeout => wt::OriginError::Timeout,
         OriginFailure::Failed(m) => wt::OriginError::Failed(m),
         OriginFailure::BadRequest(m) => wt::OriginError::BadRequest(m),
+        // The WIT has no TLS case (its 0.1 interface is fixed): the guest
+        // sees an unavailable origin, with the reason.
+        tls @ OriginFailure::Tls(_) => wt::OriginError::Unavailable(tls.to_string()),
     }
 }
 

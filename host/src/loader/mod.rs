@@ -24,6 +24,7 @@ pub mod cdc;
 pub mod config;
 pub mod guest;
 pub mod origin;
+mod pg_tls;
 pub mod refresh;
 pub mod write;
 

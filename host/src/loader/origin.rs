@@ -5,13 +5,13 @@
 //! by size.
 
 use super::config::OriginConfig;
+use super::pg_tls::{self, PgTls};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::TryStreamExt;
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio_postgres::NoTls;
 use tokio_postgres::types::{ToSql, Type};
 
 /// Rows a single query may return to a loader.
@@ -37,6 +37,12 @@ pub enum OriginFailure {
     /// The request is unusable (bad parameter, unsupported column type...).
     #[error("bad origin request: {0}")]
     BadRequest(String),
+    /// The TLS handshake the connection string asks for failed: the
+    /// server's certificate was refused (wrong CA, wrong host name, expired)
+    /// or the server does not speak TLS. Retrying will not help; fix
+    /// `sslmode`/`sslrootcert` or the server's certificate.
+    #[error("TLS to the origin failed: {0}; check sslmode and sslrootcert")]
+    Tls(String),
 }
 
 /// One result row, each column as bytes (`None` for NULL).
@@ -46,6 +52,9 @@ pub type Row = Vec<Option<Vec<u8>>>;
 pub struct PostgresOrigin {
     pool: Pool,
     pg_config: tokio_postgres::Config,
+    /// The connection string's TLS, kept for the change feed's own
+    /// connection.
+    tls: PgTls,
     deadline: Duration,
     queries: AtomicU64,
     failures: AtomicU64,
@@ -101,15 +110,14 @@ impl Origins {
                 http.insert(name.clone(), origin);
             }
             let Some(url) = &config.postgres else { continue };
-            let mut pg_config = tokio_postgres::Config::from_str(url)
-                .map_err(|e| format!("origin `{name}`: bad connection string: {e}"))?;
+            let (mut pg_config, tls) = pg_tls::parse(url).map_err(|e| format!("origin `{name}`: {e}"))?;
             let connect = Duration::from_millis(config.connect_timeout_ms);
             pg_config.connect_timeout(connect);
             pg_config.options(format!("-c statement_timeout={}", config.statement_timeout_ms));
             pg_config.application_name("cachet");
             let manager = Manager::from_config(
                 pg_config.clone(),
-                NoTls,
+                tls.clone(),
                 ManagerConfig { recycling_method: RecyclingMethod::Fast },
             );
             let pool = Pool::builder(manager)
@@ -121,16 +129,22 @@ impl Origins {
                 .build()
                 .map_err(|e| format!("origin `{name}`: {e}"))?;
             let deadline = Duration::from_millis(config.statement_timeout_ms.saturating_add(1_000));
-            let origin =
-                PostgresOrigin { pool, pg_config, deadline, queries: AtomicU64::new(0), failures: AtomicU64::new(0) };
+            let origin = PostgresOrigin {
+                pool,
+                pg_config,
+                tls,
+                deadline,
+                queries: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            };
             postgres.insert(name.clone(), origin);
         }
         Ok(Self { postgres, http, handle })
     }
 
-    /// The connection settings of a PostgreSQL origin (for LISTEN).
-    pub fn postgres_config(&self, name: &str) -> Option<tokio_postgres::Config> {
-        self.postgres.get(name).map(|o| o.pg_config.clone())
+    /// The connection settings and TLS of a PostgreSQL origin (for LISTEN).
+    pub(crate) fn postgres_config(&self, name: &str) -> Option<(tokio_postgres::Config, PgTls)> {
+        self.postgres.get(name).map(|o| (o.pg_config.clone(), o.tls.clone()))
     }
 
     /// Counters per origin.
@@ -255,7 +269,10 @@ async fn query(
     params: &[Option<String>],
     read_only: bool,
 ) -> Result<Vec<Row>, OriginFailure> {
-    let mut client = pool.get().await.map_err(|e| OriginFailure::Unavailable(e.to_string()))?;
+    let mut client = pool.get().await.map_err(|e| match pg_tls::tls_failure(&e) {
+        Some(tls) => OriginFailure::Tls(tls),
+        None => OriginFailure::Unavailable(e.to_string()),
+    })?;
     if !read_only {
         let prepared = client.prepare_cached(statement).await.map_err(|e| pg_failure(&e))?;
         let pg: &tokio_postgres::Client = &client;
