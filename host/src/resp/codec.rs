@@ -83,6 +83,22 @@ fn line_end(buf: &[u8], from: usize) -> Option<usize> {
     buf.get(from..)?.windows(2).position(|w| w == b"\r\n").map(|p| from + p)
 }
 
+/// Longest content of a `*` or `$` header line (its digits).
+const MAX_HEADER: usize = 32;
+
+/// Where the CRLF ends the header line whose content starts at `from`:
+/// `Ok(None)` while it may still come, `Err` once the content is longer
+/// than [`MAX_HEADER`]. The same verdict however the line arrives: in one
+/// read or a byte at a time (a `\r` at the limit may still be the CRLF's).
+fn header_end(buf: &[u8], from: usize) -> Result<Option<usize>, ()> {
+    let window = &buf[from.min(buf.len())..buf.len().min(from + MAX_HEADER + 2)];
+    match window.windows(2).position(|w| w == b"\r\n") {
+        Some(p) => Ok(Some(from + p)),
+        None if window.len() > MAX_HEADER + 1 => Err(()),
+        None => Ok(None),
+    }
+}
+
 fn parse_len(digits: &[u8]) -> Option<i64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
@@ -152,8 +168,8 @@ impl Parser {
         let partial = match &mut self.partial {
             Some(partial) => partial,
             None => {
-                let Some(end) = line_end(buf, 1) else {
-                    return if buf.len() > 32 { Err(ProtocolError::MultibulkLength) } else { Ok(None) };
+                let Some(end) = header_end(buf, 1).map_err(|()| ProtocolError::MultibulkLength)? else {
+                    return Ok(None);
                 };
                 let count = parse_len(&buf[1..end]).ok_or(ProtocolError::MultibulkLength)?;
                 if count > limits.max_args as i64 {
@@ -176,8 +192,8 @@ impl Parser {
                 Some(b'$') => {}
                 Some(&other) => return Err(ProtocolError::ExpectedBulk(other as char)),
             }
-            let Some(end) = line_end(buf, at + 1) else {
-                return if buf.len() - at > 32 { Err(ProtocolError::BulkLength) } else { Ok(None) };
+            let Some(end) = header_end(buf, at + 1).map_err(|()| ProtocolError::BulkLength)? else {
+                return Ok(None);
             };
             let len = parse_len(&buf[at + 1..end]).ok_or(ProtocolError::BulkLength)?;
             if len < 0 || len > limits.max_bulk as i64 {
