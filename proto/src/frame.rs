@@ -10,6 +10,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::message::{Consistency, PROTOCOL_VERSION};
 
+/// How deep a frame's values may nest. Cachet's messages nest a few
+/// levels; rmp-serde's own limit (1,024) lets a small hostile frame recurse
+/// deep enough to overflow a thread's stack in a debug build.
+pub const MAX_DEPTH: usize = 32;
+
+/// [`rmp_serde::from_slice`] with nesting limited to [`MAX_DEPTH`].
+pub fn from_slice_shallow<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+    deserializer.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut deserializer)
+}
+
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
 
@@ -144,12 +156,12 @@ pub fn decode<T: DeserializeOwned>(buf: &mut BytesMut, max_len: usize) -> Result
     }
     buf.advance(HEADER_LEN);
     let payload = buf.split_to(declared);
-    match rmp_serde::from_slice::<Envelope<T>>(&payload) {
+    match from_slice_shallow::<Envelope<T>>(&payload) {
         Ok(envelope) if envelope.v == PROTOCOL_VERSION => Ok(Decoded::Frame(envelope)),
         Ok(envelope) => Err(FrameError::UnsupportedVersion { id: envelope.id, version: envelope.v }),
         Err(err) => {
             let detail = err.to_string();
-            match rmp_serde::from_slice::<Probe>(&payload) {
+            match from_slice_shallow::<Probe>(&payload) {
                 Ok(probe) if probe.v != PROTOCOL_VERSION => {
                     Err(FrameError::UnsupportedVersion { id: probe.id, version: probe.v })
                 }
@@ -174,6 +186,22 @@ mod tests {
         let mut buf = BytesMut::new();
         encode(id, body, &mut buf).expect("encodes");
         buf
+    }
+
+    #[test]
+    fn deeply_nested_frames_are_refused_not_recursed() {
+        // An unknown field holding 5,000 one-element arrays (5,007 bytes):
+        // serde skips an unknown field's value by walking it, once per
+        // level, so without a depth limit a fuzzer's input like this one
+        // overflowed a debug build's test thread.
+        let mut nested = vec![0x81u8, 0xa2, b'z', b'z'];
+        nested.extend(std::iter::repeat_n(0x91u8, 5_000));
+        let mut buf = BytesMut::new();
+        buf.put_u32(nested.len() as u32);
+        buf.put_slice(&nested);
+        let err = decode::<Request>(&mut buf, 1 << 16).expect_err("refused");
+        assert!(matches!(err, FrameError::Malformed { .. }), "{err:?}");
+        assert!(err.to_string().contains("depth"), "{err}");
     }
 
     #[test]

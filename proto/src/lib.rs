@@ -9,7 +9,9 @@ pub mod frame;
 pub mod message;
 pub mod ring;
 
-pub use frame::{Decoded, Envelope, FrameError, MAX_REPLY_LEN, decode, encode, encode_at};
+pub use frame::{
+    Decoded, Envelope, FrameError, MAX_DEPTH, MAX_REPLY_LEN, decode, encode, encode_at, from_slice_shallow,
+};
 pub use message::{
     ALPN, AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats,
     PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing, ShardListing, TtlState,

@@ -203,10 +203,14 @@ impl PeerTransport {
 
 /// A stream's frames: MessagePack values back to back. All or nothing: one
 /// bad frame refuses the batch.
-fn decode_batch(mut bytes: &[u8]) -> Result<Vec<PeerFrame>, String> {
+pub(crate) fn decode_batch(mut bytes: &[u8]) -> Result<Vec<PeerFrame>, String> {
     let mut frames = Vec::new();
     while !bytes.is_empty() {
-        frames.push(rmp_serde::decode::from_read::<_, PeerFrame>(&mut bytes).map_err(|e| e.to_string())?);
+        // Nesting is limited as for client frames: a small hostile batch
+        // must not recurse deep enough to overflow the thread's stack.
+        let mut deserializer = rmp_serde::Deserializer::new(&mut bytes);
+        deserializer.set_max_depth(cachet_proto::MAX_DEPTH);
+        frames.push(PeerFrame::deserialize(&mut deserializer).map_err(|e| e.to_string())?);
     }
     if frames.is_empty() {
         return Err("an empty stream".into());
