@@ -19,6 +19,7 @@
 //! - [`clients`]: what every client connection is held to (caps, cut-offs).
 //! - [`loader`]: read-through loaders (`cachet:hooks`) with herd protection.
 //! - [`warm`]: rate-limited cache warming from a key list.
+//! - `fuzz`: the fuzz targets' entry points (`fuzz/`, `cargo xtask fuzz`).
 
 #![warn(missing_docs)]
 
@@ -28,6 +29,8 @@ pub mod clients;
 pub mod cluster;
 pub mod config;
 pub mod core;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod loader;
 pub mod metrics;
 pub mod node;

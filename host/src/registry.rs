@@ -197,10 +197,32 @@ impl Activation {
 }
 
 #[derive(Default, Serialize, Deserialize)]
-struct Manifest {
+pub(crate) struct Manifest {
     modules: Vec<ModuleRecord>,
     active: Option<Activation>,
     previous: Option<Activation>,
+}
+
+/// A manifest as read from disk: JSON, and every loaded module's hash
+/// 64 lower-case hex digits, since it names a file in the modules folder
+/// (a path-like "hash" must not reach a file system call).
+pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    for record in &manifest.modules {
+        let hex = record.sha256.len() == 64
+            && record.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        // Bundled and start-up records carry no hash; a loaded one must.
+        let exempt = record.sha256.is_empty() && record.source != Source::Loaded;
+        if !hex && !exempt {
+            return Err(format!(
+                "module {}@{}: `{}` is not a SHA-256 in hex",
+                record.name,
+                record.version,
+                record.sha256.escape_debug()
+            ));
+        }
+    }
+    Ok(manifest)
 }
 
 /// The node's modules. See the module docs.
@@ -245,7 +267,7 @@ impl Registry {
             })?;
             let path = dir.join("manifest.json");
             match std::fs::read(&path) {
-                Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(bytes) => match parse_manifest(&bytes) {
                     Ok(parsed) => manifest = parsed,
                     // A node must start even if its manifest was torn (a
                     // crash mid-write on a filesystem that reordered it): the

@@ -3,6 +3,7 @@
 mod cluster;
 // `build_script` serves the build scripts that share this module.
 mod compare;
+mod fuzz;
 #[allow(dead_code)]
 mod guests;
 mod live;
@@ -34,6 +35,9 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
   bench-loaders   release build; a Zipf read workload straight to a throw-away
                   PostgreSQL, then through a node's read-through loader: origin
                   queries/s both ways, GET p50/p99 of hits and misses (3 rounds)
+  fuzz [TARGET|all] [--seconds N]
+                  run the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer; installs
+                  cargo-fuzz) for N seconds each (60); executions, corpus, crashes
   bench-cluster   release build; throughput of 1, 2 and 3 local members (RF=1 and
                   RF=members at QUORUM), 3 rounds, medians; failover time over 3
                   SIGKILLs under load, and the slowest operation across it with
@@ -58,6 +62,7 @@ fn main() {
                 let release = target_dir().join("release");
                 compare::bench_compare(&release.join("cachet"), &release.join("examples").join("quic_floor"))
             }),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("bench-cluster") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"]).and_then(|()| {
             cluster::bench(&target_dir().join("release").join("cachet"), &target_dir().join("bench-cluster"))
         }),

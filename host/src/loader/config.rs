@@ -224,6 +224,14 @@ impl LoaderConfig {
         Ok(config)
     }
 
+    /// Parses and checks a configuration's text, module paths as written.
+    pub fn parse(text: &str) -> Result<Self, LoaderConfigError> {
+        let config: Self = toml::from_str(text)
+            .map_err(|e| LoaderConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        config.check()?;
+        Ok(config)
+    }
+
     /// Checks ranges and cross-references.
     pub fn check(&self) -> Result<(), LoaderConfigError> {
         let invalid = |m: String| Err(LoaderConfigError::Invalid(m));
@@ -303,9 +311,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<LoaderConfig, String> {
-        let config: LoaderConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        config.check().map_err(|e| e.to_string())?;
-        Ok(config)
+        LoaderConfig::parse(text).map_err(|e| e.to_string())
     }
 
     #[test]

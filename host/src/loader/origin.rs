@@ -201,7 +201,7 @@ impl Origins {
     }
 }
 
-fn check_path(path: &str) -> Result<(), OriginFailure> {
+pub(crate) fn check_path(path: &str) -> Result<(), OriginFailure> {
     // Escaped: the path comes from a guest fed a client's key, and the
     // message reaches log lines, where a raw newline could forge one.
     let bad = |why: &str| Err(OriginFailure::BadRequest(format!("path `{}` {why}", path.escape_debug())));

@@ -1,0 +1,4 @@
+//! `cachet::fuzz::peer`: see host/src/fuzz.rs for what it checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| cachet::fuzz::peer(data));
