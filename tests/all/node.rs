@@ -539,6 +539,12 @@ async fn a_vanished_client_is_dropped_after_the_idle_timeout_under_load() {
     .join()
     .expect("the vanishing client's thread");
     let busy = Client::connect(config.clone()).await.expect("connects");
+    // A connection counts once the node has seen its handshake finish,
+    // which may be a moment after the client has.
+    let counted = std::time::Instant::now();
+    while node.stats_connections() < 2 && counted.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(node.stats_connections(), 2, "both clients are counted");
     let mut third = config.clone();
     third.timeout = Duration::from_millis(500);

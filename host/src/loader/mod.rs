@@ -600,7 +600,7 @@ impl Loaders {
             }
             Err(failure) => {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(key = %String::from_utf8_lossy(key), %failure, "load failed");
+                tracing::warn!(key = %key.escape_ascii(), %failure, "load failed");
                 let code = match failure {
                     CallFailure::Origin(_) => ErrorCode::OriginFailed,
                     _ => ErrorCode::LoadFailed,
