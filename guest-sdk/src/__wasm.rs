@@ -1,5 +1,8 @@
-//! The Wasm export glue behind `export_policy!`: generated bindings, and
-//! one generic resource type that adapts any [`Policy`] to them.
+//! The Wasm export glue behind `export_policy!`: generated bindings (of the
+//! policy world and of the loader world), and one generic resource type that
+//! adapts any [`Policy`] to them. It knows nothing of loaders: the loader
+//! side ([`crate::loader`]) converts its own types and uses the bindings
+//! from here, never the other way round.
 
 use crate::policy::{Config, Policy};
 use crate::types;
@@ -118,36 +121,4 @@ pub mod hooks {
         export_macro_name: "__export_read_through_world",
         default_bindings_module: "cachet_policy_sdk::__wasm::hooks",
     });
-}
-
-fn origin_error(err: crate::loader::OriginError) -> hooks::cachet::hooks::types::OriginError {
-    use crate::loader::OriginError as E;
-    use hooks::cachet::hooks::types::OriginError as W;
-    match err {
-        E::NotAllowed(m) => W::NotAllowed(m),
-        E::Unavailable(m) => W::Unavailable(m),
-        E::Timeout => W::Timeout,
-        E::Failed(m) => W::Failed(m),
-        E::BadRequest(m) => W::BadRequest(m),
-    }
-}
-
-/// A loader error in WIT form.
-pub fn load_error(err: crate::loader::LoadError) -> hooks::cachet::hooks::types::LoadError {
-    use crate::loader::LoadError as E;
-    use hooks::cachet::hooks::types::LoadError as W;
-    match err {
-        E::Origin(e) => W::Origin(origin_error(e)),
-        E::Invalid(m) => W::Invalid(m),
-        E::Unsupported => W::Unsupported,
-    }
-}
-
-/// A load result in WIT form.
-pub fn loaded(
-    result: Result<Option<crate::loader::Loaded>, crate::loader::LoadError>,
-) -> Result<Option<hooks::cachet::hooks::types::Loaded>, hooks::cachet::hooks::types::LoadError> {
-    result
-        .map(|v| v.map(|l| hooks::cachet::hooks::types::Loaded { value: l.value, ttl_ms: l.ttl_ms }))
-        .map_err(load_error)
 }

@@ -181,6 +181,40 @@ pub mod origin {
     }
 }
 
+/// The loader's types in WIT form, for what [`export_loader!`](crate::export_loader)
+/// expands to. Here rather than in the export glue (`__wasm`) so that the
+/// glue never depends on this module: this one uses its bindings instead.
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __export {
+    use super::{LoadError, Loaded, OriginError};
+    use crate::__wasm::hooks::cachet::hooks::types as wt;
+
+    fn origin_error(err: OriginError) -> wt::OriginError {
+        match err {
+            OriginError::NotAllowed(m) => wt::OriginError::NotAllowed(m),
+            OriginError::Unavailable(m) => wt::OriginError::Unavailable(m),
+            OriginError::Timeout => wt::OriginError::Timeout,
+            OriginError::Failed(m) => wt::OriginError::Failed(m),
+            OriginError::BadRequest(m) => wt::OriginError::BadRequest(m),
+        }
+    }
+
+    /// A loader error in WIT form.
+    pub fn load_error(err: LoadError) -> wt::LoadError {
+        match err {
+            LoadError::Origin(e) => wt::LoadError::Origin(origin_error(e)),
+            LoadError::Invalid(m) => wt::LoadError::Invalid(m),
+            LoadError::Unsupported => wt::LoadError::Unsupported,
+        }
+    }
+
+    /// A load result in WIT form.
+    pub fn loaded(result: Result<Option<Loaded>, LoadError>) -> Result<Option<wt::Loaded>, wt::LoadError> {
+        result.map(|v| v.map(|l| wt::Loaded { value: l.value, ttl_ms: l.ttl_ms })).map_err(load_error)
+    }
+}
+
 /// Exports a [`Loader`] type as the `cachet:hooks/loader` interface.
 ///
 /// Expands to nothing on native targets.
@@ -194,7 +228,7 @@ macro_rules! export_loader {
             struct __CachetLoader;
             impl __wl::Guest for __CachetLoader {
                 fn load(key: Vec<u8>, now: u64) -> Result<Option<__wt::Loaded>, __wt::LoadError> {
-                    $crate::__wasm::loaded(<$ty as $crate::loader::Loader>::load(&key, now))
+                    $crate::loader::__export::loaded(<$ty as $crate::loader::Loader>::load(&key, now))
                 }
                 fn refresh(
                     key: Vec<u8>,
@@ -202,10 +236,13 @@ macro_rules! export_loader {
                     age_ms: u64,
                     now: u64,
                 ) -> Result<Option<__wt::Loaded>, __wt::LoadError> {
-                    $crate::__wasm::loaded(<$ty as $crate::loader::Loader>::refresh(&key, &current, age_ms, now))
+                    $crate::loader::__export::loaded(<$ty as $crate::loader::Loader>::refresh(
+                        &key, &current, age_ms, now,
+                    ))
                 }
                 fn store(key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), __wt::LoadError> {
-                    <$ty as $crate::loader::Loader>::store(&key, value.as_deref()).map_err($crate::__wasm::load_error)
+                    <$ty as $crate::loader::Loader>::store(&key, value.as_deref())
+                        .map_err($crate::loader::__export::load_error)
                 }
             }
     $crate::__wasm::hooks::__export_read_through_world!(__CachetLoader with_types_in $crate::__wasm::hooks);

@@ -1,61 +1,10 @@
 use super::bindings::cachet::policy::types as wt;
 use super::bindings::{Eviction, EvictionPre};
-use super::module::{Limits, PolicyEngine};
+use super::sandbox::{self, Limits, StoreState, classify};
 use crate::core::{EvictionPolicy, FaultKind, PolicyError, PolicyFault};
 use cachet_policy_sdk::{Capacity, Entry, EntryId, Event, Need, RemovalCause};
 use wasmtime::component::ResourceAny;
-use wasmtime::{ResourceLimiter, Store, Trap};
-
-/// What each policy store carries: its memory cap, and whether the cap was
-/// hit (so a trap that follows can be named a memory fault). Loader stores
-/// ([`crate::loader`]) hold one too, so both sandboxes cap memory alike.
-pub(crate) struct StoreState {
-    max_memory_bytes: usize,
-    /// Bytes of all linear memories in the store together: the cap is on
-    /// their sum, so a component that instantiates several modules, each
-    /// with a memory, gets no more than one with a single memory.
-    memory_bytes: usize,
-    memory_denied: bool,
-}
-
-impl StoreState {
-    pub(crate) fn new(max_memory_bytes: usize) -> Self {
-        Self { max_memory_bytes, memory_bytes: 0, memory_denied: false }
-    }
-
-    /// Whether a memory grow was refused: a trap that follows is the cap's.
-    pub(crate) fn memory_denied(&self) -> bool {
-        self.memory_denied
-    }
-}
-
-impl ResourceLimiter for StoreState {
-    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        let total = self.memory_bytes.saturating_sub(current).saturating_add(desired);
-        let ok = total <= self.max_memory_bytes;
-        if ok {
-            self.memory_bytes = total;
-        }
-        self.memory_denied |= !ok;
-        Ok(ok)
-    }
-
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
-    }
-}
-
-/// Names the fault behind a failed call.
-pub(crate) fn classify(store: &Store<StoreState>, err: wasmtime::Error) -> PolicyFault {
-    let kind = if store.data().memory_denied {
-        FaultKind::Memory
-    } else if matches!(err.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
-        FaultKind::Budget
-    } else {
-        FaultKind::Trap
-    };
-    PolicyFault { kind, detail: format!("{err:#}") }
-}
+use wasmtime::{Engine, Store};
 
 /// One policy instance in its own store. After any fault the instance is
 /// unusable (a trapped component cannot be re-entered); the shard drops it.
@@ -72,14 +21,8 @@ pub(crate) struct WasmPolicy {
 }
 
 impl WasmPolicy {
-    pub(crate) fn store(engine: &PolicyEngine, max_memory_bytes: usize) -> Store<StoreState> {
-        let mut store = Store::new(engine.engine(), StoreState::new(max_memory_bytes));
-        store.limiter(|state| state);
-        store
-    }
-
     pub(crate) fn new(
-        engine: &PolicyEngine,
+        engine: &Engine,
         pre: &EvictionPre<StoreState>,
         limits: Limits,
         capacity: Capacity,
@@ -87,7 +30,7 @@ impl WasmPolicy {
         config: &[(String, String)],
     ) -> Result<Self, PolicyError> {
         let scan_fuel = limits.fuel_per_resident.saturating_mul(capacity.presize() as u64);
-        let mut store = Self::store(engine, limits.memory_cap(capacity));
+        let mut store = sandbox::store(engine, limits.memory_cap(capacity));
         // Creating may size tables for the whole capacity up front (so later
         // calls never grow them), which is work proportional to it.
         let fuel = limits.fuel_per_call.saturating_add(limits.fuel_per_item.saturating_mul(capacity.presize() as u64));
@@ -201,22 +144,5 @@ impl EvictionPolicy for WasmPolicy {
         let ids = guest.call_export_order(&mut self.store, self.handle).map_err(|e| self.fault(e))?;
         out.extend(ids);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Two memories in one store share the cap instead of getting one each.
-    #[test]
-    fn the_memory_cap_is_on_the_sum_of_memories() {
-        const PAGE: usize = 64 << 10;
-        let mut state = StoreState::new(4 * PAGE);
-        assert!(state.memory_growing(0, 2 * PAGE, None).expect("first memory"));
-        assert!(state.memory_growing(0, 2 * PAGE, None).expect("second memory"));
-        assert!(!state.memory_growing(2 * PAGE, 3 * PAGE, None).expect("over the sum"));
-        assert!(state.memory_denied);
-        assert_eq!(state.memory_bytes, 4 * PAGE);
     }
 }

@@ -11,9 +11,11 @@
 mod bindings;
 mod instance;
 mod module;
+mod sandbox;
 
-pub(crate) use instance::StoreState;
 pub(crate) use module::check_one_memory_per_module;
 #[cfg(test)]
 pub(crate) use module::tests as module_tests;
-pub use module::{EXPORT as INTERFACE, Limits, PolicyEngine, WasmPolicyModule};
+pub use module::{EXPORT as INTERFACE, PolicyEngine, WasmPolicyModule};
+pub use sandbox::Limits;
+pub(crate) use sandbox::StoreState;

@@ -1,5 +1,6 @@
 use super::bindings::EvictionPre;
 use super::instance::WasmPolicy;
+use super::sandbox::{self, Limits, StoreState, classify};
 use crate::core::{EvictionPolicy, PolicyError, PolicyFactory};
 use cachet_policy_sdk::{Capacity, PolicyInfo};
 use std::sync::Arc;
@@ -11,50 +12,6 @@ use wasmtime::{Config, Engine};
 pub const EXPORT: &str = "cachet:policy/policy@0.1.0";
 const INTERFACE_PACKAGE: &str = "cachet:policy/";
 const SUPPORTED: &str = "0.1.";
-
-/// Per-instance sandbox limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Fuel (roughly, Wasm instructions) one call may use; a call that runs
-    /// out is a `budget` fault. About 1 ms of work on this machine at the
-    /// default.
-    pub fuel_per_call: u64,
-    /// Extra fuel per event or entry for calls that carry many (batches,
-    /// hand-off replays).
-    pub fuel_per_item: u64,
-    /// Extra fuel per entry of capacity ([`Capacity::presize`]) for calls
-    /// that may walk the policy's whole state once (events, victim choice,
-    /// policy deadlines, exports). CLOCK's hand, SIEVE's hand and S3-FIFO's
-    /// queues can legitimately pass over everything in one eviction, and
-    /// W-TinyLFU halves a sketch sized by the cache, so a shard's worst call
-    /// grows with its size.
-    pub fuel_per_resident: u64,
-    /// Base cap on the instance's linear memory; growing past the cap is a
-    /// `memory` fault.
-    pub max_memory_bytes: usize,
-    /// Added to the cap per entry the shard may hold (up to the
-    /// [`Capacity::presize`] bound), since a policy's state grows with it.
-    pub memory_per_entry: usize,
-}
-
-impl Limits {
-    /// The memory cap of an instance serving a shard of `capacity`.
-    pub fn memory_cap(&self, capacity: Capacity) -> usize {
-        self.max_memory_bytes.saturating_add(self.memory_per_entry.saturating_mul(capacity.presize()))
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            fuel_per_call: 2_000_000,
-            fuel_per_item: 5_000,
-            fuel_per_resident: 300,
-            max_memory_bytes: 16 << 20,
-            memory_per_entry: 512,
-        }
-    }
-}
 
 /// The process's one wasmtime engine for policies.
 #[derive(Clone)]
@@ -95,7 +52,7 @@ impl PolicyEngine {
 /// One validated policy component, ready to instantiate per shard.
 pub struct WasmPolicyModule {
     engine: PolicyEngine,
-    pre: EvictionPre<super::instance::StoreState>,
+    pre: EvictionPre<StoreState>,
     info: PolicyInfo,
     limits: Limits,
     config: Arc<Vec<(String, String)>>,
@@ -140,7 +97,7 @@ impl WasmPolicyModule {
             .instantiate_pre(&component)
             .and_then(EvictionPre::new)
             .map_err(|e| PolicyError::WrongInterface(format!("{e:#}")))?;
-        let mut probe = WasmPolicy::store(engine, limits.max_memory_bytes);
+        let mut probe = sandbox::store(engine.engine(), limits.max_memory_bytes);
         probe.set_fuel(limits.fuel_per_call).map_err(|e| PolicyError::Create(e.to_string()))?;
         let bindings = pre
             .instantiate(&mut probe)
@@ -148,7 +105,7 @@ impl WasmPolicyModule {
         let info = bindings
             .cachet_policy_policy()
             .call_info(&mut probe)
-            .map_err(|e| PolicyError::Fault(super::instance::classify(&probe, e)))?;
+            .map_err(|e| PolicyError::Fault(classify(&probe, e)))?;
         let info = PolicyInfo {
             name: info.name,
             version: info.version,
@@ -195,7 +152,7 @@ impl PolicyFactory for WasmPolicyModule {
     }
 
     fn create(&self, capacity: Capacity, seed: u64) -> Result<Box<dyn EvictionPolicy>, PolicyError> {
-        let policy = WasmPolicy::new(&self.engine, &self.pre, self.limits, capacity, seed, &self.config)?;
+        let policy = WasmPolicy::new(self.engine.engine(), &self.pre, self.limits, capacity, seed, &self.config)?;
         Ok(Box::new(policy))
     }
 }
