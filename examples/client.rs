@@ -6,22 +6,21 @@
 //! Against a node you started yourself (`cachet serve`), build the config
 //! with `ClientConfig::new("127.0.0.1:7070".parse()?).with_data_dir(".cachet".as_ref())?`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytes::Bytes;
-use cachet::node::{Node, NodeConfig};
+use cachet::node::{Node, NodeConfig, NodeOptions};
 use cachet::policies::{self, PolicySpec};
-use cachet::server::{self, ServeOptions, tls::TlsSource};
+use cachet::server::{ServeOptions, tls::TlsSource};
 use cachet::wasm::PolicyEngine;
 use cachet_client::{Client, ClientConfig, SetOptions};
-use std::sync::Arc;
 use std::time::Duration;
 
 fn main() -> Result<()> {
     let data_dir = std::env::temp_dir().join(format!("cachet-example-{}", std::process::id()));
     let engine = PolicyEngine::new()?;
     let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })?;
-    let node = Arc::new(Node::new(NodeConfig::default(), policy)?);
-    let options = ServeOptions {
+    let mut options = NodeOptions::new(NodeConfig::default(), policy);
+    options.quic = Some(ServeOptions {
         listen: "127.0.0.1:0".parse()?,
         threads: 1,
         tls: TlsSource::DevCa { data_dir: data_dir.clone() },
@@ -30,9 +29,9 @@ fn main() -> Result<()> {
         max_frame: 2 << 20,
         idle_timeout: Duration::from_secs(60),
         clients: Default::default(),
-    };
-    let server = server::start(node, options)?;
-    let config = ClientConfig::new(server.local_addr()).with_data_dir(&data_dir)?;
+    });
+    let server = Node::start(options)?;
+    let config = ClientConfig::new(server.quic_addr().context("no QUIC port")?).with_data_dir(&data_dir)?;
 
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
         let client = Client::connect(config).await?;

@@ -15,9 +15,9 @@
 
 use anyhow::{Context, Result, bail};
 use cachet::loader::{LoaderConfig, Loaders};
-use cachet::node::{Node, NodeConfig};
+use cachet::node::{Node, NodeConfig, NodeOptions, Running};
 use cachet::policies::{self, PolicySpec};
-use cachet::server::{self, ServeOptions, tls::TlsSource};
+use cachet::server::{ServeOptions, tls::TlsSource};
 use cachet::wasm::PolicyEngine;
 use cachet_client::{Client, ClientConfig};
 use hdrhistogram::Histogram;
@@ -243,14 +243,12 @@ async fn write_behind(
 
 /// A node (S3-FIFO, 2 shards) with `loaders`, served over QUIC from this
 /// process, and a client of it.
-async fn serve(loaders: Arc<Loaders>, dir: &std::path::Path) -> Result<(server::RunningServer, Arc<Client>)> {
+async fn serve(loaders: LoaderConfig, dir: &std::path::Path) -> Result<(Running, Arc<Loaders>, Arc<Client>)> {
     let engine = PolicyEngine::new()?;
     let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() })?;
-    let node = Arc::new(Node::new(NodeConfig { shards: 2, ..NodeConfig::default() }, policy)?);
-    if node.attach_loaders(loaders).is_err() {
-        bail!("loaders attached twice");
-    }
-    let options = ServeOptions {
+    let mut options = NodeOptions::new(NodeConfig { shards: 2, ..NodeConfig::default() }, policy);
+    options.loaders = Some(loaders);
+    options.quic = Some(ServeOptions {
         listen: "127.0.0.1:0".parse()?,
         threads: 1,
         tls: TlsSource::DevCa { data_dir: dir.to_path_buf() },
@@ -259,10 +257,12 @@ async fn serve(loaders: Arc<Loaders>, dir: &std::path::Path) -> Result<(server::
         max_frame: 2 << 20,
         idle_timeout: Duration::from_secs(60),
         clients: Default::default(),
-    };
-    let server = server::start(node, options)?;
-    let client = Arc::new(Client::connect(ClientConfig::new(server.local_addr()).with_data_dir(dir)?).await?);
-    Ok((server, client))
+    });
+    let running = Node::start(options)?;
+    let loaders = running.node().loaders().cloned().context("the node has no loaders")?;
+    let addr = running.quic_addr().context("no QUIC port")?;
+    let client = Arc::new(Client::connect(ClientConfig::new(addr).with_data_dir(dir)?).await?);
+    Ok((running, loaders, client))
 }
 
 fn main() -> Result<()> {
@@ -308,8 +308,7 @@ async fn run(admin_url: &str, loader: &str, duration: Duration, keys: usize, rat
              [[namespace]]\nprefix = \"user:\"\nmodule = \"{loader}\"\norigins = [\"users-db\"]\nttl-ms = 600000\n"
         ),
     )?;
-    let loaders = Loaders::new(&LoaderConfig::load(&config_path)?)?;
-    let (server, client) = serve(loaders, &dir).await?;
+    let (server, _, client) = serve(LoaderConfig::load(&config_path)?, &dir).await?;
     db.batch_execute("SELECT pg_stat_statements_reset()").await?;
     let cached = cached(client, keys, zipf, duration, period).await?;
     let cached_calls = origin_calls(&db).await?;
@@ -324,8 +323,7 @@ async fn run(admin_url: &str, loader: &str, duration: Duration, keys: usize, rat
              ttl-ms = 600000\nwrite = \"behind\"\nwrite-queue = 100000\n"
         ),
     )?;
-    let loaders = Loaders::new(&LoaderConfig::load(&config_path)?)?;
-    let (server, client) = serve(loaders.clone(), &dir).await?;
+    let (server, loaders, client) = serve(LoaderConfig::load(&config_path)?, &dir).await?;
     let (writes, deepest, last) = write_behind(client, loaders.clone(), keys, duration / 2, period * 2).await?;
     let drain = Instant::now();
     while loaders.write_queue_depth() > 0 {

@@ -163,12 +163,12 @@ fn drain(connection: &mut Connection, stream: StreamId, into: &mut BytesMut) -> 
 
 /// A node like the comparison's (one shard, S3-FIFO as Wasm) holding
 /// `keys` keys of [`VALUE`] bytes.
-fn node(keys: u64) -> Result<cachet::node::Node> {
+fn node(keys: u64) -> Result<Arc<cachet::node::Node>> {
     use cachet::policies::{PolicySpec, resolve};
     let engine = cachet::wasm::PolicyEngine::new()?;
     let policy = resolve(&engine, &PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() })?;
     let config = cachet::node::NodeConfig { max_entries: 2_000_000, max_bytes: 1 << 30, ..Default::default() };
-    let node = cachet::node::Node::new(config, policy)?;
+    let node = Arc::new(cachet::node::Node::new(config, policy)?);
     for i in 0..keys {
         let set = cachet_proto::Request::Set {
             key: Bytes::from(format!("key:{i}")),

@@ -10,9 +10,9 @@
 //! whole. One policy operation runs at a time; a second one gets `Busy`.
 
 use crate::core::{PolicyFactory, Shard, replay_snapshot};
-use crate::node::Node;
 use crate::registry::{Activation, ModuleLimits, Registry, RegistryError, parse_label};
 use crate::shadow::Shadow;
+use crate::store::Store;
 use cachet_proto::{
     AdminCommand, ErrorCode, ErrorReply, ModuleListing, NodeStats, PolicyListing, Response, ShardListing,
 };
@@ -35,6 +35,8 @@ pub(crate) struct ActiveState {
 
 /// A node's policy control plane. See the module docs.
 pub(crate) struct Control {
+    /// The shards the policies run in.
+    store: Arc<Store>,
     /// SHA-256 of the admin token, `None` when admin commands are disabled.
     /// Only the digest is kept so that comparing costs the same whatever the
     /// guess's length and wherever it differs.
@@ -59,10 +61,12 @@ const MAX_UPLOAD: u64 = 64 << 20;
 const MAX_UPLOADS: usize = 4;
 
 impl Control {
-    pub(crate) fn new(factory: Arc<dyn PolicyFactory>, shards: usize) -> Self {
+    pub(crate) fn new(factory: Arc<dyn PolicyFactory>, store: Arc<Store>) -> Self {
+        let shards = store.shard_count();
         let info = factory.info();
         let activation = Activation { name: info.name.clone(), version: info.version.clone(), config: Vec::new() };
         Self {
+            store,
             token: None,
             guard: Mutex::new(TokenGuard::default()),
             registry: Mutex::new(None),
@@ -272,28 +276,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl Node {
+impl Control {
     /// Gives the node a module registry and an admin token (admin commands
     /// are refused without one), and restores the registry's active module
     /// if it has one. A stored activation that no longer works is logged
     /// and the start-up policy kept.
-    pub fn with_registry(mut self, mut registry: Registry, token: Option<String>) -> Self {
+    pub(crate) fn with_registry(mut self, mut registry: Registry, token: Option<String>) -> Self {
         let startup = {
-            let state = lock(&self.control.state);
+            let state = lock(&self.state);
             registry.set_startup(state.factory.clone(), state.activation.config.clone())
         };
-        lock(&self.control.state).activation = startup.clone();
+        lock(&self.state).activation = startup.clone();
         let restore = registry.active().filter(|a| **a != startup).cloned();
         let stored_previous = registry.previous().cloned();
-        self.control.token = token.filter(|t| !t.is_empty()).as_deref().map(token_digest);
-        *lock(&self.control.registry) = Some(registry);
+        self.token = token.filter(|t| !t.is_empty()).as_deref().map(token_digest);
+        *lock(&self.registry) = Some(registry);
         if let Some(active) = restore {
             match self.activate(&active.name, &active.version, Some(active.config.clone()), false) {
                 Ok(message) => {
                     tracing::info!(module = %active.label(), "restored the stored active policy: {message}");
                     // Restoring is not a new activation: rollback still goes
                     // where it went before the restart.
-                    if let Some(registry) = lock(&self.control.registry).as_mut()
+                    if let Some(registry) = lock(&self.registry).as_mut()
                         && let Err(err) = registry.set_previous(stored_previous)
                     {
                         tracing::warn!(%err, "cannot keep the previous version");
@@ -307,20 +311,22 @@ impl Node {
 
     /// Whether `token` opens admin commands on this node now; the I/O
     /// threads answer a wrong token (or any during a back-off) at once,
-    /// through [`Node::admin`], instead of handing it to a blocking thread.
-    /// Records nothing: [`Node::admin`] counts the failure.
-    pub fn admin_authorized(&self, token: &str) -> bool {
-        lock(&self.control.guard).blocked(Instant::now()).is_none()
-            && self.control.token.as_ref().is_some_and(|expected| token_matches(expected, token))
+    /// through [`Control::admin`], instead of handing it to a blocking thread.
+    /// Records nothing: [`Control::admin`] counts the failure.
+    pub(crate) fn authorized(&self, token: &str) -> bool {
+        lock(&self.guard).blocked(Instant::now()).is_none()
+            && self.token.as_ref().is_some_and(|expected| token_matches(expected, token))
     }
 
     /// Runs an admin command if `token` is the node's admin token and no
     /// back-off after failed attempts is running.
-    pub fn admin(&self, token: &str, command: AdminCommand) -> Response {
+    /// `node_stats` gives the node's stats with its hot keys, for
+    /// [`AdminCommand::Stats`].
+    pub(crate) fn admin(&self, token: &str, command: AdminCommand, node_stats: impl FnOnce() -> NodeStats) -> Response {
         let what = command.name();
         let result = self.admit(Instant::now(), token).and_then(|()| match command {
             // Read-only and polled by monitoring: not worth a log line.
-            AdminCommand::Stats => Ok(Response::Stats(self.admin_stats())),
+            AdminCommand::Stats => Ok(Response::Stats(node_stats())),
             command => self.run_admin(command).map(|message| {
                 tracing::info!(command = what, "{message}");
                 Response::Policies(Box::new(self.policy_listing(message)))
@@ -340,10 +346,10 @@ impl Node {
     /// Checks `token` at `now` against the back-off and the node's token,
     /// counting and (at a bounded rate) logging a refusal.
     fn admit(&self, now: Instant, token: &str) -> Result<(), AdminError> {
-        let Some(expected) = &self.control.token else {
+        let Some(expected) = &self.token else {
             return Err(AdminError::Disabled);
         };
-        let mut guard = lock(&self.control.guard);
+        let mut guard = lock(&self.guard);
         let refused = if let Some(left) = guard.blocked(now) {
             AdminError::Throttled(left.as_secs().max(1))
         } else if token_matches(expected, token) {
@@ -359,24 +365,19 @@ impl Node {
         Err(refused)
     }
 
-    /// The node's stats with its hot keys, for admin callers only.
-    fn admin_stats(&self) -> NodeStats {
-        NodeStats { hot_keys: self.hot_keys(), hot_keys_hidden: false, ..self.stats() }
-    }
-
     /// Runs a policy command; [`AdminCommand::Stats`] is answered by
-    /// [`Node::admin`] and never reaches here.
+    /// [`Control::admin`] and never reaches here.
     fn run_admin(&self, command: AdminCommand) -> Result<String, AdminError> {
         match command {
             AdminCommand::Stats => Ok(String::new()),
             AdminCommand::UploadChunk { upload, offset, total, chunk } => {
-                let received = self.control.uploads_receive(upload, offset, total, &chunk)?;
+                let received = self.uploads_receive(upload, offset, total, &chunk)?;
                 Ok(format!("upload {upload}: {received} of {total} bytes"))
             }
             AdminCommand::Load { name, version, config, module, fuel_per_call, max_memory_bytes, upload } => {
                 let module = match upload {
                     None => module,
-                    Some(id) => self.control.uploads_take(id)?,
+                    Some(id) => self.uploads_take(id)?,
                 };
                 let mut registry = self.try_registry()?;
                 let registry = registry.as_mut().ok_or(AdminError::NoRegistry)?;
@@ -404,7 +405,7 @@ impl Node {
     }
 
     fn try_registry(&self) -> Result<MutexGuard<'_, Option<Registry>>, AdminError> {
-        match self.control.registry.try_lock() {
+        match self.registry.try_lock() {
             Ok(guard) => Ok(guard),
             Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
             Err(TryLockError::WouldBlock) => Err(AdminError::Busy),
@@ -420,10 +421,10 @@ impl Node {
         config: Option<Vec<(String, String)>>,
         exclusive: bool,
     ) -> Result<String, AdminError> {
-        let mut guard = if exclusive { self.try_registry()? } else { lock(&self.control.registry) };
+        let mut guard = if exclusive { self.try_registry()? } else { lock(&self.registry) };
         let registry = guard.as_mut().ok_or(AdminError::NoRegistry)?;
         let (factory, activation) = registry.factory(name, version, config)?;
-        let current = lock(&self.control.state).activation.clone();
+        let current = lock(&self.state).activation.clone();
         let message = self.swap_all(factory, &activation)?;
         // Re-activating what runs (a fresh instance) keeps the rollback target.
         if activation != current
@@ -444,27 +445,27 @@ impl Node {
     /// install it.
     fn swap_all(&self, factory: Arc<dyn PolicyFactory>, activation: &Activation) -> Result<String, AdminError> {
         let new_label = activation.label();
-        let old_factory = lock(&self.control.state).factory.clone();
-        let mut durations = Vec::with_capacity(self.shard_count());
+        let old_factory = lock(&self.state).factory.clone();
+        let mut durations = Vec::with_capacity(self.store.shard_count());
         let mut longest_lock = Duration::ZERO;
         let mut entries = 0usize;
-        for i in 0..self.shard_count() {
+        for i in 0..self.store.shard_count() {
             let started = Instant::now();
             let (snapshot, (capacity, seed), retired) = {
-                let mut shard = self.lock_shard(i);
-                let snapshot = shard.begin_swap(self.now_ms(), factory.info());
+                let mut shard = self.store.lock_shard(i);
+                let snapshot = shard.begin_swap(self.store.now_ms(), factory.info());
                 (snapshot, shard.policy_capacity(), shard.configured_faults())
             };
             let first_lock = started.elapsed();
             let built = factory.create(capacity, seed).and_then(|mut fresh| {
-                replay_snapshot(self.now_ms(), fresh.as_mut(), &snapshot.entries)?;
+                replay_snapshot(self.store.now_ms(), fresh.as_mut(), &snapshot.entries)?;
                 Ok(fresh)
             });
             drop(snapshot);
             let relocked = Instant::now();
-            let mut shard = self.lock_shard(i);
+            let mut shard = self.store.lock_shard(i);
             let result = match built {
-                Ok(fresh) => shard.finish_swap(self.now_ms(), factory.clone(), fresh),
+                Ok(fresh) => shard.finish_swap(self.store.now_ms(), factory.clone(), fresh),
                 Err(err) => {
                     shard.abort_swap();
                     Err(err)
@@ -476,19 +477,19 @@ impl Node {
                 Ok(n) => {
                     entries += n;
                     durations.push(started.elapsed().as_micros() as u64);
-                    let mut state = lock(&self.control.state);
+                    let mut state = lock(&self.state);
                     let old = std::mem::replace(&mut state.shard_labels[i], new_label.clone());
                     *state.retired_faults.entry(old).or_default() += retired;
                 }
                 Err(err) => {
                     for j in 0..i {
-                        let mut shard = self.lock_shard(j);
-                        if let Err(back) = shard.swap_policy(self.now_ms(), old_factory.clone()) {
+                        let mut shard = self.store.lock_shard(j);
+                        if let Err(back) = shard.swap_policy(self.store.now_ms(), old_factory.clone()) {
                             tracing::error!(shard = j, %back, "cannot swap back; the shard keeps the new policy");
                             continue;
                         }
                         drop(shard);
-                        let mut state = lock(&self.control.state);
+                        let mut state = lock(&self.state);
                         let current = state.activation.label();
                         state.shard_labels[j] = current;
                     }
@@ -498,16 +499,16 @@ impl Node {
                 }
             }
         }
-        if let Some(shadow) = self.control.shadow().as_mut().and_then(|s| s.as_mut()) {
-            shadow.swap_active(self.now_ms(), factory.clone());
+        if let Some(shadow) = self.shadow().as_mut().and_then(|s| s.as_mut()) {
+            shadow.swap_active(self.store.now_ms(), factory.clone());
         }
         {
-            let mut state = lock(&self.control.state);
+            let mut state = lock(&self.state);
             state.activation = activation.clone();
             state.factory = factory;
             state.last_swap_us = durations.clone();
         }
-        self.control.swaps.fetch_add(1, Ordering::Relaxed);
+        self.swaps.fetch_add(1, Ordering::Relaxed);
         let total: u64 = durations.iter().sum();
         let slowest = durations.iter().copied().max().unwrap_or(0);
         Ok(format!(
@@ -520,11 +521,25 @@ impl Node {
         ))
     }
 
-    /// Supervisor step (from [`Node::tick`]): when a shard has given up on
+    /// Periodic work (from the node's tick): the shadow's ghosts, and the
+    /// supervisor.
+    pub(crate) fn tick(&self, now: u64) {
+        if let Some(shadow) = self.shadow().as_mut().and_then(|s| s.as_mut()) {
+            shadow.tick(now);
+        }
+        self.supervise();
+    }
+
+    /// What every shard is configured to run.
+    pub(crate) fn activation(&self) -> Activation {
+        lock(&self.state).activation.clone()
+    }
+
+    /// Supervisor step (from [`Control::tick`]): when a shard has given up on
     /// the active module after repeated faults, quarantine the module and
     /// put the previous version back on every shard.
     pub(crate) fn supervise(&self) {
-        let gave_up = (0..self.shard_count()).find(|&i| self.lock_shard(i).gave_up());
+        let gave_up = (0..self.store.shard_count()).find(|&i| self.store.lock_shard(i).gave_up());
         let Some(shard) = gave_up else {
             return;
         };
@@ -538,7 +553,7 @@ impl Node {
         // What that shard runs, read under the registry lock so no swap is
         // halfway; it is the active module unless a swap-back failed.
         let (active, culprit) = {
-            let state = lock(&self.control.state);
+            let state = lock(&self.state);
             (state.activation.clone(), state.shard_labels.get(shard).cloned().unwrap_or_default())
         };
         if culprit != active.label() {
@@ -554,7 +569,7 @@ impl Node {
         if let Err(err) = registry.quarantine(&active.name, &active.version, &reason) {
             tracing::error!(%err, "cannot record the quarantine");
         }
-        self.control.quarantines.fetch_add(1, Ordering::Relaxed);
+        self.quarantines.fetch_add(1, Ordering::Relaxed);
         tracing::error!(module = %active.label(), %reason, "module quarantined");
         let Some(previous) = registry.previous().cloned().filter(|p| p.label() != active.label()) else {
             tracing::error!(module = %active.label(), "no previous version; shards stay on the native fallback");
@@ -576,29 +591,30 @@ impl Node {
 
     fn start_shadow(&self, name: &str, version: &str) -> Result<String, AdminError> {
         if name.is_empty() {
-            self.control.shadow_threshold.store(0, Ordering::Relaxed);
-            *lock(&self.control.shadow) = None;
+            self.shadow_threshold.store(0, Ordering::Relaxed);
+            *lock(&self.shadow) = None;
             return Ok("shadow evaluation stopped".into());
         }
         let mut registry = self.try_registry()?;
         let registry = registry.as_mut().ok_or(AdminError::NoRegistry)?;
         let (candidate, activation) = registry.factory(name, version, None)?;
-        let active = lock(&self.control.state).factory.clone();
-        let stats = self.stats();
-        let shadow = Shadow::new(activation.label(), candidate, active, self.config(), (stats.hits, stats.misses))
-            .map_err(|e| AdminError::Swap(e.to_string()))?;
+        let active = lock(&self.state).factory.clone();
+        let stats = self.store.stats();
+        let shadow =
+            Shadow::new(activation.label(), candidate, active, self.store.config(), (stats.hits, stats.misses))
+                .map_err(|e| AdminError::Swap(e.to_string()))?;
         let (rate, threshold) = (shadow.sample_rate(), shadow.threshold());
-        *lock(&self.control.shadow) = Some(shadow);
-        self.control.shadow_threshold.store(threshold, Ordering::Relaxed);
+        *lock(&self.shadow) = Some(shadow);
+        self.shadow_threshold.store(threshold, Ordering::Relaxed);
         Ok(format!("shadowing {} on {:.2}% of keys", activation.label(), rate * 100.0))
     }
 
     /// The registry and shards, for `cachet policy list`.
-    pub fn policy_listing(&self, message: String) -> PolicyListing {
+    pub(crate) fn policy_listing(&self, message: String) -> PolicyListing {
         self.listing(message, true)
     }
 
-    /// [`Node::policy_listing`] without waiting for a policy operation in
+    /// [`Control::policy_listing`] without waiting for a policy operation in
     /// progress (a scrape must not stall behind a swap): while one runs,
     /// the module list is left empty.
     pub(crate) fn policy_listing_now(&self) -> PolicyListing {
@@ -606,11 +622,11 @@ impl Node {
     }
 
     fn listing(&self, message: String, wait_for_registry: bool) -> PolicyListing {
-        let mut shards = Vec::with_capacity(self.shard_count());
+        let mut shards = Vec::with_capacity(self.store.shard_count());
         let mut live_faults: HashMap<String, u64> = HashMap::new();
-        let labels = lock(&self.control.state).shard_labels.clone();
+        let labels = lock(&self.state).shard_labels.clone();
         for (i, label) in labels.iter().enumerate() {
-            let shard: MutexGuard<'_, Shard> = self.lock_shard(i);
+            let shard: MutexGuard<'_, Shard> = self.store.lock_shard(i);
             *live_faults.entry(label.clone()).or_default() += shard.configured_faults();
             shards.push(ShardListing {
                 shard: i as u64,
@@ -621,13 +637,13 @@ impl Node {
             });
         }
         let (active, retired) = {
-            let state = lock(&self.control.state);
+            let state = lock(&self.state);
             (state.activation.label(), state.retired_faults.clone())
         };
         let faults_of = |l: &str| retired.get(l).copied().unwrap_or(0) + live_faults.get(l).copied().unwrap_or(0);
         // Never hold the state lock while taking the registry's: activation
         // takes them in the other order.
-        let registry = if wait_for_registry { Some(lock(&self.control.registry)) } else { self.try_registry().ok() };
+        let registry = if wait_for_registry { Some(lock(&self.registry)) } else { self.try_registry().ok() };
         let (modules, previous) = match registry.as_ref().and_then(|r| r.as_ref()) {
             Some(registry) => (
                 registry
@@ -649,16 +665,16 @@ impl Node {
             None => (Vec::new(), None),
         };
         drop(registry);
-        let stats = self.stats();
-        let shadow = lock(&self.control.shadow).as_ref().map(|s| s.listing((stats.hits, stats.misses)));
+        let stats = self.store.stats();
+        let shadow = lock(&self.shadow).as_ref().map(|s| s.listing((stats.hits, stats.misses)));
         PolicyListing {
             message,
             active,
             previous,
             modules,
             shards,
-            swaps: self.control.swaps.load(Ordering::Relaxed),
-            quarantines: self.control.quarantines.load(Ordering::Relaxed),
+            swaps: self.swaps.load(Ordering::Relaxed),
+            quarantines: self.quarantines.load(Ordering::Relaxed),
             shadow,
         }
     }
@@ -722,66 +738,23 @@ mod tests {
         assert_eq!(log.admit(t0 + Duration::from_millis(2000)), Some(1));
     }
 
-    /// Hot keys are key bytes: plain stats leave them out (and say so),
-    /// the admin variant with the node's token has them, a wrong token gets
-    /// nothing but a refusal.
-    #[test]
-    fn hot_keys_are_only_for_admin_callers() {
-        use bytes::Bytes;
-        use cachet_proto::Request;
-        let factory = crate::policies::native(crate::policies::DEFAULT_POLICY, Default::default()).expect("policy");
-        let node = Node::new(crate::node::NodeConfig::default(), factory).expect("node");
-        let registry = Registry::open(None, crate::wasm::PolicyEngine::new().expect("engine")).expect("registry");
-        let node = node.with_registry(registry, Some("s3cret".into()));
-        let key = Bytes::from_static(b"user:alice@example.org");
-        let set = Request::Set {
-            key: key.clone(),
-            value: Bytes::from_static(b"v"),
-            ttl_ms: None,
-            condition: Default::default(),
-            hint: 0,
-        };
-        assert_eq!(node.execute(set), Response::Ok);
-        for _ in 0..5 {
-            node.execute(Request::Get { key: key.clone() });
-        }
-
-        let Response::Stats(plain) = node.execute(Request::Stats) else { panic!("plain stats") };
-        assert!(plain.hot_keys.is_empty(), "plain stats leak {:?}", plain.hot_keys);
-        assert!(plain.hot_keys_hidden);
-        assert_eq!(plain.hits, 5);
-
-        let admin = |token: &str| node.execute(Request::Admin { token: token.into(), command: AdminCommand::Stats });
-        let Response::Stats(full) = admin("s3cret") else { panic!("admin stats") };
-        assert_eq!(full.hot_keys.first().map(|h| &h.key), Some(&key), "{:?}", full.hot_keys);
-        assert!(!full.hot_keys_hidden);
-        assert_eq!(full.hits, 5);
-
-        let refused = admin("guess");
-        assert!(matches!(refused, Response::Error(ErrorReply { code: ErrorCode::Unauthorized, .. })), "{refused:?}");
-
-        let factory = crate::policies::native(crate::policies::DEFAULT_POLICY, Default::default()).expect("policy");
-        let no_token = Node::new(crate::node::NodeConfig::default(), factory).expect("node");
-        let refused = no_token.execute(Request::Admin { token: String::new(), command: AdminCommand::Stats });
-        assert!(matches!(refused, Response::Error(ErrorReply { code: ErrorCode::Unauthorized, .. })), "{refused:?}");
-    }
-
-    /// Through the node: wrong tokens lock the right one out too, and the
-    /// I/O threads' quick check agrees.
+    /// Wrong tokens lock the right one out too, and the I/O threads'
+    /// quick check agrees.
     #[test]
     fn the_node_refuses_every_attempt_during_a_back_off() {
         let factory = crate::policies::native(crate::policies::DEFAULT_POLICY, Default::default()).expect("policy");
-        let node = Node::new(crate::node::NodeConfig::default(), factory).expect("node");
+        let clock = Arc::new(crate::store::MonotonicClock::new());
+        let store = Arc::new(Store::new(crate::store::NodeConfig::default(), factory.clone(), clock).expect("store"));
         let registry = Registry::open(None, crate::wasm::PolicyEngine::new().expect("engine")).expect("registry");
-        let node = node.with_registry(registry, Some("s3cret".into()));
+        let node = Control::new(factory, store).with_registry(registry, Some("s3cret".into()));
         let now = Instant::now();
         assert!(node.admit(now, "s3cret").is_ok());
-        assert!(node.admin_authorized("s3cret"));
+        assert!(node.authorized("s3cret"));
         for _ in 0..MAX_FAILURES {
             assert!(matches!(node.admit(now, "guess"), Err(AdminError::WrongToken)));
         }
         assert!(matches!(node.admit(now, "s3cret"), Err(AdminError::Throttled(30))));
-        assert!(!node.admin_authorized("s3cret"), "the I/O thread's check ignores the back-off");
+        assert!(!node.authorized("s3cret"), "the I/O thread's check ignores the back-off");
         assert!(node.admit(now + BACKOFF, "s3cret").is_ok());
     }
 }

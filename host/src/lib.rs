@@ -9,7 +9,10 @@
 //! - [`trace`]: streaming reader of request traces.
 //! - [`sim`]: trace replay through the real shard (`cachet sim`).
 //! - [`cluster`]: the sans-IO replication core and its fault simulator.
-//! - [`node`]: a node's shards and the protocol's commands, no network.
+//! - [`store`]: a node's shards, clock and limits; the data commands.
+//! - [`node`]: the node and its one request path (the dispatcher), no
+//!   network.
+//! - [`reply`]: a reply now or later, as the request path hands it back.
 //! - [`server`]: the QUIC shell (thread per core) and TLS.
 //! - [`registry`]: policy modules by name, version and hash, on disk.
 //! - [`admin`]: live policy operations (hot-swap, rollback, quarantine).
@@ -19,6 +22,8 @@
 //! - [`clients`]: what every client connection is held to (caps, cut-offs).
 //! - [`loader`]: read-through loaders (`cachet:hooks`) with herd protection.
 //! - [`warm`]: rate-limited cache warming from a key list.
+//! - [`stopwatch`]: the monotonic clock policy calls are timed with (the
+//!   core takes it as [`core::ShardConfig::stopwatch`]).
 //! - `fuzz`: the fuzz targets' entry points (`fuzz/`, `cargo xtask fuzz`).
 
 #![warn(missing_docs)]
@@ -37,10 +42,13 @@ pub mod node;
 pub mod plot;
 pub mod policies;
 pub mod registry;
+pub mod reply;
 pub mod resp;
 pub mod server;
 pub mod shadow;
 pub mod sim;
+pub mod stopwatch;
+pub mod store;
 pub mod trace;
 pub mod warm;
 pub mod wasm;

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use cachet::bench::{self, BenchOptions, BenchReport};
 use cachet::config::{FileConfig, parse_size};
-use cachet::node::{Node, NodeConfig};
+use cachet::node::{Node, NodeConfig, NodeOptions};
 use cachet::plot;
 use cachet::policies::{self, PolicySpec};
 use cachet::registry::Registry;
@@ -880,7 +880,8 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         Some(path) => Some(read_token(&path)?),
         None => None,
     };
-    let node = Arc::new(Node::new(node_config, policy)?.with_registry(registry, token));
+    let mut options = NodeOptions::new(node_config, policy);
+    options.registry = Some((registry, token));
     if let Some(node_id) = args.node_id {
         if args.cluster.is_empty() && args.seeds.is_empty() {
             bail!("--node-id needs --cluster (founding members) or --seeds (to join a running cluster)");
@@ -897,7 +898,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         if listen.port() == 0 || listen.ip().is_unspecified() {
             bail!("--cluster needs a --listen address other members' clients can reach (not {listen})");
         }
-        let options = cachet::cluster::runtime::ClusterOptions {
+        options.cluster = Some(cachet::cluster::runtime::ClusterOptions {
             node_id,
             members: args.cluster.clone(),
             seeds: args.seeds.clone(),
@@ -909,29 +910,22 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             request_timeout_ms: 1_000,
             ca_dir,
             data_dir: data_dir.clone(),
-        };
-        let cluster = cachet::cluster::runtime::Cluster::start(options, node.clone())?;
-        eprintln!("cachet: cluster member {node_id}, peers on {}", cluster.peer_addr());
-        if node.attach_cluster(cluster).is_err() {
-            bail!("the cluster was attached twice");
-        }
+        });
     }
     if let Some(path) = args.loaders.or(file.loaders) {
         let config = cachet::loader::LoaderConfig::load(&path)?;
-        let loaders = cachet::loader::Loaders::new(&config)?;
         let prefixes: Vec<&str> = config.namespaces.iter().map(|ns| ns.prefix.as_str()).collect();
-        if node.attach_loaders(loaders).is_err() {
-            anyhow::bail!("loaders were attached twice");
-        }
         eprintln!("cachet: loaders for {}", prefixes.join(", "));
+        options.loaders = Some(config);
     }
     let metrics_listen = match (args.metrics_listen, &file.metrics_listen) {
         (Some(addr), _) => Some(addr),
         (None, Some(text)) => Some(text.parse().with_context(|| format!("metrics address `{text}`"))?),
         (None, None) => None,
     };
+    options.metrics = metrics_listen;
     let resp_tls_source = tls.clone();
-    let options = ServeOptions {
+    let quic = ServeOptions {
         listen,
         threads,
         tls,
@@ -941,15 +935,14 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout.or(file.idle_timeout).unwrap_or(60).max(1)),
         clients: Default::default(),
     };
-    let max_connections = options.max_connections;
-    let server = server::start(node.clone(), options)?;
-    eprintln!("cachet: serving on {} (data dir {})", server.local_addr(), data_dir.display());
+    let max_connections = quic.max_connections;
+    options.quic = Some(quic);
     let resp_listen = match (args.resp_listen, &file.resp_listen) {
         (Some(addr), _) => Some(addr),
         (None, Some(text)) => Some(text.parse().with_context(|| format!("RESP address `{text}`"))?),
         (None, None) => None,
     };
-    let resp = match resp_listen {
+    options.resp = match resp_listen {
         Some(listen) => {
             let defaults = cachet::resp::RespOptions::new(listen);
             let max_command = match args.resp_max_command.as_deref().or(file.resp_max_command.as_deref()) {
@@ -980,7 +973,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
                 true => Some(Arc::new(server::tls::tcp_server_config(&resp_tls_source)?)),
                 false => None,
             };
-            let options = cachet::resp::RespOptions {
+            Some(cachet::resp::RespOptions {
                 acl: acl.map(Arc::new),
                 tls: resp_tls,
                 insecure: args.resp_insecure || file.resp_insecure.unwrap_or(false),
@@ -997,47 +990,33 @@ fn run_serve(args: ServeArgs) -> Result<()> {
                     .or(file.output_timeout)
                     .map_or(defaults.output_timeout, |s| Duration::from_secs(s.max(1))),
                 ..defaults
-            };
-            let resp = cachet::resp::start(node.clone(), options)?;
-            eprintln!("cachet: Redis protocol on {}", resp.local_addr());
-            Some(resp)
+            })
         }
         None => None,
     };
-    let cluster = node.cluster().cloned();
+    let running = Node::start(options)?;
+    if let Some(cluster) = running.node().cluster() {
+        eprintln!("cachet: cluster member {}, peers on {}", cluster.stats().node_id, cluster.peer_addr());
+    }
+    if let Some(addr) = running.quic_addr() {
+        eprintln!("cachet: serving on {addr} (data dir {})", data_dir.display());
+    }
+    if let Some(addr) = running.resp_addr() {
+        eprintln!("cachet: Redis protocol on {addr}");
+    }
+    if let Some(addr) = running.metrics_addr() {
+        eprintln!("cachet: metrics on http://{addr}/metrics");
+    }
     block_on(async move {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let metrics = match metrics_listen {
-            Some(addr) => {
-                let (bound, at) = tokio::sync::oneshot::channel();
-                let task = tokio::spawn(cachet::metrics::serve(node, addr, stopped, bound));
-                match at.await {
-                    Ok(at) => eprintln!("cachet: metrics on http://{at}/metrics"),
-                    Err(_) => return task.await?.map_err(anyhow::Error::from),
-                }
-                Some(task)
-            }
-            None => None,
-        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        let _ = stop.send(true);
-        if let Some(task) = metrics {
-            let _ = task.await;
-        }
         Ok(())
     })?;
     eprintln!("cachet: shutting down");
-    if let Some(resp) = resp {
-        resp.shutdown();
-    }
-    server.shutdown();
-    if let Some(cluster) = cluster {
-        cluster.shutdown();
-    }
+    running.shutdown();
     Ok(())
 }
 

@@ -12,9 +12,9 @@
 //! a shared zero slice of the value's length so byte budgets still count.
 
 use crate::core::{PolicyError, PolicyFactory, SetOptions, Shard, ShardConfig};
-use crate::node::NodeConfig;
+use crate::store::NodeConfig;
 use bytes::Bytes;
-use cachet_proto::ShadowListing;
+use cachet_proto::{Request, ShadowListing};
 use std::sync::Arc;
 
 /// Fewest entries a ghost should hold for its estimate to mean much; the
@@ -120,6 +120,46 @@ impl Shadow {
     pub fn delete(&mut self, now: u64, key: &[u8]) {
         self.candidate_ghost.delete(now, key);
         self.active_ghost.delete(now, key);
+    }
+
+    /// Shows the ghosts a request: reads and writes of its sampled keys.
+    /// Writes are mirrored whether or not the live write applies (a close
+    /// enough model of the traffic; the ghosts only estimate).
+    pub fn observe(&mut self, now: u64, request: &Request) {
+        match request {
+            Request::Get { key } | Request::GetEx { key, .. } if self.sampled(key) => self.read(now, key),
+            Request::MGet { keys } => {
+                for key in keys {
+                    if self.sampled(key) {
+                        self.read(now, key);
+                    }
+                }
+            }
+            Request::Set { key, value, ttl_ms, .. } | Request::SetWith { key, value, ttl_ms, .. }
+                if self.sampled(key) =>
+            {
+                self.write(now, key, value.len(), *ttl_ms)
+            }
+            Request::MSet { pairs } => {
+                for (key, value) in pairs {
+                    if self.sampled(key) {
+                        self.write(now, key, value.len(), None);
+                    }
+                }
+            }
+            Request::Del { keys } => {
+                for key in keys {
+                    if self.sampled(key) {
+                        self.delete(now, key);
+                    }
+                }
+            }
+            Request::GetDel { key } if self.sampled(key) => {
+                self.read(now, key);
+                self.delete(now, key);
+            }
+            _ => {}
+        }
     }
 
     /// Periodic work of both ghosts.

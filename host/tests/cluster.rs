@@ -850,6 +850,15 @@ async fn replicated_records_obey_the_node_bounds() {
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in the metrics:\n{text}");
     }
+    // Every request goes through the node's one request path, which times
+    // it: the SETs this member coordinated are counted (they were not when
+    // each port routed clustered requests around the metrics).
+    let sets = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cachet_request_duration_seconds_count{command=\"set\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("a SET count");
+    assert!(sets >= 100, "member 1 counted {sets} SETs of the 1,000 routed to owners");
     client.close().await;
 }
 

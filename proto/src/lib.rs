@@ -14,7 +14,7 @@ pub use frame::{
 };
 pub use message::{
     ALPN, AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats,
-    PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing, ShardListing, TtlState,
+    PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing, ShardListing, TtlChange, TtlState,
 };
 pub use ring::{DEFAULT_VNODES, Member, Ring, RingError, hash_tag, ring_hash};
 

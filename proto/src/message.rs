@@ -123,6 +123,72 @@ pub enum Request {
         /// What to do.
         command: AdminCommand,
     },
+    /// A SET with what only some callers need: keep the key's TTL
+    /// (`KEEPTTL`), or answer with the value it replaced (`GET`). Replies
+    /// `Value(old)` when `get`, else as [`Request::Set`]. (A variant of its
+    /// own, not new fields on `Set`: frames from older clients decode
+    /// unchanged.)
+    SetWith {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+        /// Time to live in milliseconds; ignored when `keep_ttl`.
+        ttl_ms: Option<u64>,
+        /// Keep the TTL the key has.
+        keep_ttl: bool,
+        /// NX / XX.
+        condition: Condition,
+        /// Reply with the value replaced (nil when there was none).
+        get: bool,
+        /// Application hint for the policy (cost or priority).
+        hint: u32,
+    },
+    /// Append to a value, creating it when absent; replies the new length
+    /// (`Integer`).
+    Append {
+        /// The key.
+        key: Bytes,
+        /// Bytes to append.
+        value: Bytes,
+    },
+    /// A value's length, 0 when absent (`Integer`).
+    Strlen {
+        /// The key.
+        key: Bytes,
+    },
+    /// Read and delete a key (`Value`).
+    GetDel {
+        /// The key.
+        key: Bytes,
+    },
+    /// Read a key and change its TTL if it exists (`Value`).
+    GetEx {
+        /// The key.
+        key: Bytes,
+        /// What happens to its TTL.
+        ttl: TtlChange,
+    },
+    /// Remove a key's TTL; replies whether it had one (`Applied`).
+    Persist {
+        /// The key.
+        key: Bytes,
+    },
+    /// Entries on the node (on a cluster: on the member asked) (`Count`).
+    DbSize,
+    /// Drop every entry (`Count` of entries dropped).
+    FlushAll,
+}
+
+/// What a read-and-touch ([`Request::GetEx`]) does to the key's TTL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TtlChange {
+    /// Leave it.
+    Keep,
+    /// Remove it (the key never expires).
+    Persist,
+    /// Expire in this many milliseconds (at least 1).
+    Set(u64),
 }
 
 /// Policy operations on a live node (`cachet policy ...`).
@@ -302,6 +368,34 @@ impl Request {
             Self::Ping => "ping",
             Self::Stats => "stats",
             Self::Admin { .. } => "admin",
+            Self::SetWith { .. } => "set",
+            Self::Append { .. } => "append",
+            Self::Strlen { .. } => "strlen",
+            Self::GetDel { .. } => "getdel",
+            Self::GetEx { .. } => "getex",
+            Self::Persist { .. } => "persist",
+            Self::DbSize => "dbsize",
+            Self::FlushAll => "flushall",
+        }
+    }
+
+    /// The keys the request reads or writes, in order.
+    pub fn keys(&self) -> Vec<&Bytes> {
+        match self {
+            Self::Get { key }
+            | Self::Set { key, .. }
+            | Self::SetWith { key, .. }
+            | Self::Ttl { key }
+            | Self::Expire { key, .. }
+            | Self::Incr { key, .. }
+            | Self::Append { key, .. }
+            | Self::Strlen { key }
+            | Self::GetDel { key }
+            | Self::GetEx { key, .. }
+            | Self::Persist { key } => vec![key],
+            Self::Del { keys } | Self::Exists { keys } | Self::MGet { keys } => keys.iter().collect(),
+            Self::MSet { pairs } => pairs.iter().map(|(k, _)| k).collect(),
+            Self::Ping | Self::Stats | Self::Admin { .. } | Self::DbSize | Self::FlushAll => Vec::new(),
         }
     }
 
@@ -315,6 +409,12 @@ impl Request {
                 | Self::MSet { .. }
                 | Self::Incr { .. }
                 | Self::Admin { .. }
+                | Self::SetWith { .. }
+                | Self::Append { .. }
+                | Self::GetDel { .. }
+                | Self::GetEx { ttl: TtlChange::Persist | TtlChange::Set(_), .. }
+                | Self::Persist { .. }
+                | Self::FlushAll
         )
     }
 }

@@ -4,10 +4,10 @@
 
 use bytes::Bytes;
 use cachet::core::FaultKind;
-use cachet::node::{Node, NodeConfig};
+use cachet::node::{Node, NodeConfig, NodeOptions, Running};
 use cachet::policies::{self, PolicySpec};
 use cachet::registry::Registry;
-use cachet::server::{self, RunningServer, ServeOptions, tls::TlsSource};
+use cachet::server::{ServeOptions, tls::TlsSource};
 use cachet::wasm::PolicyEngine;
 use cachet_client::{AdminCommand, Client, ClientConfig, ClientError, ErrorCode, PolicyListing};
 use cachet_proto::{Request, Response};
@@ -21,7 +21,7 @@ const TOKEN: &str = "let-me-in";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 struct LiveNode {
-    server: Option<RunningServer>,
+    running: Option<Running>,
     node: Arc<Node>,
     dir: TempDir,
 }
@@ -29,8 +29,8 @@ struct LiveNode {
 impl LiveNode {
     fn start(config: NodeConfig, token: Option<&str>) -> Self {
         let dir = TempDir::new("live");
-        let node = Arc::new(node_in(&dir, config, token));
-        let options = ServeOptions {
+        let mut options = options_in(&dir, config, token);
+        options.quic = Some(ServeOptions {
             listen: "127.0.0.1:0".parse().expect("addr"),
             threads: 2,
             tls: TlsSource::DevCa { data_dir: dir.0.clone() },
@@ -39,13 +39,13 @@ impl LiveNode {
             max_frame: 2 << 20,
             idle_timeout: Duration::from_secs(60),
             clients: Default::default(),
-        };
-        let server = server::start(node.clone(), options).expect("server starts");
-        Self { server: Some(server), node, dir }
+        });
+        let running = Node::start(options).expect("node starts");
+        Self { node: running.node().clone(), running: Some(running), dir }
     }
 
     async fn client(&self) -> Client {
-        let addr = self.server.as_ref().expect("running").local_addr();
+        let addr = self.running.as_ref().and_then(Running::quic_addr).expect("running");
         let mut config = ClientConfig::new(addr).with_data_dir(&self.dir.0).expect("ca");
         config.timeout = Duration::from_secs(60);
         Client::connect(config).await.expect("connects")
@@ -54,19 +54,24 @@ impl LiveNode {
 
 impl Drop for LiveNode {
     fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.shutdown();
+        if let Some(running) = self.running.take() {
+            running.shutdown();
         }
     }
 }
 
 /// A node on LRU with a registry in `dir`.
-fn node_in(dir: &TempDir, config: NodeConfig, token: Option<&str>) -> Node {
+fn options_in(dir: &TempDir, config: NodeConfig, token: Option<&str>) -> NodeOptions {
     let engine = PolicyEngine::new().expect("engine");
     let spec = PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() };
     let policy = policies::resolve(&engine, &spec).expect("lru");
     let registry = Registry::open(Some(&dir.0.join("modules")), engine).expect("registry");
-    Node::new(config, policy).expect("node").with_registry(registry, token.map(str::to_string))
+    NodeOptions { registry: Some((registry, token.map(str::to_string))), ..NodeOptions::new(config, policy) }
+}
+
+/// [`options_in`], started with no ports.
+fn node_in(dir: &TempDir, config: NodeConfig, token: Option<&str>) -> Running {
+    Node::start(options_in(dir, config, token)).expect("node starts")
 }
 
 fn load(name: &str, version: &str, module: &[u8], config: &[(&str, &str)]) -> AdminCommand {
@@ -497,8 +502,12 @@ async fn the_metrics_endpoint_serves_prometheus_text() {
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (bound, at) = tokio::sync::oneshot::channel();
-    let serving =
-        tokio::spawn(cachet::metrics::serve(live.node.clone(), "127.0.0.1:0".parse().expect("addr"), stopped, bound));
+    let serving = tokio::spawn(cachet::metrics::endpoint::serve(
+        live.node.clone(),
+        "127.0.0.1:0".parse().expect("addr"),
+        stopped,
+        bound,
+    ));
     let addr = at.await.expect("bound");
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("request");
@@ -549,7 +558,8 @@ async fn the_metrics_endpoint_serves_prometheus_text() {
 #[test]
 fn shadow_evaluation_predicts_the_active_policy_and_ranks_a_candidate() {
     let dir = TempDir::new("shadow");
-    let node = node_in(&dir, NodeConfig { shards: 2, max_entries: 20_000, ..NodeConfig::default() }, Some(TOKEN));
+    let running = node_in(&dir, NodeConfig { shards: 2, max_entries: 20_000, ..NodeConfig::default() }, Some(TOKEN));
+    let node = running.node();
     let admin = |command| match node.execute(Request::Admin { token: TOKEN.into(), command }) {
         Response::Policies(listing) => *listing,
         other => panic!("{other:?}"),

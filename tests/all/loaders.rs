@@ -7,9 +7,9 @@
 
 use bytes::Bytes;
 use cachet::loader::{LoaderConfig, LoaderModuleError, Loaders, LoadersError};
-use cachet::node::{Clock, ManualClock, Node, NodeConfig};
+use cachet::node::{Clock, ManualClock, Node, NodeConfig, NodeOptions, Running};
 use cachet::policies::{self, PolicySpec};
-use cachet::server::{self, RunningServer, ServeOptions, tls::TlsSource};
+use cachet::server::{ServeOptions, tls::TlsSource};
 use cachet::wasm::PolicyEngine;
 use cachet_client::{Client, ClientConfig, ClientError, ErrorCode};
 use cachet_tests::{TempDir, hostile_component, hostile_loader_component, users_loader_component};
@@ -92,14 +92,14 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 struct LoaderNode {
     node: Arc<Node>,
     clock: Arc<ManualClock>,
-    server: Option<RunningServer>,
+    running: Option<Running>,
     dir: TempDir,
 }
 
 impl Drop for LoaderNode {
     fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.shutdown();
+        if let Some(running) = self.running.take() {
+            running.shutdown();
         }
     }
 }
@@ -123,17 +123,17 @@ impl LoaderNode {
             .replace("{hostile}", &hostile.to_string_lossy());
         let path = dir.0.join("loaders.toml");
         std::fs::write(&path, text).expect("write");
-        let config = LoaderConfig::load(&path).expect("valid loader config");
-        let loaders = Loaders::new(&config).expect("loaders");
+        let loaders = LoaderConfig::load(&path).expect("valid loader config");
         let engine = PolicyEngine::new().expect("engine");
         let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
             .expect("policy");
         let clock = Arc::new(ManualClock::default());
         clock.advance(1_000);
         let config = NodeConfig { shards: 2, max_value_size: 64 << 10, ..NodeConfig::default() };
-        let node = Arc::new(Node::with_clock(config, policy, clock.clone() as Arc<dyn Clock>).expect("node"));
-        assert!(node.attach_loaders(loaders).is_ok());
-        let options = ServeOptions {
+        let mut options = NodeOptions::new(config, policy);
+        options.clock = Some(clock.clone() as Arc<dyn Clock>);
+        options.loaders = Some(loaders);
+        options.quic = Some(ServeOptions {
             listen: "127.0.0.1:0".parse().expect("addr"),
             threads,
             tls: TlsSource::DevCa { data_dir: dir.0.clone() },
@@ -142,13 +142,13 @@ impl LoaderNode {
             max_frame: (64 << 10) + 1024,
             idle_timeout: Duration::from_secs(60),
             clients: Default::default(),
-        };
-        let server = server::start(node.clone(), options).expect("server starts");
-        Self { node, clock, server: Some(server), dir }
+        });
+        let running = Node::start(options).expect("node starts");
+        Self { node: running.node().clone(), clock, running: Some(running), dir }
     }
 
     async fn client(&self) -> Client {
-        let addr = self.server.as_ref().expect("running").local_addr();
+        let addr = self.running.as_ref().and_then(Running::quic_addr).expect("running");
         let mut config = ClientConfig::new(addr).with_data_dir(&self.dir.0).expect("ca");
         config.timeout = Duration::from_secs(20);
         Client::connect(config).await.expect("connects")
@@ -556,7 +556,7 @@ async fn redis_clients_load_through_the_resp_port() {
     assert_eq!(replies.4.as_deref(), Some("one"));
     assert_eq!(node.counter(|c| &c.loads), 3, "the second GET of h:echo:one was a hit");
     // The same counts reach the metrics endpoint's text.
-    let text = cachet::metrics::render(&node.node);
+    let text = cachet::metrics::endpoint::render(&node.node);
     assert!(text.contains("cachet_loader_events_total{kind=\"load\"} 3"), "{text}");
     assert!(text.contains("cachet_loader_events_total{kind=\"failure\"} 1"), "{text}");
 }
@@ -696,7 +696,7 @@ async fn write_behind_stores_in_order_and_bounds_its_queue() {
         assert_eq!(row(&db, &k.to_string()).await.as_deref(), Some("9"), "key {k} ends at its last version");
     }
     assert_eq!(loaders.write_lag().count(), 1_000);
-    let text = cachet::metrics::render(&node.node);
+    let text = cachet::metrics::endpoint::render(&node.node);
     assert!(text.contains("cachet_loader_events_total{kind=\"write_behind_stored\"} 1000"), "{text}");
     assert!(text.contains("cachet_write_queue_depth 0"), "{text}");
 

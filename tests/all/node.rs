@@ -3,9 +3,9 @@
 //! manual clock, not sleeps.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use cachet::node::{Clock, ManualClock, Node, NodeConfig};
+use cachet::node::{Clock, ManualClock, Node, NodeConfig, NodeOptions, Running};
 use cachet::policies::{self, PolicySpec};
-use cachet::server::{self, RunningServer, ServeOptions, tls::TlsSource};
+use cachet::server::{self, ServeOptions, tls::TlsSource};
 use cachet::wasm::PolicyEngine;
 use cachet_client::{Client, ClientConfig, ClientError, Condition, ErrorCode, SetOptions, TtlState};
 use cachet_proto::{Decoded, Request, Response};
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 struct TestNode {
-    server: Option<RunningServer>,
+    running: Option<Running>,
     clock: Arc<ManualClock>,
     dir: TempDir,
 }
@@ -43,8 +43,9 @@ impl TestNode {
         let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
             .expect("policy");
         let clock = Arc::new(ManualClock::default());
-        let node = Arc::new(Node::with_clock(config.clone(), policy, clock.clone() as Arc<dyn Clock>).expect("node"));
-        let options = ServeOptions {
+        let mut options = NodeOptions::new(config.clone(), policy);
+        options.clock = Some(clock.clone() as Arc<dyn Clock>);
+        options.quic = Some(ServeOptions {
             listen,
             threads: 2,
             tls,
@@ -53,13 +54,13 @@ impl TestNode {
             max_frame: config.max_value_size + 1024,
             idle_timeout: Duration::from_secs(60),
             clients: Default::default(),
-        };
-        let server = server::start(node, options).expect("server starts");
-        Self { server: Some(server), clock, dir }
+        });
+        let running = Node::start(options).expect("node starts");
+        Self { running: Some(running), clock, dir }
     }
 
     fn addr(&self) -> std::net::SocketAddr {
-        self.server.as_ref().expect("running").local_addr()
+        self.running.as_ref().and_then(Running::quic_addr).expect("running")
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -79,8 +80,8 @@ impl TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.shutdown();
+        if let Some(running) = self.running.take() {
+            running.shutdown();
         }
     }
 }
@@ -349,7 +350,7 @@ async fn shutdown_is_graceful() {
     let mut node = TestNode::start();
     let client = node.client().await;
     client.set("k", "v").await.expect("set");
-    let server = node.server.take().expect("running");
+    let server = node.running.take().expect("running");
     tokio::task::spawn_blocking(move || server.shutdown()).await.expect("shutdown returns");
     assert!(client.get("k").await.is_err(), "the node is gone");
 }
@@ -372,7 +373,7 @@ async fn the_client_reconnects_after_the_node_restarts() {
     let addr = node.addr();
     let client = node.client().await;
     client.set("k", "v").await.expect("set");
-    let server = node.server.take().expect("running");
+    let server = node.running.take().expect("running");
     tokio::task::spawn_blocking(move || server.shutdown()).await.expect("stopped");
     assert!(client.ping().await.is_err(), "no node");
     // Same address and data dir (so the same CA): a fresh, empty node.
@@ -496,12 +497,12 @@ async fn a_second_server_on_a_taken_port_is_refused() {
 
 /// A node on one I/O thread whose connection count a test watches: at
 /// most `max_connections`, each dropped after `idle_timeout` of silence.
-fn one_thread_node(dir: &TempDir, max_connections: u32, idle_timeout: Duration) -> (Arc<Node>, RunningServer) {
+fn one_thread_node(dir: &TempDir, max_connections: u32, idle_timeout: Duration) -> (Arc<Node>, Running) {
     let engine = PolicyEngine::new().expect("engine");
     let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
         .expect("policy");
-    let node = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
-    let options = ServeOptions {
+    let mut options = NodeOptions::new(NodeConfig::default(), policy);
+    options.quic = Some(ServeOptions {
         listen: "127.0.0.1:0".parse().expect("addr"),
         threads: 1,
         tls: TlsSource::DevCa { data_dir: dir.0.clone() },
@@ -510,9 +511,9 @@ fn one_thread_node(dir: &TempDir, max_connections: u32, idle_timeout: Duration) 
         max_frame: 1 << 20,
         idle_timeout,
         clients: Default::default(),
-    };
-    let server = server::start(node.clone(), options).expect("server starts");
-    (node, server)
+    });
+    let running = Node::start(options).expect("node starts");
+    (running.node().clone(), running)
 }
 
 /// A client that vanishes without closing (its process killed, its
@@ -523,7 +524,7 @@ fn one_thread_node(dir: &TempDir, max_connections: u32, idle_timeout: Duration) 
 async fn a_vanished_client_is_dropped_after_the_idle_timeout_under_load() {
     let dir = TempDir::new("idle");
     let (node, server) = one_thread_node(&dir, 2, Duration::from_secs(1));
-    let config = ClientConfig::new(server.local_addr()).with_data_dir(&dir.0).expect("ca");
+    let config = ClientConfig::new(server.quic_addr().expect("QUIC port")).with_data_dir(&dir.0).expect("ca");
     // The vanishing client runs on a runtime of its own; dropping that
     // runtime stops its endpoint without a word to the node.
     let vanishing = config.clone();
@@ -684,7 +685,7 @@ async fn requests_in_flight_to_a_node_gone_silent_fail_after_dead_after_not_the_
 async fn an_idle_client_keeps_its_connection_past_dead_after() {
     let dir = TempDir::new("keepalive");
     let (node, server) = one_thread_node(&dir, 4, Duration::from_secs(60));
-    let mut config = ClientConfig::new(server.local_addr()).with_data_dir(&dir.0).expect("ca");
+    let mut config = ClientConfig::new(server.quic_addr().expect("QUIC port")).with_data_dir(&dir.0).expect("ca");
     config.dead_after = Duration::from_millis(600);
     let client = Client::connect(config).await.expect("connects");
     client.ping().await.expect("ping");

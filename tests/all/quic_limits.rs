@@ -4,10 +4,10 @@
 
 use bytes::{Bytes, BytesMut};
 use cachet::clients::Cutoff;
-use cachet::node::{Node, NodeConfig};
+use cachet::node::{Node, NodeConfig, NodeOptions, Running};
 use cachet::policies::{self, PolicySpec};
 use cachet::server::tls::TlsSource;
-use cachet::server::{self, ClientLimits, RunningServer, ServeOptions};
+use cachet::server::{ClientLimits, ServeOptions};
 use cachet::wasm::PolicyEngine;
 use cachet_client::{Client, ClientConfig};
 use cachet_proto::Request;
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 struct LimitedNode {
     node: Arc<Node>,
-    server: Option<RunningServer>,
+    running: Option<Running>,
     dir: TempDir,
 }
 
@@ -28,8 +28,8 @@ impl LimitedNode {
         let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
             .expect("policy");
         let config = NodeConfig { max_value_size: 256 << 10, ..NodeConfig::default() };
-        let node = Arc::new(Node::new(config, policy).expect("node"));
-        let options = ServeOptions {
+        let mut options = NodeOptions::new(config, policy);
+        options.quic = Some(ServeOptions {
             listen: "127.0.0.1:0".parse().expect("addr"),
             threads: 1,
             tls: TlsSource::DevCa { data_dir: dir.0.clone() },
@@ -38,13 +38,13 @@ impl LimitedNode {
             max_frame: (256 << 10) + 1024,
             idle_timeout: Duration::from_secs(60),
             clients,
-        };
-        let server = server::start(node.clone(), options).expect("server starts");
-        Self { node, server: Some(server), dir }
+        });
+        let running = Node::start(options).expect("node starts");
+        Self { node: running.node().clone(), running: Some(running), dir }
     }
 
     fn addr(&self) -> std::net::SocketAddr {
-        self.server.as_ref().expect("running").local_addr()
+        self.running.as_ref().and_then(Running::quic_addr).expect("running")
     }
 
     async fn client(&self) -> Result<Client, cachet_client::ClientError> {
@@ -61,8 +61,8 @@ impl LimitedNode {
 
 impl Drop for LimitedNode {
     fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.shutdown();
+        if let Some(running) = self.running.take() {
+            running.shutdown();
         }
     }
 }

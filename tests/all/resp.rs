@@ -3,9 +3,9 @@
 //! inputs. `.ci/run` installs redis-tools; without `redis-cli` these tests
 //! fail naming it rather than pass.
 
-use cachet::node::{Node, NodeConfig};
+use cachet::node::{Clock, ManualClock, Node, NodeConfig, NodeOptions, Running};
 use cachet::policies::{self, PolicySpec};
-use cachet::resp::{self, RespOptions, RunningResp};
+use cachet::resp::{self, RespOptions};
 use cachet::wasm::PolicyEngine;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// A node serving RESP on loopback, shut down on drop.
 pub(crate) struct RespNode {
-    port: Option<RunningResp>,
+    running: Option<Running>,
     pub(crate) node: Arc<Node>,
 }
 
@@ -30,15 +30,15 @@ impl RespNode {
         let spec = PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() };
         let policy = policies::resolve(&engine, &spec).expect("policy");
         let config = NodeConfig { shards: 2, max_value_size: 256 << 10, ..NodeConfig::default() };
-        let node = Arc::new(Node::new(config, policy).expect("node"));
-        let options =
+        let resp =
             RespOptions { threads: 2, max_connections: 1000, ..RespOptions::new("127.0.0.1:0".parse().expect("addr")) };
-        let port = resp::start(node.clone(), tune(options)).expect("RESP port");
-        Self { port: Some(port), node }
+        let options = NodeOptions { resp: Some(tune(resp)), ..NodeOptions::new(config, policy) };
+        let running = Node::start(options).expect("node starts");
+        Self { node: running.node().clone(), running: Some(running) }
     }
 
     pub(crate) fn addr(&self) -> SocketAddr {
-        self.port.as_ref().expect("running").local_addr()
+        self.running.as_ref().and_then(Running::resp_addr).expect("running")
     }
 
     /// `redis-cli -p PORT ARGS`, stdout without the trailing newline.
@@ -60,10 +60,41 @@ impl RespNode {
 
 impl Drop for RespNode {
     fn drop(&mut self) {
-        if let Some(port) = self.port.take() {
-            port.shutdown();
+        if let Some(running) = self.running.take() {
+            running.shutdown();
         }
     }
+}
+
+/// A node served only over RESP runs its periodic work: keys expire
+/// without being read (active expiry) and UNLINK is DEL. The tick used to
+/// live in the QUIC port, so a RESP-only node never expired what no one
+/// read.
+#[test]
+fn a_resp_only_node_expires_keys_no_one_reads() {
+    let engine = PolicyEngine::new().expect("engine");
+    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "lru".into(), ..PolicySpec::default() })
+        .expect("policy");
+    let clock = Arc::new(ManualClock::default());
+    let resp = RespOptions::new("127.0.0.1:0".parse().expect("addr"));
+    let options = NodeOptions {
+        clock: Some(clock.clone() as Arc<dyn Clock>),
+        resp: Some(resp),
+        ..NodeOptions::new(NodeConfig::default(), policy)
+    };
+    let running = Node::start(options).expect("node starts");
+    let node = RespNode { node: running.node().clone(), running: Some(running) };
+    assert_eq!(node.cli(&["SET", "short", "v", "PX", "500"]), "OK");
+    assert_eq!(node.cli(&["SET", "gone", "v"]), "OK");
+    assert_eq!(node.cli(&["UNLINK", "gone", "never"]), "1");
+    assert_eq!(node.cli(&["DBSIZE"]), "1");
+    clock.advance(1_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while node.node.stats().expired == 0 {
+        assert!(std::time::Instant::now() < deadline, "no active expiry on a RESP-only node");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(node.node.len(), 0, "expired without a read");
 }
 
 #[test]

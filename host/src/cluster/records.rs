@@ -16,7 +16,8 @@
 
 use super::replica::{Record, RecordStore};
 use super::version::Version;
-use crate::node::Node;
+use crate::core::SetOptions;
+use crate::store::Store;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::sync::Arc;
 
@@ -31,11 +32,6 @@ pub const OVERHEAD: usize = HEADER + 8;
 /// How long an expired record is kept (as a deletion) before its shard
 /// entry goes.
 pub const EXPIRED_KEPT_MS: u64 = 60_000;
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Encodes `record` as a shard value.
 pub fn encode(record: &Record) -> Bytes {
@@ -87,21 +83,24 @@ pub fn as_of(mut record: Record, now: u64) -> Record {
     record
 }
 
-/// The replica's records in a node's shards.
+/// The replica's records in a node's shards, bypassing loaders and
+/// leases: the records are the cluster's, stored with a header of their
+/// own.
 pub struct ShardRecords {
-    node: Arc<Node>,
+    store: Arc<Store>,
 }
 
 impl ShardRecords {
-    /// Records in `node`'s shards.
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// Records in `store`'s shards.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
     }
 }
 
 impl RecordStore for ShardRecords {
     fn get(&self, key: &[u8], touch: bool) -> Option<Record> {
-        let raw = self.node.raw_get(key, touch)?;
+        let raw =
+            self.store.with_shard(key, |shard, now| if touch { shard.get(now, key) } else { shard.peek(now, key) })?;
         let record = decode(&raw);
         if record.is_none() {
             tracing::error!(key = %key.escape_ascii(), "a shard entry is not a replicated record");
@@ -113,13 +112,14 @@ impl RecordStore for ShardRecords {
         record
     }
 
-    fn put(&mut self, key: &Bytes, record: &Record) -> bool {
+    fn put(&mut self, wall_ms: u64, key: &Bytes, record: &Record) -> bool {
         // The entry outlives the value's expiry, as a deletion, for a while.
-        let ttl_ms = record.expires_at.map(|at| at.saturating_sub(unix_ms()) + EXPIRED_KEPT_MS);
-        match self.node.raw_set(key, encode(record), ttl_ms) {
+        let ttl_ms = record.expires_at.map(|at| at.saturating_sub(wall_ms) + EXPIRED_KEPT_MS);
+        let options = SetOptions { ttl_ms, ..SetOptions::default() };
+        match self.store.with_shard(key, |shard, now| shard.set(now, key, encode(record), options)) {
             // Not admitted by the policy is as if evicted at once: a
             // cache's right, not a refusal.
-            Ok(()) => true,
+            Ok(_) => true,
             Err(err) => {
                 // Over a size bound: the coordinator checked sizes, so only
                 // a peer with other limits sends such a record.
@@ -130,15 +130,15 @@ impl RecordStore for ShardRecords {
     }
 
     fn len(&self) -> usize {
-        self.node.raw_len()
+        self.store.len() as usize
     }
 
     fn clear(&mut self) {
-        self.node.raw_clear();
+        self.store.clear();
     }
 
     fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record)) {
-        self.node.raw_for_each(|key, raw| {
+        self.store.for_each(|key, raw| {
             if let Some(record) = decode(&Bytes::copy_from_slice(raw)) {
                 f(&Bytes::copy_from_slice(key), &record);
             }
@@ -149,7 +149,17 @@ impl RecordStore for ShardRecords {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::NodeConfig;
+    use crate::store::{MonotonicClock, NodeConfig};
+
+    fn unix_ms() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn store(config: NodeConfig) -> Arc<Store> {
+        let policy =
+            policies::native(policies::DEFAULT_POLICY, cachet_policy_sdk::Config::default()).expect("default policy");
+        Arc::new(Store::new(config, policy, Arc::new(MonotonicClock::new())).expect("store"))
+    }
     use crate::policies;
 
     #[test]
@@ -172,14 +182,12 @@ mod tests {
     #[test]
     fn records_in_shards_are_bounded_by_the_node() {
         let config = NodeConfig { shards: 2, max_entries: 100, ..NodeConfig::default() };
-        let policy =
-            policies::native(policies::DEFAULT_POLICY, cachet_policy_sdk::Config::default()).expect("default policy");
-        let node = Arc::new(Node::new(config, policy).expect("node"));
+        let node = store(config);
         let mut store = ShardRecords::new(node.clone());
         for i in 0..1_000u64 {
             let value = Some(Bytes::from(vec![1; 10]));
             let record = Record { version: Version { counter: i + 1, node: 0 }, value, expires_at: None };
-            store.put(&Bytes::from(format!("k{i}")), &record);
+            store.put(unix_ms(), &Bytes::from(format!("k{i}")), &record);
         }
         assert!(store.len() <= 100, "{} records held", store.len());
         assert!(node.stats().evictions >= 900, "{:?}", node.stats().evictions);
@@ -200,14 +208,12 @@ mod tests {
     /// an older value elsewhere cannot win a repair.
     #[test]
     fn an_expired_record_reads_as_a_deletion_at_its_version() {
-        let policy = policies::native(policies::DEFAULT_POLICY, cachet_policy_sdk::Config::default()).expect("policy");
-        let node = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
-        let mut store = ShardRecords::new(node);
+        let mut store = ShardRecords::new(store(NodeConfig::default()));
         let version = Version { counter: 9, node: 1 };
         let past = Record { version, value: Some(Bytes::from_static(b"old")), expires_at: Some(unix_ms() - 1) };
         let future = Record { version, value: Some(Bytes::from_static(b"new")), expires_at: Some(unix_ms() + 60_000) };
-        store.put(&Bytes::from_static(b"gone"), &past);
-        store.put(&Bytes::from_static(b"here"), &future);
+        store.put(unix_ms(), &Bytes::from_static(b"gone"), &past);
+        store.put(unix_ms(), &Bytes::from_static(b"here"), &future);
         let kept = store.get(b"gone", false).expect("kept");
         assert_eq!(kept, past);
         let gone = as_of(kept, unix_ms());
@@ -231,10 +237,12 @@ mod tests {
                 Ok(())
             }
         }
-        let policy = policies::native(policies::DEFAULT_POLICY, cachet_policy_sdk::Config::default()).expect("policy");
-        let node = Arc::new(Node::new(NodeConfig::default(), policy).expect("node"));
+        let node = store(NodeConfig::default());
         let key = b"k\n2024-01-01T00:00:00Z ERROR forged\x1b[2J";
-        node.raw_set(key, Bytes::from_static(b"not a record"), None).expect("set");
+        node.with_shard(key, |shard, now| {
+            shard.set(now, key, Bytes::from_static(b"not a record"), SetOptions::default())
+        })
+        .expect("set");
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();

@@ -93,8 +93,11 @@ pub trait RecordStore: Send {
     fn get(&self, key: &[u8], touch: bool) -> Option<Record>;
     /// Stores `record` under `key`, replacing what was there; `false` when
     /// the store refused it (too large, or not admitted by the policy). A
-    /// store may also evict it later: a cache holds what fits.
-    fn put(&mut self, key: &Bytes, record: &Record) -> bool;
+    /// store may also evict it later: a cache holds what fits. `wall_ms`
+    /// is the wall clock now (Unix milliseconds), which the record's expiry
+    /// is measured against: the replica passes it in, so no store reads a
+    /// clock.
+    fn put(&mut self, wall_ms: u64, key: &Bytes, record: &Record) -> bool;
     /// Records held.
     fn len(&self) -> usize;
     /// Whether none are held.
@@ -112,7 +115,7 @@ impl RecordStore for BTreeMap<Bytes, Record> {
         Self::get(self, key).cloned()
     }
 
-    fn put(&mut self, key: &Bytes, record: &Record) -> bool {
+    fn put(&mut self, _wall_ms: u64, key: &Bytes, record: &Record) -> bool {
         self.insert(key.clone(), record.clone());
         true
     }
@@ -876,10 +879,10 @@ impl Replica {
     /// Keeps `record` if it is newer than what `key` holds; whether `key`
     /// now holds it or a newer one (`false`: the store refused it, so this
     /// replica must not acknowledge it as stored).
-    fn apply(&mut self, key: &Bytes, record: &Record) -> bool {
+    fn apply(&mut self, now: u64, key: &Bytes, record: &Record) -> bool {
         self.clock.observe(record.version);
         let newer = self.store.get(key, false).is_none_or(|have| have.version < record.version);
-        !newer || self.store.put(key, record)
+        !newer || self.store.put(self.config.wall_epoch_ms.saturating_add(now), key, record)
     }
 
     /// The first live node after the owners on `key`'s ring walk: where a
@@ -971,7 +974,7 @@ impl Replica {
     fn store_at_owners(&mut self, now: u64, req: u64, key: &Bytes, record: &Record, owners: &[NodeIx]) {
         for &owner in owners {
             if owner == self.me {
-                let counted = self.apply(key, record) && self.counted_for(key);
+                let counted = self.apply(now, key, record) && self.counted_for(key);
                 self.acked(req, owner, counted);
             } else if self.is_alive(owner) {
                 self.send(owner, Message::Put { req, key: key.clone(), record: record.clone(), hint_for: None });
@@ -1071,7 +1074,7 @@ impl Replica {
                 }
                 // Everyone asked has answered: repair now.
                 if *done && replies.len() >= *expected {
-                    self.finish_read(req);
+                    self.finish_read(now, req);
                 }
             }
             Pending::Write { client_req, key, value, expires_at, required, phase, .. } => match phase {
@@ -1101,7 +1104,7 @@ impl Replica {
 
     /// Read repair: every owner that answered with an older record gets
     /// the newest one.
-    fn finish_read(&mut self, req: u64) {
+    fn finish_read(&mut self, now: u64, req: u64) {
         let Some(Pending::Read { key, replies, .. }) = self.pending.remove(&req) else { return };
         let Some(best) = replies.iter().filter_map(|a| a.record.clone()).max_by_key(|r| r.version) else { return };
         for answer in &replies {
@@ -1110,7 +1113,7 @@ impl Replica {
                 continue;
             }
             if answer.from == self.me {
-                self.apply(&key, &best);
+                self.apply(now, &key, &best);
             } else {
                 self.send(answer.from, Message::Put { req: 0, key: key.clone(), record: best.clone(), hint_for: None });
             }
@@ -1188,7 +1191,7 @@ impl Replica {
                 self.clock.observe(record.version);
                 let counted = self.counted_for(&key);
                 if target == self.me {
-                    self.apply(&key, &record);
+                    self.apply(now, &key, &record);
                 } else {
                     self.keep_hint(now, target, key, record);
                 }
@@ -1200,7 +1203,7 @@ impl Replica {
                 // A record the store refused is acknowledged as not
                 // counting: the coordinator must not count a copy that is
                 // not there.
-                let counted = self.apply(&key, &record) && self.counted_for(&key);
+                let counted = self.apply(now, &key, &record) && self.counted_for(&key);
                 if req != 0 {
                     self.send(from, Message::PutAck { req, counted });
                 }
@@ -1287,7 +1290,7 @@ impl Replica {
             Message::ReadmitAck { .. } => {}
             Message::SyncData { round, snapshot, part, parts, entries } => {
                 for (key, record) in &entries {
-                    self.apply(key, record);
+                    self.apply(now, key, record);
                 }
                 if let Some(resync) = &mut self.resync
                     && resync.round == round
@@ -1333,7 +1336,7 @@ impl Replica {
             .collect();
         for req in expired {
             match self.pending.get(&req) {
-                Some(Pending::Read { done: true, .. }) => self.finish_read(req),
+                Some(Pending::Read { done: true, .. }) => self.finish_read(now, req),
                 Some(Pending::Read { client_req, .. } | Pending::Write { client_req, .. }) => {
                     let client_req = *client_req;
                     self.pending.remove(&req);
@@ -1582,7 +1585,7 @@ mod tests {
         fn get(&self, _: &[u8], _: bool) -> Option<Record> {
             None
         }
-        fn put(&mut self, _: &Bytes, _: &Record) -> bool {
+        fn put(&mut self, _: u64, _: &Bytes, _: &Record) -> bool {
             false
         }
         fn len(&self) -> usize {

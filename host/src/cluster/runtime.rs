@@ -24,11 +24,11 @@
 //! so a restarted node does not wait for a member that is gone.
 
 use super::membership::{Membership, MembershipConfig, MembershipEvent, Peer};
-use super::records::{ShardRecords, as_of, unix_ms};
+use super::records::{ShardRecords, as_of};
 use super::replica::{self, Message, NodeIx, Op, OpError, Outcome, Record, RecordStore, Replica, ReplicaConfig};
 use super::transport::{Incoming, PeerFrame, PeerTransport, TransportError};
-use crate::loader::Routed;
-use crate::node::Node;
+use crate::reply::Routed;
+use crate::store::Store;
 use bytes::Bytes;
 use cachet_proto::{ClusterStats, Consistency, ErrorCode, ErrorReply, Member, Request, Response, Ring, TtlState};
 use std::collections::HashMap;
@@ -164,8 +164,18 @@ fn op_error(err: OpError) -> Response {
 
 /// A value too large to store, with the record's own header (the bare
 /// value's limits first, so the message names what the client sent).
-fn check_record(node: &Node, key: &[u8], value: &[u8]) -> Option<Response> {
-    node.check_sizes(key, value).or_else(|| node.check_lengths(key.len(), value.len() + super::records::OVERHEAD))
+fn check_record(store: &Store, key: &[u8], value: &[u8]) -> Option<Response> {
+    store
+        .check_sizes(key, value)
+        .and_then(|()| store.check_lengths(key.len(), value.len() + super::records::OVERHEAD))
+        .err()
+        .map(|err| crate::store::commands::shard_error(&err))
+}
+
+/// Milliseconds since the Unix epoch: the wall clock the runtime reads
+/// for the replicas (their `wall_epoch_ms`) and for expiry times.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A nonce for this process's life: request ids and re-sync rounds of an
@@ -179,7 +189,7 @@ impl Cluster {
     /// Binds the peer transport and starts the runtime thread. The node
     /// starts as if restarted empty: it counts toward no quorum until every
     /// other member has sent it the records it owns.
-    pub fn start(options: ClusterOptions, node: Arc<Node>) -> Result<Arc<Self>, ClusterError> {
+    pub fn start(options: ClusterOptions, store: Arc<Store>) -> Result<Arc<Self>, ClusterError> {
         let n = options.members.len();
         let me = options.node_id as usize;
         let listen = match (n, options.peer_listen) {
@@ -242,8 +252,8 @@ impl Cluster {
                     };
                     let _ = bound_tx.send(Ok(transport.local_addr().unwrap_or(listen)));
                     // Peers' records are held to this node's own limits.
-                    let limits = (node.config().max_key_size, node.config().max_value_size);
-                    let store = Box::new(ShardRecords::new(node));
+                    let limits = (store.config().max_key_size, store.config().max_value_size);
+                    let store = Box::new(ShardRecords::new(store));
                     let shell = Shell::new(options, listen, transport, thread_status, store, limits);
                     shell.run(commands_rx, incoming, stopped).await;
                 });
@@ -320,7 +330,7 @@ impl Cluster {
     /// that stay local (PING, STATS, admin). Commands the replicated store
     /// cannot do yet are refused with `NotSupported`, never served from the
     /// local shards (which would answer with data no other node has).
-    pub fn route(self: &Arc<Self>, node: &Node, body: &Request, asked: Option<Consistency>) -> Option<Routed> {
+    pub fn route(self: &Arc<Self>, store: &Store, body: &Request, asked: Option<Consistency>) -> Option<Routed> {
         let level = level(asked.unwrap_or(self.default));
         let this = self.clone();
         let later = |f: std::pin::Pin<Box<dyn Future<Output = Response> + Send>>| Some(Routed::Later(f));
@@ -335,7 +345,7 @@ impl Cluster {
                 }))
             }
             Request::Set { key, value, ttl_ms, condition: cachet_proto::Condition::Always, .. } => {
-                if let Some(refused) = check_record(node, key, value) {
+                if let Some(refused) = check_record(store, key, value) {
                     return Some(Routed::Now(refused));
                 }
                 if *ttl_ms == Some(0) {
@@ -366,7 +376,7 @@ impl Cluster {
                 }))
             }
             Request::MSet { pairs } => {
-                if let Some(refused) = pairs.iter().find_map(|(k, v)| check_record(node, k, v)) {
+                if let Some(refused) = pairs.iter().find_map(|(k, v)| check_record(store, k, v)) {
                     return Some(Routed::Now(refused));
                 }
                 let pairs = pairs.clone();
@@ -442,7 +452,17 @@ impl Cluster {
                     }
                 }))
             }
-            Request::Set { .. } | Request::Expire { .. } | Request::Incr { .. } => Some(Routed::Now(error(
+            Request::Set { .. }
+            | Request::SetWith { .. }
+            | Request::Expire { .. }
+            | Request::Incr { .. }
+            | Request::Append { .. }
+            | Request::Strlen { .. }
+            | Request::GetDel { .. }
+            | Request::GetEx { .. }
+            | Request::Persist { .. }
+            | Request::DbSize
+            | Request::FlushAll => Some(Routed::Now(error(
                 ErrorCode::NotSupported,
                 format!(
                     "{} is not supported on a clustered node yet (no NX/XX, EXPIRE or INCR on replicated \

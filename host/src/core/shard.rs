@@ -22,7 +22,6 @@ use cachet_policy_lru::Lru;
 use cachet_policy_sdk::{Capacity, Config, Entry, EntryId, Event, Need, PolicyInfo, RemovalCause};
 use hashbrown::HashTable;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Limits and tuning of one shard.
 #[derive(Clone, Debug)]
@@ -52,6 +51,12 @@ pub struct ShardConfig {
     /// Track the hottest keys read ([`Shard::hot_keys`]); off for trace
     /// replay, where nobody asks.
     pub track_hot_keys: bool,
+    /// Where policy calls are timed from, for [`ShardStats::hooks`]: a
+    /// monotonic clock in nanoseconds, read before and after each call. The
+    /// core reads no clock of its own, so `None` (the default) times nothing
+    /// and leaves the histograms empty; a node passes
+    /// `crate::stopwatch::monotonic_ns`.
+    pub stopwatch: Option<fn() -> u64>,
 }
 
 impl Default for ShardConfig {
@@ -68,6 +73,7 @@ impl Default for ShardConfig {
             max_faults_in_a_row: 3,
             fault_window_ms: 60_000,
             track_hot_keys: false,
+            stopwatch: None,
         }
     }
 }
@@ -184,14 +190,23 @@ impl Hook {
     }
 }
 
-/// Runs a policy call and records how long it took. Durations feed
+/// Runs a policy call and, given a `stopwatch` (monotonic nanoseconds, see
+/// [`ShardConfig::stopwatch`]), records how long it took. Durations feed
 /// metrics only; no decision depends on them, so the core stays
 /// deterministic under a manual clock.
-fn timed<T>(hooks: &mut [Histogram; Hook::ALL.len()], hook: Hook, call: impl FnOnce() -> T) -> T {
+fn timed<T>(
+    stopwatch: Option<fn() -> u64>,
+    hooks: &mut [Histogram; Hook::ALL.len()],
+    hook: Hook,
+    call: impl FnOnce() -> T,
+) -> T {
     let _span = tracing::trace_span!("policy_call", hook = hook.name()).entered();
-    let start = Instant::now();
+    let Some(now_ns) = stopwatch else {
+        return call();
+    };
+    let start = now_ns();
     let out = call();
-    hooks[hook.index()].record(start.elapsed().as_nanos() as u64);
+    hooks[hook.index()].record(now_ns().saturating_sub(start));
     out
 }
 
@@ -967,7 +982,9 @@ impl Shard {
         if self.events.is_empty() {
             return;
         }
-        let result = timed(&mut self.stats.hooks, Hook::Events, || self.policy.active.on_events(now, &self.events));
+        let result = timed(self.config.stopwatch, &mut self.stats.hooks, Hook::Events, || {
+            self.policy.active.on_events(now, &self.events)
+        });
         self.events.clear();
         if let Err(fault) = result {
             self.fault(now, fault);
@@ -980,7 +997,9 @@ impl Shard {
     pub fn export_order(&mut self, now: u64) -> Vec<EntryId> {
         self.flush(now);
         let mut out = Vec::with_capacity(self.len());
-        if let Err(fault) = timed(&mut self.stats.hooks, Hook::Export, || self.policy.active.export_order(&mut out)) {
+        if let Err(fault) = timed(self.config.stopwatch, &mut self.stats.hooks, Hook::Export, || {
+            self.policy.active.export_order(&mut out)
+        }) {
             self.fault(now, fault);
             out.clear();
             // The fallback is native and cannot fault.
@@ -1128,7 +1147,7 @@ impl Shard {
             let mut victims = std::mem::take(&mut self.victims);
             victims.clear();
             // Buffered events ride along with the pick: one call, not two.
-            let result = timed(&mut self.stats.hooks, Hook::PickVictims, || {
+            let result = timed(self.config.stopwatch, &mut self.stats.hooks, Hook::PickVictims, || {
                 self.policy.active.pick_victims(now, &self.events, rest, &mut victims)
             });
             self.events.clear();
@@ -1169,7 +1188,9 @@ impl Shard {
 
     fn admit(&mut self, now: u64, candidate: &Entry) -> bool {
         self.flush(now);
-        match timed(&mut self.stats.hooks, Hook::Admit, || self.policy.active.admit(now, candidate)) {
+        match timed(self.config.stopwatch, &mut self.stats.hooks, Hook::Admit, || {
+            self.policy.active.admit(now, candidate)
+        }) {
             Ok(admit) => admit,
             Err(fault) => {
                 self.fault(now, fault);
@@ -1203,7 +1224,9 @@ impl Shard {
 
     fn run_policy_deadlines(&mut self, now: u64) -> usize {
         self.flush(now);
-        match timed(&mut self.stats.hooks, Hook::Deadlines, || self.policy.active.next_deadline()) {
+        match timed(self.config.stopwatch, &mut self.stats.hooks, Hook::Deadlines, || {
+            self.policy.active.next_deadline()
+        }) {
             Ok(Some(at)) if at <= now => {}
             Ok(_) => return 0,
             Err(fault) => {
@@ -1212,8 +1235,9 @@ impl Shard {
             }
         }
         let mut due = Vec::new();
-        if let Err(fault) = timed(&mut self.stats.hooks, Hook::Deadlines, || self.policy.active.expired(now, &mut due))
-        {
+        if let Err(fault) = timed(self.config.stopwatch, &mut self.stats.hooks, Hook::Deadlines, || {
+            self.policy.active.expired(now, &mut due)
+        }) {
             self.fault(now, fault);
             return 0;
         }
@@ -1366,6 +1390,36 @@ mod tests {
     fn set(shard: &mut Shard, now: u64, key: &str, value: &str, ttl_ms: Option<u64>) -> SetOutcome {
         let options = SetOptions { ttl_ms, ..SetOptions::default() };
         shard.set(now, key.as_bytes(), Bytes::copy_from_slice(value.as_bytes()), options).expect("set")
+    }
+
+    /// The core reads no clock: policy calls are timed with the stopwatch
+    /// the host injects, and not at all without one.
+    #[test]
+    fn policy_calls_are_timed_only_with_an_injected_stopwatch() {
+        thread_local! {
+            static TICKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        /// Advances 100 ns per reading, so every call takes exactly 100.
+        fn ticking() -> u64 {
+            TICKS.with(|t| {
+                t.set(t.get() + 100);
+                t.get()
+            })
+        }
+        for stopwatch in [None, Some(ticking as fn() -> u64)] {
+            let mut shard = lru_shard(ShardConfig { stopwatch, ..ShardConfig::default() });
+            set(&mut shard, 0, "a", "1", None);
+            assert!(shard.get(1, b"a").is_some());
+            shard.export_order(2);
+            let hooks = &shard.stats().hooks;
+            let (events, export) = (&hooks[Hook::Events.index()], &hooks[Hook::Export.index()]);
+            if stopwatch.is_some() {
+                assert_eq!((events.count(), events.sum_ns()), (1, 100), "one batch of events, timed");
+                assert_eq!((export.count(), export.sum_ns()), (1, 100), "one export, timed");
+            } else {
+                assert!(hooks.iter().all(|h| h.count() == 0), "nothing timed without a stopwatch");
+            }
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub mod refresh;
 pub mod write;
 
 use crate::core::SetOptions;
-use crate::node::Node;
+use crate::store::Store;
 use bytes::Bytes;
 use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response};
 pub use config::{LoaderConfig, LoaderConfigError, NamespaceConfig};
@@ -38,7 +38,7 @@ pub use origin::{OriginFailure, OriginStats, Origins};
 use refresh::Freshness;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 pub use write::Write;
@@ -79,16 +79,7 @@ pub enum Lookup {
     Pending(Pending),
 }
 
-/// A reply that takes a while (a load, a write to an origin).
-pub type Later = std::pin::Pin<Box<dyn Future<Output = Response> + Send>>;
-
-/// A request the loaders took: answered now or later.
-pub enum Routed {
-    /// The reply.
-    Now(Response),
-    /// The reply, once the load or write is done.
-    Later(Later),
-}
+pub use crate::reply::{Later, Routed};
 
 /// GETs that may wait for loads on one node at once, over every port and
 /// connection: a flood of misses on distinct cold keys must not hold an
@@ -211,7 +202,8 @@ pub struct Loaders {
     next_flight: AtomicU64,
     rng: AtomicU64,
     counters: LoaderCounters,
-    node: Mutex<Weak<Node>>,
+    /// The node's data, once attached.
+    data: OnceLock<Arc<Store>>,
     /// Serialize writes per key (by key hash).
     write_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
     /// Write-behind queues, per namespace.
@@ -316,16 +308,19 @@ impl Loaders {
             next_flight: AtomicU64::new(1),
             rng: AtomicU64::new(seed),
             counters: LoaderCounters::default(),
-            node: Mutex::new(Weak::new()),
+            data: OnceLock::new(),
             write_locks: (0..write::WRITE_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
             queues,
             waiting: Arc::new(AtomicUsize::new(0)),
         }))
     }
 
-    /// Binds the loaders to their node and starts the invalidation feeds.
-    pub(crate) fn attach(self: &Arc<Self>, node: &Arc<Node>) {
-        *lock(&self.node) = Arc::downgrade(node);
+    /// Binds the loaders to their node's store and starts the
+    /// invalidation feeds.
+    pub(crate) fn attach(self: &Arc<Self>, store: &Arc<Store>) {
+        if self.data.set(store.clone()).is_err() {
+            return;
+        }
         for (index, ns) in self.namespaces.iter().enumerate() {
             if let Some(feed) = &ns.config.invalidate {
                 cdc::start(self, index, feed);
@@ -371,21 +366,28 @@ impl Loaders {
     }
 
     /// A GET of `key` (which [`Loaders::covers`]).
-    pub fn get(self: &Arc<Self>, node: &Node, key: Bytes) -> Lookup {
+    pub fn get(self: &Arc<Self>, key: Bytes) -> Lookup {
+        let Some(store) = self.data.get() else {
+            return Lookup::Ready(Response::Error(ErrorReply::new(
+                ErrorCode::Internal,
+                "the loaders are not attached",
+            )));
+        };
+        let entry = |key: &[u8]| store.with_shard(key, |shard, now| shard.get_entry(now, key));
         let Some(index) = self.namespace(&key) else {
-            return Lookup::Ready(Response::Value(node.get_entry(&key).map(|e| e.value)));
+            return Lookup::Ready(Response::Value(entry(&key).map(|e| e.value)));
         };
         let ns = &self.namespaces[index].config;
-        let now = node.now_ms();
-        if key.len() > node.config().max_key_size {
+        let now = store.now_ms();
+        if key.len() > store.config().max_key_size {
             let message =
-                format!("key of {} bytes exceeds the limit of {} bytes", key.len(), node.config().max_key_size);
+                format!("key of {} bytes exceeds the limit of {} bytes", key.len(), store.config().max_key_size);
             return Lookup::Ready(Response::Error(ErrorReply::new(ErrorCode::TooLarge, message)));
         }
         // A write-behind write not yet at the origin is the key's value: a
         // load now would read what it replaces.
         let queued = self.queued_write(index, &key);
-        if let Some(entry) = node.get_entry(&key) {
+        if let Some(entry) = entry(&key) {
             if let (Some(expires_at), None) = (entry.expires_at, &queued) {
                 let state = refresh::freshness(now, expires_at, ns.grace_ms, entry.hint, ns.xfetch_beta, self.draw());
                 if state == Freshness::Refresh {
@@ -393,7 +395,7 @@ impl Loaders {
                     let stale = now >= soft;
                     let loaded_at = soft.saturating_sub(ns.ttl_ms);
                     let work = Work::Refresh { current: entry.value.clone(), age_ms: now.saturating_sub(loaded_at) };
-                    if self.start(node, index, &key, work, false).is_some() {
+                    if self.start(store, index, &key, work, false).is_some() {
                         let counter = if stale { &self.counters.stale_served } else { &self.counters.early_refreshes };
                         counter.fetch_add(1, Ordering::Relaxed);
                     } else if stale {
@@ -414,7 +416,7 @@ impl Loaders {
             let message = format!("{MAX_WAITING_LOADS} requests are waiting for loads on this node; retry later");
             return Lookup::Ready(Response::Error(ErrorReply::new(ErrorCode::Busy, message)));
         };
-        match self.start(node, index, &key, Work::Load, true) {
+        match self.start(store, index, &key, Work::Load, true) {
             Some(result) => Lookup::Pending(Pending {
                 result,
                 deadline: Duration::from_millis(ns.load_timeout_ms),
@@ -427,11 +429,11 @@ impl Loaders {
     /// Takes the requests the loaders serve: GETs of a loader namespace,
     /// and SETs and DELs of a namespace that writes to its origin (where
     /// conditional SETs and multi-key DELs are refused). `None` for every
-    /// other request, which [`Node::execute`] runs.
-    pub fn route(self: &Arc<Self>, node: &Node, request: &Request) -> Option<Routed> {
+    /// other request, which the node's dispatcher runs.
+    pub fn route(self: &Arc<Self>, request: &Request) -> Option<Routed> {
         let refuse = |code, message: &str| Some(Routed::Now(Response::Error(ErrorReply::new(code, message))));
         match request {
-            Request::Get { key } if self.covers(key) => Some(match self.get(node, key.clone()) {
+            Request::Get { key } if self.covers(key) => Some(match self.get(key.clone()) {
                 Lookup::Ready(reply) => Routed::Now(reply),
                 Lookup::Pending(pending) => Routed::Later(Box::pin(pending.response())),
             }),
@@ -467,7 +469,7 @@ impl Loaders {
     /// flight was started.
     fn start(
         self: &Arc<Self>,
-        node: &Node,
+        store: &Store,
         index: usize,
         key: &Bytes,
         work: Work,
@@ -490,8 +492,8 @@ impl Loaders {
         counter.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
         let key = key.clone();
-        let now = node.now_ms();
-        let max_value = node.config().max_value_size;
+        let now = store.now_ms();
+        let max_value = store.config().max_value_size;
         handle.spawn(async move {
             let ns = &this.namespaces[index];
             let deadline = Duration::from_millis(ns.config.load_timeout_ms);
@@ -546,7 +548,7 @@ impl Loaders {
         max_value: usize,
     ) {
         let ns = &self.namespaces[index].config;
-        let node = lock(&self.node).upgrade();
+        let store = self.data.get();
         let mut flights = lock(&self.flights);
         let current = flights.get(key).is_some_and(|f| f.id == id);
         let flight = if current { flights.remove(key) } else { None };
@@ -563,14 +565,13 @@ impl Loaders {
             }
             Ok(Some(loaded)) => {
                 let value = Bytes::from(loaded.value);
-                if let (true, Some(node)) = (leased, &node) {
+                if let (true, Some(store)) = (leased, store) {
                     let ttl = refresh::jittered(loaded.ttl_ms.unwrap_or(ns.ttl_ms), ns.jitter, self.draw());
                     let options =
                         SetOptions { ttl_ms: Some(ttl.saturating_add(ns.grace_ms)), hint: load_ms, keep_ttl: false };
                     // Installed under the flights lock: an invalidation either
                     // detached this flight already, or deletes after this.
-                    if let Err(err) = node.with_shard_raw(key, |shard, now| shard.set(now, key, value.clone(), options))
-                    {
+                    if let Err(err) = store.with_shard(key, |shard, now| shard.set(now, key, value.clone(), options)) {
                         tracing::warn!(%err, "a loaded value could not be stored");
                     }
                 } else if !leased {
@@ -582,10 +583,10 @@ impl Loaders {
                 if !leased {
                     self.counters.lease_breaks.fetch_add(1, Ordering::Relaxed);
                 }
-                if let (true, Some(node)) = (leased, &node) {
-                    let now = node.now_ms();
+                if let (true, Some(store)) = (leased, store) {
+                    let now = store.now_ms();
                     // The origin no longer has it: drop a refreshed key too.
-                    node.with_shard_raw(key, |shard, now| shard.delete(now, key));
+                    store.with_shard(key, |shard, now| shard.delete(now, key));
                     if ns.negative_ttl_ms > 0 {
                         let mut negative = lock(&self.negative);
                         if negative.len() >= MAX_NEGATIVE {
@@ -668,9 +669,9 @@ impl Loaders {
     /// Invalidates `key` and deletes it from the node: what a CDC
     /// notification does.
     pub(crate) fn invalidate_key(&self, key: &[u8]) {
-        if let Some(node) = lock(&self.node).upgrade() {
+        if let Some(store) = self.data.get() {
             self.invalidate(key);
-            node.with_shard_raw(key, |shard, now| shard.delete(now, key));
+            store.with_shard(key, |shard, now| shard.delete(now, key));
         }
     }
 
@@ -679,7 +680,7 @@ impl Loaders {
     /// nothing cached before can be trusted.
     pub(crate) fn invalidate_namespace(&self, index: usize) {
         let prefix = self.namespaces[index].config.prefix.clone();
-        let Some(node) = lock(&self.node).upgrade() else { return };
+        let Some(store) = self.data.get() else { return };
         {
             let mut flights = lock(&self.flights);
             let keys: Vec<Bytes> = flights.keys().filter(|k| k.starts_with(prefix.as_bytes())).cloned().collect();
@@ -691,7 +692,7 @@ impl Loaders {
             }
         }
         lock(&self.negative).retain(|k, _| !k.starts_with(prefix.as_bytes()));
-        let removed = node.delete_prefix(prefix.as_bytes());
+        let removed = store.delete_prefix(prefix.as_bytes());
         tracing::info!(prefix, removed, "namespace invalidated");
     }
 

@@ -22,7 +22,7 @@ use super::config::WriteMode;
 use super::guest::CallFailure;
 use super::{Loaders, lock};
 use crate::core::{SetOptions, SharedHistogram};
-use crate::node::Node;
+use crate::store::Store;
 use bytes::Bytes;
 use cachet_proto::{ErrorCode, ErrorReply, Response};
 use std::collections::{HashMap, VecDeque};
@@ -127,29 +127,29 @@ impl Loaders {
         let Some(index) = self.namespace(&key) else {
             return Response::Error(ErrorReply::new(ErrorCode::Internal, "not a write namespace"));
         };
-        let Some(node) = lock(&self.node).upgrade() else {
-            return Response::Error(ErrorReply::new(ErrorCode::Internal, "the node is stopping"));
+        let Some(data) = self.data.get().cloned() else {
+            return Response::Error(ErrorReply::new(ErrorCode::Internal, "the loaders are not attached"));
         };
         // Refuse what the cache would refuse before the origin sees it.
         let sized = match &write {
-            Write::Set(value, _) => node.check_sizes(&key, value),
-            Write::Delete => node.check_sizes(&key, b""),
+            Write::Set(value, _) => data.check_sizes(&key, value),
+            Write::Delete => data.check_sizes(&key, b""),
         };
-        if let Some(refusal) = sized {
-            return refusal;
+        if let Err(err) = sized {
+            return crate::store::commands::shard_error(&err);
         }
         let stripe = (cachet_proto::key_hash(&key) % WRITE_STRIPES as u64) as usize;
         let serial = self.write_locks[stripe].clone().lock_owned().await;
         match self.namespaces[index].config.write {
-            WriteMode::Through => self.write_through(&node, index, key, write, serial).await,
-            WriteMode::Behind => self.write_behind(&node, index, key, write),
+            WriteMode::Through => self.write_through(&data, index, key, write, serial).await,
+            WriteMode::Behind => self.write_behind(&data, index, key, write),
             WriteMode::None => Response::Error(ErrorReply::new(ErrorCode::Internal, "not a write namespace")),
         }
     }
 
     async fn write_through(
         &self,
-        node: &Node,
+        data: &Store,
         index: usize,
         key: Bytes,
         write: Write,
@@ -159,7 +159,7 @@ impl Loaders {
         match self.store(index, key.clone(), write.value(), deadline, serial).await {
             Ok(_serial) => {
                 self.counters.writes_through.fetch_add(1, Ordering::Relaxed);
-                let reply = self.install_write(node, index, &key, write, None);
+                let reply = self.install_write(data, index, &key, write, None);
                 if matches!(reply, Response::Error(_)) {
                     self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
                 }
@@ -170,13 +170,13 @@ impl Loaders {
                 // trap after the query): drop the cached value so the next
                 // read loads whatever the origin has.
                 self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
-                self.install_write(node, index, &key, Write::Delete, None);
+                self.install_write(data, index, &key, Write::Delete, None);
                 Response::Error(failure_reply(&failure))
             }
         }
     }
 
-    fn write_behind(&self, node: &Node, index: usize, key: Bytes, write: Write) -> Response {
+    fn write_behind(&self, data: &Store, index: usize, key: Bytes, write: Write) -> Response {
         let Some(queue) = self.queues[index].as_ref() else {
             return Response::Error(ErrorReply::new(ErrorCode::Internal, "no write-behind queue"));
         };
@@ -192,7 +192,7 @@ impl Loaders {
                 format!("the write-behind queue of `{prefix}` is full ({} writes); retry later", queue.capacity);
             return Response::Error(ErrorReply::new(ErrorCode::Busy, message));
         }
-        let reply = self.install_write(node, index, &key, write, Some(queue));
+        let reply = self.install_write(data, index, &key, write, Some(queue));
         if matches!(reply, Response::Error(_)) {
             return reply;
         }
@@ -210,7 +210,7 @@ impl Loaders {
     /// installs the origin's older value.
     fn install_write(
         &self,
-        node: &Node,
+        data: &Store,
         index: usize,
         key: &Bytes,
         write: Write,
@@ -230,12 +230,12 @@ impl Loaders {
                 // its grace window like a loaded value.
                 let ttl = ttl.unwrap_or_else(|| ns.ttl_ms.saturating_add(ns.grace_ms));
                 let options = SetOptions { ttl_ms: Some(ttl), hint: 0, keep_ttl: false };
-                match node.with_shard_raw(key, |shard, now| shard.set(now, key, value, options)) {
+                match data.with_shard(key, |shard, now| shard.set(now, key, value, options)) {
                     Ok(_) => Response::Ok,
                     Err(err) => Response::Error(ErrorReply::new(ErrorCode::TooLarge, err.to_string())),
                 }
             }
-            Write::Delete => Response::Count(u64::from(node.with_shard_raw(key, |shard, now| shard.delete(now, key)))),
+            Write::Delete => Response::Count(u64::from(data.with_shard(key, |shard, now| shard.delete(now, key)))),
         };
         if let (Some(queue), false) = (queued, matches!(reply, Response::Error(_))) {
             let mut pending = lock(&queue.pending);
@@ -322,9 +322,9 @@ impl Loaders {
                 }
                 lock(&queue.items).pop_front();
                 queue.done(&key);
-                if !stored && let Some(node) = lock(&loaders.node).upgrade() {
+                if !stored && let Some(data) = loaders.data.get() {
                     // The cache must not keep what the origin never got.
-                    loaders.install_write(&node, index, &key, Write::Delete, None);
+                    loaders.install_write(data, index, &key, Write::Delete, None);
                 }
             }
         });

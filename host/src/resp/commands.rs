@@ -1,16 +1,15 @@
-//! Redis commands over a [`Node`]: the same shards, policies and counters
-//! as the QUIC port. Commands that `cachet/1` has go through
-//! [`Node::execute`] (so metrics and shadow evaluation see them); compound
-//! ones (SET ... GET, GETDEL, APPEND, ...) run under the key's shard lock.
-//! Replies and error texts follow Redis, so its clients and tools work.
+//! Redis commands: each is parsed once, into the same [`Request`] the QUIC
+//! port carries (with the shape of its RESP reply), and handed to the
+//! node's dispatcher ([`Node::dispatch`]), which routes it (cluster,
+//! loaders, store) as it routes every request; or, for what only RESP has
+//! (HELLO, AUTH, CLIENT, INFO, ...), answered here. Replies and error
+//! texts follow Redis, so its clients and tools work.
 
 use super::acl::{Acl, Denied, User};
 use super::codec::Writer;
-use crate::core::{SetOptions, SetOutcome};
-use crate::loader::{Lookup, Routed};
 use crate::node::Node;
 use bytes::{Bytes, BytesMut};
-use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlState};
+use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlChange, TtlState};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -76,7 +75,7 @@ pub struct ServerInfo {
 pub const SUPPORTED: &[&str] = &[
     "APPEND", "AUTH", "CLIENT", "COMMAND", "CONFIG", "DBSIZE", "DECR", "DECRBY", "DEL", "ECHO", "EXISTS", "EXPIRE",
     "FLUSHALL", "FLUSHDB", "GET", "GETDEL", "GETEX", "HELLO", "INCR", "INCRBY", "INFO", "MGET", "MSET", "PERSIST",
-    "PEXPIRE", "PING", "PTTL", "QUIT", "SELECT", "SET", "STRLEN", "TTL",
+    "PEXPIRE", "PING", "PTTL", "QUIT", "SELECT", "SET", "STRLEN", "TTL", "UNLINK",
 ];
 
 const WRONG_INT: &str = "ERR value is not an integer or out of range";
@@ -106,31 +105,184 @@ fn node_error(w: &mut Writer<'_>, err: &ErrorReply) {
     }
 }
 
-/// Runs one command (`args[0]` is its name) and writes its reply to `out`.
-/// An empty command (`*0`) writes nothing.
-pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<Bytes>, out: &mut BytesMut) {
+/// A command, parsed once.
+pub enum Parsed {
+    /// A data command: the request for the dispatcher, and how to write its
+    /// reply.
+    Data(Request, Reply),
+    /// A malformed data command: the error reply's text.
+    Invalid(String),
+    /// A command the port answers itself ([`execute_local`]).
+    Local,
+}
+
+/// How a data command's reply is written in RESP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A bulk string or null (GET, GETDEL, GETEX, SET ... GET).
+    Bulk,
+    /// OK, or null when a condition kept the write from applying; a count
+    /// as an integer (SET, MSET, DEL, EXISTS, DBSIZE).
+    Write,
+    /// 1 or 0 (EXPIRE, PERSIST).
+    Flag,
+    /// An integer (INCR, APPEND, STRLEN).
+    Integer,
+    /// An array of bulk strings (MGET).
+    Values,
+    /// A TTL in seconds or milliseconds, Redis's -2/-1 included.
+    Ttl {
+        /// PTTL.
+        millis: bool,
+    },
+    /// OK whatever the count (FLUSHALL).
+    Ok,
+}
+
+/// Parses a data command (`args[0]` is its name) into its request;
+/// [`Parsed::Local`] for every other command, and for a data command with
+/// the wrong number of arguments (answered by [`execute_local`]).
+pub fn parse(args: &[Bytes]) -> Parsed {
+    let Some(first) = args.first() else { return Parsed::Local };
+    let n = args.len();
+    let key = || args[1].clone();
+    // Most traffic is plain GET: no upper-cased name.
+    if n == 2 && first.eq_ignore_ascii_case(b"GET") {
+        return Parsed::Data(Request::Get { key: key() }, Reply::Bulk);
+    }
+    let name = upper(first);
+    let data = |request, reply| Parsed::Data(request, reply);
+    match name.as_str() {
+        "SET" if n >= 3 => parse_set(args),
+        "DEL" | "UNLINK" if n >= 2 => data(Request::Del { keys: args[1..].to_vec() }, Reply::Write),
+        "EXISTS" if n >= 2 => data(Request::Exists { keys: args[1..].to_vec() }, Reply::Write),
+        "EXPIRE" | "PEXPIRE" if n == 3 => {
+            let scale = if name == "EXPIRE" { 1000 } else { 1 };
+            match parse_i64(&args[2]).and_then(|t| t.checked_mul(scale)) {
+                Some(ms) => data(Request::Expire { key: key(), ttl_ms: ms.max(0) as u64 }, Reply::Flag),
+                None => Parsed::Invalid(format!("ERR invalid expire time in '{}' command", name.to_ascii_lowercase())),
+            }
+        }
+        "TTL" | "PTTL" if n == 2 => data(Request::Ttl { key: key() }, Reply::Ttl { millis: name == "PTTL" }),
+        "PERSIST" if n == 2 => data(Request::Persist { key: key() }, Reply::Flag),
+        "MGET" if n >= 2 => data(Request::MGet { keys: args[1..].to_vec() }, Reply::Values),
+        "MSET" if n >= 3 && n % 2 == 1 => {
+            let pairs = args[1..].chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+            data(Request::MSet { pairs }, Reply::Write)
+        }
+        "INCR" | "DECR" if n == 2 => {
+            data(Request::Incr { key: key(), delta: if name == "INCR" { 1 } else { -1 } }, Reply::Integer)
+        }
+        "INCRBY" | "DECRBY" if n == 3 => match parse_i64(&args[2]) {
+            Some(by) if name == "INCRBY" => data(Request::Incr { key: key(), delta: by }, Reply::Integer),
+            Some(by) => match by.checked_neg() {
+                Some(by) => data(Request::Incr { key: key(), delta: by }, Reply::Integer),
+                None => Parsed::Invalid("ERR decrement would overflow".into()),
+            },
+            None => Parsed::Invalid(WRONG_INT.into()),
+        },
+        "APPEND" if n == 3 => data(Request::Append { key: key(), value: args[2].clone() }, Reply::Integer),
+        "STRLEN" if n == 2 => data(Request::Strlen { key: key() }, Reply::Integer),
+        "GETDEL" if n == 2 => data(Request::GetDel { key: key() }, Reply::Bulk),
+        "GETEX" if n >= 2 => parse_getex(args),
+        "DBSIZE" if n == 1 => data(Request::DbSize, Reply::Write),
+        "FLUSHALL" | "FLUSHDB" if n <= 2 => data(Request::FlushAll, Reply::Ok),
+        _ => Parsed::Local,
+    }
+}
+
+fn parse_set(args: &[Bytes]) -> Parsed {
+    let (key, value) = (args[1].clone(), args[2].clone());
+    let (mut ttl_ms, mut condition, mut keep_ttl, mut get) = (None, Condition::Always, false, false);
+    let mut i = 3;
+    while i < args.len() {
+        let option = upper(&args[i]);
+        match option.as_str() {
+            "NX" if condition == Condition::Always => condition = Condition::IfAbsent,
+            "XX" if condition == Condition::Always => condition = Condition::IfPresent,
+            "KEEPTTL" if ttl_ms.is_none() => keep_ttl = true,
+            "GET" => get = true,
+            "EX" | "PX" | "EXAT" | "PXAT" if ttl_ms.is_none() && !keep_ttl => {
+                match expiry(&option, args.get(i + 1), "set") {
+                    Ok(ms) => ttl_ms = Some(ms),
+                    Err(message) => return Parsed::Invalid(message),
+                }
+                i += 1;
+            }
+            _ => return Parsed::Invalid(SYNTAX.into()),
+        }
+        i += 1;
+    }
+    if !get && !keep_ttl {
+        return Parsed::Data(Request::Set { key, value, ttl_ms, condition, hint: 0 }, Reply::Write);
+    }
+    let request = Request::SetWith { key, value, ttl_ms, keep_ttl, condition, get, hint: 0 };
+    Parsed::Data(request, if get { Reply::Bulk } else { Reply::Write })
+}
+
+fn parse_getex(args: &[Bytes]) -> Parsed {
+    let ttl = match args.len() {
+        2 => TtlChange::Keep,
+        3 if upper(&args[2]) == "PERSIST" => TtlChange::Persist,
+        4 => {
+            let option = upper(&args[2]);
+            if !["EX", "PX", "EXAT", "PXAT"].contains(&option.as_str()) {
+                return Parsed::Invalid(SYNTAX.into());
+            }
+            match expiry(&option, args.get(3), "getex") {
+                Ok(ms) => TtlChange::Set(ms),
+                Err(message) => return Parsed::Invalid(message),
+            }
+        }
+        _ => return Parsed::Invalid(SYNTAX.into()),
+    };
+    Parsed::Data(Request::GetEx { key: args[1].clone(), ttl }, Reply::Bulk)
+}
+
+/// Writes a data command's reply in the shape its command asks for.
+pub fn write_response(session: &Session, reply: Reply, response: Response, out: &mut BytesMut) {
+    let mut w = Writer::new(out, session.resp3);
+    match (reply, response) {
+        (_, Response::Error(err)) => node_error(&mut w, &err),
+        (Reply::Bulk, Response::Value(v)) => w.bulk_or_null(v.as_deref()),
+        (Reply::Write | Reply::Ok, Response::Ok | Response::Applied(true)) => w.simple("OK"),
+        (Reply::Write, Response::Applied(false)) => w.null(),
+        (Reply::Write | Reply::Integer, Response::Count(n)) => w.integer(n as i64),
+        (Reply::Ok, Response::Count(_)) => w.simple("OK"),
+        (Reply::Flag, Response::Applied(done)) => w.integer(i64::from(done)),
+        (Reply::Integer, Response::Integer(n)) => w.integer(n),
+        (Reply::Values, Response::Values(values)) => {
+            w.array(values.len());
+            for v in &values {
+                w.bulk_or_null(v.as_deref());
+            }
+        }
+        (Reply::Ttl { millis }, Response::Ttl(state)) => match state {
+            TtlState::Missing => w.integer(-2),
+            TtlState::Persistent => w.integer(-1),
+            TtlState::Remaining(ms) if millis => w.integer(ms as i64),
+            TtlState::Remaining(ms) => w.integer(((ms + 500) / 1000) as i64),
+        },
+        (_, other) => w.error(&format!("ERR unexpected reply {other:?}")),
+    }
+}
+
+/// Writes the reply to a plain SET (the port's fast path).
+pub fn write_reply(session: &Session, response: Response, out: &mut BytesMut) {
+    write_response(session, Reply::Write, response, out);
+}
+
+/// Runs a command the port answers itself (`args[0]` is its name) and
+/// writes its reply to `out`: connection state, introspection, and the
+/// arity and unknown-command errors. An empty command (`*0`) writes
+/// nothing.
+pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<Bytes>, out: &mut BytesMut) {
     let Some(first) = args.first() else {
         return;
     };
     let mut w = Writer::new(out, session.resp3);
-    // Most traffic is plain GET: no upper-cased name, no cloned value.
-    if args.len() == 2 && first.eq_ignore_ascii_case(b"GET") {
-        node.get_with(&args[1], |value| w.bulk_or_null(value));
-        return;
-    }
     let name = upper(first);
     let n = args.len();
-    // Keys written to an origin change only through `origin_write`.
-    let changes: Vec<&Bytes> = match name.as_str() {
-        "MSET" => args.iter().skip(1).step_by(2).collect(),
-        "DEL" => args.iter().skip(1).collect(),
-        _ if WRITES.contains(&name.as_str()) => args.get(1).into_iter().collect(),
-        _ => Vec::new(),
-    };
-    if let Some(Response::Error(err)) = changes.into_iter().find_map(|key| node.refuse_origin_write(key)) {
-        w.error(&format!("ERR {}", err.message));
-        return;
-    }
     match name.as_str() {
         "PING" => match n {
             1 => w.simple("PONG"),
@@ -138,95 +290,6 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
             _ => arity(&mut w, &name),
         },
         "ECHO" if n == 2 => w.bulk(&args[1]),
-        "GET" if n == 2 => match node.execute(Request::Get { key: args[1].clone() }) {
-            Response::Value(v) => w.bulk_or_null(v.as_deref()),
-            other => unexpected(&mut w, other),
-        },
-        "SET" if n >= 3 => set(node, &mut w, &args),
-        "DEL" if n >= 2 => count(node, &mut w, Request::Del { keys: args[1..].to_vec() }),
-        "EXISTS" if n >= 2 => count(node, &mut w, Request::Exists { keys: args[1..].to_vec() }),
-        "EXPIRE" | "PEXPIRE" if n == 3 => {
-            let scale = if name == "EXPIRE" { 1000 } else { 1 };
-            match parse_i64(&args[2]).and_then(|t| t.checked_mul(scale)) {
-                Some(ms) => {
-                    let request = Request::Expire { key: args[1].clone(), ttl_ms: ms.max(0) as u64 };
-                    match node.execute(request) {
-                        Response::Applied(done) => w.integer(i64::from(done)),
-                        other => unexpected(&mut w, other),
-                    }
-                }
-                None => w.error(&format!("ERR invalid expire time in '{}' command", name.to_ascii_lowercase())),
-            }
-        }
-        "TTL" | "PTTL" if n == 2 => match node.execute(Request::Ttl { key: args[1].clone() }) {
-            Response::Ttl(TtlState::Missing) => w.integer(-2),
-            Response::Ttl(TtlState::Persistent) => w.integer(-1),
-            Response::Ttl(TtlState::Remaining(ms)) if name == "TTL" => w.integer(((ms + 500) / 1000) as i64),
-            Response::Ttl(TtlState::Remaining(ms)) => w.integer(ms as i64),
-            other => unexpected(&mut w, other),
-        },
-        "PERSIST" if n == 2 => {
-            let done = node.with_shard(&args[1], |shard, now| shard.persist(now, &args[1]));
-            w.integer(i64::from(done));
-        }
-        "MGET" if n >= 2 => match node.execute(Request::MGet { keys: args[1..].to_vec() }) {
-            Response::Values(values) => {
-                w.array(values.len());
-                for v in &values {
-                    w.bulk_or_null(v.as_deref());
-                }
-            }
-            other => unexpected(&mut w, other),
-        },
-        "MSET" if n >= 3 && n % 2 == 1 => {
-            let pairs = args[1..].chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
-            match node.execute(Request::MSet { pairs }) {
-                Response::Ok => w.simple("OK"),
-                other => unexpected(&mut w, other),
-            }
-        }
-        "INCR" | "DECR" if n == 2 => incr(node, &mut w, &args[1], if name == "INCR" { 1 } else { -1 }),
-        "INCRBY" | "DECRBY" if n == 3 => match parse_i64(&args[2]) {
-            Some(by) if name == "INCRBY" => incr(node, &mut w, &args[1], by),
-            Some(by) => match by.checked_neg() {
-                Some(by) => incr(node, &mut w, &args[1], by),
-                None => w.error("ERR decrement would overflow"),
-            },
-            None => w.error(WRONG_INT),
-        },
-        "APPEND" if n == 3 => {
-            let result = node.with_shard(&args[1], |shard, now| {
-                let mut value = shard.peek(now, &args[1]).map(|v| v.to_vec()).unwrap_or_default();
-                value.extend_from_slice(&args[2]);
-                let len = value.len();
-                let options = SetOptions { keep_ttl: true, ..SetOptions::default() };
-                shard.set(now, &args[1], Bytes::from(value), options).map(|_| len)
-            });
-            match result {
-                Ok(len) => w.integer(len as i64),
-                Err(err) => w.error(&format!("ERR {err}")),
-            }
-        }
-        "STRLEN" if n == 2 => match node.execute(Request::Get { key: args[1].clone() }) {
-            Response::Value(v) => w.integer(v.map_or(0, |v| v.len()) as i64),
-            other => unexpected(&mut w, other),
-        },
-        "GETDEL" if n == 2 => {
-            let value = node.with_shard(&args[1], |shard, now| {
-                let value = shard.get(now, &args[1]);
-                if value.is_some() {
-                    shard.delete(now, &args[1]);
-                }
-                value
-            });
-            w.bulk_or_null(value.as_deref());
-        }
-        "GETEX" if n >= 2 => getex(node, &mut w, &args),
-        "DBSIZE" if n == 1 => w.integer(node.len() as i64),
-        "FLUSHALL" | "FLUSHDB" if n <= 2 => {
-            node.flush_all();
-            w.simple("OK");
-        }
         "INFO" => {
             let text = info_text(node, info, args.get(1).map(|s| upper(s)));
             w.text(&text);
@@ -277,208 +340,6 @@ pub fn execute(node: &Node, session: &mut Session, info: &ServerInfo, args: Vec<
     }
 }
 
-/// A GET of a key in a loader namespace: the loaders' lookup (a reply
-/// now, or a load for the connection to await before answering, which
-/// keeps replies in order). `None` for every other command.
-pub fn loading_get(node: &Node, args: &[Bytes]) -> Option<Lookup> {
-    let [name, key] = args else { return None };
-    if !name.eq_ignore_ascii_case(b"GET") {
-        return None;
-    }
-    let loaders = node.loaders()?;
-    loaders.covers(key).then(|| loaders.get(node, key.clone()))
-}
-
-/// SET and DEL of a key in a namespace that writes to its origin: the
-/// write for the connection to await (replies stay in order), or a
-/// refusal for the forms that cannot be written through (SET options other
-/// than EX/PX, several keys). Other commands that would change such a key
-/// are refused by [`execute`]. `None` when the loaders do not take it.
-pub fn origin_write(node: &Node, args: &[Bytes]) -> Option<Routed> {
-    let loaders = node.loaders()?;
-    let name = upper(args.first()?);
-    let key = args.get(1)?;
-    loaders.write_mode(key)?;
-    let request = match (name.as_str(), args.len()) {
-        ("SET", 3) => Request::Set {
-            key: key.clone(),
-            value: args[2].clone(),
-            ttl_ms: None,
-            condition: Condition::Always,
-            hint: 0,
-        },
-        ("SET", 5) => {
-            let scale = match upper(&args[3]).as_str() {
-                "EX" => 1000,
-                "PX" => 1,
-                _ => return Some(refusal("ERR only SET key value [EX s|PX ms] applies to keys written to an origin")),
-            };
-            let Some(ms) = parse_i64(&args[4]).filter(|&t| t > 0).and_then(|t| t.checked_mul(scale)) else {
-                return Some(refusal("ERR invalid expire time in 'set' command"));
-            };
-            Request::Set {
-                key: key.clone(),
-                value: args[2].clone(),
-                ttl_ms: Some(ms as u64),
-                condition: Condition::Always,
-                hint: 0,
-            }
-        }
-        ("SET", _) => return Some(refusal("ERR only SET key value [EX s|PX ms] applies to keys written to an origin")),
-        ("DEL", 2) => Request::Del { keys: vec![key.clone()] },
-        _ => return None,
-    };
-    loaders.route(node, &request)
-}
-
-/// On a clustered node, the data commands become replicated operations
-/// (the node forwards them to the key's owners), answered in order once
-/// done; commands the replicated store cannot do, or that would act on
-/// this node's share alone, are refused. `None`: not clustered, or a
-/// command that stays local (PING, INFO, CLIENT, ...).
-pub fn cluster_command(node: &Node, args: &[Bytes]) -> Option<(ClusterReply, Routed)> {
-    let cluster = node.cluster()?;
-    let name = upper(args.first()?);
-    let n = args.len();
-    let refuse = |why: &str| {
-        Some((ClusterReply::Write, Routed::Now(Response::Error(ErrorReply::new(ErrorCode::NotSupported, why)))))
-    };
-    let (kind, request) = match name.as_str() {
-        "GET" if n == 2 => (ClusterReply::Get, Request::Get { key: args[1].clone() }),
-        "SET" if n == 3 || n == 5 => {
-            let ttl_ms = if n == 5 {
-                let scale = match upper(&args[3]).as_str() {
-                    "EX" => 1000,
-                    "PX" => 1,
-                    _ => return refuse("only SET key value [EX s|PX ms] on a clustered node"),
-                };
-                match parse_i64(&args[4]).filter(|&t| t > 0).and_then(|t| t.checked_mul(scale)) {
-                    Some(ms) => Some(ms as u64),
-                    None => {
-                        let err = ErrorReply::new(ErrorCode::InvalidArgument, "invalid expire time in 'set' command");
-                        return Some((ClusterReply::Write, Routed::Now(Response::Error(err))));
-                    }
-                }
-            } else {
-                None
-            };
-            let set = Request::Set {
-                key: args[1].clone(),
-                value: args[2].clone(),
-                ttl_ms,
-                condition: Condition::Always,
-                hint: 0,
-            };
-            (ClusterReply::Write, set)
-        }
-        "SET" => return refuse("only SET key value [EX s|PX ms] on a clustered node"),
-        "DEL" | "UNLINK" if n >= 2 => (ClusterReply::Write, Request::Del { keys: args[1..].to_vec() }),
-        "EXISTS" if n >= 2 => (ClusterReply::Write, Request::Exists { keys: args[1..].to_vec() }),
-        "MGET" if n >= 2 => (ClusterReply::Values, Request::MGet { keys: args[1..].to_vec() }),
-        "MSET" if n >= 3 && n % 2 == 1 => {
-            let pairs = args[1..].chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
-            (ClusterReply::Write, Request::MSet { pairs })
-        }
-        "TTL" if n == 2 => (ClusterReply::Ttl { millis: false }, Request::Ttl { key: args[1].clone() }),
-        "PTTL" if n == 2 => (ClusterReply::Ttl { millis: true }, Request::Ttl { key: args[1].clone() }),
-        "APPEND" | "INCR" | "INCRBY" | "DECR" | "DECRBY" | "GETDEL" | "GETEX" | "PERSIST" | "EXPIRE" | "PEXPIRE"
-        | "STRLEN" | "FLUSHALL" | "FLUSHDB" | "DBSIZE" | "SETNX" | "SETEX" | "PSETEX" => {
-            return refuse(&format!("{name} is not supported on a clustered node yet"));
-        }
-        _ => return None,
-    };
-    cluster.route(node, &request, None).map(|routed| (kind, routed))
-}
-
-/// How to write a clustered command's reply.
-#[derive(Clone, Copy, Debug)]
-pub enum ClusterReply {
-    /// A bulk string or null (GET).
-    Get,
-    /// OK or a count (SET, MSET, DEL, EXISTS).
-    Write,
-    /// An array (MGET).
-    Values,
-    /// A TTL in seconds or milliseconds, Redis's -2/-1 included.
-    Ttl {
-        /// PTTL.
-        millis: bool,
-    },
-}
-
-/// Writes a clustered command's reply.
-pub fn cluster_reply(session: &Session, kind: ClusterReply, response: Response, out: &mut BytesMut) {
-    match (kind, response) {
-        (ClusterReply::Get, response) => get_reply(session, response, out),
-        (ClusterReply::Values, Response::Values(values)) => {
-            let mut w = Writer::new(out, session.resp3);
-            w.array(values.len());
-            for v in values {
-                w.bulk_or_null(v.as_deref());
-            }
-        }
-        (ClusterReply::Ttl { millis }, Response::Ttl(state)) => {
-            let mut w = Writer::new(out, session.resp3);
-            match state {
-                TtlState::Missing => w.integer(-2),
-                TtlState::Persistent => w.integer(-1),
-                TtlState::Remaining(ms) if millis => w.integer(ms as i64),
-                TtlState::Remaining(ms) => w.integer(((ms + 500) / 1000) as i64),
-            }
-        }
-        (_, response) => write_reply(session, response, out),
-    }
-}
-
-fn refusal(message: &str) -> Routed {
-    Routed::Now(Response::Error(ErrorReply::new(ErrorCode::NotAllowed, message.trim_start_matches("ERR "))))
-}
-
-/// Commands that change their key (`args[1]`), refused for keys written
-/// to an origin unless [`origin_write`] took them.
-const WRITES: &[&str] =
-    &["SET", "DEL", "APPEND", "INCR", "INCRBY", "DECR", "DECRBY", "GETDEL", "GETEX", "PERSIST", "EXPIRE", "PEXPIRE"];
-
-/// Writes the reply to a SET or DEL the loaders ran.
-pub fn write_reply(session: &Session, response: Response, out: &mut BytesMut) {
-    let mut w = Writer::new(out, session.resp3);
-    match response {
-        Response::Ok => w.simple("OK"),
-        Response::Count(n) => w.integer(n as i64),
-        other => unexpected(&mut w, other),
-    }
-}
-
-/// Writes the reply to a GET.
-pub fn get_reply(session: &Session, response: Response, out: &mut BytesMut) {
-    let mut w = Writer::new(out, session.resp3);
-    match response {
-        Response::Value(v) => w.bulk_or_null(v.as_deref()),
-        other => unexpected(&mut w, other),
-    }
-}
-
-fn unexpected(w: &mut Writer<'_>, response: Response) {
-    match response {
-        Response::Error(err) => node_error(w, &err),
-        other => w.error(&format!("ERR unexpected reply {other:?}")),
-    }
-}
-
-fn count(node: &Node, w: &mut Writer<'_>, request: Request) {
-    match node.execute(request) {
-        Response::Count(n) => w.integer(n as i64),
-        other => unexpected(w, other),
-    }
-}
-
-fn incr(node: &Node, w: &mut Writer<'_>, key: &Bytes, delta: i64) {
-    match node.execute(Request::Incr { key: key.clone(), delta }) {
-        Response::Integer(n) => w.integer(n),
-        other => unexpected(w, other),
-    }
-}
-
 /// Milliseconds from now until a Unix time in milliseconds (at least 1, so
 /// a time in the past expires the key at once).
 fn until_unix_ms(at: i64) -> u64 {
@@ -500,96 +361,6 @@ fn expiry(option: &str, value: Option<&Bytes>, command: &str) -> Result<u64, Str
         "EXAT" => v.checked_mul(1000).map(until_unix_ms).ok_or_else(invalid),
         _ => Ok(until_unix_ms(v)),
     }
-}
-
-fn set(node: &Node, w: &mut Writer<'_>, args: &[Bytes]) {
-    let (key, value) = (&args[1], &args[2]);
-    let (mut ttl_ms, mut condition, mut keep_ttl, mut get) = (None, Condition::Always, false, false);
-    let mut i = 3;
-    while i < args.len() {
-        let option = upper(&args[i]);
-        match option.as_str() {
-            "NX" if condition == Condition::Always => condition = Condition::IfAbsent,
-            "XX" if condition == Condition::Always => condition = Condition::IfPresent,
-            "KEEPTTL" if ttl_ms.is_none() => keep_ttl = true,
-            "GET" => get = true,
-            "EX" | "PX" | "EXAT" | "PXAT" if ttl_ms.is_none() && !keep_ttl => {
-                match expiry(&option, args.get(i + 1), "set") {
-                    Ok(ms) => ttl_ms = Some(ms),
-                    Err(message) => return w.error(&message),
-                }
-                i += 1;
-            }
-            _ => return w.error(SYNTAX),
-        }
-        i += 1;
-    }
-    if !get && !keep_ttl {
-        let request = Request::Set { key: key.clone(), value: value.clone(), ttl_ms, condition, hint: 0 };
-        return match node.execute(request) {
-            Response::Ok | Response::Applied(true) => w.simple("OK"),
-            Response::Applied(false) => w.null(),
-            other => unexpected(w, other),
-        };
-    }
-    let result = node.with_shard(key, |shard, now| {
-        let old = if get { shard.get(now, key) } else { None };
-        let present = if get { old.is_some() } else { shard.contains(now, key) };
-        let applies = match condition {
-            Condition::Always => true,
-            Condition::IfAbsent => !present,
-            Condition::IfPresent => present,
-        };
-        let outcome = if applies {
-            let options = SetOptions { ttl_ms, keep_ttl, hint: 0 };
-            Some(shard.set(now, key, value.clone(), options)?)
-        } else {
-            None
-        };
-        Ok::<_, crate::core::ShardError>((old, outcome))
-    });
-    match result {
-        Err(err) => w.error(&format!("ERR {err}")),
-        Ok((old, _)) if get => w.bulk_or_null(old.as_deref()),
-        Ok((_, Some(SetOutcome::Inserted | SetOutcome::Updated | SetOutcome::NotAdmitted))) => w.simple("OK"),
-        Ok((_, None)) => w.null(),
-    }
-}
-
-fn getex(node: &Node, w: &mut Writer<'_>, args: &[Bytes]) {
-    let key = &args[1];
-    // None: leave the TTL; Some(None): PERSIST; Some(Some(ms)): new TTL.
-    let change: Option<Option<u64>> = match args.len() {
-        2 => None,
-        3 if upper(&args[2]) == "PERSIST" => Some(None),
-        4 => {
-            let option = upper(&args[2]);
-            if !["EX", "PX", "EXAT", "PXAT"].contains(&option.as_str()) {
-                return w.error(SYNTAX);
-            }
-            match expiry(&option, args.get(3), "getex") {
-                Ok(ms) => Some(Some(ms)),
-                Err(message) => return w.error(&message),
-            }
-        }
-        _ => return w.error(SYNTAX),
-    };
-    let value = node.with_shard(key, |shard, now| {
-        let value = shard.get(now, key);
-        if value.is_some() {
-            match change {
-                Some(Some(ms)) => {
-                    shard.expire(now, key, ms);
-                }
-                Some(None) => {
-                    shard.persist(now, key);
-                }
-                None => {}
-            }
-        }
-        value
-    });
-    w.bulk_or_null(value.as_deref());
 }
 
 fn client(session: &mut Session, w: &mut Writer<'_>, args: &[Bytes]) {

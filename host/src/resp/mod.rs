@@ -25,7 +25,6 @@ pub mod codec;
 pub mod commands;
 
 use crate::clients::{ConnectionGate, Cutoff};
-use crate::loader::{Lookup, Routed};
 use crate::node::Node;
 use bytes::{Buf, BytesMut};
 use codec::{Limits, Parser, Writer};
@@ -393,40 +392,20 @@ async fn serve_until_done<S: AsyncRead + AsyncWrite + Unpin>(
                             Writer::new(&mut output, session.resp3).error(&denied.to_string());
                         }
                     }
-                    // A clustered node forwards data commands to the owners and
-                    // answers in order.
-                    Ok(Some(args)) => match commands::cluster_command(node, &args) {
-                        Some((kind, routed)) => {
-                            let response = match routed {
-                                Routed::Now(response) => response,
-                                Routed::Later(later) => later.await,
-                            };
-                            commands::cluster_reply(&session, kind, response, &mut output);
+                    // One parse into the request the QUIC port carries; the
+                    // dispatcher routes it. A reply that comes later (a load,
+                    // a replicated operation) is awaited here: RESP answers
+                    // in order.
+                    Ok(Some(args)) => match commands::parse(&args) {
+                        commands::Parsed::Data(request, reply) => {
+                            let response = node.dispatch(request, None).response().await;
+                            commands::write_response(&session, reply, response, &mut output);
                         }
-                        None => match commands::loading_get(node, &args) {
-                            // A miss in a loader namespace waits for its load here:
-                            // RESP answers in order.
-                            Some(lookup) => {
-                                let response = match lookup {
-                                    Lookup::Ready(response) => response,
-                                    Lookup::Pending(pending) => pending.response().await,
-                                };
-                                commands::get_reply(&session, response, &mut output);
-                            }
-                            None => match commands::origin_write(node, &args) {
-                                Some(routed) => {
-                                    let response = match routed {
-                                        Routed::Now(response) => response,
-                                        Routed::Later(later) => later.await,
-                                    };
-                                    commands::write_reply(&session, response, &mut output);
-                                }
-                                None => {
-                                    let _span = tracing::debug_span!("resp", command = %args.first().map_or(&b""[..], |a| &a[..]).escape_ascii()).entered();
-                                    commands::execute(node, &mut session, info, args, &mut output);
-                                }
-                            },
-                        },
+                        commands::Parsed::Invalid(message) => Writer::new(&mut output, session.resp3).error(&message),
+                        commands::Parsed::Local => {
+                            let _span = tracing::debug_span!("resp", command = %args.first().map_or(&b""[..], |a| &a[..]).escape_ascii()).entered();
+                            commands::execute_local(node, &mut session, info, args, &mut output);
+                        }
                     },
                     Ok(None) => break,
                     Err(err) => {

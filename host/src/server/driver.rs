@@ -11,8 +11,8 @@
 //! back on one channel.
 
 use crate::clients::{ConnectionGate, Cutoff, GatePermit, HandshakeRate, Refusal};
-use crate::loader::Routed;
 use crate::node::{ConnectionGuard, Node};
+use crate::reply::Routed;
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Decoded, ErrorCode, ErrorReply, FrameError, Request, Response};
 use hashbrown::HashMap;
@@ -711,36 +711,14 @@ impl Turn<'_> {
                 Ok(Decoded::Frame(envelope)) => {
                     *budget -= 1;
                     let span = tracing::debug_span!("request", id = envelope.id, command = envelope.body.name());
-                    let (later, admin) = match envelope.body {
-                        Request::Admin { ref token, .. } if !node.admin_authorized(token) => {
-                            (Ok(span.in_scope(|| node.execute(envelope.body))), false)
-                        }
-                        // Loading compiles a component and activation swaps
-                        // every shard: off the I/O thread, so this thread's
-                        // other connections keep being served.
-                        admin @ Request::Admin { .. } => {
-                            let node = node.clone();
-                            let later: crate::loader::Later = Box::pin(async move {
-                                match tokio::task::spawn_blocking(move || span.in_scope(|| node.execute(admin))).await {
-                                    Ok(reply) => reply,
-                                    Err(err) => error(ErrorCode::Internal, format!("admin command failed: {err}")),
-                                }
-                            });
-                            (Err(later), true)
-                        }
-                        body => {
-                            let routed = match node.cluster() {
-                                Some(cluster) => cluster.route(node, &body, envelope.consistency),
-                                None => node.loaders().and_then(|loaders| loaders.route(node, &body)),
-                            };
-                            let later = match routed {
-                                None => Ok(span.in_scope(|| node.execute(body))),
-                                Some(Routed::Now(reply)) => Ok(reply),
-                                Some(Routed::Later(later)) => Err(later),
-                            };
-                            (later, false)
-                        }
+                    // An admin command holds the frames after it until it
+                    // is done (it may swap the policy they run under).
+                    let admin = matches!(envelope.body, Request::Admin { .. });
+                    let later = match span.in_scope(|| node.dispatch(envelope.body, envelope.consistency)) {
+                        Routed::Now(reply) => Ok(reply),
+                        Routed::Later(later) => Err(later),
                     };
+                    let admin = admin && later.is_err();
                     match later {
                         Ok(reply) => (envelope.id, reply),
                         // Loads, and writes to an origin, may take a while:

@@ -9,8 +9,9 @@
 //!
 //! Each thread's runtime runs one event loop over quinn-proto ([`driver`])
 //! that owns its endpoint and connections. A stream carries pipelined
-//! frames: every complete frame read is executed, and the replies go out
-//! together.
+//! frames: every complete frame read is handed to the node's dispatcher,
+//! and the replies go out together. The node's periodic work is not the
+//! port's: [`Node::start`] runs it whichever ports a node serves.
 
 mod driver;
 pub mod threads;
@@ -125,8 +126,8 @@ pub fn start(node: Arc<Node>, options: ServeOptions) -> Result<RunningServer, Se
     let count = sockets.len();
     // One gate for the port: the cap holds across its threads.
     let gate = crate::clients::ConnectionGate::new(options.max_connections, options.clients.max_per_address);
-    let running = threads::spawn("cachet-io", addr, sockets, move |i, socket, stopped| {
-        run_endpoint(node.clone(), socket, server_config.clone(), options.clone(), gate.clone(), stopped, i == 0)
+    let running = threads::spawn("cachet-io", addr, sockets, move |_, socket, stopped| {
+        run_endpoint(node.clone(), socket, server_config.clone(), options.clone(), gate.clone(), stopped)
     })
     .map_err(|source| ServerError::Io { what: "spawn thread".into(), source })?;
     tracing::info!(%addr, threads = count, "serving cachet/1 over QUIC");
@@ -155,26 +156,7 @@ async fn run_endpoint(
     options: ServeOptions,
     gate: Arc<crate::clients::ConnectionGate>,
     stopped: watch::Receiver<bool>,
-    ticks: bool,
 ) {
-    if ticks {
-        let node = node.clone();
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {
-                        // A tick may swap every shard (automatic rollback):
-                        // never on the I/O thread.
-                        let node = node.clone();
-                        let _ = tokio::task::spawn_blocking(move || node.tick()).await;
-                    }
-                    _ = stopped.changed() => break,
-                }
-            }
-        });
-    }
     let limits = driver::Limits {
         max_connections: options.max_connections,
         max_frame: options.max_frame,

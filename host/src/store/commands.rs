@@ -1,0 +1,228 @@
+//! The data commands of `cachet/1` run on a node's own shards: what a
+//! single node answers, and what a cluster member's dispatcher runs when
+//! a request stays local. Each command locks the key's shard once, so
+//! read-modify-write commands (INCR, APPEND, SET ... GET, GETDEL, GETEX)
+//! are atomic on the node. Requests arrive validated by the dispatcher
+//! (TTLs at least 1 ms, multi-key writes checked for size before any is
+//! applied); a shard still refuses what does not fit, as an error reply.
+
+use super::Store;
+use crate::core::{SetOptions, SetOutcome, ShardError};
+use bytes::{Bytes, BytesMut};
+use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlChange, TtlState};
+
+/// The error reply of a write a shard refused.
+pub fn shard_error(err: &ShardError) -> Response {
+    Response::Error(ErrorReply::new(ErrorCode::TooLarge, err.to_string()))
+}
+
+/// What [`Store::execute`] answers for requests that are not data commands
+/// (PING, STATS, admin): the dispatcher answers those itself.
+fn not_data(request: &Request) -> Response {
+    Response::Error(ErrorReply::new(ErrorCode::Internal, format!("{} is not a data command", request.name())))
+}
+
+impl Store {
+    /// Runs a data command at `now`.
+    pub fn execute(&self, now: u64, request: Request) -> Response {
+        match request {
+            Request::Get { key } => Response::Value(self.shard(&key).get(now, &key)),
+            Request::Set { key, value, ttl_ms, condition, hint } => {
+                self.set_slice(now, &key, &value, ttl_ms, condition, hint)
+            }
+            Request::SetWith { key, value, ttl_ms, keep_ttl, condition, get, hint } => {
+                self.set_with(now, &key, value, ttl_ms, keep_ttl, condition, get, hint)
+            }
+            Request::Del { keys } => {
+                Response::Count(keys.iter().filter(|key| self.shard(key).delete(now, key)).count() as u64)
+            }
+            Request::Exists { keys } => {
+                Response::Count(keys.iter().filter(|key| self.shard(key).contains(now, key)).count() as u64)
+            }
+            Request::Ttl { key } => Response::Ttl(match self.shard(&key).ttl(now, &key) {
+                None => TtlState::Missing,
+                Some(None) => TtlState::Persistent,
+                Some(Some(ms)) => TtlState::Remaining(ms),
+            }),
+            Request::Expire { key, ttl_ms: 0 } => Response::Applied(self.shard(&key).delete(now, &key)),
+            Request::Expire { key, ttl_ms } => Response::Applied(self.shard(&key).expire(now, &key, ttl_ms)),
+            Request::Persist { key } => Response::Applied(self.shard(&key).persist(now, &key)),
+            Request::MGet { keys } => self.mget(now, &keys),
+            Request::MSet { pairs } => {
+                for (key, value) in pairs {
+                    if let Err(err) = self.shard(&key).set(now, &key, value, SetOptions::default()) {
+                        return shard_error(&err);
+                    }
+                }
+                Response::Ok
+            }
+            Request::Incr { key, delta } => self.incr(now, &key, delta),
+            Request::Append { key, value } => self.append(now, &key, &value),
+            Request::Strlen { key } => Response::Integer(self.shard(&key).value_len(now, &key).unwrap_or(0) as i64),
+            Request::GetDel { key } => {
+                let mut shard = self.shard(&key);
+                let value = shard.get(now, &key);
+                if value.is_some() {
+                    shard.delete(now, &key);
+                }
+                Response::Value(value)
+            }
+            Request::GetEx { key, ttl } => {
+                let mut shard = self.shard(&key);
+                let value = shard.get(now, &key);
+                if value.is_some() {
+                    match ttl {
+                        TtlChange::Keep => {}
+                        TtlChange::Persist => {
+                            shard.persist(now, &key);
+                        }
+                        TtlChange::Set(ms) => {
+                            shard.expire(now, &key, ms.max(1));
+                        }
+                    }
+                }
+                Response::Value(value)
+            }
+            Request::DbSize => Response::Count(self.len()),
+            Request::FlushAll => Response::Count(self.clear()),
+            other @ (Request::Ping | Request::Stats | Request::Admin { .. }) => not_data(&other),
+        }
+    }
+
+    /// A GET whose value `f` sees under the shard's lock instead of a
+    /// clone: the RESP port copies it straight into its reply.
+    pub fn get_with<R>(&self, now: u64, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        self.shard(key).get_with(now, key, f)
+    }
+
+    /// A SET of slices, which the shard copies.
+    pub fn set_slice(
+        &self,
+        now: u64,
+        key: &[u8],
+        value: &[u8],
+        ttl_ms: Option<u64>,
+        condition: Condition,
+        hint: u32,
+    ) -> Response {
+        let mut shard = self.shard(key);
+        let applies = match condition {
+            Condition::Always => true,
+            Condition::IfAbsent => !shard.contains(now, key),
+            Condition::IfPresent => shard.contains(now, key),
+        };
+        if !applies {
+            return Response::Applied(false);
+        }
+        let options = SetOptions { ttl_ms, hint, keep_ttl: false };
+        match shard.set_slice(now, key, value, options) {
+            Ok(_) if condition == Condition::Always => Response::Ok,
+            Ok(SetOutcome::NotAdmitted) => Response::Applied(false),
+            Ok(_) => Response::Applied(true),
+            Err(err) => shard_error(&err),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn set_with(
+        &self,
+        now: u64,
+        key: &[u8],
+        value: Bytes,
+        ttl_ms: Option<u64>,
+        keep_ttl: bool,
+        condition: Condition,
+        get: bool,
+        hint: u32,
+    ) -> Response {
+        let mut shard = self.shard(key);
+        let old = if get { shard.get(now, key) } else { None };
+        let present = if get { old.is_some() } else { shard.contains(now, key) };
+        let applies = match condition {
+            Condition::Always => true,
+            Condition::IfAbsent => !present,
+            Condition::IfPresent => present,
+        };
+        if applies {
+            let options = SetOptions { ttl_ms: if keep_ttl { None } else { ttl_ms }, keep_ttl, hint };
+            if let Err(err) = shard.set(now, key, value, options) {
+                return shard_error(&err);
+            }
+        }
+        match (get, applies, condition) {
+            (true, _, _) => Response::Value(old),
+            (false, true, Condition::Always) => Response::Ok,
+            (false, applied, _) => Response::Applied(applied),
+        }
+    }
+
+    /// The reply's size is checked before any value is copied (a few bytes
+    /// per key can ask for many copies of a large value), and again as
+    /// values are read, in case they grew.
+    fn mget(&self, now: u64, keys: &[Bytes]) -> Response {
+        let limit = cachet_proto::MAX_REPLY_LEN - (64 << 10);
+        let too_large = || {
+            Response::Error(ErrorReply::new(
+                ErrorCode::TooLarge,
+                format!("the reply would exceed {} bytes; ask for fewer keys", cachet_proto::MAX_REPLY_LEN),
+            ))
+        };
+        let sized = keys.iter().try_fold(0usize, |total, key| {
+            Some(total + self.shard(key).value_len(now, key).unwrap_or(0) + 16).filter(|&t| t <= limit)
+        });
+        if sized.is_none() {
+            return too_large();
+        }
+        let mut values = Vec::with_capacity(keys.len());
+        let mut total = 0usize;
+        for key in keys {
+            let value = self.shard(key).get(now, key);
+            total += value.as_ref().map_or(0, |v| v.len()) + 16;
+            if total > limit {
+                return too_large();
+            }
+            values.push(value);
+        }
+        Response::Values(values)
+    }
+
+    fn incr(&self, now: u64, key: &[u8], delta: i64) -> Response {
+        let mut shard = self.shard(key);
+        let current = match shard.get(now, key) {
+            None => 0,
+            Some(value) => match std::str::from_utf8(&value).ok().and_then(|s| s.parse::<i64>().ok()) {
+                Some(n) => n,
+                None => {
+                    return Response::Error(ErrorReply::new(
+                        ErrorCode::WrongType,
+                        "value is not a decimal 64-bit integer",
+                    ));
+                }
+            },
+        };
+        let Some(next) = current.checked_add(delta) else {
+            return Response::Error(ErrorReply::new(ErrorCode::WrongType, "increment would overflow a 64-bit integer"));
+        };
+        let options = SetOptions { keep_ttl: true, ..SetOptions::default() };
+        match shard.set(now, key, Bytes::from(next.to_string()), options) {
+            Ok(_) => Response::Integer(next),
+            Err(err) => shard_error(&err),
+        }
+    }
+
+    fn append(&self, now: u64, key: &[u8], tail: &[u8]) -> Response {
+        let mut shard = self.shard(key);
+        let current = shard.peek(now, key);
+        let mut value = BytesMut::with_capacity(current.as_ref().map_or(0, |v| v.len()) + tail.len());
+        if let Some(current) = current {
+            value.extend_from_slice(&current);
+        }
+        value.extend_from_slice(tail);
+        let len = value.len();
+        let options = SetOptions { keep_ttl: true, ..SetOptions::default() };
+        match shard.set(now, key, value.freeze(), options) {
+            Ok(_) => Response::Integer(len as i64),
+            Err(err) => shard_error(&err),
+        }
+    }
+}
