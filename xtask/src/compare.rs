@@ -1,12 +1,14 @@
 //! `cargo xtask bench-compare`: Cachet against redis-server (and memcached
 //! for memory) on this machine, back to back, with one load generator
 //! (`cachet bench`) for every server. Servers are pinned to core 0 and the
-//! generator to core 1.
+//! generator to core 1. With `--baseline PATH` an older `cachet` binary
+//! serves too, in the same interleaved rounds, so a change can be checked
+//! for regressions on one noisy machine.
 
 use crate::{median, number as f};
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -75,6 +77,12 @@ impl Server {
         self.child.id().to_string()
     }
 
+    /// The server's data directory (a Cachet node's, which holds the
+    /// development CA its QUIC clients trust).
+    fn dir(&self) -> Option<PathBuf> {
+        self._dir.as_ref().map(|d| d.0.clone())
+    }
+
     fn rss_kib(&self) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         status
@@ -123,8 +131,37 @@ fn redis(port: u16) -> Result<Server> {
     Ok(Server { child, _dir: None })
 }
 
+/// The `serve` flags [`cachet_node`] passes: ones older builds take too,
+/// so a `--baseline` binary starts the same way. Keep the two in step.
+const NODE_FLAGS: [&str; 7] =
+    ["--listen", "--resp-listen", "--threads", "--shards", "--max-entries", "--max-memory", "--data-dir"];
+
+/// Fails unless `baseline serve --help` lists every flag of
+/// [`NODE_FLAGS`]: run before the release build, so a wrong path costs
+/// no build.
+pub(crate) fn check_baseline(baseline: &Path) -> Result<()> {
+    let out = Command::new(baseline)
+        .args(["serve", "--help"])
+        .output()
+        .with_context(|| format!("--baseline: cannot run `{} serve --help`", baseline.display()))?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = NODE_FLAGS
+        .into_iter()
+        .filter(|flag| !help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).any(|word| word == *flag))
+        .collect();
+    if !out.status.success() || !missing.is_empty() {
+        bail!(
+            "--baseline {}: not a cachet binary whose `serve` takes {} (missing: {})",
+            baseline.display(),
+            NODE_FLAGS.join(" "),
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
 /// A Cachet node with one I/O thread per port and one shard, like
-/// redis-server's one thread.
+/// redis-server's one thread; only the flags of [`NODE_FLAGS`].
 fn cachet_node(cachet: &Path, quic: u16, resp: u16) -> Result<Server> {
     let dir = std::env::temp_dir().join(format!("cachet-compare-{}-{quic}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -134,9 +171,15 @@ fn cachet_node(cachet: &Path, quic: u16, resp: u16) -> Result<Server> {
         .arg(&dir)
         .stderr(Stdio::null())
         .spawn()
-        .context("cachet serve")?;
-    wait_for_tcp(resp)?;
-    Ok(Server { child, _dir: Some(tempdir::Dir(dir)) })
+        .with_context(|| format!("{} serve", cachet.display()))?;
+    let mut node = Server { child, _dir: Some(tempdir::Dir(dir)) };
+    if let Err(err) = wait_for_tcp(resp) {
+        if let Ok(Some(status)) = node.child.try_wait() {
+            bail!("`{} serve` exited ({status}) instead of listening on port {resp}", cachet.display());
+        }
+        return Err(err.context(format!("{} serve", cachet.display())));
+    }
+    Ok(node)
 }
 
 fn memcached(port: u16) -> Result<Server> {
@@ -182,42 +225,105 @@ fn load_memcached(port: u16, n: u64, size: usize) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn bench_compare(cachet: &Path, floor: &Path) -> Result<()> {
+/// One port the load generator drives.
+struct Target {
+    name: &'static str,
+    protocol: &'static str,
+    port: u16,
+    /// The serving process, for `--server-pid` (server CPU per op).
+    pid: String,
+    /// The node's data directory, whose development CA a QUIC client
+    /// trusts.
+    dir: Option<PathBuf>,
+}
+
+/// Rounds of every workload when a baseline is given (medians of 3).
+const BASELINE_ROUNDS: usize = 3;
+
+/// `cargo xtask bench-compare [--baseline PATH]`: `cachet` is this build,
+/// `baseline` an older `cachet` binary served alongside it, driven by this
+/// build's `cachet bench` in the same interleaved rounds.
+pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>) -> Result<()> {
     ensure_installed()?;
+    if let Some(old) = baseline
+        && std::fs::canonicalize(cachet).is_ok_and(|current| current == old)
+    {
+        eprintln!("xtask: the baseline is the binary just built: this run measures the noise (current against itself)");
+    }
     let (redis_port, quic_port, resp_port) = (free_port()?, free_port()?, free_port()?);
     let redis_server = redis(redis_port)?;
     let node = cachet_node(cachet, quic_port, resp_port)?;
-    let targets = [
-        ("redis-server", "resp", redis_port, redis_server.pid()),
-        ("cachet RESP", "resp", resp_port, node.pid()),
-        ("cachet QUIC", "quic", quic_port, node.pid()),
+    let mut targets = vec![
+        Target { name: "redis-server", protocol: "resp", port: redis_port, pid: redis_server.pid(), dir: None },
+        Target { name: "cachet RESP", protocol: "resp", port: resp_port, pid: node.pid(), dir: node.dir() },
+        Target { name: "cachet QUIC", protocol: "quic", port: quic_port, pid: node.pid(), dir: node.dir() },
     ];
-    // Prefill 100K keys of 100 bytes on each server (the node's two ports
+    // The baseline's ports sit at current + 2 in `targets`.
+    let old_node = match baseline {
+        Some(old) => {
+            let (quic, resp) = (free_port()?, free_port()?);
+            let old_node = cachet_node(old, quic, resp).context("the --baseline node")?;
+            targets.extend([
+                Target {
+                    name: "cachet RESP (baseline)",
+                    protocol: "resp",
+                    port: resp,
+                    pid: old_node.pid(),
+                    dir: old_node.dir(),
+                },
+                Target {
+                    name: "cachet QUIC (baseline)",
+                    protocol: "quic",
+                    port: quic,
+                    pid: old_node.pid(),
+                    dir: old_node.dir(),
+                },
+            ]);
+            Some(old_node)
+        }
+        None => None,
+    };
+    let rounds = if baseline.is_some() { BASELINE_ROUNDS } else { 2 };
+    // Prefill 100K keys of 100 bytes on each server (a node's two ports
     // share its data; prefilled once through RESP).
-    for (name, protocol, port, _) in &targets[..2] {
-        eprintln!("xtask: prefilling {name}");
-        let args: Vec<String> = ["--protocol", protocol, "--server", &format!("127.0.0.1:{port}"), "--keys", "100000"]
-            .into_iter()
-            .map(String::from)
-            .chain(["--duration", "0.2", "--connections", "8", "--threads", "1"].map(String::from))
-            .collect();
+    for target in targets.iter().filter(|t| t.protocol == "resp") {
+        eprintln!("xtask: prefilling {}", target.name);
+        let args: Vec<String> =
+            ["--protocol", "resp", "--server", &format!("127.0.0.1:{}", target.port), "--keys", "100000"]
+                .into_iter()
+                .map(String::from)
+                .chain(["--duration", "0.2", "--connections", "8", "--threads", "1"].map(String::from))
+                .collect();
         bench(cachet, &args)?;
     }
-    println!("## Cachet against redis-server: 100K keys, 100-byte values, 50 connections, 5 s per run\n");
-    println!("| workload | server | ops/s (median of 2) | p99 us | server CPU us/op | ops/s vs redis |");
+    match baseline {
+        None => {
+            println!("## Cachet against redis-server: 100K keys, 100-byte values, 50 connections, 5 s per run\n")
+        }
+        Some(old) => println!(
+            "## Cachet, this build and a baseline, against redis-server: 100K keys, 100-byte values, 50 \
+             connections, 5 s per run, medians of {rounds} interleaved rounds\n\nBaseline: `{}`. Every server is \
+             driven by this build's `cachet bench`.\n",
+            old.display()
+        ),
+    }
+    println!("| workload | server | ops/s (median of {rounds}) | p99 us | server CPU us/op | ops/s vs redis |");
     println!("|---|---|---:|---:|---:|---:|");
     let mut resp_get_p1 = f64::NAN;
+    // Per workload, each target's medians: ops/s, p99 us, server CPU us/op.
+    let mut medians: Vec<(String, Vec<[f64; 3]>)> = Vec::new();
     for (op, get_ratio) in [("GET", "1"), ("SET", "0")] {
         for pipeline in [1usize, 16] {
             let mut results: Vec<Vec<serde_json::Value>> = vec![Vec::new(); targets.len()];
-            for _round in 0..2 {
-                for (i, (_, protocol, port, pid)) in targets.iter().enumerate() {
+            for round in 0..rounds {
+                for i in round_order(targets.len(), round) {
+                    let target = &targets[i];
                     let in_flight = (50 * pipeline).to_string();
                     let mut args: Vec<String> = [
                         "--protocol",
-                        protocol,
+                        target.protocol,
                         "--server",
-                        &format!("127.0.0.1:{port}"),
+                        &format!("127.0.0.1:{}", target.port),
                         "--keys",
                         "100000",
                         "--value-size",
@@ -232,16 +338,15 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path) -> Result<()> {
                         "1",
                         "--no-preload",
                         "--server-pid",
-                        pid,
+                        &target.pid,
                     ]
                     .into_iter()
                     .map(String::from)
                     .collect();
-                    if *protocol == "resp" {
+                    if target.protocol == "resp" {
                         args.extend(["--pipeline".to_string(), pipeline.to_string()]);
                     } else {
-                        let dir =
-                            std::env::temp_dir().join(format!("cachet-compare-{}-{quic_port}", std::process::id()));
+                        let dir = target.dir.as_ref().context("a QUIC target without a data directory")?;
                         args.extend(["--concurrency".to_string(), in_flight, "--data-dir".to_string()]);
                         args.push(dir.display().to_string());
                     }
@@ -249,20 +354,46 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path) -> Result<()> {
                 }
             }
             let redis_rate = median(results[0].iter().map(|r| f(r, "ops_per_sec")).collect());
-            for ((name, ..), runs) in targets.iter().zip(&results) {
+            let mut row = Vec::new();
+            for (target, runs) in targets.iter().zip(&results) {
+                let name = target.name;
                 let rate = median(runs.iter().map(|r| f(r, "ops_per_sec")).collect());
                 let p99 = median(runs.iter().map(|r| f(r, "p99_us")).collect());
                 let cpu = median(runs.iter().map(|r| f(r, "server_cpu_us_per_op")).collect());
-                if (*name, op, pipeline) == ("cachet RESP", "GET", 1) {
+                if (name, op, pipeline) == ("cachet RESP", "GET", 1) {
                     resp_get_p1 = rate;
                 }
                 println!(
                     "| {op} pipeline {pipeline} | {name} | {rate:.0} | {p99:.0} | {cpu:.2} | {:.2} |",
                     rate / redis_rate
                 );
+                row.push([rate, p99, cpu]);
+            }
+            medians.push((format!("{op} pipeline {pipeline}"), row));
+        }
+    }
+    if let Some(old) = baseline {
+        println!(
+            "\n## This build against the baseline (`{}`), medians of {rounds} interleaved rounds\n\nEach ratio is \
+             this build's median over the baseline's, same port and workload: ops/s above 1, p99 and CPU per op \
+             below 1 are better.\n",
+            old.display()
+        );
+        println!("| workload | port | ops/s vs baseline | p99 vs baseline | server CPU/op vs baseline |");
+        println!("|---|---|---:|---:|---:|");
+        for (workload, row) in &medians {
+            for (current, port) in [(1, "RESP"), (2, "QUIC")] {
+                let (now, old) = (row[current], row[current + 2]);
+                println!(
+                    "| {workload} | {port} | {:.3} | {:.3} | {:.3} |",
+                    now[0] / old[0],
+                    now[1] / old[1],
+                    now[2] / old[2]
+                );
             }
         }
     }
+    drop(old_node);
     drop(node);
     drop(redis_server);
     quic_floor(floor, resp_get_p1)?;
@@ -310,6 +441,22 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The order of `targets` (indices) in round `round`: as listed without a
+/// baseline (redis-server, RESP, QUIC); with one (five targets), each
+/// current port next to its baseline, the two swapped every other round,
+/// so neither build always runs first or always follows the other.
+fn round_order(targets: usize, round: usize) -> Vec<usize> {
+    if targets <= 3 {
+        return (0..targets).collect();
+    }
+    let mut order = vec![0];
+    for current in [1, 2] {
+        let pair = [current, current + 2];
+        order.extend(if round.is_multiple_of(2) { pair } else { [pair[1], pair[0]] });
+    }
+    order
 }
 
 /// Runs the `quic_floor` example with `args`, the load side pinned to

@@ -29,9 +29,12 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
                   and the Wasm/native ratio
   bench-live      release build; swap duration at 1M entries, latency during swaps
                   under load, throughput while a looping module is cut off
-  bench-compare   release build; Cachet (RESP and QUIC) against redis-server, and
+  bench-compare [--baseline PATH]
+                  release build; Cachet (RESP and QUIC) against redis-server, and
                   memory per key against redis-server and memcached (installs them);
-                  the floor of a request over QUIC on this machine
+                  the floor of a request over QUIC on this machine. --baseline: an
+                  older cachet binary (copied out of target/) serves too, in the same
+                  3 interleaved rounds; each port's ops/s, p99 and CPU/op vs it
   bench-loaders   release build; a Zipf read workload straight to a throw-away
                   PostgreSQL, then through a node's read-through loader: origin
                   queries/s both ways, GET p50/p99 of hits and misses (3 rounds)
@@ -54,14 +57,16 @@ fn main() {
         Some("bench-sim") => bench_sim(&args[1..]),
         Some("bench-live") => bench_live(),
         Some("bench-loaders") => bench_loaders(),
-        Some("bench-compare") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"])
-            .and_then(|()| {
-                run_cargo(&["build", "--release", "--locked", "-p", "cachet-examples", "--example", "quic_floor"])
-            })
-            .and_then(|()| {
-                let release = target_dir().join("release");
-                compare::bench_compare(&release.join("cachet"), &release.join("examples").join("quic_floor"))
-            }),
+        Some("bench-compare") => bench_compare_args(&args[1..]).and_then(|baseline| {
+            run_cargo(&["build", "--release", "--locked", "-p", "cachet"])?;
+            run_cargo(&["build", "--release", "--locked", "-p", "cachet-examples", "--example", "quic_floor"])?;
+            let release = target_dir().join("release");
+            compare::bench_compare(
+                &release.join("cachet"),
+                &release.join("examples").join("quic_floor"),
+                baseline.as_deref(),
+            )
+        }),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("bench-cluster") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"]).and_then(|()| {
             cluster::bench(&target_dir().join("release").join("cachet"), &target_dir().join("bench-cluster"))
@@ -75,6 +80,32 @@ fn main() {
         eprintln!("xtask: {err:#}");
         std::process::exit(1);
     }
+}
+
+/// `bench-compare [--baseline PATH]`: the older `cachet` binary, checked
+/// (and made absolute) before the release build.
+fn bench_compare_args(args: &[String]) -> Result<Option<PathBuf>> {
+    const USAGE: &str = "usage: cargo xtask bench-compare [--baseline PATH_TO_OLDER_CACHET_BINARY]";
+    let mut baseline = None;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let path = match arg.as_str() {
+            "--baseline" => rest.next().with_context(|| format!("--baseline needs a path; {USAGE}"))?.as_str(),
+            other => match other.strip_prefix("--baseline=") {
+                Some(path) => path,
+                None => bail!("unknown argument `{other}` for bench-compare; {USAGE}"),
+            },
+        };
+        baseline = Some(PathBuf::from(path));
+    }
+    let Some(path) = baseline else { return Ok(None) };
+    let path = std::fs::canonicalize(&path).with_context(|| format!("--baseline {}", path.display()))?;
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path)?.permissions());
+    if !path.is_file() || mode & 0o111 == 0 {
+        bail!("--baseline {}: not an executable file (an older build's `cachet` binary)", path.display());
+    }
+    compare::check_baseline(&path)?;
+    Ok(Some(path))
 }
 
 fn workspace() -> PathBuf {
