@@ -761,25 +761,14 @@ async fn levels_and_refusals_with_a_member_down() {
     assert_eq!(direct.get("k").await.expect("read after DEL"), None);
 
     let single = cachet_client::Client::connect(cluster.client_config(0)).await.expect("client");
-    for refused in [
-        single.incr("n", 1).await.map(|_| ()),
-        single
-            .set_with(
-                "t",
-                "v",
-                cachet_client::SetOptions { condition: cachet_client::Condition::IfAbsent, ..Default::default() },
-            )
-            .await
-            .map(|_| ()),
-    ] {
-        match refused {
-            Err(ClientError::Server(reply)) => {
-                assert_eq!(reply.code, ErrorCode::NotSupported, "{reply:?}");
-                assert!(reply.message.contains("not supported on a clustered node"), "{}", reply.message);
-            }
-            other => panic!("expected a NotSupported refusal, got {other:?}"),
-        }
-    }
+    // Read-modify-writes run at the key's primary owner, through any
+    // member, with a member down.
+    assert_eq!(single.incr("n", 1).await.expect("INCR"), 1);
+    assert_eq!(single.incr("n", 41).await.expect("INCRBY"), 42);
+    let nx = cachet_client::SetOptions { condition: cachet_client::Condition::IfAbsent, ..Default::default() };
+    assert!(single.set_with("t", "v", nx).await.expect("SET NX"), "absent: applied");
+    assert!(!single.set_with("t", "w", nx).await.expect("SET NX again"), "present: not applied");
+    assert_eq!(single.get("t").await.expect("GET").as_deref(), Some(&b"v"[..]));
     // TTLs replicate: every replica expires the value at the same moment,
     // and an expired value reads as absent at every level.
     let ttl = cachet_client::SetOptions { ttl: Some(Duration::from_millis(1_500)), ..Default::default() };
@@ -1002,7 +991,30 @@ async fn redis_cli_reads_and_writes_through_any_member() {
     assert_eq!(cli(0, &["EXISTS", "a", "b", "nothing"]), "2");
     assert_eq!(cli(0, &["DEL", "a", "b", "nothing", "a"]), "2", "a key named twice counts once");
     assert_eq!(cli(1, &["GET", "a"]), "");
-    let refused = cli(2, &["INCR", "counter"]);
+    // Every single-node command, through any member (read-modify-writes
+    // serialized at the key's primary owner).
+    assert_eq!(cli(2, &["INCR", "counter"]), "1");
+    assert_eq!(cli(0, &["INCRBY", "counter", "10"]), "11");
+    assert_eq!(cli(1, &["DECR", "counter"]), "10");
+    assert_eq!(cli(1, &["APPEND", "log", "a"]), "1");
+    assert_eq!(cli(2, &["APPEND", "log", "bc"]), "3");
+    assert_eq!(cli(0, &["STRLEN", "log"]), "3");
+    assert_eq!(cli(0, &["SET", "once", "1", "NX"]), "OK");
+    assert_eq!(cli(1, &["SET", "once", "2", "NX"]), "");
+    assert_eq!(cli(2, &["SET", "once", "3", "XX", "GET"]), "1");
+    assert_eq!(cli(0, &["GETDEL", "once"]), "3");
+    assert_eq!(cli(1, &["EXISTS", "once"]), "0");
+    assert_eq!(cli(2, &["EXPIRE", "log", "100"]), "1");
+    let ttl: i64 = cli(0, &["TTL", "log"]).parse().expect("an integer");
+    assert!((1..=100).contains(&ttl), "TTL {ttl}");
+    assert_eq!(cli(1, &["PERSIST", "log"]), "1");
+    assert_eq!(cli(2, &["TTL", "log"]), "-1");
+    assert_eq!(cli(0, &["GETEX", "log", "PX", "50000"]), "abc");
+    let pttl: i64 = cli(1, &["PTTL", "log"]).parse().expect("an integer");
+    assert!((1..=50_000).contains(&pttl), "PTTL {pttl}");
+    assert_eq!(cli(0, &["SET", "word", "x"]), "OK");
+    assert!(cli(2, &["INCR", "word"]).contains("not an integer"), "WRONGTYPE-like error");
+    let refused = cli(1, &["FLUSHALL"]);
     assert!(refused.contains("not supported on a clustered node"), "{refused}");
     client.close().await;
 }

@@ -21,6 +21,8 @@
 //!   transport, client operations in and replies out.
 //!
 //! - [`records`]: a node's replicated records live in its bounded shards.
+//! - [`update`]: read-modify-write commands as pure functions, which the
+//!   replica runs serialized at each key's primary owner.
 //!
 //! Not here yet (issue 6): members joining or leaving a running cluster
 //! (the ring is static) and range streaming.
@@ -32,4 +34,5 @@ pub mod runtime;
 #[cfg(test)]
 mod sim;
 pub mod transport;
+pub mod update;
 pub mod version;

@@ -31,6 +31,7 @@
 //!   the keys it already owned, whose copies are complete, it keeps
 //!   counting.
 
+use super::update::{self, Effect, Update};
 use super::version::{self, LamportClock, Version, VersionTooFarAhead};
 use bytes::Bytes;
 use cachet_proto::Ring;
@@ -46,7 +47,7 @@ pub type NodeIx = u32;
 pub const MAX_NODE_ID: NodeIx = 1_023;
 
 /// How many owners must take part in a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Consistency {
     /// One owner.
     One,
@@ -211,6 +212,58 @@ pub enum Message {
         /// The records.
         entries: Vec<(Bytes, Record)>,
     },
+    /// A read-modify-write for the key's primary owner to run (one at a
+    /// time per key there), from the member a client asked.
+    Update {
+        /// The sender's request id.
+        req: u64,
+        /// The key.
+        key: Bytes,
+        /// What to do.
+        update: Update,
+        /// The client's consistency, for the update's read and write.
+        level: Consistency,
+    },
+    /// The primary's answer to an [`Message::Update`].
+    UpdateReply {
+        /// The `Update`'s request id.
+        req: u64,
+        /// What the client is answered.
+        result: Result<Effect, OpError>,
+    },
+}
+
+/// Client request ids with this bit set are the replica's own: the read
+/// and the write of an update it runs as a key's primary owner.
+const INTERNAL: u64 = 1 << 63;
+
+/// Updates queued at a primary over all keys; beyond it one is refused as
+/// unavailable rather than queued without bound.
+pub const MAX_QUEUED_UPDATES: usize = 65_536;
+
+/// Forwarded updates remembered for spotting a duplicate delivery.
+const MAX_SEEN_UPDATES: usize = 262_144;
+
+/// Who an update is answered to.
+#[derive(Clone, Copy, Debug)]
+enum Origin {
+    /// A client of this node, by its request id.
+    Client(u64),
+    /// The member that forwarded it, by that member's request id.
+    Peer { from: NodeIx, req: u64 },
+}
+
+/// An update waiting at its key's primary; the queue's head is running.
+struct Queued {
+    origin: Origin,
+    update: Update,
+    level: Consistency,
+}
+
+/// The step of a running update an internal request is.
+enum Step {
+    Read,
+    Write(Effect),
 }
 
 /// A client operation.
@@ -230,11 +283,19 @@ pub enum Op {
         /// The key.
         key: Bytes,
     },
+    /// Read-modify-write `key`: run at the key's primary owner, serialized
+    /// there with every other update of the key.
+    Update {
+        /// The key.
+        key: Bytes,
+        /// What to do.
+        update: Update,
+    },
 }
 
 /// Why an operation failed. A failed write may still have reached some
 /// replicas (it was not acknowledged, and may or may not survive).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpError {
     /// Fewer owners are alive than the consistency level needs.
     Unavailable,
@@ -249,6 +310,8 @@ pub enum Outcome {
     Written(Version),
     /// The read's record (`None`: never written).
     Read(Option<Record>),
+    /// An update's answer.
+    Updated(Effect),
 }
 
 /// The answer to a client operation, by the client's request id.
@@ -372,6 +435,8 @@ enum Pending {
     },
     /// Delivering hint `id`.
     Hint { id: u64 },
+    /// An update forwarded to the key's primary owner.
+    Forward { client_req: u64, deadline: u64 },
 }
 
 struct Answer {
@@ -488,6 +553,20 @@ pub struct Replica {
     next_req: u64,
     outbox: VecDeque<(NodeIx, Message)>,
     replies: VecDeque<Reply>,
+    /// Updates of keys this node is primary for, queued per key.
+    updates: BTreeMap<Bytes, VecDeque<Queued>>,
+    /// Updates queued over all keys.
+    updates_queued: usize,
+    /// The running updates' internal requests: their key and step.
+    steps: BTreeMap<u64, (Bytes, Step)>,
+    next_internal: u64,
+    /// Forwarded updates already taken, by sender and its request id, until
+    /// when they are remembered: a message delivered twice must not apply
+    /// an increment twice.
+    seen_updates: BTreeMap<(NodeIx, u64), u64>,
+    /// Set while internal replies are being consumed (see
+    /// [`Replica::pump_updates`]).
+    pumping: bool,
 }
 
 impl Replica {
@@ -528,6 +607,12 @@ impl Replica {
             next_req: boot << 32,
             outbox: VecDeque::new(),
             replies: VecDeque::new(),
+            updates: BTreeMap::new(),
+            updates_queued: 0,
+            steps: BTreeMap::new(),
+            next_internal: 0,
+            seen_updates: BTreeMap::new(),
+            pumping: false,
         }
     }
 
@@ -868,7 +953,7 @@ impl Replica {
     fn pending_key(&self, req: u64) -> Option<&Bytes> {
         match self.pending.get(&req)? {
             Pending::Read { key, .. } | Pending::Write { key, .. } => Some(key),
-            Pending::Hint { .. } => None,
+            Pending::Hint { .. } | Pending::Forward { .. } => None,
         }
     }
 
@@ -897,8 +982,13 @@ impl Replica {
     /// A client operation coordinated here, answered through
     /// [`Replica::poll_reply`] with `client_req`.
     pub fn client(&mut self, now: u64, client_req: u64, op: Op, consistency: Consistency) {
+        self.coordinate(now, client_req, op, consistency);
+        self.pump_updates(now);
+    }
+
+    fn coordinate(&mut self, now: u64, client_req: u64, op: Op, consistency: Consistency) {
         let key = match &op {
-            Op::Put { key, .. } | Op::Get { key } => key.clone(),
+            Op::Put { key, .. } | Op::Get { key } | Op::Update { key, .. } => key.clone(),
         };
         let owners = self.owners(&key);
         let required = consistency.required(owners.len());
@@ -910,9 +1000,28 @@ impl Replica {
             self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
             return;
         }
+        if let Op::Update { update, .. } = op {
+            // The primary is the first owner this node sees up; it runs the
+            // update unless it is this node.
+            match owners.iter().copied().find(|&n| n == self.me || self.is_alive(n)) {
+                Some(primary) if primary == self.me => {
+                    self.enqueue_update(now, Origin::Client(client_req), key, update, consistency);
+                }
+                Some(primary) => {
+                    let req = self.request_id();
+                    // Queued behind others, then a read and a write there.
+                    let deadline = now + 3 * self.config.request_timeout_ms;
+                    self.pending.insert(req, Pending::Forward { client_req, deadline });
+                    self.send(primary, Message::Update { req, key, update, level: consistency });
+                }
+                None => self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) }),
+            }
+            return;
+        }
         let req = self.request_id();
         let deadline = now + self.config.request_timeout_ms;
         match op {
+            Op::Update { .. } => {}
             Op::Get { .. } => {
                 let expected = self.live(&owners);
                 let read = Pending::Read {
@@ -949,6 +1058,98 @@ impl Replica {
             }
         }
         self.progress(now, req);
+    }
+
+    /// Queues an update of `key`, which this node is primary for, and
+    /// starts it if none of the key's is running.
+    fn enqueue_update(&mut self, now: u64, origin: Origin, key: Bytes, update: Update, level: Consistency) {
+        if self.updates_queued >= MAX_QUEUED_UPDATES {
+            self.answer_update(origin, Err(OpError::Unavailable));
+            return;
+        }
+        self.updates_queued += 1;
+        let queue = self.updates.entry(key.clone()).or_default();
+        queue.push_back(Queued { origin, update, level });
+        if queue.len() == 1 {
+            self.start_update(now, key);
+        }
+    }
+
+    /// Starts the queue head of `key`: its read, at its consistency.
+    fn start_update(&mut self, now: u64, key: Bytes) {
+        let Some(level) = self.updates.get(&key).and_then(|q| q.front()).map(|q| q.level) else { return };
+        let id = self.internal_id();
+        self.steps.insert(id, (key.clone(), Step::Read));
+        self.coordinate(now, id, Op::Get { key }, level);
+    }
+
+    fn internal_id(&mut self) -> u64 {
+        self.next_internal += 1;
+        INTERNAL | self.next_internal
+    }
+
+    /// Moves running updates on with the replies to their internal
+    /// requests. Called at the end of every input; re-entry (a step that
+    /// completes at once) is left to the outer loop.
+    fn pump_updates(&mut self, now: u64) {
+        if self.pumping {
+            return;
+        }
+        self.pumping = true;
+        while let Some(at) = self.replies.iter().position(|r| r.client_req & INTERNAL != 0) {
+            let Some(reply) = self.replies.remove(at) else { break };
+            self.update_step(now, reply.client_req, reply.result);
+        }
+        self.pumping = false;
+    }
+
+    fn update_step(&mut self, now: u64, id: u64, result: Result<Outcome, OpError>) {
+        let Some((key, step)) = self.steps.remove(&id) else { return };
+        let Some(head) = self.updates.get(&key).and_then(|q| q.front()) else { return };
+        let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
+        match (step, result) {
+            (Step::Read, Ok(Outcome::Read(record))) => {
+                let current = update::live(record, wall_ms);
+                let (write, effect) = update::apply(&head.update, current.as_ref(), wall_ms, self.config.max_value_len);
+                let level = head.level;
+                match write {
+                    None => self.finish_update(now, &key, Ok(effect)),
+                    Some(write) => {
+                        let id = self.internal_id();
+                        self.steps.insert(id, (key.clone(), Step::Write(effect)));
+                        let put = Op::Put { key, value: write.value, expires_at: write.expires_at };
+                        self.coordinate(now, id, put, level);
+                    }
+                }
+            }
+            (Step::Write(effect), Ok(Outcome::Written(_))) => self.finish_update(now, &key, Ok(effect)),
+            (_, Err(err)) => self.finish_update(now, &key, Err(err)),
+            (_, Ok(_)) => self.finish_update(now, &key, Err(OpError::Unavailable)),
+        }
+    }
+
+    /// Answers the running update of `key` and starts the next one.
+    fn finish_update(&mut self, now: u64, key: &Bytes, result: Result<Effect, OpError>) {
+        let Some(queue) = self.updates.get_mut(key) else { return };
+        let Some(done) = queue.pop_front() else { return };
+        let more = !queue.is_empty();
+        if !more {
+            self.updates.remove(key);
+        }
+        self.updates_queued = self.updates_queued.saturating_sub(1);
+        self.answer_update(done.origin, result);
+        if more {
+            self.start_update(now, key.clone());
+        }
+    }
+
+    fn answer_update(&mut self, origin: Origin, result: Result<Effect, OpError>) {
+        match origin {
+            Origin::Client(client_req) => {
+                self.replies.push_back(Reply { client_req, result: result.map(Outcome::Updated) });
+            }
+            Origin::Peer { from, req } => self.send(from, Message::UpdateReply { req, result }),
+        }
     }
 
     /// Owners that are this node or alive: who will be asked.
@@ -1098,7 +1299,7 @@ impl Replica {
                     }
                 }
             },
-            Pending::Hint { .. } => {}
+            Pending::Hint { .. } | Pending::Forward { .. } => {}
         }
     }
 
@@ -1169,10 +1370,26 @@ impl Replica {
                     record_ok(record)?;
                 }
             }
+            Message::Update { key, update, .. } => {
+                key_ok(key)?;
+                let (len, limit) = (update.value_len(), self.config.max_value_len);
+                if len > limit {
+                    return Err(PeerMessageError::TooLarge { what: "value", len, limit });
+                }
+            }
+            Message::UpdateReply { result: Ok(Effect::Value(Some(value))), .. } => {
+                // An APPEND's value may be the key's limit plus what was
+                // appended; never more than twice the limit.
+                let (len, limit) = (value.len(), self.config.max_value_len.saturating_mul(2));
+                if len > limit {
+                    return Err(PeerMessageError::TooLarge { what: "value", len, limit });
+                }
+            }
             Message::GetReply { record: None, .. }
             | Message::PutAck { .. }
             | Message::Readmit { .. }
-            | Message::ReadmitAck { .. } => {}
+            | Message::ReadmitAck { .. }
+            | Message::UpdateReply { .. } => {}
         }
         Ok(())
     }
@@ -1182,6 +1399,7 @@ impl Replica {
     pub fn handle(&mut self, now: u64, from: NodeIx, message: Message) -> Result<(), PeerMessageError> {
         self.check(now, from, &message)?;
         self.handle_checked(now, from, message);
+        self.pump_updates(now);
         Ok(())
     }
 
@@ -1211,6 +1429,37 @@ impl Replica {
             Message::PutAck { req, counted } => {
                 self.acked(req, from, counted);
                 self.progress(now, req);
+            }
+            // Run here whatever this node's own view says: the sender took
+            // this node for the key's primary, and a second hop could bounce
+            // between two members that disagree.
+            Message::Update { req, key, update, level } => {
+                // Remembered until the sender's deadline for it has passed;
+                // beyond MAX_SEEN_UPDATES (a flood) a duplicate could slip
+                // through, which the peer transport's reliable streams do
+                // not produce anyway.
+                let until = now + 3 * self.config.request_timeout_ms + 1;
+                if self.seen_updates.len() >= MAX_SEEN_UPDATES {
+                    self.seen_updates.retain(|_, at| *at > now);
+                }
+                let fresh = match self.seen_updates.get(&(from, req)) {
+                    Some(_) => false,
+                    None if self.seen_updates.len() < MAX_SEEN_UPDATES => {
+                        self.seen_updates.insert((from, req), until);
+                        true
+                    }
+                    None => true,
+                };
+                if fresh {
+                    self.enqueue_update(now, Origin::Peer { from, req }, key, update, level);
+                }
+            }
+            Message::UpdateReply { req, result } => {
+                if let Some(Pending::Forward { client_req, .. }) = self.pending.get(&req) {
+                    let client_req = *client_req;
+                    self.pending.remove(&req);
+                    self.replies.push_back(Reply { client_req, result: result.map(Outcome::Updated) });
+                }
             }
             Message::Get { req, key } => {
                 let record = self.store.get(&key, true);
@@ -1319,6 +1568,12 @@ impl Replica {
     /// Deadlines: expired requests fail (or finish their repair), hints
     /// and sync requests are resent.
     pub fn tick(&mut self, now: u64) {
+        self.expire(now);
+        self.pump_updates(now);
+    }
+
+    fn expire(&mut self, now: u64) {
+        self.seen_updates.retain(|_, until| *until > now);
         if self.fenced_until.is_some_and(|until| until <= now) {
             self.fenced_until = None;
             if self.trusts_something() && self.quorate {
@@ -1329,7 +1584,9 @@ impl Replica {
             .pending
             .iter()
             .filter(|(_, p)| match p {
-                Pending::Read { deadline, .. } | Pending::Write { deadline, .. } => *deadline <= now,
+                Pending::Read { deadline, .. }
+                | Pending::Write { deadline, .. }
+                | Pending::Forward { deadline, .. } => *deadline <= now,
                 Pending::Hint { .. } => false,
             })
             .map(|(&req, _)| req)
@@ -1337,7 +1594,11 @@ impl Replica {
         for req in expired {
             match self.pending.get(&req) {
                 Some(Pending::Read { done: true, .. }) => self.finish_read(now, req),
-                Some(Pending::Read { client_req, .. } | Pending::Write { client_req, .. }) => {
+                Some(
+                    Pending::Read { client_req, .. }
+                    | Pending::Write { client_req, .. }
+                    | Pending::Forward { client_req, .. },
+                ) => {
                     let client_req = *client_req;
                     self.pending.remove(&req);
                     self.replies.push_back(Reply { client_req, result: Err(OpError::Timeout) });
@@ -1406,7 +1667,9 @@ impl Replica {
     /// When [`Replica::tick`] next has work.
     pub fn poll_timeout(&self) -> Option<u64> {
         let requests = self.pending.values().filter_map(|p| match p {
-            Pending::Read { deadline, .. } | Pending::Write { deadline, .. } => Some(*deadline),
+            Pending::Read { deadline, .. } | Pending::Write { deadline, .. } | Pending::Forward { deadline, .. } => {
+                Some(*deadline)
+            }
             Pending::Hint { .. } => None,
         });
         let hints = self

@@ -27,6 +27,7 @@ use super::membership::{Membership, MembershipConfig, MembershipEvent, Peer};
 use super::records::{ShardRecords, as_of};
 use super::replica::{self, Message, NodeIx, Op, OpError, Outcome, Record, RecordStore, Replica, ReplicaConfig};
 use super::transport::{Incoming, PeerFrame, PeerTransport, TransportError};
+use super::update::{Effect, Update};
 use crate::reply::Routed;
 use crate::store::Store;
 use bytes::Bytes;
@@ -298,7 +299,7 @@ impl Cluster {
     async fn read_record(self: Arc<Self>, key: Bytes, level: replica::Consistency) -> Result<Option<Record>, OpError> {
         match self.run(Op::Get { key }, level).await? {
             Outcome::Read(record) => Ok(record.map(|r| as_of(r, unix_ms())).filter(|r| r.value.is_some())),
-            Outcome::Written(_) => Err(OpError::Unavailable),
+            Outcome::Written(_) | Outcome::Updated(_) => Err(OpError::Unavailable),
         }
     }
 
@@ -452,26 +453,98 @@ impl Cluster {
                     }
                 }))
             }
-            Request::Set { .. }
-            | Request::SetWith { .. }
-            | Request::Expire { .. }
-            | Request::Incr { .. }
-            | Request::Append { .. }
-            | Request::Strlen { .. }
-            | Request::GetDel { .. }
-            | Request::GetEx { .. }
-            | Request::Persist { .. }
-            | Request::DbSize
-            | Request::FlushAll => Some(Routed::Now(error(
+            // Read-modify-writes run at the key's primary owner, one at a
+            // time per key there (see `super::update`).
+            Request::Set { key, value, ttl_ms, condition, .. } => {
+                let update = Update::Set {
+                    value: value.clone(),
+                    ttl_ms: *ttl_ms,
+                    keep_ttl: false,
+                    condition: *condition,
+                    get: false,
+                };
+                self.updated(store, key, update, level)
+            }
+            Request::SetWith { key, value, ttl_ms, keep_ttl, condition, get, .. } => {
+                let update = Update::Set {
+                    value: value.clone(),
+                    ttl_ms: *ttl_ms,
+                    keep_ttl: *keep_ttl,
+                    condition: *condition,
+                    get: *get,
+                };
+                self.updated(store, key, update, level)
+            }
+            Request::Incr { key, delta } => self.updated(store, key, Update::Incr(*delta), level),
+            Request::Append { key, value } => self.updated(store, key, Update::Append(value.clone()), level),
+            Request::GetDel { key } => self.updated(store, key, Update::GetDel, level),
+            Request::GetEx { key, ttl } => self.updated(store, key, Update::GetEx(*ttl), level),
+            Request::Persist { key } => self.updated(store, key, Update::Persist, level),
+            Request::Expire { key, ttl_ms } => self.updated(store, key, Update::Expire(*ttl_ms), level),
+            Request::Strlen { key } => {
+                let key = key.clone();
+                later(Box::pin(async move {
+                    match this.read(key, level).await {
+                        Ok(value) => Response::Integer(value.map_or(0, |v| v.len()) as i64),
+                        Err(err) => op_error(err),
+                    }
+                }))
+            }
+            // Redis Cluster's DBSIZE counts the node asked: here the records
+            // this member holds (deletions kept for a while included).
+            Request::DbSize => Some(Routed::Now(Response::Count(store.len()))),
+            Request::FlushAll => Some(Routed::Now(error(
                 ErrorCode::NotSupported,
-                format!(
-                    "{} is not supported on a clustered node yet (no NX/XX, EXPIRE or INCR on replicated \
-                     keys: they need a compare-and-set); GET, SET with or without a TTL, DEL, EXISTS, TTL, \
-                     MGET and MSET are",
-                    body.name()
-                ),
+                "FLUSHALL is not supported on a clustered node yet: it needs a cluster-wide operation \
+                 (issue 20's metadata log); DEL the keys instead",
             ))),
             Request::Ping | Request::Stats | Request::Admin { .. } => None,
+        }
+    }
+}
+
+impl Cluster {
+    /// A read-modify-write of `key` at its primary owner, answered later.
+    fn updated(
+        self: &Arc<Self>,
+        store: &Store,
+        key: &Bytes,
+        update: Update,
+        level: replica::Consistency,
+    ) -> Option<Routed> {
+        if let Some(refused) = check_record(store, key, &update_value(&update)) {
+            return Some(Routed::Now(refused));
+        }
+        let (this, key) = (self.clone(), key.clone());
+        Some(Routed::Later(Box::pin(async move {
+            match this.run(Op::Update { key, update }, level).await {
+                Ok(Outcome::Updated(effect)) => effect_response(effect),
+                Ok(_) => error(ErrorCode::Internal, "an update was answered as a read or write"),
+                Err(err) => op_error(err),
+            }
+        })))
+    }
+}
+
+/// The value an update carries, for the size checks (empty for none).
+fn update_value(update: &Update) -> Bytes {
+    match update {
+        Update::Set { value, .. } | Update::Append(value) => value.clone(),
+        _ => Bytes::new(),
+    }
+}
+
+/// The reply to an update, as a single node gives it.
+fn effect_response(effect: Effect) -> Response {
+    match effect {
+        Effect::Integer(n) => Response::Integer(n),
+        Effect::Value(value) => Response::Value(value),
+        Effect::Applied(applied) => Response::Applied(applied),
+        Effect::Ok => Response::Ok,
+        Effect::NotAnInteger => error(ErrorCode::WrongType, "value is not a decimal 64-bit integer"),
+        Effect::Overflow => error(ErrorCode::WrongType, "increment would overflow a 64-bit integer"),
+        Effect::TooLarge { len, limit } => {
+            error(ErrorCode::TooLarge, format!("the value would be {len} bytes; values are limited to {limit}"))
         }
     }
 }

@@ -1,0 +1,235 @@
+//! Read-modify-write commands on a replicated key (INCR, APPEND, SET with
+//! NX/XX/GET/KEEPTTL, GETDEL, GETEX, EXPIRE, PERSIST), as pure functions:
+//! given the key's live record and the wall clock, what to write and what
+//! to answer. The replica ([`super::replica`]) runs them serialized at the
+//! key's primary owner: one update of a key at a time there, each a read
+//! and then a write at the request's consistency, so two increments
+//! acknowledged at QUORUM never both read the same value (see
+//! docs/decisions.md for the window that remains while members disagree
+//! about who is primary).
+
+use super::replica::Record;
+use bytes::{Bytes, BytesMut};
+use cachet_proto::{Condition, TtlChange};
+use serde::{Deserialize, Serialize};
+
+/// A read-modify-write of one key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Update {
+    /// Add to a decimal integer (0 when absent); the TTL is kept.
+    Incr(i64),
+    /// Append bytes (creating the value); the TTL is kept.
+    Append(Bytes),
+    /// A conditional or value-returning SET.
+    Set {
+        /// The new value.
+        value: Bytes,
+        /// Time to live in milliseconds from the write (ignored with
+        /// `keep_ttl`); `None`: no expiry.
+        ttl_ms: Option<u64>,
+        /// Keep the TTL the key has.
+        keep_ttl: bool,
+        /// NX / XX.
+        condition: Condition,
+        /// Answer with the value replaced.
+        get: bool,
+    },
+    /// Read and delete.
+    GetDel,
+    /// Read and change the TTL.
+    GetEx(TtlChange),
+    /// Set the TTL (0 deletes); answers whether the key existed.
+    Expire(u64),
+    /// Remove the TTL; answers whether it had one.
+    Persist,
+}
+
+impl Update {
+    /// The largest value the update carries, for checking a peer's message
+    /// against the node's limits.
+    pub fn value_len(&self) -> usize {
+        match self {
+            Self::Append(bytes) | Self::Set { value: bytes, .. } => bytes.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// What the client is answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Effect {
+    /// The new integer (INCR) or length (APPEND).
+    Integer(i64),
+    /// A value read (GETDEL, GETEX, SET ... GET).
+    Value(Option<Bytes>),
+    /// Whether a conditional write or a TTL change applied.
+    Applied(bool),
+    /// An unconditional SET without GET.
+    Ok,
+    /// INCR of a value that is not a decimal 64-bit integer.
+    NotAnInteger,
+    /// INCR past the 64-bit range.
+    Overflow,
+    /// The new value (an APPEND's) would be over the node's limit.
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// The write an update makes: the whole new record (value and expiry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    /// The value; `None` deletes.
+    pub value: Option<Bytes>,
+    /// Expiry in Unix milliseconds.
+    pub expires_at: Option<u64>,
+}
+
+/// `record` if it holds a value that has not expired at `wall_ms`.
+pub fn live(record: Option<Record>, wall_ms: u64) -> Option<Record> {
+    record.filter(|r| r.value.is_some() && r.expires_at.is_none_or(|at| at > wall_ms))
+}
+
+/// Applies `update` to the key's live record (see [`live`]) at `wall_ms`:
+/// the write to make, if any, and the answer. A value longer than
+/// `max_len` is refused, not written.
+pub fn apply(update: &Update, current: Option<&Record>, wall_ms: u64, max_len: usize) -> (Option<Write>, Effect) {
+    let (write, effect) = apply_unbounded(update, current, wall_ms);
+    match write.as_ref().and_then(|w| w.value.as_ref()).map(Bytes::len) {
+        Some(len) if len > max_len => (None, Effect::TooLarge { len, limit: max_len }),
+        _ => (write, effect),
+    }
+}
+
+fn apply_unbounded(update: &Update, current: Option<&Record>, wall_ms: u64) -> (Option<Write>, Effect) {
+    let value = current.and_then(|r| r.value.clone());
+    let expires_at = current.and_then(|r| r.expires_at);
+    let after = |ms: u64| Some(wall_ms.saturating_add(ms.max(1)));
+    match update {
+        Update::Incr(delta) => {
+            let now = match &value {
+                None => 0,
+                Some(bytes) => match std::str::from_utf8(bytes).ok().and_then(|s| s.parse::<i64>().ok()) {
+                    Some(n) => n,
+                    None => return (None, Effect::NotAnInteger),
+                },
+            };
+            match now.checked_add(*delta) {
+                Some(next) => {
+                    let write = Write { value: Some(Bytes::from(next.to_string())), expires_at };
+                    (Some(write), Effect::Integer(next))
+                }
+                None => (None, Effect::Overflow),
+            }
+        }
+        Update::Append(tail) => {
+            let mut next = BytesMut::with_capacity(value.as_ref().map_or(0, Bytes::len) + tail.len());
+            if let Some(value) = &value {
+                next.extend_from_slice(value);
+            }
+            next.extend_from_slice(tail);
+            let len = next.len() as i64;
+            (Some(Write { value: Some(next.freeze()), expires_at }), Effect::Integer(len))
+        }
+        Update::Set { value: new, ttl_ms, keep_ttl, condition, get } => {
+            let applies = match condition {
+                Condition::Always => true,
+                Condition::IfAbsent => value.is_none(),
+                Condition::IfPresent => value.is_some(),
+            };
+            let effect = match (get, applies, condition) {
+                (true, _, _) => Effect::Value(value.clone()),
+                (false, true, Condition::Always) => Effect::Ok,
+                (false, applied, _) => Effect::Applied(applied),
+            };
+            if !applies {
+                return (None, effect);
+            }
+            let expires_at = if *keep_ttl { expires_at } else { ttl_ms.and_then(after) };
+            (Some(Write { value: Some(new.clone()), expires_at }), effect)
+        }
+        Update::GetDel => match value {
+            None => (None, Effect::Value(None)),
+            Some(old) => (Some(Write { value: None, expires_at: None }), Effect::Value(Some(old))),
+        },
+        Update::GetEx(change) => {
+            let Some(old) = value else { return (None, Effect::Value(None)) };
+            let expiry = match change {
+                TtlChange::Keep => return (None, Effect::Value(Some(old))),
+                TtlChange::Persist => None,
+                TtlChange::Set(ms) => after(*ms),
+            };
+            (Some(Write { value: Some(old.clone()), expires_at: expiry }), Effect::Value(Some(old)))
+        }
+        Update::Expire(ms) => match value {
+            None => (None, Effect::Applied(false)),
+            Some(_) if *ms == 0 => (Some(Write { value: None, expires_at: None }), Effect::Applied(true)),
+            Some(old) => (Some(Write { value: Some(old), expires_at: after(*ms) }), Effect::Applied(true)),
+        },
+        Update::Persist => match (value, expires_at) {
+            (Some(old), Some(_)) => (Some(Write { value: Some(old), expires_at: None }), Effect::Applied(true)),
+            _ => (None, Effect::Applied(false)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::version::Version;
+
+    fn apply_t(update: &Update, current: Option<&Record>, wall_ms: u64) -> (Option<Write>, Effect) {
+        apply(update, current, wall_ms, 1 << 20)
+    }
+
+    fn record(value: &str, expires_at: Option<u64>) -> Record {
+        Record { version: Version { counter: 1, node: 0 }, value: Some(Bytes::from(value.to_string())), expires_at }
+    }
+
+    #[test]
+    fn updates_do_what_the_single_node_commands_do() {
+        let wall = 1_000;
+        let n = record("41", Some(5_000));
+        let (write, effect) = apply_t(&Update::Incr(1), Some(&n), wall);
+        assert_eq!(effect, Effect::Integer(42));
+        assert_eq!(write, Some(Write { value: Some(Bytes::from_static(b"42")), expires_at: Some(5_000) }));
+        assert_eq!(apply_t(&Update::Incr(1), None, wall).1, Effect::Integer(1));
+        assert_eq!(apply_t(&Update::Incr(1), Some(&record("x", None)), wall), (None, Effect::NotAnInteger));
+        assert_eq!(apply_t(&Update::Incr(i64::MAX), Some(&n), wall), (None, Effect::Overflow));
+        let (write, effect) = apply_t(&Update::Append(Bytes::from_static(b"!")), Some(&n), wall);
+        assert_eq!((write.and_then(|w| w.value), effect), (Some(Bytes::from_static(b"41!")), Effect::Integer(3)));
+        let nx = Update::Set {
+            value: Bytes::from_static(b"v"),
+            ttl_ms: Some(10),
+            keep_ttl: false,
+            condition: Condition::IfAbsent,
+            get: false,
+        };
+        assert_eq!(apply_t(&nx, Some(&n), wall), (None, Effect::Applied(false)));
+        let (write, effect) = apply_t(&nx, None, wall);
+        assert_eq!((write.map(|w| w.expires_at), effect), (Some(Some(1_010)), Effect::Applied(true)));
+        let get = Update::Set {
+            value: Bytes::from_static(b"v"),
+            ttl_ms: None,
+            keep_ttl: true,
+            condition: Condition::Always,
+            get: true,
+        };
+        let (write, effect) = apply_t(&get, Some(&n), wall);
+        assert_eq!(write.map(|w| w.expires_at), Some(Some(5_000)), "KEEPTTL");
+        assert_eq!(effect, Effect::Value(Some(Bytes::from_static(b"41"))));
+        assert_eq!(apply_t(&Update::GetDel, Some(&n), wall).0, Some(Write { value: None, expires_at: None }));
+        assert_eq!(apply_t(&Update::Persist, Some(&n), wall).1, Effect::Applied(true));
+        assert_eq!(apply_t(&Update::Persist, Some(&record("v", None)), wall), (None, Effect::Applied(false)));
+        assert_eq!(apply_t(&Update::Expire(0), Some(&n), wall).0, Some(Write { value: None, expires_at: None }));
+        assert_eq!(apply_t(&Update::Expire(5), None, wall), (None, Effect::Applied(false)));
+        let (write, _) = apply_t(&Update::GetEx(TtlChange::Set(100)), Some(&n), wall);
+        assert_eq!(write.map(|w| w.expires_at), Some(Some(1_100)));
+        assert_eq!(live(Some(record("v", Some(wall))), wall), None, "expired at the wall clock");
+        let long = Update::Append(Bytes::from_static(b"12345"));
+        assert_eq!(apply(&long, Some(&n), wall, 6), (None, Effect::TooLarge { len: 7, limit: 6 }));
+    }
+}
