@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use cachet::bench::{self, BenchOptions, BenchReport};
+use cachet::cluster::transport::PeerTls;
 use cachet::config::{FileConfig, parse_size};
 use cachet::node::{Node, NodeConfig, NodeOptions};
 use cachet::plot;
@@ -132,6 +133,43 @@ enum Command {
     /// shadow (admin token required).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Certificates for running a cluster on a CA of its own.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue a node certificate, naming the node id its peers hold it to
+    /// (`cachet://node/N`), or a client certificate, signed by the CA in
+    /// --ca (created there first if missing). Writes `node-N.pem` and
+    /// `node-N-key.pem` (or `client-NAME.pem` and `client-NAME-key.pem`,
+    /// the key readable by its owner only) into --out.
+    Issue {
+        /// The cluster member the certificate is for (`serve --node-id N`).
+        #[arg(
+            long,
+            required_unless_present = "client",
+            conflicts_with = "client",
+            value_parser = clap::value_parser!(u32).range(0..=1023)
+        )]
+        node_id: Option<u32>,
+        /// A client certificate for NAME instead, for nodes started with
+        /// --tls-ca (which then require one).
+        #[arg(long)]
+        client: Option<String>,
+        /// The CA's directory: `ca.pem` (for --tls-ca and for clients) and
+        /// `ca-key.pem` (keep it private).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Where the certificate and its key go.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Another DNS name or IP address clients reach the node by,
+        /// repeatable (`localhost` and the loopback addresses are always in).
+        #[arg(long = "name", value_name = "HOST")]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -433,12 +471,13 @@ struct ServeArgs {
     policy_retry_ms: Option<u64>,
     /// Every cluster member's node-to-node (peer) address, comma-separated,
     /// the same list on every member; a node's id is its index. Needs
-    /// --node-id and --dev-ca.
+    /// --node-id, and --dev-ca or --tls-cert/--tls-key/--tls-ca (a
+    /// certificate naming the node id, from `cachet cert issue`).
     #[arg(long, value_delimiter = ',', requires = "node_id")]
     cluster: Vec<SocketAddr>,
     /// Peer addresses of running members, comma-separated: join their
     /// cluster as --node-id (an id no member has; the next free one).
-    /// Needs --peer-listen and --dev-ca.
+    /// Needs --peer-listen, and --dev-ca or --tls-cert/--tls-key/--tls-ca.
     #[arg(long, value_delimiter = ',', requires_all = ["node_id", "peer_listen"], conflicts_with = "cluster")]
     seeds: Vec<SocketAddr>,
     /// With --seeds: where this node's peer transport listens.
@@ -586,6 +625,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve(args) => run_serve(*args),
+        Command::Cert(CertCommand::Issue { node_id, client, ca, out, names }) => {
+            let subject = match (node_id, client) {
+                (Some(id), None) => server::tls::CertSubject::Node(id),
+                (None, Some(name)) => server::tls::CertSubject::Client(name),
+                _ => bail!("give --node-id N or --client NAME"),
+            };
+            let (cert, key) = server::tls::issue_cert(&ca, &out, &subject, &names)?;
+            println!("certificate {}", cert.display());
+            println!("key         {}", key.display());
+            println!("ca          {}", ca.join(server::tls::CA_CERT).display());
+            Ok(())
+        }
         Command::Get { key, client } => block_on(async move {
             let client = client.connect().await?;
             let value = client.get(&key).await;
@@ -667,6 +718,10 @@ fn run(cli: Cli) -> Result<()> {
                     };
                     println!("replica           {} records, {} hints, {synced}", cluster.records, cluster.hints);
                     println!("replicated ops    {} ok, {} failed", cluster.ops_ok, cluster.ops_failed);
+                    if cluster.peer_identity_refused > 0 {
+                        let refused = cluster.peer_identity_refused;
+                        println!("impostor frames   {refused} dropped (sender's certificate names another node)");
+                    }
                 }
                 if stats.hot_keys_hidden {
                     println!("hot keys          hidden: {HOT_KEYS_NEED_TOKEN}");
@@ -867,7 +922,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(cert), Some(key)) => TlsSource::Files { cert, key, client_ca: args.tls_ca.or(file.tls_ca) },
         (None, None) => match args.dev_ca.clone() {
-            Some(ca_dir) => TlsSource::SharedDevCa { ca_dir, data_dir: data_dir.clone() },
+            Some(ca_dir) => TlsSource::SharedDevCa { ca_dir, data_dir: data_dir.clone(), node_id: args.node_id },
             None => TlsSource::DevCa { data_dir: data_dir.clone() },
         },
         _ => bail!("--tls-cert and --tls-key go together"),
@@ -886,12 +941,22 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         if args.cluster.is_empty() && args.seeds.is_empty() {
             bail!("--node-id needs --cluster (founding members) or --seeds (to join a running cluster)");
         }
-        let Some(ca_dir) = args.dev_ca.clone() else {
-            bail!("--cluster needs --dev-ca DIR: members authenticate each other with that CA");
+        // Members authenticate each other with the cluster's CA, and each
+        // is held to the node id its certificate names.
+        let peer_tls = match &tls {
+            TlsSource::SharedDevCa { ca_dir, .. } => PeerTls::DevCa { ca_dir: ca_dir.clone() },
+            TlsSource::Files { cert, key, client_ca: Some(ca) } => {
+                PeerTls::Files { cert: cert.clone(), key: key.clone(), ca: ca.clone() }
+            }
+            TlsSource::Files { client_ca: None, .. } => bail!(
+                "--cluster with --tls-cert needs --tls-ca CA.pem: the cluster's CA, the only one members' (and \
+                 clients') certificates may come from"
+            ),
+            TlsSource::DevCa { .. } => bail!(
+                "--cluster needs --dev-ca DIR (a local cluster) or --tls-cert, --tls-key and --tls-ca (certificates \
+                 from `cachet cert issue` or your own CA): members authenticate each other with that CA"
+            ),
         };
-        if args.loaders.is_some() || file.loaders.is_some() {
-            bail!("--loaders is not supported with --cluster yet");
-        }
         if max_value_size > 32 << 20 {
             bail!("--max-value-size is at most 32MiB with --cluster (records travel in peer frames of at most 64MiB)");
         }
@@ -908,7 +973,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             consistency: args.consistency.unwrap_or_default(),
             detect_within_ms: args.detect_ms.unwrap_or(2_000),
             request_timeout_ms: 1_000,
-            ca_dir,
+            tls: peer_tls,
             data_dir: data_dir.clone(),
         });
     }

@@ -389,3 +389,50 @@ fn nodes_started_at_once_share_a_development_ca() {
     drop(nodes);
     let _ = std::fs::remove_dir_all(&ca_dir);
 }
+
+/// `cachet cert issue` makes the CA once and node certificates naming
+/// their node id (a client certificate names none); keys are the owner's
+/// alone; a missing or doubled subject is refused by name.
+#[test]
+fn cert_issue_makes_a_ca_and_certificates_naming_their_node() {
+    use cachet::server::tls::{NodeIdError, cert_node_id, load_certs};
+    let root = std::env::temp_dir().join(format!("cachet-cli-cert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (ca, certs) = (root.join("ca"), root.join("certs"));
+    let (ca_arg, out_arg) = (ca.to_str().expect("utf-8"), certs.to_str().expect("utf-8"));
+    let named = |path: &std::path::Path| cert_node_id(&load_certs(path).expect("certificate")[0]);
+    let out =
+        cachet(&["cert", "issue", "--node-id", "3", "--ca", ca_arg, "--out", out_arg, "--name", "cache3.example"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let (cert, key) = (certs.join("node-3.pem"), certs.join("node-3-key.pem"));
+    for path in [&cert, &key, &ca.join("ca.pem")] {
+        assert!(printed.contains(path.to_str().expect("utf-8")), "{} not named in {printed}", path.display());
+    }
+    assert_eq!(named(&cert), Ok(3));
+    #[cfg(unix)]
+    for secret in [&key, &ca.join("ca-key.pem")] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(secret).expect("key").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is readable by others", secret.display());
+    }
+    // The CA is made once: the next certificate comes from the same one.
+    let ca_pem = std::fs::read(ca.join("ca.pem")).expect("CA");
+    let out = cachet(&["cert", "issue", "--node-id", "4", "--ca", ca_arg, "--out", out_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(ca.join("ca.pem")).expect("CA"), ca_pem, "the CA was made again");
+    assert_eq!(named(&certs.join("node-4.pem")), Ok(4));
+    let out = cachet(&["cert", "issue", "--client", "app", "--ca", ca_arg, "--out", out_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(named(&certs.join("client-app.pem")), Err(NodeIdError::Missing));
+    for (args, says) in [
+        (vec!["--ca", ca_arg], "--node-id"),
+        (vec!["--node-id", "1", "--client", "app", "--ca", ca_arg], "--client"),
+        (vec!["--node-id", "5000", "--ca", ca_arg], "5000"),
+    ] {
+        let out = cachet(&[&["cert", "issue"][..], &args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -73,6 +73,9 @@ struct TestCluster {
     root: PathBuf,
     port: u16,
     rf: usize,
+    /// The clients' certificate and key, for members that require one
+    /// (started on certificates from `cachet cert issue`).
+    identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl Drop for TestCluster {
@@ -115,10 +118,53 @@ impl TestCluster {
     }
 
     fn start_with(n: usize, rf: usize, tag: &str, extra: &[&str]) -> Self {
+        Self::start_members(n, rf, tag, extra, None)
+    }
+
+    /// Members on production-style certificates: a CA and certificates
+    /// made with `cachet cert issue`, started with `--tls-cert/--tls-key/
+    /// --tls-ca` (no development CA). Member `i` runs as `--node-id i` on
+    /// the certificate of node `certified[i]`.
+    fn start_on_certificates(rf: usize, tag: &str, certified: &[usize]) -> Self {
+        Self::start_members(certified.len(), rf, tag, &[], Some(certified))
+    }
+
+    fn start_members(n: usize, rf: usize, tag: &str, extra: &[&str], certified: Option<&[usize]>) -> Self {
         let root = std::env::temp_dir().join(format!("cachet-cluster-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("temp dir");
         let ca = root.join("ca");
+        let certs = root.join("certs");
+        let issue = |subject: &[&str]| {
+            let dirs = ["--ca", ca.to_str().expect("utf-8"), "--out", certs.to_str().expect("utf-8")];
+            let out = Command::new(env!("CARGO_BIN_EXE_cachet"))
+                .args([&["cert", "issue"][..], subject, &dirs].concat())
+                .output()
+                .expect("cachet cert issue runs");
+            assert!(out.status.success(), "cert issue {subject:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        // Each member's TLS flags: the shared development CA, or its
+        // certificate, its key and the CA.
+        let tls: Vec<Vec<String>> = match certified {
+            None => (0..n).map(|_| vec!["--dev-ca".into(), ca.to_str().expect("utf-8").into()]).collect(),
+            Some(certified) => certified
+                .iter()
+                .map(|&id| {
+                    let (cert, key) = (certs.join(format!("node-{id}.pem")), certs.join(format!("node-{id}-key.pem")));
+                    if !cert.exists() {
+                        issue(&["--node-id", &id.to_string()]);
+                    }
+                    [("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca.join("ca.pem"))]
+                        .into_iter()
+                        .flat_map(|(flag, path)| [flag.to_string(), path.to_str().expect("utf-8").to_string()])
+                        .collect()
+                })
+                .collect(),
+        };
+        let identity = certified.map(|_| {
+            issue(&["--client", "tests"]);
+            (certs.join("client-tests.pem"), certs.join("client-tests-key.pem"))
+        });
         // One spare address, for a member that joins later.
         let port = free_port(n + 1);
         let peers: Vec<String> = (1..=n).map(|i| format!("127.0.0.{i}:{}", port + 1)).collect();
@@ -131,8 +177,6 @@ impl TestCluster {
                     &client_addr,
                     "--data-dir",
                     root.join(format!("node{i}")).to_str().expect("utf-8"),
-                    "--dev-ca",
-                    ca.to_str().expect("utf-8"),
                     "--cluster",
                     &peers.join(","),
                     "--node-id",
@@ -145,7 +189,9 @@ impl TestCluster {
                     "1",
                 ]
                 .iter()
-                .chain(extra)
+                .copied()
+                .chain(tls[i].iter().map(String::as_str))
+                .chain(extra.iter().copied())
                 // `{ip}` in an extra flag is the member's own address.
                 .map(|s| s.replace("{ip}", &format!("127.0.0.{}", i + 1)))
                 .collect();
@@ -155,7 +201,7 @@ impl TestCluster {
                 member
             })
             .collect();
-        Self { members, ca, root, port, rf }
+        Self { members, ca, root, port, rf, identity }
     }
 
     /// Starts one more member that joins the running ones through their
@@ -204,6 +250,7 @@ impl TestCluster {
         let mut config = ClientConfig::new(self.members[i].client_addr.parse().expect("addr"));
         config.timeout = Duration::from_millis(1_500);
         config.ca_file = Some(self.ca.join("ca.pem"));
+        config.identity = self.identity.clone();
         config
     }
 
@@ -801,6 +848,75 @@ async fn levels_and_refusals_with_a_member_down() {
     client.close().await;
 }
 
+/// A cluster on certificates from `cachet cert issue` (its own CA, no
+/// development CA): members find each other and serve reads and writes;
+/// the client port wants a client certificate of that CA too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_runs_on_certificates_from_cert_issue() {
+    let cluster = TestCluster::start_on_certificates(3, "certs", &[0, 1, 2]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    for k in 0..50 {
+        client.set(format!("k{k}"), format!("v{k}")).await.expect("write");
+    }
+    for i in 0..3 {
+        cluster.assert_holds(i, 50, "v").await;
+        let stats = client.stats_of(i).await.expect("stats").cluster.expect("cluster");
+        assert_eq!(stats.peer_identity_refused, 0, "member {i} refused an honest member's frames");
+    }
+    let mut bare = cluster.client_config(0);
+    bare.identity = None;
+    let without_certificate = async { cachet_client::Client::connect(bare).await?.get("k0").await }.await;
+    assert!(without_certificate.is_err(), "a client without a certificate was served");
+    client.close().await;
+}
+
+/// Member 2 runs as `--node-id 2` on member 1's certificate, valid and of
+/// the cluster's CA: the others drop its frames (counted, and logged naming
+/// both ids), refuse it when they dial it, and serve on without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_claiming_another_members_id_is_refused() {
+    let cluster = TestCluster::start_on_certificates(3, "impostor", &[0, 1, 1]);
+    let honest = cluster.client_of(&[0, 1]);
+    let start = Instant::now();
+    loop {
+        let mut settled = true;
+        let mut views = Vec::new();
+        for i in 0..2 {
+            match honest.stats_of(i).await {
+                Ok(stats) => {
+                    let c = stats.cluster.expect("cluster");
+                    settled &= c.synced && c.alive == [true, true, false] && c.peer_identity_refused > 0;
+                    views.push(format!("{c:?}"));
+                }
+                Err(err) => {
+                    settled = false;
+                    views.push(format!("member {i}: {err}"));
+                }
+            }
+        }
+        if settled {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "members 0 and 1 never settled without 2: {views:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let quorum = honest.at(Consistency::Quorum);
+    for k in 0..30 {
+        quorum.set(format!("k{k}"), format!("v{k}")).await.expect("QUORUM write with the impostor refused");
+    }
+    for k in 0..30 {
+        let read = quorum.get(format!("k{k}")).await.expect("QUORUM read");
+        assert_eq!(read.as_deref(), Some(format!("v{k}").as_bytes()));
+    }
+    let log = |i: usize| std::fs::read_to_string(cluster.root.join(format!("node{i}.log"))).unwrap_or_default();
+    let dropped = "the sender's certificate names node 1 but it claims to be node 2";
+    assert!((0..2).any(|i| log(i).contains(dropped)), "no member logged the impostor: {}\n{}", log(0), log(1));
+    let warned = "this node's certificate names node 1, but it runs as --node-id 2";
+    assert!(log(2).contains(warned), "the impostor was not told: {}", log(2));
+    honest.close().await;
+}
+
 /// Replicated records live in the node's shards: the entry bound holds
 /// and the policy evicts, as for any cached data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1017,6 +1133,149 @@ async fn redis_cli_reads_and_writes_through_any_member() {
     let refused = cli(1, &["FLUSHALL"]);
     assert!(refused.contains("not supported on a clustered node"), "{refused}");
     client.close().await;
+}
+
+/// A PostgreSQL database of the example loader's `users` (a view that
+/// sleeps `delay` seconds per query), with pg_stat_statements; its
+/// connection URL.
+async fn users_database(tag: &str, delay: &str) -> (String, tokio_postgres::Client) {
+    let pg = std::env::var("CACHET_PG").expect(
+        "CACHET_PG is not set: the loader tests need PostgreSQL; run them through `cargo xtask test` (which \
+         starts one) or set CACHET_PG",
+    );
+    let connect = |url: String| async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("PostgreSQL");
+        tokio::spawn(connection);
+        client
+    };
+    let name = format!("cachet_cluster_{tag}_{}", std::process::id());
+    let admin = connect(pg.clone()).await;
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await.expect("drop");
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+    let url = format!("{pg} dbname={name}");
+    let db = connect(url.clone()).await;
+    db.batch_execute(&format!(
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+         CREATE TABLE users_data (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
+         INSERT INTO users_data VALUES (1, 'Ada', 'ada@example.org'), (2, 'Grace', 'grace@example.org');
+         CREATE VIEW users AS SELECT u.id, u.name, u.email FROM users_data u, pg_sleep({delay}) s;"
+    ))
+    .await
+    .expect("users");
+    (url, db)
+}
+
+/// The example loader's queries PostgreSQL ran in this database.
+async fn loader_queries(db: &tokio_postgres::Client) -> i64 {
+    let sql = "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+               WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND query LIKE '%FROM users WHERE id%'";
+    db.query_one(sql, &[]).await.expect("pg_stat_statements").get(0)
+}
+
+/// Read-through loaders on a cluster (issue 19, part 3): 10,000 concurrent
+/// GETs of one cold key, spread over every member, make one query, run at
+/// the key's primary owner, and the value reaches the replicas. Then the
+/// primary is killed in the middle of a load: every waiter gets the value
+/// or a clear error, and the next GET loads again at the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_key_is_loaded_once_for_the_whole_cluster() {
+    let (url, db) = users_database("flight", "2").await;
+    let dir = std::env::temp_dir().join(format!("cachet-loader-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let module = dir.join("users.wasm");
+    std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
+    let config = dir.join("loaders.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[origins.users-db]\npostgres = \"{url}\"\nstatement-timeout-ms = 10000\n\n[[namespace]]\n\
+             prefix = \"user:\"\nmodule = \"{}\"\norigins = [\"users-db\"]\nload-timeout-ms = 10000\n",
+            module.display()
+        ),
+    )
+    .expect("config");
+    let cluster = TestCluster::start_with(3, 3, "loaders", &["--loaders", config.to_str().expect("utf-8")]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let members: Vec<Arc<cachet_client::Client>> = {
+        let mut members = Vec::new();
+        for i in 0..3 {
+            let mut config = cluster.client_config(i);
+            config.timeout = Duration::from_secs(30);
+            members.push(Arc::new(cachet_client::Client::connect(config).await.expect("client")));
+        }
+        members
+    };
+    let mut gets = tokio::task::JoinSet::new();
+    for i in 0..10_000 {
+        let member = members[i % 3].clone();
+        gets.spawn(async move { member.get("user:1").await });
+    }
+    let ada = br#"{"id":1,"name":"Ada","email":"ada@example.org"}"#;
+    while let Some(got) = gets.join_next().await {
+        let value = got.expect("task").expect("GET succeeds").expect("the row");
+        assert_eq!(&value[..], &ada[..]);
+    }
+    assert_eq!(loader_queries(&db).await, 1, "one load for 10,000 GETs over 3 members");
+    // Written to the replicas: each member reads it without loading.
+    for member in &members {
+        assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(&ada[..]));
+    }
+    assert_eq!(loader_queries(&db).await, 1);
+
+    // The primary of `user:2` dies in the middle of its load.
+    let ring = ring_of(&client).await;
+    let primary: usize = ring.owners(b"user:2", 3)[0].id.parse().expect("id");
+    let mut waiters = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let member = members[i % 3].clone();
+        waiters.spawn(async move { member.get("user:2").await });
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut cluster = cluster;
+    cluster.members[primary].kill();
+    let grace = br#"{"id":2,"name":"Grace","email":"grace@example.org"}"#;
+    let (mut values, mut errors) = (0, 0);
+    while let Some(got) = waiters.join_next().await {
+        match got.expect("task") {
+            Ok(Some(value)) => {
+                assert_eq!(&value[..], &grace[..]);
+                values += 1;
+            }
+            Ok(None) => panic!("a waiter was told the row does not exist"),
+            Err(err) => {
+                // A clear error: the member is gone, or the load did not
+                // finish in time.
+                let text = err.to_string();
+                assert!(
+                    matches!(err, ClientError::Connection(_))
+                        || text.contains("in time")
+                        || text.contains("replicas")
+                        || text.contains("load"),
+                    "{text}"
+                );
+                errors += 1;
+            }
+        }
+    }
+    assert_eq!(values + errors, 300);
+    // The next GET through a survivor loads again, at the new primary.
+    let survivor = (primary + 1) % 3;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match members[survivor].get("user:2").await {
+            Ok(Some(value)) => {
+                assert_eq!(&value[..], &grace[..]);
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "no load after the primary died: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let queries = loader_queries(&db).await;
+    assert!((2..=3).contains(&queries), "{queries} loads of user:2 and user:1 in all");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn serve_fails(args: &[&str], root: &Path) -> String {

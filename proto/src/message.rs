@@ -520,6 +520,10 @@ pub struct ClusterStats {
     /// Client operations coordinated here that failed (unavailable or
     /// timed out).
     pub ops_failed: u64,
+    /// Peer frames dropped because their sender claimed to be another
+    /// member than its certificate names.
+    #[serde(default)]
+    pub peer_identity_refused: u64,
 }
 
 /// One hot key in [`NodeStats`].

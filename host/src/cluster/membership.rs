@@ -193,6 +193,18 @@ impl Membership {
         result
     }
 
+    /// The member that sent `data`, as the datagram's header names it,
+    /// without handling it: for holding the sender to the identity its
+    /// certificate gives it before the gossip is believed. (The header names
+    /// the direct sender; what a datagram says of other members is news it
+    /// relays, and is not checked here.)
+    pub fn sender(data: &[u8]) -> Result<Peer, MembershipError> {
+        use foca::Codec as _;
+        let header: foca::Header<Peer> =
+            PostcardCodec.decode_header(data).map_err(|e| MembershipError(e.to_string()))?;
+        Ok(header.src)
+    }
+
     /// A datagram from another member. Garbage is refused, not fatal.
     pub fn handle_data(&mut self, now: u64, data: &[u8]) -> Result<(), MembershipError> {
         let result = self.foca.handle_data(data, &mut self.runtime).map_err(|e| MembershipError(e.to_string()));
@@ -472,6 +484,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A datagram's header names its sender, which the runtime holds to
+    /// the node its certificate names before the gossip is believed.
+    #[test]
+    fn a_datagrams_sender_is_read_from_its_header() {
+        let mut node = Membership::new(peer(1, 4), MembershipConfig::default(), 1);
+        node.join(0, peer(0, 0)).expect("announce");
+        let (to, data) = node.poll_transmit().expect("an announcement");
+        assert_eq!(to, peer(0, 0));
+        assert_eq!(Membership::sender(&data).expect("a header"), peer(1, 4));
+        assert!(Membership::sender(b"\xff\x00garbage").is_err());
     }
 
     #[test]

@@ -263,8 +263,14 @@ struct Queued {
 /// The step of a running update an internal request is.
 enum Step {
     Read,
+    /// Waiting for the node's loader ([`Replica::poll_load`]).
+    Load,
     Write(Effect),
 }
+
+/// What the node's loader found for [`Replica::loaded`]: the value and the
+/// TTL to cache it with, `None` when the origin has no such key.
+pub type LoadResult = Result<Option<(Bytes, u64)>, Effect>;
 
 /// A client operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -435,8 +441,9 @@ enum Pending {
     },
     /// Delivering hint `id`.
     Hint { id: u64 },
-    /// An update forwarded to the key's primary owner.
-    Forward { client_req: u64, deadline: u64 },
+    /// An update forwarded to the key's primary owner; `also` are the
+    /// clients of loads of the same key that joined it.
+    Forward { client_req: u64, deadline: u64, also: Vec<u64> },
 }
 
 struct Answer {
@@ -564,6 +571,11 @@ pub struct Replica {
     /// when they are remembered: a message delivered twice must not apply
     /// an increment twice.
     seen_updates: BTreeMap<(NodeIx, u64), u64>,
+    /// Loads forwarded to their key's primary and not answered yet, by key:
+    /// later GETs of the key here join them.
+    forwarded_loads: BTreeMap<Bytes, u64>,
+    /// Loads the node's loader must run: (internal request, key).
+    loads: VecDeque<(u64, Bytes)>,
     /// Set while internal replies are being consumed (see
     /// [`Replica::pump_updates`]).
     pumping: bool,
@@ -612,6 +624,8 @@ impl Replica {
             steps: BTreeMap::new(),
             next_internal: 0,
             seen_updates: BTreeMap::new(),
+            loads: VecDeque::new(),
+            forwarded_loads: BTreeMap::new(),
             pumping: false,
         }
     }
@@ -1007,11 +1021,17 @@ impl Replica {
                 Some(primary) if primary == self.me => {
                     self.enqueue_update(now, Origin::Client(client_req), key, update, consistency);
                 }
+                Some(_) if matches!(update, Update::Load { .. }) && self.join_load(&key, client_req) => {}
                 Some(primary) => {
                     let req = self.request_id();
-                    // Queued behind others, then a read and a write there.
-                    let deadline = now + 3 * self.config.request_timeout_ms;
-                    self.pending.insert(req, Pending::Forward { client_req, deadline });
+                    if matches!(update, Update::Load { .. }) {
+                        self.forwarded_loads.insert(key.clone(), req);
+                    }
+                    // Queued behind others, then a read and a write there
+                    // (and a load between them).
+                    let wait = if let Update::Load { wait_ms } = update { wait_ms } else { 0 };
+                    let deadline = now + 3 * self.config.request_timeout_ms + wait;
+                    self.pending.insert(req, Pending::Forward { client_req, deadline, also: Vec::new() });
                     self.send(primary, Message::Update { req, key, update, level: consistency });
                 }
                 None => self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) }),
@@ -1058,6 +1078,31 @@ impl Replica {
             }
         }
         self.progress(now, req);
+    }
+
+    /// Joins a load of `key` this node already forwarded to its primary: one
+    /// message and one answer for every GET of a cold key here.
+    fn join_load(&mut self, key: &Bytes, client_req: u64) -> bool {
+        let Some(&req) = self.forwarded_loads.get(key) else { return false };
+        match self.pending.get_mut(&req) {
+            Some(Pending::Forward { also, .. }) => {
+                also.push(client_req);
+                true
+            }
+            _ => {
+                self.forwarded_loads.remove(key);
+                false
+            }
+        }
+    }
+
+    /// Answers a forwarded update's client and those that joined it.
+    fn answer_forward(&mut self, req: u64, result: Result<Outcome, OpError>) {
+        let Some(Pending::Forward { client_req, also, .. }) = self.pending.remove(&req) else { return };
+        self.forwarded_loads.retain(|_, r| *r != req);
+        for client_req in std::iter::once(client_req).chain(also) {
+            self.replies.push_back(Reply { client_req, result: result.clone() });
+        }
     }
 
     /// Queues an update of `key`, which this node is primary for, and
@@ -1108,6 +1153,13 @@ impl Replica {
         let Some(head) = self.updates.get(&key).and_then(|q| q.front()) else { return };
         let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
         match (step, result) {
+            (Step::Read, Ok(Outcome::Read(record)))
+                if matches!(head.update, Update::Load { .. }) && update::live(record.clone(), wall_ms).is_none() =>
+            {
+                let id = self.internal_id();
+                self.steps.insert(id, (key.clone(), Step::Load));
+                self.loads.push_back((id, key));
+            }
             (Step::Read, Ok(Outcome::Read(record))) => {
                 let current = update::live(record, wall_ms);
                 let (write, effect) = update::apply(&head.update, current.as_ref(), wall_ms, self.config.max_value_len);
@@ -1128,16 +1180,54 @@ impl Replica {
         }
     }
 
-    /// Answers the running update of `key` and starts the next one.
+    /// A load the node's loader was asked for ([`Replica::poll_load`]).
+    pub fn poll_load(&mut self) -> Option<(u64, Bytes)> {
+        self.loads.pop_front()
+    }
+
+    /// What the node's loader found for load `id`: the value is written to
+    /// the key's replicas, then every read-through waiting on the key is
+    /// answered.
+    pub fn loaded(&mut self, now: u64, id: u64, result: LoadResult) {
+        let Some((key, Step::Load)) = self.steps.remove(&id) else { return };
+        let Some(head) = self.updates.get(&key).and_then(|q| q.front()) else { return };
+        let level = head.level;
+        match result {
+            Ok(Some((value, ttl_ms))) => {
+                let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
+                let id = self.internal_id();
+                self.steps.insert(id, (key.clone(), Step::Write(Effect::Value(Some(value.clone())))));
+                let put = Op::Put { key, value: Some(value), expires_at: Some(wall_ms.saturating_add(ttl_ms.max(1))) };
+                self.coordinate(now, id, put, level);
+            }
+            Ok(None) => self.finish_update(now, &key, Ok(Effect::Value(None))),
+            Err(effect) => self.finish_update(now, &key, Ok(effect)),
+        }
+        self.pump_updates(now);
+    }
+
+    /// Answers the running update of `key` and starts the next one. Loads
+    /// queued right behind a finished load get its answer too: they asked
+    /// for the same key at the same time, and one load serves them all.
     fn finish_update(&mut self, now: u64, key: &Bytes, result: Result<Effect, OpError>) {
         let Some(queue) = self.updates.get_mut(key) else { return };
         let Some(done) = queue.pop_front() else { return };
+        let mut answered = vec![done.origin];
+        if matches!(done.update, Update::Load { .. }) && result.is_ok() {
+            while queue.front().is_some_and(|q| matches!(q.update, Update::Load { .. })) {
+                if let Some(next) = queue.pop_front() {
+                    answered.push(next.origin);
+                }
+            }
+        }
         let more = !queue.is_empty();
         if !more {
             self.updates.remove(key);
         }
-        self.updates_queued = self.updates_queued.saturating_sub(1);
-        self.answer_update(done.origin, result);
+        self.updates_queued = self.updates_queued.saturating_sub(answered.len());
+        for origin in answered {
+            self.answer_update(origin, result.clone());
+        }
         if more {
             self.start_update(now, key.clone());
         }
@@ -1377,6 +1467,9 @@ impl Replica {
                     return Err(PeerMessageError::TooLarge { what: "value", len, limit });
                 }
             }
+            Message::UpdateReply { result: Ok(Effect::LoadFailed { message, .. }), .. } if message.len() > 64 << 10 => {
+                return Err(PeerMessageError::TooLarge { what: "error", len: message.len(), limit: 64 << 10 });
+            }
             Message::UpdateReply { result: Ok(Effect::Value(Some(value))), .. } => {
                 // An APPEND's value may be the key's limit plus what was
                 // appended; never more than twice the limit.
@@ -1455,10 +1548,8 @@ impl Replica {
                 }
             }
             Message::UpdateReply { req, result } => {
-                if let Some(Pending::Forward { client_req, .. }) = self.pending.get(&req) {
-                    let client_req = *client_req;
-                    self.pending.remove(&req);
-                    self.replies.push_back(Reply { client_req, result: result.map(Outcome::Updated) });
+                if matches!(self.pending.get(&req), Some(Pending::Forward { .. })) {
+                    self.answer_forward(req, result.map(Outcome::Updated));
                 }
             }
             Message::Get { req, key } => {
@@ -1594,11 +1685,8 @@ impl Replica {
         for req in expired {
             match self.pending.get(&req) {
                 Some(Pending::Read { done: true, .. }) => self.finish_read(now, req),
-                Some(
-                    Pending::Read { client_req, .. }
-                    | Pending::Write { client_req, .. }
-                    | Pending::Forward { client_req, .. },
-                ) => {
+                Some(Pending::Forward { .. }) => self.answer_forward(req, Err(OpError::Timeout)),
+                Some(Pending::Read { client_req, .. } | Pending::Write { client_req, .. }) => {
                     let client_req = *client_req;
                     self.pending.remove(&req);
                     self.replies.push_back(Reply { client_req, result: Err(OpError::Timeout) });

@@ -26,8 +26,9 @@
 use super::membership::{Membership, MembershipConfig, MembershipEvent, Peer};
 use super::records::{ShardRecords, as_of};
 use super::replica::{self, Message, NodeIx, Op, OpError, Outcome, Record, RecordStore, Replica, ReplicaConfig};
-use super::transport::{Incoming, PeerFrame, PeerTransport, TransportError};
+use super::transport::{Incoming, PeerFrame, PeerTls, PeerTransport, TransportError};
 use super::update::{Effect, Update};
+use crate::loader::Loaders;
 use crate::reply::Routed;
 use crate::store::Store;
 use bytes::Bytes;
@@ -105,9 +106,11 @@ pub struct ClusterOptions {
     pub detect_within_ms: u64,
     /// Deadline of one replicated operation at its coordinator.
     pub request_timeout_ms: u64,
-    /// The cluster's CA (the shared development CA of `--dev-ca`).
-    pub ca_dir: PathBuf,
-    /// This node's data directory (its peer certificate).
+    /// The peer certificate and the cluster's CA: the operator's files, or
+    /// the shared development CA of `--dev-ca`.
+    pub tls: PeerTls,
+    /// This node's data directory (its development peer certificate, the
+    /// member list, the incarnation).
     pub data_dir: PathBuf,
 }
 
@@ -135,6 +138,8 @@ struct Command {
 /// [`Cluster::route`].
 pub struct Cluster {
     commands: mpsc::UnboundedSender<Command>,
+    /// The node's read-through loaders, run at each key's primary owner.
+    loaders: Arc<std::sync::OnceLock<Arc<Loaders>>>,
     status: Arc<Mutex<ClusterStats>>,
     default: Consistency,
     stop: watch::Sender<bool>,
@@ -233,6 +238,8 @@ impl Cluster {
         let (stop, stopped) = watch::channel(false);
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
         let thread_status = status.clone();
+        let loaders: Arc<std::sync::OnceLock<Arc<Loaders>>> = Arc::default();
+        let thread_loaders = loaders.clone();
         let thread = std::thread::Builder::new()
             .name("cachet-cluster".into())
             .spawn(move || {
@@ -244,7 +251,8 @@ impl Cluster {
                     }
                 };
                 runtime.block_on(async move {
-                    let (transport, incoming) = match PeerTransport::bind(listen, &options.ca_dir, &options.data_dir) {
+                    let bound = PeerTransport::bind(listen, &options.tls, &options.data_dir, options.node_id);
+                    let (transport, incoming) = match bound {
                         Ok(bound) => bound,
                         Err(err) => {
                             let _ = bound_tx.send(Err(err.into()));
@@ -255,7 +263,8 @@ impl Cluster {
                     // Peers' records are held to this node's own limits.
                     let limits = (store.config().max_key_size, store.config().max_value_size);
                     let store = Box::new(ShardRecords::new(store));
-                    let shell = Shell::new(options, listen, transport, thread_status, store, limits);
+                    let mut shell = Shell::new(options, listen, transport, thread_status, store, limits);
+                    shell.loaders = thread_loaders;
                     shell.run(commands_rx, incoming, stopped).await;
                 });
             })
@@ -265,7 +274,7 @@ impl Cluster {
             Ok(Err(err)) => return Err(err),
             Err(_) => return Err(ClusterError::Runtime("the cluster thread died while starting".into())),
         };
-        Ok(Arc::new(Self { commands, status, default, stop, thread: Mutex::new(Some(thread)), peer_addr }))
+        Ok(Arc::new(Self { commands, loaders, status, default, stop, thread: Mutex::new(Some(thread)), peer_addr }))
     }
 
     /// Where the peer transport listens.
@@ -336,6 +345,12 @@ impl Cluster {
         let this = self.clone();
         let later = |f: std::pin::Pin<Box<dyn Future<Output = Response> + Send>>| Some(Routed::Later(f));
         match body {
+            // A read-through GET: loaded at the key's primary, once for the
+            // whole cluster however many members ask at once.
+            Request::Get { key } if self.loads(key).is_some() => {
+                let wait_ms = self.loads(key).unwrap_or(0);
+                self.updated(store, key, Update::Load { wait_ms }, level)
+            }
             Request::Get { key } => {
                 let key = key.clone();
                 later(Box::pin(async move {
@@ -345,7 +360,12 @@ impl Cluster {
                     }
                 }))
             }
-            Request::Set { key, value, ttl_ms, condition: cachet_proto::Condition::Always, .. } => {
+            // Writes of loaded keys are serialized with their loads at the
+            // primary: a load that read the origin before the write cannot
+            // install over it.
+            Request::Set { key, value, ttl_ms, condition: cachet_proto::Condition::Always, .. }
+                if self.loads(key).is_none() =>
+            {
                 if let Some(refused) = check_record(store, key, value) {
                     return Some(Routed::Now(refused));
                 }
@@ -440,6 +460,12 @@ impl Cluster {
                     let deletes = keys.into_iter().map(|key| {
                         let this = this.clone();
                         async move {
+                            if this.loads(&key).is_some() {
+                                return match this.run(Op::Update { key, update: Update::Expire(0) }, level).await? {
+                                    Outcome::Updated(Effect::Applied(existed)) => Ok(existed),
+                                    _ => Err(OpError::Unavailable),
+                                };
+                            }
                             let existed = this.clone().read(key.clone(), level).await?.is_some();
                             this.write(key, None, level).await?;
                             Ok::<bool, OpError>(existed)
@@ -504,6 +530,34 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Makes the node's loaders run at each key's primary owner: GETs of
+    /// their namespaces load there once, writes of those keys are
+    /// serialized with the loads, and a CDC notification deletes the key on
+    /// every replica. Refused for namespaces that write to their origin.
+    pub fn attach_loaders(self: &Arc<Self>, loaders: &Arc<Loaders>) -> Result<(), String> {
+        let this = Arc::downgrade(self);
+        loaders.replicate(Box::new(move |key| {
+            if let Some(this) = this.upgrade() {
+                this.invalidate(key);
+            }
+        }))?;
+        self.loaders.set(loaders.clone()).map_err(|_| "the cluster already has loaders".to_string())
+    }
+
+    /// Deletes `key` on every replica, through its primary (serialized with
+    /// a load in flight), without waiting for the answer.
+    fn invalidate(&self, key: Bytes) {
+        let (reply, _) = oneshot::channel();
+        let op = Op::Update { key, update: Update::Expire(0) };
+        let _ = self.commands.send(Command { op, level: level(self.default), reply });
+    }
+
+    /// The load timeout of `key`'s loader namespace; `None` when no loader
+    /// covers it.
+    fn loads(&self, key: &[u8]) -> Option<u64> {
+        self.loaders.get()?.load_timeout_ms(key)
+    }
+
     /// A read-modify-write of `key` at its primary owner, answered later.
     fn updated(
         self: &Arc<Self>,
@@ -543,6 +597,9 @@ fn effect_response(effect: Effect) -> Response {
         Effect::Ok => Response::Ok,
         Effect::NotAnInteger => error(ErrorCode::WrongType, "value is not a decimal 64-bit integer"),
         Effect::Overflow => error(ErrorCode::WrongType, "increment would overflow a 64-bit integer"),
+        Effect::LoadFailed { origin, message } => {
+            error(if origin { ErrorCode::OriginFailed } else { ErrorCode::LoadFailed }, message)
+        }
         Effect::TooLarge { len, limit } => {
             error(ErrorCode::TooLarge, format!("the value would be {len} bytes; values are limited to {limit}"))
         }
@@ -665,6 +722,12 @@ struct Shell {
     started: Instant,
     boot: u64,
     waiting: HashMap<u64, oneshot::Sender<Result<Outcome, OpError>>>,
+    /// The node's loaders (set once attached), which run the loads the
+    /// replica asks for as a key's primary.
+    loaders: Arc<std::sync::OnceLock<Arc<Loaders>>>,
+    /// Loads finished, for [`Replica::loaded`].
+    loaded_tx: mpsc::UnboundedSender<(u64, replica::LoadResult)>,
+    loaded_rx: Option<mpsc::UnboundedReceiver<(u64, replica::LoadResult)>>,
     next_op: u64,
     status: Arc<Mutex<ClusterStats>>,
     alive: std::collections::BTreeMap<NodeIx, bool>,
@@ -678,6 +741,12 @@ struct Shell {
     /// When a refusal was last logged, and the refusals not logged since:
     /// a hostile peer's flood is a line a second, not a line each.
     refused_log: (Option<u64>, u64),
+    /// Peer frames dropped since the start because their sender claimed
+    /// to be another member than its certificate names
+    /// ([`Shell::refuse_impostor`]).
+    impostor_frames: u64,
+    /// Such drops are logged at most once a second.
+    impostor_log: crate::clients::LogLimiter,
 }
 
 impl Shell {
@@ -689,6 +758,7 @@ impl Shell {
         store: Box<dyn RecordStore>,
         (max_key_len, max_value_len): (usize, usize),
     ) -> Self {
+        let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
         let me = options.node_id;
         let boot = boot_nonce();
         let config = ReplicaConfig {
@@ -775,6 +845,9 @@ impl Shell {
             started: Instant::now(),
             boot,
             waiting: HashMap::new(),
+            loaders: Arc::default(),
+            loaded_tx,
+            loaded_rx: Some(loaded_rx),
             next_op: 1,
             status,
             alive,
@@ -784,6 +857,8 @@ impl Shell {
             status_at: 0,
             refused: 0,
             refused_log: (None, 0),
+            impostor_frames: 0,
+            impostor_log: crate::clients::LogLimiter::new(1_000),
         }
     }
 
@@ -842,6 +917,9 @@ impl Shell {
             self.by_addr.remove(&old);
         }
         self.by_addr.insert(addr, node);
+        // Its sender dials expecting the member known there when it started
+        // (see `send_to`): a new one starts with the new expectation.
+        self.senders.remove(&addr);
         self.changed_at = now;
         save_members(&self.members_file, &self.peers);
         tracing::info!(node, %addr, members = self.peers.len(), "member joined the ring");
@@ -929,6 +1007,7 @@ impl Shell {
         mut stopped: watch::Receiver<bool>,
     ) {
         tracing::info!(node = self.me, members = ?self.peers, "cluster runtime started");
+        let Some(mut loaded) = self.loaded_rx.take() else { return };
         loop {
             self.flush();
             let now = self.now();
@@ -961,6 +1040,12 @@ impl Shell {
                     self.check_stall(next);
                     let Some(frame) = frame else { break };
                     self.handle(frame);
+                }
+                Some((id, result)) = loaded.recv() => {
+                    let now = self.now();
+                    if let Some(replica) = self.replica.as_mut() {
+                        replica.loaded(now, id, result);
+                    }
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     self.check_stall(next);
@@ -1023,12 +1108,43 @@ impl Shell {
         }
     }
 
+    /// Drops a frame whose sender claims to be another member than its
+    /// certificate names (`claimed` says whom): counted in the stats, and
+    /// logged at most once a second, naming both.
+    fn refuse_impostor(&mut self, now: u64, from: SocketAddr, certified: u32, claimed: &str) {
+        self.impostor_frames += 1;
+        if let Some(suppressed) = self.impostor_log.check(now) {
+            tracing::error!(
+                %from,
+                certified,
+                suppressed,
+                total = self.impostor_frames,
+                "peer frame dropped: the sender's certificate names node {certified} but it claims to be {claimed}"
+            );
+        }
+    }
+
     fn handle(&mut self, frame: Incoming) {
         let now = self.now();
         match frame.frame {
-            // Gossip is how a joiner is first heard of: taken from anyone
-            // the transport let in (same CA).
+            // Gossip is how a joiner is first heard of: taken from any
+            // member of the cluster's CA, as long as the datagram's sender
+            // is the node its certificate names, speaking from the address
+            // it gives (what the gossip says of others is relayed news).
             PeerFrame::Gossip(data) => {
+                let sender = match Membership::sender(&data) {
+                    Ok(sender) => sender,
+                    Err(err) => {
+                        tracing::debug!(%err, from = %frame.from, "gossip refused");
+                        return;
+                    }
+                };
+                let claimed = sender.node.parse::<NodeIx>().ok();
+                if claimed != Some(frame.node) || sender.addr.parse::<SocketAddr>().ok() != Some(frame.from) {
+                    let claim = format!("node {} at {}", sender.node, sender.addr);
+                    self.refuse_impostor(now, frame.from, frame.node, &claim);
+                    return;
+                }
                 if let Err(err) = self.membership.handle_data(now, &data) {
                     tracing::debug!(%err, from = %frame.from, "gossip refused");
                 }
@@ -1038,6 +1154,12 @@ impl Shell {
                     tracing::debug!(from = %frame.from, "a replica message from an address that is no member yet");
                     return;
                 };
+                // The address is the member's claim: the certificate must
+                // name that member.
+                if from != frame.node {
+                    self.refuse_impostor(now, frame.from, frame.node, &format!("node {from}"));
+                    return;
+                }
                 match (message, self.replica.as_mut()) {
                     // From a member this node dropped and has not taken
                     // back: from here, that member was the one cut off,
@@ -1170,6 +1292,27 @@ impl Shell {
             while let Some(reply) = replica.poll_reply() {
                 replies.push(reply);
             }
+            // Loads this node runs as a key's primary: on the loaders' own
+            // runtime, answered through `loaded`.
+            while let Some((id, key)) = replica.poll_load() {
+                let tx = self.loaded_tx.clone();
+                match self.loaders.get() {
+                    Some(loaders) => {
+                        let fetch = loaders.fetch(key);
+                        tokio::spawn(async move {
+                            let result = fetch.await.map_err(|err| Effect::LoadFailed {
+                                origin: err.code == ErrorCode::OriginFailed,
+                                message: err.message,
+                            });
+                            let _ = tx.send((id, result));
+                        });
+                    }
+                    None => {
+                        let message = "this member has no loaders (start every member with the same --loaders)";
+                        let _ = tx.send((id, Err(Effect::LoadFailed { origin: false, message: message.into() })));
+                    }
+                }
+            }
             for (to, message) in out {
                 if let Some(&addr) = self.peers.get(&to) {
                     self.send_to(addr, PeerFrame::Replica(message));
@@ -1205,6 +1348,7 @@ impl Shell {
         if let Ok(mut status) = self.status.lock() {
             status.ops_ok = self.ops_ok;
             status.ops_failed = self.ops_failed;
+            status.peer_identity_refused = self.impostor_frames;
             status.synced = self.replica.as_ref().is_some_and(Replica::counted);
             if !full {
                 return;
@@ -1230,9 +1374,12 @@ impl Shell {
 
     fn send_to(&mut self, addr: SocketAddr, frame: PeerFrame) {
         let transport = &self.transport;
+        // The member known at `addr` (none for a seed known only by its
+        // address): the certificate answering there must name it.
+        let expected = self.by_addr.get(&addr).copied();
         let sender = self.senders.entry(addr).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            tokio::spawn(send_loop(transport.clone(), addr, rx));
+            tokio::spawn(send_loop(transport.clone(), addr, expected, rx));
             tx
         });
         if sender.try_send(frame).is_err() {
@@ -1248,7 +1395,15 @@ const BATCH_BYTES: usize = 4 << 20;
 /// stream carrying what was queued, reconnecting after failures. While the
 /// peer is unreachable its frames are dropped, backlog included: they are
 /// stale by the time it is back, and the protocol re-sends what matters.
-async fn send_loop(transport: Arc<PeerTransport>, to: SocketAddr, mut frames: mpsc::Receiver<PeerFrame>) {
+/// When `expected` names the member at `to`, a peer answering there with
+/// a certificate for another node is refused at the handshake (and its
+/// frames dropped like an unreachable peer's).
+async fn send_loop(
+    transport: Arc<PeerTransport>,
+    to: SocketAddr,
+    expected: Option<NodeIx>,
+    mut frames: mpsc::Receiver<PeerFrame>,
+) {
     let mut connection: Option<quinn::Connection> = None;
     let mut quiet_until: Option<tokio::time::Instant> = None;
     let mut batch = Vec::new();
@@ -1271,7 +1426,7 @@ async fn send_loop(transport: Arc<PeerTransport>, to: SocketAddr, mut frames: mp
             continue;
         }
         if connection.as_ref().is_none_or(|c| c.close_reason().is_some()) {
-            let dialed = match tokio::time::timeout(DIAL_TIMEOUT, transport.dial(to)).await {
+            let dialed = match tokio::time::timeout(DIAL_TIMEOUT, transport.dial(to, expected)).await {
                 Ok(Ok(c)) => Some(c),
                 Ok(Err(err)) => {
                     tracing::debug!(%to, %err, "peer unreachable");

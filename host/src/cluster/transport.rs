@@ -1,7 +1,13 @@
 //! The node-to-node transport: QUIC with ALPN `cachet-peer/1` and mutual
-//! TLS. Both ends present a certificate from the cluster's CA (for local
-//! clusters, the shared development CA of `--dev-ca DIR`) and accept only
-//! peers whose certificate that CA signed; clients' `cachet/1` port is
+//! TLS. Both ends present a certificate from the cluster's CA (the
+//! operator's, with `--tls-cert/--tls-key/--tls-ca`; for local clusters, the
+//! shared development CA of `--dev-ca DIR`) and accept only peers whose
+//! certificate that CA signed and which names a node (a `cachet://node/ID`
+//! URI, see [`tls::cert_node_id`]): a connection from a certificate naming
+//! none is closed, and every frame arrives with the node its sender's
+//! certificate names, for the runtime to hold against the id the frame
+//! claims. A dialer that knows which member it is calling checks the
+//! answering certificate names that one. Clients' `cachet/1` port is
 //! separate.
 //!
 //! Frames (gossip datagrams and replica messages, MessagePack) ride
@@ -16,7 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc};
 
@@ -24,8 +30,29 @@ use tokio::sync::{Mutex, mpsc};
 pub const PEER_ALPN: &[u8] = b"cachet-peer/1";
 /// The largest frame a peer may send (a sync batch included).
 pub const MAX_PEER_FRAME: usize = 64 << 20;
-/// The name peers check each other's certificates against.
-const PEER_NAME: &str = "localhost";
+
+/// Where a node's peer certificate comes from, and which CA it trusts.
+#[derive(Clone, Debug)]
+pub enum PeerTls {
+    /// The shared development CA of `--dev-ca DIR`: the node's certificate
+    /// in its data directory, issued by it for the node's id (again when
+    /// missing, from another CA or for another id).
+    DevCa {
+        /// The CA's directory.
+        ca_dir: PathBuf,
+    },
+    /// The operator's files (`--tls-cert/--tls-key/--tls-ca`), as made by
+    /// `cachet cert issue` or the operator's own PKI.
+    Files {
+        /// This node's certificate chain (PEM), naming its node id.
+        cert: PathBuf,
+        /// Its private key (PEM).
+        key: PathBuf,
+        /// The cluster's CA (PEM): the only one peers' certificates may
+        /// come from.
+        ca: PathBuf,
+    },
+}
 
 /// What peers send each other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +68,9 @@ pub enum PeerFrame {
 pub struct Incoming {
     /// The peer's address.
     pub from: SocketAddr,
+    /// The node the peer's certificate names: who it is, whatever the
+    /// frame claims.
+    pub node: u32,
     /// What it sent.
     pub frame: PeerFrame,
 }
@@ -86,17 +116,42 @@ pub struct PeerTransport {
 }
 
 impl PeerTransport {
-    /// Binds `addr` with the node certificate of `data_dir`, signed by (and
-    /// trusting only) the CA in `ca_dir`. Frames from peers arrive on the
-    /// returned channel. Call inside a tokio runtime.
+    /// Binds `addr` as node `node_id`, with the certificate `source` names
+    /// (issued into `data_dir` for a development CA), trusting only the
+    /// cluster's CA. Frames from peers arrive on the returned channel. Call
+    /// inside a tokio runtime.
+    ///
+    /// A certificate naming no node is refused: no peer would take it. One
+    /// naming another node than `node_id` is logged as an error but used:
+    /// the other members refuse this node's frames then, and it is they
+    /// who must, since a node that lies about its id would not check.
     pub fn bind(
         addr: SocketAddr,
-        ca_dir: &Path,
+        source: &PeerTls,
         data_dir: &Path,
+        node_id: u32,
     ) -> Result<(Arc<Self>, mpsc::Receiver<Incoming>), TransportError> {
-        tls::ensure_node_cert(ca_dir, data_dir)?;
-        let (cert, key) = tls::node_cert_files(data_dir);
-        let ca = ca_dir.join(tls::CA_CERT);
+        let (cert, key, ca) = match source {
+            PeerTls::DevCa { ca_dir } => {
+                tls::ensure_node_cert(ca_dir, data_dir, Some(node_id))?;
+                let (cert, key) = tls::node_cert_files(data_dir);
+                (cert, key, ca_dir.join(tls::CA_CERT))
+            }
+            PeerTls::Files { cert, key, ca } => (cert.clone(), key.clone(), ca.clone()),
+        };
+        let own = tls::load_certs(&cert)?;
+        match own.first().map(tls::cert_node_id) {
+            Some(Ok(id)) if id == node_id => {}
+            Some(Ok(id)) => tracing::error!(
+                certificate = %cert.display(),
+                "this node's certificate names node {id}, but it runs as --node-id {node_id}: the other members \
+                 will refuse its frames"
+            ),
+            Some(Err(err)) => {
+                return Err(TlsError::Pem { path: cert, detail: format!("{err}; peers would refuse it") }.into());
+            }
+            None => return Err(TlsError::Pem { path: cert, detail: "no certificate in the file".into() }.into()),
+        }
         let mut server = tls::server_config(
             &TlsSource::Files { cert: cert.clone(), key: key.clone(), client_ca: Some(ca.clone()) },
             PEER_ALPN,
@@ -121,11 +176,13 @@ impl PeerTransport {
     }
 
     /// A new connection to `to`, not shared: for a sender that keeps its
-    /// own (so a peer that is slow to answer holds up no other).
-    pub async fn dial(&self, to: SocketAddr) -> Result<quinn::Connection, TransportError> {
+    /// own (so a peer that is slow to answer holds up no other). With
+    /// `expected`, the peer's certificate must name that node.
+    pub async fn dial(&self, to: SocketAddr, expected: Option<u32>) -> Result<quinn::Connection, TransportError> {
         let failed = |detail: String| TransportError::Connect { addr: to, detail };
+        let name = tls::peer_server_name(expected);
         let connecting =
-            self.endpoint.connect_with(self.client.clone(), to, PEER_NAME).map_err(|e| failed(e.to_string()))?;
+            self.endpoint.connect_with(self.client.clone(), to, &name).map_err(|e| failed(e.to_string()))?;
         connecting.await.map_err(|e| failed(e.to_string()))
     }
 
@@ -154,8 +211,9 @@ impl PeerTransport {
             return Ok(connection.clone());
         }
         let failed = |detail: String| TransportError::Connect { addr: to, detail };
+        let name = tls::peer_server_name(None);
         let connecting =
-            self.endpoint.connect_with(self.client.clone(), to, PEER_NAME).map_err(|e| failed(e.to_string()))?;
+            self.endpoint.connect_with(self.client.clone(), to, &name).map_err(|e| failed(e.to_string()))?;
         let connection = connecting.await.map_err(|e| failed(e.to_string()))?;
         connections.insert(to, connection.clone());
         Ok(connection)
@@ -233,6 +291,27 @@ fn peer_timing() -> quinn::TransportConfig {
     timing
 }
 
+/// The node the certificate a peer presented names.
+fn peer_node(connection: &quinn::Connection) -> Result<u32, String> {
+    let identity = connection.peer_identity().ok_or("no certificate")?;
+    let chain = identity
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "not an X.509 certificate chain".to_string())?;
+    let leaf = chain.first().ok_or("an empty certificate chain")?;
+    tls::cert_node_id(leaf).map_err(|e| e.to_string())
+}
+
+/// Connections refused for their certificate, logged at most once a second.
+static REFUSED_LOG: crate::clients::LogLimiter = crate::clients::LogLimiter::new(1_000);
+/// Failed handshakes (a stranger's certificate, or a peer refusing ours),
+/// logged at most once a second: a peer that keeps redialing, or a flood,
+/// must not fill the log.
+static HANDSHAKE_LOG: crate::clients::LogLimiter = crate::clients::LogLimiter::new(1_000);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 async fn accept(endpoint: quinn::Endpoint, tx: mpsc::Sender<Incoming>) {
     while let Some(incoming) = endpoint.accept().await {
         let tx = tx.clone();
@@ -240,11 +319,25 @@ async fn accept(endpoint: quinn::Endpoint, tx: mpsc::Sender<Incoming>) {
             let connection = match incoming.await {
                 Ok(connection) => connection,
                 Err(err) => {
-                    tracing::warn!(%err, "a peer connection failed its handshake");
+                    if let Some(suppressed) = HANDSHAKE_LOG.check(unix_ms()) {
+                        tracing::warn!(%err, suppressed, "a peer connection failed its handshake");
+                    }
                     return;
                 }
             };
             let from = connection.remote_address();
+            // The CA signed it, but a certificate naming no node (a
+            // client's, say) is no member's.
+            let node = match peer_node(&connection) {
+                Ok(node) => node,
+                Err(err) => {
+                    if let Some(suppressed) = REFUSED_LOG.check(unix_ms()) {
+                        tracing::warn!(%from, %err, suppressed, "refused a peer connection: its certificate names no node");
+                    }
+                    connection.close(2u32.into(), b"certificate names no node");
+                    return;
+                }
+            };
             while let Ok(mut stream) = connection.accept_uni().await {
                 let frames = match stream.read_to_end(MAX_PEER_FRAME).await {
                     Ok(bytes) => decode_batch(&bytes),
@@ -253,7 +346,7 @@ async fn accept(endpoint: quinn::Endpoint, tx: mpsc::Sender<Incoming>) {
                 match frames {
                     Ok(frames) => {
                         for frame in frames {
-                            if tx.send(Incoming { from, frame }).await.is_err() {
+                            if tx.send(Incoming { from, node, frame }).await.is_err() {
                                 return;
                             }
                         }
@@ -276,7 +369,7 @@ mod tests {
     use crate::cluster::version::Version;
     use std::time::Duration;
 
-    fn temp(tag: &str) -> std::path::PathBuf {
+    fn temp(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("cachet-peer-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
@@ -286,9 +379,10 @@ mod tests {
     async fn peers_of_one_ca_talk_and_strangers_are_refused() {
         let (ca, other_ca) = (temp("ca"), temp("other-ca"));
         let any = "127.0.0.1:0".parse().expect("addr");
-        let (a, _a_in) = PeerTransport::bind(any, &ca, &temp("a")).expect("a");
-        let (b, mut b_in) = PeerTransport::bind(any, &ca, &temp("b")).expect("b");
-        let (stranger, _s_in) = PeerTransport::bind(any, &other_ca, &temp("stranger")).expect("stranger");
+        let dev = |ca_dir: &PathBuf| PeerTls::DevCa { ca_dir: ca_dir.clone() };
+        let (a, _a_in) = PeerTransport::bind(any, &dev(&ca), &temp("a"), 0).expect("a");
+        let (b, mut b_in) = PeerTransport::bind(any, &dev(&ca), &temp("b"), 1).expect("b");
+        let (stranger, _s_in) = PeerTransport::bind(any, &dev(&other_ca), &temp("stranger"), 2).expect("stranger");
         let b_addr = b.local_addr().expect("b addr");
 
         let put = PeerFrame::Replica(Message::Put {
@@ -306,6 +400,7 @@ mod tests {
         let first = tokio::time::timeout(Duration::from_secs(5), b_in.recv()).await.expect("in time").expect("frame");
         assert_eq!(first.frame, put);
         assert_eq!(first.from.port(), a.local_addr().expect("a addr").port());
+        assert_eq!(first.node, 0, "the development CA's certificate names a's node id");
         let second = tokio::time::timeout(Duration::from_secs(5), b_in.recv()).await.expect("in time").expect("frame");
         assert_eq!(second.frame, PeerFrame::Gossip(Bytes::from_static(b"swim")));
 
@@ -331,6 +426,59 @@ mod tests {
             t.close();
         }
         for dir in ["ca", "other-ca", "a", "b", "stranger"] {
+            let _ = std::fs::remove_dir_all(temp(dir));
+        }
+    }
+
+    /// Every frame carries the node its sender's certificate names; a
+    /// dialer expecting another member is refused at the handshake; a
+    /// certificate of the cluster's CA that names no node (a client's)
+    /// neither binds a peer port nor gets a frame through one.
+    #[tokio::test]
+    async fn peers_are_the_node_their_certificate_names() {
+        use crate::server::tls::{CertSubject, issue_cert};
+        let (ca, out) = (temp("id-ca"), temp("id-out"));
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let ca_pem = ca.join(tls::CA_CERT);
+        let node = |id| {
+            let (cert, key) = issue_cert(&ca, &out, &CertSubject::Node(id), &[]).expect("node certificate");
+            PeerTls::Files { cert, key, ca: ca_pem.clone() }
+        };
+        // a runs as node 7 on node 4's certificate: it binds (and logs an
+        // error), and what it sends arrives as node 4's.
+        let (a, _a_in) = PeerTransport::bind(any, &node(4), &temp("id-a"), 7).expect("a");
+        let (b, mut b_in) = PeerTransport::bind(any, &node(5), &temp("id-b"), 5).expect("b");
+        let b_addr = b.local_addr().expect("b addr");
+        let gossip = PeerFrame::Gossip(Bytes::from_static(b"swim"));
+        a.send(b_addr, &gossip).await.expect("a reaches b");
+        let got = tokio::time::timeout(Duration::from_secs(5), b_in.recv()).await.expect("in time").expect("frame");
+        assert_eq!((got.node, got.frame), (4, gossip.clone()));
+
+        assert!(a.dial(b_addr, Some(4)).await.is_err(), "b's certificate passed for node 4's");
+        assert!(a.dial(b_addr, Some(5)).await.is_ok(), "b is node 5");
+        assert!(a.dial(b_addr, None).await.is_ok(), "any member will do");
+
+        let (cert, key) = issue_cert(&ca, &out, &CertSubject::Client("app".into()), &[]).expect("client certificate");
+        let client_only = PeerTls::Files { cert: cert.clone(), key: key.clone(), ca: ca_pem.clone() };
+        let refused = PeerTransport::bind(any, &client_only, &temp("id-c"), 6).err().map(|e| e.to_string());
+        assert!(refused.as_deref().is_some_and(|e| e.contains("names no node")), "{refused:?}");
+        let config = tls::peer_client_config(&ca_pem, &cert, &key, PEER_ALPN).expect("client config");
+        let endpoint = quinn::Endpoint::client(any).expect("endpoint");
+        let connecting = endpoint.connect_with(config, b_addr, &tls::peer_server_name(None)).expect("connect");
+        if let Ok(connection) = connecting.await {
+            let mut batch = Vec::new();
+            PeerTransport::encode(&gossip, &mut batch).expect("encode");
+            let _ = PeerTransport::send_on(&connection, &batch).await;
+            let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+            assert!(closed.is_ok(), "b kept a connection whose certificate names no node");
+        }
+        let nothing = tokio::time::timeout(Duration::from_millis(300), b_in.recv()).await;
+        assert!(nothing.is_err(), "a frame got through on a certificate naming no node");
+        for t in [a, b] {
+            t.close();
+        }
+        endpoint.close(0u32.into(), b"");
+        for dir in ["id-ca", "id-out", "id-a", "id-b", "id-c"] {
             let _ = std::fs::remove_dir_all(temp(dir));
         }
     }

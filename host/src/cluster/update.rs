@@ -42,6 +42,14 @@ pub enum Update {
     Expire(u64),
     /// Remove the TTL; answers whether it had one.
     Persist,
+    /// A read-through GET of a loader namespace: the value if the key has
+    /// one, else the primary loads it (once, however many ask at once),
+    /// writes it to the replicas and answers it.
+    Load {
+        /// How long the load may take at the primary (the namespace's load
+        /// timeout), for the asking member's deadline.
+        wait_ms: u64,
+    },
 }
 
 impl Update {
@@ -70,6 +78,13 @@ pub enum Effect {
     NotAnInteger,
     /// INCR past the 64-bit range.
     Overflow,
+    /// The load at the primary failed: the loader's or the origin's error.
+    LoadFailed {
+        /// Whether the origin failed (else the loader).
+        origin: bool,
+        /// Why.
+        message: String,
+    },
     /// The new value (an APPEND's) would be over the node's limit.
     TooLarge {
         /// Its length.
@@ -169,6 +184,8 @@ fn apply_unbounded(update: &Update, current: Option<&Record>, wall_ms: u64) -> (
             Some(_) if *ms == 0 => (Some(Write { value: None, expires_at: None }), Effect::Applied(true)),
             Some(old) => (Some(Write { value: Some(old), expires_at: after(*ms) }), Effect::Applied(true)),
         },
+        // A hit; a miss is loaded by the replica before anything is written.
+        Update::Load { .. } => (None, Effect::Value(value)),
         Update::Persist => match (value, expires_at) {
             (Some(old), Some(_)) => (Some(Write { value: Some(old), expires_at: None }), Effect::Applied(true)),
             _ => (None, Effect::Applied(false)),

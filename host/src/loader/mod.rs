@@ -49,11 +49,16 @@ const MAX_RUNNING: usize = 256;
 /// "Not found" answers remembered at once.
 const MAX_NEGATIVE: usize = 100_000;
 
+/// How a cluster member's loaders delete a key everywhere (a CDC
+/// notification): a replicated delete, given by the node.
+pub type Invalidator = Box<dyn Fn(Bytes) + Send + Sync>;
+
 /// The result a flight hands to everyone waiting on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The value (installed unless an invalidation raced the load).
-    Value(Bytes),
+    /// The value (installed unless an invalidation raced the load), and
+    /// the TTL it is cached with (jittered, grace window included).
+    Value(Bytes, u64),
     /// The origin has no such key.
     NotFound,
     /// No value: the reply to send, with why.
@@ -64,7 +69,7 @@ impl Outcome {
     /// The reply to a GET.
     pub fn into_response(self) -> Response {
         match self {
-            Self::Value(v) => Response::Value(Some(v)),
+            Self::Value(v, _) => Response::Value(Some(v)),
             Self::NotFound => Response::Value(None),
             Self::Failed(err) => Response::Error(err),
         }
@@ -195,6 +200,10 @@ pub struct Loaders {
     runtime: Option<tokio::runtime::Runtime>,
     running: Arc<Semaphore>,
     flights: Mutex<HashMap<Bytes, Flight>>,
+    /// On a cluster member: loaded values are not installed in this node's
+    /// shards; the cluster writes what [`Loaders::fetch`] returns to the
+    /// key's replicas, and invalidations go through [`Loaders::invalidator`].
+    replicated: OnceLock<Invalidator>,
     /// Senders of flights an invalidation detached, by flight id, until
     /// they complete.
     detached_senders: Mutex<HashMap<u64, watch::Sender<Option<Outcome>>>>,
@@ -309,6 +318,7 @@ impl Loaders {
             rng: AtomicU64::new(seed),
             counters: LoaderCounters::default(),
             data: OnceLock::new(),
+            replicated: OnceLock::new(),
             write_locks: (0..write::WRITE_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
             queues,
             waiting: Arc::new(AtomicUsize::new(0)),
@@ -565,10 +575,11 @@ impl Loaders {
             }
             Ok(Some(loaded)) => {
                 let value = Bytes::from(loaded.value);
+                let ttl = refresh::jittered(loaded.ttl_ms.unwrap_or(ns.ttl_ms), ns.jitter, self.draw())
+                    .saturating_add(ns.grace_ms);
+                let store = store.filter(|_| self.replicated.get().is_none());
                 if let (true, Some(store)) = (leased, store) {
-                    let ttl = refresh::jittered(loaded.ttl_ms.unwrap_or(ns.ttl_ms), ns.jitter, self.draw());
-                    let options =
-                        SetOptions { ttl_ms: Some(ttl.saturating_add(ns.grace_ms)), hint: load_ms, keep_ttl: false };
+                    let options = SetOptions { ttl_ms: Some(ttl), hint: load_ms, keep_ttl: false };
                     // Installed under the flights lock: an invalidation either
                     // detached this flight already, or deletes after this.
                     if let Err(err) = store.with_shard(key, |shard, now| shard.set(now, key, value.clone(), options)) {
@@ -577,7 +588,7 @@ impl Loaders {
                 } else if !leased {
                     self.counters.lease_breaks.fetch_add(1, Ordering::Relaxed);
                 }
-                Outcome::Value(value)
+                Outcome::Value(value, ttl)
             }
             Ok(None) => {
                 if !leased {
@@ -585,8 +596,12 @@ impl Loaders {
                 }
                 if let (true, Some(store)) = (leased, store) {
                     let now = store.now_ms();
-                    // The origin no longer has it: drop a refreshed key too.
-                    store.with_shard(key, |shard, now| shard.delete(now, key));
+                    // The origin no longer has it: drop a refreshed key too
+                    // (on a cluster, the primary answers "not found" and
+                    // writes nothing).
+                    if self.replicated.get().is_none() {
+                        store.with_shard(key, |shard, now| shard.delete(now, key));
+                    }
                     if ns.negative_ttl_ms > 0 {
                         let mut negative = lock(&self.negative);
                         if negative.len() >= MAX_NEGATIVE {
@@ -666,13 +681,84 @@ impl Loaders {
         drop(flights);
     }
 
-    /// Invalidates `key` and deletes it from the node: what a CDC
-    /// notification does.
+    /// Invalidates `key` and deletes it from the node (on a cluster, from
+    /// every replica, through the cluster): what a CDC notification does.
     pub(crate) fn invalidate_key(&self, key: &[u8]) {
-        if let Some(store) = self.data.get() {
+        if let Some(invalidator) = self.replicated.get() {
+            self.invalidate(key);
+            invalidator(Bytes::copy_from_slice(key));
+        } else if let Some(store) = self.data.get() {
             self.invalidate(key);
             store.with_shard(key, |shard, now| shard.delete(now, key));
         }
+    }
+
+    /// Makes these loaders a cluster member's: loaded values go to the
+    /// caller of [`Loaders::fetch`] (the key's primary, which writes them to
+    /// the replicas) instead of this node's shards, and a CDC notification
+    /// deletes the key through `invalidator` (a replicated delete). Refused
+    /// for namespaces that write to their origin: write-through and
+    /// write-behind run on a single node only, for now.
+    pub fn replicate(&self, invalidator: Invalidator) -> Result<(), String> {
+        if let Some(ns) = self.namespaces.iter().find(|ns| ns.config.write != config::WriteMode::None) {
+            return Err(format!(
+                "namespace `{}` writes to its origin (write = \"{:?}\"): write-through and write-behind are not \
+                 supported on a cluster yet; read-through namespaces are",
+                ns.config.prefix, ns.config.write
+            ));
+        }
+        self.replicated.set(invalidator).map_err(|_| "the loaders are already a cluster's".to_string())
+    }
+
+    /// Loads `key` (single flight on this node, negative cache included)
+    /// without installing it: for the key's primary on a cluster, which
+    /// writes the value to the replicas. The value and the TTL (ms) to
+    /// cache it with; `None` when the origin has no such key.
+    pub fn fetch(
+        self: &Arc<Self>,
+        key: Bytes,
+    ) -> impl Future<Output = Result<Option<(Bytes, u64)>, ErrorReply>> + use<> {
+        let this = self.clone();
+        async move {
+            let refused = |code, message: String| Err(ErrorReply::new(code, message));
+            let Some(index) = this.namespace(&key) else {
+                return refused(ErrorCode::Internal, "not a loader namespace".into());
+            };
+            let Some(store) = this.data.get().cloned() else {
+                return refused(ErrorCode::Internal, "the loaders are not attached".into());
+            };
+            let now = store.now_ms();
+            if lock(&this.negative).get(&key).is_some_and(|&until| until > now) {
+                this.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            let Some(waiting) = WaitingGuard::take(&this.waiting) else {
+                let message = format!("{MAX_WAITING_LOADS} requests are waiting for loads on this node; retry later");
+                return refused(ErrorCode::Busy, message);
+            };
+            let Some(mut result) = this.start(&store, index, &key, Work::Load, true) else {
+                return refused(ErrorCode::LoadFailed, "the loaders are stopping".into());
+            };
+            let deadline = Duration::from_millis(this.namespaces[index].config.load_timeout_ms);
+            let waited = tokio::time::timeout(deadline + Duration::from_millis(1_500), async {
+                result.wait_for(Option::is_some).await.map(|v| v.clone())
+            })
+            .await;
+            drop(waiting);
+            match waited {
+                Ok(Ok(Some(Outcome::Value(value, ttl)))) => Ok(Some((value, ttl))),
+                Ok(Ok(Some(Outcome::NotFound))) => Ok(None),
+                Ok(Ok(Some(Outcome::Failed(err)))) => Err(err),
+                Ok(_) => refused(ErrorCode::LoadFailed, "the load was abandoned".into()),
+                Err(_) => refused(ErrorCode::LoadFailed, "the load missed its deadline".into()),
+            }
+        }
+    }
+
+    /// The longest a load of `key` may take (its namespace's load
+    /// timeout); `None` outside every namespace.
+    pub fn load_timeout_ms(&self, key: &[u8]) -> Option<u64> {
+        self.namespace(key).map(|i| self.namespaces[i].config.load_timeout_ms)
     }
 
     /// Invalidates every key of namespace `index`: after an invalidation

@@ -307,6 +307,13 @@ fn render_cluster(out: &mut String, c: &cachet_proto::ClusterStats) {
     family(out, "cachet_cluster_operations_total", "counter", "Replicated operations coordinated here, by result.");
     let _ = writeln!(out, "cachet_cluster_operations_total{{result=\"ok\"}} {}", c.ops_ok);
     let _ = writeln!(out, "cachet_cluster_operations_total{{result=\"failed\"}} {}", c.ops_failed);
+    family(
+        out,
+        "cachet_cluster_peer_identity_refused_total",
+        "counter",
+        "Peer frames dropped: the sender claimed another member than its certificate names.",
+    );
+    let _ = writeln!(out, "cachet_cluster_peer_identity_refused_total {}", c.peer_identity_refused);
 }
 
 /// The read-through loaders' counters and their origins'.

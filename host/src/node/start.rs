@@ -83,6 +83,9 @@ pub enum StartError {
     /// The metrics endpoint.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::endpoint::MetricsError),
+    /// Options that do not go together.
+    #[error("{0}")]
+    Config(String),
     /// The node's own thread.
     #[error("cannot start the node's thread: {0}")]
     Thread(std::io::Error),
@@ -122,6 +125,11 @@ impl Node {
         }
         if let Some(config) = options.loaders {
             let loaders = Loaders::new(&config)?;
+            // On a cluster, loads run at each key's primary owner and write
+            // to the replicas (before the loaders start their feeds).
+            if let Some(cluster) = node.cluster() {
+                cluster.attach_loaders(&loaders).map_err(StartError::Config)?;
+            }
             // A fresh node has none yet.
             let _ = node.attach_loaders(loaders);
         }

@@ -4,7 +4,10 @@
 //! provider, no 0-RTT (so no request, and in particular no write, is ever
 //! accepted in early data).
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
+    string::Ia5String,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
@@ -15,6 +18,57 @@ pub const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca-key.pem";
 const NODE_CERT: &str = "node.pem";
 const NODE_KEY: &str = "node-key.pem";
+
+/// How a certificate names the cluster member it belongs to: a URI in its
+/// subject alternative names, `cachet://node/7` for node 7. Peers hold
+/// each other to it (see `cluster::transport`).
+pub const NODE_URI_PREFIX: &str = "cachet://node/";
+/// The common name of the CA `--dev-ca` makes.
+const DEV_CA_NAME: &str = "Cachet development CA";
+/// The common name of the CA `cachet cert issue` makes.
+const CLUSTER_CA_NAME: &str = "Cachet cluster CA";
+
+/// The URI naming node `node_id` in a certificate.
+pub fn node_uri(node_id: u32) -> String {
+    format!("{NODE_URI_PREFIX}{node_id}")
+}
+
+/// Why a certificate names no cluster member.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodeIdError {
+    /// Not DER X.509.
+    #[error("not a readable X.509 certificate")]
+    Unreadable,
+    /// No `cachet://node/ID` URI.
+    #[error("the certificate names no node (no `cachet://node/ID` URI among its subject alternative names)")]
+    Missing,
+    /// Two different node ids.
+    #[error("the certificate names more than one node ({0} and {1})")]
+    Ambiguous(u32, u32),
+    /// A `cachet://node/` URI whose rest is not a node id.
+    #[error("`{0}` is not a node id URI (`cachet://node/` and decimal digits)")]
+    Malformed(String),
+}
+
+/// The node id `cert` carries in its subject alternative names (see
+/// [`NODE_URI_PREFIX`]). Exactly one id: a certificate naming two
+/// different nodes, or a malformed one, names none.
+pub fn cert_node_id(cert: &CertificateDer<'_>) -> Result<u32, NodeIdError> {
+    let parsed = webpki::EndEntityCert::try_from(cert).map_err(|_| NodeIdError::Unreadable)?;
+    let mut found: Option<u32> = None;
+    for uri in parsed.valid_uri_names() {
+        let Some(digits) = uri.strip_prefix(NODE_URI_PREFIX) else { continue };
+        let id = Some(digits)
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u32>().ok())
+            .ok_or_else(|| NodeIdError::Malformed(uri.to_string()))?;
+        match found {
+            Some(other) if other != id => return Err(NodeIdError::Ambiguous(other.min(id), other.max(id))),
+            _ => found = Some(id),
+        }
+    }
+    found.ok_or(NodeIdError::Missing)
+}
 
 /// TLS set-up that failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +113,9 @@ pub enum TlsSource {
         ca_dir: PathBuf,
         /// This node's data directory.
         data_dir: PathBuf,
+        /// The cluster member this node is (`--node-id`), named in its
+        /// certificate; `None` for a node outside a cluster.
+        node_id: Option<u32>,
     },
     /// Operator-supplied PEM files.
     Files {
@@ -110,6 +167,11 @@ pub fn ensure_dev_ca(data_dir: &Path) -> Result<(), TlsError> {
 /// wins (an empty `ca_dir` may be replaced, a filled one may not) and the
 /// others use the winner's.
 pub fn ensure_shared_ca(ca_dir: &Path) -> Result<(), TlsError> {
+    ensure_ca(ca_dir, DEV_CA_NAME)
+}
+
+/// [`ensure_shared_ca`] for a CA named `common_name`.
+fn ensure_ca(ca_dir: &Path, common_name: &str) -> Result<(), TlsError> {
     let complete = |dir: &Path| dir.join(CA_CERT).is_file() && dir.join(CA_KEY).is_file();
     if complete(ca_dir) {
         return Ok(());
@@ -122,7 +184,7 @@ pub fn ensure_shared_ca(ca_dir: &Path) -> Result<(), TlsError> {
     let staging = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let ca_key = KeyPair::generate().map_err(generate)?;
-    let ca_cert = dev_ca_params()?.self_signed(&ca_key).map_err(generate)?;
+    let ca_cert = ca_params(common_name)?.self_signed(&ca_key).map_err(generate)?;
     let write = |name: &str, pem: String, secrecy: Secrecy| write_atomically(&staging.join(name), &pem, secrecy);
     write(CA_KEY, ca_key.serialize_pem(), Secrecy::Private)?;
     write(CA_CERT, ca_cert.pem(), Secrecy::Public)?;
@@ -132,7 +194,7 @@ pub fn ensure_shared_ca(ca_dir: &Path) -> Result<(), TlsError> {
     }
     if complete(ca_dir) {
         if renamed.is_ok() {
-            tracing::info!(dir = %ca_dir.display(), "created the shared development CA");
+            tracing::info!(dir = %ca_dir.display(), name = common_name, "created a CA");
         }
         return Ok(());
     }
@@ -143,27 +205,28 @@ pub fn ensure_shared_ca(ca_dir: &Path) -> Result<(), TlsError> {
 }
 
 /// A node certificate in `data_dir` signed by the shared CA in `ca_dir`
-/// (made if missing or signed by another CA), with a copy of the CA's
-/// certificate beside it for clients that trust the data directory.
-pub fn ensure_node_cert(ca_dir: &Path, data_dir: &Path) -> Result<(), TlsError> {
+/// (made if missing, signed by another CA, or naming another node than
+/// `node_id`), with a copy of the CA's certificate beside it for clients
+/// that trust the data directory. With a `node_id`, the certificate names
+/// it (see [`NODE_URI_PREFIX`]), so members of a local cluster are held to
+/// their ids as on production certificates.
+pub fn ensure_node_cert(ca_dir: &Path, data_dir: &Path, node_id: Option<u32>) -> Result<(), TlsError> {
     ensure_shared_ca(ca_dir)?;
     let read = |path: PathBuf| std::fs::read_to_string(&path).map_err(io(&path));
     let ca_pem = read(ca_dir.join(CA_CERT))?;
     let same_ca = std::fs::read_to_string(data_dir.join(CA_CERT)).is_ok_and(|pem| pem == ca_pem);
-    if same_ca && data_dir.join(NODE_CERT).is_file() && data_dir.join(NODE_KEY).is_file() {
+    let names_node = || {
+        let certs = load_certs(&data_dir.join(NODE_CERT)).ok();
+        let named = certs.as_ref().and_then(|c| c.first()).map(cert_node_id);
+        node_id.is_none_or(|id| named == Some(Ok(id)))
+    };
+    if same_ca && data_dir.join(NODE_CERT).is_file() && data_dir.join(NODE_KEY).is_file() && names_node() {
         return Ok(());
     }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
-    let ca_key_path = ca_dir.join(CA_KEY);
-    warn_if_exposed(&ca_key_path);
-    let ca_key = KeyPair::from_pem(&read(ca_key_path)?).map_err(generate)?;
-    let issuer = Issuer::new(dev_ca_params()?, ca_key);
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let mut params = CertificateParams::new(names).map_err(generate)?;
-    params.distinguished_name.push(DnType::CommonName, "cachet node");
     let key = KeyPair::generate().map_err(generate)?;
-    let cert = params.signed_by(&key, &issuer).map_err(generate)?;
+    let cert = sign_with_ca(ca_dir, node_params(node_id, &[])?, &key, webpki::KeyUsage::server_auth())?;
     let write = |name: &str, pem: String, secrecy: Secrecy| write_atomically(&data_dir.join(name), &pem, secrecy);
     // The node certificate goes first and the CA copy last: a data
     // directory whose CA copy matches is complete.
@@ -172,6 +235,120 @@ pub fn ensure_node_cert(ca_dir: &Path, data_dir: &Path) -> Result<(), TlsError> 
     write(NODE_CERT, cert.pem(), Secrecy::Public)?;
     write(CA_CERT, ca_pem, Secrecy::Public)?;
     Ok(())
+}
+
+/// A node certificate's parameters: DNS names and addresses clients may
+/// check it against (`localhost`, the loopback addresses and `names`), the
+/// node id when given, and both TLS uses (members are each other's
+/// servers and clients).
+fn node_params(node_id: Option<u32>, names: &[String]) -> Result<CertificateParams, TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut all: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+    for name in names {
+        if !all.contains(name) {
+            all.push(name.clone());
+        }
+    }
+    let mut params = CertificateParams::new(all).map_err(generate)?;
+    match node_id {
+        Some(id) => {
+            let uri = Ia5String::try_from(node_uri(id)).map_err(generate)?;
+            params.subject_alt_names.push(SanType::URI(uri));
+            params.distinguished_name.push(DnType::CommonName, format!("cachet node {id}"));
+        }
+        None => params.distinguished_name.push(DnType::CommonName, "cachet node"),
+    }
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
+}
+
+/// Signs `params` for `key` with the CA in `ca_dir`. The CA's parameters
+/// are rebuilt, not parsed (the issuer's name and key are all a signature
+/// refers to): its name is one of the two cachet gives its CAs, and the
+/// result is checked against the CA's certificate for `usage`, so a
+/// certificate that does not chain to it (a CA cachet did not make) is
+/// refused rather than written.
+fn sign_with_ca(
+    ca_dir: &Path,
+    params: CertificateParams,
+    key: &KeyPair,
+    usage: webpki::KeyUsage,
+) -> Result<rcgen::Certificate, TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let ca_key_path = ca_dir.join(CA_KEY);
+    warn_if_exposed(&ca_key_path);
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(generate)?;
+    let ca_path = ca_dir.join(CA_CERT);
+    let ca_certs = load_certs(&ca_path)?;
+    let anchors = ca_certs
+        .iter()
+        .map(webpki::anchor_from_trusted_cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem { path: ca_path.clone(), detail: e.to_string() })?;
+    let algorithms = provider().signature_verification_algorithms.all;
+    for name in [CLUSTER_CA_NAME, DEV_CA_NAME] {
+        let issuer = Issuer::new(ca_params(name)?, &ca_key);
+        let cert = params.signed_by(key, &issuer).map_err(generate)?;
+        let der = cert.der().clone();
+        let chains = webpki::EndEntityCert::try_from(&der).is_ok_and(|end| {
+            let now = rustls_pki_types::UnixTime::now();
+            end.verify_for_usage(algorithms, &anchors, &[], now, usage, None, None).is_ok()
+        });
+        if chains {
+            return Ok(cert);
+        }
+    }
+    Err(TlsError::Pem {
+        path: ca_path,
+        detail: "not a CA made by cachet with this key (certificates signed with it would not chain to it)".into(),
+    })
+}
+
+/// What [`issue_cert`] makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertSubject {
+    /// A cluster member: `node-ID.pem`, named `cachet://node/ID`.
+    Node(u32),
+    /// A client of the nodes (mutual TLS): `client-NAME.pem`, with the DNS
+    /// name `NAME`.
+    Client(String),
+}
+
+/// `cachet cert issue`: creates the CA in `ca_dir` unless it is there, and
+/// writes a certificate for `subject` signed by it and its key (owner-only)
+/// into `out_dir`. A node's certificate is valid for `localhost`, the
+/// loopback addresses and `names` (DNS names or IP addresses clients check
+/// the node against). Returns the certificate's and the key's paths.
+pub fn issue_cert(
+    ca_dir: &Path,
+    out_dir: &Path,
+    subject: &CertSubject,
+    names: &[String],
+) -> Result<(PathBuf, PathBuf), TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    ensure_ca(ca_dir, CLUSTER_CA_NAME)?;
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let (params, stem, usage) = match subject {
+        CertSubject::Node(id) => {
+            (node_params(Some(*id), names)?, format!("node-{id}"), webpki::KeyUsage::server_auth())
+        }
+        CertSubject::Client(name) => {
+            let mut all = vec![name.clone()];
+            all.extend(names.iter().filter(|n| *n != name).cloned());
+            let mut params = CertificateParams::new(all).map_err(generate)?;
+            params.distinguished_name.push(DnType::CommonName, name.as_str());
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            (params, format!("client-{name}"), webpki::KeyUsage::client_auth())
+        }
+    };
+    let key = KeyPair::generate().map_err(generate)?;
+    let cert = sign_with_ca(ca_dir, params, &key, usage)?;
+    let cert_path = out_dir.join(format!("{stem}.pem"));
+    let key_path = out_dir.join(format!("{stem}-key.pem"));
+    write_atomically(&key_path, &key.serialize_pem(), Secrecy::Private)?;
+    write_atomically(&cert_path, &cert.pem(), Secrecy::Public)?;
+    Ok((cert_path, key_path))
 }
 
 /// Who may read a file written by [`write_atomically`].
@@ -267,9 +444,14 @@ fn warn_if_exposed(key: &Path) {
 /// The development CA's parameters. Rebuilt, not parsed, when the CA signs
 /// again: the issuer name and the key are all a signature refers to.
 fn dev_ca_params() -> Result<CertificateParams, TlsError> {
+    ca_params(DEV_CA_NAME)
+}
+
+/// A CA's parameters, named `common_name`.
+fn ca_params(common_name: &str) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| TlsError::Generate(e.to_string()))?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, "Cachet development CA");
+    params.distinguished_name.push(DnType::CommonName, common_name);
     Ok(params)
 }
 
@@ -331,8 +513,8 @@ fn rustls_server_config(source: &TlsSource, alpn: Option<&[u8]>) -> Result<rustl
             ensure_dev_ca(data_dir)?;
             (data_dir.join(NODE_CERT), data_dir.join(NODE_KEY), None)
         }
-        TlsSource::SharedDevCa { ca_dir, data_dir } => {
-            ensure_node_cert(ca_dir, data_dir)?;
+        TlsSource::SharedDevCa { ca_dir, data_dir, node_id } => {
+            ensure_node_cert(ca_dir, data_dir, *node_id)?;
             (data_dir.join(NODE_CERT), data_dir.join(NODE_KEY), None)
         }
         TlsSource::Files { cert, key, client_ca } => (cert.clone(), key.clone(), client_ca.clone()),
@@ -365,9 +547,100 @@ fn rustls_server_config(source: &TlsSource, alpn: Option<&[u8]>) -> Result<rustl
     Ok(tls)
 }
 
+/// The domain of the server names a node dials its peers by (see
+/// [`peer_server_name`]); `.invalid` is reserved, so no real host has it.
+const PEER_DOMAIN: &str = ".cachet-peer.invalid";
+
+/// The server name a node dials a peer by: `node-ID.cachet-peer.invalid`
+/// when it expects member `ID` there (the peer's certificate must name that
+/// node), `any.cachet-peer.invalid` when it does not know yet (a seed
+/// known only by its address: any member of the cluster's CA will do).
+pub fn peer_server_name(expected: Option<u32>) -> String {
+    match expected {
+        Some(id) => format!("node-{id}{PEER_DOMAIN}"),
+        None => format!("any{PEER_DOMAIN}"),
+    }
+}
+
+/// The node a server name from [`peer_server_name`] asks for.
+fn expected_node(server_name: &rustls_pki_types::ServerName<'_>) -> Option<u32> {
+    let rustls_pki_types::ServerName::DnsName(name) = server_name else { return None };
+    name.as_ref().strip_suffix(PEER_DOMAIN)?.strip_prefix("node-")?.parse().ok()
+}
+
+/// Lets a peer's certificate through when the cluster's CA signed it and it
+/// names a node (the one asked for, if any). Host names are not checked: a
+/// member is who its certificate names, wherever it is reached.
+#[derive(Debug)]
+struct PeerServerVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// Peer certificates refused for the node they name, logged at most once a
+/// second.
+static PEER_REFUSED_LOG: crate::clients::LogLimiter = crate::clients::LogLimiter::new(1_000);
+
+impl rustls::client::danger::ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        let algorithms = self.provider.signature_verification_algorithms.all;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            algorithms,
+        )?;
+        let refused = match (cert_node_id(end_entity), expected_node(server_name)) {
+            (Ok(id), Some(expected)) if id != expected => {
+                format!("the peer's certificate names node {id}, not node {expected}")
+            }
+            (Ok(_), _) => return Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            (Err(err), _) => format!("the peer's certificate: {err}"),
+        };
+        let now_ms = now.as_secs().saturating_mul(1_000);
+        if let Some(suppressed) = PEER_REFUSED_LOG.check(now_ms) {
+            tracing::warn!(server = ?server_name, suppressed, "refused a peer: {refused}");
+        }
+        let refused = Arc::new(std::io::Error::other(refused));
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(refused))))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// The quinn client configuration a node uses toward its peers: it trusts
-/// only `ca` and presents its own certificate (peers require one), speaking
-/// `alpn`.
+/// only `ca`, presents its own certificate (peers require one), and takes
+/// a peer only when its certificate names a node, the one the server name
+/// asks for ([`peer_server_name`]) if it asks for one; speaking `alpn`.
 pub fn peer_client_config(ca: &Path, cert: &Path, key: &Path, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let config = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
@@ -378,10 +651,12 @@ pub fn peer_client_config(ca: &Path, cert: &Path, key: &Path, alpn: &[u8]) -> Re
     warn_if_exposed(key);
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| TlsError::Pem { path: key.to_path_buf(), detail: e.to_string() })?;
+    let verifier = Arc::new(PeerServerVerifier { roots: Arc::new(roots), provider: provider() });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| config(&e))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)
         .map_err(|e| config(&e))?;
     tls.alpn_protocols = vec![alpn.to_vec()];
@@ -411,7 +686,7 @@ mod tests {
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let (ca_dir, data_dir) = (ca_dir.clone(), root.join(format!("node{i}")));
-                std::thread::spawn(move || ensure_node_cert(&ca_dir, &data_dir))
+                std::thread::spawn(move || ensure_node_cert(&ca_dir, &data_dir, Some(i)))
             })
             .collect();
         for handle in handles {
@@ -450,7 +725,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         let (single, shared, node) = (root.join("single"), root.join("ca"), root.join("node"));
         ensure_dev_ca(&single).expect("development CA");
-        ensure_node_cert(&shared, &node).expect("node certificate from a shared CA");
+        ensure_node_cert(&shared, &node, Some(3)).expect("node certificate from a shared CA");
         let (client_cert, client_key) = issue_client_cert(&single, "app-1").expect("client certificate");
         for key in [single.join(CA_KEY), single.join(NODE_KEY), shared.join(CA_KEY), node.join(NODE_KEY), client_key] {
             assert_eq!(mode(&key), 0o600, "{} is readable by others", key.display());
@@ -470,5 +745,97 @@ mod tests {
         std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         assert_eq!(exposed_bits(&loose), Some(0o644));
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    fn first_cert(path: &Path) -> CertificateDer<'static> {
+        load_certs(path).expect("certificate").swap_remove(0)
+    }
+
+    /// A certificate with these URIs among its names, self-signed.
+    fn with_uris(uris: &[&str]) -> CertificateDer<'static> {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        for uri in uris {
+            params.subject_alt_names.push(SanType::URI(Ia5String::try_from(*uri).expect("ia5")));
+        }
+        let key = KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("certificate").der().clone()
+    }
+
+    /// The node id travels in a `cachet://node/N` URI: read back from what
+    /// `cachet cert issue` and the development CA make; a client's
+    /// certificate names none, and neither do malformed or conflicting
+    /// URIs.
+    #[test]
+    fn certificates_name_their_node() {
+        let root = std::env::temp_dir().join(format!("cachet-node-ids-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (ca, out) = (root.join("ca"), root.join("out"));
+        let names = ["db1.example".to_string(), "10.0.0.9".to_string()];
+        let (cert, key) = issue_cert(&ca, &out, &CertSubject::Node(9), &names).expect("node certificate");
+        assert_eq!(cert, out.join("node-9.pem"));
+        let der = first_cert(&cert);
+        assert_eq!(cert_node_id(&der), Ok(9));
+        let parsed = webpki::EndEntityCert::try_from(&der).expect("parse");
+        let dns: Vec<&str> = parsed.valid_dns_names().collect();
+        assert_eq!(dns, ["localhost", "db1.example"]);
+        for name in ["10.0.0.9", "127.0.0.1", "db1.example"] {
+            let name = rustls_pki_types::ServerName::try_from(name).expect("name");
+            assert!(parsed.verify_is_valid_for_subject_name(&name).is_ok(), "not valid for {name:?}");
+        }
+        #[cfg(unix)]
+        {
+            assert_eq!(mode(&key), 0o600, "the key is the owner's alone");
+            assert_eq!(mode(&ca.join(CA_KEY)), 0o600, "the CA's key is the owner's alone");
+        }
+        #[cfg(not(unix))]
+        let _ = key;
+        let (client, _) = issue_cert(&ca, &out, &CertSubject::Client("app".into()), &[]).expect("client certificate");
+        assert_eq!(cert_node_id(&first_cert(&client)), Err(NodeIdError::Missing));
+
+        // A local cluster's certificates name their node too, and follow
+        // the node id the data directory is started with.
+        let (dev, data) = (root.join("dev"), root.join("data"));
+        ensure_node_cert(&dev, &data, Some(3)).expect("development certificate");
+        assert_eq!(cert_node_id(&first_cert(&data.join(NODE_CERT))), Ok(3));
+        ensure_node_cert(&dev, &data, Some(4)).expect("re-issued");
+        assert_eq!(cert_node_id(&first_cert(&data.join(NODE_CERT))), Ok(4));
+        let before = std::fs::read(data.join(NODE_CERT)).expect("read");
+        ensure_node_cert(&dev, &data, None).expect("kept");
+        assert_eq!(std::fs::read(data.join(NODE_CERT)).expect("read"), before, "re-issued with nothing asked");
+        // `cert issue` signs with a development CA as well (the issuer's
+        // name is found), and refuses a CA whose key is not its own.
+        let (from_dev, _) = issue_cert(&dev, &out, &CertSubject::Node(1), &[]).expect("issued by the dev CA");
+        assert_eq!(cert_node_id(&first_cert(&from_dev)), Ok(1));
+        let foreign = root.join("foreign");
+        ensure_shared_ca(&foreign).expect("CA");
+        let other_key = KeyPair::generate().expect("key").serialize_pem();
+        write_atomically(&foreign.join(CA_KEY), &other_key, Secrecy::Private).expect("swap the key");
+        let refused = issue_cert(&foreign, &root.join("none"), &CertSubject::Node(1), &[]);
+        assert!(refused.is_err(), "signed with a key that is not the CA's");
+        assert!(!root.join("none").join("node-1.pem").exists(), "a certificate that does not chain was written");
+
+        assert_eq!(cert_node_id(&with_uris(&["cachet://node/2", "cachet://node/2", "https://x.example/"])), Ok(2));
+        assert_eq!(
+            cert_node_id(&with_uris(&["cachet://node/2", "cachet://node/1"])),
+            Err(NodeIdError::Ambiguous(1, 2))
+        );
+        for bad in
+            ["cachet://node/", "cachet://node/x", "cachet://node/-1", "cachet://node/1/", "cachet://node/4294967296"]
+        {
+            assert_eq!(cert_node_id(&with_uris(&[bad])), Err(NodeIdError::Malformed(bad.into())), "{bad}");
+        }
+        assert_eq!(cert_node_id(&with_uris(&["https://node/1"])), Err(NodeIdError::Missing));
+        assert_eq!(cert_node_id(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])), Err(NodeIdError::Unreadable));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// Dialers name the member they expect; other names ask for none.
+    #[test]
+    fn peer_server_names_carry_the_expected_node() {
+        let parse = |name: String| expected_node(&rustls_pki_types::ServerName::try_from(name).expect("name"));
+        assert_eq!(parse(peer_server_name(Some(12))), Some(12));
+        assert_eq!(parse(peer_server_name(None)), None);
+        assert_eq!(parse("localhost".into()), None);
+        assert_eq!(parse("node-1.example".into()), None);
     }
 }
