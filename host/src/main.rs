@@ -718,6 +718,10 @@ fn run(cli: Cli) -> Result<()> {
                     };
                     println!("replica           {} records, {} hints, {synced}", cluster.records, cluster.hints);
                     println!("replicated ops    {} ok, {} failed", cluster.ops_ok, cluster.ops_failed);
+                    println!(
+                        "as a replica      {} writes for other members, {} updates run as primary",
+                        cluster.replica_writes, cluster.primary_updates
+                    );
                     if cluster.peer_identity_refused > 0 {
                         let refused = cluster.peer_identity_refused;
                         println!("impostor frames   {refused} dropped (sender's certificate names another node)");

@@ -964,6 +964,13 @@ async fn replicated_records_obey_the_node_bounds() {
         .and_then(|n| n.parse::<u64>().ok())
         .expect("a SET count");
     assert!(sets >= 100, "member 1 counted {sets} SETs of the 1,000 routed to owners");
+    // And the writes it stored as a replica for the other coordinators.
+    let as_replica = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cachet_cluster_replica_writes_total "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("a replica write count");
+    assert!(as_replica >= 100, "member 1 stored {as_replica} writes for the others (RF=3)");
     client.close().await;
 }
 

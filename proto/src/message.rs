@@ -524,6 +524,13 @@ pub struct ClusterStats {
     /// member than its certificate names.
     #[serde(default)]
     pub peer_identity_refused: u64,
+    /// Writes this member stored as a replica for other coordinators
+    /// (replication, repair, hints delivered and re-sync parts excluded).
+    #[serde(default)]
+    pub replica_writes: u64,
+    /// Read-modify-writes and loads this member ran as a key's primary.
+    #[serde(default)]
+    pub primary_updates: u64,
 }
 
 /// One hot key in [`NodeStats`].

@@ -571,6 +571,10 @@ pub struct Replica {
     /// when they are remembered: a message delivered twice must not apply
     /// an increment twice.
     seen_updates: BTreeMap<(NodeIx, u64), u64>,
+    /// Writes stored for other coordinators (for the stats).
+    peer_writes: u64,
+    /// Updates run as a key's primary (for the stats).
+    updates_run: u64,
     /// Loads forwarded to their key's primary and not answered yet, by key:
     /// later GETs of the key here join them.
     forwarded_loads: BTreeMap<Bytes, u64>,
@@ -626,6 +630,8 @@ impl Replica {
             seen_updates: BTreeMap::new(),
             loads: VecDeque::new(),
             forwarded_loads: BTreeMap::new(),
+            peer_writes: 0,
+            updates_run: 0,
             pumping: false,
         }
     }
@@ -1120,8 +1126,19 @@ impl Replica {
         }
     }
 
+    /// Writes this replica stored for other coordinators' client requests.
+    pub fn peer_writes(&self) -> u64 {
+        self.peer_writes
+    }
+
+    /// Updates (read-modify-writes, loads) run here as a key's primary.
+    pub fn updates_run(&self) -> u64 {
+        self.updates_run
+    }
+
     /// Starts the queue head of `key`: its read, at its consistency.
     fn start_update(&mut self, now: u64, key: Bytes) {
+        self.updates_run += 1;
         let Some(level) = self.updates.get(&key).and_then(|q| q.front()).map(|q| q.level) else { return };
         let id = self.internal_id();
         self.steps.insert(id, (key.clone(), Step::Read));
@@ -1515,6 +1532,7 @@ impl Replica {
                 // counting: the coordinator must not count a copy that is
                 // not there.
                 let counted = self.apply(now, &key, &record) && self.counted_for(&key);
+                self.peer_writes += u64::from(req != 0);
                 if req != 0 {
                     self.send(from, Message::PutAck { req, counted });
                 }

@@ -1349,6 +1349,10 @@ impl Shell {
             status.ops_ok = self.ops_ok;
             status.ops_failed = self.ops_failed;
             status.peer_identity_refused = self.impostor_frames;
+            if let Some(replica) = &self.replica {
+                status.replica_writes = replica.peer_writes();
+                status.primary_updates = replica.updates_run();
+            }
             status.synced = self.replica.as_ref().is_some_and(Replica::counted);
             if !full {
                 return;

@@ -309,6 +309,20 @@ fn render_cluster(out: &mut String, c: &cachet_proto::ClusterStats) {
     let _ = writeln!(out, "cachet_cluster_operations_total{{result=\"failed\"}} {}", c.ops_failed);
     family(
         out,
+        "cachet_cluster_replica_writes_total",
+        "counter",
+        "Writes stored here as a replica for other coordinators.",
+    );
+    let _ = writeln!(out, "cachet_cluster_replica_writes_total {}", c.replica_writes);
+    family(
+        out,
+        "cachet_cluster_primary_updates_total",
+        "counter",
+        "Read-modify-writes and loads run here as the key's primary owner.",
+    );
+    let _ = writeln!(out, "cachet_cluster_primary_updates_total {}", c.primary_updates);
+    family(
+        out,
         "cachet_cluster_peer_identity_refused_total",
         "counter",
         "Peer frames dropped: the sender claimed another member than its certificate names.",
