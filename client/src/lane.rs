@@ -40,7 +40,10 @@ impl Lane {
         self.open.load(Ordering::Relaxed)
     }
 
-    pub(crate) async fn call(&self, id: u64, frame: BytesMut) -> Result<Response, ClientError> {
+    /// Sends `frame` and waits for the reply with `id`. `sent` is set once
+    /// any of the frame may have left: before that, a failure means the
+    /// node surely never saw the request.
+    pub(crate) async fn call(&self, id: u64, frame: BytesMut, sent: &AtomicBool) -> Result<Response, ClientError> {
         let closed = || ClientError::Connection("stream closed".into());
         let (tx, rx) = oneshot::channel();
         // Frames go out whole and in order: one writer at a time.
@@ -60,6 +63,7 @@ impl Lane {
         // Usually the whole frame fits at once. When it does not (the node
         // is pushing back), a task finishes the write: a caller giving up
         // (its timeout) must never leave half a frame on the stream.
+        sent.store(true, Ordering::Release);
         let written = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *send).poll_write(cx, &frame))).await;
         let rest = match written {
             Poll::Ready(Ok(n)) if n == frame.len() => None,
@@ -157,10 +161,16 @@ async fn read_loop(mut recv: quinn::RecvStream, pending: Pending, open: Arc<Atom
 }
 
 /// Sends one request on a fresh stream and reads its reply (for large values,
-/// so they never queue behind or ahead of small requests).
-pub(crate) async fn one_shot(connection: &quinn::Connection, frame: BytesMut) -> Result<Response, ClientError> {
+/// so they never queue behind or ahead of small requests). `sent` as for
+/// [`Lane::call`].
+pub(crate) async fn one_shot(
+    connection: &quinn::Connection,
+    frame: BytesMut,
+    sent: &AtomicBool,
+) -> Result<Response, ClientError> {
     let lost = |e: &dyn std::fmt::Display| ClientError::Connection(e.to_string());
     let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+    sent.store(true, Ordering::Release);
     send.write_all(&frame).await.map_err(|e| lost(&e))?;
     send.finish().map_err(|e| lost(&e))?;
     let mut input = BytesMut::new();

@@ -21,25 +21,27 @@
 
 mod cluster;
 mod lane;
+mod reply;
 mod single_flight;
 
 pub use cluster::{ClusterClient, RetryPolicy};
 
 pub use cachet_proto::{
     AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats,
-    PolicyListing, ShadowListing, ShardListing, TtlState, key_hash,
+    PolicyListing, ShadowListing, ShardListing, TtlChange, TtlState, key_hash,
 };
 pub use single_flight::LoadError;
 
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Request, Response};
 use lane::Lane;
+use reply::Failure;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Why a request failed.
@@ -220,7 +222,9 @@ impl ClientConfig {
     }
 }
 
-/// Options of one write.
+/// Options of one write. What only some writes need (keep the key's TTL,
+/// answer with the value replaced) has methods of its own:
+/// [`Client::set_keep_ttl`], [`Client::set_get`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SetOptions {
     /// Time to live.
@@ -400,38 +404,47 @@ impl Client {
     /// Sends one request and waits for its reply; the timeout covers
     /// reconnecting too.
     async fn call(&self, request: Request) -> Result<Response, ClientError> {
+        self.exchange(request).await.map_err(|failure| failure.error)
+    }
+
+    /// [`Self::call`], telling on failure whether the request may have
+    /// reached the node (for a [`ClusterClient`] deciding whether it may
+    /// send it again elsewhere).
+    pub(crate) async fn exchange(&self, request: Request) -> Result<Response, Failure> {
         let timeout = self.inner.config.timeout;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = BytesMut::new();
         cachet_proto::encode_at(id, &request, self.consistency, &mut frame)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            .map_err(|e| Failure::unsent(ClientError::Protocol(e.to_string())))?;
         // Big frames (a large value, a long key list) get a stream of their
         // own: they never delay small requests, and if the node refuses one
         // (closing that stream) no other request shares its fate.
         // Admin commands (a swap can take a while) also go alone, so no
         // data request waits behind one on a shared lane.
         let large = frame.len() > self.inner.config.large_value || matches!(request, Request::Admin { .. });
+        // Set once any of the frame may have left.
+        let sent = AtomicBool::new(false);
         let exchange = async {
             let conn = self.connection().await?;
             if large {
-                lane::one_shot(&conn.connection, frame).await
+                lane::one_shot(&conn.connection, frame, &sent).await
             } else {
                 let lane = self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % conn.lanes.len();
-                conn.lanes[lane].call(id, frame).await
+                conn.lanes[lane].call(id, frame, &sent).await
             }
         };
-        match tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::Timeout(timeout))?? {
-            Response::Error(err) => Err(ClientError::Server(err)),
-            reply => Ok(reply),
+        let result = tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::Timeout(timeout));
+        let sent = sent.load(Ordering::Acquire);
+        match result {
+            Ok(Ok(Response::Error(err))) => Err(Failure { error: ClientError::Server(err), sent: true }),
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(error)) | Err(error) => Err(Failure { error, sent }),
         }
     }
 
     /// Reads `key`; `None` on a miss.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, ClientError> {
-        match self.call(Request::Get { key: Bytes::copy_from_slice(key.as_ref()) }).await? {
-            Response::Value(value) => Ok(value),
-            other => Err(unexpected(&other)),
-        }
+        reply::value(self.call(Request::Get { key: reply::key(key) }).await?)
     }
 
     /// Stores `value` under `key` with no TTL.
@@ -447,87 +460,121 @@ impl Client {
         value: impl Into<Bytes>,
         options: SetOptions,
     ) -> Result<bool, ClientError> {
-        let request = Request::Set {
-            key: Bytes::copy_from_slice(key.as_ref()),
-            value: value.into(),
-            ttl_ms: options.ttl.map(|t| t.as_millis() as u64),
-            condition: options.condition,
-            hint: options.hint,
-        };
-        match self.call(request).await? {
-            Response::Ok => Ok(true),
-            Response::Applied(applied) => Ok(applied),
-            other => Err(unexpected(&other)),
-        }
+        reply::applied(self.call(reply::set(reply::key(key), value.into(), options, false, false)).await?)
+    }
+
+    /// Stores `value` under `key` and keeps the TTL the key has (`SET ...
+    /// KEEPTTL`; none when the key is new); `options.ttl` is ignored.
+    /// Returns whether the write applied (always true without a condition).
+    pub async fn set_keep_ttl(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<bool, ClientError> {
+        reply::applied(self.call(reply::set(reply::key(key), value.into(), options, true, false)).await?)
+    }
+
+    /// Stores `value` under `key` as [`Client::set_with`] does and returns
+    /// the value it replaced (`SET ... GET`; `None` when there was none).
+    /// With a condition, whether it applied follows from the answer: NX
+    /// applied if it is `None`, XX if it is not.
+    pub async fn set_get(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<Option<Bytes>, ClientError> {
+        reply::value(self.call(reply::set(reply::key(key), value.into(), options, false, true)).await?)
     }
 
     /// Deletes keys; returns how many existed.
     pub async fn delete<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<u64, ClientError> {
-        self.count(Request::Del { keys: keys.iter().map(|k| Bytes::copy_from_slice(k.as_ref())).collect() }).await
+        reply::count(self.call(Request::Del { keys: reply::keys(keys) }).await?)
     }
 
-    /// Counts how many of `keys` exist.
+    /// Counts how many of `keys` exist (a key named twice counts twice, as
+    /// in Redis).
     pub async fn exists<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<u64, ClientError> {
-        self.count(Request::Exists { keys: keys.iter().map(|k| Bytes::copy_from_slice(k.as_ref())).collect() }).await
-    }
-
-    async fn count(&self, request: Request) -> Result<u64, ClientError> {
-        match self.call(request).await? {
-            Response::Count(n) => Ok(n),
-            other => Err(unexpected(&other)),
-        }
+        reply::count(self.call(Request::Exists { keys: reply::keys(keys) }).await?)
     }
 
     /// Reads several keys, in order.
     pub async fn mget<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Bytes>>, ClientError> {
-        let keys = keys.iter().map(|k| Bytes::copy_from_slice(k.as_ref())).collect();
-        match self.call(Request::MGet { keys }).await? {
-            Response::Values(values) => Ok(values),
-            other => Err(unexpected(&other)),
-        }
+        reply::values(self.call(Request::MGet { keys: reply::keys(keys) }).await?, keys.len())
     }
 
-    /// Writes several keys; all or none are stored.
+    /// Writes several keys (no TTL). A single node checks them all before
+    /// storing any, and stores all or none; a clustered node stores each
+    /// key on its owners, so a failure there may leave some stored (see
+    /// [`ClusterClient::mset`]).
     pub async fn mset(&self, pairs: Vec<(Bytes, Bytes)>) -> Result<(), ClientError> {
-        match self.call(Request::MSet { pairs }).await? {
-            Response::Ok => Ok(()),
-            other => Err(unexpected(&other)),
-        }
+        reply::ok(self.call(Request::MSet { pairs }).await?)
     }
 
-    /// Adds `delta` to the integer at `key` (0 when absent); returns the result.
+    /// Adds `delta` to the integer at `key` (0 when absent); returns the
+    /// result. A negative `delta` decrements (DECR, DECRBY).
     pub async fn incr(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64, ClientError> {
-        match self.call(Request::Incr { key: Bytes::copy_from_slice(key.as_ref()), delta }).await? {
-            Response::Integer(n) => Ok(n),
-            other => Err(unexpected(&other)),
-        }
+        reply::integer(self.call(Request::Incr { key: reply::key(key), delta }).await?)
     }
 
-    /// Gives `key` a new TTL; false if it does not exist.
+    /// Appends `value` to the value at `key` (creating it when absent, with
+    /// no TTL); returns the new length.
+    pub async fn append(&self, key: impl AsRef<[u8]>, value: impl Into<Bytes>) -> Result<u64, ClientError> {
+        reply::length(self.call(Request::Append { key: reply::key(key), value: value.into() }).await?)
+    }
+
+    /// The length of the value at `key`; 0 when absent.
+    pub async fn strlen(&self, key: impl AsRef<[u8]>) -> Result<u64, ClientError> {
+        reply::length(self.call(Request::Strlen { key: reply::key(key) }).await?)
+    }
+
+    /// Reads `key` and deletes it; `None` when it was absent.
+    pub async fn getdel(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, ClientError> {
+        reply::value(self.call(Request::GetDel { key: reply::key(key) }).await?)
+    }
+
+    /// Reads `key` and, if it exists, changes its TTL as `ttl` says
+    /// (`GETEX`): keep it, remove it, or set a new one (at least 1 ms).
+    pub async fn getex(&self, key: impl AsRef<[u8]>, ttl: TtlChange) -> Result<Option<Bytes>, ClientError> {
+        reply::value(self.call(Request::GetEx { key: reply::key(key), ttl }).await?)
+    }
+
+    /// Gives `key` a new TTL; false if it does not exist. A zero TTL
+    /// deletes the key, as in Redis.
     pub async fn expire(&self, key: impl AsRef<[u8]>, ttl: Duration) -> Result<bool, ClientError> {
-        let request = Request::Expire { key: Bytes::copy_from_slice(key.as_ref()), ttl_ms: ttl.as_millis() as u64 };
-        match self.call(request).await? {
-            Response::Applied(applied) => Ok(applied),
-            other => Err(unexpected(&other)),
-        }
+        let request = Request::Expire { key: reply::key(key), ttl_ms: ttl.as_millis() as u64 };
+        reply::applied(self.call(request).await?)
+    }
+
+    /// Removes the TTL of `key`; false if it had none or does not exist.
+    pub async fn persist(&self, key: impl AsRef<[u8]>) -> Result<bool, ClientError> {
+        reply::applied(self.call(Request::Persist { key: reply::key(key) }).await?)
     }
 
     /// The remaining lifetime of `key`.
     pub async fn ttl(&self, key: impl AsRef<[u8]>) -> Result<TtlState, ClientError> {
-        match self.call(Request::Ttl { key: Bytes::copy_from_slice(key.as_ref()) }).await? {
-            Response::Ttl(state) => Ok(state),
-            other => Err(unexpected(&other)),
-        }
+        reply::ttl(self.call(Request::Ttl { key: reply::key(key) }).await?)
+    }
+
+    /// Entries on the node (`DBSIZE`). A clustered node counts the
+    /// replicated records it holds itself, deletions kept for a while
+    /// included.
+    pub async fn dbsize(&self) -> Result<u64, ClientError> {
+        reply::count(self.call(Request::DbSize).await?)
+    }
+
+    /// Drops every entry on the node (`FLUSHALL`); returns how many there
+    /// were. A clustered node refuses it ([`ErrorCode::NotSupported`]).
+    pub async fn flush_all(&self) -> Result<u64, ClientError> {
+        reply::count(self.call(Request::FlushAll).await?)
     }
 
     /// The node's counters. Its hot keys are left out
     /// ([`NodeStats::hot_keys_hidden`]): they are key bytes, for
     /// [`Client::admin_stats`] only.
     pub async fn stats(&self) -> Result<NodeStats, ClientError> {
-        match self.call(Request::Stats).await? {
-            Response::Stats(stats) => Ok(stats),
-            other => Err(unexpected(&other)),
-        }
+        reply::stats(self.call(Request::Stats).await?)
     }
 
     /// The node's counters with its hot keys, for a caller holding the
@@ -537,10 +584,7 @@ impl Client {
     /// [`ErrorCode::UnknownCommand`], and its plain [`Client::stats`]
     /// carries the hot keys.
     pub async fn admin_stats(&self, token: &str) -> Result<NodeStats, ClientError> {
-        match self.call(Request::Admin { token: token.to_string(), command: AdminCommand::Stats }).await? {
-            Response::Stats(stats) => Ok(stats),
-            other => Err(unexpected(&other)),
-        }
+        reply::stats(self.call(Request::Admin { token: token.to_string(), command: AdminCommand::Stats }).await?)
     }
 
     /// Runs a policy operation (`cachet policy ...`) with the node's admin
@@ -548,10 +592,7 @@ impl Client {
     /// [`AdminCommand::Stats`], whose reply is not a listing, use
     /// [`Client::admin_stats`].
     pub async fn admin(&self, token: &str, command: AdminCommand) -> Result<PolicyListing, ClientError> {
-        match self.call(Request::Admin { token: token.to_string(), command }).await? {
-            Response::Policies(listing) => Ok(*listing),
-            other => Err(unexpected(&other)),
-        }
+        reply::listing(self.call(Request::Admin { token: token.to_string(), command }).await?)
     }
 
     /// Stores a policy component in the node's registry as
@@ -602,10 +643,7 @@ impl Client {
 
     /// Round trip to the node.
     pub async fn ping(&self) -> Result<(), ClientError> {
-        match self.call(Request::Ping).await? {
-            Response::Pong => Ok(()),
-            other => Err(unexpected(&other)),
-        }
+        reply::pong(self.call(Request::Ping).await?)
     }
 
     /// Reads `key`; on a miss runs `loader` once per key in this process
@@ -649,10 +687,6 @@ impl Drop for Inner {
             conn.connection.close(0u32.into(), b"client dropped");
         }
     }
-}
-
-fn unexpected(reply: &Response) -> ClientError {
-    ClientError::Protocol(format!("{reply:?}"))
 }
 
 #[cfg(test)]

@@ -1327,3 +1327,319 @@ fn bad_cluster_options_are_refused_by_name() {
     assert!(huge.contains("--node-id") && huge.contains("5000"), "{huge}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The first `n` keys `{prefix}{i}` whose primary owner (RF `rf`) is
+/// member `owner`.
+fn sdk_keys_owned_by(ring: &cachet_proto::Ring, rf: usize, owner: usize, prefix: &str, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|k| ring.owners(k.as_bytes(), rf)[0].id == owner.to_string())
+        .take(n)
+        .collect()
+}
+
+/// The operations each of the first 3 members coordinated so far.
+async fn sdk_coordinated(client: &ClusterClient) -> Vec<u64> {
+    let mut ops = Vec::new();
+    for i in 0..3 {
+        ops.push(client.stats_of(i).await.expect("stats").cluster.expect("cluster").ops_ok);
+    }
+    ops
+}
+
+/// A cluster client given member 0 alone learns every member's client
+/// address from the ring, connects to the others with the same TLS
+/// settings, and sends each key to its primary owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_client_given_one_member_reaches_every_member() {
+    let cluster = TestCluster::start(3, 2, "sdk-learn");
+    let observer = cluster.client();
+    cluster.wait_healthy(&observer, Duration::from_secs(30)).await;
+    let ring = ring_of(&observer).await;
+    let one = cluster.client_of(&[0]);
+    assert_eq!(one.members().len(), 1);
+    one.refresh_ring().await.expect("the ring from member 0");
+    let learned: Vec<String> = one.members().iter().map(|a| a.to_string()).collect();
+    let expected: Vec<String> = cluster.members.iter().map(|m| m.client_addr.clone()).collect();
+    assert_eq!(learned, expected, "member 0 as given, then the others learned in node order");
+    // Learned members are connected to in the background (requests go to
+    // other owners meanwhile); a per-member command waits for that.
+    for i in 0..3 {
+        one.ping_of(i).await.unwrap_or_else(|e| panic!("member {i}: {e}"));
+    }
+    for owner in 0..3 {
+        let keys = sdk_keys_owned_by(&ring, 2, owner, "learn", 5);
+        let before = sdk_coordinated(&observer).await;
+        for key in &keys {
+            one.set(key, format!("{key}!")).await.expect("write");
+        }
+        for key in &keys {
+            let read = one.get(key).await.expect("read");
+            assert_eq!(read.as_deref(), Some(format!("{key}!").as_bytes()), "{key}");
+        }
+        let after = sdk_coordinated(&observer).await;
+        for i in 0..3 {
+            let expected = if i == owner { 10 } else { 0 };
+            assert_eq!(after[i] - before[i], expected, "member {i} coordinated for the keys of member {owner}");
+        }
+    }
+    one.close().await;
+    observer.close().await;
+}
+
+/// MSET, MGET, EXISTS and DEL of several keys through the cluster client
+/// go to each key's primary owner (one part per owner) and come back in
+/// the caller's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_key_commands_are_split_by_owner_and_merged_in_order() {
+    let cluster = TestCluster::start(3, 2, "sdk-multi");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let ring = ring_of(&client).await;
+    let primary = |key: &str| -> usize { ring.owners(key.as_bytes(), 2)[0].id.parse().expect("id") };
+    // Keys of the three owners, interleaved.
+    let owned: Vec<Vec<String>> = (0..3).map(|o| sdk_keys_owned_by(&ring, 2, o, "multi", 4)).collect();
+    let mut keys = Vec::new();
+    for k in 0..4 {
+        for keys_of in &owned {
+            keys.push(keys_of[k].clone());
+        }
+    }
+    let value = |key: &str| format!("value of {key}");
+    let pairs = keys.iter().map(|k| (bytes::Bytes::from(k.clone()), bytes::Bytes::from(value(k)))).collect();
+    let before = sdk_coordinated(&client).await;
+    client.mset(pairs).await.expect("MSET across owners");
+    let after = sdk_coordinated(&client).await;
+    for i in 0..3 {
+        assert_eq!(after[i] - before[i], 4, "member {i} coordinated the writes of its own 4 keys");
+    }
+    // Misses and a key named twice, among keys of every owner.
+    let mut asked = keys.clone();
+    asked.insert(5, "missing-1".into());
+    asked.insert(1, keys[7].clone());
+    asked.push("missing-2".into());
+    let mut expected_ops = [0u64; 3];
+    for key in &asked {
+        expected_ops[primary(key)] += 1;
+    }
+    let before = sdk_coordinated(&client).await;
+    let values = client.mget(&asked).await.expect("MGET across owners");
+    let after = sdk_coordinated(&client).await;
+    assert_eq!(values.len(), asked.len());
+    for (key, read) in asked.iter().zip(&values) {
+        let expected = (!key.starts_with("missing")).then(|| value(key));
+        assert_eq!(read.as_deref(), expected.as_deref().map(str::as_bytes), "{key} in the caller's order");
+    }
+    for i in 0..3 {
+        assert_eq!(after[i] - before[i], expected_ops[i], "member {i} read its own keys");
+    }
+    assert_eq!(client.exists(&asked).await.expect("EXISTS"), keys.len() as u64 + 1, "a key named twice counts twice");
+    let doomed = [&keys[0], &keys[1], &keys[2], "missing-1", &keys[0]];
+    assert_eq!(client.delete_keys(&doomed).await.expect("DEL"), 3, "a key named twice counts once");
+    assert_eq!(client.exists(&keys).await.expect("EXISTS"), keys.len() as u64 - 3);
+    assert!(client.mget::<&str>(&[]).await.expect("nothing asked").is_empty());
+    client.close().await;
+}
+
+/// Every data command, per-member command and admin command of the SDK
+/// through a cluster client given one member (the others learned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sdk_command_works_through_a_cluster_client() {
+    use cachet_client::{AdminCommand, Condition, SetOptions, TtlChange, TtlState};
+    let token_file = std::env::temp_dir().join(format!("cachet-cluster-sdk-token-{}", std::process::id()));
+    std::fs::write(&token_file, "open-sesame\n").expect("token file");
+    let token_flag = ["--admin-token-file", token_file.to_str().expect("utf-8")];
+    let cluster = TestCluster::start_with(3, 3, "sdk-all", &token_flag);
+    let observer = cluster.client();
+    cluster.wait_healthy(&observer, Duration::from_secs(30)).await;
+    let client = cluster.client_of(&[0]);
+    let b = |s: &str| Some(bytes::Bytes::copy_from_slice(s.as_bytes()));
+    let remaining = |state: TtlState| match state {
+        TtlState::Remaining(ms) => ms,
+        other => panic!("expected a TTL, got {other:?}"),
+    };
+
+    assert_eq!(client.incr("counter", 5).await.expect("INCR"), 5);
+    assert_eq!(client.incr("counter", -2).await.expect("DECR"), 3);
+    assert_eq!(observer.get("counter").await.expect("read"), b("3"));
+    client.set("word", "x").await.expect("SET");
+    let err = client.incr("word", 1).await.expect_err("not an integer");
+    assert!(matches!(&err, ClientError::Server(r) if r.code == ErrorCode::WrongType), "{err}");
+    assert_eq!(client.append("log", "a").await.expect("APPEND"), 1);
+    assert_eq!(client.append("log", "bc").await.expect("APPEND"), 3);
+    assert_eq!(client.strlen("log").await.expect("STRLEN"), 3);
+    assert_eq!(client.strlen("nothing").await.expect("STRLEN"), 0);
+
+    let nx = SetOptions { condition: Condition::IfAbsent, ..SetOptions::default() };
+    let xx = SetOptions { condition: Condition::IfPresent, ..SetOptions::default() };
+    assert!(client.set_with("once", "1", nx).await.expect("SET NX"));
+    assert!(!client.set_with("once", "2", nx).await.expect("SET NX"));
+    assert!(client.set_with("once", "3", xx).await.expect("SET XX"));
+    assert!(!client.set_with("never", "1", xx).await.expect("SET XX"));
+    assert_eq!(client.set_get("once", "4", SetOptions::default()).await.expect("SET GET"), b("3"));
+    assert_eq!(client.set_get("fresh", "1", nx).await.expect("SET NX GET"), None);
+    assert_eq!(client.get("fresh").await.expect("GET"), b("1"));
+
+    let ex = SetOptions { ttl: Some(Duration::from_secs(100)), ..SetOptions::default() };
+    assert!(client.set_with("session", "s", ex).await.expect("SET EX"));
+    assert!((90_000..=100_000).contains(&remaining(client.ttl("session").await.expect("TTL"))));
+    assert!(client.set_keep_ttl("session", "t", SetOptions::default()).await.expect("SET KEEPTTL"));
+    assert!(remaining(client.ttl("session").await.expect("TTL")) > 80_000, "KEEPTTL kept it");
+    assert_eq!(client.get("session").await.expect("GET"), b("t"));
+    assert!(client.persist("session").await.expect("PERSIST"));
+    assert_eq!(client.ttl("session").await.expect("TTL"), TtlState::Persistent);
+    assert!(!client.persist("session").await.expect("PERSIST"), "no TTL left to remove");
+    assert!(client.expire("session", Duration::from_secs(50)).await.expect("EXPIRE"));
+    assert!(!client.expire("nothing", Duration::from_secs(50)).await.expect("EXPIRE"));
+    assert!(remaining(client.ttl("session").await.expect("TTL")) <= 50_000);
+    assert_eq!(client.getex("session", TtlChange::Persist).await.expect("GETEX PERSIST"), b("t"));
+    assert_eq!(client.ttl("session").await.expect("TTL"), TtlState::Persistent);
+    assert_eq!(client.getex("session", TtlChange::Set(20_000)).await.expect("GETEX PX"), b("t"));
+    assert!(remaining(client.ttl("session").await.expect("TTL")) <= 20_000);
+    assert_eq!(client.getex("nothing", TtlChange::Keep).await.expect("GETEX"), None);
+    assert_eq!(client.getdel("once").await.expect("GETDEL"), b("4"));
+    assert_eq!(client.getdel("once").await.expect("GETDEL"), None);
+    assert_eq!(client.exists(&["once", "log", "counter"]).await.expect("EXISTS"), 2);
+    assert!(client.delete("log").await.expect("DEL"));
+
+    let loads = AtomicU64::new(0);
+    let load = || async {
+        loads.fetch_add(1, Ordering::Relaxed);
+        Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"loaded"))
+    };
+    let ttl = Some(Duration::from_secs(60));
+    assert_eq!(client.get_or_load("lazy", ttl, load).await.expect("loaded").as_ref(), b"loaded");
+    assert_eq!(client.get_or_load("lazy", ttl, load).await.expect("cached").as_ref(), b"loaded");
+    assert_eq!(loads.load(Ordering::Relaxed), 1, "loaded once");
+    assert!(remaining(observer.ttl("lazy").await.expect("TTL")) <= 60_000);
+
+    // Per member: the two learned members are 1 and 2 (node order).
+    let stats = client.stats().await;
+    assert_eq!(stats.len(), 3, "member 0 and the two learned");
+    for (i, stats) in stats.into_iter().enumerate() {
+        assert_eq!(stats.expect("stats").cluster.expect("cluster").node_id as usize, i);
+        client.ping_of(i).await.expect("PING");
+        // RF=3: every member holds every record (deletions included).
+        assert!(client.dbsize_of(i).await.expect("DBSIZE") >= 7, "member {i}");
+    }
+    // The plain client's new commands on a clustered member.
+    let plain = cachet_client::Client::connect(cluster.client_config(1)).await.expect("connect");
+    assert_eq!(plain.append("plain", "ab").await.expect("APPEND"), 2);
+    assert_eq!(plain.strlen("plain").await.expect("STRLEN"), 2);
+    assert_eq!(plain.set_get("plain", "cd", SetOptions::default()).await.expect("SET GET"), b("ab"));
+    assert!(plain.set_keep_ttl("plain", "ef", xx).await.expect("SET XX KEEPTTL"));
+    assert_eq!(plain.getex("plain", TtlChange::Set(30_000)).await.expect("GETEX"), b("ef"));
+    assert!(plain.persist("plain").await.expect("PERSIST"));
+    assert_eq!(plain.getdel("plain").await.expect("GETDEL"), b("ef"));
+    assert!(plain.dbsize().await.expect("DBSIZE") >= 7);
+    let refused = plain.flush_all().await.expect_err("no FLUSHALL on a cluster");
+    assert!(matches!(&refused, ClientError::Server(r) if r.code == ErrorCode::NotSupported), "{refused}");
+    plain.close().await;
+
+    let token = "open-sesame";
+    assert!(!client.admin_stats_of(2, token).await.expect("admin stats").hot_keys_hidden);
+    let sieve = std::fs::read(concat!(env!("OUT_DIR"), "/guests/sieve.wasm")).expect("sieve.wasm");
+    let sieve = bytes::Bytes::from(sieve);
+    let loaded = client.load_module_each(token, "sieve", "9", Vec::new(), sieve.clone(), None, None).await;
+    assert_eq!(loaded.len(), 3);
+    for (i, listing) in loaded.into_iter().enumerate() {
+        let listing = listing.unwrap_or_else(|e| panic!("member {i}: {e}"));
+        assert!(listing.modules.iter().any(|m| m.name == "sieve" && m.version == "9"), "member {i}");
+    }
+    let listing = client.load_module_of(1, token, "sieve", "10", Vec::new(), sieve, None, None).await.expect("load");
+    assert!(listing.modules.iter().any(|m| m.name == "sieve" && m.version == "10"));
+    let activate = AdminCommand::Activate { name: "sieve".into(), version: "9".into(), config: None };
+    for (i, listing) in client.admin_each(token, activate).await.into_iter().enumerate() {
+        assert_eq!(listing.unwrap_or_else(|e| panic!("member {i}: {e}")).active, "sieve@9", "member {i}");
+    }
+    assert_eq!(client.admin_of(2, token, AdminCommand::List).await.expect("list").active, "sieve@9");
+    let listing = client.admin_of(0, token, AdminCommand::List).await.expect("list");
+    assert!(!listing.modules.iter().any(|m| m.version == "10"), "sieve@10 went to member 1 only");
+    // Last: a wrong token starts the member's back-off on guesses.
+    let wrong = client.admin_of(2, "guess", AdminCommand::List).await.expect_err("wrong token");
+    assert!(matches!(&wrong, ClientError::Server(r) if r.code == ErrorCode::Unauthorized), "{wrong}");
+    client.close().await;
+    observer.close().await;
+    let _ = std::fs::remove_file(&token_file);
+}
+
+/// A read-modify-write is sent to one member only once it may have
+/// reached it (a second INCR could apply twice); a plain write is retried
+/// on another owner; and a read-modify-write that surely never left (the
+/// member's connection was already gone) goes to the next owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_modify_write_is_retried_only_when_it_surely_never_left() {
+    let mut cluster = TestCluster::start(3, 3, "sdk-once");
+    let observer = cluster.client();
+    cluster.wait_healthy(&observer, Duration::from_secs(30)).await;
+    let ring = ring_of(&observer).await;
+    let keys = sdk_keys_owned_by(&ring, 3, 2, "once", 3);
+    let (stopped_key, retried_key, dead_key) = (&keys[0], &keys[1], &keys[2]);
+    let (client, second) = (cluster.client(), cluster.client());
+    // Rings fetched and connections to member 2 open before it stops.
+    for c in [&client, &second] {
+        assert_eq!(c.get(stopped_key).await.expect("read from member 2"), None);
+    }
+    cluster.members[2].signal("STOP");
+    let started = Instant::now();
+    let err = client.incr(stopped_key, 1).await.expect_err("member 2 is stopped");
+    let took = started.elapsed();
+    assert!(matches!(err, ClientError::Timeout(_) | ClientError::Connection(_)), "{err}");
+    assert!(took < Duration::from_millis(2_500), "one attempt, not retried elsewhere: {err} after {took:?}");
+    second.set(retried_key, "v").await.expect("a plain SET is retried on another owner");
+    cluster.members[2].signal("CONT");
+    cluster.wait_healthy(&observer, Duration::from_secs(30)).await;
+    let counter = observer.at(Consistency::Quorum).get(stopped_key).await.expect("read");
+    assert_ne!(counter.as_deref(), Some(&b"2"[..]), "the INCR applied at most once");
+    assert_eq!(observer.get(retried_key).await.expect("read").as_deref(), Some(&b"v"[..]));
+
+    let configs = (0..3)
+        .map(|i| {
+            let mut config = cluster.client_config(i);
+            config.dead_after = Duration::from_millis(500);
+            config
+        })
+        .collect();
+    let retry = RetryPolicy { attempts: 2, backoff: Duration::from_millis(10) };
+    let quick = ClusterClient::new(configs, retry).expect("cluster client");
+    assert_eq!(quick.get(dead_key).await.expect("read from member 2"), None);
+    let routed = Instant::now();
+    cluster.members[2].kill();
+    wait_down(&observer, 0, 2).await;
+    wait_down(&observer, 1, 2).await;
+    // Past dead_after: quick's connection to member 2 is closed.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(routed.elapsed() < Duration::from_secs(9), "quick's ring (10 s) must still send to member 2 first");
+    assert_eq!(quick.incr(dead_key, 1).await.expect("never sent to member 2, so sent to the next owner"), 1);
+    quick.close().await;
+    client.close().await;
+    second.close().await;
+    observer.close().await;
+}
+
+/// On certificates from `cachet cert issue` the members require a client
+/// certificate: a cluster client given member 0 alone presents its own to
+/// the members it learns, and reaches them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_client_given_one_member_reaches_the_others_on_certificates() {
+    let cluster = TestCluster::start_on_certificates(3, "sdk-learn-certs", &[0, 1, 2]);
+    let observer = cluster.client();
+    cluster.wait_healthy(&observer, Duration::from_secs(30)).await;
+    let ring = ring_of(&observer).await;
+    let one = cluster.client_of(&[0]);
+    let stats = one.stats().await;
+    assert_eq!(stats.len(), 3, "member 0 and the two learned");
+    for (i, stats) in stats.into_iter().enumerate() {
+        let stats = stats.unwrap_or_else(|e| panic!("member {i} over TLS with the client certificate: {e}"));
+        assert_eq!(stats.cluster.expect("cluster").node_id as usize, i);
+    }
+    for owner in 0..3 {
+        let key = &sdk_keys_owned_by(&ring, 3, owner, "certs", 1)[0];
+        let before = sdk_coordinated(&observer).await;
+        one.set(key, "v").await.expect("write");
+        let after = sdk_coordinated(&observer).await;
+        assert_eq!(after[owner] - before[owner], 1, "member {owner} coordinated its own key");
+    }
+    one.close().await;
+    observer.close().await;
+}

@@ -233,6 +233,11 @@ pub enum Message {
     },
 }
 
+/// A record's value and expiry, as an update sees them.
+fn entry(record: Option<Record>) -> Option<update::Entry> {
+    record.map(|r| update::Entry { value: r.value, expires_at: r.expires_at })
+}
+
 /// Client request ids with this bit set are the replica's own: the read
 /// and the write of an update it runs as a key's primary owner.
 const INTERNAL: u64 = 1 << 63;
@@ -1171,14 +1176,15 @@ impl Replica {
         let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
         match (step, result) {
             (Step::Read, Ok(Outcome::Read(record)))
-                if matches!(head.update, Update::Load { .. }) && update::live(record.clone(), wall_ms).is_none() =>
+                if matches!(head.update, Update::Load { .. })
+                    && update::live(entry(record.clone()), wall_ms).is_none() =>
             {
                 let id = self.internal_id();
                 self.steps.insert(id, (key.clone(), Step::Load));
                 self.loads.push_back((id, key));
             }
             (Step::Read, Ok(Outcome::Read(record))) => {
-                let current = update::live(record, wall_ms);
+                let current = update::live(entry(record), wall_ms);
                 let (write, effect) = update::apply(&head.update, current.as_ref(), wall_ms, self.config.max_value_len);
                 let level = head.level;
                 match write {

@@ -8,7 +8,6 @@
 //! docs/decisions.md for the window that remains while members disagree
 //! about who is primary).
 
-use super::replica::Record;
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Condition, TtlChange};
 use serde::{Deserialize, Serialize};
@@ -94,24 +93,25 @@ pub enum Effect {
     },
 }
 
-/// The write an update makes: the whole new record (value and expiry).
+/// A key's value and expiry: what an update reads (the live value) and
+/// what it writes (the whole new record).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Write {
+pub struct Entry {
     /// The value; `None` deletes.
     pub value: Option<Bytes>,
     /// Expiry in Unix milliseconds.
     pub expires_at: Option<u64>,
 }
 
-/// `record` if it holds a value that has not expired at `wall_ms`.
-pub fn live(record: Option<Record>, wall_ms: u64) -> Option<Record> {
-    record.filter(|r| r.value.is_some() && r.expires_at.is_none_or(|at| at > wall_ms))
+/// `entry` if it holds a value that has not expired at `wall_ms`.
+pub fn live(entry: Option<Entry>, wall_ms: u64) -> Option<Entry> {
+    entry.filter(|e| e.value.is_some() && e.expires_at.is_none_or(|at| at > wall_ms))
 }
 
-/// Applies `update` to the key's live record (see [`live`]) at `wall_ms`:
+/// Applies `update` to the key's live entry (see [`live`]) at `wall_ms`:
 /// the write to make, if any, and the answer. A value longer than
 /// `max_len` is refused, not written.
-pub fn apply(update: &Update, current: Option<&Record>, wall_ms: u64, max_len: usize) -> (Option<Write>, Effect) {
+pub fn apply(update: &Update, current: Option<&Entry>, wall_ms: u64, max_len: usize) -> (Option<Entry>, Effect) {
     let (write, effect) = apply_unbounded(update, current, wall_ms);
     match write.as_ref().and_then(|w| w.value.as_ref()).map(Bytes::len) {
         Some(len) if len > max_len => (None, Effect::TooLarge { len, limit: max_len }),
@@ -119,7 +119,7 @@ pub fn apply(update: &Update, current: Option<&Record>, wall_ms: u64, max_len: u
     }
 }
 
-fn apply_unbounded(update: &Update, current: Option<&Record>, wall_ms: u64) -> (Option<Write>, Effect) {
+fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (Option<Entry>, Effect) {
     let value = current.and_then(|r| r.value.clone());
     let expires_at = current.and_then(|r| r.expires_at);
     let after = |ms: u64| Some(wall_ms.saturating_add(ms.max(1)));
@@ -134,7 +134,7 @@ fn apply_unbounded(update: &Update, current: Option<&Record>, wall_ms: u64) -> (
             };
             match now.checked_add(*delta) {
                 Some(next) => {
-                    let write = Write { value: Some(Bytes::from(next.to_string())), expires_at };
+                    let write = Entry { value: Some(Bytes::from(next.to_string())), expires_at };
                     (Some(write), Effect::Integer(next))
                 }
                 None => (None, Effect::Overflow),
@@ -147,7 +147,7 @@ fn apply_unbounded(update: &Update, current: Option<&Record>, wall_ms: u64) -> (
             }
             next.extend_from_slice(tail);
             let len = next.len() as i64;
-            (Some(Write { value: Some(next.freeze()), expires_at }), Effect::Integer(len))
+            (Some(Entry { value: Some(next.freeze()), expires_at }), Effect::Integer(len))
         }
         Update::Set { value: new, ttl_ms, keep_ttl, condition, get } => {
             let applies = match condition {
@@ -164,11 +164,11 @@ fn apply_unbounded(update: &Update, current: Option<&Record>, wall_ms: u64) -> (
                 return (None, effect);
             }
             let expires_at = if *keep_ttl { expires_at } else { ttl_ms.and_then(after) };
-            (Some(Write { value: Some(new.clone()), expires_at }), effect)
+            (Some(Entry { value: Some(new.clone()), expires_at }), effect)
         }
         Update::GetDel => match value {
             None => (None, Effect::Value(None)),
-            Some(old) => (Some(Write { value: None, expires_at: None }), Effect::Value(Some(old))),
+            Some(old) => (Some(Entry { value: None, expires_at: None }), Effect::Value(Some(old))),
         },
         Update::GetEx(change) => {
             let Some(old) = value else { return (None, Effect::Value(None)) };
@@ -177,17 +177,17 @@ fn apply_unbounded(update: &Update, current: Option<&Record>, wall_ms: u64) -> (
                 TtlChange::Persist => None,
                 TtlChange::Set(ms) => after(*ms),
             };
-            (Some(Write { value: Some(old.clone()), expires_at: expiry }), Effect::Value(Some(old)))
+            (Some(Entry { value: Some(old.clone()), expires_at: expiry }), Effect::Value(Some(old)))
         }
         Update::Expire(ms) => match value {
             None => (None, Effect::Applied(false)),
-            Some(_) if *ms == 0 => (Some(Write { value: None, expires_at: None }), Effect::Applied(true)),
-            Some(old) => (Some(Write { value: Some(old), expires_at: after(*ms) }), Effect::Applied(true)),
+            Some(_) if *ms == 0 => (Some(Entry { value: None, expires_at: None }), Effect::Applied(true)),
+            Some(old) => (Some(Entry { value: Some(old), expires_at: after(*ms) }), Effect::Applied(true)),
         },
         // A hit; a miss is loaded by the replica before anything is written.
         Update::Load { .. } => (None, Effect::Value(value)),
         Update::Persist => match (value, expires_at) {
-            (Some(old), Some(_)) => (Some(Write { value: Some(old), expires_at: None }), Effect::Applied(true)),
+            (Some(old), Some(_)) => (Some(Entry { value: Some(old), expires_at: None }), Effect::Applied(true)),
             _ => (None, Effect::Applied(false)),
         },
     }
@@ -196,14 +196,13 @@ fn apply_unbounded(update: &Update, current: Option<&Record>, wall_ms: u64) -> (
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::version::Version;
 
-    fn apply_t(update: &Update, current: Option<&Record>, wall_ms: u64) -> (Option<Write>, Effect) {
+    fn apply_t(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (Option<Entry>, Effect) {
         apply(update, current, wall_ms, 1 << 20)
     }
 
-    fn record(value: &str, expires_at: Option<u64>) -> Record {
-        Record { version: Version { counter: 1, node: 0 }, value: Some(Bytes::from(value.to_string())), expires_at }
+    fn record(value: &str, expires_at: Option<u64>) -> Entry {
+        Entry { value: Some(Bytes::from(value.to_string())), expires_at }
     }
 
     #[test]
@@ -212,7 +211,7 @@ mod tests {
         let n = record("41", Some(5_000));
         let (write, effect) = apply_t(&Update::Incr(1), Some(&n), wall);
         assert_eq!(effect, Effect::Integer(42));
-        assert_eq!(write, Some(Write { value: Some(Bytes::from_static(b"42")), expires_at: Some(5_000) }));
+        assert_eq!(write, Some(Entry { value: Some(Bytes::from_static(b"42")), expires_at: Some(5_000) }));
         assert_eq!(apply_t(&Update::Incr(1), None, wall).1, Effect::Integer(1));
         assert_eq!(apply_t(&Update::Incr(1), Some(&record("x", None)), wall), (None, Effect::NotAnInteger));
         assert_eq!(apply_t(&Update::Incr(i64::MAX), Some(&n), wall), (None, Effect::Overflow));
@@ -238,10 +237,10 @@ mod tests {
         let (write, effect) = apply_t(&get, Some(&n), wall);
         assert_eq!(write.map(|w| w.expires_at), Some(Some(5_000)), "KEEPTTL");
         assert_eq!(effect, Effect::Value(Some(Bytes::from_static(b"41"))));
-        assert_eq!(apply_t(&Update::GetDel, Some(&n), wall).0, Some(Write { value: None, expires_at: None }));
+        assert_eq!(apply_t(&Update::GetDel, Some(&n), wall).0, Some(Entry { value: None, expires_at: None }));
         assert_eq!(apply_t(&Update::Persist, Some(&n), wall).1, Effect::Applied(true));
         assert_eq!(apply_t(&Update::Persist, Some(&record("v", None)), wall), (None, Effect::Applied(false)));
-        assert_eq!(apply_t(&Update::Expire(0), Some(&n), wall).0, Some(Write { value: None, expires_at: None }));
+        assert_eq!(apply_t(&Update::Expire(0), Some(&n), wall).0, Some(Entry { value: None, expires_at: None }));
         assert_eq!(apply_t(&Update::Expire(5), None, wall), (None, Effect::Applied(false)));
         let (write, _) = apply_t(&Update::GetEx(TtlChange::Set(100)), Some(&n), wall);
         assert_eq!(write.map(|w| w.expires_at), Some(Some(1_100)));
