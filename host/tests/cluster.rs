@@ -1285,6 +1285,38 @@ async fn a_cold_key_is_loaded_once_for_the_whole_cluster() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Shadow evaluation on a cluster member sees the traffic it coordinates:
+/// every request goes through the node's dispatcher, which samples it, as
+/// on a single node (clustered requests used to bypass it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_evaluation_sees_the_traffic_a_member_coordinates() {
+    use cachet_client::AdminCommand;
+    let token_file = std::env::temp_dir().join(format!("cachet-cluster-shadow-token-{}", std::process::id()));
+    std::fs::write(&token_file, "shadow-token\n").expect("token file");
+    let cluster =
+        TestCluster::start_with(3, 3, "shadow", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let member = cachet_client::Client::connect(cluster.client_config(0)).await.expect("client");
+    let version = env!("CARGO_PKG_VERSION");
+    let started = member
+        .admin("shadow-token", AdminCommand::Shadow { name: "lru".into(), version: version.into() })
+        .await
+        .expect("shadow starts");
+    let rate = started.shadow.expect("shadow running").sample_rate;
+    assert!(rate > 0.0, "{rate}");
+    // Every request through member 0: it coordinates all of them.
+    for i in 0..400 {
+        member.set(format!("key{i}"), "v").await.expect("SET");
+        member.get(format!("key{i}")).await.expect("GET");
+    }
+    let listing = member.admin("shadow-token", AdminCommand::List).await.expect("list");
+    let shadow = listing.shadow.expect("still running");
+    assert!(shadow.sampled_reads > 0, "the shadow saw none of 400 clustered GETs (sample rate {rate})");
+    assert!(shadow.active_hit_ratio > 0.5, "the sampled SETs reached the ghosts too: {shadow:?}");
+    let _ = std::fs::remove_file(&token_file);
+}
+
 fn serve_fails(args: &[&str], root: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_cachet"))
         .args(["serve", "--data-dir", root.to_str().expect("utf-8")])
