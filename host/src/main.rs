@@ -85,6 +85,17 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Add to a decimal integer value (0 when absent); prints the result.
+    /// On a cluster it runs at the key's primary owner, one at a time.
+    Incr {
+        /// The key.
+        key: String,
+        /// The amount (negative to decrement).
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Fill a node by GETting a key list at a bounded rate, so each missing
     /// key is loaded by its namespace's loader without stampeding the
     /// origin (at most --rate loads start per second).
@@ -676,6 +687,13 @@ fn run(cli: Cli) -> Result<()> {
             let deleted = client.delete(&keys).await;
             client.close().await;
             println!("{}", deleted?);
+            Ok(())
+        }),
+        Command::Incr { key, by, client } => block_on(async move {
+            let client = client.connect().await?;
+            let counted = client.incr(&key, by).await;
+            client.close().await;
+            println!("{}", counted?);
             Ok(())
         }),
         Command::Stats { json, admin } => block_on(async move {
