@@ -1293,8 +1293,7 @@ async fn shadow_evaluation_sees_the_traffic_a_member_coordinates() {
     use cachet_client::AdminCommand;
     let token_file = std::env::temp_dir().join(format!("cachet-cluster-shadow-token-{}", std::process::id()));
     std::fs::write(&token_file, "shadow-token\n").expect("token file");
-    let cluster =
-        TestCluster::start_with(3, 3, "shadow", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
+    let cluster = TestCluster::start_with(3, 3, "shadow", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
     let client = cluster.client();
     cluster.wait_healthy(&client, Duration::from_secs(30)).await;
     let member = cachet_client::Client::connect(cluster.client_config(0)).await.expect("client");
