@@ -71,7 +71,8 @@ pub fn decode(raw: &Bytes) -> Option<Record> {
         TOMBSTONE if raw.len() == HEADER => (None, None),
         _ => return None,
     };
-    Some(Record { version: Version { counter, node }, value, expires_at })
+    // The hint is the shard entry's own, not part of the value.
+    Some(Record { version: Version { counter, node }, value, expires_at, hint: 0 })
 }
 
 /// `record` as of `now` (Unix ms): past its expiry, a deletion at the same
@@ -99,9 +100,10 @@ impl ShardRecords {
 
 impl RecordStore for ShardRecords {
     fn get(&self, key: &[u8], touch: bool) -> Option<Record> {
-        let raw =
-            self.store.with_shard(key, |shard, now| if touch { shard.get(now, key) } else { shard.peek(now, key) })?;
-        let record = decode(&raw);
+        let entry = self
+            .store
+            .with_shard(key, |shard, now| if touch { shard.get_entry(now, key) } else { shard.peek_entry(now, key) })?;
+        let record = decode(&entry.value).map(|record| Record { hint: entry.hint, ..record });
         if record.is_none() {
             tracing::error!(key = %key.escape_ascii(), "a shard entry is not a replicated record");
         }
@@ -115,7 +117,7 @@ impl RecordStore for ShardRecords {
     fn put(&mut self, wall_ms: u64, key: &Bytes, record: &Record) -> bool {
         // The entry outlives the value's expiry, as a deletion, for a while.
         let ttl_ms = record.expires_at.map(|at| at.saturating_sub(wall_ms) + EXPIRED_KEPT_MS);
-        let options = SetOptions { ttl_ms, ..SetOptions::default() };
+        let options = SetOptions { ttl_ms, hint: record.hint, ..SetOptions::default() };
         match self.store.with_shard(key, |shard, now| shard.set(now, key, encode(record), options)) {
             // Not admitted by the policy is as if evicted at once: a
             // cache's right, not a refusal.
@@ -167,8 +169,12 @@ mod tests {
         for value in [Some(Bytes::from_static(b"hello")), Some(Bytes::new()), None] {
             for expires_at in [None, Some(1_700_000_000_123)] {
                 let expires_at = expires_at.filter(|_| value.is_some());
-                let record =
-                    Record { version: Version { counter: u64::MAX - 3, node: 7 }, value: value.clone(), expires_at };
+                let record = Record {
+                    version: Version { counter: u64::MAX - 3, node: 7 },
+                    value: value.clone(),
+                    expires_at,
+                    hint: 0,
+                };
                 assert_eq!(decode(&encode(&record)), Some(record));
             }
         }
@@ -186,7 +192,7 @@ mod tests {
         let mut store = ShardRecords::new(node.clone());
         for i in 0..1_000u64 {
             let value = Some(Bytes::from(vec![1; 10]));
-            let record = Record { version: Version { counter: i + 1, node: 0 }, value, expires_at: None };
+            let record = Record { version: Version { counter: i + 1, node: 0 }, value, expires_at: None, hint: 0 };
             store.put(unix_ms(), &Bytes::from(format!("k{i}")), &record);
         }
         assert!(store.len() <= 100, "{} records held", store.len());
@@ -210,8 +216,10 @@ mod tests {
     fn an_expired_record_reads_as_a_deletion_at_its_version() {
         let mut store = ShardRecords::new(store(NodeConfig::default()));
         let version = Version { counter: 9, node: 1 };
-        let past = Record { version, value: Some(Bytes::from_static(b"old")), expires_at: Some(unix_ms() - 1) };
-        let future = Record { version, value: Some(Bytes::from_static(b"new")), expires_at: Some(unix_ms() + 60_000) };
+        let past =
+            Record { version, value: Some(Bytes::from_static(b"old")), expires_at: Some(unix_ms() - 1), hint: 0 };
+        let future =
+            Record { version, value: Some(Bytes::from_static(b"new")), expires_at: Some(unix_ms() + 60_000), hint: 0 };
         store.put(unix_ms(), &Bytes::from_static(b"gone"), &past);
         store.put(unix_ms(), &Bytes::from_static(b"here"), &future);
         let kept = store.get(b"gone", false).expect("kept");
@@ -220,6 +228,26 @@ mod tests {
         assert_eq!((gone.version, gone.value), (version, None));
         assert_eq!(store.get(b"here", false), Some(future));
         assert_eq!(store.len(), 2);
+    }
+
+    /// A record's policy hint is stored with the shard entry (the policy
+    /// sees it on every replica) and read back with the record, so repairs
+    /// and updates carry it on.
+    #[test]
+    fn hints_travel_with_records() {
+        let node = store(NodeConfig::default());
+        let mut records = ShardRecords::new(node.clone());
+        let record = Record {
+            version: Version { counter: 1, node: 0 },
+            value: Some(Bytes::from_static(b"v")),
+            expires_at: None,
+            hint: 250,
+        };
+        records.put(unix_ms(), &Bytes::from_static(b"costly"), &record);
+        assert_eq!(records.get(b"costly", false).map(|r| r.hint), Some(250));
+        assert_eq!(records.get(b"costly", true), Some(record));
+        let hint = node.with_shard(b"costly", |shard, now| shard.peek_entry(now, b"costly").map(|e| e.hint));
+        assert_eq!(hint, Some(250), "the shard's policy sees the hint");
     }
 
     /// A key's bytes reach a log line escaped: a client cannot end the line

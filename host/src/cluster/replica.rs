@@ -82,6 +82,10 @@ pub struct Record {
     /// deletion at the same version.
     #[serde(default)]
     pub expires_at: Option<u64>,
+    /// The application's cost or priority hint for the eviction policy,
+    /// stored with every copy (0: none).
+    #[serde(default)]
+    pub hint: u32,
 }
 
 /// Where a replica keeps its records. The simulator uses a map; a node
@@ -235,7 +239,7 @@ pub enum Message {
 
 /// A record's value and expiry, as an update sees them.
 fn entry(record: Option<Record>) -> Option<update::Entry> {
-    record.map(|r| update::Entry { value: r.value, expires_at: r.expires_at })
+    record.map(|r| update::Entry { value: r.value, expires_at: r.expires_at, hint: r.hint })
 }
 
 /// Client request ids with this bit set are the replica's own: the read
@@ -273,9 +277,10 @@ enum Step {
     Write(Effect),
 }
 
-/// What the node's loader found for [`Replica::loaded`]: the value and the
-/// TTL to cache it with, `None` when the origin has no such key.
-pub type LoadResult = Result<Option<(Bytes, u64)>, Effect>;
+/// What the node's loader found for [`Replica::loaded`]: the value, the
+/// TTL to cache it with and its cost hint (the load's milliseconds), `None`
+/// when the origin has no such key.
+pub type LoadResult = Result<Option<(Bytes, u64, u32)>, Effect>;
 
 /// A client operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -288,6 +293,8 @@ pub enum Op {
         value: Option<Bytes>,
         /// Expiry, in Unix milliseconds (see [`Record::expires_at`]).
         expires_at: Option<u64>,
+        /// The policy hint stored with every copy ([`Record::hint`]).
+        hint: u32,
     },
     /// Read `key`.
     Get {
@@ -431,6 +438,7 @@ enum Pending {
         key: Bytes,
         value: Option<Bytes>,
         expires_at: Option<u64>,
+        hint: u32,
         required: usize,
         deadline: u64,
         phase: Phase,
@@ -1069,21 +1077,21 @@ impl Replica {
             }
             // A re-syncing coordinator's clock may be far behind: it always
             // asks a quorum for the current version first.
-            Op::Put { value, expires_at, .. } if consistency == Consistency::One && self.counted() => {
-                let record = Record { version: self.clock.tick(self.me), value: value.clone(), expires_at };
+            Op::Put { value, expires_at, hint, .. } if consistency == Consistency::One && self.counted() => {
+                let record = Record { version: self.clock.tick(self.me), value: value.clone(), expires_at, hint };
                 let phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
                 let write =
-                    Pending::Write { client_req, key: key.clone(), value, expires_at, required, deadline, phase };
+                    Pending::Write { client_req, key: key.clone(), value, expires_at, hint, required, deadline, phase };
                 self.pending.insert(req, write);
                 self.store_at_owners(now, req, &key, &record, &owners);
             }
-            Op::Put { value, expires_at, .. } => {
+            Op::Put { value, expires_at, hint, .. } => {
                 // A read quorum, whatever the write's level: it must meet the
                 // quorum of every earlier acknowledged write.
                 let needed = Consistency::Quorum.required(owners.len());
                 let phase = Phase::Query { answered: BTreeSet::new(), counted: 0, needed, highest: Version::default() };
                 let write =
-                    Pending::Write { client_req, key: key.clone(), value, expires_at, required, deadline, phase };
+                    Pending::Write { client_req, key: key.clone(), value, expires_at, hint, required, deadline, phase };
                 self.pending.insert(req, write);
                 self.ask(req, &key, &owners);
             }
@@ -1192,7 +1200,7 @@ impl Replica {
                     Some(write) => {
                         let id = self.internal_id();
                         self.steps.insert(id, (key.clone(), Step::Write(effect)));
-                        let put = Op::Put { key, value: write.value, expires_at: write.expires_at };
+                        let put = Op::Put { key, value: write.value, expires_at: write.expires_at, hint: write.hint };
                         self.coordinate(now, id, put, level);
                     }
                 }
@@ -1216,11 +1224,12 @@ impl Replica {
         let Some(head) = self.updates.get(&key).and_then(|q| q.front()) else { return };
         let level = head.level;
         match result {
-            Ok(Some((value, ttl_ms))) => {
+            Ok(Some((value, ttl_ms, hint))) => {
                 let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
                 let id = self.internal_id();
                 self.steps.insert(id, (key.clone(), Step::Write(Effect::Value(Some(value.clone())))));
-                let put = Op::Put { key, value: Some(value), expires_at: Some(wall_ms.saturating_add(ttl_ms.max(1))) };
+                let expires_at = Some(wall_ms.saturating_add(ttl_ms.max(1)));
+                let put = Op::Put { key, value: Some(value), expires_at, hint };
                 self.coordinate(now, id, put, level);
             }
             Ok(None) => self.finish_update(now, &key, Ok(Effect::Value(None))),
@@ -1391,12 +1400,12 @@ impl Replica {
                     self.finish_read(now, req);
                 }
             }
-            Pending::Write { client_req, key, value, expires_at, required, phase, .. } => match phase {
+            Pending::Write { client_req, key, value, expires_at, hint, required, phase, .. } => match phase {
                 Phase::Query { counted, needed, highest, .. } => {
                     if *counted >= *needed {
                         self.clock.observe(*highest);
                         let version = self.clock.tick(self.me);
-                        let record = Record { version, value: value.clone(), expires_at: *expires_at };
+                        let record = Record { version, value: value.clone(), expires_at: *expires_at, hint: *hint };
                         let key = key.clone();
                         *phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
                         let owners = self.owners(&key);
@@ -1864,7 +1873,7 @@ mod tests {
         replicas[c as usize].client(
             0,
             1,
-            Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None },
+            Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None, hint: 0 },
             Consistency::Quorum,
         );
         pump(&mut replicas, 0, &mut held);
@@ -1912,8 +1921,12 @@ mod tests {
         let mut back = Replica::new(1, 2, two, config, 6);
         let value = Bytes::from(vec![7u8; 1_024]);
         for i in 0..3_000u64 {
-            let record =
-                Record { version: Version { counter: i + 1, node: 0 }, value: Some(value.clone()), expires_at: None };
+            let record = Record {
+                version: Version { counter: i + 1, node: 0 },
+                value: Some(value.clone()),
+                expires_at: None,
+                hint: 0,
+            };
             let key = Bytes::from(format!("key{i}"));
             holder
                 .handle(0, 1, Message::Put { req: 0, key, record, hint_for: None })
@@ -1983,7 +1996,8 @@ mod tests {
                 Replica::with_store(i, 3, three.clone(), config, u64::from(i) + 3, store)
             })
             .collect();
-        let put = Op::Put { key: Bytes::from_static(b"k"), value: Some(Bytes::from_static(b"v")), expires_at: None };
+        let put =
+            Op::Put { key: Bytes::from_static(b"k"), value: Some(Bytes::from_static(b"v")), expires_at: None, hint: 0 };
         replicas[1].client(0, 1, put, Consistency::Quorum);
         let mut hold = Vec::new();
         pump(&mut replicas, 0, &mut hold);
@@ -2039,7 +2053,7 @@ mod tests {
         let mut up = vec![true; 3];
         let keys: Vec<Bytes> = (0..200).map(|i| Bytes::from(format!("key{i}"))).collect();
         for (i, key) in keys.iter().enumerate() {
-            let op = Op::Put { key: key.clone(), value: Some(Bytes::from(format!("v{i}"))), expires_at: None };
+            let op = Op::Put { key: key.clone(), value: Some(Bytes::from(format!("v{i}"))), expires_at: None, hint: 0 };
             replicas[i % 3].client(0, i as u64, op, Consistency::Quorum);
             settle(&mut replicas, &up, 0);
         }
@@ -2055,7 +2069,7 @@ mod tests {
             r.set_alive(10, 2, false);
         }
         let shared = keys.iter().find(|k| replicas[0].owners(k).contains(&2)).expect("node 2 owns keys").clone();
-        let op = Op::Put { key: shared.clone(), value: Some(Bytes::from_static(b"x")), expires_at: None };
+        let op = Op::Put { key: shared.clone(), value: Some(Bytes::from_static(b"x")), expires_at: None, hint: 0 };
         replicas[0].client(10, 1_000, op, Consistency::Quorum);
         assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
         // It leaves the survivors' rings; they re-sync what they gained.
@@ -2105,6 +2119,7 @@ mod tests {
             version: Version { counter: 1, node: 0 },
             value: Some(Bytes::from_static(b"v")),
             expires_at: None,
+            hint: 0,
         };
         replicas[1]
             .handle(0, 0, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None })
@@ -2144,7 +2159,8 @@ mod tests {
         assert!(!replicas[0].counted() && !replicas[0].counted_for(b"k"));
         replicas[0].client(0, 1, Op::Get { key: Bytes::from_static(b"k") }, Consistency::Quorum);
         assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
-        let op = Op::Put { key: Bytes::from_static(b"k"), value: Some(Bytes::from_static(b"v")), expires_at: None };
+        let op =
+            Op::Put { key: Bytes::from_static(b"k"), value: Some(Bytes::from_static(b"v")), expires_at: None, hint: 0 };
         replicas[0].client(0, 2, op, Consistency::Quorum);
         assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
         assert!(replicas[0].record(b"k").is_none(), "a refused write stores nothing");
@@ -2170,6 +2186,7 @@ mod tests {
             version: Version { counter: 9, node: 0 },
             value: Some(Bytes::from_static(b"new")),
             expires_at: None,
+            hint: 0,
         };
         replicas[0]
             .handle(0, 1, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None })
@@ -2211,6 +2228,7 @@ mod tests {
             version: Version { counter, node: 1 },
             value: Some(Bytes::from_static(b"v")),
             expires_at: None,
+            hint: 0,
         };
         let put =
             |record: Record, hint_for: Option<NodeIx>| Message::Put { req: 1, key: key.clone(), record, hint_for };
@@ -2284,7 +2302,7 @@ mod tests {
         replica.client(
             now,
             1,
-            Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None },
+            Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None, hint: 0 },
             Consistency::One,
         );
         let reply = replica.poll_reply().expect("a ONE write here is answered at once");

@@ -322,7 +322,7 @@ impl Cluster {
         value: Option<Bytes>,
         level: replica::Consistency,
     ) -> Result<(), OpError> {
-        self.write_expiring(key, value, None, level).await
+        self.write_expiring(key, value, None, 0, level).await
     }
 
     async fn write_expiring(
@@ -330,9 +330,10 @@ impl Cluster {
         key: Bytes,
         value: Option<Bytes>,
         expires_at: Option<u64>,
+        hint: u32,
         level: replica::Consistency,
     ) -> Result<(), OpError> {
-        self.run(Op::Put { key, value, expires_at }, level).await.map(|_| ())
+        self.run(Op::Put { key, value, expires_at, hint }, level).await.map(|_| ())
     }
 
     /// Takes the data commands of a clustered node: each becomes replicated
@@ -363,7 +364,7 @@ impl Cluster {
             // Writes of loaded keys are serialized with their loads at the
             // primary: a load that read the origin before the write cannot
             // install over it.
-            Request::Set { key, value, ttl_ms, condition: cachet_proto::Condition::Always, .. }
+            Request::Set { key, value, ttl_ms, condition: cachet_proto::Condition::Always, hint }
                 if self.loads(key).is_none() =>
             {
                 if let Some(refused) = check_record(store, key, value) {
@@ -375,9 +376,9 @@ impl Cluster {
                 // The expiry is fixed here, in wall-clock time, so every
                 // replica expires the value at the same moment.
                 let expires_at = ttl_ms.map(|ttl| unix_ms().saturating_add(ttl));
-                let (key, value) = (key.clone(), value.clone());
+                let (key, value, hint) = (key.clone(), value.clone(), *hint);
                 later(Box::pin(async move {
-                    match this.write_expiring(key, Some(value), expires_at, level).await {
+                    match this.write_expiring(key, Some(value), expires_at, hint, level).await {
                         Ok(()) => Response::Ok,
                         Err(err) => op_error(err),
                     }
@@ -481,23 +482,25 @@ impl Cluster {
             }
             // Read-modify-writes run at the key's primary owner, one at a
             // time per key there (see `super::update`).
-            Request::Set { key, value, ttl_ms, condition, .. } => {
+            Request::Set { key, value, ttl_ms, condition, hint } => {
                 let update = Update::Set {
                     value: value.clone(),
                     ttl_ms: *ttl_ms,
                     keep_ttl: false,
                     condition: *condition,
                     get: false,
+                    hint: *hint,
                 };
                 self.updated(store, key, update, level)
             }
-            Request::SetWith { key, value, ttl_ms, keep_ttl, condition, get, .. } => {
+            Request::SetWith { key, value, ttl_ms, keep_ttl, condition, get, hint } => {
                 let update = Update::Set {
                     value: value.clone(),
                     ttl_ms: *ttl_ms,
                     keep_ttl: *keep_ttl,
                     condition: *condition,
                     get: *get,
+                    hint: *hint,
                 };
                 self.updated(store, key, update, level)
             }

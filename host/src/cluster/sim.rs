@@ -427,7 +427,7 @@ impl Sim {
         } else if self.rng.chance(0.55) {
             let value = if self.rng.chance(0.1) { None } else { Some(Bytes::from(format!("v{op_id}"))) };
             self.written.entry(k.clone()).or_default().push(value.clone());
-            Op::Put { key: k, value, expires_at: None }
+            Op::Put { key: k, value, expires_at: None, hint: 0 }
         } else {
             Op::Get { key: k }
         };

@@ -392,6 +392,7 @@ mod tests {
                 version: Version { counter: 3, node: 1 },
                 value: Some(Bytes::from_static(b"v")),
                 expires_at: None,
+                hint: 0,
             },
             hint_for: None,
         });

@@ -32,6 +32,9 @@ pub enum Update {
         condition: Condition,
         /// Answer with the value replaced.
         get: bool,
+        /// The policy hint to store with it.
+        #[serde(default)]
+        hint: u32,
     },
     /// Read and delete.
     GetDel,
@@ -101,6 +104,8 @@ pub struct Entry {
     pub value: Option<Bytes>,
     /// Expiry in Unix milliseconds.
     pub expires_at: Option<u64>,
+    /// The policy hint stored with it.
+    pub hint: u32,
 }
 
 /// `entry` if it holds a value that has not expired at `wall_ms`.
@@ -122,6 +127,8 @@ pub fn apply(update: &Update, current: Option<&Entry>, wall_ms: u64, max_len: us
 fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (Option<Entry>, Effect) {
     let value = current.and_then(|r| r.value.clone());
     let expires_at = current.and_then(|r| r.expires_at);
+    // A read-modify-write keeps the hint the value was stored with.
+    let hint = current.map_or(0, |r| r.hint);
     let after = |ms: u64| Some(wall_ms.saturating_add(ms.max(1)));
     match update {
         Update::Incr(delta) => {
@@ -134,7 +141,7 @@ fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (O
             };
             match now.checked_add(*delta) {
                 Some(next) => {
-                    let write = Entry { value: Some(Bytes::from(next.to_string())), expires_at };
+                    let write = Entry { value: Some(Bytes::from(next.to_string())), expires_at, hint };
                     (Some(write), Effect::Integer(next))
                 }
                 None => (None, Effect::Overflow),
@@ -147,9 +154,9 @@ fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (O
             }
             next.extend_from_slice(tail);
             let len = next.len() as i64;
-            (Some(Entry { value: Some(next.freeze()), expires_at }), Effect::Integer(len))
+            (Some(Entry { value: Some(next.freeze()), expires_at, hint }), Effect::Integer(len))
         }
-        Update::Set { value: new, ttl_ms, keep_ttl, condition, get } => {
+        Update::Set { value: new, ttl_ms, keep_ttl, condition, get, hint: new_hint } => {
             let applies = match condition {
                 Condition::Always => true,
                 Condition::IfAbsent => value.is_none(),
@@ -164,11 +171,11 @@ fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (O
                 return (None, effect);
             }
             let expires_at = if *keep_ttl { expires_at } else { ttl_ms.and_then(after) };
-            (Some(Entry { value: Some(new.clone()), expires_at }), effect)
+            (Some(Entry { value: Some(new.clone()), expires_at, hint: *new_hint }), effect)
         }
         Update::GetDel => match value {
             None => (None, Effect::Value(None)),
-            Some(old) => (Some(Entry { value: None, expires_at: None }), Effect::Value(Some(old))),
+            Some(old) => (Some(Entry { value: None, expires_at: None, hint: 0 }), Effect::Value(Some(old))),
         },
         Update::GetEx(change) => {
             let Some(old) = value else { return (None, Effect::Value(None)) };
@@ -177,17 +184,17 @@ fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (O
                 TtlChange::Persist => None,
                 TtlChange::Set(ms) => after(*ms),
             };
-            (Some(Entry { value: Some(old.clone()), expires_at: expiry }), Effect::Value(Some(old)))
+            (Some(Entry { value: Some(old.clone()), expires_at: expiry, hint }), Effect::Value(Some(old)))
         }
         Update::Expire(ms) => match value {
             None => (None, Effect::Applied(false)),
-            Some(_) if *ms == 0 => (Some(Entry { value: None, expires_at: None }), Effect::Applied(true)),
-            Some(old) => (Some(Entry { value: Some(old), expires_at: after(*ms) }), Effect::Applied(true)),
+            Some(_) if *ms == 0 => (Some(Entry { value: None, expires_at: None, hint: 0 }), Effect::Applied(true)),
+            Some(old) => (Some(Entry { value: Some(old), expires_at: after(*ms), hint }), Effect::Applied(true)),
         },
         // A hit; a miss is loaded by the replica before anything is written.
         Update::Load { .. } => (None, Effect::Value(value)),
         Update::Persist => match (value, expires_at) {
-            (Some(old), Some(_)) => (Some(Entry { value: Some(old), expires_at: None }), Effect::Applied(true)),
+            (Some(old), Some(_)) => (Some(Entry { value: Some(old), expires_at: None, hint }), Effect::Applied(true)),
             _ => (None, Effect::Applied(false)),
         },
     }
@@ -202,7 +209,7 @@ mod tests {
     }
 
     fn record(value: &str, expires_at: Option<u64>) -> Entry {
-        Entry { value: Some(Bytes::from(value.to_string())), expires_at }
+        Entry { value: Some(Bytes::from(value.to_string())), expires_at, hint: 7 }
     }
 
     #[test]
@@ -211,7 +218,7 @@ mod tests {
         let n = record("41", Some(5_000));
         let (write, effect) = apply_t(&Update::Incr(1), Some(&n), wall);
         assert_eq!(effect, Effect::Integer(42));
-        assert_eq!(write, Some(Entry { value: Some(Bytes::from_static(b"42")), expires_at: Some(5_000) }));
+        assert_eq!(write, Some(Entry { value: Some(Bytes::from_static(b"42")), expires_at: Some(5_000), hint: 7 }));
         assert_eq!(apply_t(&Update::Incr(1), None, wall).1, Effect::Integer(1));
         assert_eq!(apply_t(&Update::Incr(1), Some(&record("x", None)), wall), (None, Effect::NotAnInteger));
         assert_eq!(apply_t(&Update::Incr(i64::MAX), Some(&n), wall), (None, Effect::Overflow));
@@ -223,6 +230,7 @@ mod tests {
             keep_ttl: false,
             condition: Condition::IfAbsent,
             get: false,
+            hint: 3,
         };
         assert_eq!(apply_t(&nx, Some(&n), wall), (None, Effect::Applied(false)));
         let (write, effect) = apply_t(&nx, None, wall);
@@ -233,14 +241,18 @@ mod tests {
             keep_ttl: true,
             condition: Condition::Always,
             get: true,
+            hint: 0,
         };
         let (write, effect) = apply_t(&get, Some(&n), wall);
         assert_eq!(write.map(|w| w.expires_at), Some(Some(5_000)), "KEEPTTL");
         assert_eq!(effect, Effect::Value(Some(Bytes::from_static(b"41"))));
-        assert_eq!(apply_t(&Update::GetDel, Some(&n), wall).0, Some(Entry { value: None, expires_at: None }));
+        assert_eq!(apply_t(&Update::GetDel, Some(&n), wall).0, Some(Entry { value: None, expires_at: None, hint: 0 }));
         assert_eq!(apply_t(&Update::Persist, Some(&n), wall).1, Effect::Applied(true));
         assert_eq!(apply_t(&Update::Persist, Some(&record("v", None)), wall), (None, Effect::Applied(false)));
-        assert_eq!(apply_t(&Update::Expire(0), Some(&n), wall).0, Some(Entry { value: None, expires_at: None }));
+        assert_eq!(
+            apply_t(&Update::Expire(0), Some(&n), wall).0,
+            Some(Entry { value: None, expires_at: None, hint: 0 })
+        );
         assert_eq!(apply_t(&Update::Expire(5), None, wall), (None, Effect::Applied(false)));
         let (write, _) = apply_t(&Update::GetEx(TtlChange::Set(100)), Some(&n), wall);
         assert_eq!(write.map(|w| w.expires_at), Some(Some(1_100)));

@@ -845,9 +845,16 @@ impl Shard {
         Some(self.slab.get(index).expires_at().map(|at| at - now))
     }
 
-    /// The value of `key` if resident and live, without counting a read or
-    /// telling the policy: for read-modify-write commands (APPEND) whose
-    /// write is the access.
+    /// The entry of `key` (value, expiry, hint) if resident and live,
+    /// without counting a read or telling the policy: for read-modify-write
+    /// commands whose write is the access, and replicas comparing versions.
+    pub fn peek_entry(&self, now: u64, key: &[u8]) -> Option<EntryView> {
+        let index = self.find(cachet_proto::key_hash(key), key).filter(|&i| !self.is_expired(i, now))?;
+        let slot = self.slab.get(index);
+        Some(EntryView { value: Bytes::copy_from_slice(slot.value()), expires_at: slot.expires_at(), hint: slot.hint })
+    }
+
+    /// `key`'s live value without counting a read (a copy).
     pub fn peek(&self, now: u64, key: &[u8]) -> Option<Bytes> {
         let index = self.find(cachet_proto::key_hash(key), key).filter(|&i| !self.is_expired(i, now))?;
         Some(Bytes::copy_from_slice(self.slab.get(index).value()))

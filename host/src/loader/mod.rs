@@ -56,9 +56,10 @@ pub type Invalidator = Box<dyn Fn(Bytes) + Send + Sync>;
 /// The result a flight hands to everyone waiting on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The value (installed unless an invalidation raced the load), and
-    /// the TTL it is cached with (jittered, grace window included).
-    Value(Bytes, u64),
+    /// The value (installed unless an invalidation raced the load), the
+    /// TTL it is cached with (jittered, grace window included) and its cost
+    /// hint (the load's milliseconds).
+    Value(Bytes, u64, u32),
     /// The origin has no such key.
     NotFound,
     /// No value: the reply to send, with why.
@@ -69,7 +70,7 @@ impl Outcome {
     /// The reply to a GET.
     pub fn into_response(self) -> Response {
         match self {
-            Self::Value(v, _) => Response::Value(Some(v)),
+            Self::Value(v, ..) => Response::Value(Some(v)),
             Self::NotFound => Response::Value(None),
             Self::Failed(err) => Response::Error(err),
         }
@@ -588,7 +589,7 @@ impl Loaders {
                 } else if !leased {
                     self.counters.lease_breaks.fetch_add(1, Ordering::Relaxed);
                 }
-                Outcome::Value(value, ttl)
+                Outcome::Value(value, ttl, load_ms)
             }
             Ok(None) => {
                 if !leased {
@@ -712,12 +713,13 @@ impl Loaders {
 
     /// Loads `key` (single flight on this node, negative cache included)
     /// without installing it: for the key's primary on a cluster, which
-    /// writes the value to the replicas. The value and the TTL (ms) to
-    /// cache it with; `None` when the origin has no such key.
+    /// writes the value to the replicas. The value, the TTL (ms) to cache
+    /// it with and its cost hint (the load's ms); `None` when the origin
+    /// has no such key.
     pub fn fetch(
         self: &Arc<Self>,
         key: Bytes,
-    ) -> impl Future<Output = Result<Option<(Bytes, u64)>, ErrorReply>> + use<> {
+    ) -> impl Future<Output = Result<Option<(Bytes, u64, u32)>, ErrorReply>> + use<> {
         let this = self.clone();
         async move {
             let refused = |code, message: String| Err(ErrorReply::new(code, message));
@@ -746,7 +748,7 @@ impl Loaders {
             .await;
             drop(waiting);
             match waited {
-                Ok(Ok(Some(Outcome::Value(value, ttl)))) => Ok(Some((value, ttl))),
+                Ok(Ok(Some(Outcome::Value(value, ttl, hint)))) => Ok(Some((value, ttl, hint))),
                 Ok(Ok(Some(Outcome::NotFound))) => Ok(None),
                 Ok(Ok(Some(Outcome::Failed(err)))) => Err(err),
                 Ok(_) => refused(ErrorCode::LoadFailed, "the load was abandoned".into()),
