@@ -228,6 +228,18 @@ pub enum Message {
         /// The client's consistency, for the update's read and write.
         level: Consistency,
     },
+    /// FLUSHALL: drop every record (and hint) held.
+    Flush {
+        /// The coordinator's request id.
+        req: u64,
+    },
+    /// A member dropped what it held for [`Message::Flush`].
+    FlushAck {
+        /// The `Flush`'s request id.
+        req: u64,
+        /// Records it dropped.
+        dropped: u64,
+    },
     /// The primary's answer to an [`Message::Update`].
     UpdateReply {
         /// The `Update`'s request id.
@@ -301,6 +313,10 @@ pub enum Op {
         /// The key.
         key: Bytes,
     },
+    /// Drop every record on every member (FLUSHALL). Refused unless every
+    /// member of the ring is up: one that missed it would repair its old
+    /// records back.
+    FlushAll,
     /// Read-modify-write `key`: run at the key's primary owner, serialized
     /// there with every other update of the key.
     Update {
@@ -330,6 +346,9 @@ pub enum Outcome {
     Read(Option<Record>),
     /// An update's answer.
     Updated(Effect),
+    /// FLUSHALL done: the records dropped over every member (each key once
+    /// per copy).
+    Flushed(u64),
 }
 
 /// The answer to a client operation, by the client's request id.
@@ -454,6 +473,9 @@ enum Pending {
     },
     /// Delivering hint `id`.
     Hint { id: u64 },
+    /// A FLUSHALL: the members yet to drop their records, and the records
+    /// dropped so far.
+    Flush { client_req: u64, deadline: u64, waiting: BTreeSet<NodeIx>, dropped: u64 },
     /// An update forwarded to the key's primary owner; `also` are the
     /// clients of loads of the same key that joined it.
     Forward { client_req: u64, deadline: u64, also: Vec<u64> },
@@ -986,7 +1008,7 @@ impl Replica {
     fn pending_key(&self, req: u64) -> Option<&Bytes> {
         match self.pending.get(&req)? {
             Pending::Read { key, .. } | Pending::Write { key, .. } => Some(key),
-            Pending::Hint { .. } | Pending::Forward { .. } => None,
+            Pending::Hint { .. } | Pending::Forward { .. } | Pending::Flush { .. } => None,
         }
     }
 
@@ -1022,6 +1044,10 @@ impl Replica {
     fn coordinate(&mut self, now: u64, client_req: u64, op: Op, consistency: Consistency) {
         let key = match &op {
             Op::Put { key, .. } | Op::Get { key } | Op::Update { key, .. } => key.clone(),
+            Op::FlushAll => {
+                self.flush_all(now, client_req);
+                return;
+            }
         };
         let owners = self.owners(&key);
         let required = consistency.required(owners.len());
@@ -1060,7 +1086,7 @@ impl Replica {
         let req = self.request_id();
         let deadline = now + self.config.request_timeout_ms;
         match op {
-            Op::Update { .. } => {}
+            Op::Update { .. } | Op::FlushAll => {}
             Op::Get { .. } => {
                 let expected = self.live(&owners);
                 let read = Pending::Read {
@@ -1097,6 +1123,37 @@ impl Replica {
             }
         }
         self.progress(now, req);
+    }
+
+    /// FLUSHALL coordinated here: every member of the ring must be up (one
+    /// that missed it would repair its records back); each drops what it
+    /// holds and acknowledges.
+    fn flush_all(&mut self, now: u64, client_req: u64) {
+        let others: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
+        if !self.quorate || self.fenced_until.is_some() || others.iter().any(|&n| !self.is_alive(n)) {
+            self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
+            return;
+        }
+        let dropped = self.drop_everything();
+        if others.is_empty() {
+            self.replies.push_back(Reply { client_req, result: Ok(Outcome::Flushed(dropped)) });
+            return;
+        }
+        let req = self.request_id();
+        for &member in &others {
+            self.send(member, Message::Flush { req });
+        }
+        let deadline = now + self.config.request_timeout_ms;
+        self.pending.insert(req, Pending::Flush { client_req, deadline, waiting: others, dropped });
+    }
+
+    /// Drops every record and hint held; how many records there were.
+    fn drop_everything(&mut self) -> u64 {
+        let dropped = self.store.len() as u64;
+        self.store.clear();
+        self.hints.clear();
+        self.hint_of.clear();
+        dropped
     }
 
     /// Joins a load of `key` this node already forwarded to its primary: one
@@ -1421,7 +1478,7 @@ impl Replica {
                     }
                 }
             },
-            Pending::Hint { .. } | Pending::Forward { .. } => {}
+            Pending::Hint { .. } | Pending::Forward { .. } | Pending::Flush { .. } => {}
         }
     }
 
@@ -1514,7 +1571,9 @@ impl Replica {
             | Message::PutAck { .. }
             | Message::Readmit { .. }
             | Message::ReadmitAck { .. }
-            | Message::UpdateReply { .. } => {}
+            | Message::UpdateReply { .. }
+            | Message::Flush { .. }
+            | Message::FlushAck { .. } => {}
         }
         Ok(())
     }
@@ -1578,6 +1637,22 @@ impl Replica {
                 };
                 if fresh {
                     self.enqueue_update(now, Origin::Peer { from, req }, key, update, level);
+                }
+            }
+            Message::Flush { req } => {
+                let dropped = self.drop_everything();
+                self.send(from, Message::FlushAck { req, dropped });
+            }
+            Message::FlushAck { req, dropped } => {
+                if let Some(Pending::Flush { waiting, dropped: total, .. }) = self.pending.get_mut(&req)
+                    && waiting.remove(&from)
+                {
+                    *total += dropped;
+                    if waiting.is_empty()
+                        && let Some(Pending::Flush { client_req, dropped, .. }) = self.pending.remove(&req)
+                    {
+                        self.replies.push_back(Reply { client_req, result: Ok(Outcome::Flushed(dropped)) });
+                    }
                 }
             }
             Message::UpdateReply { req, result } => {
@@ -1710,7 +1785,8 @@ impl Replica {
             .filter(|(_, p)| match p {
                 Pending::Read { deadline, .. }
                 | Pending::Write { deadline, .. }
-                | Pending::Forward { deadline, .. } => *deadline <= now,
+                | Pending::Forward { deadline, .. }
+                | Pending::Flush { deadline, .. } => *deadline <= now,
                 Pending::Hint { .. } => false,
             })
             .map(|(&req, _)| req)
@@ -1719,7 +1795,11 @@ impl Replica {
             match self.pending.get(&req) {
                 Some(Pending::Read { done: true, .. }) => self.finish_read(now, req),
                 Some(Pending::Forward { .. }) => self.answer_forward(req, Err(OpError::Timeout)),
-                Some(Pending::Read { client_req, .. } | Pending::Write { client_req, .. }) => {
+                Some(
+                    Pending::Read { client_req, .. }
+                    | Pending::Write { client_req, .. }
+                    | Pending::Flush { client_req, .. },
+                ) => {
                     let client_req = *client_req;
                     self.pending.remove(&req);
                     self.replies.push_back(Reply { client_req, result: Err(OpError::Timeout) });
@@ -1788,9 +1868,10 @@ impl Replica {
     /// When [`Replica::tick`] next has work.
     pub fn poll_timeout(&self) -> Option<u64> {
         let requests = self.pending.values().filter_map(|p| match p {
-            Pending::Read { deadline, .. } | Pending::Write { deadline, .. } | Pending::Forward { deadline, .. } => {
-                Some(*deadline)
-            }
+            Pending::Read { deadline, .. }
+            | Pending::Write { deadline, .. }
+            | Pending::Forward { deadline, .. }
+            | Pending::Flush { deadline, .. } => Some(*deadline),
             Pending::Hint { .. } => None,
         });
         let hints = self
@@ -1815,6 +1896,46 @@ mod tests {
 
     fn ids(ring: &Ring, key: &[u8]) -> Vec<NodeIx> {
         ring.owners(key, 3).iter().map(|m| m.id.parse().expect("id")).collect()
+    }
+
+    /// FLUSHALL drops every record on every member and answers once all
+    /// have; with a member down it is refused and drops nothing.
+    #[test]
+    fn flushall_reaches_every_member_or_none() {
+        let three = ring(3);
+        let config = ReplicaConfig { rf: 3, ..ReplicaConfig::default() };
+        let mut replicas: Vec<Replica> =
+            (0..3).map(|i| Replica::new(i, 3, three.clone(), config, 10 + u64::from(i))).collect();
+        let mut hold = Vec::new();
+        for (i, key) in ["a", "b", "c"].into_iter().enumerate() {
+            let put =
+                Op::Put { key: Bytes::from(key), value: Some(Bytes::from_static(b"v")), expires_at: None, hint: 0 };
+            replicas[i].client(0, 1, put, Consistency::All);
+        }
+        pump(&mut replicas, 0, &mut hold);
+        for (to, from, message) in std::mem::take(&mut hold).into_iter().map(|(f, t, m)| (t, f, m)) {
+            replicas[to as usize].handle(0, from, message).expect("accepted");
+        }
+        pump(&mut replicas, 0, &mut hold);
+        for (to, from, message) in std::mem::take(&mut hold).into_iter().map(|(f, t, m)| (t, f, m)) {
+            replicas[to as usize].handle(0, from, message).expect("accepted");
+        }
+        assert!(replicas.iter().all(|r| r.record_count() == 3), "every member holds every key");
+        for replica in &mut replicas {
+            while replica.poll_reply().is_some() {}
+        }
+        // A member down: refused, nothing dropped.
+        replicas[1].set_alive(0, 2, false);
+        replicas[1].client(0, 7, Op::FlushAll, Consistency::Quorum);
+        let refused = replicas[1].poll_reply().expect("an answer");
+        assert_eq!(refused.result, Err(OpError::Unavailable));
+        assert!(replicas.iter().all(|r| r.record_count() == 3));
+        replicas[1].set_alive(0, 2, true);
+        replicas[1].client(0, 8, Op::FlushAll, Consistency::Quorum);
+        pump(&mut replicas, 0, &mut hold);
+        let done = replicas[1].poll_reply().expect("an answer");
+        assert_eq!(done, Reply { client_req: 8, result: Ok(Outcome::Flushed(9)) });
+        assert!(replicas.iter().all(|r| r.record_count() == 0), "every member dropped its records");
     }
 
     /// Delivers every message but stores (`Put`), which stay in `hold`,

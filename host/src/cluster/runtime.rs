@@ -308,7 +308,7 @@ impl Cluster {
     async fn read_record(self: Arc<Self>, key: Bytes, level: replica::Consistency) -> Result<Option<Record>, OpError> {
         match self.run(Op::Get { key }, level).await? {
             Outcome::Read(record) => Ok(record.map(|r| as_of(r, unix_ms())).filter(|r| r.value.is_some())),
-            Outcome::Written(_) | Outcome::Updated(_) => Err(OpError::Unavailable),
+            Outcome::Written(_) | Outcome::Updated(_) | Outcome::Flushed(_) => Err(OpError::Unavailable),
         }
     }
 
@@ -522,11 +522,20 @@ impl Cluster {
             // Redis Cluster's DBSIZE counts the node asked: here the records
             // this member holds (deletions kept for a while included).
             Request::DbSize => Some(Routed::Now(Response::Count(store.len()))),
-            Request::FlushAll => Some(Routed::Now(error(
-                ErrorCode::NotSupported,
-                "FLUSHALL is not supported on a clustered node yet: it needs a cluster-wide operation \
-                 (issue 20's metadata log); DEL the keys instead",
-            ))),
+            // Every member drops its records; refused unless every member is
+            // up (one that missed it would repair its records back).
+            Request::FlushAll => later(Box::pin(async move {
+                match this.run(Op::FlushAll, level).await {
+                    Ok(Outcome::Flushed(dropped)) => Response::Count(dropped),
+                    Ok(_) => error(ErrorCode::Internal, "FLUSHALL was answered as another operation"),
+                    Err(OpError::Unavailable) => error(
+                        ErrorCode::Unavailable,
+                        "FLUSHALL needs every member of the cluster up (one that missed it would bring its \
+                         records back); retry when `cachet stats` shows them all alive",
+                    ),
+                    Err(err) => op_error(err),
+                }
+            })),
             Request::Ping | Request::Stats | Request::Admin { .. } => None,
         }
     }
