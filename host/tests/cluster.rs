@@ -1109,11 +1109,19 @@ async fn redis_cli_reads_and_writes_through_any_member() {
     assert!((1..=100).contains(&ttl), "TTL {ttl}");
     assert_eq!(cli(1, &["TTL", "user:1"]), "-1");
     assert_eq!(cli(1, &["TTL", "nothing"]), "-2");
-    assert_eq!(cli(1, &["MSET", "a", "1", "b", "2"]), "OK");
-    assert_eq!(cli(2, &["MGET", "a", "nothing", "b"]), "1\n\n2", "nil in the middle");
-    assert_eq!(cli(0, &["EXISTS", "a", "b", "nothing"]), "2");
-    assert_eq!(cli(0, &["DEL", "a", "b", "nothing", "a"]), "2", "a key named twice counts once");
-    assert_eq!(cli(1, &["GET", "a"]), "");
+    // MSET implies atomicity: keys of one owner ({hash tag}) are taken,
+    // keys spread over members refused by name (nothing written).
+    assert_eq!(cli(1, &["MSET", "{t}a", "1", "{t}b", "2"]), "OK");
+    let spread: Vec<String> = (0..10).flat_map(|i| [format!("spread{i}"), "v".to_string()]).collect();
+    let mut args = vec!["MSET"];
+    args.extend(spread.iter().map(String::as_str));
+    let refused = cli(0, &args);
+    assert!(refused.contains("CROSSSLOT"), "{refused}");
+    assert_eq!(cli(2, &["EXISTS", "spread0", "spread9"]), "0", "nothing of a refused MSET is written");
+    assert_eq!(cli(2, &["MGET", "{t}a", "nothing", "{t}b"]), "1\n\n2", "nil in the middle");
+    assert_eq!(cli(0, &["EXISTS", "{t}a", "{t}b", "nothing"]), "2");
+    assert_eq!(cli(0, &["DEL", "{t}a", "{t}b", "nothing", "{t}a"]), "2", "a key named twice counts once");
+    assert_eq!(cli(1, &["GET", "{t}a"]), "");
     // Every single-node command, through any member (read-modify-writes
     // serialized at the key's primary owner).
     assert_eq!(cli(2, &["INCR", "counter"]), "1");

@@ -140,6 +140,9 @@ pub struct Cluster {
     commands: mpsc::UnboundedSender<Command>,
     /// The node's read-through loaders, run at each key's primary owner.
     loaders: Arc<std::sync::OnceLock<Arc<Loaders>>>,
+    /// The serving ring the replica routes by, for checks made before a
+    /// request reaches it (MSET's owners).
+    ring: Arc<Mutex<Option<Arc<Ring>>>>,
     status: Arc<Mutex<ClusterStats>>,
     default: Consistency,
     stop: watch::Sender<bool>,
@@ -240,6 +243,8 @@ impl Cluster {
         let thread_status = status.clone();
         let loaders: Arc<std::sync::OnceLock<Arc<Loaders>>> = Arc::default();
         let thread_loaders = loaders.clone();
+        let ring: Arc<Mutex<Option<Arc<Ring>>>> = Arc::default();
+        let thread_ring = ring.clone();
         let thread = std::thread::Builder::new()
             .name("cachet-cluster".into())
             .spawn(move || {
@@ -265,6 +270,7 @@ impl Cluster {
                     let store = Box::new(ShardRecords::new(store));
                     let mut shell = Shell::new(options, listen, transport, thread_status, store, limits);
                     shell.loaders = thread_loaders;
+                    shell.shared_ring = thread_ring;
                     shell.run(commands_rx, incoming, stopped).await;
                 });
             })
@@ -274,7 +280,16 @@ impl Cluster {
             Ok(Err(err)) => return Err(err),
             Err(_) => return Err(ClusterError::Runtime("the cluster thread died while starting".into())),
         };
-        Ok(Arc::new(Self { commands, loaders, status, default, stop, thread: Mutex::new(Some(thread)), peer_addr }))
+        Ok(Arc::new(Self {
+            commands,
+            loaders,
+            ring,
+            status,
+            default,
+            stop,
+            thread: Mutex::new(Some(thread)),
+            peer_addr,
+        }))
     }
 
     /// Where the peer transport listens.
@@ -399,6 +414,9 @@ impl Cluster {
             }
             Request::MSet { pairs } => {
                 if let Some(refused) = pairs.iter().find_map(|(k, v)| check_record(store, k, v)) {
+                    return Some(Routed::Now(refused));
+                }
+                if let Some(refused) = self.cross_owner(pairs.iter().map(|(k, _)| k)) {
                     return Some(Routed::Now(refused));
                 }
                 let pairs = pairs.clone();
@@ -562,6 +580,26 @@ impl Cluster {
         let (reply, _) = oneshot::channel();
         let op = Op::Update { key, update: Update::Expire(0) };
         let _ = self.commands.send(Command { op, level: level(self.default), reply });
+    }
+
+    /// A refusal when `keys` have different primary owners: MSET implies
+    /// atomicity, which keys on different members cannot have (Redis
+    /// Cluster's CROSSSLOT). The SDK's `ClusterClient::mset` splits by
+    /// owner; `{hash tags}` put keys together.
+    fn cross_owner<'a>(&self, mut keys: impl Iterator<Item = &'a Bytes>) -> Option<Response> {
+        let ring = self.ring.lock().ok()?.clone()?;
+        let primary = |key: &[u8]| ring.owners(key, 1).first().map(|m| m.id.clone());
+        let first = primary(keys.next()?)?;
+        let other = keys.find(|k| primary(k).as_ref() != Some(&first))?;
+        Some(error(
+            ErrorCode::NotSupported,
+            format!(
+                "CROSSSLOT MSET keys belong to different members (`{}` is not with the first key's): a \
+                 cluster cannot write them atomically; send one MSET per owner (ClusterClient::mset \
+                 does) or give the keys one {{hash tag}}",
+                String::from_utf8_lossy(other).escape_debug()
+            ),
+        ))
     }
 
     /// The load timeout of `key`'s loader namespace; `None` when no loader
@@ -737,6 +775,9 @@ struct Shell {
     /// The node's loaders (set once attached), which run the loads the
     /// replica asks for as a key's primary.
     loaders: Arc<std::sync::OnceLock<Arc<Loaders>>>,
+    /// The serving ring, shared with [`Cluster`] for checks made before a
+    /// request reaches the replica.
+    shared_ring: Arc<Mutex<Option<Arc<Ring>>>>,
     /// Loads finished, for [`Replica::loaded`].
     loaded_tx: mpsc::UnboundedSender<(u64, replica::LoadResult)>,
     loaded_rx: Option<mpsc::UnboundedReceiver<(u64, replica::LoadResult)>>,
@@ -858,6 +899,7 @@ impl Shell {
             boot,
             waiting: HashMap::new(),
             loaders: Arc::default(),
+            shared_ring: Arc::default(),
             loaded_tx,
             loaded_rx: Some(loaded_rx),
             next_op: 1,
@@ -907,6 +949,9 @@ impl Shell {
         let nodes = self.peers.keys().max().map_or(1, |m| m + 1);
         let (serving, quorate) = serving(self.me, self.peers.keys().copied(), &self.alive, &self.held_out);
         self.serving = serving;
+        if let Ok(mut shared) = self.shared_ring.lock() {
+            *shared = Some(ring.clone());
+        }
         let mut replica = Replica::with_store(self.me, nodes, ring, self.config, self.boot, store);
         replica.join(now, self.boot);
         replica.set_quorate(now, quorate);
@@ -967,6 +1012,9 @@ impl Shell {
         let Some(ring) = self.ring() else { return };
         tracing::info!(serving = ?serving, was = ?self.serving, "serving ring changed");
         self.serving = serving;
+        if let Ok(mut shared) = self.shared_ring.lock() {
+            *shared = Some(ring.clone());
+        }
         if let Some(replica) = self.replica.as_mut() {
             replica.set_ring(now, ring);
         }
