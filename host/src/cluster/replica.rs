@@ -1129,7 +1129,10 @@ impl Replica {
     /// that missed it would repair its records back); each drops what it
     /// holds and acknowledges.
     fn flush_all(&mut self, now: u64, client_req: u64) {
-        let others: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
+        // Every known member, not only the serving ring's: one held out of
+        // the ring (down, or not readmitted) would come back with its old
+        // records and repair them into the others.
+        let others: BTreeSet<NodeIx> = (0..self.nodes).filter(|&n| n != self.me).collect();
         if !self.quorate || self.fenced_until.is_some() || others.iter().any(|&n| !self.is_alive(n)) {
             self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
             return;
@@ -1153,6 +1156,7 @@ impl Replica {
         self.store.clear();
         self.hints.clear();
         self.hint_of.clear();
+        self.pending.retain(|_, p| !matches!(p, Pending::Hint { .. }));
         dropped
     }
 
@@ -1277,7 +1281,10 @@ impl Replica {
     /// the key's replicas, then every read-through waiting on the key is
     /// answered.
     pub fn loaded(&mut self, now: u64, id: u64, result: LoadResult) {
-        let Some((key, Step::Load)) = self.steps.remove(&id) else { return };
+        if !matches!(self.steps.get(&id), Some((_, Step::Load))) {
+            return;
+        }
+        let Some((key, _)) = self.steps.remove(&id) else { return };
         let Some(head) = self.updates.get(&key).and_then(|q| q.front()) else { return };
         let level = head.level;
         match result {
@@ -1936,6 +1943,21 @@ mod tests {
         let done = replicas[1].poll_reply().expect("an answer");
         assert_eq!(done, Reply { client_req: 8, result: Ok(Outcome::Flushed(9)) });
         assert!(replicas.iter().all(|r| r.record_count() == 0), "every member dropped its records");
+        // A member already out of the serving ring (down) still counts: it
+        // would come back with its records and repair them in.
+        let two = Arc::new(
+            Ring::new(
+                2,
+                (0..2).map(|i| Member { id: i.to_string(), addr: format!("10.0.0.{i}:1"), weight: 1 }).collect(),
+                cachet_proto::DEFAULT_VNODES,
+            )
+            .expect("ring"),
+        );
+        replicas[1].set_alive(0, 2, false);
+        replicas[1].set_ring(0, two);
+        replicas[1].client(0, 9, Op::FlushAll, Consistency::Quorum);
+        let refused = replicas[1].poll_reply().expect("an answer");
+        assert_eq!(refused.result, Err(OpError::Unavailable), "a member outside the ring is down");
     }
 
     /// Delivers every message but stores (`Put`), which stay in `hold`,

@@ -419,6 +419,17 @@ impl Cluster {
                 if let Some(refused) = self.cross_owner(pairs.iter().map(|(k, _)| k)) {
                     return Some(Routed::Now(refused));
                 }
+                // Writes of loaded keys must be serialized with their loads
+                // at the primary, one key at a time.
+                if let Some((key, _)) = pairs.iter().find(|(k, _)| self.loads(k).is_some()) {
+                    return Some(Routed::Now(error(
+                        ErrorCode::NotSupported,
+                        format!(
+                            "MSET of `{}`, a key a loader covers, is not supported on a cluster: SET it on its own",
+                            String::from_utf8_lossy(key).escape_debug()
+                        ),
+                    )));
+                }
                 let pairs = pairs.clone();
                 later(Box::pin(async move {
                     let writes = pairs.into_iter().map(|(k, v)| this.clone().write(k, Some(v), level));
@@ -635,6 +646,30 @@ fn update_value(update: &Update) -> Bytes {
     match update {
         Update::Set { value, .. } | Update::Append(value) => value.clone(),
         _ => Bytes::new(),
+    }
+}
+
+/// The answer to one load the replica asked for: sent once, and on drop
+/// if it never was.
+struct LoadAnswer {
+    tx: mpsc::UnboundedSender<(u64, replica::LoadResult)>,
+    id: u64,
+    sent: bool,
+}
+
+impl LoadAnswer {
+    fn send(&mut self, result: replica::LoadResult) {
+        self.sent = true;
+        let _ = self.tx.send((self.id, result));
+    }
+}
+
+impl Drop for LoadAnswer {
+    fn drop(&mut self) {
+        if !self.sent {
+            let message = "the load ended without an answer".to_string();
+            let _ = self.tx.send((self.id, Err(Effect::LoadFailed { origin: false, message })));
+        }
     }
 }
 
@@ -1359,12 +1394,15 @@ impl Shell {
                 match self.loaders.get() {
                     Some(loaders) => {
                         let fetch = loaders.fetch(key);
+                        // Answers even if the task ends early (a panic, the
+                        // runtime stopping): the key's update queue waits on it.
+                        let mut answer = LoadAnswer { tx, id, sent: false };
                         tokio::spawn(async move {
                             let result = fetch.await.map_err(|err| Effect::LoadFailed {
                                 origin: err.code == ErrorCode::OriginFailed,
                                 message: err.message,
                             });
-                            let _ = tx.send((id, result));
+                            answer.send(result);
                         });
                     }
                     None => {

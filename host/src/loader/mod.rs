@@ -780,6 +780,24 @@ impl Loaders {
             }
         }
         lock(&self.negative).retain(|k, _| !k.starts_with(prefix.as_bytes()));
+        // On a cluster the shards hold replicated records: deleting them
+        // here would leave the other copies to repair them back. Each key
+        // this member holds is deleted through its primary instead (every
+        // member's feed does the same, so every key is covered).
+        if let Some(invalidator) = self.replicated.get() {
+            let mut keys = Vec::new();
+            store.for_each(|key, _| {
+                if key.starts_with(prefix.as_bytes()) {
+                    keys.push(Bytes::copy_from_slice(key));
+                }
+            });
+            let removed = keys.len();
+            for key in keys {
+                invalidator(key);
+            }
+            tracing::info!(prefix, removed, "namespace invalidated through the cluster");
+            return;
+        }
         let removed = store.delete_prefix(prefix.as_bytes());
         tracing::info!(prefix, removed, "namespace invalidated");
     }

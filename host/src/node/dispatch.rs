@@ -126,6 +126,11 @@ impl Node {
             Request::MSet { pairs } => {
                 pairs.iter().try_for_each(|(key, value)| self.store.check_sizes(key, value)).map_err(too_large)
             }
+            // On a cluster every key travels to peers, which refuse one
+            // over the limit: refused here, by name, instead of timing out.
+            request if self.cluster.get().is_some() => {
+                request.keys().into_iter().try_for_each(|key| self.store.check_sizes(key, b"")).map_err(too_large)
+            }
             _ => Ok(()),
         };
         checked.err()

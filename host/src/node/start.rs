@@ -117,19 +117,22 @@ impl Node {
         let (background, metrics) = background(node.clone(), options.metrics)?;
         running.background = Some(background);
         running.metrics = metrics;
+        // Loaders are built (their modules compiled) before the cluster
+        // starts: as a key's primary this member must be able to load as
+        // soon as it serves.
+        let loaders = options.loaders.as_ref().map(Loaders::new).transpose()?;
         if let Some(cluster) = options.cluster {
             let cluster = Cluster::start(cluster, node.store().clone())?;
+            // On a cluster, loads run at each key's primary owner and write
+            // to the replicas (set before the loaders start their feeds).
+            if let Some(loaders) = &loaders {
+                cluster.attach_loaders(loaders).map_err(StartError::Config)?;
+            }
             if let Err(cluster) = node.attach_cluster(cluster) {
                 cluster.shutdown();
             }
         }
-        if let Some(config) = options.loaders {
-            let loaders = Loaders::new(&config)?;
-            // On a cluster, loads run at each key's primary owner and write
-            // to the replicas (before the loaders start their feeds).
-            if let Some(cluster) = node.cluster() {
-                cluster.attach_loaders(&loaders).map_err(StartError::Config)?;
-            }
+        if let Some(loaders) = loaders {
             // A fresh node has none yet.
             let _ = node.attach_loaders(loaders);
         }
