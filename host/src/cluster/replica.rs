@@ -478,7 +478,8 @@ enum Pending {
     Flush { client_req: u64, deadline: u64, waiting: BTreeSet<NodeIx>, dropped: u64 },
     /// An update forwarded to the key's primary owner; `also` are the
     /// clients of loads of the same key that joined it.
-    Forward { client_req: u64, deadline: u64, also: Vec<u64> },
+    /// `load` is the key when it is a load (see `forwarded_loads`).
+    Forward { client_req: u64, deadline: u64, also: Vec<u64>, load: Option<Bytes> },
 }
 
 struct Answer {
@@ -1069,14 +1070,15 @@ impl Replica {
                 Some(_) if matches!(update, Update::Load { .. }) && self.join_load(&key, client_req) => {}
                 Some(primary) => {
                     let req = self.request_id();
-                    if matches!(update, Update::Load { .. }) {
+                    let load = matches!(update, Update::Load { .. }).then(|| key.clone());
+                    if load.is_some() {
                         self.forwarded_loads.insert(key.clone(), req);
                     }
                     // Queued behind others, then a read and a write there
                     // (and a load between them).
                     let wait = if let Update::Load { wait_ms } = update { wait_ms } else { 0 };
                     let deadline = now + 3 * self.config.request_timeout_ms + wait;
-                    self.pending.insert(req, Pending::Forward { client_req, deadline, also: Vec::new() });
+                    self.pending.insert(req, Pending::Forward { client_req, deadline, also: Vec::new(), load });
                     self.send(primary, Message::Update { req, key, update, level: consistency });
                 }
                 None => self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) }),
@@ -1178,8 +1180,12 @@ impl Replica {
 
     /// Answers a forwarded update's client and those that joined it.
     fn answer_forward(&mut self, req: u64, result: Result<Outcome, OpError>) {
-        let Some(Pending::Forward { client_req, also, .. }) = self.pending.remove(&req) else { return };
-        self.forwarded_loads.retain(|_, r| *r != req);
+        let Some(Pending::Forward { client_req, also, load, .. }) = self.pending.remove(&req) else { return };
+        if let Some(key) = load
+            && self.forwarded_loads.get(&key) == Some(&req)
+        {
+            self.forwarded_loads.remove(&key);
+        }
         for client_req in std::iter::once(client_req).chain(also) {
             self.replies.push_back(Reply { client_req, result: result.clone() });
         }
@@ -1212,8 +1218,8 @@ impl Replica {
 
     /// Starts the queue head of `key`: its read, at its consistency.
     fn start_update(&mut self, now: u64, key: Bytes) {
-        self.updates_run += 1;
         let Some(level) = self.updates.get(&key).and_then(|q| q.front()).map(|q| q.level) else { return };
+        self.updates_run += 1;
         let id = self.internal_id();
         self.steps.insert(id, (key.clone(), Step::Read));
         self.coordinate(now, id, Op::Get { key }, level);
