@@ -324,6 +324,33 @@ async fn admin_commands_need_the_token_and_bad_requests_change_nothing() {
     other.close().await;
 }
 
+/// A client guessing the admin token from one address is throttled there,
+/// over real QUIC, while the operator on another loopback address gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_guessing_is_throttled_per_source_address() {
+    let live = LiveNode::start(config(1_000), Some(TOKEN));
+    let addr = live.running.as_ref().and_then(Running::quic_addr).expect("running");
+    let from = |ip: &str| {
+        let endpoint = quinn::Endpoint::client(format!("{ip}:0").parse().expect("addr")).expect("endpoint");
+        let mut config = ClientConfig::new(addr).with_data_dir(&live.dir.0).expect("ca");
+        config.timeout = Duration::from_secs(20);
+        async move { Client::connect_on(&endpoint, config).await.expect("connects") }
+    };
+    let guesser = from("127.0.0.2").await;
+    let operator = from("127.0.0.1").await;
+    for i in 0..10 {
+        let (code, message) = server_error(guesser.admin(&format!("guess{i}"), AdminCommand::List).await);
+        assert_eq!(code, ErrorCode::Unauthorized);
+        assert!(message.contains("wrong admin token"), "{message}");
+    }
+    let (code, message) = server_error(guesser.admin(TOKEN, AdminCommand::List).await);
+    assert_eq!(code, ErrorCode::Unauthorized);
+    assert!(message.contains("too many failed admin attempts"), "the right token waits out the back-off: {message}");
+    operator.admin(TOKEN, AdminCommand::List).await.expect("the operator's address is not throttled");
+    guesser.close().await;
+    operator.close().await;
+}
+
 /// `module` with a custom section appended, `pad` bytes of payload: the
 /// same component, just larger.
 fn padded(module: &[u8], pad: usize) -> Vec<u8> {

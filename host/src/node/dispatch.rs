@@ -23,6 +23,7 @@ use super::Node;
 use crate::reply::{Later, Routed};
 use bytes::Bytes;
 use cachet_proto::{Condition, Consistency, ErrorCode, ErrorReply, Request, Response};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,11 +34,22 @@ impl Node {
     /// client's choice for a clustered request (the cluster's default when
     /// `None`; a single node ignores it).
     pub fn dispatch(self: &Arc<Self>, request: Request, consistency: Option<Consistency>) -> Routed {
+        self.dispatch_from(request, consistency, None)
+    }
+
+    /// [`Node::dispatch`] for a client at `source`: failed admin attempts
+    /// are throttled per source address (see `admin::guard`).
+    pub fn dispatch_from(
+        self: &Arc<Self>,
+        request: Request,
+        consistency: Option<Consistency>,
+        source: Option<IpAddr>,
+    ) -> Routed {
         let started = Instant::now();
         let command = crate::metrics::command_index(&request);
         let now = self.store.now_ms_at(started);
         self.observe(now, &request);
-        match self.route(now, request, consistency) {
+        match self.route(now, request, consistency, source) {
             Routed::Now(response) => {
                 self.metrics.record(command, started.elapsed(), is_error(&response));
                 Routed::Now(response)
@@ -82,11 +94,17 @@ impl Node {
         }
     }
 
-    fn route(self: &Arc<Self>, now: u64, request: Request, consistency: Option<Consistency>) -> Routed {
+    fn route(
+        self: &Arc<Self>,
+        now: u64,
+        request: Request,
+        consistency: Option<Consistency>,
+        source: Option<IpAddr>,
+    ) -> Routed {
         let request = match request {
             Request::Ping => return Routed::Now(Response::Pong),
             Request::Stats => return Routed::Now(Response::Stats(self.stats())),
-            Request::Admin { token, command } => return self.admin_routed(token, command),
+            Request::Admin { token, command } => return self.admin_routed(token, command, source),
             request => request,
         };
         if let Some(refused) = self.refuse_invalid(&request) {
@@ -192,13 +210,18 @@ impl Node {
     /// An admin command: refused at once when the token is wrong (or a
     /// back-off runs), else run off the I/O thread: loading compiles a
     /// component and activation swaps every shard.
-    fn admin_routed(self: &Arc<Self>, token: String, command: cachet_proto::AdminCommand) -> Routed {
-        if !self.admin_authorized(&token) {
-            return Routed::Now(self.admin(&token, command));
+    fn admin_routed(
+        self: &Arc<Self>,
+        token: String,
+        command: cachet_proto::AdminCommand,
+        source: Option<IpAddr>,
+    ) -> Routed {
+        if !self.admin_authorized(&token, source) {
+            return Routed::Now(self.admin_from(&token, command, source));
         }
         let node = self.clone();
         let later: Later = Box::pin(async move {
-            match tokio::task::spawn_blocking(move || node.admin(&token, command)).await {
+            match tokio::task::spawn_blocking(move || node.admin_from(&token, command, source)).await {
                 Ok(reply) => reply,
                 Err(err) => error(ErrorCode::Internal, format!("admin command failed: {err}")),
             }
@@ -210,7 +233,12 @@ impl Node {
     /// back-off after failed attempts is running; blocks while a policy
     /// swaps.
     pub fn admin(&self, token: &str, command: cachet_proto::AdminCommand) -> Response {
-        self.control.admin(token, command, || cachet_proto::NodeStats {
+        self.admin_from(token, command, None)
+    }
+
+    /// [`Node::admin`] for a client at `source` (throttled per address).
+    pub fn admin_from(&self, token: &str, command: cachet_proto::AdminCommand, source: Option<IpAddr>) -> Response {
+        self.control.admin(token, source, command, || cachet_proto::NodeStats {
             hot_keys: self.hot_keys(),
             hot_keys_hidden: false,
             ..self.stats()

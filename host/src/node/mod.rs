@@ -206,10 +206,10 @@ impl Node {
         self.store.hot_keys()
     }
 
-    /// Whether `token` opens admin commands on this node now (see
-    /// [`Control::authorized`]).
-    pub fn admin_authorized(&self, token: &str) -> bool {
-        self.control.authorized(token)
+    /// Whether `token` opens admin commands on this node now for a caller
+    /// at `source` (see [`Control::authorized`]).
+    pub fn admin_authorized(&self, token: &str, source: Option<std::net::IpAddr>) -> bool {
+        self.control.authorized(token, source)
     }
 
     /// The registry and shards, for `cachet policy list`.

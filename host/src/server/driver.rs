@@ -565,6 +565,7 @@ impl Driver {
                 limits: &self.limits,
                 handle,
                 serial: conn.serial,
+                remote: conn.inner.remote_address(),
                 stopping: self.stopping,
             };
             more |= turn.serve(conn, id);
@@ -632,6 +633,8 @@ struct Turn<'a> {
     limits: &'a Limits,
     handle: ConnectionHandle,
     serial: u64,
+    /// The client's address: admin attempts are throttled per address.
+    remote: std::net::SocketAddr,
     stopping: bool,
 }
 
@@ -714,7 +717,9 @@ impl Turn<'_> {
                     // An admin command holds the frames after it until it
                     // is done (it may swap the policy they run under).
                     let admin = matches!(envelope.body, Request::Admin { .. });
-                    let later = match span.in_scope(|| node.dispatch(envelope.body, envelope.consistency)) {
+                    let source = Some(self.remote.ip());
+                    let later = match span.in_scope(|| node.dispatch_from(envelope.body, envelope.consistency, source))
+                    {
                         Routed::Now(reply) => Ok(reply),
                         Routed::Later(later) => Err(later),
                     };

@@ -9,6 +9,8 @@
 //! shards already swapped are swapped back and the activation fails as a
 //! whole. One policy operation runs at a time; a second one gets `Busy`.
 
+mod guard;
+
 use crate::core::{PolicyFactory, Shard, replay_snapshot};
 use crate::registry::{Activation, ModuleLimits, Registry, RegistryError, parse_label};
 use crate::shadow::Shadow;
@@ -16,6 +18,7 @@ use crate::store::Store;
 use cachet_proto::{
     AdminCommand, ErrorCode, ErrorReply, ModuleListing, NodeStats, PolicyListing, Response, ShardListing,
 };
+use guard::{Source, TokenGuard};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -41,7 +44,8 @@ pub(crate) struct Control {
     /// Only the digest is kept so that comparing costs the same whatever the
     /// guess's length and wherever it differs.
     token: Option<TokenDigest>,
-    /// Failed admin attempts: throttling and their bounded-rate log.
+    /// Failed admin attempts: throttling per source and for the node, and
+    /// their bounded-rate log.
     guard: Mutex<TokenGuard>,
     /// Also the lock that serialises policy operations.
     registry: Mutex<Option<Registry>>,
@@ -203,75 +207,6 @@ fn token_matches(expected: &TokenDigest, given: &str) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Wrong tokens within [`FAILURE_WINDOW`] that start a back-off.
-const MAX_FAILURES: u32 = 10;
-/// How far back failures count toward [`MAX_FAILURES`].
-const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// How long every admin attempt is refused once [`MAX_FAILURES`] is reached.
-const BACKOFF: Duration = Duration::from_secs(30);
-/// At most one log line about refused admin attempts per this interval.
-const LOG_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Failed admin attempts, sans-IO: every call takes `now`, so throttling
-/// and log suppression are tested without sleeping. One per node, not per
-/// source: a guesser with many addresses must not get many budgets, at the
-/// price that a flood of wrong tokens also holds the operator off for
-/// [`BACKOFF`].
-#[derive(Debug, Default)]
-struct TokenGuard {
-    /// Start of the current counting window and the failures in it.
-    window: Option<(Instant, u32)>,
-    /// Admin attempts are refused until then.
-    blocked_until: Option<Instant>,
-    /// When the last log line about a refusal was written, and the
-    /// refusals not logged since.
-    log: LogLimiter,
-}
-
-impl TokenGuard {
-    /// The back-off left at `now`, if one is running.
-    fn blocked(&self, now: Instant) -> Option<Duration> {
-        self.blocked_until.filter(|&until| now < until).map(|until| until - now)
-    }
-
-    /// Records a wrong token at `now`; the tenth in a window starts the
-    /// back-off (and a new window after it).
-    fn fail(&mut self, now: Instant) {
-        let count = match self.window {
-            Some((start, count)) if now.saturating_duration_since(start) < FAILURE_WINDOW => count + 1,
-            _ => 1,
-        };
-        if count >= MAX_FAILURES {
-            self.blocked_until = Some(now + BACKOFF);
-            self.window = None;
-        } else {
-            self.window = Some((self.window.filter(|_| count > 1).map_or(now, |(start, _)| start), count));
-        }
-    }
-}
-
-/// Lets one event in per [`LOG_INTERVAL`] through to the log and counts
-/// the rest, so a flood of refusals is a line a second, not a line each.
-#[derive(Debug, Default)]
-struct LogLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    /// `Some(n)` when this event should be logged at `now`, `n` being how
-    /// many were suppressed since the last line; `None` when it is one of
-    /// them.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        if self.last.is_some_and(|last| now.saturating_duration_since(last) < LOG_INTERVAL) {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -309,22 +244,30 @@ impl Control {
         self
     }
 
-    /// Whether `token` opens admin commands on this node now; the I/O
-    /// threads answer a wrong token (or any during a back-off) at once,
-    /// through [`Control::admin`], instead of handing it to a blocking thread.
-    /// Records nothing: [`Control::admin`] counts the failure.
-    pub(crate) fn authorized(&self, token: &str) -> bool {
-        lock(&self.guard).blocked(Instant::now()).is_none()
+    /// Whether `token` opens admin commands on this node now, for a caller
+    /// at `source`; the I/O threads answer a wrong token (or any during a
+    /// back-off) at once, through [`Control::admin`], instead of handing it
+    /// to a blocking thread. Records nothing: [`Control::admin`] counts the
+    /// failure.
+    pub(crate) fn authorized(&self, token: &str, source: Source) -> bool {
+        lock(&self.guard).blocked(Instant::now(), source).is_none()
             && self.token.as_ref().is_some_and(|expected| token_matches(expected, token))
     }
 
-    /// Runs an admin command if `token` is the node's admin token and no
-    /// back-off after failed attempts is running.
+    /// Runs an admin command from `source` if `token` is the node's admin
+    /// token and no back-off after failed attempts (from that address, or
+    /// from everywhere) is running.
     /// `node_stats` gives the node's stats with its hot keys, for
     /// [`AdminCommand::Stats`].
-    pub(crate) fn admin(&self, token: &str, command: AdminCommand, node_stats: impl FnOnce() -> NodeStats) -> Response {
+    pub(crate) fn admin(
+        &self,
+        token: &str,
+        source: Source,
+        command: AdminCommand,
+        node_stats: impl FnOnce() -> NodeStats,
+    ) -> Response {
         let what = command.name();
-        let result = self.admit(Instant::now(), token).and_then(|()| match command {
+        let result = self.admit(Instant::now(), token, source).and_then(|()| match command {
             // Read-only and polled by monitoring: not worth a log line.
             AdminCommand::Stats => Ok(Response::Stats(node_stats())),
             command => self.run_admin(command).map(|message| {
@@ -343,24 +286,25 @@ impl Control {
         }
     }
 
-    /// Checks `token` at `now` against the back-off and the node's token,
-    /// counting and (at a bounded rate) logging a refusal.
-    fn admit(&self, now: Instant, token: &str) -> Result<(), AdminError> {
+    /// Checks `token` from `source` at `now` against the back-offs and the
+    /// node's token, counting and (at a bounded rate) logging a refusal.
+    fn admit(&self, now: Instant, token: &str, source: Source) -> Result<(), AdminError> {
         let Some(expected) = &self.token else {
             return Err(AdminError::Disabled);
         };
         let mut guard = lock(&self.guard);
-        let refused = if let Some(left) = guard.blocked(now) {
+        let refused = if let Some(left) = guard.blocked(now, source) {
             AdminError::Throttled(left.as_secs().max(1))
         } else if token_matches(expected, token) {
             return Ok(());
         } else {
-            guard.fail(now);
+            guard.fail(now, source);
             AdminError::WrongToken
         };
-        if let Some(suppressed) = guard.log.admit(now) {
-            let throttled = guard.blocked(now).is_some();
-            tracing::warn!(%refused, suppressed, throttled, "admin attempt refused");
+        if let Some(suppressed) = guard.log_refusal(now) {
+            let throttled = guard.blocked(now, source).is_some();
+            let source = source.map_or_else(|| "this process".to_owned(), |ip| ip.to_string());
+            tracing::warn!(%refused, %source, suppressed, throttled, "admin attempt refused");
         }
         Err(refused)
     }
@@ -701,45 +645,8 @@ mod tests {
         assert!(!token_matches(&expected, ""));
     }
 
-    /// Ten wrong tokens within a minute start a 30 s back-off during which
-    /// every attempt is refused; failures spread wider than the window do
-    /// not add up; the back-off ends by itself.
-    #[test]
-    fn failed_attempts_are_throttled() {
-        let t0 = Instant::now();
-        let mut guard = TokenGuard::default();
-        for i in 0..MAX_FAILURES - 1 {
-            guard.fail(t0 + Duration::from_secs(u64::from(i)));
-            assert_eq!(guard.blocked(t0 + Duration::from_secs(u64::from(i))), None, "blocked after {} failures", i + 1);
-        }
-        // The window has moved past the first failures: no back-off yet.
-        let late = t0 + FAILURE_WINDOW + Duration::from_secs(1);
-        guard.fail(late);
-        assert_eq!(guard.blocked(late), None);
-        for i in 1..MAX_FAILURES {
-            assert_eq!(guard.blocked(late), None, "blocked after {i} failures in the window");
-            guard.fail(late);
-        }
-        assert_eq!(guard.blocked(late), Some(BACKOFF));
-        assert_eq!(guard.blocked(late + BACKOFF - Duration::from_millis(1)), Some(Duration::from_millis(1)));
-        assert_eq!(guard.blocked(late + BACKOFF), None);
-    }
-
-    /// A flood of refusals is logged once a second, each line counting the
-    /// ones left out since the last.
-    #[test]
-    fn refusals_are_logged_at_a_bounded_rate() {
-        let t0 = Instant::now();
-        let mut log = LogLimiter::default();
-        assert_eq!(log.admit(t0), Some(0));
-        let logged: Vec<_> = (1..=1000).filter_map(|ms| log.admit(t0 + Duration::from_millis(ms))).collect();
-        assert_eq!(logged, vec![999], "one line at 1 s, counting the 999 before it");
-        assert_eq!(log.admit(t0 + Duration::from_millis(1500)), None);
-        assert_eq!(log.admit(t0 + Duration::from_millis(2000)), Some(1));
-    }
-
-    /// Wrong tokens lock the right one out too, and the I/O threads'
-    /// quick check agrees.
+    /// Wrong tokens lock the right one out too from the guesser's address
+    /// (not from others), and the I/O threads' quick check agrees.
     #[test]
     fn the_node_refuses_every_attempt_during_a_back_off() {
         let factory = crate::policies::native(crate::policies::DEFAULT_POLICY, Default::default()).expect("policy");
@@ -748,13 +655,17 @@ mod tests {
         let registry = Registry::open(None, crate::wasm::PolicyEngine::new().expect("engine")).expect("registry");
         let node = Control::new(factory, store).with_registry(registry, Some("s3cret".into()));
         let now = Instant::now();
-        assert!(node.admit(now, "s3cret").is_ok());
-        assert!(node.authorized("s3cret"));
-        for _ in 0..MAX_FAILURES {
-            assert!(matches!(node.admit(now, "guess"), Err(AdminError::WrongToken)));
+        let guesser = Some(std::net::IpAddr::from([10, 0, 0, 1]));
+        let operator = Some(std::net::IpAddr::from([10, 0, 0, 2]));
+        assert!(node.admit(now, "s3cret", guesser).is_ok());
+        assert!(node.authorized("s3cret", guesser));
+        for _ in 0..guard::MAX_FAILURES {
+            assert!(matches!(node.admit(now, "guess", guesser), Err(AdminError::WrongToken)));
         }
-        assert!(matches!(node.admit(now, "s3cret"), Err(AdminError::Throttled(30))));
-        assert!(!node.authorized("s3cret"), "the I/O thread's check ignores the back-off");
-        assert!(node.admit(now + BACKOFF, "s3cret").is_ok());
+        assert!(matches!(node.admit(now, "s3cret", guesser), Err(AdminError::Throttled(30))));
+        assert!(!node.authorized("s3cret", guesser), "the I/O thread's check ignores the back-off");
+        assert!(node.admit(now + guard::BACKOFF, "s3cret", guesser).is_ok());
+        assert!(node.admit(now, "s3cret", operator).is_ok(), "another address is let in meanwhile");
+        assert!(node.authorized("s3cret", operator));
     }
 }
