@@ -1487,6 +1487,39 @@ async fn multi_key_commands_are_split_by_owner_and_merged_in_order() {
     client.close().await;
 }
 
+/// An MGET whose values would pass the reply limit is refused before any
+/// value travels: the coordinator asks the owners for sizes first (one
+/// operation), not for the values (one read per key). One under the limit
+/// is probed, then read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_mget_too_large_is_refused_before_any_value_is_read() {
+    let cluster = TestCluster::start(3, 3, "mget-size");
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let value = bytes::Bytes::from(vec![b'v'; 900 << 10]);
+    client.set("big", value.clone()).await.expect("a 900 KiB value");
+    let primary: usize = ring_of(&client).await.owners(b"big", 3)[0].id.parse().expect("id");
+    let coordinated = |all: Vec<u64>| all[primary];
+    let before = coordinated(sdk_coordinated(&client).await);
+    match client.mget(&vec!["big"; 80]).await {
+        Err(ClientError::Server(reply)) => {
+            assert_eq!(reply.code, ErrorCode::TooLarge, "{reply:?}");
+            assert!(reply.message.contains("ask for fewer keys"), "{reply:?}");
+        }
+        other => panic!("80 x 900 KiB is over the 64 MiB reply limit: {other:?}"),
+    }
+    let after = coordinated(sdk_coordinated(&client).await);
+    assert_eq!(after - before, 1, "one size probe, no read of any value");
+    // Enough keys that 1 MiB values could pass the limit, small values:
+    // probed, then read.
+    client.set("{big}small", "s").await.expect("set");
+    let after = coordinated(sdk_coordinated(&client).await);
+    let values = client.mget(&vec!["{big}small"; 70]).await.expect("70 small values fit");
+    assert!(values.iter().all(|v| v.as_deref() == Some(&b"s"[..])));
+    assert_eq!(coordinated(sdk_coordinated(&client).await) - after, 71, "the probe, then a read per key");
+    client.close().await;
+}
+
 /// Every data command, per-member command and admin command of the SDK
 /// through a cluster client given one member (the others learned).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,7 +323,9 @@ impl Cluster {
     async fn read_record(self: Arc<Self>, key: Bytes, level: replica::Consistency) -> Result<Option<Record>, OpError> {
         match self.run(Op::Get { key }, level).await? {
             Outcome::Read(record) => Ok(record.map(|r| as_of(r, unix_ms())).filter(|r| r.value.is_some())),
-            Outcome::Written(_) | Outcome::Updated(_) | Outcome::Flushed(_) => Err(OpError::Unavailable),
+            Outcome::Written(_) | Outcome::Updated(_) | Outcome::Flushed(_) | Outcome::Sizes(_) => {
+                Err(OpError::Unavailable)
+            }
         }
     }
 
@@ -442,14 +444,38 @@ impl Cluster {
             Request::MGet { keys } | Request::Exists { keys } => {
                 let exists = matches!(body, Request::Exists { .. });
                 let keys = keys.clone();
+                let limit = cachet_proto::MAX_REPLY_LEN - (64 << 10);
+                // Whether the values could pass the reply limit at all: if
+                // so, their sizes are asked first and the MGET refused
+                // before any value is copied (see `replica::sizes`).
+                let probe = !exists && keys.len().saturating_mul(store.config().max_value_size + 16) > limit;
                 later(Box::pin(async move {
                     use futures_util::StreamExt as _;
+                    let too_large = || {
+                        error(
+                            ErrorCode::TooLarge,
+                            format!("the reply would exceed {} bytes; ask for fewer keys", cachet_proto::MAX_REPLY_LEN),
+                        )
+                    };
+                    if probe {
+                        match this.run(Op::Sizes { keys: keys.clone() }, level).await {
+                            Ok(Outcome::Sizes(sizes)) => {
+                                let total = sizes.iter().fold(0u64, |sum, &size| sum.saturating_add(size + 16));
+                                if total > limit as u64 {
+                                    return too_large();
+                                }
+                            }
+                            Ok(_) => {
+                                return error(ErrorCode::Internal, "a size probe was answered as another operation");
+                            }
+                            Err(err) => return op_error(err),
+                        }
+                    }
                     // A bounded number of reads at once, and the reply's
-                    // size checked as values arrive: a few bytes per key can
-                    // ask for many copies of a large value, and what a
-                    // coordinator holds for one request stays under the
-                    // reply limit plus the reads in flight.
-                    let limit = cachet_proto::MAX_REPLY_LEN - (64 << 10);
+                    // size still checked as values arrive (they may have
+                    // grown since the probe): what a coordinator holds for
+                    // one request stays under the reply limit plus the reads
+                    // in flight.
                     let mut reads = futures_util::stream::iter(keys)
                         .map(|k| this.clone().read(k, level))
                         .buffered(MGET_READS_AT_ONCE);
@@ -462,13 +488,7 @@ impl Cluster {
                         };
                         total += value.as_ref().map_or(0, |v| v.len()) + 16;
                         if total > limit && !exists {
-                            return error(
-                                ErrorCode::TooLarge,
-                                format!(
-                                    "the reply would exceed {} bytes; ask for fewer keys",
-                                    cachet_proto::MAX_REPLY_LEN
-                                ),
-                            );
+                            return too_large();
                         }
                         values.push(if exists { value.map(|_| Bytes::new()) } else { value });
                     }

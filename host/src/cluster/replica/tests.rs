@@ -1,0 +1,630 @@
+//! The replica's unit tests: sans-IO, driven message by message.
+use super::*;
+use cachet_proto::Member;
+
+fn ring(n: u32) -> Arc<Ring> {
+    let members = (0..n).map(|i| Member { id: i.to_string(), addr: format!("10.0.0.{i}:1"), weight: 1 }).collect();
+    Arc::new(Ring::new(u64::from(n), members, cachet_proto::DEFAULT_VNODES).expect("ring"))
+}
+
+fn ids(ring: &Ring, key: &[u8]) -> Vec<NodeIx> {
+    ring.owners(key, 3).iter().map(|m| m.id.parse().expect("id")).collect()
+}
+
+/// FLUSHALL drops every record on every member and answers once all
+/// have; with a member down it is refused and drops nothing.
+#[test]
+fn flushall_reaches_every_member_or_none() {
+    let three = ring(3);
+    let config = ReplicaConfig { rf: 3, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> =
+        (0..3).map(|i| Replica::new(i, 3, three.clone(), config, 10 + u64::from(i))).collect();
+    let mut hold = Vec::new();
+    for (i, key) in ["a", "b", "c"].into_iter().enumerate() {
+        let put = Op::Put { key: Bytes::from(key), value: Some(Bytes::from_static(b"v")), expires_at: None, hint: 0 };
+        replicas[i].client(0, 1, put, Consistency::All);
+    }
+    pump(&mut replicas, 0, &mut hold);
+    for (to, from, message) in std::mem::take(&mut hold).into_iter().map(|(f, t, m)| (t, f, m)) {
+        replicas[to as usize].handle(0, from, message).expect("accepted");
+    }
+    pump(&mut replicas, 0, &mut hold);
+    for (to, from, message) in std::mem::take(&mut hold).into_iter().map(|(f, t, m)| (t, f, m)) {
+        replicas[to as usize].handle(0, from, message).expect("accepted");
+    }
+    assert!(replicas.iter().all(|r| r.record_count() == 3), "every member holds every key");
+    for replica in &mut replicas {
+        while replica.poll_reply().is_some() {}
+    }
+    // A member down: refused, nothing dropped.
+    replicas[1].set_alive(0, 2, false);
+    replicas[1].client(0, 7, Op::FlushAll, Consistency::Quorum);
+    let refused = replicas[1].poll_reply().expect("an answer");
+    assert_eq!(refused.result, Err(OpError::Unavailable));
+    assert!(replicas.iter().all(|r| r.record_count() == 3));
+    replicas[1].set_alive(0, 2, true);
+    replicas[1].client(0, 8, Op::FlushAll, Consistency::Quorum);
+    pump(&mut replicas, 0, &mut hold);
+    let done = replicas[1].poll_reply().expect("an answer");
+    assert_eq!(done, Reply { client_req: 8, result: Ok(Outcome::Flushed(9)) });
+    assert!(replicas.iter().all(|r| r.record_count() == 0), "every member dropped its records");
+    // A member already out of the serving ring (down) still counts: it
+    // would come back with its records and repair them in.
+    let two = Arc::new(
+        Ring::new(
+            2,
+            (0..2).map(|i| Member { id: i.to_string(), addr: format!("10.0.0.{i}:1"), weight: 1 }).collect(),
+            cachet_proto::DEFAULT_VNODES,
+        )
+        .expect("ring"),
+    );
+    replicas[1].set_alive(0, 2, false);
+    replicas[1].set_ring(0, two);
+    replicas[1].client(0, 9, Op::FlushAll, Consistency::Quorum);
+    let refused = replicas[1].poll_reply().expect("an answer");
+    assert_eq!(refused.result, Err(OpError::Unavailable), "a member outside the ring is down");
+}
+
+/// Delivers every message but stores (`Put`), which stay in `hold`,
+/// until quiet.
+fn pump(replicas: &mut [Replica], now: u64, hold: &mut Vec<(NodeIx, NodeIx, Message)>) {
+    loop {
+        let mut moved = false;
+        for (from, replica) in replicas.iter_mut().enumerate() {
+            while let Some((to, message)) = replica.poll_transmit() {
+                moved = true;
+                hold.push((from as NodeIx, to, message));
+            }
+        }
+        let (deliver, keep): (Vec<_>, Vec<_>) = hold.drain(..).partition(|(_, _, m)| !matches!(m, Message::Put { .. }));
+        *hold = keep;
+        for (from, to, message) in deliver {
+            replicas[to as usize].handle(now, from, message).expect("an honest message is accepted");
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+/// A write coordinated on the old ring while a member joins, whose
+/// stores reach the old owners only after they learnt the new ring
+/// (and sent the joiner their snapshot). An old owner that lost the key
+/// to the joiner holds the write but does not count it: were it
+/// counted, the write could be acknowledged without the joiner ever
+/// getting it, and a QUORUM of the new owners (the joiner plus the
+/// owner the write missed) would read nothing. The write fails instead
+/// (the client retries on the new ring), and the joiner still re-syncs
+/// in two passes and counts.
+#[test]
+fn a_write_on_the_old_ring_is_not_counted_by_owners_that_lost_the_key() {
+    let (old, new) = (ring(4), ring(5));
+    // A key whose old owners exclude some member c (the coordinator)
+    // and whose new owners are the joiner, an old owner d, and one more.
+    let (key, c, d) = (0..10_000)
+        .find_map(|i| {
+            let key = format!("k{i}");
+            let (before, after) = (ids(&old, key.as_bytes()), ids(&new, key.as_bytes()));
+            let c = (0..4).find(|n| !before.contains(n))?;
+            let d = *after.iter().find(|&&n| n != 4 && before.contains(&n))?;
+            after.contains(&4).then_some((Bytes::from(key), c, d))
+        })
+        .expect("such a key exists");
+    let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> =
+        (0..4).map(|i| Replica::new(i, 4, old.clone(), config, u64::from(i) + 11)).collect();
+    replicas.push(Replica::new(4, 5, new.clone(), config, 99));
+    let mut held = Vec::new();
+    // The write's first round completes; its stores are held.
+    replicas[c as usize].client(
+        0,
+        1,
+        Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None, hint: 0 },
+        Consistency::Quorum,
+    );
+    pump(&mut replicas, 0, &mut held);
+    assert!(held.iter().all(|(from, _, m)| *from == c && matches!(m, Message::Put { .. })), "{held:?}");
+    assert_eq!(held.len(), 3, "stores to the three old owners");
+    // Everyone but the coordinator learns of the joiner, which
+    // starts re-syncing (and waits for the coordinator).
+    for (i, r) in replicas[..4].iter_mut().enumerate() {
+        if i != c as usize {
+            r.set_ring(10, new.clone());
+        }
+    }
+    replicas[4].join(10, 99);
+    pump(&mut replicas, 10, &mut held);
+    assert!(!replicas[4].counted());
+    // Now the stores reach every old owner but d.
+    for (from, to, message) in std::mem::take(&mut held) {
+        if to != d {
+            replicas[to as usize].handle(20, from, message).expect("an honest message is accepted");
+        }
+    }
+    pump(&mut replicas, 20, &mut held);
+    assert!(replicas[c as usize].poll_reply().is_none(), "acknowledged by copies the new ring does not count");
+    // The coordinator learns of the joiner and answers its re-sync.
+    replicas[c as usize].set_ring(200, new.clone());
+    replicas[4].tick(200);
+    pump(&mut replicas, 200, &mut held);
+    assert!(!replicas[4].counted(), "counted after one pass");
+    for r in &mut replicas {
+        r.tick(1_200);
+    }
+    pump(&mut replicas, 1_200, &mut held);
+    assert!(replicas[4].counted(), "the second pass completed");
+    let reply = replicas[c as usize].poll_reply().expect("the write was answered at its deadline");
+    assert_eq!(reply.result, Err(OpError::Timeout));
+}
+
+/// A re-sync too big for one message comes in parts; a lost part keeps
+/// the requester uncounted until a later, complete snapshot arrives.
+#[test]
+fn a_large_resync_comes_in_parts_and_survives_a_lost_one() {
+    let two = ring(2);
+    let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut holder = Replica::new(0, 2, two.clone(), config, 5);
+    let mut back = Replica::new(1, 2, two, config, 6);
+    let value = Bytes::from(vec![7u8; 1_024]);
+    for i in 0..3_000u64 {
+        let record = Record {
+            version: Version { counter: i + 1, node: 0 },
+            value: Some(value.clone()),
+            expires_at: None,
+            hint: 0,
+        };
+        let key = Bytes::from(format!("key{i}"));
+        holder
+            .handle(0, 1, Message::Put { req: 0, key, record, hint_for: None })
+            .expect("an honest message is accepted");
+    }
+    assert_eq!(holder.record_count(), 3_000);
+    back.restart(0, 7);
+    let deliver_parts = |back: &mut Replica, holder: &mut Replica, now: u64, drop_part: Option<u32>| {
+        let mut parts = 0;
+        while let Some((to, message)) = back.poll_transmit() {
+            assert_eq!(to, 0);
+            holder.handle(now, 1, message).expect("an honest message is accepted");
+        }
+        while let Some((to, message)) = holder.poll_transmit() {
+            assert_eq!(to, 1);
+            if let Message::SyncData { part, parts: n, ref entries, .. } = message {
+                parts = n;
+                assert!(entries.len() <= SYNC_PART_BYTES / 1_024, "part {part} holds {} records", entries.len());
+                if Some(part) == drop_part {
+                    continue;
+                }
+            }
+            back.handle(now, 0, message).expect("an honest message is accepted");
+        }
+        parts
+    };
+    let parts = deliver_parts(&mut back, &mut holder, 0, Some(1));
+    assert!(parts >= 3, "{parts} parts for 3 MiB");
+    assert!(!back.counted(), "counted with a part missing");
+    // Asked again only once the holder has been quiet for a while.
+    back.tick(500);
+    assert!(back.poll_transmit().is_none(), "asked again while the holder was still sending");
+    back.tick(1_100);
+    deliver_parts(&mut back, &mut holder, 1_100, None);
+    assert!(back.counted(), "a complete snapshot arrived");
+    assert_eq!(back.record_count(), 3_000);
+}
+
+/// A store that refuses everything (a record over its bounds, or one
+/// its policy does not admit).
+struct Refusing;
+
+impl RecordStore for Refusing {
+    fn get(&self, _: &[u8], _: bool) -> Option<Record> {
+        None
+    }
+    fn put(&mut self, _: u64, _: &Bytes, _: &Record) -> bool {
+        false
+    }
+    fn len(&self) -> usize {
+        0
+    }
+    fn clear(&mut self) {}
+    fn scan(&self, _: &mut dyn FnMut(&Bytes, &Record)) {}
+}
+
+/// A replica whose store refused a record does not count toward the
+/// write's quorum: with two of three refusing, the QUORUM write is not
+/// acknowledged.
+#[test]
+fn a_refused_record_is_not_counted_as_stored() {
+    let three = ring(3);
+    let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|i| {
+            let store: Box<dyn RecordStore> = if i == 1 { Box::new(BTreeMap::new()) } else { Box::new(Refusing) };
+            Replica::with_store(i, 3, three.clone(), config, u64::from(i) + 3, store)
+        })
+        .collect();
+    let put =
+        Op::Put { key: Bytes::from_static(b"k"), value: Some(Bytes::from_static(b"v")), expires_at: None, hint: 0 };
+    replicas[1].client(0, 1, put, Consistency::Quorum);
+    let mut hold = Vec::new();
+    pump(&mut replicas, 0, &mut hold);
+    for (from, to, message) in std::mem::take(&mut hold) {
+        replicas[to as usize].handle(1, from, message).expect("an honest message is accepted");
+    }
+    pump(&mut replicas, 1, &mut hold);
+    assert!(replicas[1].poll_reply().is_none(), "acknowledged with one stored copy");
+    replicas[1].tick(1_001);
+    let reply = replicas[1].poll_reply().expect("answered at the deadline");
+    assert_eq!(reply.result, Err(OpError::Timeout));
+}
+
+/// Delivers everything between the replicas in `up` until quiet;
+/// messages to or from the others are lost.
+fn settle(replicas: &mut [Replica], up: &[bool], now: u64) {
+    loop {
+        let mut out = Vec::new();
+        for (from, replica) in replicas.iter_mut().enumerate() {
+            while let Some((to, message)) = replica.poll_transmit() {
+                out.push((from as NodeIx, to, message));
+            }
+        }
+        if out.is_empty() {
+            return;
+        }
+        for (from, to, message) in out {
+            if up[from as usize] && up[to as usize] {
+                replicas[to as usize].handle(now, from, message).expect("an honest message is accepted");
+            }
+        }
+    }
+}
+
+fn without(n: u32, gone: u32) -> Arc<Ring> {
+    let members = (0..n)
+        .filter(|&i| i != gone)
+        .map(|i| Member { id: i.to_string(), addr: format!("10.0.0.{i}:1"), weight: 1 })
+        .collect();
+    Arc::new(Ring::new(u64::from(n) + 1, members, cachet_proto::DEFAULT_VNODES).expect("ring"))
+}
+
+/// A member declared down leaves the ring: its ranges pass to the
+/// survivors, which re-sync them (restoring two copies of every key)
+/// while still counting for the keys they already owned, and then
+/// serve QUORUM on every key, which a ring keeping the dead owner
+/// could not do at RF=2.
+#[test]
+fn a_member_declared_down_leaves_the_ring_and_its_copies_are_restored() {
+    let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::new(i, 3, ring(3), config, u64::from(i) + 21)).collect();
+    let mut up = vec![true; 3];
+    let keys: Vec<Bytes> = (0..200).map(|i| Bytes::from(format!("key{i}"))).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let op = Op::Put { key: key.clone(), value: Some(Bytes::from(format!("v{i}"))), expires_at: None, hint: 0 };
+        replicas[i % 3].client(0, i as u64, op, Consistency::Quorum);
+        settle(&mut replicas, &up, 0);
+    }
+    for r in &mut replicas {
+        while let Some(reply) = r.poll_reply() {
+            assert!(matches!(reply.result, Ok(Outcome::Written(_))), "{reply:?}");
+        }
+    }
+    // Node 2 dies. On the old ring, a QUORUM write of a key it owns
+    // cannot be served.
+    up[2] = false;
+    for r in &mut replicas[..2] {
+        r.set_alive(10, 2, false);
+    }
+    let shared = keys.iter().find(|k| replicas[0].owners(k).contains(&2)).expect("node 2 owns keys").clone();
+    let op = Op::Put { key: shared.clone(), value: Some(Bytes::from_static(b"x")), expires_at: None, hint: 0 };
+    replicas[0].client(10, 1_000, op, Consistency::Quorum);
+    assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
+    // It leaves the survivors' rings; they re-sync what they gained.
+    let smaller = without(3, 2);
+    for r in &mut replicas[..2] {
+        r.set_ring(20, smaller.clone());
+    }
+    let gained = keys.iter().find(|k| ring(3).owners(k, 2).iter().all(|m| m.id != "0")).expect("a gained key");
+    let kept = keys.iter().find(|k| ring(3).owners(k, 2).iter().any(|m| m.id == "0")).expect("a kept key");
+    assert!(!replicas[0].counted());
+    assert!(replicas[0].counted_for(kept), "a key it owned all along still counts");
+    assert!(!replicas[0].counted_for(gained), "a gained key counts only once re-synced");
+    for now in [20, 1_100] {
+        for r in &mut replicas[..2] {
+            r.tick(now);
+        }
+        settle(&mut replicas, &up, now);
+    }
+    for (i, r) in replicas[..2].iter().enumerate() {
+        assert!(r.counted(), "node {i} finished re-syncing");
+        for (n, key) in keys.iter().enumerate() {
+            let record = r.record(key).unwrap_or_else(|| panic!("node {i} lacks {key:?}"));
+            assert_eq!(record.value, Some(Bytes::from(format!("v{n}"))));
+        }
+    }
+    // Every key is served at QUORUM again.
+    for (i, key) in keys.iter().enumerate() {
+        replicas[i % 2].client(1_200, 2_000 + i as u64, Op::Get { key: key.clone() }, Consistency::Quorum);
+        settle(&mut replicas, &up, 1_200);
+        let reply = replicas[i % 2].poll_reply().expect("answered");
+        let Ok(Outcome::Read(Some(record))) = reply.result else { panic!("{reply:?}") };
+        assert_eq!(record.value, Some(Bytes::from(format!("v{i}"))));
+    }
+}
+
+/// A node a member had dropped from its ring (declared down while it
+/// was cut off, not restarted) is readmitted: it keeps its records but
+/// counts for nothing until it has re-synced, and says so in its
+/// answer to `Readmit`.
+#[test]
+fn a_readmitted_node_re_syncs_everything_first() {
+    let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> = (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 31)).collect();
+    let up = vec![true; 2];
+    let record = Record {
+        version: Version { counter: 1, node: 0 },
+        value: Some(Bytes::from_static(b"v")),
+        expires_at: None,
+        hint: 0,
+    };
+    replicas[1]
+        .handle(0, 0, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None })
+        .expect("an honest message is accepted");
+    assert!(replicas[1].counted_for(b"k"));
+    replicas[1].handle(5, 0, Message::Readmit { nonce: 77 }).expect("an honest message is accepted");
+    assert!(!replicas[1].counted_for(b"k"));
+    assert_eq!(replicas[1].record(b"k").map(|r| r.version.counter), Some(1), "records are kept");
+    let sent: Vec<(NodeIx, Message)> = std::iter::from_fn(|| replicas[1].poll_transmit()).collect();
+    assert!(sent.contains(&(0, Message::ReadmitAck { nonce: 77 })), "{sent:?}");
+    for (to, message) in sent {
+        replicas[to as usize].handle(5, 1, message).expect("an honest message is accepted");
+    }
+    settle(&mut replicas, &up, 5);
+    assert!(!replicas[1].counted_for(b"k"), "one pass is not enough");
+    replicas[1].tick(1_100);
+    settle(&mut replicas, &up, 1_100);
+    assert!(replicas[1].counted_for(b"k"));
+    // A second readmission while it re-syncs from scratch starts
+    // nothing new.
+    replicas[1].restart(2_000, 5);
+    let round = replicas[1].resync.as_ref().map(|r| r.round);
+    replicas[1].handle(2_001, 0, Message::Readmit { nonce: 78 }).expect("an honest message is accepted");
+    assert_eq!(replicas[1].resync.as_ref().map(|r| r.round), round);
+}
+
+/// A node that sees only a minority of the members up counts for
+/// nothing and refuses QUORUM (ONE still works on what it has); when
+/// it sees a majority again it re-syncs everything before it counts.
+#[test]
+fn a_node_without_a_majority_counts_for_nothing() {
+    let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> = (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 41)).collect();
+    let up = vec![true; 2];
+    replicas[0].set_quorate(0, false);
+    assert!(!replicas[0].counted() && !replicas[0].counted_for(b"k"));
+    replicas[0].client(0, 1, Op::Get { key: Bytes::from_static(b"k") }, Consistency::Quorum);
+    assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
+    let op =
+        Op::Put { key: Bytes::from_static(b"k"), value: Some(Bytes::from_static(b"v")), expires_at: None, hint: 0 };
+    replicas[0].client(0, 2, op, Consistency::Quorum);
+    assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
+    assert!(replicas[0].record(b"k").is_none(), "a refused write stores nothing");
+    replicas[0].set_quorate(10, true);
+    assert!(!replicas[0].counted(), "re-syncs first");
+    for now in [10, 1_100] {
+        replicas[0].tick(now);
+        settle(&mut replicas, &up, now);
+    }
+    assert!(replicas[0].counted());
+}
+
+/// A node that was cut off pulls from a member it had dropped when that
+/// member is readmitted, even after its own re-sync is over, and counts
+/// for nothing until it has.
+#[test]
+fn a_readmitted_member_is_pulled_from() {
+    let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> = (0..2).map(|i| Replica::new(i, 2, ring(2), config, u64::from(i) + 51)).collect();
+    let up = vec![true; 2];
+    let record = Record {
+        version: Version { counter: 9, node: 0 },
+        value: Some(Bytes::from_static(b"new")),
+        expires_at: None,
+        hint: 0,
+    };
+    replicas[0]
+        .handle(0, 1, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None })
+        .expect("an honest message is accepted");
+    assert!(replicas[1].counted() && replicas[1].record(b"k").is_none());
+    replicas[1].pull_from(10, 0);
+    assert!(!replicas[1].counted_for(b"k"), "counts for nothing until it has pulled");
+    for now in [10, 1_100] {
+        replicas[1].tick(now);
+        settle(&mut replicas, &up, now);
+    }
+    assert!(replicas[1].counted());
+    assert_eq!(replicas[1].record(b"k").and_then(|r| r.value), Some(Bytes::from_static(b"new")));
+}
+
+/// Members that join during a re-sync are waited for too.
+#[test]
+fn a_resync_waits_for_members_that_join_meanwhile() {
+    let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replica = Replica::new(0, 2, ring(2), config, 3);
+    replica.restart(0, 4);
+    assert_eq!(replica.resync_waiting(), vec![1]);
+    replica.set_ring(0, ring(3));
+    assert_eq!(replica.resync_waiting(), vec![1, 2]);
+}
+
+/// A member holding a valid certificate sends what no honest member
+/// would: each message is refused with its own error, before it
+/// changes anything (records, hints, the clock, the outbox), and the
+/// replica serves on: a write coordinated afterwards gets an ordinary
+/// version and wins over the refused one at the top of the range.
+#[test]
+fn hostile_peer_messages_are_refused_and_change_nothing() {
+    use PeerMessageError as E;
+    let config = ReplicaConfig { rf: 3, ..ReplicaConfig::default() };
+    let mut replica = Replica::new(0, 3, ring(3), config, 7);
+    let key = Bytes::from_static(b"k");
+    let at = |counter: u64| Record {
+        version: Version { counter, node: 1 },
+        value: Some(Bytes::from_static(b"v")),
+        expires_at: None,
+        hint: 0,
+    };
+    let put = |record: Record, hint_for: Option<NodeIx>| Message::Put { req: 1, key: key.clone(), record, hint_for };
+    replica.handle(10, 1, put(at(5), None)).expect("an honest message is accepted");
+    while replica.poll_transmit().is_some() {}
+    let now = 20;
+    let top = ceiling_at(now, &config);
+    let big = Bytes::from(vec![0u8; config.max_value_len + 1]);
+    let sync = |part: u32, parts: u32, entries: Vec<(Bytes, Record)>| Message::SyncData {
+        round: 1,
+        snapshot: 1,
+        part,
+        parts,
+        entries,
+    };
+    type Case = (NodeIx, Message, fn(&PeerMessageError) -> bool);
+    let cases: Vec<Case> = vec![
+        (MAX_NODE_ID + 1, put(at(6), None), |e| matches!(e, E::UnknownSender { from: 1_024, .. })),
+        (u32::MAX, put(at(6), None), |e| matches!(e, E::UnknownSender { .. })),
+        (0, put(at(6), None), |e| matches!(e, E::UnknownSender { from: 0, .. })),
+        (1, put(at(u64::MAX), None), |e| matches!(e, E::Version(_))),
+        (1, put(at(top + 1), None), |e| matches!(e, E::Version(v) if v.counter == v.limit + 1)),
+        (1, Message::GetReply { req: 1, record: Some(at(u64::MAX)), counted: true }, |e| matches!(e, E::Version(_))),
+        (2, put(at(6), Some(9)), |e| matches!(e, E::HintTarget { target: 9 })),
+        (2, put(at(6), Some(u32::MAX)), |e| matches!(e, E::HintTarget { .. })),
+        (2, put(at(6), Some(2)), |e| matches!(e, E::HintTarget { target: 2 })),
+        (
+            1,
+            Message::Put { req: 1, key: Bytes::from(vec![1u8; config.max_key_len + 1]), record: at(6), hint_for: None },
+            |e| matches!(e, E::TooLarge { what: "key", .. }),
+        ),
+        (1, put(Record { value: Some(big.clone()), ..at(6) }, Some(2)), |e| {
+            matches!(e, E::TooLarge { what: "value", .. })
+        }),
+        (1, Message::Get { req: 1, key: Bytes::from(vec![1u8; config.max_key_len + 1]) }, |e| {
+            matches!(e, E::TooLarge { .. })
+        }),
+        // One bad record spoils the whole part: the good one before it
+        // is not applied either.
+        (1, sync(0, 1, vec![(Bytes::from_static(b"good"), at(7)), (key.clone(), at(u64::MAX))]), |e| {
+            matches!(e, E::Version(_))
+        }),
+        (1, sync(0, 0, Vec::new()), |e| matches!(e, E::SyncPart { part: 0, parts: 0 })),
+        (1, sync(5, 3, Vec::new()), |e| matches!(e, E::SyncPart { part: 5, parts: 3 })),
+        (1, sync(0, u32::MAX, Vec::new()), |e| matches!(e, E::SyncPart { .. })),
+        (1, Message::SyncRequest { round: 1, members: vec![0, 1, 5_000] }, |e| {
+            matches!(e, E::SyncMembers { count: 3 })
+        }),
+        (1, Message::SyncRequest { round: 1, members: vec![0; 2_000] }, |e| {
+            matches!(e, E::SyncMembers { count: 2_000 })
+        }),
+    ];
+    let records = replica.records();
+    for (from, message, expected) in cases {
+        let shown = format!("{message:?}");
+        let shown = &shown[..shown.len().min(120)];
+        let err = replica.handle(now, from, message).expect_err(shown);
+        assert!(expected(&err), "{shown}: {err}");
+        assert_eq!(replica.records(), records, "{shown} changed the records");
+        assert_eq!(replica.hints_held(), 0, "{shown} left a hint");
+        assert!(replica.poll_transmit().is_none(), "{shown} was answered");
+    }
+    // The clock saw none of it: the next write is version 6 and wins.
+    replica.client(
+        now,
+        1,
+        Op::Put { key: key.clone(), value: Some(Bytes::from_static(b"w")), expires_at: None, hint: 0 },
+        Consistency::One,
+    );
+    let reply = replica.poll_reply().expect("a ONE write here is answered at once");
+    assert_eq!(reply.result, Ok(Outcome::Written(Version { counter: 6, node: 0 })));
+    assert_eq!(replica.record(&key).and_then(|r| r.value), Some(Bytes::from_static(b"w")));
+}
+
+fn ceiling_at(now: u64, config: &ReplicaConfig) -> u64 {
+    version::ceiling(config.wall_epoch_ms + now)
+}
+
+/// Parts of made-up snapshots, or with a count that contradicts the
+/// snapshot's, cannot grow a re-sync's tracking or finish it early.
+#[test]
+fn made_up_sync_parts_are_bounded() {
+    let mut replica = Replica::new(0, 3, ring(3), ReplicaConfig::default(), 7);
+    replica.restart(0, 8);
+    while replica.poll_transmit().is_some() {}
+    let round = replica.resync.as_ref().map(|r| r.round).expect("re-syncing");
+    for snapshot in 0..1_000 {
+        let part = Message::SyncData { round, snapshot, part: 0, parts: 2, entries: Vec::new() };
+        replica.handle(1, 1, part).expect("well-formed");
+    }
+    let resync = replica.resync.as_ref().expect("still re-syncing");
+    assert_eq!(resync.received.len(), MAX_SNAPSHOTS_PER_MEMBER, "tracking is bounded");
+    // Part 1 of snapshot 999 claiming one part in all does not complete it.
+    replica
+        .handle(1, 1, Message::SyncData { round, snapshot: 999, part: 0, parts: 1, entries: Vec::new() })
+        .expect("ok");
+    assert_eq!(replica.resync_waiting(), vec![1, 2]);
+    replica
+        .handle(1, 1, Message::SyncData { round, snapshot: 999, part: 1, parts: 2, entries: Vec::new() })
+        .expect("ok");
+    assert_eq!(replica.resync_waiting(), vec![2], "the snapshot's own parts complete it");
+}
+
+/// A size probe answers, per key, the largest value length its owners
+/// hold, one message per member; a reply for other keys than asked is
+/// ignored; at the deadline it answers with what it heard; an oversized
+/// probe from a peer is refused by name.
+#[test]
+fn size_probes_answer_the_largest_copy_per_key() {
+    let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::new(i, 3, ring(3), config, 60 + u64::from(i))).collect();
+    let up = vec![true; 3];
+    let put = |key: &str, len: usize| Op::Put {
+        key: Bytes::from(key.to_owned()),
+        value: Some(Bytes::from(vec![b'x'; len])),
+        expires_at: None,
+        hint: 0,
+    };
+    replicas[0].client(0, 1, put("small", 10), Consistency::All);
+    replicas[0].client(0, 2, put("big", 5_000), Consistency::All);
+    settle(&mut replicas, &up, 0);
+    // A newer, larger copy of "big" only on member 2 (a write not yet
+    // repaired elsewhere): the probe takes the largest.
+    let newer = Record {
+        version: Version { counter: 1 << 20, node: 1 },
+        value: Some(Bytes::from(vec![b'y'; 9_000])),
+        expires_at: None,
+        hint: 0,
+    };
+    replicas[2]
+        .handle(0, 1, Message::Put { req: 0, key: Bytes::from_static(b"big"), record: newer, hint_for: None })
+        .expect("accepted");
+    while replicas[0].poll_reply().is_some() {}
+    let keys = vec![Bytes::from_static(b"small"), Bytes::from_static(b"big"), Bytes::from_static(b"none")];
+    replicas[0].client(0, 3, Op::Sizes { keys: keys.clone() }, Consistency::All);
+    let sent: Vec<(NodeIx, Message)> = std::iter::from_fn(|| replicas[0].poll_transmit()).collect();
+    assert_eq!(sent.len(), 2, "one message per other member: {sent:?}");
+    for (to, message) in sent {
+        replicas[to as usize].handle(0, 0, message).expect("accepted");
+    }
+    settle(&mut replicas, &up, 0);
+    assert_eq!(replicas[0].poll_reply(), Some(Reply { client_req: 3, result: Ok(Outcome::Sizes(vec![10, 9_000, 0])) }));
+
+    // Member 2 answers for other keys than asked: ignored; member 1 never
+    // answers; at the deadline the probe answers with what it knows.
+    replicas[0].client(10, 4, Op::Sizes { keys }, Consistency::All);
+    let sent: Vec<(NodeIx, Message)> = std::iter::from_fn(|| replicas[0].poll_transmit()).collect();
+    let req = sent.iter().find_map(|(_, m)| if let Message::Sizes { req, .. } = m { Some(*req) } else { None });
+    let req = req.expect("a probe was sent");
+    replicas[0].handle(10, 2, Message::SizesReply { req, sizes: vec![1 << 40] }).expect("accepted");
+    assert_eq!(replicas[0].poll_reply(), None, "a reply of the wrong shape is not an answer");
+    replicas[0].tick(10 + 1_000);
+    assert_eq!(replicas[0].poll_reply(), Some(Reply { client_req: 4, result: Ok(Outcome::Sizes(vec![10, 5_000, 0])) }));
+
+    let flood = Message::Sizes { req: 1, keys: vec![Bytes::new(); MAX_PROBE_KEYS + 1] };
+    assert!(matches!(replicas[1].check(0, 0, &flood), Err(PeerMessageError::TooMany { what: "keys", .. })));
+}
