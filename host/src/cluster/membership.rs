@@ -193,16 +193,27 @@ impl Membership {
         result
     }
 
-    /// The member that sent `data`, as the datagram's header names it,
-    /// without handling it: for holding the sender to the identity its
-    /// certificate gives it before the gossip is believed. (The header names
-    /// the direct sender; what a datagram says of other members is news it
-    /// relays, and is not checked here.)
-    pub fn sender(data: &[u8]) -> Result<Peer, MembershipError> {
+    /// The member that sent `data`, as the datagram's header names it, and
+    /// the members its updates speak of, without handling it: for holding
+    /// the sender to the identity its certificate gives it, and checking
+    /// what it relays of others, before the gossip is believed.
+    pub fn read(data: &[u8]) -> Result<(Peer, Vec<Peer>), MembershipError> {
+        use bytes::Buf as _;
         use foca::Codec as _;
-        let header: foca::Header<Peer> =
-            PostcardCodec.decode_header(data).map_err(|e| MembershipError(e.to_string()))?;
-        Ok(header.src)
+        let bad = |e: &dyn std::fmt::Display| MembershipError(e.to_string());
+        let mut rest = data;
+        let header: foca::Header<Peer> = PostcardCodec.decode_header(&mut rest).map_err(|e| bad(&e))?;
+        let mut relayed = Vec::new();
+        // The layout foca writes: after the header, unless the message is a
+        // custom broadcast, a count of updates and the updates.
+        if rest.remaining() >= 2 && header.message != foca::Message::Broadcast {
+            let count = rest.get_u16();
+            for _ in 0..count {
+                let member: foca::Member<Peer> = PostcardCodec.decode_member(&mut rest).map_err(|e| bad(&e))?;
+                relayed.push(member.id().clone());
+            }
+        }
+        Ok((header.src, relayed))
     }
 
     /// A datagram from another member. Garbage is refused, not fatal.
@@ -487,15 +498,31 @@ mod tests {
     }
 
     /// A datagram's header names its sender, which the runtime holds to
-    /// the node its certificate names before the gossip is believed.
+    /// the node its certificate names before the gossip is believed; its
+    /// updates name the members it relays news of, which the runtime
+    /// checks too.
     #[test]
-    fn a_datagrams_sender_is_read_from_its_header() {
+    fn a_datagrams_sender_and_relayed_members_are_read() {
         let mut node = Membership::new(peer(1, 4), MembershipConfig::default(), 1);
         node.join(0, peer(0, 0)).expect("announce");
         let (to, data) = node.poll_transmit().expect("an announcement");
         assert_eq!(to, peer(0, 0));
-        assert_eq!(Membership::sender(&data).expect("a header"), peer(1, 4));
-        assert!(Membership::sender(b"\xff\x00garbage").is_err());
+        assert_eq!(Membership::read(&data).expect("a header"), (peer(1, 4), Vec::new()));
+        assert!(Membership::read(b"\xff\x00garbage").is_err());
+        // Member 0 knows member 2; its answer to member 1's announcement
+        // relays news of it.
+        let mut seed = Membership::new(peer(0, 0), MembershipConfig::default(), 2);
+        let mut other = Membership::new(peer(2, 0), MembershipConfig::default(), 3);
+        other.join(0, peer(0, 0)).expect("announce");
+        let (_, hello) = other.poll_transmit().expect("an announcement");
+        seed.handle_data(0, &hello).expect("accepted");
+        while seed.poll_transmit().is_some() {}
+        seed.handle_data(0, &data).expect("accepted");
+        let (to, feed) = seed.poll_transmit().expect("an answer");
+        assert_eq!(to, peer(1, 4));
+        let (sender, relayed) = Membership::read(&feed).expect("readable");
+        assert_eq!(sender, peer(0, 0));
+        assert!(relayed.contains(&peer(2, 0)), "{relayed:?}");
     }
 
     #[test]

@@ -181,6 +181,22 @@ fn check_record(store: &Store, key: &[u8], value: &[u8]) -> Option<Response> {
         .map(|err| crate::store::commands::shard_error(&err))
 }
 
+/// The first identity in a gossip datagram (its sender, then the members
+/// it relays news of) whose incarnation is over `ceiling`: incarnations
+/// start at the wall clock and grow by one per renewal, so one far ahead of
+/// it is forged (and would leave its member no higher one to refute it).
+fn forged_incarnation<'a>(sender: &'a Peer, relayed: &'a [Peer], ceiling: u64) -> Option<&'a Peer> {
+    std::iter::once(sender).chain(relayed).find(|p| p.incarnation > ceiling)
+}
+
+/// Whether news that a member is up at `addr` is believed: it is where
+/// this node knows the member (`known`), or where the member itself last
+/// spoke from (`verified`). Otherwise it is news relayed by others of a
+/// joiner or a move, which waits until the member speaks from there.
+fn up_believed(known: Option<&SocketAddr>, verified: Option<&SocketAddr>, addr: &SocketAddr) -> bool {
+    known == Some(addr) || verified == Some(addr)
+}
+
 /// Milliseconds since the Unix epoch: the wall clock the runtime reads
 /// for the replicas (their `wall_epoch_ms`) and for expiry times.
 pub fn unix_ms() -> u64 {
@@ -855,6 +871,13 @@ struct Shell {
     impostor_frames: u64,
     /// Such drops are logged at most once a second.
     impostor_log: crate::clients::LogLimiter,
+    /// Where each member last spoke from itself (a gossip datagram whose
+    /// certificate names it, sent from the address it gives): news relayed
+    /// by others of a member at another address waits for this.
+    verified: std::collections::BTreeMap<NodeIx, SocketAddr>,
+    /// Members relayed as up at an address not confirmed by the member
+    /// itself: taken in when it speaks from there ([`Shell::confirm`]).
+    unconfirmed: std::collections::BTreeMap<NodeIx, Peer>,
 }
 
 impl Shell {
@@ -968,6 +991,8 @@ impl Shell {
             refused_log: (None, 0),
             impostor_frames: 0,
             impostor_log: crate::clients::LogLimiter::new(1_000),
+            verified: std::collections::BTreeMap::new(),
+            unconfirmed: std::collections::BTreeMap::new(),
         }
     }
 
@@ -1239,6 +1264,68 @@ impl Shell {
         }
     }
 
+    /// A member up or down, as the gossip tells. A member up at an address
+    /// this node does not know it at (a joiner, or one that moved) is taken
+    /// in only once it has spoken from there itself: news relayed by a
+    /// member holding a valid certificate could otherwise point another
+    /// member's traffic at an address that cannot serve it.
+    fn member_event(&mut self, now: u64, peer: Peer, up: bool) {
+        let (Ok(ix), Ok(addr)) = (peer.node.parse::<NodeIx>(), peer.addr.parse::<SocketAddr>()) else { return };
+        if ix > replica::MAX_NODE_ID {
+            tracing::warn!(node = ix, "a member with an id over the limit; ignored");
+            return;
+        }
+        if ix == self.me {
+            return;
+        }
+        // The last news of an address the member has left (it restarted
+        // elsewhere) says nothing about the member.
+        if !up && self.peers.get(&ix).is_some_and(|known| *known != addr) {
+            self.unconfirmed.remove(&ix);
+            return;
+        }
+        if up && !up_believed(self.peers.get(&ix), self.verified.get(&ix), &addr) {
+            tracing::debug!(node = ix, %addr, "member relayed up at a new address; waiting to hear from it there");
+            self.unconfirmed.insert(ix, peer);
+            return;
+        }
+        self.unconfirmed.remove(&ix);
+        if up {
+            tracing::info!(node = ix, "member up");
+            // Back after this node dropped it from its ring: it serves
+            // again once it has answered a `Readmit`.
+            if self.dropped.contains(&ix) && !self.held_out.contains_key(&ix) {
+                let nonce = self.boot ^ now.rotate_left(17) ^ u64::from(ix);
+                self.held_out.insert(ix, nonce);
+                self.readmit_at = now;
+            }
+            self.heard.insert(ix);
+            self.learn(now, ix, addr);
+            if !peer.client.is_empty() {
+                self.clients.insert(ix, peer.client.clone());
+            }
+        } else {
+            tracing::warn!(node = ix, "member down");
+            self.held_out.remove(&ix);
+            self.readmitted.remove(&ix);
+        }
+        self.alive.insert(ix, up);
+        if let Some(replica) = self.replica.as_mut() {
+            replica.set_alive(now, ix, up);
+        }
+        self.refresh_ring(now);
+    }
+
+    /// `node` spoke from `addr` itself: news of it there held back
+    /// ([`Shell::member_event`]) is taken in now.
+    fn confirm(&mut self, now: u64, node: NodeIx, addr: SocketAddr) {
+        if self.unconfirmed.get(&node).is_some_and(|p| p.addr.parse::<SocketAddr>().ok() == Some(addr))
+            && let Some(peer) = self.unconfirmed.remove(&node)
+        {
+            self.member_event(now, peer, true);
+        }
+    }
+
     fn handle(&mut self, frame: Incoming) {
         let now = self.now();
         match frame.frame {
@@ -1247,8 +1334,8 @@ impl Shell {
             // is the node its certificate names, speaking from the address
             // it gives (what the gossip says of others is relayed news).
             PeerFrame::Gossip(data) => {
-                let sender = match Membership::sender(&data) {
-                    Ok(sender) => sender,
+                let (sender, relayed) = match Membership::read(&data) {
+                    Ok(read) => read,
                     Err(err) => {
                         tracing::debug!(%err, from = %frame.from, "gossip refused");
                         return;
@@ -1260,9 +1347,30 @@ impl Shell {
                     self.refuse_impostor(now, frame.from, frame.node, &claim);
                     return;
                 }
+                // Incarnations start at the wall clock and grow by one per
+                // renewal: one far ahead of it is forged, and believing it
+                // would leave the member no higher one to refute it with.
+                let ceiling = unix_ms().saturating_add(super::version::MAX_LEAD_MS);
+                if let Some(forged) = forged_incarnation(&sender, &relayed, ceiling) {
+                    // Counted with the frames of impostors: a forged
+                    // identity either way.
+                    self.impostor_frames += 1;
+                    if let Some(suppressed) = self.impostor_log.check(now) {
+                        tracing::error!(
+                            from = %frame.from,
+                            node = %forged.node,
+                            incarnation = forged.incarnation,
+                            suppressed,
+                            "gossip dropped: an incarnation far ahead of this node's clock"
+                        );
+                    }
+                    return;
+                }
+                self.verified.insert(frame.node, frame.from);
                 if let Err(err) = self.membership.handle_data(now, &data) {
                     tracing::debug!(%err, from = %frame.from, "gossip refused");
                 }
+                self.confirm(now, frame.node, frame.from);
             }
             PeerFrame::Replica(message) => {
                 let Some(&from) = self.by_addr.get(&frame.from) else {
@@ -1354,43 +1462,7 @@ impl Shell {
                     continue;
                 }
             };
-            let (Ok(ix), Ok(addr)) = (peer.node.parse::<NodeIx>(), peer.addr.parse::<SocketAddr>()) else { continue };
-            if ix > replica::MAX_NODE_ID {
-                tracing::warn!(node = ix, "a member with an id over the limit; ignored");
-                continue;
-            }
-            if ix == self.me {
-                continue;
-            }
-            // The last news of an address the member has left (it restarted
-            // elsewhere) says nothing about the member.
-            if !up && self.peers.get(&ix).is_some_and(|known| *known != addr) {
-                continue;
-            }
-            if up {
-                tracing::info!(node = ix, "member up");
-                // Back after this node dropped it from its ring: it serves
-                // again once it has answered a `Readmit`.
-                if self.dropped.contains(&ix) && !self.held_out.contains_key(&ix) {
-                    let nonce = self.boot ^ now.rotate_left(17) ^ u64::from(ix);
-                    self.held_out.insert(ix, nonce);
-                    self.readmit_at = now;
-                }
-                self.heard.insert(ix);
-                self.learn(now, ix, addr);
-                if !peer.client.is_empty() {
-                    self.clients.insert(ix, peer.client.clone());
-                }
-            } else {
-                tracing::warn!(node = ix, "member down");
-                self.held_out.remove(&ix);
-                self.readmitted.remove(&ix);
-            }
-            self.alive.insert(ix, up);
-            if let Some(replica) = self.replica.as_mut() {
-                replica.set_alive(now, ix, up);
-            }
-            self.refresh_ring(now);
+            self.member_event(now, peer, up);
         }
         while let Some((peer, data)) = self.membership.poll_transmit() {
             match peer.addr.parse::<SocketAddr>() {
@@ -1578,7 +1650,32 @@ async fn send_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::{next_incarnation, serving};
+    use super::{forged_incarnation, next_incarnation, serving, up_believed};
+    use crate::cluster::membership::Peer;
+    use std::net::SocketAddr;
+
+    /// Relayed news of a member at an address it has not spoken from is
+    /// not believed; an incarnation far ahead of the clock is forged.
+    #[test]
+    fn relayed_news_is_believed_only_when_the_member_confirms_it() {
+        let at = |port: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], port)) };
+        assert!(up_believed(Some(&at(1)), None, &at(1)), "where it is known");
+        assert!(!up_believed(Some(&at(1)), None, &at(9)), "moved, by hearsay");
+        assert!(!up_believed(None, None, &at(9)), "a joiner, by hearsay");
+        assert!(!up_believed(None, Some(&at(8)), &at(9)), "it spoke from elsewhere");
+        assert!(up_believed(Some(&at(1)), Some(&at(9)), &at(9)), "it spoke from there itself");
+        let peer = |node: &str, incarnation: u64| Peer {
+            node: node.into(),
+            addr: "127.0.0.1:1".into(),
+            incarnation,
+            client: String::new(),
+        };
+        let now = 1_700_000_000_000;
+        assert_eq!(forged_incarnation(&peer("0", now), &[peer("1", now - 5)], now + 60_000), None);
+        let relayed = [peer("1", now), peer("2", u64::MAX - 1)];
+        assert_eq!(forged_incarnation(&peer("0", now), &relayed, now + 60_000), Some(&relayed[1]));
+        assert_eq!(forged_incarnation(&peer("0", now + 61_000), &[], now + 60_000).map(|p| p.node.as_str()), Some("0"));
+    }
     use std::collections::BTreeMap;
 
     /// The wall clock, unless it went back: then one past the last
