@@ -513,8 +513,9 @@ enum Pending {
     Flush { client_req: u64, deadline: u64, waiting: BTreeSet<NodeIx>, dropped: u64 },
     /// An update forwarded to the key's primary owner; `also` are the
     /// clients of loads of the same key that joined it.
-    /// `load` is the key when it is a load (see `forwarded_loads`).
-    Forward { client_req: u64, deadline: u64, also: Vec<u64>, load: Option<Bytes> },
+    /// `load` is the key when it is a load (see `forwarded_loads`); `to`
+    /// is the primary it went to, the only member whose answer counts.
+    Forward { client_req: u64, deadline: u64, also: Vec<u64>, load: Option<Bytes>, to: NodeIx },
     /// A size probe (see `sizes`).
     Sizes(sizes::SizeProbe),
 }
@@ -1123,7 +1124,8 @@ impl Replica {
                     // (and a load between them).
                     let wait = if let Update::Load { wait_ms } = update { wait_ms } else { 0 };
                     let deadline = now + 3 * self.config.request_timeout_ms + wait;
-                    self.pending.insert(req, Pending::Forward { client_req, deadline, also: Vec::new(), load });
+                    let forward = Pending::Forward { client_req, deadline, also: Vec::new(), load, to: primary };
+                    self.pending.insert(req, forward);
                     self.send(primary, Message::Update { req, key, update, level: consistency });
                 }
                 None => self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) }),
@@ -1724,7 +1726,9 @@ impl Replica {
                 }
             }
             Message::UpdateReply { req, result } => {
-                if matches!(self.pending.get(&req), Some(Pending::Forward { .. })) {
+                // Only from the member it was forwarded to: another could
+                // otherwise answer for a primary it is not.
+                if matches!(self.pending.get(&req), Some(Pending::Forward { to, .. }) if *to == from) {
                     self.answer_forward(req, result.map(Outcome::Updated));
                 }
             }

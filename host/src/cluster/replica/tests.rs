@@ -628,3 +628,33 @@ fn size_probes_answer_the_largest_copy_per_key() {
     let flood = Message::Sizes { req: 1, keys: vec![Bytes::new(); MAX_PROBE_KEYS + 1] };
     assert!(matches!(replicas[1].check(0, 0, &flood), Err(PeerMessageError::TooMany { what: "keys", .. })));
 }
+
+/// An update forwarded to a key's primary is answered by that primary
+/// only: an answer from another member, even one with the right request
+/// id, is ignored.
+#[test]
+fn a_forwarded_update_is_answered_only_by_its_primary() {
+    let three = ring(3);
+    let config = ReplicaConfig { rf: 3, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> =
+        (0..3).map(|i| Replica::new(i, 3, three.clone(), config, 90 + u64::from(i))).collect();
+    let up = vec![true; 3];
+    let key = Bytes::from_static(b"counter");
+    let owners = ids(&three, &key);
+    let (primary, coordinator) = (owners[0], owners[1]);
+    let other = owners[2];
+    let c = coordinator as usize;
+    replicas[c].client(0, 1, Op::Update { key: key.clone(), update: Update::Incr(5) }, Consistency::Quorum);
+    let sent: Vec<(NodeIx, Message)> = std::iter::from_fn(|| replicas[c].poll_transmit()).collect();
+    let Some((to, Message::Update { req, .. })) = sent.first().cloned() else { panic!("forwarded: {sent:?}") };
+    assert_eq!(to, primary);
+    let forged = Message::UpdateReply { req, result: Ok(Effect::Integer(1_000)) };
+    replicas[c].handle(0, other, forged).expect("well-formed");
+    assert_eq!(replicas[c].poll_reply(), None, "not the primary's answer");
+    for (to, message) in sent {
+        replicas[to as usize].handle(0, coordinator, message).expect("accepted");
+    }
+    settle(&mut replicas, &up, 0);
+    let reply = replicas[c].poll_reply().expect("the primary's answer");
+    assert_eq!(reply, Reply { client_req: 1, result: Ok(Outcome::Updated(Effect::Integer(5))) });
+}
