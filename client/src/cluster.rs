@@ -578,6 +578,18 @@ impl ClusterClient {
         reply::value(self.send(&key, reply::set(key.clone(), value.into(), options, false, true)).await?)
     }
 
+    /// [`Client::set_get_keep_ttl`]: [`Self::set_get`] keeping the key's
+    /// TTL. Not retried once it may have reached a node.
+    pub async fn set_get_keep_ttl(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<Option<Bytes>, ClientError> {
+        let key = reply::key(key);
+        reply::value(self.send(&key, reply::set(key.clone(), value.into(), options, true, true)).await?)
+    }
+
     /// Deletes `key`; returns whether it existed. Retried after any
     /// failure (a deletion applies the same twice), so after a retry it
     /// may say false for a key the failed attempt deleted.

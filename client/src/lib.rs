@@ -488,6 +488,17 @@ impl Client {
         reply::value(self.call(reply::set(reply::key(key), value.into(), options, false, true)).await?)
     }
 
+    /// [`Client::set_get`] keeping the TTL the key has (`SET ... KEEPTTL
+    /// GET`); `options.ttl` is ignored.
+    pub async fn set_get_keep_ttl(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<Option<Bytes>, ClientError> {
+        reply::value(self.call(reply::set(reply::key(key), value.into(), options, true, true)).await?)
+    }
+
     /// Deletes keys; returns how many existed.
     pub async fn delete<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<u64, ClientError> {
         reply::count(self.call(Request::Del { keys: reply::keys(keys) }).await?)
