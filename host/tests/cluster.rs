@@ -1300,6 +1300,115 @@ async fn a_cold_key_is_loaded_once_for_the_whole_cluster() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Stale-while-revalidate on a cluster: past its soft expiry a loaded value
+/// is served at once through every member while the key's primary
+/// refreshes it once in the background (the origin takes 3 s); then the
+/// new value is served everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_value_is_served_through_every_member_while_one_refresh_runs() {
+    let (url, db) = users_database("swr", "3").await;
+    let dir = std::env::temp_dir().join(format!("cachet-loader-swr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let module = dir.join("users.wasm");
+    std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
+    let config = dir.join("loaders.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[origins.users-db]\npostgres = \"{url}\"\nstatement-timeout-ms = 10000\n\n[[namespace]]\n\
+             prefix = \"user:\"\nmodule = \"{}\"\norigins = [\"users-db\"]\nload-timeout-ms = 10000\n\
+             ttl-ms = 1000\ngrace-ms = 60000\njitter = 0.0\nxfetch-beta = 0.0\n",
+            module.display()
+        ),
+    )
+    .expect("config");
+    let cluster = TestCluster::start_with(3, 3, "swr", &["--loaders", config.to_str().expect("utf-8")]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let mut config = cluster.client_config(i);
+        config.timeout = Duration::from_secs(30);
+        members.push(Arc::new(cachet_client::Client::connect(config).await.expect("client")));
+    }
+    let ada = br#"{"id":1,"name":"Ada","email":"ada@example.org"}"#;
+    assert_eq!(members[0].get("user:1").await.expect("GET").as_deref(), Some(&ada[..]));
+    assert_eq!(loader_queries(&db).await, 1);
+    db.batch_execute("UPDATE users_data SET name = 'Ada L' WHERE id = 1").await.expect("update");
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // past the soft expiry
+    let started = Instant::now();
+    let mut gets = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let member = members[i % 3].clone();
+        gets.spawn(async move { member.get("user:1").await });
+    }
+    while let Some(got) = gets.join_next().await {
+        let value = got.expect("task").expect("GET").expect("the stale value");
+        assert_eq!(&value[..], &ada[..], "the stale value, served at once");
+    }
+    let served_in = started.elapsed();
+    assert!(served_in < Duration::from_millis(2_500), "300 GETs waited for the 3 s refresh: {served_in:?}");
+    let renamed = br#"{"id":1,"name":"Ada L","email":"ada@example.org"}"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while members[1].get("user:1").await.expect("GET").as_deref() != Some(&renamed[..]) {
+        assert!(Instant::now() < deadline, "the refreshed value never arrived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for member in &members {
+        assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(&renamed[..]), "on every member");
+    }
+    assert_eq!(loader_queries(&db).await, 2, "one load and one refresh for the whole cluster");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Change data capture on a cluster: a notification deletes the key on
+/// every replica, through its primary, so every member serves the row's
+/// new value (loaded again) at once, long before the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_notification_invalidates_a_key_on_every_member() {
+    let (url, db) = users_database("cdc", "0").await;
+    let dir = std::env::temp_dir().join(format!("cachet-loader-cdc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let module = dir.join("users.wasm");
+    std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
+    let config = dir.join("loaders.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[origins.users-db]\npostgres = \"{url}\"\n\n[[namespace]]\nprefix = \"user:\"\nmodule = \"{}\"\n\
+             origins = [\"users-db\"]\nttl-ms = 3600000\n\
+             invalidate = {{ origin = \"users-db\", channel = \"users_changed\" }}\n",
+            module.display()
+        ),
+    )
+    .expect("config");
+    let cluster = TestCluster::start_with(3, 3, "cdc", &["--loaders", config.to_str().expect("utf-8")]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let mut members = Vec::new();
+    for i in 0..3 {
+        members.push(cachet_client::Client::connect(cluster.client_config(i)).await.expect("client"));
+    }
+    let ada = br#"{"id":1,"name":"Ada","email":"ada@example.org"}"#;
+    for member in &members {
+        assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(&ada[..]));
+    }
+    // Every member's feed listens before the change is made.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    db.batch_execute("UPDATE users_data SET name = 'Ada L' WHERE id = 1; NOTIFY users_changed, '1'")
+        .await
+        .expect("update and notify");
+    let renamed = br#"{"id":1,"name":"Ada L","email":"ada@example.org"}"#;
+    for (i, member) in members.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while member.get("user:1").await.expect("GET").as_deref() != Some(&renamed[..]) {
+            assert!(Instant::now() < deadline, "member {i} still serves the old row (TTL 1 h)");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Shadow evaluation on a cluster member sees the traffic it coordinates:
 /// every request goes through the node's dispatcher, which samples it, as
 /// on a single node (clustered requests used to bypass it).

@@ -140,9 +140,9 @@ impl RecordStore for ShardRecords {
     }
 
     fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record)) {
-        self.store.for_each(|key, raw| {
+        self.store.for_each(|key, raw, hint| {
             if let Some(record) = decode(&Bytes::copy_from_slice(raw)) {
-                f(&Bytes::copy_from_slice(key), &record);
+                f(&Bytes::copy_from_slice(key), &Record { hint, ..record });
             }
         });
     }
@@ -231,8 +231,8 @@ mod tests {
     }
 
     /// A record's policy hint is stored with the shard entry (the policy
-    /// sees it on every replica) and read back with the record, so repairs
-    /// and updates carry it on.
+    /// sees it on every replica) and read back with the record, so repairs,
+    /// updates and re-sync snapshots carry it on.
     #[test]
     fn hints_travel_with_records() {
         let node = store(NodeConfig::default());
@@ -248,6 +248,10 @@ mod tests {
         assert_eq!(records.get(b"costly", true), Some(record));
         let hint = node.with_shard(b"costly", |shard, now| shard.peek_entry(now, b"costly").map(|e| e.hint));
         assert_eq!(hint, Some(250), "the shard's policy sees the hint");
+        // A re-sync's snapshot carries it too.
+        let mut scanned = Vec::new();
+        records.scan(&mut |key, record| scanned.push((key.clone(), record.hint)));
+        assert_eq!(scanned, vec![(Bytes::from_static(b"costly"), 250)], "snapshots keep the hint");
     }
 
     /// A key's bytes reach a log line escaped: a client cannot end the line

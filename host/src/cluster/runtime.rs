@@ -148,7 +148,15 @@ pub struct Cluster {
     stop: watch::Sender<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     peer_addr: SocketAddr,
+    /// CDC invalidations being retried (see [`Cluster::invalidate`]).
+    invalidating: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// How long a CDC invalidation is retried before it is given up (logged;
+/// the value then lives until its TTL).
+const INVALIDATE_FOR: Duration = Duration::from_secs(30);
+/// CDC invalidations retried at once, at most; beyond it one is tried once.
+const MAX_INVALIDATING: usize = 10_000;
 
 fn level(consistency: Consistency) -> replica::Consistency {
     match consistency {
@@ -305,6 +313,7 @@ impl Cluster {
             stop,
             thread: Mutex::new(Some(thread)),
             peer_addr,
+            invalidating: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }))
     }
 
@@ -383,7 +392,12 @@ impl Cluster {
             // whole cluster however many members ask at once.
             Request::Get { key } if self.loads(key).is_some() => {
                 let wait_ms = self.loads(key).unwrap_or(0);
-                self.updated(store, key, Update::Load { wait_ms }, level)
+                let fresh = self
+                    .loaders
+                    .get()
+                    .and_then(|l| l.refresh_rule(key))
+                    .map(|(grace_ms, beta_milli, draw)| super::update::FreshRule { grace_ms, beta_milli, draw });
+                self.updated(store, key, Update::Load { wait_ms, fresh }, level)
             }
             Request::Get { key } => {
                 let key = key.clone();
@@ -622,11 +636,46 @@ impl Cluster {
     }
 
     /// Deletes `key` on every replica, through its primary (serialized with
-    /// a load in flight), without waiting for the answer.
-    fn invalidate(&self, key: Bytes) {
-        let (reply, _) = oneshot::channel();
-        let op = Op::Update { key, update: Update::Expire(0) };
-        let _ = self.commands.send(Command { op, level: level(self.default), reply });
+    /// a load in flight), retrying with back-off for up to
+    /// [`INVALIDATE_FOR`] when it fails (a primary failing over, a member
+    /// not serving yet): a lost invalidation would leave a stale value
+    /// until its TTL. A retried delete may remove a value loaded since,
+    /// which only costs a load. Beyond [`MAX_INVALIDATING`] at once (the
+    /// cluster down under a flood of changes) each is tried once.
+    fn invalidate(self: &Arc<Self>, key: Bytes) {
+        use std::sync::atomic::Ordering;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            let (reply, _) = oneshot::channel();
+            let op = Op::Update { key, update: Update::Expire(0) };
+            let _ = self.commands.send(Command { op, level: level(self.default), reply });
+            return;
+        };
+        let retry = self.invalidating.fetch_add(1, Ordering::AcqRel) < MAX_INVALIDATING;
+        let this = self.clone();
+        runtime.spawn(async move {
+            let give_up = Instant::now() + INVALIDATE_FOR;
+            let mut wait = Duration::from_millis(50);
+            loop {
+                let op = Op::Update { key: key.clone(), update: Update::Expire(0) };
+                match this.run(op, level(this.default)).await {
+                    Ok(_) => break,
+                    Err(err) if retry && Instant::now() + wait < give_up => {
+                        tracing::debug!(?err, "a CDC invalidation failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                    Err(err) => {
+                        tracing::error!(
+                            key = %key.escape_ascii(),
+                            ?err,
+                            "a CDC invalidation could not be applied; the value lives until its TTL"
+                        );
+                        break;
+                    }
+                }
+            }
+            this.invalidating.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 
     /// A refusal when `keys` have different primary owners: MSET implies
@@ -1481,11 +1530,14 @@ impl Shell {
             }
             // Loads this node runs as a key's primary: on the loaders' own
             // runtime, answered through `loaded`.
-            while let Some((id, key)) = replica.poll_load() {
+            while let Some(replica::LoadRequest { id, key, refresh }) = replica.poll_load() {
                 let tx = self.loaded_tx.clone();
                 match self.loaders.get() {
                     Some(loaders) => {
-                        let fetch = loaders.fetch(key);
+                        if let Some(refresh) = &refresh {
+                            loaders.count_refresh(refresh.stale);
+                        }
+                        let fetch = loaders.fetch(key, refresh.map(|r| (r.current, r.expires_at)));
                         // Answers even if the task ends early (a panic, the
                         // runtime stopping): the key's update queue waits on it.
                         let mut answer = LoadAnswer { tx, id, sent: false };

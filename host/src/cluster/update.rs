@@ -51,7 +51,38 @@ pub enum Update {
         /// How long the load may take at the primary (the namespace's load
         /// timeout), for the asking member's deadline.
         wait_ms: u64,
+        /// When a live value is served stale and refreshed in the
+        /// background (stale-while-revalidate, early refresh); `None`: a
+        /// live value is simply served.
+        #[serde(default)]
+        fresh: Option<FreshRule>,
     },
+}
+
+/// A loader namespace's refresh rule, carried with each read-through GET to
+/// the key's primary, which decides with it (and the value's expiry and
+/// cost hint, the load's milliseconds) whether to refresh: see
+/// [`crate::loader::refresh::freshness`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreshRule {
+    /// The stale-while-revalidate window before the hard expiry.
+    pub grace_ms: u64,
+    /// XFetch's beta in thousandths (0: no early refresh).
+    pub beta_milli: u32,
+    /// The random draw for XFetch, made where the GET arrived.
+    pub draw: u64,
+}
+
+impl FreshRule {
+    /// Whether a value of `entry` read at `wall_ms` should be refreshed
+    /// (it is past its soft expiry, or XFetch picks it early).
+    pub fn refresh(&self, entry: &Entry, wall_ms: u64) -> bool {
+        let Some(expires_at) = entry.expires_at else { return false };
+        let beta = f64::from(self.beta_milli) / 1000.0;
+        let u = crate::loader::refresh::unit(self.draw);
+        crate::loader::refresh::freshness(wall_ms, expires_at, self.grace_ms, entry.hint, beta, u)
+            == crate::loader::refresh::Freshness::Refresh
+    }
 }
 
 impl Update {

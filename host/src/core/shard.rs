@@ -887,13 +887,13 @@ impl Shard {
         true
     }
 
-    /// Calls `f` with the key and value of every live entry. A scan of the
-    /// whole shard under its lock, for a cluster re-sync, not for the
-    /// request path; the policy is not told (nothing was read).
-    pub fn for_each(&self, now: u64, mut f: impl FnMut(&[u8], &[u8])) {
+    /// Calls `f` with the key, value and hint of every live entry. A scan
+    /// of the whole shard under its lock, for a cluster re-sync, not for
+    /// the request path; the policy is not told (nothing was read).
+    pub fn for_each(&self, now: u64, mut f: impl FnMut(&[u8], &[u8], u32)) {
         for (index, slot) in self.slab.live() {
             if !self.is_expired(index, now) {
-                f(slot.key(), slot.value());
+                f(slot.key(), slot.value(), slot.hint);
             }
         }
     }
@@ -1445,7 +1445,7 @@ mod tests {
         assert_eq!(shard.get(6, b"key").as_deref(), Some(&b""[..]));
         assert_eq!((shard.len(), shard.bytes()), (1, 3));
         let mut seen = Vec::new();
-        shard.for_each(7, |k, v| seen.push((k.to_vec(), v.to_vec())));
+        shard.for_each(7, |k, v, _| seen.push((k.to_vec(), v.to_vec())));
         assert_eq!(seen, vec![(b"key".to_vec(), Vec::new())]);
         // A time to live that saturates the clock still expires (it is not
         // mistaken for "no expiry") and can be persisted away.

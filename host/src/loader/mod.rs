@@ -715,10 +715,13 @@ impl Loaders {
     /// without installing it: for the key's primary on a cluster, which
     /// writes the value to the replicas. The value, the TTL (ms) to cache
     /// it with and its cost hint (the load's ms); `None` when the origin
-    /// has no such key.
+    /// has no such key. With `refresh` (the value served meanwhile and its
+    /// hard expiry in Unix ms), the loader's refresh hook runs instead, as
+    /// for a single node's background refresh.
     pub fn fetch(
         self: &Arc<Self>,
         key: Bytes,
+        refresh: Option<(Bytes, u64)>,
     ) -> impl Future<Output = Result<Option<(Bytes, u64, u32)>, ErrorReply>> + use<> {
         let this = self.clone();
         async move {
@@ -730,7 +733,7 @@ impl Loaders {
                 return refused(ErrorCode::Internal, "the loaders are not attached".into());
             };
             let now = store.now_ms();
-            if lock(&this.negative).get(&key).is_some_and(|&until| until > now) {
+            if refresh.is_none() && lock(&this.negative).get(&key).is_some_and(|&until| until > now) {
                 this.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -738,7 +741,20 @@ impl Loaders {
                 let message = format!("{MAX_WAITING_LOADS} requests are waiting for loads on this node; retry later");
                 return refused(ErrorCode::Busy, message);
             };
-            let Some(mut result) = this.start(&store, index, &key, Work::Load, true) else {
+            let work = match refresh {
+                None => Work::Load,
+                Some((current, expires_at)) => {
+                    // Loaded at its soft expiry minus the TTL (jitter aside),
+                    // as the single node reckons it.
+                    let ns = &this.namespaces[index].config;
+                    let loaded_at = expires_at.saturating_sub(ns.grace_ms).saturating_sub(ns.ttl_ms);
+                    let wall_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    Work::Refresh { current, age_ms: wall_ms.saturating_sub(loaded_at) }
+                }
+            };
+            let Some(mut result) = this.start(&store, index, &key, work, true) else {
                 return refused(ErrorCode::LoadFailed, "the loaders are stopping".into());
             };
             let deadline = Duration::from_millis(this.namespaces[index].config.load_timeout_ms);
@@ -761,6 +777,26 @@ impl Loaders {
     /// timeout); `None` outside every namespace.
     pub fn load_timeout_ms(&self, key: &[u8]) -> Option<u64> {
         self.namespace(key).map(|i| self.namespaces[i].config.load_timeout_ms)
+    }
+
+    /// The refresh rule of `key`'s namespace for a cluster's primary: its
+    /// grace window, XFetch's beta in thousandths and a fresh random draw;
+    /// `None` when the namespace neither serves stale values nor refreshes
+    /// early (or no loader covers the key).
+    pub fn refresh_rule(&self, key: &[u8]) -> Option<(u64, u32, u64)> {
+        let ns = &self.namespaces[self.namespace(key)?].config;
+        let beta_milli = (ns.xfetch_beta * 1000.0).round() as u32;
+        if ns.grace_ms == 0 && beta_milli == 0 {
+            return None;
+        }
+        Some((ns.grace_ms, beta_milli, refresh::mix(self.rng.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed))))
+    }
+
+    /// Counts a background refresh a cluster's primary started: of a value
+    /// past its soft expiry (`stale`), or picked early.
+    pub fn count_refresh(&self, stale: bool) {
+        let counter = if stale { &self.counters.stale_served } else { &self.counters.early_refreshes };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Invalidates every key of namespace `index`: after an invalidation
@@ -786,7 +822,7 @@ impl Loaders {
         // member's feed does the same, so every key is covered).
         if let Some(invalidator) = self.replicated.get() {
             let mut keys = Vec::new();
-            store.for_each(|key, _| {
+            store.for_each(|key, _, _| {
                 if key.starts_with(prefix.as_bytes()) {
                     keys.push(Bytes::copy_from_slice(key));
                 }

@@ -13,7 +13,7 @@ pub(crate) fn mix(state: u64) -> u64 {
 }
 
 /// A draw in (0, 1]: never 0, so `ln` stays finite.
-pub(crate) fn unit(bits: u64) -> f64 {
+pub fn unit(bits: u64) -> f64 {
     ((bits >> 11) as f64 + 1.0) / (1u64 << 53) as f64
 }
 

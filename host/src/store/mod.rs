@@ -184,7 +184,7 @@ impl Store {
 
     /// Calls `f` with every live entry of every shard, one shard locked at
     /// a time.
-    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8], u32)) {
         let now = self.now_ms();
         for shard in &self.shards {
             lock(shard).for_each(now, &mut f);

@@ -288,6 +288,8 @@ enum Origin {
     Client(u64),
     /// The member that forwarded it, by that member's request id.
     Peer { from: NodeIx, req: u64 },
+    /// A background refresh of a value served stale: nobody waits on it.
+    Refresh,
 }
 
 /// An update waiting at its key's primary; the queue's head is running.
@@ -309,6 +311,31 @@ enum Step {
 /// TTL to cache it with and its cost hint (the load's milliseconds), `None`
 /// when the origin has no such key.
 pub type LoadResult = Result<Option<(Bytes, u64, u32)>, Effect>;
+
+/// A load for the node's loader to run ([`Replica::poll_load`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadRequest {
+    /// Answer it with [`Replica::loaded`] under this id.
+    pub id: u64,
+    /// The key.
+    pub key: Bytes,
+    /// Set for a refresh of a value still served (the loader's refresh
+    /// hook); `None` for the load of a missing key.
+    pub refresh: Option<RefreshOf>,
+}
+
+/// The value a refresh replaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefreshOf {
+    /// The value served meanwhile.
+    pub current: Bytes,
+    /// Whether it was past its soft expiry (stale-while-revalidate), not
+    /// picked early.
+    pub stale: bool,
+    /// Its hard expiry, in Unix milliseconds (the loader derives the
+    /// value's age from it).
+    pub expires_at: u64,
+}
 
 /// A client operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -653,7 +680,10 @@ pub struct Replica {
     /// later GETs of the key here join them.
     forwarded_loads: BTreeMap<Bytes, u64>,
     /// Loads the node's loader must run: (internal request, key).
-    loads: VecDeque<(u64, Bytes)>,
+    loads: VecDeque<LoadRequest>,
+    /// Keys whose value is being refreshed in the background, with the
+    /// value served meanwhile to every read-through GET.
+    refreshing: BTreeMap<Bytes, Bytes>,
     /// Set while internal replies are being consumed (see
     /// [`Replica::pump_updates`]).
     pumping: bool,
@@ -703,6 +733,7 @@ impl Replica {
             next_internal: 0,
             seen_updates: BTreeMap::new(),
             loads: VecDeque::new(),
+            refreshing: BTreeMap::new(),
             forwarded_loads: BTreeMap::new(),
             peer_writes: 0,
             updates_run: 0,
@@ -1122,7 +1153,7 @@ impl Replica {
                     }
                     // Queued behind others, then a read and a write there
                     // (and a load between them).
-                    let wait = if let Update::Load { wait_ms } = update { wait_ms } else { 0 };
+                    let wait = if let Update::Load { wait_ms, .. } = update { wait_ms } else { 0 };
                     let deadline = now + 3 * self.config.request_timeout_ms + wait;
                     let forward = Pending::Forward { client_req, deadline, also: Vec::new(), load, to: primary };
                     self.pending.insert(req, forward);
@@ -1207,188 +1238,6 @@ impl Replica {
         self.hint_of.clear();
         self.pending.retain(|_, p| !matches!(p, Pending::Hint { .. }));
         dropped
-    }
-
-    /// Joins a load of `key` this node already forwarded to its primary: one
-    /// message and one answer for every GET of a cold key here.
-    fn join_load(&mut self, key: &Bytes, client_req: u64) -> bool {
-        let Some(&req) = self.forwarded_loads.get(key) else { return false };
-        match self.pending.get_mut(&req) {
-            Some(Pending::Forward { also, .. }) => {
-                also.push(client_req);
-                true
-            }
-            _ => {
-                self.forwarded_loads.remove(key);
-                false
-            }
-        }
-    }
-
-    /// Answers a forwarded update's client and those that joined it.
-    fn answer_forward(&mut self, req: u64, result: Result<Outcome, OpError>) {
-        let Some(Pending::Forward { client_req, also, load, .. }) = self.pending.remove(&req) else { return };
-        if let Some(key) = load
-            && self.forwarded_loads.get(&key) == Some(&req)
-        {
-            self.forwarded_loads.remove(&key);
-        }
-        for client_req in std::iter::once(client_req).chain(also) {
-            self.replies.push_back(Reply { client_req, result: result.clone() });
-        }
-    }
-
-    /// Queues an update of `key`, which this node is primary for, and
-    /// starts it if none of the key's is running.
-    fn enqueue_update(&mut self, now: u64, origin: Origin, key: Bytes, update: Update, level: Consistency) {
-        if self.updates_queued >= MAX_QUEUED_UPDATES {
-            self.answer_update(origin, Err(OpError::Unavailable));
-            return;
-        }
-        self.updates_queued += 1;
-        let queue = self.updates.entry(key.clone()).or_default();
-        queue.push_back(Queued { origin, update, level });
-        if queue.len() == 1 {
-            self.start_update(now, key);
-        }
-    }
-
-    /// Writes this replica stored for other coordinators' client requests.
-    pub fn peer_writes(&self) -> u64 {
-        self.peer_writes
-    }
-
-    /// Updates (read-modify-writes, loads) run here as a key's primary.
-    pub fn updates_run(&self) -> u64 {
-        self.updates_run
-    }
-
-    /// Starts the queue head of `key`: its read, at its consistency.
-    fn start_update(&mut self, now: u64, key: Bytes) {
-        let Some(level) = self.updates.get(&key).and_then(|q| q.front()).map(|q| q.level) else { return };
-        self.updates_run += 1;
-        let id = self.internal_id();
-        self.steps.insert(id, (key.clone(), Step::Read));
-        self.coordinate(now, id, Op::Get { key }, level);
-    }
-
-    fn internal_id(&mut self) -> u64 {
-        self.next_internal += 1;
-        INTERNAL | self.next_internal
-    }
-
-    /// Moves running updates on with the replies to their internal
-    /// requests. Called at the end of every input; re-entry (a step that
-    /// completes at once) is left to the outer loop.
-    fn pump_updates(&mut self, now: u64) {
-        if self.pumping {
-            return;
-        }
-        self.pumping = true;
-        while let Some(at) = self.replies.iter().position(|r| r.client_req & INTERNAL != 0) {
-            let Some(reply) = self.replies.remove(at) else { break };
-            self.update_step(now, reply.client_req, reply.result);
-        }
-        self.pumping = false;
-    }
-
-    fn update_step(&mut self, now: u64, id: u64, result: Result<Outcome, OpError>) {
-        let Some((key, step)) = self.steps.remove(&id) else { return };
-        let Some(head) = self.updates.get(&key).and_then(|q| q.front()) else { return };
-        let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
-        match (step, result) {
-            (Step::Read, Ok(Outcome::Read(record)))
-                if matches!(head.update, Update::Load { .. })
-                    && update::live(entry(record.clone()), wall_ms).is_none() =>
-            {
-                let id = self.internal_id();
-                self.steps.insert(id, (key.clone(), Step::Load));
-                self.loads.push_back((id, key));
-            }
-            (Step::Read, Ok(Outcome::Read(record))) => {
-                let current = update::live(entry(record), wall_ms);
-                let (write, effect) = update::apply(&head.update, current.as_ref(), wall_ms, self.config.max_value_len);
-                let level = head.level;
-                match write {
-                    None => self.finish_update(now, &key, Ok(effect)),
-                    Some(write) => {
-                        let id = self.internal_id();
-                        self.steps.insert(id, (key.clone(), Step::Write(effect)));
-                        let put = Op::Put { key, value: write.value, expires_at: write.expires_at, hint: write.hint };
-                        self.coordinate(now, id, put, level);
-                    }
-                }
-            }
-            (Step::Write(effect), Ok(Outcome::Written(_))) => self.finish_update(now, &key, Ok(effect)),
-            (_, Err(err)) => self.finish_update(now, &key, Err(err)),
-            (_, Ok(_)) => self.finish_update(now, &key, Err(OpError::Unavailable)),
-        }
-    }
-
-    /// A load the node's loader was asked for ([`Replica::poll_load`]).
-    pub fn poll_load(&mut self) -> Option<(u64, Bytes)> {
-        self.loads.pop_front()
-    }
-
-    /// What the node's loader found for load `id`: the value is written to
-    /// the key's replicas, then every read-through waiting on the key is
-    /// answered.
-    pub fn loaded(&mut self, now: u64, id: u64, result: LoadResult) {
-        if !matches!(self.steps.get(&id), Some((_, Step::Load))) {
-            return;
-        }
-        let Some((key, _)) = self.steps.remove(&id) else { return };
-        let Some(head) = self.updates.get(&key).and_then(|q| q.front()) else { return };
-        let level = head.level;
-        match result {
-            Ok(Some((value, ttl_ms, hint))) => {
-                let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
-                let id = self.internal_id();
-                self.steps.insert(id, (key.clone(), Step::Write(Effect::Value(Some(value.clone())))));
-                let expires_at = Some(wall_ms.saturating_add(ttl_ms.max(1)));
-                let put = Op::Put { key, value: Some(value), expires_at, hint };
-                self.coordinate(now, id, put, level);
-            }
-            Ok(None) => self.finish_update(now, &key, Ok(Effect::Value(None))),
-            Err(effect) => self.finish_update(now, &key, Ok(effect)),
-        }
-        self.pump_updates(now);
-    }
-
-    /// Answers the running update of `key` and starts the next one. Loads
-    /// queued right behind a finished load get its answer too: they asked
-    /// for the same key at the same time, and one load serves them all.
-    fn finish_update(&mut self, now: u64, key: &Bytes, result: Result<Effect, OpError>) {
-        let Some(queue) = self.updates.get_mut(key) else { return };
-        let Some(done) = queue.pop_front() else { return };
-        let mut answered = vec![done.origin];
-        if matches!(done.update, Update::Load { .. }) && result.is_ok() {
-            while queue.front().is_some_and(|q| matches!(q.update, Update::Load { .. })) {
-                if let Some(next) = queue.pop_front() {
-                    answered.push(next.origin);
-                }
-            }
-        }
-        let more = !queue.is_empty();
-        if !more {
-            self.updates.remove(key);
-        }
-        self.updates_queued = self.updates_queued.saturating_sub(answered.len());
-        for origin in answered {
-            self.answer_update(origin, result.clone());
-        }
-        if more {
-            self.start_update(now, key.clone());
-        }
-    }
-
-    fn answer_update(&mut self, origin: Origin, result: Result<Effect, OpError>) {
-        match origin {
-            Origin::Client(client_req) => {
-                self.replies.push_back(Reply { client_req, result: result.map(Outcome::Updated) });
-            }
-            Origin::Peer { from, req } => self.send(from, Message::UpdateReply { req, result }),
-        }
     }
 
     /// Owners that are this node or alive: who will be asked.
@@ -1964,5 +1813,6 @@ impl Replica {
 mod sizes;
 #[cfg(test)]
 mod tests;
+mod updates;
 
 pub use sizes::MAX_PROBE_KEYS;

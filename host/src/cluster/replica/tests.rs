@@ -658,3 +658,75 @@ fn a_forwarded_update_is_answered_only_by_its_primary() {
     let reply = replicas[c].poll_reply().expect("the primary's answer");
     assert_eq!(reply, Reply { client_req: 1, result: Ok(Outcome::Updated(Effect::Integer(5))) });
 }
+
+/// Stale-while-revalidate at a key's primary: a value past its soft expiry
+/// is served at once and refreshed in the background (GETs meanwhile get
+/// it too, without another load); the refreshed value is written to the
+/// replicas; a write during a refresh abandons it, so the refresh's older
+/// read cannot install over the write.
+#[test]
+fn a_stale_value_is_served_while_the_primary_refreshes_it() {
+    let three = ring(3);
+    let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> =
+        (0..3).map(|i| Replica::new(i, 3, three.clone(), config, 120 + u64::from(i))).collect();
+    let up = vec![true; 3];
+    let key = Bytes::from_static(b"user:1");
+    let p = ids(&three, &key)[0] as usize;
+    let rule = update::FreshRule { grace_ms: 500, beta_milli: 0, draw: 1 };
+    let load = || Op::Update {
+        key: Bytes::from_static(b"user:1"),
+        update: Update::Load { wait_ms: 1_000, fresh: Some(rule) },
+    };
+    let value = |v: &'static [u8]| Ok(Outcome::Updated(Effect::Value(Some(Bytes::from_static(v)))));
+    // A cold load: loaded, written (TTL 1,000 ms, the last 500 the grace).
+    replicas[p].client(0, 1, load(), Consistency::Quorum);
+    settle(&mut replicas, &up, 0);
+    let first = replicas[p].poll_load().expect("a load");
+    assert_eq!(first.refresh, None);
+    replicas[p].loaded(0, first.id, Ok(Some((Bytes::from_static(b"v1"), 1_000, 10))));
+    settle(&mut replicas, &up, 0);
+    assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v1")));
+    // Fresh at 400: served, nothing loaded.
+    replicas[p].client(400, 2, load(), Consistency::Quorum);
+    settle(&mut replicas, &up, 400);
+    assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v1")));
+    assert_eq!(replicas[p].poll_load(), None);
+    // Stale at 600: served at once, refreshed in the background.
+    replicas[p].client(600, 3, load(), Consistency::Quorum);
+    settle(&mut replicas, &up, 600);
+    assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v1")));
+    let refresh = replicas[p].poll_load().expect("a refresh");
+    assert_eq!(refresh.refresh.as_ref().map(|r| (r.current.clone(), r.stale)), Some((Bytes::from_static(b"v1"), true)));
+    replicas[p].client(610, 4, load(), Consistency::Quorum);
+    assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v1")), "served while refreshing");
+    assert_eq!(replicas[p].poll_load(), None, "one refresh");
+    replicas[p].loaded(620, refresh.id, Ok(Some((Bytes::from_static(b"v2"), 1_000, 10))));
+    settle(&mut replicas, &up, 620);
+    assert_eq!(replicas[p].poll_reply(), None, "nobody waited on the refresh");
+    replicas[p].client(630, 5, load(), Consistency::Quorum);
+    settle(&mut replicas, &up, 630);
+    assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v2")), "refreshed");
+    assert!(replicas.iter().all(|r| r.record(&key).and_then(|r| r.value) == Some(Bytes::from_static(b"v2"))));
+    // Stale again at 1,300; a SET while the refresh waits for the origin.
+    replicas[p].client(1_300, 6, load(), Consistency::Quorum);
+    settle(&mut replicas, &up, 1_300);
+    assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v2")));
+    let late = replicas[p].poll_load().expect("a refresh");
+    let set = Update::Set {
+        value: Bytes::from_static(b"written"),
+        ttl_ms: None,
+        keep_ttl: false,
+        condition: cachet_proto::Condition::Always,
+        get: false,
+        hint: 0,
+    };
+    replicas[p].client(1_310, 7, Op::Update { key: key.clone(), update: set }, Consistency::Quorum);
+    settle(&mut replicas, &up, 1_310);
+    assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(Ok(Outcome::Updated(Effect::Ok))));
+    replicas[p].loaded(1_320, late.id, Ok(Some((Bytes::from_static(b"old read"), 1_000, 10))));
+    settle(&mut replicas, &up, 1_320);
+    replicas[p].client(1_330, 8, load(), Consistency::Quorum);
+    settle(&mut replicas, &up, 1_330);
+    assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"written")), "the write stands");
+}
