@@ -199,10 +199,14 @@ fn client_address(advertised: &str, peer: Option<&str>) -> Option<SocketAddr> {
 /// The positions of `keys` grouped by the member that is their primary
 /// owner (keys whose owner is unknown together), each group in the order
 /// of its first key.
-fn by_owner(view: Option<&RingView>, keys: &[Bytes]) -> Vec<Vec<usize>> {
-    let mut groups: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+fn by_owner(view: Option<&RingView>, keys: &[Bytes], whole: bool) -> Vec<Vec<usize>> {
+    type Owners = (Option<usize>, Vec<usize>);
+    let mut groups: Vec<(Owners, Vec<usize>)> = Vec::new();
     for (position, key) in keys.iter().enumerate() {
-        let owner = view.and_then(|v| v.owners(key).first().copied());
+        let all = view.map(|v| v.owners(key)).unwrap_or_default();
+        let mut set = if whole { all.clone() } else { Vec::new() };
+        set.sort_unstable();
+        let owner = (all.first().copied(), set);
         match groups.iter_mut().find(|(o, _)| *o == owner) {
             Some((_, group)) => group.push(position),
             None => groups.push((owner, vec![position])),
@@ -646,7 +650,9 @@ impl ClusterClient {
     pub async fn mset(&self, pairs: Vec<(Bytes, Bytes)>) -> Result<(), ClientError> {
         let keys: Vec<Bytes> = pairs.iter().map(|(k, _)| k.clone()).collect();
         let mset = |part: &[usize]| Request::MSet { pairs: part.iter().map(|&p| pairs[p].clone()).collect() };
-        self.per_owner(&keys, mset, reply::ok).await.map(|_| ())
+        // One part per set of owners (the primary first): the members
+        // write each part as one batch.
+        self.per_owners(&keys, true, mset, reply::ok).await.map(|_| ())
     }
 
     /// One request per primary owner of `keys` (made by `request` from
@@ -660,11 +666,23 @@ impl ClusterClient {
         request: impl Fn(&[usize]) -> Request,
         parse: impl Fn(Response) -> Result<T, ClientError>,
     ) -> Result<Vec<(Vec<usize>, T)>, ClientError> {
+        self.per_owners(keys, false, request, parse).await
+    }
+
+    /// [`Self::per_owner`], split by the whole set of owners when `whole`
+    /// (keys of one primary may differ in their other owners).
+    async fn per_owners<T>(
+        &self,
+        keys: &[Bytes],
+        whole: bool,
+        request: impl Fn(&[usize]) -> Request,
+        parse: impl Fn(Response) -> Result<T, ClientError>,
+    ) -> Result<Vec<(Vec<usize>, T)>, ClientError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let view = self.view().await;
-        let groups = by_owner(view.as_deref(), keys);
+        let groups = by_owner(view.as_deref(), keys, whole);
         let sends = groups.iter().map(|positions| {
             // Routed by its first key: every key of the part has the same
             // primary, and the retries' order differs little.
@@ -1053,7 +1071,7 @@ mod tests {
         let client = ClusterClient::new(vec![config("10.0.0.1:7070")], RetryPolicy::default()).expect("client");
         let view = view_of(&client, &cluster_stats());
         let keys: Vec<Bytes> = (0..40).map(|i| Bytes::from(format!("k{i}"))).collect();
-        let groups = by_owner(Some(&view), &keys);
+        let groups = by_owner(Some(&view), &keys, false);
         assert_eq!(groups.len(), 3, "40 keys over 3 members");
         let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
         seen.sort_unstable();
@@ -1064,9 +1082,22 @@ mod tests {
             assert!(group.iter().all(|&p| view.owners(&keys[p])[0] == owner), "one primary per group");
         }
         assert!(groups.windows(2).all(|g| g[0][0] < g[1][0]), "groups in the order of their first key");
+        // For an MSET, by the whole set of owners (RF=2 of 3: keys of one
+        // primary have either of the two other members beside it).
+        let whole = by_owner(Some(&view), &keys, true);
+        assert!(whole.len() > groups.len(), "{} sets of owners", whole.len());
+        for group in &whole {
+            let mut owners = view.owners(&keys[group[0]]);
+            owners.sort_unstable();
+            assert!(group.iter().all(|&p| {
+                let mut these = view.owners(&keys[p]);
+                these.sort_unstable();
+                these == owners && view.owners(&keys[p])[0] == view.owners(&keys[group[0]])[0]
+            }));
+        }
         // Without a ring, one group.
-        assert_eq!(by_owner(None, &keys), vec![(0..40).collect::<Vec<_>>()]);
-        assert!(by_owner(Some(&view), &[]).is_empty());
+        assert_eq!(by_owner(None, &keys, false), vec![(0..40).collect::<Vec<_>>()]);
+        assert!(by_owner(Some(&view), &[], true).is_empty());
     }
 
     #[test]

@@ -1543,8 +1543,9 @@ async fn a_cluster_client_given_one_member_reaches_every_member() {
 }
 
 /// MSET, MGET, EXISTS and DEL of several keys through the cluster client
-/// go to each key's primary owner (one part per owner) and come back in
-/// the caller's order.
+/// go to each key's primary owner (one part per owner; for MSET, per set
+/// of owners, each written as one batch) and come back in the caller's
+/// order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_key_commands_are_split_by_owner_and_merged_in_order() {
     let cluster = TestCluster::start(3, 2, "sdk-multi");
@@ -1565,8 +1566,19 @@ async fn multi_key_commands_are_split_by_owner_and_merged_in_order() {
     let before = sdk_coordinated(&client).await;
     client.mset(pairs).await.expect("MSET across owners");
     let after = sdk_coordinated(&client).await;
+    // One batch per set of owners (RF=2 of 3: a primary's keys have one of
+    // two other members beside it).
+    let mut batches = [std::collections::BTreeSet::new(), Default::default(), Default::default()];
+    for key in &keys {
+        let mut owners: Vec<String> = ring.owners(key.as_bytes(), 2).iter().map(|m| m.id.clone()).collect();
+        owners.sort();
+        batches[primary(key)].insert(owners);
+    }
     for i in 0..3 {
-        assert_eq!(after[i] - before[i], 4, "member {i} coordinated the writes of its own 4 keys");
+        assert_eq!(after[i] - before[i], batches[i].len() as u64, "member {i} wrote one batch per set of owners");
+    }
+    for key in &keys {
+        assert_eq!(client.get(key).await.expect("GET").as_deref(), Some(value(key).as_bytes()), "{key}");
     }
     // Misses and a key named twice, among keys of every owner.
     let mut asked = keys.clone();

@@ -150,6 +150,8 @@ pub struct Cluster {
     peer_addr: SocketAddr,
     /// CDC invalidations being retried (see [`Cluster::invalidate`]).
     invalidating: Arc<std::sync::atomic::AtomicUsize>,
+    /// Copies of each key.
+    rf: usize,
 }
 
 /// How long a CDC invalidation is retried before it is given up (logged;
@@ -261,6 +263,7 @@ impl Cluster {
             ..ClusterStats::default()
         }));
         let default = options.consistency;
+        let rf = options.replication_factor;
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
@@ -314,6 +317,7 @@ impl Cluster {
             thread: Mutex::new(Some(thread)),
             peer_addr,
             invalidating: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            rf,
         }))
     }
 
@@ -462,12 +466,26 @@ impl Cluster {
                         ),
                     )));
                 }
-                let pairs = pairs.clone();
+                // Written as one batch: every owner applies all of it or
+                // none (see `replica::batch`). A key named twice keeps its
+                // last value, as in Redis.
+                let mut entries: Vec<replica::BatchEntry> = Vec::with_capacity(pairs.len());
+                let mut at = HashMap::new();
+                for (key, value) in pairs {
+                    let entry =
+                        replica::BatchEntry { key: key.clone(), value: Some(value.clone()), expires_at: None, hint: 0 };
+                    match at.get(key) {
+                        Some(&i) => entries[i] = entry,
+                        None => {
+                            at.insert(key.clone(), entries.len());
+                            entries.push(entry);
+                        }
+                    }
+                }
                 later(Box::pin(async move {
-                    let writes = pairs.into_iter().map(|(k, v)| this.clone().write(k, Some(v), level));
-                    match futures_util::future::join_all(writes).await.into_iter().find_map(Result::err) {
-                        None => Response::Ok,
-                        Some(err) => op_error(err),
+                    match this.run(Op::PutMany { entries }, level).await {
+                        Ok(_) => Response::Ok,
+                        Err(err) => op_error(err),
                     }
                 }))
             }
@@ -678,15 +696,21 @@ impl Cluster {
         });
     }
 
-    /// A refusal when `keys` have different primary owners: MSET implies
-    /// atomicity, which keys on different members cannot have (Redis
+    /// A refusal when `keys` do not all have the same owners (the same
+    /// primary first): MSET implies atomicity, which a batch written as one
+    /// (`replica::batch`) gives only to keys the same members hold (Redis
     /// Cluster's CROSSSLOT). The SDK's `ClusterClient::mset` splits by
     /// owner; `{hash tags}` put keys together.
     fn cross_owner<'a>(&self, mut keys: impl Iterator<Item = &'a Bytes>) -> Option<Response> {
         let ring = self.ring.lock().ok()?.clone()?;
-        let primary = |key: &[u8]| ring.owners(key, 1).first().map(|m| m.id.clone());
-        let first = primary(keys.next()?)?;
-        let other = keys.find(|k| primary(k).as_ref() != Some(&first))?;
+        let owners = |key: &[u8]| {
+            let all: Vec<String> = ring.owners(key, self.rf).iter().map(|m| m.id.clone()).collect();
+            let mut set = all.clone();
+            set.sort();
+            (all.first().cloned(), set)
+        };
+        let first = owners(keys.next()?);
+        let other = keys.find(|k| owners(k) != first)?;
         Some(error(
             ErrorCode::NotSupported,
             format!(

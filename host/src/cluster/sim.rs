@@ -20,6 +20,11 @@
 //!   that began after another was acknowledged gets a higher version, so
 //!   "the newest version" is "the latest acknowledged write".
 //!
+//! Batch keys (`{gN}a`, `{gN}b`, `{gN}c`: one hash tag, so one set of
+//! owners) are written by batches ([`super::replica::BatchEntry`], an
+//! MSET) and read one by one; each key of an acknowledged batch is held to
+//! the write invariants above as if written alone.
+//!
 //! Counter keys take INCR (read-modify-writes run at the key's primary
 //! owner, [`super::update`]) at QUORUM/ALL, and QUORUM reads:
 //! - **increments-applied-once**: no two acknowledged increments of a key
@@ -58,7 +63,7 @@
 //! node is back and counted), and a partition isolates one node while all
 //! are up.
 
-use super::replica::{Consistency, Message, NodeIx, Op, OpError, Outcome, Replica, ReplicaConfig};
+use super::replica::{BatchEntry, Consistency, Message, NodeIx, Op, OpError, Outcome, Replica, ReplicaConfig};
 use super::update::{Effect, Update};
 use super::version::Version;
 use bytes::Bytes;
@@ -111,6 +116,8 @@ pub(super) struct Tally {
     /// Acknowledged increments that answered a count another acknowledged
     /// increment had answered (tolerated only under faults).
     pub(super) duplicate_counts: u64,
+    /// Acknowledged batch writes (MSET).
+    pub(super) acked_batches: u64,
 }
 
 struct Started {
@@ -169,6 +176,13 @@ fn key(i: u64) -> Bytes {
 
 fn counter(i: u64) -> Bytes {
     Bytes::from(format!("c{i}"))
+}
+
+/// Batch groups written with `Op::PutMany`.
+const GROUPS: u64 = 2;
+
+fn group_keys(g: u64) -> Vec<Bytes> {
+    ["a", "b", "c"].iter().map(|k| Bytes::from(format!("{{g{g}}}{k}"))).collect()
 }
 
 fn is_counter(key: &[u8]) -> bool {
@@ -272,24 +286,17 @@ impl Sim {
         };
         let strong = started.consistency != Consistency::One;
         match (started.op, result) {
+            (Op::PutMany { entries }, Ok(Outcome::Written(version))) => {
+                if strong {
+                    for entry in entries {
+                        self.acked_write(entry.key, version, started.at);
+                    }
+                    self.tally.acked_batches += 1;
+                }
+            }
             (Op::Put { key, .. }, Ok(Outcome::Written(version))) => {
                 if strong {
-                    // A write that began after another was acknowledged
-                    // must be ordered after it, or reads would return the
-                    // older one as the latest.
-                    let earlier = self.acked.get(&key).into_iter().flatten().filter(|(_, at)| *at < started.at);
-                    if let Some((before, _)) = earlier.max_by_key(|(v, _)| *v)
-                        && *before >= version
-                    {
-                        self.fail(
-                            "writes-ordered-in-real-time",
-                            format!(
-                                "write of {key:?} begun at {} got {version:?}, below the acked {before:?}",
-                                started.at
-                            ),
-                        );
-                    }
-                    self.acked.entry(key).or_default().push((version, self.now));
+                    self.acked_write(key, version, started.at);
                     self.tally.acked_writes += 1;
                 }
             }
@@ -359,6 +366,22 @@ impl Sim {
         }
     }
 
+    /// A QUORUM/ALL write of `key` begun at `began`, acknowledged at
+    /// `version`. A write that began after another was acknowledged must be
+    /// ordered after it, or reads would return the older one as the latest.
+    fn acked_write(&mut self, key: Bytes, version: Version, began: u64) {
+        let earlier = self.acked.get(&key).into_iter().flatten().filter(|(_, at)| *at < began);
+        if let Some((before, _)) = earlier.max_by_key(|(v, _)| *v)
+            && *before >= version
+        {
+            self.fail(
+                "writes-ordered-in-real-time",
+                format!("write of {key:?} begun at {began} got {version:?}, below the acked {before:?}"),
+            );
+        }
+        self.acked.entry(key).or_default().push((version, self.now));
+    }
+
     fn check(&self) {
         let mut by_version: HashMap<(Bytes, Version), Option<Bytes>> = HashMap::new();
         for (i, replica) in self.replicas.iter().enumerate() {
@@ -412,7 +435,20 @@ impl Sim {
         };
         let op_id = self.next_op;
         self.next_op += 1;
-        let op = if self.rng.chance(0.25) {
+        let op = if self.rng.chance(0.1) {
+            let tag = op_id;
+            let entries: Vec<BatchEntry> = group_keys(self.rng.below(GROUPS))
+                .into_iter()
+                .map(|key| {
+                    let value = Some(Bytes::from(format!("b{tag}")));
+                    self.written.entry(key.clone()).or_default().push(value.clone());
+                    BatchEntry { key, value, expires_at: None, hint: 0 }
+                })
+                .collect();
+            Op::PutMany { entries }
+        } else if self.rng.chance(0.1) {
+            Op::Get { key: group_keys(self.rng.below(GROUPS))[self.rng.below(3) as usize].clone() }
+        } else if self.rng.chance(0.25) {
             // A counter: increments at QUORUM or ALL, reads at QUORUM.
             let c = counter(self.rng.below(COUNTERS));
             if self.rng.chance(0.8) {
@@ -765,6 +801,7 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
         total.acked_increments += t.acked_increments;
         total.checked_counts += t.checked_counts;
         total.duplicate_counts += t.duplicate_counts;
+        total.acked_batches += t.acked_batches;
     }
     eprintln!("200 seeds: {total:?}");
     // The schedules really exercised the faults and the oracle.
@@ -774,11 +811,13 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
     assert!(total.ring_changes >= 50, "members were rarely taken out of the ring: {total:?}");
     assert!(total.rejoins >= 20, "nodes declared down while cut off rarely rejoined: {total:?}");
     assert!(total.readmissions >= 100, "paused nodes were rarely readmitted: {total:?}");
-    assert!(total.acked_writes >= 20_000 && total.checked_reads >= 10_000, "{total:?}");
-    assert!(total.acked_increments >= 4_000 && total.checked_counts >= 2_000, "{total:?}");
+    assert!(total.acked_writes >= 14_000 && total.checked_reads >= 10_000, "{total:?}");
+    assert!(total.acked_increments >= 3_500 && total.checked_counts >= 2_000, "{total:?}");
+    assert!(total.acked_batches >= 2_000, "batch writes were rarely acknowledged: {total:?}");
     // The window where two members take themselves for a key's primary
-    // (docs/decisions.md): measured at 36 lost increments of 4,854
-    // acknowledged over these 200 schedules (0.74%).
+    // (docs/decisions.md): measured at 19 lost increments of 4,442
+    // acknowledged over these 200 schedules (0.43%; 36 of 4,854 before
+    // batches joined the mix).
     assert!(total.duplicate_counts * 50 < total.acked_increments, "{total:?}");
     // Faults are frequent (one every ~85 ms, 8% loss), so many operations
     // time out; most still succeed.

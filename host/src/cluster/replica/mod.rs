@@ -178,6 +178,31 @@ pub enum Message {
         /// Whether the sender counts toward quorums.
         counted: bool,
     },
+    /// Send the highest version you hold of any of `keys`, and whether
+    /// your copies count (a batch write's first round, see `batch`).
+    Versions {
+        /// Request id at the sender.
+        req: u64,
+        /// The keys.
+        keys: Vec<Bytes>,
+    },
+    /// The answer to `Versions`.
+    VersionsReply {
+        /// The `Versions`' request id.
+        req: u64,
+        /// The highest version held of any of the keys.
+        highest: Version,
+        /// Whether the sender's copies of all of them count.
+        counted: bool,
+    },
+    /// Store every record of the batch (all or, if the receiver holds
+    /// newer ones, those it has not); acknowledged with `PutAck`.
+    PutBatch {
+        /// Request id at the sender.
+        req: u64,
+        /// The keys and their records, one version for all.
+        entries: Vec<(Bytes, Record)>,
+    },
     /// Send the sizes of your values of `keys` (a size probe, see
     /// `sizes`).
     Sizes {
@@ -374,6 +399,12 @@ pub enum Op {
         /// The keys.
         keys: Vec<Bytes>,
     },
+    /// Write several keys with the same owners as one (see `batch`): an
+    /// MSET. Answered `Written` with the batch's version.
+    PutMany {
+        /// The keys and what to write.
+        entries: Vec<BatchEntry>,
+    },
 }
 
 /// Why an operation failed. A failed write may still have reached some
@@ -545,6 +576,8 @@ enum Pending {
     Forward { client_req: u64, deadline: u64, also: Vec<u64>, load: Option<Bytes>, to: NodeIx },
     /// A size probe (see `sizes`).
     Sizes(sizes::SizeProbe),
+    /// A batch write (see `batch`).
+    Batch(batch::BatchWrite),
 }
 
 struct Answer {
@@ -1078,6 +1111,7 @@ impl Replica {
     fn pending_key(&self, req: u64) -> Option<&Bytes> {
         match self.pending.get(&req)? {
             Pending::Read { key, .. } | Pending::Write { key, .. } => Some(key),
+            Pending::Batch(batch) => batch.first_key(),
             Pending::Hint { .. } | Pending::Forward { .. } | Pending::Flush { .. } | Pending::Sizes(_) => None,
         }
     }
@@ -1116,6 +1150,10 @@ impl Replica {
             Op::Put { key, .. } | Op::Get { key } | Op::Update { key, .. } => key.clone(),
             Op::FlushAll => {
                 self.flush_all(now, client_req);
+                return;
+            }
+            Op::PutMany { entries } => {
+                self.write_batch(now, client_req, entries.clone(), consistency);
                 return;
             }
             Op::Sizes { keys } => {
@@ -1166,7 +1204,7 @@ impl Replica {
         let req = self.request_id();
         let deadline = now + self.config.request_timeout_ms;
         match op {
-            Op::Update { .. } | Op::FlushAll | Op::Sizes { .. } => {}
+            Op::Update { .. } | Op::FlushAll | Op::Sizes { .. } | Op::PutMany { .. } => {}
             Op::Get { .. } => {
                 let expected = self.live(&owners);
                 let read = Pending::Read {
@@ -1387,7 +1425,11 @@ impl Replica {
                     }
                 }
             },
-            Pending::Hint { .. } | Pending::Forward { .. } | Pending::Flush { .. } | Pending::Sizes(_) => {}
+            Pending::Hint { .. }
+            | Pending::Forward { .. }
+            | Pending::Flush { .. }
+            | Pending::Sizes(_)
+            | Pending::Batch(_) => {}
         }
     }
 
@@ -1476,6 +1518,9 @@ impl Replica {
                     return Err(PeerMessageError::TooLarge { what: "value", len, limit });
                 }
             }
+            Message::Versions { .. } | Message::VersionsReply { .. } | Message::PutBatch { .. } => {
+                self.check_batch(message, key_ok, record_ok, wall_ms)?;
+            }
             Message::Sizes { keys, .. } => {
                 if keys.len() > MAX_PROBE_KEYS {
                     return Err(PeerMessageError::TooMany { what: "keys", count: keys.len(), limit: MAX_PROBE_KEYS });
@@ -1530,9 +1575,21 @@ impl Replica {
                     self.send(from, Message::PutAck { req, counted });
                 }
             }
+            Message::PutAck { req, counted } if matches!(self.pending.get(&req), Some(Pending::Batch(_))) => {
+                self.batch_acked(now, req, from, counted);
+            }
             Message::PutAck { req, counted } => {
                 self.acked(req, from, counted);
                 self.progress(now, req);
+            }
+            Message::Versions { req, keys } => self.answer_versions(from, req, &keys),
+            Message::VersionsReply { req, highest, counted } => {
+                self.versions_answered(now, req, from, highest, counted)
+            }
+            Message::PutBatch { req, entries } => {
+                let counted = self.apply_batch(now, &entries);
+                self.peer_writes += 1;
+                self.send(from, Message::PutAck { req, counted });
             }
             // Run here whatever this node's own view says: the sender took
             // this node for the key's primary, and a second hop could bounce
@@ -1711,6 +1768,7 @@ impl Replica {
                 | Pending::Forward { deadline, .. }
                 | Pending::Flush { deadline, .. } => *deadline <= now,
                 Pending::Sizes(probe) => probe.deadline <= now,
+                Pending::Batch(batch) => batch.deadline <= now,
                 Pending::Hint { .. } => false,
             })
             .map(|(&req, _)| req)
@@ -1720,6 +1778,11 @@ impl Replica {
                 Some(Pending::Read { done: true, .. }) => self.finish_read(now, req),
                 Some(Pending::Forward { .. }) => self.answer_forward(req, Err(OpError::Timeout)),
                 Some(Pending::Sizes(_)) => self.finish_probe(req),
+                Some(Pending::Batch(batch)) => {
+                    let client_req = batch.client_req;
+                    self.pending.remove(&req);
+                    self.replies.push_back(Reply { client_req, result: Err(OpError::Timeout) });
+                }
                 Some(
                     Pending::Read { client_req, .. }
                     | Pending::Write { client_req, .. }
@@ -1798,6 +1861,7 @@ impl Replica {
             | Pending::Forward { deadline, .. }
             | Pending::Flush { deadline, .. } => Some(*deadline),
             Pending::Sizes(probe) => Some(probe.deadline),
+            Pending::Batch(batch) => Some(batch.deadline),
             Pending::Hint { .. } => None,
         });
         let hints = self
@@ -1810,9 +1874,11 @@ impl Replica {
     }
 }
 
+mod batch;
 mod sizes;
 #[cfg(test)]
 mod tests;
 mod updates;
 
+pub use batch::{BatchEntry, MAX_BATCH_KEYS};
 pub use sizes::MAX_PROBE_KEYS;

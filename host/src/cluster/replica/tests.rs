@@ -730,3 +730,88 @@ fn a_stale_value_is_served_while_the_primary_refreshes_it() {
     settle(&mut replicas, &up, 1_330);
     assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"written")), "the write stands");
 }
+
+/// An MSET of keys with the same owners is written as one batch: every
+/// owner holds all of it under one version or none of it; a member down
+/// gets hints; too few members up refuses it with nothing written; keys
+/// with other owners are refused.
+#[test]
+fn a_batch_is_written_whole_on_every_owner_or_not_at_all() {
+    let three = ring(3);
+    let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> =
+        (0..3).map(|i| Replica::new(i, 3, three.clone(), config, 150 + u64::from(i))).collect();
+    let up = vec![true; 3];
+    let entries = |tag: &str| -> Vec<BatchEntry> {
+        ["a", "b", "c"]
+            .iter()
+            .map(|k| BatchEntry {
+                key: Bytes::from(format!("{{t}}{k}")),
+                value: Some(Bytes::from(format!("{tag}-{k}"))),
+                expires_at: None,
+                hint: 7,
+            })
+            .collect()
+    };
+    let keys: Vec<Bytes> = entries("").into_iter().map(|e| e.key).collect();
+    replicas[0].client(0, 1, Op::PutMany { entries: entries("one") }, Consistency::Quorum);
+    settle(&mut replicas, &up, 0);
+    let Some(Reply { result: Ok(Outcome::Written(version)), .. }) = replicas[0].poll_reply() else {
+        panic!("the batch was acknowledged")
+    };
+    for replica in &replicas {
+        for key in &keys {
+            let record = replica.record(key).expect("every key on every owner");
+            assert_eq!((record.version, record.hint), (version, 7), "one version for the whole batch");
+        }
+    }
+    // A batch whose PutBatch to member 2 is lost: member 2 holds none of
+    // it, the others all of it.
+    replicas[1].client(10, 2, Op::PutMany { entries: entries("two") }, Consistency::Quorum);
+    loop {
+        let mut out = Vec::new();
+        for (from, replica) in replicas.iter_mut().enumerate() {
+            while let Some((to, message)) = replica.poll_transmit() {
+                out.push((from as NodeIx, to, message));
+            }
+        }
+        if out.is_empty() {
+            break;
+        }
+        for (from, to, message) in out {
+            if to == 2 && matches!(message, Message::PutBatch { .. }) {
+                continue;
+            }
+            replicas[to as usize].handle(10, from, message).expect("accepted");
+        }
+    }
+    assert!(matches!(replicas[1].poll_reply(), Some(Reply { result: Ok(Outcome::Written(_)), .. })));
+    let value = |r: &Replica, k: &Bytes| r.record(k).and_then(|r| r.value);
+    for key in &keys {
+        assert!(value(&replicas[0], key).is_some_and(|v| v.starts_with(b"two")));
+        assert!(value(&replicas[1], key).is_some_and(|v| v.starts_with(b"two")));
+        assert!(value(&replicas[2], key).is_some_and(|v| v.starts_with(b"one")), "none of the lost batch");
+    }
+    // Two members down: refused at QUORUM, nothing written.
+    replicas[0].set_alive(20, 1, false);
+    replicas[0].set_alive(20, 2, false);
+    replicas[0].client(20, 3, Op::PutMany { entries: entries("three") }, Consistency::Quorum);
+    assert_eq!(replicas[0].poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)));
+    assert!(keys.iter().all(|k| !value(&replicas[0], k).is_some_and(|v| v.starts_with(b"three"))));
+    // Keys of other owners: refused.
+    replicas[0].set_alive(20, 1, true);
+    replicas[0].set_alive(20, 2, true);
+    let spread: Vec<BatchEntry> = (0..50)
+        .map(|i| BatchEntry { key: Bytes::from(format!("k{i}")), value: None, expires_at: None, hint: 0 })
+        .collect();
+    let two = ReplicaConfig { rf: 2, ..config };
+    let mut narrow = Replica::new(0, 3, three.clone(), two, 170);
+    for n in 1..3 {
+        narrow.set_alive(0, n, true);
+    }
+    let one = vec![spread[0].clone()];
+    narrow.client(30, 4, Op::PutMany { entries: spread }, Consistency::Quorum);
+    assert_eq!(narrow.poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)), "owners differ");
+    narrow.client(30, 5, Op::PutMany { entries: one }, Consistency::Quorum);
+    assert_eq!(narrow.poll_reply(), None, "one key's owners agree: it waits for their answers");
+}
