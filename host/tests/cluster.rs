@@ -1409,6 +1409,109 @@ async fn a_change_notification_invalidates_a_key_on_every_member() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Write-through and write-behind on a cluster: a SET or DEL through any
+/// member is written to PostgreSQL by the key's primary (at once, or
+/// queued), then to every replica; other writes of those keys are refused
+/// as on a single node; a write the origin refuses is an error and leaves
+/// no cached value behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_the_origin_through_the_keys_primary() {
+    for mode in ["through", "behind"] {
+        let (url, db) = users_database(&format!("write_{mode}"), "0").await;
+        db.batch_execute(
+            "DROP VIEW users; CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
+             INSERT INTO users SELECT * FROM users_data;",
+        )
+        .await
+        .expect("a writable users table");
+        let dir = std::env::temp_dir().join(format!("cachet-loader-write-{mode}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let module = dir.join("users.wasm");
+        std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
+        let config = dir.join("loaders.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[origins.users-db]\npostgres = \"{url}\"\n\n[[namespace]]\nprefix = \"user:\"\nmodule = \"{}\"\n\
+                 origins = [\"users-db\"]\nttl-ms = 3600000\nwrite = \"{mode}\"\n",
+                module.display()
+            ),
+        )
+        .expect("config");
+        let cluster =
+            TestCluster::start_with(3, 3, &format!("write-{mode}"), &["--loaders", config.to_str().expect("utf-8")]);
+        let client = cluster.client();
+        cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+        let mut members = Vec::new();
+        for i in 0..3 {
+            members.push(cachet_client::Client::connect(cluster.client_config(i)).await.expect("client"));
+        }
+        let name_of = |id: i64| {
+            let db = &db;
+            async move {
+                db.query_opt("SELECT name FROM users WHERE id = $1", &[&id])
+                    .await
+                    .expect("query")
+                    .map(|row| row.get::<_, String>(0))
+            }
+        };
+        let until = |what: &'static str| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            move || assert!(Instant::now() < deadline, "{mode}: {what}")
+        };
+        // A new row, through member 1.
+        let alan = r#"{"id":3,"name":"Alan","email":"alan@example.org"}"#;
+        members[1].set("user:3", alan).await.expect("SET");
+        let waited = until("the new row never reached PostgreSQL");
+        while name_of(3).await.as_deref() != Some("Alan") {
+            assert!(mode == "behind", "write-through: the row is there once SET answers");
+            waited();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for member in &members {
+            assert_eq!(member.get("user:3").await.expect("GET").as_deref(), Some(alan.as_bytes()), "{mode}");
+        }
+        // A cached row rewritten through another member.
+        assert!(members[0].get("user:1").await.expect("GET").is_some());
+        let ada = r#"{"id":1,"name":"Ada L","email":"ada@example.org"}"#;
+        members[2].set("user:1", ada).await.expect("SET");
+        for member in &members {
+            assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(ada.as_bytes()), "{mode}");
+        }
+        let waited = until("the rewrite never reached PostgreSQL");
+        while name_of(1).await.as_deref() != Some("Ada L") {
+            waited();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A delete.
+        assert!(members[0].get("user:2").await.expect("GET").is_some());
+        assert_eq!(members[0].delete(&["user:2"]).await.expect("DEL"), 1, "{mode}: it was cached");
+        for member in &members {
+            assert_eq!(member.get("user:2").await.expect("GET"), None, "{mode}: gone everywhere");
+        }
+        let waited = until("the delete never reached PostgreSQL");
+        while name_of(2).await.is_some() {
+            waited();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Other writes of these keys are refused, as on a single node.
+        let refused = members[1].incr("user:1", 1).await.expect_err("INCR of an origin-written key");
+        assert!(matches!(&refused, ClientError::Server(r) if r.code == ErrorCode::NotAllowed), "{refused}");
+        let nx = cachet_client::SetOptions { condition: cachet_client::Condition::IfAbsent, ..Default::default() };
+        let refused = members[1].set_with("user:9", "x", nx).await.expect_err("SET NX");
+        assert!(matches!(&refused, ClientError::Server(r) if r.code == ErrorCode::NotAllowed), "{refused}");
+        if mode == "through" {
+            // The origin refuses it: an error, and no cached value left.
+            let err = members[0].set("user:1", "not a user").await.expect_err("a value the loader refuses");
+            assert!(err.to_string().contains("not a user object"), "{err}");
+            for member in &members {
+                assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(ada.as_bytes()), "reloaded");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// Shadow evaluation on a cluster member sees the traffic it coordinates:
 /// every request goes through the node's dispatcher, which samples it, as
 /// on a single node (clustered requests used to bypass it).

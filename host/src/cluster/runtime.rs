@@ -392,6 +392,43 @@ impl Cluster {
         let this = self.clone();
         let later = |f: std::pin::Pin<Box<dyn Future<Output = Response> + Send>>| Some(Routed::Later(f));
         match body {
+            // A SET or DEL of a key whose namespace writes to its origin:
+            // written there by the key's primary, serialized with its loads,
+            // then to the replicas (the single node's rules for which
+            // writes apply).
+            Request::Set { key, value, ttl_ms, condition, .. } if self.writes_to_origin(key) => {
+                if *condition != cachet_proto::Condition::Always {
+                    return Some(Routed::Now(error(
+                        ErrorCode::NotAllowed,
+                        "conditional SET is not supported for keys written to an origin",
+                    )));
+                }
+                if *ttl_ms == Some(0) {
+                    return Some(Routed::Now(error(ErrorCode::InvalidArgument, "a TTL must be at least 1 ms")));
+                }
+                let wait_ms = self.loads(key).unwrap_or(0).min(replica::MAX_STORE_WAIT_MS);
+                let update = Update::Store { value: Some(value.clone()), ttl_ms: *ttl_ms, wait_ms };
+                self.updated(store, key, update, level)
+            }
+            Request::Del { keys } if keys.iter().any(|k| self.writes_to_origin(k)) => {
+                let [key] = keys.as_slice() else {
+                    return Some(Routed::Now(error(
+                        ErrorCode::InvalidArgument,
+                        "DEL of keys written to an origin takes one key at a time",
+                    )));
+                };
+                let wait_ms = self.loads(key).unwrap_or(0).min(replica::MAX_STORE_WAIT_MS);
+                let update = Update::Store { value: None, ttl_ms: None, wait_ms };
+                let key = key.clone();
+                later(Box::pin(async move {
+                    match this.run(Op::Update { key, update }, level).await {
+                        Ok(Outcome::Updated(Effect::Applied(existed))) => Response::Count(u64::from(existed)),
+                        Ok(Outcome::Updated(effect)) => effect_response(effect),
+                        Ok(_) => error(ErrorCode::Internal, "an update was answered as a read or write"),
+                        Err(err) => op_error(err),
+                    }
+                }))
+            }
             // A read-through GET: loaded at the key's primary, once for the
             // whole cluster however many members ask at once.
             Request::Get { key } if self.loads(key).is_some() => {
@@ -722,6 +759,11 @@ impl Cluster {
         ))
     }
 
+    /// Whether `key`'s loader namespace writes to its origin.
+    fn writes_to_origin(&self, key: &[u8]) -> bool {
+        self.loaders.get().is_some_and(|l| l.write_mode(key).is_some())
+    }
+
     /// The load timeout of `key`'s loader namespace; `None` when no loader
     /// covers it.
     fn loads(&self, key: &[u8]) -> Option<u64> {
@@ -753,7 +795,7 @@ impl Cluster {
 /// The value an update carries, for the size checks (empty for none).
 fn update_value(update: &Update) -> Bytes {
     match update {
-        Update::Set { value, .. } | Update::Append(value) => value.clone(),
+        Update::Set { value, .. } | Update::Append(value) | Update::Store { value: Some(value), .. } => value.clone(),
         _ => Bytes::new(),
     }
 }
@@ -761,25 +803,47 @@ fn update_value(update: &Update) -> Bytes {
 /// The answer to one load the replica asked for: sent once, and on drop
 /// if it never was.
 struct LoadAnswer {
-    tx: mpsc::UnboundedSender<(u64, replica::LoadResult)>,
+    tx: mpsc::UnboundedSender<(u64, LoaderAnswer)>,
     id: u64,
+    /// A store (answered with [`LoaderAnswer::Stored`]), not a load.
+    store: bool,
     sent: bool,
 }
 
+/// What the loader did for a [`replica::LoadRequest`].
+enum LoaderAnswer {
+    Loaded(replica::LoadResult),
+    Stored(replica::StoreResult),
+}
+
 impl LoadAnswer {
-    fn send(&mut self, result: replica::LoadResult) {
+    fn send(&mut self, answer: LoaderAnswer) {
         self.sent = true;
-        let _ = self.tx.send((self.id, result));
+        let _ = self.tx.send((self.id, answer));
+    }
+
+    /// The answer when the loader could not be asked, or ended early.
+    fn failed(&mut self, message: &str) {
+        let effect = Effect::LoadFailed { origin: false, message: message.to_string() };
+        self.send(if self.store { LoaderAnswer::Stored(Err(effect)) } else { LoaderAnswer::Loaded(Err(effect)) });
     }
 }
 
 impl Drop for LoadAnswer {
     fn drop(&mut self) {
         if !self.sent {
-            let message = "the load ended without an answer".to_string();
-            let _ = self.tx.send((self.id, Err(Effect::LoadFailed { origin: false, message })));
+            self.failed(if self.store {
+                "the store ended without an answer"
+            } else {
+                "the load ended without an answer"
+            });
         }
     }
+}
+
+/// A loader's error as the update's answer.
+fn loader_failed(err: ErrorReply) -> Effect {
+    Effect::LoadFailed { origin: err.code == ErrorCode::OriginFailed, message: err.message }
 }
 
 /// The reply to an update, as a single node gives it.
@@ -923,8 +987,8 @@ struct Shell {
     /// request reaches the replica.
     shared_ring: Arc<Mutex<Option<Arc<Ring>>>>,
     /// Loads finished, for [`Replica::loaded`].
-    loaded_tx: mpsc::UnboundedSender<(u64, replica::LoadResult)>,
-    loaded_rx: Option<mpsc::UnboundedReceiver<(u64, replica::LoadResult)>>,
+    loaded_tx: mpsc::UnboundedSender<(u64, LoaderAnswer)>,
+    loaded_rx: Option<mpsc::UnboundedReceiver<(u64, LoaderAnswer)>>,
     next_op: u64,
     status: Arc<Mutex<ClusterStats>>,
     alive: std::collections::BTreeMap<NodeIx, bool>,
@@ -1254,10 +1318,13 @@ impl Shell {
                     let Some(frame) = frame else { break };
                     self.handle(frame);
                 }
-                Some((id, result)) = loaded.recv() => {
+                Some((id, answer)) = loaded.recv() => {
                     let now = self.now();
                     if let Some(replica) = self.replica.as_mut() {
-                        replica.loaded(now, id, result);
+                        match answer {
+                            LoaderAnswer::Loaded(result) => replica.loaded(now, id, result),
+                            LoaderAnswer::Stored(result) => replica.stored(now, id, result),
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
@@ -1554,28 +1621,34 @@ impl Shell {
             }
             // Loads this node runs as a key's primary: on the loaders' own
             // runtime, answered through `loaded`.
-            while let Some(replica::LoadRequest { id, key, refresh }) = replica.poll_load() {
-                let tx = self.loaded_tx.clone();
-                match self.loaders.get() {
-                    Some(loaders) => {
-                        if let Some(refresh) = &refresh {
-                            loaders.count_refresh(refresh.stale);
-                        }
-                        let fetch = loaders.fetch(key, refresh.map(|r| (r.current, r.expires_at)));
-                        // Answers even if the task ends early (a panic, the
-                        // runtime stopping): the key's update queue waits on it.
-                        let mut answer = LoadAnswer { tx, id, sent: false };
+            while let Some(replica::LoadRequest { id, key, kind }) = replica.poll_load() {
+                let store = matches!(kind, replica::LoadKind::Store { .. });
+                // Answers even if the task ends early (a panic, the runtime
+                // stopping): the key's update queue waits on it.
+                let mut answer = LoadAnswer { tx: self.loaded_tx.clone(), id, store, sent: false };
+                let Some(loaders) = self.loaders.get() else {
+                    answer.failed("this member has no loaders (start every member with the same --loaders)");
+                    continue;
+                };
+                match kind {
+                    replica::LoadKind::Store { value, ttl_ms } => {
+                        let write = loaders.store_for_cluster(key, value, ttl_ms);
                         tokio::spawn(async move {
-                            let result = fetch.await.map_err(|err| Effect::LoadFailed {
-                                origin: err.code == ErrorCode::OriginFailed,
-                                message: err.message,
-                            });
-                            answer.send(result);
+                            answer.send(LoaderAnswer::Stored(write.await.map_err(loader_failed)));
                         });
                     }
-                    None => {
-                        let message = "this member has no loaders (start every member with the same --loaders)";
-                        let _ = tx.send((id, Err(Effect::LoadFailed { origin: false, message: message.into() })));
+                    kind => {
+                        let refresh = match kind {
+                            replica::LoadKind::Refresh(refresh) => {
+                                loaders.count_refresh(refresh.stale);
+                                Some((refresh.current, refresh.expires_at))
+                            }
+                            _ => None,
+                        };
+                        let fetch = loaders.fetch(key, refresh);
+                        tokio::spawn(async move {
+                            answer.send(LoaderAnswer::Loaded(fetch.await.map_err(loader_failed)));
+                        });
                     }
                 }
             }

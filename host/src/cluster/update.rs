@@ -57,6 +57,17 @@ pub enum Update {
         #[serde(default)]
         fresh: Option<FreshRule>,
     },
+    /// A SET (`Some`) or DEL (`None`) of a key whose namespace writes to
+    /// its origin: the primary writes it to the origin through its loader
+    /// (at once, or queued for write-behind), then to the replicas.
+    Store {
+        /// The value, `None` to delete.
+        value: Option<Bytes>,
+        /// The client's TTL in milliseconds (the namespace's otherwise).
+        ttl_ms: Option<u64>,
+        /// How long the origin write may take (the namespace's timeout).
+        wait_ms: u64,
+    },
 }
 
 /// A loader namespace's refresh rule, carried with each read-through GET to
@@ -90,7 +101,9 @@ impl Update {
     /// against the node's limits.
     pub fn value_len(&self) -> usize {
         match self {
-            Self::Append(bytes) | Self::Set { value: bytes, .. } => bytes.len(),
+            Self::Append(bytes) | Self::Set { value: bytes, .. } | Self::Store { value: Some(bytes), .. } => {
+                bytes.len()
+            }
             _ => 0,
         }
     }
@@ -224,6 +237,8 @@ fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (O
         },
         // A hit; a miss is loaded by the replica before anything is written.
         Update::Load { .. } => (None, Effect::Value(value)),
+        // Run by the replica through the origin, never applied here.
+        Update::Store { .. } => (None, Effect::Applied(value.is_some())),
         Update::Persist => match (value, expires_at) {
             (Some(old), Some(_)) => (Some(Entry { value: Some(old), expires_at: None, hint }), Effect::Applied(true)),
             _ => (None, Effect::Applied(false)),

@@ -697,17 +697,10 @@ impl Loaders {
     /// Makes these loaders a cluster member's: loaded values go to the
     /// caller of [`Loaders::fetch`] (the key's primary, which writes them to
     /// the replicas) instead of this node's shards, and a CDC notification
-    /// deletes the key through `invalidator` (a replicated delete). Refused
-    /// for namespaces that write to their origin: write-through and
-    /// write-behind run on a single node only, for now.
+    /// deletes the key through `invalidator` (a replicated delete), as does
+    /// a write-behind write the origin never took. Writes to the origin run
+    /// at each key's primary through [`Loaders::store_for_cluster`].
     pub fn replicate(&self, invalidator: Invalidator) -> Result<(), String> {
-        if let Some(ns) = self.namespaces.iter().find(|ns| ns.config.write != config::WriteMode::None) {
-            return Err(format!(
-                "namespace `{}` writes to its origin (write = \"{:?}\"): write-through and write-behind are not \
-                 supported on a cluster yet; read-through namespaces are",
-                ns.config.prefix, ns.config.write
-            ));
-        }
         self.replicated.set(invalidator).map_err(|_| "the loaders are already a cluster's".to_string())
     }
 
@@ -733,6 +726,13 @@ impl Loaders {
                 return refused(ErrorCode::Internal, "the loaders are not attached".into());
             };
             let now = store.now_ms();
+            // A write-behind write not yet at the origin is the key's value:
+            // a load now would read what it replaces.
+            if let Some(queued) = this.queued_write(index, &key) {
+                let ns = &this.namespaces[index].config;
+                let ttl = ns.ttl_ms.saturating_add(ns.grace_ms);
+                return Ok(queued.map(|value| (value, ttl, 0)));
+            }
             if refresh.is_none() && lock(&this.negative).get(&key).is_some_and(|&until| until > now) {
                 this.counters.negative_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);

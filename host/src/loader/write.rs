@@ -247,6 +247,90 @@ impl Loaders {
         reply
     }
 
+    /// A client SET (`Some`) or DEL (`None`) of `key` at a cluster's
+    /// primary, which serializes it with every other update and load of the
+    /// key: written to the origin at once (write-through) or queued
+    /// (write-behind), never installed in this node's shards (the cluster
+    /// writes the replicas with what this answers). The TTL to cache a
+    /// written value with (the client's, else the namespace's with its
+    /// grace window); `None` for a delete.
+    pub fn store_for_cluster(
+        self: &Arc<Self>,
+        key: Bytes,
+        value: Option<Bytes>,
+        ttl_ms: Option<u64>,
+    ) -> impl Future<Output = Result<Option<u64>, ErrorReply>> + use<> {
+        let this = self.clone();
+        async move {
+            let Some(index) = this.namespace(&key) else {
+                return Err(ErrorReply::new(ErrorCode::Internal, "not a write namespace"));
+            };
+            let ns = &this.namespaces[index].config;
+            let ttl = value.as_ref().map(|_| ttl_ms.unwrap_or_else(|| ns.ttl_ms.saturating_add(ns.grace_ms)));
+            match ns.write {
+                WriteMode::Through => {
+                    let deadline = Duration::from_millis(ns.load_timeout_ms);
+                    let stripe = (cachet_proto::key_hash(&key) % WRITE_STRIPES as u64) as usize;
+                    let serial = this.write_locks[stripe].clone().lock_owned().await;
+                    match this.store(index, key.clone(), value, deadline, serial).await {
+                        Ok(_serial) => {
+                            this.counters.writes_through.fetch_add(1, Ordering::Relaxed);
+                            this.forget_loads(&key, None);
+                            Ok(ttl)
+                        }
+                        Err(failure) => {
+                            this.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+                            this.forget_loads(&key, None);
+                            Err(failure_reply(&failure))
+                        }
+                    }
+                }
+                WriteMode::Behind => {
+                    let Some(queue) = this.queues[index].as_ref() else {
+                        return Err(ErrorReply::new(ErrorCode::Internal, "no write-behind queue"));
+                    };
+                    let mut items = lock(&queue.items);
+                    if items.len() >= queue.capacity {
+                        drop(items);
+                        this.counters.writes_refused.fetch_add(1, Ordering::Relaxed);
+                        let message = format!(
+                            "the write-behind queue of `{}` is full ({} writes); retry later",
+                            ns.prefix, queue.capacity
+                        );
+                        return Err(ErrorReply::new(ErrorCode::Busy, message));
+                    }
+                    this.forget_loads(&key, Some((queue, value.clone())));
+                    items.push_back(Queued { key, value, at: Instant::now() });
+                    drop(items);
+                    this.counters.writes_behind_queued.fetch_add(1, Ordering::Relaxed);
+                    queue.wake.notify_one();
+                    Ok(ttl)
+                }
+                WriteMode::None => Err(ErrorReply::new(ErrorCode::Internal, "not a write namespace")),
+            }
+        }
+    }
+
+    /// A write of `key` happened: a load of it in flight loses its lease
+    /// and its negative entry is dropped, under the lock loads install
+    /// under; for write-behind, `queued` records the write as pending under
+    /// that same lock, so loads answer it until the origin has it.
+    fn forget_loads(&self, key: &Bytes, queued: Option<(&WriteQueue, Option<Bytes>)>) {
+        let mut flights = lock(&self.flights);
+        if let Some(flight) = flights.remove(key) {
+            lock(&self.detached_senders).insert(flight.id, flight.result);
+        }
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        lock(&self.negative).remove(key);
+        if let Some((queue, value)) = queued {
+            let mut pending = lock(&queue.pending);
+            let entry = pending.entry(key.clone()).or_insert((0, None));
+            entry.0 += 1;
+            entry.1 = value;
+        }
+        drop(flights);
+    }
+
     /// Runs the loader's `store` on a blocking thread within `deadline`.
     /// `serial` (the key's write lock) travels with the call and comes back
     /// on success; on a timeout it stays with the still-running call, so
@@ -322,9 +406,17 @@ impl Loaders {
                 }
                 lock(&queue.items).pop_front();
                 queue.done(&key);
-                if !stored && let Some(data) = loaders.data.get() {
-                    // The cache must not keep what the origin never got.
-                    loaders.install_write(data, index, &key, Write::Delete, None);
+                // The cache must not keep what the origin never got: on a
+                // cluster, deleted on every replica.
+                if !stored {
+                    match loaders.replicated.get() {
+                        Some(invalidate) => invalidate(key.clone()),
+                        None => {
+                            if let Some(data) = loaders.data.get() {
+                                loaders.install_write(data, index, &key, Write::Delete, None);
+                            }
+                        }
+                    }
                 }
             }
         });

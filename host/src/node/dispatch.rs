@@ -110,10 +110,18 @@ impl Node {
         if let Some(refused) = self.refuse_invalid(&request) {
             return Routed::Now(refused);
         }
-        if let Some(cluster) = self.cluster.get()
-            && let Some(routed) = cluster.route(&self.store, &request, consistency)
-        {
-            return routed;
+        if let Some(cluster) = self.cluster.get() {
+            // Of the writes to keys a namespace writes to its origin, the
+            // cluster takes SET and DEL (at each key's primary); the rest
+            // are refused as on a single node.
+            if !matches!(request, Request::Set { .. } | Request::Del { .. })
+                && let Some(refused) = self.refuse_origin_write(&request)
+            {
+                return Routed::Now(refused);
+            }
+            if let Some(routed) = cluster.route(&self.store, &request, consistency) {
+                return routed;
+            }
         }
         if let Some(loaders) = self.loaders.get() {
             if let Some(routed) = loaders.route(&request) {

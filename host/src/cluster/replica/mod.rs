@@ -325,10 +325,14 @@ struct Queued {
 }
 
 /// The step of a running update an internal request is.
+#[derive(Clone)]
 enum Step {
     Read,
     /// Waiting for the node's loader ([`Replica::poll_load`]).
     Load,
+    /// Waiting for the node's loader to write to the origin; whether the
+    /// key held a value (a DEL's answer).
+    Store(bool),
     Write(Effect),
 }
 
@@ -337,17 +341,39 @@ enum Step {
 /// when the origin has no such key.
 pub type LoadResult = Result<Option<(Bytes, u64, u32)>, Effect>;
 
-/// A load for the node's loader to run ([`Replica::poll_load`]).
+/// Work for the node's loader ([`Replica::poll_load`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadRequest {
-    /// Answer it with [`Replica::loaded`] under this id.
+    /// Answer it under this id: [`Replica::loaded`] for a load or a
+    /// refresh, [`Replica::stored`] for a store.
     pub id: u64,
     /// The key.
     pub key: Bytes,
-    /// Set for a refresh of a value still served (the loader's refresh
-    /// hook); `None` for the load of a missing key.
-    pub refresh: Option<RefreshOf>,
+    /// What to do.
+    pub kind: LoadKind,
 }
+
+/// What a [`LoadRequest`] asks of the loader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadKind {
+    /// Load a missing key.
+    Load,
+    /// Refresh a value still served (the loader's refresh hook).
+    Refresh(RefreshOf),
+    /// Write a client's SET (`Some`) or DEL (`None`) to the origin, through
+    /// (at once) or behind (queued), as the key's namespace says.
+    Store {
+        /// The value written, `None` for a delete.
+        value: Option<Bytes>,
+        /// The client's TTL in milliseconds, if it gave one.
+        ttl_ms: Option<u64>,
+    },
+}
+
+/// What the node's loader did with a store for [`Replica::stored`]: the
+/// TTL to cache the written value with (`None` for a delete), or the
+/// error to answer (the origin may or may not have the write).
+pub type StoreResult = Result<Option<u64>, Effect>;
 
 /// The value a refresh replaces.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1191,7 +1217,10 @@ impl Replica {
                     }
                     // Queued behind others, then a read and a write there
                     // (and a load between them).
-                    let wait = if let Update::Load { wait_ms, .. } = update { wait_ms } else { 0 };
+                    let wait = match update {
+                        Update::Load { wait_ms, .. } | Update::Store { wait_ms, .. } => wait_ms,
+                        _ => 0,
+                    };
                     let deadline = now + 3 * self.config.request_timeout_ms + wait;
                     let forward = Pending::Forward { client_req, deadline, also: Vec::new(), load, to: primary };
                     self.pending.insert(req, forward);
@@ -1882,3 +1911,4 @@ mod updates;
 
 pub use batch::{BatchEntry, MAX_BATCH_KEYS};
 pub use sizes::MAX_PROBE_KEYS;
+pub use updates::MAX_STORE_WAIT_MS;

@@ -683,7 +683,7 @@ fn a_stale_value_is_served_while_the_primary_refreshes_it() {
     replicas[p].client(0, 1, load(), Consistency::Quorum);
     settle(&mut replicas, &up, 0);
     let first = replicas[p].poll_load().expect("a load");
-    assert_eq!(first.refresh, None);
+    assert_eq!(first.kind, LoadKind::Load);
     replicas[p].loaded(0, first.id, Ok(Some((Bytes::from_static(b"v1"), 1_000, 10))));
     settle(&mut replicas, &up, 0);
     assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v1")));
@@ -697,7 +697,8 @@ fn a_stale_value_is_served_while_the_primary_refreshes_it() {
     settle(&mut replicas, &up, 600);
     assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v1")));
     let refresh = replicas[p].poll_load().expect("a refresh");
-    assert_eq!(refresh.refresh.as_ref().map(|r| (r.current.clone(), r.stale)), Some((Bytes::from_static(b"v1"), true)));
+    let LoadKind::Refresh(of) = &refresh.kind else { panic!("a refresh: {refresh:?}") };
+    assert_eq!((of.current.clone(), of.stale), (Bytes::from_static(b"v1"), true));
     replicas[p].client(610, 4, load(), Consistency::Quorum);
     assert_eq!(replicas[p].poll_reply().map(|r| r.result), Some(value(b"v1")), "served while refreshing");
     assert_eq!(replicas[p].poll_load(), None, "one refresh");

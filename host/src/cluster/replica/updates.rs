@@ -5,10 +5,14 @@
 //! updates here (and coalesce their loads of one key into one forward).
 
 use super::{
-    Consistency, Effect, INTERNAL, LoadRequest, LoadResult, MAX_QUEUED_UPDATES, Message, Op, OpError, Origin, Outcome,
-    Pending, Queued, RefreshOf, Replica, Reply, Step, Update, entry, update,
+    Consistency, Effect, INTERNAL, LoadKind, LoadRequest, LoadResult, MAX_QUEUED_UPDATES, Message, Op, OpError, Origin,
+    Outcome, Pending, Queued, RefreshOf, Replica, Reply, Step, StoreResult, Update, entry, update,
 };
 use bytes::Bytes;
+
+/// The longest an origin write may take at a primary (a namespace's
+/// timeout is capped by it), for the forwarding member's deadline.
+pub const MAX_STORE_WAIT_MS: u64 = 120_000;
 
 impl Replica {
     /// Joins a load of `key` this node already forwarded to its primary: one
@@ -136,7 +140,16 @@ impl Replica {
             {
                 let id = self.internal_id();
                 self.steps.insert(id, (key.clone(), Step::Load));
-                self.loads.push_back(LoadRequest { id, key, refresh: None });
+                self.loads.push_back(LoadRequest { id, key, kind: LoadKind::Load });
+            }
+            // A write to the origin first: whether the key held a value is
+            // a DEL's answer.
+            (Step::Read, Ok(Outcome::Read(record))) if matches!(head.update, Update::Store { .. }) => {
+                let existed = update::live(entry(record), wall_ms).is_some();
+                let Update::Store { value, ttl_ms, .. } = head.update.clone() else { return };
+                let id = self.internal_id();
+                self.steps.insert(id, (key.clone(), Step::Store(existed)));
+                self.loads.push_back(LoadRequest { id, key, kind: LoadKind::Store { value, ttl_ms } });
             }
             (Step::Read, Ok(Outcome::Read(record))) => {
                 let current = update::live(entry(record), wall_ms);
@@ -190,7 +203,7 @@ impl Replica {
         refresh.current = value;
         let id = self.internal_id();
         self.steps.insert(id, (key.clone(), Step::Load));
-        self.loads.push_back(LoadRequest { id, key: key.clone(), refresh: Some(refresh) });
+        self.loads.push_back(LoadRequest { id, key: key.clone(), kind: LoadKind::Refresh(refresh) });
     }
 
     /// A load the node's loader was asked for ([`Replica::poll_load`]).
@@ -229,6 +242,36 @@ impl Replica {
             // A failed refresh leaves the value to its hard expiry.
             Err(effect) => self.finish_update(now, &key, Ok(effect)),
         }
+        self.pump_updates(now);
+    }
+
+    /// What the node's loader did with store `id`: the write goes to the
+    /// replicas (the value with its TTL, or a delete) and the client is
+    /// answered; a failed store deletes the key everywhere (the origin may
+    /// or may not have the write, so the next read loads what it has) and
+    /// answers the error.
+    pub fn stored(&mut self, now: u64, id: u64, result: StoreResult) {
+        let Some((key, Step::Store(existed))) = self.steps.get(&id).cloned() else { return };
+        self.steps.remove(&id);
+        let Some(head) = self.updates.get(&key).and_then(|q| q.front()) else { return };
+        let (level, value) = match &head.update {
+            Update::Store { value, .. } => (head.level, value.clone()),
+            _ => return,
+        };
+        let wall_ms = self.config.wall_epoch_ms.saturating_add(now);
+        let (put, effect) = match (result, value) {
+            (Ok(Some(ttl_ms)), Some(value)) => {
+                let expires_at = Some(wall_ms.saturating_add(ttl_ms.max(1)));
+                (Op::Put { key: key.clone(), value: Some(value), expires_at, hint: 0 }, Effect::Ok)
+            }
+            (Ok(_), _) => {
+                (Op::Put { key: key.clone(), value: None, expires_at: None, hint: 0 }, Effect::Applied(existed))
+            }
+            (Err(effect), _) => (Op::Put { key: key.clone(), value: None, expires_at: None, hint: 0 }, effect),
+        };
+        let id = self.internal_id();
+        self.steps.insert(id, (key, Step::Write(effect)));
+        self.coordinate(now, id, put, level);
         self.pump_updates(now);
     }
 
