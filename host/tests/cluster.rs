@@ -1363,7 +1363,8 @@ async fn a_stale_value_is_served_through_every_member_while_one_refresh_runs() {
 
 /// Change data capture on a cluster: a notification deletes the key on
 /// every replica, through its primary, so every member serves the row's
-/// new value (loaded again) at once, long before the TTL.
+/// new value (loaded again) at once, long before the TTL. Then warming
+/// through one member fills them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_notification_invalidates_a_key_on_every_member() {
     let (url, db) = users_database("cdc", "0").await;
@@ -1406,6 +1407,16 @@ async fn a_change_notification_invalidates_a_key_on_every_member() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // Warming through one member fills every member: one query per key.
+    let before = loader_queries(&db).await;
+    let keys = vec![bytes::Bytes::from_static(b"user:2"), bytes::Bytes::from_static(b"user:404")];
+    let report = cachet::warm::warm(Arc::new(members.remove(2)), keys, 100, 4, || {}).await;
+    assert_eq!((report.present, report.missing, report.failed), (1, 1, 0), "{report:?}");
+    let grace = br#"{"id":2,"name":"Grace","email":"grace@example.org"}"#;
+    for member in &members {
+        assert_eq!(member.get("user:2").await.expect("GET").as_deref(), Some(&grace[..]), "warmed everywhere");
+    }
+    assert_eq!(loader_queries(&db).await - before, 2, "one load per warmed key, none per member");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
