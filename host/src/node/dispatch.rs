@@ -48,7 +48,6 @@ impl Node {
         let started = Instant::now();
         let command = crate::metrics::command_index(&request);
         let now = self.store.now_ms_at(started);
-        self.observe(now, &request);
         match self.route(now, request, consistency, source) {
             Routed::Now(response) => {
                 self.metrics.record(command, started.elapsed(), is_error(&response));
@@ -110,6 +109,9 @@ impl Node {
         if let Some(refused) = self.refuse_invalid(&request) {
             return Routed::Now(refused);
         }
+        // Only requests that will run reach the shadow evaluation: a
+        // refused one (an oversized key) must not move its predictions.
+        self.observe(now, &request);
         if let Some(cluster) = self.cluster.get() {
             // Of the writes to keys a namespace writes to its origin, the
             // cluster takes SET and DEL (at each key's primary); the rest

@@ -391,4 +391,34 @@ mod tests {
         let refused = no_token.execute(Request::Admin { token: String::new(), command: AdminCommand::Stats });
         assert!(matches!(refused, Response::Error(ErrorReply { code: ErrorCode::Unauthorized, .. })), "{refused:?}");
     }
+
+    /// Shadow evaluation sees only requests that run: reads refused (a
+    /// GETEX with a TTL of 0) are not sampled, valid ones are.
+    #[test]
+    fn shadow_evaluation_skips_refused_requests() {
+        use cachet_proto::AdminCommand;
+        let factory = crate::policies::native("lru", Default::default()).expect("policy");
+        let node = Node::new(NodeConfig::default(), factory).expect("node");
+        let registry =
+            crate::registry::Registry::open(None, crate::wasm::PolicyEngine::new().expect("engine")).expect("registry");
+        let node = Arc::new(node.with_registry(registry, Some("s3cret".into())));
+        let admin = |command| node.execute(Request::Admin { token: "s3cret".into(), command });
+        let Response::Policies(listing) = admin(AdminCommand::List) else { panic!("a listing") };
+        let (name, version) = listing.active.split_once('@').expect("name@version");
+        let shadow = AdminCommand::Shadow { name: name.into(), version: version.into() };
+        assert!(matches!(admin(shadow), Response::Policies(_)));
+        let sampled = || {
+            let Response::Policies(listing) = admin(AdminCommand::List) else { panic!("a listing") };
+            listing.shadow.expect("a shadow runs").sampled_reads
+        };
+        for i in 0..5_000 {
+            let refused = Request::GetEx { key: Bytes::from(format!("k{i}")), ttl: cachet_proto::TtlChange::Set(0) };
+            assert!(matches!(node.execute(refused), Response::Error(_)));
+        }
+        assert_eq!(sampled(), 0, "refused requests reached the shadow");
+        for i in 0..5_000 {
+            node.execute(Request::Get { key: Bytes::from(format!("k{i}")) });
+        }
+        assert!(sampled() > 0, "valid reads are sampled");
+    }
 }
