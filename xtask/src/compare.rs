@@ -414,6 +414,7 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
             }
         }
     }
+    open_loop(cachet, &targets[..4], rounds)?;
     drop(old_node);
     drop(node);
     drop(valkey_server);
@@ -470,6 +471,76 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
             after as f64 / 1024.0,
             bytes / redis_bytes
         );
+    }
+    Ok(())
+}
+
+/// Open-loop rates of [`open_loop`], requests per second.
+const OPEN_RATES: [u32; 3] = [50_000, 100_000, 150_000];
+
+/// Open-loop latency of each of `targets` (redis-server, Valkey, Cachet's
+/// two ports) at fixed rates, 90% GET, with 4 and 50 connections: latency
+/// counts from each request's intended send time, so a server falling
+/// behind is charged for its queue. The achieved rate is printed too: on
+/// one generator core the highest rate may be more than the generator can
+/// send, which the "achieved" column shows.
+fn open_loop(cachet: &Path, targets: &[Target], rounds: usize) -> Result<()> {
+    println!(
+        "\n## Open loop: 90% GET at fixed rates, 100K keys, 100-byte values, 5 s per run, medians of {rounds} \
+         interleaved rounds\n"
+    );
+    println!("| rate/s | connections | server | achieved ops/s | p50 us | p99 us | p99.9 us | server CPU us/op |");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|");
+    for rate in OPEN_RATES {
+        for connections in [4usize, 50] {
+            let mut results: Vec<Vec<serde_json::Value>> = vec![Vec::new(); targets.len()];
+            for _ in 0..rounds {
+                for (i, target) in targets.iter().enumerate() {
+                    let mut args: Vec<String> = [
+                        "--protocol",
+                        target.protocol,
+                        "--server",
+                        &format!("127.0.0.1:{}", target.port),
+                        "--keys",
+                        "100000",
+                        "--value-size",
+                        "100",
+                        "--get-ratio",
+                        "0.9",
+                        "--duration",
+                        "5",
+                        "--connections",
+                        &connections.to_string(),
+                        "--threads",
+                        "1",
+                        "--rate",
+                        &rate.to_string(),
+                        "--no-preload",
+                        "--server-pid",
+                        &target.pid,
+                    ]
+                    .into_iter()
+                    .map(String::from)
+                    .collect();
+                    if let Some(dir) = target.dir.as_ref().filter(|_| target.protocol == "quic") {
+                        args.extend(["--data-dir".to_string(), dir.display().to_string()]);
+                    }
+                    results[i].push(bench(cachet, &args)?);
+                }
+            }
+            for (target, runs) in targets.iter().zip(&results) {
+                let m = |field: &str| median(runs.iter().map(|r| f(r, field)).collect());
+                println!(
+                    "| {rate} | {connections} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                    target.name,
+                    m("ops_per_sec"),
+                    m("p50_us"),
+                    m("p99_us"),
+                    m("p999_us"),
+                    m("server_cpu_us_per_op")
+                );
+            }
+        }
     }
     Ok(())
 }
