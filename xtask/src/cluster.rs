@@ -388,7 +388,44 @@ fn stop_under_load(
 /// `cargo xtask bench-cluster`: throughput of 1, 2 and 3 members (RF=1,
 /// and RF=members at QUORUM), three interleaved rounds, medians; then the
 /// failover time over three SIGKILLs of a 3-member cluster under load.
-pub(crate) fn bench(cachet: &Path, root: &Path) -> Result<()> {
+/// The throughput table only, this build (`cachet`) against `baseline` in
+/// the same interleaved rounds (the two swapped every other round): each
+/// row's medians and their ratio, so a change to the cluster's path is
+/// checked for regressions on one noisy machine.
+fn bench_against(cachet: &Path, baseline: &Path, root: &Path) -> Result<()> {
+    let load =
+        ["--duration", "5", "--keys", "20000", "--connections", "8", "--concurrency", "128", "--get-ratio", "0.9"];
+    let configs: Vec<(usize, usize)> = vec![(1, 1), (2, 1), (3, 1), (2, 2), (3, 3)];
+    let mut rates: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; configs.len()];
+    for round in 0..3 {
+        for (c, &(n, rf)) in configs.iter().enumerate() {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                let binary = if which == 0 { cachet } else { baseline };
+                let cluster = LocalCluster::start(binary, root, n, rf, &["--threads", "1"])?;
+                let mut args: Vec<&str> = load.to_vec();
+                args.extend(["--consistency", "quorum", "--threads", "1"]);
+                let report = bench_report(cluster.bench(&args)?)?;
+                let rate = crate::number(&report, "ops_per_sec");
+                eprintln!("round {round}: {n} members, RF {rf}, {}: {rate:.0} ops/s", binary.display());
+                rates[c][which].push(rate);
+            }
+        }
+    }
+    println!("Baseline: `{}`; medians of 3 interleaved rounds.\n", baseline.display());
+    println!("| members | RF | this build ops/s | baseline ops/s | ratio |");
+    println!("|---:|---:|---:|---:|---:|");
+    for (c, &(n, rf)) in configs.iter().enumerate() {
+        let (now, old) = (median(rates[c][0].clone()), median(rates[c][1].clone()));
+        println!("| {n} | {rf} | {now:.0} | {old:.0} | {:.3} |", now / old);
+    }
+    Ok(())
+}
+
+pub(crate) fn bench(cachet: &Path, root: &Path, baseline: Option<&Path>) -> Result<()> {
+    if let Some(baseline) = baseline {
+        return bench_against(cachet, baseline, root);
+    }
     let load =
         ["--duration", "5", "--keys", "20000", "--connections", "8", "--concurrency", "128", "--get-ratio", "0.9"];
     let configs: Vec<(usize, usize)> = vec![(1, 1), (2, 1), (3, 1), (2, 2), (3, 3)];

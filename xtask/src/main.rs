@@ -43,7 +43,8 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
   fuzz [TARGET|all] [--seconds N]
                   run the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer; installs
                   cargo-fuzz) for N seconds each (60); executions, corpus, crashes
-  bench-cluster   release build; throughput of 1, 2 and 3 local members (RF=1 and
+  bench-cluster [--cachet PATH | --baseline PATH]
+                  release build (or the given binary); throughput of 1, 2 and 3 local members (RF=1 and
                   RF=members at QUORUM), 3 rounds, medians; failover time over 3
                   SIGKILLs under load, and the slowest operation across it with
                   and without the SDK's liveness check; a clean stop (SIGTERM)
@@ -72,9 +73,26 @@ fn main() {
             )
         }),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
-        Some("bench-cluster") => run_cargo(&["build", "--release", "--locked", "-p", "cachet"]).and_then(|()| {
-            cluster::bench(&target_dir().join("release").join("cachet"), &target_dir().join("bench-cluster"))
-        }),
+        // `--cachet PATH`: measure another build (say, a baseline copied
+        // out of target/) instead of building this one. `--baseline PATH`:
+        // the throughput table of this build against it, interleaved.
+        Some("bench-cluster") => {
+            let root = target_dir().join("bench-cluster");
+            let this = || -> Result<PathBuf> {
+                run_cargo(&["build", "--release", "--locked", "-p", "cachet"])?;
+                Ok(target_dir().join("release").join("cachet"))
+            };
+            match args.get(1..) {
+                Some([flag, path]) if flag == "--cachet" => cluster::bench(Path::new(path), &root, None),
+                Some([flag, path]) if flag == "--baseline" => {
+                    this().and_then(|cachet| cluster::bench(&cachet, &root, Some(Path::new(path))))
+                }
+                Some([]) | None => this().and_then(|cachet| cluster::bench(&cachet, &root, None)),
+                Some(other) => {
+                    Err(anyhow::anyhow!("bench-cluster takes --cachet PATH or --baseline PATH, not {other:?}"))
+                }
+            }
+        }
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);

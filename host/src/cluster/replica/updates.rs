@@ -155,13 +155,14 @@ impl Replica {
                 let current = update::live(entry(record), wall_ms);
                 // A live value due for a refresh, with only read-through
                 // GETs waiting behind: served now, refreshed meanwhile.
-                let queue_only_loads = self
-                    .updates
-                    .get(&key)
-                    .is_some_and(|q| q.iter().skip(1).all(|u| matches!(u.update, Update::Load { .. })));
+                let queue_only_loads = |this: &Self| {
+                    this.updates
+                        .get(&key)
+                        .is_some_and(|q| q.iter().skip(1).all(|u| matches!(u.update, Update::Load { .. })))
+                };
                 if let (Update::Load { fresh: Some(rule), .. }, Some(live)) = (&head.update, &current)
-                    && queue_only_loads
                     && rule.refresh(live, wall_ms)
+                    && queue_only_loads(self)
                     && let (Some(value), Some(expires_at)) = (live.value.clone(), live.expires_at)
                 {
                     let stale = wall_ms >= expires_at.saturating_sub(rule.grace_ms);
