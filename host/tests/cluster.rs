@@ -1195,6 +1195,56 @@ async fn loader_queries(db: &tokio_postgres::Client) -> i64 {
     db.query_one(sql, &[]).await.expect("pg_stat_statements").get(0)
 }
 
+/// A cluster of 3 members, RF=3, running the example users loader on the
+/// `user:` namespace of `url`, with `namespace` (TOML lines) added to the
+/// namespace and `origin` to the origin; the loader's files live in a
+/// directory removed on drop.
+struct LoaderCluster {
+    cluster: TestCluster,
+    dir: PathBuf,
+}
+
+impl LoaderCluster {
+    fn start(tag: &str, url: &str, origin: &str, namespace: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("cachet-loader-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let module = dir.join("users.wasm");
+        std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
+        let config = dir.join("loaders.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[origins.users-db]\npostgres = \"{url}\"\n{origin}\n[[namespace]]\nprefix = \"user:\"\n\
+                 module = \"{}\"\norigins = [\"users-db\"]\n{namespace}\n",
+                module.display()
+            ),
+        )
+        .expect("config");
+        let cluster = TestCluster::start_with(3, 3, tag, &["--loaders", config.to_str().expect("utf-8")]);
+        Self { cluster, dir }
+    }
+
+    /// Waits until the cluster is healthy; a client per member (30 s
+    /// timeout).
+    async fn members(&self) -> Vec<Arc<cachet_client::Client>> {
+        let client = self.cluster.client();
+        self.cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+        let mut members = Vec::new();
+        for i in 0..3 {
+            let mut config = self.cluster.client_config(i);
+            config.timeout = Duration::from_secs(30);
+            members.push(Arc::new(cachet_client::Client::connect(config).await.expect("client")));
+        }
+        members
+    }
+}
+
+impl Drop for LoaderCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Read-through loaders on a cluster (issue 19, part 3): 10,000 concurrent
 /// GETs of one cold key, spread over every member, make one query, run at
 /// the key's primary owner, and the value reaches the replicas. Then the
@@ -1203,32 +1253,9 @@ async fn loader_queries(db: &tokio_postgres::Client) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_key_is_loaded_once_for_the_whole_cluster() {
     let (url, db) = users_database("flight", "2").await;
-    let dir = std::env::temp_dir().join(format!("cachet-loader-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let module = dir.join("users.wasm");
-    std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
-    let config = dir.join("loaders.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[origins.users-db]\npostgres = \"{url}\"\nstatement-timeout-ms = 10000\n\n[[namespace]]\n\
-             prefix = \"user:\"\nmodule = \"{}\"\norigins = [\"users-db\"]\nload-timeout-ms = 10000\n",
-            module.display()
-        ),
-    )
-    .expect("config");
-    let cluster = TestCluster::start_with(3, 3, "loaders", &["--loaders", config.to_str().expect("utf-8")]);
-    let client = cluster.client();
-    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
-    let members: Vec<Arc<cachet_client::Client>> = {
-        let mut members = Vec::new();
-        for i in 0..3 {
-            let mut config = cluster.client_config(i);
-            config.timeout = Duration::from_secs(30);
-            members.push(Arc::new(cachet_client::Client::connect(config).await.expect("client")));
-        }
-        members
-    };
+    let mut loaders = LoaderCluster::start("loaders", &url, "statement-timeout-ms = 10000", "load-timeout-ms = 10000");
+    let members = loaders.members().await;
+    let client = loaders.cluster.client();
     let mut gets = tokio::task::JoinSet::new();
     for i in 0..10_000 {
         let member = members[i % 3].clone();
@@ -1255,8 +1282,7 @@ async fn a_cold_key_is_loaded_once_for_the_whole_cluster() {
         waiters.spawn(async move { member.get("user:2").await });
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let mut cluster = cluster;
-    cluster.members[primary].kill();
+    loaders.cluster.members[primary].kill();
     let grace = br#"{"id":2,"name":"Grace","email":"grace@example.org"}"#;
     let (mut values, mut errors) = (0, 0);
     while let Some(got) = waiters.join_next().await {
@@ -1297,7 +1323,6 @@ async fn a_cold_key_is_loaded_once_for_the_whole_cluster() {
     }
     let queries = loader_queries(&db).await;
     assert!((2..=3).contains(&queries), "{queries} loads of user:2 and user:1 in all");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Stale-while-revalidate on a cluster: past its soft expiry a loaded value
@@ -1307,30 +1332,9 @@ async fn a_cold_key_is_loaded_once_for_the_whole_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_value_is_served_through_every_member_while_one_refresh_runs() {
     let (url, db) = users_database("swr", "3").await;
-    let dir = std::env::temp_dir().join(format!("cachet-loader-swr-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let module = dir.join("users.wasm");
-    std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
-    let config = dir.join("loaders.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[origins.users-db]\npostgres = \"{url}\"\nstatement-timeout-ms = 10000\n\n[[namespace]]\n\
-             prefix = \"user:\"\nmodule = \"{}\"\norigins = [\"users-db\"]\nload-timeout-ms = 10000\n\
-             ttl-ms = 1000\ngrace-ms = 60000\njitter = 0.0\nxfetch-beta = 0.0\n",
-            module.display()
-        ),
-    )
-    .expect("config");
-    let cluster = TestCluster::start_with(3, 3, "swr", &["--loaders", config.to_str().expect("utf-8")]);
-    let client = cluster.client();
-    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
-    let mut members = Vec::new();
-    for i in 0..3 {
-        let mut config = cluster.client_config(i);
-        config.timeout = Duration::from_secs(30);
-        members.push(Arc::new(cachet_client::Client::connect(config).await.expect("client")));
-    }
+    let namespace = "load-timeout-ms = 10000\nttl-ms = 1000\ngrace-ms = 60000\njitter = 0.0\nxfetch-beta = 0.0";
+    let loaders = LoaderCluster::start("swr", &url, "statement-timeout-ms = 10000", namespace);
+    let members = loaders.members().await;
     let ada = br#"{"id":1,"name":"Ada","email":"ada@example.org"}"#;
     assert_eq!(members[0].get("user:1").await.expect("GET").as_deref(), Some(&ada[..]));
     assert_eq!(loader_queries(&db).await, 1);
@@ -1358,7 +1362,6 @@ async fn a_stale_value_is_served_through_every_member_while_one_refresh_runs() {
         assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(&renamed[..]), "on every member");
     }
     assert_eq!(loader_queries(&db).await, 2, "one load and one refresh for the whole cluster");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Change data capture on a cluster: a notification deletes the key on
@@ -1368,28 +1371,9 @@ async fn a_stale_value_is_served_through_every_member_while_one_refresh_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_notification_invalidates_a_key_on_every_member() {
     let (url, db) = users_database("cdc", "0").await;
-    let dir = std::env::temp_dir().join(format!("cachet-loader-cdc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let module = dir.join("users.wasm");
-    std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
-    let config = dir.join("loaders.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[origins.users-db]\npostgres = \"{url}\"\n\n[[namespace]]\nprefix = \"user:\"\nmodule = \"{}\"\n\
-             origins = [\"users-db\"]\nttl-ms = 3600000\n\
-             invalidate = {{ origin = \"users-db\", channel = \"users_changed\" }}\n",
-            module.display()
-        ),
-    )
-    .expect("config");
-    let cluster = TestCluster::start_with(3, 3, "cdc", &["--loaders", config.to_str().expect("utf-8")]);
-    let client = cluster.client();
-    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
-    let mut members = Vec::new();
-    for i in 0..3 {
-        members.push(cachet_client::Client::connect(cluster.client_config(i)).await.expect("client"));
-    }
+    let namespace = "ttl-ms = 3600000\ninvalidate = { origin = \"users-db\", channel = \"users_changed\" }";
+    let loaders = LoaderCluster::start("cdc", &url, "", namespace);
+    let mut members = loaders.members().await;
     let ada = br#"{"id":1,"name":"Ada","email":"ada@example.org"}"#;
     for member in &members {
         assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(&ada[..]));
@@ -1410,14 +1394,13 @@ async fn a_change_notification_invalidates_a_key_on_every_member() {
     // Warming through one member fills every member: one query per key.
     let before = loader_queries(&db).await;
     let keys = vec![bytes::Bytes::from_static(b"user:2"), bytes::Bytes::from_static(b"user:404")];
-    let report = cachet::warm::warm(Arc::new(members.remove(2)), keys, 100, 4, || {}).await;
+    let report = cachet::warm::warm(members.remove(2), keys, 100, 4, || {}).await;
     assert_eq!((report.present, report.missing, report.failed), (1, 1, 0), "{report:?}");
     let grace = br#"{"id":2,"name":"Grace","email":"grace@example.org"}"#;
     for member in &members {
         assert_eq!(member.get("user:2").await.expect("GET").as_deref(), Some(&grace[..]), "warmed everywhere");
     }
     assert_eq!(loader_queries(&db).await - before, 2, "one load per warmed key, none per member");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Write-through and write-behind on a cluster: a SET or DEL through any
@@ -1435,28 +1418,9 @@ async fn writes_reach_the_origin_through_the_keys_primary() {
         )
         .await
         .expect("a writable users table");
-        let dir = std::env::temp_dir().join(format!("cachet-loader-write-{mode}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let module = dir.join("users.wasm");
-        std::fs::write(&module, cachet_tests::users_loader_component()).expect("loader");
-        let config = dir.join("loaders.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[origins.users-db]\npostgres = \"{url}\"\n\n[[namespace]]\nprefix = \"user:\"\nmodule = \"{}\"\n\
-                 origins = [\"users-db\"]\nttl-ms = 3600000\nwrite = \"{mode}\"\n",
-                module.display()
-            ),
-        )
-        .expect("config");
-        let cluster =
-            TestCluster::start_with(3, 3, &format!("write-{mode}"), &["--loaders", config.to_str().expect("utf-8")]);
-        let client = cluster.client();
-        cluster.wait_healthy(&client, Duration::from_secs(30)).await;
-        let mut members = Vec::new();
-        for i in 0..3 {
-            members.push(cachet_client::Client::connect(cluster.client_config(i)).await.expect("client"));
-        }
+        let namespace = format!("ttl-ms = 3600000\nwrite = \"{mode}\"");
+        let loaders = LoaderCluster::start(&format!("write-{mode}"), &url, "", &namespace);
+        let members = loaders.members().await;
         let name_of = |id: i64| {
             let db = &db;
             async move {
@@ -1519,7 +1483,7 @@ async fn writes_reach_the_origin_through_the_keys_primary() {
                 assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(ada.as_bytes()), "reloaded");
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(loaders);
     }
 }
 
