@@ -338,30 +338,7 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
                 for i in round_order(targets.len(), round) {
                     let target = &targets[i];
                     let in_flight = (50 * pipeline).to_string();
-                    let mut args: Vec<String> = [
-                        "--protocol",
-                        target.protocol,
-                        "--server",
-                        &format!("127.0.0.1:{}", target.port),
-                        "--keys",
-                        "100000",
-                        "--value-size",
-                        "100",
-                        "--get-ratio",
-                        get_ratio,
-                        "--duration",
-                        "5",
-                        "--connections",
-                        "50",
-                        "--threads",
-                        "1",
-                        "--no-preload",
-                        "--server-pid",
-                        &target.pid,
-                    ]
-                    .into_iter()
-                    .map(String::from)
-                    .collect();
+                    let mut args = run_args(target, get_ratio, 50);
                     if target.protocol == "resp" {
                         args.extend(["--pipeline".to_string(), pipeline.to_string()]);
                     } else {
@@ -475,6 +452,22 @@ pub(crate) fn bench_compare(cachet: &Path, floor: &Path, baseline: Option<&Path>
     Ok(())
 }
 
+/// `cachet bench` arguments of one 5 s run against `target` on the
+/// prefilled 100K keys of 100 bytes, the server's CPU measured.
+fn run_args(target: &Target, get_ratio: &str, connections: usize) -> Vec<String> {
+    let server = format!("127.0.0.1:{}", target.port);
+    let connections = connections.to_string();
+    [
+        ["--protocol", target.protocol, "--server", &server, "--keys", "100000", "--value-size", "100"].as_slice(),
+        &["--get-ratio", get_ratio, "--duration", "5", "--connections", &connections, "--threads", "1"],
+        &["--no-preload", "--server-pid", &target.pid],
+    ]
+    .concat()
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
 /// Open-loop rates of [`open_loop`], requests per second.
 const OPEN_RATES: [u32; 3] = [50_000, 100_000, 150_000];
 
@@ -496,32 +489,8 @@ fn open_loop(cachet: &Path, targets: &[Target], rounds: usize) -> Result<()> {
             let mut results: Vec<Vec<serde_json::Value>> = vec![Vec::new(); targets.len()];
             for _ in 0..rounds {
                 for (i, target) in targets.iter().enumerate() {
-                    let mut args: Vec<String> = [
-                        "--protocol",
-                        target.protocol,
-                        "--server",
-                        &format!("127.0.0.1:{}", target.port),
-                        "--keys",
-                        "100000",
-                        "--value-size",
-                        "100",
-                        "--get-ratio",
-                        "0.9",
-                        "--duration",
-                        "5",
-                        "--connections",
-                        &connections.to_string(),
-                        "--threads",
-                        "1",
-                        "--rate",
-                        &rate.to_string(),
-                        "--no-preload",
-                        "--server-pid",
-                        &target.pid,
-                    ]
-                    .into_iter()
-                    .map(String::from)
-                    .collect();
+                    let mut args = run_args(target, "0.9", connections);
+                    args.extend(["--rate".to_string(), rate.to_string()]);
                     if let Some(dir) = target.dir.as_ref().filter(|_| target.protocol == "quic") {
                         args.extend(["--data-dir".to_string(), dir.display().to_string()]);
                     }
