@@ -1716,6 +1716,17 @@ async fn a_cluster_mget_too_large_is_refused_before_any_value_is_read() {
     let values = client.mget(&vec!["{big}small"; 70]).await.expect("70 small values fit");
     assert!(values.iter().all(|v| v.as_deref() == Some(&b"s"[..])));
     assert_eq!(coordinated(sdk_coordinated(&client).await) - after, 71, "the probe, then a read per key");
+    // An MSET longer than one batch message may carry is refused by name.
+    let pairs: Vec<(bytes::Bytes, bytes::Bytes)> = (0..=cachet::cluster::replica::MAX_BATCH_KEYS)
+        .map(|i| (bytes::Bytes::from(format!("{{m}}{i}")), bytes::Bytes::from_static(b"v")))
+        .collect();
+    match client.mset(pairs).await {
+        Err(ClientError::Server(reply)) => {
+            assert_eq!(reply.code, ErrorCode::TooLarge, "{reply:?}");
+            assert!(reply.message.contains("at most 65536 keys"), "{reply:?}");
+        }
+        other => panic!("an MSET of 65,537 keys: {other:?}"),
+    }
     client.close().await;
 }
 

@@ -489,6 +489,17 @@ impl Cluster {
                 if let Some(refused) = pairs.iter().find_map(|(k, v)| check_record(store, k, v)) {
                     return Some(Routed::Now(refused));
                 }
+                // One batch message per owner carries them all.
+                if pairs.len() > replica::MAX_BATCH_KEYS {
+                    return Some(Routed::Now(error(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "an MSET on a cluster takes at most {} keys, not {}: send it in parts",
+                            replica::MAX_BATCH_KEYS,
+                            pairs.len()
+                        ),
+                    )));
+                }
                 if let Some(refused) = self.cross_owner(pairs.iter().map(|(k, _)| k)) {
                     return Some(Routed::Now(refused));
                 }
