@@ -434,14 +434,17 @@ async fn early_refresh_happens_just_before_expiry() {
 async fn hostile_loaders_and_failing_origins_get_typed_errors() {
     let db = Database::create("hostile").await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    // `rows` has room to reach the row limit however loaded the machine
+    // (under `db`'s 300 ms a slow run timed out first).
     let origins = format!(
-        "[origins.db]\npostgres = \"{}\"\nstatement-timeout-ms = 300\n\
+        "[origins.db]\npostgres = \"{url}\"\nstatement-timeout-ms = 300\n\
+         [origins.rows]\npostgres = \"{url}\"\nstatement-timeout-ms = 3500\n\
          [origins.down]\npostgres = \"host=127.0.0.1 port={closed} user=postgres\"\nconnect-timeout-ms = 300\n",
-        db.url()
+        url = db.url()
     );
     let node = LoaderNode::start(
         &origins,
-        "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\norigins = [\"db\", \"down\"]\n\
+        "[[namespace]]\nprefix = \"h:\"\nmodule = \"{hostile}\"\norigins = [\"db\", \"rows\", \"down\"]\n\
          fuel-per-call = 50000000\nmax-memory-bytes = 8388608\nload-timeout-ms = 4000",
     );
     let client = node.client().await;
@@ -455,7 +458,11 @@ async fn hostile_loaders_and_failing_origins_get_typed_errors() {
         ("h:sql:db:SELECT pg_sleep(3)::text", ErrorCode::OriginFailed, "timed out"),
         ("h:sql:db:SELECT (1/0)::text", ErrorCode::OriginFailed, "division by zero"),
         ("h:sql:down:SELECT 1::text", ErrorCode::OriginFailed, "unavailable"),
-        ("h:sql:db:SELECT g::text FROM generate_series(1, 2000000) g", ErrorCode::OriginFailed, "more than 10000 rows"),
+        (
+            "h:sql:rows:SELECT g::text FROM generate_series(1, 2000000) g",
+            ErrorCode::OriginFailed,
+            "more than 10000 rows",
+        ),
     ];
     for (key, code, words) in cases {
         let started = Instant::now();
