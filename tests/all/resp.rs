@@ -157,6 +157,19 @@ fn redis_cli_runs_every_command() {
     assert_eq!(cli(&["SET", "k", "v", "EX", "0"]), "ERR invalid expire time in 'set' command");
     assert_eq!(cli(&["SET", "k", "v", "NX", "XX"]), "ERR syntax error");
     assert!(cli(&["COMMAND", "COUNT"]).parse::<u32>().expect("count") > 20);
+    assert!(cli(&["COMMAND", "FOO"]).starts_with("ERR unknown subcommand 'FOO'"));
+    // What redis-py's test suite reads first, and several sections at once.
+    let server = cli(&["INFO", "server"]);
+    assert!(server.contains("arch_bits:64") && server.contains("redis_mode:standalone"), "{server}");
+    assert!(cli(&["INFO", "cluster"]).contains("cluster_enabled:0"));
+    let both = cli(&["INFO", "clients", "server"]);
+    assert!(both.contains("# Clients") && both.contains("# Server") && !both.contains("# Stats"), "{both}");
+    // CONFIG GET answers what the node has; CONFIG SET says it changes nothing.
+    let maxmemory = cli(&["CONFIG", "GET", "maxmemory"]);
+    assert!(maxmemory.starts_with("maxmemory\n") && !maxmemory.ends_with("\n0"), "{maxmemory}");
+    assert!(cli(&["CONFIG", "GET", "maxmemory*"]).contains("maxmemory-policy\ncachet-"));
+    assert_eq!(cli(&["CONFIG", "GET", "nosuch"]), "");
+    assert!(cli(&["CONFIG", "SET", "maxmemory", "1"]).starts_with("ERR CONFIG SET is not supported"));
     assert_eq!(cli(&["FLUSHALL"]), "OK");
     assert_eq!(cli(&["DBSIZE"]), "0");
     // One connection, several commands: names stick, QUIT closes.

@@ -291,8 +291,8 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
         },
         "ECHO" if n == 2 => w.bulk(&args[1]),
         "INFO" => {
-            let text = info_text(node, info, args.get(1).map(|s| upper(s)));
-            w.text(&text);
+            let sections: Vec<String> = args[1..].iter().map(|s| upper(s)).collect();
+            w.text(&info_text(node, info, &sections));
         }
         "SELECT" if n == 2 => match parse_i64(&args[1]) {
             Some(0) => w.simple("OK"),
@@ -310,11 +310,21 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
                     w.null();
                 }
             }
-            _ => w.array(0),
+            None => w.array(0),
+            Some(_) => w.error(&format!(
+                "ERR unknown subcommand '{}'. Try COMMAND HELP.",
+                String::from_utf8_lossy(&args[1]).escape_debug()
+            )),
         },
         "CONFIG" if n >= 2 => match upper(&args[1]).as_str() {
-            "GET" => w.map(0),
-            "SET" | "RESETSTAT" | "REWRITE" => w.simple("OK"),
+            "GET" if n >= 3 => config_get(node, &mut w, &args[2..]),
+            // Settings are taken at start (flags, --config): a write that
+            // would change nothing is refused, not acknowledged.
+            "SET" | "RESETSTAT" | "REWRITE" => w.error(&format!(
+                "ERR CONFIG {} is not supported: Cachet takes its settings at start (flags or --config)",
+                upper(&args[1])
+            )),
+            "GET" => arity(&mut w, "config|get"),
             _ => w.error("ERR unknown subcommand for CONFIG"),
         },
         "AUTH" if n == 2 || n == 3 => {
@@ -477,17 +487,41 @@ fn hello(node: &Node, session: &mut Session, info: &ServerInfo, w: &mut Writer<'
 }
 
 /// INFO text in Redis's layout (`# Section` headers, `key:value` lines).
-fn info_text(node: &Node, info: &ServerInfo, section: Option<String>) -> String {
+/// `CONFIG GET pattern...`: the parameters Cachet has an answer for (read
+/// from the node), as a map of the names matching each glob.
+fn config_get(node: &Node, w: &mut Writer<'_>, patterns: &[Bytes]) {
     let stats = node.stats();
-    let want = |s: &str| match section.as_deref() {
-        None | Some("ALL") | Some("EVERYTHING") | Some("DEFAULT") => true,
-        Some(asked) => asked == s,
+    let known: [(&str, String); 5] = [
+        ("maxmemory", stats.max_bytes.to_string()),
+        ("maxmemory-policy", format!("cachet-{}", stats.policy)),
+        ("databases", "1".to_string()),
+        ("appendonly", "no".to_string()),
+        ("save", String::new()),
+    ];
+    let matching: Vec<&(&str, String)> = known
+        .iter()
+        .filter(|(name, _)| patterns.iter().any(|p| super::acl::glob_match(&p.to_ascii_lowercase(), name.as_bytes())))
+        .collect();
+    w.map(matching.len());
+    for (name, value) in matching {
+        w.bulk(name.as_bytes());
+        w.bulk(value.as_bytes());
+    }
+}
+
+fn info_text(node: &Node, info: &ServerInfo, sections: &[String]) -> String {
+    let stats = node.stats();
+    let want = |s: &str| {
+        sections.is_empty()
+            || sections.iter().any(|asked| matches!(asked.as_str(), "ALL" | "EVERYTHING" | "DEFAULT") || asked == s)
     };
     let mut text = String::new();
     if want("SERVER") {
         text.push_str(&format!(
-            "# Server\r\nredis_version:7.0.0\r\ncachet_version:{}\r\nredis_mode:standalone\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\n\r\n",
+            "# Server\r\nredis_version:7.0.0\r\ncachet_version:{}\r\nredis_mode:{}\r\narch_bits:{}\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\n\r\n",
             env!("CARGO_PKG_VERSION"),
+            if node.cluster().is_some() { "cluster" } else { "standalone" },
+            usize::BITS,
             std::process::id(),
             info.port,
             stats.uptime_secs,
@@ -516,6 +550,9 @@ fn info_text(node: &Node, info: &ServerInfo, section: Option<String>) -> String 
             stats.evictions,
             stats.expired + stats.policy_expired
         ));
+    }
+    if want("CLUSTER") {
+        text.push_str(&format!("# Cluster\r\ncluster_enabled:{}\r\n\r\n", u8::from(node.cluster().is_some())));
     }
     if want("KEYSPACE") {
         text.push_str("# Keyspace\r\n");
