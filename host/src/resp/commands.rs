@@ -520,7 +520,11 @@ fn info_text(node: &Node, info: &ServerInfo, sections: &[String]) -> String {
         text.push_str(&format!(
             "# Server\r\nredis_version:7.0.0\r\ncachet_version:{}\r\nredis_mode:{}\r\narch_bits:{}\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\n\r\n",
             env!("CARGO_PKG_VERSION"),
-            if node.cluster().is_some() { "cluster" } else { "standalone" },
+            // A clustered member does not speak the Redis Cluster protocol
+            // (CLUSTER SLOTS, MOVED) yet: it forwards, so to Redis clients
+            // it is a standalone server. Cluster-aware clients must not
+            // switch to cluster mode on it.
+            "standalone",
             usize::BITS,
             std::process::id(),
             info.port,
@@ -552,7 +556,7 @@ fn info_text(node: &Node, info: &ServerInfo, sections: &[String]) -> String {
         ));
     }
     if want("CLUSTER") {
-        text.push_str(&format!("# Cluster\r\ncluster_enabled:{}\r\n\r\n", u8::from(node.cluster().is_some())));
+        text.push_str("# Cluster\r\ncluster_enabled:0\r\n\r\n");
     }
     if want("KEYSPACE") {
         text.push_str("# Keyspace\r\n");
