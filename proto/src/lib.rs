@@ -18,7 +18,7 @@ pub use message::{
     PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing, ShardListing, TtlChange, TtlState,
 };
 pub use ring::{DEFAULT_VNODES, Member, Ring, RingError, hash_tag, ring_hash};
-pub use slot::{SLOTS, SlotError, SlotRange, SlotTable, key_slot};
+pub use slot::{SLOTS, SlotError, SlotMove, SlotRange, SlotTable, key_slot};
 
 /// The stable 64-bit hash of a key (XXH3), the same in every process and on
 /// every platform. Policies see it in place of the key bytes.

@@ -20,6 +20,9 @@
 //!   --cluster`: membership events into the replica, frames through the
 //!   transport, client operations in and replies out.
 //!
+//! - [`meta`]: the cluster's metadata (members, slot placement, policy
+//!   registry, settings) on a Raft log (raft-rs), with its own seeded
+//!   simulator. Built and tested; not yet wired into the runtime.
 //! - [`records`]: a node's replicated records live in its bounded shards.
 //! - [`update`]: read-modify-write commands as pure functions, which the
 //!   replica runs serialized at each key's primary owner.
@@ -28,6 +31,7 @@
 //! (the ring is static) and range streaming.
 
 pub mod membership;
+pub mod meta;
 pub mod records;
 pub mod replica;
 pub mod runtime;

@@ -1,0 +1,184 @@
+//! The metadata log's commands.
+//!
+//! Every entry is a [`Proposal`]: the command plus who proposed it and a
+//! nonce, so the proposer recognises its own entry when it applies (and
+//! answers its caller), and a proposal retried after a lost message or a
+//! change of leader applies once. Entries are MessagePack, decoded with
+//! nesting limited; one that does not decode applies as a no-op on every
+//! member alike, never a panic.
+
+use super::super::replica::{Consistency, NodeIx};
+use cachet_proto::SlotTable;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// Where a member stands in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberState {
+    /// Added to the log; catching up with it.
+    Joining,
+    /// Taking its ranges over; not counted for reads yet.
+    Syncing,
+    /// Serving its ranges.
+    Serving,
+    /// Handing its ranges off before it goes.
+    Leaving,
+    /// The failure detector's verdict, recorded by the leader.
+    Down,
+    /// Gone for good: its id's raft identity never votes again.
+    Removed,
+}
+
+impl MemberState {
+    /// The state's name, as `cachet stats` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Joining => "joining",
+            Self::Syncing => "syncing",
+            Self::Serving => "serving",
+            Self::Leaving => "leaving",
+            Self::Down => "down",
+            Self::Removed => "removed",
+        }
+    }
+}
+
+/// One member as the log knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Its node id (what its certificate names).
+    pub node: NodeIx,
+    /// Its Raft identity: `generation << 32 | (node + 1)`. A member that
+    /// lost its data directory comes back under a new generation, never
+    /// voting under an identity whose vote it forgot.
+    pub raft_id: u64,
+    /// Its peer (QUIC) address.
+    pub peer: SocketAddr,
+    /// Its client (`cachet/1`) address.
+    pub client: SocketAddr,
+    /// Its share of the slots, relative to the others'.
+    pub weight: u32,
+    /// Where it stands.
+    pub state: MemberState,
+    /// Why it got there (the last `SetState`'s reason).
+    pub reason: String,
+    /// The log index of its last state change.
+    pub since: u64,
+}
+
+/// Cluster-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Copies of each slot.
+    pub rf: u32,
+    /// Consistency of requests that name none.
+    pub consistency: Consistency,
+}
+
+/// A command of the metadata log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaEntry {
+    /// A member joins, as a learner or a voter (a configuration change).
+    AddMember {
+        /// Its record (its state is `Joining`).
+        member: MemberRecord,
+        /// Whether it votes.
+        voter: bool,
+    },
+    /// A learner becomes a voter (a configuration change).
+    Promote {
+        /// The member.
+        node: NodeIx,
+    },
+    /// A member leaves the configuration for good (a configuration change).
+    RemoveMember {
+        /// The member.
+        node: NodeIx,
+        /// The incarnation removed: a removal planned for an old one must
+        /// not remove the member that replaced it.
+        raft_id: u64,
+    },
+    /// A member's state changes.
+    SetState {
+        /// The member.
+        node: NodeIx,
+        /// Its new state.
+        state: MemberState,
+        /// Why.
+        reason: String,
+    },
+    /// The slot table changes, if it is still at `expected_epoch` (a
+    /// compare-and-set: a plan made on an older table, retried or racing
+    /// another, applies as a no-op).
+    SetSlots {
+        /// The epoch the plan was made on.
+        expected_epoch: u64,
+        /// The new table, at `expected_epoch + 1`.
+        table: SlotTable,
+    },
+    /// Cluster-wide settings change.
+    Settings(Settings),
+    /// A policy module is stored on the members (its bytes travel beside
+    /// the log, content-addressed).
+    ModuleStored {
+        /// `name@version`.
+        label: String,
+        /// SHA-256 of the component, hex.
+        sha256: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// A stored module becomes the active policy everywhere.
+    Activate {
+        /// `name@version`.
+        label: String,
+    },
+    /// The previous active policy comes back.
+    Rollback,
+    /// A module is taken out of service everywhere.
+    Quarantine {
+        /// `name@version`.
+        label: String,
+        /// The fault that caused it.
+        reason: String,
+    },
+    /// Nothing: a barrier a member proposes to learn that its view is
+    /// current.
+    Noop,
+}
+
+impl MetaEntry {
+    /// Whether the entry changes Raft's configuration (proposed as a
+    /// configuration change, only on the leader).
+    pub fn is_conf_change(&self) -> bool {
+        matches!(self, Self::AddMember { .. } | Self::Promote { .. } | Self::RemoveMember { .. })
+    }
+}
+
+/// An entry as proposed: the command, its proposer and the proposer's
+/// nonce.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Who proposed it.
+    pub proposer: NodeIx,
+    /// Unique per proposer across its restarts (it starts from the boot
+    /// time), so a retry applies once and a new proposal is never taken
+    /// for an old one.
+    pub nonce: u64,
+    /// The command.
+    pub entry: MetaEntry,
+}
+
+impl Proposal {
+    /// The proposal's bytes in the log.
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding plain data into a Vec cannot fail; an empty payload
+        // would apply as a no-op if it somehow did.
+        rmp_serde::to_vec(self).unwrap_or_default()
+    }
+
+    /// A proposal from the log's bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        cachet_proto::frame::from_slice_shallow(bytes)
+    }
+}

@@ -1,0 +1,376 @@
+//! The metadata state machine: what the log's entries add up to.
+//!
+//! [`MetaState::apply`] is a pure function of the state and one entry, so
+//! every member that applied the same prefix of the log holds the same
+//! state (the simulator checks it by digest). It never panics: an entry
+//! that is not valid against the state (an unknown member, a duplicate id,
+//! a slot plan made on an old epoch) applies as a refusal, the same on
+//! every member, and the proposer is told why.
+
+use super::super::replica::{MAX_NODE_ID, NodeIx};
+use super::entry::{MemberRecord, MemberState, MetaEntry, Proposal, Settings};
+use cachet_proto::SlotTable;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Nonces a proposer's recent proposals used, kept to apply each once.
+const NONCES_KEPT: usize = 1_024;
+
+/// A stored policy module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    /// SHA-256 of the component, hex.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The index of the entry that stored it.
+    pub stored_at: u64,
+}
+
+/// The proposer's recent nonces: applied ones above `floor`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Nonces {
+    floor: u64,
+    seen: BTreeSet<u64>,
+}
+
+/// What applying one entry did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The entry changed the state (or was a barrier).
+    Applied,
+    /// The same proposal applied before (a retry): nothing changed.
+    Duplicate,
+    /// The entry is not valid against the state: nothing changed.
+    Refused(String),
+}
+
+/// The cluster's metadata at one log index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    /// The last index applied.
+    pub applied: u64,
+    /// Members by node id, removed ones included (their ids' history).
+    pub members: BTreeMap<NodeIx, MemberRecord>,
+    /// Slot placement.
+    pub slots: SlotTable,
+    /// Cluster-wide settings.
+    pub settings: Settings,
+    /// Stored modules by `name@version`.
+    pub modules: BTreeMap<String, ModuleRecord>,
+    /// The active policy module, if one was activated (else each member's
+    /// built-in default).
+    pub active: Option<String>,
+    /// Modules active before, most recent last (what `Rollback` returns to).
+    pub history: Vec<String>,
+    /// Quarantined modules and why.
+    pub quarantined: BTreeMap<String, String>,
+    /// Entries refused so far (for `cachet stats`).
+    pub refused: u64,
+    nonces: BTreeMap<NodeIx, Nonces>,
+}
+
+impl MetaState {
+    /// The founding state: `founders` serving, the slots balanced over
+    /// them at epoch 1.
+    pub fn founding(founders: Vec<MemberRecord>, settings: Settings) -> Result<Self, cachet_proto::SlotError> {
+        let ids: Vec<u32> = founders.iter().map(|m| m.node).collect();
+        let slots = SlotTable::balanced(1, &ids, (settings.rf as usize).min(ids.len()))?;
+        Ok(Self {
+            applied: 1,
+            members: founders.into_iter().map(|m| (m.node, m)).collect(),
+            slots,
+            settings,
+            modules: BTreeMap::new(),
+            active: None,
+            history: Vec::new(),
+            quarantined: BTreeMap::new(),
+            refused: 0,
+            nonces: BTreeMap::new(),
+        })
+    }
+
+    /// The state's bytes (a snapshot's data).
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec(self).unwrap_or_default()
+    }
+
+    /// A state from a snapshot's bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        cachet_proto::frame::from_slice_shallow(bytes)
+    }
+
+    /// A digest of the whole state, to compare members' states cheaply.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.encode().hash(&mut h);
+        h.finish()
+    }
+
+    /// The member whose Raft identity is `raft_id`.
+    pub fn by_raft_id(&self, raft_id: u64) -> Option<&MemberRecord> {
+        self.members.values().find(|m| m.raft_id == raft_id)
+    }
+
+    /// Whether `proposal` would apply (the same check [`Self::apply`]
+    /// makes), so a configuration change is handed to Raft only when the
+    /// state takes it too.
+    pub fn check(&self, proposal: &Proposal) -> Outcome {
+        let fresh = self
+            .nonces
+            .get(&proposal.proposer)
+            .is_none_or(|n| proposal.nonce > n.floor && !n.seen.contains(&proposal.nonce));
+        if !fresh {
+            return Outcome::Duplicate;
+        }
+        match self.validate(&proposal.entry) {
+            Ok(()) => Outcome::Applied,
+            Err(why) => Outcome::Refused(why),
+        }
+    }
+
+    fn validate(&self, entry: &MetaEntry) -> Result<(), String> {
+        let member = |node: NodeIx| self.members.get(&node).filter(|m| m.state != MemberState::Removed);
+        match entry {
+            MetaEntry::AddMember { member: new, .. } => {
+                if new.node > MAX_NODE_ID {
+                    return Err(format!("node id {} is over {MAX_NODE_ID}", new.node));
+                }
+                if member(new.node).is_some() {
+                    return Err(format!("node {} is already a member", new.node));
+                }
+                if new.raft_id == 0 || self.members.values().any(|m| m.raft_id == new.raft_id) {
+                    return Err(format!("raft id {:#x} was used before", new.raft_id));
+                }
+                if new.raft_id & 0xffff_ffff != u64::from(new.node) + 1 {
+                    return Err(format!("raft id {:#x} does not name node {}", new.raft_id, new.node));
+                }
+                let clash = self
+                    .members
+                    .values()
+                    .filter(|m| m.state != MemberState::Removed)
+                    .find(|m| m.peer == new.peer || m.client == new.client);
+                if let Some(other) = clash {
+                    return Err(format!("node {} already uses one of those addresses", other.node));
+                }
+                if new.weight == 0 {
+                    return Err("a member's weight must be at least 1".into());
+                }
+                Ok(())
+            }
+            MetaEntry::RemoveMember { node, raft_id } => match member(*node) {
+                Some(m) if m.raft_id == *raft_id => Ok(()),
+                Some(m) => Err(format!("node {node} is raft id {:#x} now, not {raft_id:#x}", m.raft_id)),
+                None => Err(format!("node {node} is not a member")),
+            },
+            MetaEntry::Promote { node } | MetaEntry::SetState { node, .. } => {
+                member(*node).map(|_| ()).ok_or_else(|| format!("node {node} is not a member"))
+            }
+            MetaEntry::SetSlots { expected_epoch, table } => {
+                if *expected_epoch != self.slots.epoch() {
+                    return Err(format!(
+                        "the slot plan was made at epoch {expected_epoch}; the table is at {}",
+                        self.slots.epoch()
+                    ));
+                }
+                if table.epoch() != expected_epoch + 1 {
+                    return Err(format!("a new slot table must be at epoch {}", expected_epoch + 1));
+                }
+                let unknown = table.ranges().iter().flat_map(|r| r.owners.iter()).find(|o| member(**o).is_none());
+                match unknown {
+                    Some(o) => Err(format!("slot owner {o} is not a member")),
+                    None => Ok(()),
+                }
+            }
+            MetaEntry::Settings(s) => {
+                if s.rf == 0 {
+                    Err("the replication factor must be at least 1".into())
+                } else {
+                    Ok(())
+                }
+            }
+            MetaEntry::ModuleStored { label, sha256, .. } => match self.modules.get(label) {
+                Some(m) if m.sha256 != *sha256 => Err(format!("{label} is stored with other contents")),
+                _ => Ok(()),
+            },
+            MetaEntry::Activate { label } => {
+                if !self.modules.contains_key(label) {
+                    Err(format!("{label} is not stored"))
+                } else if let Some(why) = self.quarantined.get(label) {
+                    Err(format!("{label} is quarantined: {why}"))
+                } else {
+                    Ok(())
+                }
+            }
+            MetaEntry::Rollback => {
+                if self.active.is_none() {
+                    Err("no policy to roll back from".into())
+                } else {
+                    Ok(())
+                }
+            }
+            MetaEntry::Quarantine { label, .. } => {
+                if self.modules.contains_key(label) {
+                    Ok(())
+                } else {
+                    Err(format!("{label} is not stored"))
+                }
+            }
+            MetaEntry::Noop => Ok(()),
+        }
+    }
+
+    /// Applies the entry at `index`. `proposal` is `None` for bytes that
+    /// did not decode: a refusal like any other.
+    pub fn apply(&mut self, index: u64, proposal: Option<&Proposal>) -> Outcome {
+        self.applied = self.applied.max(index);
+        let Some(proposal) = proposal else {
+            self.refused += 1;
+            return Outcome::Refused("an entry that does not decode".into());
+        };
+        let outcome = self.check(proposal);
+        if outcome == Outcome::Duplicate {
+            return outcome;
+        }
+        self.remember(proposal.proposer, proposal.nonce);
+        if let Outcome::Refused(_) = outcome {
+            self.refused += 1;
+            return outcome;
+        }
+        self.change(index, &proposal.entry);
+        Outcome::Applied
+    }
+
+    fn remember(&mut self, proposer: NodeIx, nonce: u64) {
+        let nonces = self.nonces.entry(proposer).or_default();
+        nonces.seen.insert(nonce);
+        while nonces.seen.len() > NONCES_KEPT {
+            if let Some(oldest) = nonces.seen.pop_first() {
+                nonces.floor = nonces.floor.max(oldest);
+            }
+        }
+    }
+
+    /// The change of a valid entry.
+    fn change(&mut self, index: u64, entry: &MetaEntry) {
+        match entry {
+            MetaEntry::AddMember { member, .. } => {
+                let mut record = member.clone();
+                record.since = index;
+                self.members.insert(record.node, record);
+            }
+            MetaEntry::Promote { .. } | MetaEntry::Noop => {}
+            MetaEntry::RemoveMember { node, .. } => {
+                if let Some(m) = self.members.get_mut(node) {
+                    m.state = MemberState::Removed;
+                    m.reason = "removed".into();
+                    m.since = index;
+                }
+            }
+            MetaEntry::SetState { node, state, reason } => {
+                if let Some(m) = self.members.get_mut(node) {
+                    m.state = *state;
+                    m.reason.clone_from(reason);
+                    m.since = index;
+                }
+            }
+            MetaEntry::SetSlots { table, .. } => self.slots = table.clone(),
+            MetaEntry::Settings(s) => self.settings = s.clone(),
+            MetaEntry::ModuleStored { label, sha256, size } => {
+                self.modules.entry(label.clone()).or_insert(ModuleRecord {
+                    sha256: sha256.clone(),
+                    size: *size,
+                    stored_at: index,
+                });
+            }
+            MetaEntry::Activate { label } => {
+                if let Some(previous) = self.active.replace(label.clone()) {
+                    self.history.push(previous);
+                }
+            }
+            MetaEntry::Rollback => self.active = self.history.pop(),
+            MetaEntry::Quarantine { label, reason } => {
+                self.quarantined.insert(label.clone(), reason.clone());
+                self.history.retain(|l| l != label);
+                if self.active.as_deref() == Some(label) {
+                    self.active = self.history.pop();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::replica::Consistency;
+    use super::*;
+
+    fn member(node: NodeIx) -> MemberRecord {
+        MemberRecord {
+            node,
+            raft_id: u64::from(node) + 1,
+            peer: format!("127.0.0.1:{}", 7000 + node).parse().expect("addr"),
+            client: format!("127.0.0.1:{}", 8000 + node).parse().expect("addr"),
+            weight: 1,
+            state: MemberState::Serving,
+            reason: String::new(),
+            since: 1,
+        }
+    }
+
+    fn founded() -> MetaState {
+        MetaState::founding(vec![member(0), member(1), member(2)], Settings { rf: 3, consistency: Consistency::Quorum })
+            .expect("founding")
+    }
+
+    fn p(nonce: u64, entry: MetaEntry) -> Proposal {
+        Proposal { proposer: 0, nonce, entry }
+    }
+
+    #[test]
+    fn retries_apply_once_and_bad_entries_are_refused_alike() {
+        let mut s = founded();
+        let activate = p(10, MetaEntry::Activate { label: "lru@1".into() });
+        assert!(matches!(s.apply(2, Some(&activate)), Outcome::Refused(_)), "not stored yet");
+        let store = p(11, MetaEntry::ModuleStored { label: "lru@1".into(), sha256: "aa".into(), size: 3 });
+        assert_eq!(s.apply(3, Some(&store)), Outcome::Applied);
+        assert_eq!(s.apply(4, Some(&store)), Outcome::Duplicate);
+        let activate = p(12, MetaEntry::Activate { label: "lru@1".into() });
+        assert_eq!(s.apply(5, Some(&activate)), Outcome::Applied);
+        assert_eq!(s.active.as_deref(), Some("lru@1"));
+        assert!(matches!(s.apply(6, None), Outcome::Refused(_)));
+        let stale = p(13, MetaEntry::SetSlots { expected_epoch: 7, table: s.slots.clone() });
+        assert!(matches!(s.apply(7, Some(&stale)), Outcome::Refused(_)));
+        let dup = p(14, MetaEntry::AddMember { member: member(1), voter: false });
+        assert!(matches!(s.apply(8, Some(&dup)), Outcome::Refused(_)));
+        let mut forged = member(5);
+        forged.raft_id = 3;
+        let forged = p(15, MetaEntry::AddMember { member: forged, voter: false });
+        assert!(matches!(s.apply(9, Some(&forged)), Outcome::Refused(_)));
+        assert_eq!(s.refused, 5);
+        assert_eq!(s.applied, 9);
+        let back = MetaState::decode(&s.encode()).expect("decode");
+        assert_eq!(back, s);
+        assert_eq!(back.digest(), s.digest());
+    }
+
+    #[test]
+    fn quarantine_and_rollback_move_the_active_module() {
+        let mut s = founded();
+        for (i, label) in ["a@1", "b@1"].iter().enumerate() {
+            let n = i as u64 * 2;
+            s.apply(
+                2 + n,
+                Some(&p(20 + n, MetaEntry::ModuleStored { label: (*label).into(), sha256: (*label).into(), size: 1 })),
+            );
+            s.apply(3 + n, Some(&p(21 + n, MetaEntry::Activate { label: (*label).into() })));
+        }
+        assert_eq!(s.active.as_deref(), Some("b@1"));
+        s.apply(9, Some(&p(30, MetaEntry::Quarantine { label: "b@1".into(), reason: "trapped".into() })));
+        assert_eq!(s.active.as_deref(), Some("a@1"));
+        assert!(matches!(s.apply(10, Some(&p(31, MetaEntry::Activate { label: "b@1".into() }))), Outcome::Refused(_)));
+        assert_eq!(s.apply(11, Some(&p(32, MetaEntry::Rollback))), Outcome::Applied);
+        assert_eq!(s.active, None);
+    }
+}
