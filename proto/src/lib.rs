@@ -14,8 +14,9 @@ pub use frame::{
     Decoded, Envelope, FrameError, MAX_DEPTH, MAX_REPLY_LEN, decode, encode, encode_at, from_slice_shallow,
 };
 pub use message::{
-    ALPN, AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats,
-    PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing, ShardListing, TtlChange, TtlState,
+    ALPN, AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, MetaMemberStats,
+    MetaStats, ModuleListing, NodeStats, PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing,
+    ShardListing, TtlChange, TtlState,
 };
 pub use ring::{DEFAULT_VNODES, Member, Ring, RingError, hash_tag, ring_hash};
 pub use slot::{SLOTS, SlotError, SlotMove, SlotRange, SlotTable, key_slot};

@@ -531,6 +531,54 @@ pub struct ClusterStats {
     /// Read-modify-writes and loads this member ran as a key's primary.
     #[serde(default)]
     pub primary_updates: u64,
+    /// The cluster's metadata log as this member sees it.
+    #[serde(default)]
+    pub meta: Option<MetaStats>,
+}
+
+/// The cluster's metadata log (membership, placement, policy registry) as
+/// one member sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaStats {
+    /// `probing` (a founder with an empty data directory asking whether
+    /// the cluster exists), `joining` (waiting to be added and caught up),
+    /// `running`, or `stopped: why`.
+    pub phase: String,
+    /// This member's Raft identity (generation << 32 | node + 1).
+    pub raft_id: u64,
+    /// The leader it knows of.
+    pub leader: Option<u32>,
+    /// The current term.
+    pub term: u64,
+    /// The last log index applied here.
+    pub applied: u64,
+    /// Every member in the log, removed ones included.
+    pub members: Vec<MetaMemberStats>,
+    /// The slot table's epoch.
+    pub slots_epoch: u64,
+    /// The policy module active cluster-wide, if one was activated.
+    pub active_policy: Option<String>,
+    /// Log entries the state machine refused (not valid when applied).
+    pub refused: u64,
+}
+
+/// One member as the metadata log records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaMemberStats {
+    /// Its node id.
+    pub node: u32,
+    /// Its Raft identity.
+    pub raft_id: u64,
+    /// `joining`, `syncing`, `serving`, `leaving`, `down` or `removed`.
+    pub state: String,
+    /// Why it got there.
+    pub reason: String,
+    /// Whether it votes in the log.
+    pub voter: bool,
+    /// Its peer address.
+    pub peer: String,
+    /// Its client address, once announced.
+    pub client: String,
 }
 
 /// One hot key in [`NodeStats`].

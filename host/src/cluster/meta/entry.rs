@@ -54,8 +54,9 @@ pub struct MemberRecord {
     pub raft_id: u64,
     /// Its peer (QUIC) address.
     pub peer: SocketAddr,
-    /// Its client (`cachet/1`) address.
-    pub client: SocketAddr,
+    /// Its client (`cachet/1`) address, once it announced it (founders
+    /// know only each other's peer addresses).
+    pub client: Option<SocketAddr>,
     /// Its share of the slots, relative to the others'.
     pub weight: u32,
     /// Where it stands.
@@ -115,6 +116,14 @@ pub enum MetaEntry {
         expected_epoch: u64,
         /// The new table, at `expected_epoch + 1`.
         table: SlotTable,
+    },
+    /// A member announces where it serves clients (only for itself: the
+    /// proposer must be `node`).
+    SetClient {
+        /// The member.
+        node: NodeIx,
+        /// Its client address.
+        client: SocketAddr,
     },
     /// Cluster-wide settings change.
     Settings(Settings),

@@ -12,6 +12,8 @@
 //! - [`state`]: the state machine they drive.
 //! - [`storage`]: the log in memory, written through to a durable sink.
 //! - [`file`]: that sink in the data directory.
+//! - [`member`]: founding, reopening or joining the log, and the leader's
+//!   duties (joins, the failure detector's verdicts).
 //!
 //! One [`MetaNode`] per member. Each call runs raft-rs's Ready cycle to the
 //! end in the order raft-rs documents: messages a leader may send at once,
@@ -21,6 +23,7 @@
 
 pub mod entry;
 pub mod file;
+pub mod member;
 #[cfg(test)]
 mod sim;
 pub mod state;
@@ -290,6 +293,25 @@ impl MetaNode {
     /// The last index applied here.
     pub fn applied(&self) -> u64 {
         self.state.as_ref().map_or(0, |s| s.applied)
+    }
+
+    /// The voters' Raft identities.
+    pub fn voters(&self) -> Vec<u64> {
+        self.raw.raft.prs().conf().to_conf_state().voters
+    }
+
+    /// Whether `raft_id` holds every committed entry, as this member
+    /// knows (the leader knows; others answer for themselves only).
+    pub fn caught_up(&self, raft_id: u64) -> bool {
+        if raft_id == self.raw.raft.id {
+            return true;
+        }
+        self.raw.raft.prs().get(raft_id).is_some_and(|p| p.matched >= self.raw.raft.raft_log.committed)
+    }
+
+    /// Whether a configuration change is proposed and not applied yet.
+    pub fn has_pending_conf_change(&self) -> bool {
+        self.raw.raft.pending_conf_index > self.applied()
     }
 
     /// Why this member stopped taking part in the log, if it did.
@@ -661,7 +683,7 @@ mod tests {
                 node: i,
                 raft_id: raft_id(i, 0),
                 peer: ([127, 0, 0, 1], 7000 + i as u16).into(),
-                client: ([127, 0, 0, 1], 8000 + i as u16).into(),
+                client: None,
                 weight: 1,
                 state: MemberState::Serving,
                 reason: String::new(),

@@ -122,7 +122,7 @@ fn record(node: NodeIx, generation: u32) -> MemberRecord {
         node,
         raft_id: raft_id(node, generation),
         peer: format!("127.0.0.{}:7000", node + 1).parse().unwrap_or_else(|_| ([127, 0, 0, 1], 7000).into()),
-        client: format!("127.0.0.{}:8000", node + 1).parse().unwrap_or_else(|_| ([127, 0, 0, 1], 8000).into()),
+        client: format!("127.0.0.{}:8000", node + 1).parse().ok(),
         weight: 1,
         state: MemberState::Serving,
         reason: String::new(),

@@ -124,6 +124,11 @@ impl MetaState {
         if !fresh {
             return Outcome::Duplicate;
         }
+        if let MetaEntry::SetClient { node, .. } = &proposal.entry
+            && *node != proposal.proposer
+        {
+            return Outcome::Refused(format!("node {} cannot announce node {node}'s address", proposal.proposer));
+        }
         match self.validate(&proposal.entry) {
             Ok(()) => Outcome::Applied,
             Err(why) => Outcome::Refused(why),
@@ -164,6 +169,19 @@ impl MetaState {
                 Some(m) => Err(format!("node {node} is raft id {:#x} now, not {raft_id:#x}", m.raft_id)),
                 None => Err(format!("node {node} is not a member")),
             },
+            MetaEntry::SetClient { node, client } => {
+                if member(*node).is_none() {
+                    return Err(format!("node {node} is not a member"));
+                }
+                match self
+                    .members
+                    .values()
+                    .find(|m| m.node != *node && m.state != MemberState::Removed && m.client == Some(*client))
+                {
+                    Some(other) => Err(format!("node {} already serves clients at {client}", other.node)),
+                    None => Ok(()),
+                }
+            }
             MetaEntry::Promote { node } | MetaEntry::SetState { node, .. } => {
                 member(*node).map(|_| ()).ok_or_else(|| format!("node {node} is not a member"))
             }
@@ -275,6 +293,11 @@ impl MetaState {
                     m.since = index;
                 }
             }
+            MetaEntry::SetClient { node, client } => {
+                if let Some(m) = self.members.get_mut(node) {
+                    m.client = Some(*client);
+                }
+            }
             MetaEntry::SetSlots { table, .. } => self.slots = table.clone(),
             MetaEntry::Settings(s) => self.settings = s.clone(),
             MetaEntry::ModuleStored { label, sha256, size } => {
@@ -311,7 +334,7 @@ mod tests {
             node,
             raft_id: u64::from(node) + 1,
             peer: format!("127.0.0.1:{}", 7000 + node).parse().expect("addr"),
-            client: format!("127.0.0.1:{}", 8000 + node).parse().expect("addr"),
+            client: Some(format!("127.0.0.1:{}", 8000 + node).parse().expect("addr")),
             weight: 1,
             state: MemberState::Serving,
             reason: String::new(),

@@ -1,0 +1,664 @@
+//! A member's part in the metadata log, between the runtime's shell and
+//! [`MetaNode`]: how a member comes to have a log (founding it, reopening
+//! it, or joining), the frames members exchange for that, and what the
+//! leader does with what the failure detector and joining members tell it.
+//!
+//! **Founding without double votes.** A founder (`--cluster`) whose data
+//! directory has no log cannot tell by itself whether this is the
+//! cluster's first start or a restart after its disk was lost; founding
+//! again under its old identity would let it vote twice in a term it
+//! forgot. So it first asks the other founders (`Hello`): if any of them
+//! holds a log, the cluster exists and this member joins as a new
+//! incarnation; it founds only once a majority of the founders (itself
+//! included) said they have none.
+//!
+//! **Joining.** A member with no log (a wiped founder, or one started with
+//! `--seeds`) takes a fresh random generation, saves its identity, and
+//! sends `Join` to every peer it knows until it has the state. The leader
+//! removes an older incarnation of the same node if there is one, adds the
+//! new one (a voter while there are fewer than five), and raft-rs brings it
+//! up to date with a snapshot. A `Join` is believed only for the node the
+//! sender's certificate names.
+//!
+//! **The failure detector's verdicts** (SWIM, foca) reach every member;
+//! only the leader records them in the log (`SetState` down or serving),
+//! so a member cut off from the majority records nothing.
+//!
+//! **Client addresses**: founders know only each other's peer addresses;
+//! each member announces its own client address once it is in the log.
+
+use super::entry::{MemberRecord, MemberState, MetaEntry, Settings};
+use super::file::FileDurable;
+use super::state::MetaState;
+use super::storage::{Loaded, MetaStorage};
+use super::wire::{RaftWire, WireConf, WireSnapshot};
+use super::{MetaConfig, MetaError, MetaEvent, MetaNode, node_of, raft_id};
+use crate::cluster::replica::NodeIx;
+use cachet_proto::{MetaMemberStats, MetaStats};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The metadata log's directory inside the data directory.
+pub const META_DIR: &str = "meta";
+/// This member's node id and Raft identity, beside the log.
+const IDENTITY_FILE: &str = "identity";
+const HELLO_EVERY_MS: u64 = 250;
+const JOIN_EVERY_MS: u64 = 500;
+const RECONCILE_EVERY_MS: u64 = 250;
+/// Voters in the log, at most; further members are learners (they get
+/// every entry and do not slow commits down).
+const MAX_VOTERS: usize = 5;
+
+/// What members send each other about the metadata log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaFrame {
+    /// A Raft message (boxed: it dwarfs the other frames).
+    Raft(Box<RaftWire>),
+    /// A founder with no log asks whether the cluster was founded.
+    Hello,
+    /// The answer: whether the sender holds a log.
+    Founded(bool),
+    /// A member with no log asks to be added under `raft_id`.
+    Join {
+        /// Its new Raft identity.
+        raft_id: u64,
+        /// Where it serves clients.
+        client: SocketAddr,
+    },
+}
+
+/// What the member needs to know about itself.
+#[derive(Clone, Debug)]
+pub struct MetaOptions {
+    /// This node's id.
+    pub me: NodeIx,
+    /// The founders' peer addresses by node id (`--cluster`); empty for a
+    /// member joining through `--seeds`.
+    pub founders: Vec<SocketAddr>,
+    /// Its own peer address.
+    pub peer: SocketAddr,
+    /// Where it serves clients.
+    pub client: SocketAddr,
+    /// The settings a founding writes into the log.
+    pub settings: Settings,
+    /// The data directory (the log goes in its `meta/`).
+    pub data_dir: PathBuf,
+    /// Timing.
+    pub config: MetaConfig,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Identity {
+    node: NodeIx,
+    raft_id: u64,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Probing { empty: BTreeSet<NodeIx>, next_hello: u64 },
+    Joining { next_join: u64 },
+    Running,
+}
+
+/// A join request the leader has yet to act on.
+#[derive(Clone, Debug)]
+struct JoinRequest {
+    raft_id: u64,
+    peer: SocketAddr,
+    client: SocketAddr,
+}
+
+/// One member's metadata log and what surrounds it.
+pub struct MetaMember {
+    opts: MetaOptions,
+    node: Option<MetaNode>,
+    raft_id: u64,
+    phase: Phase,
+    seed: u64,
+    outbox: VecDeque<(NodeIx, MetaFrame)>,
+    joins: BTreeMap<NodeIx, JoinRequest>,
+    verdicts: BTreeMap<NodeIx, bool>,
+    next_reconcile: u64,
+    /// Nonces of this member's proposals still open, by what they are for.
+    open: BTreeMap<u64, NodeIx>,
+    changed: bool,
+    error: Option<String>,
+}
+
+fn io_error(e: std::io::Error) -> MetaError {
+    MetaError::Failed(format!("the metadata log's files: {e}"))
+}
+
+impl MetaMember {
+    /// Opens this member's log: reopened from the data directory when it
+    /// has one; otherwise probing the founders (a founder) or joining.
+    pub fn open(opts: MetaOptions, seed: u64, now: u64) -> Result<Self, MetaError> {
+        let dir = opts.data_dir.join(META_DIR);
+        std::fs::create_dir_all(&dir).map_err(io_error)?;
+        let identity = match std::fs::read(dir.join(IDENTITY_FILE)) {
+            Ok(bytes) => Some(
+                cachet_proto::frame::from_slice_shallow::<Identity>(&bytes)
+                    .map_err(|e| MetaError::Failed(format!("{}: {e}", dir.join(IDENTITY_FILE).display())))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_error(e)),
+        };
+        if let Some(id) = &identity
+            && id.node != opts.me
+        {
+            return Err(MetaError::Failed(format!(
+                "the data directory's metadata log belongs to node {}, not {}",
+                id.node, opts.me
+            )));
+        }
+        let mut member = Self {
+            raft_id: raft_id(opts.me, 0),
+            opts,
+            node: None,
+            phase: Phase::Running,
+            seed,
+            outbox: VecDeque::new(),
+            joins: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
+            next_reconcile: now,
+            open: BTreeMap::new(),
+            changed: false,
+            error: None,
+        };
+        let (durable, loaded) = FileDurable::open(&dir).map_err(io_error)?;
+        match identity {
+            Some(id) if !loaded.is_empty() => {
+                member.raft_id = id.raft_id;
+                let has_state = loaded.snapshot.is_some();
+                let storage = MetaStorage::open(loaded, Box::new(durable))?;
+                member.start(storage, now)?;
+                member.phase = if has_state { Phase::Running } else { Phase::Joining { next_join: now } };
+                tracing::info!(node = member.opts.me, raft_id = member.raft_id, "metadata log reopened");
+            }
+            // A joiner that never received the state: join again, under the
+            // identity it asked for.
+            Some(id) if id.raft_id >> 32 != 0 => {
+                member.raft_id = id.raft_id;
+                member.join_as(id.raft_id, durable, now)?;
+            }
+            _ if member.opts.founders.is_empty() => member.join(durable, now)?,
+            _ => member.phase = Phase::Probing { empty: BTreeSet::new(), next_hello: now },
+        }
+        Ok(member)
+    }
+
+    fn start(&mut self, storage: MetaStorage, now: u64) -> Result<(), MetaError> {
+        let nonce_base = super::super::runtime::unix_ms().saturating_mul(1_000);
+        self.node = Some(MetaNode::new(
+            self.opts.me,
+            self.raft_id,
+            storage,
+            self.opts.config.clone(),
+            self.seed,
+            nonce_base,
+            now,
+        )?);
+        Ok(())
+    }
+
+    fn save_identity(&self) -> Result<(), MetaError> {
+        let dir = self.opts.data_dir.join(META_DIR);
+        let bytes = rmp_serde::to_vec(&Identity { node: self.opts.me, raft_id: self.raft_id })
+            .map_err(|e| MetaError::Failed(e.to_string()))?;
+        let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+        std::fs::write(&tmp, bytes).map_err(io_error)?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_error)?;
+        std::fs::rename(&tmp, dir.join(IDENTITY_FILE)).map_err(io_error)
+    }
+
+    /// The founding state every founder computes alike.
+    fn founding(&self) -> Result<WireSnapshot, MetaError> {
+        let founders: Vec<MemberRecord> = self
+            .opts
+            .founders
+            .iter()
+            .enumerate()
+            .map(|(i, peer)| MemberRecord {
+                node: i as NodeIx,
+                raft_id: raft_id(i as NodeIx, 0),
+                peer: *peer,
+                client: None,
+                weight: 1,
+                state: MemberState::Serving,
+                reason: "founder".into(),
+                since: 1,
+            })
+            .collect();
+        let ids: Vec<u64> = founders.iter().map(|m| m.raft_id).collect();
+        let state = MetaState::founding(founders, self.opts.settings.clone())
+            .map_err(|e| MetaError::Failed(format!("founding placement: {e}")))?;
+        let voters = ids.iter().take(MAX_VOTERS).copied().collect();
+        let learners = ids.iter().skip(MAX_VOTERS).copied().collect();
+        Ok(WireSnapshot {
+            data: state.encode().into(),
+            index: 1,
+            term: 1,
+            conf: WireConf { voters, learners, ..WireConf::default() },
+        })
+    }
+
+    fn found(&mut self, now: u64) -> Result<(), MetaError> {
+        let snapshot = self.founding()?;
+        self.raft_id = raft_id(self.opts.me, 0);
+        self.save_identity()?;
+        let (durable, _) = FileDurable::open(&self.opts.data_dir.join(META_DIR)).map_err(io_error)?;
+        let storage = MetaStorage::found(snapshot, Box::new(durable))?;
+        self.start(storage, now)?;
+        self.phase = Phase::Running;
+        tracing::info!(node = self.opts.me, founders = self.opts.founders.len(), "metadata log founded");
+        Ok(())
+    }
+
+    fn join(&mut self, durable: FileDurable, now: u64) -> Result<(), MetaError> {
+        // A new generation, never 0 (the founders'), drawn from the boot
+        // nonce; the log refuses an identity used before.
+        let generation = (self.seed % u64::from(u32::MAX - 1)) as u32 + 1;
+        let id = raft_id(self.opts.me, generation);
+        self.join_as(id, durable, now)
+    }
+
+    fn join_as(&mut self, id: u64, durable: FileDurable, now: u64) -> Result<(), MetaError> {
+        self.raft_id = id;
+        self.save_identity()?;
+        let storage = MetaStorage::open(Loaded::default(), Box::new(durable))?;
+        self.start(storage, now)?;
+        self.phase = Phase::Joining { next_join: now };
+        tracing::info!(node = self.opts.me, raft_id = id, "joining the metadata log as a new incarnation");
+        Ok(())
+    }
+
+    /// This member's log, once it has one.
+    pub fn node(&self) -> Option<&MetaNode> {
+        self.node.as_ref()
+    }
+
+    /// The state as applied here, once there is one.
+    pub fn state(&self) -> Option<&MetaState> {
+        self.node.as_ref().and_then(MetaNode::state)
+    }
+
+    /// Whether the state changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// A frame from `from` (the node its certificate names), sent from
+    /// `addr`.
+    pub fn handle(&mut self, now: u64, from: NodeIx, addr: SocketAddr, frame: MetaFrame) -> Result<(), MetaError> {
+        match frame {
+            MetaFrame::Raft(wire) => {
+                // While probing there is no log to step it into (founders
+                // starting together campaign before the last one founded).
+                match self.node.as_mut() {
+                    Some(node) => node.handle(now, from, *wire),
+                    None => Ok(()),
+                }
+            }
+            MetaFrame::Hello => {
+                // Founded means "the log moved on since its founding":
+                // founders starting together all found; one that asks
+                // after the first election (a lost disk, or a late first
+                // start) joins as a new incarnation, which is always safe.
+                let founded = self.node.as_ref().is_some_and(|n| n.term() > 1 || n.applied() > 1);
+                self.outbox.push_back((from, MetaFrame::Founded(founded)));
+                Ok(())
+            }
+            MetaFrame::Founded(founded) => {
+                let Phase::Probing { empty, .. } = &mut self.phase else { return Ok(()) };
+                if founded {
+                    return self.become_joiner(now);
+                }
+                empty.insert(from);
+                let majority = self.opts.founders.len() / 2 + 1;
+                if empty.iter().filter(|n| **n != self.opts.me).count() + 1 >= majority {
+                    self.found(now)?;
+                }
+                Ok(())
+            }
+            MetaFrame::Join { raft_id, client } => {
+                if node_of(raft_id) != Some(from) {
+                    return Err(MetaError::Impostor { node: from, claimed: raft_id });
+                }
+                self.joins.insert(from, JoinRequest { raft_id, peer: addr, client });
+                Ok(())
+            }
+        }
+    }
+
+    fn become_joiner(&mut self, now: u64) -> Result<(), MetaError> {
+        let (durable, _) = FileDurable::open(&self.opts.data_dir.join(META_DIR)).map_err(io_error)?;
+        self.join(durable, now)
+    }
+
+    /// The failure detector's verdict on `node`.
+    pub fn verdict(&mut self, node: NodeIx, up: bool) {
+        self.verdicts.insert(node, up);
+    }
+
+    /// Advances the clock; `peers` are the members this node knows how to
+    /// reach (where a joiner sends `Join`).
+    pub fn tick(&mut self, now: u64, peers: &[NodeIx]) {
+        let has_state = self.state().is_some();
+        match &mut self.phase {
+            Phase::Probing { next_hello, .. } if now >= *next_hello => {
+                *next_hello = now + HELLO_EVERY_MS;
+                for i in 0..self.opts.founders.len() as NodeIx {
+                    if i != self.opts.me {
+                        self.outbox.push_back((i, MetaFrame::Hello));
+                    }
+                }
+                if self.opts.founders.len() == 1
+                    && let Err(e) = self.found(now)
+                {
+                    self.error = Some(e.to_string());
+                }
+            }
+            Phase::Joining { .. } if has_state => {
+                self.phase = Phase::Running;
+                tracing::info!(node = self.opts.me, "joined the metadata log");
+            }
+            Phase::Joining { next_join } if now >= *next_join => {
+                *next_join = now + JOIN_EVERY_MS;
+                for &p in peers.iter().filter(|p| **p != self.opts.me) {
+                    self.outbox.push_back((p, MetaFrame::Join { raft_id: self.raft_id, client: self.opts.client }));
+                }
+            }
+            _ => {}
+        }
+        if let Some(node) = self.node.as_mut() {
+            node.tick(now);
+        }
+        if matches!(self.phase, Phase::Running) && now >= self.next_reconcile {
+            self.next_reconcile = now + RECONCILE_EVERY_MS;
+            self.announce(now);
+            if self.node.as_ref().is_some_and(MetaNode::is_leader) {
+                self.reconcile(now);
+            }
+        }
+        self.drain_events();
+    }
+
+    fn propose(&mut self, now: u64, about: NodeIx, entry: MetaEntry) {
+        let Some(node) = self.node.as_mut() else { return };
+        match node.propose(now, entry) {
+            Ok(nonce) => {
+                self.open.insert(nonce, about);
+            }
+            Err(e) => tracing::debug!(target: "cachet::meta", "proposal not made: {e}"),
+        }
+    }
+
+    fn busy_with(&self, node: NodeIx) -> bool {
+        self.open.values().any(|n| *n == node)
+    }
+
+    /// Tells the log this member's client address, once.
+    fn announce(&mut self, now: u64) {
+        let me = self.opts.me;
+        let known = self.state().and_then(|s| s.members.get(&me)).map(|m| (m.client, m.raft_id));
+        if let Some((client, id)) = known
+            && id == self.raft_id
+            && client != Some(self.opts.client)
+            && !self.busy_with(me)
+        {
+            self.propose(now, me, MetaEntry::SetClient { node: me, client: self.opts.client });
+        }
+    }
+
+    /// The leader's duties: joins, promotions, and the failure detector's
+    /// verdicts into the log. One configuration change at a time (raft-rs
+    /// takes one at a time).
+    fn reconcile(&mut self, now: u64) {
+        let Some(node) = self.node.as_ref() else { return };
+        let Some(state) = node.state() else { return };
+        let mut proposals: Vec<(NodeIx, MetaEntry)> = Vec::new();
+        let conf_busy = node.has_pending_conf_change();
+        let voters = node.voters();
+        if !conf_busy {
+            let mut done = Vec::new();
+            for (n, join) in &self.joins {
+                match state.members.get(n) {
+                    Some(rec) if rec.raft_id == join.raft_id && rec.state != MemberState::Removed => done.push(*n),
+                    Some(rec) if rec.state != MemberState::Removed => {
+                        proposals.push((*n, MetaEntry::RemoveMember { node: *n, raft_id: rec.raft_id }));
+                        break;
+                    }
+                    _ => {
+                        let member = MemberRecord {
+                            node: *n,
+                            raft_id: join.raft_id,
+                            peer: join.peer,
+                            client: Some(join.client),
+                            weight: 1,
+                            state: MemberState::Joining,
+                            reason: "joined".into(),
+                            since: 0,
+                        };
+                        proposals.push((*n, MetaEntry::AddMember { member, voter: voters.len() < MAX_VOTERS }));
+                        break;
+                    }
+                }
+            }
+            for n in done {
+                self.joins.remove(&n);
+            }
+            if proposals.is_empty() && voters.len() < MAX_VOTERS {
+                // A learner the detector sees up becomes a voter.
+                let learner = state.members.values().find(|m| {
+                    m.state != MemberState::Removed
+                        && !voters.contains(&m.raft_id)
+                        && self.verdicts.get(&m.node).copied().unwrap_or(false)
+                        && node.caught_up(m.raft_id)
+                });
+                if let Some(m) = learner {
+                    proposals.push((m.node, MetaEntry::Promote { node: m.node }));
+                }
+            }
+        }
+        for m in state.members.values().filter(|m| m.state != MemberState::Removed) {
+            let up = if m.node == self.opts.me { Some(true) } else { self.verdicts.get(&m.node).copied() };
+            let next = match (m.state, up) {
+                (MemberState::Down | MemberState::Joining, Some(true)) if node.caught_up(m.raft_id) => {
+                    Some((MemberState::Serving, "the failure detector sees it up"))
+                }
+                (MemberState::Serving | MemberState::Joining | MemberState::Syncing, Some(false)) => {
+                    Some((MemberState::Down, "the failure detector declared it down"))
+                }
+                _ => None,
+            };
+            if let Some((state, reason)) = next {
+                proposals.push((m.node, MetaEntry::SetState { node: m.node, state, reason: reason.into() }));
+            }
+        }
+        for (about, entry) in proposals {
+            if !self.busy_with(about) {
+                self.propose(now, about, entry);
+            }
+        }
+    }
+
+    fn drain_events(&mut self) {
+        let Some(node) = self.node.as_mut() else { return };
+        while let Some(event) = node.poll_event() {
+            match event {
+                MetaEvent::Decided { nonce, .. } | MetaEvent::Abandoned { nonce, .. } => {
+                    self.open.remove(&nonce);
+                }
+                MetaEvent::Changed { .. } => self.changed = true,
+                MetaEvent::Leader { leader, term } => {
+                    tracing::info!(target: "cachet::meta", node = self.opts.me, ?leader, term, "metadata leader");
+                }
+            }
+        }
+    }
+
+    /// The next frame to send, and to which node.
+    pub fn poll_transmit(&mut self) -> Option<(NodeIx, MetaFrame)> {
+        if let Some(out) = self.outbox.pop_front() {
+            return Some(out);
+        }
+        let node = self.node.as_mut()?;
+        node.poll_transmit().map(|(to, wire)| (to, MetaFrame::Raft(Box::new(wire))))
+    }
+
+    /// When [`Self::tick`] is next due.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let phase = match &self.phase {
+            Phase::Probing { next_hello, .. } => Some(*next_hello),
+            Phase::Joining { next_join } => Some(*next_join),
+            Phase::Running => Some(self.next_reconcile),
+        };
+        let node = self.node.as_ref().and_then(MetaNode::poll_timeout);
+        [phase, node].into_iter().flatten().min()
+    }
+
+    /// What `cachet stats` shows of the log.
+    pub fn stats(&self) -> MetaStats {
+        let phase = match (&self.error, self.node.as_ref().and_then(MetaNode::failed), &self.phase) {
+            (Some(e), _, _) => format!("stopped: {e}"),
+            (_, Some(e), _) => format!("stopped: {e}"),
+            (_, _, Phase::Probing { .. }) => "probing".into(),
+            (_, _, Phase::Joining { .. }) => "joining".into(),
+            (_, _, Phase::Running) => "running".into(),
+        };
+        let mut stats = MetaStats { phase, raft_id: self.raft_id, ..MetaStats::default() };
+        let Some(node) = self.node.as_ref() else { return stats };
+        stats.leader = node.leader();
+        stats.term = node.term();
+        stats.applied = node.applied();
+        let voters = node.voters();
+        if let Some(state) = node.state() {
+            stats.members = state
+                .members
+                .values()
+                .map(|m| MetaMemberStats {
+                    node: m.node,
+                    raft_id: m.raft_id,
+                    state: m.state.name().into(),
+                    reason: m.reason.clone(),
+                    voter: voters.contains(&m.raft_id),
+                    peer: m.peer.to_string(),
+                    client: m.client.map(|c| c.to_string()).unwrap_or_default(),
+                })
+                .collect();
+            stats.slots_epoch = state.slots.epoch();
+            stats.active_policy = state.active.clone();
+            stats.refused = state.refused;
+        }
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::replica::Consistency;
+
+    fn opts(me: NodeIx, founders: usize, dir: &std::path::Path) -> MetaOptions {
+        let addr = |i: NodeIx, port: u16| SocketAddr::from(([127, 0, 0, 1], port + i as u16));
+        MetaOptions {
+            me,
+            founders: (0..founders as NodeIx).map(|i| addr(i, 7100)).collect(),
+            peer: addr(me, 7100),
+            client: addr(me, 8100),
+            settings: Settings { rf: 3, consistency: Consistency::Quorum },
+            data_dir: dir.join(format!("node{me}")),
+            config: MetaConfig::default(),
+        }
+    }
+
+    /// Runs the members on a perfect network from `from` for `ms`, the
+    /// failure detector seeing `up`.
+    fn run(members: &mut [Option<MetaMember>], up: &[bool], from: u64, ms: u64) {
+        let ids: Vec<NodeIx> = (0..members.len() as NodeIx).collect();
+        for now in from..from + ms {
+            for i in 0..members.len() {
+                let Some(m) = members[i].as_mut() else { continue };
+                for (j, u) in up.iter().enumerate() {
+                    if j != i {
+                        m.verdict(j as NodeIx, *u);
+                    }
+                }
+                m.tick(now, &ids);
+                let mut out = Vec::new();
+                while let Some(f) = members[i].as_mut().and_then(MetaMember::poll_transmit) {
+                    out.push(f);
+                }
+                for (to, frame) in out {
+                    let from_addr = SocketAddr::from(([127, 0, 0, 1], 7100 + i as u16));
+                    if let Some(peer) = members.get_mut(to as usize).and_then(Option::as_mut) {
+                        let _ = peer.handle(now, i as NodeIx, from_addr, frame);
+                    }
+                }
+            }
+        }
+    }
+
+    fn serving(m: &MetaMember) -> Vec<(NodeIx, String, bool)> {
+        m.stats().members.iter().map(|s| (s.node, s.state.clone(), s.client.is_empty())).collect()
+    }
+
+    #[test]
+    fn founders_found_once_joiners_join_and_a_wiped_founder_comes_back_as_a_new_incarnation() {
+        let dir = std::env::temp_dir().join(format!("cachet-meta-member-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut members: Vec<Option<MetaMember>> =
+            (0..3).map(|i| Some(MetaMember::open(opts(i, 3, &dir), 10 + u64::from(i), 0).expect("open"))).collect();
+        members.push(None);
+        assert_eq!(members[0].as_ref().map(|m| m.stats().phase), Some("probing".into()));
+        run(&mut members, &[true, true, true, false], 0, 3_000);
+        for m in members.iter().flatten() {
+            let stats = m.stats();
+            assert_eq!(stats.phase, "running");
+            assert_eq!(stats.raft_id >> 32, 0, "founders starting together found at generation 0");
+            assert!(stats.leader.is_some());
+            assert_eq!(
+                serving(m),
+                vec![(0, "serving".into(), false), (1, "serving".into(), false), (2, "serving".into(), false)]
+            );
+        }
+        // A fourth member joins through the others.
+        let mut o = opts(3, 3, &dir);
+        o.founders.clear();
+        members[3] = Some(MetaMember::open(o, 99, 3_000).expect("open"));
+        run(&mut members, &[true; 4], 3_000, 3_000);
+        let stats = members[3].as_ref().expect("member 3").stats();
+        assert_eq!(stats.phase, "running");
+        assert_ne!(stats.raft_id >> 32, 0);
+        assert_eq!(stats.members.len(), 4);
+        assert!(stats.members.iter().all(|m| m.state == "serving" && m.voter), "{stats:?}");
+        // Founder 1 loses its disk: it asks, hears the log moved on, and
+        // comes back as a new incarnation in place of the old one.
+        members[1] = None;
+        run(&mut members, &[true, false, true, true], 6_000, 3_000);
+        let leader = members.iter().flatten().find(|m| m.node().is_some_and(MetaNode::is_leader)).expect("a leader");
+        assert_eq!(leader.stats().members.iter().find(|m| m.node == 1).map(|m| m.state.clone()), Some("down".into()));
+        std::fs::remove_dir_all(dir.join("node1")).expect("wipe");
+        members[1] = Some(MetaMember::open(opts(1, 3, &dir), 1_234, 9_000).expect("open"));
+        run(&mut members, &[true; 4], 9_000, 4_000);
+        let stats = members[1].as_ref().expect("member 1").stats();
+        assert_eq!(stats.phase, "running", "{stats:?}");
+        assert_ne!(stats.raft_id >> 32, 0, "a new incarnation");
+        let one = stats.members.iter().find(|m| m.node == 1).expect("node 1");
+        assert_eq!((one.raft_id, one.state.as_str()), (stats.raft_id, "serving"));
+        // Founder 2 restarts with its disk: same identity, same log.
+        let before = members[2].as_ref().map(|m| m.stats().raft_id);
+        members[2] = None;
+        members[2] = Some(MetaMember::open(opts(2, 3, &dir), 5, 13_000).expect("reopen"));
+        assert_eq!(members[2].as_ref().map(|m| m.stats().phase), Some("running".into()));
+        run(&mut members, &[true; 4], 13_000, 2_000);
+        assert_eq!(members[2].as_ref().map(|m| m.stats().raft_id), before);
+        let applied: BTreeSet<u64> = members.iter().flatten().map(|m| m.stats().applied).collect();
+        assert_eq!(applied.len(), 1, "{applied:?}");
+        // The data directory of another node is refused.
+        assert!(MetaMember::open(MetaOptions { me: 0, ..opts(2, 3, &dir) }, 1, 0).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
