@@ -1939,3 +1939,107 @@ async fn a_cluster_client_given_one_member_reaches_the_others_on_certificates() 
     one.close().await;
     observer.close().await;
 }
+
+/// Every reachable member's view of the metadata log, by member index
+/// (`None` for one that does not answer).
+async fn meta_views(cluster: &TestCluster, members: &[usize]) -> Vec<Option<cachet_proto::MetaStats>> {
+    let mut views = Vec::new();
+    for &i in members {
+        let alone = cluster.client_of(&[i]);
+        let view = match tokio::time::timeout(Duration::from_secs(2), alone.stats_of(0)).await {
+            Ok(Ok(stats)) => stats.cluster.and_then(|c| c.meta),
+            _ => None,
+        };
+        alone.close().await;
+        views.push(view);
+    }
+    views
+}
+
+/// Waits (at most `limit`) until `members` agree on one leader, all run
+/// the log at the same applied index, and `check` holds for that view.
+async fn wait_meta(
+    cluster: &TestCluster,
+    members: &[usize],
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&cachet_proto::MetaStats) -> bool,
+) -> (Duration, cachet_proto::MetaStats) {
+    let start = Instant::now();
+    loop {
+        let views = meta_views(cluster, members).await;
+        let all: Option<Vec<_>> = views.iter().cloned().collect();
+        if let Some(all) = all {
+            let agreed = all.iter().all(|v| {
+                v.phase == "running" && v.leader.is_some() && v.leader == all[0].leader && v.applied == all[0].applied
+            });
+            if agreed && all.iter().all(&check) {
+                return (start.elapsed(), all[0].clone());
+            }
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}: {views:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn member_state(view: &cachet_proto::MetaStats, node: u32) -> Option<(&str, u64)> {
+    view.members.iter().find(|m| m.node == node).map(|m| (m.state.as_str(), m.raft_id))
+}
+
+/// The metadata log on real processes (issue 20, in shadow: it records
+/// membership beside the failure detector's ring, not steering it yet):
+/// founded once by the founders, one leader, a SIGKILLed leader replaced
+/// and recorded down, a member restarted with its data directory keeping
+/// its identity, one restarted without rejoining as a new incarnation, and
+/// a member joining through `--seeds`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_log_runs_on_real_members() {
+    let mut cluster = TestCluster::start(3, 3, "meta");
+    let serving_all = |n: u32| {
+        move |v: &cachet_proto::MetaStats| {
+            v.members.len() == n as usize && v.members.iter().all(|m| m.state == "serving" && !m.client.is_empty())
+        }
+    };
+    let (took, view) = wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "founding", serving_all(3)).await;
+    eprintln!("founded and every client address announced in {took:?}: {view:?}");
+    assert!(view.members.iter().all(|m| m.raft_id >> 32 == 0 && m.voter), "founders at generation 0, voters");
+    let first_term = view.term;
+
+    // The leader is killed: the others elect another and record it down.
+    let leader = view.leader.expect("a leader") as usize;
+    let ids: Vec<u64> = view.members.iter().map(|m| m.raft_id).collect();
+    cluster.members[leader].kill();
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let (took, view) = wait_meta(&cluster, &others, Duration::from_secs(15), "a new leader", |v| {
+        v.leader != Some(leader as u32) && member_state(v, leader as u32).is_some_and(|(s, _)| s == "down")
+    })
+    .await;
+    eprintln!("leader {leader} killed: new leader {:?} and {leader} recorded down in {took:?}", view.leader);
+    assert!(view.term > first_term);
+
+    // Restarted with its data directory: the same identity, serving again.
+    cluster.members[leader].spawn();
+    let (took, view) =
+        wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "the restarted member", serving_all(3)).await;
+    eprintln!("member {leader} restarted with its log: serving again in {took:?}");
+    assert_eq!(view.members.iter().map(|m| m.raft_id).collect::<Vec<_>>(), ids, "identities kept");
+
+    // Restarted without its data directory: a new incarnation replaces the
+    // old one (it never votes under the identity whose vote it forgot).
+    let wiped = (leader + 1) % 3;
+    cluster.members[wiped].kill();
+    std::fs::remove_dir_all(cluster.root.join(format!("node{wiped}"))).expect("wipe the data directory");
+    cluster.members[wiped].spawn();
+    let (took, view) = wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(30), "the wiped member", |v| {
+        serving_all(3)(v) && member_state(v, wiped as u32).is_some_and(|(_, id)| id >> 32 != 0)
+    })
+    .await;
+    eprintln!("member {wiped} wiped: back as raft id {:?} in {took:?}", member_state(&view, wiped as u32));
+
+    // A fourth member joins through the seeds.
+    cluster.join();
+    let (took, view) = wait_meta(&cluster, &[0, 1, 2, 3], Duration::from_secs(30), "the joiner", serving_all(4)).await;
+    eprintln!("member 3 joined in {took:?}");
+    assert!(view.members.iter().all(|m| m.voter), "{view:?}");
+    assert_eq!(view.refused, 0, "{view:?}");
+}

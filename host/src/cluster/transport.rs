@@ -16,6 +16,7 @@
 //! Frames are bounded before they are read; a peer that sends garbage is
 //! disconnected and logged, and the node goes on.
 
+use super::meta::member::MetaFrame;
 use super::replica::Message;
 use crate::server::tls::{self, TlsError, TlsSource};
 use bytes::Bytes;
@@ -61,6 +62,8 @@ pub enum PeerFrame {
     Gossip(Bytes),
     /// A replication message.
     Replica(Message),
+    /// A metadata log frame (Raft, founding, joining).
+    Meta(MetaFrame),
 }
 
 /// A frame from a peer.

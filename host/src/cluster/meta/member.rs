@@ -190,7 +190,9 @@ impl MetaMember {
     }
 
     fn start(&mut self, storage: MetaStorage, now: u64) -> Result<(), MetaError> {
-        let nonce_base = super::super::runtime::unix_ms().saturating_mul(1_000);
+        // Above every nonce of an earlier life of this member.
+        let nonce_base =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         self.node = Some(MetaNode::new(
             self.opts.me,
             self.raft_id,

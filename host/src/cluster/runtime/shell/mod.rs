@@ -7,6 +7,9 @@ use super::persist::{INCARNATION_FILE, MEMBERS_FILE, load_members, next_incarnat
 use super::sender::send_loop;
 use super::{ClusterOptions, Command, unix_ms};
 use crate::cluster::membership::{Membership, MembershipConfig, MembershipEvent, Peer};
+use crate::cluster::meta::MetaConfig;
+use crate::cluster::meta::entry::Settings;
+use crate::cluster::meta::member::{MetaMember, MetaOptions};
 use crate::cluster::replica::{self, NodeIx, OpError, Outcome, RecordStore, Replica, ReplicaConfig};
 use crate::cluster::transport::{Incoming, PeerFrame, PeerTransport};
 use crate::cluster::update::Effect;
@@ -172,6 +175,11 @@ pub(super) struct Shell {
     /// Members relayed as up at an address not confirmed by the member
     /// itself: taken in when it speaks from there ([`Shell::confirm`]).
     unconfirmed: std::collections::BTreeMap<NodeIx, Peer>,
+    /// The cluster's metadata log (`None` if it could not be opened: the
+    /// error is in the stats). It runs beside the failure detector's ring
+    /// and does not steer it yet (issue 20, step 6).
+    meta: Option<MetaMember>,
+    meta_error: Option<String>,
 }
 
 impl Shell {
@@ -243,6 +251,25 @@ impl Shell {
             }
         }
         let alive = peers.keys().map(|&i| (i, true)).collect();
+        let meta_options = MetaOptions {
+            me,
+            founders: options.members.clone(),
+            peer: listen,
+            client: options.client_addr,
+            settings: Settings {
+                rf: options.replication_factor as u32,
+                consistency: super::level(options.consistency),
+            },
+            data_dir: options.data_dir.clone(),
+            config: MetaConfig::default(),
+        };
+        let (meta, meta_error) = match MetaMember::open(meta_options, boot, 0) {
+            Ok(meta) => (Some(meta), None),
+            Err(err) => {
+                tracing::error!(%err, "the cluster's metadata log cannot be opened; running without it");
+                (None, Some(err.to_string()))
+            }
+        };
         Self {
             me,
             config,
@@ -287,6 +314,8 @@ impl Shell {
             impostor_log: crate::clients::LogLimiter::new(1_000),
             verified: std::collections::BTreeMap::new(),
             unconfirmed: std::collections::BTreeMap::new(),
+            meta,
+            meta_error,
         }
     }
 
@@ -324,12 +353,16 @@ impl Shell {
         loop {
             self.flush();
             let now = self.now();
-            let next = [self.replica.as_ref().and_then(Replica::poll_timeout), self.membership.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(now + 100)
-                .clamp(now, now + 100);
+            let next = [
+                self.replica.as_ref().and_then(Replica::poll_timeout),
+                self.membership.poll_timeout(),
+                self.meta.as_ref().and_then(MetaMember::poll_timeout),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + 100)
+            .clamp(now, now + 100);
             let wake = tokio::time::Instant::from_std(self.started + Duration::from_millis(next));
             tokio::select! {
                 command = commands.recv() => {
@@ -370,6 +403,10 @@ impl Shell {
                         replica.tick(now);
                     }
                     self.membership.tick(now);
+                    if let Some(meta) = self.meta.as_mut() {
+                        let peers: Vec<NodeIx> = self.peers.keys().copied().collect();
+                        meta.tick(now, &peers);
+                    }
                     let known = self.founder || self.peers.len() > 1;
                     if self.replica.is_none() && known && now >= self.changed_at + SETTLE_MS {
                         // Founders too: a founder restarted after others
@@ -449,6 +486,15 @@ impl Shell {
             match peer.addr.parse::<SocketAddr>() {
                 Ok(addr) => self.send_to(addr, PeerFrame::Gossip(data)),
                 Err(err) => tracing::debug!(%err, "gossip for an unparsable address"),
+            }
+        }
+        let mut meta_out = Vec::new();
+        while let Some(frame) = self.meta.as_mut().and_then(MetaMember::poll_transmit) {
+            meta_out.push(frame);
+        }
+        for (to, frame) in meta_out {
+            if let Some(&addr) = self.peers.get(&to) {
+                self.send_to(addr, PeerFrame::Meta(frame));
             }
         }
         if let Some(replica) = self.replica.as_mut() {
@@ -545,6 +591,13 @@ impl Shell {
             status.alive = (0..top as NodeIx).map(|i| i == self.me || serves(i)).collect();
             status.clients = (0..top as NodeIx).map(|i| self.clients.get(&i).cloned().unwrap_or_default()).collect();
             status.ring_epoch = self.peers.len() as u64;
+            status.meta = match (&self.meta, &self.meta_error) {
+                (Some(meta), _) => Some(meta.stats()),
+                (None, Some(err)) => {
+                    Some(cachet_proto::MetaStats { phase: format!("stopped: {err}"), ..Default::default() })
+                }
+                (None, None) => None,
+            };
             match &self.replica {
                 Some(replica) => {
                     status.resync_waiting = replica.resync_waiting();

@@ -5,6 +5,7 @@
 
 use super::Shell;
 use crate::cluster::membership::{Membership, Peer};
+use crate::cluster::meta::MetaError;
 use crate::cluster::replica::{self, Message, NodeIx};
 use crate::cluster::runtime::unix_ms;
 use crate::cluster::transport::{Incoming, PeerFrame};
@@ -92,6 +93,9 @@ impl Shell {
         if let Some(replica) = self.replica.as_mut() {
             replica.set_alive(now, ix, up);
         }
+        if let Some(meta) = self.meta.as_mut() {
+            meta.verdict(ix, up);
+        }
         self.refresh_ring(now);
     }
 
@@ -108,6 +112,18 @@ impl Shell {
     pub(super) fn handle(&mut self, frame: Incoming) {
         let now = self.now();
         match frame.frame {
+            // The certificate names the sender; the metadata log holds each
+            // message against it.
+            PeerFrame::Meta(meta_frame) => {
+                let Some(meta) = self.meta.as_mut() else { return };
+                match meta.handle(now, frame.node, frame.from, meta_frame) {
+                    Ok(()) => {}
+                    Err(err @ MetaError::Impostor { .. }) => {
+                        self.refuse_impostor(now, frame.from, frame.node, &err.to_string())
+                    }
+                    Err(err) => tracing::debug!(%err, from = %frame.from, "metadata frame refused"),
+                }
+            }
             // Gossip is how a joiner is first heard of: taken from any
             // member of the cluster's CA, as long as the datagram's sender
             // is the node its certificate names, speaking from the address
