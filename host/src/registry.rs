@@ -441,6 +441,15 @@ impl Registry {
         Ok(module)
     }
 
+    /// A loaded component's bytes, by hash (read back from the registry's
+    /// directory; `None` for a registry kept in memory).
+    pub fn module_bytes(&self, sha256: &str) -> Option<Vec<u8>> {
+        let dir = self.dir.as_ref()?;
+        self.manifest.modules.iter().find(|m| m.sha256 == sha256)?;
+        let bytes = std::fs::read(dir.join(format!("{sha256}.wasm"))).ok()?;
+        (sha256_hex(&bytes) == sha256).then_some(bytes)
+    }
+
     /// Records `activation` as active, the current one becoming previous.
     pub fn set_active(&mut self, activation: Activation, current: Activation) -> Result<(), RegistryError> {
         self.manifest.previous = Some(current);

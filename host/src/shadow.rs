@@ -82,6 +82,11 @@ impl Shadow {
         })
     }
 
+    /// The candidate's `name@version`.
+    pub fn candidate(&self) -> &str {
+        &self.candidate
+    }
+
     /// The share of keys sampled.
     pub fn sample_rate(&self) -> f64 {
         self.threshold as f64 / SCALE as f64

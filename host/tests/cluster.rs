@@ -2043,3 +2043,87 @@ async fn the_metadata_log_runs_on_real_members() {
     assert!(view.members.iter().all(|m| m.voter), "{view:?}");
     assert_eq!(view.refused, 0, "{view:?}");
 }
+
+/// Polls member `i`'s policy listing (bounded) until its active module is
+/// `label`; returns how long that took.
+async fn wait_active(cluster: &TestCluster, i: usize, token: &str, label: &str, limit: Duration) -> Duration {
+    use cachet_client::AdminCommand;
+    let start = Instant::now();
+    loop {
+        let alone = cluster.client_of(&[i]);
+        let active =
+            match tokio::time::timeout(Duration::from_secs(2), alone.admin_of(0, token, AdminCommand::List)).await {
+                Ok(Ok(listing)) => Some(listing.active),
+                _ => None,
+            };
+        alone.close().await;
+        if active.as_deref() == Some(label) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "member {i} runs {active:?}, not {label}, after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One `activate` through any member changes every member (issue 20): a
+/// module loaded through member 1 is stored in the cluster's registry by
+/// its hash, activated through member 2 while member 0 is down, runs on
+/// every member up, and member 0, restarted, fetches the module from a
+/// peer and runs it too; a rollback through member 0 reaches them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_activate_through_any_member_changes_every_member() {
+    use cachet_client::AdminCommand;
+    let token_file = std::env::temp_dir().join(format!("cachet-cluster-meta-policy-token-{}", std::process::id()));
+    std::fs::write(&token_file, "rollout\n").expect("token file");
+    let token = "rollout";
+    let mut cluster =
+        TestCluster::start_with(3, 3, "meta-policy", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
+    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "founding", |v| {
+        v.members.iter().all(|m| m.state == "serving")
+    })
+    .await;
+    let client = cluster.client();
+    let sieve = bytes::Bytes::from(std::fs::read(concat!(env!("OUT_DIR"), "/guests/sieve.wasm")).expect("sieve.wasm"));
+    let loaded = client.load_module_of(1, token, "sieve", "7", Vec::new(), sieve, None, None).await.expect("load");
+    assert!(loaded.message.contains("cluster's registry"), "{}", loaded.message);
+
+    cluster.members[0].kill();
+    let activate = AdminCommand::Activate { name: "sieve".into(), version: "7".into(), config: None };
+    let started = Instant::now();
+    let listing = client.admin_of(2, token, activate).await.expect("activate through member 2");
+    eprintln!("activate through member 2 answered in {:?}: {}", started.elapsed(), listing.message);
+    assert_eq!(listing.active, "sieve@7", "member 2 fetched the module from member 1 and runs it");
+    let took = wait_active(&cluster, 1, token, "sieve@7", Duration::from_secs(10)).await;
+    eprintln!("member 1 runs sieve@7 {took:?} after the answer");
+
+    // Member 0 missed it: back up, it applies the log and fetches the module.
+    cluster.members[0].spawn();
+    let took = wait_active(&cluster, 0, token, "sieve@7", Duration::from_secs(30)).await;
+    eprintln!("member 0, restarted, runs sieve@7 after {took:?}");
+
+    // A bundled module through member 0, then a rollback through member 1.
+    let version = env!("CARGO_PKG_VERSION");
+    let lru = AdminCommand::Activate { name: "lru".into(), version: version.into(), config: None };
+    client.admin_of(0, token, lru).await.expect("activate lru");
+    let lru_label = format!("lru@{version}");
+    for i in 0..3 {
+        wait_active(&cluster, i, token, &lru_label, Duration::from_secs(10)).await;
+    }
+    let rolled = client.admin_of(1, token, AdminCommand::Rollback).await.expect("rollback");
+    assert_eq!(rolled.active, "sieve@7", "{}", rolled.message);
+    for i in 0..3 {
+        wait_active(&cluster, i, token, "sieve@7", Duration::from_secs(10)).await;
+    }
+    let (_, view) = wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(10), "the log's policy", |v| {
+        v.active_policy.as_deref() == Some("sieve@7")
+    })
+    .await;
+    assert_eq!(view.refused, 0, "{view:?}");
+    // Refusals name the problem: nothing earlier to roll back to after
+    // two rollbacks... and an unknown module.
+    let unknown = AdminCommand::Activate { name: "nosuch".into(), version: "1".into(), config: None };
+    let err = client.admin_of(2, token, unknown).await.expect_err("unknown module");
+    assert!(err.to_string().contains("nosuch@1"), "{err}");
+    client.close().await;
+    let _ = std::fs::remove_file(&token_file);
+}

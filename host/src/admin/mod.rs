@@ -9,6 +9,7 @@
 //! shards already swapped are swapped back and the activation fails as a
 //! whole. One policy operation runs at a time; a second one gets `Busy`.
 
+mod cluster;
 mod guard;
 
 use crate::core::{PolicyFactory, Shard, replay_snapshot};
@@ -141,7 +142,7 @@ impl Control {
 
 /// A failed admin command, mapped to a protocol error.
 #[derive(Debug, thiserror::Error)]
-enum AdminError {
+pub(crate) enum AdminError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("admin commands are disabled on this node: start it with --admin-token-file")]
@@ -165,7 +166,7 @@ enum AdminError {
 }
 
 impl AdminError {
-    fn code(&self) -> ErrorCode {
+    pub(crate) fn code(&self) -> ErrorCode {
         match self {
             Self::Disabled | Self::WrongToken | Self::Throttled(_) => ErrorCode::Unauthorized,
             Self::Busy => ErrorCode::Busy,
@@ -284,6 +285,16 @@ impl Control {
                 Response::Error(ErrorReply::new(err.code(), err.to_string()))
             }
         }
+    }
+
+    /// [`Control::admin`]'s admission alone: `None` when `token` from
+    /// `source` may run `what`, else the refusal to answer with.
+    pub(crate) fn refuse(&self, token: &str, source: Source, what: &str) -> Option<Response> {
+        let err = self.admit(Instant::now(), token, source).err()?;
+        if !matches!(err, AdminError::WrongToken | AdminError::Throttled(_)) {
+            tracing::warn!(command = what, %err, "admin command refused");
+        }
+        Some(Response::Error(ErrorReply::new(err.code(), err.to_string())))
     }
 
     /// Checks `token` from `source` at `now` against the back-offs and the

@@ -23,6 +23,8 @@
 //! - [`meta`]: the cluster's metadata (members, slot placement, policy
 //!   registry, settings) on a Raft log (raft-rs), with its own seeded
 //!   simulator. Built and tested; not yet wired into the runtime.
+//! - [`policy`]: what the runtime needs from the node to apply the log's
+//!   policy entries on every member.
 //! - [`records`]: a node's replicated records live in its bounded shards.
 //! - [`update`]: read-modify-write commands as pure functions, which the
 //!   replica runs serialized at each key's primary owner.
@@ -32,6 +34,7 @@
 
 pub mod membership;
 pub mod meta;
+pub mod policy;
 pub mod records;
 pub mod replica;
 pub mod runtime;

@@ -247,7 +247,27 @@ impl Node {
     }
 
     /// [`Node::admin`] for a client at `source` (throttled per address).
+    /// On a cluster, policy changes go through the metadata log
+    /// (`node::policy`).
     pub fn admin_from(&self, token: &str, command: cachet_proto::AdminCommand, source: Option<IpAddr>) -> Response {
+        if let Some(cluster) = self.cluster.get()
+            && super::policy::cluster_wide(&command)
+        {
+            if let Some(refused) = self.control.refuse(token, source, command.name()) {
+                return refused;
+            }
+            return self.cluster_policy(cluster, token, source, command);
+        }
+        self.admin_from_local(token, source, command)
+    }
+
+    /// An admin command on this node alone.
+    pub(super) fn admin_from_local(
+        &self,
+        token: &str,
+        source: Option<IpAddr>,
+        command: cachet_proto::AdminCommand,
+    ) -> Response {
         self.control.admin(token, source, command, || cachet_proto::NodeStats {
             hot_keys: self.hot_keys(),
             hot_keys_hidden: false,

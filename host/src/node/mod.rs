@@ -9,6 +9,7 @@
 //! module.
 
 mod dispatch;
+mod policy;
 mod start;
 
 use crate::admin::Control;

@@ -128,6 +128,11 @@ impl Node {
             if let Some(loaders) = &loaders {
                 cluster.attach_loaders(loaders).map_err(StartError::Config)?;
             }
+            // The runtime applies the cluster's policy to this node.
+            let host: std::sync::Weak<Self> = Arc::downgrade(&node);
+            cluster
+                .attach_policies(host as std::sync::Weak<dyn crate::cluster::policy::PolicyHost>)
+                .map_err(StartError::Config)?;
             if let Err(cluster) = node.attach_cluster(cluster) {
                 cluster.shutdown();
             }

@@ -76,6 +76,36 @@ pub struct Settings {
     pub consistency: Consistency,
 }
 
+/// A policy module as the log records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredModule {
+    /// `name@version`.
+    pub label: String,
+    /// SHA-256 of the component, hex.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its stored settings.
+    pub config: Vec<(String, String)>,
+    /// Fuel per policy call.
+    pub fuel_per_call: u64,
+    /// Base memory cap per instance, bytes.
+    pub max_memory_bytes: u64,
+}
+
+/// The policy a cluster runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivePolicy {
+    /// `name@version`.
+    pub label: String,
+    /// Settings overriding the stored ones.
+    pub config: Option<Vec<(String, String)>>,
+    /// The component's hash (`None` for a bundled module).
+    pub sha256: Option<String>,
+    /// The log index that activated it.
+    pub since: u64,
+}
+
 /// A command of the metadata log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaEntry {
@@ -128,19 +158,23 @@ pub enum MetaEntry {
     /// Cluster-wide settings change.
     Settings(Settings),
     /// A policy module is stored on the members (its bytes travel beside
-    /// the log, content-addressed).
-    ModuleStored {
-        /// `name@version`.
-        label: String,
-        /// SHA-256 of the component, hex.
-        sha256: String,
-        /// Its size in bytes.
-        size: u64,
-    },
-    /// A stored module becomes the active policy everywhere.
+    /// the log, content-addressed: a member lacking them fetches them from
+    /// a member that has them).
+    ModuleStored(StoredModule),
+    /// A module becomes the active policy on every member.
     Activate {
         /// `name@version`.
         label: String,
+        /// Settings overriding the stored ones.
+        config: Option<Vec<(String, String)>>,
+        /// A module bundled in the binary (every member has it; not in the
+        /// log's registry).
+        bundled: bool,
+    },
+    /// Shadow evaluation of a module on every member, or none.
+    Shadow {
+        /// `name@version`, or `None` to stop.
+        label: Option<String>,
     },
     /// The previous active policy comes back.
     Rollback,

@@ -29,7 +29,7 @@
 
 use super::entry::{MemberRecord, MemberState, MetaEntry, Settings};
 use super::file::FileDurable;
-use super::state::MetaState;
+use super::state::{MetaState, Outcome};
 use super::storage::{Loaded, MetaStorage};
 use super::wire::{RaftWire, WireConf, WireSnapshot};
 use super::{MetaConfig, MetaError, MetaEvent, MetaNode, node_of, raft_id};
@@ -66,6 +66,18 @@ pub enum MetaFrame {
         raft_id: u64,
         /// Where it serves clients.
         client: SocketAddr,
+    },
+    /// A member asks for a policy module's bytes (one the log stores).
+    ModuleWant {
+        /// SHA-256 of the component, hex.
+        sha256: String,
+    },
+    /// A policy module's bytes.
+    Module {
+        /// SHA-256 of the component, hex (checked by the receiver).
+        sha256: String,
+        /// The component.
+        bytes: bytes::Bytes,
     },
 }
 
@@ -123,6 +135,10 @@ pub struct MetaMember {
     next_reconcile: u64,
     /// Nonces of this member's proposals still open, by what they are for.
     open: BTreeMap<u64, NodeIx>,
+    /// Nonces of proposals made for clients (policy commands), and their
+    /// fates once decided.
+    client_open: BTreeSet<u64>,
+    decided: VecDeque<(u64, Result<u64, String>)>,
     changed: bool,
     error: Option<String>,
 }
@@ -164,6 +180,8 @@ impl MetaMember {
             verdicts: BTreeMap::new(),
             next_reconcile: now,
             open: BTreeMap::new(),
+            client_open: BTreeSet::new(),
+            decided: VecDeque::new(),
             changed: false,
             error: None,
         };
@@ -324,6 +342,8 @@ impl MetaMember {
                 }
                 Ok(())
             }
+            // The runtime answers these itself (it has the node's registry).
+            MetaFrame::ModuleWant { .. } | MetaFrame::Module { .. } => Ok(()),
             MetaFrame::Join { raft_id, client } => {
                 if node_of(raft_id) != Some(from) {
                     return Err(MetaError::Impostor { node: from, claimed: raft_id });
@@ -490,8 +510,21 @@ impl MetaMember {
         let Some(node) = self.node.as_mut() else { return };
         while let Some(event) = node.poll_event() {
             match event {
-                MetaEvent::Decided { nonce, .. } | MetaEvent::Abandoned { nonce, .. } => {
+                MetaEvent::Decided { nonce, index, outcome } => {
                     self.open.remove(&nonce);
+                    if self.client_open.remove(&nonce) {
+                        let result = match outcome {
+                            Outcome::Refused(why) => Err(why),
+                            Outcome::Applied | Outcome::Duplicate => Ok(index),
+                        };
+                        self.decided.push_back((nonce, result));
+                    }
+                }
+                MetaEvent::Abandoned { nonce, why } => {
+                    self.open.remove(&nonce);
+                    if self.client_open.remove(&nonce) {
+                        self.decided.push_back((nonce, Err(why)));
+                    }
                 }
                 MetaEvent::Changed { .. } => self.changed = true,
                 MetaEvent::Leader { leader, term } => {
@@ -499,6 +532,25 @@ impl MetaMember {
                 }
             }
         }
+    }
+
+    /// Proposes `entry` for a client (a policy command); its fate comes
+    /// out of [`Self::poll_decided`] with the returned nonce: the log
+    /// index where it applied here, or why not.
+    pub fn propose_for_client(&mut self, now: u64, entry: MetaEntry) -> Result<u64, MetaError> {
+        if !matches!(self.phase, Phase::Running) {
+            return Err(MetaError::Failed("this member has not joined the metadata log yet".into()));
+        }
+        let node = self.node.as_mut().ok_or_else(|| MetaError::Failed("no metadata log".into()))?;
+        let nonce = node.propose(now, entry)?;
+        self.client_open.insert(nonce);
+        self.drain_events();
+        Ok(nonce)
+    }
+
+    /// A client proposal's fate.
+    pub fn poll_decided(&mut self) -> Option<(u64, Result<u64, String>)> {
+        self.decided.pop_front()
     }
 
     /// The next frame to send, and to which node.
@@ -551,7 +603,7 @@ impl MetaMember {
                 })
                 .collect();
             stats.slots_epoch = state.slots.epoch();
-            stats.active_policy = state.active.clone();
+            stats.active_policy = state.active.as_ref().map(|a| a.label.clone());
             stats.refused = state.refused;
         }
         stats

@@ -670,7 +670,7 @@ impl MetaNode {
 
 #[cfg(test)]
 mod tests {
-    use super::entry::{MemberRecord, MemberState, Settings};
+    use super::entry::{MemberRecord, MemberState, Settings, StoredModule};
     use super::storage::MemDurable;
     use super::wire::{WireConf, WireSnapshot};
     use super::*;
@@ -706,6 +706,17 @@ mod tests {
             .collect()
     }
 
+    fn stored(label: &str) -> StoredModule {
+        StoredModule {
+            label: label.into(),
+            sha256: label.into(),
+            size: 1,
+            config: Vec::new(),
+            fuel_per_call: 1,
+            max_memory_bytes: 1,
+        }
+    }
+
     /// Runs the three members on a perfect network for `ms`.
     fn run(nodes: &mut [MetaNode], from: u64, ms: u64) {
         for now in from..from + ms {
@@ -726,7 +737,7 @@ mod tests {
         assert!(nodes.iter().all(|n| n.leader() == Some(leader as NodeIx)));
         let follower = (leader + 1) % 3;
         let nonce = nodes[follower]
-            .propose(2_000, MetaEntry::ModuleStored { label: "lru@1".into(), sha256: "ab".into(), size: 1 })
+            .propose(2_000, MetaEntry::ModuleStored(stored("lru@1")))
             .expect("a follower forwards plain proposals");
         run(&mut nodes, 2_000, 500);
         let events: Vec<_> = std::iter::from_fn(|| nodes[follower].poll_event()).collect();
@@ -750,8 +761,7 @@ mod tests {
         run(&mut nodes, 0, 2_000);
         let leader = nodes.iter().position(MetaNode::is_leader).expect("a leader");
         for k in 0..5 {
-            let _ = nodes[leader]
-                .propose(2_000, MetaEntry::ModuleStored { label: format!("m{k}@1"), sha256: format!("{k}"), size: 1 });
+            let _ = nodes[leader].propose(2_000, MetaEntry::ModuleStored(stored(&format!("m{k}@1"))));
         }
         run(&mut nodes, 2_000, 500);
         let victim = (leader + 1) % 3;

@@ -18,7 +18,7 @@
 //! - `heals` (at the end): once the faults stop, one leader, every member
 //!   at the same index, a new proposal applied within 3 s.
 
-use super::entry::{MemberRecord, MemberState, MetaEntry, Settings};
+use super::entry::{MemberRecord, MemberState, MetaEntry, Settings, StoredModule};
 use super::state::{MetaState, Outcome};
 use super::storage::{Loaded, MemDurable, MetaStorage};
 use super::wire::{RaftWire, WireConf, WireSnapshot};
@@ -297,7 +297,14 @@ impl Sim {
         }
         self.labels += 1;
         let label = format!("m{}@1", self.labels);
-        let entry = MetaEntry::ModuleStored { label: label.clone(), sha256: format!("{:x}", self.labels), size: 1 };
+        let entry = MetaEntry::ModuleStored(StoredModule {
+            label: label.clone(),
+            sha256: format!("{:x}", self.labels),
+            size: 1,
+            config: Vec::new(),
+            fuel_per_call: 1,
+            max_memory_bytes: 1,
+        });
         let now = self.now;
         let Some(meta) = self.members[i].meta.as_mut() else { return };
         if let Ok(nonce) = meta.propose(now, entry) {

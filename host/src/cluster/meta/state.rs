@@ -8,7 +8,7 @@
 //! every member, and the proposer is told why.
 
 use super::super::replica::{MAX_NODE_ID, NodeIx};
-use super::entry::{MemberRecord, MemberState, MetaEntry, Proposal, Settings};
+use super::entry::{ActivePolicy, MemberRecord, MemberState, MetaEntry, Proposal, Settings, StoredModule};
 use cachet_proto::SlotTable;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,10 +19,10 @@ const NONCES_KEPT: usize = 1_024;
 /// A stored policy module.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleRecord {
-    /// SHA-256 of the component, hex.
-    pub sha256: String,
-    /// Its size in bytes.
-    pub size: u64,
+    /// What was stored.
+    pub module: StoredModule,
+    /// The member that stored it first (holds its bytes).
+    pub origin: NodeIx,
     /// The index of the entry that stored it.
     pub stored_at: u64,
 }
@@ -58,11 +58,14 @@ pub struct MetaState {
     pub settings: Settings,
     /// Stored modules by `name@version`.
     pub modules: BTreeMap<String, ModuleRecord>,
-    /// The active policy module, if one was activated (else each member's
-    /// built-in default).
-    pub active: Option<String>,
-    /// Modules active before, most recent last (what `Rollback` returns to).
-    pub history: Vec<String>,
+    /// The active policy module, if one was activated cluster-wide (else
+    /// each member runs the policy it was started with).
+    pub active: Option<ActivePolicy>,
+    /// Policies active before, most recent last (what `Rollback` returns
+    /// to).
+    pub history: Vec<ActivePolicy>,
+    /// The module every member evaluates in shadow, if any.
+    pub shadow: Option<String>,
     /// Quarantined modules and why.
     pub quarantined: BTreeMap<String, String>,
     /// Entries refused so far (for `cachet stats`).
@@ -84,6 +87,7 @@ impl MetaState {
             modules: BTreeMap::new(),
             active: None,
             history: Vec::new(),
+            shadow: None,
             quarantined: BTreeMap::new(),
             refused: 0,
             nonces: BTreeMap::new(),
@@ -208,22 +212,28 @@ impl MetaState {
                     Ok(())
                 }
             }
-            MetaEntry::ModuleStored { label, sha256, .. } => match self.modules.get(label) {
-                Some(m) if m.sha256 != *sha256 => Err(format!("{label} is stored with other contents")),
+            MetaEntry::ModuleStored(m) => match self.modules.get(&m.label) {
+                Some(r) if r.module.sha256 != m.sha256 => Err(format!("{} is stored with other contents", m.label)),
                 _ => Ok(()),
             },
-            MetaEntry::Activate { label } => {
-                if !self.modules.contains_key(label) {
-                    Err(format!("{label} is not stored"))
+            MetaEntry::Activate { label, bundled, .. } => {
+                if !bundled && !self.modules.contains_key(label) {
+                    Err(format!("{label} is not stored in the cluster's registry"))
                 } else if let Some(why) = self.quarantined.get(label) {
                     Err(format!("{label} is quarantined: {why}"))
                 } else {
                     Ok(())
                 }
             }
+            MetaEntry::Shadow { label: Some(label) } if !self.modules.contains_key(label) => {
+                // Bundled modules cannot be told from unknown ones here; the
+                // proposer checked its own registry.
+                Ok(())
+            }
+            MetaEntry::Shadow { .. } => Ok(()),
             MetaEntry::Rollback => {
-                if self.active.is_none() {
-                    Err("no policy to roll back from".into())
+                if self.history.is_empty() {
+                    Err("no earlier cluster-wide policy to roll back to".into())
                 } else {
                     Ok(())
                 }
@@ -256,7 +266,7 @@ impl MetaState {
             self.refused += 1;
             return outcome;
         }
-        self.change(index, &proposal.entry);
+        self.change(index, proposal.proposer, &proposal.entry);
         Outcome::Applied
     }
 
@@ -271,7 +281,7 @@ impl MetaState {
     }
 
     /// The change of a valid entry.
-    fn change(&mut self, index: u64, entry: &MetaEntry) {
+    fn change(&mut self, index: u64, proposer: NodeIx, entry: &MetaEntry) {
         match entry {
             MetaEntry::AddMember { member, .. } => {
                 let mut record = member.clone();
@@ -300,24 +310,37 @@ impl MetaState {
             }
             MetaEntry::SetSlots { table, .. } => self.slots = table.clone(),
             MetaEntry::Settings(s) => self.settings = s.clone(),
-            MetaEntry::ModuleStored { label, sha256, size } => {
-                self.modules.entry(label.clone()).or_insert(ModuleRecord {
-                    sha256: sha256.clone(),
-                    size: *size,
+            MetaEntry::ModuleStored(m) => {
+                let origin = proposer;
+                self.modules.entry(m.label.clone()).or_insert(ModuleRecord {
+                    module: m.clone(),
+                    origin,
                     stored_at: index,
                 });
             }
-            MetaEntry::Activate { label } => {
-                if let Some(previous) = self.active.replace(label.clone()) {
+            MetaEntry::Activate { label, config, .. } => {
+                let sha256 = self.modules.get(label).map(|r| r.module.sha256.clone());
+                let next = ActivePolicy { label: label.clone(), config: config.clone(), sha256, since: index };
+                // Activating what runs again keeps the rollback target.
+                if let Some(previous) = self.active.replace(next).filter(|p| p.label != *label || p.config != *config) {
                     self.history.push(previous);
                 }
             }
-            MetaEntry::Rollback => self.active = self.history.pop(),
+            MetaEntry::Shadow { label } => self.shadow.clone_from(label),
+            MetaEntry::Rollback => {
+                self.active = self.history.pop().map(|mut p| {
+                    p.since = index;
+                    p
+                });
+            }
             MetaEntry::Quarantine { label, reason } => {
                 self.quarantined.insert(label.clone(), reason.clone());
-                self.history.retain(|l| l != label);
-                if self.active.as_deref() == Some(label) {
+                self.history.retain(|p| p.label != *label);
+                if self.active.as_ref().is_some_and(|p| p.label == *label) {
                     self.active = self.history.pop();
+                }
+                if self.shadow.as_ref() == Some(label) {
+                    self.shadow = None;
                 }
             }
         }
@@ -351,17 +374,32 @@ mod tests {
         Proposal { proposer: 0, nonce, entry }
     }
 
+    fn stored(label: &str, sha256: &str) -> MetaEntry {
+        MetaEntry::ModuleStored(StoredModule {
+            label: label.into(),
+            sha256: sha256.into(),
+            size: 1,
+            config: Vec::new(),
+            fuel_per_call: 1,
+            max_memory_bytes: 1,
+        })
+    }
+
+    fn activation(label: &str) -> MetaEntry {
+        MetaEntry::Activate { label: label.into(), config: None, bundled: false }
+    }
+
     #[test]
     fn retries_apply_once_and_bad_entries_are_refused_alike() {
         let mut s = founded();
-        let activate = p(10, MetaEntry::Activate { label: "lru@1".into() });
+        let activate = p(10, activation("lru@1"));
         assert!(matches!(s.apply(2, Some(&activate)), Outcome::Refused(_)), "not stored yet");
-        let store = p(11, MetaEntry::ModuleStored { label: "lru@1".into(), sha256: "aa".into(), size: 3 });
+        let store = p(11, stored("lru@1", "aa"));
         assert_eq!(s.apply(3, Some(&store)), Outcome::Applied);
         assert_eq!(s.apply(4, Some(&store)), Outcome::Duplicate);
-        let activate = p(12, MetaEntry::Activate { label: "lru@1".into() });
+        let activate = p(12, activation("lru@1"));
         assert_eq!(s.apply(5, Some(&activate)), Outcome::Applied);
-        assert_eq!(s.active.as_deref(), Some("lru@1"));
+        assert_eq!(s.active.as_ref().map(|a| a.label.as_str()), Some("lru@1"));
         assert!(matches!(s.apply(6, None), Outcome::Refused(_)));
         let stale = p(13, MetaEntry::SetSlots { expected_epoch: 7, table: s.slots.clone() });
         assert!(matches!(s.apply(7, Some(&stale)), Outcome::Refused(_)));
@@ -383,17 +421,13 @@ mod tests {
         let mut s = founded();
         for (i, label) in ["a@1", "b@1"].iter().enumerate() {
             let n = i as u64 * 2;
-            s.apply(
-                2 + n,
-                Some(&p(20 + n, MetaEntry::ModuleStored { label: (*label).into(), sha256: (*label).into(), size: 1 })),
-            );
-            s.apply(3 + n, Some(&p(21 + n, MetaEntry::Activate { label: (*label).into() })));
+            s.apply(2 + n, Some(&p(20 + n, stored(label, label))));
+            s.apply(3 + n, Some(&p(21 + n, activation(label))));
         }
-        assert_eq!(s.active.as_deref(), Some("b@1"));
+        assert_eq!(s.active.as_ref().map(|a| a.label.as_str()), Some("b@1"));
         s.apply(9, Some(&p(30, MetaEntry::Quarantine { label: "b@1".into(), reason: "trapped".into() })));
-        assert_eq!(s.active.as_deref(), Some("a@1"));
-        assert!(matches!(s.apply(10, Some(&p(31, MetaEntry::Activate { label: "b@1".into() }))), Outcome::Refused(_)));
-        assert_eq!(s.apply(11, Some(&p(32, MetaEntry::Rollback))), Outcome::Applied);
-        assert_eq!(s.active, None);
+        assert_eq!(s.active.as_ref().map(|a| a.label.as_str()), Some("a@1"));
+        assert!(matches!(s.apply(10, Some(&p(31, activation("b@1")))), Outcome::Refused(_)));
+        assert!(matches!(s.apply(11, Some(&p(32, MetaEntry::Rollback))), Outcome::Refused(_)), "nothing before a@1");
     }
 }

@@ -124,6 +124,12 @@ pub struct Cluster {
     invalidating: Arc<std::sync::atomic::AtomicUsize>,
     /// Copies of each key.
     rf: usize,
+    /// The node's policy host, for the runtime to apply the log's policy.
+    policies: Arc<policies::Host>,
+    /// Proposals for the metadata log from client threads.
+    proposals: mpsc::UnboundedSender<policies::Proposal>,
+    /// The log index up to which this member runs the log's policy.
+    policy_applied: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn level(consistency: Consistency) -> replica::Consistency {
@@ -215,6 +221,11 @@ impl Cluster {
         let thread_loaders = loaders.clone();
         let ring: Arc<Mutex<Option<Arc<Ring>>>> = Arc::default();
         let thread_ring = ring.clone();
+        let policies: Arc<policies::Host> = Arc::default();
+        let thread_policies = policies.clone();
+        let (proposals, proposals_rx) = mpsc::unbounded_channel();
+        let policy_applied: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let thread_policy_applied = policy_applied.clone();
         let thread = std::thread::Builder::new()
             .name("cachet-cluster".into())
             .spawn(move || {
@@ -241,7 +252,9 @@ impl Cluster {
                     let mut shell = Shell::new(options, listen, transport, thread_status, store, limits);
                     shell.loaders = thread_loaders;
                     shell.shared_ring = thread_ring;
-                    shell.run(commands_rx, incoming, stopped).await;
+                    shell.policy_host = thread_policies;
+                    shell.policy_applied = thread_policy_applied;
+                    shell.run(commands_rx, incoming, proposals_rx, stopped).await;
                 });
             })
             .map_err(|e| ClusterError::Runtime(e.to_string()))?;
@@ -261,6 +274,9 @@ impl Cluster {
             peer_addr,
             invalidating: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             rf,
+            policies,
+            proposals,
+            policy_applied,
         }))
     }
 
@@ -712,5 +728,6 @@ impl Drop for Cluster {
 
 mod loaders;
 mod persist;
+mod policies;
 mod sender;
 mod shell;

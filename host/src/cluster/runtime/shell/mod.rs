@@ -180,6 +180,13 @@ pub(super) struct Shell {
     /// and does not steer it yet (issue 20, step 6).
     meta: Option<MetaMember>,
     meta_error: Option<String>,
+    /// The node's policy host (set once attached).
+    pub(super) policy_host: Arc<super::policies::Host>,
+    /// The log index up to which this member runs the log's policy.
+    pub(super) policy_applied: Arc<std::sync::atomic::AtomicU64>,
+    policy: policy::PolicyApply,
+    policy_done_tx: mpsc::UnboundedSender<policy::PolicyDone>,
+    policy_done_rx: Option<mpsc::UnboundedReceiver<policy::PolicyDone>>,
 }
 
 impl Shell {
@@ -192,6 +199,7 @@ impl Shell {
         (max_key_len, max_value_len): (usize, usize),
     ) -> Self {
         let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
+        let (policy_done_tx, policy_done_rx) = mpsc::unbounded_channel();
         let me = options.node_id;
         let boot = boot_nonce();
         let config = ReplicaConfig {
@@ -316,6 +324,11 @@ impl Shell {
             unconfirmed: std::collections::BTreeMap::new(),
             meta,
             meta_error,
+            policy_host: Arc::default(),
+            policy_applied: Arc::default(),
+            policy: policy::PolicyApply::default(),
+            policy_done_tx,
+            policy_done_rx: Some(policy_done_rx),
         }
     }
 
@@ -346,10 +359,12 @@ impl Shell {
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
         mut incoming: mpsc::Receiver<Incoming>,
+        mut proposals: mpsc::UnboundedReceiver<super::policies::Proposal>,
         mut stopped: watch::Receiver<bool>,
     ) {
         tracing::info!(node = self.me, members = ?self.peers, "cluster runtime started");
         let Some(mut loaded) = self.loaded_rx.take() else { return };
+        let Some(mut policy_done) = self.policy_done_rx.take() else { return };
         loop {
             self.flush();
             let now = self.now();
@@ -387,6 +402,8 @@ impl Shell {
                     let Some(frame) = frame else { break };
                     self.handle(frame);
                 }
+                Some(proposal) = proposals.recv() => self.propose_for_client(proposal),
+                Some(done) = policy_done.recv() => self.policy_done(done),
                 Some((id, answer)) = loaded.recv() => {
                     let now = self.now();
                     if let Some(replica) = self.replica.as_mut() {
@@ -407,6 +424,8 @@ impl Shell {
                         let peers: Vec<NodeIx> = self.peers.keys().copied().collect();
                         meta.tick(now, &peers);
                     }
+                    // Modules still missing are asked for again.
+                    self.reconcile_policy();
                     let known = self.founder || self.peers.len() > 1;
                     if self.replica.is_none() && known && now >= self.changed_at + SETTLE_MS {
                         // Founders too: a founder restarted after others
@@ -496,6 +515,10 @@ impl Shell {
             if let Some(&addr) = self.peers.get(&to) {
                 self.send_to(addr, PeerFrame::Meta(frame));
             }
+        }
+        self.answer_decided();
+        if self.meta.as_mut().is_some_and(MetaMember::take_changed) {
+            self.reconcile_policy();
         }
         if let Some(replica) = self.replica.as_mut() {
             let mut out = Vec::new();
@@ -626,4 +649,5 @@ impl Shell {
 }
 
 mod peers;
+mod policy;
 mod ring;

@@ -6,6 +6,7 @@
 use super::Shell;
 use crate::cluster::membership::{Membership, Peer};
 use crate::cluster::meta::MetaError;
+use crate::cluster::meta::member::MetaFrame;
 use crate::cluster::replica::{self, Message, NodeIx};
 use crate::cluster::runtime::unix_ms;
 use crate::cluster::transport::{Incoming, PeerFrame};
@@ -114,6 +115,9 @@ impl Shell {
         match frame.frame {
             // The certificate names the sender; the metadata log holds each
             // message against it.
+            PeerFrame::Meta(module @ (MetaFrame::ModuleWant { .. } | MetaFrame::Module { .. })) => {
+                self.module_frame(frame.from, module);
+            }
             PeerFrame::Meta(meta_frame) => {
                 let Some(meta) = self.meta.as_mut() else { return };
                 match meta.handle(now, frame.node, frame.from, meta_frame) {
