@@ -1,0 +1,189 @@
+//! `cachet policy ...`: live policy operations on a node (load, activate,
+//! rollback, list, shadow; admin token required); `cachet policies`, the
+//! bundled policies' names; and the `--config KEY=VALUE` policy settings
+//! `policy` and `sim` take.
+
+use super::block_on;
+use super::client_args::AdminArgs;
+use anyhow::{Context, Result, bail};
+use cachet::config::parse_size;
+use cachet::policies;
+use cachet_client::{AdminCommand, Client, PolicyListing};
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Store a policy component in the node's registry as NAME@VERSION.
+    Load {
+        /// The component (.wasm).
+        path: PathBuf,
+        /// Module name.
+        #[arg(long)]
+        name: String,
+        /// Module version.
+        #[arg(long)]
+        version: String,
+        /// Policy setting stored with the module, repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// Fuel per policy call [default: the node's].
+        #[arg(long)]
+        fuel_per_call: Option<u64>,
+        /// Base memory cap per instance, e.g. 16MiB [default: the node's].
+        #[arg(long)]
+        max_memory: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Hot-swap every shard of the node to NAME@VERSION.
+    Activate {
+        /// NAME@VERSION.
+        module: String,
+        /// Settings replacing the stored ones for this activation, repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Swap back to the previously active version.
+    Rollback {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Modules, versions, hashes, the active one, faults, shadow results.
+    List {
+        /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Predict NAME@VERSION's hit ratio on sampled live traffic (`--stop`
+    /// ends the evaluation).
+    Shadow {
+        /// NAME@VERSION.
+        #[arg(required_unless_present = "stop")]
+        module: Option<String>,
+        /// Stop the running evaluation.
+        #[arg(long, conflicts_with = "module")]
+        stop: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// `cachet policies`: the bundled policies' names, one per line.
+pub(crate) fn list_bundled() -> Result<()> {
+    for name in policies::bundled_names() {
+        println!("{name}");
+    }
+    Ok(())
+}
+
+pub(crate) fn run_policy(command: PolicyCommand) -> Result<()> {
+    let (admin, json, command) = match command {
+        PolicyCommand::Load { path, name, version, config, fuel_per_call, max_memory, admin } => {
+            let module = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let max_memory_bytes = max_memory.as_deref().map(parse_size).transpose()?;
+            let config = parse_config(&config)?;
+            let command = AdminCommand::Load {
+                name,
+                version,
+                config,
+                module: module.into(),
+                fuel_per_call,
+                max_memory_bytes,
+                upload: None,
+            };
+            (admin, false, command)
+        }
+        PolicyCommand::Activate { module, config, admin } => {
+            let (name, version) = cachet::admin::split_label(&module).map_err(anyhow::Error::msg)?;
+            let config = if config.is_empty() { None } else { Some(parse_config(&config)?) };
+            (admin, false, AdminCommand::Activate { name, version, config })
+        }
+        PolicyCommand::Rollback { admin } => (admin, false, AdminCommand::Rollback),
+        PolicyCommand::List { json, admin } => (admin, json, AdminCommand::List),
+        PolicyCommand::Shadow { module, stop: _, admin } => {
+            let (name, version) = match module {
+                Some(label) => cachet::admin::split_label(&label).map_err(anyhow::Error::msg)?,
+                None => (String::new(), String::new()),
+            };
+            (admin, false, AdminCommand::Shadow { name, version })
+        }
+    };
+    let token = admin.token()?;
+    let mut config = admin.client.config()?;
+    // Activation hands every resident entry to the new policy: give it time.
+    config.timeout = config.timeout.max(Duration::from_secs(120));
+    block_on(async move {
+        let client = Client::connect(config).await?;
+        let listing = match command {
+            // Large components go in chunks.
+            AdminCommand::Load { name, version, config, module, fuel_per_call, max_memory_bytes, .. } => {
+                client.load_module(&token, &name, &version, config, module, fuel_per_call, max_memory_bytes).await
+            }
+            command => client.admin(&token, command).await,
+        };
+        client.close().await;
+        let listing = listing?;
+        if json {
+            println!("{}", serde_json::to_string(&listing)?);
+        } else {
+            print_listing(&listing);
+        }
+        Ok(())
+    })
+}
+
+fn print_listing(listing: &PolicyListing) {
+    if !listing.message.is_empty() {
+        println!("{}\n", listing.message);
+    }
+    println!("active    {}", listing.active);
+    println!("previous  {}", listing.previous.as_deref().unwrap_or("-"));
+    println!("swaps     {}   quarantines {}\n", listing.swaps, listing.quarantines);
+    println!("| {:<22} | {:<8} | {:<12} | {:>6} | {:<6} | state", "module", "source", "sha256", "faults", "active");
+    for m in &listing.modules {
+        let sha = if m.sha256.is_empty() { "-" } else { m.sha256.get(..12).unwrap_or(&m.sha256) };
+        let label = format!("{}@{}", m.name, m.version);
+        let active = if m.active { "yes" } else { "" };
+        println!("| {label:<22} | {:<8} | {sha:<12} | {:>6} | {active:<6} | {}", m.source, m.faults, m.state);
+    }
+    println!();
+    for shard in &listing.shards {
+        let fallback = if shard.on_fallback { " (on native fallback)" } else { "" };
+        println!(
+            "shard {:<3} {}{fallback}, {} entries, {} faults",
+            shard.shard, shard.module, shard.entries, shard.faults
+        );
+    }
+    if let Some(shadow) = &listing.shadow {
+        println!(
+            "\nshadow    {} on {:.2}% of keys, {} sampled reads: predicted hit ratio {:.4} vs active {:.4} on the same sample (live {:.4}){}",
+            shadow.candidate,
+            shadow.sample_rate * 100.0,
+            shadow.sampled_reads,
+            shadow.candidate_hit_ratio,
+            shadow.active_hit_ratio,
+            shadow.live_hit_ratio,
+            if shadow.candidate_faults > 0 {
+                format!("; candidate faulted {} times", shadow.candidate_faults)
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
+pub(super) fn parse_config(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("--config expects KEY=VALUE, got `{pair}`"),
+        })
+        .collect()
+}
