@@ -2127,3 +2127,76 @@ async fn one_activate_through_any_member_changes_every_member() {
     client.close().await;
     let _ = std::fs::remove_file(&token_file);
 }
+
+/// A canary (issue 20): `activate --canary` runs a module on some members
+/// for a window, then the metadata log's leader rolls it out to every
+/// member or back by the canary members' hit ratio against the others',
+/// and says why. With no traffic it cannot judge and rolls back; with
+/// traffic that every policy serves alike, it rolls out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_is_rolled_out_or_back_by_the_leader() {
+    use cachet_client::AdminCommand;
+    let token_file = std::env::temp_dir().join(format!("cachet-cluster-canary-token-{}", std::process::id()));
+    std::fs::write(&token_file, "canary\n").expect("token file");
+    let token = "canary";
+    let cluster =
+        TestCluster::start_with(3, 3, "meta-canary", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
+    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "founding", |v| {
+        v.members.iter().all(|m| m.state == "serving")
+    })
+    .await;
+    let client = cluster.client();
+    let before = client.admin_of(0, token, AdminCommand::List).await.expect("list").active;
+    let sieve = bytes::Bytes::from(std::fs::read(concat!(env!("OUT_DIR"), "/guests/sieve.wasm")).expect("sieve.wasm"));
+    client.load_module_of(0, token, "sieve", "8", Vec::new(), sieve, None, None).await.expect("load");
+    let canary = |window_ms| AdminCommand::Canary {
+        name: "sieve".into(),
+        version: "8".into(),
+        config: None,
+        members: 1,
+        window_ms,
+    };
+
+    // No traffic: nothing to judge by, so back it goes.
+    let started = client.admin_of(2, token, canary(1_500)).await.expect("canary starts");
+    assert!(started.message.contains("canary"), "{}", started.message);
+    wait_active(&cluster, 0, token, "sieve@8", Duration::from_secs(10)).await;
+    let (took, view) = wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(15), "a decision", |v| {
+        v.canary.is_none() && v.last_canary.is_some()
+    })
+    .await;
+    let decision = view.last_canary.clone().expect("decided");
+    eprintln!("decided {took:?} after the canary's window: {decision}");
+    assert!(decision.contains("rolled back") && decision.contains("too little traffic"), "{decision}");
+    for i in 0..3 {
+        wait_active(&cluster, i, token, &before, Duration::from_secs(10)).await;
+    }
+
+    // With traffic every policy serves alike (every key fits), it rolls out.
+    client.admin_of(1, token, canary(3_000)).await.expect("canary starts again");
+    for k in 0..200 {
+        client.set(format!("key{k}"), "v").await.expect("SET");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let decision = loop {
+        for k in 0..200 {
+            client.get(format!("key{k}")).await.expect("GET");
+        }
+        let views = meta_views(&cluster, &[0]).await;
+        if let Some(Some(view)) = views.first()
+            && view.canary.is_none()
+            && let Some(last) = &view.last_canary
+            && !last.contains("too little traffic")
+        {
+            break last.clone();
+        }
+        assert!(Instant::now() < deadline, "no decision on the second canary: {views:?}");
+    };
+    eprintln!("second canary: {decision}");
+    assert!(decision.contains("rolled out"), "{decision}");
+    for i in 0..3 {
+        wait_active(&cluster, i, token, "sieve@8", Duration::from_secs(10)).await;
+    }
+    client.close().await;
+    let _ = std::fs::remove_file(&token_file);
+}

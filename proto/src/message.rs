@@ -236,6 +236,22 @@ pub enum AdminCommand {
         /// Settings overriding the stored ones.
         config: Option<Vec<(String, String)>>,
     },
+    /// On a cluster: run `name@version` on `members` members for
+    /// `window_ms`, then let the metadata log's leader roll it out to every
+    /// member or back, by the canary members' hit ratio against the
+    /// others'.
+    Canary {
+        /// Module name.
+        name: String,
+        /// Module version.
+        version: String,
+        /// Settings overriding the stored ones.
+        config: Option<Vec<(String, String)>>,
+        /// Members that run it first.
+        members: u32,
+        /// How long before the decision, in milliseconds.
+        window_ms: u64,
+    },
     /// Swap back to the previously active version.
     Rollback,
     /// The registry and what each shard runs.
@@ -263,6 +279,7 @@ impl AdminCommand {
             Self::Load { .. } => "policy_load",
             Self::UploadChunk { .. } => "policy_upload",
             Self::Activate { .. } => "policy_activate",
+            Self::Canary { .. } => "policy_canary",
             Self::Rollback => "policy_rollback",
             Self::List => "policy_list",
             Self::Shadow { .. } => "policy_shadow",
@@ -558,6 +575,12 @@ pub struct MetaStats {
     pub slots_epoch: u64,
     /// The policy module active cluster-wide, if one was activated.
     pub active_policy: Option<String>,
+    /// The canary running, if any: its module, members and window.
+    #[serde(default)]
+    pub canary: Option<String>,
+    /// What became of the last canary, and why.
+    #[serde(default)]
+    pub last_canary: Option<String>,
     /// Log entries the state machine refused (not valid when applied).
     pub refused: u64,
 }

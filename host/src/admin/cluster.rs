@@ -41,7 +41,8 @@ impl Control {
         Ok(format!("stored {} (sha256 {})", record.label(), record.sha256))
     }
 
-    /// Brings the node to the cluster's policy: activates `active` when it
+    /// Brings the node to the cluster's policy: activates `active` (or,
+    /// when the log names none, the policy the node started with) when it
     /// differs from what runs, and starts or stops the shadow to match.
     pub(crate) fn apply_cluster_policy(
         &self,
@@ -49,14 +50,16 @@ impl Control {
         shadow: Option<&str>,
     ) -> Result<String, AdminError> {
         let mut done = Vec::new();
-        if let Some(active) = active {
-            let (name, version) =
-                parse_label(&active.label).ok_or_else(|| AdminError::BadLabel(active.label.clone()))?;
-            let current = self.activation();
-            let same_config = active.config.as_ref().is_none_or(|c| *c == current.config);
-            if current.label() != active.label || !same_config {
-                done.push(self.activate(name, version, active.config.clone(), false)?);
-            }
+        // No cluster-wide policy: the one this node started with.
+        let (wanted, config) = match active {
+            Some(active) => (active.label.clone(), active.config.clone()),
+            None => (self.startup.label(), Some(self.startup.config.clone())),
+        };
+        let (name, version) = parse_label(&wanted).ok_or_else(|| AdminError::BadLabel(wanted.clone()))?;
+        let current = self.activation();
+        let same_config = config.as_ref().is_none_or(|c| *c == current.config);
+        if current.label() != wanted || !same_config {
+            done.push(self.activate(name, version, config, false)?);
         }
         let running = lock(&self.shadow).as_ref().map(|s| s.candidate().to_string());
         if running.as_deref() != shadow {

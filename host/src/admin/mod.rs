@@ -58,6 +58,10 @@ pub(crate) struct Control {
     pub(crate) quarantines: AtomicU64,
     /// Components arriving in chunks, by upload id.
     uploads: Mutex<HashMap<u64, (u64, Vec<u8>)>>,
+    /// What the node was started with: what a cluster member returns to
+    /// when the cluster's log names no policy (a canary rolled back before
+    /// any cluster-wide activation).
+    startup: Activation,
 }
 
 /// Largest component accepted through chunked upload.
@@ -70,6 +74,7 @@ impl Control {
         let shards = store.shard_count();
         let info = factory.info();
         let activation = Activation { name: info.name.clone(), version: info.version.clone(), config: Vec::new() };
+        let startup = activation.clone();
         Self {
             store,
             token: None,
@@ -87,6 +92,7 @@ impl Control {
             swaps: AtomicU64::new(0),
             quarantines: AtomicU64::new(0),
             uploads: Mutex::new(HashMap::new()),
+            startup,
         }
     }
 
@@ -223,6 +229,7 @@ impl Control {
             registry.set_startup(state.factory.clone(), state.activation.config.clone())
         };
         lock(&self.state).activation = startup.clone();
+        self.startup = startup.clone();
         let restore = registry.active().filter(|a| **a != startup).cloned();
         let stored_previous = registry.previous().cloned();
         self.token = token.filter(|t| !t.is_empty()).as_deref().map(token_digest);
@@ -345,6 +352,9 @@ impl Control {
                 Ok(format!("loaded {} (sha256 {}, {} bytes)", record.label(), record.sha256, module.len()))
             }
             AdminCommand::Activate { name, version, config } => self.activate(&name, &version, config, true),
+            AdminCommand::Canary { .. } => Err(AdminError::Swap(
+                "a canary needs a cluster: on one node, use `policy shadow` then `activate`".into(),
+            )),
             AdminCommand::Rollback => {
                 let previous = {
                     let registry = self.try_registry()?;

@@ -25,4 +25,6 @@ pub trait PolicyHost: Send + Sync {
     /// Makes the node run `active` (when the log names one) and shadow
     /// `shadow`, changing only what differs; says what it did.
     fn apply(&self, active: Option<&ActivePolicy>, shadow: Option<&str>) -> Result<String, String>;
+    /// Cache hits and misses so far (the leader judges canaries by them).
+    fn hit_counts(&self) -> (u64, u64);
 }

@@ -38,6 +38,11 @@ impl PolicyHost for Node {
     fn apply(&self, active: Option<&ActivePolicy>, shadow: Option<&str>) -> Result<String, String> {
         self.control.apply_cluster_policy(active, shadow).map_err(|e| e.to_string())
     }
+
+    fn hit_counts(&self) -> (u64, u64) {
+        let stats = self.store.stats();
+        (stats.hits, stats.misses)
+    }
 }
 
 /// Whether `command` is a cluster-wide policy operation on a clustered
@@ -47,6 +52,7 @@ pub(super) fn cluster_wide(command: &AdminCommand) -> bool {
         command,
         AdminCommand::Load { .. }
             | AdminCommand::Activate { .. }
+            | AdminCommand::Canary { .. }
             | AdminCommand::Rollback
             | AdminCommand::Shadow { .. }
     )
@@ -92,6 +98,19 @@ impl Node {
             AdminCommand::Activate { name, version, config } => {
                 let label = label(&name, &version);
                 self.activate_in_log(cluster, &label, config)
+            }
+            AdminCommand::Canary { name, version, config, members, window_ms } => {
+                let label = label(&name, &version);
+                self.ensure_stored(cluster, &label).and_then(|bundled| {
+                    let entry = MetaEntry::CanaryStart { label: label.clone(), config, bundled, members, window_ms };
+                    let index = cluster.propose(entry, LOG_WAIT)?;
+                    let here = if cluster.wait_policy_applied(index, SWAP_WAIT) { "" } else { " (not applied here yet)" };
+                    Ok(format!(
+                        "canary: {label} runs on {members} member(s) for {:.0} s (log index {index}), then the leader \
+                         rolls it out to every member or back by their hit ratios{here}; `cachet stats` shows the decision",
+                        window_ms as f64 / 1000.0
+                    ))
+                })
             }
             AdminCommand::Rollback => cluster.propose(MetaEntry::Rollback, LOG_WAIT).map(|index| {
                 let here = cluster.wait_policy_applied(index, SWAP_WAIT);

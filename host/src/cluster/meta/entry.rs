@@ -106,6 +106,30 @@ pub struct ActivePolicy {
     pub since: u64,
 }
 
+/// A canary in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    /// What the canary members run.
+    pub policy: ActivePolicy,
+    /// The members that run it.
+    pub members: Vec<NodeIx>,
+    /// How long before the leader decides.
+    pub window_ms: u64,
+}
+
+/// What became of a canary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryOutcome {
+    /// The canary's `name@version`.
+    pub label: String,
+    /// Rolled out to every member, or back.
+    pub rolled_out: bool,
+    /// The figures behind the decision.
+    pub why: String,
+    /// The log index of the decision.
+    pub index: u64,
+}
+
 /// A command of the metadata log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaEntry {
@@ -178,6 +202,31 @@ pub enum MetaEntry {
     },
     /// The previous active policy comes back.
     Rollback,
+    /// A canary: a module runs on the first `members` serving members (by
+    /// node id) for `window_ms`, while the others keep the active policy;
+    /// the leader then decides ([`MetaEntry::CanaryDecided`]).
+    CanaryStart {
+        /// `name@version`.
+        label: String,
+        /// Settings overriding the stored ones.
+        config: Option<Vec<(String, String)>>,
+        /// Bundled in the binary.
+        bundled: bool,
+        /// How many members run it.
+        members: u32,
+        /// How long they run it before the decision.
+        window_ms: u64,
+    },
+    /// The leader's decision on the running canary: rolled out to every
+    /// member (it becomes the active policy) or rolled back, and why.
+    CanaryDecided {
+        /// The canary's `name@version` (a decision on another is refused).
+        label: String,
+        /// Rolled out, or back.
+        rolled_out: bool,
+        /// The figures behind it.
+        why: String,
+    },
     /// A module is taken out of service everywhere.
     Quarantine {
         /// `name@version`.

@@ -47,6 +47,15 @@ const IDENTITY_FILE: &str = "identity";
 const HELLO_EVERY_MS: u64 = 250;
 const JOIN_EVERY_MS: u64 = 500;
 const RECONCILE_EVERY_MS: u64 = 250;
+/// Members report their hit counts to the leader this often.
+const REPORT_EVERY_MS: u64 = 500;
+/// Lookups the canary members must see in the window to be judged.
+const CANARY_MIN_LOOKUPS: u64 = 100;
+/// The canary may trail the others' hit ratio by this much and still roll
+/// out (members see different keys; noise is not a regression).
+const CANARY_TOLERANCE: f64 = 0.005;
+/// `open`'s key for the leader's canary decision.
+const CANARY_DECISION: NodeIx = NodeIx::MAX;
 /// Voters in the log, at most; further members are learners (they get
 /// every entry and do not slow commits down).
 const MAX_VOTERS: usize = 5;
@@ -71,6 +80,14 @@ pub enum MetaFrame {
     ModuleWant {
         /// SHA-256 of the component, hex.
         sha256: String,
+    },
+    /// A member's cumulative cache hits and misses, for the leader's
+    /// canary decisions.
+    Report {
+        /// Hits so far.
+        hits: u64,
+        /// Misses so far.
+        misses: u64,
     },
     /// A policy module's bytes.
     Module {
@@ -141,6 +158,22 @@ pub struct MetaMember {
     decided: VecDeque<(u64, Result<u64, String>)>,
     changed: bool,
     error: Option<String>,
+    /// This member's cumulative hits and misses (set by the runtime).
+    counts: (u64, u64),
+    next_report: u64,
+    /// Every member's last reported counts (the leader's view).
+    reports: BTreeMap<NodeIx, (u64, u64)>,
+    /// The canary the leader watches: its label and start index, when
+    /// this leader started watching, and the counts then.
+    watch: Option<CanaryWatch>,
+}
+
+/// The leader's watch over a running canary.
+struct CanaryWatch {
+    label: String,
+    since: u64,
+    started: u64,
+    baseline: BTreeMap<NodeIx, (u64, u64)>,
 }
 
 fn io_error(e: std::io::Error) -> MetaError {
@@ -184,6 +217,10 @@ impl MetaMember {
             decided: VecDeque::new(),
             changed: false,
             error: None,
+            counts: (0, 0),
+            next_report: now,
+            reports: BTreeMap::new(),
+            watch: None,
         };
         let (durable, loaded) = FileDurable::open(&dir).map_err(io_error)?;
         match identity {
@@ -344,6 +381,10 @@ impl MetaMember {
             }
             // The runtime answers these itself (it has the node's registry).
             MetaFrame::ModuleWant { .. } | MetaFrame::Module { .. } => Ok(()),
+            MetaFrame::Report { hits, misses } => {
+                self.reports.insert(from, (hits, misses));
+                Ok(())
+            }
             MetaFrame::Join { raft_id, client } => {
                 if node_of(raft_id) != Some(from) {
                     return Err(MetaError::Impostor { node: from, claimed: raft_id });
@@ -357,6 +398,11 @@ impl MetaMember {
     fn become_joiner(&mut self, now: u64) -> Result<(), MetaError> {
         let (durable, _) = FileDurable::open(&self.opts.data_dir.join(META_DIR)).map_err(io_error)?;
         self.join(durable, now)
+    }
+
+    /// This member's cumulative cache hits and misses.
+    pub fn set_counts(&mut self, hits: u64, misses: u64) {
+        self.counts = (hits, misses);
     }
 
     /// The failure detector's verdict on `node`.
@@ -396,6 +442,14 @@ impl MetaMember {
         }
         if let Some(node) = self.node.as_mut() {
             node.tick(now);
+        }
+        if matches!(self.phase, Phase::Running) && now >= self.next_report {
+            self.next_report = now + REPORT_EVERY_MS;
+            self.reports.insert(self.opts.me, self.counts);
+            let leader = self.node.as_ref().and_then(MetaNode::leader).filter(|l| *l != self.opts.me);
+            if let Some(leader) = leader {
+                self.outbox.push_back((leader, MetaFrame::Report { hits: self.counts.0, misses: self.counts.1 }));
+            }
         }
         if matches!(self.phase, Phase::Running) && now >= self.next_reconcile {
             self.next_reconcile = now + RECONCILE_EVERY_MS;
@@ -499,11 +553,79 @@ impl MetaMember {
                 proposals.push((m.node, MetaEntry::SetState { node: m.node, state, reason: reason.into() }));
             }
         }
+        if let Some(decision) = self.judge_canary(now) {
+            proposals.push((CANARY_DECISION, decision));
+        }
         for (about, entry) in proposals {
             if !self.busy_with(about) {
                 self.propose(now, about, entry);
             }
         }
+    }
+
+    /// The leader's canary decision, once the window has passed: the
+    /// canary members' hit ratio over the window against the other serving
+    /// members'. A leader that took over mid-window starts its own window
+    /// (it has no earlier counts).
+    fn judge_canary(&mut self, now: u64) -> Option<MetaEntry> {
+        let state = self.node.as_ref()?.state()?;
+        let Some(canary) = &state.canary else {
+            self.watch = None;
+            return None;
+        };
+        let fresh =
+            self.watch.as_ref().is_none_or(|w| w.label != canary.policy.label || w.since != canary.policy.since);
+        if fresh {
+            self.watch = Some(CanaryWatch {
+                label: canary.policy.label.clone(),
+                since: canary.policy.since,
+                started: now,
+                baseline: self.reports.clone(),
+            });
+            return None;
+        }
+        let watch = self.watch.as_ref()?;
+        if now < watch.started + canary.window_ms {
+            return None;
+        }
+        let delta = |members: &mut dyn Iterator<Item = NodeIx>| {
+            members.fold((0u64, 0u64), |(h, l), n| {
+                let now = self.reports.get(&n).copied().unwrap_or_default();
+                let then = watch.baseline.get(&n).copied().unwrap_or_default();
+                let hits = now.0.saturating_sub(then.0);
+                let misses = now.1.saturating_sub(then.1);
+                (h + hits, l + hits + misses)
+            })
+        };
+        let serving = state.serving();
+        let (c_hits, c_lookups) = delta(&mut canary.members.iter().copied());
+        let (o_hits, o_lookups) = delta(&mut serving.iter().copied().filter(|n| !canary.members.contains(n)));
+        let ratio = |h: u64, l: u64| if l == 0 { 0.0 } else { h as f64 / l as f64 };
+        let (c, o) = (ratio(c_hits, c_lookups), ratio(o_hits, o_lookups));
+        let secs = canary.window_ms as f64 / 1000.0;
+        let (rolled_out, why) = if c_lookups < CANARY_MIN_LOOKUPS {
+            (false, format!("too little traffic on the canary members to judge ({c_lookups} lookups in {secs:.0} s)"))
+        } else if o_lookups == 0 {
+            (
+                true,
+                format!("canary hit ratio {c:.4} over {c_lookups} lookups; no traffic on the other members to compare"),
+            )
+        } else if c + CANARY_TOLERANCE >= o {
+            (
+                true,
+                format!(
+                    "canary hit ratio {c:.4} ({c_lookups} lookups) against {o:.4} ({o_lookups}) on the others over {secs:.0} s"
+                ),
+            )
+        } else {
+            (
+                false,
+                format!(
+                    "canary hit ratio {c:.4} ({c_lookups} lookups) is below {o:.4} ({o_lookups}) on the others over {secs:.0} s"
+                ),
+            )
+        };
+        Some(MetaEntry::CanaryDecided { label: canary.policy.label.clone(), rolled_out, why })
     }
 
     fn drain_events(&mut self) {
@@ -604,6 +726,13 @@ impl MetaMember {
                 .collect();
             stats.slots_epoch = state.slots.epoch();
             stats.active_policy = state.active.as_ref().map(|a| a.label.clone());
+            stats.canary = state.canary.as_ref().map(|c| {
+                format!("{} on members {:?} for {:.0} s", c.policy.label, c.members, c.window_ms as f64 / 1000.0)
+            });
+            stats.last_canary = state.last_canary.as_ref().map(|c| {
+                let verdict = if c.rolled_out { "rolled out" } else { "rolled back" };
+                format!("{} {verdict} at log index {}: {}", c.label, c.index, c.why)
+            });
             stats.refused = state.refused;
         }
         stats

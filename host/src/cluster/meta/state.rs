@@ -8,7 +8,9 @@
 //! every member, and the proposer is told why.
 
 use super::super::replica::{MAX_NODE_ID, NodeIx};
-use super::entry::{ActivePolicy, MemberRecord, MemberState, MetaEntry, Proposal, Settings, StoredModule};
+use super::entry::{
+    ActivePolicy, Canary, CanaryOutcome, MemberRecord, MemberState, MetaEntry, Proposal, Settings, StoredModule,
+};
 use cachet_proto::SlotTable;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -66,6 +68,10 @@ pub struct MetaState {
     pub history: Vec<ActivePolicy>,
     /// The module every member evaluates in shadow, if any.
     pub shadow: Option<String>,
+    /// The canary running, if any.
+    pub canary: Option<Canary>,
+    /// What became of the last canary.
+    pub last_canary: Option<CanaryOutcome>,
     /// Quarantined modules and why.
     pub quarantined: BTreeMap<String, String>,
     /// Entries refused so far (for `cachet stats`).
@@ -88,6 +94,8 @@ impl MetaState {
             active: None,
             history: Vec::new(),
             shadow: None,
+            canary: None,
+            last_canary: None,
             quarantined: BTreeMap::new(),
             refused: 0,
             nonces: BTreeMap::new(),
@@ -110,6 +118,20 @@ impl MetaState {
         let mut h = std::hash::DefaultHasher::new();
         self.encode().hash(&mut h);
         h.finish()
+    }
+
+    /// Serving members, by node id.
+    pub fn serving(&self) -> Vec<NodeIx> {
+        self.members.values().filter(|m| m.state == MemberState::Serving).map(|m| m.node).collect()
+    }
+
+    /// The policy `node` must run: the canary's on a canary member, else
+    /// the active one.
+    pub fn policy_for(&self, node: NodeIx) -> Option<&ActivePolicy> {
+        match &self.canary {
+            Some(c) if c.members.contains(&node) => Some(&c.policy),
+            _ => self.active.as_ref(),
+        }
     }
 
     /// The member whose Raft identity is `raft_id`.
@@ -238,6 +260,27 @@ impl MetaState {
                     Ok(())
                 }
             }
+            MetaEntry::CanaryStart { label, bundled, members, .. } => {
+                let serving = self.serving().len();
+                if self.canary.is_some() {
+                    Err("a canary is running already; wait for its decision".into())
+                } else if !bundled && !self.modules.contains_key(label) {
+                    Err(format!("{label} is not stored in the cluster's registry"))
+                } else if let Some(why) = self.quarantined.get(label) {
+                    Err(format!("{label} is quarantined: {why}"))
+                } else if *members == 0 || *members as usize >= serving {
+                    Err(format!(
+                        "a canary needs between 1 and {} members (of the {serving} serving)",
+                        serving.max(1) - 1
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            MetaEntry::CanaryDecided { label, .. } => match &self.canary {
+                Some(c) if c.policy.label == *label => Ok(()),
+                _ => Err(format!("no canary of {label} is running")),
+            },
             MetaEntry::Quarantine { label, .. } => {
                 if self.modules.contains_key(label) {
                     Ok(())
@@ -333,6 +376,25 @@ impl MetaState {
                     p
                 });
             }
+            MetaEntry::CanaryStart { label, config, members, window_ms, .. } => {
+                let sha256 = self.modules.get(label).map(|r| r.module.sha256.clone());
+                let policy = ActivePolicy { label: label.clone(), config: config.clone(), sha256, since: index };
+                let members = self.serving().into_iter().take(*members as usize).collect();
+                self.canary = Some(Canary { policy, members, window_ms: *window_ms });
+            }
+            MetaEntry::CanaryDecided { label, rolled_out, why } => {
+                if let Some(canary) = self.canary.take()
+                    && *rolled_out
+                {
+                    let mut policy = canary.policy;
+                    policy.since = index;
+                    if let Some(previous) = self.active.replace(policy) {
+                        self.history.push(previous);
+                    }
+                }
+                self.last_canary =
+                    Some(CanaryOutcome { label: label.clone(), rolled_out: *rolled_out, why: why.clone(), index });
+            }
             MetaEntry::Quarantine { label, reason } => {
                 self.quarantined.insert(label.clone(), reason.clone());
                 self.history.retain(|p| p.label != *label);
@@ -341,6 +403,11 @@ impl MetaState {
                 }
                 if self.shadow.as_ref() == Some(label) {
                     self.shadow = None;
+                }
+                if self.canary.as_ref().is_some_and(|c| c.policy.label == *label) {
+                    self.canary = None;
+                    let why = format!("quarantined: {reason}");
+                    self.last_canary = Some(CanaryOutcome { label: label.clone(), rolled_out: false, why, index });
                 }
             }
         }
@@ -414,6 +481,34 @@ mod tests {
         let back = MetaState::decode(&s.encode()).expect("decode");
         assert_eq!(back, s);
         assert_eq!(back.digest(), s.digest());
+    }
+
+    #[test]
+    fn a_canary_runs_on_its_members_then_rolls_out_or_back() {
+        let mut s = founded();
+        s.apply(2, Some(&p(40, stored("c@1", "cc"))));
+        let start = |nonce, members| {
+            p(
+                nonce,
+                MetaEntry::CanaryStart { label: "c@1".into(), config: None, bundled: false, members, window_ms: 1_000 },
+            )
+        };
+        assert!(matches!(s.apply(3, Some(&start(41, 3))), Outcome::Refused(_)), "not every member");
+        assert_eq!(s.apply(4, Some(&start(42, 1))), Outcome::Applied);
+        assert!(matches!(s.apply(5, Some(&start(43, 1))), Outcome::Refused(_)), "one at a time");
+        assert_eq!(s.policy_for(0).map(|p| p.label.as_str()), Some("c@1"));
+        assert_eq!(s.policy_for(1), None, "the others keep the active policy");
+        let decide = |nonce, label: &str, rolled_out| {
+            p(nonce, MetaEntry::CanaryDecided { label: label.into(), rolled_out, why: "figures".into() })
+        };
+        assert!(matches!(s.apply(6, Some(&decide(44, "x@1", true))), Outcome::Refused(_)));
+        assert_eq!(s.apply(7, Some(&decide(45, "c@1", true))), Outcome::Applied);
+        assert_eq!(s.policy_for(2).map(|p| p.label.as_str()), Some("c@1"), "rolled out to all");
+        assert!(s.last_canary.as_ref().is_some_and(|c| c.rolled_out && c.index == 7));
+        assert_eq!(s.apply(8, Some(&start(46, 2))), Outcome::Applied);
+        assert_eq!(s.apply(9, Some(&decide(47, "c@1", false))), Outcome::Applied);
+        assert_eq!(s.canary, None);
+        assert!(s.last_canary.as_ref().is_some_and(|c| !c.rolled_out));
     }
 
     #[test]

@@ -187,6 +187,8 @@ pub(super) struct Shell {
     policy: policy::PolicyApply,
     policy_done_tx: mpsc::UnboundedSender<policy::PolicyDone>,
     policy_done_rx: Option<mpsc::UnboundedReceiver<policy::PolicyDone>>,
+    /// When the node's hit counts were last read for the metadata log.
+    counts_at: u64,
 }
 
 impl Shell {
@@ -329,6 +331,7 @@ impl Shell {
             policy: policy::PolicyApply::default(),
             policy_done_tx,
             policy_done_rx: Some(policy_done_rx),
+            counts_at: 0,
         }
     }
 
@@ -426,6 +429,10 @@ impl Shell {
                     }
                     // Modules still missing are asked for again.
                     self.reconcile_policy();
+                    if now >= self.counts_at + 500 {
+                        self.counts_at = now;
+                        self.report_counts();
+                    }
                     let known = self.founder || self.peers.len() > 1;
                     if self.replica.is_none() && known && now >= self.changed_at + SETTLE_MS {
                         // Founders too: a founder restarted after others

@@ -76,6 +76,15 @@ impl Shell {
         }
     }
 
+    /// Hands the node's hit counts to the metadata log (for canaries).
+    pub(super) fn report_counts(&mut self) {
+        let Some(host) = self.host() else { return };
+        let (hits, misses) = host.hit_counts();
+        if let Some(meta) = self.meta.as_mut() {
+            meta.set_counts(hits, misses);
+        }
+    }
+
     /// Brings this member's policy to the log's: fetches modules it lacks,
     /// then applies on a blocking thread.
     pub(super) fn reconcile_policy(&mut self) {
@@ -84,7 +93,8 @@ impl Shell {
         }
         let Some(host) = self.host() else { return };
         let Some(state) = self.meta.as_ref().and_then(MetaMember::state) else { return };
-        let target: Target = (state.active.clone(), state.shadow.clone());
+        // A canary member runs the canary's module; the rest the active one.
+        let target: Target = (state.policy_for(self.me).cloned(), state.shadow.clone());
         let index = state.applied;
         if self.policy.applied.as_ref() == Some(&target) {
             // Runs it (unless applying it failed: then a waiting admin
