@@ -165,6 +165,17 @@ impl LocalCluster {
             .output()?)
     }
 
+    /// Runs an admin verb against member `i` with the demo's token.
+    pub(crate) fn cli_as_admin(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(&self.cachet)
+            .args(args)
+            .args(["--server", &self.addrs[i], "--dev-ca"])
+            .arg(&self.ca)
+            .env("CACHET_ADMIN_TOKEN", "demo-cluster-token")
+            .stderr(Stdio::piped())
+            .output()?)
+    }
+
     /// Member `i`'s stats, as JSON.
     pub(crate) fn stats(&self, i: usize) -> Result<serde_json::Value> {
         let out = self.cli(i, &["stats", "--json", "--timeout-ms", "1000"])?;
@@ -239,7 +250,11 @@ pub(crate) fn bench_report(child: Child) -> Result<serde_json::Value> {
 /// member is SIGKILLed mid-run and restarted empty.
 pub(crate) fn demo(cachet: &Path, root: &Path) -> Result<()> {
     println!("\n== A 3-node cluster on 127.0.0.1-3, RF=3, QUORUM reads and writes; node 2 is SIGKILLed mid-run ==\n");
-    let mut cluster = LocalCluster::start(cachet, root, 3, 3, &["--threads", "1"])?;
+    // Outside `root`, which the cluster's start clears.
+    let token = root.with_extension("admin-token");
+    std::fs::write(&token, "demo-cluster-token\n")?;
+    let token = token.to_str().context("non-UTF-8 path")?.to_string();
+    let mut cluster = LocalCluster::start(cachet, root, 3, 3, &["--threads", "1", "--admin-token-file", &token])?;
     println!("cluster formed  3 members up and synced (clients: {})", cluster.addrs.join(", "));
     let bench = cluster.bench(&[
         "--duration",
@@ -334,6 +349,61 @@ pub(crate) fn demo(cachet: &Path, root: &Path) -> Result<()> {
     if counter != acknowledged.to_string() {
         bail!("the counter reads {counter} after {acknowledged} acknowledged increments");
     }
+    canary_rollout(&cluster)
+}
+
+/// The cluster's metadata log, and a policy rolled out to every member
+/// through one of them with a canary, under load.
+fn canary_rollout(cluster: &LocalCluster) -> Result<()> {
+    let meta = cluster.stats(0)?["cluster"]["meta"].clone();
+    let members = meta["members"].as_array().cloned().unwrap_or_default();
+    let states: Vec<String> =
+        members.iter().map(|m| format!("{}={}", m["node"], m["state"].as_str().unwrap_or("?"))).collect();
+    println!(
+        "metadata log    Raft (raft-rs): leader node {}, term {}, applied index {}; members {}",
+        meta["leader"],
+        meta["term"],
+        meta["applied"],
+        states.join(", ")
+    );
+    let bench = cluster.bench(&["--duration", "9", "--keys", "2000", "--connections", "3", "--concurrency", "16"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let label = format!("sieve@{}", env!("CARGO_PKG_VERSION"));
+    let started = Instant::now();
+    let out = cluster.cli_as_admin(1, &["policy", "activate", &label, "--canary", "1", "--canary-window", "3"])?;
+    let said = String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).to_string();
+    if !out.status.success() {
+        bail!("the canary through node 1 failed: {}", said.trim());
+    }
+    println!("canary          `cachet policy activate {label} --canary 1 --canary-window 3` through node 1");
+    let decision = loop {
+        let meta = cluster.stats(0)?["cluster"]["meta"].clone();
+        if meta["canary"].is_null()
+            && let Some(last) = meta["last_canary"].as_str()
+        {
+            break last.to_string();
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("no canary decision within 20 s: {meta}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("decision        {decision} ({:.1} s after the command)", started.elapsed().as_secs_f64());
+    let mut running = Vec::new();
+    for i in 0..3 {
+        let out = cluster.cli_as_admin(i, &["policy", "list", "--json"])?;
+        let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        running.push(format!("node {i} runs {}", listing["active"].as_str().unwrap_or("?")));
+    }
+    println!("policies        {}", running.join(", "));
+    let report = bench_report(bench)?;
+    let n = crate::number;
+    println!(
+        "workload        {:.0} operations during the rollout, {:.0} failed; p99 {:.0} us",
+        n(&report, "ops"),
+        n(&report, "errors"),
+        n(&report, "p99_us")
+    );
     Ok(())
 }
 

@@ -37,13 +37,22 @@ pub(crate) enum PolicyCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Hot-swap every shard of the node to NAME@VERSION.
+    /// Hot-swap every shard of the node to NAME@VERSION; on a cluster,
+    /// every member (through the cluster's metadata log).
     Activate {
         /// NAME@VERSION.
         module: String,
         /// Settings replacing the stored ones for this activation, repeatable.
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
+        /// On a cluster: run it on K members first; after
+        /// `--canary-window`, the cluster rolls it out to every member or
+        /// back by their hit ratios, and `cachet stats` says which and why.
+        #[arg(long, value_name = "K")]
+        canary: Option<u32>,
+        /// How long the canary runs before the decision, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60.0, requires = "canary")]
+        canary_window: f64,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -99,10 +108,20 @@ pub(crate) fn run_policy(command: PolicyCommand) -> Result<()> {
             };
             (admin, false, command)
         }
-        PolicyCommand::Activate { module, config, admin } => {
+        PolicyCommand::Activate { module, config, canary, canary_window, admin } => {
             let (name, version) = cachet::admin::split_label(&module).map_err(anyhow::Error::msg)?;
             let config = if config.is_empty() { None } else { Some(parse_config(&config)?) };
-            (admin, false, AdminCommand::Activate { name, version, config })
+            let command = match canary {
+                Some(members) => {
+                    if !(canary_window.is_finite() && canary_window > 0.0) {
+                        bail!("--canary-window must be a positive number of seconds");
+                    }
+                    let window_ms = (canary_window * 1000.0) as u64;
+                    AdminCommand::Canary { name, version, config, members, window_ms }
+                }
+                None => AdminCommand::Activate { name, version, config },
+            };
+            (admin, false, command)
         }
         PolicyCommand::Rollback { admin } => (admin, false, AdminCommand::Rollback),
         PolicyCommand::List { json, admin } => (admin, json, AdminCommand::List),

@@ -125,6 +125,12 @@ fn print_meta(meta: &cachet_proto::MetaStats) {
     if let Some(active) = &meta.active_policy {
         println!("cluster policy    {active}");
     }
+    if let Some(canary) = &meta.canary {
+        println!("canary            {canary}");
+    }
+    if let Some(last) = &meta.last_canary {
+        println!("last canary       {last}");
+    }
     for m in &meta.members {
         let role = if m.voter { "voter" } else { "learner" };
         let client = if m.client.is_empty() { "-" } else { m.client.as_str() };
