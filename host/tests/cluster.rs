@@ -2200,3 +2200,59 @@ async fn a_canary_is_rolled_out_or_back_by_the_leader() {
     client.close().await;
     let _ = std::fs::remove_file(&token_file);
 }
+
+/// A module that keeps faulting on one member is quarantined on every
+/// member (issue 20): the member whose supervisor gives up records it in
+/// the metadata log, every member goes back to the previous cluster-wide
+/// policy, and activating it again is refused through any member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_on_one_member_applies_to_every_member() {
+    use cachet_client::AdminCommand;
+    let token_file = std::env::temp_dir().join(format!("cachet-cluster-quarantine-token-{}", std::process::id()));
+    std::fs::write(&token_file, "quarantine\n").expect("token file");
+    let token = "quarantine";
+    let cluster =
+        TestCluster::start_with(3, 3, "meta-quarantine", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
+    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "founding", |v| {
+        v.members.iter().all(|m| m.state == "serving")
+    })
+    .await;
+    let client = cluster.client();
+    let sieve = bytes::Bytes::from(std::fs::read(concat!(env!("OUT_DIR"), "/guests/sieve.wasm")).expect("sieve.wasm"));
+    client.load_module_of(0, token, "sieve", "5", Vec::new(), sieve, None, None).await.expect("load sieve");
+    let activate =
+        |name: &str, version: &str| AdminCommand::Activate { name: name.into(), version: version.into(), config: None };
+    client.admin_of(1, token, activate("sieve", "5")).await.expect("activate sieve");
+    // Passes the load-time check, then panics once it has seen 5,000
+    // events (and again on every rebuild, which replays more than that).
+    let config = vec![("mode".to_string(), "panic".to_string()), ("after".to_string(), "5000".to_string())];
+    let hostile = bytes::Bytes::from(cachet_tests::hostile_component());
+    client.load_module_of(2, token, "hostile", "1", config, hostile, None, None).await.expect("load hostile");
+    let listing = client.admin_of(0, token, activate("hostile", "1")).await.expect("activate hostile");
+    assert_eq!(listing.active, "hostile@1");
+    for i in 0..3 {
+        wait_active(&cluster, i, token, "hostile@1", Duration::from_secs(10)).await;
+    }
+    // Every write reaches every member (RF 3): their shards see the events.
+    for batch in 0..64 {
+        let pairs = (batch * 250..(batch + 1) * 250)
+            .map(|i| (bytes::Bytes::from(format!("k{i}")), bytes::Bytes::from_static(b"v")))
+            .collect();
+        client.mset(pairs).await.expect("every write succeeds");
+    }
+    let (took, view) = wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(40), "the quarantine", |v| {
+        v.active_policy.as_deref() == Some("sieve@5")
+    })
+    .await;
+    eprintln!("quarantined cluster-wide {took:?} after the writes: {view:?}");
+    for i in 0..3 {
+        wait_active(&cluster, i, token, "sieve@5", Duration::from_secs(10)).await;
+    }
+    let err = client.admin_of(1, token, activate("hostile", "1")).await.expect_err("quarantined");
+    assert!(err.to_string().contains("quarantined"), "{err}");
+    for i in (0..16_000).step_by(97) {
+        assert!(client.get(format!("k{i}")).await.expect("get").is_some(), "k{i} survived the faults");
+    }
+    client.close().await;
+    let _ = std::fs::remove_file(&token_file);
+}

@@ -70,4 +70,9 @@ impl Control {
         }
         Ok(if done.is_empty() { "already running it".into() } else { done.join("; ") })
     }
+
+    /// Calls `hook` with the module and the reason on every quarantine.
+    pub(crate) fn on_quarantine(&self, hook: super::QuarantineHook) {
+        let _ = self.quarantined_hook.set(hook);
+    }
 }

@@ -37,6 +37,9 @@ pub(crate) struct ActiveState {
     pub(crate) last_swap_us: Vec<u64>,
 }
 
+/// Told of a quarantine: the module's `name@version` and the reason.
+pub(crate) type QuarantineHook = Box<dyn Fn(&str, &str) + Send + Sync>;
+
 /// A node's policy control plane. See the module docs.
 pub(crate) struct Control {
     /// The shards the policies run in.
@@ -58,6 +61,9 @@ pub(crate) struct Control {
     pub(crate) quarantines: AtomicU64,
     /// Components arriving in chunks, by upload id.
     uploads: Mutex<HashMap<u64, (u64, Vec<u8>)>>,
+    /// Told of every quarantine (a clustered node records it in the
+    /// cluster's log, so every member drops the module).
+    quarantined_hook: std::sync::OnceLock<QuarantineHook>,
     /// What the node was started with: what a cluster member returns to
     /// when the cluster's log names no policy (a canary rolled back before
     /// any cluster-wide activation).
@@ -92,6 +98,7 @@ impl Control {
             swaps: AtomicU64::new(0),
             quarantines: AtomicU64::new(0),
             uploads: Mutex::new(HashMap::new()),
+            quarantined_hook: std::sync::OnceLock::new(),
             startup,
         }
     }
@@ -536,6 +543,9 @@ impl Control {
         }
         self.quarantines.fetch_add(1, Ordering::Relaxed);
         tracing::error!(module = %active.label(), %reason, "module quarantined");
+        if let Some(hook) = self.quarantined_hook.get() {
+            hook(&active.label(), &reason);
+        }
         let Some(previous) = registry.previous().cloned().filter(|p| p.label() != active.label()) else {
             tracing::error!(module = %active.label(), "no previous version; shards stay on the native fallback");
             return;

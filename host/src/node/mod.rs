@@ -121,7 +121,16 @@ impl Node {
     /// replicated operations (see [`Cluster::route`]). At most once per
     /// node.
     pub fn attach_cluster(&self, cluster: Arc<Cluster>) -> Result<(), Arc<Cluster>> {
-        self.cluster.set(cluster)
+        self.cluster.set(cluster.clone())?;
+        // A module this member quarantines is quarantined cluster-wide:
+        // every member drops it at the same log index.
+        self.control.on_quarantine(Box::new(move |label, reason| {
+            cluster.propose_detached(crate::cluster::meta::entry::MetaEntry::Quarantine {
+                label: label.to_string(),
+                reason: reason.to_string(),
+            });
+        }));
+        Ok(())
     }
 
     /// The cluster, if the node is in one.

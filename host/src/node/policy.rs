@@ -86,8 +86,18 @@ impl Node {
                     AdminCommand::Load { name, version, .. } => label(name, version),
                     _ => String::new(),
                 };
-                // Loaded (and checked) here first; then recorded.
-                let local = self.admin_from_local(token, source, command);
+                // Loaded (and checked) here first; then recorded. The
+                // runtime may be applying the log's policy right now (the
+                // registry is busy for a swap's length): wait for it.
+                let start = std::time::Instant::now();
+                let local = loop {
+                    let local = self.admin_from_local(token, source, command.clone());
+                    let busy = matches!(&local, Response::Error(e) if e.code == ErrorCode::Busy);
+                    if !busy || start.elapsed() > LOG_WAIT {
+                        break local;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
                 if matches!(local, Response::Error(_)) {
                     return local;
                 }

@@ -281,11 +281,12 @@ impl MetaState {
                 Some(c) if c.policy.label == *label => Ok(()),
                 _ => Err(format!("no canary of {label} is running")),
             },
+            // Any module a member ran (bundled ones are not in `modules`).
             MetaEntry::Quarantine { label, .. } => {
-                if self.modules.contains_key(label) {
-                    Ok(())
+                if self.quarantined.contains_key(label) {
+                    Err(format!("{label} is quarantined already"))
                 } else {
-                    Err(format!("{label} is not stored"))
+                    Ok(())
                 }
             }
             MetaEntry::Noop => Ok(()),

@@ -39,6 +39,13 @@ impl Cluster {
         true
     }
 
+    /// Proposes `entry` without waiting for its fate (from threads that
+    /// must not block, such as the policy supervisor's).
+    pub fn propose_detached(&self, entry: MetaEntry) {
+        let (reply, _) = std::sync::mpsc::sync_channel(1);
+        let _ = self.proposals.send(Proposal { entry, reply });
+    }
+
     /// Proposes `entry` to the cluster's metadata log and waits (blocking,
     /// at most `limit`) until it applied on this member: the log index, or
     /// why it did not (refused by the log's state, no leader reachable).
