@@ -2119,8 +2119,19 @@ async fn one_activate_through_any_member_changes_every_member() {
     })
     .await;
     assert_eq!(view.refused, 0, "{view:?}");
-    // Refusals name the problem: nothing earlier to roll back to after
-    // two rollbacks... and an unknown module.
+    // `cachet policy list` through one member shows what every member runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_cachet"))
+        .args(["policy", "list", "--server", &cluster.members[2].client_addr, "--dev-ca"])
+        .arg(&cluster.ca)
+        .env("CACHET_ADMIN_TOKEN", token)
+        .output()
+        .expect("cachet policy list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    for i in 0..3 {
+        assert!(text.contains(&format!("member {i:<3} runs sieve@7")), "member {i} in:\n{text}");
+    }
+    // Refusals name the problem: an unknown module.
     let unknown = AdminCommand::Activate { name: "nosuch".into(), version: "1".into(), config: None };
     let err = client.admin_of(2, token, unknown).await.expect_err("unknown module");
     assert!(err.to_string().contains("nosuch@1"), "{err}");

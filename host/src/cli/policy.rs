@@ -137,8 +137,11 @@ pub(crate) fn run_policy(command: PolicyCommand) -> Result<()> {
     let mut config = admin.client.config()?;
     // Activation hands every resident entry to the new policy: give it time.
     config.timeout = config.timeout.max(Duration::from_secs(120));
+    let list = matches!(command, AdminCommand::List);
     block_on(async move {
-        let client = Client::connect(config).await?;
+        let client = Client::connect(config.clone()).await?;
+        // On a cluster, `list` also shows what every member runs.
+        let clustered = list && !json && client.stats().await.is_ok_and(|s| s.cluster.is_some());
         let listing = match command {
             // Large components go in chunks.
             AdminCommand::Load { name, version, config, module, fuel_per_call, max_memory_bytes, .. } => {
@@ -153,8 +156,40 @@ pub(crate) fn run_policy(command: PolicyCommand) -> Result<()> {
         } else {
             print_listing(&listing);
         }
+        if clustered {
+            print_members(config, &token).await?;
+        }
         Ok(())
     })
+}
+
+/// Every member's active module, faults and shadow figures, through a
+/// cluster client that learns the members from the one asked.
+async fn print_members(config: cachet_client::ClientConfig, token: &str) -> Result<()> {
+    let cluster = cachet_client::ClusterClient::new(vec![config], cachet_client::RetryPolicy::default())?;
+    let listings = cluster.admin_each(token, AdminCommand::List).await;
+    println!("\nmembers");
+    for (i, listing) in listings.iter().enumerate() {
+        match listing {
+            Ok(l) => {
+                let faults: u64 = l.shards.iter().map(|s| s.faults).sum();
+                let fallback = l.shards.iter().filter(|s| s.on_fallback).count();
+                let shadow = l.shadow.as_ref().map_or_else(String::new, |s| {
+                    format!(
+                        ", shadow {} predicted {:.4} vs active {:.4} ({} sampled reads)",
+                        s.candidate, s.candidate_hit_ratio, s.active_hit_ratio, s.sampled_reads
+                    )
+                });
+                println!(
+                    "  member {i:<3} runs {}, {faults} faults, {fallback} shards on fallback, {} quarantines{shadow}",
+                    l.active, l.quarantines
+                );
+            }
+            Err(err) => println!("  member {i:<3} did not answer: {err}"),
+        }
+    }
+    cluster.close().await;
+    Ok(())
 }
 
 fn print_listing(listing: &PolicyListing) {
