@@ -2044,6 +2044,19 @@ async fn the_metadata_log_runs_on_real_members() {
     assert_eq!(view.refused, 0, "{view:?}");
 }
 
+/// A founded 3-member cluster whose members take admin commands with
+/// `token` (written to a file that lives as long as the test's process).
+async fn policy_cluster(tag: &str, token: &str) -> TestCluster {
+    let token_file = std::env::temp_dir().join(format!("cachet-cluster-{tag}-token-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let cluster = TestCluster::start_with(3, 3, tag, &["--admin-token-file", token_file.to_str().expect("utf-8")]);
+    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "founding", |v| {
+        v.members.iter().all(|m| m.state == "serving")
+    })
+    .await;
+    cluster
+}
+
 /// Polls member `i`'s policy listing (bounded) until its active module is
 /// `label`; returns how long that took.
 async fn wait_active(cluster: &TestCluster, i: usize, token: &str, label: &str, limit: Duration) -> Duration {
@@ -2073,15 +2086,8 @@ async fn wait_active(cluster: &TestCluster, i: usize, token: &str, label: &str, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_activate_through_any_member_changes_every_member() {
     use cachet_client::AdminCommand;
-    let token_file = std::env::temp_dir().join(format!("cachet-cluster-meta-policy-token-{}", std::process::id()));
-    std::fs::write(&token_file, "rollout\n").expect("token file");
     let token = "rollout";
-    let mut cluster =
-        TestCluster::start_with(3, 3, "meta-policy", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
-    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "founding", |v| {
-        v.members.iter().all(|m| m.state == "serving")
-    })
-    .await;
+    let mut cluster = policy_cluster("meta-policy", token).await;
     let client = cluster.client();
     let sieve = bytes::Bytes::from(std::fs::read(concat!(env!("OUT_DIR"), "/guests/sieve.wasm")).expect("sieve.wasm"));
     let loaded = client.load_module_of(1, token, "sieve", "7", Vec::new(), sieve, None, None).await.expect("load");
@@ -2136,7 +2142,6 @@ async fn one_activate_through_any_member_changes_every_member() {
     let err = client.admin_of(2, token, unknown).await.expect_err("unknown module");
     assert!(err.to_string().contains("nosuch@1"), "{err}");
     client.close().await;
-    let _ = std::fs::remove_file(&token_file);
 }
 
 /// A canary (issue 20): `activate --canary` runs a module on some members
@@ -2147,15 +2152,8 @@ async fn one_activate_through_any_member_changes_every_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_is_rolled_out_or_back_by_the_leader() {
     use cachet_client::AdminCommand;
-    let token_file = std::env::temp_dir().join(format!("cachet-cluster-canary-token-{}", std::process::id()));
-    std::fs::write(&token_file, "canary\n").expect("token file");
     let token = "canary";
-    let cluster =
-        TestCluster::start_with(3, 3, "meta-canary", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
-    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "founding", |v| {
-        v.members.iter().all(|m| m.state == "serving")
-    })
-    .await;
+    let cluster = policy_cluster("meta-canary", token).await;
     let client = cluster.client();
     let before = client.admin_of(0, token, AdminCommand::List).await.expect("list").active;
     let sieve = bytes::Bytes::from(std::fs::read(concat!(env!("OUT_DIR"), "/guests/sieve.wasm")).expect("sieve.wasm"));
@@ -2209,7 +2207,6 @@ async fn a_canary_is_rolled_out_or_back_by_the_leader() {
         wait_active(&cluster, i, token, "sieve@8", Duration::from_secs(10)).await;
     }
     client.close().await;
-    let _ = std::fs::remove_file(&token_file);
 }
 
 /// A module that keeps faulting on one member is quarantined on every
@@ -2219,15 +2216,8 @@ async fn a_canary_is_rolled_out_or_back_by_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarantine_on_one_member_applies_to_every_member() {
     use cachet_client::AdminCommand;
-    let token_file = std::env::temp_dir().join(format!("cachet-cluster-quarantine-token-{}", std::process::id()));
-    std::fs::write(&token_file, "quarantine\n").expect("token file");
     let token = "quarantine";
-    let cluster =
-        TestCluster::start_with(3, 3, "meta-quarantine", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
-    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "founding", |v| {
-        v.members.iter().all(|m| m.state == "serving")
-    })
-    .await;
+    let cluster = policy_cluster("meta-quarantine", token).await;
     let client = cluster.client();
     let sieve = bytes::Bytes::from(std::fs::read(concat!(env!("OUT_DIR"), "/guests/sieve.wasm")).expect("sieve.wasm"));
     client.load_module_of(0, token, "sieve", "5", Vec::new(), sieve, None, None).await.expect("load sieve");
@@ -2265,5 +2255,4 @@ async fn a_quarantine_on_one_member_applies_to_every_member() {
         assert!(client.get(format!("k{i}")).await.expect("get").is_some(), "k{i} survived the faults");
     }
     client.close().await;
-    let _ = std::fs::remove_file(&token_file);
 }

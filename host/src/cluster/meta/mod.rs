@@ -675,7 +675,6 @@ mod tests {
     use super::wire::{WireConf, WireSnapshot};
     use super::*;
     use crate::cluster::replica::Consistency;
-    use bytes::Bytes;
 
     fn three() -> Vec<MetaNode> {
         let founders: Vec<MemberRecord> = (0..3)
@@ -769,21 +768,8 @@ mod tests {
         let committed = nodes[victim].applied();
         assert!(committed >= 6, "{committed}");
         let base = RaftWire {
-            kind: 3,
-            to: raft_id(victim as NodeIx, 0),
-            from: raft_id(liar as NodeIx, 0),
             term: nodes[victim].term(),
-            log_term: 0,
-            index: 0,
-            entries: vec![],
-            commit: 0,
-            commit_term: 0,
-            snapshot: None,
-            request_snapshot: 0,
-            reject: false,
-            reject_hint: 0,
-            context: Bytes::new(),
-            priority: 0,
+            ..RaftWire::empty(3, raft_id(victim as NodeIx, 0), raft_id(liar as NodeIx, 0))
         };
         let t = 2_600;
         // A certificate for one node, a message claiming another.

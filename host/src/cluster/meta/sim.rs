@@ -24,27 +24,8 @@ use super::storage::{Loaded, MemDurable, MetaStorage};
 use super::wire::{RaftWire, WireConf, WireSnapshot};
 use super::{MetaConfig, MetaEvent, MetaNode, raft_id};
 use crate::cluster::replica::{Consistency, NodeIx};
+use crate::cluster::sim::Rng;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / ((1u64 << 53) as f64) < p
-    }
-}
 
 /// A message in flight, ordered by delivery time then send order.
 #[derive(PartialEq, Eq)]
@@ -571,25 +552,7 @@ impl Sim {
         for (i, m) in self.members.iter().enumerate() {
             let Some(state) = m.meta.as_ref().and_then(MetaNode::state) else { continue };
             if let Some(lost) = self.acked.iter().find(|l| !state.modules.contains_key(*l)) {
-                let views: Vec<_> = self
-                    .members
-                    .iter()
-                    .filter_map(|m| m.meta.as_ref())
-                    .map(|m| {
-                        (
-                            m.me(),
-                            m.applied(),
-                            m.leader(),
-                            m.term(),
-                            m.raw.raft.raft_log.committed,
-                            m.raw.raft.raft_log.last_index(),
-                        )
-                    })
-                    .collect();
-                self.violated(
-                    "acknowledged-proposals-kept",
-                    format!("member {i} lacks {lost}; (member, applied, leader, term, commit, last): {views:?}"),
-                );
+                self.violated("acknowledged-proposals-kept", format!("member {i} lacks {lost}: {views:?}"));
             }
         }
         let before = self.tally.acknowledged;

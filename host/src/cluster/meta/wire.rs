@@ -243,6 +243,29 @@ impl WireHardState {
 }
 
 impl RaftWire {
+    /// A message of `kind` from `from` to `to` with every other field empty
+    /// (for tests that craft messages).
+    #[cfg(test)]
+    pub(crate) fn empty(kind: u8, to: u64, from: u64) -> Self {
+        Self {
+            kind,
+            to,
+            from,
+            term: 0,
+            log_term: 0,
+            index: 0,
+            entries: vec![],
+            commit: 0,
+            commit_term: 0,
+            snapshot: None,
+            request_snapshot: 0,
+            reject: false,
+            reject_hint: 0,
+            context: Bytes::new(),
+            priority: 0,
+        }
+    }
+
     /// A message raft-rs produced, for the wire.
     pub fn from_message(m: &Message) -> Self {
         Self {
@@ -392,23 +415,7 @@ mod tests {
 
     #[test]
     fn local_only_types_and_forwarded_conf_changes_are_refused() {
-        let base = RaftWire {
-            kind: 3,
-            to: 1,
-            from: 2,
-            term: 1,
-            log_term: 0,
-            index: 0,
-            entries: vec![],
-            commit: 0,
-            commit_term: 0,
-            snapshot: None,
-            request_snapshot: 0,
-            reject: false,
-            reject_hint: 0,
-            context: Bytes::new(),
-            priority: 0,
-        };
+        let base = RaftWire { term: 1, ..RaftWire::empty(3, 1, 2) };
         for local in [0u8, 1, 10, 11, 12, 19, 255] {
             let w = RaftWire { kind: local, ..base.clone() };
             assert_eq!(w.to_message().err(), Some(WireError::MessageType(local)), "type {local}");
