@@ -1,5 +1,5 @@
-//! Local clusters of `cachet serve --cluster` processes on 127.0.0.1-3: the
-//! demo's failover run and `cargo xtask bench-cluster`.
+//! Local clusters of `cachet serve --cluster` processes on 127.0.0.1-N: the
+//! demo's failover run, `cargo xtask bench-cluster` and `cargo xtask chaos`.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -74,7 +74,9 @@ impl LocalCluster {
                 "--replication-factor".into(),
                 rf.to_string(),
             ];
-            args.extend(extra.iter().map(|s| s.to_string()));
+            // `{host}` in an extra argument is this member's address.
+            let host = format!("127.0.0.{}", i + 1);
+            args.extend(extra.iter().map(|s| s.replace("{host}", &host)));
             members.push((args, None));
         }
         let mut cluster = Self { cachet: cachet.to_path_buf(), root: root.to_path_buf(), ca, port, rf, members, addrs };
@@ -125,6 +127,16 @@ impl LocalCluster {
         self.members.push((args, None));
         self.addrs.push(addr);
         self.spawn(i)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to member `i`, if it runs.
+    pub(crate) fn signal(&self, i: usize, signal: &str) -> Result<()> {
+        let Some(child) = self.members[i].1.as_ref() else { return Ok(()) };
+        let pid = child.id().to_string();
+        if !Command::new("kill").args([&format!("-{signal}"), &pid]).status()?.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
     }
 
     /// SIGKILL member `i`.
