@@ -387,15 +387,25 @@ fn check(history: &[Op], resp: &[String], report: &mut Report) -> Result<()> {
             acked.entry(op.key).or_default().push((op.end, v));
         }
     }
-    for list in acked.values_mut() {
+    // By end time, with the newest value acknowledged so far beside each:
+    // a read's bound is one binary search away.
+    let mut newest: BTreeMap<usize, (Vec<Instant>, Vec<u64>)> = BTreeMap::new();
+    for (key, list) in acked.iter_mut() {
         list.sort();
+        let mut max = 0;
+        let (ends, maxes) = newest.entry(*key).or_default();
+        for (end, v) in list.iter() {
+            max = max.max(*v);
+            ends.push(*end);
+            maxes.push(max);
+        }
     }
     for op in history.iter().filter(|o| !o.write && o.ok) {
         report.reads += 1;
-        let newest_before = acked
-            .get(&op.key)
-            .map(|l| l.iter().filter(|(end, _)| *end < op.start).map(|(_, v)| *v).max().unwrap_or(0))
-            .unwrap_or(0);
+        let newest_before = newest.get(&op.key).map_or(0, |(ends, maxes)| {
+            let i = ends.partition_point(|end| *end < op.start);
+            if i == 0 { 0 } else { maxes[i - 1] }
+        });
         if op.value.unwrap_or(0) < newest_before {
             report.stale += 1;
         }
