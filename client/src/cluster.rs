@@ -96,19 +96,38 @@ struct RingView {
     rf: usize,
     /// Member index by node id, where the node's client address is known.
     member_of_node: Vec<Option<usize>>,
+    /// Which nodes the member described as up.
+    alive: Vec<bool>,
 }
 
 impl RingView {
     /// Members to try for `key`: its owners whose client address is known,
-    /// primary first.
+    /// primary first, those up before those down (an owner that is down
+    /// keeps its slots until the cluster's leader moves them).
     fn owners(&self, key: &[u8]) -> Vec<usize> {
-        self.ring
-            .owners(key, self.rf)
+        let nodes: Vec<usize> =
+            self.ring.owners(key, self.rf).iter().filter_map(|m| m.id.parse::<usize>().ok()).collect();
+        let up = |node: &usize| self.alive.get(*node).copied().unwrap_or(true);
+        nodes
             .iter()
-            .filter_map(|m| m.id.parse::<usize>().ok())
-            .filter_map(|node| self.member_of_node.get(node).copied().flatten())
+            .filter(|n| up(n))
+            .chain(nodes.iter().filter(|n| !up(n)))
+            .filter_map(|&node| self.member_of_node.get(node).copied().flatten())
             .collect()
     }
+}
+
+/// The ring `cluster` describes: its slot table and every member it names.
+fn ring_of(cluster: &ClusterStats) -> Result<Ring, String> {
+    if cluster.slots.is_empty() {
+        return Err("the member has no slot table yet".into());
+    }
+    let table = cachet_proto::SlotTable::new(cluster.ring_epoch, cluster.slots.clone()).map_err(|e| e.to_string())?;
+    let members = (0..cluster.members.len())
+        .filter(|&id| !cluster.members[id].is_empty())
+        .map(|id| RingMember { id: id.to_string(), addr: cluster.members[id].clone(), weight: 1 })
+        .collect();
+    Ring::new(members, table).map_err(|e| e.to_string())
 }
 
 struct Member {
@@ -307,16 +326,23 @@ impl ClusterClient {
             let Some(cluster) = cluster else {
                 return Err(ClientError::Protocol("the node is not in a cluster".into()));
             };
-            // The serving ring: members declared down have left it, and
-            // their ranges moved to the next members.
-            let members = (0..cluster.members.len())
-                .filter(|&id| !cluster.members[id].is_empty() && cluster.alive.get(id).copied().unwrap_or(true))
-                .map(|id| RingMember { id: id.to_string(), addr: cluster.members[id].clone(), weight: 1 })
-                .collect();
-            let ring = Ring::new(1, members, cachet_proto::DEFAULT_VNODES)
-                .map_err(|e| ClientError::Protocol(format!("the member's ring: {e}")))?;
+            // The slot table from the cluster's metadata log: a member
+            // that has none yet (still joining) sends the asking on.
+            let ring = match ring_of(&cluster) {
+                Ok(ring) => ring,
+                Err(err) => {
+                    last = Some(ClientError::Protocol(format!("the member's ring: {err}")));
+                    i += 1;
+                    continue;
+                }
+            };
             let member_of_node = self.learn(&cluster);
-            let view = RingView { ring, rf: cluster.replication_factor as usize, member_of_node };
+            let view = RingView {
+                ring,
+                rf: cluster.replication_factor as usize,
+                member_of_node,
+                alive: cluster.alive.clone(),
+            };
             if let Ok(mut slot) = self.ring.write() {
                 *slot = Some(Arc::new(view));
             }
@@ -994,16 +1020,20 @@ mod tests {
             clients: (1..=3).map(|i| format!("10.0.0.{i}:7070")).collect(),
             alive: vec![true; 3],
             replication_factor: 2,
+            ring_epoch: 1,
+            slots: cachet_proto::SlotTable::balanced(1, &[0, 1, 2], 2).expect("table").ranges().to_vec(),
             ..ClusterStats::default()
         }
     }
 
     fn view_of(client: &ClusterClient, cluster: &ClusterStats) -> RingView {
-        let members = (0..cluster.members.len())
-            .map(|id| RingMember { id: id.to_string(), addr: cluster.members[id].clone(), weight: 1 })
-            .collect();
-        let ring = Ring::new(1, members, cachet_proto::DEFAULT_VNODES).expect("ring");
-        RingView { ring, rf: cluster.replication_factor as usize, member_of_node: client.learn(cluster) }
+        let ring = ring_of(cluster).expect("ring");
+        RingView {
+            ring,
+            rf: cluster.replication_factor as usize,
+            member_of_node: client.learn(cluster),
+            alive: cluster.alive.clone(),
+        }
     }
 
     #[test]
@@ -1069,7 +1099,15 @@ mod tests {
     #[test]
     fn keys_are_grouped_by_primary_owner_in_the_callers_order() {
         let client = ClusterClient::new(vec![config("10.0.0.1:7070")], RetryPolicy::default()).expect("client");
-        let view = view_of(&client, &cluster_stats());
+        // Member 0 is primary of two ranges with different second owners.
+        let range = |start, end, owners: [u32; 2]| cachet_proto::SlotRange { start, end, owners: owners.to_vec() };
+        let slots = vec![
+            range(0, 4_000, [0, 1]),
+            range(4_001, 8_191, [0, 2]),
+            range(8_192, 12_000, [1, 2]),
+            range(12_001, 16_383, [2, 0]),
+        ];
+        let view = view_of(&client, &ClusterStats { slots, ..cluster_stats() });
         let keys: Vec<Bytes> = (0..40).map(|i| Bytes::from(format!("k{i}"))).collect();
         let groups = by_owner(Some(&view), &keys, false);
         assert_eq!(groups.len(), 3, "40 keys over 3 members");
@@ -1082,8 +1120,8 @@ mod tests {
             assert!(group.iter().all(|&p| view.owners(&keys[p])[0] == owner), "one primary per group");
         }
         assert!(groups.windows(2).all(|g| g[0][0] < g[1][0]), "groups in the order of their first key");
-        // For an MSET, by the whole set of owners (RF=2 of 3: keys of one
-        // primary have either of the two other members beside it).
+        // For an MSET, by the whole set of owners (member 0's keys have
+        // member 1 or member 2 beside it).
         let whole = by_owner(Some(&view), &keys, true);
         assert!(whole.len() > groups.len(), "{} sets of owners", whole.len());
         for group in &whole {

@@ -164,7 +164,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("frame", frames.to_vec()));
     let peer = [
         PeerFrame::Gossip(Bytes::from_static(b"swim")),
-        PeerFrame::Replica(Message::Get { req: 7, key: Bytes::from_static(b"k") }),
+        PeerFrame::Replica { epoch: 1, message: Message::Get { req: 7, key: Bytes::from_static(b"k") } },
     ];
     let mut batch = Vec::new();
     for frame in &peer {

@@ -18,7 +18,7 @@ pub use message::{
     MetaStats, ModuleListing, NodeStats, PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing,
     ShardListing, TtlChange, TtlState,
 };
-pub use ring::{DEFAULT_VNODES, Member, Ring, RingError, hash_tag, ring_hash};
+pub use ring::{Member, Ring, RingError, hash_tag};
 pub use slot::{SLOTS, SlotError, SlotMove, SlotRange, SlotTable, key_slot};
 
 /// The stable 64-bit hash of a key (XXH3), the same in every process and on

@@ -513,18 +513,21 @@ pub struct ClusterStats {
     /// from the membership; empty where not known yet.
     #[serde(default)]
     pub clients: Vec<String>,
-    /// Which members serve, by node id: up by the failure detector and in
-    /// this node's ring (a member back up serves once readmitted).
+    /// Which members are up, by node id, as this node's failure detector
+    /// sees them.
     pub alive: Vec<bool>,
     /// Replication factor.
     pub replication_factor: u32,
-    /// The ring's epoch: its member count (members only join).
+    /// The slot table's epoch, from the cluster's metadata log (0 before
+    /// this node has one).
     #[serde(default)]
     pub ring_epoch: u64,
+    /// The slot table at `ring_epoch`: every hash slot's owners, primary
+    /// first (what `CLUSTER SLOTS` lists). Empty before this node has one.
+    #[serde(default)]
+    pub slots: Vec<crate::SlotRange>,
     /// Whether this node counts toward quorums; `false` while it re-syncs
-    /// (after starting empty, gaining ranges or being readmitted), while
-    /// it is fenced after a stall, and while it sees a minority of the
-    /// members up.
+    /// (after starting empty or gaining slots).
     pub synced: bool,
     /// Members this node still waits for a re-sync from.
     pub resync_waiting: Vec<u32>,

@@ -156,6 +156,11 @@ pub(crate) struct ServeArgs {
     /// [default: 2000].
     #[arg(long)]
     detect_ms: Option<u64>,
+    /// A member down this many milliseconds has its slots moved to the
+    /// other members (until then the other owners of its slots serve
+    /// them without it) [default: 30000].
+    #[arg(long)]
+    replace_after_ms: Option<u64>,
 }
 
 pub(crate) fn run_serve(args: ServeArgs) -> Result<()> {
@@ -237,6 +242,7 @@ pub(crate) fn run_serve(args: ServeArgs) -> Result<()> {
             replication_factor: args.replication_factor.unwrap_or(2),
             consistency: args.consistency.unwrap_or_default(),
             detect_within_ms: args.detect_ms.unwrap_or(2_000),
+            replace_after_ms: args.replace_after_ms.unwrap_or(30_000),
             request_timeout_ms: 1_000,
             tls: peer_tls,
             data_dir: data_dir.clone(),

@@ -38,30 +38,27 @@
 //! loss, delay and duplication, no crashes, pauses or partitions:
 //! `increments_are_applied_once_while_membership_is_stable`). Under faults
 //! two members can each take themselves for a key's primary for a while
-//! (their rings or failure detectors disagree), and then two increments
+//! (their tables or failure detectors disagree), and then two increments
 //! can read the same count: the fault schedules count those
 //! (`duplicate_counts`) instead of failing, and bound how often they occur.
 //! docs/decisions.md says which window this is and what closes it.
 //!
 //! Five nodes with RF=3, so keys have non-owners to hold hints for a down
-//! owner. Half the crashes also take the node out of the serving ring, as
-//! the runtime does when the failure detector declares it down: each
-//! other replica sees the smaller ring at its own moment (views diverge for
-//! a while), the nodes that gain its ranges re-sync them, and it comes back
-//! into each ring, again at different moments, after it restarts. The other
-//! half keep the ring, so hinted hand-off is exercised too. A partition
-//! cuts off one node or two; half the partitions last long enough for the
-//! failure detectors to decide: the cut-off side sees a minority and
-//! counts for nothing ([`Replica::set_quorate`]), the others drop it from
-//! their rings, and when the partition heals it re-syncs everything before
-//! they take it back. A pause keeps a node's memory but runs nothing; the
-//! others drop it, and when it resumes it holds itself out (as after a
-//! stall, [`Replica::stalled`]) until their `Readmit` messages, sent
-//! through the lossy network, make it re-sync, and each takes it back when
-//! its `ReadmitAck` arrives. The fault model is the one RF=3 with quorums is built for: at most one
-//! node crashed or re-syncing at a time (a second crash waits until every
-//! node is back and counted), and a partition isolates one node while all
-//! are up.
+//! owner. Owners come from a slot table, as the metadata log hands them
+//! out: a fault never changes them by itself. A crash wipes a node; it
+//! restarts with the table it had and re-syncs. A pause keeps a node's
+//! memory but runs nothing. A partition cuts off one node or two. For
+//! half the crashes and single-node partitions the log's leader moves the
+//! node's slots to the others (as after `--replace-after-ms`), and back
+//! once it returns: each replica applies each new table at its own moment,
+//! in the log's order (a node cut off or down applies it only once it is
+//! back), so coordinators on an older table meet replicas on a newer one,
+//! which epoch fencing must make harmless. The fault model is the one RF=3
+//! with quorums is built for: at most one node crashed, cut off or
+//! re-syncing at a time (a second fault waits until every node is back,
+//! counted and on the latest table), a partition of two nodes moves no
+//! slots (two of a slot's three owners replaced at once could take the
+//! only copies of a write with them).
 
 use super::replica::{BatchEntry, Consistency, Message, NodeIx, Op, OpError, Outcome, Replica, ReplicaConfig};
 use super::update::{Effect, Update};
@@ -111,7 +108,6 @@ pub(super) struct Tally {
     pub(super) ring_changes: u64,
     pub(super) rejoins: u64,
     pub(super) pauses: u64,
-    pub(super) readmissions: u64,
     pub(super) acked_increments: u64,
     pub(super) checked_counts: u64,
     /// Acknowledged increments that answered a count another acknowledged
@@ -139,18 +135,16 @@ struct Sim {
     isolated: Option<(Vec<NodeIx>, u64)>,
     /// A crashed node and when it restarts.
     down: Option<(NodeIx, u64)>,
-    /// The whole ring, and ring changes still to reach a replica: (when,
-    /// which replica, its new ring).
-    full: Arc<Ring>,
+    /// The latest slot table the log holds, and tables still to reach a
+    /// replica: (when, which replica, the table).
+    latest: Arc<Ring>,
     ring_changes: Vec<(u64, usize, Arc<Ring>)>,
-    /// Whether the crashed node was taken out of the rings.
-    removed: bool,
+    /// The node whose slots the log moved away while it was faulted: they
+    /// come back to it when it returns.
+    moved: Option<NodeIx>,
     /// A paused node (memory kept, nothing processed) and when it resumes.
     paused: Option<(NodeIx, u64)>,
-    /// Replicas that dropped a paused node and readmit it once it answers:
-    /// (replica, node, nonce, next resend).
-    readmitting: Vec<(usize, NodeIx, u64, u64)>,
-    network: BTreeMap<(u64, u64), (NodeIx, NodeIx, Message)>,
+    network: BTreeMap<(u64, u64), (NodeIx, NodeIx, u64, Message)>,
     seq: u64,
     started: HashMap<u64, Started>,
     next_op: u64,
@@ -169,6 +163,10 @@ struct Sim {
     step: u64,
     /// Print every event (`CACHET_SIM_TRACE=1`, for replays).
     trace: bool,
+}
+
+fn members() -> Vec<Member> {
+    (0..NODES).map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 }).collect()
 }
 
 fn key(i: u64) -> Bytes {
@@ -192,10 +190,7 @@ fn is_counter(key: &[u8]) -> bool {
 
 impl Sim {
     fn new(seed: u64, ops: u64) -> Self {
-        let members = (0..NODES)
-            .map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 })
-            .collect();
-        let ring = Arc::new(Ring::new(1, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
+        let ring = Arc::new(Ring::balanced(members(), 3).unwrap_or_else(|e| panic!("ring: {e}")));
         let config = ReplicaConfig { rf: 3, request_timeout_ms: 400, retry_ms: 50, ..ReplicaConfig::default() };
         let mut rng = Rng(seed);
         let replicas = (0..NODES).map(|i| Replica::new(i, NODES, ring.clone(), config, rng.next())).collect();
@@ -208,11 +203,10 @@ impl Sim {
             up: vec![true; NODES as usize],
             isolated: None,
             down: None,
-            full: ring.clone(),
+            latest: ring.clone(),
             ring_changes: Vec::new(),
-            removed: false,
+            moved: None,
             paused: None,
-            readmitting: Vec::new(),
             network: BTreeMap::new(),
             seq: 0,
             started: HashMap::new(),
@@ -254,7 +248,7 @@ impl Sim {
             if !self.runs(i) {
                 continue;
             }
-            while let Some((to, message)) = self.replicas[i].poll_transmit() {
+            while let Some((to, epoch, message)) = self.replicas[i].poll_transmit() {
                 if matches!(message, Message::Put { hint_for: Some(_), .. }) {
                     self.tally.hints += 1;
                 }
@@ -269,7 +263,7 @@ impl Sim {
                     let delay = if self.rng.chance(0.02) { 100 + self.rng.below(400) } else { 1 + self.rng.below(15) };
                     let at = self.now + delay;
                     self.seq += 1;
-                    self.network.insert((at, self.seq), (i as NodeIx, to, message.clone()));
+                    self.network.insert((at, self.seq), (i as NodeIx, to, epoch, message.clone()));
                 }
             }
             while let Some(reply) = self.replicas[i].poll_reply() {
@@ -318,6 +312,9 @@ impl Sim {
                         );
                     }
                     self.tally.duplicate_counts += 1;
+                    if self.trace {
+                        eprintln!("t={} DUPLICATE count {count} of {key:?} (op {op_id})", self.now);
+                    }
                 }
                 acked.push((count, self.now));
                 self.tally.acked_increments += 1;
@@ -481,21 +478,63 @@ impl Sim {
 
     /// Schedules `ring` to reach every replica but `except`, each at its
     /// own moment, after any change still on its way to it.
+    /// The log applies `ring` on every replica but `except`, each at its
+    /// own moment and after the tables before it.
     fn spread_ring(&mut self, except: &[NodeIx], ring: &Arc<Ring>) {
         for i in 0..NODES as usize {
-            if except.contains(&(i as NodeIx)) {
-                continue;
+            if !except.contains(&(i as NodeIx)) {
+                self.apply_later(i, ring);
             }
-            let after = self.ring_changes.iter().filter(|c| c.1 == i).map(|c| c.0).max().unwrap_or(self.now);
-            let at = after.max(self.now) + 1 + self.rng.below(80);
-            self.ring_changes.push((at, i, ring.clone()));
+        }
+    }
+
+    fn apply_later(&mut self, i: usize, ring: &Arc<Ring>) {
+        let after = self.ring_changes.iter().filter(|c| c.1 == i).map(|c| c.0).max().unwrap_or(self.now);
+        let at = after.max(self.now) + 1 + self.rng.below(80);
+        self.ring_changes.push((at, i, ring.clone()));
+    }
+
+    /// The log's leader plans the next table: slots on every node but
+    /// `without`.
+    fn plan(&mut self, without: Option<NodeIx>) -> Arc<Ring> {
+        let placing: Vec<(u32, u32)> = (0..NODES).filter(|&n| Some(n) != without).map(|n| (n, 1)).collect();
+        let table = self.latest.table().plan(&placing, 3).unwrap_or_else(|e| panic!("plan: {e}"));
+        let ring = Arc::new(Ring::new(members(), table).unwrap_or_else(|e| panic!("ring: {e}")));
+        self.tally.ring_changes += 1;
+        self.latest = ring.clone();
+        ring
+    }
+
+    /// The log moves `node`'s slots to the others (it is faulted: it
+    /// applies the table only once back).
+    fn move_away(&mut self, node: NodeIx) {
+        if self.trace {
+            eprintln!("t={} the log moves node {node}'s slots away", self.now);
+        }
+        self.moved = Some(node);
+        let ring = self.plan(Some(node));
+        self.spread_ring(&[node], &ring);
+    }
+
+    /// `node` is back: it catches up with the log, and the log gives it
+    /// slots again if they were moved.
+    fn back(&mut self, node: NodeIx) {
+        if self.replicas[node as usize].epoch() < self.latest.epoch() {
+            let latest = self.latest.clone();
+            self.apply_later(node as usize, &latest);
+        }
+        if self.moved.take().is_some() {
+            self.tally.rejoins += 1;
+            let ring = self.plan(None);
+            self.spread_ring(&[], &ring);
         }
     }
 
     fn fault(&mut self) {
         let all_counted = self.replicas.iter().all(Replica::counted);
-        let busy = self.down.is_some() || self.isolated.is_some() || self.paused.is_some();
-        if busy || !all_counted || !self.ring_changes.is_empty() || !self.readmitting.is_empty() {
+        let busy = self.down.is_some() || self.isolated.is_some() || self.paused.is_some() || self.moved.is_some();
+        let latest = self.replicas.iter().all(|r| r.epoch() == self.latest.epoch());
+        if busy || !all_counted || !self.ring_changes.is_empty() || !latest {
             return;
         }
         let node = self.rng.below(u64::from(NODES)) as NodeIx;
@@ -503,8 +542,8 @@ impl Sim {
             eprintln!("t={} fault on node {node}", self.now);
         }
         if self.rng.chance(0.2) {
-            // Paused long enough to be declared down: the others drop it;
-            // it notices nothing until it resumes.
+            // Paused, perhaps long enough to be declared down; it notices
+            // nothing until it resumes.
             self.tally.pauses += 1;
             self.paused = Some((node, self.now + 100 + self.rng.below(200)));
             for (i, replica) in self.replicas.iter_mut().enumerate() {
@@ -512,7 +551,6 @@ impl Sim {
                     replica.set_alive(self.now, node, false);
                 }
             }
-            self.take_out(&[node]);
         } else if self.rng.chance(0.5) {
             self.tally.crashes += 1;
             self.up[node as usize] = false;
@@ -522,9 +560,8 @@ impl Sim {
                     replica.set_alive(self.now, node, false);
                 }
             }
-            self.removed = self.rng.chance(0.5);
-            if self.removed {
-                self.take_out(&[node]);
+            if self.rng.chance(0.5) {
+                self.move_away(node);
             }
         } else {
             self.tally.partitions += 1;
@@ -535,103 +572,34 @@ impl Sim {
                 cut.push((node + 1 + self.rng.below(u64::from(NODES) - 1) as NodeIx) % NODES);
             }
             self.isolated = Some((cut.clone(), self.now + 20 + self.rng.below(200)));
-            // Half the partitions last long enough for the failure
-            // detectors to decide: the cut-off side sees a minority up and
-            // counts for nothing (it keeps its rings), the others drop it
-            // from theirs. At the heal it re-syncs everything before the
-            // others take it back (`Readmit`).
-            self.removed = self.rng.chance(0.5);
-            if self.removed {
-                for &n in &cut {
-                    self.replicas[n as usize].set_quorate(self.now, false);
-                }
-                self.take_out(&cut);
+            if cut.len() == 1 && self.rng.chance(0.5) {
+                self.move_away(node);
             }
         }
     }
 
-    /// A paused node resumes: it finds it stalled and holds itself out
-    /// (the runtime's stall check), and the others, seeing it up again,
-    /// readmit it by message.
+    /// A paused node resumes: the others see it up again.
     fn resume(&mut self, node: NodeIx) {
         if self.trace {
             eprintln!("t={} node {node} resumes", self.now);
         }
         self.paused = None;
-        self.replicas[node as usize].stalled(self.now + 800);
         for i in 0..NODES as usize {
             if i != node as usize {
                 self.replicas[i].set_alive(self.now, node, true);
-                // Each hears of it through the gossip, a while later;
-                // sometimes after the node's fence has expired.
-                let nonce = self.rng.next();
-                let late = if self.rng.chance(0.2) { 700 + self.rng.below(500) } else { 0 };
-                let heard = self.now + late + self.rng.below(100);
-                self.readmitting.push((i, node, nonce, heard));
             }
         }
     }
 
-    /// Sends the due `Readmit`s, through the lossy network.
-    fn send_readmits(&mut self) {
-        let now = self.now;
-        let mut sends = Vec::new();
-        for entry in &mut self.readmitting {
-            if entry.3 <= now {
-                entry.3 = now + 50;
-                sends.push((entry.0 as NodeIx, entry.1, entry.2));
-            }
-        }
-        for (from, to, nonce) in sends {
-            if self.rng.chance(0.08) {
-                self.tally.dropped += 1;
-                continue;
-            }
-            self.seq += 1;
-            let at = now + 1 + self.rng.below(15);
-            self.network.insert((at, self.seq), (from, to, Message::Readmit { nonce }));
-        }
-    }
-
-    /// Replica `i` hears `node` answer its `Readmit`: it takes it back into
-    /// its ring.
-    fn readmitted(&mut self, i: usize, node: NodeIx, nonce: u64) {
-        let before = self.readmitting.len();
-        self.readmitting.retain(|r| !(r.0 == i && r.1 == node && r.2 == nonce));
-        if self.readmitting.len() < before {
-            self.tally.readmissions += 1;
-            let full = self.full.clone();
-            self.ring_changes.push((self.now, i, full));
-        }
-    }
-
-    /// The others declare `nodes` down and drop them from their rings.
-    fn take_out(&mut self, nodes: &[NodeIx]) {
-        let members = (0..NODES)
-            .filter(|i| !nodes.contains(i))
-            .map(|i| Member { id: i.to_string(), addr: format!("127.0.0.{}:7070", i + 1), weight: 1 })
-            .collect();
-        let smaller = Arc::new(Ring::new(2, members, 16).unwrap_or_else(|e| panic!("ring: {e}")));
-        self.tally.ring_changes += 1;
-        self.spread_ring(nodes, &smaller);
-    }
-
-    /// A partition ends; nodes the others declared down see a majority
-    /// again, re-sync everything, and are taken back.
+    /// A partition ends.
     fn heal(&mut self, nodes: &[NodeIx]) {
         self.isolated = None;
-        if !std::mem::take(&mut self.removed) {
-            return;
-        }
         if self.trace {
-            eprintln!("t={} nodes {nodes:?} rejoin", self.now);
+            eprintln!("t={} nodes {nodes:?} reconnect", self.now);
         }
-        self.tally.rejoins += 1;
         for &n in nodes {
-            self.replicas[n as usize].set_quorate(self.now, true);
+            self.back(n);
         }
-        let full = self.full.clone();
-        self.spread_ring(nodes, &full);
     }
 
     fn restart(&mut self, node: NodeIx) {
@@ -641,23 +609,14 @@ impl Sim {
         self.down = None;
         self.up[node as usize] = true;
         let boot = self.rng.next();
-        // It comes back knowing the whole ring, and joins it: two passes,
-        // since the others take it back into their rings one by one.
-        let full = self.full.clone();
-        self.replicas[node as usize].set_ring(self.now, full.clone());
-        if self.removed {
-            self.replicas[node as usize].join(self.now, boot);
-        } else {
-            self.replicas[node as usize].restart(self.now, boot);
-        }
+        // It comes back with the table it had (its log on disk), empty.
+        self.replicas[node as usize].restart(self.now, boot);
         for (i, replica) in self.replicas.iter_mut().enumerate() {
             if i != node as usize {
                 replica.set_alive(self.now, node, true);
             }
         }
-        if std::mem::take(&mut self.removed) {
-            self.spread_ring(&[node], &full);
-        }
+        self.back(node);
     }
 
     /// Runs until every op is issued and answered (or lost with a crashed
@@ -673,14 +632,12 @@ impl Sim {
             let timeouts =
                 (0..NODES as usize).filter(|&i| self.runs(i)).filter_map(|i| self.replicas[i].poll_timeout()).min();
             let resume = self.paused.map(|(_, at)| at);
-            let readmits = self.readmitting.iter().map(|r| r.3).min();
             let op = (self.ops_left > 0).then_some(self.next_op_at);
             let fault = (self.faults && self.ops_left > 0).then_some(self.next_fault_at);
             let restart = self.down.map(|(_, at)| at);
             let heal = self.isolated.as_ref().map(|(_, at)| *at);
             let ring = self.ring_changes.iter().map(|c| c.0).min();
-            let Some(next) =
-                [deliveries, timeouts, op, fault, restart, heal, ring, resume, readmits].into_iter().flatten().min()
+            let Some(next) = [deliveries, timeouts, op, fault, restart, heal, ring, resume].into_iter().flatten().min()
             else {
                 break;
             };
@@ -691,10 +648,11 @@ impl Sim {
             self.ring_changes = later;
             for (_, i, ring) in due {
                 if self.trace {
-                    eprintln!("t={now} node {i} takes a ring of {} members", ring.members().len());
+                    eprintln!("t={now} node {i} applies table {}", ring.epoch());
                 }
-                // A crashed replica's view is rebuilt when it restarts.
-                if self.up[i] {
+                // A crashed or cut-off replica catches up once back.
+                let cut_off = self.isolated.as_ref().is_some_and(|(cut, _)| cut.contains(&(i as NodeIx)));
+                if self.up[i] && !cut_off {
                     self.replicas[i].set_ring(now, ring);
                 }
             }
@@ -713,7 +671,6 @@ impl Sim {
             {
                 self.resume(node);
             }
-            self.send_readmits();
             if self.faults && self.ops_left > 0 && self.next_fault_at <= self.now {
                 self.fault();
                 self.next_fault_at = self.now + 10 + self.rng.below(150);
@@ -727,21 +684,14 @@ impl Sim {
                 if at > self.now {
                     break;
                 }
-                let Some((from, to, message)) = self.network.remove(&(at, seq)) else { break };
+                let Some((from, to, epoch, message)) = self.network.remove(&(at, seq)) else { break };
                 if self.trace {
-                    eprintln!("t={} {from}->{to} {message:?}", self.now);
+                    eprintln!("t={} {from}->{to} @{epoch} {message:?}", self.now);
                 }
                 // Messages already sent arrive even if their sender has
                 // crashed since (and may reach it in a later life).
-                if let Message::ReadmitAck { nonce } = message
-                    && self.runs(to as usize)
-                    && !self.cut(from, to)
-                {
-                    self.readmitted(to as usize, from, nonce);
-                    continue;
-                }
                 if self.runs(to as usize) && !self.cut(from, to) {
-                    if let Err(err) = self.replicas[to as usize].handle(self.now, from, message) {
+                    if let Err(err) = self.replicas[to as usize].handle(self.now, from, epoch, message) {
                         panic!("t={} an honest message {from}->{to} was refused: {err}", self.now);
                     }
                 } else {
@@ -798,7 +748,6 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
         total.ring_changes += t.ring_changes;
         total.rejoins += t.rejoins;
         total.pauses += t.pauses;
-        total.readmissions += t.readmissions;
         total.acked_increments += t.acked_increments;
         total.checked_counts += t.checked_counts;
         total.duplicate_counts += t.duplicate_counts;
@@ -809,17 +758,19 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
     assert!(total.crashes >= 100 && total.partitions >= 100, "{total:?}");
     assert!(total.dropped >= 1_000 && total.duplicated >= 500, "{total:?}");
     assert!(total.hints >= 100, "hinted hand-off was never exercised: {total:?}");
-    assert!(total.ring_changes >= 50, "members were rarely taken out of the ring: {total:?}");
-    assert!(total.rejoins >= 20, "nodes declared down while cut off rarely rejoined: {total:?}");
-    assert!(total.readmissions >= 100, "paused nodes were rarely readmitted: {total:?}");
+    assert!(total.ring_changes >= 100, "the log rarely moved slots: {total:?}");
+    assert!(total.rejoins >= 50, "slots rarely came back to a returning node: {total:?}");
+    assert!(total.pauses >= 50, "{total:?}");
     assert!(total.acked_writes >= 14_000 && total.checked_reads >= 10_000, "{total:?}");
     assert!(total.acked_increments >= 3_500 && total.checked_counts >= 2_000, "{total:?}");
     assert!(total.acked_batches >= 2_000, "batch writes were rarely acknowledged: {total:?}");
     // The window where two members take themselves for a key's primary
-    // (docs/decisions.md): measured at 19 lost increments of 4,442
-    // acknowledged over these 200 schedules (0.43%; 36 of 4,854 before
-    // batches joined the mix).
-    assert!(total.duplicate_counts * 50 < total.acked_increments, "{total:?}");
+    // (docs/decisions.md): measured at 11 duplicate counts of 4,200
+    // acknowledged increments over these 200 schedules (0.26%) with
+    // placement on the log's table and a primary handing back its queue
+    // when it stops being one (0.43% under the old serving rings, 2.3%
+    // on the log's table before the hand-back).
+    assert!(total.duplicate_counts * 100 < total.acked_increments, "{total:?}");
     // Faults are frequent (one every ~85 ms, 8% loss), so many operations
     // time out; most still succeed.
     assert!(total.failed_ops * 2 < 200 * 400, "most operations succeed: {total:?}");

@@ -60,8 +60,14 @@ pub enum PeerTls {
 pub enum PeerFrame {
     /// A membership (SWIM) datagram.
     Gossip(Bytes),
-    /// A replication message.
-    Replica(Message),
+    /// A replication message, with the slot-table epoch its sender made it
+    /// under (see `replica`: epoch fencing).
+    Replica {
+        /// The sender's table epoch.
+        epoch: u64,
+        /// The message.
+        message: Message,
+    },
     /// A metadata log frame (Raft, founding, joining).
     Meta(MetaFrame),
 }
@@ -388,17 +394,20 @@ mod tests {
         let (stranger, _s_in) = PeerTransport::bind(any, &dev(&other_ca), &temp("stranger"), 2).expect("stranger");
         let b_addr = b.local_addr().expect("b addr");
 
-        let put = PeerFrame::Replica(Message::Put {
-            req: 7,
-            key: Bytes::from_static(b"k"),
-            record: Record {
-                version: Version { counter: 3, node: 1 },
-                value: Some(Bytes::from_static(b"v")),
-                expires_at: None,
-                hint: 0,
+        let put = PeerFrame::Replica {
+            epoch: 1,
+            message: Message::Put {
+                req: 7,
+                key: Bytes::from_static(b"k"),
+                record: Record {
+                    version: Version { counter: 3, node: 1 },
+                    value: Some(Bytes::from_static(b"v")),
+                    expires_at: None,
+                    hint: 0,
+                },
+                hint_for: None,
             },
-            hint_for: None,
-        });
+        };
         a.send(b_addr, &put).await.expect("a reaches b");
         a.send(b_addr, &PeerFrame::Gossip(Bytes::from_static(b"swim"))).await.expect("again, same connection");
         let first = tokio::time::timeout(Duration::from_secs(5), b_in.recv()).await.expect("in time").expect("frame");

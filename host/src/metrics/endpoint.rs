@@ -289,13 +289,18 @@ fn render_cluster(out: &mut String, c: &cachet_proto::ClusterStats) {
     for (id, up) in c.alive.iter().enumerate() {
         let _ = writeln!(out, "cachet_cluster_member_up{{node=\"{id}\"}} {}", u8::from(*up));
     }
-    family(out, "cachet_cluster_ring_epoch", "gauge", "The ring's epoch (its member count).");
+    family(
+        out,
+        "cachet_cluster_ring_epoch",
+        "gauge",
+        "The epoch of the slot table this node places keys by (from the metadata log).",
+    );
     let _ = writeln!(out, "cachet_cluster_ring_epoch {}", c.ring_epoch);
     family(
         out,
         "cachet_cluster_synced",
         "gauge",
-        "1 while this node counts toward quorums; 0 while it re-syncs, is fenced after a stall or sees a minority.",
+        "1 while this node counts toward quorums; 0 while it re-syncs (after a restart, gaining slots, or being declared down).",
     );
     let _ = writeln!(out, "cachet_cluster_synced {}", u8::from(c.synced));
     family(out, "cachet_cluster_resync_waiting", "gauge", "Members this node still waits for a re-sync from.");

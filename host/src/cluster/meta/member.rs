@@ -56,6 +56,8 @@ const CANARY_MIN_LOOKUPS: u64 = 100;
 const CANARY_TOLERANCE: f64 = 0.005;
 /// `open`'s key for the leader's canary decision.
 const CANARY_DECISION: NodeIx = NodeIx::MAX;
+/// `open`'s key for the leader's slot plans.
+const SLOT_PLAN: NodeIx = NodeIx::MAX - 1;
 /// Voters in the log, at most; further members are learners (they get
 /// every entry and do not slow commits down).
 const MAX_VOTERS: usize = 5;
@@ -166,6 +168,55 @@ pub struct MetaMember {
     /// The canary the leader watches: its label and start index, when
     /// this leader started watching, and the counts then.
     watch: Option<CanaryWatch>,
+    /// Since when (this member's clock) each member has been down in the
+    /// log, as the leader saw it: its slots move once that is
+    /// `replace_after_ms` ago.
+    down_since: BTreeMap<NodeIx, u64>,
+    /// This process founded the log: the cluster is new, and no member
+    /// holds data yet.
+    founded_here: bool,
+}
+
+/// The slot table the leader wants next, if it differs from the log's:
+/// every serving member places slots; a member down keeps its own for
+/// `replace_after_ms` (its co-owners serve them meanwhile, so a restart
+/// moves nothing), then the others take them over; a member joining or
+/// syncing keeps what it owns and gets slots once it serves. Only the set
+/// of members changes the table: [`SlotTable::plan`] then moves as few
+/// slots as it can.
+fn wanted_slots(
+    state: &MetaState,
+    down_since: &BTreeMap<NodeIx, u64>,
+    now: u64,
+    replace_after_ms: u64,
+) -> Option<cachet_proto::SlotTable> {
+    let owners: BTreeSet<NodeIx> = state.slots.ranges().iter().flat_map(|r| r.owners.iter().copied()).collect();
+    let mut placing: Vec<(NodeIx, u32)> = Vec::new();
+    for m in state.members.values() {
+        let keep = match m.state {
+            MemberState::Serving => true,
+            MemberState::Joining | MemberState::Syncing => owners.contains(&m.node),
+            MemberState::Down => {
+                owners.contains(&m.node) && down_since.get(&m.node).is_none_or(|&t| now < t + replace_after_ms)
+            }
+            MemberState::Leaving | MemberState::Removed => false,
+        };
+        if keep {
+            placing.push((m.node, m.weight.max(1)));
+        }
+    }
+    let same: BTreeSet<NodeIx> = placing.iter().map(|p| p.0).collect();
+    if placing.is_empty() || same == owners {
+        return None;
+    }
+    let rf = (state.settings.rf as usize).min(placing.len()).max(1);
+    match state.slots.plan(&placing, rf) {
+        Ok(table) => Some(table),
+        Err(e) => {
+            tracing::warn!(target: "cachet::meta", "no slot plan: {e}");
+            None
+        }
+    }
 }
 
 /// The leader's watch over a running canary.
@@ -221,6 +272,8 @@ impl MetaMember {
             next_report: now,
             reports: BTreeMap::new(),
             watch: None,
+            down_since: BTreeMap::new(),
+            founded_here: false,
         };
         let (durable, loaded) = FileDurable::open(&dir).map_err(io_error)?;
         match identity {
@@ -309,6 +362,7 @@ impl MetaMember {
         let storage = MetaStorage::found(snapshot, Box::new(durable))?;
         self.start(storage, now)?;
         self.phase = Phase::Running;
+        self.founded_here = true;
         tracing::info!(node = self.opts.me, founders = self.opts.founders.len(), "metadata log founded");
         Ok(())
     }
@@ -334,6 +388,12 @@ impl MetaMember {
     /// This member's log, once it has one.
     pub fn node(&self) -> Option<&MetaNode> {
         self.node.as_ref()
+    }
+
+    /// Whether this process founded the log (the cluster is new: nothing
+    /// was ever written to it, so there is nothing to re-sync).
+    pub fn founded_here(&self) -> bool {
+        self.founded_here
     }
 
     /// The state as applied here, once there is one.
@@ -552,6 +612,18 @@ impl MetaMember {
             if let Some((state, reason)) = next {
                 proposals.push((m.node, MetaEntry::SetState { node: m.node, state, reason: reason.into() }));
             }
+        }
+        for m in state.members.values() {
+            if m.state == MemberState::Down {
+                self.down_since.entry(m.node).or_insert(now);
+            } else {
+                self.down_since.remove(&m.node);
+            }
+        }
+        if let Some(table) = wanted_slots(state, &self.down_since, now, self.opts.config.replace_after_ms) {
+            let expected_epoch = state.slots.epoch();
+            tracing::info!(target: "cachet::meta", epoch = table.epoch(), "proposing a new slot table");
+            proposals.push((SLOT_PLAN, MetaEntry::SetSlots { expected_epoch, table }));
         }
         if let Some(decision) = self.judge_canary(now) {
             proposals.push((CANARY_DECISION, decision));

@@ -69,6 +69,9 @@ pub struct MetaConfig {
     pub retry_ms: u64,
     /// A proposal not applied within this is given up.
     pub give_up_ms: u64,
+    /// The leader moves the slots of a member down this long to the
+    /// others.
+    pub replace_after_ms: u64,
 }
 
 impl Default for MetaConfig {
@@ -83,6 +86,7 @@ impl Default for MetaConfig {
             compact_every: 512,
             retry_ms: 1_000,
             give_up_ms: 30_000,
+            replace_after_ms: 30_000,
         }
     }
 }

@@ -221,6 +221,9 @@ impl MetaState {
                 if table.epoch() != expected_epoch + 1 {
                     return Err(format!("a new slot table must be at epoch {}", expected_epoch + 1));
                 }
+                // Deserialized, so not checked yet: every slot covered once,
+                // distinct owners.
+                SlotTable::new(table.epoch(), table.ranges().to_vec()).map_err(|e| e.to_string())?;
                 let unknown = table.ranges().iter().flat_map(|r| r.owners.iter()).find(|o| member(**o).is_none());
                 match unknown {
                     Some(o) => Err(format!("slot owner {o} is not a member")),

@@ -77,8 +77,7 @@ impl Replica {
         let set = |owners: &[NodeIx]| owners.iter().copied().collect::<BTreeSet<_>>();
         let same = entries.iter().all(|e| set(&self.owners(&e.key)) == set(&owners));
         let required = consistency.required(owners.len());
-        let cut_off = !self.quorate || self.fenced_until.is_some();
-        if !same || entries.len() > MAX_BATCH_KEYS || required == 0 || self.live(&owners) < required || cut_off {
+        if !same || entries.len() > MAX_BATCH_KEYS || required == 0 || self.live(&owners) < required {
             refuse(self);
             return;
         }
@@ -111,8 +110,10 @@ impl Replica {
     }
 
     /// Answers a peer's [`Message::Versions`].
-    pub(super) fn answer_versions(&mut self, from: NodeIx, req: u64, keys: &[Bytes]) {
+    /// `current`: the asker is on this replica's table or a newer one.
+    pub(super) fn answer_versions(&mut self, from: NodeIx, req: u64, keys: &[Bytes], current: bool) {
         let (highest, counted) = self.local_versions(keys);
+        let counted = counted && current;
         self.send(from, Message::VersionsReply { req, highest, counted });
     }
 

@@ -23,13 +23,20 @@
 //!   acknowledgements and replies say `counted: false`) until all of them
 //!   have answered. Otherwise a quorum could include a node that lost an
 //!   acknowledged write and a node that never had it.
-//! - **Ring changes**: the ring holds the members that serve, so a member
-//!   declared down leaves it ([`Replica::set_ring`]) and the next nodes on
-//!   the ring take over its ranges. A node that gains ranges re-syncs them
-//!   from the other members (this is what restores the replication factor)
-//!   and counts toward no quorum *for the keys it gained* until it has; for
-//!   the keys it already owned, whose copies are complete, it keeps
-//!   counting.
+//! - **Ring changes**: the ring is the slot table of the cluster's
+//!   metadata log, so every member goes through the same tables in the same
+//!   order, and owners do not change when one goes down (a dead owner does
+//!   not answer; its writes wait as hints). When the log moves slots
+//!   ([`Replica::set_ring`]), a node that gains some re-syncs them from the
+//!   other owners and counts toward no quorum *for the keys it gained*
+//!   until it has; for the keys it already owned, whose copies are
+//!   complete, it keeps counting.
+//! - **Epoch fencing**: every message carries its sender's table epoch. A
+//!   replica on a newer table answers a request from an older one as not
+//!   counting (a coordinator on a table that moved on cannot complete a
+//!   quorum with it), and answers a re-sync request only from a member on
+//!   its own table, so what it sends holds every write it acknowledged as
+//!   counting under the table before.
 
 use super::update::{self, Effect, Update};
 use super::version::{self, LamportClock, Version, VersionTooFarAhead};
@@ -219,30 +226,11 @@ pub enum Message {
         /// The lengths.
         sizes: Vec<u64>,
     },
-    /// A re-syncing replica asks for the records it owns.
+    /// A re-syncing replica asks for the records it owns on its table
+    /// (answered only by a member on the same table: see the module docs).
     SyncRequest {
         /// The requester's re-sync round, echoed back.
         round: u64,
-        /// The members of the requester's ring: the records sent are the
-        /// ones it owns on that ring, whatever the sender's own view (a
-        /// member that has not yet seen the same change would otherwise
-        /// leave out the ranges the requester just gained). Empty: the
-        /// sender's ring.
-        #[serde(default)]
-        members: Vec<NodeIx>,
-    },
-    /// The sender had dropped the receiver from its ring (declared it
-    /// down) and takes it back once it answers `ReadmitAck`: the receiver
-    /// missed the writes sent meanwhile, so it re-syncs everything first.
-    Readmit {
-        /// Echoed back.
-        nonce: u64,
-    },
-    /// The answer to `Readmit`: the sender counts for nothing until it has
-    /// re-synced.
-    ReadmitAck {
-        /// The `Readmit`'s nonce.
-        nonce: u64,
     },
     /// One part of the records the requester owns, from one snapshot.
     SyncData {
@@ -555,7 +543,7 @@ pub enum PeerMessageError {
         /// The parts it claims there are.
         parts: u32,
     },
-    /// A sync request naming members that cannot exist.
+    /// Retired: sync requests no longer name members.
     #[error("sync request naming {count} members, or an id over {MAX_NODE_ID}")]
     SyncMembers {
         /// How many it named.
@@ -613,18 +601,6 @@ struct Answer {
 }
 
 impl Resync {
-    /// Hears from `member` again, from a fresh snapshot, with one more
-    /// pass after this one (`pass_ms` later) if none was due: what it sent
-    /// before may predate writes it has made since.
-    fn ask_again(&mut self, member: NodeIx, now: u64, pass_ms: u64) {
-        self.waiting.insert(member);
-        self.received.retain(|(n, _), _| *n != member);
-        self.heard.remove(&member);
-        self.asked.remove(&member);
-        self.next_try = now;
-        self.then.get_or_insert(pass_ms);
-    }
-
     fn new(round: u64, waiting: BTreeSet<NodeIx>, next_try: u64) -> Self {
         Self {
             round,
@@ -705,20 +681,12 @@ pub struct Replica {
     /// Re-syncs started in this life: numbers each one's rounds, so parts
     /// sent for an earlier one cannot complete a later one.
     resyncs: u64,
-    /// The ring last built from a sync request's member list.
-    their_ring: Option<(Vec<NodeIx>, Arc<Ring>)>,
-    /// Whether this node sees a majority of the members up. A node that
-    /// does not may be the one cut off: it counts for nothing and refuses
-    /// QUORUM and ALL (see [`Replica::set_quorate`]).
-    quorate: bool,
-    /// Until when this node holds itself out after a stall (see
-    /// [`Replica::stalled`]).
-    fenced_until: Option<u64>,
     /// The hint held per target and key.
     hint_of: BTreeMap<(NodeIx, Bytes), u64>,
     pending: BTreeMap<u64, Pending>,
     next_req: u64,
-    outbox: VecDeque<(NodeIx, Message)>,
+    /// Messages to send, each with the table epoch it was made under.
+    outbox: VecDeque<(NodeIx, u64, Message)>,
     replies: VecDeque<Reply>,
     /// Updates of keys this node is primary for, queued per key.
     updates: BTreeMap<Bytes, VecDeque<Queued>>,
@@ -778,9 +746,6 @@ impl Replica {
             boot,
             hints: BTreeMap::new(),
             resyncs: 0,
-            their_ring: None,
-            quorate: true,
-            fenced_until: None,
             hint_of: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_req: boot << 32,
@@ -805,48 +770,14 @@ impl Replica {
         self.me
     }
 
-    /// Whether this replica counts toward quorums (it sees a majority, is
-    /// not fenced after a stall, and is not re-syncing).
+    /// Whether this replica counts toward quorums (it is not re-syncing).
     pub fn counted(&self) -> bool {
-        self.quorate && self.fenced_until.is_none() && self.resync.is_none()
+        self.resync.is_none()
     }
 
-    /// This node's process stalled (it was paused, or starved) long enough
-    /// that the others may have declared it down, dropped it from their
-    /// rings and written its keys elsewhere. It counts for nothing and
-    /// refuses requests, instead of answering from copies that may be
-    /// stale, until a member readmits it (its `Readmit` starts a full
-    /// re-sync) or `until` passes; then it re-syncs everything anyway,
-    /// since a late `Readmit` is no proof that nobody dropped it.
-    pub fn stalled(&mut self, until: u64) {
-        self.fenced_until = Some(until);
-    }
-
-    /// Whether this node sees a strict majority of the members up. Without
-    /// one it may be on the minority side of a partition, where the others
-    /// may have moved its keys to new owners: it counts for nothing and
-    /// refuses QUORUM and ALL, so the two sides never both serve a key.
-    /// Getting a majority back, it re-syncs everything before it counts
-    /// again, since it missed the writes made while it was cut off.
-    pub fn set_quorate(&mut self, now: u64, quorate: bool) {
-        if quorate == self.quorate {
-            return;
-        }
-        self.quorate = quorate;
-        if quorate {
-            self.rejoin(now);
-        }
-    }
-
-    /// Whether some of its copies count once any fence or majority allows:
-    /// it is not re-syncing, or re-syncing only the keys it gained.
-    fn trusts_something(&self) -> bool {
-        self.resync.as_ref().is_none_or(|r| !r.trusted.is_empty())
-    }
-
-    /// Whether this node sees a majority of the members up.
-    pub fn quorate(&self) -> bool {
-        self.quorate
+    /// The epoch of the table this replica places keys by.
+    pub fn epoch(&self) -> u64 {
+        self.ring.epoch()
     }
 
     /// Whether this replica's copy of `key` counts toward quorums. Only an
@@ -856,9 +787,6 @@ impl Replica {
     /// only the keys it owned, with a complete copy, before the ring change
     /// that started the re-sync, and has owned ever since, count.
     pub fn counted_for(&self, key: &[u8]) -> bool {
-        if !self.quorate || self.fenced_until.is_some() {
-            return false;
-        }
         let me = self.me.to_string();
         let owns = |ring: &Ring| ring.owners(key, self.config.rf).iter().any(|m| m.id == me);
         if !owns(&self.ring) {
@@ -911,65 +839,47 @@ impl Replica {
         self.ring.members().iter().filter_map(|m| m.id.parse().ok()).collect()
     }
 
-    /// The ring of `members` (this node's own when empty or the same):
-    /// placement depends only on the members' ids, so any node builds the
-    /// requester's ring exactly. The last one built is kept, since a
-    /// re-sync asks every member with the same list.
-    fn ring_of(&mut self, members: Vec<NodeIx>) -> Arc<Ring> {
-        let bad = members.len() > MAX_NODE_ID as usize + 1 || members.iter().any(|&m| m > MAX_NODE_ID);
-        if members.is_empty() || bad || members == self.ring_nodes() {
-            return self.ring.clone();
+    /// The members that own some slot on the current table, other than
+    /// this node: whom a re-sync waits for (a member that owns nothing, such
+    /// as one whose slots the log moved away while it was down, holds no
+    /// copy that counts).
+    fn other_owners(&self) -> BTreeSet<NodeIx> {
+        let mut out = BTreeSet::new();
+        for range in self.ring.table().ranges() {
+            out.extend(range.owners.iter().take(self.config.rf).copied().filter(|&n| n != self.me));
         }
-        if let Some((cached, ring)) = &self.their_ring
-            && *cached == members
-        {
-            return ring.clone();
-        }
-        let list = members
-            .iter()
-            .map(|id| cachet_proto::Member { id: id.to_string(), addr: String::new(), weight: 1 })
-            .collect::<Vec<_>>();
-        match Ring::new(self.ring.epoch(), list, self.ring.vnodes()) {
-            Ok(ring) => {
-                let ring = Arc::new(ring);
-                self.their_ring = Some((members, ring.clone()));
-                ring
-            }
-            Err(_) => self.ring.clone(),
-        }
+        out
     }
 
-    /// The ring after a change of the serving members; ownership follows
-    /// it at once.
+    /// The next slot table from the metadata log; ownership follows it
+    /// at once.
     ///
-    /// - A member joined (or came back): this node only loses ranges. A
-    ///   joining member re-syncs (like one restarted empty) and counts for
-    ///   no quorum until every other member has sent it its records;
-    ///   members keep records they no longer own (a cache can afford the
-    ///   space more than the traffic of deleting them) until evicted.
-    /// - A member left (declared down): this node may gain some of its
-    ///   ranges. It re-syncs from every other member, in two passes like
-    ///   [`Replica::join`], counting meanwhile only for the keys it already
-    ///   owned ([`Replica::counted_for`]). That pull is the re-replication
-    ///   that restores the replication factor.
+    /// - This node only loses slots: nothing to fetch. Members keep
+    ///   records they no longer own (a cache can afford the space more than
+    ///   the traffic of deleting them) until evicted. A re-sync in progress
+    ///   now waits for the current owners.
+    /// - This node gains slots: it re-syncs from every other owner (on the
+    ///   new table, so each answers only once it is on it too, see the
+    ///   module docs), counting meanwhile only for the keys it already
+    ///   owned ([`Replica::counted_for`]).
     pub fn set_ring(&mut self, now: u64, ring: Arc<Ring>) {
-        let before = self.ring_nodes();
+        if ring.epoch() <= self.ring.epoch() && !self.ring.is_empty() {
+            return;
+        }
         let highest = ring.members().iter().filter_map(|m| m.id.parse::<NodeIx>().ok()).max().unwrap_or(0);
         self.nodes = self.nodes.max(highest.min(MAX_NODE_ID) + 1);
         self.alive.resize(self.nodes as usize, true);
+        let before = self.other_owners();
         let old = std::mem::replace(&mut self.ring, ring);
-        let me = self.me;
-        let after = self.ring_nodes();
-        let added: Vec<NodeIx> = after.iter().copied().filter(|n| *n != me && !before.contains(n)).collect();
-        let removed = before.iter().any(|n| *n != me && !after.contains(n));
-        if !removed || !self.gains(&old) {
-            // A re-sync in progress must hear from the new members too
-            // (they may hold records this node now owns), and no longer
-            // waits for members that left. A key this node lost and gains
-            // back later missed writes meanwhile.
+        self.shed_moved_updates(now);
+        let others = self.other_owners();
+        if !self.ring.gains_over(&old, self.me, self.config.rf) {
+            // A re-sync in progress must hear from new owners too (they may
+            // hold records this node owns), and no longer waits for members
+            // that own nothing now.
             if let Some(resync) = &mut self.resync {
-                resync.waiting.retain(|n| after.contains(n));
-                resync.waiting.extend(added);
+                resync.waiting.retain(|n| others.contains(n));
+                resync.waiting.extend(others.iter().copied().filter(|n| !before.contains(n)));
                 if !resync.trusted.is_empty() {
                     resync.trusted.push(old);
                 }
@@ -985,21 +895,19 @@ impl Replica {
             }
             Some(_) => Vec::new(),
         };
-        let waiting: BTreeSet<NodeIx> = after.into_iter().filter(|&n| n != me).collect();
-        if waiting.is_empty() {
+        if others.is_empty() {
             return;
         }
         let round = self.next_round();
-        let mut resync = Resync::new(round, waiting, now);
+        let mut resync = Resync::new(round, others, now);
         resync.trusted = trusted;
-        resync.then = Some(self.config.request_timeout_ms);
         self.resync = Some(resync);
     }
 
     /// Ends a re-sync pass once no member is waited for: starts the second
     /// pass if one is due, else the replica counts again.
     fn pass_done(&mut self, now: u64) {
-        let others: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
+        let others = self.other_owners();
         let second = self.boot | ((self.resyncs + 1) << 40);
         let Some(resync) = &mut self.resync else { return };
         if !resync.waiting.is_empty() {
@@ -1017,55 +925,20 @@ impl Replica {
         }
     }
 
-    /// Whether the current ring gives this node a key that `old` did not:
-    /// owners change only at ring points, so comparing the owners at every
-    /// point of both rings covers every key.
-    fn gains(&self, old: &Ring) -> bool {
-        let me = self.me.to_string();
-        let rf = self.config.rf;
-        let mine = |ring: &Ring, hash: u64| ring.owners_of_hash(hash, rf).iter().any(|m| m.id == me);
-        old.points().chain(self.ring.points()).any(|p| mine(&self.ring, p) && !mine(old, p))
-    }
-
-    /// This node, having been cut off, takes back into its ring `member`,
-    /// which it had dropped and which may hold writes it missed: it pulls
-    /// that member's records for its ranges (counting for nothing until it
-    /// has), even if the re-sync it did on getting its majority back is
-    /// over.
-    pub fn pull_from(&mut self, now: u64, member: NodeIx) {
-        if member == self.me {
-            return;
-        }
-        let timeout = self.config.request_timeout_ms;
-        match &mut self.resync {
-            Some(resync) => {
-                resync.ask_again(member, now, timeout);
-                resync.trusted.clear();
-            }
-            None => {
-                let round = self.next_round();
-                let mut resync = Resync::new(round, [member].into_iter().collect(), now);
-                resync.then = Some(timeout);
-                self.resync = Some(resync);
-            }
-        }
-    }
-
-    /// This node may have missed writes for any of its keys (the others
-    /// dropped it from their rings, or it was cut off from a majority):
-    /// none of its copies can be trusted. It keeps them (a re-sync only
-    /// adds newer versions) but re-syncs everything and counts toward no
-    /// quorum until it has.
+    /// This node may have missed writes for any of its keys: the others
+    /// declared it down (it was paused, or cut off) and wrote without it.
+    /// Its copies still count toward QUORUM safely (a quorum read meets
+    /// the writes' quorums elsewhere), but one answering ONE from them
+    /// would serve what it missed; so it keeps them (a re-sync only adds
+    /// newer versions), re-syncs everything, and counts toward nothing
+    /// until it has.
     pub fn rejoin(&mut self, now: u64) {
-        let waiting: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
+        let waiting = self.other_owners();
         if waiting.is_empty() {
-            self.resync = None;
             return;
         }
         let round = self.next_round();
-        let mut resync = Resync::new(round, waiting, now);
-        resync.then = Some(self.config.request_timeout_ms);
-        self.resync = Some(resync);
+        self.resync = Some(Resync::new(round, waiting, now));
         self.tick(now);
     }
 
@@ -1082,6 +955,7 @@ impl Replica {
             *slot = alive;
         }
         if alive {
+            self.shed_moved_updates(now);
             for hint in self.hints.values_mut().filter(|h| h.target == node) {
                 hint.next_try = now;
             }
@@ -1099,7 +973,7 @@ impl Replica {
         let mut store = std::mem::replace(&mut self.store, Box::new(BTreeMap::new()));
         store.clear();
         *self = Self::with_store(self.me, self.nodes, self.ring.clone(), self.config, boot, store);
-        let waiting: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
+        let waiting = self.other_owners();
         if waiting.is_empty() {
             return;
         }
@@ -1143,7 +1017,7 @@ impl Replica {
     }
 
     fn send(&mut self, to: NodeIx, message: Message) {
-        self.outbox.push_back((to, message));
+        self.outbox.push_back((to, self.ring.epoch(), message));
     }
 
     /// Keeps `record` if it is newer than what `key` holds; whether `key`
@@ -1158,9 +1032,9 @@ impl Replica {
     /// The first live node after the owners on `key`'s ring walk: where a
     /// down owner's hint goes.
     fn hint_holder(&self, key: &[u8], owners: &[NodeIx]) -> Option<NodeIx> {
-        let walk = self.ring.owners(key, self.nodes as usize);
-        walk.iter()
-            .filter_map(|m| m.id.parse::<NodeIx>().ok())
+        self.ring
+            .walk(key)
+            .into_iter()
             .find(|n| !owners.contains(n) && self.alive.get(*n as usize).copied().unwrap_or(false))
     }
 
@@ -1183,21 +1057,14 @@ impl Replica {
                 return;
             }
             Op::Sizes { keys } => {
-                if !self.quorate || self.fenced_until.is_some() {
-                    self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
-                } else {
-                    self.probe_sizes(now, client_req, keys.clone(), consistency);
-                }
+                self.probe_sizes(now, client_req, keys.clone(), consistency);
                 return;
             }
         };
         let owners = self.owners(&key);
         let required = consistency.required(owners.len());
         let alive = owners.iter().filter(|&&n| n == self.me || self.is_alive(n)).count();
-        // Cut off or fenced, its own copy counts for nothing, so even ONE
-        // could only time out: refused at once.
-        let cut_off = !self.quorate || self.fenced_until.is_some();
-        if required == 0 || alive < required || cut_off {
+        if required == 0 || alive < required {
             self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
             return;
         }
@@ -1276,11 +1143,10 @@ impl Replica {
     /// that missed it would repair its records back); each drops what it
     /// holds and acknowledges.
     fn flush_all(&mut self, now: u64, client_req: u64) {
-        // Every known member, not only the serving ring's: one held out of
-        // the ring (down, or not readmitted) would come back with its old
-        // records and repair them into the others.
-        let others: BTreeSet<NodeIx> = (0..self.nodes).filter(|&n| n != self.me).collect();
-        if !self.quorate || self.fenced_until.is_some() || others.iter().any(|&n| !self.is_alive(n)) {
+        // Every member, owner or not: one that missed it would come back
+        // with its old records and repair them into the others.
+        let others: BTreeSet<NodeIx> = self.ring_nodes().into_iter().filter(|&n| n != self.me).collect();
+        if others.iter().any(|&n| !self.is_alive(n)) {
             self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
             return;
         }
@@ -1515,11 +1381,6 @@ impl Replica {
             }
             Message::Get { key, .. } => key_ok(key)?,
             Message::GetReply { record: Some(record), .. } => record_ok(record)?,
-            Message::SyncRequest { members, .. } => {
-                if members.len() > MAX_NODE_ID as usize + 1 || members.iter().any(|&m| m > MAX_NODE_ID) {
-                    return Err(PeerMessageError::SyncMembers { count: members.len() });
-                }
-            }
             Message::SyncData { part, parts, entries, .. } => {
                 if *parts == 0 || *parts > MAX_SYNC_PARTS || part >= parts {
                     return Err(PeerMessageError::SyncPart { part: *part, parts: *parts });
@@ -1562,8 +1423,7 @@ impl Replica {
             Message::GetReply { record: None, .. }
             | Message::SizesReply { .. }
             | Message::PutAck { .. }
-            | Message::Readmit { .. }
-            | Message::ReadmitAck { .. }
+            | Message::SyncRequest { .. }
             | Message::UpdateReply { .. }
             | Message::Flush { .. }
             | Message::FlushAck { .. } => {}
@@ -1573,18 +1433,23 @@ impl Replica {
 
     /// A message from `from`, handled if [`Replica::check`] passes; a
     /// refused one is returned untouched as an error and changes nothing.
-    pub fn handle(&mut self, now: u64, from: NodeIx, message: Message) -> Result<(), PeerMessageError> {
+    /// `epoch` is the table epoch the sender made it under.
+    pub fn handle(&mut self, now: u64, from: NodeIx, epoch: u64, message: Message) -> Result<(), PeerMessageError> {
         self.check(now, from, &message)?;
-        self.handle_checked(now, from, message);
+        self.handle_checked(now, from, epoch, message);
         self.pump_updates(now);
         Ok(())
     }
 
-    fn handle_checked(&mut self, now: u64, from: NodeIx, message: Message) {
+    fn handle_checked(&mut self, now: u64, from: NodeIx, epoch: u64, message: Message) {
+        // A sender on an older table than this replica's is fenced: its
+        // requests are served, but nothing answered to it counts, so it
+        // cannot complete a quorum among owners that moved on.
+        let current = epoch >= self.ring.epoch();
         match message {
             Message::Put { req, key, record, hint_for: Some(target) } => {
                 self.clock.observe(record.version);
-                let counted = self.counted_for(&key);
+                let counted = self.counted_for(&key) && current;
                 if target == self.me {
                     self.apply(now, &key, &record);
                 } else {
@@ -1598,7 +1463,7 @@ impl Replica {
                 // A record the store refused is acknowledged as not
                 // counting: the coordinator must not count a copy that is
                 // not there.
-                let counted = self.apply(now, &key, &record) && self.counted_for(&key);
+                let counted = self.apply(now, &key, &record) && self.counted_for(&key) && current;
                 self.peer_writes += u64::from(req != 0);
                 if req != 0 {
                     self.send(from, Message::PutAck { req, counted });
@@ -1611,12 +1476,12 @@ impl Replica {
                 self.acked(req, from, counted);
                 self.progress(now, req);
             }
-            Message::Versions { req, keys } => self.answer_versions(from, req, &keys),
+            Message::Versions { req, keys } => self.answer_versions(from, req, &keys, current),
             Message::VersionsReply { req, highest, counted } => {
                 self.versions_answered(now, req, from, highest, counted)
             }
             Message::PutBatch { req, entries } => {
-                let counted = self.apply_batch(now, &entries);
+                let counted = self.apply_batch(now, &entries) && current;
                 self.peer_writes += 1;
                 self.send(from, Message::PutAck { req, counted });
             }
@@ -1669,7 +1534,7 @@ impl Replica {
             }
             Message::Get { req, key } => {
                 let record = self.store.get(&key, true);
-                let counted = self.counted_for(&key);
+                let counted = self.counted_for(&key) && current;
                 self.send(from, Message::GetReply { req, record, counted });
             }
             Message::GetReply { req, record, counted } => {
@@ -1678,13 +1543,15 @@ impl Replica {
             }
             Message::Sizes { req, keys } => self.answer_sizes(from, req, &keys),
             Message::SizesReply { req, sizes } => self.sizes_answered(from, req, &sizes),
-            // A member not in this replica's ring yet (it joined, and the
-            // news has not arrived): its ranges are unknown here, so no
-            // answer; it asks again.
-            Message::SyncRequest { .. } if !self.ring_nodes().contains(&from) => {}
-            Message::SyncRequest { round, members } => {
+            // Answered only on the same table: from an older one the
+            // requester would miss what it gained; from a newer one this
+            // replica may still acknowledge writes of the old table that
+            // its answer would not hold. Either way it asks again, and the
+            // metadata log brings the one behind up to date meanwhile.
+            Message::SyncRequest { .. } if epoch != self.ring.epoch() => {}
+            Message::SyncRequest { round } => {
                 let mut entries: Vec<(Bytes, Record)> = Vec::new();
-                let ring = self.ring_of(members);
+                let ring = self.ring.clone();
                 let rf = self.config.rf;
                 let theirs = |key: &[u8]| ring.owners(key, rf).iter().any(|m| m.id.parse() == Ok(from));
                 self.store.scan(&mut |key, record| {
@@ -1716,35 +1583,6 @@ impl Replica {
                     self.send(from, Message::SyncData { round, snapshot, part, parts: count, entries });
                 }
             }
-            Message::Readmit { nonce } => {
-                self.fenced_until = None;
-                let in_ring = self.ring_nodes().contains(&from);
-                let trusts_something = self.trusts_something();
-                let pass_ms = self.config.request_timeout_ms;
-                match &mut self.resync {
-                    // Already re-syncing from scratch (a restart, a
-                    // rejoin): it must hear from the sender again, since
-                    // what the sender sent before may predate writes it
-                    // made while this node was out of its ring; and a
-                    // pass must follow that.
-                    // (A sender not in this node's ring yet is waited for
-                    // when it joins the ring.)
-                    Some(resync) if !trusts_something => {
-                        resync.ask_again(from, now, pass_ms);
-                        if !in_ring {
-                            resync.waiting.remove(&from);
-                        }
-                    }
-                    _ if self.quorate => self.rejoin(now),
-                    // Without a majority it re-syncs everything when it
-                    // gets one back.
-                    _ => {}
-                }
-                self.send(from, Message::ReadmitAck { nonce });
-            }
-            // Taken by the runtime, which holds the member out of the ring
-            // until it arrives.
-            Message::ReadmitAck { .. } => {}
             Message::SyncData { round, snapshot, part, parts, entries } => {
                 for (key, record) in &entries {
                     self.apply(now, key, record);
@@ -1782,12 +1620,6 @@ impl Replica {
 
     fn expire(&mut self, now: u64) {
         self.seen_updates.retain(|_, until| *until > now);
-        if self.fenced_until.is_some_and(|until| until <= now) {
-            self.fenced_until = None;
-            if self.trusts_something() && self.quorate {
-                self.rejoin(now);
-            }
-        }
         let expired: Vec<u64> = self
             .pending
             .iter()
@@ -1863,17 +1695,17 @@ impl Replica {
             sync = Some((resync.round, ask));
         }
         if let Some((round, waiting)) = sync {
-            let members = self.ring_nodes();
             for peer in waiting {
                 if self.is_alive(peer) {
-                    self.send(peer, Message::SyncRequest { round, members: members.clone() });
+                    self.send(peer, Message::SyncRequest { round });
                 }
             }
         }
     }
 
-    /// The next message to send, and to whom.
-    pub fn poll_transmit(&mut self) -> Option<(NodeIx, Message)> {
+    /// The next message to send, to whom, and the table epoch it was made
+    /// under (sent along: see [`Replica::handle`]).
+    pub fn poll_transmit(&mut self) -> Option<(NodeIx, u64, Message)> {
         self.outbox.pop_front()
     }
 
@@ -1899,7 +1731,7 @@ impl Replica {
             .filter(|h| self.alive.get(h.target as usize).copied().unwrap_or(false))
             .map(|h| h.next_try);
         let sync = self.resync.as_ref().map(|r| r.next_try.max(r.not_before));
-        requests.chain(hints).chain(sync).chain(self.fenced_until).min()
+        requests.chain(hints).chain(sync).min()
     }
 }
 

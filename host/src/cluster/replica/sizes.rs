@@ -64,7 +64,7 @@ impl Replica {
         let req = self.request_id();
         for (&member, indices) in &probe.asked {
             let keys = indices.iter().map(|&i| keys[i].clone()).collect();
-            self.outbox.push_back((member, Message::Sizes { req, keys }));
+            self.send(member, Message::Sizes { req, keys });
         }
         self.pending.insert(req, Pending::Sizes(probe));
     }

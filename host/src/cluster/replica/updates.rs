@@ -90,6 +90,42 @@ impl Replica {
         true
     }
 
+    /// Updates of keys this node no longer takes itself for the primary of
+    /// (the table moved, or an owner before it is up again) are handed
+    /// back: those queued behind the running one, and the running one too
+    /// if it has not written yet, are refused as unavailable (their
+    /// coordinators' clients retry, and reach the new primary). Left
+    /// running, they would read and write beside the new primary's own
+    /// updates of the key, and two increments could answer the same count.
+    /// One that is writing finishes: it cannot be called back.
+    pub(super) fn shed_moved_updates(&mut self, now: u64) {
+        let keys: Vec<Bytes> = self.updates.keys().cloned().collect();
+        for key in keys {
+            let owners = self.owners(&key);
+            if owners.iter().copied().find(|&n| n == self.me || self.is_alive(n)) == Some(self.me) {
+                continue;
+            }
+            let Some(queue) = self.updates.get_mut(&key) else { continue };
+            let shed: Vec<Origin> = queue.drain(1..).map(|q| q.origin).collect();
+            self.updates_queued = self.updates_queued.saturating_sub(shed.len());
+            for origin in shed {
+                self.answer_update(origin, Err(OpError::Unavailable));
+            }
+            let reading: Vec<u64> = self
+                .steps
+                .iter()
+                .filter(|(_, (k, step))| *k == key && matches!(step, Step::Read))
+                .map(|(&id, _)| id)
+                .collect();
+            if !reading.is_empty() {
+                for id in reading {
+                    self.steps.remove(&id);
+                }
+                self.finish_update(now, &key, Err(OpError::Unavailable));
+            }
+        }
+    }
+
     /// Writes this replica stored for other coordinators' client requests.
     pub fn peer_writes(&self) -> u64 {
         self.peer_writes

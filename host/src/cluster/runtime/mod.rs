@@ -12,21 +12,20 @@
 //! deadline, so a lost frame costs time, never correctness.
 //!
 //! Founders are listed by `--cluster` (a node's id is its index there);
-//! others join through `--seeds` and are learnt from the gossip. The
-//! failure detector (SWIM) decides who is up, and the *serving ring* holds
-//! the members that are: a member declared down leaves it, so the next
-//! nodes on the ring take over its ranges and re-sync them from the
-//! survivors (restoring the replication factor). Only a node that sees a
-//! majority of the members up moves its ring; one that does not counts for
-//! nothing. A member that comes back is readmitted: held out of the ring
-//! until it answers a `Readmit` by starting a full re-sync. A member never
-//! heard from since this node started counts as down after a grace period,
-//! so a restarted node does not wait for a member that is gone.
+//! others join through `--seeds` and are learnt from the gossip. Where keys
+//! live is the slot table of the cluster's metadata log (`meta`): every
+//! member applies the same tables in the same order, and the replica
+//! follows each one. The failure detector (SWIM) decides who is up: a
+//! member declared down keeps its slots (its co-owners serve them, and
+//! writes for it wait as hints) until the log's leader moves them
+//! (`--replace-after-ms`); a member that learns it was declared down
+//! (paused, cut off) re-syncs before it counts again. A member never heard
+//! from since this node started counts as down after a grace period.
 //!
 //! Where things are: [`Cluster`], the handle a clustered node holds, and
 //! its routing of client requests are here; `loaders` attaches the
 //! node's read-through loaders; `shell` is the runtime thread's state and
-//! event loop (`shell::ring`, the serving ring; `shell::peers`, what the
+//! event loop (`shell::ring`, the ring from the log; `shell::peers`, what the
 //! peers send); `sender`, each peer's sender task; `persist`, what a node
 //! keeps in its data directory across restarts.
 //!
@@ -76,6 +75,9 @@ pub struct ClusterOptions {
     pub consistency: Consistency,
     /// A dead member is declared down within about this long.
     pub detect_within_ms: u64,
+    /// A member down this long has its slots moved to the others by the
+    /// log's leader (until then its co-owners serve them without it).
+    pub replace_after_ms: u64,
     /// Deadline of one replicated operation at its coordinator.
     pub request_timeout_ms: u64,
     /// The peer certificate and the cluster's CA: the operator's files, or
@@ -112,7 +114,7 @@ pub struct Cluster {
     commands: mpsc::UnboundedSender<Command>,
     /// The node's read-through loaders, run at each key's primary owner.
     loaders: Arc<std::sync::OnceLock<Arc<Loaders>>>,
-    /// The serving ring the replica routes by, for checks made before a
+    /// The ring (the log's slot table) the replica routes by, for checks made before a
     /// request reaches it (MSET's owners).
     ring: Arc<Mutex<Option<Arc<Ring>>>>,
     status: Arc<Mutex<ClusterStats>>,

@@ -1,7 +1,8 @@
 //! The runtime thread's state, [`Shell`], and its event loop: client
 //! operations, peer frames, finished loads and the clock go in; the
-//! core's messages, replies and load requests come out. The serving ring
-//! is kept in `ring`, what the peers send is taken in `peers`.
+//! core's messages, replies and load requests come out. The ring comes
+//! from the metadata log in `ring`, what the peers send is taken in
+//! `peers`.
 
 use super::persist::{INCARNATION_FILE, MEMBERS_FILE, load_members, next_incarnation, save_incarnation, save_members};
 use super::sender::send_loop;
@@ -82,9 +83,9 @@ fn loader_failed(err: ErrorReply) -> Effect {
     Effect::LoadFailed { origin: err.code == ErrorCode::OriginFailed, message: err.message }
 }
 
-/// A node builds its ring once no new member has shown up for this long
-/// (so it does not re-sync against half a cluster).
-const SETTLE_MS: u64 = 1_000;
+/// Members never heard from count as down this long after the start, on
+/// top of twice the detection budget.
+const GRACE_MS: u64 = 1_000;
 
 /// The runtime thread's state.
 pub(super) struct Shell {
@@ -95,41 +96,13 @@ pub(super) struct Shell {
     by_addr: HashMap<SocketAddr, NodeIx>,
     transport: Arc<PeerTransport>,
     senders: HashMap<SocketAddr, mpsc::Sender<PeerFrame>>,
-    /// `None` while a joining node waits for the member list to settle.
+    /// `None` until the metadata log gives this node a slot table.
     replica: Option<Replica>,
     store: Option<Box<dyn RecordStore>>,
-    /// When the member list last grew.
-    changed_at: u64,
     /// Members heard to be up since this node started.
     heard: std::collections::BTreeSet<NodeIx>,
     /// Until when members never heard from still count as up.
     grace_until: u64,
-    /// The members of the serving ring last handed to the replica.
-    serving: Vec<NodeIx>,
-    /// Members back up after this node dropped them from its ring: they
-    /// stay out of it until they answer a `Readmit` (by nonce), which
-    /// makes them re-sync everything first, since they missed the writes
-    /// made meanwhile. The value is the nonce; the time of the next resend
-    /// is in `readmit_at`.
-    held_out: std::collections::BTreeMap<NodeIx, u64>,
-    readmit_at: u64,
-    /// Members this node dropped from its ring while it had a majority:
-    /// held out when they come back, until readmitted.
-    dropped: std::collections::BTreeSet<NodeIx>,
-    /// Members this node readmitted since they were last down: a `Readmit`
-    /// from one of them (it had dropped this node while cut off) is
-    /// acknowledged without a re-sync, like one from a dropped member.
-    readmitted: std::collections::BTreeSet<NodeIx>,
-    /// Members this node had dropped when it lost its majority: they may
-    /// hold writes it missed, so when they are readmitted it pulls from
-    /// them, even after the re-sync it did on getting a majority back.
-    owe_pull: std::collections::BTreeSet<NodeIx>,
-    /// When the loop last turned (see `check_stall`).
-    last_turn: u64,
-    /// The failure detector's budget (`--detect-ms`).
-    detect_ms: u64,
-    /// Started with the founding member list (not joining through seeds).
-    founder: bool,
     /// Where the member list is kept across restarts.
     members_file: PathBuf,
     /// Where the last incarnation is kept, renewals included.
@@ -141,7 +114,7 @@ pub(super) struct Shell {
     /// The node's loaders (set once attached), which run the loads the
     /// replica asks for as a key's primary.
     pub(super) loaders: Arc<std::sync::OnceLock<Arc<Loaders>>>,
-    /// The serving ring, shared with [`Cluster`] for checks made before a
+    /// The ring from the log, shared with [`Cluster`] for checks made before a
     /// request reaches the replica.
     ///
     /// [`Cluster`]: super::Cluster
@@ -271,7 +244,7 @@ impl Shell {
                 consistency: super::level(options.consistency),
             },
             data_dir: options.data_dir.clone(),
-            config: MetaConfig::default(),
+            config: MetaConfig { replace_after_ms: options.replace_after_ms, ..MetaConfig::default() },
         };
         let (meta, meta_error) = match MetaMember::open(meta_options, boot, 0) {
             Ok(meta) => (Some(meta), None),
@@ -289,18 +262,8 @@ impl Shell {
             senders: HashMap::new(),
             replica: None,
             store: Some(store),
-            changed_at: 0,
             heard: std::collections::BTreeSet::new(),
-            grace_until: 2 * options.detect_within_ms + SETTLE_MS,
-            serving: Vec::new(),
-            held_out: std::collections::BTreeMap::new(),
-            readmit_at: 0,
-            dropped: std::collections::BTreeSet::new(),
-            readmitted: std::collections::BTreeSet::new(),
-            owe_pull: std::collections::BTreeSet::new(),
-            last_turn: 0,
-            detect_ms: options.detect_within_ms,
-            founder: !options.members.is_empty(),
+            grace_until: 2 * options.detect_within_ms + GRACE_MS,
             members_file,
             incarnation_file: options.data_dir.join(INCARNATION_FILE),
             membership,
@@ -339,25 +302,6 @@ impl Shell {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Fences the replica after this loop overslept its wake-up (a paused
-    /// process, a starved thread) for as long as the others need to
-    /// declare a silent node down (a probe period plus the suspicion time,
-    /// see `membership`): checked before anything queued meanwhile is
-    /// handled. The loop's own work does not count (a long snapshot is not
-    /// a pause), and it wakes at least every 100 ms when idle.
-    fn check_stall(&mut self, wake: u64) {
-        let now = self.now();
-        let budget = self.detect_ms.max(400);
-        let overslept = now.saturating_sub(wake.max(self.last_turn));
-        if self.last_turn > 0 && overslept > budget / 8 + budget * 3 / 10 {
-            tracing::warn!(overslept_ms = overslept, "the cluster loop stalled; fenced until readmitted");
-            if let Some(replica) = self.replica.as_mut() {
-                replica.stalled(now + 2 * budget);
-            }
-        }
-        self.last_turn = now;
-    }
-
     pub(super) async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
@@ -384,7 +328,6 @@ impl Shell {
             let wake = tokio::time::Instant::from_std(self.started + Duration::from_millis(next));
             tokio::select! {
                 command = commands.recv() => {
-                    self.check_stall(next);
                     let Some(command) = command else { break };
                     let now = self.now();
                     match self.replica.as_mut() {
@@ -401,7 +344,6 @@ impl Shell {
                     }
                 }
                 frame = incoming.recv() => {
-                    self.check_stall(next);
                     let Some(frame) = frame else { break };
                     self.handle(frame);
                 }
@@ -417,7 +359,6 @@ impl Shell {
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    self.check_stall(next);
                     let now = self.now();
                     if let Some(replica) = self.replica.as_mut() {
                         replica.tick(now);
@@ -433,16 +374,11 @@ impl Shell {
                         self.counts_at = now;
                         self.report_counts();
                     }
-                    let known = self.founder || self.peers.len() > 1;
-                    if self.replica.is_none() && known && now >= self.changed_at + SETTLE_MS {
-                        // Founders too: a founder restarted after others
-                        // joined hears of them first.
-                        self.build_replica(now);
-                    }
-                    if self.replica.is_some() {
+                    if self.replica.is_none() {
+                        self.follow_log(now);
+                    } else {
                         self.end_grace(now);
                     }
-                    self.readmit(now);
                 }
                 _ = stopped.changed() => break,
             }
@@ -496,13 +432,15 @@ impl Shell {
             let (peer, up) = match event {
                 MembershipEvent::Up(peer) => (peer, true),
                 MembershipEvent::Down(peer) => (peer, false),
-                // Nothing to do here: a member that had dropped this node
-                // from its ring readmits it explicitly (`Readmit`), and the
-                // minority side of a healed partition says so to members
-                // that kept receiving every write.
+                // Owners change only through the log; but this node missed
+                // the writes made while it was held down, so it re-syncs
+                // before it answers from its copies again.
                 MembershipEvent::Rejoined => {
-                    tracing::info!("renewed this node's identity after being declared down by some member");
+                    tracing::info!("renewed this node's identity after being declared down by some member; re-syncing");
                     save_incarnation(&self.incarnation_file, self.membership.me().incarnation);
+                    if let Some(replica) = self.replica.as_mut() {
+                        replica.rejoin(now);
+                    }
                     continue;
                 }
             };
@@ -525,6 +463,7 @@ impl Shell {
         }
         self.answer_decided();
         if self.meta.as_mut().is_some_and(MetaMember::take_changed) {
+            self.follow_log(now);
             self.reconcile_policy();
         }
         if let Some(replica) = self.replica.as_mut() {
@@ -569,9 +508,9 @@ impl Shell {
                     }
                 }
             }
-            for (to, message) in out {
+            for (to, epoch, message) in out {
                 if let Some(&addr) = self.peers.get(&to) {
-                    self.send_to(addr, PeerFrame::Replica(message));
+                    self.send_to(addr, PeerFrame::Replica { epoch, message });
                 }
             }
             for reply in &replies {
@@ -615,12 +554,12 @@ impl Shell {
             }
             status.members =
                 (0..top as NodeIx).map(|i| self.peers.get(&i).map(ToString::to_string).unwrap_or_default()).collect();
-            // Up and serving: a member back up but not yet readmitted is
-            // not in the ring, so clients should not route by it either.
-            let serves = |i: NodeIx| self.alive.get(&i).copied().unwrap_or(false) && !self.held_out.contains_key(&i);
-            status.alive = (0..top as NodeIx).map(|i| i == self.me || serves(i)).collect();
+            let up = |i: NodeIx| self.alive.get(&i).copied().unwrap_or(false);
+            status.alive = (0..top as NodeIx).map(|i| i == self.me || up(i)).collect();
             status.clients = (0..top as NodeIx).map(|i| self.clients.get(&i).cloned().unwrap_or_default()).collect();
-            status.ring_epoch = self.peers.len() as u64;
+            let table = self.shared_ring.lock().ok().and_then(|r| r.as_ref().map(|r| r.table().clone()));
+            status.ring_epoch = table.as_ref().map_or(0, cachet_proto::SlotTable::epoch);
+            status.slots = table.map(|t| t.ranges().to_vec()).unwrap_or_default();
             status.meta = match (&self.meta, &self.meta_error) {
                 (Some(meta), _) => Some(meta.stats()),
                 (None, Some(err)) => {

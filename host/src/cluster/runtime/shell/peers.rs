@@ -1,13 +1,13 @@
 //! What the peers send: gossip, taken only from the member its
 //! certificate names and refused when its incarnations run ahead of the
-//! clock; replica messages, the `Readmit` handshake included; and the
+//! clock; replica messages, with their sender's table epoch; and the
 //! member events the gossip yields.
 
 use super::Shell;
 use crate::cluster::membership::{Membership, Peer};
 use crate::cluster::meta::MetaError;
 use crate::cluster::meta::member::MetaFrame;
-use crate::cluster::replica::{self, Message, NodeIx};
+use crate::cluster::replica::{self, NodeIx};
 use crate::cluster::runtime::unix_ms;
 use crate::cluster::transport::{Incoming, PeerFrame};
 use std::net::SocketAddr;
@@ -73,13 +73,6 @@ impl Shell {
         self.unconfirmed.remove(&ix);
         if up {
             tracing::info!(node = ix, "member up");
-            // Back after this node dropped it from its ring: it serves
-            // again once it has answered a `Readmit`.
-            if self.dropped.contains(&ix) && !self.held_out.contains_key(&ix) {
-                let nonce = self.boot ^ now.rotate_left(17) ^ u64::from(ix);
-                self.held_out.insert(ix, nonce);
-                self.readmit_at = now;
-            }
             self.heard.insert(ix);
             self.learn(now, ix, addr);
             if !peer.client.is_empty() {
@@ -87,8 +80,6 @@ impl Shell {
             }
         } else {
             tracing::warn!(node = ix, "member down");
-            self.held_out.remove(&ix);
-            self.readmitted.remove(&ix);
         }
         self.alive.insert(ix, up);
         if let Some(replica) = self.replica.as_mut() {
@@ -97,7 +88,6 @@ impl Shell {
         if let Some(meta) = self.meta.as_mut() {
             meta.verdict(ix, up);
         }
-        self.refresh_ring(now);
     }
 
     /// `node` spoke from `addr` itself: news of it there held back
@@ -171,7 +161,7 @@ impl Shell {
                 }
                 self.confirm(now, frame.node, frame.from);
             }
-            PeerFrame::Replica(message) => {
+            PeerFrame::Replica { epoch, message } => {
                 let Some(&from) = self.by_addr.get(&frame.from) else {
                     tracing::debug!(from = %frame.from, "a replica message from an address that is no member yet");
                     return;
@@ -182,48 +172,17 @@ impl Shell {
                     self.refuse_impostor(now, frame.from, frame.node, &format!("node {from}"));
                     return;
                 }
-                match (message, self.replica.as_mut()) {
-                    // From a member this node dropped and has not taken
-                    // back: from here, that member was the one cut off,
-                    // and this node's copies kept receiving every write.
-                    (Message::Readmit { nonce }, _)
-                        if self.dropped.contains(&from) || self.readmitted.contains(&from) =>
-                    {
-                        tracing::info!(node = from, "readmitted by a member this node had dropped; no re-sync");
-                        self.send_to(frame.from, PeerFrame::Replica(Message::ReadmitAck { nonce }));
+                let Some(replica) = self.replica.as_mut() else { return };
+                if let Err(err) = replica.handle(now, from, epoch, message) {
+                    self.refused += 1;
+                    let (last, suppressed) = &mut self.refused_log;
+                    if last.is_some_and(|t| now < t + 1_000) {
+                        *suppressed += 1;
+                    } else {
+                        *last = Some(now);
+                        let suppressed = std::mem::take(suppressed);
+                        tracing::warn!(node = from, %err, suppressed, total = self.refused, "peer message refused");
                     }
-                    (Message::ReadmitAck { nonce }, _) => {
-                        if self.held_out.get(&from) == Some(&nonce) {
-                            tracing::info!(node = from, "member readmitted to the ring");
-                            self.held_out.remove(&from);
-                            self.dropped.remove(&from);
-                            self.readmitted.insert(from);
-                            if self.owe_pull.remove(&from)
-                                && let Some(replica) = self.replica.as_mut()
-                            {
-                                replica.pull_from(now, from);
-                            }
-                            self.refresh_ring(now);
-                        }
-                    }
-                    (message, Some(replica)) => {
-                        if let Err(err) = replica.handle(now, from, message) {
-                            self.refused += 1;
-                            let (last, suppressed) = &mut self.refused_log;
-                            if last.is_some_and(|t| now < t + 1_000) {
-                                *suppressed += 1;
-                            } else {
-                                *last = Some(now);
-                                let suppressed = std::mem::take(suppressed);
-                                tracing::warn!(node = from, %err, suppressed, total = self.refused, "peer message refused");
-                            }
-                        }
-                    }
-                    // No replica yet: the one built will re-sync everything.
-                    (Message::Readmit { nonce }, None) => {
-                        self.send_to(frame.from, PeerFrame::Replica(Message::ReadmitAck { nonce }));
-                    }
-                    (_, None) => {}
                 }
             }
         }
