@@ -197,20 +197,33 @@ impl LocalCluster {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// Waits until every running member sees every member up and is
-    /// re-synced; returns how long that took.
+    /// Waits until every running member sees every member up, is
+    /// re-synced, and routes by the same slot table, on which every member
+    /// owns slots; returns how long that took.
     pub(crate) fn wait_healthy(&self, limit: Duration) -> Result<Duration> {
         let start = Instant::now();
         loop {
+            let mut epochs = std::collections::BTreeSet::new();
             let healthy = (0..self.members.len()).all(|i| {
                 self.stats(i).is_ok_and(|s| {
                     let c = &s["cluster"];
+                    let owners: std::collections::BTreeSet<u64> = c["slots"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|r| {
+                            r["owners"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_u64)
+                        })
+                        .collect();
+                    epochs.insert(c["ring_epoch"].as_u64().unwrap_or(0));
                     c["synced"].as_bool() == Some(true)
-                        && c["ring_epoch"].as_u64() == Some(self.members.len() as u64)
-                        && c["alive"].as_array().is_some_and(|a| a.iter().all(|u| u.as_bool() == Some(true)))
+                        && owners.len() == self.members.len()
+                        && c["alive"].as_array().is_some_and(|a| {
+                            a.len() == self.members.len() && a.iter().all(|u| u.as_bool() == Some(true))
+                        })
                 })
             });
-            if healthy {
+            if healthy && epochs.len() == 1 {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > limit {
@@ -591,7 +604,9 @@ pub(crate) fn bench(cachet: &Path, root: &Path, baseline: Option<&Path>) -> Resu
     // the two left pull its ranges until each holds every key again.
     let mut rereplications = Vec::new();
     for round in 0..3 {
-        let mut cluster = LocalCluster::start(cachet, root, 3, 2, &["--threads", "1"])?;
+        // The log moves a dead member's slots after a second here (30 s
+        // by default).
+        let mut cluster = LocalCluster::start(cachet, root, 3, 2, &["--threads", "1", "--replace-after-ms", "1000"])?;
         let mut args: Vec<&str> = load.to_vec();
         args[1] = "10";
         args.extend(["--consistency", "quorum", "--threads", "1"]);
@@ -608,8 +623,12 @@ pub(crate) fn bench(cachet: &Path, root: &Path, baseline: Option<&Path>) -> Resu
             let restored = (0..2).all(|i| {
                 cluster.stats(i).is_ok_and(|s| {
                     let c = &s["cluster"];
+                    let moved = c["slots"].as_array().is_some_and(|slots| {
+                        slots.iter().all(|r| r["owners"].as_array().is_some_and(|o| !o.contains(&2.into())))
+                    });
                     c["alive"][2].as_bool() == Some(false)
                         && c["synced"].as_bool() == Some(true)
+                        && moved
                         && c["records"].as_u64().unwrap_or(0) >= keys
                 })
             });

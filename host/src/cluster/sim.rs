@@ -572,6 +572,12 @@ impl Sim {
                 cut.push((node + 1 + self.rng.below(u64::from(NODES) - 1) as NodeIx) % NODES);
             }
             self.isolated = Some((cut.clone(), self.now + 20 + self.rng.below(200)));
+            // The cut-off side stops hearing from the log's leader; past
+            // the lease its copies count for nothing, and only then may the
+            // leader move its slots.
+            for &n in &cut {
+                self.replicas[n as usize].set_in_contact(false);
+            }
             if cut.len() == 1 && self.rng.chance(0.5) {
                 self.move_away(node);
             }
@@ -598,6 +604,7 @@ impl Sim {
             eprintln!("t={} nodes {nodes:?} reconnect", self.now);
         }
         for &n in nodes {
+            self.replicas[n as usize].set_in_contact(true);
             self.back(n);
         }
     }

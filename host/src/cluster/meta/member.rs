@@ -58,6 +58,12 @@ const CANARY_TOLERANCE: f64 = 0.005;
 const CANARY_DECISION: NodeIx = NodeIx::MAX;
 /// `open`'s key for the leader's slot plans.
 const SLOT_PLAN: NodeIx = NodeIx::MAX - 1;
+/// A member that has not heard from the log's leader for this long stops
+/// counting toward quorums (see [`MetaNode::in_contact`]).
+pub const LEASE_MS: u64 = 1_500;
+/// The leader moves a down member's slots no sooner than this: twice the
+/// lease, so a member cut off with them has stopped counting by then.
+const MIN_REPLACE_AFTER_MS: u64 = 2 * LEASE_MS;
 /// Voters in the log, at most; further members are learners (they get
 /// every entry and do not slow commits down).
 const MAX_VOTERS: usize = 5;
@@ -390,6 +396,12 @@ impl MetaMember {
         self.node.as_ref()
     }
 
+    /// Whether this member is in touch with the log's leader (see
+    /// [`MetaNode::in_contact`]).
+    pub fn in_contact(&self, now: u64) -> bool {
+        self.node.as_ref().is_some_and(|n| n.in_contact(now, LEASE_MS))
+    }
+
     /// Whether this process founded the log (the cluster is new: nothing
     /// was ever written to it, so there is nothing to re-sync).
     pub fn founded_here(&self) -> bool {
@@ -620,7 +632,8 @@ impl MetaMember {
                 self.down_since.remove(&m.node);
             }
         }
-        if let Some(table) = wanted_slots(state, &self.down_since, now, self.opts.config.replace_after_ms) {
+        let replace_after = self.opts.config.replace_after_ms.max(MIN_REPLACE_AFTER_MS);
+        if let Some(table) = wanted_slots(state, &self.down_since, now, replace_after) {
             let expected_epoch = state.slots.epoch();
             tracing::info!(target: "cachet::meta", epoch = table.epoch(), "proposing a new slot table");
             proposals.push((SLOT_PLAN, MetaEntry::SetSlots { expected_epoch, table }));

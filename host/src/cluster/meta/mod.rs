@@ -200,6 +200,9 @@ pub struct MetaNode {
     state: Option<MetaState>,
     config: MetaConfig,
     rng: u64,
+    /// When a message from the current leader last arrived (this
+    /// member's clock), for [`MetaNode::in_contact`].
+    leader_heard_at: Option<u64>,
     next_tick: u64,
     outbox: VecDeque<(NodeIx, RaftWire)>,
     events: VecDeque<MetaEvent>,
@@ -250,6 +253,7 @@ impl MetaNode {
             state,
             config,
             rng: seed,
+            leader_heard_at: None,
             next_tick: now,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
@@ -339,11 +343,27 @@ impl MetaNode {
         if wire.to != self.raw.raft.id {
             return Err(MetaError::NotForMe { to: wire.to });
         }
+        let (sender, term) = (wire.from, wire.term);
         let message = wire.to_message()?;
-        let _ = now;
         self.step(message)?;
+        if sender == self.raw.raft.leader_id && term == self.raw.raft.term {
+            self.leader_heard_at = Some(now);
+        }
         self.drive();
         self.check_alive()
+    }
+
+    /// Whether this member is in touch with the log: it leads (and, with
+    /// check-quorum, a leader cut off from a majority steps down within an
+    /// election timeout), or it heard from the current leader within
+    /// `lease_ms`. A member out of touch may be on the minority side of a
+    /// partition, where the majority's leader can move its slots away: its
+    /// copies stop counting before that can happen.
+    pub fn in_contact(&self, now: u64, lease_ms: u64) -> bool {
+        self.failed.is_none()
+            && (self.is_leader()
+                || (self.raw.raft.leader_id != 0
+                    && self.leader_heard_at.is_some_and(|t| now.saturating_sub(t) <= lease_ms)))
     }
 
     /// Advances the clock: Raft ticks (at most two after a long gap, such

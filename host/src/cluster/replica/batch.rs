@@ -157,6 +157,14 @@ impl Replica {
     fn batch_progress(&mut self, now: u64, req: u64) {
         let Some(Pending::Batch(batch)) = self.pending.get_mut(&req) else { return };
         match &batch.phase {
+            // Its query answered only past the deadline (this process was
+            // paused, or starved): its client has given up, and writes
+            // made since would lose to the version this write would take.
+            BatchPhase::Query { counted, needed, .. } if counted >= needed && now >= batch.deadline => {
+                let client_req = batch.client_req;
+                self.pending.remove(&req);
+                self.replies.push_back(Reply { client_req, result: Err(OpError::Timeout) });
+            }
             BatchPhase::Query { counted, needed, highest, .. } if counted >= needed => {
                 self.clock.observe(*highest);
                 let version = self.clock.tick(self.me);

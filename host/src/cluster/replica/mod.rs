@@ -685,6 +685,8 @@ pub struct Replica {
     hint_of: BTreeMap<(NodeIx, Bytes), u64>,
     pending: BTreeMap<u64, Pending>,
     next_req: u64,
+    /// In touch with the metadata log (see [`Replica::set_in_contact`]).
+    in_contact: bool,
     /// Messages to send, each with the table epoch it was made under.
     outbox: VecDeque<(NodeIx, u64, Message)>,
     replies: VecDeque<Reply>,
@@ -747,6 +749,7 @@ impl Replica {
             hints: BTreeMap::new(),
             resyncs: 0,
             hint_of: BTreeMap::new(),
+            in_contact: true,
             pending: BTreeMap::new(),
             next_req: boot << 32,
             outbox: VecDeque::new(),
@@ -770,9 +773,26 @@ impl Replica {
         self.me
     }
 
-    /// Whether this replica counts toward quorums (it is not re-syncing).
+    /// Whether this replica counts toward quorums: it is in touch with the
+    /// metadata log and not re-syncing.
     pub fn counted(&self) -> bool {
-        self.resync.is_none()
+        self.in_contact && self.resync.is_none()
+    }
+
+    /// Whether this node is in touch with the metadata log's leader. Out of
+    /// touch it may be cut off on a minority side while the majority moves
+    /// its slots away, so none of its copies counts (its requests are
+    /// still served; it simply cannot make up a quorum with them). No
+    /// re-sync is needed when touch comes back: under the slot table it
+    /// still holds, a QUORUM read meets every acknowledged write elsewhere,
+    /// and a table that moved arrives through [`Replica::set_ring`].
+    pub fn set_in_contact(&mut self, in_contact: bool) {
+        self.in_contact = in_contact;
+    }
+
+    /// Whether this node is in touch with the metadata log's leader.
+    pub fn in_contact(&self) -> bool {
+        self.in_contact
     }
 
     /// The epoch of the table this replica places keys by.
@@ -787,6 +807,9 @@ impl Replica {
     /// only the keys it owned, with a complete copy, before the ring change
     /// that started the re-sync, and has owned ever since, count.
     pub fn counted_for(&self, key: &[u8]) -> bool {
+        if !self.in_contact {
+            return false;
+        }
         let me = self.me.to_string();
         let owns = |ring: &Ring| ring.owners(key, self.config.rf).iter().any(|m| m.id == me);
         if !owns(&self.ring) {
@@ -972,7 +995,9 @@ impl Replica {
     pub fn restart(&mut self, now: u64, boot: u64) {
         let mut store = std::mem::replace(&mut self.store, Box::new(BTreeMap::new()));
         store.clear();
+        let in_contact = self.in_contact;
         *self = Self::with_store(self.me, self.nodes, self.ring.clone(), self.config, boot, store);
+        self.in_contact = in_contact;
         let waiting = self.other_owners();
         if waiting.is_empty() {
             return;
@@ -1299,7 +1324,18 @@ impl Replica {
                     self.finish_read(now, req);
                 }
             }
-            Pending::Write { client_req, key, value, expires_at, hint, required, phase, .. } => match phase {
+            Pending::Write { client_req, key, value, expires_at, hint, required, phase, deadline } => match phase {
+                // Its query answered only past the deadline (this process
+                // was paused, or starved, with the replies queued): its
+                // client has given up and may have written the key again
+                // through another member since. Stored now, it would take
+                // a version above those newer writes (the clock has seen
+                // them) and undo them; it fails instead.
+                Phase::Query { counted, needed, .. } if *counted >= *needed && now >= *deadline => {
+                    let client_req = *client_req;
+                    self.pending.remove(&req);
+                    self.replies.push_back(Reply { client_req, result: Err(OpError::Timeout) });
+                }
                 Phase::Query { counted, needed, highest, .. } => {
                     if *counted >= *needed {
                         self.clock.observe(*highest);

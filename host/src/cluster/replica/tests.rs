@@ -370,7 +370,8 @@ fn a_resync_waits_for_the_current_owners() {
 
 /// A sender on an older table is fenced: it is answered, but as not
 /// counting, so a coordinator that has not seen the log move cannot
-/// complete a quorum among owners that did; and a re-sync request is
+/// complete a quorum among owners that did; a replica out of touch with
+/// the log's leader counts for nothing; and a re-sync request is
 /// answered only from the same table.
 #[test]
 fn a_sender_on_an_older_table_is_answered_as_not_counting() {
@@ -393,6 +394,12 @@ fn a_sender_on_an_older_table_is_answered_as_not_counting() {
     assert_eq!(replica.poll_transmit(), Some((1, new.epoch(), Message::PutAck { req: 7, counted: true })));
     replica.handle(1, 1, old.epoch(), Message::Get { req: 8, key: key.clone() }).expect("accepted");
     assert!(matches!(replica.poll_transmit(), Some((1, _, Message::GetReply { counted: false, .. }))));
+    // Out of touch with the log's leader, nothing it answers counts.
+    replica.set_in_contact(false);
+    replica.handle(1, 1, new.epoch(), Message::Get { req: 9, key: key.clone() }).expect("accepted");
+    assert!(matches!(replica.poll_transmit(), Some((1, _, Message::GetReply { counted: false, .. }))));
+    assert!(!replica.counted());
+    replica.set_in_contact(true);
     replica.handle(1, 1, old.epoch(), Message::SyncRequest { round: 3 }).expect("accepted");
     assert_eq!(replica.poll_transmit(), None, "no snapshot for an older table");
     replica.handle(1, 1, new.epoch(), Message::SyncRequest { round: 3 }).expect("accepted");
@@ -755,4 +762,45 @@ fn a_batch_is_written_whole_on_every_owner_or_not_at_all() {
     assert_eq!(narrow.poll_reply().map(|r| r.result), Some(Err(OpError::Unavailable)), "owners differ");
     narrow.client(30, 5, Op::PutMany { entries: one }, Consistency::Quorum);
     assert_eq!(narrow.poll_reply(), None, "one key's owners agree: it waits for their answers");
+}
+
+/// A write whose query is answered only past its deadline (its
+/// coordinator was paused with the replies queued) fails and stores
+/// nothing: stored then, it would take a version above the writes made
+/// meanwhile through other members (its clock has seen them) and undo
+/// them.
+#[test]
+fn a_write_answered_past_its_deadline_stores_nothing() {
+    let config = ReplicaConfig { rf: 3, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::new(i, 3, ring(3), config, 70 + u64::from(i))).collect();
+    let key = Bytes::from_static(b"k");
+    let put =
+        |v: &'static [u8]| Op::Put { key: key.clone(), value: Some(Bytes::from_static(v)), expires_at: None, hint: 0 };
+    replicas[0].client(0, 1, put(b"old"), Consistency::Quorum);
+    // The query goes out; the process stops before the answers arrive.
+    let queries: Vec<(NodeIx, u64, Message)> = std::iter::from_fn(|| replicas[0].poll_transmit()).collect();
+    assert!(!queries.is_empty());
+    let mut answers = Vec::new();
+    for (to, epoch, message) in queries {
+        replicas[to as usize].handle(0, 0, epoch, message).expect("accepted");
+        answers.extend(std::iter::from_fn(|| replicas[to as usize].poll_transmit()).map(|(_, e, m)| (to, e, m)));
+    }
+    // Meanwhile a newer write through member 1 is acknowledged.
+    // (Its stores reach member 0 too, queued: its clock sees them first.)
+    replicas[1].client(10, 2, put(b"new"), Consistency::Quorum);
+    settle(&mut replicas, &[true, true, true], 10);
+    assert!(matches!(replicas[1].poll_reply(), Some(Reply { result: Ok(Outcome::Written(_)), .. })));
+    // Member 0 resumes past its deadline and takes the queued answers.
+    for (from, epoch, message) in answers {
+        replicas[0].handle(5_000, from, epoch, message).expect("accepted");
+    }
+    let reply = replicas[0].poll_reply().expect("answered at once");
+    assert_eq!(reply, Reply { client_req: 1, result: Err(OpError::Timeout) });
+    assert!(
+        std::iter::from_fn(|| replicas[0].poll_transmit()).all(|(_, _, m)| !matches!(m, Message::Put { .. })),
+        "nothing stored"
+    );
+    for r in &replicas[1..] {
+        assert_eq!(r.record(&key).and_then(|r| r.value), Some(Bytes::from_static(b"new")));
+    }
 }

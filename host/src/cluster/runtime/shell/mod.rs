@@ -466,7 +466,16 @@ impl Shell {
             self.follow_log(now);
             self.reconcile_policy();
         }
+        let in_contact = self.meta.as_ref().is_some_and(|m| m.in_contact(now));
         if let Some(replica) = self.replica.as_mut() {
+            if replica.in_contact() != in_contact {
+                if in_contact {
+                    tracing::info!("in touch with the metadata log's leader again; this node's copies count");
+                } else {
+                    tracing::warn!("out of touch with the metadata log's leader; this node's copies count for nothing");
+                }
+                replica.set_in_contact(in_contact);
+            }
             let mut out = Vec::new();
             while let Some(message) = replica.poll_transmit() {
                 out.push(message);
