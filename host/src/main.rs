@@ -7,7 +7,7 @@ mod cli;
 
 use anyhow::Result;
 use clap::Parser;
-use cli::{Cli, Command, bench, cert, kv, policy, serve, sim, stats, warm};
+use cli::{Cli, Command, bench, cert, cluster, kv, policy, serve, sim, stats, warm};
 
 /// jemalloc rather than the system allocator: a cache is mostly small
 /// allocations of a few sizes, and jemalloc's size classes have no
@@ -60,5 +60,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => bench::run_bench(*args),
         Command::Policy(command) => policy::run_policy(command),
+        Command::Cluster(command) => cluster::run_cluster(command),
     }
 }

@@ -2126,8 +2126,22 @@ async fn one_activate_through_any_member_changes_every_member() {
     let took = wait_active(&cluster, 1, token, "sieve@7", Duration::from_secs(10)).await;
     eprintln!("member 1 runs sieve@7 {took:?} after the answer");
 
-    // Member 0 missed it: back up, it applies the log and fetches the module.
+    // Member 0 missed it: back up, it applies the log and fetches the
+    // module, and serves only once it runs it: the first stats that show
+    // it on a slot table show it on sieve@7.
     cluster.members[0].spawn();
+    let restarted = Instant::now();
+    loop {
+        if let Ok(stats) = client.stats_of(0).await
+            && stats.cluster.as_ref().is_some_and(|c| c.ring_epoch > 0)
+        {
+            let running = format!("{}@{}", stats.policy, stats.policy_version);
+            assert_eq!(running, "sieve@7", "member 0 served before it ran the log's policy");
+            break;
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(30), "member 0 never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let took = wait_active(&cluster, 0, token, "sieve@7", Duration::from_secs(30)).await;
     eprintln!("member 0, restarted, runs sieve@7 after {took:?}");
 
@@ -2297,5 +2311,62 @@ async fn a_quarantine_on_one_member_applies_to_every_member() {
     for i in (0..16_000).step_by(97) {
         assert!(client.get(format!("k{i}")).await.expect("get").is_some(), "k{i} survived the faults");
     }
+    client.close().await;
+}
+
+/// Decommission (issue 20): the log's leader itself is told to leave. It
+/// hands leadership over, the new leader moves its slots to the other
+/// three (each re-syncs what it gains) and removes it from the log; then
+/// it is stopped, and every key is still read at QUORUM and written at
+/// ALL (every owner of every slot is up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decommissioned_member_hands_its_slots_off_and_leaves_the_log() {
+    use cachet_client::AdminCommand;
+    let token = "decommission";
+    let token_file = std::env::temp_dir().join(format!("cachet-cluster-decommission-token-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let mut cluster =
+        TestCluster::start_with(4, 3, "decommission", &["--admin-token-file", token_file.to_str().expect("utf-8")]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let quorum = client.at(Consistency::Quorum);
+    for i in 0..300 {
+        quorum.set(format!("k{i}"), format!("v{i}")).await.expect("write");
+    }
+    let (_, view) = wait_meta(&cluster, &[0, 1, 2, 3], Duration::from_secs(10), "a leader", |_| true).await;
+    let leaver = view.leader.expect("a leader") as usize;
+    let others: Vec<usize> = (0..4).filter(|&i| i != leaver).collect();
+    let started = Instant::now();
+    let reply = client
+        .admin_of(others[0], token, AdminCommand::Decommission { node: leaver as u32 })
+        .await
+        .expect("decommission through another member");
+    assert!(reply.message.contains("is leaving"), "{}", reply.message);
+    let (took, view) = wait_meta(&cluster, &others, Duration::from_secs(60), "the leaver removed", |v| {
+        member_state(v, leaver as u32).map(|(state, _)| state) == Some("removed")
+    })
+    .await;
+    assert_ne!(view.leader, Some(leaver as u32), "leadership moved on: {view:?}");
+    eprintln!("member {leaver} (the leader) decommissioned: removed from the log {took:?} after the command");
+    let survivors = cluster.client_of(&others);
+    for &i in &others {
+        let c = survivors.stats_of(others.iter().position(|&o| o == i).expect("index")).await.expect("stats");
+        let c = c.cluster.expect("cluster");
+        assert!(c.slots.iter().all(|r| !r.owners.contains(&(leaver as u32)) && r.owners.len() == 3), "{c:?}");
+        assert!(c.synced, "member {i} re-synced what it gained: {c:?}");
+    }
+    eprintln!("slots handed off and re-synced {:?} after the command", started.elapsed());
+    cluster.members[leaver].kill();
+    for i in 0..300 {
+        let read = survivors.at(Consistency::Quorum).get(format!("k{i}")).await.expect("QUORUM read");
+        assert_eq!(read.as_deref(), Some(format!("v{i}").as_bytes()), "k{i}");
+    }
+    for i in 0..50 {
+        survivors.at(Consistency::All).set(format!("k{i}"), "w").await.expect("ALL write: every owner is up");
+    }
+    // An unknown member is refused by name.
+    let err = survivors.admin_of(0, token, AdminCommand::Decommission { node: 42 }).await.expect_err("no member 42");
+    assert!(err.to_string().contains("42"), "{err}");
+    survivors.close().await;
     client.close().await;
 }

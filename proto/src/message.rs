@@ -264,6 +264,13 @@ pub enum AdminCommand {
         /// Module version.
         version: String,
     },
+    /// On a cluster: member `node` leaves for good. The metadata log's
+    /// leader moves its slots to the other members, then removes it from
+    /// the log; `cachet stats` shows it leaving, then removed.
+    Decommission {
+        /// The member's node id.
+        node: u32,
+    },
     /// The node's statistics with its hot keys, answered with
     /// [`Response::Stats`]. Hot keys are key bytes (user ids, e-mail
     /// addresses), so plain [`Request::Stats`] leaves them out; a node that
@@ -283,6 +290,7 @@ impl AdminCommand {
             Self::Rollback => "policy_rollback",
             Self::List => "policy_list",
             Self::Shadow { .. } => "policy_shadow",
+            Self::Decommission { .. } => "cluster_decommission",
             Self::Stats => "stats",
         }
     }
@@ -544,6 +552,10 @@ pub struct ClusterStats {
     /// member than its certificate names.
     #[serde(default)]
     pub peer_identity_refused: u64,
+    /// Re-sync requests refused for coming too soon after a snapshot was
+    /// sent to the same member (one that asks in a loop).
+    #[serde(default)]
+    pub sync_requests_refused: u64,
     /// Writes this member stored as a replica for other coordinators
     /// (replication, repair, hints delivered and re-sync parts excluded).
     #[serde(default)]

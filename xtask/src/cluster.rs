@@ -301,8 +301,9 @@ pub(crate) fn demo(cachet: &Path, root: &Path) -> Result<()> {
     let killed = Instant::now();
     let down = cluster.time_to_down(0, 2, killed)?;
     println!("SIGKILL node 2  declared down by node 0 after {} ms", down.as_millis());
-    let alive = cluster.stats(0)?["cluster"]["alive"].clone();
-    let serving: Vec<String> = alive
+    let view = cluster.stats(0)?["cluster"].clone();
+    let epoch = view["ring_epoch"].as_u64().unwrap_or(0);
+    let serving: Vec<String> = view["alive"]
         .as_array()
         .into_iter()
         .flatten()
@@ -310,7 +311,10 @@ pub(crate) fn demo(cachet: &Path, root: &Path) -> Result<()> {
         .filter(|(_, up)| up.as_bool() == Some(true))
         .map(|(i, _)| i.to_string())
         .collect();
-    println!("serving ring    node 0 routes by nodes [{}]; node 2's ranges moved to them", serving.join(", "));
+    println!(
+        "slot table      epoch {epoch} (the metadata log's): node 2 keeps its slots; nodes [{}] serve them at QUORUM meanwhile",
+        serving.join(", ")
+    );
     std::thread::sleep(Duration::from_secs(2));
     cluster.spawn(2)?;
     let restarted = Instant::now();

@@ -362,6 +362,7 @@ impl Control {
             AdminCommand::Canary { .. } => Err(AdminError::Swap(
                 "a canary needs a cluster: on one node, use `policy shadow` then `activate`".into(),
             )),
+            AdminCommand::Decommission { .. } => Err(AdminError::Swap("this node is not in a cluster".into())),
             AdminCommand::Rollback => {
                 let previous = {
                     let registry = self.try_registry()?;

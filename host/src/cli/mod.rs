@@ -5,13 +5,15 @@
 //! Where a subcommand lives: `serve` in `serve.rs`; `get`, `set`, `del` and
 //! `incr` in `kv.rs`; `stats` and `hot-keys` in `stats.rs`; `warm` in
 //! `warm.rs`; `policy ...` and `policies` in `policy.rs`; `bench` in
-//! `bench.rs`; `sim` in `sim.rs`; `cert ...` in `cert.rs`; the flags every
+//! `bench.rs`; `sim` in `sim.rs`; `cert ...` in `cert.rs`; `cluster ...`
+//! in `cluster.rs`; the flags every
 //! client command takes (`--server`, `--ca`, the admin token) in
 //! `client_args.rs`.
 
 pub(super) mod bench;
 pub(super) mod cert;
 mod client_args;
+pub(super) mod cluster;
 pub(super) mod kv;
 pub(super) mod policy;
 pub(super) mod serve;
@@ -140,6 +142,9 @@ pub(crate) enum Command {
     /// Certificates for running a cluster on a CA of its own.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Membership operations on a running cluster (admin token required).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 fn block_on<F: Future<Output = Result<()>>>(future: F) -> Result<()> {

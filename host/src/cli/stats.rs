@@ -78,6 +78,10 @@ pub(crate) fn run_stats(json: bool, admin: AdminArgs) -> Result<()> {
                     let refused = cluster.peer_identity_refused;
                     println!("impostor frames   {refused} dropped (sender's certificate names another node)");
                 }
+                if cluster.sync_requests_refused > 0 {
+                    let refused = cluster.sync_requests_refused;
+                    println!("re-sync requests  {refused} refused (asked again too soon after a snapshot)");
+                }
                 if let Some(meta) = &cluster.meta {
                     print_meta(meta);
                 }

@@ -333,6 +333,13 @@ fn render_cluster(out: &mut String, c: &cachet_proto::ClusterStats) {
         "Peer frames dropped: the sender claimed another member than its certificate names.",
     );
     let _ = writeln!(out, "cachet_cluster_peer_identity_refused_total {}", c.peer_identity_refused);
+    family(
+        out,
+        "cachet_cluster_sync_requests_refused_total",
+        "counter",
+        "Re-sync requests refused for coming too soon after a snapshot sent to the same member.",
+    );
+    let _ = writeln!(out, "cachet_cluster_sync_requests_refused_total {}", c.sync_requests_refused);
 }
 
 /// The read-through loaders' counters and their origins'.

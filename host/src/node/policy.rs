@@ -7,7 +7,7 @@
 //! also the cluster runtime's [`PolicyHost`]: what it calls to apply them.
 
 use super::Node;
-use crate::cluster::meta::entry::{ActivePolicy, MetaEntry, StoredModule};
+use crate::cluster::meta::entry::{ActivePolicy, MemberState, MetaEntry, StoredModule};
 use crate::cluster::policy::PolicyHost;
 use crate::cluster::runtime::Cluster;
 use crate::registry::{ModuleRecord, Source, label};
@@ -55,6 +55,7 @@ pub(super) fn cluster_wide(command: &AdminCommand) -> bool {
             | AdminCommand::Canary { .. }
             | AdminCommand::Rollback
             | AdminCommand::Shadow { .. }
+            | AdminCommand::Decommission { .. }
     )
 }
 
@@ -120,6 +121,19 @@ impl Node {
                          rolls it out to every member or back by their hit ratios{here}; `cachet stats` shows the decision",
                         window_ms as f64 / 1000.0
                     ))
+                })
+            }
+            AdminCommand::Decommission { node } => {
+                let entry = MetaEntry::SetState {
+                    node,
+                    state: MemberState::Leaving,
+                    reason: "decommissioned by an operator".into(),
+                };
+                cluster.propose(entry, LOG_WAIT).map(|index| {
+                    format!(
+                        "member {node} is leaving (log index {index}): the leader moves its slots to the other \
+                         members, then removes it from the log; `cachet stats` shows it leaving, then removed"
+                    )
                 })
             }
             AdminCommand::Rollback => cluster.propose(MetaEntry::Rollback, LOG_WAIT).map(|index| {

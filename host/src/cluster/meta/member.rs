@@ -567,6 +567,7 @@ impl MetaMember {
         let Some(node) = self.node.as_ref() else { return };
         let Some(state) = node.state() else { return };
         let mut proposals: Vec<(NodeIx, MetaEntry)> = Vec::new();
+        let mut transfer: Option<u64> = None;
         let conf_busy = node.has_pending_conf_change();
         let voters = node.voters();
         if !conf_busy {
@@ -609,6 +610,28 @@ impl MetaMember {
                     proposals.push((m.node, MetaEntry::Promote { node: m.node }));
                 }
             }
+            // A member leaving whose slots have all moved leaves the log.
+            // The leader does not remove itself: it hands leadership to a
+            // voter the detector sees up, which then removes it.
+            let owners: BTreeSet<NodeIx> = state.slots.ranges().iter().flat_map(|r| r.owners.iter().copied()).collect();
+            let gone = state.members.values().find(|m| m.state == MemberState::Leaving && !owners.contains(&m.node));
+            if proposals.is_empty()
+                && let Some(m) = gone
+            {
+                if m.node == self.opts.me {
+                    let heir = state.members.values().find(|o| {
+                        o.node != self.opts.me
+                            && voters.contains(&o.raft_id)
+                            && o.state == MemberState::Serving
+                            && self.verdicts.get(&o.node).copied().unwrap_or(false)
+                    });
+                    if let Some(heir) = heir.map(|h| h.raft_id) {
+                        transfer = Some(heir);
+                    }
+                } else {
+                    proposals.push((m.node, MetaEntry::RemoveMember { node: m.node, raft_id: m.raft_id }));
+                }
+            }
         }
         for m in state.members.values().filter(|m| m.state != MemberState::Removed) {
             let up = if m.node == self.opts.me { Some(true) } else { self.verdicts.get(&m.node).copied() };
@@ -645,6 +668,10 @@ impl MetaMember {
             if !self.busy_with(about) {
                 self.propose(now, about, entry);
             }
+        }
+        if let (Some(heir), Some(node)) = (transfer, self.node.as_mut()) {
+            tracing::info!(target: "cachet::meta", heir, "leaving: handing leadership over");
+            node.transfer_leader(heir);
         }
     }
 

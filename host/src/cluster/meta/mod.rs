@@ -353,6 +353,16 @@ impl MetaNode {
         self.check_alive()
     }
 
+    /// Hands leadership to `raft_id` (a voter): a leader that is leaving
+    /// does so before the new leader removes it from the log.
+    pub fn transfer_leader(&mut self, raft_id: u64) {
+        if self.failed.is_some() || !self.is_leader() {
+            return;
+        }
+        self.raw.transfer_leader(raft_id);
+        self.drive();
+    }
+
     /// Whether this member is in touch with the log: it leads (and, with
     /// check-quorum, a leader cut off from a majority steps down within an
     /// election timeout), or it heard from the current leader within

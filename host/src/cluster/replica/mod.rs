@@ -687,6 +687,10 @@ pub struct Replica {
     next_req: u64,
     /// In touch with the metadata log (see [`Replica::set_in_contact`]).
     in_contact: bool,
+    /// When a snapshot was last sent to each member, and the sync requests
+    /// refused for coming sooner than allowed after one.
+    sync_served: BTreeMap<NodeIx, u64>,
+    syncs_refused: u64,
     /// Messages to send, each with the table epoch it was made under.
     outbox: VecDeque<(NodeIx, u64, Message)>,
     replies: VecDeque<Reply>,
@@ -750,6 +754,8 @@ impl Replica {
             resyncs: 0,
             hint_of: BTreeMap::new(),
             in_contact: true,
+            sync_served: BTreeMap::new(),
+            syncs_refused: 0,
             pending: BTreeMap::new(),
             next_req: boot << 32,
             outbox: VecDeque::new(),
@@ -845,6 +851,12 @@ impl Replica {
     /// The members a re-sync still waits for (empty once counted).
     pub fn resync_waiting(&self) -> Vec<NodeIx> {
         self.resync.as_ref().map(|r| r.waiting.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Sync requests refused for coming too soon after a snapshot was
+    /// sent to the same member.
+    pub fn syncs_refused(&self) -> u64 {
+        self.syncs_refused
     }
 
     /// Hints waiting for their owner.
@@ -1585,7 +1597,18 @@ impl Replica {
             // its answer would not hold. Either way it asks again, and the
             // metadata log brings the one behind up to date meanwhile.
             Message::SyncRequest { .. } if epoch != self.ring.epoch() => {}
+            // One snapshot per member per five retry periods: an honest
+            // member asks again only after hearing nothing for longer
+            // (its backoff), and one holding a valid certificate that asks
+            // in a loop must not make this node copy its whole store over
+            // and over.
+            Message::SyncRequest { .. }
+                if self.sync_served.get(&from).is_some_and(|&at| now < at + 5 * self.config.retry_ms) =>
+            {
+                self.syncs_refused += 1;
+            }
             Message::SyncRequest { round } => {
+                self.sync_served.insert(from, now);
                 let mut entries: Vec<(Bytes, Record)> = Vec::new();
                 let ring = self.ring.clone();
                 let rf = self.config.rf;

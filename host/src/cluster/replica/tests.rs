@@ -804,3 +804,31 @@ fn a_write_answered_past_its_deadline_stores_nothing() {
         assert_eq!(r.record(&key).and_then(|r| r.value), Some(Bytes::from_static(b"new")));
     }
 }
+
+/// A member that asks for a snapshot in a loop (it holds a valid
+/// certificate, so its messages are well formed) gets one per interval:
+/// the rest are refused and counted, and this node's work stays bounded.
+#[test]
+fn a_member_asking_for_snapshots_in_a_loop_gets_one_per_interval() {
+    let config = ReplicaConfig { rf: 3, retry_ms: 100, ..ReplicaConfig::default() };
+    let mut replica = Replica::new(0, 3, ring(3), config, 9);
+    let record = Record { version: Version { counter: 1, node: 1 }, value: None, expires_at: None, hint: 0 };
+    replica
+        .handle(0, 1, 1, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None })
+        .expect("ok");
+    let mut snapshots = 0;
+    for now in 0..1_000u64 {
+        replica.handle(now, 1, 1, Message::SyncRequest { round: now }).expect("well formed");
+        snapshots += std::iter::from_fn(|| replica.poll_transmit())
+            .filter(|(_, _, m)| matches!(m, Message::SyncData { part: 0, .. }))
+            .count();
+    }
+    assert_eq!(snapshots, 2, "one per 500 ms over a second");
+    assert_eq!(replica.syncs_refused(), 998);
+    // Another member is not held back by the first one's loop.
+    replica.handle(1_000, 2, 1, Message::SyncRequest { round: 7 }).expect("well formed");
+    assert!(
+        std::iter::from_fn(|| replica.poll_transmit())
+            .any(|(to, _, m)| to == 2 && matches!(m, Message::SyncData { .. }))
+    );
+}

@@ -162,6 +162,11 @@ pub(super) struct Shell {
     policy_done_rx: Option<mpsc::UnboundedReceiver<policy::PolicyDone>>,
     /// When the node's hit counts were last read for the metadata log.
     counts_at: u64,
+    /// Until when a starting member waits for the log's active policy
+    /// before it serves (set on the first slot table).
+    serve_by: Option<u64>,
+    /// The start-up barrier: serving waits until it has passed.
+    barrier: Option<policy::Barrier>,
 }
 
 impl Shell {
@@ -295,6 +300,8 @@ impl Shell {
             policy_done_tx,
             policy_done_rx: Some(policy_done_rx),
             counts_at: 0,
+            serve_by: None,
+            barrier: None,
         }
     }
 
@@ -556,6 +563,7 @@ impl Shell {
             if let Some(replica) = &self.replica {
                 status.replica_writes = replica.peer_writes();
                 status.primary_updates = replica.updates_run();
+                status.sync_requests_refused = replica.syncs_refused();
             }
             status.synced = self.replica.as_ref().is_some_and(Replica::counted);
             if !full {

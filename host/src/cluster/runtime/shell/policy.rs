@@ -38,6 +38,14 @@ pub(super) struct PolicyApply {
     pub(super) last_error: Option<String>,
 }
 
+/// The start-up barrier (see [`Shell::caught_up`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Barrier {
+    Proposed(u64),
+    Retry,
+    Passed,
+}
+
 /// What a blocking policy task reports back to the shell.
 pub(super) enum PolicyDone {
     /// The target, as of this log index.
@@ -67,11 +75,33 @@ impl Shell {
         }
     }
 
-    /// Answers the client proposals decided since the last call.
+    /// Answers the client proposals decided since the last call (and
+    /// notes the start-up barrier's).
     pub(super) fn answer_decided(&mut self) {
         while let Some((nonce, result)) = self.meta.as_mut().and_then(MetaMember::poll_decided) {
             if let Some(reply) = self.policy.waiting.remove(&nonce) {
                 let _ = reply.send(result);
+            } else if self.barrier == Some(Barrier::Proposed(nonce)) {
+                self.barrier = Some(if result.is_ok() { Barrier::Passed } else { Barrier::Retry });
+            }
+        }
+    }
+
+    /// Whether this member has caught up with the log since it started: a
+    /// no-op it proposed has applied here, so every entry committed before
+    /// it (an `activate` made while this member was down, a table change)
+    /// has too. Proposes the no-op the first time, and again if it failed.
+    pub(super) fn caught_up(&mut self, now: u64) -> bool {
+        match self.barrier {
+            Some(Barrier::Passed) => true,
+            Some(Barrier::Proposed(_)) => false,
+            None | Some(Barrier::Retry) => {
+                if let Some(meta) = self.meta.as_mut()
+                    && let Ok(nonce) = meta.propose_for_client(now, crate::cluster::meta::entry::MetaEntry::Noop)
+                {
+                    self.barrier = Some(Barrier::Proposed(nonce));
+                }
+                false
             }
         }
     }
@@ -82,6 +112,19 @@ impl Shell {
         let (hits, misses) = host.hit_counts();
         if let Some(meta) = self.meta.as_mut() {
             meta.set_counts(hits, misses);
+        }
+    }
+
+    /// Whether this member runs the policy the log asks of it (or the log
+    /// asks none): a member starts serving only then.
+    pub(super) fn policy_ready(&self) -> bool {
+        let Some(state) = self.meta.as_ref().and_then(MetaMember::state) else { return false };
+        match state.policy_for(self.me) {
+            None => true,
+            Some(wanted) => {
+                self.policy.last_error.is_none()
+                    && self.policy.applied.as_ref().is_some_and(|(active, _)| active.as_ref() == Some(wanted))
+            }
         }
     }
 

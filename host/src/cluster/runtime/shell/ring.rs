@@ -13,6 +13,10 @@ use cachet_proto::{Member, Ring};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// How long a starting member waits to run the log's active policy before
+/// it serves anyway.
+const POLICY_WAIT_MS: u64 = 10_000;
+
 impl Shell {
     /// The ring the metadata log's state describes, if this node has a
     /// state (a joiner has none until it has caught up).
@@ -62,6 +66,20 @@ impl Shell {
         };
         if !newer {
             return;
+        }
+        // A member starts serving once it has caught up with the log and
+        // runs its active policy (fetched from a peer if need be); after
+        // `POLICY_WAIT_MS` if the policy cannot be installed, rather than
+        // never.
+        if self.replica.is_none() && !self.caught_up(now) {
+            return;
+        }
+        if self.replica.is_none() && !self.policy_ready() {
+            let until = *self.serve_by.get_or_insert(now + POLICY_WAIT_MS);
+            if now < until {
+                return;
+            }
+            tracing::warn!("serving without the cluster's active policy: it could not be installed in time");
         }
         let Some(ring) = self.ring_from_log() else { return };
         if let Ok(mut shared) = self.shared_ring.lock() {
