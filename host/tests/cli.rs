@@ -65,6 +65,18 @@ fn sim_prints_a_json_report_as_its_last_line() {
     }
 }
 
+/// A sweep over a trace with too few distinct keys for any of its sizes
+/// is refused by name (it used to panic on an empty size list).
+#[test]
+fn a_sweep_of_a_tiny_trace_is_refused_with_a_reason() {
+    let trace = trace_file("timestamp,key,size\n0,1,1\n1,2,1\n2,1,1\n");
+    let out = cachet(&["sim", "--trace", trace.path(), "--sweep"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 distinct keys") && stderr.contains("--capacity"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn an_unknown_policy_lists_the_known_ones() {
     let trace = trace_file("timestamp,key,size\n0,1,1\n");

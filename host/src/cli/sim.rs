@@ -3,7 +3,7 @@
 //! plot the runs.
 
 use super::policy::parse_config;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use cachet::plot;
 use cachet::policies::{self, PolicySpec};
 use cachet::sim::{self, SimOptions, SimReport};
@@ -95,6 +95,13 @@ pub(crate) fn run_sim(args: SimArgs) -> Result<()> {
     } else {
         vec![args.capacity]
     };
+    if sizes.is_empty() {
+        bail!(
+            "{} has {distinct} distinct keys: too few for --sweep (its sizes are 0.1% to 80% of them, and each \
+             must be over 4 objects); give --capacity instead",
+            args.trace.display()
+        );
+    }
     let mut reports = Vec::new();
     for name in &policy_names {
         for &capacity in &sizes {
