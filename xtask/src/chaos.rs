@@ -10,7 +10,10 @@
 //! heals and the checker reads the history:
 //!
 //! - **lost**: a key whose final QUORUM value (read through every member)
-//!   is older than a write acknowledged at QUORUM;
+//!   is older than a write acknowledged at QUORUM, and is not the value of
+//!   a write that failed (indeterminate, as below: a failed write begun
+//!   before the last acknowledged one may take the higher version and
+//!   end up the key's value; those keys are counted apart);
 //! - **stale**: a QUORUM read that returned a value older than a write
 //!   acknowledged before the read began. A write that failed (timed out)
 //!   is indeterminate, as in any linearizability checker: it may take
@@ -50,6 +53,9 @@ pub(crate) struct Report {
     pub(crate) writes_acked: u64,
     pub(crate) reads: u64,
     pub(crate) lost: u64,
+    /// Keys whose final value is that of a write that failed, begun before
+    /// the last acknowledged one (indeterminate: not a loss).
+    pub(crate) resurrected: u64,
     pub(crate) stale: u64,
     pub(crate) healthy_ok: u64,
     pub(crate) healthy_failed: u64,
@@ -487,7 +493,25 @@ fn check(history: &[Op], resp: &[String], table: Option<&cachet_proto::SlotTable
             bail!("no member answered the final read of chaos:{key}");
         }
         if answers.iter().any(|v| *v < last) {
+            // A failed write is indeterminate: one that began before the
+            // last acknowledged write may still take effect after it
+            // (its version can be the higher one), and then its value is
+            // what every member reads. That is not a lost write.
+            let indeterminate = |v: &u64| failed.contains_key(&(*key, *v));
+            if answers.iter().all(|v| *v >= last || indeterminate(v)) {
+                report.resurrected += 1;
+                eprintln!(
+                    "final read: key {key} reads {answers:?} through the members, after {last} was acknowledged: a failed write's value"
+                );
+                continue;
+            }
             report.lost += 1;
+            let acked_by = history
+                .iter()
+                .find(|w| w.write && w.ok && w.key == *key && w.value == Some(last))
+                .map(|w| format!("{} at {:.3}-{:.3} s", who(w.member), at(w.start), at(w.end)))
+                .unwrap_or_default();
+            eprintln!("lost: key {key} reads {answers:?} through the members; {last} was acknowledged by {acked_by}");
         }
     }
     Ok(())

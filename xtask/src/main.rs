@@ -233,7 +233,7 @@ fn chaos_and_report(cachet: &Path, minutes: f64, fault_every: f64, strict: bool)
         println!("fault  {f}");
     }
     println!(
-        "chaos: {} faults ({} of {} kills, pauses and cuts seen by the failure detector){}; {} writes acknowledged, {} reads; lost {}, stale reads {}; \
+        "chaos: {} faults ({} of {} kills, pauses and cuts seen by the failure detector){}; {} writes acknowledged, {} reads; lost {} ({} keys end on a failed write's value), stale reads {}; \
          {:.3}% of {} requests to members under no fault succeeded; {:.3}% of the {} of those whose key had a quorum of owners under no fault",
         report.faults.len(),
         report.seen,
@@ -242,6 +242,7 @@ fn chaos_and_report(cachet: &Path, minutes: f64, fault_every: f64, strict: bool)
         report.writes_acked,
         report.reads,
         report.lost,
+        report.resurrected,
         report.stale,
         100.0 * report.availability(),
         report.healthy_ok + report.healthy_failed,

@@ -739,10 +739,15 @@ fn increments_are_applied_once_while_membership_is_stable() {
     assert!(acked >= 3_000, "{acked} increments acknowledged");
 }
 
+/// 500 fault schedules in every `cargo test`; 10,000 with
+/// `CACHET_SIM_SEEDS=10000 cargo test -p cachet --release --lib cluster::sim::fault_schedules`.
 #[test]
-fn two_hundred_fault_schedules_keep_every_invariant() {
+fn fault_schedules_keep_every_invariant() {
+    let seeds: u64 = std::env::var("CACHET_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
+    // The thresholds below were set for 200 schedules; they scale.
+    let per = |n: u64| n * seeds / 200;
     let mut total = Tally::default();
-    for seed in 1..=200 {
+    for seed in 1..=seeds {
         let t = run_seed(seed, 400);
         total.acked_writes += t.acked_writes;
         total.failed_ops += t.failed_ops;
@@ -760,27 +765,27 @@ fn two_hundred_fault_schedules_keep_every_invariant() {
         total.duplicate_counts += t.duplicate_counts;
         total.acked_batches += t.acked_batches;
     }
-    eprintln!("200 seeds: {total:?}");
+    eprintln!("{seeds} seeds: {total:?}");
     // The schedules really exercised the faults and the oracle.
-    assert!(total.crashes >= 100 && total.partitions >= 100, "{total:?}");
-    assert!(total.dropped >= 1_000 && total.duplicated >= 500, "{total:?}");
-    assert!(total.hints >= 100, "hinted hand-off was never exercised: {total:?}");
-    assert!(total.ring_changes >= 100, "the log rarely moved slots: {total:?}");
-    assert!(total.rejoins >= 50, "slots rarely came back to a returning node: {total:?}");
-    assert!(total.pauses >= 50, "{total:?}");
-    assert!(total.acked_writes >= 14_000 && total.checked_reads >= 10_000, "{total:?}");
-    assert!(total.acked_increments >= 3_500 && total.checked_counts >= 2_000, "{total:?}");
-    assert!(total.acked_batches >= 2_000, "batch writes were rarely acknowledged: {total:?}");
+    assert!(total.crashes >= per(100) && total.partitions >= per(100), "{total:?}");
+    assert!(total.dropped >= per(1_000) && total.duplicated >= per(500), "{total:?}");
+    assert!(total.hints >= per(100), "hinted hand-off was never exercised: {total:?}");
+    assert!(total.ring_changes >= per(100), "the log rarely moved slots: {total:?}");
+    assert!(total.rejoins >= per(50), "slots rarely came back to a returning node: {total:?}");
+    assert!(total.pauses >= per(50), "{total:?}");
+    assert!(total.acked_writes >= per(14_000) && total.checked_reads >= per(10_000), "{total:?}");
+    assert!(total.acked_increments >= per(3_500) && total.checked_counts >= per(2_000), "{total:?}");
+    assert!(total.acked_batches >= per(2_000), "batch writes were rarely acknowledged: {total:?}");
     // The window where two members take themselves for a key's primary
     // (docs/decisions.md): measured at 11 duplicate counts of 4,200
-    // acknowledged increments over these 200 schedules (0.26%) with
+    // acknowledged increments over the first 200 schedules (0.26%) with
     // placement on the log's table and a primary handing back its queue
     // when it stops being one (0.43% under the old serving rings, 2.3%
     // on the log's table before the hand-back).
     assert!(total.duplicate_counts * 100 < total.acked_increments, "{total:?}");
     // Faults are frequent (one every ~85 ms, 8% loss), so many operations
     // time out; most still succeed.
-    assert!(total.failed_ops * 2 < 200 * 400, "most operations succeed: {total:?}");
+    assert!(total.failed_ops * 2 < seeds * 400, "most operations succeed: {total:?}");
 }
 
 /// Replays `CACHET_SIM_SEED` (default 1) with more operations.
