@@ -704,6 +704,63 @@ async fn a_member_stopped_with_sigterm_leaves_at_once() {
     client.close().await;
 }
 
+/// A member restarted empty pulls its records from the other owners as
+/// streams paced by their `--stream-mib-per-sec`: with 2 MB to fetch from
+/// each of two sources at 1 MiB/s it cannot be back in under about two
+/// seconds (a whole-store snapshot would take milliseconds on loopback),
+/// QUORUM requests go on through the two others meanwhile, and once it
+/// counts its own copies hold every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_streams_its_records_at_the_stream_rate() {
+    let mut cluster = TestCluster::start_with(3, 3, "stream", &["--stream-mib-per-sec", "1"]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let quorum = client.at(Consistency::Quorum);
+    let value = |i: usize| format!("{i:04}{}", "v".repeat(1_020));
+    for chunk in (0..2_000).collect::<Vec<_>>().chunks(50) {
+        let writes = chunk.iter().map(|&i| quorum.set(format!("k{i}"), value(i)));
+        for result in futures_util::future::join_all(writes).await {
+            result.expect("write");
+        }
+    }
+    cluster.members[2].kill();
+    cluster.members[2].spawn();
+    let restarted = Instant::now();
+    let survivors = cluster.client_of(&[0, 1]);
+    let mut served = 0;
+    loop {
+        let view = survivors.stats_of(2).await.ok().and_then(|s| s.cluster);
+        if view.as_ref().is_some_and(|v| v.synced) {
+            break;
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(60), "member 2 never re-synced: {view:?}");
+        // Requests go on through the others while it streams.
+        let key = served % 2_000;
+        let read = survivors.at(Consistency::Quorum).get(format!("k{key}")).await.expect("QUORUM read meanwhile");
+        assert_eq!(read.as_deref(), Some(value(key).as_bytes()));
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = restarted.elapsed();
+    let mut streamed = 0;
+    for i in 0..2 {
+        streamed += survivors.stats_of(i).await.expect("stats").cluster.map_or(0, |c| c.streamed_bytes);
+    }
+    eprintln!(
+        "member 2 re-synced {took:?} after its restart: {streamed} bytes streamed, {served} QUORUM reads meanwhile"
+    );
+    assert!(streamed >= 2 * 2_000 * 1_024, "{streamed} bytes streamed");
+    assert!(took >= Duration::from_millis(1_500), "re-synced in {took:?}: not paced at 1 MiB/s");
+    let alone = cluster.client_of(&[2]);
+    for i in 0..2_000 {
+        let read = alone.at(Consistency::One).get(format!("k{i}")).await.expect("ONE read");
+        assert_eq!(read.as_deref(), Some(value(i).as_bytes()), "member 2's copy of k{i}");
+    }
+    alone.close().await;
+    survivors.close().await;
+    client.close().await;
+}
+
 /// A member paused (SIGSTOP) long enough to be declared down misses the
 /// writes made meanwhile (its two co-owners take them at QUORUM). When it
 /// resumes it learns it was declared down and must not answer from its

@@ -552,10 +552,14 @@ pub struct ClusterStats {
     /// member than its certificate names.
     #[serde(default)]
     pub peer_identity_refused: u64,
-    /// Re-sync requests refused for coming too soon after a snapshot was
-    /// sent to the same member (one that asks in a loop).
+    /// Re-sync stream requests dropped because a newer one from the same
+    /// member came before they were served (one that asks in a loop).
     #[serde(default)]
     pub sync_requests_refused: u64,
+    /// Record bytes this member has streamed to members re-syncing or
+    /// taking slots (at most `--stream-mib-per-sec`).
+    #[serde(default)]
+    pub streamed_bytes: u64,
     /// Writes this member stored as a replica for other coordinators
     /// (replication, repair, hints delivered and re-sync parts excluded).
     #[serde(default)]

@@ -161,6 +161,10 @@ pub(crate) struct ServeArgs {
     /// them without it) [default: 30000].
     #[arg(long)]
     replace_after_ms: Option<u64>,
+    /// MiB per second a member streams to others when slots move or a
+    /// member re-syncs, over all of them [default: 64].
+    #[arg(long)]
+    stream_mib_per_sec: Option<u64>,
 }
 
 pub(crate) fn run_serve(args: ServeArgs) -> Result<()> {
@@ -243,6 +247,7 @@ pub(crate) fn run_serve(args: ServeArgs) -> Result<()> {
             consistency: args.consistency.unwrap_or_default(),
             detect_within_ms: args.detect_ms.unwrap_or(2_000),
             replace_after_ms: args.replace_after_ms.unwrap_or(30_000),
+            stream_bytes_per_sec: args.stream_mib_per_sec.unwrap_or(64).max(1) << 20,
             request_timeout_ms: 1_000,
             tls: peer_tls,
             data_dir: data_dir.clone(),

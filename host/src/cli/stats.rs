@@ -80,7 +80,10 @@ pub(crate) fn run_stats(json: bool, admin: AdminArgs) -> Result<()> {
                 }
                 if cluster.sync_requests_refused > 0 {
                     let refused = cluster.sync_requests_refused;
-                    println!("re-sync requests  {refused} refused (asked again too soon after a snapshot)");
+                    println!("re-sync requests  {refused} dropped (asked again before the last was served)");
+                }
+                if cluster.streamed_bytes > 0 {
+                    println!("streamed          {} bytes to re-syncing members", cluster.streamed_bytes);
                 }
                 if let Some(meta) = &cluster.meta {
                     print_meta(meta);

@@ -11,6 +11,6 @@ pub mod ttl;
 pub use histogram::{Histogram, SharedHistogram};
 pub use policy::{EvictionPolicy, FaultKind, NativeFactory, PolicyError, PolicyFactory, PolicyFault};
 pub use shard::{
-    EntryView, Hook, PolicyMode, SetOptions, SetOutcome, Shard, ShardConfig, ShardError, ShardStats, SwapSnapshot,
-    replay_snapshot,
+    EntryView, Hook, PolicyMode, ScanVisitor, SetOptions, SetOutcome, Shard, ShardConfig, ShardError, ShardStats,
+    SwapSnapshot, replay_snapshot,
 };

@@ -481,6 +481,10 @@ struct PolicySlot {
     healthy_since: u64,
 }
 
+/// What [`Shard::scan_from`] calls with each entry's key, value and hint;
+/// `false` stops the walk after it.
+pub type ScanVisitor<'a> = dyn FnMut(&[u8], &[u8], u32) -> bool + 'a;
+
 /// A byte- and entry-bounded cache shard. See the module docs.
 pub struct Shard {
     config: ShardConfig,
@@ -896,6 +900,31 @@ impl Shard {
                 f(slot.key(), slot.value(), slot.hint);
             }
         }
+    }
+
+    /// Calls `f` with the key, value and hint of live entries from slab
+    /// index `start` on, looking at no more than `max_visits` slots (free
+    /// ones included, so the time under the lock is bounded whatever the
+    /// shard holds), until `f` returns `false`. Returns the index to go on
+    /// from, `None` once the end was reached.
+    ///
+    /// A walk of calls sees every entry that stays live through all of it
+    /// exactly once: an entry keeps its slab index while it lives (updates
+    /// are in place, and nothing compacts the slab). Entries inserted
+    /// meanwhile may or may not be seen, as with Redis's `SCAN`.
+    pub fn scan_from(&self, now: u64, start: u32, max_visits: usize, f: &mut ScanVisitor<'_>) -> Option<u32> {
+        let slots = &self.slab.slots;
+        let start = start as usize;
+        let end = slots.len().min(start.saturating_add(max_visits.max(1)));
+        for (index, slot) in slots.iter().enumerate().take(end).skip(start) {
+            if slot.data.is_none() || slot.expires <= now {
+                continue;
+            }
+            if !f(slot.key(), slot.value(), slot.hint) {
+                return Some(index as u32 + 1);
+            }
+        }
+        (end < slots.len()).then_some(end as u32)
     }
 
     /// Deletes every entry whose key starts with `prefix`; returns how

@@ -337,9 +337,16 @@ fn render_cluster(out: &mut String, c: &cachet_proto::ClusterStats) {
         out,
         "cachet_cluster_sync_requests_refused_total",
         "counter",
-        "Re-sync requests refused for coming too soon after a snapshot sent to the same member.",
+        "Re-sync stream requests dropped: a newer one from the same member came before they were served.",
     );
     let _ = writeln!(out, "cachet_cluster_sync_requests_refused_total {}", c.sync_requests_refused);
+    family(
+        out,
+        "cachet_cluster_streamed_bytes_total",
+        "counter",
+        "Record bytes streamed to members re-syncing or taking slots.",
+    );
+    let _ = writeln!(out, "cachet_cluster_streamed_bytes_total {}", c.streamed_bytes);
 }
 
 /// The read-through loaders' counters and their origins'.

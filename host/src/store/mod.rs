@@ -113,6 +113,10 @@ impl Clock for ManualClock {
     }
 }
 
+/// Most slab slots [`Store::scan_from`] looks at under one lock: about
+/// 100 µs of walking, so a scan never holds a shard long.
+pub const SCAN_VISITS_PER_LOCK: usize = 4_096;
+
 /// The shards of one node, each behind its own lock.
 pub struct Store {
     shards: Vec<Mutex<Shard>>,
@@ -189,6 +193,41 @@ impl Store {
         for shard in &self.shards {
             lock(shard).for_each(now, &mut f);
         }
+    }
+
+    /// [`Shard::scan_from`] over the whole store, one shard locked at a
+    /// time and for no more than [`SCAN_VISITS_PER_LOCK`] slots at once:
+    /// calls `f` with entries from `cursor` on (0: the start) until it
+    /// returns `false` or `max_visits` slots were looked at, and returns the
+    /// cursor to go on from, `None` at the end. The cursor is the shard's
+    /// number in the high half and its slab index in the low half.
+    pub fn scan_from(&self, cursor: u64, max_visits: usize, f: &mut crate::core::ScanVisitor<'_>) -> Option<u64> {
+        let (mut shard, mut index) = ((cursor >> 32) as usize, cursor as u32);
+        let mut left = max_visits.max(1);
+        let stopped = std::cell::Cell::new(false);
+        let mut wrapped = |key: &[u8], value: &[u8], hint: u32| {
+            let go_on = f(key, value, hint);
+            stopped.set(!go_on);
+            go_on
+        };
+        while shard < self.shards.len() {
+            let visits = left.min(SCAN_VISITS_PER_LOCK);
+            let next = lock(&self.shards[shard]).scan_from(self.now_ms(), index, visits, &mut wrapped);
+            match next {
+                Some(next) => {
+                    left = left.saturating_sub((next - index) as usize);
+                    index = next;
+                }
+                None => {
+                    left = left.saturating_sub(visits.min(left));
+                    (shard, index) = (shard + 1, 0);
+                }
+            }
+            if stopped.get() || left == 0 {
+                break;
+            }
+        }
+        (shard < self.shards.len()).then_some(((shard as u64) << 32) | u64::from(index))
     }
 
     /// Resident entries over all shards.

@@ -120,6 +120,21 @@ pub trait RecordStore: Send {
     fn clear(&mut self);
     /// Calls `f` with every record.
     fn scan(&self, f: &mut dyn FnMut(&Bytes, &Record));
+    /// One part of a walk over the records, for a stream: calls `f` with
+    /// the records whose keys are `wanted` (the others are not decoded),
+    /// from `cursor` on (empty: the start), until `f` returns
+    /// `false` or about `max_visits` entries were looked at, and returns the
+    /// cursor to go on from (`None`: the walk is over). Cursors are opaque
+    /// to all but the store that made them. A walk sees every record held
+    /// all through it; records written meanwhile may be missed (a stream's
+    /// receiver gets those as an owner, directly).
+    fn scan_part(
+        &self,
+        cursor: &[u8],
+        max_visits: usize,
+        wanted: &dyn Fn(&[u8]) -> bool,
+        f: &mut dyn FnMut(&Bytes, &Record) -> bool,
+    ) -> Option<Bytes>;
 }
 
 impl RecordStore for BTreeMap<Bytes, Record> {
@@ -144,6 +159,32 @@ impl RecordStore for BTreeMap<Bytes, Record> {
         for (key, record) in self {
             f(key, record);
         }
+    }
+
+    /// The cursor is the last key seen, after a marker byte (so the empty
+    /// key is a key, not the start).
+    fn scan_part(
+        &self,
+        cursor: &[u8],
+        max_visits: usize,
+        wanted: &dyn Fn(&[u8]) -> bool,
+        f: &mut dyn FnMut(&Bytes, &Record) -> bool,
+    ) -> Option<Bytes> {
+        use std::ops::Bound;
+        let from = match cursor.split_first() {
+            None => Bound::Unbounded,
+            Some((_, last)) => Bound::Excluded(Bytes::copy_from_slice(last)),
+        };
+        for (visited, (key, record)) in self.range((from, Bound::Unbounded)).enumerate() {
+            let go_on = !wanted(key) || f(key, record);
+            if !go_on || visited + 1 >= max_visits.max(1) {
+                let mut next = Vec::with_capacity(key.len() + 1);
+                next.push(1);
+                next.extend_from_slice(key);
+                return Some(Bytes::from(next));
+            }
+        }
+        None
     }
 }
 
@@ -226,22 +267,27 @@ pub enum Message {
         /// The lengths.
         sizes: Vec<u64>,
     },
-    /// A re-syncing replica asks for the records it owns on its table
-    /// (answered only by a member on the same table: see the module docs).
+    /// A re-syncing replica asks for the next part of the records it owns
+    /// on its table, from where the last part ended (answered only by a
+    /// member on the same table: see the module docs).
     SyncRequest {
         /// The requester's re-sync round, echoed back.
         round: u64,
+        /// Where the part starts in the sender's walk of its store (empty:
+        /// the start), as the previous part's `next` said.
+        #[serde(default)]
+        cursor: Bytes,
     },
-    /// One part of the records the requester owns, from one snapshot.
+    /// One part of the stream of records the requester owns.
     SyncData {
         /// The request's round.
         round: u64,
-        /// Which snapshot of the sender's these parts belong to.
-        snapshot: u64,
-        /// This part's index.
-        part: u32,
-        /// How many parts the snapshot has.
-        parts: u32,
+        /// The request's cursor, echoed back: a part is taken only where
+        /// the requester is.
+        #[serde(default)]
+        cursor: Bytes,
+        /// Where the next part starts; `None`: this was the last.
+        next: Option<Bytes>,
         /// The records.
         entries: Vec<(Bytes, Record)>,
     },
@@ -310,6 +356,8 @@ struct Queued {
     origin: Origin,
     update: Update,
     level: Consistency,
+    /// Times it was run again after an [`OpError::Conflict`].
+    attempts: u32,
 }
 
 /// The step of a running update an internal request is.
@@ -429,6 +477,11 @@ pub enum OpError {
     Unavailable,
     /// Not enough counted answers before the deadline.
     Timeout,
+    /// An update's write found the key written since the update read it
+    /// (another member ran an update of it as primary meanwhile): nothing
+    /// was written. The primary runs the update again from its read, so a
+    /// client sees this only after several such races in a row.
+    Conflict,
 }
 
 /// What an operation produced.
@@ -475,6 +528,10 @@ pub struct ReplicaConfig {
     /// Longest value a peer may send: the node's own limit. Hints are held
     /// in memory, outside the shards' bounds, so they must be bounded here.
     pub max_value_len: usize,
+    /// Bytes of re-sync streams this replica sends per second, over all
+    /// the members it streams to (a token bucket): moving slots must not
+    /// take the bandwidth and CPU the clients' requests need.
+    pub stream_bytes_per_sec: u64,
 }
 
 impl Default for ReplicaConfig {
@@ -486,6 +543,7 @@ impl Default for ReplicaConfig {
             wall_epoch_ms: 0,
             max_key_len: 64 << 10,
             max_value_len: 1 << 20,
+            stream_bytes_per_sec: DEFAULT_STREAM_BYTES_PER_SEC,
         }
     }
 }
@@ -535,20 +593,6 @@ pub enum PeerMessageError {
         /// The limit.
         limit: usize,
     },
-    /// A sync part whose numbers do not fit together.
-    #[error("sync part {part} of {parts} (at most {MAX_SYNC_PARTS} parts, numbered from 0)")]
-    SyncPart {
-        /// The part's index.
-        part: u32,
-        /// The parts it claims there are.
-        parts: u32,
-    },
-    /// Retired: sync requests no longer name members.
-    #[error("sync request naming {count} members, or an id over {MAX_NODE_ID}")]
-    SyncMembers {
-        /// How many it named.
-        count: usize,
-    },
 }
 
 enum Phase {
@@ -568,6 +612,9 @@ enum Pending {
         required: usize,
         deadline: u64,
         phase: Phase,
+        /// For an update's write, the version its read found (see
+        /// [`OpError::Conflict`]).
+        base: Option<Version>,
     },
     Read {
         client_req: u64,
@@ -606,8 +653,7 @@ impl Resync {
             round,
             waiting,
             next_try,
-            received: BTreeMap::new(),
-            heard: BTreeMap::new(),
+            cursors: BTreeMap::new(),
             asked: BTreeMap::new(),
             then: None,
             trusted: Vec::new(),
@@ -620,17 +666,55 @@ impl Resync {
 pub const MAX_HINTS: usize = 100_000;
 
 /// Record bytes per re-sync part: parts stay far below the transport's
-/// frame limit whatever a node holds.
-const SYNC_PART_BYTES: usize = 1 << 20;
+/// frame limit whatever a node holds, and one part is all a stream holds
+/// in memory at a time.
+const SYNC_PART_BYTES: usize = 256 << 10;
 
-/// Most parts one snapshot may claim: 2^20 parts of [`SYNC_PART_BYTES`]
-/// is a terabyte, more than any node holds.
-pub const MAX_SYNC_PARTS: u32 = 1 << 20;
+/// Store entries one part looks at, at most (whether or not the requester
+/// owns them): a part's work is bounded even where the requester owns
+/// few keys.
+const SYNC_PART_VISITS: usize = 65_536;
 
-/// Snapshots tracked per member during a re-sync; a member's oldest
-/// incomplete one is forgotten beyond this, so parts of made-up snapshots
-/// cannot grow the tracking without bound.
-const MAX_SNAPSHOTS_PER_MEMBER: usize = 4;
+/// What looking at one entry costs a stream's token bucket, in bytes: a
+/// part that found little still spent the walk.
+const SYNC_VISIT_COST: u64 = 16;
+
+/// The default of [`ReplicaConfig::stream_bytes_per_sec`]: 64 MiB/s.
+pub const DEFAULT_STREAM_BYTES_PER_SEC: u64 = 64 << 20;
+
+/// A request for a stream's next part, waiting for the token bucket.
+struct StreamAsk {
+    round: u64,
+    cursor: Bytes,
+    /// The table it was asked under: served only on that one.
+    epoch: u64,
+}
+
+/// The streams' token bucket, in bytes: it may go into debt by one part,
+/// and nothing is sent until it is out again.
+struct Bucket {
+    tokens: i64,
+    at: u64,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: u64, per_sec: u64) {
+        let ms = now.saturating_sub(self.at);
+        self.at = self.at.max(now);
+        let cap = (SYNC_PART_BYTES as i64).max(per_sec as i64 / 10);
+        let gained = (ms.saturating_mul(per_sec) / 1_000).min(i64::MAX as u64) as i64;
+        self.tokens = self.tokens.saturating_add(gained).min(cap);
+    }
+
+    /// When the bucket is out of debt again.
+    fn ready_at(&self, per_sec: u64) -> u64 {
+        if self.tokens > 0 {
+            return self.at;
+        }
+        let missing = self.tokens.unsigned_abs() + 1;
+        self.at + (missing.saturating_mul(1_000)).div_ceil(per_sec.max(1))
+    }
+}
 
 struct Hint {
     target: NodeIx,
@@ -643,13 +727,11 @@ struct Resync {
     round: u64,
     waiting: BTreeSet<NodeIx>,
     next_try: u64,
-    /// Parts received per member and snapshot: (parts, received).
-    received: BTreeMap<(NodeIx, u64), (u32, BTreeSet<u32>)>,
-    /// When each member last sent a part: a member still sending is not
-    /// asked again (that would start another whole snapshot).
-    heard: BTreeMap<NodeIx, u64>,
-    /// When each member was last asked, and how often: asking again starts
-    /// a whole new snapshot there, so the interval doubles.
+    /// Where each member's stream is: the cursor of the next part to ask
+    /// for (none yet: the start).
+    cursors: BTreeMap<NodeIx, Bytes>,
+    /// When each member was last asked without an answer, and how often in
+    /// a row: the interval doubles while it stays silent.
     asked: BTreeMap<NodeIx, (u64, u32)>,
     /// Run a second pass this long after the first completes (see
     /// [`Replica::join`]).
@@ -687,9 +769,18 @@ pub struct Replica {
     next_req: u64,
     /// In touch with the metadata log (see [`Replica::set_in_contact`]).
     in_contact: bool,
-    /// When a snapshot was last sent to each member, and the sync requests
-    /// refused for coming sooner than allowed after one.
-    sync_served: BTreeMap<NodeIx, u64>,
+    /// Stream parts asked for and not sent yet, one per member (a newer
+    /// ask replaces an older one, counted in `syncs_refused`), sent in turn
+    /// as the token bucket allows.
+    streams: BTreeMap<NodeIx, StreamAsk>,
+    bucket: Bucket,
+    /// The member whose stream was served last (the next turn is the
+    /// following one's).
+    streamed_last: NodeIx,
+    /// Record bytes sent in stream parts.
+    streamed_bytes: u64,
+    /// Updates' writes that found their key written since their read.
+    update_conflicts: u64,
     syncs_refused: u64,
     /// Messages to send, each with the table epoch it was made under.
     outbox: VecDeque<(NodeIx, u64, Message)>,
@@ -754,7 +845,11 @@ impl Replica {
             resyncs: 0,
             hint_of: BTreeMap::new(),
             in_contact: true,
-            sync_served: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            bucket: Bucket { tokens: SYNC_PART_BYTES as i64, at: 0 },
+            streamed_last: 0,
+            streamed_bytes: 0,
+            update_conflicts: 0,
             syncs_refused: 0,
             pending: BTreeMap::new(),
             next_req: boot << 32,
@@ -853,10 +948,22 @@ impl Replica {
         self.resync.as_ref().map(|r| r.waiting.iter().copied().collect()).unwrap_or_default()
     }
 
-    /// Sync requests refused for coming too soon after a snapshot was
-    /// sent to the same member.
+    /// Stream requests dropped because a newer one from the same member
+    /// came before they were served (a member asking in a loop gets its
+    /// share of the stream rate, no more).
     pub fn syncs_refused(&self) -> u64 {
         self.syncs_refused
+    }
+
+    /// Updates' writes refused before storing anything because their key
+    /// was written since their read ([`OpError::Conflict`]).
+    pub fn update_conflicts(&self) -> u64 {
+        self.update_conflicts
+    }
+
+    /// Record bytes this replica has streamed to re-syncing members.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.streamed_bytes
     }
 
     /// Hints waiting for their owner.
@@ -1083,6 +1190,20 @@ impl Replica {
     }
 
     fn coordinate(&mut self, now: u64, client_req: u64, op: Op, consistency: Consistency) {
+        self.coordinate_with(now, client_req, op, consistency, None);
+    }
+
+    /// [`Replica::coordinate`]; a write given `base` (the version an
+    /// update read) fails with [`OpError::Conflict`] before storing
+    /// anything if its read quorum holds a newer one.
+    pub(super) fn coordinate_with(
+        &mut self,
+        now: u64,
+        client_req: u64,
+        op: Op,
+        consistency: Consistency,
+        base: Option<Version>,
+    ) {
         let key = match &op {
             Op::Put { key, .. } | Op::Get { key } | Op::Update { key, .. } => key.clone(),
             Op::FlushAll => {
@@ -1154,11 +1275,22 @@ impl Replica {
             }
             // A re-syncing coordinator's clock may be far behind: it always
             // asks a quorum for the current version first.
-            Op::Put { value, expires_at, hint, .. } if consistency == Consistency::One && self.counted() => {
+            Op::Put { value, expires_at, hint, .. }
+                if consistency == Consistency::One && self.counted() && base.is_none() =>
+            {
                 let record = Record { version: self.clock.tick(self.me), value: value.clone(), expires_at, hint };
                 let phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
-                let write =
-                    Pending::Write { client_req, key: key.clone(), value, expires_at, hint, required, deadline, phase };
+                let write = Pending::Write {
+                    client_req,
+                    key: key.clone(),
+                    value,
+                    expires_at,
+                    hint,
+                    required,
+                    deadline,
+                    phase,
+                    base,
+                };
                 self.pending.insert(req, write);
                 self.store_at_owners(now, req, &key, &record, &owners);
             }
@@ -1167,8 +1299,17 @@ impl Replica {
                 // quorum of every earlier acknowledged write.
                 let needed = Consistency::Quorum.required(owners.len());
                 let phase = Phase::Query { answered: BTreeSet::new(), counted: 0, needed, highest: Version::default() };
-                let write =
-                    Pending::Write { client_req, key: key.clone(), value, expires_at, hint, required, deadline, phase };
+                let write = Pending::Write {
+                    client_req,
+                    key: key.clone(),
+                    value,
+                    expires_at,
+                    hint,
+                    required,
+                    deadline,
+                    phase,
+                    base,
+                };
                 self.pending.insert(req, write);
                 self.ask(req, &key, &owners);
             }
@@ -1336,7 +1477,8 @@ impl Replica {
                     self.finish_read(now, req);
                 }
             }
-            Pending::Write { client_req, key, value, expires_at, hint, required, phase, deadline } => match phase {
+            Pending::Write { client_req, key, value, expires_at, hint, required, phase, deadline, base } => match phase
+            {
                 // Its query answered only past the deadline (this process
                 // was paused, or starved, with the replies queued): its
                 // client has given up and may have written the key again
@@ -1347,6 +1489,19 @@ impl Replica {
                     let client_req = *client_req;
                     self.pending.remove(&req);
                     self.replies.push_back(Reply { client_req, result: Err(OpError::Timeout) });
+                }
+                // An update's write whose key was written since the update
+                // read it: a member that was its primary too (by its own
+                // view of who is up) ran another update meanwhile, or a
+                // plain write landed. Written now, it would undo that write
+                // with a value computed from the older one.
+                Phase::Query { counted, needed, highest, .. }
+                    if *counted >= *needed && base.is_some_and(|base| *highest > base) =>
+                {
+                    let client_req = *client_req;
+                    self.pending.remove(&req);
+                    self.update_conflicts += 1;
+                    self.replies.push_back(Reply { client_req, result: Err(OpError::Conflict) });
                 }
                 Phase::Query { counted, needed, highest, .. } => {
                     if *counted >= *needed {
@@ -1412,6 +1567,15 @@ impl Replica {
                 Ok(())
             }
         };
+        // A stream cursor is a store's position: a key at most, and a byte.
+        let cursor_ok = |cursor: &Bytes| {
+            let limit = self.config.max_key_len + 1;
+            if cursor.len() > limit {
+                Err(PeerMessageError::TooLarge { what: "cursor", len: cursor.len(), limit })
+            } else {
+                Ok(())
+            }
+        };
         let record_ok = |record: &Record| {
             version::check(record.version, wall_ms)?;
             let (len, limit) = (record.value.as_ref().map_or(0, Bytes::len), self.config.max_value_len);
@@ -1429,9 +1593,11 @@ impl Replica {
             }
             Message::Get { key, .. } => key_ok(key)?,
             Message::GetReply { record: Some(record), .. } => record_ok(record)?,
-            Message::SyncData { part, parts, entries, .. } => {
-                if *parts == 0 || *parts > MAX_SYNC_PARTS || part >= parts {
-                    return Err(PeerMessageError::SyncPart { part: *part, parts: *parts });
+            Message::SyncRequest { cursor, .. } => cursor_ok(cursor)?,
+            Message::SyncData { cursor, next, entries, .. } => {
+                cursor_ok(cursor)?;
+                if let Some(next) = next {
+                    cursor_ok(next)?;
                 }
                 for (key, record) in entries {
                     key_ok(key)?;
@@ -1471,7 +1637,6 @@ impl Replica {
             Message::GetReply { record: None, .. }
             | Message::SizesReply { .. }
             | Message::PutAck { .. }
-            | Message::SyncRequest { .. }
             | Message::UpdateReply { .. }
             | Message::Flush { .. }
             | Message::FlushAck { .. } => {}
@@ -1490,10 +1655,16 @@ impl Replica {
     }
 
     fn handle_checked(&mut self, now: u64, from: NodeIx, epoch: u64, message: Message) {
-        // A sender on an older table than this replica's is fenced: its
-        // requests are served, but nothing answered to it counts, so it
-        // cannot complete a quorum among owners that moved on.
-        let current = epoch >= self.ring.epoch();
+        // Only members on the same table count for each other. A sender
+        // on an older table is fenced: its requests are served, but nothing
+        // answered to it counts, so it cannot complete a quorum among owners
+        // that moved on. A sender on a newer one gets no counted answer
+        // either: this replica is behind (back from a partition with its
+        // lease renewed before the log's newest tables applied here, say),
+        // and its copies may lack writes the newer table's owners took.
+        // Answers are held to the same rule, in case the answerer is the one
+        // behind or ahead.
+        let current = epoch == self.ring.epoch();
         match message {
             Message::Put { req, key, record, hint_for: Some(target) } => {
                 self.clock.observe(record.version);
@@ -1518,15 +1689,15 @@ impl Replica {
                 }
             }
             Message::PutAck { req, counted } if matches!(self.pending.get(&req), Some(Pending::Batch(_))) => {
-                self.batch_acked(now, req, from, counted);
+                self.batch_acked(now, req, from, counted && current);
             }
             Message::PutAck { req, counted } => {
-                self.acked(req, from, counted);
+                self.acked(req, from, counted && current);
                 self.progress(now, req);
             }
             Message::Versions { req, keys } => self.answer_versions(from, req, &keys, current),
             Message::VersionsReply { req, highest, counted } => {
-                self.versions_answered(now, req, from, highest, counted)
+                self.versions_answered(now, req, from, highest, counted && current)
             }
             Message::PutBatch { req, entries } => {
                 let counted = self.apply_batch(now, &entries) && current;
@@ -1586,7 +1757,7 @@ impl Replica {
                 self.send(from, Message::GetReply { req, record, counted });
             }
             Message::GetReply { req, record, counted } => {
-                self.answer(req, from, record, counted);
+                self.answer(req, from, record, counted && current);
                 self.progress(now, req);
             }
             Message::Sizes { req, keys } => self.answer_sizes(from, req, &keys),
@@ -1597,74 +1768,38 @@ impl Replica {
             // its answer would not hold. Either way it asks again, and the
             // metadata log brings the one behind up to date meanwhile.
             Message::SyncRequest { .. } if epoch != self.ring.epoch() => {}
-            // One snapshot per member per five retry periods: an honest
-            // member asks again only after hearing nothing for longer
-            // (its backoff), and one holding a valid certificate that asks
-            // in a loop must not make this node copy its whole store over
-            // and over.
-            Message::SyncRequest { .. }
-                if self.sync_served.get(&from).is_some_and(|&at| now < at + 5 * self.config.retry_ms) =>
-            {
-                self.syncs_refused += 1;
-            }
-            Message::SyncRequest { round } => {
-                self.sync_served.insert(from, now);
-                let mut entries: Vec<(Bytes, Record)> = Vec::new();
-                let ring = self.ring.clone();
-                let rf = self.config.rf;
-                let theirs = |key: &[u8]| ring.owners(key, rf).iter().any(|m| m.id.parse() == Ok(from));
-                self.store.scan(&mut |key, record| {
-                    if theirs(key) {
-                        entries.push((key.clone(), record.clone()));
-                    }
-                });
-                // Hints held for the requester ride along, and stay until
-                // their own delivery is acknowledged (this reply may be lost).
-                let hints = self.hints.values().filter(|h| h.target == from);
-                entries.extend(hints.map(|h| (h.key.clone(), h.record.clone())));
-                let mut parts: Vec<Vec<(Bytes, Record)>> = vec![Vec::new()];
-                let mut bytes = 0;
-                for entry in entries {
-                    let size = entry.0.len() + entry.1.value.as_ref().map_or(0, Bytes::len) + 16;
-                    if bytes + size > SYNC_PART_BYTES && parts.last().is_some_and(|p| !p.is_empty()) {
-                        parts.push(Vec::new());
-                        bytes = 0;
-                    }
-                    bytes += size;
-                    if let Some(last) = parts.last_mut() {
-                        last.push(entry);
-                    }
+            // Queued, one per member, and served in turn as the stream
+            // rate allows: a member asking in a loop (it holds a valid
+            // certificate) only replaces its own ask, and gets its share
+            // of the rate while the others get theirs.
+            Message::SyncRequest { round, cursor } => {
+                if self.streams.insert(from, StreamAsk { round, cursor, epoch }).is_some() {
+                    self.syncs_refused += 1;
                 }
-                let snapshot = self.request_id();
-                let count = parts.len() as u32;
-                for (part, entries) in parts.into_iter().enumerate() {
-                    let part = part as u32;
-                    self.send(from, Message::SyncData { round, snapshot, part, parts: count, entries });
-                }
+                self.serve_streams(now);
             }
-            Message::SyncData { round, snapshot, part, parts, entries } => {
+            Message::SyncData { round, cursor, next, entries } => {
                 for (key, record) in &entries {
                     self.apply(now, key, record);
                 }
-                if let Some(resync) = &mut self.resync
-                    && resync.round == round
-                {
-                    resync.heard.insert(from, now);
-                    let theirs: Vec<(NodeIx, u64)> =
-                        resync.received.range((from, 0)..=(from, u64::MAX)).map(|(k, _)| *k).collect();
-                    if !theirs.contains(&(from, snapshot)) && theirs.len() >= MAX_SNAPSHOTS_PER_MEMBER {
-                        resync.received.remove(&theirs[0]);
-                    }
-                    let (total, got) = resync.received.entry((from, snapshot)).or_insert((parts, BTreeSet::new()));
-                    // A part claiming another count than the snapshot's
-                    // first part did is not counted.
-                    if *total == parts {
-                        got.insert(part);
-                    }
-                    if got.len() as u32 >= *total {
+                let Some(resync) = &mut self.resync else { return };
+                // Only the part asked for moves the stream on: a late
+                // duplicate, or one of an earlier round, is data, no more.
+                let at = resync.cursors.get(&from).cloned().unwrap_or_default();
+                if resync.round != round || !resync.waiting.contains(&from) || at != cursor {
+                    return;
+                }
+                resync.asked.remove(&from);
+                match next {
+                    None => {
                         resync.waiting.remove(&from);
+                        self.pass_done(now);
                     }
-                    self.pass_done(now);
+                    Some(next) => {
+                        resync.cursors.insert(from, next.clone());
+                        resync.asked.insert(from, (now, 0));
+                        self.send(from, Message::SyncRequest { round, cursor: next });
+                    }
                 }
             }
         }
@@ -1738,28 +1873,88 @@ impl Replica {
             && resync.not_before <= now
         {
             resync.next_try = now + self.config.retry_ms;
-            // A member that sent a part lately is still sending.
+            // A member is asked again for the part it has not sent, one
+            // retry period after the last ask and then less and less often
+            // while it stays silent (an ask waiting at a busy sender is
+            // only replaced by the next: asking again costs it nothing).
             let (retry, quiet) = (self.config.retry_ms, 10 * self.config.retry_ms);
-            let (heard, asked) = (&resync.heard, &resync.asked);
-            let due = |p: &NodeIx| {
-                let sending = heard.get(p).is_some_and(|&t| t + quiet > now);
-                let backoff = asked.get(p).is_some_and(|&(at, n)| now < at + (retry << n.min(10)).min(quiet));
-                !sending && !backoff
-            };
-            let ask: BTreeSet<NodeIx> = resync.waiting.iter().copied().filter(due).collect();
-            for &p in &ask {
-                let n = resync.asked.get(&p).map_or(0, |&(_, n)| n + 1);
-                resync.asked.insert(p, (now, n));
+            let asked = &resync.asked;
+            let due = |p: &NodeIx| asked.get(p).is_none_or(|&(at, n)| now >= at + (retry << n.min(10)).min(quiet));
+            let ask: Vec<(NodeIx, Bytes)> = resync
+                .waiting
+                .iter()
+                .copied()
+                .filter(due)
+                .map(|p| (p, resync.cursors.get(&p).cloned().unwrap_or_default()))
+                .collect();
+            for (p, _) in &ask {
+                let n = resync.asked.get(p).map_or(0, |&(_, n)| n + 1);
+                resync.asked.insert(*p, (now, n));
             }
             sync = Some((resync.round, ask));
         }
         if let Some((round, waiting)) = sync {
-            for peer in waiting {
+            for (peer, cursor) in waiting {
                 if self.is_alive(peer) {
-                    self.send(peer, Message::SyncRequest { round });
+                    self.send(peer, Message::SyncRequest { round, cursor });
                 }
             }
         }
+        self.serve_streams(now);
+    }
+
+    /// Sends the parts asked for while the token bucket allows, one member
+    /// at a time in turn. Each part is built from the store as it is sent:
+    /// a stream holds one part in memory, never a snapshot of the store.
+    fn serve_streams(&mut self, now: u64) {
+        let per_sec = self.config.stream_bytes_per_sec.max(1);
+        self.bucket.refill(now, per_sec);
+        while self.bucket.tokens > 0 {
+            let turn = self
+                .streams
+                .range(self.streamed_last.saturating_add(1)..)
+                .next()
+                .or_else(|| self.streams.iter().next())
+                .map(|(&member, _)| member);
+            let Some(member) = turn else { break };
+            let Some(ask) = self.streams.remove(&member) else { break };
+            self.streamed_last = member;
+            // Asked under another table: the requester asks again once on
+            // this one (see the module docs).
+            if ask.epoch != self.ring.epoch() {
+                continue;
+            }
+            let cost = self.stream_part(member, ask);
+            self.bucket.tokens = self.bucket.tokens.saturating_sub(cost.min(i64::MAX as u64) as i64);
+        }
+    }
+
+    /// Sends `member` the part of its stream `ask` starts; returns what it
+    /// cost (bytes sent and entries looked at).
+    fn stream_part(&mut self, member: NodeIx, ask: StreamAsk) -> u64 {
+        let ring = self.ring.clone();
+        let rf = self.config.rf;
+        let theirs = |key: &[u8]| ring.owners(key, rf).iter().any(|m| m.id.parse() == Ok(member));
+        let mut entries: Vec<(Bytes, Record)> = Vec::new();
+        let mut bytes = 0usize;
+        // Hints held for the requester ride along with the first part, and
+        // stay until their own delivery is acknowledged (this part may be
+        // lost).
+        if ask.cursor.is_empty() {
+            for hint in self.hints.values().filter(|h| h.target == member) {
+                bytes += hint.key.len() + hint.record.value.as_ref().map_or(0, Bytes::len) + 32;
+                entries.push((hint.key.clone(), hint.record.clone()));
+            }
+        }
+        let next = self.store.scan_part(&ask.cursor, SYNC_PART_VISITS, &theirs, &mut |key, record| {
+            bytes += key.len() + record.value.as_ref().map_or(0, Bytes::len) + 32;
+            entries.push((key.clone(), record.clone()));
+            bytes < SYNC_PART_BYTES
+        });
+        let cost = bytes as u64 + SYNC_VISIT_COST * SYNC_PART_VISITS.min(self.store.len()) as u64;
+        self.streamed_bytes += bytes as u64;
+        self.send(member, Message::SyncData { round: ask.round, cursor: ask.cursor, next, entries });
+        cost
     }
 
     /// The next message to send, to whom, and the table epoch it was made
@@ -1790,7 +1985,8 @@ impl Replica {
             .filter(|h| self.alive.get(h.target as usize).copied().unwrap_or(false))
             .map(|h| h.next_try);
         let sync = self.resync.as_ref().map(|r| r.next_try.max(r.not_before));
-        requests.chain(hints).chain(sync).min()
+        let streams = (!self.streams.is_empty()).then(|| self.bucket.ready_at(self.config.stream_bytes_per_sec));
+        requests.chain(hints).chain(sync).chain(streams).min()
     }
 }
 

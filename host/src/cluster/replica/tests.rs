@@ -166,12 +166,20 @@ fn a_write_on_the_old_ring_is_not_counted_by_owners_that_lost_the_key() {
     assert_eq!(reply.result, Err(OpError::Timeout));
 }
 
-/// A re-sync too big for one message comes in parts; a lost part keeps
-/// the requester uncounted until a later, complete snapshot arrives.
+/// A re-sync streams in parts, each asked for from where the last one
+/// ended and paced by the sender's stream rate; a lost part is asked for
+/// again from its own cursor, not from the start, and the requester
+/// counts only once the last part is in.
 #[test]
-fn a_large_resync_comes_in_parts_and_survives_a_lost_one() {
+fn a_large_resync_streams_in_paced_parts_and_survives_a_lost_one() {
     let two = ring(2);
-    let config = ReplicaConfig { rf: 2, request_timeout_ms: 1_000, retry_ms: 100, ..ReplicaConfig::default() };
+    let config = ReplicaConfig {
+        rf: 2,
+        request_timeout_ms: 1_000,
+        retry_ms: 100,
+        stream_bytes_per_sec: 8 << 20,
+        ..ReplicaConfig::default()
+    };
     let mut holder = Replica::new(0, 2, two.clone(), config, 5);
     let mut back = Replica::new(1, 2, two, config, 6);
     let value = Bytes::from(vec![7u8; 1_024]);
@@ -189,35 +197,46 @@ fn a_large_resync_comes_in_parts_and_survives_a_lost_one() {
     }
     assert_eq!(holder.record_count(), 3_000);
     back.restart(0, 7);
-    let deliver_parts = |back: &mut Replica, holder: &mut Replica, now: u64, drop_part: Option<u32>| {
-        let mut parts = 0;
+    let (mut parts, mut biggest, mut lost, mut now) = (0, 0, None, 0);
+    let mut cursors = Vec::new();
+    while !back.counted() && now < 10_000 {
         while let Some((to, epoch, message)) = back.poll_transmit() {
             assert_eq!(to, 0);
             holder.handle(now, 1, epoch, message).expect("an honest message is accepted");
         }
         while let Some((to, epoch, message)) = holder.poll_transmit() {
             assert_eq!(to, 1);
-            if let Message::SyncData { part, parts: n, ref entries, .. } = message {
-                parts = n;
-                assert!(entries.len() <= SYNC_PART_BYTES / 1_024, "part {part} holds {} records", entries.len());
-                if Some(part) == drop_part {
+            if let Message::SyncData { ref entries, ref cursor, .. } = message {
+                parts += 1;
+                biggest = biggest.max(entries.len());
+                cursors.push(cursor.clone());
+                if parts == 3 {
+                    lost = Some(cursor.clone());
                     continue;
                 }
             }
             back.handle(now, 0, epoch, message).expect("an honest message is accepted");
         }
-        parts
-    };
-    let parts = deliver_parts(&mut back, &mut holder, 0, Some(1));
-    assert!(parts >= 3, "{parts} parts for 3 MiB");
-    assert!(!back.counted(), "counted with a part missing");
-    // Asked again only once the holder has been quiet for a while.
-    back.tick(500);
-    assert!(back.poll_transmit().is_none(), "asked again while the holder was still sending");
-    back.tick(1_100);
-    deliver_parts(&mut back, &mut holder, 1_100, None);
-    assert!(back.counted(), "a complete snapshot arrived");
+        if parts == 3 {
+            assert!(!back.counted(), "counted with a part missing");
+        }
+        now += 1;
+        back.tick(now);
+        holder.tick(now);
+    }
+    assert!(back.counted(), "the stream completed by {now} ms");
     assert_eq!(back.record_count(), 3_000);
+    assert!(biggest <= SYNC_PART_BYTES / 1_024, "a part holds {biggest} records");
+    // About 1,060 bytes a record, 247 records a part: 13 parts, and the
+    // lost one once more, from its own cursor.
+    assert_eq!(parts, 14, "{parts} parts");
+    let lost = lost.expect("a part was dropped");
+    assert_eq!(cursors.iter().filter(|c| **c == lost).count(), 2, "only the lost part came twice");
+    // 3.2 MB at 8 MiB/s is about 380 ms, and the lost part cost a retry
+    // period: paced, not sent at once.
+    assert!((400..2_000).contains(&now), "took {now} ms");
+    let streamed = holder.streamed_bytes();
+    assert!((3_000 * 1_024..3_000 * 1_200).contains(&streamed), "streamed {streamed} bytes");
 }
 
 /// A store that refuses everything (a record over its bounds, or one
@@ -236,6 +255,15 @@ impl RecordStore for Refusing {
     }
     fn clear(&mut self) {}
     fn scan(&self, _: &mut dyn FnMut(&Bytes, &Record)) {}
+    fn scan_part(
+        &self,
+        _: &[u8],
+        _: usize,
+        _: &dyn Fn(&[u8]) -> bool,
+        _: &mut dyn FnMut(&Bytes, &Record) -> bool,
+    ) -> Option<Bytes> {
+        None
+    }
 }
 
 /// A replica whose store refused a record does not count toward the
@@ -370,7 +398,8 @@ fn a_resync_waits_for_the_current_owners() {
 
 /// A sender on an older table is fenced: it is answered, but as not
 /// counting, so a coordinator that has not seen the log move cannot
-/// complete a quorum among owners that did; a replica out of touch with
+/// complete a quorum among owners that did; one on a newer table is
+/// answered as not counting too; a replica out of touch with
 /// the log's leader counts for nothing; and a re-sync request is
 /// answered only from the same table.
 #[test]
@@ -394,15 +423,20 @@ fn a_sender_on_an_older_table_is_answered_as_not_counting() {
     assert_eq!(replica.poll_transmit(), Some((1, new.epoch(), Message::PutAck { req: 7, counted: true })));
     replica.handle(1, 1, old.epoch(), Message::Get { req: 8, key: key.clone() }).expect("accepted");
     assert!(matches!(replica.poll_transmit(), Some((1, _, Message::GetReply { counted: false, .. }))));
+    // A sender on a table newer than this replica's is not counted for
+    // either: this replica is the one behind (simulator seed 1550).
+    replica.handle(1, 1, new.epoch() + 1, Message::Get { req: 10, key: key.clone() }).expect("accepted");
+    assert!(matches!(replica.poll_transmit(), Some((1, _, Message::GetReply { counted: false, .. }))));
     // Out of touch with the log's leader, nothing it answers counts.
     replica.set_in_contact(false);
     replica.handle(1, 1, new.epoch(), Message::Get { req: 9, key: key.clone() }).expect("accepted");
     assert!(matches!(replica.poll_transmit(), Some((1, _, Message::GetReply { counted: false, .. }))));
     assert!(!replica.counted());
     replica.set_in_contact(true);
-    replica.handle(1, 1, old.epoch(), Message::SyncRequest { round: 3 }).expect("accepted");
-    assert_eq!(replica.poll_transmit(), None, "no snapshot for an older table");
-    replica.handle(1, 1, new.epoch(), Message::SyncRequest { round: 3 }).expect("accepted");
+    let ask = || Message::SyncRequest { round: 3, cursor: Bytes::new() };
+    replica.handle(1, 1, old.epoch(), ask()).expect("accepted");
+    assert_eq!(replica.poll_transmit(), None, "no stream for an older table");
+    replica.handle(1, 1, new.epoch(), ask()).expect("accepted");
     assert!(matches!(replica.poll_transmit(), Some((1, _, Message::SyncData { round: 3, .. }))));
 }
 
@@ -429,13 +463,13 @@ fn hostile_peer_messages_are_refused_and_change_nothing() {
     let now = 20;
     let top = ceiling_at(now, &config);
     let big = Bytes::from(vec![0u8; config.max_value_len + 1]);
-    let sync = |part: u32, parts: u32, entries: Vec<(Bytes, Record)>| Message::SyncData {
+    let sync = |cursor: Bytes, entries: Vec<(Bytes, Record)>| Message::SyncData {
         round: 1,
-        snapshot: 1,
-        part,
-        parts,
+        cursor: cursor.clone(),
+        next: Some(cursor),
         entries,
     };
+    let long = Bytes::from(vec![1u8; config.max_key_len + 2]);
     type Case = (NodeIx, Message, fn(&PeerMessageError) -> bool);
     let cases: Vec<Case> = vec![
         (MAX_NODE_ID + 1, put(at(6), None), |e| matches!(e, E::UnknownSender { from: 1_024, .. })),
@@ -460,12 +494,13 @@ fn hostile_peer_messages_are_refused_and_change_nothing() {
         }),
         // One bad record spoils the whole part: the good one before it
         // is not applied either.
-        (1, sync(0, 1, vec![(Bytes::from_static(b"good"), at(7)), (key.clone(), at(u64::MAX))]), |e| {
+        (1, sync(Bytes::new(), vec![(Bytes::from_static(b"good"), at(7)), (key.clone(), at(u64::MAX))]), |e| {
             matches!(e, E::Version(_))
         }),
-        (1, sync(0, 0, Vec::new()), |e| matches!(e, E::SyncPart { part: 0, parts: 0 })),
-        (1, sync(5, 3, Vec::new()), |e| matches!(e, E::SyncPart { part: 5, parts: 3 })),
-        (1, sync(0, u32::MAX, Vec::new()), |e| matches!(e, E::SyncPart { .. })),
+        (1, sync(long.clone(), Vec::new()), |e| matches!(e, E::TooLarge { what: "cursor", .. })),
+        (1, Message::SyncRequest { round: 1, cursor: long.clone() }, |e| {
+            matches!(e, E::TooLarge { what: "cursor", .. })
+        }),
     ];
     let records = replica.records();
     for (from, message, expected) in cases {
@@ -493,29 +528,38 @@ fn ceiling_at(now: u64, config: &ReplicaConfig) -> u64 {
     version::ceiling(config.wall_epoch_ms + now)
 }
 
-/// Parts of made-up snapshots, or with a count that contradicts the
-/// snapshot's, cannot grow a re-sync's tracking or finish it early.
+/// Parts nobody asked for (another round, another cursor, a member not
+/// waited for) are records, no more: they move no stream on and finish
+/// none.
 #[test]
-fn made_up_sync_parts_are_bounded() {
+fn made_up_sync_parts_move_no_stream() {
     let mut replica = Replica::new(0, 3, ring(3), ReplicaConfig::default(), 7);
     replica.restart(0, 8);
     while replica.poll_transmit().is_some() {}
     let round = replica.resync.as_ref().map(|r| r.round).expect("re-syncing");
-    for snapshot in 0..1_000 {
-        let part = Message::SyncData { round, snapshot, part: 0, parts: 2, entries: Vec::new() };
-        replica.handle(1, 1, 1, part).expect("well-formed");
+    let part = |round: u64, cursor: &'static [u8], next: Option<&'static [u8]>| Message::SyncData {
+        round,
+        cursor: Bytes::from_static(cursor),
+        next: next.map(Bytes::from_static),
+        entries: Vec::new(),
+    };
+    for message in [part(round + 1, b"", None), part(round, b"elsewhere", None), part(0, b"", None)] {
+        replica.handle(1, 1, 1, message).expect("well-formed");
     }
-    let resync = replica.resync.as_ref().expect("still re-syncing");
-    assert_eq!(resync.received.len(), MAX_SNAPSHOTS_PER_MEMBER, "tracking is bounded");
-    // Part 1 of snapshot 999 claiming one part in all does not complete it.
-    replica
-        .handle(1, 1, 1, Message::SyncData { round, snapshot: 999, part: 0, parts: 1, entries: Vec::new() })
-        .expect("ok");
-    assert_eq!(replica.resync_waiting(), vec![1, 2]);
-    replica
-        .handle(1, 1, 1, Message::SyncData { round, snapshot: 999, part: 1, parts: 2, entries: Vec::new() })
-        .expect("ok");
-    assert_eq!(replica.resync_waiting(), vec![2], "the snapshot's own parts complete it");
+    assert_eq!(replica.resync_waiting(), vec![1, 2], "nothing finished");
+    assert!(replica.poll_transmit().is_none(), "nothing asked for");
+    // The real first part moves member 1's stream on, and the next is asked
+    // for from its end; a replay of the first part then does nothing.
+    replica.handle(2, 1, 1, part(round, b"", Some(b"\x01k"))).expect("ok");
+    let asked = replica.poll_transmit();
+    assert!(
+        matches!(&asked, Some((1, _, Message::SyncRequest { cursor, .. })) if cursor.as_ref() == b"\x01k"),
+        "{asked:?}"
+    );
+    replica.handle(3, 1, 1, part(round, b"", None)).expect("ok");
+    assert_eq!(replica.resync_waiting(), vec![1, 2], "a replayed part finishes nothing");
+    replica.handle(4, 1, 1, part(round, b"\x01k", None)).expect("ok");
+    assert_eq!(replica.resync_waiting(), vec![2], "the stream's own last part finishes it");
 }
 
 /// A size probe answers, per key, the largest value length its owners
@@ -805,30 +849,41 @@ fn a_write_answered_past_its_deadline_stores_nothing() {
     }
 }
 
-/// A member that asks for a snapshot in a loop (it holds a valid
-/// certificate, so its messages are well formed) gets one per interval:
-/// the rest are refused and counted, and this node's work stays bounded.
+/// A member that asks for stream parts in a loop (it holds a valid
+/// certificate, so its asks are well formed) gets no more than the stream
+/// rate: each ask replaces its last one (counted), parts are built one at
+/// a time, and another member's stream is served in its turn.
 #[test]
-fn a_member_asking_for_snapshots_in_a_loop_gets_one_per_interval() {
-    let config = ReplicaConfig { rf: 3, retry_ms: 100, ..ReplicaConfig::default() };
+fn a_member_asking_in_a_loop_gets_no_more_than_the_stream_rate() {
+    let config = ReplicaConfig { rf: 3, retry_ms: 100, stream_bytes_per_sec: 1 << 20, ..ReplicaConfig::default() };
     let mut replica = Replica::new(0, 3, ring(3), config, 9);
-    let record = Record { version: Version { counter: 1, node: 1 }, value: None, expires_at: None, hint: 0 };
-    replica
-        .handle(0, 1, 1, Message::Put { req: 0, key: Bytes::from_static(b"k"), record, hint_for: None })
-        .expect("ok");
-    let mut snapshots = 0;
-    for now in 0..1_000u64 {
-        replica.handle(now, 1, 1, Message::SyncRequest { round: now }).expect("well formed");
-        snapshots += std::iter::from_fn(|| replica.poll_transmit())
-            .filter(|(_, _, m)| matches!(m, Message::SyncData { part: 0, .. }))
-            .count();
+    for i in 0..2_000u64 {
+        let record = Record {
+            version: Version { counter: i + 1, node: 1 },
+            value: Some(Bytes::from(vec![3u8; 1_024])),
+            expires_at: None,
+            hint: 0,
+        };
+        let key = Bytes::from(format!("k{i}"));
+        replica.handle(0, 1, 1, Message::Put { req: 0, key, record, hint_for: None }).expect("ok");
     }
-    assert_eq!(snapshots, 2, "one per 500 ms over a second");
-    assert_eq!(replica.syncs_refused(), 998);
-    // Another member is not held back by the first one's loop.
-    replica.handle(1_000, 2, 1, Message::SyncRequest { round: 7 }).expect("well formed");
-    assert!(
-        std::iter::from_fn(|| replica.poll_transmit())
-            .any(|(to, _, m)| to == 2 && matches!(m, Message::SyncData { .. }))
-    );
+    while replica.poll_transmit().is_some() {}
+    let (mut to_one, mut to_two) = (0usize, 0usize);
+    for now in 0..1_000u64 {
+        replica.handle(now, 1, 1, Message::SyncRequest { round: now, cursor: Bytes::new() }).expect("well formed");
+        if now == 500 {
+            replica.handle(now, 2, 1, Message::SyncRequest { round: 7, cursor: Bytes::new() }).expect("well formed");
+        }
+        replica.tick(now);
+        for (to, _, message) in std::iter::from_fn(|| replica.poll_transmit()) {
+            if let Message::SyncData { entries, .. } = message {
+                let bytes: usize = entries.iter().map(|(k, r)| k.len() + r.value.as_ref().map_or(0, Bytes::len)).sum();
+                if to == 1 { to_one += bytes } else { to_two += bytes }
+            }
+        }
+    }
+    // A second at 1 MiB/s, plus the bucket's first part and one in debt.
+    assert!(to_one <= (1 << 20) + 2 * (256 << 10), "{to_one} bytes to the looping member");
+    assert!(to_two > 0, "the other member was served in its turn");
+    assert!(replica.syncs_refused() >= 990, "{} asks dropped", replica.syncs_refused());
 }

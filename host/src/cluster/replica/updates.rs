@@ -58,7 +58,7 @@ impl Replica {
         }
         self.updates_queued += 1;
         let queue = self.updates.entry(key.clone()).or_default();
-        queue.push_back(Queued { origin, update, level });
+        queue.push_back(Queued { origin, update, level, attempts: 0 });
         if queue.len() == 1 {
             self.start_update(now, key);
         }
@@ -188,6 +188,7 @@ impl Replica {
                 self.loads.push_back(LoadRequest { id, key, kind: LoadKind::Store { value, ttl_ms } });
             }
             (Step::Read, Ok(Outcome::Read(record))) => {
+                let base = record.as_ref().map(|r| r.version).unwrap_or_default();
                 let current = update::live(entry(record), wall_ms);
                 // A live value due for a refresh, with only read-through
                 // GETs waiting behind: served now, refreshed meanwhile.
@@ -213,11 +214,24 @@ impl Replica {
                         let id = self.internal_id();
                         self.steps.insert(id, (key.clone(), Step::Write(effect)));
                         let put = Op::Put { key, value: write.value, expires_at: write.expires_at, hint: write.hint };
-                        self.coordinate(now, id, put, level);
+                        self.coordinate_with(now, id, put, level, Some(base));
                     }
                 }
             }
             (Step::Write(effect), Ok(Outcome::Written(_))) => self.finish_update(now, &key, Ok(effect)),
+            // Nothing was written: run it again from a fresh read, a few
+            // times (another primary's updates of the key are racing this
+            // one's until the views of who is up agree again).
+            (Step::Write(_), Err(OpError::Conflict)) => {
+                let retry = self.updates.get_mut(&key).and_then(|q| q.front_mut()).filter(|head| head.attempts < 3);
+                match retry {
+                    Some(head) => {
+                        head.attempts += 1;
+                        self.start_update(now, key);
+                    }
+                    None => self.finish_update(now, &key, Err(OpError::Conflict)),
+                }
+            }
             (_, Err(err)) => self.finish_update(now, &key, Err(err)),
             (_, Ok(_)) => self.finish_update(now, &key, Err(OpError::Unavailable)),
         }

@@ -78,6 +78,9 @@ pub struct ClusterOptions {
     /// A member down this long has its slots moved to the others by the
     /// log's leader (until then its co-owners serve them without it).
     pub replace_after_ms: u64,
+    /// Re-sync stream bytes this member sends per second (see
+    /// [`crate::cluster::replica::ReplicaConfig::stream_bytes_per_sec`]).
+    pub stream_bytes_per_sec: u64,
     /// Deadline of one replicated operation at its coordinator.
     pub request_timeout_ms: u64,
     /// The peer certificate and the cluster's CA: the operator's files, or
@@ -152,6 +155,10 @@ fn op_error(err: OpError) -> Response {
             error(ErrorCode::Unavailable, "too few replicas of the key are up for this consistency")
         }
         OpError::Timeout => error(ErrorCode::Unavailable, "too few replicas of the key answered in time"),
+        OpError::Conflict => error(
+            ErrorCode::Unavailable,
+            "the key was written by another member while this update ran; nothing was written, retry",
+        ),
     }
 }
 

@@ -189,6 +189,7 @@ impl Shell {
             wall_epoch_ms: unix_ms(),
             max_key_len,
             max_value_len,
+            stream_bytes_per_sec: options.stream_bytes_per_sec,
             ..ReplicaConfig::default()
         };
         // A restarted node is a new incarnation, so the others take its
@@ -564,6 +565,7 @@ impl Shell {
                 status.replica_writes = replica.peer_writes();
                 status.primary_updates = replica.updates_run();
                 status.sync_requests_refused = replica.syncs_refused();
+                status.streamed_bytes = replica.streamed_bytes();
             }
             status.synced = self.replica.as_ref().is_some_and(Replica::counted);
             if !full {
