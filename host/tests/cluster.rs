@@ -1216,6 +1216,16 @@ async fn redis_cli_reads_and_writes_through_any_member() {
     assert_eq!(cli(1, &["APPEND", "log", "a"]), "1");
     assert_eq!(cli(2, &["APPEND", "log", "bc"]), "3");
     assert_eq!(cli(0, &["STRLEN", "log"]), "3");
+    // The older string commands ride the same requests (one path).
+    assert_eq!(cli(0, &["SETNX", "nx", "1"]), "1");
+    assert_eq!(cli(1, &["SETNX", "nx", "2"]), "0");
+    assert_eq!(cli(2, &["GETSET", "nx", "3"]), "1");
+    assert_eq!(cli(0, &["SETEX", "ex", "100", "abcdef"]), "OK");
+    assert_eq!(cli(1, &["GETRANGE", "ex", "-3", "-1"]), "def");
+    let at: i64 = cli(2, &["EXPIRETIME", "ex"]).parse().expect("an integer");
+    assert!(at > 1_700_000_000, "EXPIRETIME {at}");
+    assert_eq!(cli(2, &["TYPE", "ex"]), "string");
+    assert_eq!(cli(0, &["MULTI"]), "OK", "a transaction on its own connection is opened and dropped");
     assert_eq!(cli(0, &["SET", "once", "1", "NX"]), "OK");
     assert_eq!(cli(1, &["SET", "once", "2", "NX"]), "");
     assert_eq!(cli(2, &["SET", "once", "3", "XX", "GET"]), "1");

@@ -194,6 +194,80 @@ fn redis_cli_runs_every_command() {
     assert_eq!(node.node.stats().entries, 0);
 }
 
+/// Redis's older string and keyspace commands, with Redis's answers and
+/// error texts (checked against redis-server 7.0 by hand): SETNX, SETEX,
+/// PSETEX, GETSET, GETRANGE/SUBSTR, EXPIREAT/PEXPIREAT,
+/// EXPIRETIME/PEXPIRETIME, TOUCH, TYPE and TIME.
+#[test]
+fn redis_cli_runs_the_older_string_commands() {
+    let node = RespNode::start();
+    let cli = |args: &[&str]| node.cli(args);
+    assert_eq!(cli(&["SETNX", "n", "1"]), "1");
+    assert_eq!(cli(&["SETNX", "n", "2"]), "0");
+    assert_eq!(cli(&["GET", "n"]), "1");
+    assert_eq!(cli(&["SETEX", "e", "100", "v"]), "OK");
+    assert_eq!(cli(&["TTL", "e"]), "100");
+    assert_eq!(cli(&["PSETEX", "p", "5000", "v"]), "OK");
+    assert_eq!(cli(&["TTL", "p"]), "5");
+    assert_eq!(cli(&["SETEX", "e", "0", "v"]), "ERR invalid expire time in 'setex' command");
+    assert_eq!(cli(&["SETEX", "e", "x", "v"]), "ERR value is not an integer or out of range");
+    assert_eq!(cli(&["GETSET", "e", "w"]), "v");
+    assert_eq!(cli(&["TTL", "e"]), "-1", "GETSET drops the TTL, as SET does");
+    assert_eq!(cli(&["GETSET", "fresh", "x"]), "");
+    assert_eq!(cli(&["SET", "s", "This is a string"]), "OK");
+    assert_eq!(cli(&["GETRANGE", "s", "0", "3"]), "This");
+    assert_eq!(cli(&["GETRANGE", "s", "-3", "-1"]), "ing");
+    assert_eq!(cli(&["GETRANGE", "s", "0", "-1"]), "This is a string");
+    assert_eq!(cli(&["GETRANGE", "s", "10", "100"]), "string");
+    assert_eq!(cli(&["GETRANGE", "s", "5", "3"]), "");
+    assert_eq!(cli(&["SUBSTR", "s", "-100", "1"]), "Th");
+    assert_eq!(cli(&["GETRANGE", "missing", "0", "5"]), "");
+    let now: i64 = cli(&["TIME"]).lines().next().and_then(|s| s.parse().ok()).expect("TIME's seconds");
+    let system = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    assert!((now - system).abs() <= 1, "TIME {now}, clock {system}");
+    assert_eq!(cli(&["EXPIREAT", "s", &(now + 300).to_string()]), "1");
+    let ttl: i64 = cli(&["TTL", "s"]).parse().expect("ttl");
+    assert!((298..=300).contains(&ttl), "{ttl}");
+    let at: i64 = cli(&["EXPIRETIME", "s"]).parse().expect("expiretime");
+    assert!((at - (now + 300)).abs() <= 1, "{at}");
+    let at_ms: i64 = cli(&["PEXPIRETIME", "s"]).parse().expect("pexpiretime");
+    assert!((at_ms / 1000 - (now + 300)).abs() <= 1, "{at_ms}");
+    assert_eq!(cli(&["EXPIRETIME", "n"]), "-1");
+    assert_eq!(cli(&["EXPIRETIME", "missing"]), "-2");
+    assert_eq!(cli(&["PEXPIREAT", "n", &((now + 60) * 1000).to_string()]), "1");
+    assert_eq!(cli(&["TTL", "n"]), "60");
+    assert_eq!(cli(&["EXPIREAT", "n", &(now - 10).to_string()]), "1", "a time in the past deletes");
+    assert_eq!(cli(&["EXISTS", "n"]), "0");
+    assert_eq!(cli(&["EXPIREAT", "n", &(now + 10).to_string()]), "0", "no key");
+    assert_eq!(cli(&["TOUCH", "s", "missing", "p"]), "2");
+    assert_eq!(cli(&["TYPE", "s"]), "string");
+    assert_eq!(cli(&["TYPE", "missing"]), "none");
+}
+
+/// redis-py's default pipeline (and the `redis` crate's atomic one) wraps
+/// its commands in MULTI/EXEC. Cachet cannot run them atomically yet, so
+/// the transaction is refused whole: the client gets an error and none of
+/// its writes is applied (before, the writes ran one by one and EXEC
+/// failed). A pipeline without MULTI runs.
+#[test]
+fn a_transaction_is_refused_whole_and_applies_nothing() {
+    let node = RespNode::start();
+    let mut con = node.redis();
+    let mut atomic = redis::pipe();
+    atomic.atomic().cmd("SET").arg("t1").arg("a").ignore().cmd("INCR").arg("t2").ignore();
+    let err = atomic.query::<()>(&mut con).expect_err("refused");
+    assert!(err.to_string().contains("EXECABORT") || err.to_string().contains("MULTI"), "{err}");
+    let held: Vec<Option<String>> = redis::cmd("MGET").arg("t1").arg("t2").query(&mut con).expect("mget");
+    assert_eq!(held, vec![None, None], "nothing of the transaction applied");
+    // The connection is usable at once, and a plain pipeline works.
+    let mut plain = redis::pipe();
+    plain.cmd("SET").arg("t1").arg("a").ignore().cmd("GET").arg("t1");
+    let got: Vec<String> = plain.query(&mut con).expect("a pipeline without MULTI");
+    assert_eq!(got, vec!["a".to_string()]);
+    let cli = |args: &[&str]| node.cli(args);
+    assert_eq!(cli(&["EXEC"]), "ERR EXEC without MULTI");
+}
+
 #[test]
 fn a_redis_client_library_sees_the_same_data_as_the_node() {
     let node = RespNode::start();

@@ -29,6 +29,8 @@ pub struct Session {
     pub user: Option<Arc<User>>,
     /// AUTH attempts on this connection that failed.
     pub failed_auths: u32,
+    /// The transaction opened with MULTI, if any ([`super::multi`]).
+    pub multi: Option<super::multi::Multi>,
 }
 
 /// Failed AUTH attempts after which a connection is closed: guessing
@@ -73,9 +75,52 @@ pub struct ServerInfo {
 
 /// Commands this port answers, for `COMMAND COUNT` and docs.
 pub const SUPPORTED: &[&str] = &[
-    "APPEND", "AUTH", "CLIENT", "COMMAND", "CONFIG", "DBSIZE", "DECR", "DECRBY", "DEL", "ECHO", "EXISTS", "EXPIRE",
-    "FLUSHALL", "FLUSHDB", "GET", "GETDEL", "GETEX", "HELLO", "INCR", "INCRBY", "INFO", "MGET", "MSET", "PERSIST",
-    "PEXPIRE", "PING", "PTTL", "QUIT", "SELECT", "SET", "STRLEN", "TTL", "UNLINK",
+    "APPEND",
+    "AUTH",
+    "CLIENT",
+    "COMMAND",
+    "CONFIG",
+    "DBSIZE",
+    "DECR",
+    "DECRBY",
+    "DEL",
+    "ECHO",
+    "EXISTS",
+    "EXPIRE",
+    "EXPIREAT",
+    "EXPIRETIME",
+    "FLUSHALL",
+    "FLUSHDB",
+    "GET",
+    "GETDEL",
+    "GETEX",
+    "GETRANGE",
+    "GETSET",
+    "HELLO",
+    "INCR",
+    "INCRBY",
+    "INFO",
+    "MGET",
+    "MSET",
+    "PERSIST",
+    "PEXPIRE",
+    "PEXPIREAT",
+    "PEXPIRETIME",
+    "PING",
+    "PSETEX",
+    "PTTL",
+    "QUIT",
+    "SELECT",
+    "SET",
+    "SETEX",
+    "SETNX",
+    "STRLEN",
+    "SUBSTR",
+    "TIME",
+    "TOUCH",
+    "TTL",
+    "TYPE",
+    "UNLINK",
 ];
 
 const WRONG_INT: &str = "ERR value is not an integer or out of range";
@@ -137,6 +182,22 @@ pub enum Reply {
     },
     /// OK whatever the count (FLUSHALL).
     Ok,
+    /// The bytes `start..=end` of a GET's value, Redis's negative indexes
+    /// included; empty for a missing key (GETRANGE, SUBSTR).
+    Range {
+        /// First index (from the end when negative).
+        start: i64,
+        /// Last index, included (from the end when negative).
+        end: i64,
+    },
+    /// When a TTL ends, as a Unix time; Redis's -2/-1 included
+    /// (EXPIRETIME, PEXPIRETIME).
+    ExpireTime {
+        /// PEXPIRETIME.
+        millis: bool,
+    },
+    /// "string" for a key that exists, "none" otherwise (TYPE).
+    Type,
 }
 
 /// Parses a data command (`args[0]` is its name) into its request;
@@ -183,6 +244,52 @@ pub fn parse(args: &[Bytes]) -> Parsed {
         },
         "APPEND" if n == 3 => data(Request::Append { key: key(), value: args[2].clone() }, Reply::Integer),
         "STRLEN" if n == 2 => data(Request::Strlen { key: key() }, Reply::Integer),
+        // Redis's older string commands, as the SET options they are.
+        "SETNX" if n == 3 => {
+            let request = Request::Set {
+                key: key(),
+                value: args[2].clone(),
+                ttl_ms: None,
+                condition: Condition::IfAbsent,
+                hint: 0,
+            };
+            data(request, Reply::Flag)
+        }
+        "SETEX" | "PSETEX" if n == 4 => {
+            let option = if name == "SETEX" { "EX" } else { "PX" };
+            match expiry(option, args.get(2), &name.to_ascii_lowercase()) {
+                Ok(ms) => {
+                    let (value, condition) = (args[3].clone(), Condition::Always);
+                    data(Request::Set { key: key(), value, ttl_ms: Some(ms), condition, hint: 0 }, Reply::Write)
+                }
+                Err(message) => Parsed::Invalid(message),
+            }
+        }
+        "GETSET" if n == 3 => {
+            let (value, condition) = (args[2].clone(), Condition::Always);
+            let request =
+                Request::SetWith { key: key(), value, ttl_ms: None, keep_ttl: false, condition, get: true, hint: 0 };
+            data(request, Reply::Bulk)
+        }
+        "GETRANGE" | "SUBSTR" if n == 4 => match (parse_i64(&args[2]), parse_i64(&args[3])) {
+            (Some(start), Some(end)) => data(Request::Get { key: key() }, Reply::Range { start, end }),
+            _ => Parsed::Invalid(WRONG_INT.into()),
+        },
+        "EXPIREAT" | "PEXPIREAT" if n == 3 => {
+            let scale = if name == "EXPIREAT" { 1000 } else { 1 };
+            match parse_i64(&args[2]).and_then(|t| t.checked_mul(scale)) {
+                // A time in the past deletes the key, as a negative EXPIRE does.
+                Some(at) => data(Request::Expire { key: key(), ttl_ms: until_unix_ms_or_now(at) }, Reply::Flag),
+                None => Parsed::Invalid(WRONG_INT.into()),
+            }
+        }
+        "EXPIRETIME" | "PEXPIRETIME" if n == 2 => {
+            data(Request::Ttl { key: key() }, Reply::ExpireTime { millis: name == "PEXPIRETIME" })
+        }
+        // The policy sees an EXISTS as no access: TOUCH counts keys, as
+        // Redis does, without refreshing them.
+        "TOUCH" if n >= 2 => data(Request::Exists { keys: args[1..].to_vec() }, Reply::Write),
+        "TYPE" if n == 2 => data(Request::Exists { keys: vec![key()] }, Reply::Type),
         "GETDEL" if n == 2 => data(Request::GetDel { key: key() }, Reply::Bulk),
         "GETEX" if n >= 2 => parse_getex(args),
         "DBSIZE" if n == 1 => data(Request::DbSize, Reply::Write),
@@ -250,6 +357,19 @@ pub fn write_response(session: &Session, reply: Reply, response: Response, out: 
         (Reply::Write | Reply::Integer, Response::Count(n)) => w.integer(n as i64),
         (Reply::Ok, Response::Count(_)) => w.simple("OK"),
         (Reply::Flag, Response::Applied(done)) => w.integer(i64::from(done)),
+        (Reply::Flag, Response::Ok) => w.integer(1),
+        (Reply::Range { start, end }, Response::Value(v)) => {
+            w.bulk(range(v.as_deref().unwrap_or_default(), start, end))
+        }
+        (Reply::ExpireTime { millis }, Response::Ttl(state)) => match state {
+            TtlState::Missing => w.integer(-2),
+            TtlState::Persistent => w.integer(-1),
+            TtlState::Remaining(ms) => {
+                let at = unix_ms().saturating_add(ms as i64);
+                w.integer(if millis { at } else { (at + 500) / 1000 })
+            }
+        },
+        (Reply::Type, Response::Count(n)) => w.simple(if n > 0 { "string" } else { "none" }),
         (Reply::Integer, Response::Integer(n)) => w.integer(n),
         (Reply::Values, Response::Values(values)) => {
             w.array(values.len());
@@ -290,6 +410,12 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
             _ => arity(&mut w, &name),
         },
         "ECHO" if n == 2 => w.bulk(&args[1]),
+        "TIME" if n == 1 => {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            w.array(2);
+            w.bulk(now.as_secs().to_string().as_bytes());
+            w.bulk(now.subsec_micros().to_string().as_bytes());
+        }
         "INFO" => {
             let sections: Vec<String> = args[1..].iter().map(|s| upper(s)).collect();
             w.text(&info_text(node, info, &sections));
@@ -350,11 +476,35 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
     }
 }
 
+fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// Milliseconds from now until a Unix time in milliseconds (at least 1, so
 /// a time in the past expires the key at once).
 fn until_unix_ms(at: i64) -> u64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    at.saturating_sub(now).max(1) as u64
+    at.saturating_sub(unix_ms()).max(1) as u64
+}
+
+/// [`until_unix_ms`], but 0 for a time not in the future: EXPIREAT in the
+/// past deletes the key at once (and answers whether it was there).
+fn until_unix_ms_or_now(at: i64) -> u64 {
+    at.saturating_sub(unix_ms()).max(0) as u64
+}
+
+/// GETRANGE's slice of `value`: negative indexes count from the end, both
+/// are clamped to the value, and an empty range is empty.
+fn range(value: &[u8], start: i64, end: i64) -> &[u8] {
+    let len = value.len() as i64;
+    if len == 0 {
+        return &[];
+    }
+    let from_end = |i: i64| if i < 0 { (len + i).max(0) } else { i };
+    let (start, end) = (from_end(start), from_end(end).min(len - 1));
+    if start > end {
+        return &[];
+    }
+    &value[start as usize..=end as usize]
 }
 
 /// Parses an expiry option (`EX s`, `PX ms`, `EXAT s`, `PXAT ms`) at

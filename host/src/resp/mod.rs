@@ -23,6 +23,7 @@
 pub mod acl;
 pub mod codec;
 pub mod commands;
+pub mod multi;
 
 use crate::clients::{ConnectionGate, Cutoff};
 use crate::node::Node;
@@ -380,7 +381,7 @@ async fn serve_until_done<S: AsyncRead + AsyncWrite + Unpin>(
         // clock starts there (see `Node::get_with_since`).
         let mut last_end: Option<Instant> = None;
         loop {
-            let plain = (direct && parser.idle() && session.unrestricted(info))
+            let plain = (direct && parser.idle() && session.unrestricted(info) && session.multi.is_none())
                 .then(|| serve_plain(node, &session, parse, &mut input, &mut output, last_end));
             if let Some(ended) = plain.flatten() {
                 last_end = Some(ended);
@@ -396,6 +397,8 @@ async fn serve_until_done<S: AsyncRead + AsyncWrite + Unpin>(
                     // dispatcher routes it. A reply that comes later (a load,
                     // a replicated operation) is awaited here: RESP answers
                     // in order.
+                    // A transaction is refused whole (see `multi`).
+                    Ok(Some(args)) if multi::handle(&mut session.multi, session.resp3, &args, &mut output) => {}
                     Ok(Some(args)) => match commands::parse(&args) {
                         commands::Parsed::Data(request, reply) => {
                             let response = node.dispatch(request, None).response().await;
