@@ -1100,7 +1100,12 @@ mod tests {
     fn keys_are_grouped_by_primary_owner_in_the_callers_order() {
         let client = ClusterClient::new(vec![config("10.0.0.1:7070")], RetryPolicy::default()).expect("client");
         // Member 0 is primary of two ranges with different second owners.
-        let range = |start, end, owners: [u32; 2]| cachet_proto::SlotRange { start, end, owners: owners.to_vec() };
+        let range = |start, end, owners: [u32; 2]| cachet_proto::SlotRange {
+            start,
+            end,
+            owners: owners.to_vec(),
+            pending: Vec::new(),
+        };
         let slots = vec![
             range(0, 4_000, [0, 1]),
             range(4_001, 8_191, [0, 2]),

@@ -100,7 +100,7 @@ impl Ring {
             }
         }
         for range in table.ranges() {
-            if let Some(&unknown) = range.owners.iter().find(|o| !by_id.contains_key(o)) {
+            if let Some(&unknown) = range.owners.iter().chain(&range.pending).find(|o| !by_id.contains_key(o)) {
                 return Err(RingError::UnknownOwner(unknown));
             }
         }
@@ -154,6 +154,11 @@ impl Ring {
         self.slot_owners(key_slot(key), rf).iter().filter_map(|&id| self.member(id)).collect()
     }
 
+    /// The members taking `key`'s slot over ([`crate::SlotRange::pending`]).
+    pub fn pending(&self, key: &[u8]) -> &[u32] {
+        self.table.pending_of_slot(key_slot(key))
+    }
+
     /// The primary owner of `key`.
     pub fn primary(&self, key: &[u8]) -> Option<&Member> {
         self.owners(key, 1).into_iter().next()
@@ -176,14 +181,31 @@ impl Ring {
         out
     }
 
-    /// Whether node `id` owns, on this ring, some slot it does not own on
-    /// `old` (checked range by range, not slot by slot).
+    /// Whether node `id` owns or takes over, on this ring, some slot it
+    /// neither owns nor takes over on `old` (checked range by range, not
+    /// slot by slot): slots it must fetch. A member that was pending for a
+    /// slot and becomes its owner gains nothing: it holds the slot already.
     pub fn gains_over(&self, old: &Self, id: u32, rf: usize) -> bool {
+        self.gains(old, id, rf, true)
+    }
+
+    /// Whether node `id` owns, on this ring, some slot it neither owns nor
+    /// takes over on `old`: a gain not staged through the log's pending
+    /// members (a founding table, or one from before pending members).
+    pub fn gains_as_owner_over(&self, old: &Self, id: u32, rf: usize) -> bool {
+        self.gains(old, id, rf, false)
+    }
+
+    fn gains(&self, old: &Self, id: u32, rf: usize, pending_too: bool) -> bool {
         let mut slot: u32 = 0;
         while slot < u32::from(SLOTS) {
             let s = slot as u16;
             let end = range_end(&self.table, s).min(range_end(&old.table, s));
-            if self.slot_owners(s, rf).contains(&id) && !old.slot_owners(s, rf).contains(&id) {
+            let held =
+                |ring: &Self| ring.slot_owners(s, rf).contains(&id) || ring.table.pending_of_slot(s).contains(&id);
+            let now =
+                self.slot_owners(s, rf).contains(&id) || (pending_too && self.table.pending_of_slot(s).contains(&id));
+            if now && !held(old) {
                 return true;
             }
             slot = u32::from(end) + 1;
@@ -264,7 +286,7 @@ mod tests {
         // Balanced, 3 members, 2 copies: 0..=5460 on [0, 1], 5461..=10921
         // on [1, 2], 10922..=16383 on [2, 0].
         let before = ring(3, 2);
-        let range = |start, end, owners: &[u32]| SlotRange { start, end, owners: owners.to_vec() };
+        let range = |start, end, owners: &[u32]| SlotRange { start, end, owners: owners.to_vec(), pending: Vec::new() };
         let table = SlotTable::new(
             2,
             vec![

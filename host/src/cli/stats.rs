@@ -70,6 +70,17 @@ pub(crate) fn run_stats(json: bool, admin: AdminArgs) -> Result<()> {
                 };
                 println!("replica           {} records, {} hints, {synced}", cluster.records, cluster.hints);
                 println!("replicated ops    {} ok, {} failed", cluster.ops_ok, cluster.ops_failed);
+                // A move in progress: members taking slots over, not owners yet.
+                let mut taking: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+                for range in &cluster.slots {
+                    for &p in &range.pending {
+                        *taking.entry(p).or_default() += u32::from(range.end - range.start) + 1;
+                    }
+                }
+                if !taking.is_empty() {
+                    let moving: Vec<String> = taking.iter().map(|(n, s)| format!("node {n} takes {s} slots")).collect();
+                    println!("moving slots      {} (pending: streaming, then owners)", moving.join(", "));
+                }
                 println!(
                     "as a replica      {} writes for other members, {} updates run as primary",
                     cluster.replica_writes, cluster.primary_updates

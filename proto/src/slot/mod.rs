@@ -49,6 +49,13 @@ pub struct SlotRange {
     pub end: u16,
     /// Node ids of the owners, the primary first.
     pub owners: Vec<u32>,
+    /// Members taking these slots over, not owners yet: they receive every
+    /// write (a write needs one more acknowledgement per pending member)
+    /// and stream the slots from the owners; once each has told the log it
+    /// holds them, the next table makes them owners in place of those they
+    /// replace. Reads never ask them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<u32>,
 }
 
 /// Why a slot table is not usable.
@@ -164,7 +171,7 @@ impl SlotTable {
                 let start = (total * i as u32 / n as u32) as u16;
                 let end = (total * (i as u32 + 1) / n as u32 - 1) as u16;
                 let owners = (0..rf).map(|k| sorted[(i + k) % n]).collect();
-                SlotRange { start, end, owners }
+                SlotRange { start, end, owners, pending: Vec::new() }
             })
             .collect();
         Self::new(epoch, ranges)
@@ -202,6 +209,73 @@ impl SlotTable {
     /// The owners of `key`, primary first.
     pub fn owners(&self, key: &[u8]) -> &[u32] {
         self.owners_of_slot(key_slot(key))
+    }
+
+    /// The members taking `slot` over (see [`SlotRange::pending`]).
+    pub fn pending_of_slot(&self, slot: u16) -> &[u32] {
+        let i = self.ranges.partition_point(|r| r.end < slot);
+        self.ranges.get(i).map_or(&[], |r| r.pending.as_slice())
+    }
+
+    /// Whether any slot has members taking it over.
+    pub fn has_pending(&self) -> bool {
+        self.ranges.iter().any(|r| !r.pending.is_empty())
+    }
+
+    /// Every member pending somewhere.
+    pub fn pending_members(&self) -> Vec<u32> {
+        let mut all: Vec<u32> = self.ranges.iter().flat_map(|r| r.pending.iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// The first step of a move to `target`: this table's owners, each
+    /// slot's owners in `target` that it lacks as pending members, at this
+    /// table's epoch + 1. Once they hold their slots, `target` (at the
+    /// next epoch) finishes the move. Neighbouring slots alike are merged.
+    pub fn staged(&self, target: &Self) -> Result<Self, SlotError> {
+        let epoch = self.epoch.checked_add(1).ok_or(SlotError::EpochExhausted { epoch: self.epoch })?;
+        let mut ranges: Vec<SlotRange> = Vec::new();
+        let mut slot: u32 = 0;
+        while slot < u32::from(SLOTS) {
+            let s = slot as u16;
+            let (owners, end) = self.piece(s);
+            let (wanted, wanted_end) = target.piece(s);
+            let end = end.min(wanted_end);
+            let pending: Vec<u32> = wanted.iter().copied().filter(|w| !owners.contains(w)).collect();
+            match ranges.last_mut() {
+                Some(last) if last.owners == owners && last.pending == pending => last.end = end,
+                _ => ranges.push(SlotRange { start: s, end, owners: owners.to_vec(), pending }),
+            }
+            slot = u32::from(end) + 1;
+        }
+        Self::new(epoch, ranges)
+    }
+
+    /// This table without pending members, at epoch + 1: a move given up
+    /// (a pending member left, or is no longer wanted).
+    pub fn without_pending(&self) -> Result<Self, SlotError> {
+        let epoch = self.epoch.checked_add(1).ok_or(SlotError::EpochExhausted { epoch: self.epoch })?;
+        Self::new(epoch, self.owner_ranges())
+    }
+
+    /// The ranges with their owners only, neighbours alike merged.
+    fn owner_ranges(&self) -> Vec<SlotRange> {
+        let mut ranges: Vec<SlotRange> = Vec::new();
+        for r in &self.ranges {
+            match ranges.last_mut() {
+                Some(last) if last.owners == r.owners => last.end = r.end,
+                _ => ranges.push(SlotRange { pending: Vec::new(), ..r.clone() }),
+            }
+        }
+        ranges
+    }
+
+    /// Whether this table and `other` place the same owners and pending
+    /// members on every slot (epochs aside).
+    pub fn same_placement(&self, other: &Self) -> bool {
+        self.ranges == other.ranges
     }
 
     /// The table at `epoch + 1` that places `rf` copies of every slot on
@@ -259,7 +333,10 @@ impl SlotTable {
     pub fn plan(&self, members: &[(u32, u32)], rf: usize) -> Result<Self, SlotError> {
         check(&self.ranges)?;
         let epoch = self.epoch.checked_add(1).ok_or(SlotError::EpochExhausted { epoch: self.epoch })?;
-        Self::new(epoch, plan::place(&self.ranges, members, rf)?)
+        // Pending members are ignored: the plan is made from the owners
+        // alone, so a table part way through a move plans the same target
+        // as the table it started from.
+        Self::new(epoch, plan::place(&self.owner_ranges(), members, rf)?)
     }
 
     /// The owner assignments `next` has that this table does not, as
@@ -314,9 +391,10 @@ fn check(ranges: &[SlotRange]) -> Result<(), SlotError> {
             return Err(SlotError::Coverage { at: next });
         }
         let mut owners = range.owners.clone();
+        owners.extend(&range.pending);
         owners.sort_unstable();
         owners.dedup();
-        if range.owners.is_empty() || owners.len() != range.owners.len() {
+        if range.owners.is_empty() || owners.len() != range.owners.len() + range.pending.len() {
             return Err(SlotError::Owners { start: range.start, end: range.end });
         }
         next = u32::from(range.end) + 1;

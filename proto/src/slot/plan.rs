@@ -510,7 +510,12 @@ fn compact(runs: &[Run], roster: &Roster) -> Vec<SlotRange> {
         let end = u16::try_from(run.start + run.len - 1).unwrap_or(SLOTS - 1);
         match ranges.last_mut() {
             Some(last) if run.owners == previous => last.end = end,
-            _ => ranges.push(SlotRange { start, end, owners: run.owners.iter().map(|&o| roster.id(o)).collect() }),
+            _ => ranges.push(SlotRange {
+                start,
+                end,
+                owners: run.owners.iter().map(|&o| roster.id(o)).collect(),
+                pending: Vec::new(),
+            }),
         }
         previous = &run.owners;
     }

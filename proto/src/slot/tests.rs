@@ -21,7 +21,7 @@ fn slots_match_redis() {
 fn a_balanced_table_spreads_primaries_and_copies() {
     let table = SlotTable::balanced(1, &[2, 0, 1], 2).expect("table");
     assert_eq!(table.ranges().len(), 3);
-    assert_eq!(table.ranges()[0], SlotRange { start: 0, end: 5_460, owners: vec![0, 1] });
+    assert_eq!(table.ranges()[0], SlotRange { start: 0, end: 5_460, owners: vec![0, 1], pending: Vec::new() });
     assert_eq!(table.ranges()[2].end, SLOTS - 1);
     assert_eq!(table.owners_of_slot(0), &[0, 1]);
     assert_eq!(table.owners_of_slot(5_461), &[1, 2]);
@@ -44,7 +44,7 @@ fn a_balanced_table_spreads_primaries_and_copies() {
 
 #[test]
 fn tables_that_miss_or_repeat_slots_are_refused() {
-    let range = |start, end, owners: &[u32]| SlotRange { start, end, owners: owners.to_vec() };
+    let range = |start, end, owners: &[u32]| SlotRange { start, end, owners: owners.to_vec(), pending: Vec::new() };
     assert!(SlotTable::new(1, vec![range(0, SLOTS - 1, &[0])]).is_ok());
     assert_eq!(SlotTable::new(1, vec![range(0, 100, &[0])]), Err(SlotError::Coverage { at: 101 }));
     assert_eq!(
@@ -266,7 +266,7 @@ fn slot_plan_changes_the_replication_factor() {
 
 #[test]
 fn slot_moves_pair_each_gain_with_the_owner_it_replaces() {
-    let range = |start, end, owners: &[u32]| SlotRange { start, end, owners: owners.to_vec() };
+    let range = |start, end, owners: &[u32]| SlotRange { start, end, owners: owners.to_vec(), pending: Vec::new() };
     let before = SlotTable::new(1, vec![range(0, 99, &[1, 2]), range(100, SLOTS - 1, &[2, 3])]).expect("table");
     let after = SlotTable::new(
         2,
@@ -299,7 +299,8 @@ fn slot_plan_refuses_bad_input() {
     let last = SlotTable::new(u64::MAX, table.ranges().to_vec()).expect("table");
     assert_eq!(last.plan(&equal(&[1, 2, 3]), 2), Err(SlotError::EpochExhausted { epoch: u64::MAX }));
     // A table that skipped `new`'s checks (as a careless decoder might).
-    let broken = SlotTable { epoch: 1, ranges: vec![SlotRange { start: 0, end: 9, owners: vec![1] }] };
+    let broken =
+        SlotTable { epoch: 1, ranges: vec![SlotRange { start: 0, end: 9, owners: vec![1], pending: Vec::new() }] };
     assert_eq!(broken.plan(&equal(&[1]), 1), Err(SlotError::Coverage { at: 10 }));
     // Slots 10.. have no owners in `broken`, so every copy there is gained.
     assert_eq!(moved(&broken.moves(&table)), 2 * u64::from(SLOTS) - 10, "moves compares any two tables");
@@ -313,7 +314,7 @@ fn slot_plan_replaces_every_member_and_normalises_odd_tables() {
     check_plan(&after, &members, 2);
     assert_eq!(moved(&before.moves(&after)), 2 * u64::from(SLOTS), "every copy is new");
     // Owner lists of different lengths (valid for `new`) come out at rf.
-    let range = |start, end, owners: &[u32]| SlotRange { start, end, owners: owners.to_vec() };
+    let range = |start, end, owners: &[u32]| SlotRange { start, end, owners: owners.to_vec(), pending: Vec::new() };
     let odd = SlotTable::new(
         1,
         vec![range(0, 99, &[1]), range(100, 8000, &[3, 1, 2]), range(8001, SLOTS - 1, &[2, 5, 1, 3])],
@@ -382,4 +383,34 @@ proptest! {
             table = next;
         }
     }
+}
+
+/// A move in two steps: `staged` keeps the owners and adds the target's
+/// new owners as pending, slot by slot; the planner ignores pending
+/// members (a staged table plans the same target); `without_pending`
+/// gives the move up; pending members must be distinct from the owners.
+#[test]
+fn a_move_is_staged_with_pending_members_first() {
+    let before = SlotTable::balanced(4, &[0, 1, 2], 2).expect("table");
+    let target = before.plan(&[(0, 1), (1, 1), (2, 1), (3, 1)], 2).expect("plan");
+    let staged = before.staged(&target).expect("staged");
+    assert_eq!(staged.epoch(), 5);
+    assert!(staged.has_pending());
+    assert_eq!(staged.pending_members(), vec![3]);
+    for slot in [0u16, 100, 5_000, 9_000, 12_000, 16_383] {
+        assert_eq!(staged.owners_of_slot(slot), before.owners_of_slot(slot), "slot {slot}: owners unchanged");
+        let gained: Vec<u32> =
+            target.owners_of_slot(slot).iter().copied().filter(|o| !before.owners_of_slot(slot).contains(o)).collect();
+        assert_eq!(staged.pending_of_slot(slot), gained.as_slice(), "slot {slot}");
+    }
+    let again = staged.plan(&[(0, 1), (1, 1), (2, 1), (3, 1)], 2).expect("plan from the staged table");
+    assert!(again.same_placement(&target), "the target does not move while the move runs");
+    assert!(staged.staged(&again).expect("restaged").same_placement(&staged));
+    let given_up = staged.without_pending().expect("given up");
+    assert!(given_up.same_placement(&before) && given_up.epoch() == 6);
+    let clash = SlotRange { start: 0, end: SLOTS - 1, owners: vec![1, 2], pending: vec![2] };
+    assert!(matches!(SlotTable::new(1, vec![clash]), Err(SlotError::Owners { .. })));
+    // Serialized without pending members, a table reads back the same.
+    let plain: SlotTable = rmp_serde::from_slice(&rmp_serde::to_vec_named(&before).expect("encode")).expect("decode");
+    assert_eq!(plain, before);
 }

@@ -237,6 +237,16 @@ pub enum MetaEntry {
     /// Nothing: a barrier a member proposes to learn that its view is
     /// current.
     Noop,
+    /// A member pending for slots on the table at `epoch` holds them now
+    /// (its streams from their owners are done, and it has taken every
+    /// write since): once every pending member has said so, the leader
+    /// makes them owners. Only for itself: the proposer must be `node`.
+    SlotsHeld {
+        /// The member.
+        node: NodeIx,
+        /// The table it streamed for.
+        epoch: u64,
+    },
 }
 
 impl MetaEntry {

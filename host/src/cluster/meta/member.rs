@@ -58,6 +58,8 @@ const CANARY_TOLERANCE: f64 = 0.005;
 const CANARY_DECISION: NodeIx = NodeIx::MAX;
 /// `open`'s key for the leader's slot plans.
 const SLOT_PLAN: NodeIx = NodeIx::MAX - 1;
+/// `open`'s key for this member's [`MetaEntry::SlotsHeld`].
+const SLOTS_HELD: NodeIx = NodeIx::MAX - 2;
 /// A member that has not heard from the log's leader for this long stops
 /// counting toward quorums (see [`MetaNode::in_contact`]).
 pub const LEASE_MS: u64 = 1_500;
@@ -223,6 +225,39 @@ fn wanted_slots(
             None
         }
     }
+}
+
+/// The next table on the way to `target`, the leader's wanted placement.
+/// A move is two tables: first the current owners with the new ones
+/// pending ([`cachet_proto::SlotTable::staged`]), who take every write and
+/// stream the slots; then, once each pending member has told the log it
+/// holds them ([`MetaEntry::SlotsHeld`]), `target` itself. So a new owner
+/// counts for a key only once the log records that it holds it, and the
+/// owners it replaces serve until then.
+///
+/// - No target and no move running: nothing.
+/// - No target but pending members (the move is no longer wanted: the
+///   member it was for came back, or a pending member left): the table
+///   without them.
+/// - A target that adds no owner anywhere (owners only drop out): the
+///   target at once.
+/// - A target not staged yet (or staged for another target): the staged
+///   table.
+/// - Staged, and every pending member holds its slots: the target.
+/// - Staged, still streaming: nothing.
+fn next_table(state: &MetaState, target: Option<cachet_proto::SlotTable>) -> Option<cachet_proto::SlotTable> {
+    let table = &state.slots;
+    let Some(target) = target else {
+        return if table.has_pending() { table.without_pending().ok() } else { None };
+    };
+    let staged = table.staged(&target).ok()?;
+    if !staged.has_pending() {
+        return Some(target);
+    }
+    if !staged.same_placement(table) {
+        return Some(staged);
+    }
+    table.pending_members().iter().all(|p| state.held.contains(p)).then_some(target)
 }
 
 /// The leader's watch over a running canary.
@@ -547,6 +582,19 @@ impl MetaMember {
         self.open.values().any(|n| *n == node)
     }
 
+    /// Tells the log that this member holds the slots it is pending for on
+    /// the table at `epoch` (the shell calls it when the replica's streams
+    /// are done on that table), until the log has it.
+    pub fn slots_held(&mut self, now: u64, epoch: u64) {
+        let me = self.opts.me;
+        let Some(state) = self.state() else { return };
+        let wanted =
+            state.slots.epoch() == epoch && state.slots.pending_members().contains(&me) && !state.held.contains(&me);
+        if wanted && !self.busy_with(SLOTS_HELD) {
+            self.propose(now, SLOTS_HELD, MetaEntry::SlotsHeld { node: me, epoch });
+        }
+    }
+
     /// Tells the log this member's client address, once.
     fn announce(&mut self, now: u64) {
         let me = self.opts.me;
@@ -656,7 +704,7 @@ impl MetaMember {
             }
         }
         let replace_after = self.opts.config.replace_after_ms.max(MIN_REPLACE_AFTER_MS);
-        if let Some(table) = wanted_slots(state, &self.down_since, now, replace_after) {
+        if let Some(table) = next_table(state, wanted_slots(state, &self.down_since, now, replace_after)) {
             let expected_epoch = state.slots.epoch();
             tracing::info!(target: "cachet::meta", epoch = table.epoch(), "proposing a new slot table");
             proposals.push((SLOT_PLAN, MetaEntry::SetSlots { expected_epoch, table }));
@@ -855,6 +903,50 @@ impl MetaMember {
 mod tests {
     use super::*;
     use crate::cluster::replica::Consistency;
+
+    /// The leader's steps of a move, from the log's state alone: a member
+    /// that joins is staged as pending; the target comes only once every
+    /// pending member holds its slots; a pending member that goes down is
+    /// staged out again; a move no longer wanted is given up.
+    #[test]
+    fn a_move_goes_through_pending_members_and_the_log_records_their_holding() {
+        let record = |node: NodeIx, state: MemberState| MemberRecord {
+            node,
+            raft_id: raft_id(node, 0),
+            peer: SocketAddr::from(([127, 0, 0, 1], 7100 + node as u16)),
+            client: None,
+            weight: 1,
+            state,
+            reason: String::new(),
+            since: 1,
+        };
+        let settings = Settings { rf: 3, consistency: Consistency::Quorum };
+        let founders = (0..3).map(|n| record(n, MemberState::Serving)).collect();
+        let mut state = MetaState::founding(founders, settings).expect("state");
+        let never_down = BTreeMap::new();
+        let wanted = |state: &MetaState| wanted_slots(state, &never_down, 0, 30_000);
+        assert!(next_table(&state, wanted(&state)).is_none(), "founders: nothing to move");
+        // Member 3 joins and serves: staged, with 3 pending.
+        state.members.insert(3, record(3, MemberState::Serving));
+        let staged = next_table(&state, wanted(&state)).expect("a move");
+        assert_eq!(staged.pending_members(), vec![3]);
+        assert_eq!(staged.epoch(), 2);
+        for r in staged.ranges() {
+            assert_eq!(r.owners.len(), 3, "the owners stay while 3 streams");
+        }
+        state.slots = staged.clone();
+        assert!(next_table(&state, wanted(&state)).is_none(), "nothing until 3 holds its slots");
+        state.held.insert(3);
+        let target = next_table(&state, wanted(&state)).expect("the move's second step");
+        assert!(!target.has_pending() && target.epoch() == 3);
+        assert!(target.ranges().iter().any(|r| r.owners.contains(&3)), "3 owns slots now");
+        // Member 3 goes down while pending: the move is given up.
+        state.members.insert(3, record(3, MemberState::Down));
+        state.held.clear();
+        let given_up = next_table(&state, wanted(&state)).expect("given up");
+        assert!(!given_up.has_pending() && given_up.epoch() == 3);
+        assert!(given_up.ranges().iter().all(|r| !r.owners.contains(&3)));
+    }
 
     fn opts(me: NodeIx, founders: usize, dir: &std::path::Path) -> MetaOptions {
         let addr = |i: NodeIx, port: u16| SocketAddr::from(([127, 0, 0, 1], port + i as u16));

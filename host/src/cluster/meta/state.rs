@@ -77,6 +77,10 @@ pub struct MetaState {
     /// Entries refused so far (for `cachet stats`).
     pub refused: u64,
     nonces: BTreeMap<NodeIx, Nonces>,
+    /// The pending members of the current table that hold their slots
+    /// ([`MetaEntry::SlotsHeld`]); emptied by every new table.
+    #[serde(default)]
+    pub held: BTreeSet<NodeIx>,
 }
 
 impl MetaState {
@@ -99,6 +103,7 @@ impl MetaState {
             quarantined: BTreeMap::new(),
             refused: 0,
             nonces: BTreeMap::new(),
+            held: BTreeSet::new(),
         })
     }
 
@@ -150,10 +155,10 @@ impl MetaState {
         if !fresh {
             return Outcome::Duplicate;
         }
-        if let MetaEntry::SetClient { node, .. } = &proposal.entry
+        if let MetaEntry::SetClient { node, .. } | MetaEntry::SlotsHeld { node, .. } = &proposal.entry
             && *node != proposal.proposer
         {
-            return Outcome::Refused(format!("node {} cannot announce node {node}'s address", proposal.proposer));
+            return Outcome::Refused(format!("node {} cannot speak for node {node}", proposal.proposer));
         }
         match self.validate(&proposal.entry) {
             Ok(()) => Outcome::Applied,
@@ -224,7 +229,11 @@ impl MetaState {
                 // Deserialized, so not checked yet: every slot covered once,
                 // distinct owners.
                 SlotTable::new(table.epoch(), table.ranges().to_vec()).map_err(|e| e.to_string())?;
-                let unknown = table.ranges().iter().flat_map(|r| r.owners.iter()).find(|o| member(**o).is_none());
+                let unknown = table
+                    .ranges()
+                    .iter()
+                    .flat_map(|r| r.owners.iter().chain(&r.pending))
+                    .find(|o| member(**o).is_none());
                 match unknown {
                     Some(o) => Err(format!("slot owner {o} is not a member")),
                     None => Ok(()),
@@ -293,6 +302,15 @@ impl MetaState {
                 }
             }
             MetaEntry::Noop => Ok(()),
+            MetaEntry::SlotsHeld { node, epoch } => {
+                if *epoch != self.slots.epoch() {
+                    Err(format!("slots held at epoch {epoch}; the table is at {}", self.slots.epoch()))
+                } else if !self.slots.pending_members().contains(node) {
+                    Err(format!("node {node} takes no slots over on table {epoch}"))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -355,7 +373,13 @@ impl MetaState {
                     m.client = Some(*client);
                 }
             }
-            MetaEntry::SetSlots { table, .. } => self.slots = table.clone(),
+            MetaEntry::SetSlots { table, .. } => {
+                self.slots = table.clone();
+                self.held.clear();
+            }
+            MetaEntry::SlotsHeld { node, .. } => {
+                self.held.insert(*node);
+            }
             MetaEntry::Settings(s) => self.settings = s.clone(),
             MetaEntry::ModuleStored(m) => {
                 let origin = proposer;

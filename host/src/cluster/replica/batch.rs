@@ -74,16 +74,21 @@ impl Replica {
             return;
         };
         let owners = self.owners(&first.key);
+        // Written to the members taking the slot over too, each of whom
+        // must acknowledge (as a single write is).
+        let targets = self.write_targets(&first.key);
         let set = |owners: &[NodeIx]| owners.iter().copied().collect::<BTreeSet<_>>();
-        let same = entries.iter().all(|e| set(&self.owners(&e.key)) == set(&owners));
-        let required = consistency.required(owners.len());
-        if !same || entries.len() > MAX_BATCH_KEYS || required == 0 || self.live(&owners) < required {
+        let same = entries.iter().all(|e| set(&self.write_targets(&e.key)) == set(&targets));
+        let extra = targets.len() - owners.len();
+        let required = consistency.required(owners.len()) + extra;
+        if !same || entries.len() > MAX_BATCH_KEYS || required == extra || self.live(&targets) < required {
             refuse(self);
             return;
         }
         let req = self.request_id();
         let deadline = now + self.config.request_timeout_ms;
         let needed = Consistency::Quorum.required(owners.len());
+        let owners = targets;
         let phase = BatchPhase::Query { answered: BTreeSet::new(), counted: 0, needed, highest: Version::default() };
         let keys: Vec<Bytes> = entries.iter().map(|e| e.key.clone()).collect();
         self.pending.insert(req, Pending::Batch(BatchWrite { client_req, deadline, entries, owners, required, phase }));
@@ -136,7 +141,7 @@ impl Replica {
     pub(super) fn apply_batch(&mut self, now: u64, entries: &[(Bytes, Record)]) -> bool {
         let mut all = true;
         for (key, record) in entries {
-            all &= self.apply(now, key, record) && self.counted_for(key);
+            all &= self.apply(now, key, record) && (self.counted_for(key) || self.pending_here(key));
         }
         all
     }
@@ -187,7 +192,7 @@ impl Replica {
                         self.batch_acked(now, req, owner, counted);
                     } else if self.is_alive(owner) {
                         self.send(owner, Message::PutBatch { req, entries: records.clone() });
-                    } else {
+                    } else if records.first().is_some_and(|(key, _)| self.owners(key).contains(&owner)) {
                         // Hints per key for a down owner, as single writes.
                         for (key, record) in &records {
                             match self.hint_holder(key, &owners) {

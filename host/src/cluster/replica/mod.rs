@@ -658,6 +658,7 @@ impl Resync {
             then: None,
             trusted: Vec::new(),
             not_before: 0,
+            pending_only: false,
         }
     }
 }
@@ -743,6 +744,9 @@ struct Resync {
     /// No request before this time, whatever else moves `next_try` (the
     /// second pass must wait out the old ring's operations).
     not_before: u64,
+    /// Started by a table on which this node only takes slots over (see
+    /// [`Replica::skip_dead_sources`]).
+    pending_only: bool,
 }
 
 /// One node's replica and coordinator. See the module docs.
@@ -976,6 +980,35 @@ impl Replica {
         self.ring.owners(key, self.config.rf).iter().filter_map(|m| m.id.parse().ok()).collect()
     }
 
+    /// Whom a write of `key` goes to: its owners, then the members taking
+    /// its slot over ([`cachet_proto::SlotRange::pending`]), each of whom
+    /// must acknowledge it too.
+    pub(super) fn write_targets(&self, key: &[u8]) -> Vec<NodeIx> {
+        let mut targets = self.owners(key);
+        for &p in self.ring.pending(key) {
+            if !targets.contains(&p) {
+                targets.push(p);
+            }
+        }
+        targets
+    }
+
+    /// Whether this node takes `key`'s slot over and is in touch with the
+    /// log: its acknowledgement of a write counts (the write is there),
+    /// though its copy answers no read until the log makes it an owner.
+    pub(super) fn pending_here(&self, key: &[u8]) -> bool {
+        self.in_contact && self.ring.pending(key).contains(&self.me)
+    }
+
+    /// The table's epoch if this node takes slots over on it and holds
+    /// them: its streams are done and it has taken every write since the
+    /// table came (the shell tells the log, [`crate::cluster::meta`]'s
+    /// `SlotsHeld`).
+    pub fn holds_pending(&self) -> Option<u64> {
+        let pending = self.ring.table().pending_members().contains(&self.me);
+        (pending && self.in_contact && self.resync.is_none()).then(|| self.ring.epoch())
+    }
+
     /// The ring's members' ids.
     fn ring_nodes(&self) -> Vec<NodeIx> {
         self.ring.members().iter().filter_map(|m| m.id.parse().ok()).collect()
@@ -1015,6 +1048,7 @@ impl Replica {
         let old = std::mem::replace(&mut self.ring, ring);
         self.shed_moved_updates(now);
         let others = self.other_owners();
+        let owner_gains = self.ring.gains_as_owner_over(&old, self.me, self.config.rf);
         if !self.ring.gains_over(&old, self.me, self.config.rf) {
             // A re-sync in progress must hear from new owners too (they may
             // hold records this node owns), and no longer waits for members
@@ -1043,7 +1077,35 @@ impl Replica {
         let round = self.next_round();
         let mut resync = Resync::new(round, others, now);
         resync.trusted = trusted;
+        // Staged through the log (it takes slots over, owning none new): a
+        // source that is down may be skipped where that is safe.
+        resync.pending_only = !owner_gains;
         self.resync = Some(resync);
+        self.skip_dead_sources(now);
+    }
+
+    /// A re-sync for slots this node takes over stops waiting for sources
+    /// that are down when that is safe: for every slot it takes over, fewer
+    /// of the owners are down than a write quorum, so every write
+    /// acknowledged at QUORUM is on an owner it streams from. (Waiting
+    /// would hold the move up for good when it replaces a dead member.)
+    fn skip_dead_sources(&mut self, now: u64) {
+        let Some(resync) = &self.resync else { return };
+        if !resync.pending_only {
+            return;
+        }
+        let dead: BTreeSet<NodeIx> = resync.waiting.iter().copied().filter(|&n| !self.is_alive(n)).collect();
+        if dead.is_empty() {
+            return;
+        }
+        let safe = self.ring.table().ranges().iter().filter(|r| r.pending.contains(&self.me)).all(|r| {
+            let down = r.owners.iter().filter(|o| dead.contains(o)).count();
+            down < Consistency::Quorum.required(r.owners.len())
+        });
+        if safe && let Some(resync) = &mut self.resync {
+            resync.waiting.retain(|n| !dead.contains(n));
+            self.pass_done(now);
+        }
     }
 
     /// Ends a re-sync pass once no member is waited for: starts the second
@@ -1095,6 +1157,9 @@ impl Replica {
         }
         if let Some(slot) = self.alive.get_mut(node as usize) {
             *slot = alive;
+        }
+        if !alive {
+            self.skip_dead_sources(now);
         }
         if alive {
             self.shed_moved_updates(now);
@@ -1220,9 +1285,17 @@ impl Replica {
             }
         };
         let owners = self.owners(&key);
-        let required = consistency.required(owners.len());
-        let alive = owners.iter().filter(|&&n| n == self.me || self.is_alive(n)).count();
-        if required == 0 || alive < required {
+        // A write needs one more acknowledgement per member taking the slot
+        // over: then, whichever owners it replaces, a quorum of the new
+        // owners holds every acknowledged write.
+        let pending = match op {
+            Op::Put { .. } => self.ring.pending(&key).len(),
+            _ => 0,
+        };
+        let required = consistency.required(owners.len()) + pending;
+        let targets = if pending > 0 { self.write_targets(&key) } else { owners.clone() };
+        let alive = targets.iter().filter(|&&n| n == self.me || self.is_alive(n)).count();
+        if required == pending || alive < required {
             self.replies.push_back(Reply { client_req, result: Err(OpError::Unavailable) });
             return;
         }
@@ -1292,7 +1365,7 @@ impl Replica {
                     base,
                 };
                 self.pending.insert(req, write);
-                self.store_at_owners(now, req, &key, &record, &owners);
+                self.store_at_owners(now, req, &key, &record);
             }
             Op::Put { value, expires_at, hint, .. } => {
                 // A read quorum, whatever the write's level: it must meet the
@@ -1369,16 +1442,20 @@ impl Replica {
         }
     }
 
-    /// Sends the write to every owner: live ones directly, down ones as a
-    /// hint to the next live node.
-    fn store_at_owners(&mut self, now: u64, req: u64, key: &Bytes, record: &Record, owners: &[NodeIx]) {
-        for &owner in owners {
+    /// Sends the write to every owner and member taking the slot over:
+    /// live ones directly, down owners as a hint to the next live node (a
+    /// member taking the slot over that is down is given up by the log).
+    fn store_at_owners(&mut self, now: u64, req: u64, key: &Bytes, record: &Record) {
+        let owners = self.owners(key);
+        for owner in self.write_targets(key) {
             if owner == self.me {
-                let counted = self.apply(now, key, record) && self.counted_for(key);
+                let counted = self.apply(now, key, record) && (self.counted_for(key) || self.pending_here(key));
                 self.acked(req, owner, counted);
             } else if self.is_alive(owner) {
                 self.send(owner, Message::Put { req, key: key.clone(), record: record.clone(), hint_for: None });
-            } else if let Some(holder) = self.hint_holder(key, owners) {
+            } else if owners.contains(&owner)
+                && let Some(holder) = self.hint_holder(key, &owners)
+            {
                 let hint = Message::Put { req: 0, key: key.clone(), record: record.clone(), hint_for: Some(owner) };
                 if holder == self.me {
                     self.keep_hint(now, owner, key.clone(), record.clone());
@@ -1441,7 +1518,7 @@ impl Replica {
     }
 
     fn acked(&mut self, req: u64, from: NodeIx, counted: bool) {
-        if self.pending_key(req).is_some_and(|key| !self.owners(key).contains(&from)) {
+        if self.pending_key(req).is_some_and(|key| !self.write_targets(key).contains(&from)) {
             return;
         }
         match self.pending.get_mut(&req) {
@@ -1510,8 +1587,7 @@ impl Replica {
                         let record = Record { version, value: value.clone(), expires_at: *expires_at, hint: *hint };
                         let key = key.clone();
                         *phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
-                        let owners = self.owners(&key);
-                        self.store_at_owners(now, req, &key, &record, &owners);
+                        self.store_at_owners(now, req, &key, &record);
                         self.progress(now, req);
                     }
                 }
@@ -1682,7 +1758,8 @@ impl Replica {
                 // A record the store refused is acknowledged as not
                 // counting: the coordinator must not count a copy that is
                 // not there.
-                let counted = self.apply(now, &key, &record) && self.counted_for(&key) && current;
+                let counted =
+                    self.apply(now, &key, &record) && (self.counted_for(&key) || self.pending_here(&key)) && current;
                 self.peer_writes += u64::from(req != 0);
                 if req != 0 {
                     self.send(from, Message::PutAck { req, counted });
@@ -1934,7 +2011,11 @@ impl Replica {
     fn stream_part(&mut self, member: NodeIx, ask: StreamAsk) -> u64 {
         let ring = self.ring.clone();
         let rf = self.config.rf;
-        let theirs = |key: &[u8]| ring.owners(key, rf).iter().any(|m| m.id.parse() == Ok(member));
+        // What it owns or takes over: a member taking slots over streams
+        // them from their owners.
+        let theirs = |key: &[u8]| {
+            ring.owners(key, rf).iter().any(|m| m.id.parse() == Ok(member)) || ring.pending(key).contains(&member)
+        };
         let mut entries: Vec<(Bytes, Record)> = Vec::new();
         let mut bytes = 0usize;
         // Hints held for the requester ride along with the first part, and

@@ -887,3 +887,52 @@ fn a_member_asking_in_a_loop_gets_no_more_than_the_stream_rate() {
     assert!(to_two > 0, "the other member was served in its turn");
     assert!(replica.syncs_refused() >= 990, "{} asks dropped", replica.syncs_refused());
 }
+
+/// On a staged table a write goes to the owners and to the member taking
+/// the slot over, and needs one more acknowledgement per pending member
+/// (Cassandra's q + p): with one owner down, the two others' QUORUM
+/// acknowledgements are not enough while the pending member is silent,
+/// and are with it. Reads ask the owners only, and a pending member's
+/// copy does not count for them.
+#[test]
+fn a_write_on_a_staged_table_needs_the_pending_members_acknowledgement() {
+    let old = ring(3);
+    let target = planned(&old, 4, &[0, 1, 2, 3], 3);
+    let staged = Arc::new(Ring::new(members(4), old.table().staged(target.table()).expect("staged")).expect("ring"));
+    let key = (0..1_000)
+        .map(|i| Bytes::from(format!("k{i}")))
+        .find(|k| staged.pending(k) == [3])
+        .expect("a key member 3 takes over");
+    let owners = ids(&staged, &key);
+    assert!(!owners.contains(&3));
+    let config = ReplicaConfig { rf: 3, ..ReplicaConfig::default() };
+    let mut replicas: Vec<Replica> =
+        (0..4).map(|i| Replica::new(i, 4, staged.clone(), config, 40 + u64::from(i))).collect();
+    let (coordinator, down) = (owners[0] as usize, owners[2]);
+    for replica in &mut replicas {
+        replica.set_alive(0, down, false);
+    }
+    let put =
+        |v: &'static [u8]| Op::Put { key: key.clone(), value: Some(Bytes::from_static(v)), expires_at: None, hint: 0 };
+    // The pending member silent too: two owners' acknowledgements of
+    // the three needed.
+    let mut up = vec![true; 4];
+    up[down as usize] = false;
+    up[3] = false;
+    replicas[coordinator].client(0, 1, put(b"a"), Consistency::Quorum);
+    settle(&mut replicas, &up, 0);
+    assert_eq!(replicas[coordinator].poll_reply(), None, "not acknowledged without the pending member");
+    replicas[coordinator].tick(2_000);
+    assert_eq!(replicas[coordinator].poll_reply().map(|r| r.result), Some(Err(OpError::Timeout)));
+    // With it, acknowledged; its copy is there, yet reads do not ask it.
+    up[3] = true;
+    replicas[coordinator].client(2_000, 2, put(b"b"), Consistency::Quorum);
+    settle(&mut replicas, &up, 2_000);
+    assert!(matches!(replicas[coordinator].poll_reply().map(|r| r.result), Some(Ok(Outcome::Written(_)))));
+    assert_eq!(replicas[3].record(&key).and_then(|r| r.value), Some(Bytes::from_static(b"b")));
+    assert!(!replicas[3].counted_for(&key), "a pending member's copy answers no read");
+    replicas[coordinator].client(2_000, 3, Op::Get { key: key.clone() }, Consistency::Quorum);
+    let asked: Vec<NodeIx> =
+        std::iter::from_fn(|| replicas[coordinator].poll_transmit()).map(|(to, _, _)| to).collect();
+    assert!(!asked.contains(&3), "reads ask owners only: {asked:?}");
+}

@@ -484,6 +484,11 @@ impl Shell {
                 }
                 replica.set_in_contact(in_contact);
             }
+            // Streams done for the slots this node takes over: the log
+            // makes it an owner once every member taking slots over says so.
+            if let (Some(epoch), Some(meta)) = (replica.holds_pending(), self.meta.as_mut()) {
+                meta.slots_held(now, epoch);
+            }
             let mut out = Vec::new();
             while let Some(message) = replica.poll_transmit() {
                 out.push(message);
