@@ -1346,32 +1346,26 @@ impl Replica {
                 self.pending.insert(req, read);
                 self.ask(req, &key, &owners);
             }
-            // A re-syncing coordinator's clock may be far behind: it always
-            // asks a quorum for the current version first.
-            Op::Put { value, expires_at, hint, .. }
-                if consistency == Consistency::One && self.counted() && base.is_none() =>
-            {
-                let record = Record { version: self.clock.tick(self.me), value: value.clone(), expires_at, hint };
-                let phase = Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 };
-                let write = Pending::Write {
-                    client_req,
-                    key: key.clone(),
-                    value,
-                    expires_at,
-                    hint,
-                    required,
-                    deadline,
-                    phase,
-                    base,
-                };
-                self.pending.insert(req, write);
-                self.store_at_owners(now, req, &key, &record);
-            }
             Op::Put { value, expires_at, hint, .. } => {
-                // A read quorum, whatever the write's level: it must meet the
-                // quorum of every earlier acknowledged write.
-                let needed = Consistency::Quorum.required(owners.len());
-                let phase = Phase::Query { answered: BTreeSet::new(), counted: 0, needed, highest: Version::default() };
+                // At ONE a counted coordinator stores at once. A re-syncing
+                // one's clock may be far behind, and an update's write must
+                // check its read: they ask a read quorum for the current
+                // version first, as every other level does (it must meet the
+                // quorum of every earlier acknowledged write).
+                let at_once = consistency == Consistency::One && self.counted() && base.is_none();
+                let record = at_once.then(|| Record {
+                    version: self.clock.tick(self.me),
+                    value: value.clone(),
+                    expires_at,
+                    hint,
+                });
+                let phase = match &record {
+                    Some(record) => Phase::Store { record: record.clone(), acked: BTreeSet::new(), counted: 0 },
+                    None => {
+                        let needed = Consistency::Quorum.required(owners.len());
+                        Phase::Query { answered: BTreeSet::new(), counted: 0, needed, highest: Version::default() }
+                    }
+                };
                 let write = Pending::Write {
                     client_req,
                     key: key.clone(),
@@ -1384,7 +1378,10 @@ impl Replica {
                     base,
                 };
                 self.pending.insert(req, write);
-                self.ask(req, &key, &owners);
+                match record {
+                    Some(record) => self.store_at_owners(now, req, &key, &record),
+                    None => self.ask(req, &key, &owners),
+                }
             }
         }
         self.progress(now, req);
