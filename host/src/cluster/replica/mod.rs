@@ -2015,11 +2015,15 @@ impl Replica {
         };
         let mut entries: Vec<(Bytes, Record)> = Vec::new();
         let mut bytes = 0usize;
-        // Hints held for the requester ride along with the first part, and
-        // stay until their own delivery is acknowledged (this part may be
-        // lost).
+        // Hints held for the requester ride along with the first part, as
+        // many as fit in it, and stay until their own delivery is
+        // acknowledged (this part may be lost); hinted hand-off resends
+        // every hint until then, so the ones left out arrive too.
         if ask.cursor.is_empty() {
             for hint in self.hints.values().filter(|h| h.target == member) {
+                if bytes >= SYNC_PART_BYTES {
+                    break;
+                }
                 bytes += hint.key.len() + hint.record.value.as_ref().map_or(0, Bytes::len) + 32;
                 entries.push((hint.key.clone(), hint.record.clone()));
             }

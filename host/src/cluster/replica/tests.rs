@@ -936,3 +936,35 @@ fn a_write_on_a_staged_table_needs_the_pending_members_acknowledgement() {
         std::iter::from_fn(|| replicas[coordinator].poll_transmit()).map(|(to, _, _)| to).collect();
     assert!(!asked.contains(&3), "reads ask owners only: {asked:?}");
 }
+
+/// The hints held for a re-syncing member ride along with its stream's
+/// first part only as far as one part holds: a part never outgrows the
+/// transport's frame, however many hints wait (the rest arrive by hinted
+/// hand-off).
+#[test]
+fn a_streams_first_part_carries_at_most_a_part_of_hints() {
+    let config = ReplicaConfig { rf: 3, ..ReplicaConfig::default() };
+    let mut replica = Replica::new(0, 3, ring(3), config, 11);
+    for i in 0..1_000u64 {
+        let record = Record {
+            version: Version { counter: i + 1, node: 1 },
+            value: Some(Bytes::from(vec![9u8; 1_024])),
+            expires_at: None,
+            hint: 0,
+        };
+        let put = Message::Put { req: 0, key: Bytes::from(format!("h{i}")), record, hint_for: Some(2) };
+        replica.handle(0, 1, 1, put).expect("an honest hint");
+    }
+    assert_eq!(replica.hints_held(), 1_000);
+    while replica.poll_transmit().is_some() {}
+    replica.handle(1, 2, 1, Message::SyncRequest { round: 1, cursor: Bytes::new() }).expect("well formed");
+    let first = std::iter::from_fn(|| replica.poll_transmit()).find_map(|(to, _, m)| match m {
+        Message::SyncData { entries, .. } if to == 2 => Some(entries),
+        _ => None,
+    });
+    let entries = first.expect("a first part");
+    let bytes: usize = entries.iter().map(|(k, r)| k.len() + r.value.as_ref().map_or(0, Bytes::len)).sum();
+    assert!(bytes <= SYNC_PART_BYTES + 2_048, "{bytes} bytes in one part");
+    assert!(entries.len() < 1_000, "not every hint at once");
+    assert_eq!(replica.hints_held(), 1_000, "hints stay until delivered");
+}
