@@ -1569,8 +1569,16 @@ impl Replica {
                 // view of who is up) ran another update meanwhile, or a
                 // plain write landed. Written now, it would undo that write
                 // with a value computed from the older one.
+                // The coordinator's own copy counts as it is now, not as
+                // it was when the query began: a reply delayed in the
+                // network describes the key as it was then, and the other
+                // primary's newer writes may have reached this member
+                // meanwhile (simulator seed 6989).
                 Phase::Query { counted, needed, highest, .. }
-                    if *counted >= *needed && base.is_some_and(|base| *highest > base) =>
+                    if *counted >= *needed
+                        && base.is_some_and(|base| {
+                            *highest > base || self.store.get(key, true).is_some_and(|own| own.version > base)
+                        }) =>
                 {
                     let client_req = *client_req;
                     self.pending.remove(&req);
