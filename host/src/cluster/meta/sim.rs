@@ -17,15 +17,39 @@
 //!   was told applied is in every member's state.
 //! - `heals` (at the end): once the faults stop, one leader, every member
 //!   at the same index, a new proposal applied within 3 s.
+//! - `starts-on-the-active-module`: a (re)started member starts serving
+//!   only once it has applied every entry committed before it started and
+//!   runs the module the log names for it (unless it waited
+//!   [`POLICY_WAIT_MS`](crate::cluster::policy::POLICY_WAIT_MS) for bytes no member it can reach holds: counted).
+//! - `serving-members-run-the-active-module` (at the end): every member
+//!   serves, runs the module the log names for it and shadows the log's,
+//!   including one activated through a random member after the faults.
+//!
+//! Each member follows the log's policy entries (stored modules,
+//! activate, rollback, shadow, canaries, quarantine) with the runtime's own
+//! [`PolicyFollower`] and [`StartGate`], against a host whose swaps and
+//! installs take a few milliseconds, fetching module bytes from its peers
+//! over the same faulty network; a crash keeps the modules a member holds,
+//! a wipe loses them.
 
 use super::entry::{MemberRecord, MemberState, MetaEntry, Settings, StoredModule};
 use super::state::{MetaState, Outcome};
 use super::storage::{Loaded, MemDurable, MetaStorage};
 use super::wire::{RaftWire, WireConf, WireSnapshot};
 use super::{MetaConfig, MetaEvent, MetaNode, raft_id};
+use crate::cluster::policy::{Gate, PolicyFollower, PolicyStep, StartGate, Target};
 use crate::cluster::replica::{Consistency, NodeIx};
 use crate::cluster::sim::Rng;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+/// What travels between members: the log's messages, and policy modules
+/// asked for and sent (by hash; the bytes are not modelled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Wire {
+    Raft(Box<RaftWire>),
+    Want(String),
+    Module(String),
+}
 
 /// A message in flight, ordered by delivery time then send order.
 #[derive(PartialEq, Eq)]
@@ -34,7 +58,7 @@ struct Flight {
     seq: u64,
     from: NodeIx,
     to: NodeIx,
-    wire: RaftWire,
+    wire: Wire,
 }
 
 impl Ord for Flight {
@@ -49,6 +73,23 @@ impl PartialOrd for Flight {
     }
 }
 
+/// A swap or an install the host is busy with, and when it finishes.
+enum HostOp {
+    Apply(Target, u64),
+    Install(String),
+}
+
+/// A member's node as the policy follower sees it.
+#[derive(Default)]
+struct Host {
+    /// Module hashes in its registry (kept across a crash, lost in a wipe).
+    modules: BTreeSet<String>,
+    /// What it runs.
+    running: Target,
+    /// Operations in progress, with when they finish.
+    ops: Vec<(u64, HostOp)>,
+}
+
 struct Member {
     meta: Option<MetaNode>,
     disk: MemDurable,
@@ -58,6 +99,37 @@ struct Member {
     wiped: bool,
     last_applied: u64,
     digested: bool,
+    host: Host,
+    follower: PolicyFollower,
+    gate: StartGate,
+    serving: bool,
+    /// The highest index any member had applied when this one restarted:
+    /// it may serve only once it has applied as far.
+    floor: u64,
+    /// When its policy side runs next (at once after a log change, a
+    /// finished host operation or a module message; else every 100 ms, as
+    /// the runtime's tick).
+    policy_due: u64,
+    /// The log index its policy side last ran at.
+    policy_seen: u64,
+}
+
+impl Member {
+    /// The process stops: what it ran and was doing goes; its registry
+    /// stays unless the data directory is wiped.
+    fn crash(&mut self, wipe: bool) {
+        self.meta = None;
+        self.host.running = (None, None);
+        self.host.ops.clear();
+        if wipe {
+            self.host.modules.clear();
+        }
+        self.follower = PolicyFollower::default();
+        self.gate = StartGate::default();
+        self.serving = false;
+        self.policy_due = 0;
+        self.policy_seen = 0;
+    }
 }
 
 /// What one seed's run did.
@@ -74,6 +146,12 @@ pub(super) struct Tally {
     pub delivered: u64,
     pub dropped: u64,
     pub snapshots_installed: u64,
+    pub policy_proposals: u64,
+    pub applies: u64,
+    pub fetched: u64,
+    pub starts: u64,
+    pub started_without_policy: u64,
+    pub bytes_nowhere: u64,
 }
 
 struct Sim {
@@ -139,6 +217,13 @@ impl Sim {
                     wiped: false,
                     last_applied: 1,
                     digested: false,
+                    host: Host::default(),
+                    follower: PolicyFollower::default(),
+                    gate: StartGate::default(),
+                    serving: false,
+                    floor: 0,
+                    policy_due: 0,
+                    policy_seen: 0,
                 }
             })
             .collect();
@@ -187,23 +272,13 @@ impl Sim {
             events.push(e);
         }
         for (to, wire) in out {
-            let from = i as NodeIx;
-            if self.cuts.contains(&(from, to)) || self.rng.chance(self.loss) || to as usize >= self.members.len() {
-                self.tally.dropped += 1;
-                continue;
-            }
-            let at = self.now + 1 + self.rng.below(15);
-            if self.rng.chance(0.01) {
-                // A duplicate, late.
-                self.seq += 1;
-                let late = at + self.rng.below(40);
-                self.net.push(Flight { at: late, seq: self.seq, from, to, wire: wire.clone() });
-            }
-            self.seq += 1;
-            self.net.push(Flight { at, seq: self.seq, from, to, wire });
+            self.send(i as NodeIx, to, Wire::Raft(Box::new(wire)));
         }
         for e in events {
             match e {
+                MetaEvent::Decided { nonce, outcome, .. }
+                    if self.members[i].gate.decided(nonce, outcome == Outcome::Applied) => {}
+                MetaEvent::Abandoned { nonce, .. } if self.members[i].gate.decided(nonce, false) => {}
                 MetaEvent::Decided { nonce, outcome: Outcome::Applied, .. } => {
                     if let Some(label) = self.proposed.remove(&(i as NodeIx, nonce)) {
                         self.acked.insert(label);
@@ -218,6 +293,130 @@ impl Sim {
                 MetaEvent::Leader { .. } => self.tally.elections += 1,
                 MetaEvent::Changed { .. } => {}
             }
+        }
+    }
+
+    /// Puts a message on the network (or loses it, or duplicates it).
+    fn send(&mut self, from: NodeIx, to: NodeIx, wire: Wire) {
+        if self.cuts.contains(&(from, to)) || self.rng.chance(self.loss) || to as usize >= self.members.len() {
+            self.tally.dropped += 1;
+            return;
+        }
+        let at = self.now + 1 + self.rng.below(15);
+        if self.rng.chance(0.01) {
+            // A duplicate, late.
+            self.seq += 1;
+            let late = at + self.rng.below(40);
+            self.net.push(Flight { at: late, seq: self.seq, from, to, wire: wire.clone() });
+        }
+        self.seq += 1;
+        self.net.push(Flight { at, seq: self.seq, from, to, wire });
+    }
+
+    /// A member's policy side: finished host operations reported, the
+    /// start-up gate, and the follower's next steps.
+    fn follow_policy(&mut self, i: usize) {
+        if !self.live(i) {
+            return;
+        }
+        let now = self.now;
+        let m = &mut self.members[i];
+        let applied = m.meta.as_ref().map_or(0, MetaNode::applied);
+        let finished = m.host.ops.iter().any(|(at, _)| *at <= now);
+        if !finished && applied == m.policy_seen && now < m.policy_due {
+            return;
+        }
+        m.policy_seen = applied;
+        m.policy_due = now + 100;
+        let (done, ops): (Vec<_>, Vec<_>) = std::mem::take(&mut m.host.ops).into_iter().partition(|(at, _)| *at <= now);
+        m.host.ops = ops;
+        for (_, op) in done {
+            match op {
+                HostOp::Apply(target, index) => {
+                    m.host.running = target.clone();
+                    m.follower.applied(target, index, &Ok(String::new()));
+                    self.tally.applies += 1;
+                }
+                HostOp::Install(sha) => {
+                    m.host.modules.insert(sha.clone());
+                    m.follower.installed(&sha, &Ok(String::new()));
+                    self.tally.fetched += 1;
+                }
+            }
+        }
+        let me = i as NodeIx;
+        let Some(meta) = m.meta.as_mut() else { return };
+        let Some(state) = meta.state() else { return };
+        let modules = &m.host.modules;
+        let steps = m.follower.reconcile(me, now, state, &|sha| modules.contains(sha));
+        let mut broken = None;
+        if !m.serving {
+            let ready = m.follower.ready(me, state);
+            let (applied, wanted) = (state.applied, state.policy_for(me).cloned());
+            match m.gate.poll(now, ready) {
+                Gate::Propose => {
+                    if let Ok(nonce) = meta.propose(now, MetaEntry::Noop) {
+                        m.gate.proposed(nonce);
+                    }
+                }
+                Gate::Wait => {}
+                Gate::Serve => {
+                    m.serving = true;
+                    self.tally.starts += 1;
+                    if applied < m.floor {
+                        let floor = m.floor;
+                        broken = Some(format!(
+                            "member {i} serves at index {applied}, before {floor} committed before it started"
+                        ));
+                    } else if m.host.running.0 != wanted {
+                        let runs = m.host.running.0.clone();
+                        broken = Some(format!("member {i} serves running {runs:?}; the log names {wanted:?}"));
+                    }
+                }
+                Gate::ServeWithoutPolicy => {
+                    m.serving = true;
+                    self.tally.starts += 1;
+                    self.tally.started_without_policy += 1;
+                }
+            }
+        }
+        if let Some(detail) = broken {
+            self.violated("starts-on-the-active-module", detail);
+        }
+        for step in steps {
+            match step {
+                PolicyStep::Want { sha256, from } => {
+                    for to in from {
+                        self.send(me, to, Wire::Want(sha256.clone()));
+                    }
+                }
+                PolicyStep::Apply { target, index } => {
+                    let at = now + 1 + self.rng.below(30);
+                    self.members[i].host.ops.push((at, HostOp::Apply(target, index)));
+                }
+            }
+        }
+        self.flush(i);
+    }
+
+    /// A policy message arrives at member `to`.
+    fn module_message(&mut self, from: NodeIx, to: usize, wire: Wire) {
+        let m = &mut self.members[to];
+        m.policy_due = self.now;
+        let Some(state) = m.meta.as_ref().and_then(MetaNode::state) else { return };
+        match wire {
+            Wire::Want(sha) => {
+                if PolicyFollower::shares(state, &sha) && m.host.modules.contains(&sha) {
+                    self.send(to as NodeIx, from, Wire::Module(sha));
+                }
+            }
+            Wire::Module(sha) => {
+                if m.follower.offered(state, &sha).is_some() {
+                    let at = self.now + 1 + self.rng.below(30);
+                    m.host.ops.push((at, HostOp::Install(sha)));
+                }
+            }
+            Wire::Raft(_) => {}
         }
     }
 
@@ -278,9 +477,13 @@ impl Sim {
         }
         self.labels += 1;
         let label = format!("m{}@1", self.labels);
+        // As `cachet policy load` does, the member stores the module in its
+        // own registry before it proposes it.
+        let sha256 = format!("{:x}", self.labels);
+        self.members[i].host.modules.insert(sha256.clone());
         let entry = MetaEntry::ModuleStored(StoredModule {
             label: label.clone(),
-            sha256: format!("{:x}", self.labels),
+            sha256,
             size: 1,
             config: Vec::new(),
             fuel_per_call: 1,
@@ -294,8 +497,48 @@ impl Sim {
         self.flush(i);
     }
 
+    /// A policy operation through member `i`: activate, roll back, shadow,
+    /// a canary started or decided, a quarantine.
+    fn propose_policy(&mut self, i: usize) {
+        if !self.live(i) {
+            return;
+        }
+        let Some(state) = self.members[i].meta.as_ref().and_then(MetaNode::state) else { return };
+        let labels: Vec<String> = state.modules.keys().cloned().collect();
+        let canary = state.canary.as_ref().map(|c| c.policy.label.clone());
+        if labels.is_empty() {
+            return;
+        }
+        let label = labels[self.rng.below(labels.len() as u64) as usize].clone();
+        let entry = match self.rng.below(20) {
+            0..=8 => MetaEntry::Activate { label, config: None, bundled: false },
+            9..=10 => MetaEntry::Rollback,
+            11..=12 => MetaEntry::Shadow { label: self.rng.chance(0.7).then_some(label) },
+            13..=15 => MetaEntry::CanaryStart {
+                label,
+                config: None,
+                bundled: false,
+                members: 1 + self.rng.below(2) as u32,
+                window_ms: 1_000,
+            },
+            16..=18 => match canary {
+                Some(label) => MetaEntry::CanaryDecided { label, rolled_out: self.rng.chance(0.5), why: String::new() },
+                None => MetaEntry::Activate { label, config: None, bundled: false },
+            },
+            _ => MetaEntry::Quarantine { label, reason: "simulated fault".into() },
+        };
+        self.tally.policy_proposals += 1;
+        let now = self.now;
+        if let Some(meta) = self.members[i].meta.as_mut() {
+            let _ = meta.propose(now, entry);
+        }
+        self.flush(i);
+    }
+
     fn restart(&mut self, i: usize) {
+        let floor = self.members.iter().filter_map(|m| m.meta.as_ref()).map(MetaNode::applied).max().unwrap_or(0);
         let m = &mut self.members[i];
+        m.floor = floor;
         let loaded = if m.wiped {
             m.generation += 1;
             if let Ok(mut d) = m.disk.0.lock() {
@@ -368,12 +611,12 @@ impl Sim {
         let faulty = (0..n).filter(|&j| !self.live(j) || self.members[j].wiped).count();
         match self.rng.below(6) {
             0 if faulty < 2 => {
-                self.members[i].meta = None;
+                self.members[i].crash(false);
                 self.members[i].down_until = self.now + 200 + self.rng.below(3_000);
                 self.tally.crashes += 1;
             }
             1 if faulty == 0 && self.rng.chance(0.5) => {
-                self.members[i].meta = None;
+                self.members[i].crash(true);
                 self.members[i].wiped = true;
                 self.members[i].down_until = self.now + 200 + self.rng.below(1_000);
                 self.tally.wipes += 1;
@@ -439,6 +682,12 @@ impl Sim {
                 if m.meta.is_none() {
                     next = next.min(m.down_until);
                 }
+                for (at, _) in &m.host.ops {
+                    next = next.min((*at).max(m.paused_until));
+                }
+                if m.meta.is_some() {
+                    next = next.min(m.policy_due.max(m.paused_until));
+                }
             }
             if self.cuts_until > self.now {
                 next = next.min(self.cuts_until);
@@ -467,8 +716,15 @@ impl Sim {
                 }
                 self.tally.delivered += 1;
                 let now = self.now;
+                let wire = match f.wire {
+                    Wire::Raft(wire) => *wire,
+                    other => {
+                        self.module_message(f.from, to, other);
+                        continue;
+                    }
+                };
                 if let Some(meta) = self.members[to].meta.as_mut() {
-                    let _ = meta.handle(now, f.from, f.wire);
+                    let _ = meta.handle(now, f.from, wire);
                     if meta.failed().is_some() {
                         let why = meta.failed().unwrap_or_default().to_string();
                         self.violated("no-failures", format!("member {to} stopped: {why}"));
@@ -488,9 +744,16 @@ impl Sim {
                 }
                 self.flush(i);
             }
+            for i in 0..self.members.len() {
+                self.follow_policy(i);
+            }
             if proposals && self.now >= next_proposal {
                 let i = self.rng.below(self.members.len() as u64) as usize;
-                self.propose_label(i);
+                if self.rng.chance(0.5) {
+                    self.propose_label(i);
+                } else {
+                    self.propose_policy(i);
+                }
                 next_proposal = self.now + 20 + self.rng.below(200);
             }
             if self.now >= next_rejoin {
@@ -566,6 +829,53 @@ impl Sim {
                 format!("a proposal through member {proposer} did not apply within 3 s ({applied:?})"),
             );
         }
+        self.activate_everywhere();
+    }
+
+    /// One `activate` of the module just stored, through a random member
+    /// (after the running canary, if any, is rolled back): within 5 s every
+    /// member serves, runs the module the log names for it (that one) and
+    /// shadows the log's.
+    fn activate_everywhere(&mut self) {
+        let label = format!("m{}@1", self.labels);
+        let through = self.rng.below(self.members.len() as u64) as usize;
+        let now = self.now;
+        if let Some(meta) = self.members[through].meta.as_mut() {
+            let canary = meta.state().and_then(|s| s.canary.as_ref()).map(|c| c.policy.label.clone());
+            if let Some(canary) = canary {
+                let _ = meta
+                    .propose(now, MetaEntry::CanaryDecided { label: canary, rolled_out: false, why: String::new() });
+            }
+            let _ = meta.propose(now, MetaEntry::Activate { label: label.clone(), config: None, bundled: false });
+        }
+        self.flush(through);
+        let deadline = self.now + 5_000;
+        self.run(deadline, false, false);
+        let held: BTreeSet<String> = self.members.iter().flat_map(|m| m.host.modules.iter().cloned()).collect();
+        for i in 0..self.members.len() {
+            let m = &self.members[i];
+            let Some(state) = m.meta.as_ref().and_then(MetaNode::state) else { continue };
+            if state.active.as_ref().is_none_or(|a| a.label != label) {
+                let active = state.active.clone();
+                self.violated("heals", format!("an activate of {label} through member {through}: {active:?}"));
+            }
+            let target: Target = (state.policy_for(i as NodeIx).cloned(), state.shadow.clone());
+            // A module whose bytes no member holds (its only holder wiped
+            // before any other fetched it) cannot run anywhere: counted.
+            let shadow_sha = target.1.as_ref().and_then(|l| state.modules.get(l)).map(|r| r.module.sha256.clone());
+            let shas = target.0.as_ref().and_then(|a| a.sha256.clone()).into_iter().chain(shadow_sha);
+            if shas.into_iter().any(|sha| !held.contains(&sha)) {
+                self.tally.bytes_nowhere += 1;
+                continue;
+            }
+            if !m.serving || m.host.running != target {
+                let (serving, runs) = (m.serving, m.host.running.clone());
+                self.violated(
+                    "serving-members-run-the-active-module",
+                    format!("member {i} (serving: {serving}) runs {runs:?}; the log names {target:?}"),
+                );
+            }
+        }
     }
 }
 
@@ -598,12 +908,29 @@ fn seeds() {
         total.cuts += t.cuts;
         total.dropped += t.dropped;
         total.delivered += t.delivered;
+        total.policy_proposals += t.policy_proposals;
+        total.applies += t.applies;
+        total.fetched += t.fetched;
+        total.starts += t.starts;
+        total.started_without_policy += t.started_without_policy;
+        total.bytes_nowhere += t.bytes_nowhere;
     }
     eprintln!("{seeds} seeds: {total:?}");
     // The faults happened, and the log still moved under them.
     assert!(total.crashes > seeds && total.pauses > seeds && total.cuts > seeds, "{total:?}");
     assert!(total.wipes > 0 && total.rejoined > 0, "{total:?}");
     assert!(total.acknowledged > seeds * 50, "{total:?}");
+    // Members swapped policies, fetched modules and restarted into them.
+    assert!(total.applies > seeds * 20 && total.fetched > seeds * 20 && total.starts > seeds * 5, "{total:?}");
+}
+
+/// Seeds that once broke an invariant (beyond the 500 of every run).
+#[test]
+fn seeds_that_once_failed_pass() {
+    // 1357: a member that had run a canary restarted its policy side while
+    // the canary was rolled back with no cluster-wide policy recorded, and
+    // served before its return to its own policy had finished.
+    run_seed(1357);
 }
 
 #[test]

@@ -162,11 +162,8 @@ pub(super) struct Shell {
     policy_done_rx: Option<mpsc::UnboundedReceiver<policy::PolicyDone>>,
     /// When the node's hit counts were last read for the metadata log.
     counts_at: u64,
-    /// Until when a starting member waits for the log's active policy
-    /// before it serves (set on the first slot table).
-    serve_by: Option<u64>,
-    /// The start-up barrier: serving waits until it has passed.
-    barrier: Option<policy::Barrier>,
+    /// When this member may start serving.
+    gate: crate::cluster::policy::StartGate,
 }
 
 impl Shell {
@@ -301,8 +298,7 @@ impl Shell {
             policy_done_tx,
             policy_done_rx: Some(policy_done_rx),
             counts_at: 0,
-            serve_by: None,
-            barrier: None,
+            gate: crate::cluster::policy::StartGate::default(),
         }
     }
 

@@ -13,10 +13,6 @@ use cachet_proto::{Member, Ring};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// How long a starting member waits to run the log's active policy before
-/// it serves anyway.
-const POLICY_WAIT_MS: u64 = 10_000;
-
 impl Shell {
     /// The ring the metadata log's state describes, if this node has a
     /// state (a joiner has none until it has caught up).
@@ -71,15 +67,8 @@ impl Shell {
         // runs its active policy (fetched from a peer if need be); after
         // `POLICY_WAIT_MS` if the policy cannot be installed, rather than
         // never.
-        if self.replica.is_none() && !self.caught_up(now) {
+        if self.replica.is_none() && !self.may_serve(now) {
             return;
-        }
-        if self.replica.is_none() && !self.policy_ready() {
-            let until = *self.serve_by.get_or_insert(now + POLICY_WAIT_MS);
-            if now < until {
-                return;
-            }
-            tracing::warn!("serving without the cluster's active policy: it could not be installed in time");
         }
         let Some(ring) = self.ring_from_log() else { return };
         if let Ok(mut shared) = self.shared_ring.lock() {
