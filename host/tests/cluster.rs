@@ -1245,6 +1245,70 @@ async fn redis_cli_reads_and_writes_through_any_member() {
     assert_eq!(cli(1, &["FLUSHALL"]), "OK");
     assert_eq!(cli(2, &["GET", "user:1"]), "");
     assert_eq!(cli(0, &["EXISTS", "counter", "log", "session"]), "0");
+    // The Redis Cluster view: the log's slot table with each owner's RESP
+    // address, the same through every member.
+    let slots = cli(1, &["CLUSTER", "SLOTS"]);
+    assert_eq!(slots, cli(2, &["CLUSTER", "SLOTS"]), "one table");
+    for member in 0..3 {
+        assert!(slots.contains(&format!("127.0.0.{}\n{resp_port}", member + 1)), "member {member} in {slots}");
+    }
+    let first: u32 = slots.lines().next().and_then(|l| l.parse().ok()).expect("a first slot");
+    assert_eq!(first, 0, "{slots}");
+    let nodes = cli(0, &["CLUSTER", "NODES"]);
+    assert_eq!(nodes.lines().count(), 3, "{nodes}");
+    assert_eq!(nodes.lines().filter(|l| l.contains("myself,master")).count(), 1, "{nodes}");
+    let myid = cli(0, &["CLUSTER", "MYID"]);
+    assert!(nodes.lines().any(|l| l.starts_with(&myid) && l.contains("myself")), "{myid} in {nodes}");
+    let info = cli(2, &["CLUSTER", "INFO"]);
+    assert!(info.contains("cluster_state:ok") && info.contains("cluster_slots_assigned:16384"), "{info}");
+    assert!(cli(0, &["INFO", "cluster"]).contains("cluster_enabled:1"));
+    assert_eq!(cli(0, &["CLUSTER", "KEYSLOT", "user:{42}:name"]), cli(0, &["CLUSTER", "KEYSLOT", "42"]));
+    assert_eq!(cli(1, &["READONLY"]), "OK");
+    assert!(cli(1, &["CLUSTER", "FOO"]).contains("unknown subcommand"));
+    // redis-cli in cluster mode follows the table (and never meets a
+    // redirect: any member serves any key).
+    let cluster_cli = |member: usize, args: &[&str]| -> String {
+        let out = Command::new("redis-cli")
+            .args(["-c", "-h", &format!("127.0.0.{}", member + 1), "-p", &resp_port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "redis-cli -c {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    };
+    for i in 0..20 {
+        assert_eq!(cluster_cli(i % 3, &["SET", &format!("c{i}"), &i.to_string()]), "OK");
+    }
+    for i in 0..20 {
+        assert_eq!(cluster_cli((i + 1) % 3, &["GET", &format!("c{i}")]), i.to_string());
+    }
+    // redis-py's RedisCluster: it reads COMMAND (each command's keys) and
+    // CLUSTER SLOTS, then sends each key to an owner.
+    let script = r#"
+import sys
+from redis.cluster import RedisCluster, ClusterNode
+rc = RedisCluster(startup_nodes=[ClusterNode("127.0.0.2", int(sys.argv[1]))], decode_responses=True)
+assert len(rc.get_nodes()) == 3, rc.get_nodes()
+for i in range(100):
+    assert rc.set(f"py{i}", str(i)), i
+assert [rc.get(f"py{i}") for i in range(100)] == [str(i) for i in range(100)]
+assert rc.mget(["{tag}a", "{tag}b"]) == [None, None]
+assert rc.incr("py:counter") == 1 and rc.incrby("py:counter", 4) == 5
+pipe = rc.pipeline()
+for i in range(10):
+    pipe.incr(f"py:n{i}")
+assert pipe.execute() == [1] * 10
+assert rc.delete("py0", "py1") == 2
+print("ok", len(rc.get_nodes()))
+"#;
+    let out = Command::new("python3").args(["-c", script, &resp_port.to_string()]).output().expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "redis-py RedisCluster (.ci/run installs redis==6.4.0): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 3");
     client.close().await;
 }
 

@@ -243,6 +243,8 @@ pub(crate) fn run_serve(args: ServeArgs) -> Result<()> {
             seeds: args.seeds.clone(),
             peer_listen: args.peer_listen,
             client_addr: listen,
+            // Set below, once the Redis port's address is known.
+            resp_addr: None,
             replication_factor: args.replication_factor.unwrap_or(2),
             consistency: args.consistency.unwrap_or_default(),
             detect_within_ms: args.detect_ms.unwrap_or(2_000),
@@ -283,6 +285,16 @@ pub(crate) fn run_serve(args: ServeArgs) -> Result<()> {
         (None, Some(text)) => Some(text.parse().with_context(|| format!("RESP address `{text}`"))?),
         (None, None) => None,
     };
+    if let (Some(cluster), Some(resp)) = (options.cluster.as_mut(), resp_listen) {
+        // Announced to Redis clients (`CLUSTER SLOTS`): a wildcard address
+        // is replaced by the one the QUIC port was given, if that is not a
+        // wildcard too.
+        let mut announced = resp;
+        if resp.ip().is_unspecified() {
+            announced.set_ip(cluster.client_addr.ip());
+        }
+        cluster.resp_addr = Some(announced);
+    }
     options.resp = match resp_listen {
         Some(listen) => {
             let defaults = cachet::resp::RespOptions::new(listen);

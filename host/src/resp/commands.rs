@@ -76,8 +76,10 @@ pub struct ServerInfo {
 /// Commands this port answers, for `COMMAND COUNT` and docs.
 pub const SUPPORTED: &[&str] = &[
     "APPEND",
+    "ASKING",
     "AUTH",
     "CLIENT",
+    "CLUSTER",
     "COMMAND",
     "CONFIG",
     "DBSIZE",
@@ -110,6 +112,8 @@ pub const SUPPORTED: &[&str] = &[
     "PSETEX",
     "PTTL",
     "QUIT",
+    "READONLY",
+    "READWRITE",
     "SELECT",
     "SET",
     "SETEX",
@@ -426,22 +430,10 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
             None => w.error(WRONG_INT),
         },
         "CLIENT" if n >= 2 => client(session, &mut w, &args),
+        "CLUSTER" => super::cluster::cluster(node, &mut w, &args),
+        "READONLY" | "READWRITE" | "ASKING" if n == 1 => super::cluster::connection(node, &mut w),
         "HELLO" => hello(node, session, info, &mut w, &args),
-        "COMMAND" => match args.get(1).map(|a| upper(a)).as_deref() {
-            Some("COUNT") => w.integer(SUPPORTED.len() as i64),
-            Some("DOCS") => w.map(0),
-            Some("INFO") => {
-                w.array(n - 2);
-                for _ in 2..n {
-                    w.null();
-                }
-            }
-            None => w.array(0),
-            Some(_) => w.error(&format!(
-                "ERR unknown subcommand '{}'. Try COMMAND HELP.",
-                String::from_utf8_lossy(&args[1]).escape_debug()
-            )),
-        },
+        "COMMAND" => super::command_table::command(&mut w, &args),
         "CONFIG" if n >= 2 => match upper(&args[1]).as_str() {
             "GET" if n >= 3 => config_get(node, &mut w, &args[2..]),
             // Settings are taken at start (flags, --config): a write that
@@ -670,11 +662,9 @@ fn info_text(node: &Node, info: &ServerInfo, sections: &[String]) -> String {
         text.push_str(&format!(
             "# Server\r\nredis_version:7.0.0\r\ncachet_version:{}\r\nredis_mode:{}\r\narch_bits:{}\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\n\r\n",
             env!("CARGO_PKG_VERSION"),
-            // A clustered member does not speak the Redis Cluster protocol
-            // (CLUSTER SLOTS, MOVED) yet: it forwards, so to Redis clients
-            // it is a standalone server. Cluster-aware clients must not
-            // switch to cluster mode on it.
-            "standalone",
+            // A clustered member answers CLUSTER SLOTS and the rest (see
+            // `resp::cluster`); it never redirects.
+            if super::cluster::enabled(node) { "cluster" } else { "standalone" },
             usize::BITS,
             std::process::id(),
             info.port,
@@ -706,7 +696,8 @@ fn info_text(node: &Node, info: &ServerInfo, sections: &[String]) -> String {
         ));
     }
     if want("CLUSTER") {
-        text.push_str("# Cluster\r\ncluster_enabled:0\r\n\r\n");
+        let enabled = u8::from(super::cluster::enabled(node));
+        text.push_str(&format!("# Cluster\r\ncluster_enabled:{enabled}\r\n\r\n"));
     }
     if want("KEYSPACE") {
         text.push_str("# Keyspace\r\n");

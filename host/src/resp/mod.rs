@@ -21,7 +21,9 @@
 //! the node's metrics (`cachet_client_cutoffs_total`).
 
 pub mod acl;
+pub mod cluster;
 pub mod codec;
+pub mod command_table;
 pub mod commands;
 pub mod multi;
 

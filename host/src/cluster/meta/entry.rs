@@ -65,6 +65,10 @@ pub struct MemberRecord {
     pub reason: String,
     /// The log index of its last state change.
     pub since: u64,
+    /// Its Redis-protocol address, once it announced one: `CLUSTER SLOTS`
+    /// hands it to cluster-aware Redis clients.
+    #[serde(default)]
+    pub resp: Option<SocketAddr>,
 }
 
 /// Cluster-wide settings.
@@ -178,6 +182,9 @@ pub enum MetaEntry {
         node: NodeIx,
         /// Its client address.
         client: SocketAddr,
+        /// Its Redis-protocol address, if it has that port open.
+        #[serde(default)]
+        resp: Option<SocketAddr>,
     },
     /// Cluster-wide settings change.
     Settings(Settings),

@@ -120,6 +120,8 @@ pub struct MetaOptions {
     pub peer: SocketAddr,
     /// Where it serves clients.
     pub client: SocketAddr,
+    /// Where it serves the Redis protocol, if it does.
+    pub resp: Option<SocketAddr>,
     /// The settings a founding writes into the log.
     pub settings: Settings,
     /// The data directory (the log goes in its `meta/`).
@@ -380,6 +382,7 @@ impl MetaMember {
                 state: MemberState::Serving,
                 reason: "founder".into(),
                 since: 1,
+                resp: None,
             })
             .collect();
         let ids: Vec<u64> = founders.iter().map(|m| m.raft_id).collect();
@@ -598,13 +601,14 @@ impl MetaMember {
     /// Tells the log this member's client address, once.
     fn announce(&mut self, now: u64) {
         let me = self.opts.me;
-        let known = self.state().and_then(|s| s.members.get(&me)).map(|m| (m.client, m.raft_id));
-        if let Some((client, id)) = known
+        let known = self.state().and_then(|s| s.members.get(&me)).map(|m| (m.client, m.resp, m.raft_id));
+        if let Some((client, resp, id)) = known
             && id == self.raft_id
-            && client != Some(self.opts.client)
+            && (client != Some(self.opts.client) || resp != self.opts.resp)
             && !self.busy_with(me)
         {
-            self.propose(now, me, MetaEntry::SetClient { node: me, client: self.opts.client });
+            let entry = MetaEntry::SetClient { node: me, client: self.opts.client, resp: self.opts.resp };
+            self.propose(now, me, entry);
         }
     }
 
@@ -637,6 +641,7 @@ impl MetaMember {
                             state: MemberState::Joining,
                             reason: "joined".into(),
                             since: 0,
+                            resp: None,
                         };
                         proposals.push((*n, MetaEntry::AddMember { member, voter: voters.len() < MAX_VOTERS }));
                         break;
@@ -919,6 +924,7 @@ mod tests {
             state,
             reason: String::new(),
             since: 1,
+            resp: None,
         };
         let settings = Settings { rf: 3, consistency: Consistency::Quorum };
         let founders = (0..3).map(|n| record(n, MemberState::Serving)).collect();
@@ -955,6 +961,7 @@ mod tests {
             founders: (0..founders as NodeIx).map(|i| addr(i, 7100)).collect(),
             peer: addr(me, 7100),
             client: addr(me, 8100),
+            resp: None,
             settings: Settings { rf: 3, consistency: Consistency::Quorum },
             data_dir: dir.join(format!("node{me}")),
             config: MetaConfig::default(),

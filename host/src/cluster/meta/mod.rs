@@ -721,6 +721,7 @@ mod tests {
                 state: MemberState::Serving,
                 reason: String::new(),
                 since: 1,
+                resp: None,
             })
             .collect();
         let state =

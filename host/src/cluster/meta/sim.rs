@@ -186,6 +186,7 @@ fn record(node: NodeIx, generation: u32) -> MemberRecord {
         state: MemberState::Serving,
         reason: String::new(),
         since: 1,
+        resp: None,
     }
 }
 

@@ -200,7 +200,7 @@ impl MetaState {
                 Some(m) => Err(format!("node {node} is raft id {:#x} now, not {raft_id:#x}", m.raft_id)),
                 None => Err(format!("node {node} is not a member")),
             },
-            MetaEntry::SetClient { node, client } => {
+            MetaEntry::SetClient { node, client, .. } => {
                 if member(*node).is_none() {
                     return Err(format!("node {node} is not a member"));
                 }
@@ -368,9 +368,10 @@ impl MetaState {
                     m.since = index;
                 }
             }
-            MetaEntry::SetClient { node, client } => {
+            MetaEntry::SetClient { node, client, resp } => {
                 if let Some(m) = self.members.get_mut(node) {
                     m.client = Some(*client);
+                    m.resp = *resp;
                 }
             }
             MetaEntry::SetSlots { table, .. } => {
@@ -457,6 +458,7 @@ mod tests {
             state: MemberState::Serving,
             reason: String::new(),
             since: 1,
+            resp: None,
         }
     }
 

@@ -69,6 +69,9 @@ pub struct ClusterOptions {
     /// Where this node serves clients, told to the other members (and
     /// through them to clients, which route by it).
     pub client_addr: SocketAddr,
+    /// Where this node serves the Redis protocol, if it does: recorded in
+    /// the log for `CLUSTER SLOTS` and `CLUSTER NODES`.
+    pub resp_addr: Option<SocketAddr>,
     /// Copies of each key.
     pub replication_factor: usize,
     /// The level of requests that do not name one.
@@ -135,6 +138,41 @@ pub struct Cluster {
     proposals: mpsc::UnboundedSender<policies::Proposal>,
     /// The log index up to which this member runs the log's policy.
     policy_applied: Arc<std::sync::atomic::AtomicU64>,
+    /// This member's node id.
+    me: NodeIx,
+    /// Every member's Redis-protocol address, as the log records them.
+    resp_addrs: RespAddrs,
+}
+
+/// Members' Redis-protocol addresses by node id, shared with the shell.
+pub(super) type RespAddrs = Arc<Mutex<std::collections::BTreeMap<NodeIx, SocketAddr>>>;
+
+/// A range of hash slots as Redis Cluster clients see it: its owners, the
+/// primary first, with their Redis-protocol addresses (`None` for one that
+/// has not announced one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisSlots {
+    /// First slot.
+    pub start: u16,
+    /// Last slot, included.
+    pub end: u16,
+    /// Owners and their addresses.
+    pub owners: Vec<(NodeIx, Option<SocketAddr>)>,
+}
+
+/// The log's slot table read the way `CLUSTER SLOTS`, `CLUSTER SHARDS` and
+/// `CLUSTER NODES` answer it.
+#[derive(Clone, Debug)]
+pub struct RedisView {
+    /// This member.
+    pub me: NodeIx,
+    /// The table's epoch (Redis's `current_epoch`).
+    pub epoch: u64,
+    /// Every range of slots.
+    pub ranges: Vec<RedisSlots>,
+    /// Every member the table names, with its address and whether this
+    /// member sees it up.
+    pub members: Vec<(NodeIx, Option<SocketAddr>, bool)>,
 }
 
 fn level(consistency: Consistency) -> replica::Consistency {
@@ -235,6 +273,9 @@ impl Cluster {
         let (proposals, proposals_rx) = mpsc::unbounded_channel();
         let policy_applied: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let thread_policy_applied = policy_applied.clone();
+        let resp_addrs: RespAddrs = Arc::default();
+        let thread_resp_addrs = resp_addrs.clone();
+        let me = options.node_id;
         let thread = std::thread::Builder::new()
             .name("cachet-cluster".into())
             .spawn(move || {
@@ -263,6 +304,7 @@ impl Cluster {
                     shell.shared_ring = thread_ring;
                     shell.policy_host = thread_policies;
                     shell.policy_applied = thread_policy_applied;
+                    shell.resp_addrs = thread_resp_addrs;
                     shell.run(commands_rx, incoming, proposals_rx, stopped).await;
                 });
             })
@@ -286,7 +328,36 @@ impl Cluster {
             policies,
             proposals,
             policy_applied,
+            me,
+            resp_addrs,
         }))
+    }
+
+    /// The slot table as Redis Cluster clients read it; `None` until this
+    /// member has a table.
+    pub fn redis_view(&self) -> Option<RedisView> {
+        let ring = self.ring.lock().ok()?.clone()?;
+        let addrs = self.resp_addrs.lock().ok()?.clone();
+        let alive = self.status.lock().ok().map(|s| s.alive.clone()).unwrap_or_default();
+        let table = ring.table();
+        let ranges: Vec<RedisSlots> = table
+            .ranges()
+            .iter()
+            .map(|r| RedisSlots {
+                start: r.start,
+                end: r.end,
+                owners: r.owners.iter().map(|&n| (n, addrs.get(&n).copied())).collect(),
+            })
+            .collect();
+        let mut nodes: Vec<NodeIx> = ranges.iter().flat_map(|r| r.owners.iter().map(|(n, _)| *n)).collect();
+        nodes.extend(addrs.keys());
+        nodes.sort_unstable();
+        nodes.dedup();
+        let members = nodes
+            .into_iter()
+            .map(|n| (n, addrs.get(&n).copied(), n == self.me || alive.get(n as usize).copied().unwrap_or(false)))
+            .collect();
+        Some(RedisView { me: self.me, epoch: table.epoch(), ranges, members })
     }
 
     /// Where the peer transport listens.

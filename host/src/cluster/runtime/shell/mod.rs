@@ -119,6 +119,8 @@ pub(super) struct Shell {
     ///
     /// [`Cluster`]: super::Cluster
     pub(super) shared_ring: Arc<Mutex<Option<Arc<Ring>>>>,
+    /// Members' Redis-protocol addresses from the log, for `CLUSTER SLOTS`.
+    pub(super) resp_addrs: super::RespAddrs,
     /// Loads finished, for [`Replica::loaded`].
     loaded_tx: mpsc::UnboundedSender<(u64, LoaderAnswer)>,
     loaded_rx: Option<mpsc::UnboundedReceiver<(u64, LoaderAnswer)>>,
@@ -242,6 +244,7 @@ impl Shell {
             founders: options.members.clone(),
             peer: listen,
             client: options.client_addr,
+            resp: options.resp_addr,
             settings: Settings {
                 rf: options.replication_factor as u32,
                 consistency: super::level(options.consistency),
@@ -275,6 +278,7 @@ impl Shell {
             waiting: HashMap::new(),
             loaders: Arc::default(),
             shared_ring: Arc::default(),
+            resp_addrs: Arc::default(),
             loaded_tx,
             loaded_rx: Some(loaded_rx),
             next_op: 1,

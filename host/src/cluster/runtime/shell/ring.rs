@@ -40,15 +40,26 @@ impl Shell {
     /// Follows the log: learns the members it names, starts the replica on
     /// the first table, and hands it each newer one.
     pub(super) fn follow_log(&mut self, now: u64) {
-        let members: Vec<(NodeIx, SocketAddr)> = match self.meta.as_ref().and_then(|m| m.state()) {
-            Some(state) => state
-                .members
-                .values()
-                .filter(|m| m.state != MemberState::Removed && m.node != self.me)
-                .map(|m| (m.node, m.peer))
-                .collect(),
+        let (members, resp): (Vec<(NodeIx, SocketAddr)>, _) = match self.meta.as_ref().and_then(|m| m.state()) {
+            Some(state) => (
+                state
+                    .members
+                    .values()
+                    .filter(|m| m.state != MemberState::Removed && m.node != self.me)
+                    .map(|m| (m.node, m.peer))
+                    .collect(),
+                state
+                    .members
+                    .values()
+                    .filter(|m| m.state != MemberState::Removed)
+                    .filter_map(|m| Some((m.node, m.resp?)))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            ),
             None => return,
         };
+        if let Ok(mut shared) = self.resp_addrs.lock() {
+            *shared = resp;
+        }
         // The log's address wins: a member replaced by a new process
         // (same id, new address) is reached there.
         for (node, addr) in members {
