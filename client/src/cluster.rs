@@ -761,7 +761,7 @@ impl ClusterClient {
     /// exist. Not retried once it may have reached a node.
     pub async fn expire(&self, key: impl AsRef<[u8]>, ttl: Duration) -> Result<bool, ClientError> {
         let key = reply::key(key);
-        let request = Request::Expire { key: key.clone(), ttl_ms: ttl.as_millis() as u64 };
+        let request = Request::Expire { key: key.clone(), ttl_ms: ttl.as_millis() as u64, when: Default::default() };
         reply::applied(self.send(&key, request).await?)
     }
 

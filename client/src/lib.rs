@@ -554,7 +554,8 @@ impl Client {
     /// Gives `key` a new TTL; false if it does not exist. A zero TTL
     /// deletes the key, as in Redis.
     pub async fn expire(&self, key: impl AsRef<[u8]>, ttl: Duration) -> Result<bool, ClientError> {
-        let request = Request::Expire { key: reply::key(key), ttl_ms: ttl.as_millis() as u64 };
+        let request =
+            Request::Expire { key: reply::key(key), ttl_ms: ttl.as_millis() as u64, when: Default::default() };
         reply::applied(self.call(request).await?)
     }
 

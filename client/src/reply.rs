@@ -224,7 +224,7 @@ mod tests {
             Request::GetEx { key: k.clone(), ttl: TtlChange::Persist },
             Request::GetEx { key: k.clone(), ttl: TtlChange::Set(5) },
             Request::Persist { key: k.clone() },
-            Request::Expire { key: k.clone(), ttl_ms: 5 },
+            Request::Expire { key: k.clone(), ttl_ms: 5, when: Default::default() },
             set(
                 k.clone(),
                 v.clone(),

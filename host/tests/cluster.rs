@@ -1225,6 +1225,14 @@ async fn redis_cli_reads_and_writes_through_any_member() {
     let at: i64 = cli(2, &["EXPIRETIME", "ex"]).parse().expect("an integer");
     assert!(at > 1_700_000_000, "EXPIRETIME {at}");
     assert_eq!(cli(2, &["TYPE", "ex"]), "string");
+    // EXPIRE's options, checked at the key's primary.
+    assert_eq!(cli(1, &["EXPIRE", "ex", "50", "NX"]), "0");
+    assert_eq!(cli(2, &["EXPIRE", "ex", "500", "GT"]), "1");
+    assert_eq!(cli(0, &["EXPIRE", "ex", "600", "LT"]), "0");
+    let ttl: i64 = cli(1, &["TTL", "ex"]).parse().expect("an integer");
+    assert!((490..=500).contains(&ttl), "TTL {ttl} after GT");
+    assert_eq!(cli(0, &["EXPIRE", "nx", "100", "XX"]), "0", "no TTL yet");
+    assert_eq!(cli(1, &["EXPIRE", "nx", "100", "LT"]), "1", "no TTL counts as never");
     assert_eq!(cli(0, &["MULTI"]), "OK", "a transaction on its own connection is opened and dropped");
     assert_eq!(cli(0, &["SET", "once", "1", "NX"]), "OK");
     assert_eq!(cli(1, &["SET", "once", "2", "NX"]), "");

@@ -14,7 +14,7 @@ pub use frame::{
     Decoded, Envelope, FrameError, MAX_DEPTH, MAX_REPLY_LEN, decode, encode, encode_at, from_slice_shallow,
 };
 pub use message::{
-    ALPN, AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, MetaMemberStats,
+    ALPN, AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, ExpireIf, HotKey, MetaMemberStats,
     MetaStats, ModuleListing, NodeStats, PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing,
     ShardListing, TtlChange, TtlState,
 };

@@ -93,6 +93,9 @@ pub enum Request {
         key: Bytes,
         /// New time to live in milliseconds.
         ttl_ms: u64,
+        /// When it applies (Redis's NX, XX, GT, LT); absent: always.
+        #[serde(default, skip_serializing_if = "ExpireIf::always")]
+        when: ExpireIf,
     },
     /// Read several keys.
     MGet {
@@ -178,6 +181,47 @@ pub enum Request {
     DbSize,
     /// Drop every entry (`Count` of entries dropped).
     FlushAll,
+}
+
+/// When an EXPIRE applies, by the key's current TTL (Redis's options).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpireIf {
+    /// Always.
+    #[default]
+    Always,
+    /// Only if the key has no TTL (NX).
+    NoTtl,
+    /// Only if the key has a TTL (XX).
+    HasTtl,
+    /// Only if the new TTL ends later than the current one (GT); a key
+    /// without a TTL never expires, so never.
+    Later,
+    /// Only if the new TTL ends sooner than the current one (LT); a key
+    /// without a TTL always.
+    Sooner,
+    /// Only if the key has a TTL that ends later than the new one (XX and
+    /// LT).
+    SoonerWithTtl,
+}
+
+impl ExpireIf {
+    /// Whether this is [`ExpireIf::Always`].
+    pub fn always(&self) -> bool {
+        *self == Self::Always
+    }
+
+    /// Whether a TTL of `new_ms` from now applies to a key whose remaining
+    /// TTL is `current` (`None`: it has none).
+    pub fn allows(self, current: Option<u64>, new_ms: u64) -> bool {
+        match self {
+            Self::Always => true,
+            Self::NoTtl => current.is_none(),
+            Self::HasTtl => current.is_some(),
+            Self::Later => current.is_some_and(|c| new_ms > c),
+            Self::Sooner => current.is_none_or(|c| new_ms < c),
+            Self::SoonerWithTtl => current.is_some_and(|c| new_ms < c),
+        }
+    }
 }
 
 /// What a read-and-touch ([`Request::GetEx`]) does to the key's TTL.

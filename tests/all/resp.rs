@@ -198,6 +198,41 @@ fn redis_cli_runs_every_command() {
 /// error texts (checked against redis-server 7.0 by hand): SETNX, SETEX,
 /// PSETEX, GETSET, GETRANGE/SUBSTR, EXPIREAT/PEXPIREAT,
 /// EXPIRETIME/PEXPIRETIME, TOUCH, TYPE and TIME.
+/// EXPIRE's NX, XX, GT and LT, answered as redis-server 7.0 answers the
+/// same sequence (checked against it).
+#[test]
+fn expire_options_apply_as_redis_applies_them() {
+    let node = RespNode::start();
+    let cli = |args: &[&str]| node.cli(args);
+    let steps: [(&[&str], &str); 21] = [
+        (&["SET", "k", "v"], "OK"),
+        (&["EXPIRE", "k", "100", "XX"], "0"),
+        (&["EXPIRE", "k", "100", "GT"], "0"),
+        (&["EXPIRE", "k", "100", "LT"], "1"),
+        (&["TTL", "k"], "100"),
+        (&["EXPIRE", "k", "50", "NX"], "0"),
+        (&["EXPIRE", "k", "200", "GT"], "1"),
+        (&["EXPIRE", "k", "100", "GT"], "0"),
+        (&["EXPIRE", "k", "50", "XX", "LT"], "1"),
+        (&["TTL", "k"], "50"),
+        (&["EXPIRE", "k", "60", "XX", "LT"], "0"),
+        (&["EXPIRE", "k", "10", "NX", "GT"], "ERR NX and XX, GT or LT options at the same time are not compatible"),
+        (&["EXPIRE", "k", "10", "GT", "LT"], "ERR GT and LT options at the same time are not compatible"),
+        (&["EXPIRE", "k", "10", "FOO"], "ERR Unsupported option FOO"),
+        (&["EXPIRE", "k", "-1", "GT"], "0"),
+        (&["EXISTS", "k"], "1"),
+        (&["EXPIRE", "k", "-1", "LT"], "1"),
+        (&["EXISTS", "k"], "0"),
+        (&["PEXPIRE", "missing", "100", "NX"], "0"),
+        (&["SET", "p", "v"], "OK"),
+        (&["PEXPIREAT", "p", "99999999999999", "NX"], "1"),
+    ];
+    for (args, expected) in steps {
+        assert_eq!(cli(args), expected, "{args:?}");
+    }
+    assert_eq!(cli(&["EXPIRE", "p", "10", "nx"]), "0", "options in any case; p has a TTL now");
+}
+
 #[test]
 fn redis_cli_runs_the_older_string_commands() {
     let node = RespNode::start();

@@ -42,6 +42,10 @@ pub enum Update {
     GetEx(TtlChange),
     /// Set the TTL (0 deletes); answers whether the key existed.
     Expire(u64),
+    /// The same, only when the key's current TTL allows it (Redis's NX,
+    /// XX, GT, LT); answers whether it applied. A variant of its own, so
+    /// members of an older build never meet a field they do not know.
+    ExpireIf(u64, cachet_proto::ExpireIf),
     /// Remove the TTL; answers whether it had one.
     Persist,
     /// A read-through GET of a loader namespace: the value if the key has
@@ -169,6 +173,7 @@ pub fn apply(update: &Update, current: Option<&Entry>, wall_ms: u64, max_len: us
 }
 
 fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (Option<Entry>, Effect) {
+    let current_entry = current;
     let value = current.and_then(|r| r.value.clone());
     let expires_at = current.and_then(|r| r.expires_at);
     // A read-modify-write keeps the hint the value was stored with.
@@ -229,6 +234,13 @@ fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (O
                 TtlChange::Set(ms) => after(*ms),
             };
             (Some(Entry { value: Some(old.clone()), expires_at: expiry, hint }), Effect::Value(Some(old)))
+        }
+        Update::ExpireIf(ms, when) => {
+            let current = expires_at.map(|at| at.saturating_sub(wall_ms));
+            match value {
+                Some(_) if when.allows(current, *ms) => apply_unbounded(&Update::Expire(*ms), current_entry, wall_ms),
+                _ => (None, Effect::Applied(false)),
+            }
         }
         Update::Expire(ms) => match value {
             None => (None, Effect::Applied(false)),

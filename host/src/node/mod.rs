@@ -292,11 +292,17 @@ mod tests {
         assert_eq!(node.execute(Request::Get { key: b("w") }), Response::Value(Some(b("word"))));
         assert_eq!(node.execute(Request::Ttl { key: b("a") }), Response::Ttl(TtlState::Persistent));
         assert_eq!(node.execute(Request::Ttl { key: b("zz") }), Response::Ttl(TtlState::Missing));
-        assert_eq!(node.execute(Request::Expire { key: b("a"), ttl_ms: 60_000 }), Response::Applied(true));
+        assert_eq!(
+            node.execute(Request::Expire { key: b("a"), ttl_ms: 60_000, when: Default::default() }),
+            Response::Applied(true)
+        );
         assert!(
             matches!(node.execute(Request::Ttl { key: b("a") }), Response::Ttl(TtlState::Remaining(ms)) if ms <= 60_000 && ms > 50_000)
         );
-        assert_eq!(node.execute(Request::Expire { key: b("zz"), ttl_ms: 1 }), Response::Applied(false));
+        assert_eq!(
+            node.execute(Request::Expire { key: b("zz"), ttl_ms: 1, when: Default::default() }),
+            Response::Applied(false)
+        );
         assert_eq!(node.execute(Request::Ping), Response::Pong);
         let Response::Stats(stats) = node.execute(Request::Stats) else { panic!("stats") };
         assert_eq!((stats.entries, stats.shards, stats.policy.as_str()), (4, 3, "lru"));
@@ -341,7 +347,10 @@ mod tests {
         });
         assert!(matches!(zero, Response::Error(ErrorReply { code: ErrorCode::InvalidArgument, .. })), "{zero:?}");
         node.execute(set("k", "v", Condition::Always));
-        assert_eq!(node.execute(Request::Expire { key: b("k"), ttl_ms: 0 }), Response::Applied(true));
+        assert_eq!(
+            node.execute(Request::Expire { key: b("k"), ttl_ms: 0, when: Default::default() }),
+            Response::Applied(true)
+        );
         assert_eq!(node.execute(Request::Get { key: b("k") }), Response::Value(None), "EXPIRE 0 deletes");
     }
 

@@ -9,7 +9,7 @@ use super::acl::{Acl, Denied, User};
 use super::codec::Writer;
 use crate::node::Node;
 use bytes::{Bytes, BytesMut};
-use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlChange, TtlState};
+use cachet_proto::{Condition, ErrorCode, ErrorReply, ExpireIf, Request, Response, TtlChange, TtlState};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -128,6 +128,35 @@ pub const SUPPORTED: &[&str] = &[
 ];
 
 const WRONG_INT: &str = "ERR value is not an integer or out of range";
+
+/// EXPIRE's options (NX, XX, GT, LT; repeated ones allowed, as Redis
+/// does), with Redis's error texts.
+fn expire_if(options: &[Bytes]) -> Result<ExpireIf, String> {
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for option in options {
+        match upper(option).as_str() {
+            "NX" => nx = true,
+            "XX" => xx = true,
+            "GT" => gt = true,
+            "LT" => lt = true,
+            _ => return Err(format!("ERR Unsupported option {}", String::from_utf8_lossy(option))),
+        }
+    }
+    if nx && (xx || gt || lt) {
+        return Err("ERR NX and XX, GT or LT options at the same time are not compatible".into());
+    }
+    if gt && lt {
+        return Err("ERR GT and LT options at the same time are not compatible".into());
+    }
+    Ok(match (nx, xx, gt, lt) {
+        (true, ..) => ExpireIf::NoTtl,
+        (_, _, true, _) => ExpireIf::Later,
+        (_, true, _, true) => ExpireIf::SoonerWithTtl,
+        (_, false, _, true) => ExpireIf::Sooner,
+        (_, true, ..) => ExpireIf::HasTtl,
+        _ => ExpireIf::Always,
+    })
+}
 const SYNTAX: &str = "ERR syntax error";
 
 fn parse_i64(arg: &[u8]) -> Option<i64> {
@@ -221,10 +250,14 @@ pub fn parse(args: &[Bytes]) -> Parsed {
         "SET" if n >= 3 => parse_set(args),
         "DEL" | "UNLINK" if n >= 2 => data(Request::Del { keys: args[1..].to_vec() }, Reply::Write),
         "EXISTS" if n >= 2 => data(Request::Exists { keys: args[1..].to_vec() }, Reply::Write),
-        "EXPIRE" | "PEXPIRE" if n == 3 => {
+        "EXPIRE" | "PEXPIRE" if n >= 3 => {
             let scale = if name == "EXPIRE" { 1000 } else { 1 };
+            let when = match expire_if(&args[3..]) {
+                Ok(when) => when,
+                Err(message) => return Parsed::Invalid(message),
+            };
             match parse_i64(&args[2]).and_then(|t| t.checked_mul(scale)) {
-                Some(ms) => data(Request::Expire { key: key(), ttl_ms: ms.max(0) as u64 }, Reply::Flag),
+                Some(ms) => data(Request::Expire { key: key(), ttl_ms: ms.max(0) as u64, when }, Reply::Flag),
                 None => Parsed::Invalid(format!("ERR invalid expire time in '{}' command", name.to_ascii_lowercase())),
             }
         }
@@ -279,11 +312,15 @@ pub fn parse(args: &[Bytes]) -> Parsed {
             (Some(start), Some(end)) => data(Request::Get { key: key() }, Reply::Range { start, end }),
             _ => Parsed::Invalid(WRONG_INT.into()),
         },
-        "EXPIREAT" | "PEXPIREAT" if n == 3 => {
+        "EXPIREAT" | "PEXPIREAT" if n >= 3 => {
             let scale = if name == "EXPIREAT" { 1000 } else { 1 };
+            let when = match expire_if(&args[3..]) {
+                Ok(when) => when,
+                Err(message) => return Parsed::Invalid(message),
+            };
             match parse_i64(&args[2]).and_then(|t| t.checked_mul(scale)) {
                 // A time in the past deletes the key, as a negative EXPIRE does.
-                Some(at) => data(Request::Expire { key: key(), ttl_ms: until_unix_ms_or_now(at) }, Reply::Flag),
+                Some(at) => data(Request::Expire { key: key(), ttl_ms: until_unix_ms_or_now(at), when }, Reply::Flag),
                 None => Parsed::Invalid(WRONG_INT.into()),
             }
         }

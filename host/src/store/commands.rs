@@ -44,8 +44,14 @@ impl Store {
                 Some(None) => TtlState::Persistent,
                 Some(Some(ms)) => TtlState::Remaining(ms),
             }),
-            Request::Expire { key, ttl_ms: 0 } => Response::Applied(self.shard(&key).delete(now, &key)),
-            Request::Expire { key, ttl_ms } => Response::Applied(self.shard(&key).expire(now, &key, ttl_ms)),
+            Request::Expire { key, ttl_ms, when } => {
+                // The condition and the change under one shard lock.
+                let mut shard = self.shard(&key);
+                let applies = shard.ttl(now, &key).is_some_and(|current| when.allows(current, ttl_ms));
+                Response::Applied(
+                    applies && if ttl_ms == 0 { shard.delete(now, &key) } else { shard.expire(now, &key, ttl_ms) },
+                )
+            }
             Request::Persist { key } => Response::Applied(self.shard(&key).persist(now, &key)),
             Request::MGet { keys } => self.mget(now, &keys),
             Request::MSet { pairs } => {

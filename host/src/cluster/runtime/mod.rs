@@ -693,7 +693,10 @@ impl Cluster {
             Request::GetDel { key } => self.updated(store, key, Update::GetDel, level),
             Request::GetEx { key, ttl } => self.updated(store, key, Update::GetEx(*ttl), level),
             Request::Persist { key } => self.updated(store, key, Update::Persist, level),
-            Request::Expire { key, ttl_ms } => self.updated(store, key, Update::Expire(*ttl_ms), level),
+            Request::Expire { key, ttl_ms, when } if when.always() => {
+                self.updated(store, key, Update::Expire(*ttl_ms), level)
+            }
+            Request::Expire { key, ttl_ms, when } => self.updated(store, key, Update::ExpireIf(*ttl_ms, *when), level),
             Request::Strlen { key } => {
                 let key = key.clone();
                 later(Box::pin(async move {
