@@ -293,7 +293,14 @@ pub(crate) fn run_serve(args: ServeArgs) -> Result<()> {
         if resp.ip().is_unspecified() {
             announced.set_ip(cluster.client_addr.ip());
         }
-        cluster.resp_addr = Some(announced);
+        if announced.ip().is_unspecified() || announced.port() == 0 {
+            eprintln!(
+                "cachet: --resp-listen {resp} names no address clients can reach: CLUSTER SLOTS will not list this \
+                 member (give both ports a specific address and port)"
+            );
+        } else {
+            cluster.resp_addr = Some(announced);
+        }
     }
     options.resp = match resp_listen {
         Some(listen) => {

@@ -89,6 +89,11 @@ pub struct PolicyFollower {
     wanted: BTreeMap<String, u64>,
     /// Modules being installed.
     installing: BTreeSet<String>,
+    /// Modules whose install failed here: not fetched again while no
+    /// target needs them (each install compiles the module).
+    refused: BTreeSet<String>,
+    /// The hashes the target needs, as of the last look.
+    target_shas: BTreeSet<String>,
     /// The last failure.
     last_error: Option<String>,
     /// The log index up to which the member runs the log's policy.
@@ -175,10 +180,12 @@ impl PolicyFollower {
         }
         let first: BTreeSet<String> = needed.iter().map(|(sha, ..)| sha.clone()).collect();
         for (label, m) in &state.modules {
-            if !state.quarantined.contains_key(label) && !first.contains(&m.module.sha256) {
-                needed.push((m.module.sha256.clone(), m.origin, false));
+            let sha = &m.module.sha256;
+            if !state.quarantined.contains_key(label) && !first.contains(sha) && !self.refused.contains(sha) {
+                needed.push((sha.clone(), m.origin, false));
             }
         }
+        self.target_shas = first;
         let serving: Vec<NodeIx> = state
             .members
             .values()
@@ -239,7 +246,13 @@ impl PolicyFollower {
         self.installing.remove(sha256);
         self.scan = None;
         if let Err(err) = result {
-            self.last_error = Some(err.clone());
+            // Only a module the member is to run holds its policy back; a
+            // stored one it fails to install is not asked for again until
+            // a target needs it.
+            self.refused.insert(sha256.to_string());
+            if self.target_shas.contains(sha256) {
+                self.last_error = Some(err.clone());
+            }
         }
     }
 
@@ -352,6 +365,79 @@ impl StartGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::meta::entry::{MemberRecord, MetaEntry, Proposal, Settings};
+    use crate::cluster::replica::Consistency;
+
+    fn state_with(entries: Vec<MetaEntry>) -> MetaState {
+        let member = |node: NodeIx| MemberRecord {
+            node,
+            raft_id: u64::from(node) + 1,
+            peer: SocketAddrV4::new([127, 0, 0, 1].into(), 7000 + node as u16).into(),
+            client: None,
+            weight: 1,
+            state: MemberState::Serving,
+            reason: String::new(),
+            since: 1,
+            resp: None,
+        };
+        let mut state = MetaState::founding(
+            vec![member(0), member(1), member(2)],
+            Settings { rf: 3, consistency: Consistency::Quorum },
+        )
+        .expect("founding");
+        for (i, entry) in entries.into_iter().enumerate() {
+            state.apply(2 + i as u64, Some(&Proposal { proposer: 0, nonce: 10 + i as u64, entry }));
+        }
+        state
+    }
+
+    fn module(label: &str, sha256: &str) -> MetaEntry {
+        MetaEntry::ModuleStored(StoredModule {
+            label: label.into(),
+            sha256: sha256.into(),
+            size: 1,
+            config: Vec::new(),
+            fuel_per_call: 1,
+            max_memory_bytes: 1,
+        })
+    }
+
+    use std::net::SocketAddrV4;
+
+    #[test]
+    fn every_stored_module_is_fetched_and_one_refused_here_holds_nothing_back() {
+        let activate = MetaEntry::Activate { label: "a@1".into(), config: None, bundled: false };
+        let state = state_with(vec![module("a@1", "aa"), module("b@1", "bb"), activate]);
+        let mut follower = PolicyFollower::default();
+        let held = std::cell::RefCell::new(BTreeSet::<String>::new());
+        let has = |sha: &str| held.borrow().contains(sha);
+        let steps = follower.reconcile(1, 0, &state, &has);
+        let wanted: Vec<&str> = steps
+            .iter()
+            .filter_map(|s| match s {
+                PolicyStep::Want { sha256, .. } => Some(sha256.as_str()),
+                PolicyStep::Apply { .. } => None,
+            })
+            .collect();
+        assert_eq!(wanted, ["aa", "bb"], "the target's first, then every other stored module");
+        // The other module is refused here; the target's arrives.
+        assert!(follower.offered(&state, "bb").is_some());
+        follower.installed("bb", &Err("refused by this build".into()));
+        assert!(follower.offered(&state, "aa").is_some());
+        held.borrow_mut().insert("aa".into());
+        follower.installed("aa", &Ok(String::new()));
+        let steps = follower.reconcile(1, 10, &state, &has);
+        let Some(PolicyStep::Apply { target, index }) =
+            steps.into_iter().find(|s| matches!(s, PolicyStep::Apply { .. }))
+        else {
+            panic!("the target's module is here: apply it")
+        };
+        follower.applied(target, index, &Ok(String::new()));
+        assert!(follower.ready(1, &state), "a refused module the member does not run holds nothing back");
+        assert!(follower.last_error().is_none());
+        let later = follower.reconcile(1, 10 + 5 * ASK_AGAIN_MS, &state, &has);
+        assert!(later.is_empty(), "the refused module is not asked for again: {later:?}");
+    }
 
     #[test]
     fn the_gate_waits_for_its_barrier_then_for_the_policy_then_gives_up() {

@@ -103,7 +103,7 @@ impl Node {
                     return local;
                 }
                 self.store_in_log(cluster, &name_version).map(|index| {
-                    format!("loaded {name_version} here and stored it in the cluster's registry (log index {index}); members fetch it when they need it")
+                    format!("loaded {name_version} here and stored it in the cluster's registry (log index {index}); every member fetches it now")
                 })
             }
             AdminCommand::Activate { name, version, config } => {

@@ -63,9 +63,11 @@ pub fn categories(command: &str) -> Option<&'static [Category]> {
         | "PERSIST" | "SETNX" | "SETEX" | "PSETEX" | "EXPIREAT" | "PEXPIREAT" => &[Write],
         "GETDEL" | "GETEX" | "GETSET" => &[Read, Write],
         "FLUSHALL" | "FLUSHDB" => &[Write, Admin],
-        "DBSIZE" | "INFO" | "CONFIG" | "COMMAND" => &[Admin],
-        "AUTH" | "HELLO" | "PING" | "ECHO" | "QUIT" | "SELECT" | "CLIENT" | "TIME" | "MULTI" | "EXEC" | "DISCARD"
-        | "WATCH" | "UNWATCH" | "CLUSTER" | "READONLY" | "READWRITE" | "ASKING" => &[Connection],
+        "DBSIZE" | "INFO" | "CONFIG" => &[Admin],
+        // Cluster clients read COMMAND when they start (redis-py's
+        // RedisCluster): Redis puts it in @connection too.
+        "AUTH" | "HELLO" | "PING" | "ECHO" | "QUIT" | "SELECT" | "CLIENT" | "TIME" | "COMMAND" | "MULTI" | "EXEC"
+        | "DISCARD" | "WATCH" | "UNWATCH" | "CLUSTER" | "READONLY" | "READWRITE" | "ASKING" => &[Connection],
         _ => return None,
     })
 }

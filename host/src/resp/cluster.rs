@@ -86,14 +86,28 @@ pub fn cluster(node: &Node, w: &mut Writer<'_>, args: &[Bytes]) {
     }
 }
 
-/// `CLUSTER SLOTS`: each range, its owners with an address, the primary
-/// first.
+/// `CLUSTER SLOTS`: each range, its owners with an address, those this
+/// member sees up first (a client writes to the first). A range none of
+/// whose owners is up or has an address is given any member that is
+/// (any member serves any key), so a client requiring full coverage
+/// (redis-py's default) still starts.
 fn slots(view: &RedisView, w: &mut Writer<'_>) {
     type Reachable = Vec<(u32, SocketAddr)>;
+    let up = |n: u32| view.members.iter().any(|(m, _, up)| *m == n && *up);
+    let spare = view.members.iter().find_map(|(n, a, up)| a.filter(|_| *up).map(|a| (*n, a)));
     let ranges: Vec<(u16, u16, Reachable)> = view
         .ranges
         .iter()
-        .map(|r| (r.start, r.end, r.owners.iter().filter_map(|(n, a)| Some((*n, (*a)?))).collect::<Vec<_>>()))
+        .map(|r| {
+            let mut owners: Reachable = r.owners.iter().filter_map(|(n, a)| Some((*n, (*a)?))).collect();
+            owners.sort_by_key(|(n, _)| !up(*n));
+            if !owners.first().is_some_and(|(n, _)| up(*n))
+                && let Some(spare) = spare
+            {
+                owners.insert(0, spare);
+            }
+            (r.start, r.end, owners)
+        })
         .filter(|(.., owners)| !owners.is_empty())
         .collect();
     w.array(ranges.len());
@@ -146,7 +160,7 @@ fn shards(view: &RedisView, w: &mut Writer<'_>) {
             w.bulk(b"replication-offset");
             w.integer(0);
             w.bulk(b"health");
-            w.bulk(if up { b"online".as_slice() } else { b"fail".as_slice() });
+            w.bulk(if up { b"online".as_slice() } else { b"failed".as_slice() });
         }
     }
 }
@@ -156,7 +170,9 @@ fn shards(view: &RedisView, w: &mut Writer<'_>) {
 fn nodes(view: &RedisView) -> String {
     let mut text = String::new();
     for (n, addr, up) in &view.members {
-        let addr = addr.map_or_else(|| ":0@0".to_string(), |a| format!("{}@{}", a, a.port()));
+        // Redis writes `ip:port@cport` with a bare IPv6 address (clients
+        // split at the last colon).
+        let addr = addr.map_or_else(|| ":0@0".to_string(), |a| format!("{}:{}@{}", a.ip(), a.port(), a.port()));
         let mut flags = String::new();
         if *n == view.me {
             flags.push_str("myself,");

@@ -282,8 +282,9 @@ impl Proposal {
     /// The proposal's bytes in the log.
     pub fn encode(&self) -> Vec<u8> {
         // Encoding plain data into a Vec cannot fail; an empty payload
-        // would apply as a no-op if it somehow did.
-        rmp_serde::to_vec(self).unwrap_or_default()
+        // would apply as a no-op if it somehow did. Fields by name, as the
+        // state's (see `MetaState::encode`).
+        rmp_serde::to_vec_named(self).unwrap_or_default()
     }
 
     /// A proposal from the log's bytes.

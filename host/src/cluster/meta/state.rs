@@ -109,7 +109,10 @@ impl MetaState {
 
     /// The state's bytes (a snapshot's data).
     pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec(self).unwrap_or_default()
+        // Fields by name: a build that added a field (with a serde
+        // default) reads older snapshots, and an older build skips the
+        // fields it does not know instead of refusing the snapshot.
+        rmp_serde::to_vec_named(self).unwrap_or_default()
     }
 
     /// A state from a snapshot's bytes.

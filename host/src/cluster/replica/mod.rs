@@ -1577,7 +1577,7 @@ impl Replica {
                 Phase::Query { counted, needed, highest, .. }
                     if *counted >= *needed
                         && base.is_some_and(|base| {
-                            *highest > base || self.store.get(key, true).is_some_and(|own| own.version > base)
+                            *highest > base || self.store.get(key, false).is_some_and(|own| own.version > base)
                         }) =>
                 {
                     let client_req = *client_req;
