@@ -73,60 +73,6 @@ pub struct ServerInfo {
     pub acl: Option<Arc<Acl>>,
 }
 
-/// Commands this port answers, for `COMMAND COUNT` and docs.
-pub const SUPPORTED: &[&str] = &[
-    "APPEND",
-    "ASKING",
-    "AUTH",
-    "CLIENT",
-    "CLUSTER",
-    "COMMAND",
-    "CONFIG",
-    "DBSIZE",
-    "DECR",
-    "DECRBY",
-    "DEL",
-    "ECHO",
-    "EXISTS",
-    "EXPIRE",
-    "EXPIREAT",
-    "EXPIRETIME",
-    "FLUSHALL",
-    "FLUSHDB",
-    "GET",
-    "GETDEL",
-    "GETEX",
-    "GETRANGE",
-    "GETSET",
-    "HELLO",
-    "INCR",
-    "INCRBY",
-    "INFO",
-    "MGET",
-    "MSET",
-    "PERSIST",
-    "PEXPIRE",
-    "PEXPIREAT",
-    "PEXPIRETIME",
-    "PING",
-    "PSETEX",
-    "PTTL",
-    "QUIT",
-    "READONLY",
-    "READWRITE",
-    "SELECT",
-    "SET",
-    "SETEX",
-    "SETNX",
-    "STRLEN",
-    "SUBSTR",
-    "TIME",
-    "TOUCH",
-    "TTL",
-    "TYPE",
-    "UNLINK",
-];
-
 const WRONG_INT: &str = "ERR value is not an integer or out of range";
 
 /// EXPIRE's options (NX, XX, GT, LT; repeated ones allowed, as Redis
@@ -493,7 +439,7 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
             session.quit = true;
             w.simple("OK");
         }
-        _ if SUPPORTED.contains(&name.as_str()) => arity(&mut w, &name),
+        _ if super::command_table::find(name.as_bytes()).is_some() => arity(&mut w, &name),
         _ => {
             let mut message =
                 format!("ERR unknown command '{}', with args beginning with: ", String::from_utf8_lossy(first));
