@@ -162,6 +162,15 @@ fn redis_cli_runs_every_command() {
     let server = cli(&["INFO", "server"]);
     assert!(server.contains("arch_bits:64") && server.contains("redis_mode:standalone"), "{server}");
     assert!(cli(&["INFO", "cluster"]).contains("cluster_enabled:0"));
+    let replication = cli(&["INFO", "replication"]);
+    assert!(replication.contains("role:master") && replication.contains("connected_slaves:0"), "{replication}");
+    let run_id = server.lines().find_map(|l| l.strip_prefix("run_id:")).expect("run_id");
+    assert!(run_id.len() == 40 && run_id.chars().all(|c| c.is_ascii_hexdigit()), "{run_id}");
+    assert!(cli(&["INFO", "persistence"]).contains("aof_enabled:0"));
+    let cpu = cli(&["INFO", "cpu"]);
+    let user: f64 =
+        cpu.lines().find_map(|l| l.strip_prefix("used_cpu_user:")).and_then(|v| v.parse().ok()).expect("cpu");
+    assert!(user >= 0.0, "{cpu}");
     let both = cli(&["INFO", "clients", "server"]);
     assert!(both.contains("# Clients") && both.contains("# Server") && !both.contains("# Stats"), "{both}");
     // CONFIG GET answers what the node has; CONFIG SET says it changes nothing.

@@ -634,6 +634,33 @@ fn config_get(node: &Node, w: &mut Writer<'_>, patterns: &[Bytes]) {
     }
 }
 
+/// This process's id for Redis clients (INFO's `run_id`): 40 hex digits,
+/// new at every start.
+fn run_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let seed = |salt: u64| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(salt ^ u64::from(std::process::id()));
+            h.finish()
+        };
+        format!("{:016x}{:016x}{:08x}", seed(1), seed(2), seed(3) as u32)
+    })
+}
+
+/// CPU time this process has used, user and system, in seconds (from
+/// `/proc/self/stat`; zeros where there is none).
+fn cpu_seconds() -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return (0.0, 0.0) };
+    // Fields after the command name (which may hold spaces), from `)`.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
+    // utime and stime are fields 14 and 15 of the line, 11 and 12 here
+    // (field 3, the state, is 0); in clock ticks, 100 a second on Linux.
+    (ticks(11), ticks(12))
+}
+
 fn info_text(node: &Node, info: &ServerInfo, sections: &[String]) -> String {
     let stats = node.stats();
     let want = |s: &str| {
@@ -642,18 +669,41 @@ fn info_text(node: &Node, info: &ServerInfo, sections: &[String]) -> String {
     };
     let mut text = String::new();
     if want("SERVER") {
+        let executable = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
         text.push_str(&format!(
-            "# Server\r\nredis_version:7.0.0\r\ncachet_version:{}\r\nredis_mode:{}\r\narch_bits:{}\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\n\r\n",
+            "# Server\r\nredis_version:7.0.0\r\nredis_git_sha1:00000000\r\nredis_git_dirty:0\r\nredis_build_id:0\r\ncachet_version:{}\r\nredis_mode:{}\r\nos:{} {}\r\narch_bits:{}\r\nmultiplexing_api:epoll\r\nprocess_id:{}\r\nprocess_supervised:no\r\nrun_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\nhz:10\r\nconfigured_hz:10\r\nexecutable:{executable}\r\nconfig_file:\r\n\r\n",
             env!("CARGO_PKG_VERSION"),
             // A clustered member answers CLUSTER SLOTS and the rest (see
             // `resp::cluster`); it never redirects.
             if super::cluster::enabled(node) { "cluster" } else { "standalone" },
+            std::env::consts::OS,
+            std::env::consts::ARCH,
             usize::BITS,
             std::process::id(),
+            run_id(),
             info.port,
             stats.uptime_secs,
             stats.uptime_secs / 86_400
         ));
+    }
+    // Cachet keeps nothing on disk and has no replicas in Redis's sense
+    // (a cluster's copies are its own): what clients read, answered truly.
+    if want("PERSISTENCE") {
+        text.push_str(
+            "# Persistence\r\nloading:0\r\nasync_loading:0\r\nrdb_changes_since_last_save:0\r\n\
+             rdb_bgsave_in_progress:0\r\nrdb_last_bgsave_status:ok\r\naof_enabled:0\r\naof_rewrite_in_progress:0\r\n\r\n",
+        );
+    }
+    if want("REPLICATION") {
+        text.push_str(&format!(
+            "# Replication\r\nrole:master\r\nconnected_slaves:0\r\nmaster_failover_state:no-failover\r\n\
+             master_replid:{}\r\nmaster_repl_offset:0\r\n\r\n",
+            run_id()
+        ));
+    }
+    if want("CPU") {
+        let (user, sys) = cpu_seconds();
+        text.push_str(&format!("# CPU\r\nused_cpu_sys:{sys:.6}\r\nused_cpu_user:{user:.6}\r\n\r\n"));
     }
     if want("CLIENTS") {
         text.push_str(&format!("# Clients\r\nconnected_clients:{}\r\n\r\n", stats.connections));
