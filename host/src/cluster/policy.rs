@@ -365,49 +365,21 @@ impl StartGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::meta::entry::{MemberRecord, MetaEntry, Proposal, Settings};
-    use crate::cluster::replica::Consistency;
+    use crate::cluster::meta::entry::{MetaEntry, Proposal};
+    use crate::cluster::meta::state::testing::{founded, stored};
 
     fn state_with(entries: Vec<MetaEntry>) -> MetaState {
-        let member = |node: NodeIx| MemberRecord {
-            node,
-            raft_id: u64::from(node) + 1,
-            peer: SocketAddrV4::new([127, 0, 0, 1].into(), 7000 + node as u16).into(),
-            client: None,
-            weight: 1,
-            state: MemberState::Serving,
-            reason: String::new(),
-            since: 1,
-            resp: None,
-        };
-        let mut state = MetaState::founding(
-            vec![member(0), member(1), member(2)],
-            Settings { rf: 3, consistency: Consistency::Quorum },
-        )
-        .expect("founding");
+        let mut state = founded();
         for (i, entry) in entries.into_iter().enumerate() {
             state.apply(2 + i as u64, Some(&Proposal { proposer: 0, nonce: 10 + i as u64, entry }));
         }
         state
     }
 
-    fn module(label: &str, sha256: &str) -> MetaEntry {
-        MetaEntry::ModuleStored(StoredModule {
-            label: label.into(),
-            sha256: sha256.into(),
-            size: 1,
-            config: Vec::new(),
-            fuel_per_call: 1,
-            max_memory_bytes: 1,
-        })
-    }
-
-    use std::net::SocketAddrV4;
-
     #[test]
     fn every_stored_module_is_fetched_and_one_refused_here_holds_nothing_back() {
         let activate = MetaEntry::Activate { label: "a@1".into(), config: None, bundled: false };
-        let state = state_with(vec![module("a@1", "aa"), module("b@1", "bb"), activate]);
+        let state = state_with(vec![stored("a@1", "aa"), stored("b@1", "bb"), activate]);
         let mut follower = PolicyFollower::default();
         let held = std::cell::RefCell::new(BTreeSet::<String>::new());
         let has = |sha: &str| held.borrow().contains(sha);

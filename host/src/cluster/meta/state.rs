@@ -446,12 +446,14 @@ impl MetaState {
     }
 }
 
+/// Small states for tests elsewhere in the crate (the policy follower's).
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::super::super::replica::Consistency;
     use super::*;
 
-    fn member(node: NodeIx) -> MemberRecord {
+    /// A serving member with addresses on 127.0.0.1.
+    pub(crate) fn member(node: NodeIx) -> MemberRecord {
         MemberRecord {
             node,
             raft_id: u64::from(node) + 1,
@@ -465,16 +467,14 @@ mod tests {
         }
     }
 
-    fn founded() -> MetaState {
+    /// A state founded by members 0, 1 and 2 (RF 3).
+    pub(crate) fn founded() -> MetaState {
         MetaState::founding(vec![member(0), member(1), member(2)], Settings { rf: 3, consistency: Consistency::Quorum })
             .expect("founding")
     }
 
-    fn p(nonce: u64, entry: MetaEntry) -> Proposal {
-        Proposal { proposer: 0, nonce, entry }
-    }
-
-    fn stored(label: &str, sha256: &str) -> MetaEntry {
+    /// A `ModuleStored` entry.
+    pub(crate) fn stored(label: &str, sha256: &str) -> MetaEntry {
         MetaEntry::ModuleStored(StoredModule {
             label: label.into(),
             sha256: sha256.into(),
@@ -483,6 +483,16 @@ mod tests {
             fuel_per_call: 1,
             max_memory_bytes: 1,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{founded, member, stored};
+    use super::*;
+
+    fn p(nonce: u64, entry: MetaEntry) -> Proposal {
+        Proposal { proposer: 0, nonce, entry }
     }
 
     fn activation(label: &str) -> MetaEntry {
