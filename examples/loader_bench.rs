@@ -259,7 +259,7 @@ async fn serve(loaders: LoaderConfig, dir: &std::path::Path) -> Result<(Running,
         clients: Default::default(),
     });
     let running = Node::start(options)?;
-    let loaders = running.node().loaders().cloned().context("the node has no loaders")?;
+    let loaders = running.node().loaders().context("the node has no loaders")?;
     let addr = running.quic_addr().context("no QUIC port")?;
     let client = Arc::new(Client::connect(ClientConfig::new(addr).with_data_dir(dir)?).await?);
     Ok((running, loaders, client))

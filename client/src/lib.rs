@@ -28,7 +28,7 @@ pub use cluster::{ClusterClient, RetryPolicy};
 
 pub use cachet_proto::{
     AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, HotKey, ModuleListing, NodeStats,
-    PolicyListing, ShadowListing, ShardListing, TtlChange, TtlState, key_hash,
+    PolicyListing, SentModule, ShadowListing, ShardListing, TtlChange, TtlState, key_hash,
 };
 pub use single_flight::LoadError;
 
@@ -621,7 +621,6 @@ impl Client {
         fuel_per_call: Option<u64>,
         max_memory_bytes: Option<u64>,
     ) -> Result<PolicyListing, ClientError> {
-        const CHUNK: usize = 512 << 10;
         let mut load = AdminCommand::Load {
             name: name.to_string(),
             version: version.to_string(),
@@ -631,11 +630,37 @@ impl Client {
             max_memory_bytes,
             upload: None,
         };
+        let sent = self.send_module(token, module).await?;
+        if let AdminCommand::Load { module, upload, .. } = &mut load {
+            (*module, *upload) = sent;
+        }
+        self.admin(token, load).await
+    }
+
+    /// On a cluster: makes `config` (a loader configuration whose modules
+    /// are named `sha256:HEX`) the cluster's, with `modules`' bytes by
+    /// hash, or drops the cluster's loaders (`None`); `cachet cluster
+    /// loaders`.
+    pub async fn set_loaders(
+        &self,
+        token: &str,
+        config: Option<String>,
+        modules: Vec<(String, Bytes)>,
+    ) -> Result<PolicyListing, ClientError> {
+        let mut sent = Vec::new();
+        for (sha256, module) in modules {
+            let (bytes, upload) = self.send_module(token, module).await?;
+            sent.push(SentModule { sha256, bytes, upload });
+        }
+        self.admin(token, AdminCommand::SetLoaders { config, modules: sent }).await
+    }
+
+    /// A module to name in an admin command: inline when it fits in one
+    /// frame, else sent in chunks first and named by its upload.
+    async fn send_module(&self, token: &str, module: Bytes) -> Result<(Bytes, Option<u64>), ClientError> {
+        const CHUNK: usize = 512 << 10;
         if module.len() <= CHUNK {
-            if let AdminCommand::Load { module: bytes, .. } = &mut load {
-                *bytes = module;
-            }
-            return self.admin(token, load).await;
+            return Ok((module, None));
         }
         let upload = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -647,10 +672,7 @@ impl Client {
             let chunk = module.slice(offset..(offset + CHUNK).min(module.len()));
             self.admin(token, AdminCommand::UploadChunk { upload, offset: offset as u64, total, chunk }).await?;
         }
-        if let AdminCommand::Load { upload: id, .. } = &mut load {
-            *id = Some(upload);
-        }
-        self.admin(token, load).await
+        Ok((Bytes::new(), Some(upload)))
     }
 
     /// Round trip to the node.

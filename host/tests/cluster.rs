@@ -1650,6 +1650,109 @@ async fn writes_reach_the_origin_through_the_keys_primary() {
     }
 }
 
+/// The loader configuration is the cluster's (issue 20): members started
+/// without `--loaders` get loaders from one `cachet cluster loaders FILE`
+/// through any member, a changed configuration replaces them live on
+/// every member, a member whose data directory is wiped fetches the
+/// module from a peer and builds the log's loaders before it serves, and
+/// `--none` drops them everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loader_configuration_is_the_clusters_and_changes_live() {
+    let (url, _db) = users_database("cfg", "0").await;
+    let token = "loaders-token";
+    let mut cluster = policy_cluster("loader-cfg", token).await;
+    let dir = cluster.root.join("loader-files");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("users.wasm"), cachet_tests::users_loader_component()).expect("loader");
+    let write_config = |ttl_ms: u64| {
+        let text = format!(
+            "[origins.users-db]\npostgres = \"{url}\"\n[[namespace]]\nprefix = \"user:\"\n\
+             module = \"users.wasm\"\norigins = [\"users-db\"]\nttl-ms = {ttl_ms}\n"
+        );
+        let path = dir.join(format!("loaders-{ttl_ms}.toml"));
+        std::fs::write(&path, text).expect("config");
+        path
+    };
+    let addrs: Vec<String> = cluster.members.iter().map(|m| m.client_addr.clone()).collect();
+    let ca = cluster.ca.to_str().expect("utf-8").to_string();
+    let set = |through: usize, what: &[&str]| {
+        let token_file = std::env::temp_dir().join(format!("cachet-cluster-loader-cfg-token-{}", std::process::id()));
+        let server = &addrs[through];
+        let args = [&["cluster", "loaders"][..], what].concat();
+        let out = Command::new(env!("CARGO_BIN_EXE_cachet"))
+            .args(args)
+            .args(["--admin-token-file", token_file.to_str().expect("utf-8"), "--server", server, "--dev-ca", &ca])
+            .args(["--timeout-ms", "40000"])
+            .output()
+            .expect("cachet cluster loaders runs");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "cluster loaders {what:?}: {stdout}{stderr}");
+        stdout.to_string()
+    };
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let mut config = cluster.client_config(i);
+        config.timeout = Duration::from_secs(10);
+        members.push(cachet_client::Client::connect(config).await.expect("client"));
+    }
+    assert_eq!(members[0].get("user:1").await.expect("GET"), None, "no loaders yet: a plain miss");
+
+    let said = set(1, &[write_config(3_600_000).to_str().expect("utf-8")]);
+    assert!(said.contains("loaders for user:"), "{said}");
+    let ada = br#"{"id":1,"name":"Ada","email":"ada@example.org"}"#;
+    let running = |v: &cachet_proto::MetaStats| v.loaders.as_deref().is_some_and(|l| l.ends_with("running here"));
+    let (took, _) = wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "loaders everywhere", running).await;
+    eprintln!("one `cluster loaders` through member 1: every member runs them in {took:?}");
+    for (i, member) in members.iter().enumerate() {
+        assert_eq!(member.get("user:1").await.expect("GET").as_deref(), Some(&ada[..]), "member {i}");
+    }
+    let ttl = members[2].ttl("user:1").await.expect("TTL");
+    assert!(matches!(ttl, cachet_client::TtlState::Remaining(ms) if ms > 3_000_000), "{ttl:?}");
+
+    // A new configuration (a 60 s TTL) replaces the loaders live.
+    let before = meta_views(&cluster, &[0]).await[0].clone().and_then(|v| v.loaders).expect("loaders");
+    set(2, &[write_config(60_000).to_str().expect("utf-8")]);
+    let changed = |v: &cachet_proto::MetaStats| running(v) && v.loaders.as_deref() != Some(before.as_str());
+    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "the new loaders", changed).await;
+    for (i, member) in members.iter().enumerate() {
+        let key = format!("user:{}", i % 2 + 1);
+        member.delete(&[key.as_str()]).await.expect("DEL");
+        assert!(member.get(&key).await.expect("GET").is_some(), "member {i} loads {key}");
+        let ttl = member.ttl(&key).await.expect("TTL");
+        assert!(matches!(ttl, cachet_client::TtlState::Remaining(ms) if ms <= 60_000), "member {i}: {ttl:?}");
+    }
+
+    // Member 0 loses its data directory: it fetches the module from a peer
+    // and runs the log's loaders before it serves.
+    members.remove(0).close().await;
+    cluster.members[0].kill();
+    std::fs::remove_dir_all(cluster.root.join("node0")).expect("wipe the data directory");
+    cluster.members[0].spawn();
+    let (took, _) = wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(40), "the wiped member's loaders", |v| {
+        running(v) && v.members.iter().all(|m| m.state == "serving")
+    })
+    .await;
+    eprintln!("member 0 wiped: back with the cluster's loaders in {took:?}");
+    let held = std::fs::read_dir(cluster.root.join("node0").join("loader-modules")).expect("modules kept").count();
+    assert_eq!(held, 1, "the module, fetched from a peer, is kept in the data directory");
+    let mut config = cluster.client_config(0);
+    config.timeout = Duration::from_secs(10);
+    let member0 = cachet_client::Client::connect(config).await.expect("client");
+    member0.delete(&["user:2"]).await.expect("DEL");
+    let grace = br#"{"id":2,"name":"Grace","email":"grace@example.org"}"#;
+    assert_eq!(member0.get("user:2").await.expect("GET").as_deref(), Some(&grace[..]));
+
+    // Dropped everywhere: a miss stays a miss.
+    let said = set(0, &["--none"]);
+    assert!(said.contains("no loaders"), "{said}");
+    wait_meta(&cluster, &[0, 1, 2], Duration::from_secs(20), "no loaders", |v| v.loaders.is_none()).await;
+    for member in members.iter().chain([&member0]) {
+        member.delete(&["user:1"]).await.expect("DEL");
+        assert_eq!(member.get("user:1").await.expect("GET"), None);
+    }
+    assert!(!std::fs::read_dir(cluster.root.join("node0").join("loader-modules")).is_ok_and(|d| d.count() > 0));
+}
+
 /// Shadow evaluation on a cluster member sees the traffic it coordinates:
 /// every request goes through the node's dispatcher, which samples it, as
 /// on a single node (clustered requests used to bypass it).

@@ -15,7 +15,7 @@ pub use frame::{
 };
 pub use message::{
     ALPN, AdminCommand, ClusterStats, Condition, Consistency, ErrorCode, ErrorReply, ExpireIf, HotKey, MetaMemberStats,
-    MetaStats, ModuleListing, NodeStats, PROTOCOL_VERSION, PolicyListing, Request, Response, ShadowListing,
+    MetaStats, ModuleListing, NodeStats, PROTOCOL_VERSION, PolicyListing, Request, Response, SentModule, ShadowListing,
     ShardListing, TtlChange, TtlState,
 };
 pub use ring::{Member, Ring, RingError, hash_tag};

@@ -235,6 +235,19 @@ pub enum TtlChange {
     Set(u64),
 }
 
+/// A module sent with an admin command, by hash: its bytes, or the
+/// upload that carried them ([`AdminCommand::UploadChunk`]) when they are
+/// too large for one frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentModule {
+    /// SHA-256 of the bytes, hex (checked by the node).
+    pub sha256: String,
+    /// The bytes (empty when `upload` carries them).
+    pub bytes: Bytes,
+    /// The finished upload holding the bytes instead.
+    pub upload: Option<u64>,
+}
+
 /// Policy operations on a live node (`cachet policy ...`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminCommand {
@@ -315,6 +328,17 @@ pub enum AdminCommand {
         /// The member's node id.
         node: u32,
     },
+    /// On a cluster: the cluster's read-through loader configuration
+    /// becomes `config` (the TOML of `cachet serve --loaders`, each
+    /// namespace's `module` named `sha256:HEX`), its modules sent along;
+    /// every member builds its loaders from it and puts them in place of
+    /// the old ones. `None` drops the cluster's loaders.
+    SetLoaders {
+        /// The configuration, or none.
+        config: Option<String>,
+        /// The modules it names.
+        modules: Vec<SentModule>,
+    },
     /// The node's statistics with its hot keys, answered with
     /// [`Response::Stats`]. Hot keys are key bytes (user ids, e-mail
     /// addresses), so plain [`Request::Stats`] leaves them out; a node that
@@ -335,6 +359,7 @@ impl AdminCommand {
             Self::List => "policy_list",
             Self::Shadow { .. } => "policy_shadow",
             Self::Decommission { .. } => "cluster_decommission",
+            Self::SetLoaders { .. } => "cluster_loaders",
             Self::Stats => "stats",
         }
     }
@@ -646,6 +671,10 @@ pub struct MetaStats {
     pub last_canary: Option<String>,
     /// Log entries the state machine refused (not valid when applied).
     pub refused: u64,
+    /// The cluster's loader configuration, if one is set: its hash, who
+    /// set it and when, and whether this member runs it.
+    #[serde(default)]
+    pub loaders: Option<String>,
 }
 
 /// One member as the metadata log records it.

@@ -677,7 +677,7 @@ async fn write_behind_stores_in_order_and_bounds_its_queue() {
     db.client.batch_execute("CREATE TABLE kv (k text PRIMARY KEY, v text NOT NULL)").await.expect("kv");
     let node = LoaderNode::start(&kv_origins(&db), &kv_namespaces("behind"));
     let client = Arc::new(node.client().await);
-    let loaders = node.node.loaders().expect("loaders").clone();
+    let loaders = node.node.loaders().expect("loaders");
 
     // 100 keys, 10 versions each, written concurrently across keys.
     let mut tasks = tokio::task::JoinSet::new();

@@ -132,7 +132,7 @@ impl Control {
     }
 
     /// The assembled bytes of upload `id`, which ends it.
-    fn uploads_take(&self, id: u64) -> Result<bytes::Bytes, AdminError> {
+    pub(crate) fn uploads_take(&self, id: u64) -> Result<bytes::Bytes, AdminError> {
         match lock(&self.uploads).remove(&id) {
             Some((total, data)) if data.len() as u64 == total => Ok(bytes::Bytes::from(data)),
             Some((total, data)) => {
@@ -363,6 +363,9 @@ impl Control {
                 "a canary needs a cluster: on one node, use `policy shadow` then `activate`".into(),
             )),
             AdminCommand::Decommission { .. } => Err(AdminError::Swap("this node is not in a cluster".into())),
+            AdminCommand::SetLoaders { .. } => Err(AdminError::Swap(
+                "this node is not in a cluster: its loaders come from `cachet serve --loaders`".into(),
+            )),
             AdminCommand::Rollback => {
                 let previous = {
                     let registry = self.try_registry()?;

@@ -146,6 +146,9 @@ fn print_meta(meta: &cachet_proto::MetaStats) {
     if let Some(canary) = &meta.canary {
         println!("canary            {canary}");
     }
+    if let Some(loaders) = &meta.loaders {
+        println!("loaders           {loaders}");
+    }
     if let Some(last) = &meta.last_canary {
         println!("last canary       {last}");
     }

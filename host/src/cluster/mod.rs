@@ -32,6 +32,7 @@
 //! Not here yet (issue 6): members joining or leaving a running cluster
 //! (the ring is static) and range streaming.
 
+pub mod loaders;
 pub mod membership;
 pub mod meta;
 pub mod policy;

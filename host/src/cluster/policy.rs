@@ -186,12 +186,6 @@ impl PolicyFollower {
             }
         }
         self.target_shas = first;
-        let serving: Vec<NodeIx> = state
-            .members
-            .values()
-            .filter(|m| m.state == MemberState::Serving && m.node != me)
-            .map(|m| m.node)
-            .collect();
         let mut missing = None;
         for (sha, origin, for_target) in needed {
             if has_module(&sha) {
@@ -202,15 +196,8 @@ impl PolicyFollower {
             if self.installing.contains(&sha) {
                 continue;
             }
-            if self.wanted.get(&sha).is_none_or(|at| now >= *at) {
-                self.wanted.insert(sha.clone(), now + ASK_AGAIN_MS);
-                // The member that stored it, and one other serving member
-                // in turn (the one that stored it may be down).
-                let other = serving.get((now / ASK_AGAIN_MS) as usize % serving.len().max(1)).copied();
-                let from: BTreeSet<NodeIx> = [Some(origin), other].into_iter().flatten().filter(|n| *n != me).collect();
-                if !from.is_empty() {
-                    steps.push(PolicyStep::Want { sha256: sha, from: from.into_iter().collect() });
-                }
+            if let Some(from) = ask(&mut self.wanted, me, now, state, &sha, origin) {
+                steps.push(PolicyStep::Want { sha256: sha, from });
             }
         }
         missing
@@ -287,6 +274,29 @@ impl PolicyFollower {
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
     }
+}
+
+/// Whom to ask for the bytes of `sha` now, if they are due to be asked
+/// for (never asked, or asked [`ASK_AGAIN_MS`] ago): the member that
+/// stored them, and one other serving member in turn (the one that stored
+/// them may be down). Notes the ask in `wanted`.
+pub(crate) fn ask(
+    wanted: &mut BTreeMap<String, u64>,
+    me: NodeIx,
+    now: u64,
+    state: &MetaState,
+    sha: &str,
+    origin: NodeIx,
+) -> Option<Vec<NodeIx>> {
+    if wanted.get(sha).is_some_and(|at| now < *at) {
+        return None;
+    }
+    wanted.insert(sha.to_string(), now + ASK_AGAIN_MS);
+    let serving: Vec<NodeIx> =
+        state.members.values().filter(|m| m.state == MemberState::Serving && m.node != me).map(|m| m.node).collect();
+    let other = serving.get((now / ASK_AGAIN_MS) as usize % serving.len().max(1)).copied();
+    let from: BTreeSet<NodeIx> = [Some(origin), other].into_iter().flatten().filter(|n| *n != me).collect();
+    (!from.is_empty()).then(|| from.into_iter().collect())
 }
 
 /// Where a starting member's barrier stands.

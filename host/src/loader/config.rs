@@ -17,12 +17,12 @@
 //! read-only = true
 //! ```
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The whole file.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LoaderConfig {
     /// Seed of the draws behind TTL jitter and early refresh; random when
@@ -37,7 +37,7 @@ pub struct LoaderConfig {
 }
 
 /// One origin. Exactly one of `postgres` and `http` is set.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct OriginConfig {
     /// A PostgreSQL connection string (`host=... port=... user=...
@@ -62,7 +62,7 @@ pub struct OriginConfig {
 }
 
 /// A key namespace bound to a loader module.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct NamespaceConfig {
     /// Keys starting with this prefix are loaded on a miss.
@@ -122,7 +122,7 @@ pub struct NamespaceConfig {
 }
 
 /// How a namespace's client writes reach the origin.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum WriteMode {
     /// Writes change only the cache (cache-aside: the application writes
@@ -139,7 +139,7 @@ pub enum WriteMode {
 }
 
 /// A PostgreSQL LISTEN/NOTIFY invalidation feed.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct InvalidateConfig {
     /// The PostgreSQL origin to LISTEN on.

@@ -26,6 +26,8 @@ pub mod guest;
 pub mod origin;
 mod pg_tls;
 pub mod refresh;
+pub mod shared;
+pub mod slot;
 pub mod write;
 
 use crate::core::SetOptions;
@@ -36,6 +38,7 @@ pub use config::{LoaderConfig, LoaderConfigError, NamespaceConfig};
 pub use guest::{CallFailure, LoaderModule, LoaderModuleError};
 pub use origin::{OriginFailure, OriginStats, Origins};
 use refresh::Freshness;
+pub use slot::LoaderSlot;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -220,6 +223,9 @@ pub struct Loaders {
     queues: Vec<Option<Arc<write::WriteQueue>>>,
     /// GETs waiting for a load now (at most [`MAX_WAITING_LOADS`]).
     waiting: Arc<AtomicUsize>,
+    /// The loaders these replaced, while they drain their write-behind
+    /// queues (see [`Loaders::replace`]).
+    predecessor: OnceLock<std::sync::Weak<Self>>,
 }
 
 impl Drop for Loaders {
@@ -266,6 +272,15 @@ pub enum LoadersError {
 impl Loaders {
     /// Validates every module and builds the origins; nothing connects yet.
     pub fn new(config: &LoaderConfig) -> Result<Arc<Self>, LoadersError> {
+        Self::with_modules(config, &|path| std::fs::read(path))
+    }
+
+    /// [`Self::new`], each namespace's module bytes from `read` (a cluster
+    /// member reads them from its content-addressed store).
+    pub fn with_modules(
+        config: &LoaderConfig,
+        read: &dyn Fn(&std::path::Path) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Arc<Self>, LoadersError> {
         config.check()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -281,8 +296,7 @@ impl Loaders {
         let engine = guest::engine().map_err(|e| LoadersError::Setup(e.to_string()))?;
         let mut namespaces = Vec::new();
         for ns in &config.namespaces {
-            let bytes =
-                std::fs::read(&ns.module).map_err(|source| LoadersError::Module { path: ns.module.clone(), source })?;
+            let bytes = read(&ns.module).map_err(|source| LoadersError::Module { path: ns.module.clone(), source })?;
             let module = LoaderModule::new(
                 &engine,
                 &bytes,
@@ -323,6 +337,7 @@ impl Loaders {
             write_locks: (0..write::WRITE_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
             queues,
             waiting: Arc::new(AtomicUsize::new(0)),
+            predecessor: OnceLock::new(),
         }))
     }
 
@@ -340,6 +355,33 @@ impl Loaders {
                 self.start_writer(index);
             }
         }
+    }
+
+    /// Makes these loaders the successors of `old` (a cluster's loader
+    /// configuration changed), before [`Loaders::attach`]: their
+    /// write-behind workers wait for `old`'s queues to empty. The caller
+    /// keeps `old` until [`Loaders::retire`] returns.
+    pub(crate) fn replace(&self, old: &Arc<Self>) {
+        let _ = self.predecessor.set(Arc::downgrade(old));
+    }
+
+    /// Waits (blocking, at most `limit`) until these loaders' write-behind
+    /// queues are empty, so that dropping them loses no queued write;
+    /// whether they are.
+    pub(crate) fn retire(&self, limit: Duration) -> bool {
+        let start = Instant::now();
+        while self.write_queue_depth() > 0 {
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// The namespaces' prefixes, longest first.
+    pub fn prefixes(&self) -> Vec<&str> {
+        self.namespaces.iter().map(|ns| ns.config.prefix.as_str()).collect()
     }
 
     fn handle(&self) -> Option<&tokio::runtime::Handle> {

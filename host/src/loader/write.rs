@@ -383,7 +383,18 @@ impl Loaders {
     pub(super) fn start_writer(self: &Arc<Self>, index: usize) {
         let (Some(handle), Some(queue)) = (self.handle(), self.queues[index].clone()) else { return };
         let weak = Arc::downgrade(self);
+        let predecessor = self.predecessor.get().cloned();
         handle.spawn(async move {
+            // Loaders that replaced others store nothing before the old
+            // ones' queues are empty: a key's writes reach the origin in
+            // the order they were answered.
+            while let Some(old) = predecessor.as_ref().and_then(std::sync::Weak::upgrade) {
+                if old.write_queue_depth() == 0 {
+                    break;
+                }
+                drop(old);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             loop {
                 let next = lock(&queue.items).front().map(|q| (q.key.clone(), q.value.clone(), q.at));
                 let Some((key, value, at)) = next else {

@@ -91,7 +91,7 @@ pub fn render(node: &Node) -> String {
     family(&mut out, "cachet_connections", "gauge", "Open client connections.");
     let _ = writeln!(out, "cachet_connections {}", stats.connections);
     if let Some(loaders) = node.loaders() {
-        render_loaders(&mut out, loaders);
+        render_loaders(&mut out, &loaders);
     }
     if let Some(cluster) = &stats.cluster {
         render_cluster(&mut out, cluster);

@@ -9,6 +9,7 @@
 //! module.
 
 mod dispatch;
+mod loaders;
 mod policy;
 mod start;
 
@@ -35,7 +36,11 @@ pub struct Node {
     connections: AtomicU64,
     /// Clients cut off or turned away by the ports' limits, for metrics.
     clients: crate::clients::ClientCounters,
-    loaders: OnceLock<Arc<Loaders>>,
+    loaders: crate::loader::LoaderSlot,
+    /// A cluster member's loaders built at start from `--loaders`, with
+    /// the configuration text they were built from, until the log takes
+    /// that configuration (see `node::loaders`).
+    prebuilt_loaders: std::sync::Mutex<Option<(String, Arc<Loaders>)>>,
     cluster: OnceLock<Arc<Cluster>>,
 }
 
@@ -59,7 +64,8 @@ impl Node {
             started: Instant::now(),
             connections: AtomicU64::new(0),
             clients: crate::clients::ClientCounters::default(),
-            loaders: OnceLock::new(),
+            loaders: crate::loader::LoaderSlot::default(),
+            prebuilt_loaders: std::sync::Mutex::new(None),
             cluster: OnceLock::new(),
         })
     }
@@ -107,13 +113,27 @@ impl Node {
     /// load on a miss, and writes break leases. At most once per node; a
     /// second call is refused.
     pub fn attach_loaders(self: &Arc<Self>, loaders: Arc<Loaders>) -> Result<(), Arc<Loaders>> {
-        self.loaders.set(loaders.clone())?;
+        self.loaders.set_once(loaders.clone())?;
         loaders.attach(&self.store);
         Ok(())
     }
 
+    /// Puts `new` in place of the node's loaders (a cluster's loader
+    /// configuration changed); the loaders replaced, which the caller
+    /// retires ([`Loaders::retire`]) before dropping them. The new ones'
+    /// write-behind waits for the old ones' queues.
+    pub(crate) fn swap_loaders(&self, new: Option<Arc<Loaders>>) -> Option<Arc<Loaders>> {
+        if let (Some(new), Some(old)) = (&new, self.loaders.get()) {
+            new.replace(&old);
+        }
+        if let Some(new) = &new {
+            new.attach(&self.store);
+        }
+        self.loaders.replace(new)
+    }
+
     /// The loaders, if any are attached.
-    pub fn loaders(&self) -> Option<&Arc<Loaders>> {
+    pub fn loaders(&self) -> Option<Arc<Loaders>> {
         self.loaders.get()
     }
 

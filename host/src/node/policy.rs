@@ -21,6 +21,9 @@ const LOG_WAIT: Duration = Duration::from_secs(10);
 /// How long `activate` waits for this member to swap after the log applied
 /// the entry.
 const SWAP_WAIT: Duration = Duration::from_secs(10);
+/// How long `cachet cluster loaders` waits for the log and for this
+/// member to build the new loaders (compiling their modules).
+const LOADERS_WAIT: Duration = Duration::from_secs(30);
 
 impl PolicyHost for Node {
     fn has_module(&self, sha256: &str) -> bool {
@@ -56,6 +59,7 @@ pub(super) fn cluster_wide(command: &AdminCommand) -> bool {
             | AdminCommand::Rollback
             | AdminCommand::Shadow { .. }
             | AdminCommand::Decommission { .. }
+            | AdminCommand::SetLoaders { .. }
     )
 }
 
@@ -156,6 +160,13 @@ impl Node {
                     },
                 )
             }
+            AdminCommand::SetLoaders { config, modules } => self.shared_loaders(config, modules).and_then(|shared| {
+                let what = match &shared {
+                    Some(_) => "the cluster's loader configuration changed",
+                    None => "the cluster's loaders are dropped",
+                };
+                cluster.set_loaders(shared, LOADERS_WAIT).map(|done| format!("{what}: {done}"))
+            }),
             other => return self.admin_from_local(token, source, other),
         };
         match result {

@@ -10,6 +10,7 @@
 use super::{Node, NodeConfig};
 use crate::cluster::runtime::{Cluster, ClusterError, ClusterOptions};
 use crate::core::{PolicyError, PolicyFactory};
+use crate::loader::shared::SharedLoaders;
 use crate::loader::{LoaderConfig, Loaders, LoadersError};
 use crate::registry::Registry;
 use crate::resp::{RespError, RespOptions, RunningResp};
@@ -118,26 +119,39 @@ impl Node {
         running.background = Some(background);
         running.metrics = metrics;
         // Loaders are built (their modules compiled) before the cluster
-        // starts: as a key's primary this member must be able to load as
-        // soon as it serves.
+        // starts: a bad module fails the start, and as a key's primary a
+        // member must be able to load as soon as it serves.
         let loaders = options.loaders.as_ref().map(Loaders::new).transpose()?;
         if let Some(cluster) = options.cluster {
+            // A member's `--loaders` is its proposal for the cluster's
+            // loader configuration; the log's wins (see `node::loaders`).
+            let seed = options
+                .loaders
+                .as_ref()
+                .map(SharedLoaders::from_config)
+                .transpose()
+                .map_err(|e| StartError::Config(e.to_string()))?;
             let cluster = Cluster::start(cluster, node.store().clone())?;
-            // On a cluster, loads run at each key's primary owner and write
-            // to the replicas (set before the loaders start their feeds).
-            if let Some(loaders) = &loaders {
-                cluster.attach_loaders(loaders).map_err(StartError::Config)?;
-            }
-            // The runtime applies the cluster's policy to this node.
+            // The runtime applies the cluster's policy and loaders to this
+            // node.
             let host: std::sync::Weak<Self> = Arc::downgrade(&node);
             cluster
-                .attach_policies(host as std::sync::Weak<dyn crate::cluster::policy::PolicyHost>)
+                .attach_policies(host.clone() as std::sync::Weak<dyn crate::cluster::policy::PolicyHost>)
                 .map_err(StartError::Config)?;
+            cluster
+                .attach_loader_host(host as std::sync::Weak<dyn crate::cluster::loaders::LoaderHost>)
+                .map_err(StartError::Config)?;
+            if let (Some(seed), Some(loaders)) = (seed, loaders) {
+                node.keep_prebuilt_loaders(&seed, loaders);
+                if let Err(err) = cluster.seed_loaders(seed) {
+                    cluster.shutdown();
+                    return Err(StartError::Config(err));
+                }
+            }
             if let Err(cluster) = node.attach_cluster(cluster) {
                 cluster.shutdown();
             }
-        }
-        if let Some(loaders) = loaders {
+        } else if let Some(loaders) = loaders {
             // A fresh node has none yet.
             let _ = node.attach_loaders(loaders);
         }

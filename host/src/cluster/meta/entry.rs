@@ -97,6 +97,29 @@ pub struct StoredModule {
     pub max_memory_bytes: u64,
 }
 
+/// The cluster's read-through loader configuration: the TOML of
+/// `cachet serve --loaders`, each namespace's module named by its hash
+/// (`sha256:HEX`), and those modules, whose bytes travel beside the log
+/// as policy modules' do (see `loader::shared`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderSetting {
+    /// The configuration.
+    pub config: String,
+    /// The modules it names: hash (hex) and size in bytes.
+    pub modules: Vec<(String, u64)>,
+}
+
+/// The loader configuration in force, as the log records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderRecord {
+    /// The configuration.
+    pub setting: LoaderSetting,
+    /// The member that set it (holds its modules' bytes).
+    pub origin: NodeIx,
+    /// The log index that set it.
+    pub since: u64,
+}
+
 /// The policy a cluster runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivePolicy {
@@ -244,6 +267,17 @@ pub enum MetaEntry {
     /// Nothing: a barrier a member proposes to learn that its view is
     /// current.
     Noop,
+    /// The cluster's loader configuration changes: every member builds
+    /// its loaders from it and puts them in place of the old ones, or
+    /// drops its loaders for `None`.
+    SetLoaders {
+        /// The new configuration, or none.
+        setting: Option<LoaderSetting>,
+        /// Only if the log has none yet: what a member started with
+        /// `--loaders` proposes (refused, harmlessly, once the cluster has
+        /// one: the log's wins).
+        if_none: bool,
+    },
     /// A member pending for slots on the table at `epoch` holds them now
     /// (its streams from their owners are done, and it has taken every
     /// write since): once every pending member has said so, the leader

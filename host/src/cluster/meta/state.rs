@@ -9,7 +9,8 @@
 
 use super::super::replica::{MAX_NODE_ID, NodeIx};
 use super::entry::{
-    ActivePolicy, Canary, CanaryOutcome, MemberRecord, MemberState, MetaEntry, Proposal, Settings, StoredModule,
+    ActivePolicy, Canary, CanaryOutcome, LoaderRecord, MemberRecord, MemberState, MetaEntry, Proposal, Settings,
+    StoredModule,
 };
 use cachet_proto::SlotTable;
 use serde::{Deserialize, Serialize};
@@ -81,6 +82,9 @@ pub struct MetaState {
     /// ([`MetaEntry::SlotsHeld`]); emptied by every new table.
     #[serde(default)]
     pub held: BTreeSet<NodeIx>,
+    /// The cluster's loader configuration, if one was set.
+    #[serde(default)]
+    pub loaders: Option<LoaderRecord>,
 }
 
 impl MetaState {
@@ -104,6 +108,7 @@ impl MetaState {
             refused: 0,
             nonces: BTreeMap::new(),
             held: BTreeSet::new(),
+            loaders: None,
         })
     }
 
@@ -305,6 +310,28 @@ impl MetaState {
                 }
             }
             MetaEntry::Noop => Ok(()),
+            MetaEntry::SetLoaders { setting, if_none } => {
+                if *if_none && self.loaders.is_some() {
+                    return Err("the cluster has a loader configuration already".into());
+                }
+                let Some(setting) = setting else { return Ok(()) };
+                // The text itself is read by every member that builds
+                // loaders from it (and by the member that proposed it):
+                // here only what keeps the log small.
+                if setting.config.len() > crate::loader::shared::MAX_CONFIG_BYTES {
+                    return Err(format!("a loader configuration of {} bytes is too large", setting.config.len()));
+                }
+                if setting.modules.len() > crate::loader::shared::MAX_MODULES {
+                    return Err(format!(
+                        "a loader configuration naming {} modules names too many",
+                        setting.modules.len()
+                    ));
+                }
+                match setting.modules.iter().find(|(sha, _)| !crate::loader::shared::is_sha256(sha)) {
+                    Some((sha, _)) => Err(format!("`{sha}` is not a SHA-256")),
+                    None => Ok(()),
+                }
+            }
             MetaEntry::SlotsHeld { node, epoch } => {
                 if *epoch != self.slots.epoch() {
                     Err(format!("slots held at epoch {epoch}; the table is at {}", self.slots.epoch()))
@@ -385,6 +412,9 @@ impl MetaState {
                 self.held.insert(*node);
             }
             MetaEntry::Settings(s) => self.settings = s.clone(),
+            MetaEntry::SetLoaders { setting, .. } => {
+                self.loaders = setting.clone().map(|setting| LoaderRecord { setting, origin: proposer, since: index });
+            }
             MetaEntry::ModuleStored(m) => {
                 let origin = proposer;
                 self.modules.entry(m.label.clone()).or_insert(ModuleRecord {
@@ -552,6 +582,32 @@ mod tests {
         assert_eq!(s.apply(9, Some(&decide(47, "c@1", false))), Outcome::Applied);
         assert_eq!(s.canary, None);
         assert!(s.last_canary.as_ref().is_some_and(|c| !c.rolled_out));
+    }
+
+    #[test]
+    fn the_loader_configuration_is_set_once_by_a_starting_member_and_replaced_by_an_operator() {
+        use super::super::entry::LoaderSetting;
+        let setting = |config: &str| LoaderSetting { config: config.into(), modules: vec![("ab".repeat(32), 10)] };
+        let set = |nonce, config: &str, if_none| Proposal {
+            proposer: 1,
+            nonce,
+            entry: MetaEntry::SetLoaders { setting: Some(setting(config)), if_none },
+        };
+        let mut s = founded();
+        assert_eq!(s.apply(2, Some(&set(50, "a", true))), Outcome::Applied);
+        assert!(matches!(s.apply(3, Some(&set(51, "b", true))), Outcome::Refused(_)), "the log's wins");
+        assert_eq!(s.loaders.as_ref().map(|l| (l.setting.config.as_str(), l.origin, l.since)), Some(("a", 1, 2)));
+        assert_eq!(s.apply(4, Some(&set(52, "c", false))), Outcome::Applied);
+        assert_eq!(s.loaders.as_ref().map(|l| l.setting.config.as_str()), Some("c"));
+        let mut bad = setting("d");
+        bad.modules[0].0 = "users.wasm".into();
+        let bad =
+            Proposal { proposer: 1, nonce: 53, entry: MetaEntry::SetLoaders { setting: Some(bad), if_none: false } };
+        assert!(matches!(s.apply(5, Some(&bad)), Outcome::Refused(_)));
+        let clear = Proposal { proposer: 2, nonce: 54, entry: MetaEntry::SetLoaders { setting: None, if_none: false } };
+        assert_eq!(s.apply(6, Some(&clear)), Outcome::Applied);
+        assert_eq!(s.loaders, None);
+        assert_eq!(MetaState::decode(&s.encode()).expect("decode"), s);
     }
 
     #[test]

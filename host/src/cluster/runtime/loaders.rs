@@ -1,16 +1,31 @@
 //! The node's read-through loaders on a cluster: attached to the
 //! [`Cluster`], they run at each key's primary owner, and a CDC
 //! notification becomes a delete on every replica, retried while the
-//! cluster cannot take it.
+//! cluster cannot take it. Which loaders run is the metadata log's
+//! loader configuration (`cluster::loaders`): set here through
+//! [`Cluster::set_loaders`] or seeded by a member's `--loaders`, built on
+//! every member by the shell (`shell::loaders`) through the node's
+//! [`LoaderHost`].
 
 use super::{Cluster, Command, level};
+use crate::cluster::loaders::LoaderHost;
+use crate::cluster::meta::entry::{LoaderSetting, MetaEntry};
 use crate::cluster::replica::Op;
 use crate::cluster::update::Update;
 use crate::loader::Loaders;
+use crate::loader::shared::SharedLoaders;
 use bytes::Bytes;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+
+/// The node's loader host, once attached (weak: the node owns the
+/// cluster).
+pub(super) type LoaderHostSlot = OnceLock<Weak<dyn LoaderHost>>;
+
+/// The last loader configuration this member applied: the log index it
+/// was the log's at, and what came of it.
+pub(super) type LoaderOutcome = Mutex<(u64, Result<String, String>)>;
 
 /// How long a CDC invalidation is retried before it is given up (logged;
 /// the value then lives until its TTL).
@@ -23,14 +38,74 @@ impl Cluster {
     /// their namespaces load there once, writes of those keys are
     /// serialized with the loads, and a CDC notification deletes the key on
     /// every replica. Refused for namespaces that write to their origin.
-    pub fn attach_loaders(self: &Arc<Self>, loaders: &Arc<Loaders>) -> Result<(), String> {
-        let this = Arc::downgrade(self);
-        loaders.replicate(Box::new(move |key| {
-            if let Some(this) = this.upgrade() {
-                this.invalidate(key);
+    /// The loaders the cluster runs loads with from now on (`None`: none),
+    /// replacing those it had.
+    pub fn attach_loaders(self: &Arc<Self>, loaders: Option<&Arc<Loaders>>) -> Result<(), String> {
+        if let Some(loaders) = loaders {
+            let this = Arc::downgrade(self);
+            loaders.replicate(Box::new(move |key| {
+                if let Some(this) = this.upgrade() {
+                    this.invalidate(key);
+                }
+            }))?;
+        }
+        self.loaders.replace(loaders.cloned());
+        Ok(())
+    }
+
+    /// Lets the runtime build the log's loaders on this node.
+    pub fn attach_loader_host(&self, host: Weak<dyn LoaderHost>) -> Result<(), String> {
+        self.loader_host.set(host).map_err(|_| "a loader host attached twice".to_string())
+    }
+
+    /// Keeps `shared`'s modules here and the configuration, as this
+    /// member's proposal, for the log if it has none yet (a member started
+    /// with `--loaders`): the log's configuration wins over a member's
+    /// file, and the member does not serve before it runs the log's.
+    pub fn seed_loaders(&self, shared: SharedLoaders) -> Result<(), String> {
+        let setting = self.keep_modules(shared)?;
+        self.propose_detached(MetaEntry::SetLoaders { setting: Some(setting), if_none: true });
+        Ok(())
+    }
+
+    /// Makes `shared` the cluster's loader configuration (`None`: no
+    /// loaders): its modules kept here, the configuration proposed to the
+    /// log, and waited for (blocking, at most `limit`) until this member
+    /// runs it. What this member did, or why not.
+    pub fn set_loaders(&self, shared: Option<SharedLoaders>, limit: Duration) -> Result<String, String> {
+        let setting = shared.map(|shared| self.keep_modules(shared)).transpose()?;
+        let start = Instant::now();
+        let index = self.propose(MetaEntry::SetLoaders { setting, if_none: false }, limit)?;
+        loop {
+            {
+                let outcome = self.loader_outcome.lock().unwrap_or_else(|p| p.into_inner());
+                if outcome.0 >= index {
+                    return outcome.1.clone().map(|done| format!("log index {index}: {done}"));
+                }
             }
-        }))?;
-        self.loaders.set(loaders.clone()).map_err(|_| "the cluster already has loaders".to_string())
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "the loader configuration is in the log (index {index}) but this member did not run it within {:.1} s",
+                    limit.as_secs_f64()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Checks a shared configuration and keeps its modules here (this
+    /// member is where the others fetch them from); its log form.
+    fn keep_modules(&self, shared: SharedLoaders) -> Result<LoaderSetting, String> {
+        let (_, named) = crate::loader::shared::parse(&shared.config).map_err(|e| e.to_string())?;
+        if let Some(missing) = named.iter().find(|sha| !shared.modules.iter().any(|(s, _)| s == *sha)) {
+            return Err(format!("the loader configuration names module {missing}, which was not sent"));
+        }
+        let mut modules = Vec::new();
+        for (sha, bytes) in shared.modules {
+            modules.push((sha.clone(), bytes.len() as u64));
+            self.loader_modules.put(&sha, bytes)?;
+        }
+        Ok(LoaderSetting { config: shared.config, modules })
     }
 
     /// Deletes `key` on every replica, through its primary (serialized with

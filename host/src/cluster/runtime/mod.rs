@@ -36,7 +36,6 @@ use super::records::{ShardRecords, as_of};
 use super::replica::{self, NodeIx, Op, OpError, Outcome, Record};
 use super::transport::{PeerTls, PeerTransport, TransportError};
 use super::update::{Effect, Update};
-use crate::loader::Loaders;
 use crate::reply::Routed;
 use crate::store::Store;
 use bytes::Bytes;
@@ -119,7 +118,13 @@ struct Command {
 pub struct Cluster {
     commands: mpsc::UnboundedSender<Command>,
     /// The node's read-through loaders, run at each key's primary owner.
-    loaders: Arc<std::sync::OnceLock<Arc<Loaders>>>,
+    loaders: Arc<crate::loader::LoaderSlot>,
+    /// The node's loader host, for the runtime to build the log's loaders.
+    loader_host: Arc<loaders::LoaderHostSlot>,
+    /// The loader modules this member holds.
+    loader_modules: Arc<loader_modules::LoaderModules>,
+    /// The last loader configuration applied here, and what came of it.
+    loader_outcome: Arc<loaders::LoaderOutcome>,
     /// The ring (the log's slot table) the replica routes by, for checks made before a
     /// request reaches it (MSET's owners).
     ring: Arc<Mutex<Option<Arc<Ring>>>>,
@@ -264,8 +269,16 @@ impl Cluster {
         let (stop, stopped) = watch::channel(false);
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
         let thread_status = status.clone();
-        let loaders: Arc<std::sync::OnceLock<Arc<Loaders>>> = Arc::default();
-        let thread_loaders = loaders.clone();
+        let loaders: Arc<crate::loader::LoaderSlot> = Arc::default();
+        let loader_host: Arc<loaders::LoaderHostSlot> = Arc::default();
+        let loader_modules = Arc::new(loader_modules::LoaderModules::open(&options.data_dir));
+        let loader_outcome: Arc<loaders::LoaderOutcome> = Arc::new(Mutex::new((0, Ok(String::new()))));
+        let thread_loaders = shell::LoaderShared {
+            slot: loaders.clone(),
+            host: loader_host.clone(),
+            modules: loader_modules.clone(),
+            outcome: loader_outcome.clone(),
+        };
         let ring: Arc<Mutex<Option<Arc<Ring>>>> = Arc::default();
         let thread_ring = ring.clone();
         let policies: Arc<policies::Host> = Arc::default();
@@ -299,8 +312,8 @@ impl Cluster {
                     // Peers' records are held to this node's own limits.
                     let limits = (store.config().max_key_size, store.config().max_value_size);
                     let store = Box::new(ShardRecords::new(store));
-                    let mut shell = Shell::new(options, listen, transport, thread_status, store, limits);
-                    shell.loaders = thread_loaders;
+                    let mut shell =
+                        Shell::new(options, listen, transport, thread_status, store, limits, thread_loaders);
                     shell.shared_ring = thread_ring;
                     shell.policy_host = thread_policies;
                     shell.policy_applied = thread_policy_applied;
@@ -317,6 +330,9 @@ impl Cluster {
         Ok(Arc::new(Self {
             commands,
             loaders,
+            loader_host,
+            loader_modules,
+            loader_outcome,
             ring,
             status,
             default,
@@ -809,6 +825,7 @@ impl Drop for Cluster {
     }
 }
 
+mod loader_modules;
 mod loaders;
 mod persist;
 mod policies;

@@ -14,7 +14,6 @@ use crate::cluster::meta::member::{MetaMember, MetaOptions};
 use crate::cluster::replica::{self, NodeIx, OpError, Outcome, RecordStore, Replica, ReplicaConfig};
 use crate::cluster::transport::{Incoming, PeerFrame, PeerTransport};
 use crate::cluster::update::Effect;
-use crate::loader::Loaders;
 use cachet_proto::{ClusterStats, ErrorCode, ErrorReply, Ring};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -111,9 +110,9 @@ pub(super) struct Shell {
     started: Instant,
     boot: u64,
     waiting: HashMap<u64, oneshot::Sender<Result<Outcome, OpError>>>,
-    /// The node's loaders (set once attached), which run the loads the
-    /// replica asks for as a key's primary.
-    pub(super) loaders: Arc<std::sync::OnceLock<Arc<Loaders>>>,
+    /// The log's loader configuration on this member; its loaders run the
+    /// loads the replica asks for as a key's primary.
+    loader: loaders::LoaderApply,
     /// The ring from the log, shared with [`Cluster`] for checks made before a
     /// request reaches the replica.
     ///
@@ -176,6 +175,7 @@ impl Shell {
         status: Arc<Mutex<ClusterStats>>,
         store: Box<dyn RecordStore>,
         (max_key_len, max_value_len): (usize, usize),
+        loaders: LoaderShared,
     ) -> Self {
         let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
         let (policy_done_tx, policy_done_rx) = mpsc::unbounded_channel();
@@ -276,7 +276,7 @@ impl Shell {
             started: Instant::now(),
             boot,
             waiting: HashMap::new(),
-            loaders: Arc::default(),
+            loader: loaders::LoaderApply::new(loaders),
             shared_ring: Arc::default(),
             resp_addrs: Arc::default(),
             loaded_tx,
@@ -378,6 +378,7 @@ impl Shell {
                     }
                     // Modules still missing are asked for again.
                     self.reconcile_policy();
+                    self.reconcile_loaders();
                     if now >= self.counts_at + 500 {
                         self.counts_at = now;
                         self.report_counts();
@@ -473,6 +474,7 @@ impl Shell {
         if self.meta.as_mut().is_some_and(MetaMember::take_changed) {
             self.follow_log(now);
             self.reconcile_policy();
+            self.reconcile_loaders();
         }
         let in_contact = self.meta.as_ref().is_some_and(|m| m.in_contact(now));
         if let Some(replica) = self.replica.as_mut() {
@@ -504,8 +506,8 @@ impl Shell {
                 // Answers even if the task ends early (a panic, the runtime
                 // stopping): the key's update queue waits on it.
                 let mut answer = LoadAnswer { tx: self.loaded_tx.clone(), id, store, sent: false };
-                let Some(loaders) = self.loaders.get() else {
-                    answer.failed("this member has no loaders (start every member with the same --loaders)");
+                let Some(loaders) = self.loader.shared.slot.get() else {
+                    answer.failed("this member runs no loaders: the cluster's loader configuration is not built here");
                     continue;
                 };
                 match kind {
@@ -572,10 +574,13 @@ impl Shell {
                 status.sync_requests_refused = replica.syncs_refused();
                 status.streamed_bytes = replica.streamed_bytes();
             }
-            status.synced = self.replica.as_ref().is_some_and(Replica::counted);
             if !full {
                 return;
             }
+            // With the table it re-synced for, not before it: a view
+            // saying "synced" beside the old table's slots would claim a
+            // member counted for slots it never re-synced.
+            status.synced = self.replica.as_ref().is_some_and(Replica::counted);
             status.members =
                 (0..top as NodeIx).map(|i| self.peers.get(&i).map(ToString::to_string).unwrap_or_default()).collect();
             let up = |i: NodeIx| self.alive.get(&i).copied().unwrap_or(false);
@@ -585,7 +590,7 @@ impl Shell {
             status.ring_epoch = table.as_ref().map_or(0, cachet_proto::SlotTable::epoch);
             status.slots = table.map(|t| t.ranges().to_vec()).unwrap_or_default();
             status.meta = match (&self.meta, &self.meta_error) {
-                (Some(meta), _) => Some(meta.stats()),
+                (Some(meta), _) => Some(cachet_proto::MetaStats { loaders: self.loader_status(), ..meta.stats() }),
                 (None, Some(err)) => {
                     Some(cachet_proto::MetaStats { phase: format!("stopped: {err}"), ..Default::default() })
                 }
@@ -618,6 +623,9 @@ impl Shell {
     }
 }
 
+mod loaders;
 mod peers;
 mod policy;
 mod ring;
+
+pub(super) use loaders::LoaderShared;

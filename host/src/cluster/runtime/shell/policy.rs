@@ -5,6 +5,7 @@
 //! [`PolicyHost`] on a blocking thread.
 
 use super::Shell;
+use crate::cluster::meta::entry::MetaEntry;
 use crate::cluster::meta::member::{MetaFrame, MetaMember};
 use crate::cluster::policy::{Gate, PolicyFollower, PolicyHost, PolicyStep, Target};
 use crate::cluster::runtime::policies::Proposal;
@@ -28,6 +29,11 @@ pub(super) enum PolicyDone {
     /// The target, as of this log index.
     Applied(Target, u64, Result<String, String>),
     Installed(String, Result<String, String>),
+    /// The log's loader configuration as of this index was built (or
+    /// not); see `shell::loaders`.
+    Loaders(Option<crate::cluster::meta::entry::LoaderSetting>, u64, Result<String, String>),
+    /// A fetched loader module was kept (or not).
+    LoaderModule(String, Result<(), String>),
 }
 
 impl Shell {
@@ -38,6 +44,12 @@ impl Shell {
     /// A client's proposal: into the log, its answer kept for later.
     pub(super) fn propose_for_client(&mut self, proposal: Proposal) {
         let now = self.now();
+        if let MetaEntry::SetLoaders { setting, if_none: true } = proposal.entry {
+            // A member's `--loaders`: proposed until decided, and the
+            // member waits for it before serving.
+            self.seed_loaders(setting);
+            return;
+        }
         let Some(meta) = self.meta.as_mut() else {
             let _ = proposal.reply.send(Err("this member runs without the cluster's metadata log".into()));
             return;
@@ -58,7 +70,7 @@ impl Shell {
         while let Some((nonce, result)) = self.meta.as_mut().and_then(MetaMember::poll_decided) {
             if let Some(reply) = self.policy.waiting.remove(&nonce) {
                 let _ = reply.send(result);
-            } else {
+            } else if !self.seed_decided(nonce, &result) {
                 self.gate.decided(nonce, result.is_ok());
             }
         }
@@ -70,11 +82,12 @@ impl Shell {
     /// [`StartGate`]: crate::cluster::policy::StartGate
     pub(super) fn may_serve(&mut self, now: u64) -> bool {
         let ready =
-            self.meta.as_ref().and_then(MetaMember::state).is_some_and(|s| self.policy.follower.ready(self.me, s));
+            self.meta.as_ref().and_then(MetaMember::state).is_some_and(|s| self.policy.follower.ready(self.me, s))
+                && self.loaders_ready();
         match self.gate.poll(now, ready) {
             Gate::Propose => {
                 if let Some(meta) = self.meta.as_mut()
-                    && let Ok(nonce) = meta.propose_for_client(now, crate::cluster::meta::entry::MetaEntry::Noop)
+                    && let Ok(nonce) = meta.propose_for_client(now, MetaEntry::Noop)
                 {
                     self.gate.proposed(nonce);
                 }
@@ -132,6 +145,7 @@ impl Shell {
     /// A blocking policy task finished.
     pub(super) fn policy_done(&mut self, done: PolicyDone) {
         match done {
+            done @ (PolicyDone::Loaders(..) | PolicyDone::LoaderModule(..)) => return self.loaders_done(done),
             PolicyDone::Applied(target, index, result) => {
                 let label = target.0.as_ref().map(|a| a.label.clone());
                 match &result {
@@ -157,6 +171,9 @@ impl Shell {
 
     /// A peer asks for a module's bytes, or sends them.
     pub(super) fn module_frame(&mut self, from: SocketAddr, frame: MetaFrame) {
+        if self.loader_module_frame(from, &frame) {
+            return;
+        }
         let Some(host) = self.host() else { return };
         match frame {
             MetaFrame::ModuleWant { sha256 } => {
