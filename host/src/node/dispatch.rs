@@ -139,7 +139,7 @@ impl Node {
     /// Checks made once, before routing: TTLs, and the size of every key
     /// and value a write stores (a multi-key write is refused whole, before
     /// any of it applies).
-    fn refuse_invalid(&self, request: &Request) -> Option<Response> {
+    pub(super) fn refuse_invalid(&self, request: &Request) -> Option<Response> {
         let too_large = |err: crate::core::ShardError| crate::store::commands::shard_error(&err);
         let checked = match request {
             Request::Set { ttl_ms: Some(0), .. } | Request::SetWith { ttl_ms: Some(0), keep_ttl: false, .. } => {
@@ -335,7 +335,7 @@ impl Node {
 
     /// Shows the shadow evaluation a request if any of its keys is sampled
     /// (decided without its lock).
-    fn observe(&self, now: u64, request: &Request) {
+    pub(super) fn observe(&self, now: u64, request: &Request) {
         if let Some(threshold) = self.control.shadow_threshold()
             && request.keys().iter().any(|key| crate::shadow::in_sample(key, threshold))
             && let Some(mut shadow) = self.control.shadow()
@@ -346,7 +346,7 @@ impl Node {
     }
 }
 
-fn is_error(response: &Response) -> bool {
+pub(super) fn is_error(response: &Response) -> bool {
     matches!(response, Response::Error(_))
 }
 

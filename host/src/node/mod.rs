@@ -12,6 +12,7 @@ mod dispatch;
 mod loaders;
 mod policy;
 mod start;
+mod transaction;
 
 use crate::admin::Control;
 use crate::cluster::runtime::Cluster;

@@ -31,6 +31,8 @@ pub struct Session {
     pub failed_auths: u32,
     /// The transaction opened with MULTI, if any ([`super::multi`]).
     pub multi: Option<super::multi::Multi>,
+    /// The keys WATCH named, until EXEC, DISCARD or UNWATCH.
+    pub watched: crate::store::transaction::Watched,
 }
 
 /// Failed AUTH attempts after which a connection is closed: guessing

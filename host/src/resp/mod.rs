@@ -394,13 +394,19 @@ async fn serve_until_done<S: AsyncRead + AsyncWrite + Unpin>(
                         if let Err(denied) = commands::authorize(&session, info, &args) {
                             Writer::new(&mut output, session.resp3).error(&denied.to_string());
                         }
+                        // A command refused inside MULTI discards the
+                        // transaction, as Redis does.
+                        if let Some(multi) = session.multi.as_mut() {
+                            multi.refuse();
+                        }
                     }
                     // One parse into the request the QUIC port carries; the
                     // dispatcher routes it. A reply that comes later (a load,
                     // a replicated operation) is awaited here: RESP answers
                     // in order.
-                    // A transaction is refused whole (see `multi`).
-                    Ok(Some(args)) if multi::handle(&mut session.multi, session.resp3, &args, &mut output) => {}
+                    // MULTI/EXEC/WATCH, and commands queued in a
+                    // transaction (see `multi`).
+                    Ok(Some(args)) if multi::handle(node, &mut session, info, &args, &mut output) => {}
                     Ok(Some(args)) => match commands::parse(&args) {
                         commands::Parsed::Data(request, reply) => {
                             let response = node.dispatch(request, None).response().await;

@@ -5,9 +5,13 @@
 //! are atomic on the node. Requests arrive validated by the dispatcher
 //! (TTLs at least 1 ms, multi-key writes checked for size before any is
 //! applied); a shard still refuses what does not fit, as an error reply.
+//!
+//! The commands find their keys' shards through [`Shards`]: locked for
+//! each use on the ordinary path, or held for a whole MULTI/EXEC
+//! transaction (`store::transaction`), which runs the same code.
 
 use super::Store;
-use crate::core::{SetOptions, SetOutcome, ShardError};
+use crate::core::{SetOptions, SetOutcome, Shard, ShardError};
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlChange, TtlState};
 
@@ -22,77 +26,49 @@ fn not_data(request: &Request) -> Response {
     Response::Error(ErrorReply::new(ErrorCode::Internal, format!("{} is not a data command", request.name())))
 }
 
+/// Where a command finds its keys' shards.
+pub(super) trait Shards {
+    /// Runs `f` on `key`'s shard.
+    fn with<R>(&mut self, key: &[u8], f: impl FnOnce(&mut Shard) -> R) -> R;
+    /// Runs `f` on `key`'s shard to change the key: its watch stamp moves
+    /// under the same lock, so a transaction watching it sees the change.
+    fn write<R>(&mut self, key: &[u8], f: impl FnOnce(&mut Shard) -> R) -> R;
+    /// Entries over every shard (DBSIZE).
+    fn count(&mut self) -> u64;
+    /// Empties every shard (FLUSHALL); how many entries there were.
+    fn clear(&mut self) -> u64;
+}
+
+/// The ordinary path: each use locks the key's shard.
+pub(super) struct Locking<'a>(pub(super) &'a Store);
+
+impl Shards for Locking<'_> {
+    fn with<R>(&mut self, key: &[u8], f: impl FnOnce(&mut Shard) -> R) -> R {
+        f(&mut self.0.shard(key))
+    }
+
+    fn write<R>(&mut self, key: &[u8], f: impl FnOnce(&mut Shard) -> R) -> R {
+        // One hash for the shard and the stamp: this is every write's path.
+        let hash = cachet_proto::key_hash(key);
+        let mut shard = super::lock(&self.0.shards[self.0.shard_of(hash)]);
+        let result = f(&mut shard);
+        self.0.stamp_of(hash).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    fn count(&mut self) -> u64 {
+        self.0.len()
+    }
+
+    fn clear(&mut self) -> u64 {
+        self.0.clear()
+    }
+}
+
 impl Store {
     /// Runs a data command at `now`.
     pub fn execute(&self, now: u64, request: Request) -> Response {
-        match request {
-            Request::Get { key } => Response::Value(self.shard(&key).get(now, &key)),
-            Request::Set { key, value, ttl_ms, condition, hint } => {
-                self.set_slice(now, &key, &value, ttl_ms, condition, hint)
-            }
-            Request::SetWith { key, value, ttl_ms, keep_ttl, condition, get, hint } => {
-                self.set_with(now, &key, value, ttl_ms, keep_ttl, condition, get, hint)
-            }
-            Request::Del { keys } => {
-                Response::Count(keys.iter().filter(|key| self.shard(key).delete(now, key)).count() as u64)
-            }
-            Request::Exists { keys } => {
-                Response::Count(keys.iter().filter(|key| self.shard(key).contains(now, key)).count() as u64)
-            }
-            Request::Ttl { key } => Response::Ttl(match self.shard(&key).ttl(now, &key) {
-                None => TtlState::Missing,
-                Some(None) => TtlState::Persistent,
-                Some(Some(ms)) => TtlState::Remaining(ms),
-            }),
-            Request::Expire { key, ttl_ms, when } => {
-                // The condition and the change under one shard lock.
-                let mut shard = self.shard(&key);
-                let applies = shard.ttl(now, &key).is_some_and(|current| when.allows(current, ttl_ms));
-                Response::Applied(
-                    applies && if ttl_ms == 0 { shard.delete(now, &key) } else { shard.expire(now, &key, ttl_ms) },
-                )
-            }
-            Request::Persist { key } => Response::Applied(self.shard(&key).persist(now, &key)),
-            Request::MGet { keys } => self.mget(now, &keys),
-            Request::MSet { pairs } => {
-                for (key, value) in pairs {
-                    if let Err(err) = self.shard(&key).set(now, &key, value, SetOptions::default()) {
-                        return shard_error(&err);
-                    }
-                }
-                Response::Ok
-            }
-            Request::Incr { key, delta } => self.incr(now, &key, delta),
-            Request::Append { key, value } => self.append(now, &key, &value),
-            Request::Strlen { key } => Response::Integer(self.shard(&key).value_len(now, &key).unwrap_or(0) as i64),
-            Request::GetDel { key } => {
-                let mut shard = self.shard(&key);
-                let value = shard.get(now, &key);
-                if value.is_some() {
-                    shard.delete(now, &key);
-                }
-                Response::Value(value)
-            }
-            Request::GetEx { key, ttl } => {
-                let mut shard = self.shard(&key);
-                let value = shard.get(now, &key);
-                if value.is_some() {
-                    match ttl {
-                        TtlChange::Keep => {}
-                        TtlChange::Persist => {
-                            shard.persist(now, &key);
-                        }
-                        TtlChange::Set(ms) => {
-                            shard.expire(now, &key, ms.max(1));
-                        }
-                    }
-                }
-                Response::Value(value)
-            }
-            Request::DbSize => Response::Count(self.len()),
-            Request::FlushAll => Response::Count(self.clear()),
-            other @ (Request::Ping | Request::Stats | Request::Admin { .. }) => not_data(&other),
-        }
+        execute_on(&mut Locking(self), now, request)
     }
 
     /// A GET whose value `f` sees under the shard's lock instead of a
@@ -111,7 +87,93 @@ impl Store {
         condition: Condition,
         hint: u32,
     ) -> Response {
-        let mut shard = self.shard(key);
+        set_slice(&mut Locking(self), now, key, value, ttl_ms, condition, hint)
+    }
+}
+
+/// Runs a data command at `now` on `shards`.
+pub(super) fn execute_on(shards: &mut impl Shards, now: u64, request: Request) -> Response {
+    match request {
+        Request::Get { key } => Response::Value(shards.with(&key, |s| s.get(now, &key))),
+        Request::Set { key, value, ttl_ms, condition, hint } => {
+            set_slice(shards, now, &key, &value, ttl_ms, condition, hint)
+        }
+        Request::SetWith { key, value, ttl_ms, keep_ttl, condition, get, hint } => {
+            set_with(shards, now, &key, value, ttl_ms, keep_ttl, condition, get, hint)
+        }
+        Request::Del { keys } => {
+            Response::Count(keys.iter().filter(|key| shards.write(key, |s| s.delete(now, key))).count() as u64)
+        }
+        Request::Exists { keys } => {
+            Response::Count(keys.iter().filter(|key| shards.with(key, |s| s.contains(now, key))).count() as u64)
+        }
+        Request::Ttl { key } => Response::Ttl(match shards.with(&key, |s| s.ttl(now, &key)) {
+            None => TtlState::Missing,
+            Some(None) => TtlState::Persistent,
+            Some(Some(ms)) => TtlState::Remaining(ms),
+        }),
+        // The condition and the change under one shard lock.
+        Request::Expire { key, ttl_ms, when } => Response::Applied(shards.write(&key, |shard| {
+            let applies = shard.ttl(now, &key).is_some_and(|current| when.allows(current, ttl_ms));
+            applies && if ttl_ms == 0 { shard.delete(now, &key) } else { shard.expire(now, &key, ttl_ms) }
+        })),
+        Request::Persist { key } => Response::Applied(shards.write(&key, |s| s.persist(now, &key))),
+        Request::MGet { keys } => mget(shards, now, &keys),
+        Request::MSet { pairs } => {
+            for (key, value) in pairs {
+                if let Err(err) = shards.write(&key, |s| s.set(now, &key, value, SetOptions::default())) {
+                    return shard_error(&err);
+                }
+            }
+            Response::Ok
+        }
+        Request::Incr { key, delta } => incr(shards, now, &key, delta),
+        Request::Append { key, value } => append(shards, now, &key, &value),
+        Request::Strlen { key } => Response::Integer(shards.with(&key, |s| s.value_len(now, &key)).unwrap_or(0) as i64),
+        Request::GetDel { key } => Response::Value(shards.write(&key, |shard| {
+            let value = shard.get(now, &key);
+            if value.is_some() {
+                shard.delete(now, &key);
+            }
+            value
+        })),
+        Request::GetEx { key, ttl } => {
+            let change = |shard: &mut Shard| {
+                let value = shard.get(now, &key);
+                if value.is_some() {
+                    match ttl {
+                        TtlChange::Keep => {}
+                        TtlChange::Persist => {
+                            shard.persist(now, &key);
+                        }
+                        TtlChange::Set(ms) => {
+                            shard.expire(now, &key, ms.max(1));
+                        }
+                    }
+                }
+                value
+            };
+            Response::Value(match ttl {
+                TtlChange::Keep => shards.with(&key, change),
+                _ => shards.write(&key, change),
+            })
+        }
+        Request::DbSize => Response::Count(shards.count()),
+        Request::FlushAll => Response::Count(shards.clear()),
+        other @ (Request::Ping | Request::Stats | Request::Admin { .. }) => not_data(&other),
+    }
+}
+
+fn set_slice(
+    shards: &mut impl Shards,
+    now: u64,
+    key: &[u8],
+    value: &[u8],
+    ttl_ms: Option<u64>,
+    condition: Condition,
+    hint: u32,
+) -> Response {
+    shards.write(key, |shard| {
         let applies = match condition {
             Condition::Always => true,
             Condition::IfAbsent => !shard.contains(now, key),
@@ -127,21 +189,22 @@ impl Store {
             Ok(_) => Response::Applied(true),
             Err(err) => shard_error(&err),
         }
-    }
+    })
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn set_with(
-        &self,
-        now: u64,
-        key: &[u8],
-        value: Bytes,
-        ttl_ms: Option<u64>,
-        keep_ttl: bool,
-        condition: Condition,
-        get: bool,
-        hint: u32,
-    ) -> Response {
-        let mut shard = self.shard(key);
+#[allow(clippy::too_many_arguments)]
+fn set_with(
+    shards: &mut impl Shards,
+    now: u64,
+    key: &[u8],
+    value: Bytes,
+    ttl_ms: Option<u64>,
+    keep_ttl: bool,
+    condition: Condition,
+    get: bool,
+    hint: u32,
+) -> Response {
+    shards.write(key, |shard| {
         let old = if get { shard.get(now, key) } else { None };
         let present = if get { old.is_some() } else { shard.contains(now, key) };
         let applies = match condition {
@@ -160,40 +223,41 @@ impl Store {
             (false, true, Condition::Always) => Response::Ok,
             (false, applied, _) => Response::Applied(applied),
         }
-    }
+    })
+}
 
-    /// The reply's size is checked before any value is copied (a few bytes
-    /// per key can ask for many copies of a large value), and again as
-    /// values are read, in case they grew.
-    fn mget(&self, now: u64, keys: &[Bytes]) -> Response {
-        let limit = cachet_proto::MAX_REPLY_LEN - (64 << 10);
-        let too_large = || {
-            Response::Error(ErrorReply::new(
-                ErrorCode::TooLarge,
-                format!("the reply would exceed {} bytes; ask for fewer keys", cachet_proto::MAX_REPLY_LEN),
-            ))
-        };
-        let sized = keys.iter().try_fold(0usize, |total, key| {
-            Some(total + self.shard(key).value_len(now, key).unwrap_or(0) + 16).filter(|&t| t <= limit)
-        });
-        if sized.is_none() {
+/// The reply's size is checked before any value is copied (a few bytes
+/// per key can ask for many copies of a large value), and again as
+/// values are read, in case they grew.
+fn mget(shards: &mut impl Shards, now: u64, keys: &[Bytes]) -> Response {
+    let limit = cachet_proto::MAX_REPLY_LEN - (64 << 10);
+    let too_large = || {
+        Response::Error(ErrorReply::new(
+            ErrorCode::TooLarge,
+            format!("the reply would exceed {} bytes; ask for fewer keys", cachet_proto::MAX_REPLY_LEN),
+        ))
+    };
+    let sized = keys.iter().try_fold(0usize, |total, key| {
+        Some(total + shards.with(key, |s| s.value_len(now, key)).unwrap_or(0) + 16).filter(|&t| t <= limit)
+    });
+    if sized.is_none() {
+        return too_large();
+    }
+    let mut values = Vec::with_capacity(keys.len());
+    let mut total = 0usize;
+    for key in keys {
+        let value = shards.with(key, |s| s.get(now, key));
+        total += value.as_ref().map_or(0, |v| v.len()) + 16;
+        if total > limit {
             return too_large();
         }
-        let mut values = Vec::with_capacity(keys.len());
-        let mut total = 0usize;
-        for key in keys {
-            let value = self.shard(key).get(now, key);
-            total += value.as_ref().map_or(0, |v| v.len()) + 16;
-            if total > limit {
-                return too_large();
-            }
-            values.push(value);
-        }
-        Response::Values(values)
+        values.push(value);
     }
+    Response::Values(values)
+}
 
-    fn incr(&self, now: u64, key: &[u8], delta: i64) -> Response {
-        let mut shard = self.shard(key);
+fn incr(shards: &mut impl Shards, now: u64, key: &[u8], delta: i64) -> Response {
+    shards.write(key, |shard| {
         let current = match shard.get(now, key) {
             None => 0,
             Some(value) => match std::str::from_utf8(&value).ok().and_then(|s| s.parse::<i64>().ok()) {
@@ -214,10 +278,11 @@ impl Store {
             Ok(_) => Response::Integer(next),
             Err(err) => shard_error(&err),
         }
-    }
+    })
+}
 
-    fn append(&self, now: u64, key: &[u8], tail: &[u8]) -> Response {
-        let mut shard = self.shard(key);
+fn append(shards: &mut impl Shards, now: u64, key: &[u8], tail: &[u8]) -> Response {
+    shards.write(key, |shard| {
         let current = shard.peek(now, key);
         let mut value = BytesMut::with_capacity(current.as_ref().map_or(0, |v| v.len()) + tail.len());
         if let Some(current) = current {
@@ -230,5 +295,5 @@ impl Store {
             Ok(_) => Response::Integer(len as i64),
             Err(err) => shard_error(&err),
         }
-    }
+    })
 }

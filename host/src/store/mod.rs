@@ -8,6 +8,7 @@
 //! [`commands`] runs the data commands of the protocol on the shards.
 
 pub mod commands;
+pub mod transaction;
 
 use crate::core::{PolicyError, PolicyFactory, PolicyMode, Shard, ShardConfig, ShardError};
 use bytes::Bytes;
@@ -122,7 +123,18 @@ pub struct Store {
     shards: Vec<Mutex<Shard>>,
     config: NodeConfig,
     clock: Arc<dyn Clock>,
+    /// Watch stamps: every write to a key moves its bucket's stamp, under
+    /// the key's shard lock, so a WATCH sees every change to the keys it
+    /// watches (and, rarely, a change to another key of the same bucket:
+    /// a spurious abort, which its client retries). See `transaction`.
+    stamps: Box<[AtomicU64]>,
+    /// Moves with every FLUSHALL and prefix flush (which change keys
+    /// without naming them), before the first shard is emptied.
+    flushes: AtomicU64,
 }
+
+/// Watch stamp buckets.
+const STAMPS: usize = 1 << 14;
 
 impl Store {
     /// A store whose shards each get an instance from `policy`.
@@ -146,7 +158,8 @@ impl Store {
                 Shard::new(shard, policy.clone()).map(Mutex::new)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { shards, config, clock })
+        let stamps = (0..STAMPS).map(|_| AtomicU64::new(0)).collect();
+        Ok(Self { shards, config, clock, stamps, flushes: AtomicU64::new(0) })
     }
 
     /// The node's limits.
@@ -175,8 +188,34 @@ impl Store {
     }
 
     fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
-        let i = (cachet_proto::key_hash(key) % self.shards.len() as u64) as usize;
-        lock(&self.shards[i])
+        lock(&self.shards[self.shard_index(key)])
+    }
+
+    /// The index of `key`'s shard.
+    fn shard_index(&self, key: &[u8]) -> usize {
+        self.shard_of(cachet_proto::key_hash(key))
+    }
+
+    /// The index of the shard of the key whose hash is `hash`.
+    fn shard_of(&self, hash: u64) -> usize {
+        (hash % self.shards.len() as u64) as usize
+    }
+
+    /// `key`'s watch stamp bucket.
+    fn stamp(&self, key: &[u8]) -> &AtomicU64 {
+        self.stamp_of(cachet_proto::key_hash(key))
+    }
+
+    /// The watch stamp bucket of the key whose hash is `hash`: from the
+    /// hash's high bits, so one shard's keys spread over all buckets.
+    fn stamp_of(&self, hash: u64) -> &AtomicU64 {
+        &self.stamps[(hash >> 50) as usize % STAMPS]
+    }
+
+    /// `key` changed: its watch stamp moves (called under its shard's
+    /// lock).
+    fn touched(&self, key: &[u8]) {
+        self.stamp(key).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Runs `f` on the shard owning `key`, under its lock, with the store's
@@ -247,6 +286,7 @@ impl Store {
 
     /// Drops every entry of every shard; returns how many there were.
     pub fn clear(&self) -> u64 {
+        self.flushes.fetch_add(1, Ordering::AcqRel);
         let now = self.now_ms();
         self.shards.iter().map(|s| lock(s).clear(now) as u64).sum()
     }
@@ -254,6 +294,7 @@ impl Store {
     /// Deletes every key starting with `prefix` on every shard; returns how
     /// many. Scans everything: for rare events only.
     pub fn delete_prefix(&self, prefix: &[u8]) -> u64 {
+        self.flushes.fetch_add(1, Ordering::AcqRel);
         let now = self.now_ms();
         self.shards.iter().map(|s| lock(s).delete_prefix(now, prefix) as u64).sum()
     }
