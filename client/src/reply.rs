@@ -80,6 +80,7 @@ pub(crate) fn repeatable(request: &Request) -> bool {
         | Request::Persist { .. }
         | Request::Expire { .. }
         | Request::FlushAll
+        | Request::Edit { .. }
         | Request::Admin { .. } => false,
     }
 }

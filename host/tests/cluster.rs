@@ -1233,6 +1233,16 @@ async fn redis_cli_reads_and_writes_through_any_member() {
     assert!((490..=500).contains(&ttl), "TTL {ttl} after GT");
     assert_eq!(cli(0, &["EXPIRE", "nx", "100", "XX"]), "0", "no TTL yet");
     assert_eq!(cli(1, &["EXPIRE", "nx", "100", "LT"]), "1", "no TTL counts as never");
+    // In-place edits run at the key's primary; bit reads anywhere.
+    assert_eq!(cli(0, &["SET", "edit", "10.50", "EX", "300"]), "OK");
+    assert_eq!(cli(1, &["INCRBYFLOAT", "edit", "0.1"]), "10.6");
+    assert_eq!(cli(2, &["SETRANGE", "edit", "4", "xy"]), "6");
+    assert_eq!(cli(0, &["GET", "edit"]), "10.6xy");
+    assert_eq!(cli(1, &["SETBIT", "edit", "0", "1"]), "0");
+    assert_eq!(cli(2, &["GETBIT", "edit", "0"]), "1");
+    assert_eq!(cli(0, &["BITCOUNT", "edit"]), "23");
+    let ttl: i64 = cli(1, &["TTL", "edit"]).parse().expect("an integer");
+    assert!((290..=300).contains(&ttl), "edits keep the TTL: {ttl}");
     assert_eq!(cli(0, &["MULTI"]), "OK", "a transaction on its own connection is opened and dropped");
     assert_eq!(cli(0, &["SET", "once", "1", "NX"]), "OK");
     assert_eq!(cli(1, &["SET", "once", "2", "NX"]), "");

@@ -5,11 +5,13 @@
 
 #![warn(missing_docs)]
 
+pub mod edit;
 pub mod frame;
 pub mod message;
 pub mod ring;
 pub mod slot;
 
+pub use edit::{Edit, EditAnswer, EditError, Edited};
 pub use frame::{
     Decoded, Envelope, FrameError, MAX_DEPTH, MAX_REPLY_LEN, decode, encode, encode_at, from_slice_shallow,
 };

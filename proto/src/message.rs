@@ -181,6 +181,14 @@ pub enum Request {
     DbSize,
     /// Drop every entry (`Count` of entries dropped).
     FlushAll,
+    /// Edit one key's value in place, its TTL kept (SETRANGE, SETBIT:
+    /// `Integer`; INCRBYFLOAT: `Value`).
+    Edit {
+        /// The key.
+        key: Bytes,
+        /// The edit.
+        edit: crate::Edit,
+    },
 }
 
 /// When an EXPIRE applies, by the key's current TTL (Redis's options).
@@ -470,6 +478,11 @@ impl Request {
             Self::Persist { .. } => "persist",
             Self::DbSize => "dbsize",
             Self::FlushAll => "flushall",
+            Self::Edit { edit, .. } => match edit {
+                crate::Edit::SetRange { .. } => "setrange",
+                crate::Edit::SetBit { .. } => "setbit",
+                crate::Edit::IncrByFloat(_) => "incrbyfloat",
+            },
         }
     }
 
@@ -486,7 +499,8 @@ impl Request {
             | Self::Strlen { key }
             | Self::GetDel { key }
             | Self::GetEx { key, .. }
-            | Self::Persist { key } => vec![key],
+            | Self::Persist { key }
+            | Self::Edit { key, .. } => vec![key],
             Self::Del { keys } | Self::Exists { keys } | Self::MGet { keys } => keys.iter().collect(),
             Self::MSet { pairs } => pairs.iter().map(|(k, _)| k).collect(),
             Self::Ping | Self::Stats | Self::Admin { .. } | Self::DbSize | Self::FlushAll => Vec::new(),
@@ -509,6 +523,7 @@ impl Request {
                 | Self::GetEx { ttl: TtlChange::Persist | TtlChange::Set(_), .. }
                 | Self::Persist { .. }
                 | Self::FlushAll
+                | Self::Edit { .. }
         )
     }
 }

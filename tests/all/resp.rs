@@ -290,6 +290,53 @@ fn redis_cli_runs_the_older_string_commands() {
     assert_eq!(cli(&["TYPE", "missing"]), "none");
 }
 
+/// The bit and string-edit commands, with Redis's documented examples
+/// and error texts; an edit keeps the key's TTL, and one that would grow
+/// a value past the node's limit is refused before it is built.
+#[test]
+fn redis_cli_runs_the_bit_and_edit_commands() {
+    let node = RespNode::start();
+    let cli = |args: &[&str]| node.cli(args);
+    assert_eq!(cli(&["SET", "key1", "Hello World", "EX", "100"]), "OK");
+    assert_eq!(cli(&["SETRANGE", "key1", "6", "Redis"]), "11");
+    assert_eq!(cli(&["GET", "key1"]), "Hello Redis");
+    assert_eq!(cli(&["TTL", "key1"]), "100", "the TTL is kept");
+    assert_eq!(cli(&["SETRANGE", "key2", "6", "Redis"]), "11");
+    assert_eq!(cli(&["STRLEN", "key2"]), "11", "zero-padded");
+    assert_eq!(cli(&["SETRANGE", "empty", "0", ""]), "0");
+    assert_eq!(cli(&["EXISTS", "empty"]), "0", "an empty SETRANGE makes no key");
+    assert_eq!(cli(&["SETRANGE", "k", "-1", "x"]), "ERR offset is out of range");
+    assert!(cli(&["SETRANGE", "k", "300000", "x"]).contains("over the"), "past the node's 256 KiB limit");
+    assert_eq!(cli(&["SETBIT", "bits", "7", "1"]), "0");
+    assert_eq!(cli(&["SETBIT", "bits", "7", "0"]), "1");
+    assert_eq!(cli(&["GETBIT", "bits", "7"]), "0");
+    assert_eq!(cli(&["GETBIT", "bits", "100"]), "0");
+    assert_eq!(cli(&["SETBIT", "bits", "4294967296", "1"]), "ERR bit offset is not an integer or out of range");
+    assert_eq!(cli(&["SETBIT", "bits", "1", "2"]), "ERR bit is not an integer or out of range");
+    assert_eq!(cli(&["SET", "mykey", "foobar"]), "OK");
+    assert_eq!(cli(&["BITCOUNT", "mykey"]), "26");
+    assert_eq!(cli(&["BITCOUNT", "mykey", "1", "1"]), "6");
+    assert_eq!(cli(&["BITCOUNT", "mykey", "5", "30", "BIT"]), "17");
+    assert_eq!(cli(&["BITCOUNT", "mykey", "1"]), "ERR syntax error");
+    // '?' is 0b0011_1111.
+    assert_eq!(cli(&["SET", "pos", "??"]), "OK");
+    assert_eq!(cli(&["BITPOS", "pos", "0"]), "0");
+    assert_eq!(cli(&["BITPOS", "pos", "1"]), "2");
+    assert_eq!(cli(&["BITPOS", "pos", "1", "1"]), "10");
+    assert_eq!(cli(&["BITPOS", "pos", "0", "2", "7", "BIT"]), "-1");
+    assert_eq!(cli(&["BITPOS", "pos", "2"]), "ERR The bit argument must be 1 or 0.");
+    assert_eq!(cli(&["SET", "mykey", "10.50"]), "OK");
+    assert_eq!(cli(&["INCRBYFLOAT", "mykey", "0.1"]), "10.6");
+    assert_eq!(cli(&["INCRBYFLOAT", "mykey", "-5"]), "5.6");
+    assert_eq!(cli(&["SET", "mykey", "5.0e3"]), "OK");
+    assert_eq!(cli(&["INCRBYFLOAT", "mykey", "2.0e2"]), "5200");
+    assert_eq!(cli(&["INCRBYFLOAT", "key1", "1"]), "ERR value is not a valid float");
+    assert_eq!(cli(&["INCRBYFLOAT", "mykey", "abc"]), "ERR value is not a valid float");
+    assert_eq!(cli(&["MSET", "key1", "ohmytext", "key2", "mynewtext"]), "OK");
+    assert_eq!(cli(&["LCS", "key1", "key2"]), "mytext");
+    assert_eq!(cli(&["LCS", "key1", "key2", "LEN"]), "6");
+}
+
 /// A raw RESP connection: commands in, the exact reply bytes out.
 struct Raw(TcpStream);
 

@@ -48,6 +48,9 @@ pub enum Update {
     ExpireIf(u64, cachet_proto::ExpireIf),
     /// Remove the TTL; answers whether it had one.
     Persist,
+    /// An in-place edit of the value (SETRANGE, SETBIT, INCRBYFLOAT); the
+    /// TTL is kept.
+    Edit(cachet_proto::Edit),
     /// A read-through GET of a loader namespace: the value if the key has
     /// one, else the primary loads it (once, however many ask at once),
     /// writes it to the replicas and answers it.
@@ -135,6 +138,14 @@ pub enum Effect {
         /// Why.
         message: String,
     },
+    /// An edit that does not apply: why (its `EditError` text), and
+    /// whether for the value's size.
+    EditRefused {
+        /// Refused for the value's size.
+        too_large: bool,
+        /// Why.
+        message: String,
+    },
     /// The new value (an APPEND's) would be over the node's limit.
     TooLarge {
         /// Its length.
@@ -165,6 +176,25 @@ pub fn live(entry: Option<Entry>, wall_ms: u64) -> Option<Entry> {
 /// the write to make, if any, and the answer. A value longer than
 /// `max_len` is refused, not written.
 pub fn apply(update: &Update, current: Option<&Entry>, wall_ms: u64, max_len: usize) -> (Option<Entry>, Effect) {
+    if let Update::Edit(edit) = update {
+        // Checked against the limit before the new value is built.
+        let value = current.and_then(|e| e.value.as_deref());
+        return match edit.apply(value, max_len) {
+            Ok(edited) => {
+                let effect = match edited.answer {
+                    cachet_proto::EditAnswer::Integer(n) => Effect::Integer(n),
+                    cachet_proto::EditAnswer::Value(v) => Effect::Value(Some(v)),
+                };
+                let (expires_at, hint) = current.map_or((None, 0), |e| (e.expires_at, e.hint));
+                (edited.value.map(|v| Entry { value: Some(v), expires_at, hint }), effect)
+            }
+            Err(err) => {
+                let too_large =
+                    matches!(err, cachet_proto::EditError::TooLong | cachet_proto::EditError::OverLimit { .. });
+                (None, Effect::EditRefused { too_large, message: err.to_string() })
+            }
+        };
+    }
     let (write, effect) = apply_unbounded(update, current, wall_ms);
     match write.as_ref().and_then(|w| w.value.as_ref()).map(Bytes::len) {
         Some(len) if len > max_len => (None, Effect::TooLarge { len, limit: max_len }),
@@ -251,6 +281,8 @@ fn apply_unbounded(update: &Update, current: Option<&Entry>, wall_ms: u64) -> (O
         Update::Load { .. } => (None, Effect::Value(value)),
         // Run by the replica through the origin, never applied here.
         Update::Store { .. } => (None, Effect::Applied(value.is_some())),
+        // Applied by `apply`, against the value size limit.
+        Update::Edit(_) => (None, Effect::Value(None)),
         Update::Persist => match (value, expires_at) {
             (Some(old), Some(_)) => (Some(Entry { value: Some(old), expires_at: None, hint }), Effect::Applied(true)),
             _ => (None, Effect::Applied(false)),

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Command names, in [`command_index`] order.
-pub const COMMANDS: [&str; 19] = [
+pub const COMMANDS: [&str; 20] = [
     "get", "set", "del", "exists", "ttl", "expire", "mget", "mset", "incr", "ping", "stats", "admin", "append",
-    "strlen", "getdel", "getex", "persist", "dbsize", "flushall",
+    "strlen", "getdel", "getex", "persist", "dbsize", "flushall", "edit",
 ];
 
 /// [`command_index`] of a GET.
@@ -44,6 +44,7 @@ pub fn command_index(request: &Request) -> usize {
         Request::Persist { .. } => 16,
         Request::DbSize => 17,
         Request::FlushAll => 18,
+        Request::Edit { .. } => 19,
     }
 }
 

@@ -58,9 +58,10 @@ pub fn categories(command: &str) -> Option<&'static [Category]> {
     use Category::{Admin, Connection, Read, Write};
     Some(match command {
         "GET" | "MGET" | "EXISTS" | "TTL" | "PTTL" | "STRLEN" | "GETRANGE" | "SUBSTR" | "EXPIRETIME"
-        | "PEXPIRETIME" | "TYPE" | "TOUCH" => &[Read],
+        | "PEXPIRETIME" | "TYPE" | "TOUCH" | "GETBIT" | "BITCOUNT" | "BITPOS" | "LCS" => &[Read],
         "SET" | "DEL" | "UNLINK" | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "APPEND" | "EXPIRE" | "PEXPIRE"
-        | "PERSIST" | "SETNX" | "SETEX" | "PSETEX" | "EXPIREAT" | "PEXPIREAT" => &[Write],
+        | "PERSIST" | "SETNX" | "SETEX" | "PSETEX" | "EXPIREAT" | "PEXPIREAT" | "SETRANGE" | "SETBIT"
+        | "INCRBYFLOAT" => &[Write],
         "GETDEL" | "GETEX" | "GETSET" => &[Read, Write],
         "FLUSHALL" | "FLUSHDB" => &[Write, Admin],
         "DBSIZE" | "INFO" | "CONFIG" => &[Admin],
@@ -76,10 +77,13 @@ pub fn categories(command: &str) -> Option<&'static [Category]> {
 pub fn key_positions(command: &str, args: usize) -> impl Iterator<Item = usize> {
     let (first, step) = match command {
         "MGET" | "EXISTS" | "DEL" | "UNLINK" | "TOUCH" | "WATCH" => (1, 1),
+        // Two keys, then options.
+        "LCS" => return (1..args.min(3)).step_by(1),
         "MSET" => (1, 2),
         "GET" | "SET" | "TTL" | "PTTL" | "STRLEN" | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "APPEND" | "EXPIRE"
         | "PEXPIRE" | "PERSIST" | "GETDEL" | "GETEX" | "SETNX" | "SETEX" | "PSETEX" | "GETSET" | "GETRANGE"
-        | "SUBSTR" | "EXPIREAT" | "PEXPIREAT" | "EXPIRETIME" | "PEXPIRETIME" | "TYPE" => (1, usize::MAX),
+        | "SUBSTR" | "EXPIREAT" | "PEXPIREAT" | "EXPIRETIME" | "PEXPIRETIME" | "TYPE" | "SETRANGE" | "SETBIT"
+        | "INCRBYFLOAT" | "GETBIT" | "BITCOUNT" | "BITPOS" => (1, usize::MAX),
         _ => (args, 1),
     };
     (first..args).step_by(step.min(args.max(1)))

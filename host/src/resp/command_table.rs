@@ -33,6 +33,7 @@ const W: &[&str] = &["write", "fast"];
 const WD: &[&str] = &["write", "denyoom", "fast"];
 const FAST: &[&str] = &["fast"];
 const CONN: &[&str] = &["noscript", "loading", "stale", "fast"];
+const TX: &[&str] = &["noscript", "loading", "stale", "fast", "allow_busy"];
 const ONE: (i64, i64, i64) = (1, 1, 1);
 const ALL: (i64, i64, i64) = (1, -1, 1);
 const NONE: (i64, i64, i64) = (0, 0, 0);
@@ -46,6 +47,8 @@ pub const TABLE: &[Spec] = &[
     spec("append", 3, WD, ONE),
     spec("asking", 1, FAST, NONE),
     spec("auth", -2, &["noscript", "loading", "stale", "fast", "no_auth"], NONE),
+    spec("bitcount", -2, &["readonly"], ONE),
+    spec("bitpos", -3, &["readonly"], ONE),
     spec("client", -2, CONN, NONE),
     spec("cluster", -2, &["stale"], NONE),
     spec("command", -1, &["loading", "stale"], NONE),
@@ -54,7 +57,9 @@ pub const TABLE: &[Spec] = &[
     spec("decr", 2, WD, ONE),
     spec("decrby", 3, WD, ONE),
     spec("del", -2, &["write"], ALL),
+    spec("discard", 1, TX, NONE),
     spec("echo", 2, FAST, NONE),
+    spec("exec", 1, &["noscript", "loading", "stale", "skip_slowlog"], NONE),
     spec("exists", -2, R, ALL),
     spec("expire", -3, W, ONE),
     spec("expireat", -3, W, ONE),
@@ -62,6 +67,7 @@ pub const TABLE: &[Spec] = &[
     spec("flushall", -1, &["write"], NONE),
     spec("flushdb", -1, &["write"], NONE),
     spec("get", 2, R, ONE),
+    spec("getbit", 3, R, ONE),
     spec("getdel", 2, W, ONE),
     spec("getex", -2, W, ONE),
     spec("getrange", 4, &["readonly"], ONE),
@@ -69,9 +75,12 @@ pub const TABLE: &[Spec] = &[
     spec("hello", -1, CONN, NONE),
     spec("incr", 2, WD, ONE),
     spec("incrby", 3, WD, ONE),
+    spec("incrbyfloat", 3, WD, ONE),
     spec("info", -1, &["loading", "stale"], NONE),
+    spec("lcs", -3, &["readonly"], (1, 2, 1)),
     spec("mget", -2, R, ALL),
     spec("mset", -3, &["write", "denyoom"], (1, -1, 2)),
+    spec("multi", 1, TX, NONE),
     spec("persist", 2, W, ONE),
     spec("pexpire", -3, W, ONE),
     spec("pexpireat", -3, W, ONE),
@@ -84,8 +93,10 @@ pub const TABLE: &[Spec] = &[
     spec("readwrite", 1, FAST, NONE),
     spec("select", 2, CONN, NONE),
     spec("set", -3, &["write", "denyoom"], ONE),
+    spec("setbit", 4, WD, ONE),
     spec("setex", 4, &["write", "denyoom"], ONE),
     spec("setnx", 3, WD, ONE),
+    spec("setrange", 4, WD, ONE),
     spec("strlen", 2, R, ONE),
     spec("substr", 4, &["readonly"], ONE),
     spec("time", 1, &["loading", "stale", "fast"], NONE),
@@ -93,6 +104,8 @@ pub const TABLE: &[Spec] = &[
     spec("ttl", 2, R, ONE),
     spec("type", 2, R, ONE),
     spec("unlink", -2, W, ALL),
+    spec("unwatch", 1, TX, NONE),
+    spec("watch", -2, TX, ALL),
 ];
 
 /// The command named `name` (any case).

@@ -179,6 +179,8 @@ pub enum Reply {
     },
     /// "string" for a key that exists, "none" otherwise (TYPE).
     Type,
+    /// Computed from the value(s) read (GETBIT, BITCOUNT, BITPOS, LCS).
+    Strings(super::strings::StringReply),
 }
 
 /// Parses a data command (`args[0]` is its name) into its request;
@@ -283,7 +285,7 @@ pub fn parse(args: &[Bytes]) -> Parsed {
         "GETEX" if n >= 2 => parse_getex(args),
         "DBSIZE" if n == 1 => data(Request::DbSize, Reply::Write),
         "FLUSHALL" | "FLUSHDB" if n <= 2 => data(Request::FlushAll, Reply::Ok),
-        _ => Parsed::Local,
+        _ => super::strings::parse(&name, args).unwrap_or(Parsed::Local),
     }
 }
 
@@ -359,6 +361,7 @@ pub fn write_response(session: &Session, reply: Reply, response: Response, out: 
             }
         },
         (Reply::Type, Response::Count(n)) => w.simple(if n > 0 { "string" } else { "none" }),
+        (Reply::Strings(reply), response) => super::strings::write(&mut w, reply, response),
         (Reply::Integer, Response::Integer(n)) => w.integer(n),
         (Reply::Values, Response::Values(values)) => {
             w.array(values.len());

@@ -26,6 +26,7 @@ pub mod codec;
 pub mod command_table;
 pub mod commands;
 pub mod multi;
+pub mod strings;
 
 use crate::clients::{ConnectionGate, Cutoff};
 use crate::node::Node;

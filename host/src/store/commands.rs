@@ -13,11 +13,20 @@
 use super::Store;
 use crate::core::{SetOptions, SetOutcome, Shard, ShardError};
 use bytes::{Bytes, BytesMut};
-use cachet_proto::{Condition, ErrorCode, ErrorReply, Request, Response, TtlChange, TtlState};
+use cachet_proto::{Condition, EditAnswer, ErrorCode, ErrorReply, Request, Response, TtlChange, TtlState};
 
 /// The error reply of a write a shard refused.
 pub fn shard_error(err: &ShardError) -> Response {
     Response::Error(ErrorReply::new(ErrorCode::TooLarge, err.to_string()))
+}
+
+/// The error reply of an edit that does not apply.
+pub fn edit_error(err: &cachet_proto::EditError) -> Response {
+    let code = match err {
+        cachet_proto::EditError::OverLimit { .. } | cachet_proto::EditError::TooLong => ErrorCode::TooLarge,
+        _ => ErrorCode::InvalidArgument,
+    };
+    Response::Error(ErrorReply::new(code, err.to_string()))
 }
 
 /// What [`Store::execute`] answers for requests that are not data commands
@@ -37,6 +46,8 @@ pub(super) trait Shards {
     fn count(&mut self) -> u64;
     /// Empties every shard (FLUSHALL); how many entries there were.
     fn clear(&mut self) -> u64;
+    /// The largest value the store takes.
+    fn max_value_len(&self) -> usize;
 }
 
 /// The ordinary path: each use locks the key's shard.
@@ -62,6 +73,10 @@ impl Shards for Locking<'_> {
 
     fn clear(&mut self) -> u64 {
         self.0.clear()
+    }
+
+    fn max_value_len(&self) -> usize {
+        self.0.config.max_value_size
     }
 }
 
@@ -156,6 +171,26 @@ pub(super) fn execute_on(shards: &mut impl Shards, now: u64, request: Request) -
             Response::Value(match ttl {
                 TtlChange::Keep => shards.with(&key, change),
                 _ => shards.write(&key, change),
+            })
+        }
+        Request::Edit { key, edit } => {
+            let max_len = shards.max_value_len();
+            shards.write(&key, |shard| {
+                let current = shard.peek(now, &key);
+                let edited = match edit.apply(current.as_deref(), max_len) {
+                    Ok(edited) => edited,
+                    Err(err) => return edit_error(&err),
+                };
+                if let Some(value) = edited.value {
+                    let options = SetOptions { keep_ttl: true, ..SetOptions::default() };
+                    if let Err(err) = shard.set(now, &key, value, options) {
+                        return shard_error(&err);
+                    }
+                }
+                match edited.answer {
+                    EditAnswer::Integer(n) => Response::Integer(n),
+                    EditAnswer::Value(value) => Response::Value(Some(value)),
+                }
             })
         }
         Request::DbSize => Response::Count(shards.count()),

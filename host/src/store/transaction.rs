@@ -84,6 +84,10 @@ impl Shards for Held<'_> {
         let now = self.store.now_ms();
         self.guards.iter_mut().flatten().map(|s| s.clear(now) as u64).sum()
     }
+
+    fn max_value_len(&self) -> usize {
+        self.store.config.max_value_size
+    }
 }
 
 impl Store {

@@ -709,6 +709,7 @@ impl Cluster {
             Request::GetDel { key } => self.updated(store, key, Update::GetDel, level),
             Request::GetEx { key, ttl } => self.updated(store, key, Update::GetEx(*ttl), level),
             Request::Persist { key } => self.updated(store, key, Update::Persist, level),
+            Request::Edit { key, edit } => self.updated(store, key, Update::Edit(edit.clone()), level),
             Request::Expire { key, ttl_ms, when } if when.always() => {
                 self.updated(store, key, Update::Expire(*ttl_ms), level)
             }
@@ -812,6 +813,9 @@ fn effect_response(effect: Effect) -> Response {
         Effect::Overflow => error(ErrorCode::WrongType, "increment would overflow a 64-bit integer"),
         Effect::LoadFailed { origin, message } => {
             error(if origin { ErrorCode::OriginFailed } else { ErrorCode::LoadFailed }, message)
+        }
+        Effect::EditRefused { too_large, message } => {
+            error(if too_large { ErrorCode::TooLarge } else { ErrorCode::InvalidArgument }, message)
         }
         Effect::TooLarge { len, limit } => {
             error(ErrorCode::TooLarge, format!("the value would be {len} bytes; values are limited to {limit}"))
