@@ -66,7 +66,10 @@ pub(crate) fn repeatable(request: &Request) -> bool {
         | Request::Strlen { .. }
         | Request::Ping
         | Request::Stats
-        | Request::DbSize => true,
+        | Request::DbSize
+        | Request::Keys { .. }
+        | Request::Scan { .. }
+        | Request::RandomKey => true,
         Request::Set { condition: Condition::Always, .. }
         | Request::SetWith { condition: Condition::Always, get: false, .. }
         | Request::MSet { .. }
@@ -81,6 +84,9 @@ pub(crate) fn repeatable(request: &Request) -> bool {
         | Request::Expire { .. }
         | Request::FlushAll
         | Request::Edit { .. }
+        | Request::MSetNx { .. }
+        | Request::Rename { .. }
+        | Request::Copy { .. }
         | Request::Admin { .. } => false,
     }
 }

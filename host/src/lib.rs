@@ -36,6 +36,7 @@ pub mod config;
 pub mod core;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod glob;
 pub mod loader;
 pub mod metrics;
 pub mod node;

@@ -189,6 +189,48 @@ pub enum Request {
         /// The edit.
         edit: crate::Edit,
     },
+    /// Set every pair only if no key exists, all at once (MSETNX:
+    /// `Applied`).
+    MSetNx {
+        /// The pairs.
+        pairs: Vec<(Bytes, Bytes)>,
+    },
+    /// Move a value and its TTL to another key, at once (RENAME: `Ok`, or
+    /// `NotFound`; with `only_if_absent`, RENAMENX: `Applied`).
+    Rename {
+        /// The key moved.
+        from: Bytes,
+        /// Its new name.
+        to: Bytes,
+        /// Only if `to` does not exist.
+        only_if_absent: bool,
+    },
+    /// Copy a value and its TTL to another key (COPY: `Applied`).
+    Copy {
+        /// The source.
+        from: Bytes,
+        /// The destination.
+        to: Bytes,
+        /// Overwrite an existing destination.
+        replace: bool,
+    },
+    /// Every key matching a glob pattern (KEYS: `Values`); walks the whole
+    /// node.
+    Keys {
+        /// The pattern.
+        pattern: Bytes,
+    },
+    /// One step of a key scan (SCAN: `Scan`).
+    Scan {
+        /// Where to go on from (0: the start).
+        cursor: u64,
+        /// Only keys matching this glob pattern.
+        pattern: Option<Bytes>,
+        /// About how many entries to look at.
+        count: u32,
+    },
+    /// A key picked at random (RANDOMKEY: `Value`, none when empty).
+    RandomKey,
 }
 
 /// When an EXPIRE applies, by the key's current TTL (Redis's options).
@@ -478,6 +520,13 @@ impl Request {
             Self::Persist { .. } => "persist",
             Self::DbSize => "dbsize",
             Self::FlushAll => "flushall",
+            Self::MSetNx { .. } => "msetnx",
+            Self::Rename { only_if_absent: false, .. } => "rename",
+            Self::Rename { only_if_absent: true, .. } => "renamenx",
+            Self::Copy { .. } => "copy",
+            Self::Keys { .. } => "keys",
+            Self::Scan { .. } => "scan",
+            Self::RandomKey => "randomkey",
             Self::Edit { edit, .. } => match edit {
                 crate::Edit::SetRange { .. } => "setrange",
                 crate::Edit::SetBit { .. } => "setbit",
@@ -502,9 +551,23 @@ impl Request {
             | Self::Persist { key }
             | Self::Edit { key, .. } => vec![key],
             Self::Del { keys } | Self::Exists { keys } | Self::MGet { keys } => keys.iter().collect(),
-            Self::MSet { pairs } => pairs.iter().map(|(k, _)| k).collect(),
+            Self::MSet { pairs } | Self::MSetNx { pairs } => pairs.iter().map(|(k, _)| k).collect(),
+            Self::Rename { from, to, .. } | Self::Copy { from, to, .. } => vec![from, to],
+            Self::Keys { .. } | Self::Scan { .. } | Self::RandomKey => Vec::new(),
             Self::Ping | Self::Stats | Self::Admin { .. } | Self::DbSize | Self::FlushAll => Vec::new(),
         }
+    }
+
+    /// Whether the request reads or writes several keys that must change
+    /// together (MSETNX, RENAME, COPY): run with all their shards held.
+    pub fn spans_keys(&self) -> bool {
+        matches!(self, Self::MSetNx { .. } | Self::Rename { .. } | Self::Copy { .. })
+    }
+
+    /// Whether the request walks the whole keyspace (KEYS, SCAN,
+    /// RANDOMKEY).
+    pub fn walks_keys(&self) -> bool {
+        matches!(self, Self::Keys { .. } | Self::Scan { .. } | Self::RandomKey)
     }
 
     /// Whether the request changes state (never accepted in 0-RTT data).
@@ -524,6 +587,9 @@ impl Request {
                 | Self::Persist { .. }
                 | Self::FlushAll
                 | Self::Edit { .. }
+                | Self::MSetNx { .. }
+                | Self::Rename { .. }
+                | Self::Copy { .. }
         )
     }
 }
@@ -746,6 +812,14 @@ pub enum Response {
     Policies(Box<PolicyListing>),
     /// The request failed.
     Error(ErrorReply),
+    /// One step of a SCAN: the cursor to go on from (0: done) and the keys
+    /// found.
+    Scan {
+        /// Where to go on from; 0 when the scan is complete.
+        cursor: u64,
+        /// The keys.
+        keys: Vec<Bytes>,
+    },
 }
 
 /// Why a request failed.

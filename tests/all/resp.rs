@@ -337,6 +337,66 @@ fn redis_cli_runs_the_bit_and_edit_commands() {
     assert_eq!(cli(&["LCS", "key1", "key2", "LEN"]), "6");
 }
 
+/// The keyspace commands: MSETNX, RENAME, RENAMENX and COPY apply whole
+/// (values and TTLs move together), KEYS and SCAN list with Redis's glob
+/// and a cursor that returns every key present throughout, RANDOMKEY
+/// picks a live key.
+#[test]
+fn redis_cli_runs_the_keyspace_commands() {
+    let node = RespNode::start();
+    let cli = |args: &[&str]| node.cli(args);
+    assert_eq!(cli(&["MSETNX", "a", "1", "b", "2"]), "1");
+    assert_eq!(cli(&["MSETNX", "b", "x", "c", "3"]), "0");
+    assert_eq!(cli(&["EXISTS", "c"]), "0", "none of an MSETNX that failed");
+    assert_eq!(cli(&["SET", "t", "v", "EX", "100"]), "OK");
+    assert_eq!(cli(&["RENAME", "t", "t2"]), "OK");
+    assert_eq!(cli(&["GET", "t2"]), "v");
+    assert_eq!(cli(&["TTL", "t2"]), "100", "the TTL moves with the value");
+    assert_eq!(cli(&["EXISTS", "t"]), "0");
+    assert_eq!(cli(&["RENAME", "t", "x"]), "ERR no such key");
+    assert_eq!(cli(&["RENAMENX", "t2", "a"]), "0");
+    assert_eq!(cli(&["RENAMENX", "t2", "t3"]), "1");
+    assert_eq!(cli(&["COPY", "t3", "a"]), "0");
+    assert_eq!(cli(&["COPY", "t3", "a", "REPLACE"]), "1");
+    assert_eq!(cli(&["GET", "a"]), "v");
+    assert_eq!(cli(&["GET", "t3"]), "v", "COPY keeps the source");
+    assert_eq!(cli(&["COPY", "t3", "z", "DB", "1"]), "ERR DB index is out of range");
+    assert_eq!(cli(&["COPY", "t3", "t3"]), "ERR source and destination objects are the same");
+    let mut keys: Vec<String> = cli(&["KEYS", "*"]).lines().map(str::to_string).collect();
+    keys.sort();
+    assert_eq!(keys, ["a", "b", "t3"]);
+    assert_eq!(cli(&["KEYS", "t?"]), "t3");
+    assert_eq!(cli(&["KEYS", "[ab]"]).lines().count(), 2);
+    // SCAN through 1,000 keys, 7 at a time: each exactly once.
+    for i in 0..1000 {
+        assert_eq!(cli(&["SET", &format!("k{i}"), "v"]), "OK");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor = "0".to_string();
+    let mut steps = 0;
+    loop {
+        let out = cli(&["SCAN", &cursor, "MATCH", "k*", "COUNT", "7"]);
+        let mut lines = out.lines();
+        cursor = lines.next().expect("a cursor").to_string();
+        for key in lines {
+            assert!(seen.insert(key.to_string()), "{key} twice");
+        }
+        steps += 1;
+        if cursor == "0" {
+            break;
+        }
+        assert!(steps < 2_000, "the scan ends");
+    }
+    assert_eq!(seen.len(), 1000);
+    assert_eq!(cli(&["SCAN", "x"]), "ERR invalid cursor");
+    let out = cli(&["SCAN", "0", "COUNT", "5000", "TYPE", "hash"]);
+    assert_eq!(out.lines().count(), 1, "no hashes here: {out}");
+    let random = cli(&["RANDOMKEY"]);
+    assert_eq!(cli(&["EXISTS", &random]), "1", "{random}");
+    assert_eq!(cli(&["FLUSHALL"]), "OK");
+    assert_eq!(cli(&["RANDOMKEY"]), "");
+}
+
 /// A raw RESP connection: commands in, the exact reply bytes out.
 struct Raw(TcpStream);
 

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Command names, in [`command_index`] order.
-pub const COMMANDS: [&str; 20] = [
+pub const COMMANDS: [&str; 25] = [
     "get", "set", "del", "exists", "ttl", "expire", "mget", "mset", "incr", "ping", "stats", "admin", "append",
-    "strlen", "getdel", "getex", "persist", "dbsize", "flushall", "edit",
+    "strlen", "getdel", "getex", "persist", "dbsize", "flushall", "edit", "msetnx", "rename", "copy", "keys", "scan",
 ];
 
 /// [`command_index`] of a GET.
@@ -45,6 +45,11 @@ pub fn command_index(request: &Request) -> usize {
         Request::DbSize => 17,
         Request::FlushAll => 18,
         Request::Edit { .. } => 19,
+        Request::MSetNx { .. } => 20,
+        Request::Rename { .. } => 21,
+        Request::Copy { .. } => 22,
+        Request::Keys { .. } | Request::RandomKey => 23,
+        Request::Scan { .. } => 24,
     }
 }
 

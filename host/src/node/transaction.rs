@@ -22,6 +22,9 @@ impl Node {
                     .into(),
             );
         }
+        if request.walks_keys() {
+            return Some(format!("{} cannot be in a transaction", request.name().to_ascii_uppercase()));
+        }
         let loaders = self.loaders()?;
         if matches!(request, Request::FlushAll | Request::DbSize) {
             return Some(format!("{} cannot be in a transaction on a node with loaders", request.name()));

@@ -51,6 +51,7 @@ pub const TABLE: &[Spec] = &[
     spec("bitpos", -3, &["readonly"], ONE),
     spec("client", -2, CONN, NONE),
     spec("cluster", -2, &["stale"], NONE),
+    spec("copy", -3, &["write", "denyoom"], (1, 2, 1)),
     spec("command", -1, &["loading", "stale"], NONE),
     spec("config", -2, &["admin", "noscript", "loading", "stale"], NONE),
     spec("dbsize", 1, R, NONE),
@@ -77,9 +78,11 @@ pub const TABLE: &[Spec] = &[
     spec("incrby", 3, WD, ONE),
     spec("incrbyfloat", 3, WD, ONE),
     spec("info", -1, &["loading", "stale"], NONE),
+    spec("keys", 2, &["readonly"], NONE),
     spec("lcs", -3, &["readonly"], (1, 2, 1)),
     spec("mget", -2, R, ALL),
     spec("mset", -3, &["write", "denyoom"], (1, -1, 2)),
+    spec("msetnx", -3, &["write", "denyoom"], (1, -1, 2)),
     spec("multi", 1, TX, NONE),
     spec("persist", 2, W, ONE),
     spec("pexpire", -3, W, ONE),
@@ -89,8 +92,12 @@ pub const TABLE: &[Spec] = &[
     spec("psetex", 4, &["write", "denyoom"], ONE),
     spec("pttl", 2, R, ONE),
     spec("quit", -1, CONN, NONE),
+    spec("randomkey", 1, &["readonly"], NONE),
     spec("readonly", 1, FAST, NONE),
     spec("readwrite", 1, FAST, NONE),
+    spec("rename", 3, &["write"], (1, 2, 1)),
+    spec("renamenx", 3, W, (1, 2, 1)),
+    spec("scan", -2, &["readonly"], NONE),
     spec("select", 2, CONN, NONE),
     spec("set", -3, &["write", "denyoom"], ONE),
     spec("setbit", 4, WD, ONE),
@@ -269,7 +276,7 @@ mod tests {
             let command = command.as_str();
             let needed = categories(command).unwrap_or_else(|| panic!("{command} has no ACL categories"));
             let keyed = needed.iter().any(|c| matches!(c, Category::Read | Category::Write))
-                && !matches!(command, "DBSIZE" | "FLUSHALL" | "FLUSHDB");
+                && !matches!(command, "DBSIZE" | "FLUSHALL" | "FLUSHDB" | "KEYS" | "SCAN" | "RANDOMKEY");
             if keyed {
                 assert_eq!(key_positions(command, 4).next(), Some(1), "{command}'s key is not checked");
             }

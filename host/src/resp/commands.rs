@@ -181,6 +181,11 @@ pub enum Reply {
     Type,
     /// Computed from the value(s) read (GETBIT, BITCOUNT, BITPOS, LCS).
     Strings(super::strings::StringReply),
+    /// SCAN's cursor and keys; none with a TYPE other than `string`.
+    Scan {
+        /// Drop the keys (TYPE named a type Cachet has no keys of).
+        none: bool,
+    },
 }
 
 /// Parses a data command (`args[0]` is its name) into its request;
@@ -285,6 +290,19 @@ pub fn parse(args: &[Bytes]) -> Parsed {
         "GETEX" if n >= 2 => parse_getex(args),
         "DBSIZE" if n == 1 => data(Request::DbSize, Reply::Write),
         "FLUSHALL" | "FLUSHDB" if n <= 2 => data(Request::FlushAll, Reply::Ok),
+        "MSETNX" if n >= 3 && n % 2 == 1 => {
+            let pairs = args[1..].chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+            data(Request::MSetNx { pairs }, Reply::Flag)
+        }
+        "RENAME" | "RENAMENX" if n == 3 => {
+            let only_if_absent = name == "RENAMENX";
+            let request = Request::Rename { from: key(), to: args[2].clone(), only_if_absent };
+            data(request, if only_if_absent { Reply::Flag } else { Reply::Write })
+        }
+        "COPY" if n >= 3 => parse_copy(args),
+        "KEYS" if n == 2 => data(Request::Keys { pattern: key() }, Reply::Values),
+        "SCAN" if n >= 2 => parse_scan(args),
+        "RANDOMKEY" if n == 1 => data(Request::RandomKey, Reply::Bulk),
         _ => super::strings::parse(&name, args).unwrap_or(Parsed::Local),
     }
 }
@@ -316,6 +334,51 @@ fn parse_set(args: &[Bytes]) -> Parsed {
     }
     let request = Request::SetWith { key, value, ttl_ms, keep_ttl, condition, get, hint: 0 };
     Parsed::Data(request, if get { Reply::Bulk } else { Reply::Write })
+}
+
+/// COPY source destination [DB 0] [REPLACE]: one database here.
+fn parse_copy(args: &[Bytes]) -> Parsed {
+    let mut replace = false;
+    let mut i = 3;
+    while i < args.len() {
+        match upper(&args[i]).as_str() {
+            "REPLACE" => replace = true,
+            "DB" if i + 1 < args.len() => {
+                if parse_i64(&args[i + 1]) != Some(0) {
+                    return Parsed::Invalid("ERR DB index is out of range".into());
+                }
+                i += 1;
+            }
+            _ => return Parsed::Invalid(SYNTAX.into()),
+        }
+        i += 1;
+    }
+    let request = Request::Copy { from: args[1].clone(), to: args[2].clone(), replace };
+    Parsed::Data(request, Reply::Flag)
+}
+
+/// SCAN cursor [MATCH pattern] [COUNT n] [TYPE type].
+fn parse_scan(args: &[Bytes]) -> Parsed {
+    let Some(cursor) = std::str::from_utf8(&args[1]).ok().and_then(|c| c.parse::<u64>().ok()) else {
+        return Parsed::Invalid("ERR invalid cursor".into());
+    };
+    let (mut pattern, mut count, mut none) = (None, crate::store::SCAN_COUNT, false);
+    let mut i = 2;
+    while i < args.len() {
+        let Some(value) = args.get(i + 1) else { return Parsed::Invalid(SYNTAX.into()) };
+        match upper(&args[i]).as_str() {
+            "MATCH" => pattern = Some(value.clone()),
+            "COUNT" => match parse_i64(value).and_then(|c| u32::try_from(c).ok()).filter(|c| *c > 0) {
+                Some(c) => count = c,
+                None if parse_i64(value).is_some() => return Parsed::Invalid(SYNTAX.into()),
+                None => return Parsed::Invalid(WRONG_INT.into()),
+            },
+            "TYPE" => none = !value.eq_ignore_ascii_case(b"string"),
+            _ => return Parsed::Invalid(SYNTAX.into()),
+        }
+        i += 2;
+    }
+    Parsed::Data(Request::Scan { cursor, pattern, count }, Reply::Scan { none })
 }
 
 fn parse_getex(args: &[Bytes]) -> Parsed {
@@ -362,6 +425,15 @@ pub fn write_response(session: &Session, reply: Reply, response: Response, out: 
         },
         (Reply::Type, Response::Count(n)) => w.simple(if n > 0 { "string" } else { "none" }),
         (Reply::Strings(reply), response) => super::strings::write(&mut w, reply, response),
+        (Reply::Scan { none }, Response::Scan { cursor, keys }) => {
+            w.array(2);
+            w.bulk(cursor.to_string().as_bytes());
+            let keys = if none { &[][..] } else { &keys[..] };
+            w.array(keys.len());
+            for key in keys {
+                w.bulk(key);
+            }
+        }
         (Reply::Integer, Response::Integer(n)) => w.integer(n),
         (Reply::Values, Response::Values(values)) => {
             w.array(values.len());
@@ -630,7 +702,7 @@ fn config_get(node: &Node, w: &mut Writer<'_>, patterns: &[Bytes]) {
     ];
     let matching: Vec<&(&str, String)> = known
         .iter()
-        .filter(|(name, _)| patterns.iter().any(|p| super::acl::glob_match(&p.to_ascii_lowercase(), name.as_bytes())))
+        .filter(|(name, _)| patterns.iter().any(|p| crate::glob::glob_match(&p.to_ascii_lowercase(), name.as_bytes())))
         .collect();
     w.map(matching.len());
     for (name, value) in matching {

@@ -48,6 +48,11 @@ pub(super) trait Shards {
     fn clear(&mut self) -> u64;
     /// The largest value the store takes.
     fn max_value_len(&self) -> usize;
+    /// [`Store::scan_from`]: entries from `cursor` on, one shard locked at
+    /// a time; where to go on from.
+    fn scan(&mut self, cursor: u64, max_visits: usize, f: &mut crate::core::ScanVisitor<'_>) -> Option<u64>;
+    /// Shards in the store.
+    fn shard_count(&self) -> usize;
 }
 
 /// The ordinary path: each use locks the key's shard.
@@ -78,11 +83,22 @@ impl Shards for Locking<'_> {
     fn max_value_len(&self) -> usize {
         self.0.config.max_value_size
     }
+
+    fn scan(&mut self, cursor: u64, max_visits: usize, f: &mut crate::core::ScanVisitor<'_>) -> Option<u64> {
+        self.0.scan_from(cursor, max_visits, f)
+    }
+
+    fn shard_count(&self) -> usize {
+        self.0.shards.len()
+    }
 }
 
 impl Store {
     /// Runs a data command at `now`.
     pub fn execute(&self, now: u64, request: Request) -> Response {
+        if request.spans_keys() {
+            return self.execute_spanning(now, request);
+        }
         execute_on(&mut Locking(self), now, request)
     }
 
@@ -192,6 +208,17 @@ pub(super) fn execute_on(shards: &mut impl Shards, now: u64, request: Request) -
                     EditAnswer::Value(value) => Response::Value(Some(value)),
                 }
             })
+        }
+        Request::MSetNx { pairs } => super::keyspace::mset_nx(shards, now, pairs),
+        Request::Rename { from, to, only_if_absent } => {
+            super::keyspace::move_value(shards, now, (&from, &to), false, !only_if_absent)
+        }
+        Request::Copy { from, to, replace } => super::keyspace::move_value(shards, now, (&from, &to), true, replace),
+        Request::Keys { pattern } => super::keyspace::keys(shards, &pattern),
+        Request::Scan { cursor, pattern, count } => super::keyspace::scan(shards, cursor, pattern.as_deref(), count),
+        Request::RandomKey => {
+            let n = shards.shard_count();
+            super::keyspace::random_key(shards, n)
         }
         Request::DbSize => Response::Count(shards.count()),
         Request::FlushAll => Response::Count(shards.clear()),

@@ -8,6 +8,8 @@
 //! [`commands`] runs the data commands of the protocol on the shards.
 
 pub mod commands;
+mod keyspace;
+pub use keyspace::{MAX_SCAN_COUNT, SCAN_COUNT};
 pub mod transaction;
 
 use crate::core::{PolicyError, PolicyFactory, PolicyMode, Shard, ShardConfig, ShardError};

@@ -88,6 +88,17 @@ impl Shards for Held<'_> {
     fn max_value_len(&self) -> usize {
         self.store.config.max_value_size
     }
+
+    /// Never called: KEYS, SCAN and RANDOMKEY are refused inside a
+    /// transaction (`Node::transaction_refusal`); a walk here would lock
+    /// shards already held.
+    fn scan(&mut self, _: u64, _: usize, _: &mut crate::core::ScanVisitor<'_>) -> Option<u64> {
+        None
+    }
+
+    fn shard_count(&self) -> usize {
+        self.store.shards.len()
+    }
 }
 
 impl Store {

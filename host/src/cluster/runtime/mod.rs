@@ -740,6 +740,18 @@ impl Cluster {
                     Err(err) => op_error(err),
                 }
             })),
+            Request::MSetNx { .. }
+            | Request::Rename { .. }
+            | Request::Copy { .. }
+            | Request::Keys { .. }
+            | Request::Scan { .. }
+            | Request::RandomKey => Some(Routed::Now(error(
+                ErrorCode::NotSupported,
+                format!(
+                    "{} is not supported on a Cachet cluster yet: its keys live on several members",
+                    body.name().to_ascii_uppercase()
+                ),
+            ))),
             Request::Ping | Request::Stats | Request::Admin { .. } => None,
         }
     }
