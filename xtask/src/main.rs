@@ -9,6 +9,7 @@ mod fuzz;
 mod guests;
 mod live;
 mod postgres;
+mod redis_py;
 mod valkey;
 
 use anyhow::{Context, Result, bail};
@@ -22,7 +23,7 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
                   miss-ratio table of every policy on a trace
   test            formatting, clippy (-D warnings) and every test (starts a
                   throw-away PostgreSQL for the loader tests), then a 2-minute
-                  chaos smoke on the debug build
+                  chaos smoke on the debug build and redis-py's own suite
   chaos [--minutes N] [--fault-every S] [--strict] [--cachet PATH]
                   release build (or the given binary); 5 members (RF 3, QUORUM) under SIGKILL/restart,
                   SIGSTOP, a member cut off, a 2|3 split and one-way loss
@@ -53,6 +54,13 @@ const USAGE: &str = "usage: cargo xtask <demo | test | build-policies | bench-si
   fuzz [TARGET|all] [--seconds N]
                   run the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer; installs
                   cargo-fuzz) for N seconds each (60); executions, corpus, crashes
+  redis-py [--cachet PATH] [--redis-server]
+                  redis-py 6.4.0's own tests (test_commands, test_pipeline,
+                  test_connection, from its PyPI sdist, checksummed) against a
+                  node's RESP port (debug build, or the given binary); fails when
+                  the failures differ from tests/redis-py/expected-failures.txt.
+                  --redis-server: the same tests against the machine's
+                  redis-server too, for the figures
   bench-cluster [--cachet PATH | --baseline PATH]
                   release build (or the given binary); throughput of 1, 2 and 3 local members (RF=1 and
                   RF=members at QUORUM), 3 rounds, medians; failover time over 3
@@ -83,6 +91,7 @@ fn main() {
             )
         }),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("redis-py") => redis_py_command(&args[1..]),
         // `--cachet PATH`: measure another build (say, a baseline copied
         // out of target/) instead of building this one. `--baseline PATH`:
         // the throughput table of this build against it, interleaved.
@@ -197,6 +206,34 @@ fn build_policies() -> Result<Vec<PathBuf>> {
 
 /// `cargo xtask chaos [--minutes N] [--fault-every SECONDS] [--strict]`:
 /// a release build under faults, the history checked.
+/// `cargo xtask redis-py [--cachet PATH] [--redis-server]`.
+fn redis_py_command(args: &[String]) -> Result<()> {
+    let mut cachet = None;
+    let mut redis_server = false;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--cachet" => cachet = Some(PathBuf::from(rest.next().context("--cachet needs a path")?)),
+            "--redis-server" => redis_server = true,
+            other => bail!("redis-py takes --cachet PATH and --redis-server, not {other}"),
+        }
+    }
+    let cachet = match cachet {
+        Some(path) => path,
+        None => {
+            run_cargo(&["build", "--locked", "-p", "cachet"])?;
+            target_dir().join("debug").join("cachet")
+        }
+    };
+    redis_py::run(
+        &cachet,
+        &target_dir().join("redis-py"),
+        &workspace().join("tests").join("redis-py").join("expected-failures.txt"),
+        &workspace().join("xtask").join("redis_py_check.py"),
+        redis_server,
+    )
+}
+
 fn chaos_command(args: &[String]) -> Result<()> {
     let mut minutes = 10.0;
     let mut fault_every = 12.0;
@@ -283,7 +320,16 @@ fn test() -> Result<()> {
     }
     // The chaos smoke on the debug build the tests just made: no
     // acknowledged write may be lost and no QUORUM read may be stale.
-    chaos_and_report(&target_dir().join("debug").join("cachet"), 2.0, 10.0, false)
+    chaos_and_report(&target_dir().join("debug").join("cachet"), 2.0, 10.0, false)?;
+    // redis-py's own suite against a node: the failures must be the listed
+    // ones (about 10 s).
+    redis_py::run(
+        &target_dir().join("debug").join("cachet"),
+        &target_dir().join("redis-py"),
+        &workspace().join("tests").join("redis-py").join("expected-failures.txt"),
+        &workspace().join("xtask").join("redis_py_check.py"),
+        false,
+    )
 }
 
 /// Starts the loader tests' PostgreSQL, prints how to reach it, and stops

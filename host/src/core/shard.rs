@@ -927,6 +927,11 @@ impl Shard {
         (end < slots.len()).then_some(end as u32)
     }
 
+    /// Slab slots, free ones included: how far [`Shard::scan_from`] walks.
+    pub fn slot_count(&self) -> usize {
+        self.slab.slots.len()
+    }
+
     /// Deletes every entry whose key starts with `prefix`; returns how
     /// many. A scan of the whole shard: for rare events such as a lost
     /// invalidation feed, not for the request path.

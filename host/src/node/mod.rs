@@ -154,6 +154,11 @@ impl Node {
         Ok(())
     }
 
+    /// Requests the node's request path has run since it started.
+    pub fn commands_processed(&self) -> u64 {
+        (0..crate::metrics::COMMANDS.len()).map(|i| self.metrics.latency(i).count()).sum()
+    }
+
     /// The cluster, if the node is in one.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.get()

@@ -73,6 +73,28 @@ pub struct ServerInfo {
     pub port: u16,
     /// Its users; `None` when it has none (everyone may do everything).
     pub acl: Option<Arc<Acl>>,
+    /// The address it listens on.
+    pub bind: String,
+    /// Its idle timeout (`CONFIG GET timeout`).
+    pub idle_timeout: Option<std::time::Duration>,
+    /// Its connection cap (`maxclients`).
+    pub max_connections: u32,
+    /// The largest command it reads (`client-query-buffer-limit`).
+    pub max_command: usize,
+    /// Counters as of the last `CONFIG RESETSTAT`.
+    pub stats_base: Arc<StatsBase>,
+}
+
+/// What `CONFIG RESETSTAT` zeroes, kept as offsets: the node's own
+/// counters (and the metrics endpoint's) never go back.
+#[derive(Debug, Default)]
+pub struct StatsBase {
+    /// Commands processed.
+    pub commands: std::sync::atomic::AtomicU64,
+    /// Keyspace hits.
+    pub hits: std::sync::atomic::AtomicU64,
+    /// Keyspace misses.
+    pub misses: std::sync::atomic::AtomicU64,
 }
 
 const WRONG_INT: &str = "ERR value is not an integer or out of range";
@@ -482,7 +504,7 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
         }
         "INFO" => {
             let sections: Vec<String> = args[1..].iter().map(|s| upper(s)).collect();
-            w.text(&info_text(node, info, &sections));
+            w.text(&super::introspection::info_text(node, info, &sections));
         }
         "SELECT" if n == 2 => match parse_i64(&args[1]) {
             Some(0) => w.simple("OK"),
@@ -495,10 +517,14 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
         "HELLO" => hello(node, session, info, &mut w, &args),
         "COMMAND" => super::command_table::command(&mut w, &args),
         "CONFIG" if n >= 2 => match upper(&args[1]).as_str() {
-            "GET" if n >= 3 => config_get(node, &mut w, &args[2..]),
+            "GET" if n >= 3 => super::introspection::config_get(node, info, &mut w, &args[2..]),
+            "RESETSTAT" if n == 2 => {
+                super::introspection::reset_stats(node, info);
+                w.simple("OK");
+            }
             // Settings are taken at start (flags, --config): a write that
             // would change nothing is refused, not acknowledged.
-            "SET" | "RESETSTAT" | "REWRITE" => w.error(&format!(
+            "SET" | "REWRITE" => w.error(&format!(
                 "ERR CONFIG {} is not supported: Cachet takes its settings at start (flags or --config)",
                 upper(&args[1])
             )),
@@ -686,135 +712,4 @@ fn hello(node: &Node, session: &mut Session, info: &ServerInfo, w: &mut Writer<'
     hw.bulk(b"modules");
     hw.array(0);
     w.raw(&out);
-}
-
-/// INFO text in Redis's layout (`# Section` headers, `key:value` lines).
-/// `CONFIG GET pattern...`: the parameters Cachet has an answer for (read
-/// from the node), as a map of the names matching each glob.
-fn config_get(node: &Node, w: &mut Writer<'_>, patterns: &[Bytes]) {
-    let stats = node.stats();
-    let known: [(&str, String); 5] = [
-        ("maxmemory", stats.max_bytes.to_string()),
-        ("maxmemory-policy", format!("cachet-{}", stats.policy)),
-        ("databases", "1".to_string()),
-        ("appendonly", "no".to_string()),
-        ("save", String::new()),
-    ];
-    let matching: Vec<&(&str, String)> = known
-        .iter()
-        .filter(|(name, _)| patterns.iter().any(|p| crate::glob::glob_match(&p.to_ascii_lowercase(), name.as_bytes())))
-        .collect();
-    w.map(matching.len());
-    for (name, value) in matching {
-        w.bulk(name.as_bytes());
-        w.bulk(value.as_bytes());
-    }
-}
-
-/// This process's id for Redis clients (INFO's `run_id`): 40 hex digits,
-/// new at every start.
-fn run_id() -> &'static str {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        use std::hash::{BuildHasher, Hasher};
-        let seed = |salt: u64| {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(salt ^ u64::from(std::process::id()));
-            h.finish()
-        };
-        format!("{:016x}{:016x}{:08x}", seed(1), seed(2), seed(3) as u32)
-    })
-}
-
-/// CPU time this process has used, user and system, in seconds (from
-/// `/proc/self/stat`; zeros where there is none).
-fn cpu_seconds() -> (f64, f64) {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return (0.0, 0.0) };
-    // Fields after the command name (which may hold spaces), from `)`.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
-    // utime and stime are fields 14 and 15 of the line, 11 and 12 here
-    // (field 3, the state, is 0); in clock ticks, 100 a second on Linux.
-    (ticks(11), ticks(12))
-}
-
-fn info_text(node: &Node, info: &ServerInfo, sections: &[String]) -> String {
-    let stats = node.stats();
-    let want = |s: &str| {
-        sections.is_empty()
-            || sections.iter().any(|asked| matches!(asked.as_str(), "ALL" | "EVERYTHING" | "DEFAULT") || asked == s)
-    };
-    let mut text = String::new();
-    if want("SERVER") {
-        let executable = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
-        text.push_str(&format!(
-            "# Server\r\nredis_version:7.0.0\r\nredis_git_sha1:00000000\r\nredis_git_dirty:0\r\nredis_build_id:0\r\ncachet_version:{}\r\nredis_mode:{}\r\nos:{} {}\r\narch_bits:{}\r\nmultiplexing_api:epoll\r\nprocess_id:{}\r\nprocess_supervised:no\r\nrun_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\nuptime_in_days:{}\r\nhz:10\r\nconfigured_hz:10\r\nexecutable:{executable}\r\nconfig_file:\r\n\r\n",
-            env!("CARGO_PKG_VERSION"),
-            // A clustered member answers CLUSTER SLOTS and the rest (see
-            // `resp::cluster`); it never redirects.
-            if super::cluster::enabled(node) { "cluster" } else { "standalone" },
-            std::env::consts::OS,
-            std::env::consts::ARCH,
-            usize::BITS,
-            std::process::id(),
-            run_id(),
-            info.port,
-            stats.uptime_secs,
-            stats.uptime_secs / 86_400
-        ));
-    }
-    // Cachet keeps nothing on disk and has no replicas in Redis's sense
-    // (a cluster's copies are its own): what clients read, answered truly.
-    if want("PERSISTENCE") {
-        text.push_str(
-            "# Persistence\r\nloading:0\r\nasync_loading:0\r\nrdb_changes_since_last_save:0\r\n\
-             rdb_bgsave_in_progress:0\r\nrdb_last_bgsave_status:ok\r\naof_enabled:0\r\naof_rewrite_in_progress:0\r\n\r\n",
-        );
-    }
-    if want("REPLICATION") {
-        text.push_str(&format!(
-            "# Replication\r\nrole:master\r\nconnected_slaves:0\r\nmaster_failover_state:no-failover\r\n\
-             master_replid:{}\r\nmaster_repl_offset:0\r\n\r\n",
-            run_id()
-        ));
-    }
-    if want("CPU") {
-        let (user, sys) = cpu_seconds();
-        text.push_str(&format!("# CPU\r\nused_cpu_sys:{sys:.6}\r\nused_cpu_user:{user:.6}\r\n\r\n"));
-    }
-    if want("CLIENTS") {
-        text.push_str(&format!("# Clients\r\nconnected_clients:{}\r\n\r\n", stats.connections));
-    }
-    if want("MEMORY") {
-        text.push_str(&format!(
-            "# Memory\r\nused_memory:{}\r\nused_memory_human:{:.2}M\r\nused_memory_dataset:{}\r\nmaxmemory:{}\r\nmaxmemory_human:{:.2}M\r\nmaxmemory_policy:cachet-{}\r\n\r\n",
-            stats.bytes,
-            stats.bytes as f64 / (1 << 20) as f64,
-            stats.bytes,
-            stats.max_bytes,
-            stats.max_bytes as f64 / (1 << 20) as f64,
-            stats.policy
-        ));
-    }
-    if want("STATS") {
-        text.push_str(&format!(
-            "# Stats\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\nevicted_keys:{}\r\nexpired_keys:{}\r\n\r\n",
-            stats.hits,
-            stats.misses,
-            stats.evictions,
-            stats.expired + stats.policy_expired
-        ));
-    }
-    if want("CLUSTER") {
-        let enabled = u8::from(super::cluster::enabled(node));
-        text.push_str(&format!("# Cluster\r\ncluster_enabled:{enabled}\r\n\r\n"));
-    }
-    if want("KEYSPACE") {
-        text.push_str("# Keyspace\r\n");
-        if stats.entries > 0 {
-            text.push_str(&format!("db0:keys={},expires={},avg_ttl=0\r\n", stats.entries, node.expiring()));
-        }
-        text.push_str("\r\n");
-    }
-    text
 }

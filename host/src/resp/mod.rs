@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod codec;
 pub mod command_table;
 pub mod commands;
+mod introspection;
 pub mod multi;
 pub mod strings;
 
@@ -155,7 +156,17 @@ pub fn start(node: Arc<Node>, options: RespOptions) -> Result<RunningResp, RespE
         listeners.push(listener(addr)?);
     }
     let ids = Arc::new(AtomicU64::new(1));
-    let info = ServerInfo { port: addr.port(), acl: options.acl.clone() };
+    let info = ServerInfo {
+        port: addr.port(),
+        acl: options.acl.clone(),
+        bind: addr.ip().to_string(),
+        idle_timeout: options.idle_timeout,
+        max_connections: options.max_connections,
+        max_command: options.max_command.unwrap_or_else(|| {
+            Limits::for_values(node.config().max_value_size, node.config().max_key_size).max_command
+        }),
+        stats_base: Arc::default(),
+    };
     let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let count = listeners.len();
     let config = node.config();

@@ -253,14 +253,19 @@ impl Store {
         };
         while shard < self.shards.len() {
             let visits = left.min(SCAN_VISITS_PER_LOCK);
-            let next = lock(&self.shards[shard]).scan_from(self.now_ms(), index, visits, &mut wrapped);
+            let guard = lock(&self.shards[shard]);
+            let next = guard.scan_from(self.now_ms(), index, visits, &mut wrapped);
+            let slots = guard.slot_count();
+            drop(guard);
             match next {
                 Some(next) => {
                     left = left.saturating_sub((next - index) as usize);
                     index = next;
                 }
                 None => {
-                    left = left.saturating_sub(visits.min(left));
+                    // The slots this shard had left: a small shard leaves
+                    // the rest of the step to the next one.
+                    left = left.saturating_sub(slots.saturating_sub(index as usize).min(visits));
                     (shard, index) = (shard + 1, 0);
                 }
             }
