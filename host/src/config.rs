@@ -61,6 +61,8 @@ pub struct FileConfig {
     pub resp_tls: Option<bool>,
     /// `--resp-insecure`.
     pub resp_insecure: Option<bool>,
+    /// `--resp-cluster-redirects`.
+    pub resp_cluster_redirects: Option<bool>,
     /// `--loaders`.
     pub loaders: Option<PathBuf>,
 }

@@ -322,6 +322,11 @@ impl Registry {
         self.manifest.previous.as_ref()
     }
 
+    /// The version of the bundled module `name`, if there is one.
+    pub fn bundled_version(&self, name: &str) -> Option<String> {
+        self.records().find(|r| r.name == name && r.source == Source::Bundled).map(|r| r.version.clone())
+    }
+
     fn find(&self, name: &str, version: &str) -> Option<&ModuleRecord> {
         self.records().find(|r| r.name == name && r.version == version)
     }

@@ -1330,6 +1330,93 @@ print("ok", len(rc.get_nodes()))
     client.close().await;
 }
 
+/// With `--resp-cluster-redirects`, members speak Redis Cluster's redirects:
+/// a key whose slot another member is primary of is answered with `MOVED
+/// slot host:port` (its primary's RESP address), keys across slots with
+/// `CROSSSLOT`; `redis-cli -c` and redis-py's `RedisCluster` follow them;
+/// a `READONLY` connection reads a key it holds a copy of without being
+/// redirected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_clients_follow_moved_redirects() {
+    let resp_port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
+    let resp = format!("{{ip}}:{resp_port}");
+    let cluster = TestCluster::start_with(3, 2, "moved", &["--resp-listen", &resp, "--resp-cluster-redirects"]);
+    let client = cluster.client();
+    cluster.wait_healthy(&client, Duration::from_secs(30)).await;
+    let cli = |member: usize, args: &[&str]| -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", &format!("127.0.0.{}", member + 1), "-p", &resp_port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs (apt-get install redis-tools)");
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    };
+    // The slot table is in the log; wait until every member serves it.
+    let ring = ring_of(&client).await;
+    let primary = |key: &str| -> usize { ring.owners(key.as_bytes(), 2)[0].id.parse().expect("id") };
+    let key = "user:1";
+    let owner = primary(key);
+    let other = (owner + 1) % 3;
+    let slot = cachet_proto::slot::key_slot(key.as_bytes());
+    // Each member's RESP address reaches the others through the log.
+    let expected = format!("MOVED {slot} 127.0.0.{}:{resp_port}", owner + 1);
+    let start = Instant::now();
+    loop {
+        let moved = cli(other, &["GET", key]);
+        if moved == expected {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "member {other} answered {moved:?}, not {expected:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(cli(other, &["SET", key, "Ada"]), expected, "writes too");
+    assert_eq!(cli(owner, &["SET", key, "Ada"]), "OK");
+    assert_eq!(cli(other, &["-c", "GET", key]), "Ada", "redis-cli -c follows MOVED");
+    assert!(cli(owner, &["MGET", "a", "b", "c", "d"]).starts_with("CROSSSLOT"));
+    assert_eq!(cli(primary("{t}a"), &["MSET", "{t}a", "1", "{t}b", "2"]), "OK");
+    assert_eq!(cli(primary("{t}a"), &["MGET", "{t}a", "{t}b"]), "1\n2", "one slot: served");
+    // A READONLY connection reads its own copy (RF 2: one member besides
+    // the primary holds one); a write is still redirected.
+    let replica = ring.owners(key.as_bytes(), 2)[1].id.parse::<usize>().expect("id");
+    let script = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"*1\r\n$8\r\nREADONLY\r\n*2\r\n$3\r\nGET\r\n$6\r\nuser:1\r\n*3\r\n$3\r\nSET\r\n$6\r\nuser:1\r\n$1\r\nx\r\n")
+data = b""
+while data.count(b"\r\n") < 4:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &format!("127.0.0.{}", replica + 1), &resp_port.to_string()])
+        .output()
+        .expect("python3 runs");
+    let replies = String::from_utf8_lossy(&out.stdout);
+    assert!(replies.starts_with("+OK\r\n$3\r\nAda\r\n-MOVED"), "READONLY on the replica: {replies:?}");
+    // redis-py's RedisCluster, its requests redirected where its table is
+    // wrong.
+    let script = r#"
+import sys
+from redis.cluster import RedisCluster
+rc = RedisCluster(host="127.0.0.1", port=int(sys.argv[1]))
+for i in range(200):
+    assert rc.set(f"rc{i}", str(i)), i
+assert [rc.get(f"rc{i}") for i in range(200)] == [str(i).encode() for i in range(200)]
+print("ok")
+"#;
+    let out = Command::new("python3").args(["-c", script, &resp_port.to_string()]).output().expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "redis-py RedisCluster: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    client.close().await;
+}
+
 /// A PostgreSQL database of the example loader's `users` (a view that
 /// sleeps `delay` seconds per query), with pg_stat_statements; its
 /// connection URL.

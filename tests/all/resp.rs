@@ -173,12 +173,23 @@ fn redis_cli_runs_every_command() {
     assert!(user >= 0.0, "{cpu}");
     let both = cli(&["INFO", "clients", "server"]);
     assert!(both.contains("# Clients") && both.contains("# Server") && !both.contains("# Stats"), "{both}");
-    // CONFIG GET answers what the node has; CONFIG SET says it changes nothing.
+    // CONFIG GET answers what the node has; CONFIG SET refuses what it
+    // cannot change live (see config_set_changes_the_policy_...).
     let maxmemory = cli(&["CONFIG", "GET", "maxmemory"]);
     assert!(maxmemory.starts_with("maxmemory\n") && !maxmemory.ends_with("\n0"), "{maxmemory}");
     assert!(cli(&["CONFIG", "GET", "maxmemory*"]).contains("maxmemory-policy\ncachet-"));
     assert_eq!(cli(&["CONFIG", "GET", "nosuch"]), "");
-    assert!(cli(&["CONFIG", "SET", "maxmemory", "1"]).starts_with("ERR CONFIG SET is not supported"));
+    assert!(cli(&["CONFIG", "SET", "maxmemory", "1"]).contains("takes this setting at start"));
+    // INFO's counters start again after CONFIG RESETSTAT.
+    let processed = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|v| v.parse().ok())
+            .expect("count")
+    };
+    assert!(processed(cli(&["INFO", "stats"])) > 0);
+    assert_eq!(cli(&["CONFIG", "RESETSTAT"]), "OK");
+    assert_eq!(processed(cli(&["INFO", "stats"])), 0, "INFO itself is not a node request");
     assert_eq!(cli(&["FLUSHALL"]), "OK");
     assert_eq!(cli(&["DBSIZE"]), "0");
     // One connection, several commands: names stick, QUIT closes.
@@ -395,6 +406,48 @@ fn redis_cli_runs_the_keyspace_commands() {
     assert_eq!(cli(&["EXISTS", &random]), "1", "{random}");
     assert_eq!(cli(&["FLUSHALL"]), "OK");
     assert_eq!(cli(&["RANDOMKEY"]), "");
+}
+
+/// CONFIG SET changes what can change live, all or nothing: the policy
+/// (Cachet's names, `cachet-NAME` as CONFIG GET shows it, Redis's
+/// `allkeys-*`) and the port's idle timeout; what is taken at start is
+/// refused by name, an unknown parameter as Redis refuses it.
+#[test]
+fn config_set_changes_the_policy_and_the_idle_timeout_live() {
+    let engine = PolicyEngine::new().expect("engine");
+    let policy = policies::resolve(&engine, &PolicySpec { name_or_path: "s3fifo".into(), ..PolicySpec::default() })
+        .expect("policy");
+    let registry = cachet::registry::Registry::open(None, engine).expect("registry");
+    let options = NodeOptions {
+        resp: Some(RespOptions::new("127.0.0.1:0".parse().expect("addr"))),
+        registry: Some((registry, None)),
+        ..NodeOptions::new(NodeConfig::default(), policy)
+    };
+    let running = Node::start(options).expect("node starts");
+    let node = RespNode { node: running.node().clone(), running: Some(running) };
+    let cli = |args: &[&str]| node.cli(args);
+    assert_eq!(cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]), "OK");
+    assert_eq!(cli(&["CONFIG", "GET", "maxmemory-policy"]), "maxmemory-policy\ncachet-lru");
+    assert_eq!(cli(&["CONFIG", "SET", "maxmemory-policy", "cachet-sieve", "timeout", "70"]), "OK");
+    assert_eq!(cli(&["CONFIG", "GET", "maxmemory-policy"]), "maxmemory-policy\ncachet-sieve");
+    assert_eq!(cli(&["CONFIG", "GET", "timeout"]), "timeout\n70");
+    let refused = cli(&["CONFIG", "SET", "timeout", "5", "maxmemory", "100"]);
+    assert!(refused.contains("'maxmemory'") && refused.contains("at start"), "{refused}");
+    assert_eq!(cli(&["CONFIG", "GET", "timeout"]), "timeout\n70", "nothing of a refused CONFIG SET applies");
+    assert!(cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]).contains("evicts from every key"));
+    assert!(cli(&["CONFIG", "SET", "maxmemory-policy", "nope"]).contains("no bundled policy named `nope`"));
+    assert_eq!(
+        cli(&["CONFIG", "SET", "bogus", "1"]),
+        "ERR Unknown option or number of arguments for CONFIG SET - 'bogus'"
+    );
+    // A 1 s timeout closes an idle connection.
+    assert_eq!(cli(&["CONFIG", "SET", "timeout", "1"]), "OK");
+    let mut idle = TcpStream::connect(node.addr()).expect("connect");
+    idle.write_all(b"*1\r\n$4\r\nPING\r\n").expect("write");
+    let started = std::time::Instant::now();
+    let got = read_to_close(&mut idle);
+    assert_eq!(got, "+PONG\r\n");
+    assert!(started.elapsed() < Duration::from_secs(4), "closed after the new timeout: {:?}", started.elapsed());
 }
 
 /// A raw RESP connection: commands in, the exact reply bytes out.

@@ -388,6 +388,26 @@ impl Control {
         }
     }
 
+    /// The label of the bundled policy `name` (`name@version`), if the
+    /// registry has one.
+    pub(crate) fn bundled_label(&self, name: &str) -> Result<String, String> {
+        let guard = self.try_registry().map_err(|e| e.to_string())?;
+        let registry = guard.as_ref().ok_or_else(|| AdminError::NoRegistry.to_string())?;
+        match registry.bundled_version(name) {
+            Some(version) => Ok(crate::registry::label(name, &version)),
+            None => Err(format!("no bundled policy named `{name}`")),
+        }
+    }
+
+    /// Hot-swaps every shard to the bundled policy `label` (`name@version`)
+    /// without an admin token: for callers that authorized the change
+    /// themselves (`CONFIG SET maxmemory-policy` by a RESP user with
+    /// `@admin`, or on a port without users, which is loopback-only).
+    pub(crate) fn activate_bundled(&self, label: &str) -> Result<String, String> {
+        let (name, version) = split_label(label)?;
+        self.activate(&name, &version, None, true).map_err(|e| e.to_string())
+    }
+
     /// Hot-swaps every shard to `name@version`. `exclusive`: fail with
     /// `Busy` rather than wait for another operation.
     fn activate(

@@ -114,6 +114,13 @@ pub(crate) struct ServeArgs {
     /// Let the RESP port listen beyond loopback with no password.
     #[arg(long)]
     resp_insecure: bool,
+    /// On a cluster member, answer the RESP port's keyed commands for
+    /// slots another member is primary of with Redis Cluster's `MOVED`
+    /// (and multi-key commands across slots with `CROSSSLOT`), as
+    /// cluster-aware clients expect, instead of forwarding them (which
+    /// plain clients need).
+    #[arg(long)]
+    resp_cluster_redirects: bool,
     /// Read-through loader configuration (TOML): origins and the key
     /// namespaces whose misses a loader module fills.
     #[arg(long)]
@@ -337,6 +344,7 @@ pub(crate) fn run_serve(args: ServeArgs) -> Result<()> {
                 acl: acl.map(Arc::new),
                 tls: resp_tls,
                 insecure: args.resp_insecure || file.resp_insecure.unwrap_or(false),
+                redirects: args.resp_cluster_redirects || file.resp_cluster_redirects.unwrap_or(false),
                 threads,
                 max_connections,
                 max_connections_per_address: args

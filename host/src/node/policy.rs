@@ -220,6 +220,17 @@ impl Node {
         }
     }
 
+    /// Makes the bundled policy `name` the node's (on a cluster, every
+    /// member's, through the log): `CONFIG SET maxmemory-policy`. The
+    /// caller authorized it.
+    pub fn set_bundled_policy(&self, name: &str) -> Result<String, String> {
+        let label = self.control.bundled_label(name)?;
+        match self.cluster() {
+            Some(cluster) => self.activate_in_log(cluster, &label, None),
+            None => self.control.activate_bundled(&label),
+        }
+    }
+
     fn activate_in_log(
         &self,
         cluster: &Cluster,

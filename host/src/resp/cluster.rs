@@ -7,10 +7,15 @@
 //! record in the log, so a cluster client such as redis-py's
 //! `RedisCluster` or `redis-cli -c` sends each key to one of its owners.
 //!
-//! Cachet never redirects: any member serves any key (it forwards to the
-//! key's owners and answers at the request's consistency), so there is no
-//! `MOVED` or `ASK`. The table saves a cluster client the forwarding hop;
-//! a client that ignores it still gets every answer right.
+//! By default a member never redirects: any member serves any key (it
+//! forwards to the key's owners and answers at the request's
+//! consistency), which plain clients need, and the table only saves a
+//! cluster client the forwarding hop. A port started with
+//! `--resp-cluster-redirects` speaks Redis Cluster's redirects instead
+//! ([`redirect`]): `MOVED` to the slot's primary, `CROSSSLOT` for keys
+//! across slots, and replica reads on `READONLY` connections. There is no
+//! `ASK`: a range that moves changes owners only once the log records that
+//! the new owner holds it, so `MOVED` to the new primary is never early.
 //!
 //! Redis's model has one primary per slot range and replicas that follow
 //! one primary. Cachet's owners are per range, so `CLUSTER SLOTS` and
@@ -43,6 +48,34 @@ fn view(node: &Node) -> Option<RedisView> {
 /// `cluster_enabled`).
 pub fn enabled(node: &Node) -> bool {
     node.cluster().is_some()
+}
+
+/// On a port with redirects (`--resp-cluster-redirects`), what to answer
+/// instead of serving `request`: `MOVED slot host:port` when another
+/// member is the primary of its keys' slot (unless this member owns the
+/// slot and the connection is `READONLY` and the request a read: a
+/// replica read, served here at ONE), `CROSSSLOT` when its keys span
+/// slots. `None`: serve it (also when the primary announced no RESP
+/// address, or the member has no table yet: forwarded, as without
+/// redirects).
+pub fn redirect(node: &Node, readonly: bool, request: &cachet_proto::Request) -> Option<String> {
+    let cluster = node.cluster()?;
+    let keys = request.keys();
+    let slot = cachet_proto::slot::key_slot(keys.first()?);
+    if keys.iter().any(|k| cachet_proto::slot::key_slot(k) != slot) {
+        return Some("CROSSSLOT Keys in request don't hash to the same slot".into());
+    }
+    let (owners, addr) = cluster.slot_owners(slot)?;
+    let me = cluster.me();
+    if owners.first() == Some(&me) || (readonly && !request.is_write() && owners.contains(&me)) {
+        return None;
+    }
+    addr.map(|addr| format!("MOVED {slot} {}", resp_addr(addr)))
+}
+
+/// An address as Redis writes it in `MOVED`: `host:port`, IPv6 bare.
+fn resp_addr(addr: SocketAddr) -> String {
+    format!("{}:{}", addr.ip(), addr.port())
 }
 
 /// `READONLY`, `READWRITE`, `ASKING`: accepted on a member (any member

@@ -33,6 +33,9 @@ pub struct Session {
     pub multi: Option<super::multi::Multi>,
     /// The keys WATCH named, until EXEC, DISCARD or UNWATCH.
     pub watched: crate::store::transaction::Watched,
+    /// `READONLY`: reads are served here (at consistency ONE) when this
+    /// member owns the key's slot without being its primary.
+    pub readonly: bool,
 }
 
 /// Failed AUTH attempts after which a connection is closed: guessing
@@ -75,14 +78,25 @@ pub struct ServerInfo {
     pub acl: Option<Arc<Acl>>,
     /// The address it listens on.
     pub bind: String,
-    /// Its idle timeout (`CONFIG GET timeout`).
-    pub idle_timeout: Option<std::time::Duration>,
+    /// Its idle timeout in milliseconds, 0 for none (`CONFIG GET/SET
+    /// timeout`; a change applies to each connection from its next read).
+    pub idle_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Its connection cap (`maxclients`).
     pub max_connections: u32,
     /// The largest command it reads (`client-query-buffer-limit`).
     pub max_command: usize,
     /// Counters as of the last `CONFIG RESETSTAT`.
     pub stats_base: Arc<StatsBase>,
+    /// Redis Cluster redirects (`MOVED`) on a cluster member.
+    pub redirects: bool,
+}
+
+impl ServerInfo {
+    /// The idle timeout now.
+    pub fn idle(&self) -> Option<std::time::Duration> {
+        let ms = self.idle_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (ms > 0).then(|| std::time::Duration::from_millis(ms))
+    }
 }
 
 /// What `CONFIG RESETSTAT` zeroes, kept as offsets: the node's own
@@ -513,7 +527,16 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
         },
         "CLIENT" if n >= 2 => client(session, &mut w, &args),
         "CLUSTER" => super::cluster::cluster(node, &mut w, &args),
-        "READONLY" | "READWRITE" | "ASKING" if n == 1 => super::cluster::connection(node, &mut w),
+        "READONLY" | "READWRITE" | "ASKING" if n == 1 => {
+            if super::cluster::enabled(node) {
+                match name.as_str() {
+                    "READONLY" => session.readonly = true,
+                    "READWRITE" => session.readonly = false,
+                    _ => {}
+                }
+            }
+            super::cluster::connection(node, &mut w);
+        }
         "HELLO" => hello(node, session, info, &mut w, &args),
         "COMMAND" => super::command_table::command(&mut w, &args),
         "CONFIG" if n >= 2 => match upper(&args[1]).as_str() {
@@ -522,9 +545,14 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
                 super::introspection::reset_stats(node, info);
                 w.simple("OK");
             }
+            "SET" if n >= 4 && n.is_multiple_of(2) => match super::introspection::config_set(node, info, &args[2..]) {
+                Ok(()) => w.simple("OK"),
+                Err(message) => w.error(&message),
+            },
+            "SET" => arity(&mut w, "config|set"),
             // Settings are taken at start (flags, --config): a write that
             // would change nothing is refused, not acknowledged.
-            "SET" | "REWRITE" => w.error(&format!(
+            "REWRITE" => w.error(&format!(
                 "ERR CONFIG {} is not supported: Cachet takes its settings at start (flags or --config)",
                 upper(&args[1])
             )),

@@ -16,7 +16,7 @@ pub(super) fn config_get(node: &Node, info: &ServerInfo, w: &mut Writer<'_>, pat
         ("databases", "1".to_string()),
         ("appendonly", "no".to_string()),
         ("save", String::new()),
-        ("timeout", info.idle_timeout.map_or(0, |t| t.as_secs()).to_string()),
+        ("timeout", info.idle().map_or(0, |t| t.as_secs()).to_string()),
         ("port", info.port.to_string()),
         ("bind", info.bind.clone()),
         ("maxclients", info.max_connections.to_string()),
@@ -35,6 +35,73 @@ pub(super) fn config_get(node: &Node, info: &ServerInfo, w: &mut Writer<'_>, pat
         w.bulk(value.as_bytes());
     }
 }
+
+/// `CONFIG SET parameter value ...`: the settings that change live, all
+/// checked before any applies: `maxmemory-policy` (a bundled policy,
+/// Cachet's name, `cachet-NAME` as CONFIG GET shows it, or Redis's
+/// `allkeys-lru`, `allkeys-lfu` and `allkeys-random`; on a cluster, every
+/// member's through the log) and `timeout` (this port's idle timeout, in
+/// seconds; 0 for none). Every other parameter is taken at start.
+pub(super) fn config_set(node: &Node, info: &ServerInfo, pairs: &[Bytes]) -> Result<(), String> {
+    enum Change {
+        Policy(String),
+        Timeout(u64),
+    }
+    let mut changes = Vec::new();
+    for pair in pairs.chunks(2) {
+        let name = String::from_utf8_lossy(&pair[0]).to_ascii_lowercase();
+        let value = String::from_utf8_lossy(&pair[1]).into_owned();
+        let refused = |why: &str| format!("ERR CONFIG SET failed (possibly related to argument '{name}') - {why}");
+        changes.push(match name.as_str() {
+            "maxmemory-policy" => {
+                let policy = match value.to_ascii_lowercase().as_str() {
+                    "allkeys-lru" => "lru".to_string(),
+                    "allkeys-lfu" => "lfu".to_string(),
+                    "allkeys-random" => "random".to_string(),
+                    v if v.starts_with("volatile-") || v == "noeviction" => {
+                        return Err(refused("Cachet evicts from every key; name a policy (lru, s3fifo, sieve, ...)"));
+                    }
+                    v => v.strip_prefix("cachet-").unwrap_or(v).to_string(),
+                };
+                Change::Policy(policy)
+            }
+            "timeout" => match value.parse::<u64>() {
+                Ok(secs) if secs <= 365 * 86_400 => Change::Timeout(secs),
+                _ => return Err(refused("argument couldn't be parsed into an integer")),
+            },
+            known if KNOWN.contains(&known) => {
+                return Err(refused("Cachet takes this setting at start (flags or --config)"));
+            }
+            _ => return Err(format!("ERR Unknown option or number of arguments for CONFIG SET - '{name}'")),
+        });
+    }
+    for change in changes {
+        match change {
+            Change::Policy(policy) => {
+                node.set_bundled_policy(&policy).map_err(|err| format!("ERR CONFIG SET maxmemory-policy: {err}"))?;
+            }
+            Change::Timeout(secs) => info.idle_ms.store(secs * 1000, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+    Ok(())
+}
+
+/// The parameters CONFIG GET answers.
+const KNOWN: [&str; 13] = [
+    "maxmemory",
+    "maxmemory-policy",
+    "databases",
+    "appendonly",
+    "save",
+    "timeout",
+    "port",
+    "bind",
+    "maxclients",
+    "proto-max-bulk-len",
+    "client-query-buffer-limit",
+    "cluster-enabled",
+    "hz",
+];
 
 /// `CONFIG RESETSTAT`: INFO's counters start again from zero.
 pub(super) fn reset_stats(node: &Node, info: &ServerInfo) {

@@ -79,6 +79,9 @@ pub struct RespOptions {
     /// Listen beyond loopback with no password required. Refused without
     /// it: an open cache port on a network is a data leak and a way in.
     pub insecure: bool,
+    /// On a cluster member: `MOVED` for keys whose slot another member is
+    /// primary of (see `resp::cluster::redirect`), instead of forwarding.
+    pub redirects: bool,
 }
 
 impl RespOptions {
@@ -97,6 +100,7 @@ impl RespOptions {
             acl: None,
             tls: None,
             insecure: false,
+            redirects: false,
         }
     }
 }
@@ -141,15 +145,30 @@ pub fn start(node: Arc<Node>, options: RespOptions) -> Result<RunningResp, RespE
         tracing::warn!(addr = %options.listen, "the RESP port requires no password: anyone who can reach it may read, write and flush");
     }
     // As for the QUIC port: a plain bind first, so SO_REUSEPORT never
-    // shares the port with another process already listening on it.
-    let claim = std::net::TcpListener::bind(options.listen).map_err(|source| RespError {
-        addr: options.listen,
-        what: "the port is taken (is another node running?)",
-        source,
-    })?;
-    let listen = claim.local_addr().map_err(|source| RespError { addr: options.listen, what: "address", source })?;
-    drop(claim);
-    let first = listener(listen)?;
+    // shares the port with another process already listening on it. Port
+    // 0 is claimed afresh when another socket takes the port between the
+    // claim and the listener (tests start many nodes at once).
+    let mut attempts = 0;
+    let first = loop {
+        let claim = std::net::TcpListener::bind(options.listen).map_err(|source| RespError {
+            addr: options.listen,
+            what: "the port is taken (is another node running?)",
+            source,
+        })?;
+        let listen =
+            claim.local_addr().map_err(|source| RespError { addr: options.listen, what: "address", source })?;
+        drop(claim);
+        match listener(listen) {
+            Err(err)
+                if options.listen.port() == 0
+                    && err.source.kind() == std::io::ErrorKind::AddrInUse
+                    && attempts < 10 =>
+            {
+                attempts += 1;
+            }
+            bound => break bound?,
+        }
+    };
     let addr = first.local_addr().map_err(|source| RespError { addr: options.listen, what: "address", source })?;
     let mut listeners = vec![first];
     for _ in 1..options.threads.max(1) {
@@ -160,12 +179,13 @@ pub fn start(node: Arc<Node>, options: RespOptions) -> Result<RunningResp, RespE
         port: addr.port(),
         acl: options.acl.clone(),
         bind: addr.ip().to_string(),
-        idle_timeout: options.idle_timeout,
+        idle_ms: Arc::new(AtomicU64::new(options.idle_timeout.map_or(0, |t| t.as_millis() as u64))),
         max_connections: options.max_connections,
         max_command: options.max_command.unwrap_or_else(|| {
             Limits::for_values(node.config().max_value_size, node.config().max_key_size).max_command
         }),
         stats_base: Arc::default(),
+        redirects: options.redirects,
     };
     let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let count = listeners.len();
@@ -363,7 +383,7 @@ async fn serve_until_done<S: AsyncRead + AsyncWrite + Unpin>(
             input.reserve(16 << 10);
         }
         let idle = async {
-            match limits.idle {
+            match info.idle() {
                 Some(idle) => tokio::time::sleep(idle).await,
                 None => std::future::pending().await,
             }
@@ -421,8 +441,19 @@ async fn serve_until_done<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(Some(args)) if multi::handle(node, &mut session, info, &args, &mut output) => {}
                     Ok(Some(args)) => match commands::parse(&args) {
                         commands::Parsed::Data(request, reply) => {
-                            let response = node.dispatch(request, None).response().await;
-                            commands::write_response(&session, reply, response, &mut output);
+                            // A cluster client's connection: redirected to
+                            // the slot's primary, or a READONLY read served
+                            // here at ONE.
+                            if info.redirects
+                                && let Some(refusal) = cluster::redirect(node, session.readonly, &request)
+                            {
+                                Writer::new(&mut output, session.resp3).error(&refusal);
+                            } else {
+                                let level =
+                                    (session.readonly && !request.is_write()).then_some(cachet_proto::Consistency::One);
+                                let response = node.dispatch(request, level).response().await;
+                                commands::write_response(&session, reply, response, &mut output);
+                            }
                         }
                         commands::Parsed::Invalid(message) => Writer::new(&mut output, session.resp3).error(&message),
                         commands::Parsed::Local => {

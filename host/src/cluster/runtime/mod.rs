@@ -376,6 +376,21 @@ impl Cluster {
         Some(RedisView { me: self.me, epoch: table.epoch(), ranges, members })
     }
 
+    /// The owners of `slot` (its primary first) and the primary's
+    /// Redis-protocol address, if it announced one: where a Redis Cluster
+    /// client is sent (`MOVED`).
+    pub fn slot_owners(&self, slot: u16) -> Option<(Vec<NodeIx>, Option<SocketAddr>)> {
+        let ring = self.ring.lock().ok()?.clone()?;
+        let owners = ring.table().owners_of_slot(slot).to_vec();
+        let addr = owners.first().and_then(|p| self.resp_addrs.lock().ok()?.get(p).copied());
+        Some((owners, addr))
+    }
+
+    /// This member's node id.
+    pub fn me(&self) -> NodeIx {
+        self.me
+    }
+
     /// Where the peer transport listens.
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
