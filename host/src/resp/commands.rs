@@ -5,52 +5,14 @@
 //! (HELLO, AUTH, CLIENT, INFO, ...), answered here. Replies and error
 //! texts follow Redis, so its clients and tools work.
 
-use super::acl::{Acl, Denied, User};
+use super::acl::Denied;
 use super::codec::Writer;
+pub use super::reply::{Parsed, Reply};
+pub use super::session::{MAX_FAILED_AUTHS, ServerInfo, Session, StatsBase};
 use crate::node::Node;
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Condition, ErrorCode, ErrorReply, ExpireIf, Request, Response, TtlChange, TtlState};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Per-connection state.
-#[derive(Debug, Default)]
-pub struct Session {
-    /// Replies in RESP3 (after `HELLO 3`).
-    pub resp3: bool,
-    /// `CLIENT SETNAME`.
-    pub name: Option<Bytes>,
-    /// The client asked to QUIT: reply, then close.
-    pub quit: bool,
-    /// Connection id for `CLIENT ID` and `HELLO`.
-    pub id: u64,
-    /// The signed-in user, when the port has users ([`ServerInfo::acl`]);
-    /// `None` until AUTH.
-    pub user: Option<Arc<User>>,
-    /// AUTH attempts on this connection that failed.
-    pub failed_auths: u32,
-    /// The transaction opened with MULTI, if any ([`super::multi`]).
-    pub multi: Option<super::multi::Multi>,
-    /// The keys WATCH named, until EXEC, DISCARD or UNWATCH.
-    pub watched: crate::store::transaction::Watched,
-    /// `READONLY`: reads are served here (at consistency ONE) when this
-    /// member owns the key's slot without being its primary.
-    pub readonly: bool,
-}
-
-/// Failed AUTH attempts after which a connection is closed: guessing
-/// passwords then costs a connection each few tries, and connections are
-/// capped per address.
-pub const MAX_FAILED_AUTHS: u32 = 10;
-
-impl Session {
-    /// Whether this connection may run plain GETs and SETs on any key
-    /// without a check: the port serves those from its read buffer only
-    /// then.
-    pub fn unrestricted(&self, info: &ServerInfo) -> bool {
-        info.acl.is_none() || self.user.as_ref().is_some_and(|u| u.unrestricted())
-    }
-}
 
 /// Whether the session may run `args` (`args[0]` is the name); the error
 /// reply's text if not. Without users on the port, everyone may run
@@ -67,48 +29,6 @@ pub fn authorize(session: &Session, info: &ServerInfo, args: &[Bytes]) -> Result
         None if matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT") => Ok(()),
         None => Err(Denied::NoAuth),
     }
-}
-
-/// What the commands need to know about the listener.
-#[derive(Clone, Debug, Default)]
-pub struct ServerInfo {
-    /// TCP port of the RESP listener.
-    pub port: u16,
-    /// Its users; `None` when it has none (everyone may do everything).
-    pub acl: Option<Arc<Acl>>,
-    /// The address it listens on.
-    pub bind: String,
-    /// Its idle timeout in milliseconds, 0 for none (`CONFIG GET/SET
-    /// timeout`; a change applies to each connection from its next read).
-    pub idle_ms: Arc<std::sync::atomic::AtomicU64>,
-    /// Its connection cap (`maxclients`).
-    pub max_connections: u32,
-    /// The largest command it reads (`client-query-buffer-limit`).
-    pub max_command: usize,
-    /// Counters as of the last `CONFIG RESETSTAT`.
-    pub stats_base: Arc<StatsBase>,
-    /// Redis Cluster redirects (`MOVED`) on a cluster member.
-    pub redirects: bool,
-}
-
-impl ServerInfo {
-    /// The idle timeout now.
-    pub fn idle(&self) -> Option<std::time::Duration> {
-        let ms = self.idle_ms.load(std::sync::atomic::Ordering::Relaxed);
-        (ms > 0).then(|| std::time::Duration::from_millis(ms))
-    }
-}
-
-/// What `CONFIG RESETSTAT` zeroes, kept as offsets: the node's own
-/// counters (and the metrics endpoint's) never go back.
-#[derive(Debug, Default)]
-pub struct StatsBase {
-    /// Commands processed.
-    pub commands: std::sync::atomic::AtomicU64,
-    /// Keyspace hits.
-    pub hits: std::sync::atomic::AtomicU64,
-    /// Keyspace misses.
-    pub misses: std::sync::atomic::AtomicU64,
 }
 
 const WRONG_INT: &str = "ERR value is not an integer or out of range";
@@ -165,63 +85,6 @@ fn node_error(w: &mut Writer<'_>, err: &ErrorReply) {
         ErrorCode::Unavailable => w.error(&format!("CLUSTERDOWN {}", err.message)),
         _ => w.error(&format!("ERR {}", err.message)),
     }
-}
-
-/// A command, parsed once.
-pub enum Parsed {
-    /// A data command: the request for the dispatcher, and how to write its
-    /// reply.
-    Data(Request, Reply),
-    /// A malformed data command: the error reply's text.
-    Invalid(String),
-    /// A command the port answers itself ([`execute_local`]).
-    Local,
-}
-
-/// How a data command's reply is written in RESP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reply {
-    /// A bulk string or null (GET, GETDEL, GETEX, SET ... GET).
-    Bulk,
-    /// OK, or null when a condition kept the write from applying; a count
-    /// as an integer (SET, MSET, DEL, EXISTS, DBSIZE).
-    Write,
-    /// 1 or 0 (EXPIRE, PERSIST).
-    Flag,
-    /// An integer (INCR, APPEND, STRLEN).
-    Integer,
-    /// An array of bulk strings (MGET).
-    Values,
-    /// A TTL in seconds or milliseconds, Redis's -2/-1 included.
-    Ttl {
-        /// PTTL.
-        millis: bool,
-    },
-    /// OK whatever the count (FLUSHALL).
-    Ok,
-    /// The bytes `start..=end` of a GET's value, Redis's negative indexes
-    /// included; empty for a missing key (GETRANGE, SUBSTR).
-    Range {
-        /// First index (from the end when negative).
-        start: i64,
-        /// Last index, included (from the end when negative).
-        end: i64,
-    },
-    /// When a TTL ends, as a Unix time; Redis's -2/-1 included
-    /// (EXPIRETIME, PEXPIRETIME).
-    ExpireTime {
-        /// PEXPIRETIME.
-        millis: bool,
-    },
-    /// "string" for a key that exists, "none" otherwise (TYPE).
-    Type,
-    /// Computed from the value(s) read (GETBIT, BITCOUNT, BITPOS, LCS).
-    Strings(super::strings::StringReply),
-    /// SCAN's cursor and keys; none with a TYPE other than `string`.
-    Scan {
-        /// Drop the keys (TYPE named a type Cachet has no keys of).
-        none: bool,
-    },
 }
 
 /// Parses a data command (`args[0]` is its name) into its request;

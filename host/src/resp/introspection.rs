@@ -2,7 +2,7 @@
 //! GET's parameters, read from the node, in Redis's names and layout.
 
 use super::codec::Writer;
-use super::commands::ServerInfo;
+use super::session::ServerInfo;
 use crate::node::Node;
 use bytes::Bytes;
 

@@ -27,6 +27,8 @@ pub mod command_table;
 pub mod commands;
 mod introspection;
 pub mod multi;
+pub mod reply;
+pub mod session;
 pub mod strings;
 
 use crate::clients::{ConnectionGate, Cutoff};

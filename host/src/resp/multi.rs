@@ -20,6 +20,7 @@
 
 use super::codec::Writer;
 use super::commands::{self, Parsed, Reply, ServerInfo, Session};
+use super::session::{Multi, Queued};
 use crate::node::Node;
 use bytes::{Bytes, BytesMut};
 use cachet_proto::Request;
@@ -30,33 +31,6 @@ pub const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 /// Keys one connection may watch at once.
 pub const MAX_WATCHED: usize = 100_000;
-
-/// A queued command.
-#[derive(Debug)]
-enum Queued {
-    /// A data command: run in the transaction.
-    Data(Request, Reply),
-    /// A command the port answers itself: run when EXEC writes its reply.
-    Local(Vec<Bytes>),
-}
-
-/// A transaction opened with MULTI on a connection.
-#[derive(Debug, Default)]
-pub struct Multi {
-    queued: Vec<Queued>,
-    /// Argument bytes queued.
-    bytes: usize,
-    /// A command failed its check: EXEC aborts.
-    failed: bool,
-}
-
-impl Multi {
-    /// A command was refused before it could be queued (by the ACL, say):
-    /// EXEC aborts.
-    pub fn refuse(&mut self) {
-        self.failed = true;
-    }
-}
 
 /// Commands that change how the connection speaks or who it is: not
 /// inside a transaction, whose replies form one array.

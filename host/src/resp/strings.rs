@@ -5,7 +5,7 @@
 //! the cluster.
 
 use super::codec::Writer;
-use super::commands::{Parsed, Reply};
+use super::reply::{Parsed, Reply, StringReply};
 use bytes::Bytes;
 use cachet_proto::{Edit, Request, Response};
 
@@ -16,38 +16,6 @@ const BIT_OFFSET: &str = "ERR bit offset is not an integer or out of range";
 /// LCS refuses values whose lengths multiply past this (its table is that
 /// many cells): memory and time per command stay bounded.
 pub const MAX_LCS_CELLS: usize = 4 << 20;
-
-/// How one of these commands' replies is computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StringReply {
-    /// GETBIT: the bit at `offset` (0 beyond the value).
-    Bit {
-        /// The bit's index.
-        offset: u64,
-    },
-    /// BITCOUNT: set bits in a range of bytes (or bits).
-    BitCount {
-        /// First and last index (negative from the end), and whether they
-        /// count bits rather than bytes; `None`: the whole value.
-        range: Option<(i64, i64, bool)>,
-    },
-    /// BITPOS: the first bit set to `on` in a range.
-    BitPos {
-        /// The bit looked for.
-        on: bool,
-        /// First index (negative from the end).
-        start: i64,
-        /// Last index, if given.
-        end: Option<i64>,
-        /// Indexes count bits rather than bytes.
-        bits: bool,
-    },
-    /// LCS: the longest common subsequence of two values, or its length.
-    Lcs {
-        /// LEN: the length only.
-        len: bool,
-    },
-}
 
 fn int(arg: &[u8]) -> Option<i64> {
     std::str::from_utf8(arg).ok()?.parse().ok()

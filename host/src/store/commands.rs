@@ -6,19 +6,17 @@
 //! (TTLs at least 1 ms, multi-key writes checked for size before any is
 //! applied); a shard still refuses what does not fit, as an error reply.
 //!
-//! The commands find their keys' shards through [`Shards`]: locked for
-//! each use on the ordinary path, or held for a whole MULTI/EXEC
-//! transaction (`store::transaction`), which runs the same code.
+//! The commands find their keys' shards through `store::shards::Shards`:
+//! locked for each use on the ordinary path, or held for a whole MULTI/EXEC
+//! transaction (`store::transaction`), which runs the same code;
+//! `store::execute` picks the path.
 
 use super::Store;
-use crate::core::{SetOptions, SetOutcome, Shard, ShardError};
+pub use super::shards::shard_error;
+use super::shards::{Locking, Shards};
+use crate::core::{SetOptions, SetOutcome, Shard};
 use bytes::{Bytes, BytesMut};
 use cachet_proto::{Condition, EditAnswer, ErrorCode, ErrorReply, Request, Response, TtlChange, TtlState};
-
-/// The error reply of a write a shard refused.
-pub fn shard_error(err: &ShardError) -> Response {
-    Response::Error(ErrorReply::new(ErrorCode::TooLarge, err.to_string()))
-}
 
 /// The error reply of an edit that does not apply.
 pub fn edit_error(err: &cachet_proto::EditError) -> Response {
@@ -35,73 +33,7 @@ fn not_data(request: &Request) -> Response {
     Response::Error(ErrorReply::new(ErrorCode::Internal, format!("{} is not a data command", request.name())))
 }
 
-/// Where a command finds its keys' shards.
-pub(super) trait Shards {
-    /// Runs `f` on `key`'s shard.
-    fn with<R>(&mut self, key: &[u8], f: impl FnOnce(&mut Shard) -> R) -> R;
-    /// Runs `f` on `key`'s shard to change the key: its watch stamp moves
-    /// under the same lock, so a transaction watching it sees the change.
-    fn write<R>(&mut self, key: &[u8], f: impl FnOnce(&mut Shard) -> R) -> R;
-    /// Entries over every shard (DBSIZE).
-    fn count(&mut self) -> u64;
-    /// Empties every shard (FLUSHALL); how many entries there were.
-    fn clear(&mut self) -> u64;
-    /// The largest value the store takes.
-    fn max_value_len(&self) -> usize;
-    /// [`Store::scan_from`]: entries from `cursor` on, one shard locked at
-    /// a time; where to go on from.
-    fn scan(&mut self, cursor: u64, max_visits: usize, f: &mut crate::core::ScanVisitor<'_>) -> Option<u64>;
-    /// Shards in the store.
-    fn shard_count(&self) -> usize;
-}
-
-/// The ordinary path: each use locks the key's shard.
-pub(super) struct Locking<'a>(pub(super) &'a Store);
-
-impl Shards for Locking<'_> {
-    fn with<R>(&mut self, key: &[u8], f: impl FnOnce(&mut Shard) -> R) -> R {
-        f(&mut self.0.shard(key))
-    }
-
-    fn write<R>(&mut self, key: &[u8], f: impl FnOnce(&mut Shard) -> R) -> R {
-        // One hash for the shard and the stamp: this is every write's path.
-        let hash = cachet_proto::key_hash(key);
-        let mut shard = super::lock(&self.0.shards[self.0.shard_of(hash)]);
-        let result = f(&mut shard);
-        self.0.stamp_of(hash).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        result
-    }
-
-    fn count(&mut self) -> u64 {
-        self.0.len()
-    }
-
-    fn clear(&mut self) -> u64 {
-        self.0.clear()
-    }
-
-    fn max_value_len(&self) -> usize {
-        self.0.config.max_value_size
-    }
-
-    fn scan(&mut self, cursor: u64, max_visits: usize, f: &mut crate::core::ScanVisitor<'_>) -> Option<u64> {
-        self.0.scan_from(cursor, max_visits, f)
-    }
-
-    fn shard_count(&self) -> usize {
-        self.0.shards.len()
-    }
-}
-
 impl Store {
-    /// Runs a data command at `now`.
-    pub fn execute(&self, now: u64, request: Request) -> Response {
-        if request.spans_keys() {
-            return self.execute_spanning(now, request);
-        }
-        execute_on(&mut Locking(self), now, request)
-    }
-
     /// A GET whose value `f` sees under the shard's lock instead of a
     /// clone: the RESP port copies it straight into its reply.
     pub fn get_with<R>(&self, now: u64, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {

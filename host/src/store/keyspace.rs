@@ -1,11 +1,10 @@
 //! Commands over several keys at once or the whole keyspace: MSETNX,
 //! RENAME, RENAMENX and COPY (run with every shard they touch held, so
-//! they apply whole: [`Store::execute`] sends them through
+//! they apply whole: `store::execute` sends them through
 //! `store::transaction`), and KEYS, SCAN and RANDOMKEY (walks of the
 //! shards' slabs, one shard locked at a time).
 
-use super::Store;
-use super::commands::{Shards, shard_error};
+use super::shards::{Shards, shard_error};
 use crate::core::SetOptions;
 use bytes::Bytes;
 use cachet_proto::{ErrorCode, ErrorReply, Response};
@@ -140,16 +139,4 @@ pub(super) fn random_key(shards: &mut impl Shards, shard_count: usize) -> Respon
     }
     let found = found.into_inner();
     Response::Value(found)
-}
-
-impl Store {
-    /// Runs a request that must apply whole across its keys' shards
-    /// (MSETNX, RENAME, COPY) with all of them held.
-    pub(super) fn execute_spanning(&self, now: u64, request: cachet_proto::Request) -> Response {
-        let watched = super::transaction::Watched::default();
-        match self.transaction(now, vec![request], &watched).and_then(|mut replies| replies.pop()) {
-            Some(response) => response,
-            None => error(ErrorCode::Internal, "a multi-key command ran without a reply"),
-        }
-    }
 }

@@ -8,7 +8,9 @@
 //! [`commands`] runs the data commands of the protocol on the shards.
 
 pub mod commands;
+mod execute;
 mod keyspace;
+mod shards;
 pub use keyspace::{MAX_SCAN_COUNT, SCAN_COUNT};
 pub mod transaction;
 

@@ -15,7 +15,8 @@
 //! may drop any key at any time, and a transaction that then writes it
 //! does what it would have done just before the drop.
 
-use super::commands::{Shards, execute_on};
+use super::commands::execute_on;
+use super::shards::Shards;
 use super::{Store, lock};
 use crate::core::Shard;
 use bytes::Bytes;
