@@ -1168,24 +1168,36 @@ async fn a_dead_members_keys_go_elsewhere_while_the_sdk_reconnects_in_the_backgr
     client.close().await;
 }
 
+/// Three members serving the Redis protocol on one free port, each on its
+/// own 127.0.0.N, with replication factor `rf` and `extra` flags; the
+/// port.
+fn resp_cluster(tag: &str, rf: usize, extra: &[&str]) -> (TestCluster, u16) {
+    let resp_port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
+    let resp = format!("{{ip}}:{resp_port}");
+    let flags: Vec<&str> = ["--resp-listen", resp.as_str()].into_iter().chain(extra.iter().copied()).collect();
+    (TestCluster::start_with(3, rf, tag, &flags), resp_port)
+}
+
+/// `redis-cli -h 127.0.0.{member + 1} -p port ARGS`: its output, trimmed
+/// (a reply that is an error is output too, as redis-cli prints it).
+fn redis_cli_at(member: usize, port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", &format!("127.0.0.{}", member + 1), "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs (apt-get install redis-tools)");
+    assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}
+
 /// The RESP port of a clustered node forwards to the key's owners, so
 /// redis-cli (and any plain Redis client) can use any member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_reads_and_writes_through_any_member() {
-    let resp_port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
-    let resp = format!("{{ip}}:{resp_port}");
-    let cluster = TestCluster::start_with(3, 3, "resp", &["--resp-listen", &resp]);
+    let (cluster, resp_port) = resp_cluster("resp", 3, &[]);
     let client = cluster.client();
     cluster.wait_healthy(&client, Duration::from_secs(30)).await;
-    let cli = |member: usize, args: &[&str]| -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", &format!("127.0.0.{}", member + 1), "-p", &resp_port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs (apt-get install redis-tools)");
-        assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
-    };
+    let cli = |member: usize, args: &[&str]| redis_cli_at(member, resp_port, args);
     assert_eq!(cli(0, &["PING"]), "PONG");
     assert_eq!(cli(0, &["SET", "user:1", "Ada"]), "OK");
     assert_eq!(cli(1, &["GET", "user:1"]), "Ada");
@@ -1338,19 +1350,10 @@ print("ok", len(rc.get_nodes()))
 /// redirected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_clients_follow_moved_redirects() {
-    let resp_port = std::net::TcpListener::bind("127.0.0.1:0").expect("probe").local_addr().expect("addr").port();
-    let resp = format!("{{ip}}:{resp_port}");
-    let cluster = TestCluster::start_with(3, 2, "moved", &["--resp-listen", &resp, "--resp-cluster-redirects"]);
+    let (cluster, resp_port) = resp_cluster("moved", 2, &["--resp-cluster-redirects"]);
     let client = cluster.client();
     cluster.wait_healthy(&client, Duration::from_secs(30)).await;
-    let cli = |member: usize, args: &[&str]| -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", &format!("127.0.0.{}", member + 1), "-p", &resp_port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs (apt-get install redis-tools)");
-        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
-    };
+    let cli = |member: usize, args: &[&str]| redis_cli_at(member, resp_port, args);
     // The slot table is in the log; wait until every member serves it.
     let ring = ring_of(&client).await;
     let primary = |key: &str| -> usize { ring.owners(key.as_bytes(), 2)[0].id.parse().expect("id") };

@@ -115,14 +115,7 @@ impl Shell {
         let has = |sha: &str| modules.has(sha);
         for step in self.loader.follower.reconcile(self.me, now, state, &has) {
             match step {
-                LoaderStep::Want { sha256, from } => {
-                    for node in from {
-                        if let Some(&addr) = self.peers.get(&node) {
-                            let want = MetaFrame::ModuleWant { sha256: sha256.clone() };
-                            self.send_to(addr, PeerFrame::Meta(want));
-                        }
-                    }
-                }
+                LoaderStep::Want { sha256, from } => self.ask_for_module(&sha256, &from),
                 LoaderStep::Apply { setting, index } => {
                     let done = self.policy_done_tx.clone();
                     let host = host.clone();

@@ -122,14 +122,7 @@ impl Shell {
         self.policy_applied.fetch_max(self.policy.follower.runs_through(), Ordering::AcqRel);
         for step in steps {
             match step {
-                PolicyStep::Want { sha256, from } => {
-                    for node in from {
-                        if let Some(&addr) = self.peers.get(&node) {
-                            let want = MetaFrame::ModuleWant { sha256: sha256.clone() };
-                            self.send_to(addr, PeerFrame::Meta(want));
-                        }
-                    }
-                }
+                PolicyStep::Want { sha256, from } => self.ask_for_module(&sha256, &from),
                 PolicyStep::Apply { target, index } => {
                     let done = self.policy_done_tx.clone();
                     let host = host.clone();
@@ -138,6 +131,17 @@ impl Shell {
                         let _ = done.send(PolicyDone::Applied(target, index, result));
                     });
                 }
+            }
+        }
+    }
+
+    /// Asks `from` for the bytes of the module (policy or loader) with
+    /// this hash.
+    pub(super) fn ask_for_module(&mut self, sha256: &str, from: &[crate::cluster::replica::NodeIx]) {
+        for node in from {
+            if let Some(&addr) = self.peers.get(node) {
+                let want = MetaFrame::ModuleWant { sha256: sha256.to_string() };
+                self.send_to(addr, PeerFrame::Meta(want));
             }
         }
     }
