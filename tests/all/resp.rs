@@ -359,6 +359,10 @@ fn redis_cli_runs_the_keyspace_commands() {
     assert_eq!(cli(&["MSETNX", "a", "1", "b", "2"]), "1");
     assert_eq!(cli(&["MSETNX", "b", "x", "c", "3"]), "0");
     assert_eq!(cli(&["EXISTS", "c"]), "0", "none of an MSETNX that failed");
+    let long_key = "k".repeat(70 << 10);
+    let refused = cli(&["MSETNX", "n1", "1", &long_key, "v"]);
+    assert!(refused.contains("limit"), "a key over the 64 KiB limit: {}", &refused[..refused.len().min(200)]);
+    assert_eq!(cli(&["EXISTS", "n1"]), "0", "refused whole, before any pair is written");
     assert_eq!(cli(&["SET", "t", "v", "EX", "100"]), "OK");
     assert_eq!(cli(&["RENAME", "t", "t2"]), "OK");
     assert_eq!(cli(&["GET", "t2"]), "v");

@@ -24,6 +24,12 @@ use super::policy::ask;
 use super::replica::NodeIx;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The first wait before a configuration that failed to build is tried
+/// again.
+pub const RETRY_MIN_MS: u64 = 2_000;
+/// The longest wait between tries.
+pub const RETRY_MAX_MS: u64 = 60_000;
+
 /// The node's side: builds loaders from a configuration and puts them in
 /// place of the ones it runs.
 pub trait LoaderHost: Send + Sync {
@@ -64,10 +70,14 @@ pub struct LoaderFollower {
     /// What the node runs: `None` until the first apply (a member starts
     /// without loaders), then the configuration last applied.
     runs: Option<Option<LoaderSetting>>,
-    /// The configuration last tried, whatever came of it: a failed one is
-    /// not tried again until the log changes (a module that does not
-    /// compile will not compile the next time either).
+    /// The configuration last tried, whatever came of it.
     tried: Option<Option<LoaderSetting>>,
+    /// After a failure, when to try the same configuration again (the
+    /// failure may pass: the node not ready yet, a disk that refused a
+    /// write); the wait doubles up to [`RETRY_MAX_MS`].
+    retry_at: u64,
+    /// The next wait after a failure.
+    backoff: u64,
     /// An apply runs.
     busy: bool,
     /// Modules asked for, by hash: when to ask again.
@@ -90,7 +100,8 @@ impl LoaderFollower {
         has_module: &dyn Fn(&str) -> bool,
     ) -> Vec<LoaderStep> {
         let target = state.loaders.as_ref().map(|r| r.setting.clone());
-        if self.busy || self.tried.as_ref() == Some(&target) || (self.runs.is_none() && target.is_none()) {
+        let settled = self.tried.as_ref() == Some(&target) && (self.last_error.is_none() || now < self.retry_at);
+        if self.busy || settled || (self.runs.is_none() && target.is_none()) {
             return Vec::new();
         }
         let mut steps = Vec::new();
@@ -114,15 +125,20 @@ impl LoaderFollower {
         steps
     }
 
-    /// An apply finished.
-    pub fn applied(&mut self, setting: Option<LoaderSetting>, result: &Result<String, String>) {
+    /// An apply finished at `now`.
+    pub fn applied(&mut self, now: u64, setting: Option<LoaderSetting>, result: &Result<String, String>) {
         self.busy = false;
         match result {
             Ok(_) => {
                 self.runs = Some(setting.clone());
                 self.last_error = None;
+                self.backoff = 0;
             }
-            Err(err) => self.last_error = Some(err.clone()),
+            Err(err) => {
+                self.last_error = Some(err.clone());
+                self.backoff = (self.backoff * 2).clamp(RETRY_MIN_MS, RETRY_MAX_MS);
+                self.retry_at = now + self.backoff;
+            }
         }
         self.tried = Some(setting);
     }
@@ -219,24 +235,29 @@ mod tests {
         let [LoaderStep::Apply { setting: Some(s), index: 2 }] = steps.as_slice() else { panic!("{steps:?}") };
         assert_eq!(s.config, "a");
         assert!(follower.reconcile(0, 30, &state, &has).is_empty(), "one apply at a time");
-        follower.applied(Some(s.clone()), &Ok("built".into()));
+        follower.applied(30, Some(s.clone()), &Ok("built".into()));
         assert!(follower.ready(&state));
 
-        // A configuration that does not build is not tried again, and the
-        // member keeps running the last one that did, not ready.
+        // A configuration that does not build is tried again after a
+        // growing wait, and the member keeps running the last one that
+        // did, not ready.
         set(&mut state, 3, Some(setting("b", &["aa"])));
         let steps = follower.reconcile(0, 40, &state, &has);
         let [LoaderStep::Apply { setting, .. }] = steps.as_slice() else { panic!("{steps:?}") };
-        follower.applied(setting.clone(), &Err("does not compile".into()));
+        follower.applied(40, setting.clone(), &Err("does not compile".into()));
         assert!(!follower.ready(&state));
-        assert!(follower.reconcile(0, 5_000, &state, &has).is_empty());
+        assert!(follower.reconcile(0, 40 + RETRY_MIN_MS - 1, &state, &has).is_empty(), "not at once");
         assert_eq!(follower.last_error(), Some("does not compile"));
+        let again = follower.reconcile(0, 40 + RETRY_MIN_MS, &state, &has);
+        assert!(matches!(again.as_slice(), [LoaderStep::Apply { .. }]), "tried again: {again:?}");
+        follower.applied(2_100, setting.clone(), &Err("does not compile".into()));
+        assert!(follower.reconcile(0, 2_100 + RETRY_MIN_MS, &state, &has).is_empty(), "the wait doubles");
 
         // Cleared: the loaders go.
         set(&mut state, 4, None);
         let steps = follower.reconcile(0, 6_000, &state, &has);
         assert_eq!(steps, vec![LoaderStep::Apply { setting: None, index: 4 }]);
-        follower.applied(None, &Ok("dropped".into()));
+        follower.applied(6_000, None, &Ok("dropped".into()));
         assert!(follower.ready(&state));
         assert!(follower.last_error().is_none());
     }

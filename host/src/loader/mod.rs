@@ -370,13 +370,27 @@ impl Loaders {
     /// whether they are.
     pub(crate) fn retire(&self, limit: Duration) -> bool {
         let start = Instant::now();
-        while self.write_queue_depth() > 0 {
+        while self.queued_in_chain() > 0 {
             if start.elapsed() > limit {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         true
+    }
+
+    /// Write-behind writes queued here and in every loaders these
+    /// replaced that are still draining: a successor stores nothing
+    /// before the whole chain is empty (A replaced by B replaced by C: C
+    /// waits for A too).
+    pub(crate) fn queued_in_chain(&self) -> usize {
+        let mut queued = self.write_queue_depth();
+        let mut next = self.predecessor.get().and_then(std::sync::Weak::upgrade);
+        while let Some(old) = next {
+            queued += old.write_queue_depth();
+            next = old.predecessor.get().and_then(std::sync::Weak::upgrade);
+        }
+        queued
     }
 
     /// The namespaces' prefixes, longest first.

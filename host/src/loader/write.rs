@@ -389,7 +389,7 @@ impl Loaders {
             // ones' queues are empty: a key's writes reach the origin in
             // the order they were answered.
             while let Some(old) = predecessor.as_ref().and_then(std::sync::Weak::upgrade) {
-                if old.write_queue_depth() == 0 {
+                if old.queued_in_chain() == 0 {
                     break;
                 }
                 drop(old);

@@ -129,6 +129,20 @@ impl Node {
             if let Some(routed) = loaders.route(&request) {
                 return routed;
             }
+            // A write to several keys would have to break every key's lease
+            // under the one lock a lease holds.
+            if let Some(key) =
+                request.spans_keys().then(|| request.keys().into_iter().find(|k| loaders.covers(k))).flatten()
+            {
+                return Routed::Now(error(
+                    ErrorCode::NotAllowed,
+                    format!(
+                        "`{}` is in a loader namespace: {} is not supported for keys a loader fills",
+                        String::from_utf8_lossy(key),
+                        request.name().to_ascii_uppercase()
+                    ),
+                ));
+            }
             if let Some(refused) = self.refuse_origin_write(&request) {
                 return Routed::Now(refused);
             }
@@ -151,9 +165,11 @@ impl Node {
             Request::Set { key, value, .. } | Request::SetWith { key, value, .. } => {
                 self.store.check_sizes(key, value).map_err(too_large)
             }
-            Request::MSet { pairs } => {
+            Request::MSet { pairs } | Request::MSetNx { pairs } => {
                 pairs.iter().try_for_each(|(key, value)| self.store.check_sizes(key, value)).map_err(too_large)
             }
+            // The destination's name must fit; the value fits already.
+            Request::Rename { to, .. } | Request::Copy { to, .. } => self.store.check_sizes(to, b"").map_err(too_large),
             // On a cluster every key travels to peers, which refuse one
             // over the limit: refused here, by name, instead of timing out.
             request if self.cluster.get().is_some() => {

@@ -138,6 +138,12 @@ impl Node {
             cluster
                 .attach_policies(host.clone() as std::sync::Weak<dyn crate::cluster::policy::PolicyHost>)
                 .map_err(StartError::Config)?;
+            if let Err(cluster) = node.attach_cluster(cluster.clone()) {
+                cluster.shutdown();
+            }
+            // After `attach_cluster`: the runtime may build the log's
+            // loaders as soon as it has the host, and the node must know
+            // its cluster by then.
             cluster
                 .attach_loader_host(host as std::sync::Weak<dyn crate::cluster::loaders::LoaderHost>)
                 .map_err(StartError::Config)?;
@@ -147,9 +153,6 @@ impl Node {
                     cluster.shutdown();
                     return Err(StartError::Config(err));
                 }
-            }
-            if let Err(cluster) = node.attach_cluster(cluster) {
-                cluster.shutdown();
             }
         } else if let Some(loaders) = loaders {
             // A fresh node has none yet.

@@ -408,11 +408,7 @@ pub fn execute_local(node: &Node, session: &mut Session, info: &ServerInfo, args
                 super::introspection::reset_stats(node, info);
                 w.simple("OK");
             }
-            "SET" if n >= 4 && n.is_multiple_of(2) => match super::introspection::config_set(node, info, &args[2..]) {
-                Ok(()) => w.simple("OK"),
-                Err(message) => w.error(&message),
-            },
-            "SET" => arity(&mut w, "config|set"),
+            // CONFIG SET runs off the I/O thread (see `resp::serve_until_done`).
             // Settings are taken at start (flags, --config): a write that
             // would change nothing is refused, not acknowledged.
             "REWRITE" => w.error(&format!(

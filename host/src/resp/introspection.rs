@@ -43,6 +43,9 @@ pub(super) fn config_get(node: &Node, info: &ServerInfo, w: &mut Writer<'_>, pat
 /// member's through the log) and `timeout` (this port's idle timeout, in
 /// seconds; 0 for none). Every other parameter is taken at start.
 pub(super) fn config_set(node: &Node, info: &ServerInfo, pairs: &[Bytes]) -> Result<(), String> {
+    if pairs.is_empty() || !pairs.len().is_multiple_of(2) {
+        return Err("ERR wrong number of arguments for 'config|set' command".into());
+    }
     enum Change {
         Policy(String),
         Timeout(u64),
@@ -54,6 +57,12 @@ pub(super) fn config_set(node: &Node, info: &ServerInfo, pairs: &[Bytes]) -> Res
         let refused = |why: &str| format!("ERR CONFIG SET failed (possibly related to argument '{name}') - {why}");
         changes.push(match name.as_str() {
             "maxmemory-policy" => {
+                // Anyone who reaches a port without users may run CONFIG:
+                // on loopback only (`--resp-insecure` opens it wider).
+                let loopback = info.bind.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                if info.acl.is_none() && !loopback {
+                    return Err(refused("a port beyond loopback without users cannot change the policy"));
+                }
                 let policy = match value.to_ascii_lowercase().as_str() {
                     "allkeys-lru" => "lru".to_string(),
                     "allkeys-lfu" => "lfu".to_string(),
@@ -84,6 +93,11 @@ pub(super) fn config_set(node: &Node, info: &ServerInfo, pairs: &[Bytes]) -> Res
         }
     }
     Ok(())
+}
+
+/// Whether `args` is a CONFIG SET (run off the I/O thread).
+pub(super) fn is_config_set(args: &[Bytes]) -> bool {
+    args.len() >= 2 && args[0].eq_ignore_ascii_case(b"CONFIG") && args[1].eq_ignore_ascii_case(b"SET")
 }
 
 /// The parameters CONFIG GET answers.

@@ -458,6 +458,20 @@ async fn serve_until_done<S: AsyncRead + AsyncWrite + Unpin>(
                             }
                         }
                         commands::Parsed::Invalid(message) => Writer::new(&mut output, session.resp3).error(&message),
+                        // CONFIG SET may swap the policy (on a cluster,
+                        // through the log): off the I/O thread.
+                        commands::Parsed::Local if introspection::is_config_set(&args) => {
+                            let (node, info, pairs) = (node.clone(), info.clone(), args[2..].to_vec());
+                            let done =
+                                tokio::task::spawn_blocking(move || introspection::config_set(&node, &info, &pairs))
+                                    .await;
+                            let mut w = Writer::new(&mut output, session.resp3);
+                            match done {
+                                Ok(Ok(())) => w.simple("OK"),
+                                Ok(Err(message)) => w.error(&message),
+                                Err(_) => w.error("ERR CONFIG SET did not finish"),
+                            }
+                        }
                         commands::Parsed::Local => {
                             let _span = tracing::debug_span!("resp", command = %args.first().map_or(&b""[..], |a| &a[..]).escape_ascii()).entered();
                             commands::execute_local(node, &mut session, info, args, &mut output);

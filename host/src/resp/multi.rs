@@ -29,12 +29,18 @@ use cachet_proto::Request;
 /// is discarded (memory stays bounded whatever a client sends).
 pub const MAX_QUEUED_BYTES: usize = 64 << 20;
 
+/// Commands one transaction may queue: a transaction holds its shards'
+/// locks while it runs, so its length bounds how long other clients wait.
+pub const MAX_QUEUED: usize = 100_000;
+
 /// Keys one connection may watch at once.
 pub const MAX_WATCHED: usize = 100_000;
 
 /// Commands that change how the connection speaks or who it is: not
 /// inside a transaction, whose replies form one array.
-const NOT_IN_MULTI: &[&str] = &["HELLO", "AUTH", "RESET", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR"];
+/// CONFIG too: CONFIG SET may swap the policy, which must not run on the
+/// I/O thread where EXEC runs the port's own commands.
+const NOT_IN_MULTI: &[&str] = &["HELLO", "AUTH", "RESET", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "CONFIG"];
 
 /// Handles `args` if it is a transaction command or comes inside a MULTI;
 /// returns whether it did. Everything else is left to the ordinary path.
@@ -65,8 +71,13 @@ pub fn handle(node: &Node, session: &mut Session, info: &ServerInfo, args: &[Byt
         }
         "WATCH" if in_multi => Writer::new(out, resp3).error("ERR WATCH inside MULTI is not allowed"),
         "WATCH" if args.len() < 2 => Writer::new(out, resp3).error("ERR wrong number of arguments for 'watch' command"),
-        "WATCH" if session.watched.len() + args.len() - 1 > MAX_WATCHED => {
-            Writer::new(out, resp3).error(&format!("ERR a connection may watch at most {MAX_WATCHED} keys"));
+        "WATCH"
+            if session.watched.len() + args.len() - 1 > MAX_WATCHED
+                || session.watched.bytes() + args[1..].iter().map(Bytes::len).sum::<usize>() > MAX_QUEUED_BYTES =>
+        {
+            Writer::new(out, resp3).error(&format!(
+                "ERR a connection may watch at most {MAX_WATCHED} keys and {MAX_QUEUED_BYTES} bytes of keys"
+            ));
         }
         "WATCH" => match node.watch(&args[1..], &mut session.watched) {
             Ok(()) => Writer::new(out, resp3).simple("OK"),
@@ -89,8 +100,8 @@ fn queue(node: &Node, session: &mut Session, args: &[Bytes], name: &str, out: &m
     let size: usize = args.iter().map(|a| a.len() + 16).sum();
     let refusal = if NOT_IN_MULTI.contains(&name) {
         Some("ERR Command not allowed inside a transaction".to_string())
-    } else if multi.bytes + size > MAX_QUEUED_BYTES {
-        Some(format!("ERR a transaction may queue at most {MAX_QUEUED_BYTES} bytes of commands"))
+    } else if multi.bytes + size > MAX_QUEUED_BYTES || multi.queued.len() >= MAX_QUEUED {
+        Some(format!("ERR a transaction may queue at most {MAX_QUEUED} commands and {MAX_QUEUED_BYTES} bytes"))
     } else {
         match super::command_table::find(args[0].as_ref()) {
             None => Some(format!(

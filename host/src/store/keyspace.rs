@@ -72,12 +72,13 @@ pub(super) fn move_value(
 /// be over the reply limit.
 pub(super) fn keys(shards: &mut impl Shards, pattern: &[u8]) -> Response {
     let limit = cachet_proto::MAX_REPLY_LEN - (64 << 10);
-    let (mut found, mut total, mut over) = (Vec::new(), 0usize, false);
+    let over = std::cell::Cell::new(false);
+    let (mut found, mut total) = (Vec::new(), 0usize);
     let mut visit = |key: &[u8], _: &[u8], _: u32| {
         if crate::glob::glob_match(pattern, key) {
             total += key.len() + 16;
             if total > limit {
-                over = true;
+                over.set(true);
                 return false;
             }
             found.push(Some(Bytes::copy_from_slice(key)));
@@ -86,9 +87,12 @@ pub(super) fn keys(shards: &mut impl Shards, pattern: &[u8]) -> Response {
     };
     let mut cursor = 0;
     while let Some(next) = shards.scan(cursor, usize::MAX, &mut visit) {
+        if over.get() {
+            break;
+        }
         cursor = next;
     }
-    if over {
+    if over.get() {
         return error(
             ErrorCode::TooLarge,
             format!("KEYS {} would reply over {limit} bytes; use SCAN", String::from_utf8_lossy(pattern)),
@@ -122,7 +126,9 @@ pub(super) fn random_key(shards: &mut impl Shards, shard_count: usize) -> Respon
     static DRAWS: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
     let draw = DRAWS.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
     let mixed = cachet_proto::key_hash(&draw.to_le_bytes());
-    let start = ((mixed % shard_count.max(1) as u64) << 32) | (mixed >> 40);
+    let shard = mixed % shard_count.max(1) as u64;
+    let slots = shards.slots(shard as usize).max(1) as u64;
+    let start = (shard << 32) | ((mixed >> 32) % slots);
     let found = std::cell::RefCell::new(None);
     let mut take = |key: &[u8], _: &[u8], _: u32| {
         *found.borrow_mut() = Some(Bytes::copy_from_slice(key));

@@ -295,9 +295,13 @@ impl Store {
 
     /// Drops every entry of every shard; returns how many there were.
     pub fn clear(&self) -> u64 {
+        // Before (a WATCH during the flush sees it) and after (a WATCH
+        // that read the count mid-flush, of a key not emptied yet).
         self.flushes.fetch_add(1, Ordering::AcqRel);
         let now = self.now_ms();
-        self.shards.iter().map(|s| lock(s).clear(now) as u64).sum()
+        let cleared = self.shards.iter().map(|s| lock(s).clear(now) as u64).sum();
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        cleared
     }
 
     /// Deletes every key starting with `prefix` on every shard; returns how
@@ -305,7 +309,9 @@ impl Store {
     pub fn delete_prefix(&self, prefix: &[u8]) -> u64 {
         self.flushes.fetch_add(1, Ordering::AcqRel);
         let now = self.now_ms();
-        self.shards.iter().map(|s| lock(s).delete_prefix(now, prefix) as u64).sum()
+        let deleted = self.shards.iter().map(|s| lock(s).delete_prefix(now, prefix) as u64).sum();
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        deleted
     }
 
     /// Periodic work on every shard: active expiry, policy deadlines and

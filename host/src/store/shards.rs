@@ -29,6 +29,8 @@ pub(super) trait Shards {
     fn scan(&mut self, cursor: u64, max_visits: usize, f: &mut crate::core::ScanVisitor<'_>) -> Option<u64>;
     /// Shards in the store.
     fn shard_count(&self) -> usize;
+    /// Slab slots of shard `shard` (where a scan of it ends).
+    fn slots(&mut self, shard: usize) -> usize;
 }
 
 /// The ordinary path: each use locks the key's shard.
@@ -66,5 +68,9 @@ impl Shards for Locking<'_> {
 
     fn shard_count(&self) -> usize {
         self.0.shards.len()
+    }
+
+    fn slots(&mut self, shard: usize) -> usize {
+        self.0.shards.get(shard).map_or(0, |s| lock(s).slot_count())
     }
 }

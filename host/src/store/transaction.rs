@@ -43,6 +43,11 @@ impl Watched {
         self.keys.is_empty()
     }
 
+    /// Bytes of watched keys.
+    pub fn bytes(&self) -> usize {
+        self.keys.iter().map(|(k, _)| k.len()).sum()
+    }
+
     /// The watched keys.
     pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
         self.keys.iter().map(|(k, _)| k)
@@ -83,7 +88,9 @@ impl Shards for Held<'_> {
     fn clear(&mut self) -> u64 {
         self.store.flushes.fetch_add(1, Ordering::AcqRel);
         let now = self.store.now_ms();
-        self.guards.iter_mut().flatten().map(|s| s.clear(now) as u64).sum()
+        let cleared = self.guards.iter_mut().flatten().map(|s| s.clear(now) as u64).sum();
+        self.store.flushes.fetch_add(1, Ordering::AcqRel);
+        cleared
     }
 
     fn max_value_len(&self) -> usize {
@@ -99,6 +106,11 @@ impl Shards for Held<'_> {
 
     fn shard_count(&self) -> usize {
         self.store.shards.len()
+    }
+
+    /// Never called (see `scan`).
+    fn slots(&mut self, _: usize) -> usize {
+        0
     }
 }
 
@@ -130,7 +142,36 @@ impl Store {
         if flushed || watched.keys.iter().any(|(key, stamp)| self.stamp(key).load(Ordering::Relaxed) != *stamp) {
             return None;
         }
-        Some(requests.into_iter().map(|request| execute_on(&mut held, now, request)).collect())
+        // The replies are bounded as one reply is: past the limit, a value
+        // read is dropped and its place answers why (the commands still
+        // all run: a transaction is all or nothing).
+        let limit = cachet_proto::MAX_REPLY_LEN;
+        let mut total = 0usize;
+        let replies = requests
+            .into_iter()
+            .map(|request| {
+                let reply = execute_on(&mut held, now, request);
+                total = total.saturating_add(reply_size(&reply));
+                if total > limit && reply_size(&reply) > 64 {
+                    return Response::Error(cachet_proto::ErrorReply::new(
+                        cachet_proto::ErrorCode::TooLarge,
+                        format!("the transaction's replies would exceed {limit} bytes"),
+                    ));
+                }
+                reply
+            })
+            .collect();
+        Some(replies)
+    }
+}
+
+/// About how many bytes a reply takes.
+fn reply_size(reply: &Response) -> usize {
+    match reply {
+        Response::Value(Some(v)) => v.len() + 16,
+        Response::Values(values) => values.iter().map(|v| v.as_ref().map_or(0, Bytes::len) + 16).sum(),
+        Response::Scan { keys, .. } => keys.iter().map(|k| k.len() + 16).sum(),
+        _ => 16,
     }
 }
 

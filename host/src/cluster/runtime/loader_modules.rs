@@ -6,14 +6,19 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Where in the data directory.
 const DIR: &str = "loader-modules";
 
+/// A module's bytes and when this member kept them.
+type Kept = (Arc<Vec<u8>>, Instant);
+
 /// The held modules.
 pub(super) struct LoaderModules {
     dir: PathBuf,
-    held: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    /// Each module and when it was kept.
+    held: Mutex<HashMap<String, Kept>>,
 }
 
 impl LoaderModules {
@@ -31,7 +36,7 @@ impl LoaderModules {
                 }
                 match std::fs::read(&path) {
                     Ok(bytes) if crate::registry::sha256_hex(&bytes) == sha => {
-                        held.insert(sha, Arc::new(bytes));
+                        held.insert(sha, (Arc::new(bytes), Instant::now()));
                     }
                     _ => {
                         tracing::warn!(file = %path.display(), "a kept loader module does not match its hash; ignored")
@@ -42,7 +47,7 @@ impl LoaderModules {
         Self { dir, held: Mutex::new(held) }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Vec<u8>>>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
         self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -53,7 +58,7 @@ impl LoaderModules {
 
     /// The module's bytes.
     pub(super) fn get(&self, sha256: &str) -> Option<Arc<Vec<u8>>> {
-        self.held().get(sha256).cloned()
+        self.held().get(sha256).map(|(bytes, _)| bytes.clone())
     }
 
     /// Keeps a module, checked against its hash, in memory and on disk (a
@@ -74,15 +79,21 @@ impl LoaderModules {
         if let Err(err) = saved {
             tracing::warn!(%err, file = %path.display(), "cannot keep a loader module on disk");
         }
-        self.held().insert(sha256.to_string(), Arc::new(bytes));
+        self.held().insert(sha256.to_string(), (Arc::new(bytes), Instant::now()));
         Ok(())
     }
 
-    /// Forgets every module but `keep` (those of the configuration in
-    /// force), in memory and on disk.
-    pub(super) fn retain(&self, keep: &[&str]) {
+    /// Forgets every module but `keep` (those of the configurations in
+    /// force and in the log) and those kept less than `young` ago (a
+    /// configuration proposed through this member, not in the log yet),
+    /// in memory and on disk.
+    pub(super) fn retain(&self, keep: &[&str], young: Duration) {
         let mut held = self.held();
-        let gone: Vec<String> = held.keys().filter(|sha| !keep.contains(&sha.as_str())).cloned().collect();
+        let gone: Vec<String> = held
+            .iter()
+            .filter(|(sha, (_, at))| !keep.contains(&sha.as_str()) && at.elapsed() >= young)
+            .map(|(sha, _)| sha.clone())
+            .collect();
         for sha in gone {
             held.remove(&sha);
             let _ = std::fs::remove_file(self.dir.join(format!("{sha}.wasm")));
@@ -109,7 +120,9 @@ mod tests {
         let reopened = LoaderModules::open(&dir);
         assert_eq!(reopened.get(&sha_a).as_deref(), Some(&a));
         assert!(reopened.has(&sha_b) && !reopened.has(&"cd".repeat(32)));
-        reopened.retain(&[sha_b.as_str()]);
+        reopened.retain(&[sha_b.as_str()], Duration::from_secs(60));
+        assert!(reopened.has(&sha_a), "a module kept a moment ago stays");
+        reopened.retain(&[sha_b.as_str()], Duration::ZERO);
         assert!(!LoaderModules::open(&dir).has(&sha_a), "forgotten on disk too");
         let _ = std::fs::remove_dir_all(&dir);
     }

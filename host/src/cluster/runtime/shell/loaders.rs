@@ -19,6 +19,9 @@ use crate::loader::LoaderSlot;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// Modules kept this recently are not forgotten, whatever the log says.
+const KEEP_RECENT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// What the shell shares with the [`Cluster`] handle about loaders.
 ///
 /// [`Cluster`]: crate::cluster::runtime::Cluster
@@ -113,7 +116,16 @@ impl Shell {
         let now = self.now();
         let modules = self.loader.shared.modules.clone();
         let has = |sha: &str| modules.has(sha);
-        for step in self.loader.follower.reconcile(self.me, now, state, &has) {
+        let steps = self.loader.follower.reconcile(self.me, now, state, &has);
+        if self.loader.follower.ready(state) {
+            // Already running the log's configuration (set again, say):
+            // as of this index too, for whoever waits on it.
+            let mut outcome = self.loader.shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+            if outcome.0 < state.applied {
+                *outcome = (state.applied, Ok("this member runs it".into()));
+            }
+        }
+        for step in steps {
             match step {
                 LoaderStep::Want { sha256, from } => self.ask_for_module(&sha256, &from),
                 LoaderStep::Apply { setting, index } => {
@@ -122,12 +134,6 @@ impl Shell {
                     let modules = modules.clone();
                     tokio::task::spawn_blocking(move || {
                         let result = host.apply_loaders(setting.as_ref(), &|sha| modules.get(sha));
-                        if result.is_ok() {
-                            // Only the configuration in force is kept.
-                            let keep: Vec<&str> =
-                                setting.iter().flat_map(|s| &s.modules).map(|(h, _)| h.as_str()).collect();
-                            modules.retain(&keep);
-                        }
                         let _ = done.send(PolicyDone::Loaders(setting, index, result));
                     });
                 }
@@ -146,7 +152,11 @@ impl Shell {
                     }
                 }
                 *self.loader.shared.outcome.lock().unwrap_or_else(|p| p.into_inner()) = (index, result.clone());
-                self.loader.follower.applied(setting, &result);
+                if result.is_ok() {
+                    self.forget_old_modules(setting.as_ref());
+                }
+                let now = self.now();
+                self.loader.follower.applied(now, setting, &result);
             }
             PolicyDone::LoaderModule(sha, result) => {
                 if let Err(err) = &result {
@@ -157,6 +167,19 @@ impl Shell {
             _ => return,
         }
         self.reconcile_loaders();
+    }
+
+    /// Keeps only the modules of the configuration just applied, of the
+    /// log's, and those kept recently (a configuration proposed through
+    /// this member, whose entry is not applied yet: this member is the
+    /// one the others fetch it from).
+    fn forget_old_modules(&self, applied: Option<&LoaderSetting>) {
+        let state = self.meta.as_ref().and_then(MetaMember::state);
+        let in_log = state.and_then(|s| s.loaders.as_ref()).map(|r| &r.setting);
+        let keep: Vec<String> =
+            applied.into_iter().chain(in_log).flat_map(|s| &s.modules).map(|(sha, _)| sha.clone()).collect();
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        self.loader.shared.modules.retain(&keep, KEEP_RECENT);
     }
 
     /// A peer asks for a loader module, or sends one: whether the frame
