@@ -1399,6 +1399,15 @@ print(data.decode())
         .expect("python3 runs");
     let replies = String::from_utf8_lossy(&out.stdout);
     assert!(replies.starts_with("+OK\r\n$3\r\nAda\r\n-MOVED"), "READONLY on the replica: {replies:?}");
+    // redis-benchmark's cluster mode: each request to its slot's primary.
+    let out = Command::new("redis-benchmark")
+        .args(["--cluster", "-h", "127.0.0.1", "-p", &resp_port.to_string(), "-n", "2000", "-c", "4", "-q"])
+        .args(["-t", "set,get"])
+        .output()
+        .expect("redis-benchmark runs (apt-get install redis-tools)");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "redis-benchmark --cluster: {report}");
+    assert!(report.contains("SET: ") && report.contains("GET: ") && !report.contains("ERR"), "{report}");
     // redis-py's RedisCluster, its requests redirected where its table is
     // wrong.
     let script = r#"

@@ -163,8 +163,11 @@ pub(crate) fn run(cachet: &Path, cache: &Path, expected: &Path, check: &Path, re
     let compared = Command::new("python3").arg(check).arg(&report).arg(expected).status()?;
     if redis_server {
         let port = free_port()?;
+        // Its files (the suite runs SAVE) go to the cache, not the
+        // working directory.
         let server = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--dir"])
+            .arg(cache)
             .stdout(Stdio::null())
             .spawn()
             .context("redis-server (apt-get install redis-server)")?;
