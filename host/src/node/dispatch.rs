@@ -112,12 +112,15 @@ impl Node {
         // Only requests that will run reach the shadow evaluation: a
         // refused one (an oversized key) must not move its predictions.
         self.observe(now, &request);
+        // Read once per request: the loaders may be replaced meanwhile (a
+        // cluster's configuration changing), and each read costs a lock.
+        let loaders = self.loaders.get();
         if let Some(cluster) = self.cluster.get() {
             // Of the writes to keys a namespace writes to its origin, the
             // cluster takes SET and DEL (at each key's primary); the rest
             // are refused as on a single node.
             if !matches!(request, Request::Set { .. } | Request::Del { .. })
-                && let Some(refused) = self.refuse_origin_write(&request)
+                && let Some(refused) = refuse_origin_write(loaders.as_deref(), &request)
             {
                 return Routed::Now(refused);
             }
@@ -125,7 +128,7 @@ impl Node {
                 return routed;
             }
         }
-        if let Some(loaders) = self.loaders.get() {
+        if let Some(loaders) = &loaders {
             if let Some(routed) = loaders.route(&request) {
                 return routed;
             }
@@ -143,11 +146,11 @@ impl Node {
                     ),
                 ));
             }
-            if let Some(refused) = self.refuse_origin_write(&request) {
+            if let Some(refused) = refuse_origin_write(Some(loaders), &request) {
                 return Routed::Now(refused);
             }
         }
-        Routed::Now(self.run_local(now, request))
+        Routed::Now(self.run_local(now, request, loaders.as_deref()))
     }
 
     /// Checks made once, before routing: TTLs, and the size of every key
@@ -180,30 +183,11 @@ impl Node {
         checked.err()
     }
 
-    /// A refusal when a write would change a key of a namespace that writes
-    /// to its origin other than through the loaders' own SET and DEL
-    /// ([`crate::loader::Loaders::route`]): the cache and the origin would
-    /// part.
-    fn refuse_origin_write(&self, request: &Request) -> Option<Response> {
-        if !request.is_write() {
-            return None;
-        }
-        let loaders = self.loaders.get()?;
-        let key = request.keys().into_iter().find(|key| loaders.write_mode(key).is_some())?;
-        Some(error(
-            ErrorCode::NotAllowed,
-            format!(
-                "`{}` is in a namespace written to its origin: only SET (unconditional) and DEL of one key apply",
-                String::from_utf8_lossy(key)
-            ),
-        ))
-    }
-
     /// Runs a request on this node's store. A write to a key of a loader
     /// namespace breaks the lease of its load in flight, and holds it until
     /// the write is done, so no load starts and installs in between.
-    fn run_local(&self, now: u64, request: Request) -> Response {
-        let Some(loaders) = self.loaders.get().filter(|_| request.is_write()) else {
+    fn run_local(&self, now: u64, request: Request, loaders: Option<&crate::loader::Loaders>) -> Response {
+        let Some(loaders) = loaders.filter(|_| request.is_write()) else {
             return self.store.execute(now, request);
         };
         match request {
@@ -360,6 +344,25 @@ impl Node {
             shadow.observe(now, request);
         }
     }
+}
+
+/// A refusal when a write would change a key of a namespace that writes
+/// to its origin other than through the loaders' own SET and DEL
+/// ([`crate::loader::Loaders::route`]): the cache and the origin would
+/// part.
+fn refuse_origin_write(loaders: Option<&crate::loader::Loaders>, request: &Request) -> Option<Response> {
+    if !request.is_write() {
+        return None;
+    }
+    let loaders = loaders?;
+    let key = request.keys().into_iter().find(|key| loaders.write_mode(key).is_some())?;
+    Some(error(
+        ErrorCode::NotAllowed,
+        format!(
+            "`{}` is in a namespace written to its origin: only SET (unconditional) and DEL of one key apply",
+            String::from_utf8_lossy(key)
+        ),
+    ))
 }
 
 pub(super) fn is_error(response: &Response) -> bool {
